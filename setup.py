@@ -1,0 +1,54 @@
+"""Packaging for mscn.
+
+The repo-root folders of the design card are installed under one namespace:
+``mscn`` (mscn/), ``mscn.pipelines`` (pipelines/), ``mscn.cuda_kernels``
+(cuda_kernels/) and ``mscn.train`` (train/), so nothing generic such as ``train``
+lands in site-packages.
+
+DALI flavour: DALI ships one wheel per CUDA major version and the two must never be
+installed side by side. ``nvidia-dali-cuda130`` is the default; on a CUDA 12 driver
+build with ``MSCN_DALI_CUDA=120 pip install --no-cache-dir .`` (see README).
+"""
+import os
+
+from setuptools import setup
+
+_DALI_FLAVOURS = {"130": "nvidia-dali-cuda130>=1.52", "120": "nvidia-dali-cuda120>=1.52"}
+_flavour = os.environ.get("MSCN_DALI_CUDA", "130").strip()
+if _flavour not in _DALI_FLAVOURS:
+    raise SystemExit(
+        f"MSCN_DALI_CUDA={_flavour!r} is not supported; use one of {sorted(_DALI_FLAVOURS)}"
+    )
+
+PACKAGES = {
+    "mscn": "mscn",
+    "mscn.data": "mscn/data",
+    "mscn.pipelines": "pipelines",
+    "mscn.cuda_kernels": "cuda_kernels",
+    "mscn.train": "train",
+    "mscn.configs": "configs",  # the YAML recipes ship inside the package
+}
+
+setup(
+    name="mscn",
+    version="0.1.0",
+    description="Masked Siamese ConvNets: DALI input pipeline, Triton mask kernels, SimCLR/BYOL trainer",
+    python_requires=">=3.10",
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    package_data={"mscn.configs": ["*.yaml"]},
+    install_requires=[
+        "torch>=2.4,<3",
+        "torchvision>=0.19,<1",
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "pillow>=9",
+        _DALI_FLAVOURS[_flavour],
+    ],
+    extras_require={
+        "test": ["pytest>=7", "scipy>=1.10", "matplotlib>=3.6"],
+        "plots": ["matplotlib>=3.6"],
+    },
+    entry_points={"console_scripts": ["mscn=mscn.cli:main"]},
+)
