@@ -1,0 +1,91 @@
+"""The ``mscn`` command: ``mscn data ...``, ``mscn pretrain``, ``mscn eval ...``, ``mscn demo``.
+
+Every user-fixable failure is an :class:`~mscn.errors.MscnError`; it is printed as one
+line on stderr with exit code 2, never as a traceback wall. ``MSCN_DEBUG=1`` shows
+the traceback for bug reports.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from mscn.errors import MscnError
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from mscn.train.pretrain import main as pretrain_main
+
+    pretrain_main(args.rest)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from mscn.train.demo import main as demo_main
+
+    demo_main(args.rest)
+
+
+def _config_show(args: argparse.Namespace) -> None:
+    import yaml
+
+    from mscn.config import load_config, to_dict
+
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mscn import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="mscn",
+        description="Masked Siamese ConvNets: DALI input pipeline, Triton masks, SimCLR/BYOL pretraining.",
+    )
+    parser.add_argument("--version", action="version", version=f"mscn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    from mscn.data.cli import add_data_commands
+
+    add_data_commands(sub)
+
+    # pretrain/demo own their argument parsing (also reachable as python -m ...), so
+    # everything after the sub-command is handed over untouched, --help included.
+    p = sub.add_parser("pretrain", add_help=False, help="SimCLR/BYOL + MSCN pretraining (see mscn pretrain --help)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_pretrain)
+    p = sub.add_parser("demo", add_help=False,
+                       help="synthesize the default dataset, pretrain, linear-probe vs random init (see --help)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_demo)
+
+    from mscn.train.eval_cli import add_eval_commands
+
+    add_eval_commands(sub)
+
+    p = sub.add_parser("config", help="print a resolved config (defaults <- YAML <- overrides)")
+    p.add_argument("--config", default=None, help="YAML file or bundled recipe name (demo, simclr_r50_in1k, ...)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.global_batch=256")
+    p.set_defaults(func=_config_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except MscnError as e:
+        if os.environ.get("MSCN_DEBUG"):
+            raise
+        print(f"mscn: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mscn: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The typed config schema: defaults, YAML, overrides and one-line rejections."""
+import pytest
+import yaml
+
+from mscn.config import Config, load_config, save_config, to_dict, validate
+from mscn.errors import ConfigError
+
+
+def test_paper_recipes_carry_appendix_a_values():
+    s = load_config("simclr_r50_in1k")
+    assert (s.train.global_batch, s.optim.base_lr, s.schedule.epochs, s.schedule.warmup_epochs) == (4096, 4.8, 800, 10)
+    assert (s.model.proj_hidden, s.model.proj_out, s.method.temperature) == (2048, 256, 0.2)
+    b = load_config("byol_r50_in1k")
+    assert (b.optim.base_lr, b.schedule.epochs, b.method.ema_base, b.model.proj_hidden, b.model.pred_hidden) == (
+        3.2, 1000, 0.996, 4096, 4096)
+    assert [v.blur_prob for v in b.views[:2]] == [1.0, 0.1] and [v.solarize_prob for v in b.views[:2]] == [0.0, 0.2]
+    for c in (s, b):
+        assert len(c.views) == 4 and c.highpass.sigma == 5.0
+        assert all(v.mask.grid == 32 and v.mask.p_focal == 0.4 for v in c.views)
+        assert c.views[0].mask.ratio == 0.15 and c.views[0].mask.ratio != c.views[1].mask.ratio  # asymmetric
+
+
+def test_overrides_nested_and_indexed():
+    c = load_config("demo", ["views.1.mask.ratio=0.3", "train.global_batch=16", "data.synthetic_size=[64, 48]"])
+    assert c.views[1].mask.ratio == 0.3 and c.train.global_batch == 16 and c.data.synthetic_size == (64, 48)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("views.0.mask.ratoi=0.1", "views[0].mask.ratoi"),  # unknown key
+    ("train.global_batch=abc", "train.global_batch"),  # wrong type
+    ("views.0.mask.ratio=1.0", "views[0].mask.ratio"),  # out of range [0, 1)
+    ("views.0.mask.ratio=-0.1", "views[0].mask.ratio"),
+    ("highpass.sigma=0", "highpass.sigma"),
+    ("highpass.window=4", "highpass.window"),
+    ("method.name=moco", "method.name"),
+    ("views.7.mask.ratio=0.1", "views.7.mask.ratio"),  # no such view
+    ("train.global_batch", "train.global_batch"),  # not key=value
+])
+def test_rejections_name_key_and_file(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", [override])
+    msg = str(e.value)
+    assert key in msg and "demo.yaml" in msg and "\n" not in msg
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("optim:\n  base_lr: 0.1\n  wieght_decay: 0.0\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'optim.wieght_decay'"):
+        load_config(p)
+
+
+def test_batch_not_divisible_by_world_size():
+    c = Config()
+    c.train.global_batch = 10
+    with pytest.raises(ConfigError, match="world size"):
+        validate(c, "x.yaml", world_size=4)
+    validate(c, "x.yaml", world_size=2)
+
+
+def test_missing_file_lists_bundled_recipes():
+    with pytest.raises(ConfigError, match="simclr_r50_in1k"):
+        load_config("no_such_recipe")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    c = load_config("byol_r50_in1k", ["views.2.mask.p_ind=0.5"])
+    save_config(c, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert to_dict(again) == to_dict(c)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["views"][2]["mask"]["p_ind"] == 0.5
