@@ -1,0 +1,1 @@
+"""Dataset tools behind `mscn data ...`."""

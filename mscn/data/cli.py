@@ -1,0 +1,141 @@
+"""The `mscn data ...` sub-commands: synth, scan, subset, pack.
+
+``mscn/cli.py`` calls :func:`add_data_commands` on its sub-parsers and then
+``args.func(args)``; every failure is an MscnError that the main CLI prints as one
+line. ``python -m mscn.data.cli data ...`` runs the same commands on their own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mscn.errors import MscnError
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"500x375"`` -> ``(500, 375)`` (width x height)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 500x375, got {text!r}") from None
+    return w, h
+
+
+def _synth(args) -> None:
+    from mscn.data.synth import synthesize
+
+    s = synthesize(args.out, args.classes, args.per_class, size=args.size, seed=args.seed,
+                   workers=args.workers, val_per_class=args.val_per_class)
+    verb = "already there (same parameters), skipped" if s["skipped"] else f"written in {s['seconds']} s"
+    print(f"synth: {s['num_train']} train + {s['num_val']} val images, {len(s['classes'])} classes, "
+          f"{verb}: {s['out']}")
+    print(f"synth: JPEG sizes min/median/max {s['kb_min']}/{s['kb_median']}/{s['kb_max']} KB, "
+          f"{s['images_per_s']} images/s")
+
+
+def _scan(args) -> None:
+    from mscn.data.scan import default_outputs, scan
+
+    out, report = default_outputs(args.root)
+    r = scan(args.root, out=args.out or out, report=args.report or report,
+             min_size=args.min_size, workers=args.workers)
+    bad = {k: v for k, v in r["counts"].items() if v and k != "ok"}
+    print(f"scan: {r['num_files']} files, {len(r['classes'])} classes: kept {r['num_kept']}, "
+          f"excluded {r['num_excluded']}; issues {json.dumps(bad) if bad else 'none'}")
+    print(f"scan: file list -> {args.out or out}")
+    print(f"scan: report    -> {args.report or report}")
+
+
+def _subset(args) -> None:
+    from mscn.data.subset import default_subset_path, make_subset
+
+    if args.official is None and args.fraction is None:
+        raise MscnError("subset: give --fraction (e.g. 0.01) or --official FILE")
+    out = args.out or default_subset_path(args.root, args.fraction, args.seed, args.official)
+    chosen = make_subset(args.root, args.fraction, seed=args.seed, out=out, official=args.official)
+    print(f"subset: {len(chosen)} images, {len({label for _, label in chosen})} classes -> {out}")
+
+
+def _pack(args) -> None:
+    try:
+        from mscn.data.pack import pack  # imported only when used
+    except ModuleNotFoundError as e:
+        if e.name != "mscn.data.pack":
+            raise
+        raise MscnError("pack: mscn.data.pack is missing from this install; reinstall mscn") from None
+    pack(args.root, args.out, args.shard_size)
+
+
+def add_data_commands(subparsers) -> argparse.ArgumentParser:
+    """Register ``data`` and its sub-commands on an ``add_subparsers()`` object."""
+    data = subparsers.add_parser("data", help="dataset tools: synth, scan, subset, pack",
+                                 description="Dataset tools: make, check, subset and pack image folders.")
+    sub = data.add_subparsers(dest="data_command", metavar="{synth,scan,subset,pack}", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic ImageFolder with learnable classes",
+                       description="Write OUT/train/<class>/<idx>.jpg (and OUT/val/...): each class is a shape x "
+                       "texture family drawn at random colour, position, scale and rotation among distractors, "
+                       "at ImageNet resolution and JPEG size. Same seed -> identical files; re-running with the "
+                       "same parameters is a no-op.")
+    p.add_argument("out", metavar="OUT", help="output folder (created; must be empty or an earlier synth output)")
+    p.add_argument("--classes", metavar="K", type=int, required=True, help="number of classes (1..1000)")
+    p.add_argument("--per-class", metavar="N", type=int, required=True, help="training images per class")
+    p.add_argument("--val-per-class", metavar="M", type=int, default=0,
+                   help="validation images per class (default 0: no val split)")
+    p.add_argument("--size", metavar="WxH", type=parse_size, default=(500, 375),
+                   help="image width x height (default 500x375)")
+    p.add_argument("--seed", metavar="S", type=int, default=0,
+                   help="random seed; each image is seeded from (seed, split, class, index) (default 0)")
+    p.add_argument("--workers", metavar="W", type=int, default=None, help="processes (default: all cores)")
+    p.set_defaults(func=_synth)
+
+    p = sub.add_parser("scan", help="decode every image, report bad files, write a file list",
+                       description="Decode every file under the ImageFolder ROOT with PIL; report corrupt, truncated, "
+                       "zero-byte, non-image and tiny files (excluded from the list) and CMYK, grayscale and "
+                       "non-JPEG files (kept: DALI decodes them to RGB). Writes a DALI file list 'relpath label' "
+                       "and a JSON report; never writes inside ROOT.")
+    p.add_argument("root", metavar="ROOT", help="ImageFolder root: ROOT/<class>/<image>")
+    p.add_argument("--out", metavar="FILE", default=None, help="file list to write (default: ./<name>.filelist.txt)")
+    p.add_argument("--report", metavar="FILE", default=None, help="JSON report to write (default: ./<name>.scan.json)")
+    p.add_argument("--min-size", metavar="PX", type=int, default=32,
+                   help="exclude images whose short side is smaller (default 32)")
+    p.add_argument("--workers", metavar="W", type=int, default=None, help="processes (default: all cores)")
+    p.set_defaults(func=_scan)
+
+    p = sub.add_parser("subset", help="write a class-balanced label subset (1%%, 10%%)",
+                       description="Write a deterministic class-balanced subset of ROOT as a file list "
+                       "(round(fraction * n) images per class, at least 1), or convert an official ImageNet "
+                       "subset file (one n01440764_10026.JPEG per line) with --official.")
+    p.add_argument("root", metavar="ROOT", help="ImageFolder root: ROOT/<class>/<image>")
+    p.add_argument("--fraction", metavar="F", type=float, default=None, help="share of each class to keep, in (0, 1]")
+    p.add_argument("--seed", metavar="S", type=int, default=0, help="random seed of the draw (default 0)")
+    p.add_argument("--official", metavar="FILE", default=None, help="official subset file to convert instead")
+    p.add_argument("--out", metavar="FILE", default=None,
+                   help="file list to write (default: ./<name>.subset<pct>pct.seed<seed>.txt)")
+    p.set_defaults(func=_subset)
+
+    p = sub.add_parser("pack", help="pack an ImageFolder into .tar shards",
+                       description="Pack the ImageFolder ROOT into webdataset-style .tar shards in OUT.")
+    p.add_argument("root", metavar="ROOT", help="ImageFolder root: ROOT/<class>/<image>")
+    p.add_argument("out", metavar="OUT", help="output folder for the shards")
+    p.add_argument("--shard-size", metavar="N", type=int, default=1000, help="images per shard (default 1000)")
+    p.set_defaults(func=_pack)
+    return data
+
+
+def main(argv=None) -> int:
+    """Stand-alone entry: ``python -m mscn.data.cli data scan ROOT``."""
+    parser = argparse.ArgumentParser(prog="mscn")
+    add_data_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except MscnError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""List an ImageFolder root the way torchvision's ``ImageFolder`` does (and the
+parallel per-file loop that the data tools share).
+
+``ROOT/<class>/**/<image>``: classes are the sorted sub-folder names and a sample's
+label is its class's index in that order, so a file list written here, DALI's
+``fn.readers.file(file_root=ROOT)`` and torchvision agree on every label.
+Every user-fixable problem (missing path, empty folder, no images) is one DataError
+line naming the path.
+"""
+from __future__ import annotations
+
+import os
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Callable, Iterator
+
+from tqdm import tqdm
+
+from mscn.errors import DataError
+
+# torchvision's IMG_EXTENSIONS; matched case-insensitively (ImageNet uses .JPEG).
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SPLIT_NAMES = {"train", "val", "validation", "test"}
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _has_subdir(path: Path) -> bool:
+    return any(e.is_dir() for e in os.scandir(path))
+
+
+def find_classes(root: str | os.PathLike) -> list[str]:
+    """Sorted class folder names under ``root``; DataError if there are none."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root}: no such directory; pass an ImageFolder root (ROOT/<class>/<image>)")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory; pass an ImageFolder root (ROOT/<class>/<image>)")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root}: empty folder, no class sub-folders; expected ROOT/<class>/<image>")
+    if set(classes) <= SPLIT_NAMES and all(_has_subdir(root / c) for c in classes):
+        # A root holding train/<class>/ and val/<class>/ is a dataset, not an
+        # ImageFolder: taking the splits as two classes would mislabel every image.
+        raise DataError(
+            f"{root}: holds split folders {classes}, not classes; pass {root / classes[0]} instead"
+        )
+    return classes
+
+
+def walk_class(root: Path, cls: str, images_only: bool = True) -> list[str]:
+    """Sorted paths (relative to ``root``, '/'-separated) of the files under one class."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            if images_only and not is_image_name(name):
+                continue
+            found.append(f"{rel_dir}/{name}")
+    return sorted(found)
+
+
+def list_image_folder(
+    root: str | os.PathLike, images_only: bool = True
+) -> tuple[list[str], list[tuple[str, int]]]:
+    """``(classes, [(relpath, label), ...])`` for an ImageFolder root, sorted by path.
+
+    ``images_only=False`` also returns files without an image extension (``scan``
+    uses it to report them); hidden files and folders are always skipped.
+    """
+    root = Path(root)
+    classes = find_classes(root)
+    samples = [
+        (rel, label)
+        for label, cls in enumerate(classes)
+        for rel in walk_class(root, cls, images_only)
+    ]
+    if not samples:
+        kind = "images" if images_only else "files"
+        raise DataError(
+            f"{root}: no {kind} in its {len(classes)} class folders "
+            f"(looked for {', '.join(IMG_EXTENSIONS)})"
+        )
+    return classes, samples
+
+
+def parallel_imap(fn: Callable, tasks: list, workers: int | None, desc: str, progress: bool = True) -> Iterator:
+    """``fn(task)`` for every task over a process pool, in completion order, with a bar.
+
+    ``workers`` defaults to every core; 1 runs in this process (no pickling, easy to
+    debug). Callers must not depend on the order: results arrive as they finish.
+    """
+    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
+    with tqdm(total=len(tasks), desc=desc, unit="file", disable=not progress) as bar:
+        if workers == 1:
+            for task in tasks:
+                yield fn(task)
+                bar.update()
+            return
+        pool = Pool(workers)
+        try:
+            for result in pool.imap_unordered(fn, tasks, chunksize=max(1, min(16, len(tasks) // (4 * workers)))):
+                yield result
+                bar.update()
+        finally:  # also on an exception in fn or an abandoned generator
+            pool.terminate()
+            pool.join()

@@ -1,0 +1,177 @@
+"""`mscn data scan`: decode every image once, before a run, and write a clean file list.
+
+One corrupt JPEG in a 1.28M-image ImageNet copy stops a DALI pipeline hours into
+pretraining. Scanning decodes each file fully with PIL (``img.load()``) over all
+cores, excludes the files no decoder can use (zero-byte, non-image, corrupt,
+truncated, tiny) and writes the rest as a DALI ``file_list`` (``relpath label``,
+labels in sorted class order like torchvision's ImageFolder). Files DALI decodes
+to RGB anyway (CMYK, grayscale, PNG and other non-JPEG formats) are kept and only
+reported. The dataset itself is never written to.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from mscn.data.imagefolder import SPLIT_NAMES, is_image_name, list_image_folder, parallel_imap
+from mscn.errors import DataError
+
+EXCLUDED = ("zero_byte", "non_image", "corrupt", "truncated", "tiny", "ignored")
+KEPT = ("cmyk", "grayscale", "non_jpeg", "warning")
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # a header we recognise -> "corrupt", not "non_image"
+_GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "F"}
+
+
+def _is_gray_palette(img: Image.Image) -> bool:
+    pal = img.getpalette() or []
+    return all(pal[i] == pal[i + 1] == pal[i + 2] for i in range(0, len(pal) - 2, 3))
+
+
+def check_image(path: str, min_size: int) -> tuple[list[tuple[str, str]], str | None]:
+    """``([(reason, detail), ...], format)`` for one file; no issues -> ``[]``."""
+    if not is_image_name(path):
+        return [("ignored", "no image extension (ImageFolder and DALI skip it)")], None
+    if os.path.getsize(path) == 0:
+        return [("zero_byte", "empty file")], None
+    issues = []
+    with open(path, "rb") as f, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            img = Image.open(f)
+            img.load()  # full decode: Image.open alone reads only the header
+        except UnidentifiedImageError:
+            f.seek(0)
+            head = f.read(8)
+            if any(head.startswith(m) for m in _MAGIC):
+                return [("corrupt", "image header is unreadable")], None
+            return [("non_image", "PIL cannot identify it as an image")], None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            reason = "truncated" if "truncated" in str(e).lower() else "corrupt"
+            return [(reason, str(e))], None
+        fmt, mode, (w, h) = img.format, img.mode, img.size
+        gray = mode in _GRAY_MODES or (mode in ("P", "PA") and _is_gray_palette(img))
+    if min(w, h) < min_size:
+        issues.append(("tiny", f"{w}x{h}, short side < {min_size}"))
+    if mode == "CMYK":
+        issues.append(("cmyk", "CMYK (DALI decodes it to RGB)"))
+    elif gray:
+        issues.append(("grayscale", f"mode {mode} (DALI decodes it to RGB)"))
+    if fmt != "JPEG":
+        issues.append(("non_jpeg", f"{fmt} (DALI decodes it on the CPU)"))
+    issues += [("warning", str(w.message)) for w in caught]
+    return issues, fmt
+
+
+def _check_task(task):
+    abs_path, rel, label, min_size = task
+    issues, fmt = check_image(abs_path, min_size)
+    return rel, label, issues, fmt
+
+
+def default_outputs(root) -> tuple[Path, Path]:
+    """``./<name>.filelist.txt`` and ``./<name>.scan.json`` in the working directory.
+
+    ``<name>`` is the root's folder name, prefixed by its parent's for split folders
+    (``imagenet/train`` -> ``imagenet_train``), so the dataset is never written to.
+    """
+    root = Path(root).resolve()
+    name = f"{root.parent.name}_{root.name}" if root.name in SPLIT_NAMES else root.name
+    return Path.cwd() / f"{name}.filelist.txt", Path.cwd() / f"{name}.scan.json"
+
+
+def _check_outside(path, root: Path) -> None:
+    if path and Path(path).resolve().is_relative_to(root.resolve()):
+        raise DataError(f"{path}: is inside the dataset {root}; the data tools never write there, pick another path")
+
+
+def _write_atomic(path: Path, text: str, root: Path) -> None:
+    _check_outside(path, root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a crash leaves the old file, never half a list
+
+
+def write_file_list(path, samples: list[tuple[str, int]], root) -> None:
+    """Write ``relpath label`` lines (DALI ``file_list`` format, paths relative to root)."""
+    _write_atomic(Path(path), "".join(f"{rel} {label}\n" for rel, label in samples), Path(root))
+
+
+def scan(root, out=None, report=None, min_size: int = 32, workers: int | None = None,
+         progress: bool = True) -> dict:
+    """Decode every file under the ImageFolder ``root``; return (and write) the report.
+
+    ``out``: where to write the clean file list (not written if None; the CLI
+    defaults to :func:`default_outputs`). ``report``: where to write the JSON report.
+    The report holds the classes, per-reason counts, per-format counts and every
+    file with an issue (``excluded`` says whether it left the list).
+    """
+    root = Path(root)
+    classes, samples = list_image_folder(root, images_only=False)
+    _check_outside(out, root)  # before the long decode, not after
+    _check_outside(report, root)
+    tasks = [(str(root / rel), rel, label, min_size) for rel, label in samples]
+    results = sorted(parallel_imap(_check_task, tasks, workers, f"scan {root}", progress), key=lambda r: r[0])
+
+    counts, formats, issues, clean = Counter(), Counter(), [], []
+    for rel, label, found, fmt in results:
+        formats[fmt or "none"] += 1
+        reasons = [r for r, _ in found]
+        excluded = any(r in EXCLUDED for r in reasons)
+        counts.update(reasons or ["ok"])
+        if not excluded:
+            clean.append((rel, label))
+        for reason, detail in found:
+            issues.append({"path": rel, "reason": reason, "detail": detail, "excluded": excluded})
+    summary = {
+        "root": str(root), "file_list": str(out) if out else None, "classes": classes,
+        "num_files": len(results), "num_kept": len(clean), "num_excluded": len(results) - len(clean),
+        "min_size": min_size, "counts": {k: counts.get(k, 0) for k in ("ok",) + EXCLUDED + KEPT},
+        "formats": dict(formats), "issues": issues,
+    }
+    if not clean:
+        raise DataError(f"{root}: none of its {len(results)} files is a usable image; see the scan report")
+    if out:
+        write_file_list(out, clean, root)
+    if report:
+        _write_atomic(Path(report), json.dumps(summary, indent=1) + "\n", root)
+    return summary
+
+
+def read_file_list(path, root) -> list[tuple[str, int]]:
+    """Parse and validate a ``relpath label`` file list against ``root``.
+
+    Any problem is one DataError naming the list, the line and the file: a missing
+    list, a malformed line, or entries whose image is not under ``root``.
+    """
+    path, root = Path(path), Path(root)
+    if not path.is_file():
+        raise DataError(f"{path}: file list not found; write one with `mscn data scan ROOT --out {path}`")
+    if not root.is_dir():
+        raise DataError(f"{root}: no such directory (the root the file list {path} is relative to)")
+    samples, missing = [], []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1)  # paths may hold spaces, labels cannot
+        if len(parts) != 2 or not parts[1].isdigit():
+            raise DataError(f"{path}:{lineno}: expected 'relative/path label', got {line!r}")
+        rel, label = parts[0], int(parts[1])
+        if not (root / rel).is_file():
+            missing.append((lineno, rel))
+        samples.append((rel, label))
+    if missing:
+        lineno, rel = missing[0]
+        more = ""
+        if len(missing) > 1:
+            rest = ", ".join(r for _, r in missing[1:4]) + (", ..." if len(missing) > 4 else "")
+            more = f" and {len(missing) - 1} more of {len(samples)} entries ({rest})"
+        raise DataError(f"{path}:{lineno}: missing file {root / rel}{more}; rescan with `mscn data scan {root}`")
+    if not samples:
+        raise DataError(f"{path}: empty file list; write one with `mscn data scan {root}`")
+    return samples

@@ -1,0 +1,88 @@
+"""`mscn data subset`: class-balanced label subsets for semi-supervised evaluation.
+
+The paper fine-tunes on 1% and 10% of the ImageNet labels (§5.2, the semi-supervised
+protocol of SimCLR). ``make_subset`` draws ``round(fraction * n_c)`` images (at least
+one) from every class ``c`` with an RNG seeded by ``(seed, class name)``, so a class's
+draw does not depend on which other classes exist. ``official=`` instead converts
+the published SimCLR subset files (``n01440764_10026.JPEG`` per line) to our
+``relpath label`` list by matching file-name stems under ``root``.
+"""
+from __future__ import annotations
+
+import sys
+import zlib
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from mscn.data.imagefolder import list_image_folder
+from mscn.data.scan import default_outputs, write_file_list
+from mscn.errors import DataError
+
+
+def default_subset_path(root, fraction: float | None, seed: int, official=None) -> Path:
+    """``./<name>.subset<pct>pct.seed<seed>.txt`` (or ``.<official stem>.txt``) in the CWD."""
+    name = default_outputs(root)[0].name.removesuffix(".filelist.txt")
+    tag = Path(official).stem if official else f"subset{fraction * 100:g}pct.seed{seed}"
+    return Path.cwd() / f"{name}.{tag}.txt"
+
+
+def _balanced(classes, samples, fraction: float, seed: int) -> list[tuple[str, int]]:
+    by_class = defaultdict(list)
+    for rel, label in samples:
+        by_class[label].append(rel)
+    chosen = []
+    for label, rels in sorted(by_class.items()):
+        k = max(1, round(fraction * len(rels)))
+        # crc32, not hash(): Python salts str hashes per process.
+        rng = np.random.default_rng([seed, zlib.crc32(classes[label].encode())])
+        chosen += [(rels[i], label) for i in rng.choice(len(rels), size=k, replace=False)]
+    return sorted(chosen)
+
+
+def _official(samples, official: Path, root: Path) -> list[tuple[str, int]]:
+    if not official.is_file():
+        raise DataError(f"{official}: official subset file not found")
+    by_stem = defaultdict(list)
+    for rel, label in samples:
+        by_stem[Path(rel).stem].append((rel, label))
+    names = [line.split()[0] for line in official.read_text().splitlines() if line.strip()]
+    chosen, unmatched = [], []
+    for lineno, name in enumerate(names, 1):
+        hits = by_stem.get(Path(name.replace("\\", "/")).stem, [])
+        if len(hits) > 1:
+            raise DataError(f"{official}:{lineno}: {name} matches {len(hits)} files under {root} "
+                            f"({hits[0][0]}, {hits[1][0]}); file-name stems must be unique")
+        if hits:
+            chosen.append(hits[0])
+        else:
+            unmatched.append(name)
+    if not chosen:
+        raise DataError(f"{official}: none of its {len(names)} names matches a file under {root}; "
+                        f"is {root} the ImageNet train folder?")
+    if unmatched:
+        shown = ", ".join(unmatched[:5]) + (", ..." if len(unmatched) > 5 else "")
+        print(f"subset: {len(unmatched)} of {len(names)} names in {official} not found under {root}: {shown}",
+              file=sys.stderr)
+    return sorted(set(chosen))
+
+
+def make_subset(root, fraction: float | None, seed: int = 0, out=None, official=None) -> list[tuple[str, int]]:
+    """A sorted ``[(relpath, label), ...]`` subset of the ImageFolder ``root``.
+
+    Class-balanced and deterministic for ``(fraction, seed)``; or, with ``official``,
+    the images named in an official subset file (``fraction``/``seed`` unused).
+    Written as a DALI file list to ``out`` when given.
+    """
+    root = Path(root)
+    if official is None and (fraction is None or not 0 < fraction <= 1):
+        raise DataError(f"subset: --fraction must be in (0, 1], got {fraction}")
+    classes, samples = list_image_folder(root)
+    if official is not None:
+        chosen = _official(samples, Path(official), root)
+    else:
+        chosen = _balanced(classes, samples, fraction, seed)
+    if out:
+        write_file_list(out, chosen, root)
+    return chosen

@@ -1,0 +1,288 @@
+"""Tests for the `mscn data` tools: synth, scan, read_file_list, subset and the CLI."""
+import argparse
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mscn.data.cli import add_data_commands, main
+from mscn.data.imagefolder import list_image_folder
+from mscn.data.scan import read_file_list, scan
+from mscn.data.subset import make_subset
+from mscn.data.synth import MAX_CLASSES, class_names, class_spec, synthesize
+from mscn.errors import DataError
+
+
+def _files(root: Path) -> dict:
+    """relpath -> (bytes, mtime_ns) for every file under root."""
+    return {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------------
+# synth
+# ----------------------------------------------------------------------------------
+
+def test_synth_is_deterministic_across_worker_counts(tmp_path):
+    kw = dict(classes=3, per_class=3, size=(64, 48), val_per_class=1, progress=False)
+    a = synthesize(tmp_path / "a", seed=0, workers=1, **kw)
+    b = synthesize(tmp_path / "b", seed=0, workers=2, **kw)
+    c = synthesize(tmp_path / "c", seed=1, workers=2, **kw)
+    fa, fb, fc = (_files(tmp_path / n / s) for n in "abc" for s in ["train"])
+    assert a["num_train"] == 9 and a["num_val"] == 3 and not a["skipped"]
+    assert sorted({k.split("/")[0] for k in fa}) == class_names(3) == a["classes"]
+    assert {k: v[0] for k, v in fa.items()} == {k: v[0] for k, v in fb.items()}
+    assert _files(tmp_path / "a" / "val").keys() == _files(tmp_path / "b" / "val").keys()
+    assert sum(fa[k][0] != fc[k][0] for k in fa) == len(fa)  # another seed: every image differs
+    # val images are drawn from their own seeds, not copies of train images
+    val = {v[0] for v in _files(tmp_path / "a" / "val").values()}
+    assert not val & {v[0] for v in fa.values()}
+    assert json.loads((tmp_path / "a" / "synth.json").read_text())["complete"] is True
+    assert b["images_per_s"] > 0 and c["bytes"] > 0
+
+
+def test_synth_is_idempotent_and_refuses_other_parameters(tmp_path):
+    out = tmp_path / "s"
+    kw = dict(classes=2, per_class=2, size=(32, 32), progress=False, workers=1)
+    synthesize(out, **kw)
+    before = _files(out)
+    again = synthesize(out, **kw)
+    assert again["skipped"] and again["num_train"] == 4 and _files(out) == before
+    with pytest.raises(DataError, match=f"{out}.*per_class=2 \\(now 3\\)"):
+        synthesize(out, **{**kw, "per_class": 3})
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "x.txt").write_text("not ours")
+    with pytest.raises(DataError, match=str(foreign)):
+        synthesize(foreign, **kw)
+    with pytest.raises(DataError, match="classes"):
+        synthesize(tmp_path / "t", **{**kw, "classes": MAX_CLASSES + 1})
+
+
+def test_synth_realistic_resolution_and_jpeg_size(tmp_path):
+    s = synthesize(tmp_path / "s", classes=3, per_class=2, seed=0, workers=2, progress=False)
+    paths = sorted((tmp_path / "s" / "train").rglob("*.jpg"))
+    assert len(paths) == 6
+    for p in paths:
+        with Image.open(p) as img:
+            assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (500, 375))
+        # ImageNet's JPEGs at this resolution weigh tens of KB to ~150 KB
+        assert 30_000 < p.stat().st_size < 200_000, p
+    assert s["kb_min"] * 1024 <= min(p.stat().st_size for p in paths) + 1024
+
+
+def test_class_specs_are_distinct_up_to_max_classes():
+    specs = {class_spec(c) for c in range(MAX_CLASSES)}
+    assert len(specs) == MAX_CLASSES
+    names = class_names(MAX_CLASSES)
+    assert names == sorted(names) and len(set(names)) == MAX_CLASSES
+    assert len({class_spec(c)[0] for c in range(10)}) == len({class_spec(c)[1] for c in range(10)}) == 10
+
+
+def _features(path: Path) -> np.ndarray:
+    """Colour-blind features: gradient-orientation histogram + polar FFT energy."""
+    g = np.asarray(Image.open(path).convert("L"), np.float32) / 255
+    gy, gx = np.gradient(g)
+    hist = np.histogram(np.mod(np.arctan2(gy, gx), np.pi), 12, (0, np.pi), weights=np.hypot(gx, gy))[0]
+    spec = np.abs(np.fft.fftshift(np.fft.fft2(g - g.mean())))
+    h, w = g.shape
+    y, x = np.mgrid[-(h // 2):h - h // 2, -(w // 2):w - w // 2]
+    rbin = np.digitize(np.hypot(x / w, y / h), [0.02, 0.05, 0.1, 0.2, 0.35])
+    abin = (np.mod(np.arctan2(y, x), np.pi) / np.pi * 12).astype(int) % 12
+    polar = np.zeros((6, 12))
+    np.add.at(polar, (rbin, abin), spec)
+    polar = np.log1p(polar).ravel()
+    return np.concatenate([hist / (hist.sum() + 1e-6), polar / polar.sum()])
+
+
+def _nearest_centroid_accuracy(xtr, ytr, xva, yva, k):
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    xtr, xva = (xtr - mu) / sd, (xva - mu) / sd
+    centroids = np.stack([xtr[ytr == c].mean(0) for c in range(k)])
+    pred = ((xva[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)
+    return float((pred == yva).mean())
+
+
+def test_synth_classes_are_learnable(tmp_path):
+    """A nearest-centroid classifier on colour-blind features, trained on the train
+    split, must beat chance (0.1) by far on the held-out val split; with shuffled
+    training labels the same classifier must not."""
+    k = 10
+    synthesize(tmp_path / "s", classes=k, per_class=16, val_per_class=8, size=(128, 96), seed=3,
+               workers=2, progress=False)
+    data = {}
+    for split in ("train", "val"):
+        _, samples = list_image_folder(tmp_path / "s" / split)
+        data[split] = (np.stack([_features(tmp_path / "s" / split / rel) for rel, _ in samples]),
+                       np.array([label for _, label in samples]))
+    acc = _nearest_centroid_accuracy(*data["train"], *data["val"], k)
+    shuffled = np.random.default_rng(0).permutation(data["train"][1])
+    control = _nearest_centroid_accuracy(data["train"][0], shuffled, *data["val"], k)
+    assert acc >= 0.45, acc
+    assert control < 0.3, control
+
+
+# ----------------------------------------------------------------------------------
+# scan and read_file_list
+# ----------------------------------------------------------------------------------
+
+def _jpeg(mode="RGB", size=(64, 48), seed=0, fmt="JPEG") -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
+    img = Image.fromarray(arr).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, fmt, quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def messy_root(tmp_path):
+    """An ImageFolder with one file of every kind scan must tell apart."""
+    root = tmp_path / "messy"
+    good = _jpeg(seed=1)
+    broken = bytearray(_jpeg(seed=2))
+    broken[len(broken) // 2:len(broken) // 2 + 300] = b"\xff" * 300  # garbage in the entropy data
+    files = {
+        "ant/good0.jpg": good, "ant/good1.JPEG": _jpeg(seed=3),
+        "ant/corrupt.jpg": bytes(broken), "ant/truncated.jpg": good[: len(good) // 2],
+        "ant/zero.jpg": b"", "ant/notes.jpg": b"this is text, not a JPEG\n",
+        "bee/cmyk.jpg": _jpeg("CMYK", seed=4), "bee/gray.jpg": _jpeg("L", seed=5),
+        "bee/sub/image.png": _jpeg(seed=6, fmt="PNG"), "bee/tiny.jpg": _jpeg(size=(16, 40), seed=7),
+        "bee/readme.txt": b"ignored by ImageFolder\n",
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+def test_scan_reports_every_bad_kind_and_lists_only_usable_images(messy_root, tmp_path):
+    before = _files(messy_root)
+    out, rep = tmp_path / "o" / "list.txt", tmp_path / "o" / "report.json"
+    report = scan(messy_root, out=out, report=rep, min_size=32, workers=2, progress=False)
+    assert _files(messy_root) == before  # the dataset is never modified
+
+    reasons = {(i["path"], i["reason"]) for i in report["issues"]}
+    assert reasons == {
+        ("ant/corrupt.jpg", "corrupt"), ("ant/truncated.jpg", "truncated"), ("ant/zero.jpg", "zero_byte"),
+        ("ant/notes.jpg", "non_image"), ("bee/cmyk.jpg", "cmyk"), ("bee/gray.jpg", "grayscale"),
+        ("bee/sub/image.png", "non_jpeg"), ("bee/tiny.jpg", "tiny"), ("bee/readme.txt", "ignored"),
+    }
+    assert report["counts"]["ok"] == 2 and report["classes"] == ["ant", "bee"]
+    assert report["num_files"] == 11 and report["num_kept"] == 5 and report["num_excluded"] == 6
+    assert report["formats"]["PNG"] == 1
+    assert json.loads(rep.read_text()) == report
+    assert out.read_text().splitlines() == [
+        "ant/good0.jpg 0", "ant/good1.JPEG 0", "bee/cmyk.jpg 1", "bee/gray.jpg 1", "bee/sub/image.png 1",
+    ]
+    assert read_file_list(out, messy_root) == [(line.rsplit(" ", 1)[0], int(line[-1]))
+                                                 for line in out.read_text().splitlines()]
+    with pytest.raises(DataError, match="inside the dataset"):
+        scan(messy_root, out=messy_root / "list.txt", progress=False, workers=1)
+
+
+def test_read_file_list_errors_name_the_list_line_and_file(tmp_path, messy_root):
+    with pytest.raises(DataError, match="nope.txt: file list not found"):
+        read_file_list(tmp_path / "nope.txt", messy_root)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("ant/good0.jpg 0\nant/good1.JPEG\n")
+    with pytest.raises(DataError, match="bad.txt:2: expected"):
+        read_file_list(bad, messy_root)
+    gone = tmp_path / "gone.txt"
+    gone.write_text("ant/good0.jpg 0\nant/lost.jpg 0\nbee/lost2.jpg 1\nbee/lost3.jpg 1\n")
+    with pytest.raises(DataError, match=r"gone.txt:2: missing file .*ant/lost.jpg and 2 more of 4 .*lost2"):
+        read_file_list(gone, messy_root)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="empty file list"):
+        read_file_list(empty, messy_root)
+
+
+def test_missing_or_empty_roots_are_one_line_data_errors(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path / 'absent'}: no such directory"):
+        scan(tmp_path / "absent", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=f"{tmp_path / 'empty'}: empty folder"):
+        make_subset(tmp_path / "empty", 0.5)
+    (tmp_path / "noimg" / "cls").mkdir(parents=True)
+    (tmp_path / "noimg" / "cls" / "a.txt").write_text("x")
+    with pytest.raises(DataError, match=f"{tmp_path / 'noimg'}: no images"):
+        list_image_folder(tmp_path / "noimg")
+    (tmp_path / "ds" / "train" / "cls").mkdir(parents=True)
+    with pytest.raises(DataError, match="pass .*ds/train instead"):
+        list_image_folder(tmp_path / "ds")
+
+
+# ----------------------------------------------------------------------------------
+# subset
+# ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def imagenet_like(tmp_path):
+    """Empty .JPEG files named like ImageNet's (subset never decodes)."""
+    root = tmp_path / "train"
+    for wnid, n in (("n01440764", 50), ("n01443537", 10), ("n01484850", 3)):
+        (root / wnid).mkdir(parents=True)
+        for i in range(n):
+            (root / wnid / f"{wnid}_{1000 + i}.JPEG").write_bytes(b"")
+    return root
+
+
+def test_subset_is_balanced_deterministic_and_sorted(imagenet_like, tmp_path):
+    _, full = list_image_folder(imagenet_like)
+    sub = make_subset(imagenet_like, 0.1, seed=0, out=tmp_path / "s.txt")
+    per_class = np.bincount([label for _, label in sub], minlength=3)
+    assert per_class.tolist() == [5, 1, 1]  # round(0.1 * n), but at least one image
+    assert sub == sorted(sub) and set(sub) <= set(full) and len(set(sub)) == len(sub)
+    assert make_subset(imagenet_like, 0.1, seed=0) == sub
+    assert make_subset(imagenet_like, 0.1, seed=1) != sub
+    assert read_file_list(tmp_path / "s.txt", imagenet_like) == sub
+    assert len(make_subset(imagenet_like, 1.0)) == len(full)
+    for bad in (0.0, 1.5):
+        with pytest.raises(DataError, match="fraction"):
+            make_subset(imagenet_like, bad)
+
+
+def test_subset_converts_official_file_and_reports_unmatched(imagenet_like, tmp_path, capsys):
+    official = tmp_path / "1percent.txt"
+    official.write_text("n01440764_1007.JPEG\nn01484850_1002.JPEG\nn09999999_1.JPEG\n\n")
+    sub = make_subset(imagenet_like, None, official=official)
+    assert sub == [("n01440764/n01440764_1007.JPEG", 0), ("n01484850/n01484850_1002.JPEG", 2)]
+    assert "1 of 3 names" in capsys.readouterr().err
+    official.write_text("n09999999_1.JPEG\n")
+    with pytest.raises(DataError, match="none of its 1 names"):
+        make_subset(imagenet_like, None, official=official)
+
+
+# ----------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [[], ["synth"], ["scan"], ["subset"], ["pack"]])
+def test_cli_help(command, capsys):
+    parser = argparse.ArgumentParser(prog="mscn")
+    add_data_commands(parser.add_subparsers(dest="command"))
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["data", *command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: mscn data {' '.join(command)}".strip() in capsys.readouterr().out
+
+
+def test_cli_runs_commands_and_prints_one_line_errors(imagenet_like, messy_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # default outputs land in the working directory
+    assert main(["data", "scan", str(messy_root), "--workers", "1"]) == 0
+    assert (tmp_path / "messy.filelist.txt").is_file() and (tmp_path / "messy.scan.json").is_file()
+    assert main(["data", "subset", str(imagenet_like), "--fraction", "0.2", "--seed", "4"]) == 0
+    (written,) = tmp_path.glob("*_train.subset20pct.seed4.txt")  # split folders get their parent's name
+    assert len(written.read_text().splitlines()) == 10 + 2 + 1
+    assert main(["data", "synth", str(tmp_path / "syn"), "--classes", "2", "--per-class", "1",
+                 "--size", "40x30", "--workers", "1"]) == 0
+    assert main(["data", "scan", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and str(tmp_path / "missing") in err
+    with pytest.raises(SystemExit):
+        main(["data", "synth", "x", "--classes", "2", "--per-class", "1", "--size", "big"])
