@@ -1,0 +1,208 @@
+"""The MSCN masking strategy as a small per-sample decision table (paper §5.2, Fig. 3).
+
+Everything random about a view's mask except the per-pixel noise values is decided
+here, in torch, vectorised over the batch: the grid offset, which cells are masked
+(random grid mask or one focal rectangle, shared by all channels or drawn per channel)
+and whether the masked area is filled with noise. The Triton kernel and the plain-torch
+reference in ``mscn.cuda_kernels`` both consume the same :class:`MaskTable`, so for one
+table they mask exactly the same pixels (docs/MASKS.md states the semantics in full).
+
+Cell geometry: with grid ``g`` and offset ``(dy, dx)``, pixel ``(h, w)`` lies in cell
+``((h + dy) // g, (w + dx) // g)``. A sample's grid has ``ceil((H + dy) / g)`` rows of
+cells; partial cells at the border count as cells. ``offset`` is zero without
+``random_offset``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mscn.config import MaskCfg
+from mscn.errors import ConfigError, MscnError
+
+
+@dataclass
+class MaskTable:
+    """Decisions for one view of a batch: tens of KB at most, whatever the image size."""
+
+    cells: torch.Tensor  # bool (B, C, nH, nW): True = the cell is masked in that channel
+    offset: torch.Tensor  # int32 (B, 2): grid offset (dy, dx), each in [0, grid)
+    noise: torch.Tensor  # bool (B,): fill with N(0, noise_std^2) instead of 0
+    seed: torch.Tensor  # int64 (B,): Philox key of the sample's in-kernel noise
+    focal: torch.Tensor  # bool (B, C): the channel's mask is one rectangle (for tests/plots)
+    independent: torch.Tensor  # bool (B,): each channel drew its own mask (for tests/plots)
+    grid: int
+    noise_std: float
+    height: int
+    width: int
+
+    @property
+    def batch(self) -> int:
+        return self.cells.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.cells.shape[1]
+
+    def cell_counts(self) -> torch.Tensor:
+        """int64 (B, 2): rows and columns of cells that touch the image, per sample."""
+        return _cell_counts(self.offset, self.height, self.width, self.grid)
+
+    def masked_pixels(self) -> torch.Tensor:
+        """int64 (B, C): masked pixels per channel, from the cell areas (no pixel-size tensor)."""
+        g = self.grid
+        off = self.offset.long()
+
+        def sides(n: int, size: int, o: torch.Tensor) -> torch.Tensor:  # (B, n) cell extents
+            start = torch.arange(n, device=o.device) * g - o[:, None]
+            return (torch.clamp(start + g, max=size) - torch.clamp(start, min=0)).clamp(min=0)
+
+        _, _, nH, nW = self.cells.shape
+        rows, cols = sides(nH, self.height, off[:, 0]), sides(nW, self.width, off[:, 1])
+        # elementwise, not einsum: integer matmul does not exist on CUDA
+        return (self.cells * rows[:, None, :, None] * cols[:, None, None, :]).sum((2, 3))
+
+    def check_view(self, x: torch.Tensor) -> None:
+        """Raise MscnError unless ``x`` is the (B, C, H, W) view this table was drawn for."""
+        shape = (self.batch, self.channels, self.height, self.width)
+        if tuple(x.shape) != shape or x.device != self.cells.device:
+            raise MscnError(f"mask table is for {shape} on {self.cells.device}, "
+                            f"the view is {tuple(x.shape)} on {x.device}")
+
+    def pixel_mask(self) -> torch.Tensor:
+        """bool (B, C, H, W): True where a pixel is masked (the cells expanded to pixels)."""
+        B, C, nH, nW = self.cells.shape
+        g, H, W = self.grid, self.height, self.width
+        dev = self.cells.device
+        off = self.offset.long()
+        cy = (torch.arange(H, device=dev) + off[:, :1]) // g  # (B, H)
+        cx = (torch.arange(W, device=dev) + off[:, 1:]) // g  # (B, W)
+        rows = self.cells.gather(2, cy[:, None, :, None].expand(B, C, H, nW))
+        return rows.gather(3, cx[:, None, None, :].expand(B, C, H, W))
+
+
+def _cell_counts(offset: torch.Tensor, height: int, width: int, grid: int) -> torch.Tensor:
+    # python ints, not torch.tensor([h, w], device=...): that copy would sync with the GPU
+    off = offset.long()
+    return torch.stack([(off[:, 0] + height + grid - 1) // grid, (off[:, 1] + width + grid - 1) // grid], 1)
+
+
+def check_mask_cfg(cfg: MaskCfg, key: str = "mask") -> None:
+    """The ranges of ``mscn.config.validate`` for a MaskCfg built in code, not from a file."""
+    bad = None
+    if not 0.0 <= cfg.ratio < 1.0:
+        bad = ("ratio", "must be in [0, 1)")
+    elif not (isinstance(cfg.grid, int) and cfg.grid >= 1):
+        bad = ("grid", "must be an integer >= 1")
+    elif not all(0.0 <= getattr(cfg, p) <= 1.0 for p in ("p_focal", "p_ind", "p_noise")):
+        bad = ("p_focal/p_ind/p_noise", "must be probabilities in [0, 1]")
+    elif not 0.0 < cfg.focal_aspect[0] <= cfg.focal_aspect[1]:
+        bad = ("focal_aspect", "must be an increasing pair of positive numbers")
+    elif not (cfg.noise_std >= 0.0 and math.isfinite(cfg.noise_std)):
+        bad = ("noise_std", "must be a finite number >= 0")
+    if bad:
+        raise ConfigError(f"{key}.{bad[0]}: {bad[1]} (got {cfg})")
+
+
+def _uniform(shape, generator, device) -> torch.Tensor:
+    """U[0, 1) drawn on the generator's device (a generator only feeds its own device)."""
+    rng_dev = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=rng_dev).to(device, non_blocking=True)
+
+
+def _random_cells(u: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Exactly k[b] valid cells per (b, c), uniformly without replacement.
+
+    Ranking uniform scores (invalid cells pushed last) gives a uniform k-subset;
+    the double argsort makes the count exact even if two scores tie.
+    """
+    B, C, nH, nW = u.shape
+    scores = u.masked_fill(~valid[:, None], 2.0).flatten(2)
+    rank = scores.argsort(dim=-1).argsort(dim=-1)
+    return (rank < k[:, None, None]).view(B, C, nH, nW)
+
+
+def _focal_cells(u: torch.Tensor, counts: torch.Tensor, k: torch.Tensor, aspect: tuple[float, float],
+                 nH: int, nW: int) -> torch.Tensor:
+    """One rectangle of about k cells per (b, c) (the focal mask of MSN, Assran et al. 2022).
+
+    Aspect (height/width) is log-uniform in ``aspect``; the sides are rounded, clipped
+    to the sample's grid and the rectangle is placed uniformly among the positions
+    where it fits. ``u`` holds 3 uniforms per (b, c): aspect, top, left.
+    """
+    lo, hi = math.log(aspect[0]), math.log(aspect[1])
+    ratio = torch.exp(lo + u[..., 0] * (hi - lo))  # (B, C)
+    kf = k[:, None].float()
+    nh, nw = counts[:, :1], counts[:, 1:]  # (B, 1) each
+    fh = torch.minimum(torch.floor(torch.sqrt(kf * ratio) + 0.5).long().clamp(min=1), nh)
+    fw = torch.minimum(torch.floor(kf / fh + 0.5).long().clamp(min=1), nw)
+    fh = torch.where(k[:, None] > 0, fh, 0)  # ratio 0 (or round to 0): no rectangle
+    top = torch.floor(u[..., 1] * (nh - fh + 1)).long()
+    left = torch.floor(u[..., 2] * (nw - fw + 1)).long()
+    iy = torch.arange(nH, device=u.device)[None, None, :, None]
+    ix = torch.arange(nW, device=u.device)[None, None, None, :]
+    inside_y = (iy >= top[..., None, None]) & (iy < (top + fh)[..., None, None])
+    inside_x = (ix >= left[..., None, None]) & (ix < (left + fw)[..., None, None])
+    return inside_y & inside_x
+
+
+def sample_mask_table(batch: int, channels: int, height: int, width: int, cfg: MaskCfg,
+                      generator: torch.Generator | None = None,
+                      device: torch.device | str | None = None) -> MaskTable:
+    """Draw the masks of one view for a whole batch, vectorised, without host syncs.
+
+    Every random number comes from ``generator`` (on its own device, then moved to
+    ``device``), in a fixed order, so a seeded generator reproduces the table.
+    """
+    check_mask_cfg(cfg)
+    if min(batch, channels, height, width) < 1:
+        raise MscnError(f"cannot mask an empty view of shape {(batch, channels, height, width)}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    B, C, g = batch, channels, cfg.grid
+    # room for the largest grid any offset produces; cells past a sample's grid stay False
+    span = g - 1 if cfg.random_offset else 0
+    nH, nW = -(-(height + span) // g), -(-(width + span) // g)
+
+    if cfg.random_offset:
+        offset = torch.floor(_uniform((B, 2), generator, device) * g).to(torch.int32)
+    else:
+        offset = torch.zeros(B, 2, dtype=torch.int32, device=device)
+    counts = _cell_counts(offset, height, width, g)  # (B, 2) cells per side
+    k = torch.floor(cfg.ratio * counts.prod(1).double() + 0.5).long()  # round half up
+
+    valid = ((torch.arange(nH, device=device)[None, :, None] < counts[:, :1, None])
+             & (torch.arange(nW, device=device)[None, None, :] < counts[:, 1:, None]))
+    random_cells = _random_cells(_uniform((B, C, nH, nW), generator, device), valid, k)
+    focal_cells = _focal_cells(_uniform((B, C, 3), generator, device), counts, k,
+                               cfg.focal_aspect, nH, nW)
+    focal = _uniform((B, C), generator, device) < cfg.p_focal
+    cells = torch.where(focal[..., None, None], focal_cells, random_cells)
+
+    # shared masks: every channel takes channel 0's draw
+    independent = _uniform((B,), generator, device) < cfg.p_ind
+    cells = torch.where(independent[:, None, None, None], cells, cells[:, :1])
+    focal = torch.where(independent[:, None], focal, focal[:, :1])
+
+    noise = _uniform((B,), generator, device) < cfg.p_noise
+    rng_dev = generator.device if generator is not None else device
+    seed = torch.randint(0, 2**62, (B,), generator=generator, device=rng_dev, dtype=torch.int64)
+    return MaskTable(cells=cells, offset=offset, noise=noise, seed=seed.to(device), focal=focal,
+                     independent=independent, grid=g, noise_std=float(cfg.noise_std),
+                     height=height, width=width)
+
+
+def sample_tables(views: Sequence[torch.Tensor], cfgs: Sequence[MaskCfg],
+                  generator: torch.Generator | None = None) -> list[MaskTable]:
+    """One :class:`MaskTable` per view (each on its view's device), in view order."""
+    if len(views) != len(cfgs):
+        raise ConfigError(f"views: the config has {len(cfgs)} views but {len(views)} tensors were given")
+    tables = []
+    for i, (v, cfg) in enumerate(zip(views, cfgs)):
+        if v.dim() != 4 or not v.is_floating_point():
+            raise MscnError(f"view {i}: expected a floating (B, C, H, W) tensor, got {tuple(v.shape)} {v.dtype}")
+        check_mask_cfg(cfg, key=f"views[{i}].mask")
+        tables.append(sample_mask_table(*v.shape, cfg, generator, v.device))
+    return tables

@@ -1,0 +1,136 @@
+"""Benchmark of the MSCN mask step (paper §5.2): Triton kernel vs torch reference vs a copy.
+
+GPU: CUDA events, median over --runs, for 4 views x 256 x 3 x 224 x 224 fp32 by default:
+the table sampling, the kernel in place and out of place, the whole ``apply_masks``,
+the torch reference on the same GPU, and a device-to-device copy of the same bytes.
+"Effective GB/s" counts every view element read once and written once (2 x bytes),
+the issue's yardstick, whatever the kernel really moves (in place it only writes the
+masked ~ratio of the elements).
+CPU: the reference's cost per batch (perf_counter, median) at the demo size and at 224 px.
+
+    python scripts/bench_masks.py                   # picks GPU presets if CUDA, else CPU
+    python scripts/bench_masks.py --preset demo --runs 20 --json masks.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from mscn.config import load_config
+from mscn.cuda_kernels import apply_masks, apply_tables, sample_tables
+
+# name: (views, batch, channels, height, width, config whose view masks are used)
+PRESETS = {
+    "h100": (4, 256, 3, 224, 224, None),  # the issue's target size, default 224 px masks (grid 32)
+    "demo": (4, 64, 3, 64, 64, "demo"),  # `mscn demo`: 64 px, grid 16
+    "cpu224": (4, 32, 3, 224, 224, None),
+}
+
+
+def median_ms(fn, runs: int, warmup: int, cuda: bool) -> float:
+    """Median wall time of fn() in ms: CUDA events around each run, or perf_counter on CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench_preset(name: str, args, device: torch.device) -> dict:
+    n_views, B, C, H, W, config = PRESETS[name]
+    cfgs = [v.mask for v in load_config(args.config or config).views][:n_views]
+    if len(cfgs) < n_views:
+        raise SystemExit(f"config has {len(cfgs)} views, preset {name} needs {n_views}")
+    dtype = getattr(torch, args.dtype)
+    cuda = device.type == "cuda"
+    gen = torch.Generator(device).manual_seed(0)
+    views = [torch.randn(B, C, H, W, device=device, dtype=dtype) for _ in range(n_views)]
+    nbytes = sum(v.numel() * v.element_size() for v in views)
+    runs = args.runs or (50 if cuda else 5)
+    warmup = 3 if cuda else 1
+    tables = sample_tables(views, cfgs, gen)
+
+    def t(fn, n=runs):
+        return median_ms(fn, n, warmup, cuda)
+
+    rows = {}
+    rows["tables (sample_tables)"] = t(lambda: sample_tables(views, cfgs, gen))
+    if cuda:
+        rows["triton in place"] = t(lambda: apply_tables(views, tables, inplace=True, backend="triton"))
+        rows["triton out of place"] = t(lambda: apply_tables(views, tables, inplace=False, backend="triton"))
+        rows["apply_masks triton in place"] = t(lambda: apply_masks(views, cfgs, gen, backend="triton"))
+        flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(flat)
+        rows["d2d copy of the same bytes"] = t(lambda: dst.copy_(flat))
+        del flat, dst
+    ref_runs = max(3, runs // 5) if cuda else runs
+    rows["torch reference in place"] = t(lambda: apply_tables(views, tables, inplace=True, backend="torch"), ref_runs)
+    rows["torch reference out of place"] = t(
+        lambda: apply_tables(views, tables, inplace=False, backend="torch"), ref_runs)
+    rows["apply_masks torch in place"] = t(lambda: apply_masks(views, cfgs, gen, backend="torch"), ref_runs)
+
+    ref = rows["torch reference in place"]
+    copy = rows.get("d2d copy of the same bytes")
+    print(f"\n{name}: {n_views} views x {B} x {C} x {H} x {W} {args.dtype} on {device_name(device)}, "
+          f"{nbytes / 1e9:.3f} GB per direction, median of {runs} runs (reference: {ref_runs})")
+    print("| step | ms | effective GB/s | speed-up vs torch reference in place | time / d2d copy time |")
+    print("|---|---:|---:|---:|---:|")
+    for step, ms in rows.items():
+        gbs = 2 * nbytes / ms / 1e6
+        vs_copy = f"{ms / copy:.2f}x" if copy else "-"
+        print(f"| {step} | {ms:.3f} | {gbs:.0f} | {ref / ms:.1f}x | {vs_copy} |")
+    result = {"preset": name, "device": device_name(device), "shape": [n_views, B, C, H, W],
+              "dtype": args.dtype, "bytes_per_direction": nbytes, "runs": runs, "ms": rows}
+    if cuda:
+        k = rows["apply_masks triton in place"]
+        print(f"SUMMARY masks {name} on {device_name(device)}: apply_masks {k:.3f} ms "
+              f"({2 * nbytes / k / 1e6:.0f} GB/s effective), kernel out of place "
+              f"{rows['triton out of place']:.3f} ms, {ref / k:.1f}x the torch reference, "
+              f"copy {copy:.3f} ms ({2 * nbytes / copy / 1e6:.0f} GB/s)")
+    else:
+        print(f"SUMMARY masks {name} on CPU ({torch.get_num_threads()} threads): "
+              f"apply_masks (reference) {rows['apply_masks torch in place']:.1f} ms per batch")
+    return result
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", action="append", choices=sorted(PRESETS),
+                    help="repeatable; default: h100 on a GPU, demo and cpu224 on CPU")
+    ap.add_argument("--config", default=None, help="take the view masks from this config (path or recipe name)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--runs", type=int, default=0, help="timed runs per step (default 50 GPU, 5 CPU)")
+    ap.add_argument("--cpu", action="store_true", help="benchmark the CPU reference even if a GPU is present")
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.cpu
+    device = torch.device("cuda" if cuda else "cpu")
+    presets = args.preset or (["h100"] if cuda else ["demo", "cpu224"])
+    results = [bench_preset(p, args, device) for p in presets]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
