@@ -34,6 +34,9 @@ def _config_show(args: argparse.Namespace) -> None:
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
 
 
+_PASSTHROUGH = {"pretrain": _pretrain, "demo": _demo}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mscn import __version__
 
@@ -73,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if argv and argv[0] in _PASSTHROUGH:
+        # argparse.REMAINDER drops a leading option such as --help, so hand these over directly
+        args = argparse.Namespace(func=_PASSTHROUGH[argv[0]], rest=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         args.func(args)
     except MscnError as e:

@@ -131,7 +131,7 @@ class MethodCfg:
 @dataclass
 class OptimCfg:
     name: str = "lars"  # lars | sgd
-    base_lr: float = 4.8  # scaled by global_batch / 256
+    base_lr: float = 0.3  # per 256 images: lr = base_lr * global_batch / 256 (SimCLR: 4.8 at 4096)
     momentum: float = 0.9
     weight_decay: float = 1e-6
     trust_coef: float = 0.001  # LARS eta

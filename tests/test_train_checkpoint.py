@@ -1,0 +1,122 @@
+"""Checkpoints: round-trip, atomic writes, keep-last-K, skipping broken files, RNG state."""
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from mscn.config import from_dict, load_config
+from mscn.errors import MscnError
+from mscn.train import checkpoint as ckpt
+from mscn.train.distributed import DistInfo
+from mscn.train.lars import build_optimizer
+from mscn.train.pretrain import _checkpoint_state, _load_state, build_model, train_step
+
+SMALL = ["model.arch=resnet18", "model.proj_hidden=64", "model.proj_out=32", "model.pred_hidden=64"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core box waiting OpenMP threads cost seconds per step."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def trained(method="byol", seed=0, steps=2):
+    torch.manual_seed(seed)
+    cfg = load_config(None, SMALL + [f"method.name={method}"])
+    net, model = build_model(cfg, torch.device("cpu"), DistInfo())
+    opt, _ = build_optimizer(cfg.optim, net, lr=0.2)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    views = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    for step in range(steps):
+        train_step(model, opt, scaler, views, None)
+        net.after_optimizer_step(step, 10)
+    return cfg, net, opt, scaler
+
+
+def test_round_trip_restores_model_target_optimizer_and_metadata(tmp_path):
+    cfg, net, opt, scaler = trained("byol")
+    path = ckpt.save_checkpoint(_checkpoint_state(cfg, net, opt, scaler, 7, 5), tmp_path, keep_last=3)
+    assert path.name == "ckpt_00000007.pt"
+    state = ckpt.load_checkpoint(path)  # weights_only=True inside
+    assert (state["step"], state["epoch"], state["step_in_epoch"]) == (7, 1, 2)
+    assert state["arch"] == "resnet18" and state["method"] == "byol"
+    assert from_dict(state["config"]) == cfg  # the plain-dict config rebuilds the same Config
+
+    cfg2, net2, opt2, scaler2 = trained("byol", seed=1)
+    _load_state(state, str(path), cfg2, net2, opt2, scaler2)
+    for (k, a), b in zip(net.state_dict().items(), net2.state_dict().values()):
+        assert torch.equal(a, b), k  # online, target and BN buffers
+    bufs = [s["momentum_buffer"] for s in opt.state.values()]
+    bufs2 = [s["momentum_buffer"] for s in opt2.state.values()]
+    assert len(bufs) == len(bufs2) > 0 and all(torch.equal(a, b) for a, b in zip(bufs, bufs2))
+
+    # the eval suite's contract: "backbone" loads into torchvision with only fc missing
+    ref = torchvision.models.resnet18(weights=None)
+    res = ref.load_state_dict(state["backbone"], strict=False)
+    assert sorted(res.missing_keys) == ["fc.bias", "fc.weight"] and not res.unexpected_keys
+    assert torch.equal(ref.conv1.weight, net.backbone.conv1.weight)
+
+
+def test_incompatible_checkpoint_is_one_clear_error(tmp_path):
+    cfg, net, opt, scaler = trained("byol")
+    path = ckpt.save_checkpoint(_checkpoint_state(cfg, net, opt, scaler, 1, 5), tmp_path, keep_last=1)
+    cfg_s, net_s, opt_s, scaler_s = trained("simclr", steps=0)
+    with pytest.raises(MscnError, match="byol/resnet18 but the config asks for simclr/resnet18"):
+        _load_state(ckpt.load_checkpoint(path), str(path), cfg_s, net_s, opt_s, scaler_s)
+    bigger = load_config(None, SMALL[:1] + ["model.proj_hidden=128", "method.name=byol"])
+    net_b, _ = build_model(bigger, torch.device("cpu"), DistInfo())
+    opt_b, _ = build_optimizer(bigger.optim, net_b, lr=0.1)
+    with pytest.raises(MscnError, match="does not fit this model"):
+        _load_state(ckpt.load_checkpoint(path), str(path), bigger, net_b, opt_b, scaler)
+
+
+def test_keep_last_and_truncated_files_are_skipped(tmp_path):
+    state = {"model": {"w": torch.arange(1000.0)}, "optimizer": {}, "config": {}, "arch": "resnet18",
+             "method": "simclr", "backbone": {}}
+    for step in (10, 20, 30, 40):
+        ckpt.save_checkpoint({**state, "step": step}, tmp_path, keep_last=3)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == \
+        ["ckpt_00000020.pt", "ckpt_00000030.pt", "ckpt_00000040.pt"]
+    # a newer file cut in half (as a crash during a plain write would leave) and a
+    # stray temporary file: both must be passed over
+    good = ckpt.ckpt_path(tmp_path, 40).read_bytes()
+    ckpt.ckpt_path(tmp_path, 50).write_bytes(good[: len(good) // 2])
+    (tmp_path / ".ckpt_00000060.pt.tmp999").write_bytes(good)
+    path, loaded = ckpt.find_latest_valid(tmp_path)
+    assert path.name == "ckpt_00000040.pt" and loaded["step"] == 40
+    with pytest.raises(MscnError, match="not a readable checkpoint"):
+        ckpt.load_checkpoint(ckpt.ckpt_path(tmp_path, 50))
+    assert ckpt.find_latest_valid(tmp_path / "nothing_here") is None
+
+
+def test_failed_write_leaves_previous_file_and_no_temporary(tmp_path):
+    target = tmp_path / "final.pt"
+    ckpt.atomic_save({"step": 1}, target)
+    with pytest.raises(Exception):
+        ckpt.atomic_save({"step": 2, "bad": lambda: None}, target)  # fails mid-pickle
+    assert torch.load(target, weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == ["final.pt"]
+
+
+def test_weights_only_refuses_arbitrary_objects(tmp_path):
+    path = tmp_path / "ckpt_00000001.pt"
+    torch.save({"model": {}, "obj": object()}, path)  # a pickle that weights_only will not run
+    with pytest.raises(MscnError, match="not a readable checkpoint"):
+        ckpt.load_checkpoint(path)
+
+
+def test_rng_state_round_trip_through_weights_only_load(tmp_path):
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    np.random.normal()  # populate numpy's cached gaussian
+    path = ckpt.atomic_save({"rng": ckpt.rng_state()}, tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    ckpt.set_rng_state(torch.load(path, weights_only=True)["rng"])
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]

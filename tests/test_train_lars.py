@@ -1,0 +1,80 @@
+"""Our LARS (You et al., 2017; paper App. A.1) against a hand-written update."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mscn.config import OptimCfg
+from mscn.train.lars import LARS, build_optimizer, param_groups
+from mscn.train.models import build_backbone
+
+
+def _reference(w, grads, lr, wd, eta, momentum, adapt):
+    """Two LARS steps in numpy, float64."""
+    w = w.astype(np.float64).copy()
+    mu = np.zeros_like(w)
+    for g in grads:
+        d = g + wd * w if adapt else g.copy()
+        if adapt:
+            wn, dn = np.linalg.norm(w), np.linalg.norm(d)
+            d = d * (eta * wn / dn if wn > 0 and dn > 0 else 1.0)
+        mu = momentum * mu + d
+        w = w - lr * mu
+    return w
+
+
+def test_lars_matches_hand_computed_update_and_excludes_bias_and_norm():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    groups, desc = param_groups(model, weight_decay=0.01)
+    assert [len(g["params"]) for g in groups] == [1, 3]  # weight | bias, bn weight, bn bias
+    assert "weights: 1 tensors / 12 values" in desc and "bias_and_norm: 3 tensors / 9 values" in desc
+    lr, eta, wd, mom = 0.5, 0.02, 0.01, 0.9
+    opt = LARS(groups, lr=lr, momentum=mom, weight_decay=wd, trust_coef=eta)
+    start = {n: p.detach().double().numpy().copy() for n, p in model.named_parameters()}
+    grads = {n: [np.random.default_rng(i).normal(size=p.shape) for i in range(2)] for n, p in model.named_parameters()}
+    for k in range(2):
+        for n, p in model.named_parameters():
+            p.grad = torch.tensor(grads[n][k], dtype=torch.float32)
+        opt.step()
+    for n, p in model.named_parameters():
+        adapt = n == "0.weight"
+        expected = _reference(start[n], grads[n], lr, wd if adapt else 0.0, eta, mom, adapt)
+        np.testing.assert_allclose(p.detach().numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=n)
+    # the excluded group really is plain momentum SGD: its update is lr * grad on step 1
+    bias_step1 = start["0.bias"] - lr * grads["0.bias"][0]
+    assert not np.allclose(bias_step1, _reference(start["0.bias"], grads["0.bias"][:1], lr, wd, eta, mom, True))
+
+
+def test_lars_zero_norms_fall_back_to_plain_update():
+    w = nn.Parameter(torch.zeros(3, 3))  # zero weights: trust ratio would be 0 -> use 1
+    opt = LARS([{"params": [w], "weight_decay": 0.0, "lars": True}], lr=0.1, trust_coef=0.001)
+    w.grad = torch.ones(3, 3)
+    opt.step()
+    assert torch.allclose(w, torch.full((3, 3), -0.1))
+    w.grad = torch.zeros(3, 3)  # zero update: no NaN from 0/0
+    opt.step()
+    assert torch.isfinite(w).all()
+
+
+def test_param_groups_on_a_resnet_put_every_bias_and_bn_param_in_the_plain_group():
+    net, _ = build_backbone("resnet18")
+    groups, _ = param_groups(net, 1e-6)
+    plain = {id(p) for p in groups[1]["params"]}
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            assert id(m.weight) in plain and id(m.bias) in plain
+        if isinstance(m, nn.Conv2d):
+            assert id(m.weight) not in plain
+    n_conv = sum(isinstance(m, nn.Conv2d) for m in net.modules())
+    assert len(groups[0]["params"]) == n_conv  # resnet18's fc is gone: only conv weights
+    assert groups[1]["weight_decay"] == 0.0 and groups[1]["lars"] is False
+
+
+@pytest.mark.parametrize("name,cls", [("lars", LARS), ("sgd", torch.optim.SGD)])
+def test_build_optimizer_skips_frozen_params(name, cls):
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    model[1].requires_grad_(False)
+    opt, desc = build_optimizer(OptimCfg(name=name), model, lr=0.3)
+    assert isinstance(opt, cls) and desc.startswith(name)
+    assert sum(len(g["params"]) for g in opt.param_groups) == 2

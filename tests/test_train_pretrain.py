@@ -1,0 +1,168 @@
+"""End-to-end pretraining on CPU with the real DALI loader over a tiny synthetic ImageFolder.
+
+Crash safety and resume (issue: SIGKILL mid-run, clean stop, non-finite loss,
+incompatible checkpoint) and the torchrun path with 2 gloo ranks.
+Torch runs on one thread: on a shared 2-core box, OpenMP threads that wait on each
+other turn a 0.15 s step into seconds.
+"""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mscn.config import load_config
+from mscn.errors import MscnError
+from mscn.train import checkpoint as ckpt
+from mscn.train.pretrain import main, run_pretrain
+from mscn.train.runlog import read_metrics
+from mscn.train.schedule import lr_at
+
+pytestmark = pytest.mark.slow
+
+GENTLE = "{scale: [0.7, 1.0], jitter_prob: 0.0, blur_prob: 0.0, grayscale_prob: 0.0, mask: {ratio: 0.0, grid: 8}}"
+TINY_MODEL = ["model.arch=resnet18", "model.proj_hidden=64", "model.proj_out=32", "model.pred_hidden=64"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from mscn.data.synth import synthesize
+
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, classes=4, per_class=16, size=(64, 48), seed=0, workers=1, progress=False)
+    return out / "train"  # 64 images: 8 steps per epoch at global batch 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core box waiting OpenMP threads cost seconds per step."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def overrides(dataset, out_dir, *extra):
+    """Two gentle, unmasked 32 px views: the loss falls visibly within 24 steps."""
+    return [f"data.root={dataset}", "data.image_size=32", "data.num_threads=1", "highpass.sigma=1.0",
+            f"views=[{GENTLE}, {GENTLE}]", *TINY_MODEL, "train.global_batch=8", "train.device=cpu",
+            "schedule.epochs=8", "schedule.warmup_epochs=0", "optim.base_lr=32", f"train.out_dir={out_dir}",
+            "train.log_every=1", "train.ckpt_every_steps=8", "train.keep_last=2", *extra]
+
+
+@pytest.fixture(scope="module")
+def base_run(dataset, tmp_path_factory):
+    """A clean stop: 24 of the schedule's 64 steps (train.max_steps caps the run)."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    summary = run_pretrain(load_config(None, overrides(dataset, out, "train.max_steps=24")), resume="auto")
+    return out, summary
+
+
+def window(records, lo, hi):
+    values = [r["loss"] for r in records if lo < r["step"] <= hi]
+    return sum(values) / len(values)
+
+
+def test_clean_stop_then_resume_continues_the_loss_curve(dataset, base_run, tmp_path):
+    base, summary = base_run
+    assert summary["step"] == 24 and summary["total_steps"] == 64 and summary["steps_per_epoch"] == 8
+    assert [p.name for p in ckpt.list_checkpoints(base / "checkpoints")] == ["ckpt_00000016.pt", "ckpt_00000024.pt"]
+    assert ckpt.load_checkpoint(base / "final.pt")["step"] == 24
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+
+    resumed = run_pretrain(load_config(None, overrides(dataset, run, "train.max_steps=32")), resume="auto")
+    assert resumed["resumed_from"].endswith("ckpt_00000024.pt") and resumed["step"] == 32
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == list(range(1, 33))  # appended, no step twice
+    after = [r for r in records if r["step"] > 24]
+    assert after[0]["lr"] == pytest.approx(lr_at(24, 64, 0, 32 * 8 / 256))  # schedule position restored
+    start, before, resumed_loss = window(records, 0, 6), window(records, 18, 24), window(records, 24, 30)
+    assert start - before > 0.3, records  # it learned before the stop...
+    assert resumed_loss < start - 0.5 * (start - before), (start, before, resumed_loss)  # ...and kept it
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dataset, base_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(base_run[0], run)
+    before = [p.name for p in ckpt.list_checkpoints(run / "checkpoints")]
+    cfg = load_config(None, overrides(dataset, run, "optim.base_lr=1.0e+30", "train.max_steps=40"))
+    with pytest.raises(MscnError, match=r"non-finite loss at step (2[4-9]|3\d).*ckpt_00000024\.pt"):
+        run_pretrain(cfg, resume="auto")
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == before
+    state = ckpt.load_checkpoint(run / "checkpoints" / "ckpt_00000024.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert ckpt.load_checkpoint(run / "final.pt")["step"] == 24
+
+
+def test_incompatible_resume_is_one_clear_error(dataset, base_run, capsys):
+    base = base_run[0]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--resume", "auto", *overrides(dataset, base, "method.name=byol")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "simclr/resnet18 but the config asks for byol/resnet18" in err[0], err
+    with pytest.raises(MscnError, match="simclr/resnet18 but the config asks for simclr/resnet34"):
+        run_pretrain(load_config(None, overrides(dataset, base, "model.arch=resnet34")), resume="auto")
+    assert [r["step"] for r in read_metrics(base)][-1] == 24  # nothing was appended
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_sigkill_mid_training_then_resume_auto_reaches_the_same_final_step(dataset, tmp_path, capsys):
+    """The default 4 masked views, killed with SIGKILL once a checkpoint exists."""
+    run = tmp_path / "run"
+    args = [f"data.root={dataset}", "data.image_size=32", "data.num_threads=1", "highpass.sigma=1.0",
+            *[f"views.{i}.mask.grid=8" for i in range(4)], *TINY_MODEL, "train.global_batch=8",
+            "schedule.epochs=3", "schedule.warmup_epochs=1", "optim.base_lr=4", f"train.out_dir={run}",
+            "train.log_every=2", "train.ckpt_every_steps=4", "train.keep_last=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "mscn.train.pretrain", *args], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while not ckpt.list_checkpoints(run / "checkpoints") and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert ckpt.list_checkpoints(run / "checkpoints"), "no checkpoint within 180 s"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = ckpt.find_latest_valid(run / "checkpoints")[1]["step"]
+    assert 4 <= killed_at < 24
+    assert not (run / "final.pt").exists()
+
+    assert main(["--resume", "auto", *args]) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from {ckpt.ckpt_path(run / 'checkpoints', killed_at)} at step {killed_at}" in out
+    assert ckpt.load_checkpoint(run / "final.pt")["step"] == 24
+    names = [p.name for p in ckpt.list_checkpoints(run / "checkpoints")]
+    assert names[-1] == "ckpt_00000024.pt" and len(names) == 2
+    assert not list((run / "checkpoints").glob(".*tmp*"))  # a killed writer's temporary is cleaned up
+    steps = [r["step"] for r in read_metrics(run)]  # steps between the checkpoint and the kill repeat
+    assert steps[-1] == 24 and steps.count(24) == 1
+    again = run_pretrain(load_config(None, args), resume="auto")  # a finished run: nothing to do
+    assert again["step"] == 24 and again["final"] == str(run / "final.pt")
+
+
+def test_torchrun_two_gloo_ranks(dataset, tmp_path):
+    """The multi-process path: env:// rendezvous, DALI shards, CPU SyncBN, rank-0 checkpoints."""
+    run = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "mscn.train.pretrain",
+           *overrides(dataset, run, "train.max_steps=3", "model.sync_bn=true", "train.log_every=3")]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("[mscn] done: step 3/64") == 1, res.stdout  # rank 0 only
+    state = ckpt.load_checkpoint(run / "final.pt")
+    assert state["step"] == 3 and state["config"]["train"]["global_batch"] == 8
+    assert [r["step"] for r in read_metrics(run)] == [3]

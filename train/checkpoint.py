@@ -1,0 +1,134 @@
+"""Crash-safe checkpoints: atomic writes, the last K kept, the newest *valid* one found.
+
+A checkpoint is written to a temporary file in the same directory, flushed and fsynced,
+then renamed over its final name (``os.replace`` is atomic on POSIX), and the directory
+is fsynced: a crash leaves either the old set of files or the new one, never a
+half-written ``ckpt_*.pt``. :func:`find_latest_valid` still tries each file newest first
+and skips any that fail to load (disk full, a copy cut short by hand).
+
+Everything is read back with ``torch.load(weights_only=True)``, so a checkpoint holds only
+tensors and plain containers: the config as a plain dict, RNG states as tensors.
+Keys: ``model`` (the whole method, BYOL target included), ``optimizer``, ``scaler``,
+``step`` (optimizer steps done), ``epoch``, ``step_in_epoch``, ``rng``, ``config``,
+``arch``, ``method`` and ``backbone`` (the encoder alone, torchvision key names; the
+evaluation suite reads ``backbone``, ``arch`` and ``config``).
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mscn.errors import MscnError
+
+_NAME = re.compile(r"^ckpt_(\d{8,})\.pt$")
+_REQUIRED = ("model", "optimizer", "step", "config", "arch", "method", "backbone")
+
+
+def ckpt_path(ckpt_dir: str | Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"ckpt_{step:08d}.pt"
+
+
+def atomic_save(state: dict, path: str | Path) -> Path:
+    """Write ``state`` to ``path`` so that ``path`` is either absent/old or complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # ... and the rename itself survives a power cut
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    """``ckpt_*.pt`` files in step order, oldest first (temporary files never match)."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(state: dict, ckpt_dir: str | Path, keep_last: int) -> Path:
+    """Atomically write ``ckpt_{step:08d}.pt``, then delete all but the newest ``keep_last``."""
+    path = atomic_save(state, ckpt_path(ckpt_dir, int(state["step"])))
+    for old in list_checkpoints(ckpt_dir)[:-keep_last]:
+        old.unlink(missing_ok=True)
+    for stale in Path(ckpt_dir).glob(".ckpt_*.pt.tmp*"):  # left by a killed writer
+        if not stale.name.endswith(f".tmp{os.getpid()}"):
+            stale.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """``torch.load(weights_only=True)`` on CPU; an unreadable or foreign file is an MscnError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise MscnError(f"checkpoint not found: {path} (use --resume auto, a ckpt_*.pt path, or none)") from None
+    except Exception as e:  # truncated zip, pickle of a forbidden type...
+        raise MscnError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    missing = [k for k in _REQUIRED if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise MscnError(f"{path}: not an mscn pretraining checkpoint (missing {', '.join(missing)})")
+    return state
+
+
+def find_latest_valid(ckpt_dir: str | Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint in ``ckpt_dir`` that loads, with its state; None if there is none."""
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except MscnError as e:
+            print(f"[mscn] skipping {e}", flush=True)
+    return None
+
+
+def check_compatible(state: dict, arch: str, method: str, path: str | Path) -> None:
+    """One clear error when a checkpoint belongs to another architecture or method."""
+    if state["arch"] != arch or state["method"] != method:
+        raise MscnError(
+            f"{path}: checkpoint is {state['method']}/{state['arch']} but the config asks for "
+            f"{method}/{arch}; set train.out_dir to a new folder, pass --resume none, or match "
+            f"model.arch={state['arch']} method.name={state['method']}")
+
+
+def rng_state() -> dict:
+    """torch (and CUDA), numpy and Python RNG states as tensors and plain values."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64),
+                   "gauss_next": py_gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,193 @@
+"""torch.distributed plumbing: process-group setup, a differentiable all-gather, SyncBN.
+
+Launch with ``torchrun`` (single node, multi-node c10d rendezvous, or ``srun torchrun``):
+it sets RANK, WORLD_SIZE and LOCAL_RANK, and this module reads them. NCCL on GPU,
+gloo on CPU. Only rank 0 logs and writes checkpoints (:func:`is_main`).
+
+SimCLR's InfoNCE takes its negatives from the *global* batch (paper App. A.1 follows
+Chen et al., 2020a), so the embeddings of every rank are gathered with gradients
+(:func:`gather_with_grad`). Batch norm is synchronised across ranks too: torch's
+``nn.SyncBatchNorm`` on GPU, and :class:`CpuSyncBatchNorm` (same maths, plain torch
+ops) on CPU, where torch's kernel refuses to run; the CPU version is what the 2-rank
+gloo test exercises.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_distributed(device_type: str, init_method: str = "env://", rank: int | None = None,
+                     world_size: int | None = None) -> DistInfo:
+    """Join the process group described by torchrun's env vars (or by explicit arguments).
+
+    A single process (no WORLD_SIZE, or WORLD_SIZE=1) gets a ``DistInfo`` without any
+    process group. For CUDA the device must be set before NCCL initialises.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    local_rank = env_local_rank()
+    if world_size <= 1:
+        return DistInfo(0, 1, 0)
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+    return DistInfo(rank, world_size, local_rank)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s picklable ``obj`` on every rank (a small host-side collective)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands every rank the gradient of its own slice.
+
+    Each rank's loss reads the gathered tensor, so the gradient of the *sum* of all
+    ranks' losses w.r.t. rank r's slice is the sum over ranks of their gradients on that
+    slice: all_reduce(SUM), then keep our slice. (DDP then averages the parameter
+    gradients, which turns that sum into the mean loss over ranks.)
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (same shape on every rank) over ranks, in rank order; differentiable."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    """Sum over ranks; the gradient of a sum over ranks is again a sum over ranks."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class CpuSyncBatchNorm(nn.Module):
+    """Batch norm over the union of all ranks' batches, in plain torch ops (for gloo/CPU).
+
+    Two passes (mean, then mean squared deviation), each one all_reduce of a per-channel
+    vector, so the statistics equal those of one process holding the whole batch.
+    Parameters and buffers carry ``nn.BatchNorm``'s names, so state_dicts are
+    interchangeable, and running stats follow its rules (unbiased variance, momentum).
+    Outside distributed training (eval, one process) it is plain ``F.batch_norm``.
+    (It is not an ``nn.SyncBatchNorm`` subclass: DDP refuses those on CPU modules.)
+    """
+
+    def __init__(self, bn: nn.Module):
+        super().__init__()
+        self.eps, self.momentum = bn.eps, bn.momentum
+        self.weight, self.bias = bn.weight, bn.bias  # shared Parameters (or None if not affine)
+        self.register_buffer("running_mean", bn.running_mean)
+        self.register_buffer("running_var", bn.running_var)
+        self.register_buffer("num_batches_tracked", bn.num_batches_tracked)
+        self.train(bn.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tracking = self.training and self.running_mean is not None
+        if tracking:
+            self.num_batches_tracked.add_(1)
+        # momentum=None means a cumulative average (nn.BatchNorm semantics)
+        factor = self.momentum if self.momentum is not None else (
+            1.0 / float(self.num_batches_tracked) if tracking else 0.0)
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            use_batch = self.training or self.running_mean is None
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                use_batch, factor, self.eps)
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = _AllReduceWithGrad.apply(torch.tensor([x.numel() / x.shape[1]], dtype=torch.float32, device=x.device))
+        xf = x.float()
+        mean = _AllReduceWithGrad.apply(xf.sum(dims)) / count
+        centered = xf - mean.view(shape)
+        var = _AllReduceWithGrad.apply((centered * centered).sum(dims)) / count
+        if tracking:
+            with torch.no_grad():
+                unbiased = var * count / (count - 1).clamp(min=1)
+                self.running_mean.lerp_(mean.detach(), factor)
+                self.running_var.lerp_(unbiased.detach(), factor)
+        y = centered * torch.rsqrt(var + self.eps).view(shape)
+        if self.weight is not None:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module, device_type: str) -> nn.Module:
+    """Every BatchNorm*d synchronised across ranks: torch's SyncBN on GPU, ours on CPU."""
+    if device_type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if isinstance(module, _BATCH_NORMS):
+        return CpuSyncBatchNorm(module)
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child, device_type))
+    return module
