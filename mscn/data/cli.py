@@ -58,13 +58,9 @@ def _subset(args) -> None:
 
 
 def _pack(args) -> None:
-    try:
-        from mscn.data.pack import pack  # imported only when used
-    except ModuleNotFoundError as e:
-        if e.name != "mscn.data.pack":
-            raise
-        raise MscnError("pack: mscn.data.pack is missing from this install; reinstall mscn") from None
-    pack(args.root, args.out, args.shard_size)
+    from mscn.data.pack import pack_command  # imported only when used
+
+    pack_command(args)
 
 
 def add_data_commands(subparsers) -> argparse.ArgumentParser:

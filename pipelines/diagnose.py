@@ -1,0 +1,88 @@
+"""Turn a DALI failure into one DataError line that names the bad file.
+
+DALI's decoder reports a corrupt JPEG as ``nvImageCodec failure: '#3'``, without the
+file. The failing batch never leaves the pipeline, but the reader's order is fixed
+by its seed: we rebuild the reader alone (no decoding; the file reader memory-maps,
+so this reads little), replay it up to the batches that were in flight when DALI
+failed, and decode those samples with PIL, as ``mscn data scan`` does. The first file
+PIL cannot decode is named; otherwise the message points to ``mscn data scan``.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+
+import numpy as np
+from nvidia.dali import fn, pipeline_def
+from PIL import Image
+
+from mscn.errors import DataError
+from mscn.pipelines.readers import Source, read
+
+MAX_REPLAY_BATCHES = 20_000  # beyond this the replay costs more than a scan would
+
+
+@pipeline_def
+def _reader_only(source: Source, shard_id, num_shards, shuffle, shuffle_buffer, stick_to_shard, reader_seed):
+    encoded, _, _ = read(source, shard_id=shard_id, num_shards=num_shards, shuffle=shuffle,
+                         shuffle_buffer=shuffle_buffer, stick_to_shard=stick_to_shard, seed=reader_seed)
+    return encoded, fn.get_property(encoded, key="source_info")
+
+
+def _reason(err: Exception) -> str:
+    """The informative line of a DALI error (after 'encountered:'), else its last line."""
+    text = str(err)
+    m = re.search(r"encountered:\s*\n\s*(.+)", text)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "no longer valid" not in ln]
+    return (m.group(1).strip() if m else (lines[-1] if lines else type(err).__name__))[:200]
+
+
+def _undecodable(data: bytes) -> str | None:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except Exception as e:  # noqa: BLE001 - any PIL failure means DALI's failure is explained
+        return str(e) or type(e).__name__
+    return None
+
+
+def find_bad_sample(source: Source, replay, runs_done: int) -> tuple[str, str] | None:
+    """(source_info, PIL's complaint) of the first undecodable sample among the batches
+    that were in flight after ``runs_done`` batches, or None."""
+    # DALI runs `prefetch` batches ahead, and DROP skips one padded batch per epoch
+    per_epoch = max(1, -(-source.num_samples // replay.num_shards) // replay.batch_size)
+    last = runs_done + replay.prefetch + 2 + runs_done // per_epoch
+    if last > MAX_REPLAY_BATCHES:
+        return None
+    pipe = _reader_only(source, replay.shard_id, replay.num_shards, replay.shuffle, replay.shuffle_buffer,
+                        replay.stick_to_shard, replay.reader_seed, batch_size=replay.batch_size,
+                        num_threads=1, device_id=None, prefetch_queue_depth=1)
+    pipe.build()
+    for run in range(last + 1):
+        encoded, info = pipe.run()
+        if run < runs_done - 1:
+            continue
+        for i in range(len(encoded)):
+            why = _undecodable(np.array(encoded[i]).tobytes())
+            if why:
+                where = np.array(info[i]).tobytes().decode(errors="replace")
+                # file readers report the path relative to file_root; tars "tar:offset:member"
+                return (where if source.kind == "wds" else os.path.join(source.root, where)), why
+    return None
+
+
+def explain(err: Exception, source: Source, replay, runs_done: int) -> DataError:
+    """A one-line DataError for a DALI runtime failure while reading ``source``."""
+    reason = _reason(err)
+    fix = f"run `mscn data scan {source.root}` and train from the file list it writes"
+    found = None
+    if replay is not None:
+        try:
+            found = find_bad_sample(source, replay, runs_done)
+        except Exception:  # noqa: BLE001 - the diagnosis must never hide the original error
+            found = None
+    if found:
+        path, why = found
+        return DataError(f"{path}: cannot be decoded ({why}; DALI: {reason}); {fix}")
+    return DataError(f"{source.root}: DALI failed while reading the dataset ({reason}); {fix}")

@@ -1,0 +1,262 @@
+"""The one adapter from DALI to the trainer: ``DaliLoader`` yields typed ``MscnBatch``es.
+
+Everything DALI-shaped stops here (the ``DALIWrapper`` pattern of DALI's examples):
+the trainer never indexes ``data[0]["view0"]``. Per batch the adapter
+
+1. takes the views (NCHW, on the pipeline's device) and, on the CPU path, applies the
+   high-pass (paper §5.1) with BLAS (``highpass_matmul``; docs/PIPELINE.md says why);
+2. casts to the output dtype (bfloat16 only here: DALI has no bfloat16);
+3. maps sample index -> label for file readers (their one integer is the index);
+4. applies the masks (paper §5.2: masking comes after every other augmentation)
+   through a pluggable ``mask_fn``, by default ``mscn.cuda_kernels.apply_masks``.
+
+A DALI failure while iterating (a corrupt JPEG, say) becomes one DataError naming
+the file when it can be found (pipelines/diagnose.py).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from mscn.errors import DataError
+from mscn.highpass import highpass_matmul
+from mscn.pipelines.readers import READER_NAME, Source
+from mscn.pipelines.train_pipeline import output_names
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MaskFn = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+
+
+@dataclass
+class MscnBatch:
+    """One batch: ``views[i]`` is (B, 3, H, W) on the loader's device; ``labels`` and
+    ``index`` are (B,) int64 (``index`` is the canonical sample index, -1 if unknown)."""
+
+    views: list[torch.Tensor]
+    labels: torch.Tensor
+    index: torch.Tensor
+
+
+@dataclass
+class Replay:
+    """What :mod:`mscn.pipelines.diagnose` needs to re-read the reader's order."""
+
+    shard_id: int
+    num_shards: int
+    shuffle: bool
+    shuffle_buffer: int
+    stick_to_shard: bool
+    reader_seed: int
+    batch_size: int
+    prefetch: int
+
+
+class DaliLoader:
+    """Iterable of :class:`MscnBatch`; ``len()`` is the number of batches per epoch.
+
+    pipeline: a built-or-unbuilt DALI pipeline whose outputs are
+    ``output_names(num_views, source)``. policy: DROP for training, PARTIAL for
+    evaluation. highpass: (σ, window) to apply here (CPU path), None if the pipeline
+    did it or it is disabled. mask_fn: views -> masked views, None for no masks.
+    device: where the batch should live (the pipeline's device if None).
+    """
+
+    def __init__(self, pipeline, source: Source, num_views: int, *, policy: LastBatchPolicy,
+                 output_dtype: str = "float32", highpass: tuple[float, int] | None = None,
+                 mask_fn: MaskFn | None = None, device: torch.device | None = None,
+                 replay: Replay | None = None):
+        self.source, self.num_views = source, num_views
+        self.dtype = TORCH_DTYPES[output_dtype]
+        self.highpass, self.mask_fn, self.device, self.replay = highpass, mask_fn, device, replay
+        self._names = output_names(num_views, source)
+        self._labels = None if source.label_in_stream else torch.tensor(source.labels, dtype=torch.int64)
+        self._runs = 0  # batches taken from the pipeline so far, for diagnose.py
+        try:  # prepare_first_batch=False: nothing runs until the first batch is asked for
+            self._iter = DALIGenericIterator(pipeline, self._names, reader_name=READER_NAME,
+                                             last_batch_policy=policy, auto_reset=True,
+                                             prepare_first_batch=False)
+        except RuntimeError as e:
+            raise self._data_error(e) from None
+
+    def __len__(self) -> int:
+        return len(self._iter)
+
+    def __iter__(self) -> Iterator[MscnBatch]:
+        while True:
+            try:
+                data = next(self._iter)
+            except StopIteration:  # end of epoch; auto_reset rearms the iterator
+                return
+            except RuntimeError as e:
+                raise self._data_error(e) from None
+            self._runs += 1
+            yield self._convert(data[0])
+
+    def _convert(self, out: dict) -> MscnBatch:
+        views = [out[f"view{i}"] for i in range(self.num_views)]
+        if self.device is not None:
+            views = [v.to(self.device, non_blocking=True) for v in views]
+        if self.highpass is not None:
+            views = [highpass_matmul(v.float(), *self.highpass) for v in views]
+        views = [v if v.dtype == self.dtype else v.to(self.dtype) for v in views]
+        batch = views[0].shape[0]
+        if "index" in out:
+            index = out["index"].view(-1).long()
+        else:
+            index = torch.full((batch,), -1, dtype=torch.int64)
+        if self._labels is not None:
+            labels = self._labels.to(index.device)[index]
+        else:
+            labels = out["label"].view(-1).long()
+        if self.mask_fn is not None:
+            views = self.mask_fn(views)
+        dev = views[0].device
+        return MscnBatch(views, labels.to(dev, non_blocking=True), index.to(dev, non_blocking=True))
+
+    def _data_error(self, err: RuntimeError) -> DataError:
+        from mscn.pipelines.diagnose import explain
+
+        return explain(err, self.source, self.replay, self._runs)
+
+
+def mask_fn_from_cfgs(mask_cfgs: list, seed: int) -> MaskFn:
+    """``mscn.cuda_kernels.apply_masks`` with a generator seeded for this rank, created
+    lazily on the views' device (so the mask tables are drawn without host syncs)."""
+    state: dict = {}
+
+    def apply(views: list[torch.Tensor]) -> list[torch.Tensor]:
+        from mscn.cuda_kernels import apply_masks  # imported when the first batch is masked
+
+        dev = views[0].device
+        if state.get("device") != dev:
+            state["device"], state["gen"] = dev, torch.Generator(device=dev)
+            state["gen"].manual_seed(seed)
+        return apply_masks(views, mask_cfgs, state["gen"])
+
+    return apply
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A distinct, reproducible seed per (run seed, global rank)."""
+    return (seed * 65_537 + rank) % (2**31 - 1)
+
+
+def check_size(source: Source, global_batch: int, what: str) -> None:
+    if source.num_samples < global_batch:
+        raise DataError(f"{source.root}: {source.num_samples} images, fewer than one global batch of "
+                        f"{global_batch} for {what}; lower the batch size or add images")
+
+
+# ----------------------------------------------------------------------------------
+# Builders: config -> pipeline -> DaliLoader
+# ----------------------------------------------------------------------------------
+
+def pipeline_device(device: torch.device | str | None, local_rank: int) -> tuple[str, int | None]:
+    """("gpu", device id) for a CUDA device, else ("cpu", None): DALI's CPU-only mode."""
+    if device is None:
+        return "cpu", None
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "gpu", device.index if device.index is not None else local_rank
+    return "cpu", None
+
+
+def _highpass_plan(cfg, on_gpu: bool) -> tuple[tuple | None, tuple | None, str]:
+    """(high-pass in the pipeline, high-pass in the adapter, dtype DALI emits).
+
+    The GPU path blurs in DALI; the CPU path leaves the blur to BLAS in the adapter
+    (docs/PIPELINE.md), so DALI emits float32 there. DALI has no bfloat16.
+    """
+    from mscn.config import highpass_window
+
+    d = cfg.data
+    dali_dtype = "float32" if d.output_dtype == "bfloat16" else d.output_dtype
+    if not cfg.highpass.enabled:
+        return None, None, dali_dtype
+    hp = (cfg.highpass.sigma, highpass_window(cfg.highpass.sigma, cfg.highpass.window))
+    return (hp, None, dali_dtype) if on_gpu else (None, hp, "float32")
+
+
+def _views_loader(cfg, source: Source, views: list, batch: int, rank: int, world_size: int,
+                  local_rank: int, device, seed: int, mask_fn: MaskFn | None) -> DaliLoader:
+    from mscn.pipelines.train_pipeline import views_pipeline
+
+    kind, device_id = pipeline_device(device, local_rank)
+    in_pipe, in_adapter, pipe_dtype = _highpass_plan(cfg, kind == "gpu")
+    d = cfg.data
+    replay = Replay(rank, world_size, True, d.shuffle_buffer, False, seed, batch, d.prefetch)
+    pipe = views_pipeline(source, views, image_size=d.image_size, mean=d.mean, std=d.std, highpass=in_pipe,
+                          device=kind, hw_decoder_load=d.hw_decoder_load, shard_id=rank, num_shards=world_size,
+                          reader_seed=seed, shuffle=True, shuffle_buffer=d.shuffle_buffer, view_dtype=pipe_dtype,
+                          batch_size=batch, num_threads=d.num_threads, device_id=device_id, seed=seed,
+                          prefetch_queue_depth=d.prefetch)
+    return DaliLoader(pipe, source, len(views), policy=LastBatchPolicy.DROP, output_dtype=d.output_dtype,
+                      highpass=in_adapter, mask_fn=mask_fn, replay=replay)
+
+
+def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int = 0,
+                       device: torch.device | str | None = None, apply_mask: bool = True) -> DaliLoader:
+    """Pretraining loader: ``len(cfg.views)`` masked views per image, DROP policy.
+
+    rank/world_size: global rank and world size (DALI shard id / number of shards);
+    local_rank: the GPU of this process when ``device`` is CUDA without an index.
+    device: a CUDA device selects the GPU pipeline; None or CPU the CPU pipeline.
+    """
+    from mscn.config import validate
+    from mscn.pipelines.readers import resolve_source
+
+    validate(cfg, "<config>", world_size=world_size)  # e.g. a global batch the ranks cannot split
+    source = resolve_source(cfg.data.root, cfg.data.format)
+    check_size(source, cfg.train.global_batch, "train.global_batch")
+    seed = rank_seed(cfg.train.seed, rank)
+    mask_fn = mask_fn_from_cfgs([v.mask for v in cfg.views], seed) if apply_mask else None
+    return _views_loader(cfg, source, cfg.views, cfg.train.global_batch // world_size, rank, world_size,
+                         local_rank, device, seed, mask_fn)
+
+
+def linear_probe_view():
+    """Paper A.2 training view: random-resized-crop + flip (+ high-pass), nothing else."""
+    from mscn.config import MaskCfg, ViewCfg
+
+    return ViewCfg(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0, mask=MaskCfg(ratio=0.0))
+
+
+def build_eval_loader(cfg, root: str, rank: int = 0, world_size: int = 1, local_rank: int = 0,
+                      device: torch.device | str | None = None, batch_size: int | None = None,
+                      train_views: bool = False, file_list: str | None = None) -> DaliLoader:
+    """Evaluation loader over ``root`` (any format; ``file_list`` = a list relative to it).
+
+    train_views=False: resize shorter side + center crop + high-pass, PARTIAL (every
+    sample exactly once across ranks). train_views=True: the linear-probe/fine-tune
+    training view (random-resized-crop + flip + high-pass, no colour, blur or mask),
+    shuffled, DROP. batch_size is per rank (default ``eval.linear_batch / world_size``).
+    """
+    from mscn.pipelines.eval_pipeline import eval_pipeline
+    from mscn.pipelines.readers import resolve_source
+
+    if file_list:
+        source = resolve_source(file_list, "filelist", file_root=root)
+    else:
+        source = resolve_source(root, cfg.data.format if root == cfg.data.root else "auto")
+    batch = batch_size or max(1, cfg.eval.linear_batch // world_size)
+    seed = rank_seed(cfg.train.seed, rank)
+    if train_views:
+        check_size(source, batch * world_size, "one training batch of the evaluation")
+        return _views_loader(cfg, source, [linear_probe_view()], batch, rank, world_size, local_rank,
+                             device, seed, None)
+    if source.num_samples < world_size:
+        raise DataError(f"{source.root}: {source.num_samples} images for {world_size} ranks; need one per rank")
+    kind, device_id = pipeline_device(device, local_rank)
+    in_pipe, in_adapter, pipe_dtype = _highpass_plan(cfg, kind == "gpu")
+    d = cfg.data
+    pipe = eval_pipeline(source, image_size=d.image_size, resize=d.val_resize, mean=d.mean, std=d.std,
+                         highpass=in_pipe, device=kind, hw_decoder_load=d.hw_decoder_load, shard_id=rank,
+                         num_shards=world_size, reader_seed=seed, view_dtype=pipe_dtype, batch_size=batch,
+                         num_threads=d.num_threads, device_id=device_id, seed=seed,
+                         prefetch_queue_depth=d.prefetch)
+    replay = Replay(rank, world_size, False, 1, True, seed, batch, d.prefetch)
+    return DaliLoader(pipe, source, 1, policy=LastBatchPolicy.PARTIAL, output_dtype=d.output_dtype,
+                      highpass=in_adapter, replay=replay)

@@ -1,0 +1,198 @@
+"""Plain DALI processing functions: decode, one view's augmentations, normalize, high-pass.
+
+They hold no reader and no sharding; the ``@pipeline_def`` wrappers in
+train_pipeline.py / eval_pipeline.py own those and call these (the layout of DALI's
+efficientnet example). Every function takes and returns DataNodes, and works on
+both backends: ``device="gpu"`` decodes with ``device="mixed"`` and everything after
+the decoder then runs on the GPU; per-sample random parameters (coin flips, crop
+windows, jitter factors) are always drawn on the CPU, as DALI requires for
+argument inputs.
+
+Trace time vs run time: these functions run once, when the pipeline graph is built
+(trace time). Python ``if`` on a config value (``if view.blur_prob > 0``) decides at
+trace time whether an operator exists in the graph at all. ``if flag:`` on a
+DataNode is a DALI conditional (``enable_conditionals=True``): it is traced into a
+split/merge, and at run time every sample takes its own branch.
+
+Augmentations follow SimCLR/BYOL (paper App. A.1), in torchvision's order:
+random-resized-crop -> flip -> colour jitter (p) -> grayscale (p) -> blur (p) ->
+solarize (p) -> normalize, then the high-pass of §5.1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from nvidia.dali import fn, types
+from nvidia.dali.data_node import DataNode
+
+from mscn.config import ViewCfg
+
+DALI_FLOAT = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FLOAT}
+# solarize (BYOL): invert every value >= 128, as torchvision's solarize(threshold=128)
+_SOLARIZE = [float(v if v < 128 else 255 - v) for v in range(256)]
+
+
+def decode(encoded: DataNode, device: str = "cpu", hw_decoder_load: float = 0.65) -> DataNode:
+    """Encoded bytes -> HWC uint8 RGB (grayscale/CMYK JPEGs and PNGs come out RGB).
+
+    GPU: ``device="mixed"`` (nvImageCodec; ``hw_decoder_load`` of the JPEGs go to the
+    hardware JPEG decoder of A100/H100-class GPUs); the output lives on the GPU.
+    """
+    if device == "gpu":
+        return fn.decoders.image(encoded, device="mixed", output_type=types.RGB,
+                                 hw_decoder_load=hw_decoder_load)
+    return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+
+
+def coin(p: float) -> DataNode:
+    """Per-sample boolean flag, True with probability ``p`` (drawn on the CPU)."""
+    return fn.random.coin_flip(probability=p, dtype=types.BOOL)
+
+
+def uniform(lo: float, hi: float) -> DataNode:
+    return fn.random.uniform(range=[lo, hi])
+
+
+@dataclass
+class ViewFlags:
+    """Per-sample draws of one view, kept for debug outputs and statistics tests."""
+
+    flip: DataNode
+    jitter: DataNode
+    gray: DataNode
+    blur: DataNode
+    solarize: DataNode
+    crop_area: DataNode  # crop area / image area
+
+
+def resized_crop(images: DataNode, shape: DataNode, size: int, scale, ratio) -> tuple[DataNode, DataNode]:
+    """Random-resized-crop to ``size`` x ``size``; also returns the crop's area fraction.
+
+    ``shape`` is the decoded shape (HWC, CPU). The crop window is drawn on the CPU by
+    ``fn.random_crop_generator`` (torchvision's RandomResizedCrop rule, 10 attempts,
+    then a central fallback) and cut + resized in one antialiased ``fn.resize``, which
+    is what ``fn.random_resized_crop`` does internally; drawing it ourselves exposes the
+    window. Images smaller than ``size`` are upsampled.
+    """
+    anchor, extent = fn.random_crop_generator(shape, random_area=list(scale), random_aspect_ratio=list(ratio))
+    start = fn.cast(anchor, dtype=types.FLOAT)
+    end = start + fn.cast(extent, dtype=types.FLOAT)
+    crop = fn.resize(images, roi_start=start, roi_end=end, size=[size, size], antialias=True)
+    hw = fn.cast(shape[0:2], dtype=types.FLOAT)
+    ext = fn.cast(extent, dtype=types.FLOAT)
+    return crop, (ext[0] * ext[1]) / (hw[0] * hw[1])
+
+
+def color_jitter(x: DataNode, view: ViewCfg) -> DataNode:
+    """SimCLR colour jitter with one fused ``fn.color_twist`` (factors as torchvision's).
+
+    brightness/contrast/saturation factors ~ U[1-s, 1+s], hue ~ U[-h, h] of the hue
+    circle (DALI takes degrees). torchvision applies the four in a random order and
+    takes contrast around the image mean; DALI applies a fixed order (docs/PIPELINE.md).
+    """
+    return fn.color_twist(
+        x,
+        brightness=uniform(max(0.0, 1 - view.brightness), 1 + view.brightness),
+        contrast=uniform(max(0.0, 1 - view.contrast), 1 + view.contrast),
+        saturation=uniform(max(0.0, 1 - view.saturation), 1 + view.saturation),
+        hue=uniform(-360.0 * view.hue, 360.0 * view.hue),
+    )
+
+
+def grayscale(x: DataNode) -> DataNode:
+    """3-channel grayscale, Y = 0.299 R + 0.587 G + 0.114 B (torchvision's weights)."""
+    return fn.color_twist(x, saturation=0.0)
+
+
+def gaussian_blur(x: DataNode, view: ViewCfg) -> DataNode:
+    """Blur with σ ~ U[blur_sigma]; window 0 lets DALI derive ``2*ceil(3σ)+1`` per sample.
+
+    A fixed 23-tap window (torchvision's for 224 px) costs ~4x more on the CPU for the
+    same result at σ <= 2 (../shared/GPU.md), so it is used only when configured.
+    """
+    sigma = uniform(*view.blur_sigma)
+    if view.blur_window:
+        return fn.gaussian_blur(x, sigma=sigma, window_size=view.blur_window)
+    return fn.gaussian_blur(x, sigma=sigma)
+
+
+def solarize(x: DataNode) -> DataNode:
+    """BYOL solarization on uint8: a 256-entry lookup table, one pass."""
+    return fn.lookup_table(x, keys=list(range(256)), values=_SOLARIZE, dtype=types.UINT8)
+
+
+def _maybe(p: float, x: DataNode, op) -> tuple[DataNode, DataNode]:
+    """Apply ``op`` with probability ``p``; returns (result, per-sample flag).
+
+    The flag is always drawn (cheap), so debug outputs exist for every op. At trace
+    time, p == 0 leaves ``op`` out of the graph and p == 1 applies it to every sample
+    without a conditional; otherwise DALI's conditional runs ``op`` on the samples
+    whose flag is set (run time) and merges them back with the others.
+    """
+    flag = coin(p)
+    if p <= 0.0:
+        return x, flag
+    if p >= 1.0:
+        return op(x), flag
+    if flag:
+        x = op(x)
+    return x, flag
+
+
+def augment_view(images: DataNode, shape: DataNode, view: ViewCfg, size: int) -> tuple[DataNode, ViewFlags]:
+    """One view's uint8 HWC augmentations, before normalization (flip is done there)."""
+    x, area = resized_crop(images, shape, size, view.scale, view.ratio)
+    x, jit = _maybe(view.jitter_prob, x, lambda v: color_jitter(v, view))
+    x, gray = _maybe(view.grayscale_prob, x, grayscale)
+    x, blur = _maybe(view.blur_prob, x, lambda v: gaussian_blur(v, view))
+    x, sol = _maybe(view.solarize_prob, x, solarize)
+    return x, ViewFlags(flip=coin(view.flip_prob), jitter=jit, gray=gray, blur=blur, solarize=sol, crop_area=area)
+
+
+def normalize(x: DataNode, mean, std, flip: DataNode | int = 0, dtype=types.FLOAT,
+              crop: int | None = None) -> DataNode:
+    """(x - mean) / std on the 0-255 scale, HWC -> CHW, horizontal flip, cast (and an
+    optional centered ``crop`` x ``crop`` window): one pass."""
+    window = {"crop": [crop, crop], "crop_pos_x": 0.5, "crop_pos_y": 0.5} if crop else {}
+    return fn.crop_mirror_normalize(x, mean=list(mean), std=list(std), mirror=flip,
+                                    output_layout="CHW", dtype=dtype, **window)
+
+
+def highpass(x: DataNode, sigma: float, window: int) -> DataNode:
+    """``x - GaussianBlur(x, σ, window)`` on a float CHW image (paper §5.1).
+
+    DALI's border is reflect-101 (mscn/highpass.py). CHW float was the fastest layout
+    on DALI's CPU backend (planar rows; ~35% faster than blurring HWC), and on the GPU
+    it is a few cheap memory-bound passes.
+    """
+    return x - fn.gaussian_blur(x, sigma=sigma, window_size=window)
+
+
+def finish(x: DataNode, mean, std, flip, hp: tuple[float, int] | None, output_dtype: str,
+           crop: int | None = None) -> DataNode:
+    """normalize -> high-pass (if ``hp`` = (σ, window)) -> output dtype, for one view.
+
+    float16 is emitted by DALI (half the bytes to copy); bfloat16 leaves DALI as
+    float32 and is cast by the loader (DALI has no bfloat16).
+    """
+    if hp is None:
+        return normalize(x, mean, std, flip, DALI_FLOAT[output_dtype], crop)
+    y = highpass(normalize(x, mean, std, flip, types.FLOAT, crop), *hp)
+    return fn.cast(y, dtype=types.FLOAT16) if output_dtype == "float16" else y
+
+
+def parse_ascii_int(text: DataNode, max_digits: int = 10) -> DataNode:
+    """Decimal ASCII bytes (a webdataset ``.cls``/``.idx`` member) -> int64 scalar.
+
+    Right-pad the digits to ``max_digits``, read them as one fixed-width number, then
+    divide by 10^(number of pad digits). Only digits are allowed (no sign, no newline).
+    """
+    digits = fn.cast(text, dtype=types.INT64) - 48
+    n = text.shape(dtype=types.INT32)
+    padded = fn.pad(digits, axes=[0], shape=[max_digits], fill_value=0)
+    place = types.Constant(np.array([10 ** (max_digits - 1 - i) for i in range(max_digits)], dtype=np.int64))
+    value = fn.reductions.sum(padded * place, axes=[0])
+    scale = fn.lookup_table(max_digits - n, keys=list(range(max_digits + 1)),
+                            values=[float(10 ** k) for k in range(max_digits + 1)], dtype=types.INT64)
+    return fn.reshape(value // scale, shape=[])

@@ -1,0 +1,114 @@
+"""The torchvision/PIL DataLoader a user would otherwise write: same views, high-pass, masks.
+
+It is the baseline of the benchmark and the reference of the equivalence tests, so
+it does the same work as the DALI pipeline (paper App. A.1 views, §5.1 high-pass,
+§5.2 masks) the way the MoCo/SimCLR/BYOL codebases do it: PIL decode, torchvision
+transforms per view, blur with PIL's ``ImageFilter.GaussianBlur`` (MoCo's
+``GaussianBlur``; torchvision's ``GaussianBlur`` on a PIL image is a dense 23x23
+convolution, ~60 ms per view against ~1.3 ms on one core (issue 3), which would
+make the baseline look slower than what users run), normalize, then the high-pass in
+torch on the normalized tensor (same kernel and reflect-101 border as DALI), then the
+masks on the collated batch.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageFilter
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import transforms as T
+
+from mscn.config import ViewCfg, highpass_window
+from mscn.errors import DataError
+from mscn.highpass import highpass_matmul
+from mscn.pipelines.loader import MscnBatch, mask_fn_from_cfgs, rank_seed
+from mscn.pipelines.readers import Source, resolve_source
+
+
+class PILGaussianBlur:
+    """Gaussian blur with σ ~ U[sigma] (MoCo v2 / SimCLR: https://arxiv.org/abs/2002.05709)."""
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+def view_transform(view: ViewCfg, size: int, mean, std) -> T.Compose:
+    """One view's torchvision transform, in the DALI pipeline's order (ops.py)."""
+    ops = [T.RandomResizedCrop(size, scale=view.scale, ratio=view.ratio),
+           T.RandomHorizontalFlip(view.flip_prob)]
+    if view.jitter_prob > 0:
+        jitter = T.ColorJitter(view.brightness, view.contrast, view.saturation, view.hue)
+        ops.append(T.RandomApply([jitter], p=view.jitter_prob))
+    if view.grayscale_prob > 0:
+        ops.append(T.RandomGrayscale(view.grayscale_prob))
+    if view.blur_prob > 0:
+        ops.append(T.RandomApply([PILGaussianBlur(view.blur_sigma)], p=view.blur_prob))
+    if view.solarize_prob > 0:
+        ops.append(T.RandomSolarize(128, p=view.solarize_prob))
+    # ToTensor scales to [0, 1]: the 0-255 mean/std of the config are divided by 255
+    ops += [T.ToTensor(), T.Normalize([m / 255 for m in mean], [s / 255 for s in std])]
+    return T.Compose(ops)
+
+
+class ReferenceViews(Dataset):
+    """``(view0, ..., view{N-1}, label, index)`` per image, high-passed when ``highpass``."""
+
+    def __init__(self, source: Source, views: list[ViewCfg], size: int, mean, std,
+                 highpass: tuple[float, int] | None):
+        if source.kind == "wds":
+            raise DataError(f"{source.root}: the torchvision reference reads image files, not tar shards")
+        self.source, self.highpass = source, highpass
+        self.transforms = [view_transform(v, size, mean, std) for v in views]
+
+    def __len__(self) -> int:
+        return self.source.num_samples
+
+    def __getitem__(self, i: int):
+        with Image.open(Path(self.source.root) / self.source.files[i]) as f:
+            img = f.convert("RGB")
+        views = [t(img) for t in self.transforms]
+        if self.highpass is not None:
+            views = [highpass_matmul(v.unsqueeze(0), *self.highpass)[0] for v in views]
+        return (*views, self.source.labels[i], i)
+
+
+class ReferenceLoader:
+    """Iterable of :class:`MscnBatch` over a torch DataLoader (masks applied per batch)."""
+
+    def __init__(self, loader: DataLoader, num_views: int, mask_fn=None):
+        self.loader, self.num_views, self.mask_fn = loader, num_views, mask_fn
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for *views, labels, index in self.loader:
+            views = list(views)
+            if self.mask_fn is not None:
+                views = self.mask_fn(views)
+            yield MscnBatch(views, labels.long(), index.long())
+
+
+def build_reference_loader(cfg, batch_size: int, workers: int = 2, rank: int = 0, world_size: int = 1,
+                           apply_mask: bool = True, views: list[ViewCfg] | None = None,
+                           drop_last: bool = True) -> ReferenceLoader:
+    """The reference counterpart of ``build_train_loader`` (``data.root``, ``cfg.views``)."""
+    views = cfg.views if views is None else views
+    source = resolve_source(cfg.data.root, cfg.data.format)
+    hp = None
+    if cfg.highpass.enabled:
+        hp = (cfg.highpass.sigma, highpass_window(cfg.highpass.sigma, cfg.highpass.window))
+    dataset = ReferenceViews(source, views, cfg.data.image_size, cfg.data.mean, cfg.data.std, hp)
+    seed = rank_seed(cfg.train.seed, rank)
+    sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed) if world_size > 1 else None
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                        num_workers=workers, drop_last=drop_last, generator=gen,
+                        persistent_workers=workers > 0)
+    mask_fn = mask_fn_from_cfgs([v.mask for v in views], seed) if apply_mask else None
+    return ReferenceLoader(loader, len(views), mask_fn)

@@ -1,0 +1,72 @@
+"""The MSCN training pipeline: read -> decode once -> N views -> normalize -> high-pass.
+
+Paper §5.2 ("Multicrops": 2 main + 2 extra views) and App. A.1 (SimCLR/BYOL
+augmentations, per view); the high-pass after normalization is §5.1. Masks are not
+applied here: the loader applies them to the output tensors (cuda_kernels/).
+
+Outputs, in order (see :func:`output_names`): ``view0 .. view{N-1}`` (CHW, float),
+then ``label`` when the reader carries labels (tar shards), then ``index``; with
+``debug_outputs`` each view adds ``view{i}_flags`` (int32: flip, jitter, gray, blur,
+solarize) and ``view{i}_area`` (crop area fraction), for tests and statistics.
+"""
+from __future__ import annotations
+
+from nvidia.dali import fn, pipeline_def, types
+
+from mscn.config import IMAGENET_MEAN, IMAGENET_STD, ViewCfg
+from mscn.pipelines.ops import augment_view, decode, finish
+from mscn.pipelines.readers import Source, read
+
+FLAG_NAMES = ("flip", "jitter", "gray", "blur", "solarize")
+
+
+def output_names(num_views: int, source: Source, debug_outputs: bool = False) -> list[str]:
+    """Names of the pipeline's outputs, matching what :func:`views_pipeline` returns."""
+    names = []
+    for i in range(num_views):
+        names.append(f"view{i}")
+        if debug_outputs:
+            names += [f"view{i}_flags", f"view{i}_area"]
+    if source.label_in_stream:
+        names.append("label")
+    if source.has_index:
+        names.append("index")
+    return names
+
+
+@pipeline_def(enable_conditionals=True)
+def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 224, mean=IMAGENET_MEAN,
+                   std=IMAGENET_STD, highpass: tuple[float, int] | None = (5.0, 31), device: str = "cpu",
+                   hw_decoder_load: float = 0.65, shard_id: int = 0, num_shards: int = 1,
+                   shuffle: bool = True, shuffle_buffer: int = 4096, reader_seed: int = -1,
+                   view_dtype: str = "float32", debug_outputs: bool = False):
+    """N augmented views of every image, each with its own :class:`ViewCfg`.
+
+    Call with the pipeline arguments too: ``views_pipeline(src, views, batch_size=..,
+    num_threads=.., device_id=.. (None on the CPU path), seed=.., prefetch_queue_depth=..)``.
+    ``device``: "gpu" decodes with ``device="mixed"`` and runs every image op on the GPU
+    (needs a ``device_id``); "cpu" runs everything on DALI's CPU threads.
+    ``highpass``: (σ, window), or None to leave it out (ablation, or when the caller
+    applies it after the pipeline, as the CPU path of the loader does).
+    ``reader_seed`` fixes the reader's shuffle (diagnose.py replays it); ``view_dtype``
+    is float32 or float16 (the DALI output type of the views).
+    """
+    encoded, label, index = read(source, shard_id=shard_id, num_shards=num_shards, shuffle=shuffle,
+                                 shuffle_buffer=shuffle_buffer, stick_to_shard=False, seed=reader_seed)
+    # the crop windows need the image size on the CPU; peeking at the header avoids
+    # waiting for the (possibly GPU) decoder before drawing them
+    shape = fn.peek_image_shape(encoded)
+    images = decode(encoded, device, hw_decoder_load)  # once per image, shared by all views
+    outputs = []
+    for view in views:  # trace time: one branch of the graph per view
+        x, flags = augment_view(images, shape, view, image_size)
+        outputs.append(finish(x, mean, std, fn.cast(flags.flip, dtype=types.INT32), highpass, view_dtype))
+        if debug_outputs:
+            drawn = [getattr(flags, name) for name in FLAG_NAMES]
+            outputs.append(fn.stack(*[fn.cast(f, dtype=types.INT32) for f in drawn]))
+            outputs.append(flags.crop_area)
+    if label is not None:
+        outputs.append(label)
+    if index is not None:
+        outputs.append(index)
+    return tuple(outputs)

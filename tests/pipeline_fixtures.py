@@ -1,0 +1,42 @@
+"""Tiny on-disk datasets and configs for the pipeline tests (tests/test_pipeline_*.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from mscn.config import load_config
+
+# 32 px views, σ=1 high-pass (window 7), mask grid inside the view, one DALI thread
+TINY = ["data.image_size=32", "data.val_resize=36", "data.num_threads=1", "data.prefetch=1",
+        "highpass.sigma=1.0", "data.shuffle_buffer=64", *(f"views.{i}.mask.grid=8" for i in range(4))]
+
+
+def make_image(rng: np.random.Generator, size=(64, 48)) -> Image.Image:
+    """Noise on a random colour with a few ellipses: real edges, real JPEG content."""
+    w, h = size
+    base = rng.integers(0, 256, 3)
+    arr = np.clip(base + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr)
+    draw = ImageDraw.Draw(img)
+    for _ in range(3):
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        r = int(rng.integers(4, max(5, w // 2)))
+        draw.ellipse([x0, y0, x0 + r, y0 + r], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    return img
+
+
+def make_folder(root: Path, classes: int = 3, per_class: int = 10, size=(64, 48), seed: int = 0) -> Path:
+    """``root/c<k>/<i>.jpg``, ``classes * per_class`` JPEGs."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = Path(root) / f"c{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            make_image(rng, size).save(d / f"{i:03d}.jpg", quality=90)
+    return Path(root)
+
+
+def tiny_cfg(root, *overrides: str):
+    return load_config(None, [f"data.root={root}", *TINY, *overrides])

@@ -1,0 +1,140 @@
+"""Data sources and bad input: file lists, tar shards (pack round trip), odd images, errors."""
+import io
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pipeline_fixtures import make_folder, make_image, tiny_cfg
+
+from mscn.data.pack import pack, write_dali_index
+from mscn.errors import DataError
+from mscn.pipelines import build_eval_loader, build_train_loader, resolve_source
+
+
+def eval_samples(cfg, root, **kw) -> dict[int, tuple[int, torch.Tensor]]:
+    out = {}
+    for b in build_eval_loader(cfg, str(root), batch_size=7, **kw):
+        for v, y, i in zip(b.views[0], b.labels.tolist(), b.index.tolist()):
+            out[i] = (y, v)
+    return out
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("data"), classes=3, per_class=9)
+
+
+@pytest.mark.parametrize("shuffle_seed", [0, None])
+def test_pack_round_trip_gives_the_file_readers_samples(folder, tmp_path, shuffle_seed):
+    """Same (label, decoded pixels) per index from the tar shards as from the folder."""
+    summary = pack(folder, tmp_path / "wds", shard_size=10, shuffle_seed=shuffle_seed, progress=False)
+    assert summary["num_samples"] == 27 and summary["num_shards"] == 3
+    src = resolve_source(str(tmp_path / "wds"))
+    assert src.kind == "wds" and src.num_samples == 27 and src.has_index
+    cfg = tiny_cfg(folder)
+    files, tars = eval_samples(cfg, folder), eval_samples(cfg, tmp_path / "wds")
+    assert sorted(files) == sorted(tars) == list(range(27))
+    for i, (label, pixels) in files.items():
+        assert tars[i][0] == label and torch.equal(tars[i][1], pixels)
+    first = (tmp_path / "wds" / "shard-000000.idx").read_text().splitlines()
+    assert first[0] == "v1.2 10" and first[1].split()[0::4] == ["jpg", "cls", "idx"]
+    written = []  # canonical index of each sample, in tar order
+    for tar in sorted((tmp_path / "wds").glob("*.tar")):
+        with tarfile.open(tar) as t:
+            written += [int(t.extractfile(m).read()) for m in t if m.name.endswith(".idx")]
+    assert sorted(written) == list(range(27))
+    assert (written == list(range(27))) == (shuffle_seed is None)  # seeded shuffle, or the file order
+
+
+def test_pack_index_files_equal_dalis_wds2idx(folder, tmp_path):
+    wds2idx = pytest.importorskip("wds2idx")  # DALI's tool, shipped with the wheel
+    if shutil.which("tar") is None:
+        pytest.skip("wds2idx needs GNU tar")
+    pack(folder, tmp_path, shard_size=16, progress=False)
+    for tar in sorted(tmp_path.glob("*.tar")):
+        ref = tmp_path / (tar.stem + ".ref")
+        with wds2idx.IndexCreator(str(tar), str(ref), verbose=False) as ic:
+            ic.create_index()
+        assert ref.read_text() == tar.with_suffix(".idx").read_text()
+
+
+def test_file_list_root_from_scan_report_or_list_folder(folder, tmp_path):
+    cfg = tiny_cfg(folder)
+    rels = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg"))[:10]
+    lst = tmp_path / "demo.filelist.txt"  # as `mscn data scan` writes: outside the dataset
+    lst.write_text("".join(f"{r} {int(r[1])}\n" for r in rels))
+    (tmp_path / "demo.scan.json").write_text(json.dumps({"root": str(folder)}))
+    src = resolve_source(str(lst))
+    assert src.kind == "filelist" and src.root == str(folder) and src.num_samples == 10
+    got = eval_samples(cfg, lst)
+    assert sorted(got) == list(range(10)) and [got[i][0] for i in range(10)] == [int(r[1]) for r in rels]
+    (tmp_path / "c2").mkdir()  # no scan report: relative to the list's folder (DALI's rule)
+    shutil.copy(folder / "c2" / "000.jpg", tmp_path / "c2" / "000.jpg")
+    (tmp_path / "list.txt").write_text("c2/000.jpg 2\n")
+    src = resolve_source(str(tmp_path / "list.txt"))
+    assert src.root == str(tmp_path) and src.files == ("c2/000.jpg",) and src.labels == (2,)
+
+
+def test_missing_paths_are_one_line_data_errors(folder, tmp_path):
+    with pytest.raises(DataError, match="no such file or directory"):
+        resolve_source(str(tmp_path / "nope"))
+    bad = tmp_path / "bad.txt"
+    bad.write_text("c0/missing.jpg 0\n")
+    with pytest.raises(DataError, match="missing file"):
+        resolve_source(str(bad), file_root=str(folder))
+    (tmp_path / "shards").mkdir()
+    shutil.copy(folder / "c0" / "000.jpg", tmp_path / "shards" / "x.tar")
+    with pytest.raises(DataError, match="missing DALI index"):
+        resolve_source(str(tmp_path / "shards"))
+
+
+def test_corrupt_jpeg_is_named(tmp_path):
+    root = make_folder(tmp_path, classes=2, per_class=6)
+    bad = root / "c1" / "zz_corrupt.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0" + b"not a jpeg" * 20)
+    cfg = tiny_cfg(root, "train.global_batch=4")
+    for loader in (build_train_loader(cfg, apply_mask=False), build_eval_loader(cfg, str(root), batch_size=4)):
+        with pytest.raises(DataError) as e:
+            for _ in range(2):
+                for _ in loader:
+                    pass
+        assert str(bad) in str(e.value) and "mscn data scan" in str(e.value)
+
+
+def test_small_gray_cmyk_and_png_images_come_out_rgb(tmp_path):
+    rng = np.random.default_rng(1)
+    (tmp_path / "a").mkdir()
+    make_image(rng, (12, 9)).save(tmp_path / "a" / "tiny.jpg")  # smaller than the 32 px crop
+    make_image(rng).convert("L").save(tmp_path / "a" / "gray.jpg")
+    make_image(rng).convert("CMYK").save(tmp_path / "a" / "cmyk.jpg")
+    make_image(rng).convert("RGBA").save(tmp_path / "a" / "rgba.png")
+    Image.fromarray(np.full((40, 30), 7, np.uint8), "L").save(tmp_path / "a" / "flat.png")
+    cfg = tiny_cfg(tmp_path, "train.global_batch=5")
+    batch = next(iter(build_train_loader(cfg, apply_mask=False)))
+    assert all(v.shape == (5, 3, 32, 32) and torch.isfinite(v.float()).all() for v in batch.views)
+    got = eval_samples(cfg, tmp_path)
+    assert sorted(got) == list(range(5)) and all(v.shape == (3, 32, 32) for _, v in got.values())
+
+
+def test_foreign_tars_without_index_members(folder, tmp_path):
+    """A webdataset made elsewhere: image + multi-digit .cls, no .idx -> index -1."""
+    (tmp_path / "w").mkdir()
+    tar_path = tmp_path / "w" / "part-0.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for k, img in enumerate(sorted((folder / "c1").glob("*.jpg"))[:5]):
+            tar.add(img, arcname=f"sample{k}.jpeg")
+            data = str(12345 + k).encode()
+            info = tarfile.TarInfo(f"sample{k}.cls")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    write_dali_index(tar_path, tar_path.with_suffix(".idx"))
+    src = resolve_source(str(tmp_path / "w"))
+    assert src.kind == "wds" and not src.has_index and src.num_samples == 5
+    batches = list(build_eval_loader(tiny_cfg(folder), str(tmp_path / "w"), batch_size=5))
+    assert len(batches) == 1
+    assert sorted(batches[0].labels.tolist()) == list(range(12345, 12350))
+    assert batches[0].index.tolist() == [-1] * 5

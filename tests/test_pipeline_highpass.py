@@ -1,0 +1,68 @@
+"""High-pass (paper §5.1): torch, BLAS and DALI implementations vs a float64 scipy reference.
+
+Border mode is reflect-101 everywhere (mscn/highpass.py), so the comparison holds on
+the whole image; the issue asks for < 1e-3 relative error away from the borders.
+"""
+import numpy as np
+import pytest
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from pipeline_fixtures import make_folder
+
+from mscn.config import IMAGENET_MEAN, IMAGENET_STD, highpass_window
+from mscn.highpass import gaussian_kernel, highpass_matmul, highpass_reference_f64, highpass_torch
+from mscn.pipelines import resolve_source
+from mscn.pipelines.ops import decode, highpass, normalize
+
+
+def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(a - ref) / np.linalg.norm(ref))
+
+
+@pytest.mark.parametrize("hw,sigma", [((40, 52), 2.0), ((9, 6), 5.0), ((1, 5), 1.0)])
+def test_torch_and_matmul_match_float64_reference(hw, sigma):
+    """Also for images smaller than the window (reflected more than once)."""
+    win = highpass_window(sigma)
+    x = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(0)) * 60
+    ref = np.stack([highpass_reference_f64(xi.numpy(), sigma, win, channel_axis=0) for xi in x])
+    assert rel_err(highpass_torch(x, sigma, win).numpy(), ref) < 1e-5
+    assert rel_err(highpass_matmul(x, sigma, win).numpy(), ref) < 1e-5
+
+
+def test_kernel_is_normalized_gaussian():
+    k = gaussian_kernel(5.0, 31)
+    assert k.shape == (31,) and abs(k.sum() - 1) < 1e-12 and k.argmax() == 15
+    assert np.allclose(k, k[::-1]) and np.isclose(k[15 + 5] / k[15], np.exp(-0.5))
+
+
+def test_highpass_commutes_with_normalization():
+    """blur(const) = const under reflect-101, so hp(norm(x)) = hp(x) / std exactly."""
+    x = torch.rand(1, 3, 24, 30) * 255
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    a = highpass_torch((x - mean) / std, 5.0, 31)
+    b = highpass_torch(x, 5.0, 31) / std
+    assert (a - b).abs().max() < 1e-4
+
+
+@pipeline_def(batch_size=6, num_threads=1, device_id=None)
+def _normalized_and_highpassed(source, sigma, window):
+    encoded, _ = fn.readers.file(file_root=source.root, files=list(source.files))
+    x = normalize(decode(encoded), IMAGENET_MEAN, IMAGENET_STD, 0, types.FLOAT)
+    return x, highpass(x, sigma, window)
+
+
+@pytest.mark.parametrize("sigma", [5.0, 1.5])
+def test_dali_highpass_matches_float64_reference_on_jpegs(tmp_path, sigma):
+    """DALI's fn.gaussian_blur on decoded, normalized JPEGs vs scipy in float64."""
+    source = resolve_source(str(make_folder(tmp_path, classes=2, per_class=3, size=(80, 60))))
+    win = highpass_window(sigma)
+    pipe = _normalized_and_highpassed(source, sigma, win)
+    pipe.build()
+    xs, hps = pipe.run()
+    r = win // 2
+    for i in range(len(xs)):
+        x, hp = np.array(xs[i]), np.array(hps[i])
+        ref = highpass_reference_f64(x, sigma, win, channel_axis=0)
+        assert rel_err(hp[:, r:-r, r:-r], ref[:, r:-r, r:-r]) < 1e-3  # the issue's criterion
+        assert rel_err(hp, ref) < 1e-3  # and the borders: DALI's border is reflect-101 too
