@@ -1,0 +1,63 @@
+"""The protocols under torchrun: 2 CPU ranks (gloo), each reading its own DALI shard.
+
+Features gathered from 2 ranks must equal one process's (same samples, once each, in
+index order); the linear probe, kNN and fine-tuning must run to the end with the
+validation set counted exactly once. This is the real launcher (torch.distributed.run),
+not a simulation of it.
+"""
+import json
+import subprocess
+import sys
+
+import torch
+
+from eval_testdata import make_checkpoint, make_image_folder
+from mscn.data.subset import make_subset
+from mscn.train.eval_common import eval_loader, extract_features, load_pretrained, setup_runtime
+
+SCRIPT = r'''
+import json, sys, torch
+from mscn.train.distributed import cleanup
+from mscn.train.eval_common import eval_loader, extract_features, load_pretrained, setup_runtime
+from mscn.train.finetune import finetune
+from mscn.train.knn import knn_eval
+from mscn.train.linear import linear_probe
+
+ckpt, train, val, subset, out = sys.argv[1:6]
+rt = setup_runtime("cpu")
+backbone, _, cfg = load_pretrained(ckpt)
+feats, labels = extract_features(backbone, eval_loader(cfg, train, rt, 16), rt.device)
+res = {"world": rt.dist.world_size,
+       "knn": knn_eval(backbone, eval_loader(cfg, train, rt, 16), eval_loader(cfg, val, rt, 16), device=rt.device),
+       "linear": linear_probe(backbone, cfg, train, val, rt, epochs=1, batch=16),
+       "linear_pre": linear_probe(backbone, cfg, train, val, rt, epochs=2, batch=16, precompute=True),
+       "finetune": finetune(backbone, cfg, train, val, subset, rt, epochs=1, batch=16)}
+if rt.is_main:
+    torch.save({"feats": feats, "labels": labels}, out + "/feats.pt")
+    open(out + "/res.json", "w").write(json.dumps(res))
+cleanup()
+'''
+
+
+def test_two_ranks_match_one_process(tmp_path):
+    make_image_folder(tmp_path / "train", per_class=12)
+    make_image_folder(tmp_path / "val", per_class=6, seed=1)
+    make_subset(tmp_path / "train", 0.5, seed=0, out=tmp_path / "half.txt")
+    ckpt = str(make_checkpoint(tmp_path / "ck.pt"))
+    (tmp_path / "run.py").write_text(SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(tmp_path / "run.py"),
+           ckpt, str(tmp_path / "train"), str(tmp_path / "val"), str(tmp_path / "half.txt"), str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert res["world"] == 2
+    for k in ("linear", "linear_pre", "finetune"):
+        assert res[k]["n_val"] == 18 and res[k]["settings"]["world_size"] == 2, k
+    assert res["knn"]["n_train"] == 36 and res["knn"]["n_val"] == 18
+
+    two = torch.load(tmp_path / "feats.pt")
+    backbone, _, cfg = load_pretrained(ckpt)
+    feats, labels = extract_features(backbone, eval_loader(cfg, str(tmp_path / "train"), setup_runtime("cpu"), 16),
+                                     torch.device("cpu"))
+    assert torch.equal(two["labels"], labels) and labels.tolist() == sorted(labels.tolist())
+    torch.testing.assert_close(two["feats"], feats, rtol=1e-4, atol=1e-5)

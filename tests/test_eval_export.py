@@ -1,0 +1,75 @@
+"""Detection export (paper A.4): torchvision ResNet-50 + detection backbone, detectron2 pickle."""
+import pickle
+
+import pytest
+import torch
+import torchvision
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+from eval_testdata import make_checkpoint
+from mscn.train.eval_common import load_pretrained
+from mscn.train.export import detectron2_name, export_backbone
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("export")
+    backbone, arch, _ = load_pretrained(str(make_checkpoint(d / "ck.pt", arch="resnet50", seed=1)))
+    with torch.no_grad():  # non-trivial BN statistics, so that a mix-up would show
+        for m in backbone.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return backbone.eval(), export_backbone(backbone, d / "out", "r50", arch)
+
+
+def test_loads_into_torchvision_resnet50(exported):
+    backbone, paths = exported
+    sd = torch.load(paths["torchvision"], weights_only=True)
+    net = torchvision.models.resnet50()
+    res = net.load_state_dict(sd, strict=False)
+    assert sorted(res.missing_keys) == ["fc.bias", "fc.weight"] and res.unexpected_keys == []
+    net.fc = torch.nn.Identity()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), backbone(x))
+
+
+def test_loads_into_torchvision_detection_backbone(exported):
+    backbone, paths = exported
+    sd = torch.load(paths["torchvision"], weights_only=True)
+    det = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=5)
+    det.body.load_state_dict(sd, strict=True)  # FrozenBatchNorm2d drops num_batches_tracked itself
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got = det.body(x)
+        h = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(x))))
+        for i, layer in enumerate((backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4)):
+            h = layer(h)
+            # FrozenBatchNorm2d folds BN into a scale and shift: equal up to float rounding
+            torch.testing.assert_close(got[str(i)], h, rtol=1e-3, atol=1e-4 * float(h.abs().max()))
+
+
+def test_detectron2_pickle_names_and_tensors(exported):
+    backbone, paths = exported
+    with open(paths["detectron2"], "rb") as f:
+        obj = pickle.load(f)
+    assert obj["__author__"] == "mscn" and obj["matching_heuristics"] is True
+    model = obj["model"]
+    sd = {k: v for k, v in backbone.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(model) == len(sd) == 265  # 318 entries less 53 BN counters
+    for name in ("stem.conv1.weight", "stem.conv1.norm.running_var", "res2.0.conv1.norm.weight",
+                 "res2.0.shortcut.weight", "res2.0.shortcut.norm.bias", "res3.3.conv2.norm.running_mean",
+                 "res5.2.conv3.weight"):
+        assert name in model, name
+    assert not any(k.startswith(("layer", "conv1", "bn1", "fc")) or ".bn" in k or "downsample" in k for k in model)
+    for k, v in sd.items():
+        assert torch.equal(torch.from_numpy(model[detectron2_name(k)]), v), k
+
+
+def test_name_mapping_examples():
+    assert detectron2_name("conv1.weight") == "stem.conv1.weight"
+    assert detectron2_name("bn1.bias") == "stem.conv1.norm.bias"
+    assert detectron2_name("layer4.2.bn3.running_mean") == "res5.2.conv3.norm.running_mean"
+    assert detectron2_name("layer1.0.downsample.0.weight") == "res2.0.shortcut.weight"
+    assert detectron2_name("layer3.0.downsample.1.running_var") == "res4.0.shortcut.norm.running_var"

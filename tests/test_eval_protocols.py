@@ -1,0 +1,98 @@
+"""Every protocol end to end on a tiny JPEG ImageFolder through the real DALI CPU pipeline.
+
+3 classes of stripe orientations, 32 px views, a ResNet-18 checkpoint in the trainer's
+format. Orientation survives the high-pass, so even random-init features separate the
+classes: kNN and a (precomputed) linear probe must be far above chance (33 %).
+"""
+import argparse
+import json
+
+import pytest
+
+from eval_testdata import make_checkpoint, make_image_folder
+from mscn.cli import main as mscn_main
+from mscn.data.subset import make_subset
+from mscn.errors import ConfigError
+from mscn.train.eval_cli import add_eval_commands
+from mscn.train.eval_common import HighPassMismatchWarning
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("evaldata")
+    make_image_folder(d / "train", per_class=12)
+    make_image_folder(d / "val", per_class=6, seed=1)
+    make_subset(d / "train", 0.5, seed=0, out=d / "half.txt")  # 18 labelled images
+    return {"dir": d, "ckpt": str(make_checkpoint(d / "ck.pt")), "train": str(d / "train"),
+            "val": str(d / "val"), "subset": str(d / "half.txt")}
+
+
+def _run(*argv):
+    parser = argparse.ArgumentParser()
+    add_eval_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", *argv])
+    args.func(args)
+
+
+def _common(data, out, *extra):
+    return ["--ckpt", data["ckpt"], "--train-root", data["train"], "--val-root", data["val"],
+            "--out", str(out), "--batch", "16", "--device", "cpu", *extra]
+
+
+def _result(out):
+    r = json.loads((out / "result.json").read_text())
+    assert 0 <= r["top1"] <= r["top5"] <= 100 and r["n_val"] == 18 and r["num_classes"] == 3
+    assert (out / "result.md").read_text().startswith("| Method |")
+    return r
+
+
+def test_linear_probe_with_augmented_views(data, tmp_path):
+    out = tmp_path / "runs" / "linear"
+    _run("linear", *_common(data, out, "--epochs", "2"))
+    r = _result(out)
+    assert r["protocol"] == "linear" and r["name"] == "SimCLR+MSCN" and r["epochs"] == 2
+    s = r["settings"]
+    assert s["precompute"] is False and s["lr"] == pytest.approx(1.0 * 16 / 256) and s["weight_decay"] == 1e-6
+    assert (tmp_path / "runs" / "results.csv").read_text().count("\n") == 2  # header + this run
+
+
+def test_precomputed_probe_and_knn_beat_chance(data, tmp_path):
+    _run("linear", *_common(data, tmp_path / "lin", "--epochs", "30", "--lr", "4", "--precompute"))
+    lin = _result(tmp_path / "lin")
+    assert lin["settings"]["train_views"] == "center-crop (precomputed)"
+    assert lin["top1"] > 80
+    _run("knn", *_common(data, tmp_path / "knn"))
+    knn = json.loads((tmp_path / "knn" / "result.json").read_text())
+    assert knn["settings"] == {"k": 20, "temperature": 0.07, "batch": 16}
+    assert knn["n_train"] == 36 and knn["n_val"] == 18 and knn["top1"] > 80
+
+
+def test_transfer_uses_its_lr_and_dataset_name(data, tmp_path):
+    _run("transfer", *_common(data, tmp_path / "tr", "--epochs", "1", "--lr", "0.3", "--dataset", "stripes"))
+    r = _result(tmp_path / "tr")
+    assert r["protocol"] == "transfer" and r["dataset"] == "stripes" and r["settings"]["base_lr"] == 0.3
+    assert "Transfer stripes" in (tmp_path / "tr" / "result.md").read_text()
+
+
+def test_finetune_and_from_scratch_then_report(data, tmp_path):
+    _run("finetune", *_common(data, tmp_path / "ft", "--epochs", "2", "--subset", data["subset"]))
+    _run("finetune", *_common(data, tmp_path / "ft0", "--epochs", "2", "--subset", data["subset"], "--from-scratch"))
+    ft, ft0 = _result(tmp_path / "ft"), _result(tmp_path / "ft0")
+    assert ft["label_fraction"] == pytest.approx(0.5) and ft["n_labelled"] == 18
+    s = ft["settings"]
+    assert s["backbone_lr"] == pytest.approx(0.002 * 16 / 256) and s["head_lr"] == pytest.approx(0.5 * 16 / 256)
+    assert s["milestones"] == [1, 2] and s["weight_decay"] == 0.0  # 12/20 and 16/20 of 2 epochs
+    assert ft0["name"] == "from scratch"
+    _run("report", str(tmp_path), "--out", str(tmp_path / "table.md"))
+    table = (tmp_path / "table.md").read_text()
+    assert "| Label fraction | 50% |" in table and "| from scratch |" in table and "| SimCLR+MSCN |" in table
+
+
+def test_highpass_mismatch_and_wrong_arch_through_the_cli(data, tmp_path, capsys):
+    with pytest.warns(HighPassMismatchWarning):
+        _run("knn", *_common(data, tmp_path / "k", "highpass.sigma=2.0"))
+    with pytest.raises(ConfigError, match="high-pass"):
+        _run("knn", *_common(data, tmp_path / "k", "--strict", "highpass.sigma=2.0"))
+    rc = mscn_main(["eval", "knn", *_common(data, tmp_path / "k", "--arch", "resnet50")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "holds a resnet18 backbone but resnet50" in err[0]

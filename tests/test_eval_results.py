@@ -1,0 +1,70 @@
+"""Result files and the paper-style report table."""
+import argparse
+import csv
+import json
+
+import pytest
+
+from mscn.config import load_config
+from mscn.errors import MscnError
+from mscn.train.eval_cli import add_eval_commands
+from mscn.train.results import load_results, markdown_table, model_name, write_result
+
+
+def _result(name, protocol, top1, fraction=1.0, dataset="imagenet"):
+    return {"protocol": protocol, "name": name, "top1": top1, "top5": top1 + 10, "label_fraction": fraction,
+            "dataset": dataset, "arch": "resnet50", "ckpt": f"{name}.pt", "epochs": 1}
+
+
+def test_write_result_json_md_and_appended_csv(tmp_path):
+    write_result(_result("SimCLR", "linear", 69.5), tmp_path / "a")
+    paths = write_result(_result("SimCLR+MSCN", "linear", 71.5), tmp_path / "b")
+    assert paths["csv"] == str(tmp_path / "results.csv")
+    rows = list(csv.DictReader(open(paths["csv"])))
+    assert [r["name"] for r in rows] == ["SimCLR", "SimCLR+MSCN"] and rows[1]["top1"] == "71.50"
+    assert json.loads((tmp_path / "b" / "result.json").read_text())["top1"] == 71.5
+    md = (tmp_path / "b" / "result.md").read_text()
+    assert "| SimCLR+MSCN | 71.5 |" in md and "Linear Evaluation" in md
+
+
+def test_report_reproduces_the_papers_table_1_layout(tmp_path):
+    for i, r in enumerate([_result("SimCLR", "linear", 69.5), _result("SimCLR", "finetune", 48.3, 0.01),
+                           _result("SimCLR+MSCN", "linear", 71.5), _result("SimCLR+MSCN", "finetune", 54.0, 0.01)]):
+        write_result(r, tmp_path / f"r{i}")
+    parser = argparse.ArgumentParser()
+    add_eval_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "report", str(tmp_path), "--baseline", "SimCLR", "--out", str(tmp_path / "t.md")])
+    args.func(args)
+    lines = (tmp_path / "t.md").read_text().splitlines()
+    assert lines[0] == "| Method | Linear Evaluation | Finetuning |"
+    assert lines[2] == "| Label fraction | 100% | 1% |"
+    assert lines[3] == "| SimCLR | 69.5 | 48.3 |"
+    assert lines[4] == "| SimCLR+MSCN | 71.5 (+2.0) | 54.0 (+5.7) |"
+
+
+def test_transfer_columns_are_named_by_dataset_and_missing_cells_dashed():
+    md = markdown_table([_result("BYOL", "transfer", 54.0, dataset="places205"),
+                         _result("BYOL", "transfer", 47.6, dataset="inat18"),
+                         _result("random init", "knn", 3.0)], metric="top5")
+    assert "| Method | Transfer places205 | Transfer inat18 | kNN |" in md
+    assert "| BYOL | 64.0 | 57.6 | – |" in md and "| random init | – | – | 13.0 |" in md
+
+
+def test_bad_report_inputs(tmp_path):
+    with pytest.raises(MscnError, match="no such result"):
+        load_results([str(tmp_path / "missing.json")])
+    with pytest.raises(MscnError, match="no result.json"):
+        load_results([str(tmp_path)])
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(MscnError, match="not an mscn result"):
+        load_results([str(tmp_path / "x.json")])
+    with pytest.raises(MscnError, match="--baseline"):
+        markdown_table([_result("A", "linear", 1.0)], baseline="B")
+
+
+def test_model_names_follow_the_paper():
+    assert model_name("random", load_config()) == "random init"
+    assert model_name("x.pt", load_config()) == "SimCLR+MSCN"
+    assert model_name("x.pt", load_config(None, ["method.name=byol", "highpass.enabled=false"])) == "BYOL"
+    no_mask = [f"views.{i}.mask.ratio=0" for i in range(4)]
+    assert model_name("x.pt", load_config(None, no_mask)) == "SimCLR"

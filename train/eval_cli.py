@@ -1,0 +1,203 @@
+"""``mscn eval ...``: linear, knn, finetune, transfer, export, report, figures.
+
+Each protocol runs on the CPU, one GPU, or every rank of a torchrun job
+(``torchrun --nproc_per_node=8 -m mscn eval linear ...``); rank 0 writes the results:
+``<out>/result.json``, ``<out>/result.md`` and one line of ``<table>`` (default
+``<out>/../results.csv``). Commands and protocols: docs/EVALUATION.md.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from mscn.data.imagefolder import SPLIT_NAMES
+from mscn.errors import MscnError
+
+
+def _dataset_name(root: str) -> str:
+    p = Path(root).resolve()
+    return p.parent.name if p.name.lower() in SPLIT_NAMES else p.name
+
+
+def _default_out(args, protocol: str) -> Path:
+    p = Path(args.ckpt).resolve()
+    run = "random" if args.ckpt == "random" else (p.name if p.is_dir() else p.parent.name)
+    tag = "scratch" if getattr(args, "from_scratch", False) else re.sub(r"[^\w.-]+", "_", run)
+    return Path("runs/eval") / f"{tag}-{protocol}"
+
+
+def _prepare(args, protocol: str):
+    from mscn.train.eval_common import load_pretrained, setup_runtime
+    from mscn.train.models import build_backbone
+    from mscn.train.results import model_name
+
+    for flag in ("train_root", "val_root"):
+        if not getattr(args, flag):
+            raise MscnError(f"mscn eval {protocol}: --{flag.replace('_', '-')} is required")
+    backbone, arch, cfg = load_pretrained(args.ckpt, arch=args.arch, overrides=args.overrides,
+                                          config=args.config, strict=args.strict)
+    name = args.name or model_name(args.ckpt, cfg)
+    if getattr(args, "from_scratch", False):  # same views/arch as the checkpoint, random weights
+        backbone, _ = build_backbone(arch)
+        name = args.name or "from scratch"
+    out = Path(args.out) if args.out else _default_out(args, protocol)
+    return backbone, arch, cfg, setup_runtime(args.device), name, out
+
+
+def _finish(args, rt, protocol: str, name: str, arch: str, out: Path, res: dict) -> None:
+    from mscn.train.distributed import cleanup
+    from mscn.train.results import write_result
+
+    cleanup()  # every rank leaves the process group; the numbers are already on rank 0
+    if not rt.is_main:
+        return
+    result = {"protocol": protocol, "name": name, "ckpt": args.ckpt, "arch": arch,
+              "dataset": args.dataset or _dataset_name(args.val_root), "label_fraction": 1.0,
+              "train_root": args.train_root, "val_root": args.val_root, **res}
+    paths = write_result(result, out, args.table)
+    print(f"{protocol}: top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}  ->  {paths['json']}, {paths['csv']}")
+
+
+def _linear(args) -> None:
+    from mscn.train.linear import linear_probe
+
+    protocol = "transfer" if args.command_eval == "transfer" else "linear"
+    backbone, arch, cfg, rt, name, out = _prepare(args, protocol)
+    res = linear_probe(backbone, cfg, args.train_root, args.val_root, rt, epochs=args.epochs, lr=args.lr,
+                       batch=args.batch, weight_decay=args.weight_decay,
+                       precompute=True if args.precompute else None)
+    _finish(args, rt, protocol, name, arch, out, res)
+
+
+def _knn(args) -> None:
+    from mscn.train.eval_common import eval_loader
+    from mscn.train.knn import knn_eval
+
+    backbone, arch, cfg, rt, name, out = _prepare(args, "knn")
+    k = args.k or cfg.eval.knn_k
+    t = args.temperature or cfg.eval.knn_temperature
+    batch = args.batch or cfg.eval.linear_batch
+    backbone = backbone.to(rt.device)
+    res = knn_eval(backbone, eval_loader(cfg, args.train_root, rt, batch, train_views=False),
+                   eval_loader(cfg, args.val_root, rt, batch, train_views=False), k, t, rt.device)
+    res["settings"] = {"k": k, "temperature": t, "batch": batch}
+    _finish(args, rt, "knn", name, arch, out, res)
+
+
+def _finetune(args) -> None:
+    from mscn.train.finetune import finetune
+
+    backbone, arch, cfg, rt, name, out = _prepare(args, "finetune")
+    res = finetune(backbone, cfg, args.train_root, args.val_root, args.subset, rt, epochs=args.epochs,
+                   backbone_lr=args.lr, head_lr=args.head_lr, batch=args.batch)
+    _finish(args, rt, "finetune", name, arch, out, res)
+
+
+def _export(args) -> None:
+    from mscn.train.eval_common import load_pretrained
+    from mscn.train.export import export_backbone
+
+    backbone, arch, _ = load_pretrained(args.ckpt, arch=args.arch, config=args.config)
+    paths = export_backbone(backbone, args.out, args.name, arch)
+    print(f"exported {arch}: {paths['torchvision']} (torchvision), {paths['detectron2']} (detectron2)")
+
+
+def _report(args) -> None:
+    from mscn.train.results import load_results, markdown_table
+
+    table = markdown_table(load_results(args.runs), args.metric, args.baseline)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table)
+    print(table, end="")
+
+
+def _figures(args) -> None:
+    from mscn.train.eval_common import load_pretrained
+    from mscn.train.figures import all_figures, find_image
+
+    backbone, arch, cfg = load_pretrained(args.ckpt, arch=args.arch, overrides=args.overrides,
+                                          config=args.config, strict=args.strict)
+    if not (args.image or args.train_root):
+        raise MscnError("mscn eval figures: pass --image IMG or --train-root DIR (its first image is used)")
+    image = find_image(args.image or args.train_root)
+    title = f"{arch} conv1: {args.ckpt}"
+    for p in all_figures(image, cfg, backbone, args.out, args.seed, title):
+        print(p)
+
+
+def _add_model_args(p: argparse.ArgumentParser, ckpt_required: bool = True) -> None:
+    p.add_argument("--ckpt", required=ckpt_required, default=None if ckpt_required else "random",
+                   help="pretraining checkpoint (mscn pretrain), a run directory (its newest checkpoint), "
+                        "or 'random' for a random-init baseline")
+    p.add_argument("--arch", default=None, help="expected architecture; a checkpoint of another one is an error")
+    p.add_argument("--config", default=None, help="YAML recipe for --ckpt random (a checkpoint has its own)")
+    p.add_argument("--strict", action="store_true", help="refuse a high-pass different from pretraining")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. data.num_threads=8)")
+
+
+def _add_protocol_args(p: argparse.ArgumentParser, lr_help: str | None) -> None:
+    _add_model_args(p)
+    p.add_argument("--train-root", help="ImageFolder with the training images (ROOT/<class>/<image>)")
+    p.add_argument("--val-root", help="ImageFolder with the evaluation images")
+    p.add_argument("--out", default=None, help="result folder (default runs/eval/<run>-<protocol>)")
+    p.add_argument("--table", default=None, help="results CSV to append to (default <out>/../results.csv)")
+    p.add_argument("--name", default=None, help="row label in tables (default from the checkpoint, e.g. SimCLR+MSCN)")
+    p.add_argument("--dataset", default=None, help="dataset label in tables (default from --val-root)")
+    if lr_help:  # protocols that train something
+        p.add_argument("--epochs", type=int, default=None, help="default from the config's eval section")
+        p.add_argument("--lr", type=float, default=None, help=lr_help)
+    p.add_argument("--batch", type=int, default=None, help="global batch size (default 256, from the config)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+
+
+def add_eval_commands(subparsers) -> None:
+    """Register ``mscn eval <protocol>``; each sub-command sets ``func``."""
+    ev = subparsers.add_parser("eval", help="linear probe, kNN, fine-tuning, transfer, export, report, figures")
+    sub = ev.add_subparsers(dest="command_eval", metavar="PROTOCOL")
+    sub.required = True
+
+    for cmd, what in (("linear", "linear probe on frozen features (paper A.2)"),
+                      ("transfer", "linear probe on another dataset (paper Table 3)")):
+        p = sub.add_parser(cmd, help=what, description=what)
+        _add_protocol_args(p, "base lr for batch 256 (default 1.0; tune it per dataset for transfer)")
+        p.add_argument("--weight-decay", type=float, default=None, help="default 1e-6")
+        p.add_argument("--precompute", action="store_true",
+                       help="train on cached center-crop features (faster; not exactly A.2: no random crops)")
+        p.set_defaults(func=_linear)
+
+    p = sub.add_parser("knn", help="weighted kNN on frozen features (k=20, T=0.07)")
+    _add_protocol_args(p, None)
+    p.add_argument("--k", type=int, default=None, help="neighbours (default 20)")
+    p.add_argument("--temperature", type=float, default=None, help="vote temperature (default 0.07)")
+    p.set_defaults(func=_knn)
+
+    p = sub.add_parser("finetune", help="semi-supervised fine-tuning on a 1%%/10%% label subset (paper A.3)")
+    _add_protocol_args(p, "backbone base lr for batch 256 (default 0.002)")
+    p.add_argument("--subset", required=True, help="subset file: 'relpath label' lines (mscn data subset) "
+                   "or an official split (SimCLR 1percent.txt)")
+    p.add_argument("--head-lr", type=float, default=None, help="classifier base lr (default 0.5)")
+    p.add_argument("--from-scratch", action="store_true", help="random-init backbone (the baseline), same config")
+    p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("export", help="backbone as torchvision .pth and detectron2 .pkl (paper A.4)")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--name", default="backbone", help="file stem (default backbone)")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("report", help="merge result.json files into one paper-style Markdown table")
+    p.add_argument("runs", nargs="+", help="result.json files or folders searched for them")
+    p.add_argument("--metric", default="top1", choices=("top1", "top5"))
+    p.add_argument("--baseline", default=None, help="row name to show (+x.x) deltas against, e.g. SimCLR")
+    p.add_argument("--out", default=None, help="also write the table to this .md file")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("figures", help="masked views, colour histograms and conv1 kernels (Figs. 1-3, 7, 8)")
+    _add_model_args(p, ckpt_required=False)
+    p.add_argument("--image", default=None, help="image to draw (default: the first of --train-root)")
+    p.add_argument("--train-root", default=None, help="take the first image of this folder")
+    p.add_argument("--out", required=True, help="output folder for the PNG files")
+    p.add_argument("--seed", type=int, default=0, help="mask seed")
+    p.set_defaults(func=_figures)

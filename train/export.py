@@ -1,0 +1,64 @@
+"""Export a pretrained backbone for detection transfer (paper App. A.4, Table 4).
+
+Two files:
+
+* ``<name>.pth``: a torchvision ResNet ``state_dict`` without ``fc``; loads into
+  ``torchvision.models.resnet50()`` (``strict=False``: only ``fc.*`` is missing) and
+  into the body of ``torchvision.models.detection`` backbones.
+* ``<name>.pkl``: the detectron2 checkpoint format used by MoCo/VISSL
+  (``convert-pretrain-to-detectron2.py``): ``{"model": {name: numpy array},
+  "__author__": ..., "matching_heuristics": True}`` with detectron2's parameter names
+  (``conv1`` -> ``stem.conv1``, ``bn1`` -> ``stem.conv1.norm``, ``layerN`` -> ``res{N+1}``,
+  ``bnK`` -> ``convK.norm``, ``downsample.0/1`` -> ``shortcut``/``shortcut.norm``).
+  Load it with ``MODEL.WEIGHTS <name>.pkl`` and the ImageNet-pretrained-style
+  ``MODEL.PIXEL_MEAN/STD`` of docs/EVALUATION.md.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mscn.errors import MscnError
+
+AUTHOR = "mscn"
+
+
+def torchvision_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """The backbone's weights under torchvision ResNet names, without ``fc``."""
+    return {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
+
+
+def detectron2_name(name: str) -> str:
+    """torchvision ResNet parameter name -> detectron2 ResNet parameter name."""
+    if not name.startswith("layer"):
+        name = "stem." + name  # conv1.* / bn1.* belong to detectron2's BasicStem
+    name = re.sub(r"^layer(\d)", lambda m: f"res{int(m.group(1)) + 1}", name)
+    name = re.sub(r"(^|\.)bn(\d)\.", r"\1conv\2.norm.", name)
+    name = name.replace("downsample.0.", "shortcut.").replace("downsample.1.", "shortcut.norm.")
+    return name
+
+
+def detectron2_state_dict(sd: dict[str, torch.Tensor]) -> dict:
+    """The detectron2 pickle payload (numpy arrays; BN counters dropped: FrozenBN has none)."""
+    model = {detectron2_name(k): v.numpy() for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    return {"model": model, "__author__": AUTHOR, "matching_heuristics": True}
+
+
+def export_backbone(backbone: nn.Module, out_dir: str | Path, name: str = "backbone",
+                    arch: str = "resnet50") -> dict[str, str]:
+    """Write ``<out_dir>/<name>.pth`` (torchvision) and ``<name>.pkl`` (detectron2)."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MscnError(f"--out {out_dir}: cannot create the folder ({e.strerror})") from None
+    sd = torchvision_state_dict(backbone)
+    pth, pkl = out / f"{name}.pth", out / f"{name}.pkl"
+    torch.save(sd, pth)
+    with open(pkl, "wb") as f:
+        pickle.dump(detectron2_state_dict(sd), f)
+    return {"torchvision": str(pth), "detectron2": str(pkl), "arch": arch}

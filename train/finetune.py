@@ -1,0 +1,133 @@
+"""Semi-supervised fine-tuning on 1 % / 10 % of the labels (paper App. A.3, Table 1).
+
+Protocol of Zbontar et al. (2021) as followed by the paper: the whole network is trained
+for 20 epochs with SGD + momentum and no weight decay, batch 256; backbone lr 0.002,
+classifier lr 0.5 (both scaled by batch/256), multiplied by 0.2 after epochs 12 and 16.
+Views are those of the linear probe (random resized crop + flip + high-pass; test:
+resize, center crop, high-pass). Batch norm trains (synchronised under DDP when
+``model.sync_bn``). With fewer/more epochs than 20 the milestones scale with them
+(12/20 and 16/20 of the run), so short CPU runs keep the schedule's shape.
+
+The label subset is a file list of ``relpath label`` lines (``mscn data subset``) or an
+official split file with one file name per line (SimCLR's ``1percent.txt`` /
+``10percent.txt``: ``n01440764_10026.JPEG``), matched by file stem under the train root.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from mscn.config import Config
+from mscn.data.imagefolder import find_classes, list_image_folder
+from mscn.data.scan import read_file_list
+from mscn.data.subset import make_subset
+from mscn.errors import DataError, MscnError
+from mscn.train.distributed import convert_sync_batchnorm
+from mscn.train.eval_common import (MOMENTUM, Runtime, autocast, batch_to, class_count, eval_loader,
+                                    evaluate_classifier, feature_dim, log_json, make_head, setup_runtime)
+
+PAPER_EPOCHS = 20  # the milestones of cfg.eval are epochs of this 20-epoch schedule
+
+
+def read_subset(path: str | Path, train_root: str | Path) -> list[tuple[str, int]]:
+    """``[(relpath, label)]`` of a subset file, checked against the ImageFolder ``train_root``.
+
+    ``relpath label`` lines (``mscn data subset``) are validated as a file list; a file
+    of bare names (SimCLR's official split) is matched by file stem under the root.
+    """
+    path, root = Path(path), Path(train_root)
+    if not path.is_file():
+        raise DataError(f"--subset {path}: no such file (write one with: mscn data subset {root} --fraction 0.01)")
+    first = next((ln.split() for ln in path.read_text().splitlines() if ln.strip()), None)
+    if first is None:
+        raise DataError(f"--subset {path}: empty file")
+    if len(first) >= 2 and first[-1].isdigit():
+        samples = read_file_list(path, root)
+    else:
+        samples = make_subset(root, None, official=path)
+    num_classes = len(find_classes(root))
+    bad = next((s for s in samples if not 0 <= s[1] < num_classes), None)
+    if bad:
+        raise DataError(f"--subset {path}: label {bad[1]} of {bad[0]} is outside the {num_classes} classes of {root}")
+    return samples
+
+
+def write_file_list(samples: list[tuple[str, int]], path: str | Path) -> Path:
+    """The ``relpath label`` list the DALI file reader takes (relative to the train root)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{rel} {label}\n" for rel, label in samples))
+    return path
+
+
+def scaled_milestones(milestones, epochs: int) -> list[int]:
+    """Epochs after which the lr drops, for a run of ``epochs`` epochs (12, 16 at 20)."""
+    return sorted({max(1, min(epochs, round(m * epochs / PAPER_EPOCHS))) for m in milestones})
+
+
+def finetune(backbone: nn.Module, cfg: Config, train_root: str, val_root: str, subset: str | Path,
+             rt: Runtime | None = None, *, epochs: int | None = None,
+             backbone_lr: float | None = None, head_lr: float | None = None, batch: int | None = None) -> dict:
+    """Fine-tune ``backbone`` + a linear head on ``subset`` of ``train_root``; top-1/5 on ``val_root``."""
+    rt = rt or setup_runtime("auto")
+    e = cfg.eval
+    epochs = e.finetune_epochs if epochs is None else epochs
+    batch = e.finetune_batch if batch is None else batch
+    lr_b = (e.finetune_backbone_lr if backbone_lr is None else backbone_lr) * batch / 256
+    lr_h = (e.finetune_head_lr if head_lr is None else head_lr) * batch / 256
+    if epochs < 1 or batch < 1 or lr_b < 0 or lr_h <= 0:
+        raise MscnError(f"fine-tuning: need epochs >= 1, batch >= 1, lr >= 0 (got {epochs}, {batch}, {lr_b}, {lr_h})")
+    samples = read_subset(subset, train_root)
+    _, everything = list_image_folder(train_root)
+    num_classes = class_count(train_root, val_root)
+
+    backbone = backbone.to(rt.device)
+    backbone.requires_grad_(True)
+    head = make_head(feature_dim(backbone, cfg.data.image_size, rt.device), num_classes).to(rt.device)
+    model = nn.Sequential(backbone, head)
+    if rt.dist.enabled and cfg.model.sync_bn:
+        model = convert_sync_batchnorm(model, rt.device.type)
+    ddp = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.dist.enabled else model
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": lr_b},
+                           {"params": model[1].parameters(), "lr": lr_h}],
+                          momentum=MOMENTUM, weight_decay=0.0)
+    milestones = scaled_milestones(e.finetune_milestones, epochs)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=e.finetune_gamma)
+    with tempfile.TemporaryDirectory() as tmp:  # per process: ranks on other nodes need no shared disk
+        # the loader reads the list while it is built, so the file may go right after
+        loader = eval_loader(cfg, train_root, rt, batch, train_views=True,
+                             file_list=str(write_file_list(samples, Path(tmp) / "subset.txt")))
+    t0 = time.time()
+    for epoch in range(epochs):
+        ddp.train()
+        total, steps = torch.zeros((), device=rt.device), 0
+        for b in loader:
+            x, y, _ = batch_to(b, rt.device)
+            with autocast(rt.device):
+                logits = ddp(x)
+            loss = F.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach()
+            steps += 1
+        mean_loss = total.item() / max(1, steps)  # the one host sync of the epoch
+        if not math.isfinite(mean_loss):
+            raise MscnError(f"fine-tuning: non-finite loss in epoch {epoch + 1}; lower --lr / --head-lr")
+        log_json(rt, protocol="finetune", epoch=epoch + 1, loss=mean_loss,
+                 lr_backbone=opt.param_groups[0]["lr"], lr_head=opt.param_groups[1]["lr"])
+        sched.step()  # per epoch: the drops happen "after the 12th and 16th epoch"
+    res = evaluate_classifier(model, eval_loader(cfg, val_root, rt, batch, train_views=False), rt.device)
+    return {"top1": res["top1"], "top5": res["top5"], "n_val": res["n"], "num_classes": num_classes,
+            "label_fraction": len(samples) / len(everything), "n_labelled": len(samples), "epochs": epochs,
+            "wall_s": round(time.time() - t0, 1),
+            "settings": {"backbone_lr": lr_b, "head_lr": lr_h, "batch": batch, "weight_decay": 0.0,
+                         "momentum": MOMENTUM, "milestones": milestones, "gamma": e.finetune_gamma,
+                         "subset": str(subset), "world_size": rt.dist.world_size}}

@@ -1,0 +1,122 @@
+"""Linear probe on a frozen backbone (paper App. A.2; transfer classification, Table 3).
+
+Protocol of Zbontar et al. (2021) as followed by the paper: the backbone is frozen and
+in eval mode (batch norm uses its running statistics), a linear classifier is trained
+for 100 epochs with SGD (momentum 0.9, weight decay 1e-6), batch 256, base lr 1.0
+scaled by batch/256 and a per-step cosine schedule. Training views: random resized
+crop + flip + high-pass; test views: resize 256, center crop 224, high-pass, with the
+image size and high-pass of the pretraining config.
+
+``precompute=True`` extracts center-crop features once and trains on those. That is
+much cheaper but *not* A.2: the classifier never sees random crops or flips, which
+usually costs a little accuracy. Results record which variant ran.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from mscn.config import Config
+from mscn.errors import MscnError
+from mscn.train.eval_common import (MOMENTUM, Runtime, accuracy, autocast, batch_to, class_count, eval_loader,
+                                    evaluate_classifier, extract_features, feature_dim, log_json, make_head,
+                                    setup_runtime)
+from mscn.train.schedule import lr_at
+
+
+def _step(head, opt, feats: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
+    for g in opt.param_groups:
+        g["lr"] = lr
+    loss = F.cross_entropy(head(feats), labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()  # no .item(): the epoch total is read once, at the epoch's end
+
+
+def _end_epoch(rt: Runtime, protocol: str, epoch: int, total: torch.Tensor, steps: int, lr: float) -> None:
+    loss = total.item() / max(1, steps)  # the one host sync of the epoch
+    if not math.isfinite(loss):
+        raise MscnError(f"{protocol}: non-finite loss in epoch {epoch} (lr {lr:g}); lower --lr")
+    log_json(rt, protocol=protocol, epoch=epoch, loss=loss, lr=lr)
+
+
+def linear_probe(backbone: nn.Module, cfg: Config, train_root: str, val_root: str, rt: Runtime | None = None, *,
+                 epochs: int | None = None, lr: float | None = None, batch: int | None = None,
+                 weight_decay: float | None = None, precompute: bool | None = None) -> dict:
+    """Train a linear classifier on ``backbone``'s frozen features; top-1/top-5 on ``val_root``.
+
+    Unset arguments come from ``cfg.eval`` (linear_epochs, linear_lr, linear_batch,
+    linear_weight_decay, precompute_features). ``lr`` is the base lr for batch 256.
+    """
+    rt = rt or setup_runtime("auto")
+    e = cfg.eval
+    epochs = e.linear_epochs if epochs is None else epochs
+    base_lr = e.linear_lr if lr is None else lr
+    batch = e.linear_batch if batch is None else batch
+    wd = e.linear_weight_decay if weight_decay is None else weight_decay
+    precompute = e.precompute_features if precompute is None else precompute
+    if epochs < 1 or batch < 1 or base_lr <= 0:
+        raise MscnError(f"linear probe: need epochs >= 1, batch >= 1, lr > 0 (got {epochs}, {batch}, {base_lr})")
+    peak_lr = base_lr * batch / 256
+    num_classes = class_count(train_root, val_root)
+
+    backbone = backbone.to(rt.device).eval()
+    backbone.requires_grad_(False)
+    head = make_head(feature_dim(backbone, cfg.data.image_size, rt.device), num_classes).to(rt.device)
+    # only the head has gradients to average; the frozen backbone stays outside DDP
+    model = DDP(head, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.dist.enabled else head
+    opt = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=MOMENTUM, weight_decay=wd)
+    t0 = time.time()
+
+    if precompute:
+        train_f, train_y = extract_features(backbone, eval_loader(cfg, train_root, rt, batch, train_views=False), rt.device)
+        val_f, val_y = extract_features(backbone, eval_loader(cfg, val_root, rt, batch, train_views=False), rt.device)
+        _train_on_features(model, opt, train_f, train_y, rt, epochs, batch, peak_lr)
+        head.eval()
+        with torch.no_grad():
+            res = accuracy(head(val_f), val_y)
+    else:
+        train_loader = eval_loader(cfg, train_root, rt, batch, train_views=True)
+        steps = len(train_loader)
+        for epoch in range(epochs):
+            head.train()
+            total = torch.zeros((), device=rt.device)
+            for i, b in enumerate(train_loader):
+                x, y, _ = batch_to(b, rt.device)
+                with torch.no_grad(), autocast(rt.device):
+                    f = backbone(x)
+                total += _step(model, opt, f.float(), y, lr_at(epoch * steps + i, epochs * steps, 0, peak_lr))
+            _end_epoch(rt, "linear probe", epoch + 1, total, steps, opt.param_groups[0]["lr"])
+        val_loader = eval_loader(cfg, val_root, rt, batch, train_views=False)
+        res = evaluate_classifier(nn.Sequential(backbone, head), val_loader, rt.device)
+
+    return {"top1": res["top1"], "top5": res["top5"], "n_val": res["n"], "num_classes": num_classes,
+            "epochs": epochs, "wall_s": round(time.time() - t0, 1),
+            "settings": {"base_lr": base_lr, "lr": peak_lr, "batch": batch, "weight_decay": wd,
+                         "momentum": MOMENTUM, "schedule": "cosine", "precompute": precompute,
+                         "train_views": "center-crop (precomputed)" if precompute else "rrc+flip+highpass",
+                         "world_size": rt.dist.world_size}}
+
+
+def _train_on_features(model, opt, feats, labels, rt: Runtime, epochs: int, batch: int, peak_lr: float) -> None:
+    """SGD over cached features. Every rank holds them all and takes its part of each
+    global batch of a shared permutation, so the global batch is ``batch`` as in the
+    image loop; the last partial batch is dropped, as the training loader does."""
+    n = feats.shape[0]
+    steps = max(1, n // batch)
+    g = torch.Generator().manual_seed(0)  # same permutation on every rank
+    for epoch in range(epochs):
+        perm = torch.randperm(n, generator=g).to(feats.device)
+        total = torch.zeros((), device=feats.device)
+        for i in range(steps):
+            # tensor_split leaves no rank empty while the batch has >= world_size samples
+            idx = perm[i * batch:(i + 1) * batch].tensor_split(rt.dist.world_size)[rt.dist.rank]
+            lr = lr_at(epoch * steps + i, epochs * steps, 0, peak_lr)
+            total += _step(model, opt, feats[idx], labels[idx], lr)
+        _end_epoch(rt, "linear probe (precomputed)", epoch + 1, total, steps, lr)
