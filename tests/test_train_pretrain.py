@@ -166,3 +166,17 @@ def test_torchrun_two_gloo_ranks(dataset, tmp_path):
     state = ckpt.load_checkpoint(run / "final.pt")
     assert state["step"] == 3 and state["config"]["train"]["global_batch"] == 8
     assert [r["step"] for r in read_metrics(run)] == [3]
+
+
+def test_online_knn_monitor_logs_every_n_epochs(dataset, tmp_path):
+    out = tmp_path / "knn"
+    run_pretrain(load_config(None, overrides(dataset, out, "train.max_steps=16", "train.knn_every_epochs=1",
+                                             f"data.val_root={dataset}", "eval.linear_batch=16")), resume=None)
+    knn = [r for r in read_metrics(out) if "knn_top1" in r]
+    assert [r["step"] for r in knn] == [8, 16]  # end of epochs 1 and 2
+    assert all(0.0 <= r["knn_top1"] <= r["knn_top5"] <= 100.0 for r in knn)
+
+
+def test_knn_monitor_without_val_root_is_a_config_error(dataset, tmp_path):
+    with pytest.raises(MscnError, match="data.val_root"):
+        run_pretrain(load_config(None, overrides(dataset, tmp_path / "r", "train.knn_every_epochs=1")), resume=None)

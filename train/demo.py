@@ -32,17 +32,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def prepare_data(cfg: Config) -> tuple[str, str]:
-    """Create (or reuse) the synthetic ImageFolder; returns (train_root, val_root)."""
-    from mscn.data.synth import synthesize
+def prepare_data(cfg: Config) -> Config:
+    """Create (or reuse) the synthetic ImageFolder and point data.root / data.val_root at it."""
+    from mscn.train.pretrain import with_synthetic_data
 
     d = cfg.data
-    out = Path(d.synthetic_dir)
-    print(f"[demo] dataset: {out} ({d.synthetic_classes} classes x {d.synthetic_per_class} train / "
-          f"{d.synthetic_val_per_class} val, {d.synthetic_size[0]}x{d.synthetic_size[1]} JPEGs)", flush=True)
-    synthesize(out, d.synthetic_classes, d.synthetic_per_class, size=tuple(d.synthetic_size),
-               seed=cfg.train.seed, val_per_class=d.synthetic_val_per_class)
-    return str(out / "train"), str(out / "val")
+    if d.synthetic and not d.root:
+        print(f"[demo] dataset: {d.synthetic_dir} ({d.synthetic_classes} classes x {d.synthetic_per_class} train / "
+              f"{d.synthetic_val_per_class} val, {d.synthetic_size[0]}x{d.synthetic_size[1]} JPEGs)", flush=True)
+    cfg = with_synthetic_data(cfg)
+    if not cfg.data.root or not cfg.data.val_root:
+        raise MscnError("the demo needs data.root and data.val_root (or data.synthetic=true "
+                        "with data.synthetic_val_per_class > 0)")
+    return cfg
 
 
 def evaluate(ckpt: str, cfg: Config, train_root: str, val_root: str) -> list[dict]:
@@ -91,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh and out.exists():
         shutil.rmtree(out)
 
-    train_root, val_root = prepare_data(cfg)
-    cfg.data.root, cfg.data.val_root = train_root, val_root
+    cfg = prepare_data(cfg)
+    train_root, val_root = cfg.data.root, cfg.data.val_root
     t_data = time.time()
 
     from mscn.train.pretrain import run_pretrain

@@ -42,6 +42,7 @@ from mscn.train.distributed import (DistInfo, barrier, broadcast_object, cleanup
                                     env_local_rank, init_distributed)
 from mscn.train.lars import build_optimizer
 from mscn.train.methods import SiameseMethod, build_method
+from mscn.train.monitor import check_monitor, due, online_knn
 from mscn.train.runlog import RunLog
 from mscn.train.schedule import lr_at
 
@@ -142,7 +143,7 @@ def _oom_error(cfg: Config, info: DistInfo) -> MscnError:
         f"use train.global_batch={max(info.world_size, cfg.train.global_batch // 2)} or more GPUs")
 
 
-def _with_synthetic_data(cfg: Config, info: DistInfo) -> Config:
+def with_synthetic_data(cfg: Config, info: DistInfo | None = None) -> Config:
     """``data.synthetic`` without ``data.root``: create (rank 0, once) and use the synthetic set."""
     d = cfg.data
     if not d.synthetic or d.root:
@@ -150,10 +151,11 @@ def _with_synthetic_data(cfg: Config, info: DistInfo) -> Config:
     from mscn.data.synth import synthesize
 
     out = Path(d.synthetic_dir)
-    if info.is_main:  # idempotent: returns at once when the folder already holds this dataset
+    if info is None or info.is_main:  # idempotent: returns at once when the folder already holds this dataset
         synthesize(out, d.synthetic_classes, d.synthetic_per_class, size=tuple(d.synthetic_size),
                    seed=cfg.train.seed, val_per_class=d.synthetic_val_per_class)
-    barrier()  # the other ranks read the folder rank 0 has just written
+    if info is not None:
+        barrier()  # the other ranks read the folder rank 0 has just written
     val_root = d.val_root or (str(out / "val") if d.synthetic_val_per_class else "")
     return dataclasses.replace(cfg, data=dataclasses.replace(d, root=str(out / "train"), val_root=val_root))
 
@@ -200,7 +202,8 @@ def _run(cfg: Config, resume: str | None, device: torch.device, device_note: str
     from mscn.pipelines import build_train_loader  # DALI is heavy: imported only to train
 
     validate(cfg, "<config>", world_size=info.world_size)
-    cfg = _with_synthetic_data(cfg, info)
+    cfg = with_synthetic_data(cfg, info)
+    check_monitor(cfg)
     say = (lambda msg: print(f"[mscn] {msg}", flush=True)) if info.is_main else (lambda msg: None)
     if device_note:
         say(device_note)
@@ -301,6 +304,11 @@ def _run(cfg: Config, resume: str | None, device: torch.device, device_note: str
                     if done == end_step:
                         final_path = ckpt.atomic_save(state, Path(cfg.train.out_dir) / "final.pt")
                     del state
+            if due(cfg, done, steps_per_epoch):
+                knn = online_knn(cfg, method.backbone, info, device)  # all ranks; returns to train mode
+                log.log(done, {"epoch": done // steps_per_epoch, "loss": last_loss, "lr": lr,
+                               "images_per_s": float("nan"), "knn_top1": knn["top1"], "knn_top5": knn["top5"]})
+                say(f"epoch {done // steps_per_epoch}: kNN top-1 {knn['top1']:.1f}%")
         elapsed = time.perf_counter() - t_first if t_first else 0.0
     finally:
         log.close()
