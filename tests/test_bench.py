@@ -1,0 +1,188 @@
+"""scripts/bench_pipeline.py and its harness (pipelines/bench.py), on real DALI/torch on the CPU.
+
+The CLI runs as a subprocess with tiny settings (64x48 JPEGs, 32 px views, batch 4);
+the JSON must hold every figure with values that agree with each other. Benchmarks
+are not timed tests: no assertion here is about speed, only about what the numbers mean.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mscn.data.synth import synthesize
+from mscn.errors import ConfigError, MscnError
+from mscn.pipelines import bench
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "bench_pipeline.py"
+TINY = ["--size", "32", "--batch", "4", "--warmup", "1", "--torch-threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("bench") / "synth"
+    return synthesize(out, classes=4, per_class=4, size=(64, 48), workers=1, progress=False)["train"]
+
+
+def run_bench(*args, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+def check_measurement(m: dict, batch: int, iters: int, repeats: int, views: int = 4) -> None:
+    r = m["images_per_s"]
+    assert 0 < r["min"] <= r["q1"] <= r["median"] <= r["q3"] <= r["max"], m
+    assert r["n"] == repeats and len(m["window_s"]) == repeats
+    assert m["window_images"] == [batch * iters] * repeats
+    rates = sorted(n / t for n, t in zip(m["window_images"], m["window_s"]))
+    assert r["min"] == pytest.approx(rates[0], rel=1e-2, abs=0.01)
+    assert m["views_per_s"]["median"] == pytest.approx(views * r["median"], rel=1e-2, abs=0.05)
+    assert m["wall_s"] == pytest.approx(sum(m["window_s"]), abs=2e-3)
+    # CPU time is bounded by what the cores could give during the windows (1 tick of slack each read)
+    assert 0 <= m["cpu_seconds"] <= m["cores"] * m["wall_s"] + 0.05, m
+    assert m["gpu_memory"] is None  # CPU run: n/a
+
+
+def test_cli_json_holds_every_figure(tiny_data, tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    proc = run_bench("--data", tiny_data, *TINY, "--iters", "2", "--repeats", "2",
+                     "--stages", "decode,views,highpass,masks", "--baseline", "torchvision,dali-plain",
+                     "--baseline-workers", "0", "--train", "--arch", "resnet18", "--train-steps", "2",
+                     "--json", out, "--plot", png)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+
+    import nvidia.dali
+    import torch
+
+    env = r["env"]
+    assert env["cpu_count"] >= 1 and env["usable_cores"] >= 1 and env["gpu_name"] is None
+    assert env["dali"] == nvidia.dali.__version__ and env["torch"] == torch.__version__
+    assert "--train-steps 2" in env["command"] and env["torch_threads"] == 1
+    assert r["dataset"] == {"path": tiny_data, "format": "folder", "num_images": 16, "synthesized": False,
+                            "jpeg_kb_median": r["dataset"]["jpeg_kb_median"]}
+    assert r["settings"]["batch"] == 4 and r["settings"]["views"] == 4 and r["settings"]["size"] == 32
+
+    for stage in ("decode", "views", "highpass", "masks"):
+        check_measurement(r["stages"][stage], batch=4, iters=2, repeats=2)
+    rate = {k: m["images_per_s"]["median"] for k, m in r["stages"].items()}
+    assert rate["decode"] > rate["masks"]  # decode alone is a strict subset of the work
+    assert r["pipeline"] == r["stages"]["masks"]
+    assert r["share_of_decode"] == pytest.approx(rate["masks"] / rate["decode"], rel=1e-2, abs=1e-3)
+
+    tv, plain = r["baselines"]["torchvision"], r["baselines"]["dali-plain"]
+    check_measurement(tv, batch=4, iters=2, repeats=2)
+    assert tv["workers"] == 0
+    assert tv["mscn_over_baseline"] == pytest.approx(rate["masks"] / tv["images_per_s"]["median"], rel=1e-2)
+    assert plain["reused_from"] == "views"  # the same pipeline as the views stage, timed once
+    assert plain["mscn_over_baseline"] == pytest.approx(rate["masks"] / rate["views"], rel=1e-2)
+
+    t = r["train"]
+    assert (t["arch"], t["method"], t["steps"]) == ("resnet18", "simclr", 2)
+    for feed in ("pipeline", "synthetic"):
+        check_measurement(t[feed], batch=4, iters=1, repeats=2)
+    ratio = t["pipeline"]["images_per_s"]["median"] / t["synthetic"]["images_per_s"]["median"]
+    assert t["input_bound_fraction"] == pytest.approx(1 - ratio, abs=2e-3)
+    assert r["gpu_memory"] is None
+
+    lines = proc.stdout.splitlines()
+    summary = [ln for ln in lines if ln.startswith("SUMMARY")]
+    assert any("baseline torchvision" in ln for ln in summary) and any("input-bound" in ln for ln in summary)
+    assert sum(ln.startswith("| + masks |") for ln in lines) == 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_sweep_picks_the_fastest_and_profiles(tiny_data, tmp_path):
+    out, prof = tmp_path / "sweep.json", tmp_path / "prof"
+    proc = run_bench("--data", tiny_data, *TINY, "--iters", "1", "--repeats", "2", "--stages", "masks",
+                     "--sweep", "batch=2,4", "threads=1,2", "--profile", prof, "--json", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = json.loads(out.read_text())["sweep"]
+    assert [row["setting"] for row in sweep["rows"]] == [
+        {"batch": 2, "threads": 1}, {"batch": 2, "threads": 2}, {"batch": 4, "threads": 1}, {"batch": 4, "threads": 2}]
+    for row in sweep["rows"]:
+        check_measurement(row, batch=row["setting"]["batch"], iters=1, repeats=2)
+    best = max(sweep["rows"], key=lambda row: row["images_per_s"]["median"])
+    assert sweep["best"] == best["setting"] and sweep["best_images_per_s"] == best["images_per_s"]["median"]
+    assert any(ln.startswith("SUMMARY sweep best:") for ln in proc.stdout.splitlines())
+    trace = json.loads((prof / "masks_rank0.json").read_text())
+    assert any(str(e.get("name", "")).startswith("bench_step_") for e in trace["traceEvents"])
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    proc = run_bench("--data", tmp_path / "missing", *TINY, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "missing" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("bench_pipeline", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("flags", [["--stages", "decode,unzip"], ["--baseline", "pillow"],
+                                   ["--sweep", "cores=1,2"], ["--batch", "0"]])
+def test_bad_flags_raise_mscn_errors(flags):
+    script = _load_script()
+    args = script.parse_args(flags)
+    with pytest.raises(MscnError):
+        import torch
+
+        script.fill_defaults(args, torch.device("cpu"))
+
+
+def test_parse_sweep_is_the_grid_in_order():
+    grid = bench.parse_sweep(["threads=4,8", "hw_decoder_load=0,0.65", "batch=128"])
+    assert grid == [{"threads": t, "hw_decoder_load": h, "batch": 128} for t in (4, 8) for h in (0.0, 0.65)]
+    assert bench.sweep_overrides(grid[1]) == (["data.num_threads=4", "data.hw_decoder_load=0.65"], 128)
+    for bad in (["threads"], ["threads=a,b"], ["nope=1"], ["batch=1", "batch=2"]):
+        with pytest.raises(ConfigError):
+            bench.parse_sweep(bad)
+
+
+def test_measure_counts_windows_and_images():
+    calls = []
+
+    def step() -> int:
+        calls.append(1)
+        time.sleep(0.01)  # sleeping costs wall time, not CPU time
+        return 5
+
+    m = bench.measure("sleep", step, views=2, warmup=2, iters=3, repeats=4)
+    d = m.to_dict()
+    assert len(calls) == 2 + 3 * 4 and d["window_images"] == [15] * 4
+    assert 5 / 0.03 <= d["images_per_s"]["max"] <= 5 / 0.01  # at least 10 ms per step
+    assert d["views_per_s"]["median"] == pytest.approx(2 * d["images_per_s"]["median"], rel=1e-3)
+    assert d["cpu_util"] < 0.5
+    assert bench.spread([1, 2, 3, 4, 100]) == {"median": 3.0, "min": 1.0, "max": 100.0, "q1": 2.0, "q3": 4.0, "n": 5}
+
+
+def _own_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
+def test_cpu_time_includes_live_children():
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<3: pass"])
+    try:
+        time.sleep(0.2)
+        before, child_before = bench.process_tree_cpu_seconds(), _own_cpu_seconds(child.pid)
+        time.sleep(1.0)  # the child spins; this process sleeps
+        spent, child_spent = bench.process_tree_cpu_seconds() - before, _own_cpu_seconds(child.pid) - child_before
+    finally:
+        child.kill()
+        child.wait()
+    assert child_spent >= 0.05  # it ran, even on a loaded machine
+    assert child_spent - 0.03 <= spent <= 1.0 * bench.usable_cores() + 0.1, (spent, child_spent)
