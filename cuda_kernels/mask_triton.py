@@ -15,6 +15,8 @@ Under ``TRITON_INTERPRET=1`` (set before import) the same kernel runs on CPU ten
 """
 from __future__ import annotations
 
+import contextlib
+
 import os
 
 import torch
@@ -137,10 +139,17 @@ def apply_table_triton(x: torch.Tensor, table: MaskTable, *, out: torch.Tensor |
     tiles_w = -(-W // block_w)
     grid = (B * C, -(-H // (4 * block_r)) * tiles_w)
     _, _, nH, nW = table.cells.shape
+    # Triton launches on the *current* CUDA device: pin it to the view's device so callers
+    # that never called torch.cuda.set_device (multi-GPU in one process) stay correct.
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _launch(grid, x, out, table, C, H, W, nH, nW, tiles_w, block_r, block_w, inplace)
+    return out
+
+
+def _launch(grid, x, out, table, C, H, W, nH, nW, tiles_w, block_r, block_w, inplace) -> None:
     _mask_kernel[grid](
         x, out, table.cells.contiguous().view(torch.uint8), table.offset.contiguous(),
         table.noise.contiguous().view(torch.uint8), table.seed.contiguous(),
         C, H, W, nH, nW, tiles_w, *x.stride(), *out.stride(), table.noise_std,
         GRID=table.grid, BLOCK_R=block_r, BLOCK_W=block_w, INPLACE=inplace,
         NOISE=table.noise_std > 0, num_warps=4)
-    return out

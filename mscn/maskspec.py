@@ -110,7 +110,10 @@ def check_mask_cfg(cfg: MaskCfg, key: str = "mask") -> None:
 def _uniform(shape, generator, device) -> torch.Tensor:
     """U[0, 1) drawn on the generator's device (a generator only feeds its own device)."""
     rng_dev = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=rng_dev).to(device, non_blocking=True)
+    u = torch.rand(shape, generator=generator, device=rng_dev)
+    # non_blocking only towards a GPU: a non-blocking GPU -> CPU copy lands in pinned
+    # memory that the CPU ops below would read before the copy has finished
+    return u.to(device, non_blocking=torch.device(device).type == "cuda")
 
 
 def _random_cells(u: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

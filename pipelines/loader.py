@@ -98,7 +98,10 @@ class DaliLoader:
     def _convert(self, out: dict) -> MscnBatch:
         views = [out[f"view{i}"] for i in range(self.num_views)]
         if self.device is not None:
-            views = [v.to(self.device, non_blocking=True) for v in views]
+            dev = torch.device(self.device)
+            # non_blocking only towards a GPU: a non-blocking GPU -> CPU copy would let the
+            # CPU read the views (high-pass, masks) before the copy has finished
+            views = [v.to(dev, non_blocking=dev.type == "cuda") for v in views]
         if self.highpass is not None:
             views = [highpass_matmul(v.float(), *self.highpass) for v in views]
         views = [v if v.dtype == self.dtype else v.to(self.dtype) for v in views]
@@ -110,7 +113,8 @@ class DaliLoader:
         if self._labels is not None:
             labels = self._labels.to(index.device)[index]
         else:
-            labels = out["label"].view(-1).long()
+            # clone: DALI may reuse this (possibly pinned) buffer before a non-blocking copy lands
+            labels = out["label"].view(-1).long().clone()
         if self.mask_fn is not None:
             views = self.mask_fn(views)
         dev = views[0].device

@@ -32,6 +32,8 @@ run synth $PY -m mscn data synth "$DATA" --classes 10 --per-class 300 --size 500
 run pipeline $PY scripts/gpu_pipeline_check.py --data "$DATA/train" --batch 256 --json "$OUT/pipeline.json"
 run masks   $PY scripts/bench_masks.py --json "$OUT/masks.json"
 run tests   $PY -m pytest -q -m gpu tests
+# the compiled kernel against the reference: dtypes, in/out of place, odd sizes, channels_last, Philox
+run kernel  $PY -m pytest -q tests/test_mask_kernel.py
 run bench   $PY scripts/bench_pipeline.py --data "$DATA/train" --batch 256 --threads 8 \
             --baseline torchvision --baseline-workers 16 --json "$OUT/bench.json" --plot "$OUT/bench.png"
 run sweep   $PY scripts/bench_pipeline.py --data "$DATA/train" --sweep threads=4,8,12 hw_decoder_load=0.65,0.9 \

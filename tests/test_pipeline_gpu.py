@@ -28,7 +28,8 @@ def test_gpu_eval_matches_cpu_and_torch_highpass(tmp_path):
 
 def test_gpu_train_loader_yields_cuda_batches(tmp_path):
     root = make_folder(tmp_path, classes=2, per_class=8)
-    cfg = tiny_cfg(root, "train.global_batch=8", "data.output_dtype=bfloat16")
+    # zero fill only (p_noise=0), so the exact-zero count below measures the masks alone
+    cfg = tiny_cfg(root, "train.global_batch=8", "data.output_dtype=bfloat16", "views.0.mask.p_noise=0.0")
     batch = next(iter(build_train_loader(cfg, device=torch.device("cuda", 0))))
     assert all(v.is_cuda and v.dtype == torch.bfloat16 and v.shape == (8, 3, 32, 32) for v in batch.views)
     assert batch.labels.is_cuda and batch.index.is_cuda

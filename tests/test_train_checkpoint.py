@@ -17,13 +17,7 @@ from mscn.train.pretrain import _checkpoint_state, _load_state, build_model, tra
 SMALL = ["model.arch=resnet18", "model.proj_hidden=64", "model.proj_out=32", "model.pred_hidden=64"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core box waiting OpenMP threads cost seconds per step."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def trained(method="byol", seed=0, steps=2):

@@ -21,13 +21,7 @@ B, VIEWS, LR = 4, 3, 0.05
 WORLD = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core box waiting OpenMP threads cost seconds per step."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_cfg(method, optim, sync_bn=True):

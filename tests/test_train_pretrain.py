@@ -23,7 +23,7 @@ from mscn.train.pretrain import main, run_pretrain
 from mscn.train.runlog import read_metrics
 from mscn.train.schedule import lr_at
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 GENTLE = "{scale: [0.7, 1.0], jitter_prob: 0.0, blur_prob: 0.0, grayscale_prob: 0.0, mask: {ratio: 0.0, grid: 8}}"
 TINY_MODEL = ["model.arch=resnet18", "model.proj_hidden=64", "model.proj_out=32", "model.pred_hidden=64"]
@@ -36,15 +36,6 @@ def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
     synthesize(out, classes=4, per_class=16, size=(64, 48), seed=0, workers=1, progress=False)
     return out / "train"  # 64 images: 8 steps per epoch at global batch 8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core box waiting OpenMP threads cost seconds per step."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def overrides(dataset, out_dir, *extra):

@@ -84,6 +84,25 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+@torch.no_grad()
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Rank ``src``'s parameters and buffers on every rank (call on all ranks).
+
+    For networks that no DDP wrapper syncs: a frozen backbone under the linear probe or
+    kNN, whose random init (``random`` / ``--from-scratch`` baselines) would otherwise
+    differ across ranks wherever their torch RNG streams differ (e.g. after a resume,
+    which reseeds ranks apart). Non-contiguous (channels_last) tensors go through a
+    contiguous copy because NCCL wants dense, row-major buffers.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        buf = t.detach() if t.is_contiguous() else t.detach().contiguous()
+        dist.broadcast(buf, src)
+        if buf.data_ptr() != t.data_ptr():
+            t.detach().copy_(buf)
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward hands every rank the gradient of its own slice.
 

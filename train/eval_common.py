@@ -182,11 +182,16 @@ def _gather_cat(t: torch.Tensor) -> torch.Tensor:
 
 
 def unique_by_index(index: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Keep the first row of every sample index, sorted by index (drops DALI's padding)."""
+    """Keep the first row of every sample index, sorted by index (drops DALI's padding).
+
+    Index -1 means "unknown" (tar shards without ``.idx`` members): those rows cannot be
+    de-duplicated and are all kept (PARTIAL already dropped the padding); collapsing
+    them would leave a single sample.
+    """
     order = torch.argsort(index, stable=True)
     idx = index[order]
     keep = torch.ones_like(idx, dtype=torch.bool)
-    keep[1:] = idx[1:] != idx[:-1]
+    keep[1:] = (idx[1:] != idx[:-1]) | (idx[1:] < 0)
     return (idx[keep], *(t[order][keep] for t in tensors))
 
 
@@ -295,6 +300,19 @@ def per_rank_batch(global_batch: int, rt: Runtime) -> int:
     if global_batch % rt.dist.world_size:
         raise MscnError(f"--batch {global_batch}: must be divisible by the world size ({rt.dist.world_size})")
     return global_batch // rt.dist.world_size
+
+
+def mean_over_ranks(total: torch.Tensor, steps: int) -> float:
+    """Mean of a per-rank sum over ``steps`` steps, across all ranks (a collective).
+
+    Note: host sync point. Every rank gets the same number, so a non-finite check on it
+    stops all ranks together instead of one rank raising while the others wait in DDP.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        total = total.clone()
+        dist.all_reduce(total)
+        total /= dist.get_world_size()
+    return total.item() / max(1, steps)
 
 
 def log_json(rt: Runtime, **fields) -> None:

@@ -31,7 +31,8 @@ from mscn.data.subset import make_subset
 from mscn.errors import DataError, MscnError
 from mscn.train.distributed import convert_sync_batchnorm
 from mscn.train.eval_common import (MOMENTUM, Runtime, autocast, batch_to, class_count, eval_loader,
-                                    evaluate_classifier, feature_dim, log_json, make_head, setup_runtime)
+                                    evaluate_classifier, feature_dim, log_json, make_head, mean_over_ranks,
+                                    setup_runtime)
 
 PAPER_EPOCHS = 20  # the milestones of cfg.eval are epochs of this 20-epoch schedule
 
@@ -118,7 +119,7 @@ def finetune(backbone: nn.Module, cfg: Config, train_root: str, val_root: str, s
             opt.step()
             total += loss.detach()
             steps += 1
-        mean_loss = total.item() / max(1, steps)  # the one host sync of the epoch
+        mean_loss = mean_over_ranks(total, steps)  # one host sync per epoch; same on every rank
         if not math.isfinite(mean_loss):
             raise MscnError(f"fine-tuning: non-finite loss in epoch {epoch + 1}; lower --lr / --head-lr")
         log_json(rt, protocol="finetune", epoch=epoch + 1, loss=mean_loss,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mscn.errors import MscnError
+from mscn.train.distributed import broadcast_module
 from mscn.train.eval_common import extract_features, topk_correct
 
 DEFAULT_K = 20
@@ -63,6 +64,7 @@ def knn_eval(backbone: nn.Module, train_loader, val_loader, k: int = DEFAULT_K, 
     that every rank returns the same numbers. Safe to call inside a training loop.
     """
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
+    broadcast_module(backbone)  # no DDP syncs it here: rank 0's weights (and BN stats) on every rank
     train_f, train_y = extract_features(backbone, train_loader, device)
     val_f, val_y = extract_features(backbone, val_loader, device)
     return knn_classify(train_f, train_y, val_f, val_y, k, T)

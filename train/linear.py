@@ -23,9 +23,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mscn.config import Config
 from mscn.errors import MscnError
+from mscn.train.distributed import broadcast_module
 from mscn.train.eval_common import (MOMENTUM, Runtime, accuracy, autocast, batch_to, class_count, eval_loader,
                                     evaluate_classifier, extract_features, feature_dim, log_json, make_head,
-                                    setup_runtime)
+                                    mean_over_ranks, setup_runtime)
 from mscn.train.schedule import lr_at
 
 
@@ -40,7 +41,7 @@ def _step(head, opt, feats: torch.Tensor, labels: torch.Tensor, lr: float) -> to
 
 
 def _end_epoch(rt: Runtime, protocol: str, epoch: int, total: torch.Tensor, steps: int, lr: float) -> None:
-    loss = total.item() / max(1, steps)  # the one host sync of the epoch
+    loss = mean_over_ranks(total, steps)  # the one host sync of the epoch; same value on every rank
     if not math.isfinite(loss):
         raise MscnError(f"{protocol}: non-finite loss in epoch {epoch} (lr {lr:g}); lower --lr")
     log_json(rt, protocol=protocol, epoch=epoch, loss=loss, lr=lr)
@@ -68,6 +69,7 @@ def linear_probe(backbone: nn.Module, cfg: Config, train_root: str, val_root: st
 
     backbone = backbone.to(rt.device).eval()
     backbone.requires_grad_(False)
+    broadcast_module(backbone)  # frozen, outside DDP: every rank must extract with rank 0's weights
     head = make_head(feature_dim(backbone, cfg.data.image_size, rt.device), num_classes).to(rt.device)
     # only the head has gradients to average; the frozen backbone stays outside DDP
     model = DDP(head, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.dist.enabled else head

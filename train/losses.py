@@ -23,6 +23,13 @@ import torch.nn.functional as F
 from mscn.train.distributed import gather_with_grad
 
 
+def _no_autocast(t: torch.Tensor):
+    """Autocast off for the loss: the loop calls the model (and so these losses) inside
+    ``torch.autocast(bf16)``, where ``@``/``einsum`` recast even fp32 inputs to bf16; a
+    ``.float()`` alone would not keep the similarities in fp32."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def info_nce(views: list[torch.Tensor], temperature: float) -> torch.Tensor:
     """NT-Xent averaged over all view pairs, negatives gathered from every rank.
 
@@ -30,9 +37,14 @@ def info_nce(views: list[torch.Tensor], temperature: float) -> torch.Tensor:
     scored (against all ranks' keys), so each rank returns the mean over its own anchors;
     DDP's gradient averaging makes that the mean over the global batch.
     """
+    with _no_autocast(views[0]):
+        return _info_nce(views, temperature)
+
+
+def _info_nce(views: list[torch.Tensor], temperature: float) -> torch.Tensor:
     n_views, b = len(views), views[0].shape[0]
-    # fp32 for the similarity matrix whatever the autocast dtype: logits/temperature
-    # need the mantissa, and exp() of bf16 logits is coarse.
+    # fp32 for the similarity matrix whatever the autocast dtype (autocast is off here):
+    # logits/temperature need the mantissa, and exp() of bf16 logits is coarse.
     queries = F.normalize(torch.cat(views).float(), dim=1)  # (V*B, D), view-major
     keys = gather_with_grad(queries)  # (W*V*B, D), rank-major then view-major
     world = keys.shape[0] // (n_views * b)
@@ -60,6 +72,11 @@ def byol_loss(preds: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.T
     ``preds[v]``: online predictions of view v; ``targets[v]``: target projections
     (treated as constants). For V=2 this is exactly BYOL's ``L + L~``.
     """
+    with _no_autocast(preds[0]):  # fp32 cosines even inside the loop's bf16 autocast
+        return _byol_loss(preds, targets)
+
+
+def _byol_loss(preds: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
     n_views = len(preds)
     p = F.normalize(torch.stack(preds).float(), dim=-1)  # (V, B, D)
     t = F.normalize(torch.stack(targets).float().detach(), dim=-1)

@@ -57,8 +57,9 @@ class RunLog:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
                     self._tb.add_scalar(f"pretrain/{k}", v, step)
-        self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.3g}",
-                              img_s=f"{metrics['images_per_s']:.1f}", refresh=False)
+        if "images_per_s" in metrics:  # training records; monitor records (kNN) leave the bar as is
+            self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.3g}",
+                                  img_s=f"{metrics['images_per_s']:.1f}", refresh=False)
 
     def close(self) -> None:
         if self._bar is not None:
