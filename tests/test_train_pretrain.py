@@ -168,6 +168,9 @@ def test_online_knn_monitor_logs_every_n_epochs(dataset, tmp_path):
     assert all(0.0 <= r["knn_top1"] <= r["knn_top5"] <= 100.0 for r in knn)
 
 
-def test_knn_monitor_without_val_root_is_a_config_error(dataset, tmp_path):
-    with pytest.raises(MscnError, match="data.val_root"):
-        run_pretrain(load_config(None, overrides(dataset, tmp_path / "r", "train.knn_every_epochs=1")), resume=None)
+def test_knn_monitor_without_val_root_is_switched_off_with_a_notice(dataset, tmp_path, capsys):
+    out = tmp_path / "r"
+    run_pretrain(load_config(None, overrides(dataset, out, "train.knn_every_epochs=1", "train.max_steps=8")),
+                 resume=None)
+    assert "kNN monitor off" in capsys.readouterr().out
+    assert not [r for r in read_metrics(out) if "knn_top1" in r]

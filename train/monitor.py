@@ -10,14 +10,16 @@ from __future__ import annotations
 import torch
 
 from mscn.config import Config
-from mscn.errors import ConfigError
 from mscn.train.distributed import DistInfo
 
 
-def check_monitor(cfg: Config) -> None:
+def monitor_off_reason(cfg: Config) -> str | None:
+    """Why the configured monitor cannot run (a notice, not an error: recipes such as
+    demo.yaml switch it on, and a user who points data.root elsewhere may have no labels)."""
     if cfg.train.knn_every_epochs and not cfg.data.val_root:
-        raise ConfigError(f"train.knn_every_epochs = {cfg.train.knn_every_epochs}: the kNN monitor needs "
-                          "data.val_root (labelled evaluation images)")
+        return (f"kNN monitor off: train.knn_every_epochs = {cfg.train.knn_every_epochs} needs data.val_root "
+                "(labelled evaluation images)")
+    return None
 
 
 def due(cfg: Config, done: int, steps_per_epoch: int) -> bool:

@@ -42,7 +42,7 @@ from mscn.train.distributed import (DistInfo, barrier, broadcast_object, cleanup
                                     env_local_rank, init_distributed)
 from mscn.train.lars import build_optimizer
 from mscn.train.methods import SiameseMethod, build_method
-from mscn.train.monitor import check_monitor, due, online_knn
+from mscn.train.monitor import due, monitor_off_reason, online_knn
 from mscn.train.runlog import RunLog
 from mscn.train.schedule import lr_at
 
@@ -203,10 +203,12 @@ def _run(cfg: Config, resume: str | None, device: torch.device, device_note: str
 
     validate(cfg, "<config>", world_size=info.world_size)
     cfg = with_synthetic_data(cfg, info)
-    check_monitor(cfg)
     say = (lambda msg: print(f"[mscn] {msg}", flush=True)) if info.is_main else (lambda msg: None)
     if device_note:
         say(device_note)
+    monitor_note = monitor_off_reason(cfg)
+    if monitor_note:
+        say(monitor_note)
     torch.manual_seed(cfg.train.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -304,7 +306,7 @@ def _run(cfg: Config, resume: str | None, device: torch.device, device_note: str
                     if done == end_step:
                         final_path = ckpt.atomic_save(state, Path(cfg.train.out_dir) / "final.pt")
                     del state
-            if due(cfg, done, steps_per_epoch):
+            if due(cfg, done, steps_per_epoch) and not monitor_note:
                 knn = online_knn(cfg, method.backbone, info, device)  # all ranks; returns to train mode
                 log.log(done, {"epoch": done // steps_per_epoch, "loss": last_loss, "lr": lr,
                                "images_per_s": float("nan"), "knn_top1": knn["top1"], "knn_top5": knn["top5"]})
