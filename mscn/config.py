@@ -60,7 +60,7 @@ class ViewCfg:
     grayscale_prob: float = 0.2
     blur_prob: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    blur_window: int = 0  # 0: derived from sigma (2*ceil(3*sigma_max)+1)
+    blur_window: int = 0  # 0: DALI derives 2*ceil(3*sigma)+1 per sample from the drawn sigma
     solarize_prob: float = 0.0
     mask: MaskCfg = field(default_factory=MaskCfg)
 
@@ -317,7 +317,7 @@ def _index(p: str, node: list, key: str) -> int:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file at ``path`` (a path or a bundled recipe name), then overrides."""
     tree = to_dict(Config())
-    src = "<defaults>"
+    src = "<overrides>" if overrides else "<defaults>"
     if path:
         p = resolve_config_path(path)
         src = str(p)
@@ -461,6 +461,13 @@ def validate(cfg: Config, src: str = "<config>", world_size: int = 1) -> None:
     for name in ("ckpt_every_steps", "keep_last", "log_every"):
         _check(getattr(t, name) >= 1, src, f"train.{name}", getattr(t, name), "must be >= 1")
     e = cfg.eval
+    _check(d.synthetic_val_per_class >= 0, src, "data.synthetic_val_per_class", d.synthetic_val_per_class, "must be >= 0")
+    for name in ("linear_lr", "finetune_head_lr", "finetune_gamma", "knn_temperature"):
+        _check(getattr(e, name) > 0, src, f"eval.{name}", getattr(e, name), "must be > 0")
+    _check(e.finetune_backbone_lr >= 0, src, "eval.finetune_backbone_lr", e.finetune_backbone_lr, "must be >= 0")
+    _check(e.linear_weight_decay >= 0, src, "eval.linear_weight_decay", e.linear_weight_decay, "must be >= 0")
+    _check(0 < e.finetune_milestones[0] <= e.finetune_milestones[1], src, "eval.finetune_milestones",
+           e.finetune_milestones, "must be an increasing pair of epochs > 0")
     _check(0.0 < e.label_fraction <= 1.0, src, "eval.label_fraction", e.label_fraction, "must be in (0, 1]")
     _check(e.knn_k >= 1, src, "eval.knn_k", e.knn_k, "must be >= 1")
     for name in ("linear_epochs", "finetune_epochs", "linear_batch", "finetune_batch"):

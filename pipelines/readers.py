@@ -42,7 +42,7 @@ from pathlib import Path
 from nvidia.dali import fn
 
 from mscn.data.imagefolder import IMG_EXTENSIONS, list_image_folder
-from mscn.data.scan import read_file_list
+from mscn.data.scan import read_file_list, report_path_for
 from mscn.errors import DataError
 from mscn.pipelines.ops import parse_ascii_int
 
@@ -85,12 +85,11 @@ def list_root(list_path: Path, file_root: str | None) -> Path:
     """The directory a file list's paths are relative to (see the module docstring)."""
     if file_root:
         return Path(file_root)
-    name = list_path.name
-    stem = name[: -len(".filelist.txt")] if name.endswith(".filelist.txt") else list_path.stem
-    report = list_path.with_name(stem + ".scan.json")
+    report = report_path_for(list_path)
     if report.is_file():
         try:
-            return Path(json.loads(report.read_text())["root"])
+            root = Path(json.loads(report.read_text())["root"])
+            return root if root.is_absolute() else report.parent / root  # older reports: relative
         except (ValueError, KeyError):
             raise DataError(f"{report}: not a scan report with a 'root' entry; fix or delete it") from None
     return list_path.parent

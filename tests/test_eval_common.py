@@ -88,5 +88,25 @@ def test_run_directory_means_its_newest_checkpoint(tmp_path):
     newest = torch.load(ckpt_path(tmp_path, 200), weights_only=True)["backbone"]
     assert torch.equal(backbone.conv1.weight, newest["conv1.weight"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(MscnError, match="no readable ckpt"):
+    with pytest.raises(MscnError, match="no readable checkpoints/ckpt"):
         load_pretrained(str(tmp_path / "empty"))
+
+
+def test_run_directory_layout_of_the_trainer(tmp_path):
+    """<run>/final.pt wins; without it, the newest valid <run>/checkpoints/ckpt_*.pt."""
+    from mscn.train.checkpoint import ckpt_path
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for step, seed in ((100, 1), (200, 2)):
+        path = make_checkpoint(ckpt_path(run / "checkpoints", step), seed=seed)
+        ck = torch.load(path, weights_only=True)  # the trainer's files carry more keys
+        ck.update(model={}, optimizer={}, step=step, method="simclr")
+        torch.save(ck, path)
+    newest = torch.load(ckpt_path(run / "checkpoints", 200), weights_only=True)["backbone"]
+    backbone, _, _ = load_pretrained(str(run))
+    assert torch.equal(backbone.conv1.weight, newest["conv1.weight"])
+    final = make_checkpoint(run / "final.pt", seed=3)
+    backbone, _, _ = load_pretrained(str(run))
+    assert torch.equal(backbone.conv1.weight, torch.load(final, weights_only=True)["backbone"]["conv1.weight"])
+    assert not torch.equal(backbone.conv1.weight, newest["conv1.weight"])

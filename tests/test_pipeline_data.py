@@ -3,6 +3,7 @@ import io
 import json
 import shutil
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,3 +139,19 @@ def test_foreign_tars_without_index_members(folder, tmp_path):
     assert len(batches) == 1
     assert sorted(batches[0].labels.tolist()) == list(range(12345, 12350))
     assert batches[0].index.tolist() == [-1] * 5
+
+
+def test_scan_out_list_is_usable_as_data_root_from_any_directory(tmp_path, monkeypatch):
+    """`mscn data scan ROOT --out lists/x.txt` puts its report beside the list with an
+    absolute root, so the readers find the dataset from another working directory."""
+    from mscn.cli import main
+
+    root = make_folder(tmp_path / "ds" / "train", classes=2, per_class=3)
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "scan", "ds/train", "--out", "lists/x.txt", "--workers", "1"]) == 0
+    assert (tmp_path / "lists" / "x.scan.json").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    source = resolve_source("../lists/x.txt")
+    assert source.num_samples == 6 and Path(source.root).resolve() == root.resolve()

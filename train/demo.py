@@ -5,7 +5,8 @@
 3. linear probe (App. A.2) and kNN of the pretrained encoder and of a random-init one,
 4. print a table and write it to ``<out_dir>/demo_results.md`` and ``.json``.
 
-Re-running resumes: finished stages are not redone (``--fresh`` starts over).
+Re-running reuses the dataset and resumes (or skips) pretraining; the evaluation is
+re-run (~15 s). ``--fresh`` starts over.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Launch with ``torchrun`` (single node, multi-node c10d rendezvous, or ``srun torchrun``):
 it sets RANK, WORLD_SIZE and LOCAL_RANK, and this module reads them. NCCL on GPU,
-gloo on CPU. Only rank 0 logs and writes checkpoints (:func:`is_main`).
+gloo on CPU. Only rank 0 logs and writes checkpoints (``DistInfo.is_main``).
 
 SimCLR's InfoNCE takes its negatives from the *global* batch (paper App. A.1 follows
 Chen et al., 2020a), so the embeddings of every rank are gathered with gradients
@@ -64,10 +64,6 @@ def init_distributed(device_type: str, init_method: str = "env://", rank: int | 
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def barrier() -> None:

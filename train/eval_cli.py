@@ -22,7 +22,10 @@ def _dataset_name(root: str) -> str:
 
 def _default_out(args, protocol: str) -> Path:
     p = Path(args.ckpt).resolve()
-    run = "random" if args.ckpt == "random" else (p.name if p.is_dir() else p.parent.name)
+    run_dir = p if p.is_dir() else p.parent
+    if run_dir.name == "checkpoints":  # <run>/checkpoints/ckpt_X.pt: name it after <run>
+        run_dir = run_dir.parent
+    run = "random" if args.ckpt == "random" else run_dir.name
     tag = "scratch" if getattr(args, "from_scratch", False) else re.sub(r"[^\w.-]+", "_", run)
     return Path("runs/eval") / f"{tag}-{protocol}"
 

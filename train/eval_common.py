@@ -43,12 +43,14 @@ def _apply_overrides(cfg: Config, overrides: list[str], src: str) -> Config:
 
 def _read_checkpoint(path: str) -> dict:
     p = Path(path)
-    if p.is_dir():  # a run directory: its newest checkpoint that loads
+    if p.is_dir():  # a run directory: its final.pt, else its newest checkpoint that loads
         from mscn.train.checkpoint import find_latest_valid
 
-        found = find_latest_valid(p)
+        if (p / "final.pt").is_file():
+            return _read_checkpoint(str(p / "final.pt"))
+        found = find_latest_valid(p / "checkpoints" if (p / "checkpoints").is_dir() else p)
         if found is None:
-            raise MscnError(f"{path}: no readable ckpt_*.pt in this run directory")
+            raise MscnError(f"{path}: no final.pt and no readable checkpoints/ckpt_*.pt in this run directory")
         return found[1]
     if not p.is_file():
         raise MscnError(f"checkpoint not found: {path} (pass a file written by mscn pretrain, or 'random')")
@@ -278,8 +280,8 @@ def setup_runtime(device: str = "auto") -> Runtime:
     """CPU, one GPU, or one rank of a torchrun job (NCCL on GPU, gloo on CPU)."""
     if device not in ("auto", "cuda", "cpu"):
         raise MscnError(f"--device {device}: must be auto, cuda or cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MscnError("--device cuda: no CUDA device is visible; use --device cpu")
+    if device == "cuda" and not torch.cuda.is_available():  # same fallback as pretraining
+        print("[mscn] device cuda requested but no CUDA device is visible: evaluating on the CPU", flush=True)
     kind = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
     info = init_distributed(kind)
     return Runtime(info, torch.device("cuda", info.local_rank) if kind == "cuda" else torch.device("cpu"))

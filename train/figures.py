@@ -26,12 +26,10 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 from torch import nn  # noqa: E402
 
 from mscn.config import Config, highpass_window  # noqa: E402
+from mscn.data.imagefolder import is_image_name  # noqa: E402
 from mscn.cuda_kernels import apply_masks  # noqa: E402
 from mscn.errors import DataError, MscnError  # noqa: E402
 from mscn.highpass import highpass_torch  # noqa: E402
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
 
 def find_image(root: str | Path) -> Path:
     """The first image (sorted) below ``root``, for figures drawn from a dataset."""
@@ -39,7 +37,7 @@ def find_image(root: str | Path) -> Path:
     if root.is_file():
         return root
     for p in sorted(root.rglob("*")):
-        if p.suffix.lower() in IMAGE_EXTS:
+        if p.is_file() and is_image_name(p.name):
             return p
     raise DataError(f"{root}: no image file below this folder (pass --image)")
 

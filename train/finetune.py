@@ -34,7 +34,6 @@ from mscn.train.eval_common import (MOMENTUM, Runtime, autocast, batch_to, class
                                     evaluate_classifier, feature_dim, log_json, make_head, mean_over_ranks,
                                     setup_runtime)
 
-PAPER_EPOCHS = 20  # the milestones of cfg.eval are epochs of this 20-epoch schedule
 
 
 def read_subset(path: str | Path, train_root: str | Path) -> list[tuple[str, int]]:
@@ -68,9 +67,10 @@ def write_file_list(samples: list[tuple[str, int]], path: str | Path) -> Path:
     return path
 
 
-def scaled_milestones(milestones, epochs: int) -> list[int]:
-    """Epochs after which the lr drops, for a run of ``epochs`` epochs (12, 16 at 20)."""
-    return sorted({max(1, min(epochs, round(m * epochs / PAPER_EPOCHS))) for m in milestones})
+def scaled_milestones(milestones, epochs: int, ref_epochs: int) -> list[int]:
+    """Epochs after which the lr drops in a run of ``epochs`` epochs, given ``milestones``
+    of a ``ref_epochs`` schedule (eval.finetune_epochs; paper A.3: 12, 16 of 20)."""
+    return sorted({max(1, min(epochs, round(m * epochs / ref_epochs))) for m in milestones})
 
 
 def finetune(backbone: nn.Module, cfg: Config, train_root: str, val_root: str, subset: str | Path,
@@ -99,7 +99,7 @@ def finetune(backbone: nn.Module, cfg: Config, train_root: str, val_root: str, s
     opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": lr_b},
                            {"params": model[1].parameters(), "lr": lr_h}],
                           momentum=MOMENTUM, weight_decay=0.0)
-    milestones = scaled_milestones(e.finetune_milestones, epochs)
+    milestones = scaled_milestones(e.finetune_milestones, epochs, e.finetune_epochs)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=e.finetune_gamma)
     with tempfile.TemporaryDirectory() as tmp:  # per process: ranks on other nodes need no shared disk
         # the loader reads the list while it is built, so the file may go right after

@@ -30,10 +30,11 @@ def due(cfg: Config, done: int, steps_per_epoch: int) -> bool:
 @torch.no_grad()
 def online_knn(cfg: Config, backbone: torch.nn.Module, info: DistInfo, device: torch.device) -> dict:
     """kNN top-1/top-5 (%) of ``backbone`` on (data.root -> data.val_root)."""
-    from mscn.pipelines import build_eval_loader
+    from mscn.train.eval_common import Runtime, eval_loader
     from mscn.train.knn import knn_eval
 
-    batch = max(1, cfg.eval.linear_batch // info.world_size)
-    loaders = [build_eval_loader(cfg, root, rank=info.rank, world_size=info.world_size, local_rank=info.local_rank,
-                                 device=device, batch_size=batch) for root in (cfg.data.root, cfg.data.val_root)]
+    rt = Runtime(info, device)
+    # largest global batch <= eval.linear_batch that splits evenly over the ranks
+    batch = max(info.world_size, cfg.eval.linear_batch - cfg.eval.linear_batch % info.world_size)
+    loaders = [eval_loader(cfg, root, rt, batch) for root in (cfg.data.root, cfg.data.val_root)]
     return knn_eval(backbone, *loaders, k=cfg.eval.knn_k, T=cfg.eval.knn_temperature, device=device)

@@ -35,16 +35,18 @@ def _synth(args) -> None:
 
 
 def _scan(args) -> None:
-    from mscn.data.scan import default_outputs, scan
+    from mscn.data.scan import default_outputs, report_path_for, scan
 
-    out, report = default_outputs(args.root)
-    r = scan(args.root, out=args.out or out, report=args.report or report,
+    out, _ = default_outputs(args.root)
+    out = args.out or out
+    report = args.report or report_path_for(out)  # beside the list: the readers look there for its root
+    r = scan(args.root, out=out, report=report,
              min_size=args.min_size, workers=args.workers)
     bad = {k: v for k, v in r["counts"].items() if v and k != "ok"}
     print(f"scan: {r['num_files']} files, {len(r['classes'])} classes: kept {r['num_kept']}, "
           f"excluded {r['num_excluded']}; issues {json.dumps(bad) if bad else 'none'}")
-    print(f"scan: file list -> {args.out or out}")
-    print(f"scan: report    -> {args.report or report}")
+    print(f"scan: file list -> {out}")
+    print(f"scan: report    -> {report}")
 
 
 def _subset(args) -> None:

@@ -66,6 +66,7 @@ def pack(root, out, shard_size: int = 1000, shuffle_seed: int | None = 0, file_r
 
     Returns a summary: number of samples and shards, output folder and seconds.
     """
+    from mscn.data.scan import check_outside
     from mscn.pipelines.readers import resolve_source  # the readers define the canonical order
 
     if shard_size < 1:
@@ -74,6 +75,7 @@ def pack(root, out, shard_size: int = 1000, shuffle_seed: int | None = 0, file_r
     if source.kind == "wds":
         raise DataError(f"{root}: already a folder of .tar shards; pack an ImageFolder root or a file list")
     out = Path(out)
+    check_outside(out, Path(source.root))  # shards inside an ImageFolder would become a class
     if out.exists() and any(out.glob("*.tar")):
         raise DataError(f"{out}: already holds .tar shards; remove them or pack into another folder")
     out.mkdir(parents=True, exist_ok=True)

@@ -84,13 +84,24 @@ def default_outputs(root) -> tuple[Path, Path]:
     return Path.cwd() / f"{name}.filelist.txt", Path.cwd() / f"{name}.scan.json"
 
 
-def _check_outside(path, root: Path) -> None:
+def report_path_for(list_path) -> Path:
+    """The scan report beside a file list: ``X.filelist.txt`` or ``X.txt`` -> ``X.scan.json``.
+
+    The readers find a list's dataset root through this report (``"root"``), so
+    ``mscn data scan --out`` puts its report where they will look."""
+    list_path = Path(list_path)
+    name = list_path.name
+    stem = name[: -len(".filelist.txt")] if name.endswith(".filelist.txt") else list_path.stem
+    return list_path.with_name(stem + ".scan.json")
+
+
+def check_outside(path, root: Path) -> None:
     if path and Path(path).resolve().is_relative_to(root.resolve()):
         raise DataError(f"{path}: is inside the dataset {root}; the data tools never write there, pick another path")
 
 
 def _write_atomic(path: Path, text: str, root: Path) -> None:
-    _check_outside(path, root)
+    check_outside(path, root)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -113,8 +124,8 @@ def scan(root, out=None, report=None, min_size: int = 32, workers: int | None = 
     """
     root = Path(root)
     classes, samples = list_image_folder(root, images_only=False)
-    _check_outside(out, root)  # before the long decode, not after
-    _check_outside(report, root)
+    check_outside(out, root)  # before the long decode, not after
+    check_outside(report, root)
     tasks = [(str(root / rel), rel, label, min_size) for rel, label in samples]
     results = sorted(parallel_imap(_check_task, tasks, workers, f"scan {root}", progress), key=lambda r: r[0])
 
@@ -129,7 +140,7 @@ def scan(root, out=None, report=None, min_size: int = 32, workers: int | None = 
         for reason, detail in found:
             issues.append({"path": rel, "reason": reason, "detail": detail, "excluded": excluded})
     summary = {
-        "root": str(root), "file_list": str(out) if out else None, "classes": classes,
+        "root": str(Path(root).resolve()), "file_list": str(out) if out else None, "classes": classes,
         "num_files": len(results), "num_kept": len(clean), "num_excluded": len(results) - len(clean),
         "min_size": min_size, "counts": {k: counts.get(k, 0) for k in ("ok",) + EXCLUDED + KEPT},
         "formats": dict(formats), "issues": issues,
