@@ -78,9 +78,12 @@ def _knn(args) -> None:
     from mscn.train.knn import knn_eval
 
     backbone, arch, cfg, rt, name, out = _prepare(args, "knn")
-    k = args.k or cfg.eval.knn_k
-    t = args.temperature or cfg.eval.knn_temperature
-    batch = args.batch or cfg.eval.linear_batch
+    # `is None`, not `or`: an explicit 0 must reach the range check, not turn into the default
+    k = cfg.eval.knn_k if args.k is None else args.k
+    t = cfg.eval.knn_temperature if args.temperature is None else args.temperature
+    batch = cfg.eval.linear_batch if args.batch is None else args.batch
+    if k < 1 or t <= 0 or batch < 1:
+        raise MscnError(f"knn: need --k >= 1, --temperature > 0 and --batch >= 1 (got {k}, {t}, {batch})")
     backbone = backbone.to(rt.device)
     res = knn_eval(backbone, eval_loader(cfg, args.train_root, rt, batch, train_views=False),
                    eval_loader(cfg, args.val_root, rt, batch, train_views=False), k, t, rt.device)
