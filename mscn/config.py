@@ -477,3 +477,8 @@ def validate(cfg: Config, src: str = "<config>", world_size: int = 1) -> None:
 def highpass_window(sigma: float, window: int = 0) -> int:
     """Odd Gaussian window: ``window`` if set, else 2*ceil(3*sigma)+1 (31 for sigma=5)."""
     return window if window else 2 * math.ceil(3.0 * sigma) + 1
+
+
+def highpass_params(h: HighPassCfg) -> tuple[float, int] | None:
+    """(sigma, window) of the configured high-pass, or None when it is switched off."""
+    return (h.sigma, highpass_window(h.sigma, h.window)) if h.enabled else None

@@ -351,13 +351,13 @@ def torchvision_step(cfg, batch: int, workers: int, info, device: torch.device) 
     """
     from torch.utils.data import DataLoader, RandomSampler
 
-    from mscn.config import highpass_window
+    from mscn.config import highpass_params
     from mscn.pipelines.loader import mask_fn_from_cfgs, rank_seed
     from mscn.pipelines.reference import ReferenceViews
     from mscn.pipelines.readers import resolve_source
 
-    h, d = cfg.highpass, cfg.data
-    hp = (h.sigma, highpass_window(h.sigma, h.window)) if h.enabled else None
+    d = cfg.data
+    hp = highpass_params(cfg.highpass)
     dataset = ReferenceViews(resolve_source(d.root, d.format), cfg.views, d.image_size, d.mean, d.std, hp)
     seed = rank_seed(cfg.train.seed, info.rank)
     sampler = RandomSampler(dataset, num_samples=1 << 40, generator=torch.Generator().manual_seed(seed))

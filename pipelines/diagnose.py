@@ -75,7 +75,11 @@ def find_bad_sample(source: Source, replay, runs_done: int) -> tuple[str, str] |
 def explain(err: Exception, source: Source, replay, runs_done: int) -> DataError:
     """A one-line DataError for a DALI runtime failure while reading ``source``."""
     reason = _reason(err)
-    fix = f"run `mscn data scan {source.root}` and train from the file list it writes"
+    if source.kind == "wds":  # scan reads ImageFolders, not tar shards
+        fix = ("run `mscn data scan` on the ImageFolder these shards came from, then "
+               "`mscn data pack <its .filelist.txt> OUT` again")
+    else:
+        fix = f"run `mscn data scan {source.root}` and train from the file list it writes"
     found = None
     if replay is not None:
         try:

@@ -174,13 +174,13 @@ def _highpass_plan(cfg, on_gpu: bool) -> tuple[tuple | None, tuple | None, str]:
     The GPU path blurs in DALI; the CPU path leaves the blur to BLAS in the adapter
     (docs/PIPELINE.md), so DALI emits float32 there. DALI has no bfloat16.
     """
-    from mscn.config import highpass_window
+    from mscn.config import highpass_params
 
     d = cfg.data
     dali_dtype = "float32" if d.output_dtype == "bfloat16" else d.output_dtype
-    if not cfg.highpass.enabled:
+    hp = highpass_params(cfg.highpass)
+    if hp is None:
         return None, None, dali_dtype
-    hp = (cfg.highpass.sigma, highpass_window(cfg.highpass.sigma, cfg.highpass.window))
     return (hp, None, dali_dtype) if on_gpu else (None, hp, "float32")
 
 

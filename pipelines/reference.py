@@ -20,7 +20,7 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
-from mscn.config import ViewCfg, highpass_window
+from mscn.config import ViewCfg, highpass_params
 from mscn.errors import DataError
 from mscn.highpass import highpass_matmul
 from mscn.pipelines.loader import MscnBatch, mask_fn_from_cfgs, rank_seed
@@ -100,9 +100,7 @@ def build_reference_loader(cfg, batch_size: int, workers: int = 2, rank: int = 0
     """The reference counterpart of ``build_train_loader`` (``data.root``, ``cfg.views``)."""
     views = cfg.views if views is None else views
     source = resolve_source(cfg.data.root, cfg.data.format)
-    hp = None
-    if cfg.highpass.enabled:
-        hp = (cfg.highpass.sigma, highpass_window(cfg.highpass.sigma, cfg.highpass.window))
+    hp = highpass_params(cfg.highpass)
     dataset = ReferenceViews(source, views, cfg.data.image_size, cfg.data.mean, cfg.data.std, hp)
     seed = rank_seed(cfg.train.seed, rank)
     sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed) if world_size > 1 else None
