@@ -300,14 +300,10 @@ def gather_measurement(m: Measurement, info) -> dict:
 # Steps: what one timed batch is, for each stage, baseline and feed
 # ----------------------------------------------------------------------------------
 
-def endless(loader):
-    """Batches across epochs (both loaders end an epoch with StopIteration and restart)."""
-    while True:
-        yield from loader
-
-
 def loader_step(loader) -> Callable[[], int]:
     """One :class:`~mscn.pipelines.loader.MscnBatch` of ``loader`` per step."""
+    from mscn.pipelines.loader import endless  # DALI is imported on first use only
+
     batches = endless(loader)
     return lambda: next(batches).views[0].shape[0]
 

@@ -126,6 +126,13 @@ class DaliLoader:
         return explain(err, self.source, self.replay, self._runs)
 
 
+def endless(loader):
+    """Batches across epochs from any re-iterable loader: DaliLoader (DALI resets itself
+    after StopIteration) or a torch DataLoader (a new epoch per ``iter``)."""
+    while True:
+        yield from loader
+
+
 def mask_fn_from_cfgs(mask_cfgs: list, seed: int) -> MaskFn:
     """``mscn.cuda_kernels.apply_masks`` with a generator seeded for this rank, created
     lazily on the views' device (so the mask tables are drawn without host syncs)."""

@@ -31,7 +31,7 @@ import torch
 from mscn.config import load_config, validate
 from mscn.errors import MscnError
 from mscn.pipelines import bench
-from mscn.train.distributed import barrier
+from mscn.train.distributed import barrier, pick_device
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("decode", "views", "highpass", "masks")
@@ -111,14 +111,6 @@ def fill_defaults(args: argparse.Namespace, device: torch.device) -> None:
     for key in ("batch", "iters", "repeats", "views", "size", "train_steps"):
         if getattr(args, key) < 1:
             raise MscnError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
-
-
-def pick_device(pref: str, local_rank: int) -> torch.device:
-    if pref == "cuda" and not torch.cuda.is_available():
-        raise MscnError("--device cuda: no CUDA device is visible; use --device cpu")
-    if pref != "cpu" and torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def build_config(args: argparse.Namespace, data_root: str, world_size: int, overrides: list[str] = ()):
@@ -245,9 +237,10 @@ def run_sweep(args, info, device, data_root: str) -> dict:
 def run_train(args, cfg, info, device: torch.device) -> dict:
     """``--train-steps`` real training steps (the config's method, loss and LARS, pretrain.py's
     step) fed by the pipeline, then fed by synthetic views already on the device."""
-    from mscn.pipelines.loader import TORCH_DTYPES, build_train_loader
+    from mscn.pipelines.loader import TORCH_DTYPES, build_train_loader, endless
     from mscn.train.lars import build_optimizer
     from mscn.train.pretrain import amp_dtype, build_model, train_step
+    from mscn.train.schedule import peak_lr
 
     torch.manual_seed(args.seed)
     if device.type == "cuda":
@@ -257,8 +250,7 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
     model.train()
     # an early warm-up learning rate: the peak one on random weights can overflow within
     # a few steps, and a NaN run times nothing meaningful
-    peak_lr = cfg.optim.base_lr * cfg.train.global_batch / 256
-    optimizer, _ = build_optimizer(cfg.optim, method, peak_lr / 1000)
+    optimizer, _ = build_optimizer(cfg.optim, method, peak_lr(cfg.optim.base_lr, cfg.train.global_batch) / 1000)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     fmt = torch.channels_last if device.type == "cuda" and cfg.train.channels_last else torch.contiguous_format
 
@@ -280,7 +272,7 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
     def fed():
         loader = build_train_loader(cfg, rank=info.rank, world_size=info.world_size, local_rank=info.local_rank,
                                     device=device if device.type == "cuda" else None)
-        batches = bench.endless(loader)
+        batches = endless(loader)
 
         def step() -> int:
             views = feed(next(batches).views)
@@ -425,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     wants_cuda = args.device != "cpu" and torch.cuda.is_available()
     info = init_distributed("cuda" if wants_cuda else "cpu")
     try:
-        device = pick_device(args.device, info.local_rank)
+        device, _ = pick_device(args.device, info.local_rank, strict=True, what="--device")
         fill_defaults(args, device)
         data_root, dataset = resolve_data(args, info)
         cfg = build_config(args, data_root, info.world_size)

@@ -21,6 +21,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from mscn.errors import MscnError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -35,6 +37,20 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def pick_device(pref: str, local_rank: int, strict: bool = False,
+                what: str = "train.device") -> tuple[torch.device, str | None]:
+    """``auto``/``cuda`` -> this rank's GPU when there is one; else the CPU, with a notice
+    when cuda was asked for (``strict``: an MscnError instead, for benchmarks that must not
+    silently measure the CPU)."""
+    if pref in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank), None
+    if pref == "cuda":
+        if strict:
+            raise MscnError(f"{what} cuda: no CUDA device is visible; use cpu")
+        return torch.device("cpu"), f"{what}=cuda but no CUDA device is visible: running on the CPU"
+    return torch.device("cpu"), None
 
 
 def env_local_rank() -> int:

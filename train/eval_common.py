@@ -24,7 +24,7 @@ from torch import nn
 from mscn.config import Config, apply_override, from_dict, highpass_window, load_config, to_dict
 from mscn.data.imagefolder import find_classes
 from mscn.errors import ConfigError, DataError, MscnError
-from mscn.train.distributed import DistInfo, init_distributed
+from mscn.train.distributed import DistInfo, env_local_rank, init_distributed, pick_device
 from mscn.train.models import ARCHS, build_backbone
 
 MOMENTUM = 0.9  # SGD momentum of the linear probe and fine-tuning (paper A.2, A.3)
@@ -280,11 +280,10 @@ def setup_runtime(device: str = "auto") -> Runtime:
     """CPU, one GPU, or one rank of a torchrun job (NCCL on GPU, gloo on CPU)."""
     if device not in ("auto", "cuda", "cpu"):
         raise MscnError(f"--device {device}: must be auto, cuda or cpu")
-    if device == "cuda" and not torch.cuda.is_available():  # same fallback as pretraining
-        print("[mscn] device cuda requested but no CUDA device is visible: evaluating on the CPU", flush=True)
-    kind = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
-    info = init_distributed(kind)
-    return Runtime(info, torch.device("cuda", info.local_rank) if kind == "cuda" else torch.device("cpu"))
+    dev, note = pick_device(device, env_local_rank(), what="--device")  # same CPU fallback as pretraining
+    if note:
+        print(f"[mscn] {note}", flush=True)
+    return Runtime(init_distributed(dev.type), dev)
 
 
 def class_count(train_root: str, val_root: str) -> int:

@@ -33,7 +33,7 @@ from mscn.train.distributed import convert_sync_batchnorm
 from mscn.train.eval_common import (MOMENTUM, Runtime, autocast, batch_to, class_count, eval_loader,
                                     evaluate_classifier, feature_dim, log_json, make_head, mean_over_ranks,
                                     setup_runtime)
-
+from mscn.train.schedule import peak_lr
 
 
 def read_subset(path: str | Path, train_root: str | Path) -> list[tuple[str, int]]:
@@ -81,8 +81,8 @@ def finetune(backbone: nn.Module, cfg: Config, train_root: str, val_root: str, s
     e = cfg.eval
     epochs = e.finetune_epochs if epochs is None else epochs
     batch = e.finetune_batch if batch is None else batch
-    lr_b = (e.finetune_backbone_lr if backbone_lr is None else backbone_lr) * batch / 256
-    lr_h = (e.finetune_head_lr if head_lr is None else head_lr) * batch / 256
+    lr_b = peak_lr(e.finetune_backbone_lr if backbone_lr is None else backbone_lr, batch)
+    lr_h = peak_lr(e.finetune_head_lr if head_lr is None else head_lr, batch)
     if epochs < 1 or batch < 1 or lr_b < 0 or lr_h <= 0:
         raise MscnError(f"fine-tuning: need epochs >= 1, batch >= 1, lr >= 0 (got {epochs}, {batch}, {lr_b}, {lr_h})")
     samples = read_subset(subset, train_root)

@@ -27,7 +27,7 @@ from mscn.train.distributed import broadcast_module
 from mscn.train.eval_common import (MOMENTUM, Runtime, accuracy, autocast, batch_to, class_count, eval_loader,
                                     evaluate_classifier, extract_features, feature_dim, log_json, make_head,
                                     mean_over_ranks, setup_runtime)
-from mscn.train.schedule import lr_at
+from mscn.train.schedule import lr_at, peak_lr
 
 
 def _step(head, opt, feats: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
@@ -64,7 +64,7 @@ def linear_probe(backbone: nn.Module, cfg: Config, train_root: str, val_root: st
     precompute = e.precompute_features if precompute is None else precompute
     if epochs < 1 or batch < 1 or base_lr <= 0:
         raise MscnError(f"linear probe: need epochs >= 1, batch >= 1, lr > 0 (got {epochs}, {batch}, {base_lr})")
-    peak_lr = base_lr * batch / 256
+    peak = peak_lr(base_lr, batch)
     num_classes = class_count(train_root, val_root)
 
     backbone = backbone.to(rt.device).eval()
@@ -73,13 +73,13 @@ def linear_probe(backbone: nn.Module, cfg: Config, train_root: str, val_root: st
     head = make_head(feature_dim(backbone, cfg.data.image_size, rt.device), num_classes).to(rt.device)
     # only the head has gradients to average; the frozen backbone stays outside DDP
     model = DDP(head, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.dist.enabled else head
-    opt = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=MOMENTUM, weight_decay=wd)
+    opt = torch.optim.SGD(head.parameters(), lr=peak, momentum=MOMENTUM, weight_decay=wd)
     t0 = time.time()
 
     if precompute:
         train_f, train_y = extract_features(backbone, eval_loader(cfg, train_root, rt, batch, train_views=False), rt.device)
         val_f, val_y = extract_features(backbone, eval_loader(cfg, val_root, rt, batch, train_views=False), rt.device)
-        _train_on_features(model, opt, train_f, train_y, rt, epochs, batch, peak_lr)
+        _train_on_features(model, opt, train_f, train_y, rt, epochs, batch, peak)
         head.eval()
         with torch.no_grad():
             res = accuracy(head(val_f), val_y)
@@ -93,20 +93,20 @@ def linear_probe(backbone: nn.Module, cfg: Config, train_root: str, val_root: st
                 x, y, _ = batch_to(b, rt.device)
                 with torch.no_grad(), autocast(rt.device):
                     f = backbone(x)
-                total += _step(model, opt, f.float(), y, lr_at(epoch * steps + i, epochs * steps, 0, peak_lr))
+                total += _step(model, opt, f.float(), y, lr_at(epoch * steps + i, epochs * steps, 0, peak))
             _end_epoch(rt, "linear probe", epoch + 1, total, steps, opt.param_groups[0]["lr"])
         val_loader = eval_loader(cfg, val_root, rt, batch, train_views=False)
         res = evaluate_classifier(nn.Sequential(backbone, head), val_loader, rt.device)
 
     return {"top1": res["top1"], "top5": res["top5"], "n_val": res["n"], "num_classes": num_classes,
             "epochs": epochs, "wall_s": round(time.time() - t0, 1),
-            "settings": {"base_lr": base_lr, "lr": peak_lr, "batch": batch, "weight_decay": wd,
+            "settings": {"base_lr": base_lr, "lr": peak, "batch": batch, "weight_decay": wd,
                          "momentum": MOMENTUM, "schedule": "cosine", "precompute": precompute,
                          "train_views": "center-crop (precomputed)" if precompute else "rrc+flip+highpass",
                          "world_size": rt.dist.world_size}}
 
 
-def _train_on_features(model, opt, feats, labels, rt: Runtime, epochs: int, batch: int, peak_lr: float) -> None:
+def _train_on_features(model, opt, feats, labels, rt: Runtime, epochs: int, batch: int, peak: float) -> None:
     """SGD over cached features. Every rank holds them all and takes its part of each
     global batch of a shared permutation, so the global batch is ``batch`` as in the
     image loop; the last partial batch is dropped, as the training loader does."""
@@ -119,6 +119,6 @@ def _train_on_features(model, opt, feats, labels, rt: Runtime, epochs: int, batc
         for i in range(steps):
             # tensor_split leaves no rank empty while the batch has >= world_size samples
             idx = perm[i * batch:(i + 1) * batch].tensor_split(rt.dist.world_size)[rt.dist.rank]
-            lr = lr_at(epoch * steps + i, epochs * steps, 0, peak_lr)
+            lr = lr_at(epoch * steps + i, epochs * steps, 0, peak)
             total += _step(model, opt, feats[idx], labels[idx], lr)
         _end_epoch(rt, "linear probe (precomputed)", epoch + 1, total, steps, lr)

@@ -39,21 +39,12 @@ from mscn.config import Config, load_config, to_dict, validate
 from mscn.errors import MscnError
 from mscn.train import checkpoint as ckpt
 from mscn.train.distributed import (DistInfo, barrier, broadcast_object, cleanup, convert_sync_batchnorm,
-                                    env_local_rank, init_distributed)
+                                    env_local_rank, init_distributed, pick_device)
 from mscn.train.lars import build_optimizer
 from mscn.train.methods import SiameseMethod, build_method
 from mscn.train.monitor import due, monitor_off_reason, online_knn
 from mscn.train.runlog import RunLog
-from mscn.train.schedule import lr_at
-
-
-def pick_device(pref: str, local_rank: int) -> tuple[torch.device, str | None]:
-    """``auto``/``cuda`` -> this rank's GPU when there is one; else CPU (with a notice if cuda was asked)."""
-    if pref in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", local_rank), None
-    if pref == "cuda":
-        return torch.device("cpu"), "train.device=cuda but no CUDA device is visible: training on the CPU"
-    return torch.device("cpu"), None
+from mscn.train.schedule import lr_at, peak_lr
 
 
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -182,12 +173,6 @@ class NonFiniteGuard:
                             f"{last[-1] if last else 'none'}; {fix}")
 
 
-def _endless(loader):
-    """Batches across DALI epochs: the loader resets itself at the end of each epoch."""
-    while True:
-        yield from loader
-
-
 def run_pretrain(cfg: Config, resume: str | None = "auto") -> dict:
     """Pretrain as configured; returns a summary (steps, loss, images/s, checkpoint paths)."""
     device, device_note = pick_device(cfg.train.device, env_local_rank())
@@ -199,7 +184,7 @@ def run_pretrain(cfg: Config, resume: str | None = "auto") -> dict:
 
 
 def _run(cfg: Config, resume: str | None, device: torch.device, device_note: str | None, info: DistInfo) -> dict:
-    from mscn.pipelines import build_train_loader  # DALI is heavy: imported only to train
+    from mscn.pipelines import build_train_loader, endless  # DALI is heavy: imported only to train
 
     validate(cfg, "<config>", world_size=info.world_size)
     cfg = with_synthetic_data(cfg, info)
@@ -213,10 +198,10 @@ def _run(cfg: Config, resume: str | None, device: torch.device, device_note: str
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     dtype = amp_dtype(cfg.train.precision, device)
-    peak_lr = cfg.optim.base_lr * cfg.train.global_batch / 256
+    peak = peak_lr(cfg.optim.base_lr, cfg.train.global_batch)
 
     method, model = build_model(cfg, device, info)
-    optimizer, groups_desc = build_optimizer(cfg.optim, method, peak_lr)
+    optimizer, groups_desc = build_optimizer(cfg.optim, method, peak)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     say(f"{cfg.method.name}/{cfg.model.arch} on {info.world_size} x {device.type}, "
         f"{cfg.train.global_batch // info.world_size} images x {len(cfg.views)} views per rank, "
@@ -256,7 +241,7 @@ def _run(cfg: Config, resume: str | None, device: torch.device, device_note: str
         say(f"already at step {start_step} of {end_step}: nothing to train")
         last_path = Path(resumed_from) if resumed_from else None
         final_path = Path(cfg.train.out_dir) / "final.pt" if (Path(cfg.train.out_dir) / "final.pt").is_file() else None
-    batches = _endless(loader)
+    batches = endless(loader)
     model.train()
     try:
         for step in range(start_step, end_step):
@@ -264,7 +249,7 @@ def _run(cfg: Config, resume: str | None, device: torch.device, device_note: str
                      for v in next(batches).views]
             if dtype is None:
                 views = [v.float() for v in views]
-            lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.schedule.min_lr_ratio)
+            lr = lr_at(step, total_steps, warmup_steps, peak, cfg.schedule.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             try:

@@ -9,6 +9,11 @@ from __future__ import annotations
 import math
 
 
+def peak_lr(base_lr: float, global_batch: int) -> float:
+    """Linear scaling rule: ``base_lr`` is per 256 images (SimCLR 0.3 -> 4.8 at 4096)."""
+    return base_lr * global_batch / 256
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr_ratio: float = 0.0) -> float:
     """Learning rate for optimizer step ``step`` (0-based).
 
