@@ -384,6 +384,19 @@ def _check_range(src: str, key: str, lo_hi: tuple, lo_min: float, strict_low: bo
     _check(ok, src, key, lo_hi, f"must be an increasing pair with min {'>' if strict_low else '>='} {lo_min}")
 
 
+def validate_mask(m: MaskCfg, src: str, key: str = "mask", max_grid: int | None = None) -> None:
+    """The ranges of one view's mask (paper §5.2); also used for MaskCfgs built in code."""
+    _check(0.0 <= m.ratio < 1.0, src, f"{key}.ratio", m.ratio, "must be in [0, 1)")
+    ok = isinstance(m.grid, int) and 1 <= m.grid and (max_grid is None or m.grid <= max_grid)
+    _check(ok, src, f"{key}.grid", m.grid,
+           f"must be an integer in [1, data.image_size={max_grid}]" if max_grid else "must be an integer >= 1")
+    for name in ("p_focal", "p_ind", "p_noise"):
+        _check_prob(src, f"{key}.{name}", getattr(m, name))
+    _check_range(src, f"{key}.focal_aspect", m.focal_aspect, 0.0, strict_low=True)
+    _check(m.noise_std >= 0.0 and math.isfinite(m.noise_std), src, f"{key}.noise_std", m.noise_std,
+           "must be a finite number >= 0")
+
+
 def validate(cfg: Config, src: str = "<config>", world_size: int = 1) -> None:
     """Reject out-of-range values with one line naming the key (and the file)."""
     d = cfg.data
@@ -416,13 +429,7 @@ def validate(cfg: Config, src: str = "<config>", world_size: int = 1) -> None:
         _check_range(src, f"{k}.blur_sigma", v.blur_sigma, 0.0, strict_low=True)
         _check(v.blur_window == 0 or (v.blur_window >= 3 and v.blur_window % 2 == 1), src,
                f"{k}.blur_window", v.blur_window, "must be 0 (auto) or an odd number >= 3")
-        m = v.mask
-        _check(0.0 <= m.ratio < 1.0, src, f"{k}.mask.ratio", m.ratio, "must be in [0, 1)")
-        _check(1 <= m.grid <= d.image_size, src, f"{k}.mask.grid", m.grid, f"must be in [1, data.image_size={d.image_size}]")
-        for name in ("p_focal", "p_ind", "p_noise"):
-            _check_prob(src, f"{k}.mask.{name}", getattr(m, name))
-        _check_range(src, f"{k}.mask.focal_aspect", m.focal_aspect, 0.0, strict_low=True)
-        _check(m.noise_std >= 0.0 and math.isfinite(m.noise_std), src, f"{k}.mask.noise_std", m.noise_std, "must be >= 0")
+        validate_mask(v.mask, src, f"{k}.mask", max_grid=d.image_size)
 
     h = cfg.highpass
     _check(h.sigma > 0, src, "highpass.sigma", h.sigma, "must be > 0")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mscn.config import MaskCfg
+from mscn.config import MaskCfg, validate_mask
 from mscn.errors import ConfigError, MscnError
 
 
@@ -92,19 +92,7 @@ def _cell_counts(offset: torch.Tensor, height: int, width: int, grid: int) -> to
 
 def check_mask_cfg(cfg: MaskCfg, key: str = "mask") -> None:
     """The ranges of ``mscn.config.validate`` for a MaskCfg built in code, not from a file."""
-    bad = None
-    if not 0.0 <= cfg.ratio < 1.0:
-        bad = ("ratio", "must be in [0, 1)")
-    elif not (isinstance(cfg.grid, int) and cfg.grid >= 1):
-        bad = ("grid", "must be an integer >= 1")
-    elif not all(0.0 <= getattr(cfg, p) <= 1.0 for p in ("p_focal", "p_ind", "p_noise")):
-        bad = ("p_focal/p_ind/p_noise", "must be probabilities in [0, 1]")
-    elif not 0.0 < cfg.focal_aspect[0] <= cfg.focal_aspect[1]:
-        bad = ("focal_aspect", "must be an increasing pair of positive numbers")
-    elif not (cfg.noise_std >= 0.0 and math.isfinite(cfg.noise_std)):
-        bad = ("noise_std", "must be a finite number >= 0")
-    if bad:
-        raise ConfigError(f"{key}.{bad[0]}: {bad[1]} (got {cfg})")
+    validate_mask(cfg, "<code>", key)
 
 
 def _uniform(shape, generator, device) -> torch.Tensor:
