@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,8 +94,10 @@ class DataCfg:
     synthetic_size: tuple[int, int] = (500, 375)  # width, height of synthetic JPEGs
     image_size: int = 224  # side of every view
     val_resize: int = 256  # eval: resize shorter side, then center-crop image_size
-    num_threads: int = 4  # DALI CPU threads per pipeline
-    hw_decoder_load: float = 0.65  # share of JPEGs sent to the GPU's hardware decoder
+    # "auto" for both is resolved per machine by mscn.pipelines.tuning (docs/PERFORMANCE.md
+    # says which measurements chose the rules)
+    num_threads: int | str = "auto"  # DALI CPU threads per pipeline, or "auto"
+    hw_decoder_load: float | str = "auto"  # share of JPEGs for the GPU's hardware JPEG decoder, or "auto"
     prefetch: int = 2  # DALI prefetch queue depth
     shuffle_buffer: int = 4096  # DALI random_shuffle buffer (samples) for file/wds readers
     output_dtype: str = "float32"  # float32 | float16 | bfloat16
@@ -218,6 +221,14 @@ def _convert(value: Any, tp: Any, key: str, src: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{src}: {key}: expected a list of {len(args)} values, got {value!r}")
         return tuple(_convert(v, a, f"{key}[{i}]", src) for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (typing.Union, types.UnionType):  # e.g. int | str: "auto" or a number
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(value, arg, key, src)
+            except ConfigError:
+                continue
+        names = " or ".join("a number" if a in (int, float) else "a string" for a in typing.get_args(tp))
+        raise ConfigError(f"{src}: {key}: expected {names}, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -404,8 +415,10 @@ def validate(cfg: Config, src: str = "<config>", world_size: int = 1) -> None:
            "must be one of auto, folder, filelist, wds")
     _check(d.image_size >= 8, src, "data.image_size", d.image_size, "must be >= 8")
     _check(d.val_resize >= d.image_size, src, "data.val_resize", d.val_resize, "must be >= data.image_size")
-    _check(d.num_threads >= 1, src, "data.num_threads", d.num_threads, "must be >= 1")
-    _check(0.0 <= d.hw_decoder_load <= 1.0, src, "data.hw_decoder_load", d.hw_decoder_load, "must be in [0, 1]")
+    _check(d.num_threads == "auto" or (isinstance(d.num_threads, int) and d.num_threads >= 1), src,
+           "data.num_threads", d.num_threads, "must be auto or an integer >= 1")
+    _check(d.hw_decoder_load == "auto" or (isinstance(d.hw_decoder_load, float) and 0.0 <= d.hw_decoder_load <= 1.0),
+           src, "data.hw_decoder_load", d.hw_decoder_load, "must be auto or a number in [0, 1]")
     _check(d.prefetch >= 1, src, "data.prefetch", d.prefetch, "must be >= 1")
     _check(d.shuffle_buffer >= 1, src, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 1")
     _check(d.output_dtype in ("float32", "float16", "bfloat16"), src, "data.output_dtype", d.output_dtype,

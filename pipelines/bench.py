@@ -313,7 +313,7 @@ def decode_step(cfg, info, device: torch.device) -> tuple[Callable[[], int], obj
     as the training pipeline; the decoded images stay inside DALI."""
     from nvidia.dali import pipeline_def
 
-    from mscn.pipelines.loader import pipeline_device, rank_seed
+    from mscn.pipelines.loader import machine_settings, pipeline_device, rank_seed
     from mscn.pipelines.ops import decode
     from mscn.pipelines.readers import read, resolve_source
 
@@ -325,9 +325,10 @@ def decode_step(cfg, info, device: torch.device) -> tuple[Callable[[], int], obj
 
     d, batch = cfg.data, cfg.train.global_batch // info.world_size
     kind, device_id = pipeline_device(device if device.type == "cuda" else None, info.local_rank)
+    threads, hw_load = machine_settings(cfg, kind, device_id)
     seed = rank_seed(cfg.train.seed, info.rank)
-    pipe = decode_only(resolve_source(d.root, d.format), kind, d.hw_decoder_load, info.rank, info.world_size,
-                       d.shuffle_buffer, seed, batch_size=batch, num_threads=d.num_threads,
+    pipe = decode_only(resolve_source(d.root, d.format), kind, hw_load, info.rank, info.world_size,
+                       d.shuffle_buffer, seed, batch_size=batch, num_threads=threads,
                        device_id=device_id, seed=seed, prefetch_queue_depth=d.prefetch)
     pipe.build()
 

@@ -175,6 +175,15 @@ def pipeline_device(device: torch.device | str | None, local_rank: int) -> tuple
     return "cpu", None
 
 
+def machine_settings(cfg, kind: str, device_id: int | None) -> tuple[int, float]:
+    """(DALI threads, hardware-decoder share) for this machine: ``data.num_threads`` and
+    ``data.hw_decoder_load`` with "auto" resolved (pipelines/tuning.py)."""
+    from mscn.pipelines.tuning import dali_threads, decoder_load
+
+    return (dali_threads(cfg.data.num_threads, kind == "gpu"),
+            decoder_load(cfg.data.hw_decoder_load, device_id if kind == "gpu" else None))
+
+
 def _highpass_plan(cfg, on_gpu: bool) -> tuple[tuple | None, tuple | None, str]:
     """(high-pass in the pipeline, high-pass in the adapter, dtype DALI emits).
 
@@ -198,11 +207,12 @@ def _views_loader(cfg, source: Source, views: list, batch: int, rank: int, world
     kind, device_id = pipeline_device(device, local_rank)
     in_pipe, in_adapter, pipe_dtype = _highpass_plan(cfg, kind == "gpu")
     d = cfg.data
+    threads, hw_load = machine_settings(cfg, kind, device_id)
     replay = Replay(rank, world_size, True, d.shuffle_buffer, False, seed, batch, d.prefetch)
     pipe = views_pipeline(source, views, image_size=d.image_size, mean=d.mean, std=d.std, highpass=in_pipe,
-                          device=kind, hw_decoder_load=d.hw_decoder_load, shard_id=rank, num_shards=world_size,
+                          device=kind, hw_decoder_load=hw_load, shard_id=rank, num_shards=world_size,
                           reader_seed=seed, shuffle=True, shuffle_buffer=d.shuffle_buffer, view_dtype=pipe_dtype,
-                          batch_size=batch, num_threads=d.num_threads, device_id=device_id, seed=seed,
+                          batch_size=batch, num_threads=threads, device_id=device_id, seed=seed,
                           prefetch_queue_depth=d.prefetch)
     return DaliLoader(pipe, source, len(views), policy=LastBatchPolicy.DROP, output_dtype=d.output_dtype,
                       highpass=in_adapter, mask_fn=mask_fn, replay=replay)
@@ -263,10 +273,11 @@ def build_eval_loader(cfg, root: str, rank: int = 0, world_size: int = 1, local_
     kind, device_id = pipeline_device(device, local_rank)
     in_pipe, in_adapter, pipe_dtype = _highpass_plan(cfg, kind == "gpu")
     d = cfg.data
+    threads, hw_load = machine_settings(cfg, kind, device_id)
     pipe = eval_pipeline(source, image_size=d.image_size, resize=d.val_resize, mean=d.mean, std=d.std,
-                         highpass=in_pipe, device=kind, hw_decoder_load=d.hw_decoder_load, shard_id=rank,
+                         highpass=in_pipe, device=kind, hw_decoder_load=hw_load, shard_id=rank,
                          num_shards=world_size, reader_seed=seed, view_dtype=pipe_dtype, batch_size=batch,
-                         num_threads=d.num_threads, device_id=device_id, seed=seed,
+                         num_threads=threads, device_id=device_id, seed=seed,
                          prefetch_queue_depth=d.prefetch)
     replay = Replay(rank, world_size, False, 1, True, seed, batch, d.prefetch)
     return DaliLoader(pipe, source, 1, policy=LastBatchPolicy.PARTIAL, output_dtype=d.output_dtype,

@@ -1,0 +1,60 @@
+"""Machine-dependent pipeline settings: what ``data.num_threads=auto`` and
+``data.hw_decoder_load=auto`` become on this machine.
+
+The rules come from measurements with ``scripts/bench_pipeline.py`` (docs/PERFORMANCE.md,
+"Tuning"): on the GPU path the CPU threads only read files, parse JPEG headers and
+draw random parameters, so more threads than about 8 per GPU made the pipeline
+*slower* (contention with the trainer's own thread and the decoder's CPU stage);
+on the CPU path DALI does all the work, so every core it can get helps.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# GPUs with a hardware JPEG decoder (NVJPG engines), by CUDA compute capability:
+# A100/A30 (8.0), Jetson Orin (8.7), H100/H200/GH200 (9.0), B200/GB200 (10.0).
+HW_JPEG_CAPABILITIES = {(8, 0), (8, 7), (9, 0), (10, 0)}
+GPU_MAX_THREADS = 8  # beyond this, more DALI threads were slower on a 16-core H100/H200 box
+HYBRID_LOAD = 0.65  # DALI's own default: the share the hardware decoder gets when it has a partner
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (cgroup/affinity aware on Linux)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def processes_per_node() -> int:
+    """Processes sharing this machine's cores: torchrun's LOCAL_WORLD_SIZE, else 1."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def dali_threads(setting: int | str, on_gpu: bool) -> int:
+    """``data.num_threads``: an integer is kept; "auto" is this process's share of the cores,
+    capped at :data:`GPU_MAX_THREADS` on the GPU path."""
+    if setting != "auto":
+        return int(setting)
+    share = max(1, usable_cores() // processes_per_node())
+    return max(1, min(share, GPU_MAX_THREADS)) if on_gpu else share
+
+
+def has_hw_jpeg_decoder(device: torch.device | int | None) -> bool:
+    if device is None or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) in HW_JPEG_CAPABILITIES
+
+
+def decoder_load(setting: float | str, device: torch.device | int | None) -> float:
+    """``data.hw_decoder_load``: a number is kept; "auto" is 1.0 on GPUs with a hardware
+    JPEG decoder (every JPEG goes to the NVJPG engines, so the hybrid decoder's CUDA
+    kernels stay off the SMs the trainer needs), else DALI's default 0.65 (ignored there)."""
+    if setting != "auto":
+        return float(setting)
+    return 1.0 if has_hw_jpeg_decoder(device) else HYBRID_LOAD
