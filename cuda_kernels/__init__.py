@@ -1,7 +1,8 @@
 """mscn.cuda_kernels: the MSCN masks (paper §5.2) applied to a batch of views.
 
-``apply_masks`` draws one decision table per view (``mscn.maskspec``) and fills the
-masks with the Triton kernel on CUDA tensors, or the plain-torch reference elsewhere.
+``apply_masks`` draws one decision table per view and fills the masks: on CUDA tensors
+both steps are Triton kernels (mask_tables_triton.py, mask_triton.py); elsewhere the
+torch sampler (``mscn.maskspec``) and the plain-torch reference do the same.
 A CUDA tensor that the kernel cannot take falls back to the reference with a one-time
 warning (the nanoGPT flash-attention pattern). Semantics and defaults: docs/MASKS.md.
 """
@@ -14,17 +15,18 @@ import torch
 
 from mscn.config import MaskCfg
 from mscn.cuda_kernels.mask_reference import apply_table_reference
-from mscn.errors import MscnError
-from mscn.maskspec import MaskTable, sample_mask_table, sample_tables
+from mscn.errors import ConfigError, MscnError
+from mscn.maskspec import MaskTable, check_mask_cfg, sample_mask_table, sample_tables
 
 try:  # Triton is absent on some platforms (macOS, Windows): the reference still works
+    from mscn.cuda_kernels.mask_tables_triton import kernel_supports, sample_mask_table_triton
     from mscn.cuda_kernels.mask_triton import apply_table_triton, kernel_unsupported
 except ImportError as e:  # pragma: no cover - depends on the install
     _TRITON_IMPORT_ERROR: str | None = f"triton is not importable ({e})"
 else:
     _TRITON_IMPORT_ERROR = None
 
-__all__ = ["MaskTable", "apply_masks", "apply_tables", "sample_mask_table", "sample_tables"]
+__all__ = ["MaskTable", "apply_masks", "apply_tables", "draw_tables", "sample_mask_table", "sample_tables"]
 
 BACKENDS = ("auto", "triton", "torch")
 _warned = False
@@ -50,6 +52,36 @@ def _pick_backend(x: torch.Tensor, backend: str) -> str:
         warnings.warn(f"mscn masks: Triton kernel unavailable for {why}; "
                       "using the slower plain-torch reference", RuntimeWarning, stacklevel=3)
     return "torch"
+
+
+def draw_tables(views: Sequence[torch.Tensor], cfgs: Sequence[MaskCfg],
+                generator: torch.Generator | None = None, *, backend: str = "auto") -> list[MaskTable]:
+    """One :class:`MaskTable` per view, drawn where the fill will run.
+
+    Triton backend: one launch of the table kernel per view (mask_tables_triton.py), each
+    view keyed by one Philox key drawn from ``generator`` in a single draw, so the whole
+    batch costs 1 + len(views) launches and no host sync. Torch backend: the vectorised
+    torch sampler (``mscn.maskspec``), the CPU path. Same semantics and distribution;
+    the random streams differ, so a seed reproduces tables within one backend.
+    """
+    if not views or _pick_backend(views[0], backend) != "triton" or any(
+            not kernel_supports(v.shape[2], v.shape[3], c) for v, c in zip(views, cfgs)):
+        return sample_tables(views, cfgs, generator)
+    if len(views) != len(cfgs):
+        raise ConfigError(f"views: the config has {len(cfgs)} views but {len(views)} tensors were given")
+    dev = views[0].device
+    rng_dev = generator.device if generator is not None else dev
+    keys = torch.randint(0, 2**62, (len(views),), generator=generator, device=rng_dev, dtype=torch.int64)
+    # non_blocking only towards a GPU (see maskspec._uniform)
+    keys = keys.to(dev, non_blocking=dev.type == "cuda")
+    tables = []
+    for i, (v, cfg) in enumerate(zip(views, cfgs)):
+        if v.dim() != 4 or not v.is_floating_point() or v.device != dev:
+            raise MscnError(f"view {i}: expected a floating (B, C, H, W) tensor on {dev}, "
+                            f"got {tuple(v.shape)} {v.dtype} on {v.device}")
+        check_mask_cfg(cfg, key=f"views[{i}].mask")
+        tables.append(sample_mask_table_triton(*v.shape, cfg, keys[i:i + 1]))
+    return tables
 
 
 def apply_tables(views: Sequence[torch.Tensor], tables: Sequence[MaskTable],
@@ -84,7 +116,7 @@ def apply_masks(views: list[torch.Tensor], cfgs: list[MaskCfg], generator: torch
     """
     if backend not in BACKENDS:
         raise MscnError(f"mask backend {backend!r}: must be one of {', '.join(BACKENDS)}")
-    tables = sample_tables(views, cfgs, generator)
+    tables = draw_tables(views, cfgs, generator, backend=backend)
     # ratio 0 masks nothing: skip the pass over memory (the table is still drawn, so the
     # generator advances the same way whatever the ratios)
     todo = [i for i, c in enumerate(cfgs) if c.ratio > 0]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from nvidia.dali import fn, pipeline_def
 
 from mscn.config import IMAGENET_MEAN, IMAGENET_STD
-from mscn.pipelines.ops import decode, finish
+from mscn.pipelines.ops import decode, normalize_highpass
 from mscn.pipelines.readers import Source, read
 
 
@@ -30,7 +30,7 @@ def eval_pipeline(source: Source, *, image_size: int = 224, resize: int = 256, m
     images = decode(encoded, device, hw_decoder_load)
     images = fn.resize(images, resize_shorter=resize, antialias=True)
     # the center crop happens in the normalize pass (crop_mirror_normalize)
-    outputs = [finish(images, mean, std, 0, highpass, view_dtype, crop=image_size)]
+    outputs = [normalize_highpass(images, mean, std, 0, highpass, view_dtype, crop=image_size)]
     if label is not None:
         outputs.append(label)
     if index is not None:

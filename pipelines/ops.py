@@ -84,25 +84,36 @@ def resized_crop(images: DataNode, shape: DataNode, size: int, scale, ratio) -> 
     return crop, (ext[0] * ext[1]) / (hw[0] * hw[1])
 
 
-def color_jitter(x: DataNode, view: ViewCfg) -> DataNode:
-    """SimCLR colour jitter with one fused ``fn.color_twist`` (factors as torchvision's).
+def colour(x: DataNode, view: ViewCfg) -> tuple[DataNode, DataNode, DataNode]:
+    """SimCLR colour jitter (p) then grayscale (p) as *one* ``fn.color_twist`` pass.
 
-    brightness/contrast/saturation factors ~ U[1-s, 1+s], hue ~ U[-h, h] of the hue
-    circle (DALI takes degrees). torchvision applies the four in a random order and
-    takes contrast around the image mean; DALI applies a fixed order (docs/PIPELINE.md).
+    Returns (image, jitter flag, gray flag). Per sample: jittered samples draw
+    brightness/contrast/saturation factors ~ U[1-s, 1+s] and hue ~ U[-h, h] of the hue
+    circle (DALI takes degrees), the others get the neutral 1, 1, 1, 0; gray samples
+    multiply the saturation by 0. The twist is one linear map (DALI works in YIQ), and
+    saturation 0 projects on luma Y = 0.299 R + 0.587 G + 0.114 B (torchvision's gray
+    weights), which absorbs the hue rotation and commutes with brightness and contrast,
+    so gray(jitter(x)) is this single pass, without the uint8 clamp between the two ops
+    and without two conditionals (each a split + merge copy on the GPU).
+    torchvision applies the four jitters in a random order and takes contrast around
+    the image mean; DALI applies a fixed order (docs/PIPELINE.md).
     """
-    return fn.color_twist(
-        x,
-        brightness=uniform(max(0.0, 1 - view.brightness), 1 + view.brightness),
-        contrast=uniform(max(0.0, 1 - view.contrast), 1 + view.contrast),
-        saturation=uniform(max(0.0, 1 - view.saturation), 1 + view.saturation),
-        hue=uniform(-360.0 * view.hue, 360.0 * view.hue),
-    )
+    jit, gray = coin(view.jitter_prob), coin(view.grayscale_prob)
+    if view.jitter_prob <= 0 and view.grayscale_prob <= 0:
+        return x, jit, gray
+    twist = {}
+    if view.jitter_prob > 0:
+        on = fn.cast(jit, dtype=types.FLOAT)
 
+        def factor(s: float) -> DataNode:  # U[1-s, 1+s] where jittered, 1 elsewhere
+            return 1.0 + on * (uniform(max(0.0, 1 - s), 1 + s) - 1.0)
 
-def grayscale(x: DataNode) -> DataNode:
-    """3-channel grayscale, Y = 0.299 R + 0.587 G + 0.114 B (torchvision's weights)."""
-    return fn.color_twist(x, saturation=0.0)
+        twist = dict(brightness=factor(view.brightness), contrast=factor(view.contrast),
+                     saturation=factor(view.saturation), hue=on * uniform(-360.0 * view.hue, 360.0 * view.hue))
+    if view.grayscale_prob > 0:
+        keep = 1.0 - fn.cast(gray, dtype=types.FLOAT)
+        twist["saturation"] = twist["saturation"] * keep if "saturation" in twist else keep
+    return fn.color_twist(x, **twist), jit, gray
 
 
 def gaussian_blur(x: DataNode, view: ViewCfg) -> DataNode:
@@ -143,8 +154,7 @@ def _maybe(p: float, x: DataNode, op) -> tuple[DataNode, DataNode]:
 def augment_view(images: DataNode, shape: DataNode, view: ViewCfg, size: int) -> tuple[DataNode, ViewFlags]:
     """One view's uint8 HWC augmentations, before normalization (flip is done there)."""
     x, area = resized_crop(images, shape, size, view.scale, view.ratio)
-    x, jit = _maybe(view.jitter_prob, x, lambda v: color_jitter(v, view))
-    x, gray = _maybe(view.grayscale_prob, x, grayscale)
+    x, jit, gray = colour(x, view)
     x, blur = _maybe(view.blur_prob, x, lambda v: gaussian_blur(v, view))
     x, sol = _maybe(view.solarize_prob, x, solarize)
     return x, ViewFlags(flip=coin(view.flip_prob), jitter=jit, gray=gray, blur=blur, solarize=sol, crop_area=area)
@@ -160,26 +170,40 @@ def normalize(x: DataNode, mean, std, flip: DataNode | int = 0, dtype=types.FLOA
 
 
 def highpass(x: DataNode, sigma: float, window: int) -> DataNode:
-    """``x - GaussianBlur(x, σ, window)`` on a float CHW image (paper §5.1).
+    """``x - GaussianBlur(x, σ, window)`` on a float image (paper §5.1), any layout.
 
-    DALI's border is reflect-101 (mscn/highpass.py). CHW float was the fastest layout
-    on DALI's CPU backend (planar rows; ~35% faster than blurring HWC), and on the GPU
-    it is a few cheap memory-bound passes.
+    DALI's border is reflect-101 (mscn/highpass.py). Kept for callers that hold an
+    already-normalized float image; the views use :func:`normalize_highpass`.
     """
     return x - fn.gaussian_blur(x, sigma=sigma, window_size=window)
 
 
-def finish(x: DataNode, mean, std, flip, hp: tuple[float, int] | None, output_dtype: str,
-           crop: int | None = None) -> DataNode:
-    """normalize -> high-pass (if ``hp`` = (σ, window)) -> output dtype, for one view.
+def normalize_highpass(x: DataNode, mean, std, flip, hp: tuple[float, int] | None, output_dtype: str,
+                       crop: int | None = None) -> DataNode:
+    """One view's uint8 HWC image -> its network input: normalized, high-passed (if
+    ``hp`` = (σ, window)), flipped, CHW, in the output dtype (paper §5.1).
 
-    float16 is emitted by DALI (half the bytes to copy); bfloat16 leaves DALI as
-    float32 and is cast by the loader (DALI has no bfloat16).
+    The high-pass is computed *before* the normalization: normalization is a per-channel
+    affine map and the Gaussian sums to 1 (also at reflect-101 borders), so
+    ``hp((x - mean) / std) = (x - blur(x)) / std`` exactly. That lets the blur read the
+    uint8 image (a quarter of the bytes of a float one) and folds the mean away; the
+    ``1/std``, flip, HWC -> CHW and the cast are then one ``crop_mirror_normalize``
+    pass, which also writes float16 directly. Passes over a view: blur (separable),
+    subtract, normalize — against normalize, blur, subtract, cast before.
+
+    ``crop``: centered ``crop`` x ``crop`` window (evaluation), cut *before* the blur so
+    that the border is reflected at the crop edges, as when blurring the cropped view.
+    float16 is emitted by DALI (half the bytes to copy); bfloat16 leaves DALI as float32
+    and is cast by the loader (DALI has no bfloat16).
     """
+    dtype = DALI_FLOAT[output_dtype]
     if hp is None:
-        return normalize(x, mean, std, flip, DALI_FLOAT[output_dtype], crop)
-    y = highpass(normalize(x, mean, std, flip, types.FLOAT, crop), *hp)
-    return fn.cast(y, dtype=types.FLOAT16) if output_dtype == "float16" else y
+        return normalize(x, mean, std, flip, dtype, crop)
+    if crop:
+        x = fn.crop(x, crop=[crop, crop], crop_pos_x=0.5, crop_pos_y=0.5)
+    sigma, window = hp
+    detail = x - fn.gaussian_blur(x, sigma=sigma, window_size=window, dtype=types.FLOAT)
+    return normalize(detail, (0.0, 0.0, 0.0), std, flip, dtype)
 
 
 def parse_ascii_int(text: DataNode, max_digits: int = 10) -> DataNode:

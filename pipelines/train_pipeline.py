@@ -14,7 +14,7 @@ from __future__ import annotations
 from nvidia.dali import fn, pipeline_def, types
 
 from mscn.config import IMAGENET_MEAN, IMAGENET_STD, ViewCfg
-from mscn.pipelines.ops import augment_view, decode, finish
+from mscn.pipelines.ops import augment_view, decode, normalize_highpass
 from mscn.pipelines.readers import Source, read
 
 FLAG_NAMES = ("flip", "jitter", "gray", "blur", "solarize")
@@ -60,7 +60,7 @@ def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 22
     outputs = []
     for view in views:  # trace time: one branch of the graph per view
         x, flags = augment_view(images, shape, view, image_size)
-        outputs.append(finish(x, mean, std, fn.cast(flags.flip, dtype=types.INT32), highpass, view_dtype))
+        outputs.append(normalize_highpass(x, mean, std, fn.cast(flags.flip, dtype=types.INT32), highpass, view_dtype))
         if debug_outputs:
             drawn = [getattr(flags, name) for name in FLAG_NAMES]
             outputs.append(fn.stack(*[fn.cast(f, dtype=types.INT32) for f in drawn]))

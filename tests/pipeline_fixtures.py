@@ -27,14 +27,19 @@ def make_image(rng: np.random.Generator, size=(64, 48)) -> Image.Image:
     return img
 
 
-def make_folder(root: Path, classes: int = 3, per_class: int = 10, size=(64, 48), seed: int = 0) -> Path:
-    """``root/c<k>/<i>.jpg``, ``classes * per_class`` JPEGs."""
+def make_folder(root: Path, classes: int = 3, per_class: int = 10, size=(64, 48), seed: int = 0,
+                ext: str = "jpg") -> Path:
+    """``root/c<k>/<i>.<ext>``, ``classes * per_class`` images (JPEG quality 90, or lossless PNG)."""
     rng = np.random.default_rng(seed)
     for c in range(classes):
         d = Path(root) / f"c{c}"
         d.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            make_image(rng, size).save(d / f"{i:03d}.jpg", quality=90)
+            img = make_image(rng, size)
+            if ext == "png":
+                img.save(d / f"{i:03d}.png")
+            else:
+                img.save(d / f"{i:03d}.{ext}", quality=90)
     return Path(root)
 
 

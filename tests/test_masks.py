@@ -12,13 +12,25 @@ from mscn.config import MaskCfg, load_config
 from mscn.cuda_kernels import apply_masks
 from mscn.cuda_kernels.mask_reference import apply_table_reference
 from mscn.errors import ConfigError, MscnError
-from mscn.maskspec import sample_mask_table
+from mscn.maskspec import MaskTable, sample_mask_table
 
 N = 4000  # views per statistical test
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel runs interpreted on the CPU
+# every statistical test runs on both table samplers: the torch one (the CPU path) and
+# the Triton table kernel (the GPU path); both must draw the same distribution
+SAMPLERS = pytest.mark.parametrize("sampler", ["torch", "triton"])
 
 
-def _table(cfg, b=N, c=3, h=224, w=224, seed=0):
-    return sample_mask_table(b, c, h, w, cfg, torch.Generator().manual_seed(seed))
+def _table(cfg, b=N, c=3, h=224, w=224, seed=0, sampler="torch"):
+    g = torch.Generator().manual_seed(seed)
+    if sampler == "torch":
+        return sample_mask_table(b, c, h, w, cfg, g)
+    from mscn.cuda_kernels.mask_tables_triton import sample_mask_table_triton
+
+    key = torch.randint(0, 2**62, (1,), generator=g, dtype=torch.int64).to(DEV)
+    t = sample_mask_table_triton(b, c, h, w, cfg, key)
+    fields = {f: getattr(t, f).cpu() for f in ("cells", "offset", "noise", "seed", "focal", "independent")}
+    return MaskTable(**fields, grid=t.grid, noise_std=t.noise_std, height=t.height, width=t.width)
 
 
 def _expected_k(t, ratio):
@@ -37,8 +49,9 @@ def _close(value, target, n, p=None):
     return abs(value - target) <= 5 * math.sqrt(p * (1 - p) / n) + 1e-9
 
 
-def test_random_masks_pick_exactly_round_ratio_cells_inside_the_grid():
-    t = _table(MaskCfg(p_focal=0.0))
+@SAMPLERS
+def test_random_masks_pick_exactly_round_ratio_cells_inside_the_grid(sampler):
+    t = _table(MaskCfg(p_focal=0.0), sampler=sampler)
     k = _expected_k(t, 0.15)
     assert torch.equal(t.cells.flatten(2).sum(-1), k[:, None].expand(-1, 3))
     counts = t.cell_counts()
@@ -51,18 +64,20 @@ def test_random_masks_pick_exactly_round_ratio_cells_inside_the_grid():
     assert per_cell.min() > 0.12 and per_cell.max() < 0.18
 
 
-def test_masked_pixel_fraction_matches_ratio():
-    t = _table(MaskCfg(grid=16), b=1000, h=96, w=96)
+@SAMPLERS
+def test_masked_pixel_fraction_matches_ratio(sampler):
+    t = _table(MaskCfg(grid=16), b=1000, h=96, w=96, sampler=sampler)
     frac = t.pixel_mask().float().mean().item()
     assert abs(frac - 0.15) < 0.01
-    t = _table(MaskCfg(grid=16, p_focal=0.0), b=1000, h=96, w=96)
+    t = _table(MaskCfg(grid=16, p_focal=0.0), b=1000, h=96, w=96, sampler=sampler)
     # cells partition the image, so E[masked pixels] = k/n of it even with partial cells
     expected = (_expected_k(t, 0.15) / t.cell_counts().prod(1)).mean().item()
     assert abs(t.pixel_mask().float().mean().item() - expected) < 0.003
 
 
-def test_focal_fraction_and_focal_masks_are_one_rectangle_of_about_k_cells():
-    t = _table(MaskCfg(p_ind=0.0))
+@SAMPLERS
+def test_focal_fraction_and_focal_masks_are_one_rectangle_of_about_k_cells(sampler):
+    t = _table(MaskCfg(p_ind=0.0), sampler=sampler)
     assert _close(t.focal[:, 0].float().mean().item(), 0.4, N)
     rect = _is_rectangle(t.cells)
     assert rect[t.focal].all()
@@ -76,28 +91,31 @@ def test_focal_fraction_and_focal_masks_are_one_rectangle_of_about_k_cells():
     assert (rows > cols).any() and (rows < cols).any()
 
 
-def test_channel_independent_fraction_and_shared_masks():
-    t = _table(MaskCfg(p_ind=0.8))
+@SAMPLERS
+def test_channel_independent_fraction_and_shared_masks(sampler):
+    t = _table(MaskCfg(p_ind=0.8), sampler=sampler)
     assert _close(t.independent.float().mean().item(), 0.8, N)
     same = (t.cells == t.cells[:, :1]).flatten(1).all(1)
     assert same[~t.independent].all()
     assert (~same[t.independent]).float().mean() > 0.95  # own draws almost never coincide
-    assert _close(_table(MaskCfg(p_ind=0.3)).independent.float().mean().item(), 0.3, N)
+    assert _close(_table(MaskCfg(p_ind=0.3), sampler=sampler).independent.float().mean().item(), 0.3, N)
 
 
-def test_noise_flag_and_grid_offsets():
-    t = _table(MaskCfg(p_noise=0.3, grid=32))
+@SAMPLERS
+def test_noise_flag_and_grid_offsets(sampler):
+    t = _table(MaskCfg(p_noise=0.3, grid=32), sampler=sampler)
     assert _close(t.noise.float().mean().item(), 0.3, N)
     off = t.offset.long()
     assert off.min() == 0 and off.max() == 31
     assert abs(off.float().mean().item() - 15.5) < 0.5
     assert len(set(t.seed.tolist())) == N
-    assert not _table(MaskCfg(random_offset=False)).offset.any()
+    assert not _table(MaskCfg(random_offset=False), sampler=sampler).offset.any()
 
 
+@SAMPLERS
 @pytest.mark.parametrize("h,w,g", [(224, 224, 32), (50, 70, 16), (33, 17, 5)])
-def test_mask_is_constant_inside_each_grid_cell(h, w, g):
-    t = _table(MaskCfg(grid=g, ratio=0.4), b=300, h=h, w=w)
+def test_mask_is_constant_inside_each_grid_cell(h, w, g, sampler):
+    t = _table(MaskCfg(grid=g, ratio=0.4), b=300, h=h, w=w, sampler=sampler)
     pix = t.pixel_mask()
     dy, dx = t.offset[:, 0].long(), t.offset[:, 1].long()
     # the mask may only change between pixels h-1 and h where (h + dy) % g == 0

@@ -12,7 +12,7 @@ from pipeline_fixtures import make_folder
 from mscn.config import IMAGENET_MEAN, IMAGENET_STD, highpass_window
 from mscn.highpass import gaussian_kernel, highpass_matmul, highpass_reference_f64, highpass_torch
 from mscn.pipelines import resolve_source
-from mscn.pipelines.ops import decode, highpass, normalize
+from mscn.pipelines.ops import decode, highpass, normalize, normalize_highpass
 
 
 def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
@@ -66,3 +66,28 @@ def test_dali_highpass_matches_float64_reference_on_jpegs(tmp_path, sigma):
         ref = highpass_reference_f64(x, sigma, win, channel_axis=0)
         assert rel_err(hp[:, r:-r, r:-r], ref[:, r:-r, r:-r]) < 1e-3  # the issue's criterion
         assert rel_err(hp, ref) < 1e-3  # and the borders: DALI's border is reflect-101 too
+
+
+@pipeline_def(batch_size=6, num_threads=1, device_id=None)
+def _views_fused(source, sigma, window, crop, dtype):
+    encoded, _ = fn.readers.file(file_root=source.root, files=list(source.files))
+    x = decode(encoded)
+    flip = fn.random.coin_flip(probability=0.5, dtype=types.INT32)
+    plain = normalize(x, IMAGENET_MEAN, IMAGENET_STD, flip, types.FLOAT, crop)
+    return plain, normalize_highpass(x, IMAGENET_MEAN, IMAGENET_STD, flip, (sigma, window), dtype, crop)
+
+
+@pytest.mark.parametrize("crop,dtype", [(None, "float32"), (40, "float32"), (None, "float16")])
+def test_highpass_before_normalization_equals_highpass_of_normalized_view(tmp_path, crop, dtype):
+    """The views' fused path, blur(uint8) -> subtract -> 1/std + flip + CHW + cast in one pass,
+    against the float64 high-pass of the normalized (flipped, cropped) view: §5.1's order."""
+    source = resolve_source(str(make_folder(tmp_path, classes=2, per_class=3, size=(80, 60))))
+    sigma, win = 5.0, highpass_window(5.0)
+    pipe = _views_fused(source, sigma, win, crop, dtype)
+    pipe.build()
+    plains, fused = pipe.run()
+    for i in range(len(plains)):
+        x, hp = np.array(plains[i]), np.array(fused[i])
+        assert hp.dtype == (np.float16 if dtype == "float16" else np.float32) and hp.shape == x.shape
+        ref = highpass_reference_f64(x, sigma, win, channel_axis=0)
+        assert rel_err(hp.astype(np.float64), ref) < (1e-3 if dtype == "float16" else 1e-5)

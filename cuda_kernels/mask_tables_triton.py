@@ -1,0 +1,167 @@
+"""Triton kernel that draws the MSCN mask decision tables (paper §5.2) in one launch per view.
+
+The torch sampler (``mscn.maskspec.sample_mask_table``) is vectorised but costs dozens
+of small kernel launches per view (argsorts, comparisons, gathers): ~1 ms per view on
+an H200, ten times the fill itself. This kernel makes the same decisions, with the
+same distribution, from Philox counters inside one launch:
+
+* one *row* is one (sample, channel) plane; a program takes ``BLOCK_S`` rows and
+  the ``NCELL`` (power of two >= nH * nW) cells of each;
+* per sample: grid offset, channel independence, noise flag and the fill kernel's
+  Philox seed; per channel draw: the focal flag, the rectangle (aspect, top, left)
+  and one 32-bit score per cell;
+* "exactly k cells uniformly without replacement" = the k smallest scores: the row's
+  keys ``score * NCELL + cell`` are unique (no ties), and a radix select over their
+  bits finds the k-th smallest in ~40 compare-and-count passes over registers, no
+  sort (``tl.sort``'s xor reductions also crawl under the CPU interpreter);
+* a channel that shares its sample's mask reads channel 0's counters, so the shared
+  draw is identical in every channel without communication between rows.
+
+``k = round(ratio * n)`` needs float64 to round exactly as the torch sampler does,
+so the host computes it for the (at most 2 x 2) grid sizes an offset can produce.
+Every counter is distinct per (sample, purpose, channel, cell) and every view gets
+its own Philox key, drawn from the caller's ``torch.Generator``: a seeded generator
+reproduces the tables. Under ``TRITON_INTERPRET=1`` the same kernel runs on CPU tensors.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from mscn.config import MaskCfg
+from mscn.maskspec import MaskTable
+
+from mscn.cuda_kernels.mask_triton import INTERPRETED
+
+MAX_CELLS = 4096  # per plane; a finer grid than that (e.g. 3 px cells at 224) uses the torch sampler
+# rows x cells per program: on a GPU, what stays in registers; the CPU interpreter pays
+# per program and per op, not per element, so it gets few, large programs
+_ELEMS_PER_PROGRAM = 65536 if INTERPRETED else 4096
+
+
+@triton.jit
+def _table_kernel(key_ptr, cells_ptr, offset_ptr, noise_ptr, seed_ptr, focal_ptr, indep_ptr,
+                  rows_total, C, H, W, nH, nW, nh_min, nw_min, k00, k01, k10, k11,
+                  p_focal, p_ind, p_noise, log_lo, log_hi,
+                  GRID: tl.constexpr, RANDOM_OFFSET: tl.constexpr,
+                  BLOCK_S: tl.constexpr, NCELL: tl.constexpr, KEY_BITS: tl.constexpr):
+    key = tl.load(key_ptr)  # this view's Philox key
+    row = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)  # (S,) = b * C + c
+    live = row < rows_total
+    b = row // C
+    c = row % C
+    stride = 8 + C * (NCELL + 4)  # counters per sample: 8 per-sample, then per channel draw
+    base = b * stride
+
+    # per-sample draws (every channel of the sample computes the same values)
+    if RANDOM_OFFSET:
+        dy = tl.minimum((tl.rand(key, base + 0) * GRID).to(tl.int32), GRID - 1)
+        dx = tl.minimum((tl.rand(key, base + 1) * GRID).to(tl.int32), GRID - 1)
+    else:
+        dy = tl.zeros([BLOCK_S], dtype=tl.int32)
+        dx = tl.zeros([BLOCK_S], dtype=tl.int32)
+    indep = tl.rand(key, base + 2) < p_ind
+    noisy = tl.rand(key, base + 3) < p_noise
+    hi = tl.randint(key, base + 4).to(tl.int64) & 0x3FFFFFFF
+    lo = tl.randint(key, base + 5).to(tl.int64) & 0xFFFFFFFF
+    fill_seed = (hi << 32) | lo
+
+    nh = (H + dy + GRID - 1) // GRID  # cells per side that touch the image
+    nw = (W + dx + GRID - 1) // GRID
+    big_h = nh > nh_min
+    big_w = nw > nw_min
+    k = tl.where(big_h, tl.where(big_w, k11, k10), tl.where(big_w, k01, k00))  # (S,) int32
+
+    # per channel draw: a shared mask reads channel 0's counters
+    ch = tl.where(indep, c, 0)
+    cbase = base + 8 + ch * (NCELL + 4)
+    focal = tl.rand(key, cbase + NCELL) < p_focal
+    aspect = tl.exp(log_lo + tl.rand(key, cbase + NCELL + 1) * (log_hi - log_lo))
+    kf = k.to(tl.float32)
+    fh = tl.minimum(tl.maximum(tl.floor(tl.sqrt(kf * aspect) + 0.5).to(tl.int32), 1), nh)
+    fw = tl.minimum(tl.maximum(tl.floor(kf / fh.to(tl.float32) + 0.5).to(tl.int32), 1), nw)
+    fh = tl.where(k > 0, fh, 0)
+    top = tl.floor(tl.rand(key, cbase + NCELL + 2) * (nh - fh + 1).to(tl.float32)).to(tl.int32)
+    left = tl.floor(tl.rand(key, cbase + NCELL + 3) * (nw - fw + 1).to(tl.float32)).to(tl.int32)
+
+    j = tl.arange(0, NCELL)[None, :]  # (1, N): cell index r * nW + q in the padded table
+    r = j // nW
+    q = j % nW
+    valid = (r < nh[:, None]) & (q < nw[:, None])  # (S, N)
+    score = tl.randint(key, cbase[:, None] + j).to(tl.int64) & 0xFFFFFFFF
+    keys = tl.where(valid, score, 0x100000000) * NCELL + j  # unique; invalid cells rank last
+    # radix select of the k-th smallest key, high bit first: ``kth`` ends as the largest
+    # value with fewer than k keys below it, i.e. the k-th smallest key itself
+    kth = tl.zeros([BLOCK_S], dtype=tl.int64)
+    one = tl.full([BLOCK_S], 1, dtype=tl.int64)
+    for bit in tl.static_range(KEY_BITS - 1, -1, -1):
+        trial = kth | (one << bit)
+        below = tl.sum((keys < trial[:, None]).to(tl.int32), axis=1)
+        kth = tl.where(below < k, trial, kth)
+    picked = (keys <= kth[:, None]) & (k[:, None] > 0)
+    in_rect = ((r >= top[:, None]) & (r < (top + fh)[:, None])
+               & (q >= left[:, None]) & (q < (left + fw)[:, None]))
+    cells = tl.where(focal[:, None], in_rect, picked) & valid
+
+    tl.store(cells_ptr + row[:, None].to(tl.int64) * (nH * nW) + j, cells.to(tl.uint8),
+             mask=live[:, None] & (j < nH * nW))
+    tl.store(focal_ptr + row, focal.to(tl.uint8), mask=live)
+    first = live & (c == 0)
+    tl.store(offset_ptr + 2 * b, dy, mask=first)
+    tl.store(offset_ptr + 2 * b + 1, dx, mask=first)
+    tl.store(indep_ptr + b, indep.to(tl.uint8), mask=first)
+    tl.store(noise_ptr + b, noisy.to(tl.uint8), mask=first)
+    tl.store(seed_ptr + b, fill_seed, mask=first)
+
+
+def table_shape(height: int, width: int, cfg: MaskCfg) -> tuple[int, int]:
+    """(nH, nW): rows and columns of the padded table (room for the largest offset grid)."""
+    span = cfg.grid - 1 if cfg.random_offset else 0
+    return -(-(height + span) // cfg.grid), -(-(width + span) // cfg.grid)
+
+
+def kernel_supports(height: int, width: int, cfg: MaskCfg) -> bool:
+    nH, nW = table_shape(height, width, cfg)
+    return nH * nW <= MAX_CELLS
+
+
+def _cell_count_k(ratio: float, n: int) -> int:
+    """round(ratio * n), halves up, in float64: the torch sampler's rule exactly."""
+    return math.floor(ratio * n + 0.5)
+
+
+def sample_mask_table_triton(batch: int, channels: int, height: int, width: int, cfg: MaskCfg,
+                             key: torch.Tensor) -> MaskTable:
+    """One view's :class:`MaskTable`, drawn on ``key``'s device with Philox key ``key[0]``.
+
+    ``key``: an int64 tensor of one element (drawn from the caller's generator, so no host
+    sync is needed to pass it). The table's semantics are those of
+    ``mscn.maskspec.sample_mask_table``; only the random stream differs.
+    """
+    dev, g = key.device, cfg.grid
+    nH, nW = table_shape(height, width, cfg)
+    ncell = triton.next_power_of_2(nH * nW)
+    nh_min, nw_min = -(-height // g), -(-width // g)
+    ks = [_cell_count_k(cfg.ratio, (nh_min + i) * (nw_min + j)) for i in (0, 1) for j in (0, 1)]
+    cells = torch.empty(batch, channels, nH, nW, dtype=torch.bool, device=dev)
+    offset = torch.empty(batch, 2, dtype=torch.int32, device=dev)
+    noise = torch.empty(batch, dtype=torch.bool, device=dev)
+    seed = torch.empty(batch, dtype=torch.int64, device=dev)
+    focal = torch.empty(batch, channels, dtype=torch.bool, device=dev)
+    indep = torch.empty(batch, dtype=torch.bool, device=dev)
+    block_s = max(1, _ELEMS_PER_PROGRAM // ncell)
+    rows = batch * channels
+    lo, hi = (math.log(a) for a in cfg.focal_aspect)
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        _table_kernel[(triton.cdiv(rows, block_s),)](
+            key, cells.view(torch.uint8), offset, noise.view(torch.uint8), seed, focal.view(torch.uint8),
+            indep.view(torch.uint8), rows, channels, height, width, nH, nW, nh_min, nw_min, *ks,
+            float(cfg.p_focal), float(cfg.p_ind), float(cfg.p_noise), lo, hi,
+            GRID=g, RANDOM_OFFSET=bool(cfg.random_offset), BLOCK_S=block_s, NCELL=ncell, KEY_BITS=33 + ncell.bit_length() - 1,
+            num_warps=4 if ncell * block_s <= 2048 else 8)
+    return MaskTable(cells=cells, offset=offset, noise=noise, seed=seed, focal=focal, independent=indep,
+                     grid=g, noise_std=float(cfg.noise_std), height=height, width=width)
