@@ -1,7 +1,9 @@
-"""Benchmark of the MSCN mask step (paper §5.2): Triton kernel vs torch reference vs a copy.
+"""Benchmark of the MSCN mask step (paper §5.2): Triton kernels vs torch reference vs a copy.
 
-GPU: CUDA events, median over --runs, for 4 views x 256 x 3 x 224 x 224 fp32 by default:
-the table sampling, the kernel in place and out of place, the whole ``apply_masks``,
+GPU: median time per call over --runs windows (benchkit's ``measure``: synchronized
+before every clock read, so a call's launch overhead counts as it does in training),
+for 4 views x 256 x 3 x 224 x 224 fp32 by default: the tables (Triton table kernel and
+torch sampler), the fill kernel in place and out of place, the whole ``apply_masks``,
 the torch reference on the same GPU, and a device-to-device copy of the same bytes.
 "Effective GB/s" counts every view element read once and written once (2 x bytes),
 the issue's yardstick, whatever the kernel really moves (in place it only writes the
@@ -15,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
+from benchkit.timing import device_sync, measure, per_step_ms
 from mscn.config import load_config
-from mscn.cuda_kernels import apply_masks, apply_tables, sample_tables
+from mscn.cuda_kernels import apply_masks, apply_tables, draw_tables, sample_tables
 
 # name: (views, batch, channels, height, width, config whose view masks are used)
 PRESETS = {
@@ -31,25 +32,15 @@ PRESETS = {
 }
 
 
-def median_ms(fn, runs: int, warmup: int, cuda: bool) -> float:
-    """Median wall time of fn() in ms: CUDA events around each run, or perf_counter on CPU."""
-    for _ in range(warmup):
+def median_ms(fn, runs: int, warmup: int, device: torch.device) -> float:
+    """Median wall time of one fn() call in ms: ``runs`` windows of 10 calls each."""
+    def step() -> int:
         fn()
-    times = []
-    for _ in range(runs):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        return 1
+
+    m = measure("masks", step, views=1, warmup=warmup, iters=10, repeats=runs, sync=device_sync(device),
+                device=device if device.type == "cuda" else None)
+    return per_step_ms(m, 10)
 
 
 def bench_preset(name: str, args, device: torch.device) -> dict:
@@ -62,16 +53,17 @@ def bench_preset(name: str, args, device: torch.device) -> dict:
     gen = torch.Generator(device).manual_seed(0)
     views = [torch.randn(B, C, H, W, device=device, dtype=dtype) for _ in range(n_views)]
     nbytes = sum(v.numel() * v.element_size() for v in views)
-    runs = args.runs or (50 if cuda else 5)
+    runs = args.runs or (20 if cuda else 3)
     warmup = 3 if cuda else 1
     tables = sample_tables(views, cfgs, gen)
 
     def t(fn, n=runs):
-        return median_ms(fn, n, warmup, cuda)
+        return median_ms(fn, n, warmup, device)
 
     rows = {}
-    rows["tables (sample_tables)"] = t(lambda: sample_tables(views, cfgs, gen))
+    rows["tables, torch sampler (sample_tables)"] = t(lambda: sample_tables(views, cfgs, gen))
     if cuda:
+        rows["tables, Triton kernel (draw_tables)"] = t(lambda: draw_tables(views, cfgs, gen, backend="triton"))
         rows["triton in place"] = t(lambda: apply_tables(views, tables, inplace=True, backend="triton"))
         rows["triton out of place"] = t(lambda: apply_tables(views, tables, inplace=False, backend="triton"))
         rows["apply_masks triton in place"] = t(lambda: apply_masks(views, cfgs, gen, backend="triton"))
@@ -99,7 +91,8 @@ def bench_preset(name: str, args, device: torch.device) -> dict:
               "dtype": args.dtype, "bytes_per_direction": nbytes, "runs": runs, "ms": rows}
     if cuda:
         k = rows["apply_masks triton in place"]
-        print(f"SUMMARY masks {name} on {device_name(device)}: apply_masks {k:.3f} ms "
+        print(f"SUMMARY masks {name} on {device_name(device)}: apply_masks {k:.3f} ms (tables "
+              f"{rows['tables, Triton kernel (draw_tables)']:.3f} ms) "
               f"({2 * nbytes / k / 1e6:.0f} GB/s effective), kernel out of place "
               f"{rows['triton out of place']:.3f} ms, {ref / k:.1f}x the torch reference, "
               f"copy {copy:.3f} ms ({2 * nbytes / copy / 1e6:.0f} GB/s)")
@@ -119,7 +112,7 @@ def main(argv=None) -> None:
                     help="repeatable; default: h100 on a GPU, demo and cpu224 on CPU")
     ap.add_argument("--config", default=None, help="take the view masks from this config (path or recipe name)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    ap.add_argument("--runs", type=int, default=0, help="timed runs per step (default 50 GPU, 5 CPU)")
+    ap.add_argument("--runs", type=int, default=0, help="timed windows of 10 calls per step (default 20 GPU, 3 CPU)")
     ap.add_argument("--cpu", action="store_true", help="benchmark the CPU reference even if a GPU is present")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)

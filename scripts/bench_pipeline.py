@@ -8,16 +8,24 @@
     python scripts/bench_pipeline.py --data DIR --train --arch resnet18      # input-bound fraction
     torchrun --standalone --nproc_per_node=8 scripts/bench_pipeline.py --data DIR   # per GPU + node total
 
-Stages, each timed in this run (paper §5.1-5.2): ``decode`` alone; ``views`` (+ the N
-random-resized-crop/flip/colour/grayscale/blur/normalize views); ``highpass`` (+ the
-§5.1 high-pass); ``masks`` (+ the §5.2 masks: the training input). Baselines:
-``torchvision`` (PIL/torchvision DataLoader doing the same work) and ``dali-plain``
-(DALI without high-pass and masks). Config overrides (``key=value``) go before the
-flags. How to read the numbers: docs/PERFORMANCE.md.
+Stages, each timed in this run (paper §5.1-5.2): ``decode`` alone; ``bare`` (+ the N
+views' random-resized crop, flip and normalize); ``views`` (+ colour jitter, grayscale,
+blur, solarize); ``highpass`` (+ the §5.1 high-pass); ``masks`` (+ the §5.2 masks: the
+training input, delivered as torch tensors). Baselines: ``torchvision`` (PIL/torchvision
+DataLoader doing the same work) and ``dali-plain`` (the pipeline a user would write by
+hand with DALI's own ops: same views and high-pass, no masks).
+
+``--train`` attributes the trainer's lost speed to the stages: the same training step
+fed by synthetic views already on the device, then by each stage's pipeline (bare,
++ colour/blur, + high-pass, + masks), each row with images/s, the share of the
+synthetic speed it keeps and the milliseconds per step it takes from the trainer.
+Config overrides (``key=value``) go before the flags. How to read the numbers:
+docs/PERFORMANCE.md.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -28,15 +36,16 @@ from pathlib import Path
 
 import torch
 
+from benchkit import env as benv
+from benchkit import report, steps, timing
 from mscn.config import load_config, validate
 from mscn.errors import MscnError
-from mscn.pipelines import bench
+from mscn.pipelines.tuning import usable_cores
 from mscn.train.distributed import barrier, pick_device
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("decode", "views", "highpass", "masks")
-LABELS = {"decode": "decode", "views": "+ views", "highpass": "+ high-pass", "masks": "+ masks",
-          "torchvision": "torchvision/PIL", "dali-plain": "DALI plain (no high-pass/masks)"}
+STAGES = ("decode", "bare", "views", "highpass", "masks")
+FEEDS = ("bare", "views", "highpass", "masks")  # the pipelines --train feeds the trainer with
 # Small on the 2-core CI box (the whole default run fits in ~1 min), ImageNet-scale on a GPU.
 DEFAULTS = {"cpu": dict(batch=32, warmup=2, iters=3, repeats=3, train_steps=3, arch="resnet18",
                         baseline_workers=2),
@@ -67,6 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="timed windows (CPU 3, GPU 5)")
     p.add_argument("--stages", help=f"comma list of {','.join(STAGES)} (default: all, "
                                     "none with --sweep/--train)")
+    p.add_argument("--feeds", help=f"--train: comma list of {','.join(FEEDS)} (default: all)")
+    p.add_argument("--no-priority-row", action="store_true",
+                   help="--train on a GPU: skip the row with the trainer on a high-priority CUDA stream")
     p.add_argument("--baseline", action="append", default=[], help="torchvision and/or dali-plain")
     p.add_argument("--baseline-workers", type=int, help="DataLoader workers of the torchvision baseline")
     p.add_argument("--sweep", nargs="+", metavar="KEY=V1,V2", help="e.g. threads=4,8 hw_decoder_load=0,0.65 batch=128")
@@ -90,7 +102,7 @@ def fill_defaults(args: argparse.Namespace, device: torch.device) -> None:
         if getattr(args, key) is None and not (key == "arch" and _overridden(args, "model.arch")):
             setattr(args, key, value)
     if args.threads is None and device.type == "cpu" and not _overridden(args, "data.num_threads"):
-        args.threads = bench.usable_cores()  # the recipe's 8 threads oversubscribe a small box
+        args.threads = usable_cores()  # DALI does all the work on the CPU path
     names = [s for item in args.baseline for s in item.split(",") if s]
     bad = sorted(set(names) - {"torchvision", "dali-plain"})
     if bad:
@@ -103,8 +115,13 @@ def fill_defaults(args: argparse.Namespace, device: torch.device) -> None:
         unknown = sorted(set(stages) - set(STAGES))
         if unknown:
             raise MscnError(f"--stages {args.stages}: unknown {', '.join(unknown)} (valid: {','.join(STAGES)})")
+    feeds = [f.strip() for f in (args.feeds or ",".join(FEEDS)).split(",") if f.strip()]
+    unknown = sorted(set(feeds) - set(FEEDS))
+    if unknown:
+        raise MscnError(f"--feeds {args.feeds}: unknown {', '.join(unknown)} (valid: {','.join(FEEDS)})")
+    args.feeds = [f for f in FEEDS if f in feeds]
     if args.sweep:
-        bench.parse_sweep(args.sweep)  # fail on a typo now, not after the stages ran
+        benv.parse_sweep(args.sweep)  # fail on a typo now, not after the stages ran
     if args.baseline and "masks" not in stages:
         stages.append("masks")  # a baseline ratio is against the full pipeline
     args.stages = [s for s in STAGES if s in stages]
@@ -154,34 +171,66 @@ def resolve_data(args: argparse.Namespace, info) -> tuple[str, dict]:
 # What one timed step is, per stage
 # ----------------------------------------------------------------------------------
 
-def stage_step(stage: str, cfg, info, device: torch.device):
-    """(step, keep-alive object) for one stage; the step returns the images it produced."""
+def stage_config(cfg, stage: str):
+    """The config whose pipeline stops after ``stage`` (masks are the loader's switch)."""
+    if stage in ("bare", "views", "dali-plain"):
+        cfg = dataclasses.replace(cfg, highpass=dataclasses.replace(cfg.highpass, enabled=False))
+    if stage == "bare":  # crop + flip + normalize only
+        off = dict(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0)
+        cfg = dataclasses.replace(cfg, views=[dataclasses.replace(v, **off) for v in cfg.views])
+    return cfg
+
+
+def stage_loader(cfg, stage: str, info, device: torch.device):
     from mscn.pipelines.loader import build_train_loader
 
+    return build_train_loader(stage_config(cfg, stage), rank=info.rank, world_size=info.world_size,
+                              local_rank=info.local_rank, device=device if device.type == "cuda" else None,
+                              apply_mask=stage == "masks")
+
+
+def where(cfg, info, device: torch.device) -> steps.Placement:
+    return steps.placement(cfg, device, info.rank, info.world_size, info.local_rank)
+
+
+def stage_step(stage: str, cfg, info, device: torch.device):
+    """(step, keep-alive object) for one stage; the step returns the images it produced."""
     if stage == "decode":
-        return bench.decode_step(cfg, info, device)
-    if stage in ("views", "dali-plain"):
-        cfg = dataclasses.replace(cfg, highpass=dataclasses.replace(cfg.highpass, enabled=False))
-    loader = build_train_loader(cfg, rank=info.rank, world_size=info.world_size, local_rank=info.local_rank,
-                                device=device if device.type == "cuda" else None, apply_mask=stage == "masks")
-    return bench.loader_step(loader), loader
+        return steps.decode_step(cfg, where(cfg, info, device))
+    loader = stage_loader(cfg, stage, info, device)
+    return steps.loader_step(loader), loader
+
+
+def device_used(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free
 
 
 def run_measure(name: str, make_step, args, info, device: torch.device, warmup=None, iters=None,
                 repeats=None, profile: bool = False) -> dict:
-    """Build, time and free one configuration; per-rank figures are gathered on every rank."""
+    """Build, time and free one configuration; per-rank figures are gathered on every rank.
+
+    ``device_bytes_added``: device memory in use during the windows minus before the
+    build (cudaMemGetInfo, DALI's pool included). DALI keeps its pool after a pipeline
+    is freed, so this is the pipeline's own footprint only for the first pipeline of a
+    process (gpu_check.sh measures it in a process of its own)."""
     barrier()  # all ranks time together: they share the node's CPUs
+    before = device_used(device)
     t0 = time.perf_counter()
     step, keep = make_step()
-    m = bench.measure(name, step, views=args.views, warmup=args.warmup if warmup is None else warmup,
-                      iters=iters or args.iters, repeats=repeats or args.repeats,
-                      sync=bench.device_sync(device), device=device, build_s=time.perf_counter() - t0)
+    m = timing.measure(name, step, views=args.views, warmup=args.warmup if warmup is None else warmup,
+                       iters=iters or args.iters, repeats=repeats or args.repeats,
+                       sync=timing.device_sync(device), device=device, build_s=time.perf_counter() - t0)
+    if before is not None:
+        m.extra["device_bytes_added"] = m.gpu_memory["device_used_bytes"] - before
     if profile and args.profile:
-        bench.profile_steps(step, Path(args.profile) / f"{name}_rank{info.rank}.json", 2,
-                            bench.device_sync(device), device)
+        steps.profile_steps(step, Path(args.profile) / f"{name}_rank{info.rank}.json", 2,
+                            timing.device_sync(device), device)
     del step, keep
     gc.collect()  # stop this stage's DALI threads before the next stage is timed
-    return bench.gather_measurement(m, info)
+    return benv.gather_measurement(m)
 
 
 def run_stages(args, cfg, info, device) -> dict:
@@ -196,10 +245,9 @@ def run_baselines(args, cfg, info, device, stages: dict) -> dict:
     out = {}
     full = stages[args.stages[-1]]["images_per_s"]["median"]
     for name in args.baseline:
-        if name == "dali-plain" and "views" in stages:
-            m = dict(stages["views"], reused_from="views")  # the same pipeline, timed once
-        elif name == "dali-plain":
-            m = run_measure(name, lambda: stage_step("dali-plain", cfg, info, device), args, info, device)
+        if name == "dali-plain":
+            m = run_measure(name, lambda: steps.plain_step(cfg, where(cfg, info, device), args.views), args,
+                            info, device)
         else:
             w = args.baseline_workers
             # the w workers deliver their batches in near-simultaneous bursts, one every
@@ -208,10 +256,12 @@ def run_baselines(args, cfg, info, device, stages: dict) -> dict:
             # burst of 16 x 256 images takes ~14 s)
             per = max(1, w)
             iters = per * max(1, round(min(args.iters, 3) / per))
-            m = run_measure(name, lambda: bench.torchvision_step(cfg, args.batch, w, info, device), args,
+            m = run_measure(name, lambda: steps.torchvision_step(cfg, where(cfg, info, device), w, device), args,
                             info, device, warmup=max(args.warmup, w), iters=iters, repeats=min(args.repeats, 3))
             m["workers"] = w
         m["mscn_over_baseline"] = round(full / m["images_per_s"]["median"], 3)
+        if "decode" in stages:
+            m["share_of_decode"] = round(m["images_per_s"]["median"] / stages["decode"]["images_per_s"]["median"], 3)
         out[name] = m
     return out
 
@@ -219,8 +269,8 @@ def run_baselines(args, cfg, info, device, stages: dict) -> dict:
 def run_sweep(args, info, device, data_root: str) -> dict:
     rows = []
     stage = args.stages[-1] if args.stages else "masks"
-    for setting in bench.parse_sweep(args.sweep):
-        overrides, batch = bench.sweep_overrides(setting)
+    for setting in benv.parse_sweep(args.sweep):
+        overrides, batch = benv.sweep_overrides(setting)
         sub = argparse.Namespace(**{**vars(args), "batch": batch or args.batch})
         if "threads" in setting:
             sub.threads = None  # the sweep value arrives as an override: don't let the flag win
@@ -235,9 +285,12 @@ def run_sweep(args, info, device, data_root: str) -> dict:
 
 
 def run_train(args, cfg, info, device: torch.device) -> dict:
-    """``--train-steps`` real training steps (the config's method, loss and LARS, pretrain.py's
-    step) fed by the pipeline, then fed by synthetic views already on the device."""
-    from mscn.pipelines.loader import TORCH_DTYPES, build_train_loader, endless
+    """Stage attribution of the trainer's speed: ``--train-steps`` real training steps (the
+    config's method, loss and LARS: pretrain.py's step) fed by synthetic views already on
+    the device, then by each stage's pipeline in ``--feeds`` (bare, + colour/blur,
+    + high-pass, + masks); on a GPU also the full pipeline with the training step on a
+    high-priority CUDA stream, so that the trainer's kernels go first when DALI's wait."""
+    from mscn.pipelines.loader import TORCH_DTYPES, endless
     from mscn.train.lars import build_optimizer
     from mscn.train.pretrain import amp_dtype, build_model, train_step
     from mscn.train.schedule import peak_lr
@@ -269,143 +322,52 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
 
         return step, views
 
-    def fed():
-        loader = build_train_loader(cfg, rank=info.rank, world_size=info.world_size, local_rank=info.local_rank,
-                                    device=device if device.type == "cuda" else None)
-        batches = endless(loader)
+    def fed(stage: str, stream: torch.cuda.Stream | None = None):
+        def make():
+            loader = stage_loader(cfg, stage, info, device)
+            batches = endless(loader)
 
-        def step() -> int:
-            views = feed(next(batches).views)
-            train_step(model, optimizer, scaler, views, dtype)
-            return views[0].shape[0]
+            def step() -> int:
+                # the batch is taken on the training stream too: DALI's copy into torch
+                # tensors and the masks run on the current stream, so they stay ordered
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    views = feed(next(batches).views)
+                    train_step(model, optimizer, scaler, views, dtype)
+                return views[0].shape[0]
 
-        return step, loader
+            return step, loader
+
+        return make
 
     repeats = min(args.repeats, args.train_steps)
-    timing = dict(warmup=max(1, args.warmup), iters=max(1, args.train_steps // repeats), repeats=repeats)
+    timing_kw = dict(warmup=max(1, args.warmup), iters=max(1, args.train_steps // repeats), repeats=repeats)
+    rows = {}
     try:
-        syn = run_measure("train-synthetic", synthetic, args, info, device, **timing)
-        pipe = run_measure("train-pipeline", fed, args, info, device, profile=True, **timing)
+        syn = run_measure("train-synthetic", synthetic, args, info, device, **timing_kw)
+        for stage in args.feeds:
+            rows[stage] = run_measure(f"train-{stage}", fed(stage), args, info, device,
+                                      profile=stage == args.feeds[-1], **timing_kw)
+        if device.type == "cuda" and not args.no_priority_row and "masks" in args.feeds:
+            high = torch.cuda.Stream(device, priority=-100)  # out of range: clamped to the highest
+            rows["masks-priority"] = run_measure("train-masks-priority", fed("masks", high), args, info, device,
+                                                 **timing_kw)
     except torch.cuda.OutOfMemoryError:
         raise MscnError(f"GPU out of memory training {cfg.model.arch} on {args.batch} images x {args.views} "
                         f"views per GPU; use --batch {max(1, args.batch // 2)}") from None
+
     def rate(m: dict) -> float:  # the node's total under torchrun
         return m.get("node_images_per_s", m["images_per_s"]["median"])
 
+    for m in rows.values():
+        m["kept"] = round(rate(m) / rate(syn), 3)
+        # per step of this process: its batch at its own rate, minus the same at the synthetic rate
+        m["ms_taken_per_step"] = round(1e3 * args.batch * (1 / m["images_per_s"]["median"]
+                                                           - 1 / syn["images_per_s"]["median"]), 2)
+    full = rows.get("masks")
     return {"arch": cfg.model.arch, "method": cfg.method.name, "precision": str(dtype or torch.float32),
-            "steps": timing["iters"] * repeats, "synthetic": syn, "pipeline": pipe,
-            "input_bound_fraction": round(1.0 - rate(pipe) / rate(syn), 3)}
-
-
-# ----------------------------------------------------------------------------------
-# Output: a human table (gpu_check.sh greps the "|" rows and SUMMARY lines) and a chart
-# ----------------------------------------------------------------------------------
-
-def _gib(mem: dict | None) -> str:
-    return f"{mem['device_used_bytes'] / 2**30:.1f}" if mem else "n/a"
-
-
-def _row(label: str, m: dict, ref: float | None = None, note: str = "") -> str:
-    r = m["images_per_s"]
-    rel = f"{r['median'] / ref:.2f}" if ref else ""
-    node = f" (node {m['node_images_per_s']:.0f})" if "node_images_per_s" in m else ""
-    return (f"| {label} | {r['median']:.1f}{node} | {r['min']:.1f}-{r['max']:.1f} | "
-            f"{m['views_per_s']['median']:.1f} | {rel} | {m['cpu_util']:.2f} | {_gib(m['gpu_memory'])} | {note} |")
-
-
-def table_rows(r: dict) -> list[str]:
-    """Markdown-style rows: stages and baselines, then the sweep, then trainer mode."""
-    head = "| {} | images/s | min-max | views/s | vs decode | CPU util | GPU GiB | note |"
-    rule = "|---" * 8 + "|"
-    decode = r["stages"].get("decode", {}).get("images_per_s", {}).get("median")
-    rows = [head.format("run"), rule] if r["stages"] else []
-    rows += [_row(LABELS[k], m, decode) for k, m in r["stages"].items()]
-    for name, m in r.get("baselines", {}).items():
-        label = LABELS[name] + (f" x{m['workers']} workers" if "workers" in m else "")
-        rows.append(_row(label, m, decode, f"mscn/{name} = {m['mscn_over_baseline']:.2f}x"))
-    if "sweep" in r:
-        rows += ["", head.format(f"sweep ({r['sweep']['stage']})"), rule]
-        rows += [_row(" ".join(f"{k}={v}" for k, v in row["setting"].items()), row, None,
-                      "best" if row["setting"] == r["sweep"]["best"] else "") for row in r["sweep"]["rows"]]
-    if "train" in r:
-        t = r["train"]
-        rows += ["", head.format(f"train {t['arch']} ({t['method']}, {t['precision']})"), rule,
-                 _row("fed by the pipeline", t["pipeline"]), _row("fed by synthetic tensors", t["synthetic"])]
-    return rows
-
-
-def summary_lines(r: dict) -> list[str]:
-    """The ``SUMMARY`` lines: one per headline figure."""
-    s, out = r["settings"], []
-    if "pipeline" in r:
-        p = r["pipeline"]
-        share = ""
-        if "share_of_decode" in r:
-            share = (f", {100 * r['share_of_decode']:.0f}% of decode-only "
-                     f"{r['stages']['decode']['images_per_s']['median']:.1f}")
-        out.append(f"pipeline ({s['stages'][-1]}): {p['images_per_s']['median']:.1f} images/s, "
-                   f"{p['views_per_s']['median']:.1f} views/s{share} "
-                   f"[{s['device']}, batch {s['batch']}, {s['threads']} threads]")
-        if "node_images_per_s" in p:
-            out.append(f"node total over {s['world_size']} processes: {p['node_images_per_s']:.1f} images/s "
-                       f"(per process {p['per_rank_images_per_s']})")
-    for name, m in r.get("baselines", {}).items():
-        out.append(f"baseline {name}: {m['images_per_s']['median']:.1f} images/s; "
-                   f"mscn/{name} = {m['mscn_over_baseline']:.2f}x")
-    if "sweep" in r:
-        best = " ".join(f"{k}={v}" for k, v in r["sweep"]["best"].items())
-        out.append(f"sweep best: {best} -> {r['sweep']['best_images_per_s']:.1f} images/s")
-    if "train" in r:
-        t = r["train"]
-        out.append(f"train {t['arch']}: pipeline-fed {t['pipeline']['images_per_s']['median']:.1f} images/s, "
-                   f"synthetic {t['synthetic']['images_per_s']['median']:.1f} images/s, "
-                   f"input-bound fraction {t['input_bound_fraction']:.2f}")
-    return [f"SUMMARY {line}" for line in out]
-
-
-def print_report(r: dict) -> None:
-    env, s, ds = r["env"], r["settings"], r["dataset"]
-    hw = f", hw_decoder_load {s['hw_decoder_load']}" if s["hw_decoder_load"] is not None else ""
-    print(f"\nmscn bench on {env['gpu_name'] or env['cpu_model']}: {env['usable_cores']} cores, DALI {env['dali']}, "
-          f"torch {env['torch']} ({env['torch_threads']} threads), load {env['load_avg_1m']}\n"
-          f"data: {ds['path']} ({ds['num_images']} images, {ds['format']}, median JPEG {ds['jpeg_kb_median']} KB)\n"
-          f"{s['device']}: batch {s['batch']} per process x {s['world_size']}, {s['views']} views at {s['size']} px, "
-          f"{s['threads']} DALI threads{hw}; median of {s['repeats']} windows x {s['iters']} batches\n")
-    print("\n".join(table_rows(r) + summary_lines(r)), flush=True)
-
-
-def plot(r: dict, path: str) -> None:
-    """Left: images/s of each stage (bars: median, whiskers: min-max). Right: the full
-    pipeline against the baselines, labelled with the ratio."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a cluster node
-    import matplotlib.pyplot as plt
-
-    def bars(ax, items, title, labels=None):
-        med = [m["images_per_s"]["median"] for _, m in items]
-        err = [[v - m["images_per_s"]["min"] for v, (_, m) in zip(med, items)],
-               [m["images_per_s"]["max"] - v for v, (_, m) in zip(med, items)]]
-        ax.bar(range(len(items)), med, yerr=err, capsize=4, color="tab:blue")
-        ax.set_xticks(range(len(items)), [LABELS.get(k, k) for k, _ in items], rotation=20, ha="right")
-        for i, text in enumerate(labels or [f"{v:.0f}" for v in med]):
-            ax.annotate(text, (i, med[i]), ha="center", va="bottom")
-        ax.set_ylabel("images/s")
-        ax.set_title(title)
-
-    comparisons = list(r.get("baselines", {}).items())
-    fig, axes = plt.subplots(1, 2 if comparisons else 1, figsize=(12 if comparisons else 6, 4.5), squeeze=False)
-    s = r["settings"]
-    bars(axes[0][0], list(r["stages"].items()), f"stages ({s['device']}, batch {s['batch']}, {s['views']} views)")
-    if comparisons:
-        items = [("mscn", r["pipeline"])] + comparisons
-        texts = [f"{r['pipeline']['images_per_s']['median']:.0f}"]
-        texts += [f"mscn = {m['mscn_over_baseline']:.2f}x" for _, m in comparisons]
-        bars(axes[0][1], items, "full pipeline vs baselines (ratio to mscn)", texts)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            "steps": timing_kw["iters"] * repeats, "synthetic": syn, "feeds": rows,
+            "kept": full["kept"] if full else None,
+            "input_bound_fraction": round(1.0 - full["kept"], 3) if full else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,10 +383,12 @@ def main(argv: list[str] | None = None) -> int:
         fill_defaults(args, device)
         data_root, dataset = resolve_data(args, info)
         cfg = build_config(args, data_root, info.world_size)
-        result = {"schema": 1, "env": bench.environment(device), "dataset": dataset,
+        placed = where(cfg, info, device)  # "auto" settings resolved for this machine
+        result = {"schema": 2, "env": benv.environment(device), "dataset": dataset,
                   "settings": {"device": device.type, "config": args.config, "overrides": args.overrides,
-                               "batch": args.batch, "threads": cfg.data.num_threads,
-                               "hw_decoder_load": cfg.data.hw_decoder_load if device.type == "cuda" else None,
+                               "batch": args.batch, "threads": placed.threads,
+                               "hw_decoder_load": placed.hw_decoder_load if device.type == "cuda" else None,
+                               "output_dtype": cfg.data.output_dtype,
                                "views": args.views, "size": args.size, "highpass_sigma": cfg.highpass.sigma,
                                "warmup": args.warmup, "iters": args.iters, "repeats": args.repeats,
                                "world_size": info.world_size, "stages": args.stages},
@@ -440,14 +404,14 @@ def main(argv: list[str] | None = None) -> int:
             result["sweep"] = run_sweep(args, info, device, data_root)
         if args.train:
             result["train"] = run_train(args, cfg, info, device)
-        result["gpu_memory"] = bench.gpu_memory(device) if device.type == "cuda" else None
+        result["gpu_memory"] = timing.gpu_memory(device) if device.type == "cuda" else None
         if info.is_main:
-            print_report(result)
+            report.print_report(result)
             if args.json:
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps(result, indent=1))
             if args.plot:
-                plot(result, args.plot)
+                report.plot(result, args.plot)
     finally:
         cleanup()
     return 0

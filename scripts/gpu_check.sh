@@ -1,46 +1,80 @@
 #!/usr/bin/env bash
-# One script that checks and times everything that needs a GPU (../shared/GPU.md):
-#   1. DALI GPU pipeline vs its CPU twin, decode / views / high-pass throughput
-#   2. the Triton mask kernel vs its torch reference, and its bandwidth
-#   3. the full benchmark: stage breakdown, torchvision baseline, sweep, trainer mode
-# Prints a short table last; the full log goes to $OUT/gpu_check.log when OUT is set.
-# Keep it under ~5 minutes on an H100/H200 box with 16 cores.
+# Everything that needs a GPU, checked and timed in one go (about 6 minutes on an H100/H200
+# box with 16 cores; docs/PERFORMANCE.md says how to read the figures):
+#   part 1: correctness (GPU tests, GPU vs CPU twins, kernels vs references), the mask
+#           benchmark, the pipeline's stages against decode-only, a hand-written DALI
+#           pipeline and torchvision, and the pipeline's device memory in a fresh process;
+#   part 2: the trainer fed by each stage vs synthetic input (ResNet-50 and ResNet-18),
+#           two ranks sharing the GPU under torchrun (training and the bench), the
+#           previous release for before/after figures when given, a thread sweep, and
+#           the headline summary (gpu_summary.json).
+# Usage: bash scripts/gpu_check.sh [all|1|2]. The parts can run as two commands on the same
+# machine: results collect in $MSCN_GPU_RESULTS and each part copies its files to $OUT.
+# Before/after: set MSCN_OLD_SITE (site-packages of the previous release) and MSCN_OLD_SCRIPTS
+# (its scripts/ folder) to time it in the same run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PART=${1:-all}
 OUT=${OUT:-/tmp/mscn_gpu_out}
-mkdir -p "$OUT"
-LOG="$OUT/gpu_check.log"
-PY=${PYTHON:-python3}
+R=${MSCN_GPU_RESULTS:-/tmp/mscn_gpu_results}
 DATA=${MSCN_BENCH_DATA:-/tmp/mscn_synth}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT" "$R"
+LOG="$R/gpu_check_part$PART.log"
 status=0
 
-run() {  # run NAME CMD...: log everything, remember failures, keep going
-  local name=$1; shift
+run() {  # run NAME SECONDS CMD...: log everything, bound the time, remember failures, keep going
+  local name=$1 limit=$2; shift 2
   echo "=== $name: $*" | tee -a "$LOG"
   local t0=$(date +%s)
-  if ! "$@" >>"$LOG" 2>&1; then echo "!!! $name FAILED" | tee -a "$LOG"; status=1; fi
+  if ! timeout "$limit" "$@" >>"$LOG" 2>&1; then echo "!!! $name FAILED (or ran past ${limit} s)" | tee -a "$LOG"; status=1; fi
   echo "=== $name done in $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
 }
 
+part1() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$LOG" 2>&1
+  $PY -P -c "import os, torch, nvidia.dali as d, triton; print('torch', torch.__version__, 'dali', d.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available(), 'cores', len(os.sched_getaffinity(0)))" 2>&1 | tee -a "$LOG"
+  # ImageNet-like synthetic JPEGs (500x375, ~90 KB): quick on 16 cores
+  [ -d "$DATA/train" ] || run synth 120 $PY -P -m mscn data synth "$DATA" --classes 10 --per-class 300 --size 500x375 --seed 0
+  # GPU tests, the kernels against their references (compiled), the table kernel's statistics
+  run tests 240 $PY -P -m pytest -q -s tests/test_pipeline_gpu.py tests/test_mask_kernel.py \
+      tests/test_masks.py tests/test_pipeline_highpass.py
+  run pipeline 120 $PY scripts/gpu_pipeline_check.py --data "$DATA/train" --json "$R/pipeline.json"
+  run masks 120 $PY scripts/bench_masks.py --json "$R/masks.json"
+  run bench 240 $PY scripts/bench_pipeline.py --data "$DATA/train" --baseline dali-plain,torchvision \
+      --baseline-workers 16 --json "$R/bench.json" --plot "$R/bench.png"
+  # the pipeline alone in a fresh process: what it adds to the device's memory
+  run memory 90 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
+      --json "$R/memory.json"
+  cp "$LOG" "$R"/{bench.json,bench.png,masks.json,pipeline.json,memory.json} "$OUT"/ 2>/dev/null
+}
+
+part2() {
+  run train18 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 --json "$R/train_r18.json"
+  run train50 180 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 --json "$R/train_r50.json"
+  # two ranks on one GPU: gloo (NCCL refuses two ranks per GPU), disjoint shards, both pipelines on the card
+  run ddp2-train 150 bash -c "cd /tmp && torchrun --standalone --nproc_per_node=2 -m mscn.train.pretrain \
+      --config demo data.root=$DATA/train data.synthetic=false train.max_steps=30 train.log_every=10 \
+      train.out_dir=/tmp/mscn_ddp2 train.knn_every_epochs=0 --resume none"
+  run ddp2-bench 120 torchrun --standalone --nproc_per_node=2 scripts/bench_pipeline.py --data "$DATA/train" \
+      --stages masks --iters 10 --repeats 3 --json "$R/ddp2.json"
+  if [ -n "${MSCN_OLD_SITE:-}" ] && [ -d "${MSCN_OLD_SCRIPTS:-/nonexistent}" ]; then  # the previous release, same run
+    run before 200 env PYTHONPATH="$MSCN_OLD_SITE:${PYTHONPATH:-}" $PY "$MSCN_OLD_SCRIPTS/bench_pipeline.py" \
+        --data "$DATA/train" --stages decode,views,highpass,masks --train --arch resnet18 --json "$R/before.json"
+  fi
+  run sweep 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 3 \
+      --sweep threads=4,6,8,12 --json "$R/sweep.json"
+  run summary 30 $PY scripts/gpu_summary.py "$R"
+  cp "$LOG" "$R"/{train_r18.json,train_r50.json,ddp2.json,before.json,sweep.json,gpu_summary.json} "$OUT"/ 2>/dev/null
+}
+
 : >"$LOG"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$LOG" 2>&1
-$PY -c "import torch, nvidia.dali as d, triton; print('torch', torch.__version__, 'dali', d.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())" >>"$LOG" 2>&1
-
-# ImageNet-like synthetic JPEGs (500x375, tens of KB), 16 cores make this quick.
-run synth $PY -m mscn data synth "$DATA" --classes 10 --per-class 300 --size 500x375 --seed 0
-
-run pipeline $PY scripts/gpu_pipeline_check.py --data "$DATA/train" --batch 256 --json "$OUT/pipeline.json"
-run masks   $PY scripts/bench_masks.py --json "$OUT/masks.json"
-run tests   $PY -m pytest -q -m gpu tests
-# the compiled kernel against the reference: dtypes, in/out of place, odd sizes, channels_last, Philox
-run kernel  $PY -m pytest -q tests/test_mask_kernel.py
-run bench   $PY scripts/bench_pipeline.py --data "$DATA/train" --batch 256 --threads 8 \
-            --baseline torchvision --baseline-workers 16 --json "$OUT/bench.json" --plot "$OUT/bench.png"
-run sweep   $PY scripts/bench_pipeline.py --data "$DATA/train" --sweep threads=4,8,12 hw_decoder_load=0.65,0.9 \
-            --json "$OUT/sweep.json"
-run train50 $PY scripts/bench_pipeline.py --data "$DATA/train" --batch 256 --train --arch resnet50 --json "$OUT/train_r50.json"
-run train18 $PY scripts/bench_pipeline.py --data "$DATA/train" --batch 256 --train --arch resnet18 --json "$OUT/train_r18.json"
-
+case "$PART" in
+  1) part1 ;;
+  2) part2 ;;
+  all) part1; part2 ;;
+  *) echo "usage: $0 [all|1|2]" >&2; exit 2 ;;
+esac
 echo "--- summary" | tee -a "$LOG"
-grep -h -E "^(SUMMARY|\|)" "$LOG" | tail -n 60
+grep -h -E "^(SUMMARY|\||check |!!!)" "$LOG" | tail -n 80
 exit $status

@@ -1,4 +1,4 @@
-"""scripts/bench_pipeline.py and its harness (pipelines/bench.py), on real DALI/torch on the CPU.
+"""scripts/bench_pipeline.py and its harness (scripts/benchkit/), on real DALI/torch on the CPU.
 
 The CLI runs as a subprocess with tiny settings (64x48 JPEGs, 32 px views, batch 4);
 the JSON must hold every figure with values that agree with each other. Benchmarks
@@ -18,10 +18,13 @@ import pytest
 
 from mscn.data.synth import synthesize
 from mscn.errors import ConfigError, MscnError
-from mscn.pipelines import bench
+from mscn.pipelines.tuning import usable_cores
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "bench_pipeline.py"
+sys.path.insert(0, str(REPO / "scripts"))  # benchkit lives beside the scripts, outside the package
+from benchkit import env as benv  # noqa: E402
+from benchkit import timing  # noqa: E402
 TINY = ["--size", "32", "--batch", "4", "--warmup", "1", "--torch-threads", "1"]
 
 
@@ -54,7 +57,7 @@ def check_measurement(m: dict, batch: int, iters: int, repeats: int, views: int 
 def test_cli_json_holds_every_figure(tiny_data, tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     proc = run_bench("--data", tiny_data, *TINY, "--iters", "2", "--repeats", "2",
-                     "--stages", "decode,views,highpass,masks", "--baseline", "torchvision,dali-plain",
+                     "--stages", "decode,bare,views,highpass,masks", "--baseline", "torchvision,dali-plain",
                      "--baseline-workers", "0", "--train", "--arch", "resnet18", "--train-steps", "2",
                      "--json", out, "--plot", png)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -71,7 +74,7 @@ def test_cli_json_holds_every_figure(tiny_data, tmp_path):
                             "jpeg_kb_median": r["dataset"]["jpeg_kb_median"]}
     assert r["settings"]["batch"] == 4 and r["settings"]["views"] == 4 and r["settings"]["size"] == 32
 
-    for stage in ("decode", "views", "highpass", "masks"):
+    for stage in ("decode", "bare", "views", "highpass", "masks"):
         check_measurement(r["stages"][stage], batch=4, iters=2, repeats=2)
     rate = {k: m["images_per_s"]["median"] for k, m in r["stages"].items()}
     assert rate["decode"] > rate["masks"]  # decode alone is a strict subset of the work
@@ -82,21 +85,29 @@ def test_cli_json_holds_every_figure(tiny_data, tmp_path):
     check_measurement(tv, batch=4, iters=2, repeats=2)
     assert tv["workers"] == 0
     assert tv["mscn_over_baseline"] == pytest.approx(rate["masks"] / tv["images_per_s"]["median"], rel=1e-2)
-    assert plain["reused_from"] == "views"  # the same pipeline as the views stage, timed once
-    assert plain["mscn_over_baseline"] == pytest.approx(rate["masks"] / rate["views"], rel=1e-2)
+    check_measurement(plain, batch=4, iters=2, repeats=2)  # the hand-written DALI pipeline
+    assert plain["mscn_over_baseline"] == pytest.approx(rate["masks"] / plain["images_per_s"]["median"], rel=1e-2)
+    assert plain["share_of_decode"] == pytest.approx(plain["images_per_s"]["median"] / rate["decode"], rel=1e-2)
 
     t = r["train"]
     assert (t["arch"], t["method"], t["steps"]) == ("resnet18", "simclr", 2)
-    for feed in ("pipeline", "synthetic"):
-        check_measurement(t[feed], batch=4, iters=1, repeats=2)
-    ratio = t["pipeline"]["images_per_s"]["median"] / t["synthetic"]["images_per_s"]["median"]
-    assert t["input_bound_fraction"] == pytest.approx(1 - ratio, abs=2e-3)
+    assert list(t["feeds"]) == ["bare", "views", "highpass", "masks"]  # no priority row on the CPU
+    check_measurement(t["synthetic"], batch=4, iters=1, repeats=2)
+    syn = t["synthetic"]["images_per_s"]["median"]
+    for feed, m in t["feeds"].items():
+        check_measurement(m, batch=4, iters=1, repeats=2)
+        rate = m["images_per_s"]["median"]
+        assert m["kept"] == pytest.approx(rate / syn, abs=2e-3)
+        assert m["ms_taken_per_step"] == pytest.approx(1e3 * 4 * (1 / rate - 1 / syn), abs=0.02)
+    assert t["kept"] == t["feeds"]["masks"]["kept"]
+    assert t["input_bound_fraction"] == pytest.approx(1 - t["kept"], abs=2e-3)
     assert r["gpu_memory"] is None
 
     lines = proc.stdout.splitlines()
     summary = [ln for ln in lines if ln.startswith("SUMMARY")]
-    assert any("baseline torchvision" in ln for ln in summary) and any("input-bound" in ln for ln in summary)
-    assert sum(ln.startswith("| + masks |") for ln in lines) == 1
+    assert any("baseline torchvision" in ln for ln in summary)
+    assert any(ln.startswith("SUMMARY train resnet18") and "masks" in ln for ln in summary)
+    assert sum(ln.startswith("| + masks (as torch tensors) |") for ln in lines) == 2  # stage row, train row
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -130,7 +141,7 @@ def _load_script():
     return module
 
 
-@pytest.mark.parametrize("flags", [["--stages", "decode,unzip"], ["--baseline", "pillow"],
+@pytest.mark.parametrize("flags", [["--stages", "decode,unzip"], ["--baseline", "pillow"], ["--feeds", "bare,gpu"],
                                    ["--sweep", "cores=1,2"], ["--batch", "0"]])
 def test_bad_flags_raise_mscn_errors(flags):
     script = _load_script()
@@ -142,12 +153,12 @@ def test_bad_flags_raise_mscn_errors(flags):
 
 
 def test_parse_sweep_is_the_grid_in_order():
-    grid = bench.parse_sweep(["threads=4,8", "hw_decoder_load=0,0.65", "batch=128"])
+    grid = benv.parse_sweep(["threads=4,8", "hw_decoder_load=0,0.65", "batch=128"])
     assert grid == [{"threads": t, "hw_decoder_load": h, "batch": 128} for t in (4, 8) for h in (0.0, 0.65)]
-    assert bench.sweep_overrides(grid[1]) == (["data.num_threads=4", "data.hw_decoder_load=0.65"], 128)
+    assert benv.sweep_overrides(grid[1]) == (["data.num_threads=4", "data.hw_decoder_load=0.65"], 128)
     for bad in (["threads"], ["threads=a,b"], ["nope=1"], ["batch=1", "batch=2"]):
         with pytest.raises(ConfigError):
-            bench.parse_sweep(bad)
+            benv.parse_sweep(bad)
 
 
 def test_measure_counts_windows_and_images():
@@ -158,13 +169,13 @@ def test_measure_counts_windows_and_images():
         time.sleep(0.01)  # sleeping costs wall time, not CPU time
         return 5
 
-    m = bench.measure("sleep", step, views=2, warmup=2, iters=3, repeats=4)
+    m = timing.measure("sleep", step, views=2, warmup=2, iters=3, repeats=4)
     d = m.to_dict()
     assert len(calls) == 2 + 3 * 4 and d["window_images"] == [15] * 4
     assert 5 / 0.03 <= d["images_per_s"]["max"] <= 5 / 0.01  # at least 10 ms per step
     assert d["views_per_s"]["median"] == pytest.approx(2 * d["images_per_s"]["median"], rel=1e-3)
     assert d["cpu_util"] < 0.5
-    assert bench.spread([1, 2, 3, 4, 100]) == {"median": 3.0, "min": 1.0, "max": 100.0, "q1": 2.0, "q3": 4.0, "n": 5}
+    assert timing.spread([1, 2, 3, 4, 100]) == {"median": 3.0, "min": 1.0, "max": 100.0, "q1": 2.0, "q3": 4.0, "n": 5}
 
 
 def _own_cpu_seconds(pid: int) -> float:
@@ -178,11 +189,11 @@ def test_cpu_time_includes_live_children():
     child = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<3: pass"])
     try:
         time.sleep(0.2)
-        before, child_before = bench.process_tree_cpu_seconds(), _own_cpu_seconds(child.pid)
+        before, child_before = timing.process_tree_cpu_seconds(), _own_cpu_seconds(child.pid)
         time.sleep(1.0)  # the child spins; this process sleeps
-        spent, child_spent = bench.process_tree_cpu_seconds() - before, _own_cpu_seconds(child.pid) - child_before
+        spent, child_spent = timing.process_tree_cpu_seconds() - before, _own_cpu_seconds(child.pid) - child_before
     finally:
         child.kill()
         child.wait()
     assert child_spent >= 0.05  # it ran, even on a loaded machine
-    assert child_spent - 0.03 <= spent <= 1.0 * bench.usable_cores() + 0.1, (spent, child_spent)
+    assert child_spent - 0.03 <= spent <= 1.0 * usable_cores() + 0.1, (spent, child_spent)

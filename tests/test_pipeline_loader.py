@@ -28,11 +28,13 @@ def test_train_batch_is_typed_and_masked(folder):
     source = resolve_source(str(folder))
     assert batch.labels.dtype == torch.int64 and batch.index.dtype == torch.int64
     assert batch.labels.tolist() == [source.labels[i] for i in batch.index.tolist()]
-    # view 0 masks 15% of 8 px cells; the unmasked loader yields no exact zeros
-    zeros = (batch.views[0] == 0).float().mean().item()
-    assert zeros > 0.02
+    # view 0 masks 15% of 8 px cells, half of them zero-filled. The same seed gives the same
+    # views unmasked, which hold exact zeros too (~1% of pixels: flat regions that the colour
+    # jitter saturates have a zero high-pass), so count the zeros the masks added.
     plain = next(iter(build_train_loader(cfg, apply_mask=False)))
-    assert (plain.views[0] == 0).float().mean().item() < 1e-3
+    assert torch.equal(plain.index, batch.index)
+    added = (batch.views[0] == 0).float().mean().item() - (plain.views[0] == 0).float().mean().item()
+    assert added > 0.02
 
 
 def test_float16_comes_from_dali_and_highpass_is_zero_mean(folder):

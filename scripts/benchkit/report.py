@@ -1,0 +1,132 @@
+"""What ``bench_pipeline.py`` prints and draws: a markdown table (``gpu_check.sh`` greps its
+``|`` rows and ``SUMMARY`` lines), the summary lines and a bar chart."""
+from __future__ import annotations
+
+from pathlib import Path
+
+LABELS = {"decode": "decode", "bare": "+ crop, flip, normalize", "views": "+ colour, gray, blur, solarize",
+          "highpass": "+ high-pass", "masks": "+ masks (as torch tensors)", "torchvision": "torchvision/PIL",
+          "dali-plain": "DALI written plainly (views + high-pass, no masks)",
+          "masks-priority": "+ masks, trainer on a high-priority stream"}
+
+# ----------------------------------------------------------------------------------
+# Output: a human table (gpu_check.sh greps the "|" rows and SUMMARY lines) and a chart
+# ----------------------------------------------------------------------------------
+
+def _gib(mem: dict | None) -> str:
+    return f"{mem['device_used_bytes'] / 2**30:.1f}" if mem else "n/a"
+
+
+def _row(label: str, m: dict, ref: float | None = None, note: str = "") -> str:
+    r = m["images_per_s"]
+    rel = f"{r['median'] / ref:.2f}" if ref else ""
+    node = f" (node {m['node_images_per_s']:.0f})" if "node_images_per_s" in m else ""
+    return (f"| {label} | {r['median']:.1f}{node} | {r['min']:.1f}-{r['max']:.1f} | "
+            f"{m['views_per_s']['median']:.1f} | {rel} | {m['cpu_util']:.2f} | {_gib(m['gpu_memory'])} | {note} |")
+
+
+def table_rows(r: dict) -> list[str]:
+    """Markdown-style rows: stages and baselines, then the sweep, then trainer mode."""
+    head = "| {} | images/s | min-max | views/s | vs decode | CPU util | GPU GiB | note |"
+    rule = "|---" * 8 + "|"
+    decode = r["stages"].get("decode", {}).get("images_per_s", {}).get("median")
+    rows = [head.format("run"), rule] if r["stages"] else []
+    rows += [_row(LABELS[k], m, decode) for k, m in r["stages"].items()]
+    for name, m in r.get("baselines", {}).items():
+        label = LABELS[name] + (f" x{m['workers']} workers" if "workers" in m else "")
+        rows.append(_row(label, m, decode, f"mscn/{name} = {m['mscn_over_baseline']:.2f}x"))
+    if "sweep" in r:
+        rows += ["", head.format(f"sweep ({r['sweep']['stage']})"), rule]
+        rows += [_row(" ".join(f"{k}={v}" for k, v in row["setting"].items()), row, None,
+                      "best" if row["setting"] == r["sweep"]["best"] else "") for row in r["sweep"]["rows"]]
+    if "train" in r:
+        t = r["train"]
+        rows += ["", f"| train {t['arch']} ({t['method']}, {t['precision']}), fed by | images/s | min-max | "
+                     "kept of synthetic | ms taken per step | GPU GiB |", "|---" * 6 + "|",
+                 _train_row("synthetic views on the device", t["synthetic"])]
+        rows += [_train_row(LABELS[k], m) for k, m in t["feeds"].items()]
+    return rows
+
+
+def _train_row(label: str, m: dict) -> str:
+    r = m["images_per_s"]
+    kept = f"{100 * m['kept']:.1f}%" if "kept" in m else "100%"
+    taken = f"{m['ms_taken_per_step']:.1f}" if "ms_taken_per_step" in m else "0"
+    return f"| {label} | {r['median']:.1f} | {r['min']:.1f}-{r['max']:.1f} | {kept} | {taken} | {_gib(m['gpu_memory'])} |"
+
+
+def summary_lines(r: dict) -> list[str]:
+    """The ``SUMMARY`` lines: one per headline figure."""
+    s, out = r["settings"], []
+    if "pipeline" in r:
+        p = r["pipeline"]
+        share = ""
+        if "share_of_decode" in r:
+            share = (f", {100 * r['share_of_decode']:.0f}% of decode-only "
+                     f"{r['stages']['decode']['images_per_s']['median']:.1f}")
+        out.append(f"pipeline ({s['stages'][-1]}): {p['images_per_s']['median']:.1f} images/s, "
+                   f"{p['views_per_s']['median']:.1f} views/s{share} "
+                   f"[{s['device']}, batch {s['batch']}, {s['threads']} threads]")
+        if "node_images_per_s" in p:
+            out.append(f"node total over {s['world_size']} processes: {p['node_images_per_s']:.1f} images/s "
+                       f"(per process {p['per_rank_images_per_s']})")
+    for name, m in r.get("baselines", {}).items():
+        share = f", {100 * m['share_of_decode']:.0f}% of decode-only" if "share_of_decode" in m else ""
+        out.append(f"baseline {name}: {m['images_per_s']['median']:.1f} images/s{share}; "
+                   f"mscn/{name} = {m['mscn_over_baseline']:.2f}x")
+    if "sweep" in r:
+        best = " ".join(f"{k}={v}" for k, v in r["sweep"]["best"].items())
+        out.append(f"sweep best: {best} -> {r['sweep']['best_images_per_s']:.1f} images/s")
+    if "train" in r:
+        t = r["train"]
+        feeds = ", ".join(f"{k} {100 * m['kept']:.1f}%" for k, m in t["feeds"].items())
+        out.append(f"train {t['arch']}: synthetic {t['synthetic']['images_per_s']['median']:.1f} images/s; "
+                   f"kept when fed by {feeds}")
+    return [f"SUMMARY {line}" for line in out]
+
+
+def print_report(r: dict) -> None:
+    env, s, ds = r["env"], r["settings"], r["dataset"]
+    hw = f", hw_decoder_load {s['hw_decoder_load']}" if s["hw_decoder_load"] is not None else ""
+    print(f"\nmscn bench on {env['gpu_name'] or env['cpu_model']}: {env['usable_cores']} cores, DALI {env['dali']}, "
+          f"torch {env['torch']} ({env['torch_threads']} threads), load {env['load_avg_1m']}\n"
+          f"data: {ds['path']} ({ds['num_images']} images, {ds['format']}, median JPEG {ds['jpeg_kb_median']} KB)\n"
+          f"{s['device']}: batch {s['batch']} per process x {s['world_size']}, {s['views']} views at {s['size']} px, "
+          f"{s['threads']} DALI threads{hw}; median of {s['repeats']} windows x {s['iters']} batches\n")
+    print("\n".join(table_rows(r) + summary_lines(r)), flush=True)
+
+
+def plot(r: dict, path: str) -> None:
+    """Left: images/s of each stage (bars: median, whiskers: min-max). Right: the full
+    pipeline against the baselines, labelled with the ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    def bars(ax, items, title, labels=None):
+        med = [m["images_per_s"]["median"] for _, m in items]
+        err = [[v - m["images_per_s"]["min"] for v, (_, m) in zip(med, items)],
+               [m["images_per_s"]["max"] - v for v, (_, m) in zip(med, items)]]
+        ax.bar(range(len(items)), med, yerr=err, capsize=4, color="tab:blue")
+        ax.set_xticks(range(len(items)), [LABELS.get(k, k) for k, _ in items], rotation=20, ha="right")
+        for i, text in enumerate(labels or [f"{v:.0f}" for v in med]):
+            ax.annotate(text, (i, med[i]), ha="center", va="bottom")
+        ax.set_ylabel("images/s")
+        ax.set_title(title)
+
+    comparisons = list(r.get("baselines", {}).items())
+    fig, axes = plt.subplots(1, 2 if comparisons else 1, figsize=(12 if comparisons else 6, 4.5), squeeze=False)
+    s = r["settings"]
+    bars(axes[0][0], list(r["stages"].items()), f"stages ({s['device']}, batch {s['batch']}, {s['views']} views)")
+    if comparisons:
+        items = [("mscn", r["pipeline"])] + comparisons
+        texts = [f"{r['pipeline']['images_per_s']['median']:.0f}"]
+        texts += [f"mscn = {m['mscn_over_baseline']:.2f}x" for _, m in comparisons]
+        bars(axes[0][1], items, "full pipeline vs baselines (ratio to mscn)", texts)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+

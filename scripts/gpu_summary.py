@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""The headline GPU figures of one ``gpu_check.sh`` run, against their targets, as one JSON.
+
+    python scripts/gpu_summary.py RESULTS_DIR [--out gpu_summary.json]
+
+Reads what ``gpu_check.sh`` left in RESULTS_DIR: ``bench.json`` (stages and baselines of
+``bench_pipeline.py``), ``memory.json`` (the full pipeline alone in a fresh process),
+``masks.json`` (``bench_masks.py``), ``train_r50.json`` / ``train_r18.json``
+(``bench_pipeline.py --train``). Missing inputs leave their figures null. Prints one
+line per figure with its target and writes the summary (figures, card, commands and
+versions) to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# figure: (target, "min" = at least / "max" = at most, what it is)
+TARGETS = {
+    "share_of_decode": (0.85, "min", "full pipeline (views + high-pass + masks, as torch tensors) / decode-only"),
+    "plain_dali_share_of_decode": (None, None, "DALI written plainly (views + high-pass, no masks) / decode-only"),
+    "kept_resnet50": (0.97, "min", "ResNet-50 SimCLR bf16 step, pipeline-fed / synthetic"),
+    "kept_resnet18": (0.90, "min", "ResNet-18 SimCLR bf16 step, pipeline-fed / synthetic"),
+    "apply_masks_ms": (0.6, "max", "apply_masks (tables + fill), 4 x 256 x 3 x 224^2 fp32, ms"),
+    "pipeline_gib": (3.0, "max", "device memory the full pipeline adds, batch 256, prefetch 2, GiB"),
+    "torchvision_ratio": (None, None, "mscn / torchvision+PIL DataLoader, images/s"),
+}
+
+
+def _load(path: Path) -> dict | list | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _train_kept(r: dict | None) -> tuple[float | None, float | None]:
+    """(kept by the full pipeline, best kept among its full-pipeline rows, e.g. high-priority stream)."""
+    if not r or "train" not in r:
+        return None, None
+    feeds = r["train"]["feeds"]
+    full = [m["kept"] for k, m in feeds.items() if k.startswith("masks")]
+    return r["train"].get("kept"), max(full) if full else None
+
+
+def summarize(results: Path) -> dict:
+    bench, memory = _load(results / "bench.json"), _load(results / "memory.json")
+    masks, r50, r18 = _load(results / "masks.json"), _load(results / "train_r50.json"), _load(results / "train_r18.json")
+    s: dict = {"schema": 1}
+    first = next((r for r in (bench, memory, r50, r18) if r), None)
+    env = first["env"] if first else {}
+    s["card"] = env.get("gpu_name")
+    s["versions"] = {k: env.get(k) for k in ("dali", "torch", "triton", "cuda", "python")}
+    s["cores"] = env.get("usable_cores")
+    s["commands"] = [r["env"]["command"] for r in (bench, memory, r50, r18) if r]
+    s["share_of_decode"] = bench.get("share_of_decode") if bench else None
+    base = (bench or {}).get("baselines", {})
+    s["plain_dali_share_of_decode"] = base.get("dali-plain", {}).get("share_of_decode")
+    s["torchvision_ratio"] = base.get("torchvision", {}).get("mscn_over_baseline")
+    s["kept_resnet50"], s["kept_resnet50_best"] = _train_kept(r50)
+    s["kept_resnet18"], s["kept_resnet18_best"] = _train_kept(r18)
+    ms = masks[0]["ms"] if isinstance(masks, list) and masks else {}
+    s["apply_masks_ms"] = ms.get("apply_masks triton in place")
+    s["mask_tables_ms"] = ms.get("tables, Triton kernel (draw_tables)")
+    pipe = (memory or {}).get("stages", {}).get("masks", {})
+    added = pipe.get("device_bytes_added")
+    s["pipeline_gib"] = round(added / 2**30, 3) if added is not None else None
+    s["device_gib_in_use"] = round(pipe["gpu_memory"]["device_used_bytes"] / 2**30, 3) if pipe.get("gpu_memory") else None
+    if bench:
+        st = bench["settings"]
+        s["settings"] = {k: st.get(k) for k in ("batch", "threads", "hw_decoder_load", "views", "size", "output_dtype")}
+        s["images_per_s"] = {k: m["images_per_s"]["median"] for k, m in bench["stages"].items()}
+        s["images_per_s"].update({f"baseline {k}": m["images_per_s"]["median"] for k, m in base.items()})
+    return s
+
+
+def verdict(key: str, value) -> str:
+    target, kind, _ = TARGETS[key]
+    if value is None:
+        return "not measured"
+    if target is None:
+        return ""
+    met = value >= target if kind == "min" else value <= target
+    return f"{'met' if met else 'NOT met'} (target {'>=' if kind == 'min' else '<='} {target})"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", help="folder with gpu_check.sh's JSON files")
+    ap.add_argument("--out", help="where to write the summary (default RESULTS/gpu_summary.json)")
+    a = ap.parse_args(argv)
+    s = summarize(Path(a.results))
+    out = Path(a.out) if a.out else Path(a.results) / "gpu_summary.json"
+    out.write_text(json.dumps(s, indent=1))
+    print(f"SUMMARY card: {s['card']} ({s['cores']} cores), DALI {s['versions'].get('dali')}, "
+          f"torch {s['versions'].get('torch')}")
+    for key, (_, _, what) in TARGETS.items():
+        print(f"SUMMARY {key} = {s[key]}: {what} {verdict(key, s[key])}")
+    print(f"summary written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
