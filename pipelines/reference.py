@@ -21,10 +21,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
 from mscn.config import ViewCfg, highpass_params
+from mscn.data.source import Source, resolve_source
 from mscn.errors import DataError
 from mscn.highpass import highpass_matmul
 from mscn.pipelines.loader import MscnBatch, mask_fn_from_cfgs, rank_seed
-from mscn.pipelines.readers import Source, resolve_source
 
 
 class PILGaussianBlur:
