@@ -26,6 +26,7 @@ PACKAGES = {
     "mscn.pipelines": "pipelines",
     "mscn.cuda_kernels": "cuda_kernels",
     "mscn.train": "train",
+    "mscn.train.eval": "train/eval",
     "mscn.configs": "configs",  # the YAML recipes ship inside the package
 }
 
