@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from mscn.errors import ConfigError
 
-if TYPE_CHECKING:  # annotations only: mscn.config imports this module
-    from mscn.config import Config, DataCfg, EvalCfg, HighPassCfg, MaskCfg, TrainCfg, ViewCfg
+if TYPE_CHECKING:  # annotations only
+    from mscn.config_schema import Config, DataCfg, EvalCfg, HighPassCfg, MaskCfg, TrainCfg, ViewCfg
 
 
 

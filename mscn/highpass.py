@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from mscn.config import HighPassCfg
+    from mscn.config_schema import HighPassCfg
 
 
 def highpass_window(sigma: float, window: int = 0) -> int:
