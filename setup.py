@@ -1,6 +1,6 @@
 """Packaging for mscn.
 
-The repo-root folders of the design card are installed under one namespace:
+The repo-root folders are installed under one namespace:
 ``mscn`` (mscn/), ``mscn.pipelines`` (pipelines/), ``mscn.cuda_kernels``
 (cuda_kernels/) and ``mscn.train`` (train/), so nothing generic such as ``train``
 lands in site-packages.
@@ -26,6 +26,7 @@ PACKAGES = {
     "mscn.pipelines": "pipelines",
     "mscn.cuda_kernels": "cuda_kernels",
     "mscn.train": "train",
+    "mscn.train.eval": "train/eval",
     "mscn.configs": "configs",  # the YAML recipes ship inside the package
 }
 

@@ -1,28 +1,27 @@
 """The ``mscn`` command: ``mscn data ...``, ``mscn pretrain``, ``mscn eval ...``, ``mscn demo``.
 
-Every user-fixable failure is an :class:`~mscn.errors.MscnError`; it is printed as one
-line on stderr with exit code 2, never as a traceback wall. ``MSCN_DEBUG=1`` shows
-the traceback for bug reports.
+Every user-fixable failure is an :class:`~mscn.errors.MscnError`;
+:func:`~mscn.errors.run_cli` prints it as one line ``mscn: error: ...`` on stderr with
+exit code 2, never as a traceback wall. ``MSCN_DEBUG=1`` shows the traceback.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from mscn.errors import MscnError
+from mscn.errors import run_cli
 
 
-def _pretrain(args: argparse.Namespace) -> None:
+def _pretrain(args: argparse.Namespace) -> int:
     from mscn.train.pretrain import main as pretrain_main
 
-    pretrain_main(args.rest)
+    return pretrain_main(args.rest)
 
 
-def _demo(args: argparse.Namespace) -> None:
+def _demo(args: argparse.Namespace) -> int:
     from mscn.train.demo import main as demo_main
 
-    demo_main(args.rest)
+    return demo_main(args.rest)
 
 
 def _config_show(args: argparse.Namespace) -> None:
@@ -62,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_demo)
 
-    from mscn.train.eval_cli import add_eval_commands
+    from mscn.train.eval.cli import add_eval_commands
 
     add_eval_commands(sub)
 
@@ -81,18 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(func=_PASSTHROUGH[argv[0]], rest=argv[1:])
     else:
         args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except MscnError as e:
-        if os.environ.get("MSCN_DEBUG"):
-            raise
-        print(f"mscn: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mscn: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
+    return run_cli(lambda: args.func(args), "mscn")
 
 if __name__ == "__main__":
     sys.exit(main())

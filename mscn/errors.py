@@ -1,8 +1,16 @@
-"""One exception type for every user-facing failure.
+"""One exception type for every user-facing failure, and the one handler that prints it.
 
-The CLI catches :class:`MscnError` and prints its message as a single line with a
-non-zero exit, instead of a traceback wall (bad path, corrupt file, config typo...).
+Every entry point (``mscn ...``, ``python -m mscn.train.pretrain``, the scripts) runs
+its body under :func:`run_cli`, which prints an :class:`MscnError` as a single line
+``prog: error: ...`` with exit status 2, instead of a traceback wall (bad path,
+corrupt file, config typo...). ``MSCN_DEBUG=1`` lets the traceback through for bug
+reports.
 """
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
 
 
 class MscnError(Exception):
@@ -15,3 +23,24 @@ class ConfigError(MscnError):
 
 class DataError(MscnError):
     """A missing, empty or unreadable dataset, or a bad image inside it."""
+
+
+def run_cli(main: Callable[[], int | None], prog: str) -> int:
+    """Run ``main()`` and return the process exit status.
+
+    0 (or ``main``'s own status) on success; 2 after printing an MscnError as one line
+    ``{prog}: error: {message}`` on stderr; 130 after Ctrl-C. Under ``MSCN_DEBUG`` the
+    MscnError propagates with its traceback. Other exceptions are bugs and always keep
+    their traceback. Use it as ``sys.exit(run_cli(lambda: body(argv), "mscn"))``.
+    """
+    try:
+        status = main()
+    except MscnError as e:
+        if os.environ.get("MSCN_DEBUG"):
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    return int(status or 0)

@@ -7,7 +7,7 @@ of that filter:
 - :func:`gaussian_kernel`: the 1-D weights, ``exp(-t²/2σ²)`` for ``t`` in
   ``[-r, r]`` with ``r = (window-1)/2``, normalized to sum 1. DALI's
   ``fn.gaussian_blur`` uses the same weights (window 0 there means ``2*ceil(3σ)+1``,
-  like :func:`mscn.config.highpass_window`).
+  like :func:`highpass_window`).
 - **Border mode: reflect-101** (mirror about the edge pixel without repeating it,
   ``dcb|abcd|cba``). It is DALI's border for ``fn.gaussian_blur``, torch's
   ``F.pad(mode="reflect")`` and scipy's ``mode="mirror"``. Because a reflection
@@ -23,10 +23,25 @@ of that filter:
 from __future__ import annotations
 
 import functools
+import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from mscn.config_schema import HighPassCfg
+
+
+def highpass_window(sigma: float, window: int = 0) -> int:
+    """Odd Gaussian window: ``window`` if set, else 2*ceil(3*sigma)+1 (31 for sigma=5)."""
+    return window if window else 2 * math.ceil(3.0 * sigma) + 1
+
+
+def highpass_params(h: HighPassCfg) -> tuple[float, int] | None:
+    """(sigma, window) of the configured high-pass, or None when it is switched off."""
+    return (h.sigma, highpass_window(h.sigma, h.window)) if h.enabled else None
 
 
 def gaussian_kernel(sigma: float, window: int) -> np.ndarray:

@@ -5,7 +5,7 @@ it does the same work as the DALI pipeline (paper App. A.1 views, §5.1 high-pas
 §5.2 masks) the way the MoCo/SimCLR/BYOL codebases do it: PIL decode, torchvision
 transforms per view, blur with PIL's ``ImageFilter.GaussianBlur`` (MoCo's
 ``GaussianBlur``; torchvision's ``GaussianBlur`` on a PIL image is a dense 23x23
-convolution, ~60 ms per view against ~1.3 ms on one core (issue 3), which would
+convolution, ~60 ms per view against ~1.3 ms on one CPU core, which would
 make the baseline look slower than what users run), normalize, then the high-pass in
 torch on the normalized tensor (same kernel and reflect-101 border as DALI), then the
 masks on the collated batch.
@@ -21,10 +21,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
 from mscn.config import ViewCfg, highpass_params
+from mscn.data.source import Source, resolve_source
 from mscn.errors import DataError
 from mscn.highpass import highpass_matmul
 from mscn.pipelines.loader import MscnBatch, mask_fn_from_cfgs, rank_seed
-from mscn.pipelines.readers import Source, resolve_source
 
 
 class PILGaussianBlur:

@@ -1,7 +1,7 @@
 """Tiny on-disk data for the evaluation tests: JPEG ImageFolders and checkpoints.
 
 The checkpoints follow the pretraining loop's format (``backbone``, ``arch``, ``config``)
-that ``mscn.train.eval_common.load_pretrained`` reads.
+that ``mscn.train.eval.pretrained.load_pretrained`` reads.
 """
 from __future__ import annotations
 

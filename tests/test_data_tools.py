@@ -283,6 +283,6 @@ def test_cli_runs_commands_and_prints_one_line_errors(imagenet_like, messy_root,
                  "--size", "40x30", "--workers", "1"]) == 0
     assert main(["data", "scan", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: ") and str(tmp_path / "missing") in err
+    assert err.startswith("mscn: error: ") and str(tmp_path / "missing") in err
     with pytest.raises(SystemExit):
         main(["data", "synth", "x", "--classes", "2", "--per-class", "1", "--size", "big"])

@@ -6,7 +6,8 @@ import torch
 
 from eval_testdata import make_checkpoint
 from mscn.errors import ConfigError, MscnError
-from mscn.train.eval_common import HighPassMismatchWarning, accuracy, load_pretrained, unique_by_index
+from mscn.train.eval.common import accuracy, unique_by_index
+from mscn.train.eval.pretrained import HighPassMismatchWarning, load_pretrained
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -53,7 +54,7 @@ def test_bad_files_are_one_line_errors(tmp_path):
         load_pretrained(str(tmp_path / "nope.pt"))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(MscnError, match="not a readable torch checkpoint"):
+    with pytest.raises(MscnError, match="not a readable checkpoint"):
         load_pretrained(str(junk))
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(MscnError, match="missing backbone, arch, config"):

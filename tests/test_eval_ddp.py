@@ -13,22 +13,26 @@ import torch
 
 from eval_testdata import make_checkpoint, make_image_folder
 from mscn.data.subset import make_subset
-from mscn.train.eval_common import eval_loader, extract_features, load_pretrained, setup_runtime
+from mscn.train.eval.common import eval_loader, extract_features
+from mscn.train.eval.pretrained import load_pretrained
+from mscn.train.runtime import setup_runtime
 
 SCRIPT = r'''
 import json, sys, torch
 from mscn.train.distributed import cleanup
-from mscn.train.eval_common import eval_loader, extract_features, load_pretrained, setup_runtime
-from mscn.train.finetune import finetune
-from mscn.train.knn import knn_eval
-from mscn.train.linear import linear_probe
+from mscn.train.eval.common import eval_loader, extract_features
+from mscn.train.eval.pretrained import load_pretrained
+from mscn.train.runtime import setup_runtime
+from mscn.train.eval.finetune import finetune
+from mscn.train.eval.knn import knn_eval
+from mscn.train.eval.linear import linear_probe
 
 ckpt, train, val, subset, out = sys.argv[1:6]
 rt = setup_runtime("cpu")
 backbone, _, cfg = load_pretrained(ckpt)
-feats, labels = extract_features(backbone, eval_loader(cfg, train, rt, 16), rt.device)
+feats, labels = extract_features(backbone, eval_loader(cfg, train, rt, 16), rt)
 res = {"world": rt.dist.world_size,
-       "knn": knn_eval(backbone, eval_loader(cfg, train, rt, 16), eval_loader(cfg, val, rt, 16), device=rt.device),
+       "knn": knn_eval(backbone, eval_loader(cfg, train, rt, 16), eval_loader(cfg, val, rt, 16), rt),
        "linear": linear_probe(backbone, cfg, train, val, rt, epochs=1, batch=16),
        "linear_pre": linear_probe(backbone, cfg, train, val, rt, epochs=2, batch=16, precompute=True),
        "finetune": finetune(backbone, cfg, train, val, subset, rt, epochs=1, batch=16)}
@@ -57,7 +61,7 @@ def test_two_ranks_match_one_process(tmp_path):
 
     two = torch.load(tmp_path / "feats.pt")
     backbone, _, cfg = load_pretrained(ckpt)
-    feats, labels = extract_features(backbone, eval_loader(cfg, str(tmp_path / "train"), setup_runtime("cpu"), 16),
-                                     torch.device("cpu"))
+    rt = setup_runtime("cpu")
+    feats, labels = extract_features(backbone, eval_loader(cfg, str(tmp_path / "train"), rt, 16), rt)
     assert torch.equal(two["labels"], labels) and labels.tolist() == sorted(labels.tolist())
     torch.testing.assert_close(two["feats"], feats, rtol=1e-4, atol=1e-5)

@@ -7,8 +7,8 @@ import torchvision
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
 from eval_testdata import make_checkpoint
-from mscn.train.eval_common import load_pretrained
-from mscn.train.export import detectron2_name, export_backbone
+from mscn.train.eval.pretrained import load_pretrained
+from mscn.train.eval.export import detectron2_name, export_backbone
 
 
 @pytest.fixture(scope="module")

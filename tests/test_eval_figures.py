@@ -7,7 +7,7 @@ from PIL import Image
 
 from eval_testdata import make_checkpoint, make_image_folder
 from mscn.errors import MscnError
-from mscn.train.eval_cli import add_eval_commands
+from mscn.train.eval.cli import add_eval_commands
 
 
 def _run(argv):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mscn.train.knn import knn_classify, knn_scores
+from mscn.train.eval.knn import knn_classify, knn_scores
 
 
 def _at(deg):

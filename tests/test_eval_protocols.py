@@ -13,8 +13,8 @@ from eval_testdata import make_checkpoint, make_image_folder
 from mscn.cli import main as mscn_main
 from mscn.data.subset import make_subset
 from mscn.errors import ConfigError
-from mscn.train.eval_cli import add_eval_commands
-from mscn.train.eval_common import HighPassMismatchWarning
+from mscn.train.eval.cli import add_eval_commands
+from mscn.train.eval.pretrained import HighPassMismatchWarning
 
 
 @pytest.fixture(scope="module")

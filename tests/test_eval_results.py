@@ -7,8 +7,8 @@ import pytest
 
 from mscn.config import load_config
 from mscn.errors import MscnError
-from mscn.train.eval_cli import add_eval_commands
-from mscn.train.results import load_results, markdown_table, model_name, write_result
+from mscn.train.eval.cli import add_eval_commands
+from mscn.train.eval.results import load_results, markdown_table, model_name, write_result
 
 
 def _result(name, protocol, top1, fraction=1.0, dataset="imagenet"):

@@ -20,7 +20,7 @@ def test_non_editable_install_imports_all_namespaces(tmp_path):
     for generic in ("train", "pipelines", "cuda_kernels", "configs"):
         assert generic not in top, f"{generic} leaked into site-packages"
     code = (
-        "import mscn, mscn.pipelines, mscn.cuda_kernels, mscn.train, mscn.data, mscn.configs;"
+        "import mscn, mscn.pipelines, mscn.cuda_kernels, mscn.train, mscn.train.eval, mscn.data, mscn.configs;"
         "from mscn.config import load_config;"
         "c = load_config('simclr_r50_in1k'); assert c.method.name == 'simclr';"
         "import pathlib; assert str(pathlib.Path(mscn.__file__)).startswith(%r)" % str(target)

@@ -105,7 +105,8 @@ def test_loss_drops_on_a_fixed_batch(method, ratio):
 
 
 def test_device_precision_and_oom_message():
-    from mscn.train.pretrain import _oom_error, amp_dtype, pick_device
+    from mscn.train.distributed import pick_device
+    from mscn.train.pretrain import _oom_error, amp_dtype
 
     if not torch.cuda.is_available():
         device, note = pick_device("cuda", 0)

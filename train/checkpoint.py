@@ -27,6 +27,7 @@ from mscn.errors import MscnError
 
 _NAME = re.compile(r"^ckpt_(\d{8,})\.pt$")
 _REQUIRED = ("model", "optimizer", "step", "config", "arch", "method", "backbone")
+BACKBONE_KEYS = ("backbone", "arch", "config")  # what evaluation reads
 
 
 def ckpt_path(ckpt_dir: str | Path, step: int) -> Path:
@@ -74,18 +75,40 @@ def save_checkpoint(state: dict, ckpt_dir: str | Path, keep_last: int) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """``torch.load(weights_only=True)`` on CPU; an unreadable or foreign file is an MscnError."""
+def load_checkpoint(path: str | Path, required: tuple[str, ...] = _REQUIRED,
+                    not_found: str = "use --resume auto, a ckpt_*.pt path, or none") -> dict:
+    """``torch.load(weights_only=True)`` on CPU; an unreadable or foreign file is an MscnError.
+
+    ``required``: the keys the caller reads (resume: all of them; evaluation:
+    :data:`BACKBONE_KEYS`). ``not_found``: the fix to print when the file is missing.
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise MscnError(f"checkpoint not found: {path} (use --resume auto, a ckpt_*.pt path, or none)") from None
+        raise MscnError(f"checkpoint not found: {path} ({not_found})") from None
     except Exception as e:  # truncated zip, pickle of a forbidden type...
         raise MscnError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    missing = [k for k in _REQUIRED if not isinstance(state, dict) or k not in state]
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
-        raise MscnError(f"{path}: not an mscn pretraining checkpoint (missing {', '.join(missing)})")
+        raise MscnError(f"{path}: not an mscn pretraining checkpoint (missing {', '.join(missing)}); "
+                        "expected a file written by mscn pretrain")
     return state
+
+
+def load_pretrained_state(path: str | Path) -> dict:
+    """What evaluation reads: a checkpoint file, or a run directory (its ``final.pt``,
+    else its newest checkpoint that loads); needs only :data:`BACKBONE_KEYS`."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "final.pt").is_file():
+            return load_pretrained_state(p / "final.pt")
+        found = find_latest_valid(p / "checkpoints" if (p / "checkpoints").is_dir() else p)
+        if found is None:
+            raise MscnError(f"{path}: no final.pt and no readable checkpoints/ckpt_*.pt in this run directory")
+        return found[1]
+    if not p.is_file():  # also a directory name with a typo: say what to pass
+        raise MscnError(f"checkpoint not found: {path} (pass a file written by mscn pretrain, or 'random')")
+    return load_checkpoint(p, BACKBONE_KEYS)
 
 
 def find_latest_valid(ckpt_dir: str | Path) -> tuple[Path, dict] | None:

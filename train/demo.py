@@ -50,11 +50,15 @@ def prepare_data(cfg: Config) -> Config:
 
 def evaluate(ckpt: str, cfg: Config, train_root: str, val_root: str) -> list[dict]:
     """Linear probe + kNN for the pretrained encoder and a random-init baseline."""
-    from mscn.train.eval_common import eval_loader, load_pretrained, setup_runtime
-    from mscn.train.knn import knn_eval
-    from mscn.train.linear import linear_probe
+    from mscn.train.eval.common import eval_loader
+    from mscn.train.eval.knn import knn_eval
+    from mscn.train.eval.linear import linear_probe
+    from mscn.train.eval.pretrained import load_pretrained
+    from mscn.train.runtime import setup_runtime
 
-    rt = setup_runtime(cfg.train.device)
+    rt = setup_runtime(cfg.train.device, cfg.train.precision)
+    if rt.note:
+        print(f"[mscn] {rt.note}", flush=True)
     rows = []
     for name, path in (("SimCLR + MSCN (pretrained)", ckpt), ("random init", "random")):
         if path == "random":
@@ -65,9 +69,8 @@ def evaluate(ckpt: str, cfg: Config, train_root: str, val_root: str) -> list[dic
         t0 = time.time()
         lin = linear_probe(backbone, ecfg, train_root, val_root, rt)
         batch = ecfg.eval.linear_batch
-        knn = knn_eval(backbone, eval_loader(ecfg, train_root, rt, batch, train_views=False),
-                       eval_loader(ecfg, val_root, rt, batch, train_views=False),
-                       k=ecfg.eval.knn_k, T=ecfg.eval.knn_temperature, device=rt.device)
+        knn = knn_eval(backbone, eval_loader(ecfg, train_root, rt, batch), eval_loader(ecfg, val_root, rt, batch),
+                       rt, k=ecfg.eval.knn_k, T=ecfg.eval.knn_temperature)
         rows.append({"encoder": name, "linear_top1": lin["top1"], "linear_top5": lin["top5"],
                      "knn_top1": knn["top1"], "wall_s": round(time.time() - t0, 1)})
         print(f"[demo] {name}: linear top-1 {lin['top1']:.1f}%, kNN top-1 {knn['top1']:.1f}%", flush=True)
@@ -125,4 +128,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from mscn.errors import run_cli
+
+    raise SystemExit(run_cli(main, "mscn demo"))

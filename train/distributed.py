@@ -115,6 +115,36 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
             t.detach().copy_(buf)
 
 
+def gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a per-rank tensor (first dim may differ) across all ranks, in rank order."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    if t.dtype == torch.bool:  # not every backend gathers bools
+        return gather_cat(t.to(torch.uint8)).bool()
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    top = int(max(s.item() for s in sizes))
+    padded = torch.zeros((top, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+
+
+def mean_over_ranks(total: torch.Tensor, steps: int) -> float:
+    """Mean of a per-rank sum over ``steps`` steps, across all ranks (a collective).
+
+    Note: host sync point. Every rank gets the same number, so a non-finite check on it
+    stops all ranks together instead of one rank raising while the others wait in DDP.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        total = total.clone()
+        dist.all_reduce(total)
+        total /= dist.get_world_size()
+    return total.item() / max(1, steps)
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward hands every rank the gradient of its own slice.
 

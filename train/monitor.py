@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from mscn.config import Config
-from mscn.train.distributed import DistInfo
+from mscn.train.runtime import Runtime
 
 
 def monitor_off_reason(cfg: Config) -> str | None:
@@ -22,19 +22,21 @@ def monitor_off_reason(cfg: Config) -> str | None:
     return None
 
 
-def due(cfg: Config, done: int, steps_per_epoch: int) -> bool:
+def monitor_runs_after(cfg: Config, done: int, steps_per_epoch: int) -> bool:
+    """Whether the kNN monitor runs after optimizer step ``done``: at the end of every
+    ``train.knn_every_epochs``-th epoch (never when that is 0)."""
     every = cfg.train.knn_every_epochs
     return bool(every) and done % steps_per_epoch == 0 and (done // steps_per_epoch) % every == 0
 
 
 @torch.no_grad()
-def online_knn(cfg: Config, backbone: torch.nn.Module, info: DistInfo, device: torch.device) -> dict:
-    """kNN top-1/top-5 (%) of ``backbone`` on (data.root -> data.val_root)."""
-    from mscn.train.eval_common import Runtime, eval_loader
-    from mscn.train.knn import knn_eval
+def online_knn(cfg: Config, backbone: torch.nn.Module, rt: Runtime) -> dict:
+    """kNN top-1/top-5 (%) of ``backbone`` on (data.root -> data.val_root), under the run's autocast."""
+    from mscn.train.eval.common import eval_loader
+    from mscn.train.eval.knn import knn_eval
 
-    rt = Runtime(info, device)
     # largest global batch <= eval.linear_batch that splits evenly over the ranks
-    batch = max(info.world_size, cfg.eval.linear_batch - cfg.eval.linear_batch % info.world_size)
+    world = rt.dist.world_size
+    batch = max(world, cfg.eval.linear_batch - cfg.eval.linear_batch % world)
     loaders = [eval_loader(cfg, root, rt, batch) for root in (cfg.data.root, cfg.data.val_root)]
-    return knn_eval(backbone, *loaders, k=cfg.eval.knn_k, T=cfg.eval.knn_temperature, device=device)
+    return knn_eval(backbone, *loaders, rt, k=cfg.eval.knn_k, T=cfg.eval.knn_temperature)

@@ -28,30 +28,23 @@ import argparse
 import dataclasses
 import math
 import sys
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mscn.config import Config, load_config, to_dict, validate
-from mscn.errors import MscnError
+from mscn.errors import MscnError, run_cli
 from mscn.train import checkpoint as ckpt
-from mscn.train.distributed import (DistInfo, barrier, broadcast_object, cleanup, convert_sync_batchnorm,
-                                    env_local_rank, init_distributed, pick_device)
+from mscn.train.distributed import DistInfo, barrier, broadcast_object, cleanup, convert_sync_batchnorm
 from mscn.train.lars import build_optimizer
+from mscn.train.meter import NonFiniteGuard, StepMeter  # noqa: F401  (NonFiniteGuard: importable here as before)
 from mscn.train.methods import SiameseMethod, build_method
-from mscn.train.monitor import due, monitor_off_reason, online_knn
+from mscn.train.monitor import monitor_off_reason, monitor_runs_after, online_knn
 from mscn.train.runlog import RunLog
+from mscn.train.runtime import Runtime, amp_dtype, autocast, setup_runtime, wrap_ddp  # noqa: F401  (amp_dtype: API)
 from mscn.train.schedule import lr_at, peak_lr
-
-
-def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: ``auto`` is bf16 on GPU and fp32 (no autocast) on CPU."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
 def build_model(cfg: Config, device: torch.device, info: DistInfo) -> tuple[SiameseMethod, torch.nn.Module]:
@@ -66,10 +59,7 @@ def build_model(cfg: Config, device: torch.device, info: DistInfo) -> tuple[Siam
     method.to(device)
     if device.type == "cuda" and cfg.train.channels_last:
         method.to(memory_format=torch.channels_last)
-    model: torch.nn.Module = method
-    if info.enabled:
-        model = DDP(method, device_ids=[device.index] if device.type == "cuda" else None,
-                    gradient_as_bucket_view=True)
+    model = wrap_ddp(method, device, info, gradient_as_bucket_view=True)
     if cfg.train.compile:
         model = torch.compile(model)
     return method, model
@@ -78,8 +68,7 @@ def build_model(cfg: Config, device: torch.device, info: DistInfo) -> tuple[Siam
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                views: list[torch.Tensor], dtype: torch.dtype | None) -> torch.Tensor:
     """forward -> loss -> backward -> optimizer step; returns the detached loss (no sync)."""
-    device_type = views[0].device.type
-    with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    with autocast(views[0].device.type, dtype):
         loss = model(views)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()  # the scaler is a pass-through unless precision is fp16
@@ -151,181 +140,175 @@ def with_synthetic_data(cfg: Config, info: DistInfo | None = None) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(d, root=str(out / "train"), val_root=val_root))
 
 
-class NonFiniteGuard:
-    """Remembers, on the device, the first step whose loss was NaN/Inf (no host sync per step)."""
-
-    def __init__(self, device: torch.device, info: DistInfo):
-        self.first_bad = torch.tensor(-1, device=device)
-        self.info = info
-
-    def update(self, loss: torch.Tensor, step: int) -> None:
-        self.first_bad = torch.where(torch.isfinite(loss) | (self.first_bad >= 0), self.first_bad, step)
-
-    def check(self, ckpt_dir: Path, dtype: torch.dtype | None) -> None:
-        """Note: host sync point (and a collective under DDP): raise if any step went bad."""
-        if self.info.enabled:
-            dist.all_reduce(self.first_bad, op=dist.ReduceOp.MAX)
-        first_bad = int(self.first_bad.item())
-        if first_bad >= 0:
-            last = ckpt.list_checkpoints(ckpt_dir)
-            fix = "lower optim.base_lr" + (" or use train.precision=fp32" if dtype is not None else "")
-            raise MscnError(f"non-finite loss at step {first_bad}; stopped. Last good checkpoint: "
-                            f"{last[-1] if last else 'none'}; {fix}")
-
-
 def run_pretrain(cfg: Config, resume: str | None = "auto") -> dict:
     """Pretrain as configured; returns a summary (steps, loss, images/s, checkpoint paths)."""
-    device, device_note = pick_device(cfg.train.device, env_local_rank())
-    info = init_distributed(device.type)
+    rt = setup_runtime(cfg.train.device, cfg.train.precision, what="train.device")
     try:
-        return _run(cfg, resume, device, device_note, info)
+        return _run(cfg, resume, rt)
     finally:
         cleanup()
 
 
-def _run(cfg: Config, resume: str | None, device: torch.device, device_note: str | None, info: DistInfo) -> dict:
+def _run(cfg: Config, resume: str | None, rt: Runtime) -> dict:
     from mscn.pipelines import build_train_loader, endless  # DALI is heavy: imported only to train
 
-    validate(cfg, "<config>", world_size=info.world_size)
-    cfg = with_synthetic_data(cfg, info)
-    say = (lambda msg: print(f"[mscn] {msg}", flush=True)) if info.is_main else (lambda msg: None)
-    if device_note:
-        say(device_note)
+    validate(cfg, "<config>", world_size=rt.dist.world_size)
+    cfg = with_synthetic_data(cfg, rt.dist)
+    say = (lambda msg: print(f"[mscn] {msg}", flush=True)) if rt.is_main else (lambda msg: None)
     monitor_note = monitor_off_reason(cfg)
-    if monitor_note:
-        say(monitor_note)
+    for note in (rt.note, monitor_note):
+        if note:
+            say(note)
     torch.manual_seed(cfg.train.seed)
-    if device.type == "cuda":
+    if rt.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    dtype = amp_dtype(cfg.train.precision, device)
     peak = peak_lr(cfg.optim.base_lr, cfg.train.global_batch)
 
-    method, model = build_model(cfg, device, info)
+    method, model = build_model(cfg, rt.device, rt.dist)
     optimizer, groups_desc = build_optimizer(cfg.optim, method, peak)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    say(f"{cfg.method.name}/{cfg.model.arch} on {info.world_size} x {device.type}, "
-        f"{cfg.train.global_batch // info.world_size} images x {len(cfg.views)} views per rank, "
-        f"precision {dtype or torch.float32}; param groups: {groups_desc}")
-
-    state, resumed_from = _resume_state(cfg, resume, info)
-    start_step = 0
-    if state is not None:
-        _load_state(state, resumed_from, cfg, method, optimizer, scaler)
-        start_step = int(state["step"])
-        if info.is_main:
-            ckpt.set_rng_state(state["rng"])
-        else:
-            torch.manual_seed(cfg.train.seed + info.rank + start_step)
-        say(f"resumed from {resumed_from} at step {start_step}")
-        del state
-    elif resume == "auto":
-        say(f"no valid checkpoint in {Path(cfg.train.out_dir) / 'checkpoints'}: starting from scratch")
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+    say(f"{cfg.method.name}/{cfg.model.arch} on {rt.dist.world_size} x {rt.device.type}, "
+        f"{rt.per_rank(cfg.train.global_batch)} images x {len(cfg.views)} views per rank, "
+        f"precision {rt.dtype or torch.float32}; param groups: {groups_desc}")
+    start_step, resumed_from = _resume(cfg, resume, rt, method, optimizer, scaler, say)
 
     # a fresh DALI iterator after a resume: another seed, so it does not replay step 0's batches
     loader_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + start_step))
-    loader = build_train_loader(loader_cfg, rank=info.rank, world_size=info.world_size,
-                                local_rank=info.local_rank, device=device)
-    steps_per_epoch = len(loader)
-    total_steps = cfg.schedule.epochs * steps_per_epoch
-    warmup_steps = cfg.schedule.warmup_epochs * steps_per_epoch
-    end_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
-    log = RunLog(cfg, info.is_main, end_step, start_step)
-    ckpt_dir = Path(cfg.train.out_dir) / "checkpoints"
-    memory_format = torch.channels_last if device.type == "cuda" and cfg.train.channels_last else torch.contiguous_format
-
-    guard = NonFiniteGuard(device, info)
-    loss_sum, loss_count = torch.zeros((), device=device), 0
-    last_loss, last_path, final_path = float("nan"), None, None
-    t_log, window_steps, t_first, steps_timed = time.perf_counter(), 0, None, 0
-    if start_step >= end_step:  # e.g. re-running a finished run: report what is on disk
-        say(f"already at step {start_step} of {end_step}: nothing to train")
-        last_path = Path(resumed_from) if resumed_from else None
-        final_path = Path(cfg.train.out_dir) / "final.pt" if (Path(cfg.train.out_dir) / "final.pt").is_file() else None
+    loader = build_train_loader(loader_cfg, rank=rt.dist.rank, world_size=rt.dist.world_size,
+                                local_rank=rt.dist.local_rank, device=rt.device)
+    run = _Run(cfg, rt, method, optimizer, scaler, steps_per_epoch=len(loader), start_step=start_step,
+               monitor=not monitor_note, say=say)
+    if start_step >= run.end_step:  # e.g. re-running a finished run: report what is on disk
+        say(f"already at step {start_step} of {run.end_step}: nothing to train")
+        run.last_path = Path(resumed_from) if resumed_from else None
+        run.final_path = run.final if run.final.is_file() else None
+    memory_format = torch.channels_last if rt.device.type == "cuda" and cfg.train.channels_last else torch.contiguous_format
     batches = endless(loader)
     model.train()
     try:
-        for step in range(start_step, end_step):
-            views = [v.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        for step in range(start_step, run.end_step):
+            views = [v.to(rt.device, non_blocking=True).contiguous(memory_format=memory_format)
                      for v in next(batches).views]
-            if dtype is None:
+            if rt.dtype is None:
                 views = [v.float() for v in views]
-            lr = lr_at(step, total_steps, warmup_steps, peak, cfg.schedule.min_lr_ratio)
+            lr = lr_at(step, run.total_steps, run.warmup_steps, peak, cfg.schedule.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             try:
-                loss = train_step(model, optimizer, scaler, views, dtype)
+                loss = train_step(model, optimizer, scaler, views, rt.dtype)
             except torch.cuda.OutOfMemoryError:
-                raise _oom_error(cfg, info) from None
-            method.after_optimizer_step(step, total_steps)  # BYOL: EMA of the target
-            guard.update(loss, step)
-            loss_sum += torch.nan_to_num(loss)
-            loss_count += 1
-            done = step + 1
-            log.advance()
-            # images/s counts from the end of the first step: start-up and compile excluded
-            if t_first is None:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()  # once: the clock starts when step 1 is really done
-                t_first = t_log = time.perf_counter()
-            else:
-                steps_timed += 1
-                window_steps += 1
-
-            if done % cfg.train.log_every == 0 or done == end_step:
-                guard.check(ckpt_dir, dtype)
-                if info.enabled:
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= info.world_size
-                last_loss = loss_sum.item() / loss_count  # note: host sync point
-                now = time.perf_counter()
-                img_s = cfg.train.global_batch * window_steps / (now - t_log) if window_steps else float("nan")
-                log.log(done, {"epoch": step // steps_per_epoch, "loss": last_loss, "lr": lr,
-                               "images_per_s": img_s, "views_per_s": img_s * len(cfg.views)})
-                loss_sum.zero_()
-                loss_count, window_steps, t_log = 0, 0, now
-            if done % cfg.train.ckpt_every_steps == 0 or done % steps_per_epoch == 0 or done == end_step:
-                guard.check(ckpt_dir, dtype)  # never overwrite the last good checkpoint with a bad state
-                if info.is_main:
-                    state = _checkpoint_state(cfg, method, optimizer, scaler, done, steps_per_epoch)
-                    last_path = ckpt.save_checkpoint(state, ckpt_dir, cfg.train.keep_last)
-                    if done == end_step:
-                        final_path = ckpt.atomic_save(state, Path(cfg.train.out_dir) / "final.pt")
-                    del state
-            if due(cfg, done, steps_per_epoch) and not monitor_note:
-                knn = online_knn(cfg, method.backbone, info, device)  # all ranks; returns to train mode
-                log.log(done, {"epoch": done // steps_per_epoch, "loss": last_loss, "lr": lr,
-                               "images_per_s": float("nan"), "knn_top1": knn["top1"], "knn_top5": knn["top5"]})
-                say(f"epoch {done // steps_per_epoch}: kNN top-1 {knn['top1']:.1f}%")
-        elapsed = time.perf_counter() - t_first if t_first else 0.0
+                raise _oom_error(cfg, rt.dist) from None
+            method.after_optimizer_step(step, run.total_steps)  # BYOL: EMA of the target
+            run.meter.update(loss, step)
+            run.log.advance()
+            run.maybe_log(step + 1, lr)
+            run.maybe_checkpoint(step + 1)
+            run.maybe_monitor(step + 1, lr)
+        elapsed = run.meter.elapsed()
     finally:
-        log.close()
-    img_s = cfg.train.global_batch * steps_timed / elapsed if steps_timed else float("nan")
-    return {"step": max(start_step, end_step), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-            "loss": last_loss, "images_per_s": img_s, "views_per_s": img_s * len(cfg.views),
-            "out_dir": cfg.train.out_dir, "checkpoint": str(last_path) if last_path else None,
-            "final": str(final_path) if final_path else None, "resumed_from": resumed_from,
-            "world_size": info.world_size}
+        run.log.close()
+    img_s = run.meter.run_images_per_s(elapsed)
+    return {"step": max(start_step, run.end_step), "total_steps": run.total_steps,
+            "steps_per_epoch": run.steps_per_epoch, "loss": run.meter.last_loss, "images_per_s": img_s,
+            "views_per_s": img_s * len(cfg.views), "out_dir": cfg.train.out_dir,
+            "checkpoint": str(run.last_path) if run.last_path else None,
+            "final": str(run.final_path) if run.final_path else None, "resumed_from": resumed_from,
+            "world_size": rt.dist.world_size}
+
+
+def _resume(cfg: Config, resume: str | None, rt: Runtime, method, optimizer, scaler, say) -> tuple[int, str | None]:
+    """Restore the checkpoint ``--resume`` names (if any); returns (start step, its path)."""
+    state, resumed_from = _resume_state(cfg, resume, rt.dist)
+    if state is None:
+        if resume == "auto":
+            say(f"no valid checkpoint in {Path(cfg.train.out_dir) / 'checkpoints'}: starting from scratch")
+        return 0, None
+    _load_state(state, resumed_from, cfg, method, optimizer, scaler)
+    start_step = int(state["step"])
+    if rt.is_main:
+        ckpt.set_rng_state(state["rng"])
+    else:
+        torch.manual_seed(cfg.train.seed + rt.dist.rank + start_step)
+    say(f"resumed from {resumed_from} at step {start_step}")
+    return start_step, resumed_from
+
+
+@dataclass
+class _Run:
+    """What the loop's bookkeeping needs: the step plan, meter, run log and checkpoint paths.
+
+    The ``maybe_*`` helpers run after optimizer step ``done`` (1-based) on every rank:
+    the log and checkpoint points are collectives (loss all-reduce, non-finite check).
+    """
+
+    cfg: Config
+    rt: Runtime
+    method: SiameseMethod
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    steps_per_epoch: int
+    start_step: int
+    monitor: bool  # the kNN monitor is configured and can run
+    say: Callable[[str], None]
+    last_path: Path | None = None
+    final_path: Path | None = None
+
+    def __post_init__(self):
+        spe, t = self.steps_per_epoch, self.cfg.train
+        self.total_steps = self.cfg.schedule.epochs * spe
+        self.warmup_steps = self.cfg.schedule.warmup_epochs * spe
+        self.end_step = min(self.total_steps, t.max_steps) if t.max_steps else self.total_steps
+        self.ckpt_dir = Path(t.out_dir) / "checkpoints"
+        self.final = Path(t.out_dir) / "final.pt"
+        self.meter = StepMeter(self.rt.device, self.rt.dist, t.global_batch)
+        self.log = RunLog(self.cfg, self.rt.is_main, self.end_step, self.start_step)
+
+    def maybe_log(self, done: int, lr: float) -> None:
+        if done % self.cfg.train.log_every and done != self.end_step:
+            return
+        self.meter.guard.check(self.ckpt_dir, self.rt.dtype)
+        loss, img_s = self.meter.read()  # note: host sync point
+        self.log.log(done, {"epoch": (done - 1) // self.steps_per_epoch, "loss": loss, "lr": lr,
+                            "images_per_s": img_s, "views_per_s": img_s * len(self.cfg.views)})
+
+    def maybe_checkpoint(self, done: int) -> None:
+        if done % self.cfg.train.ckpt_every_steps and done % self.steps_per_epoch and done != self.end_step:
+            return
+        self.meter.guard.check(self.ckpt_dir, self.rt.dtype)  # never overwrite the last good checkpoint with a bad state
+        if self.rt.is_main:
+            state = _checkpoint_state(self.cfg, self.method, self.optimizer, self.scaler, done, self.steps_per_epoch)
+            self.last_path = ckpt.save_checkpoint(state, self.ckpt_dir, self.cfg.train.keep_last)
+            if done == self.end_step:
+                self.final_path = ckpt.atomic_save(state, self.final)
+
+    def maybe_monitor(self, done: int, lr: float) -> None:
+        if not (self.monitor and monitor_runs_after(self.cfg, done, self.steps_per_epoch)):
+            return
+        knn = online_knn(self.cfg, self.method.backbone, self.rt)  # all ranks; returns to train mode
+        epoch = done // self.steps_per_epoch
+        self.log.log(done, {"epoch": epoch, "loss": self.meter.last_loss, "lr": lr, "images_per_s": float("nan"),
+                            "knn_top1": knn["top1"], "knn_top5": knn["top5"]})
+        self.say(f"epoch {epoch}: kNN top-1 {knn['top1']:.1f}%")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry; returns 0, or exits with status 2 after printing an MscnError as one line."""
+    """CLI entry (``mscn pretrain``, ``python -m`` / ``torchrun -m mscn.train.pretrain``):
+    the exit status; an MscnError is one line and status 2 on every rank (:func:`run_cli`)."""
     parser = argparse.ArgumentParser(prog="python -m mscn.train.pretrain", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML recipe (a path or a bundled name)")
     parser.add_argument("--resume", default="auto", help="auto (newest valid checkpoint), a ckpt path, or none")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.global_batch=256")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        summary = run_pretrain(cfg, resume=args.resume)
-    except MscnError as e:  # one line, no traceback; exit status 2 under torchrun and mscn alike
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    return run_cli(lambda: _command(args), "mscn pretrain")
+
+
+def _command(args: argparse.Namespace) -> None:
+    summary = run_pretrain(load_config(args.config, args.overrides), resume=args.resume)
     if summary["final"]:
         loss = summary["loss"]
         print(f"[mscn] done: step {summary['step']}/{summary['total_steps']}, "
               f"loss {loss if math.isnan(loss) else round(loss, 4)}, {summary['images_per_s']:.1f} images/s; "
               f"final checkpoint {summary['final']}", flush=True)
-    return 0
 
 
 if __name__ == "__main__":

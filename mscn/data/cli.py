@@ -1,7 +1,7 @@
 """The `mscn data ...` sub-commands: synth, scan, subset, pack.
 
 ``mscn/cli.py`` calls :func:`add_data_commands` on its sub-parsers and then
-``args.func(args)``; every failure is an MscnError that the main CLI prints as one
+``args.func(args)``; every failure is an MscnError that ``run_cli`` prints as one
 line. ``python -m mscn.data.cli data ...`` runs the same commands on their own.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from mscn.errors import MscnError
+from mscn.errors import MscnError, run_cli
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -127,13 +127,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mscn")
     add_data_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except MscnError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
+    return run_cli(lambda: args.func(args), "mscn")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from mscn.data.scan import check_outside
+from mscn.data.source import resolve_source  # the one definition of the canonical order
 from mscn.errors import DataError
 
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -66,9 +68,6 @@ def pack(root, out, shard_size: int = 1000, shuffle_seed: int | None = 0, file_r
 
     Returns a summary: number of samples and shards, output folder and seconds.
     """
-    from mscn.data.scan import check_outside
-    from mscn.pipelines.readers import resolve_source  # the readers define the canonical order
-
     if shard_size < 1:
         raise DataError(f"--shard-size {shard_size}: must be >= 1")
     source = resolve_source(str(root), "auto", file_root=file_root)

@@ -108,9 +108,11 @@ def _write_atomic(path: Path, text: str, root: Path) -> None:
     os.replace(tmp, path)  # a crash leaves the old file, never half a list
 
 
-def write_file_list(path, samples: list[tuple[str, int]], root) -> None:
-    """Write ``relpath label`` lines (DALI ``file_list`` format, paths relative to root)."""
+def write_file_list(path, samples: list[tuple[str, int]], root) -> Path:
+    """Write ``relpath label`` lines (DALI ``file_list`` format, paths relative to ``root``,
+    which the file must not be inside); returns ``path``. Atomic: a crash leaves the old file."""
     _write_atomic(Path(path), "".join(f"{rel} {label}\n" for rel, label in samples), Path(root))
+    return Path(path)
 
 
 def scan(root, out=None, report=None, min_size: int = 32, workers: int | None = None,

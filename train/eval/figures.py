@@ -25,11 +25,11 @@ import torchvision.transforms.functional as TF  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 from torch import nn  # noqa: E402
 
-from mscn.config import Config, highpass_window  # noqa: E402
+from mscn.config import Config  # noqa: E402
 from mscn.data.imagefolder import is_image_name  # noqa: E402
 from mscn.cuda_kernels import apply_masks  # noqa: E402
 from mscn.errors import DataError, MscnError  # noqa: E402
-from mscn.highpass import highpass_torch  # noqa: E402
+from mscn.highpass import highpass_torch, highpass_window  # noqa: E402
 
 def find_image(root: str | Path) -> Path:
     """The first image (sorted) below ``root``, for figures drawn from a dataset."""

@@ -14,7 +14,8 @@ from torch import nn
 
 from mscn.errors import MscnError
 from mscn.train.distributed import broadcast_module
-from mscn.train.eval_common import extract_features, topk_correct
+from mscn.train.eval.common import extract_features, topk_correct
+from mscn.train.runtime import Runtime
 
 DEFAULT_K = 20
 DEFAULT_T = 0.07
@@ -56,15 +57,14 @@ def knn_classify(train_feats, train_labels, val_feats, val_labels, k: int = DEFA
             "n_train": int(train_feats.shape[0]), "n_val": int(val_feats.shape[0]), "k": k, "T": T}
 
 
-def knn_eval(backbone: nn.Module, train_loader, val_loader, k: int = DEFAULT_K, T: float = DEFAULT_T,
-             device: torch.device | str | None = None) -> dict:
-    """kNN top-1/top-5 of ``backbone`` (unwrapped from DDP) on eval-view loaders.
+def knn_eval(backbone: nn.Module, train_loader, val_loader, rt: Runtime, k: int = DEFAULT_K,
+             T: float = DEFAULT_T) -> dict:
+    """kNN top-1/top-5 of ``backbone`` (unwrapped from DDP, on ``rt.device``) on eval-view loaders.
 
     Under torch.distributed every rank passes its own shard; features are gathered so
     that every rank returns the same numbers. Safe to call inside a training loop.
     """
-    device = torch.device(device) if device is not None else next(backbone.parameters()).device
     broadcast_module(backbone)  # no DDP syncs it here: rank 0's weights (and BN stats) on every rank
-    train_f, train_y = extract_features(backbone, train_loader, device)
-    val_f, val_y = extract_features(backbone, val_loader, device)
+    train_f, train_y = extract_features(backbone, train_loader, rt)
+    val_f, val_y = extract_features(backbone, val_loader, rt)
     return knn_classify(train_f, train_y, val_f, val_y, k, T)

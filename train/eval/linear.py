@@ -19,14 +19,13 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mscn.config import Config
 from mscn.errors import MscnError
-from mscn.train.distributed import broadcast_module
-from mscn.train.eval_common import (MOMENTUM, Runtime, accuracy, autocast, batch_to, class_count, eval_loader,
-                                    evaluate_classifier, extract_features, feature_dim, log_json, make_head,
-                                    mean_over_ranks, setup_runtime)
+from mscn.train.distributed import broadcast_module, mean_over_ranks
+from mscn.train.eval.common import (MOMENTUM, accuracy, batch_to, class_count, eval_loader, evaluate_classifier,
+                                    extract_features, feature_dim, log_json, make_head, train_view_loader)
+from mscn.train.runtime import Runtime, setup_runtime
 from mscn.train.schedule import lr_at, peak_lr
 
 
@@ -55,7 +54,7 @@ def linear_probe(backbone: nn.Module, cfg: Config, train_root: str, val_root: st
     Unset arguments come from ``cfg.eval`` (linear_epochs, linear_lr, linear_batch,
     linear_weight_decay, precompute_features). ``lr`` is the base lr for batch 256.
     """
-    rt = rt or setup_runtime("auto")
+    rt = rt or setup_runtime("auto", cfg.train.precision)
     e = cfg.eval
     epochs = e.linear_epochs if epochs is None else epochs
     base_lr = e.linear_lr if lr is None else lr
@@ -72,31 +71,31 @@ def linear_probe(backbone: nn.Module, cfg: Config, train_root: str, val_root: st
     broadcast_module(backbone)  # frozen, outside DDP: every rank must extract with rank 0's weights
     head = make_head(feature_dim(backbone, cfg.data.image_size, rt.device), num_classes).to(rt.device)
     # only the head has gradients to average; the frozen backbone stays outside DDP
-    model = DDP(head, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.dist.enabled else head
+    model = rt.wrap_ddp(head)
     opt = torch.optim.SGD(head.parameters(), lr=peak, momentum=MOMENTUM, weight_decay=wd)
     t0 = time.time()
 
     if precompute:
-        train_f, train_y = extract_features(backbone, eval_loader(cfg, train_root, rt, batch, train_views=False), rt.device)
-        val_f, val_y = extract_features(backbone, eval_loader(cfg, val_root, rt, batch, train_views=False), rt.device)
+        train_f, train_y = extract_features(backbone, eval_loader(cfg, train_root, rt, batch), rt)
+        val_f, val_y = extract_features(backbone, eval_loader(cfg, val_root, rt, batch), rt)
         _train_on_features(model, opt, train_f, train_y, rt, epochs, batch, peak)
         head.eval()
         with torch.no_grad():
             res = accuracy(head(val_f), val_y)
     else:
-        train_loader = eval_loader(cfg, train_root, rt, batch, train_views=True)
+        train_loader = train_view_loader(cfg, train_root, rt, batch)
         steps = len(train_loader)
         for epoch in range(epochs):
             head.train()
             total = torch.zeros((), device=rt.device)
             for i, b in enumerate(train_loader):
                 x, y, _ = batch_to(b, rt.device)
-                with torch.no_grad(), autocast(rt.device):
+                with torch.no_grad(), rt.autocast():
                     f = backbone(x)
                 total += _step(model, opt, f.float(), y, lr_at(epoch * steps + i, epochs * steps, 0, peak))
             _end_epoch(rt, "linear probe", epoch + 1, total, steps, opt.param_groups[0]["lr"])
-        val_loader = eval_loader(cfg, val_root, rt, batch, train_views=False)
-        res = evaluate_classifier(nn.Sequential(backbone, head), val_loader, rt.device)
+        val_loader = eval_loader(cfg, val_root, rt, batch)
+        res = evaluate_classifier(nn.Sequential(backbone, head), val_loader, rt)
 
     return {"top1": res["top1"], "top5": res["top5"], "n_val": res["n"], "num_classes": num_classes,
             "epochs": epochs, "wall_s": round(time.time() - t0, 1),

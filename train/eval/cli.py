@@ -31,9 +31,10 @@ def _default_out(args, protocol: str) -> Path:
 
 
 def _prepare(args, protocol: str):
-    from mscn.train.eval_common import load_pretrained, setup_runtime
+    from mscn.train.eval.pretrained import load_pretrained
+    from mscn.train.eval.results import model_name
     from mscn.train.models import build_backbone
-    from mscn.train.results import model_name
+    from mscn.train.runtime import setup_runtime
 
     for flag in ("train_root", "val_root"):
         if not getattr(args, flag):
@@ -45,12 +46,15 @@ def _prepare(args, protocol: str):
         backbone, _ = build_backbone(arch)
         name = args.name or "from scratch"
     out = Path(args.out) if args.out else _default_out(args, protocol)
-    return backbone, arch, cfg, setup_runtime(args.device), name, out
+    rt = setup_runtime(args.device, cfg.train.precision)  # autocast as in pretraining
+    if rt.note:
+        print(f"[mscn] {rt.note}", flush=True)
+    return backbone, arch, cfg, rt, name, out
 
 
 def _finish(args, rt, protocol: str, name: str, arch: str, out: Path, res: dict) -> None:
     from mscn.train.distributed import cleanup
-    from mscn.train.results import write_result
+    from mscn.train.eval.results import write_result
 
     cleanup()  # every rank leaves the process group; the numbers are already on rank 0
     if not rt.is_main:
@@ -63,7 +67,7 @@ def _finish(args, rt, protocol: str, name: str, arch: str, out: Path, res: dict)
 
 
 def _linear(args) -> None:
-    from mscn.train.linear import linear_probe
+    from mscn.train.eval.linear import linear_probe
 
     protocol = "transfer" if args.command_eval == "transfer" else "linear"
     backbone, arch, cfg, rt, name, out = _prepare(args, protocol)
@@ -74,8 +78,8 @@ def _linear(args) -> None:
 
 
 def _knn(args) -> None:
-    from mscn.train.eval_common import eval_loader
-    from mscn.train.knn import knn_eval
+    from mscn.train.eval.common import eval_loader
+    from mscn.train.eval.knn import knn_eval
 
     backbone, arch, cfg, rt, name, out = _prepare(args, "knn")
     # `is None`, not `or`: an explicit 0 must reach the range check, not turn into the default
@@ -85,14 +89,14 @@ def _knn(args) -> None:
     if k < 1 or t <= 0 or batch < 1:
         raise MscnError(f"knn: need --k >= 1, --temperature > 0 and --batch >= 1 (got {k}, {t}, {batch})")
     backbone = backbone.to(rt.device)
-    res = knn_eval(backbone, eval_loader(cfg, args.train_root, rt, batch, train_views=False),
-                   eval_loader(cfg, args.val_root, rt, batch, train_views=False), k, t, rt.device)
+    res = knn_eval(backbone, eval_loader(cfg, args.train_root, rt, batch), eval_loader(cfg, args.val_root, rt, batch),
+                   rt, k, t)
     res["settings"] = {"k": k, "temperature": t, "batch": batch}
     _finish(args, rt, "knn", name, arch, out, res)
 
 
 def _finetune(args) -> None:
-    from mscn.train.finetune import finetune
+    from mscn.train.eval.finetune import finetune
 
     backbone, arch, cfg, rt, name, out = _prepare(args, "finetune")
     res = finetune(backbone, cfg, args.train_root, args.val_root, args.subset, rt, epochs=args.epochs,
@@ -101,8 +105,8 @@ def _finetune(args) -> None:
 
 
 def _export(args) -> None:
-    from mscn.train.eval_common import load_pretrained
-    from mscn.train.export import export_backbone
+    from mscn.train.eval.export import export_backbone
+    from mscn.train.eval.pretrained import load_pretrained
 
     backbone, arch, _ = load_pretrained(args.ckpt, arch=args.arch, config=args.config)
     paths = export_backbone(backbone, args.out, args.name, arch)
@@ -110,7 +114,7 @@ def _export(args) -> None:
 
 
 def _report(args) -> None:
-    from mscn.train.results import load_results, markdown_table
+    from mscn.train.eval.results import load_results, markdown_table
 
     table = markdown_table(load_results(args.runs), args.metric, args.baseline)
     if args.out:
@@ -120,8 +124,8 @@ def _report(args) -> None:
 
 
 def _figures(args) -> None:
-    from mscn.train.eval_common import load_pretrained
-    from mscn.train.figures import all_figures, find_image
+    from mscn.train.eval.figures import all_figures, find_image
+    from mscn.train.eval.pretrained import load_pretrained
 
     backbone, arch, cfg = load_pretrained(args.ckpt, arch=args.arch, overrides=args.overrides,
                                           config=args.config, strict=args.strict)

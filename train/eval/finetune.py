@@ -22,17 +22,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mscn.config import Config
 from mscn.data.imagefolder import find_classes, list_image_folder
-from mscn.data.scan import read_file_list
+from mscn.data.scan import read_file_list, write_file_list
 from mscn.data.subset import make_subset
 from mscn.errors import DataError, MscnError
-from mscn.train.distributed import convert_sync_batchnorm
-from mscn.train.eval_common import (MOMENTUM, Runtime, autocast, batch_to, class_count, eval_loader,
-                                    evaluate_classifier, feature_dim, log_json, make_head, mean_over_ranks,
-                                    setup_runtime)
+from mscn.train.distributed import convert_sync_batchnorm, mean_over_ranks
+from mscn.train.eval.common import (MOMENTUM, batch_to, class_count, eval_loader, evaluate_classifier, feature_dim,
+                                    log_json, make_head, train_view_loader)
+from mscn.train.runtime import Runtime, setup_runtime
 from mscn.train.schedule import peak_lr
 
 
@@ -59,14 +58,6 @@ def read_subset(path: str | Path, train_root: str | Path) -> list[tuple[str, int
     return samples
 
 
-def write_file_list(samples: list[tuple[str, int]], path: str | Path) -> Path:
-    """The ``relpath label`` list the DALI file reader takes (relative to the train root)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{rel} {label}\n" for rel, label in samples))
-    return path
-
-
 def scaled_milestones(milestones, epochs: int, ref_epochs: int) -> list[int]:
     """Epochs after which the lr drops in a run of ``epochs`` epochs, given ``milestones``
     of a ``ref_epochs`` schedule (eval.finetune_epochs; paper A.3: 12, 16 of 20)."""
@@ -77,7 +68,7 @@ def finetune(backbone: nn.Module, cfg: Config, train_root: str, val_root: str, s
              rt: Runtime | None = None, *, epochs: int | None = None,
              backbone_lr: float | None = None, head_lr: float | None = None, batch: int | None = None) -> dict:
     """Fine-tune ``backbone`` + a linear head on ``subset`` of ``train_root``; top-1/5 on ``val_root``."""
-    rt = rt or setup_runtime("auto")
+    rt = rt or setup_runtime("auto", cfg.train.precision)
     e = cfg.eval
     epochs = e.finetune_epochs if epochs is None else epochs
     batch = e.finetune_batch if batch is None else batch
@@ -95,7 +86,7 @@ def finetune(backbone: nn.Module, cfg: Config, train_root: str, val_root: str, s
     model = nn.Sequential(backbone, head)
     if rt.dist.enabled and cfg.model.sync_bn:
         model = convert_sync_batchnorm(model, rt.device.type)
-    ddp = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.dist.enabled else model
+    ddp = rt.wrap_ddp(model)
     opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": lr_b},
                            {"params": model[1].parameters(), "lr": lr_h}],
                           momentum=MOMENTUM, weight_decay=0.0)
@@ -103,15 +94,15 @@ def finetune(backbone: nn.Module, cfg: Config, train_root: str, val_root: str, s
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=e.finetune_gamma)
     with tempfile.TemporaryDirectory() as tmp:  # per process: ranks on other nodes need no shared disk
         # the loader reads the list while it is built, so the file may go right after
-        loader = eval_loader(cfg, train_root, rt, batch, train_views=True,
-                             file_list=str(write_file_list(samples, Path(tmp) / "subset.txt")))
+        loader = train_view_loader(cfg, train_root, rt, batch,
+                                   file_list=str(write_file_list(Path(tmp) / "subset.txt", samples, train_root)))
     t0 = time.time()
     for epoch in range(epochs):
         ddp.train()
         total, steps = torch.zeros((), device=rt.device), 0
         for b in loader:
             x, y, _ = batch_to(b, rt.device)
-            with autocast(rt.device):
+            with rt.autocast():
                 logits = ddp(x)
             loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
@@ -125,7 +116,7 @@ def finetune(backbone: nn.Module, cfg: Config, train_root: str, val_root: str, s
         log_json(rt, protocol="finetune", epoch=epoch + 1, loss=mean_loss,
                  lr_backbone=opt.param_groups[0]["lr"], lr_head=opt.param_groups[1]["lr"])
         sched.step()  # per epoch: the drops happen "after the 12th and 16th epoch"
-    res = evaluate_classifier(model, eval_loader(cfg, val_root, rt, batch, train_views=False), rt.device)
+    res = evaluate_classifier(model, eval_loader(cfg, val_root, rt, batch), rt)
     return {"top1": res["top1"], "top5": res["top5"], "n_val": res["n"], "num_classes": num_classes,
             "label_fraction": len(samples) / len(everything), "n_labelled": len(samples), "epochs": epochs,
             "wall_s": round(time.time() - t0, 1),

@@ -1,0 +1,187 @@
+"""The one typed configuration schema of mscn: every key, its type and its default.
+
+:mod:`mscn.config` builds a :class:`Config` from defaults -> YAML -> ``a.b=value``
+overrides and re-exports every name of this module; :mod:`mscn.config_checks` holds
+the range checks.
+
+Paper references: views and masks (§5.2, Fig. 3), high-pass (§5.1, App. B),
+SimCLR/BYOL recipes (App. A.1), linear probe (A.2), fine-tuning (A.3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# ImageNet statistics (0-255 scale): the normalization applied before the high-pass.
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+@dataclass
+class MaskCfg:
+    """Grid/focal/channel-independent/noisy mask of one view (paper §5.2).
+
+    Paper values: ratio 0.15 (Fig. 5a), grid 32 (Fig. 5b), p_focal 0.4 (Fig. 5c),
+    "high" p_ind (Fig. 5d). Ours: p_ind 0.8, p_noise and noise_std (the paper gives
+    no numbers), and the per-view asymmetry of the default view list.
+    """
+
+    ratio: float = 0.15  # fraction of grid cells masked; 0 disables masking of this view
+    grid: int = 32  # cell size in pixels
+    random_offset: bool = True  # shift the grid by a random (dy, dx) in [0, grid)
+    p_focal: float = 0.4  # probability that the mask is one contiguous block of cells
+    focal_aspect: tuple[float, float] = (0.5, 2.0)  # aspect-ratio range of the block
+    p_ind: float = 0.8  # probability that every channel draws its own mask
+    p_noise: float = 0.5  # probability that masked values are N(0, noise_std^2), else 0
+    noise_std: float = 0.25  # std of the noise, in high-passed normalized units
+
+
+@dataclass
+class ViewCfg:
+    """Augmentations of one view (SimCLR/BYOL recipe, paper App. A.1) + its mask."""
+
+    scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area fraction
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random-resized-crop aspect ratio
+    flip_prob: float = 0.5
+    jitter_prob: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_window: int = 0  # 0: DALI derives 2*ceil(3*sigma)+1 per sample from the drawn sigma
+    solarize_prob: float = 0.0
+    mask: MaskCfg = field(default_factory=MaskCfg)
+
+
+def default_views() -> list[ViewCfg]:
+    """2 main + 2 extra masked views (paper §5.2 "Multicrops"), asymmetric masks.
+
+    Main view 0 is masked strongly, main view 1 weakly (asymmetric augmentation,
+    Wang et al. 2022 as used in §5.2); the two extra views use the paper's ratio.
+    BYOL's blur/solarize asymmetry (1.0/0.1 and 0.0/0.2) is set in byol_r50_in1k.yaml.
+    """
+    return [
+        ViewCfg(mask=MaskCfg(ratio=0.15, p_noise=0.5)),
+        ViewCfg(mask=MaskCfg(ratio=0.05, p_noise=0.2)),
+        ViewCfg(mask=MaskCfg(ratio=0.15, p_noise=0.5)),
+        ViewCfg(mask=MaskCfg(ratio=0.15, p_noise=0.5)),
+    ]
+
+
+@dataclass
+class DataCfg:
+    root: str = ""  # ImageFolder root, a file list from `mscn data scan`, or a folder of .tar shards
+    format: str = "auto"  # auto | folder | filelist | wds
+    val_root: str = ""  # evaluation data (same formats)
+    synthetic: bool = False  # use (and create if absent) the embedded synthetic dataset
+    synthetic_dir: str = "data/synth"  # where the synthetic dataset lives
+    synthetic_classes: int = 10
+    synthetic_per_class: int = 100
+    synthetic_val_per_class: int = 30
+    synthetic_size: tuple[int, int] = (500, 375)  # width, height of synthetic JPEGs
+    image_size: int = 224  # side of every view
+    val_resize: int = 256  # eval: resize shorter side, then center-crop image_size
+    # "auto" for both is resolved per machine by mscn.pipelines.tuning (docs/PERFORMANCE.md
+    # says which measurements chose the rules)
+    num_threads: int | str = "auto"  # DALI CPU threads per pipeline, or "auto"
+    hw_decoder_load: float | str = "auto"  # share of JPEGs for the GPU's hardware JPEG decoder, or "auto"
+    prefetch: int = 2  # DALI prefetch queue depth
+    shuffle_buffer: int = 4096  # DALI random_shuffle buffer (samples) for file/wds readers
+    output_dtype: str = "float32"  # float32 | float16 | bfloat16
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass
+class HighPassCfg:
+    """x - GaussianBlur(x, sigma) after normalization (paper §5.1, sigma=5 from App. B)."""
+
+    enabled: bool = True
+    sigma: float = 5.0
+    window: int = 0  # 0: 2*ceil(3*sigma)+1 (31 for sigma=5)
+
+
+@dataclass
+class ModelCfg:
+    arch: str = "resnet50"  # resnet18 | resnet34 | resnet50
+    proj_hidden: int = 2048
+    proj_out: int = 256
+    pred_hidden: int = 4096  # BYOL predictor
+    sync_bn: bool = True  # SyncBatchNorm under DDP
+
+
+@dataclass
+class MethodCfg:
+    name: str = "simclr"  # simclr | byol
+    temperature: float = 0.2  # InfoNCE (SimCLR)
+    ema_base: float = 0.996  # BYOL target momentum at step 0, cosine to ema_final
+    ema_final: float = 1.0
+
+
+@dataclass
+class OptimCfg:
+    name: str = "lars"  # lars | sgd
+    base_lr: float = 0.3  # per 256 images: lr = base_lr * global_batch / 256 (SimCLR: 4.8 at 4096)
+    momentum: float = 0.9
+    weight_decay: float = 1e-6
+    trust_coef: float = 0.001  # LARS eta
+
+
+@dataclass
+class ScheduleCfg:
+    epochs: int = 800
+    warmup_epochs: int = 10
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
+
+
+@dataclass
+class TrainCfg:
+    global_batch: int = 4096
+    out_dir: str = "runs/pretrain"
+    seed: int = 0
+    device: str = "auto"  # auto | cuda | cpu
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    channels_last: bool = True  # GPU only
+    compile: bool = False
+    max_steps: int = 0  # >0: stop after this many optimizer steps (smoke tests)
+    ckpt_every_steps: int = 500
+    keep_last: int = 3
+    log_every: int = 10
+    tensorboard: bool = False
+    knn_every_epochs: int = 0  # >0: online kNN monitor on data.val_root
+
+
+@dataclass
+class EvalCfg:
+    # linear probe / transfer (paper A.2)
+    linear_epochs: int = 100
+    linear_lr: float = 1.0  # scaled by batch / 256
+    linear_batch: int = 256
+    linear_weight_decay: float = 1e-6
+    precompute_features: bool = False  # center-crop features once (not equivalent to A.2's random crops)
+    # semi-supervised fine-tuning (paper A.3)
+    finetune_epochs: int = 20
+    finetune_backbone_lr: float = 0.002
+    finetune_head_lr: float = 0.5
+    finetune_milestones: tuple[int, int] = (12, 16)
+    finetune_gamma: float = 0.2
+    finetune_batch: int = 256
+    label_fraction: float = 0.01
+    # kNN monitor (InstDisc / DINO)
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+
+
+@dataclass
+class Config:
+    data: DataCfg = field(default_factory=DataCfg)
+    views: list[ViewCfg] = field(default_factory=default_views)
+    highpass: HighPassCfg = field(default_factory=HighPassCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    method: MethodCfg = field(default_factory=MethodCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)

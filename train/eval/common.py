@@ -1,0 +1,167 @@
+"""What every evaluation protocol shares (paper App. A.2-A.4).
+
+* :func:`extract_features` / :func:`evaluate_classifier` run a model over an eval
+  loader on CPU, one GPU or several ranks, under the run's autocast
+  (``train.precision``), and gather the results on every rank. DALI pads the last
+  shard with repeated samples, so results are de-duplicated by the sample index of
+  each batch before anything is counted.
+* :func:`topk_correct` / :func:`accuracy`: top-1/top-5 in percent.
+* :func:`eval_loader` (center-crop views) and :func:`train_view_loader` (random
+  crops, shuffled): this rank's DALI loaders.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from mscn.config import Config
+from mscn.data.imagefolder import find_classes
+from mscn.errors import DataError, MscnError
+from mscn.train.distributed import gather_cat
+from mscn.train.runtime import Runtime
+
+MOMENTUM = 0.9  # SGD momentum of the linear probe and fine-tuning (paper A.2, A.3)
+
+
+def make_head(dim: int, num_classes: int) -> nn.Linear:
+    """Linear classifier initialised as in Barlow Twins' evaluate.py (N(0, 0.01), zero bias)."""
+    head = nn.Linear(dim, num_classes)
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+@torch.no_grad()
+def feature_dim(backbone: nn.Module, image_size: int, device: torch.device) -> int:
+    """Width of the pooled feature (512 for resnet18/34, 2048 for resnet50)."""
+    was = backbone.training
+    backbone.eval()
+    d = backbone(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1]
+    backbone.train(was)
+    return int(d)
+
+
+def batch_to(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, labels, index) of one ``MscnBatch`` (one view) on ``device``."""
+    images = batch.views[0].to(device, non_blocking=True).float()
+    labels = batch.labels.to(device, non_blocking=True).long().view(-1)
+    index = batch.index.to(device, non_blocking=True).long().view(-1)
+    return images, labels, index
+
+
+def unique_by_index(index: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Keep the first row of every sample index, sorted by index (drops DALI's padding).
+
+    Index -1 means "unknown" (tar shards without ``.idx`` members): those rows cannot be
+    de-duplicated and are all kept (PARTIAL already dropped the padding); collapsing
+    them would leave a single sample.
+    """
+    order = torch.argsort(index, stable=True)
+    idx = index[order]
+    keep = torch.ones_like(idx, dtype=torch.bool)
+    keep[1:] = (idx[1:] != idx[:-1]) | (idx[1:] < 0)
+    return (idx[keep], *(t[order][keep] for t in tensors))
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, loader, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features and labels of every sample of ``loader``, on every rank.
+
+    The backbone runs in eval mode (BN uses its running statistics) and its mode is
+    restored afterwards, so this is safe as an online monitor inside pretraining.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels, index = [], [], []
+    for batch in loader:
+        x, y, i = batch_to(batch, rt.device)
+        with rt.autocast():
+            f = backbone(x)
+        feats.append(f.float())
+        labels.append(y)
+        index.append(i)
+    backbone.train(was_training)
+    if not feats:
+        raise MscnError("the evaluation loader yielded no batch (empty dataset?)")
+    f, y, i = (gather_cat(torch.cat(t)) for t in (feats, labels, index))
+    _, f, y = unique_by_index(i, f, y)
+    return f, y
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
+    """Per-sample booleans: is the label among the top-k scores (k capped at #classes)."""
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices
+    hit = top == labels.view(-1, 1)
+    return [hit[:, : min(k, kmax)].any(dim=1) for k in ks]
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """``{"top1": %, "top5": %, "n": samples}``."""
+    c1, c5 = topk_correct(logits, labels)
+    return {"top1": 100.0 * c1.float().mean().item(), "top5": 100.0 * c5.float().mean().item(),
+            "n": int(labels.numel())}
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, loader, rt: Runtime) -> dict:
+    """Top-1/top-5 of ``model`` (images -> logits) over ``loader``, exact under DDP."""
+    was_training = model.training
+    model.eval()
+    c1s, c5s, index = [], [], []
+    for batch in loader:
+        x, y, i = batch_to(batch, rt.device)
+        with rt.autocast():
+            logits = model(x)
+        c1, c5 = topk_correct(logits.float(), y)
+        c1s.append(c1)
+        c5s.append(c5)
+        index.append(i)
+    model.train(was_training)
+    if not index:
+        raise MscnError("the evaluation loader yielded no batch (empty dataset?)")
+    c1, c5, i = (gather_cat(torch.cat(t)) for t in (c1s, c5s, index))
+    _, c1, c5 = unique_by_index(i, c1, c5)
+    return {"top1": 100.0 * c1.float().mean().item(), "top5": 100.0 * c5.float().mean().item(),
+            "n": int(c1.numel())}
+
+
+def class_count(train_root: str, val_root: str) -> int:
+    """Number of classes of an ImageFolder pair; their class folders must agree, since
+    labels are indices into the sorted folder names."""
+    train, val = find_classes(train_root), find_classes(val_root)
+    if train != val:
+        only = sorted(set(train) ^ set(val))[:3]
+        raise DataError(f"{val_root}: its {len(val)} class folders differ from the {len(train)} of {train_root} "
+                        f"(e.g. {', '.join(only) or 'same names, other order'}); labels would not match")
+    return len(train)
+
+
+def log_json(rt: Runtime, **fields) -> None:
+    """One JSON line on stdout, from rank 0 only."""
+    if rt.is_main:
+        print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in fields.items()}), flush=True)
+
+
+def eval_loader(cfg: Config, root: str, rt: Runtime, global_batch: int, file_list: str | None = None):
+    """This rank's DALI loader of evaluation views over ``root``: resize + center crop +
+    high-pass, every sample once across ranks (``mscn.pipelines.build_eval_loader``).
+    ``file_list``: a ``relpath label`` list relative to root."""
+    return _loader(cfg, root, rt, global_batch, file_list, train_views=False)
+
+
+def train_view_loader(cfg: Config, root: str, rt: Runtime, global_batch: int, file_list: str | None = None):
+    """This rank's DALI loader of classifier-training views over ``root``: random resized
+    crop + flip + high-pass (paper A.2), shuffled, the last partial batch dropped."""
+    return _loader(cfg, root, rt, global_batch, file_list, train_views=True)
+
+
+def _loader(cfg: Config, root: str, rt: Runtime, global_batch: int, file_list: str | None, train_views: bool):
+    from mscn.pipelines import build_eval_loader  # DALI is imported on first use only
+
+    return build_eval_loader(cfg, root, rank=rt.dist.rank, world_size=rt.dist.world_size,
+                             local_rank=rt.dist.local_rank, device=rt.device,
+                             batch_size=rt.per_rank(global_batch), train_views=train_views,
+                             file_list=file_list)
