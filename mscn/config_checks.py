@@ -66,8 +66,8 @@ def _validate_data(d: DataCfg, src: str) -> None:
            src, "data.hw_decoder_load", d.hw_decoder_load, "must be auto or a number in [0, 1]")
     _check(d.prefetch >= 1, src, "data.prefetch", d.prefetch, "must be >= 1")
     _check(d.shuffle_buffer >= 1, src, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 1")
-    _check(d.output_dtype in ("float32", "float16", "bfloat16"), src, "data.output_dtype", d.output_dtype,
-           "must be float32, float16 or bfloat16")
+    _check(d.output_dtype in ("float32", "float16", "bfloat16", "auto"), src, "data.output_dtype", d.output_dtype,
+           "must be float32, float16, bfloat16 or auto")
     _check(all(s > 0 for s in d.std), src, "data.std", d.std, "must be > 0")
     _check(d.synthetic_classes >= 2, src, "data.synthetic_classes", d.synthetic_classes, "must be >= 2")
     _check(d.synthetic_per_class >= 1, src, "data.synthetic_per_class", d.synthetic_per_class, "must be >= 1")

@@ -89,7 +89,7 @@ class DataCfg:
     hw_decoder_load: float | str = "auto"  # share of JPEGs for the GPU's hardware JPEG decoder, or "auto"
     prefetch: int = 2  # DALI prefetch queue depth
     shuffle_buffer: int = 4096  # DALI random_shuffle buffer (samples) for file/wds readers
-    output_dtype: str = "float32"  # float32 | float16 | bfloat16
+    output_dtype: str = "auto"  # float32 | float16 | bfloat16 | auto (float16 on the GPU path, float32 on the CPU path)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -144,6 +144,7 @@ class TrainCfg:
     device: str = "auto"  # auto | cuda | cpu
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     channels_last: bool = True  # GPU only
+    priority_stream: bool = True  # GPU only: the training step on a high-priority CUDA stream, ahead of DALI's
     compile: bool = False
     max_steps: int = 0  # >0: stop after this many optimizer steps (smoke tests)
     ckpt_every_steps: int = 500

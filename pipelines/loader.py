@@ -40,7 +40,7 @@ class MscnBatch:
     index: torch.Tensor
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Replay:
     """What :mod:`mscn.pipelines.diagnose` needs to re-read the reader's order."""
 
@@ -175,47 +175,64 @@ def pipeline_device(device: torch.device | str | None, local_rank: int) -> tuple
     return "cpu", None
 
 
-def machine_settings(cfg, kind: str, device_id: int | None) -> tuple[int, float]:
-    """(DALI threads, hardware-decoder share) for this machine: ``data.num_threads`` and
-    ``data.hw_decoder_load`` with "auto" resolved (pipelines/tuning.py)."""
-    from mscn.pipelines.tuning import dali_threads, decoder_load
+@dataclass(frozen=True)
+class Plan:
+    """How this process builds its pipelines: the config's "auto" settings resolved for
+    this machine (pipelines/tuning.py) and where the high-pass runs."""
 
-    return (dali_threads(cfg.data.num_threads, kind == "gpu"),
-            decoder_load(cfg.data.hw_decoder_load, device_id if kind == "gpu" else None))
+    kind: str  # "gpu" or "cpu"
+    device_id: int | None
+    threads: int  # data.num_threads
+    hw_decoder_load: float  # data.hw_decoder_load
+    output_dtype: str  # data.output_dtype: what the loader hands the trainer
+    highpass_in_pipeline: tuple[float, int] | None  # (σ, window) for DALI (GPU path)
+    highpass_in_adapter: tuple[float, int] | None  # (σ, window) for BLAS in the adapter (CPU path)
+    dali_dtype: str  # what DALI emits (DALI has no bfloat16)
 
 
-def _highpass_plan(cfg, on_gpu: bool) -> tuple[tuple | None, tuple | None, str]:
-    """(high-pass in the pipeline, high-pass in the adapter, dtype DALI emits).
+def plan(cfg, device: torch.device | str | None, local_rank: int = 0) -> Plan:
+    """The :class:`Plan` for ``cfg`` on ``device`` (None or CPU: DALI's CPU path).
 
     The GPU path blurs in DALI; the CPU path leaves the blur to BLAS in the adapter
-    (docs/PIPELINE.md), so DALI emits float32 there. DALI has no bfloat16.
+    (docs/PIPELINE.md), so DALI emits float32 there.
     """
-    from mscn.config import highpass_params
-
-    d = cfg.data
-    dali_dtype = "float32" if d.output_dtype == "bfloat16" else d.output_dtype
-    hp = highpass_params(cfg.highpass)
-    if hp is None:
-        return None, None, dali_dtype
-    return (hp, None, dali_dtype) if on_gpu else (None, hp, "float32")
-
-
-def _views_loader(cfg, source: Source, views: list, batch: int, rank: int, world_size: int,
-                  local_rank: int, device, seed: int, mask_fn: MaskFn | None) -> DaliLoader:
-    from mscn.pipelines.train_pipeline import views_pipeline
+    from mscn.highpass import highpass_params
+    from mscn.pipelines.tuning import dali_threads, decoder_load, view_dtype
 
     kind, device_id = pipeline_device(device, local_rank)
-    in_pipe, in_adapter, pipe_dtype = _highpass_plan(cfg, kind == "gpu")
+    gpu = kind == "gpu"
+    out = view_dtype(cfg.data.output_dtype, gpu)
+    hp = highpass_params(cfg.highpass)
+    dali = "float32" if out == "bfloat16" or (hp is not None and not gpu) else out
+    return Plan(kind, device_id, dali_threads(cfg.data.num_threads, gpu),
+                decoder_load(cfg.data.hw_decoder_load, device_id if gpu else None), out,
+                hp if gpu else None, None if gpu else hp, dali)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's part of the data: DALI shard (global rank) of ``world_size``, its batch and seed."""
+
+    rank: int
+    world_size: int
+    batch: int
+    seed: int
+
+
+def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_fn: MaskFn | None) -> DaliLoader:
+    from mscn.pipelines.train_pipeline import views_pipeline
+
     d = cfg.data
-    threads, hw_load = machine_settings(cfg, kind, device_id)
-    replay = Replay(rank, world_size, True, d.shuffle_buffer, False, seed, batch, d.prefetch)
-    pipe = views_pipeline(source, views, image_size=d.image_size, mean=d.mean, std=d.std, highpass=in_pipe,
-                          device=kind, hw_decoder_load=hw_load, shard_id=rank, num_shards=world_size,
-                          reader_seed=seed, shuffle=True, shuffle_buffer=d.shuffle_buffer, view_dtype=pipe_dtype,
-                          batch_size=batch, num_threads=threads, device_id=device_id, seed=seed,
+    replay = Replay(shard_id=shard.rank, num_shards=shard.world_size, shuffle=True, shuffle_buffer=d.shuffle_buffer,
+                    stick_to_shard=False, reader_seed=shard.seed, batch_size=shard.batch, prefetch=d.prefetch)
+    pipe = views_pipeline(source, views, image_size=d.image_size, mean=d.mean, std=d.std,
+                          highpass=p.highpass_in_pipeline, device=p.kind, hw_decoder_load=p.hw_decoder_load,
+                          shard_id=shard.rank, num_shards=shard.world_size, reader_seed=shard.seed, shuffle=True,
+                          shuffle_buffer=d.shuffle_buffer, view_dtype=p.dali_dtype, batch_size=shard.batch,
+                          num_threads=p.threads, device_id=p.device_id, seed=shard.seed,
                           prefetch_queue_depth=d.prefetch)
-    return DaliLoader(pipe, source, len(views), policy=LastBatchPolicy.DROP, output_dtype=d.output_dtype,
-                      highpass=in_adapter, mask_fn=mask_fn, replay=replay)
+    return DaliLoader(pipe, source, len(views), policy=LastBatchPolicy.DROP, output_dtype=p.output_dtype,
+                      highpass=p.highpass_in_adapter, mask_fn=mask_fn, replay=replay)
 
 
 def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int = 0,
@@ -234,8 +251,8 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int 
     check_size(source, cfg.train.global_batch, "train.global_batch")
     seed = rank_seed(cfg.train.seed, rank)
     mask_fn = mask_fn_from_cfgs([v.mask for v in cfg.views], seed) if apply_mask else None
-    return _views_loader(cfg, source, cfg.views, cfg.train.global_batch // world_size, rank, world_size,
-                         local_rank, device, seed, mask_fn)
+    shard = Shard(rank, world_size, cfg.train.global_batch // world_size, seed)
+    return _views_loader(cfg, source, cfg.views, shard, plan(cfg, device, local_rank), mask_fn)
 
 
 def linear_probe_view():
@@ -263,22 +280,20 @@ def build_eval_loader(cfg, root: str, rank: int = 0, world_size: int = 1, local_
     else:
         source = resolve_source(root, cfg.data.format if root == cfg.data.root else "auto")
     batch = batch_size or max(1, cfg.eval.linear_batch // world_size)
-    seed = rank_seed(cfg.train.seed, rank)
+    shard = Shard(rank, world_size, batch, rank_seed(cfg.train.seed, rank))
+    p = plan(cfg, device, local_rank)
     if train_views:
         check_size(source, batch * world_size, "one training batch of the evaluation")
-        return _views_loader(cfg, source, [linear_probe_view()], batch, rank, world_size, local_rank,
-                             device, seed, None)
+        return _views_loader(cfg, source, [linear_probe_view()], shard, p, None)
     if source.num_samples < world_size:
         raise DataError(f"{source.root}: {source.num_samples} images for {world_size} ranks; need one per rank")
-    kind, device_id = pipeline_device(device, local_rank)
-    in_pipe, in_adapter, pipe_dtype = _highpass_plan(cfg, kind == "gpu")
     d = cfg.data
-    threads, hw_load = machine_settings(cfg, kind, device_id)
     pipe = eval_pipeline(source, image_size=d.image_size, resize=d.val_resize, mean=d.mean, std=d.std,
-                         highpass=in_pipe, device=kind, hw_decoder_load=hw_load, shard_id=rank,
-                         num_shards=world_size, reader_seed=seed, view_dtype=pipe_dtype, batch_size=batch,
-                         num_threads=threads, device_id=device_id, seed=seed,
+                         highpass=p.highpass_in_pipeline, device=p.kind, hw_decoder_load=p.hw_decoder_load,
+                         shard_id=rank, num_shards=world_size, reader_seed=shard.seed, view_dtype=p.dali_dtype,
+                         batch_size=batch, num_threads=p.threads, device_id=p.device_id, seed=shard.seed,
                          prefetch_queue_depth=d.prefetch)
-    replay = Replay(rank, world_size, False, 1, True, seed, batch, d.prefetch)
-    return DaliLoader(pipe, source, 1, policy=LastBatchPolicy.PARTIAL, output_dtype=d.output_dtype,
-                      highpass=in_adapter, replay=replay)
+    replay = Replay(shard_id=rank, num_shards=world_size, shuffle=False, shuffle_buffer=1, stick_to_shard=True,
+                    reader_seed=shard.seed, batch_size=batch, prefetch=d.prefetch)
+    return DaliLoader(pipe, source, 1, policy=LastBatchPolicy.PARTIAL, output_dtype=p.output_dtype,
+                      highpass=p.highpass_in_adapter, replay=replay)

@@ -20,7 +20,8 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
-from mscn.config import ViewCfg, highpass_params
+from mscn.config import ViewCfg
+from mscn.highpass import highpass_params
 from mscn.data.source import Source, resolve_source
 from mscn.errors import DataError
 from mscn.highpass import highpass_matmul

@@ -1,5 +1,5 @@
-"""Machine-dependent pipeline settings: what ``data.num_threads=auto`` and
-``data.hw_decoder_load=auto`` become on this machine.
+"""Machine-dependent pipeline settings: what ``data.num_threads``, ``data.hw_decoder_load``
+and ``data.output_dtype`` set to ``auto`` become on this machine.
 
 The rules come from measurements with ``scripts/bench_pipeline.py`` (docs/PERFORMANCE.md,
 "Tuning"): on the GPU path the CPU threads only read files, parse JPEG headers and
@@ -58,3 +58,12 @@ def decoder_load(setting: float | str, device: torch.device | int | None) -> flo
     if setting != "auto":
         return float(setting)
     return 1.0 if has_hw_jpeg_decoder(device) else HYBRID_LOAD
+
+
+def view_dtype(setting: str, on_gpu: bool) -> str:
+    """``data.output_dtype``: "auto" is float16 on the GPU path (half the bytes of every
+    view copy, mask fill and DALI output buffer; exact enough for high-passed views,
+    see docs/PERFORMANCE.md) and float32 on the CPU path (no cast there)."""
+    if setting != "auto":
+        return setting
+    return "float16" if on_gpu else "float32"

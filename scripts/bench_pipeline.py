@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import gc
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,9 +38,9 @@ import torch
 from benchkit import env as benv
 from benchkit import report, steps, timing
 from mscn.config import load_config, validate
-from mscn.errors import MscnError
+from mscn.errors import MscnError, run_cli
 from mscn.pipelines.tuning import usable_cores
-from mscn.train.distributed import barrier, pick_device
+from mscn.train.distributed import barrier
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("decode", "bare", "views", "highpass", "masks")
@@ -189,6 +188,12 @@ def stage_loader(cfg, stage: str, info, device: torch.device):
                               apply_mask=stage == "masks")
 
 
+def placed_dtype(cfg, device: torch.device) -> str:
+    from mscn.pipelines.loader import plan
+
+    return plan(cfg, device if device.type == "cuda" else None).output_dtype
+
+
 def where(cfg, info, device: torch.device) -> steps.Placement:
     return steps.placement(cfg, device, info.rank, info.world_size, info.local_rank)
 
@@ -290,9 +295,10 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
     the device, then by each stage's pipeline in ``--feeds`` (bare, + colour/blur,
     + high-pass, + masks); on a GPU also the full pipeline with the training step on a
     high-priority CUDA stream, so that the trainer's kernels go first when DALI's wait."""
-    from mscn.pipelines.loader import TORCH_DTYPES, endless
+    from mscn.pipelines.loader import TORCH_DTYPES, endless, plan
     from mscn.train.lars import build_optimizer
     from mscn.train.pretrain import amp_dtype, build_model, train_step
+    from mscn.train.runtime import priority_stream
     from mscn.train.schedule import peak_lr
 
     torch.manual_seed(args.seed)
@@ -313,7 +319,8 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
 
     def synthetic():
         shape = (args.batch, 3, cfg.data.image_size, cfg.data.image_size)
-        views = feed([torch.randn(shape, dtype=TORCH_DTYPES[cfg.data.output_dtype], device=device)
+        dtype_in = TORCH_DTYPES[plan(cfg, device if device.type == "cuda" else None).output_dtype]
+        views = feed([torch.randn(shape, dtype=dtype_in, device=device)
                       for _ in cfg.views])
 
         def step() -> int:
@@ -322,15 +329,15 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
 
         return step, views
 
-    def fed(stage: str, stream: torch.cuda.Stream | None = None):
+    def fed(stage: str, priority: bool = False):
         def make():
             loader = stage_loader(cfg, stage, info, device)
             batches = endless(loader)
 
             def step() -> int:
-                # the batch is taken on the training stream too: DALI's copy into torch
-                # tensors and the masks run on the current stream, so they stay ordered
-                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                # the batch is taken on the training stream too (as pretrain.py does): DALI's
+                # copy into torch tensors and the masks run on the current stream
+                with priority_stream(device) if priority else contextlib.nullcontext():
                     views = feed(next(batches).views)
                     train_step(model, optimizer, scaler, views, dtype)
                 return views[0].shape[0]
@@ -348,9 +355,8 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
             rows[stage] = run_measure(f"train-{stage}", fed(stage), args, info, device,
                                       profile=stage == args.feeds[-1], **timing_kw)
         if device.type == "cuda" and not args.no_priority_row and "masks" in args.feeds:
-            high = torch.cuda.Stream(device, priority=-100)  # out of range: clamped to the highest
-            rows["masks-priority"] = run_measure("train-masks-priority", fed("masks", high), args, info, device,
-                                                 **timing_kw)
+            rows["masks-priority"] = run_measure("train-masks-priority", fed("masks", priority=True), args, info,
+                                                 device, **timing_kw)
     except torch.cuda.OutOfMemoryError:
         raise MscnError(f"GPU out of memory training {cfg.model.arch} on {args.batch} images x {args.views} "
                         f"views per GPU; use --batch {max(1, args.batch // 2)}") from None
@@ -371,15 +377,17 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mscn.train.distributed import cleanup, init_distributed
+    from mscn.train.distributed import cleanup
+    from mscn.train.runtime import setup_runtime
 
     args = parse_args(argv)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    wants_cuda = args.device != "cpu" and torch.cuda.is_available()
-    info = init_distributed("cuda" if wants_cuda else "cpu")
+    rt = setup_runtime(args.device, what="--device")  # torchrun: one pipeline per rank
+    info, device = rt.dist, rt.device
     try:
-        device, _ = pick_device(args.device, info.local_rank, strict=True, what="--device")
+        if rt.note:  # a benchmark must not silently measure the CPU instead of the GPU
+            raise MscnError(f"--device {args.device}: no CUDA device is visible; use --device cpu")
         fill_defaults(args, device)
         data_root, dataset = resolve_data(args, info)
         cfg = build_config(args, data_root, info.world_size)
@@ -388,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                   "settings": {"device": device.type, "config": args.config, "overrides": args.overrides,
                                "batch": args.batch, "threads": placed.threads,
                                "hw_decoder_load": placed.hw_decoder_load if device.type == "cuda" else None,
-                               "output_dtype": cfg.data.output_dtype,
+                               "output_dtype": placed_dtype(cfg, device),
                                "views": args.views, "size": args.size, "highpass_sigma": cfg.highpass.sigma,
                                "warmup": args.warmup, "iters": args.iters, "repeats": args.repeats,
                                "world_size": info.world_size, "stages": args.stages},
@@ -418,10 +426,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except MscnError as e:
-        if os.environ.get("MSCN_DEBUG"):
-            raise
-        print(f"bench_pipeline: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main, "bench_pipeline"))

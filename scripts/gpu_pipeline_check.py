@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from benchkit.steps import Placement, decode_pipeline
-from mscn.config import highpass_params, load_config
+from mscn.config import load_config
+from mscn.highpass import highpass_params
 from mscn.highpass import highpass_torch
 from mscn.pipelines import FLAG_NAMES, build_train_loader, eval_pipeline, output_names, resolve_source, views_pipeline
 

@@ -45,7 +45,8 @@ def pick_device(pref: str, local_rank: int, strict: bool = False,
     when cuda was asked for (``strict``: an MscnError instead, for benchmarks that must not
     silently measure the CPU)."""
     if pref in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", local_rank), None
+        # more ranks than GPUs on the node (a single-GPU rehearsal of multi-GPU runs): they share
+        return torch.device("cuda", local_rank % torch.cuda.device_count()), None
     if pref == "cuda":
         if strict:
             raise MscnError(f"{what} cuda: no CUDA device is visible; use cpu")
@@ -70,11 +71,32 @@ def init_distributed(device_type: str, init_method: str = "env://", rank: int | 
     if world_size <= 1:
         return DistInfo(0, 1, 0)
     if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
+        backend = pick_backend(device_type)
         if device_type == "cuda":
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
     return DistInfo(rank, world_size, local_rank)
+
+
+BACKENDS = ("nccl", "gloo")
+
+
+def pick_backend(device_type: str) -> str:
+    """``MSCN_DIST_BACKEND`` if set; else NCCL for one GPU per rank, and gloo on the CPU or
+    when ranks share a GPU (torchrun's LOCAL_WORLD_SIZE > visible GPUs), which NCCL refuses.
+    gloo moves CUDA tensors through the host: correct, and slower, which is fine for a
+    rehearsal on one GPU and never what a real multi-GPU run gets by default."""
+    chosen = os.environ.get("MSCN_DIST_BACKEND", "").strip().lower()
+    if chosen:
+        if chosen not in BACKENDS:
+            raise MscnError(f"MSCN_DIST_BACKEND={chosen!r}: must be one of {', '.join(BACKENDS)}")
+        if chosen == "nccl" and device_type != "cuda":
+            raise MscnError("MSCN_DIST_BACKEND=nccl needs CUDA devices; this run is on the CPU")
+        return chosen
+    if device_type != "cuda":
+        return "gloo"
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return "nccl" if local_world <= torch.cuda.device_count() else "gloo"
 
 
 def cleanup() -> None:

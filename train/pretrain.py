@@ -186,24 +186,8 @@ def _run(cfg: Config, resume: str | None, rt: Runtime) -> dict:
     batches = endless(loader)
     model.train()
     try:
-        for step in range(start_step, run.end_step):
-            views = [v.to(rt.device, non_blocking=True).contiguous(memory_format=memory_format)
-                     for v in next(batches).views]
-            if rt.dtype is None:
-                views = [v.float() for v in views]
-            lr = lr_at(step, run.total_steps, run.warmup_steps, peak, cfg.schedule.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            try:
-                loss = train_step(model, optimizer, scaler, views, rt.dtype)
-            except torch.cuda.OutOfMemoryError:
-                raise _oom_error(cfg, rt.dist) from None
-            method.after_optimizer_step(step, run.total_steps)  # BYOL: EMA of the target
-            run.meter.update(loss, step)
-            run.log.advance()
-            run.maybe_log(step + 1, lr)
-            run.maybe_checkpoint(step + 1)
-            run.maybe_monitor(step + 1, lr)
+        with rt.priority_stream(cfg.train.priority_stream):  # ahead of DALI's kernels on the GPU
+            _loop(run, model, batches, memory_format, peak)
         elapsed = run.meter.elapsed()
     finally:
         run.log.close()
@@ -214,6 +198,29 @@ def _run(cfg: Config, resume: str | None, rt: Runtime) -> dict:
             "checkpoint": str(run.last_path) if run.last_path else None,
             "final": str(run.final_path) if run.final_path else None, "resumed_from": resumed_from,
             "world_size": rt.dist.world_size}
+
+
+def _loop(run: "_Run", model: torch.nn.Module, batches, memory_format, peak: float) -> None:
+    """The recipe: data -> forward/loss -> backward -> step -> schedule -> bookkeeping."""
+    cfg, rt, method, optimizer = run.cfg, run.rt, run.method, run.optimizer
+    for step in range(run.start_step, run.end_step):
+        views = [v.to(rt.device, non_blocking=True).contiguous(memory_format=memory_format)
+                 for v in next(batches).views]
+        if rt.dtype is None:
+            views = [v.float() for v in views]
+        lr = lr_at(step, run.total_steps, run.warmup_steps, peak, cfg.schedule.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        try:
+            loss = train_step(model, optimizer, run.scaler, views, rt.dtype)
+        except torch.cuda.OutOfMemoryError:
+            raise _oom_error(cfg, rt.dist) from None
+        method.after_optimizer_step(step, run.total_steps)  # BYOL: EMA of the target
+        run.meter.update(loss, step)
+        run.log.advance()
+        run.maybe_log(step + 1, lr)
+        run.maybe_checkpoint(step + 1)
+        run.maybe_monitor(step + 1, lr)
 
 
 def _resume(cfg: Config, resume: str | None, rt: Runtime, method, optimizer, scaler, say) -> tuple[int, str | None]:

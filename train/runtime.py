@@ -46,6 +46,35 @@ def wrap_ddp(module: nn.Module, device: torch.device, info: DistInfo, **kwargs) 
     return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, **kwargs)
 
 
+_PRIORITY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+@contextlib.contextmanager
+def priority_stream(device: torch.device):
+    """Run the block on this device's highest-priority CUDA stream (a no-op on the CPU).
+
+    DALI's kernels run on DALI's own streams at normal priority; with the training step
+    on a high-priority stream, the GPU schedules the step's kernels first whenever both
+    have work queued, so the pipeline fills the gaps instead of delaying the step.
+    The waits on entry and exit order the block after, and the code after it behind,
+    whatever ran on the caller's stream (no host sync). DALI's copy into torch tensors
+    and the masks run on the current stream, so a batch taken inside the block is
+    ordered too.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    if device not in _PRIORITY_STREAMS:
+        _PRIORITY_STREAMS[device] = torch.cuda.Stream(device, priority=-100)  # clamped to the highest
+    high, outer = _PRIORITY_STREAMS[device], torch.cuda.current_stream(device)
+    high.wait_stream(outer)
+    try:
+        with torch.cuda.stream(high):
+            yield
+    finally:
+        outer.wait_stream(high)
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Rank layout, torch device and autocast dtype of this process."""
@@ -64,6 +93,10 @@ class Runtime:
 
     def wrap_ddp(self, module: nn.Module, **kwargs) -> nn.Module:
         return wrap_ddp(module, self.device, self.dist, **kwargs)
+
+    def priority_stream(self, enabled: bool = True):
+        """:func:`priority_stream` on this device when ``enabled`` (``train.priority_stream``)."""
+        return priority_stream(self.device) if enabled else contextlib.nullcontext()
 
     def per_rank(self, global_batch: int, what: str = "--batch") -> int:
         """This rank's share of ``global_batch``; it must split evenly over the ranks."""

@@ -37,12 +37,11 @@ class Placement:
 
 def placement(cfg, device: torch.device, rank: int = 0, world_size: int = 1, local_rank: int = 0) -> Placement:
     """The :class:`Placement` that ``build_train_loader`` would use for ``cfg`` on ``device``."""
-    from mscn.pipelines.loader import machine_settings, pipeline_device, rank_seed
+    from mscn.pipelines.loader import plan, rank_seed
 
-    kind, device_id = pipeline_device(device if device.type == "cuda" else None, local_rank)
-    threads, hw_load = machine_settings(cfg, kind, device_id)
-    return Placement(kind, device_id, threads, hw_load, cfg.train.global_batch // world_size, rank, world_size,
-                     rank_seed(cfg.train.seed, rank), cfg.data.prefetch)
+    p = plan(cfg, device if device.type == "cuda" else None, local_rank)
+    return Placement(p.kind, p.device_id, p.threads, p.hw_decoder_load, cfg.train.global_batch // world_size, rank,
+                     world_size, rank_seed(cfg.train.seed, rank), cfg.data.prefetch)
 
 
 def decode_pipeline(source, where: Placement, shuffle_buffer: int = 4096):
@@ -124,7 +123,7 @@ def decode_step(cfg, where: Placement) -> tuple[Callable[[], int], object]:
 
 
 def plain_step(cfg, where: Placement, num_views: int) -> tuple[Callable[[], int], object]:
-    from mscn.config import highpass_params
+    from mscn.highpass import highpass_params
     from mscn.pipelines.readers import resolve_source
 
     pipe = plain_pipeline(resolve_source(cfg.data.root, cfg.data.format), where, num_views, cfg.data.image_size,
@@ -141,7 +140,7 @@ def torchvision_step(cfg, where: Placement, workers: int, device: torch.device) 
     """
     from torch.utils.data import DataLoader, RandomSampler
 
-    from mscn.config import highpass_params
+    from mscn.highpass import highpass_params
     from mscn.pipelines.loader import mask_fn_from_cfgs
     from mscn.pipelines.reference import ReferenceViews
     from mscn.pipelines.readers import resolve_source
