@@ -29,6 +29,16 @@ from nvidia.dali.data_node import DataNode
 from mscn.config import ViewCfg
 
 DALI_FLOAT = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FLOAT}
+# Where normalize_highpass filters, read at trace time: True blurs the uint8 image before
+# the normalization (fewer bytes, one pass less); False normalizes first and blurs the
+# float view (the earlier order). Same result to float rounding; the benchmark's
+# "masks-hp-late" stage builds the pipeline with False to time both on one machine.
+HIGHPASS_FIRST = True
+# How colour() applies jitter (p) and grayscale (p), read at trace time: True is one
+# colour twist on every sample with per-sample neutral parameters; False is two
+# conditional twists (the earlier graph). Same distribution; the benchmark's
+# "masks-colour-2pass" stage builds the pipeline with False to time both on one machine.
+COLOUR_ONE_PASS = True
 # solarize (BYOL): invert every value >= 128, as torchvision's solarize(threshold=128)
 _SOLARIZE = [float(v if v < 128 else 255 - v) for v in range(256)]
 
@@ -98,6 +108,10 @@ def colour(x: DataNode, view: ViewCfg) -> tuple[DataNode, DataNode, DataNode]:
     torchvision applies the four jitters in a random order and takes contrast around
     the image mean; DALI applies a fixed order (docs/PIPELINE.md).
     """
+    if not COLOUR_ONE_PASS:
+        x, jit = _maybe(view.jitter_prob, x, lambda v: fn.color_twist(v, **_jitter_factors(view)))
+        x, gray = _maybe(view.grayscale_prob, x, lambda v: fn.color_twist(v, saturation=0.0))
+        return x, jit, gray
     jit, gray = coin(view.jitter_prob), coin(view.grayscale_prob)
     if view.jitter_prob <= 0 and view.grayscale_prob <= 0:
         return x, jit, gray
@@ -114,6 +128,14 @@ def colour(x: DataNode, view: ViewCfg) -> tuple[DataNode, DataNode, DataNode]:
         keep = 1.0 - fn.cast(gray, dtype=types.FLOAT)
         twist["saturation"] = twist["saturation"] * keep if "saturation" in twist else keep
     return fn.color_twist(x, **twist), jit, gray
+
+
+def _jitter_factors(view: ViewCfg) -> dict:
+    """Per-sample colour-jitter factors (the two-pass graph's)."""
+    return dict(brightness=uniform(max(0.0, 1 - view.brightness), 1 + view.brightness),
+                contrast=uniform(max(0.0, 1 - view.contrast), 1 + view.contrast),
+                saturation=uniform(max(0.0, 1 - view.saturation), 1 + view.saturation),
+                hue=uniform(-360.0 * view.hue, 360.0 * view.hue))
 
 
 def gaussian_blur(x: DataNode, view: ViewCfg) -> DataNode:
@@ -199,6 +221,9 @@ def normalize_highpass(x: DataNode, mean, std, flip, hp: tuple[float, int] | Non
     dtype = DALI_FLOAT[output_dtype]
     if hp is None:
         return normalize(x, mean, std, flip, dtype, crop)
+    if not HIGHPASS_FIRST:
+        y = highpass(normalize(x, mean, std, flip, types.FLOAT, crop), *hp)
+        return fn.cast(y, dtype=dtype) if dtype != types.FLOAT else y
     if crop:
         x = fn.crop(x, crop=[crop, crop], crop_pos_x=0.5, crop_pos_y=0.5)
     sigma, window = hp

@@ -9,7 +9,8 @@
 #           previous release for before/after figures when given, a thread sweep, and
 #           the headline summary (gpu_summary.json).
 # Usage: bash scripts/gpu_check.sh [all|1|2]. The parts can run as two commands on the same
-# machine: results collect in $MSCN_GPU_RESULTS and each part copies its files to $OUT.
+# machine: results collect in $MSCN_GPU_RESULTS; after every step the part's log and a
+# tarball of all results so far go to $OUT (so a killed run still hands back its figures).
 # Before/after: set MSCN_OLD_SITE (site-packages of the previous release) and MSCN_OLD_SCRIPTS
 # (its scripts/ folder) to time it in the same run.
 set -uo pipefail
@@ -29,6 +30,12 @@ run() {  # run NAME SECONDS CMD...: log everything, bound the time, remember fai
   local t0=$(date +%s)
   if ! timeout "$limit" "$@" >>"$LOG" 2>&1; then echo "!!! $name FAILED (or ran past ${limit} s)" | tee -a "$LOG"; status=1; fi
   echo "=== $name done in $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
+  save
+}
+
+save() {  # everything so far to $OUT, also if a later step is killed: the log and one tarball
+  cp "$LOG" "$OUT"/ 2>/dev/null
+  tar -czf "$OUT/results_part$PART.tar.gz" -C "$R" . 2>/dev/null
 }
 
 part1() {
@@ -41,31 +48,35 @@ part1() {
       tests/test_masks.py tests/test_pipeline_highpass.py
   run pipeline 120 $PY scripts/gpu_pipeline_check.py --data "$DATA/train" --json "$R/pipeline.json"
   run masks 120 $PY scripts/bench_masks.py --json "$R/masks.json"
-  run bench 240 $PY scripts/bench_pipeline.py --data "$DATA/train" --baseline dali-plain,torchvision \
+  run bench 240 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages decode,bare,views,highpass,masks,masks-hp-late,masks-colour-2pass \
+      --baseline dali-plain,torchvision \
       --baseline-workers 16 --json "$R/bench.json" --plot "$R/bench.png"
   # the pipeline alone in a fresh process: what it adds to the device's memory
   run memory 90 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
       --json "$R/memory.json"
-  cp "$LOG" "$R"/{bench.json,bench.png,masks.json,pipeline.json,memory.json} "$OUT"/ 2>/dev/null
+  run memory-fp32 90 $PY scripts/bench_pipeline.py data.output_dtype=float32 --data "$DATA/train" --stages masks \
+      --iters 10 --repeats 2 --json "$R/memory_fp32.json"
 }
 
 part2() {
   run train18 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 --json "$R/train_r18.json"
-  run train50 180 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 --json "$R/train_r50.json"
+  # ResNet-50: the full pipeline against the barest one (ResNet-18 above has every stage)
+  run train50 180 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 --feeds bare,masks \
+      --json "$R/train_r50.json"
   # two ranks on one GPU: gloo (NCCL refuses two ranks per GPU), disjoint shards, both pipelines on the card
   run ddp2-train 150 bash -c "cd /tmp && torchrun --standalone --nproc_per_node=2 -m mscn.train.pretrain \
       --config demo data.root=$DATA/train data.synthetic=false train.max_steps=30 train.log_every=10 \
-      train.out_dir=/tmp/mscn_ddp2 train.knn_every_epochs=0 --resume none"
+      train.out_dir=/tmp/mscn_ddp2 train.knn_every_epochs=0 data.val_root= --resume none"
   run ddp2-bench 120 torchrun --standalone --nproc_per_node=2 scripts/bench_pipeline.py --data "$DATA/train" \
       --stages masks --iters 10 --repeats 3 --json "$R/ddp2.json"
   if [ -n "${MSCN_OLD_SITE:-}" ] && [ -d "${MSCN_OLD_SCRIPTS:-/nonexistent}" ]; then  # the previous release, same run
     run before 200 env PYTHONPATH="$MSCN_OLD_SITE:${PYTHONPATH:-}" $PY "$MSCN_OLD_SCRIPTS/bench_pipeline.py" \
-        --data "$DATA/train" --stages decode,views,highpass,masks --train --arch resnet18 --json "$R/before.json"
+        --data "$DATA/train" --stages decode,masks --train --arch resnet18 --json "$R/before.json"
   fi
-  run sweep 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 3 \
-      --sweep threads=4,6,8,12 --json "$R/sweep.json"
+  run sweep 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
+      --sweep threads=4,8,12 --json "$R/sweep.json"
   run summary 30 $PY scripts/gpu_summary.py "$R"
-  cp "$LOG" "$R"/{train_r18.json,train_r50.json,ddp2.json,before.json,sweep.json,gpu_summary.json} "$OUT"/ 2>/dev/null
+  cp "$R/gpu_summary.json" "$OUT"/ 2>/dev/null
 }
 
 : >"$LOG"
@@ -76,5 +87,6 @@ case "$PART" in
   *) echo "usage: $0 [all|1|2]" >&2; exit 2 ;;
 esac
 echo "--- summary" | tee -a "$LOG"
-grep -h -E "^(SUMMARY|\||check |!!!)" "$LOG" | tail -n 80
+grep -h -E "^(SUMMARY|\||check |!!!|===)" "$LOG" | tail -n 100
+save
 exit $status

@@ -7,7 +7,9 @@ from pathlib import Path
 LABELS = {"decode": "decode", "bare": "+ crop, flip, normalize", "views": "+ colour, gray, blur, solarize",
           "highpass": "+ high-pass", "masks": "+ masks (as torch tensors)", "torchvision": "torchvision/PIL",
           "dali-plain": "DALI written plainly (views + high-pass, no masks)",
-          "masks-priority": "+ masks, trainer on a high-priority stream"}
+          "masks-priority": "+ masks, trainer on a high-priority stream",
+          "masks-hp-late": "full, high-pass after normalize (previous order)",
+          "masks-colour-2pass": "full, jitter and gray as two conditional passes (previous graph)"}
 
 # ----------------------------------------------------------------------------------
 # Output: a human table (gpu_check.sh greps the "|" rows and SUMMARY lines) and a chart
@@ -64,7 +66,7 @@ def summary_lines(r: dict) -> list[str]:
         if "share_of_decode" in r:
             share = (f", {100 * r['share_of_decode']:.0f}% of decode-only "
                      f"{r['stages']['decode']['images_per_s']['median']:.1f}")
-        out.append(f"pipeline ({s['stages'][-1]}): {p['images_per_s']['median']:.1f} images/s, "
+        out.append(f"pipeline ({p['name']}): {p['images_per_s']['median']:.1f} images/s, "
                    f"{p['views_per_s']['median']:.1f} views/s{share} "
                    f"[{s['device']}, batch {s['batch']}, {s['threads']} threads]")
         if "node_images_per_s" in p:
