@@ -43,9 +43,9 @@ from mscn.pipelines.tuning import usable_cores
 from mscn.train.distributed import barrier
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("decode", "bare", "views", "highpass", "masks", "masks-hp-late", "masks-colour-2pass")
-VARIANTS = ("masks-hp-late", "masks-colour-2pass")  # the full pipeline built the earlier way, on request
-FEEDS = ("bare", "views", "highpass", "masks")  # the pipelines --train feeds the trainer with
+STAGES = ("decode", "bare", "colour", "views", "highpass", "masks", "masks-hp-late")
+VARIANTS = ("masks-hp-late",)  # the full pipeline built the earlier way, on request
+FEEDS = ("bare", "colour", "views", "highpass", "masks", "masks-hp-late")  # what --train feeds the trainer with
 # Small on the 2-core CI box (the whole default run fits in ~1 min), ImageNet-scale on a GPU.
 DEFAULTS = {"cpu": dict(batch=32, warmup=2, iters=3, repeats=3, train_steps=3, arch="resnet18",
                         baseline_workers=2),
@@ -115,7 +115,8 @@ def fill_defaults(args: argparse.Namespace, device: torch.device) -> None:
         unknown = sorted(set(stages) - set(STAGES))
         if unknown:
             raise MscnError(f"--stages {args.stages}: unknown {', '.join(unknown)} (valid: {','.join(STAGES)})")
-    feeds = [f.strip() for f in (args.feeds or ",".join(FEEDS)).split(",") if f.strip()]
+    feeds = [f.strip() for f in (args.feeds or ",".join(f for f in FEEDS if f not in VARIANTS)).split(",")
+             if f.strip()]
     unknown = sorted(set(feeds) - set(FEEDS))
     if unknown:
         raise MscnError(f"--feeds {args.feeds}: unknown {', '.join(unknown)} (valid: {','.join(FEEDS)})")
@@ -173,10 +174,11 @@ def resolve_data(args: argparse.Namespace, info) -> tuple[str, dict]:
 
 def stage_config(cfg, stage: str):
     """The config whose pipeline stops after ``stage`` (masks are the loader's switch)."""
-    if stage in ("bare", "views", "dali-plain"):
+    if stage in ("bare", "colour", "views", "dali-plain"):
         cfg = dataclasses.replace(cfg, highpass=dataclasses.replace(cfg.highpass, enabled=False))
-    if stage == "bare":  # crop + flip + normalize only
-        off = dict(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0)
+    off = {"bare": dict(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0),
+           "colour": dict(blur_prob=0.0, solarize_prob=0.0)}.get(stage)
+    if off:  # bare: crop + flip + normalize only; colour: + jitter and grayscale
         cfg = dataclasses.replace(cfg, views=[dataclasses.replace(v, **off) for v in cfg.views])
     return cfg
 
@@ -185,17 +187,16 @@ def stage_loader(cfg, stage: str, info, device: torch.device):
     from mscn.pipelines import ops
     from mscn.pipelines.loader import build_train_loader
 
-    # the variants build the full pipeline the earlier way (high-pass after normalization,
-    # or jitter and grayscale as two conditional passes) to time both ways in one run;
-    # the graph is traced right here
-    ops.HIGHPASS_FIRST = stage != "masks-hp-late"
-    ops.COLOUR_ONE_PASS = stage != "masks-colour-2pass"
+    # the variant builds the full pipeline the earlier way (high-pass after normalization)
+    # to time both orders in one run; the graph is traced right here
+    default = ops.HIGHPASS_FIRST
+    ops.HIGHPASS_FIRST = stage != "masks-hp-late" and default
     try:
         return build_train_loader(stage_config(cfg, stage), rank=info.rank, world_size=info.world_size,
                                   local_rank=info.local_rank, device=device if device.type == "cuda" else None,
                                   apply_mask=stage.startswith("masks"))
     finally:
-        ops.HIGHPASS_FIRST = ops.COLOUR_ONE_PASS = True
+        ops.HIGHPASS_FIRST = default
 
 
 def placed_dtype(cfg, device: torch.device) -> str:
@@ -290,7 +291,7 @@ def run_sweep(args, info, device, data_root: str) -> dict:
     rows = []
     stage = full_stage(args) if args.stages else "masks"
     for setting in benv.parse_sweep(args.sweep):
-        overrides, batch = benv.sweep_overrides(setting)
+        overrides, batch = benv.sweep_overrides(setting, len(load_config(args.config, args.overrides).views))
         sub = argparse.Namespace(**{**vars(args), "batch": batch or args.batch})
         if "threads" in setting:
             sub.threads = None  # the sweep value arrives as an override: don't let the flag win

@@ -48,7 +48,7 @@ part1() {
       tests/test_masks.py tests/test_pipeline_highpass.py
   run pipeline 120 $PY scripts/gpu_pipeline_check.py --data "$DATA/train" --json "$R/pipeline.json"
   run masks 120 $PY scripts/bench_masks.py --json "$R/masks.json"
-  run bench 240 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages decode,bare,views,highpass,masks,masks-hp-late,masks-colour-2pass \
+  run bench 240 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages decode,bare,colour,views,highpass,masks,masks-hp-late \
       --baseline dali-plain,torchvision \
       --baseline-workers 16 --json "$R/bench.json" --plot "$R/bench.png"
   # the pipeline alone in a fresh process: what it adds to the device's memory
@@ -59,7 +59,8 @@ part1() {
 }
 
 part2() {
-  run train18 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 --json "$R/train_r18.json"
+  run train18 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
+      --feeds bare,colour,views,highpass,masks,masks-hp-late --json "$R/train_r18.json"
   # ResNet-50: the full pipeline against the barest one (ResNet-18 above has every stage)
   run train50 180 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 --feeds bare,masks \
       --json "$R/train_r50.json"
@@ -75,6 +76,8 @@ part2() {
   fi
   run sweep 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
       --sweep threads=4,8,12 --json "$R/sweep.json"
+  run sweep-blur 90 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
+      --sweep blur_window=0,23 --json "$R/sweep_blur.json"
   run summary 30 $PY scripts/gpu_summary.py "$R"
   cp "$R/gpu_summary.json" "$OUT"/ 2>/dev/null
 }

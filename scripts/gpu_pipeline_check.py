@@ -94,7 +94,8 @@ def check_eval(source, cfg, a, dev: str, results: dict) -> bool:
 def check_train(source, cfg, a, dev: str, results: dict) -> bool:
     device = torch.device("cuda", 0) if dev == "gpu" else None
     batch = next(iter(build_train_loader(cfg, device=device)))
-    ok = (len(batch.views) == len(cfg.views) and all(v.dtype == torch.float32 for v in batch.views)
+    want = torch.float16 if dev == "gpu" else torch.float32  # data.output_dtype=auto
+    ok = (len(batch.views) == len(cfg.views) and all(v.dtype == want for v in batch.views)
           and all(v.shape == (a.batch, 3, cfg.data.image_size, cfg.data.image_size) for v in batch.views)
           and batch.labels.shape == (a.batch,) and (batch.views[0] == 0).float().mean().item() > 0.01)
     pipe = views_pipeline(source, cfg.views, image_size=cfg.data.image_size, device=dev, debug_outputs=True,

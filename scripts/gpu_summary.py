@@ -45,8 +45,9 @@ def _train_kept(r: dict | None) -> tuple[float | None, float | None]:
     return r["train"].get("kept"), max(full) if full else None
 
 
-def summarize(results: Path) -> dict:
+def summarize(results: Path, stages_from: Path | None = None) -> dict:
     bench, memory = _load(results / "bench.json"), _load(results / "memory.json")
+    later = _load(stages_from) if stages_from else None
     masks, r50, r18 = _load(results / "masks.json"), _load(results / "train_r50.json"), _load(results / "train_r18.json")
     s: dict = {"schema": 1}
     first = next((r for r in (bench, memory, r50, r18) if r), None)
@@ -56,6 +57,11 @@ def summarize(results: Path) -> dict:
     s["cores"] = env.get("usable_cores")
     s["commands"] = [r["env"]["command"] for r in (bench, memory, r50, r18) if r]
     s["share_of_decode"] = bench.get("share_of_decode") if bench else None
+    if later:  # the pipeline re-timed after a change, minutes later on the same machine
+        s["share_of_decode"] = later.get("share_of_decode")
+        s["stages_from"] = {"file": stages_from.name, "command": later["env"]["command"],
+                            "images_per_s": {k: m["images_per_s"]["median"] for k, m in later["stages"].items()}}
+        s["commands"].append(later["env"]["command"])
     base = (bench or {}).get("baselines", {})
     s["plain_dali_share_of_decode"] = base.get("dali-plain", {}).get("share_of_decode")
     s["torchvision_ratio"] = base.get("torchvision", {}).get("mscn_over_baseline")
@@ -90,8 +96,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", help="folder with gpu_check.sh's JSON files")
     ap.add_argument("--out", help="where to write the summary (default RESULTS/gpu_summary.json)")
+    ap.add_argument("--stages-from", help="a later bench_pipeline.py JSON (decode + masks stages) of the same "
+                                          "machine whose share of decode-only replaces bench.json's")
+    ap.add_argument("--note", help="a sentence to keep with the figures (e.g. what changed between runs)")
     a = ap.parse_args(argv)
-    s = summarize(Path(a.results))
+    s = summarize(Path(a.results), Path(a.stages_from) if a.stages_from else None)
+    if a.note:
+        s["note"] = a.note
     out = Path(a.out) if a.out else Path(a.results) / "gpu_summary.json"
     out.write_text(json.dumps(s, indent=1))
     print(f"SUMMARY card: {s['card']} ({s['cores']} cores), DALI {s['versions'].get('dali')}, "

@@ -91,7 +91,7 @@ def test_cli_json_holds_every_figure(tiny_data, tmp_path):
 
     t = r["train"]
     assert (t["arch"], t["method"], t["steps"]) == ("resnet18", "simclr", 2)
-    assert list(t["feeds"]) == ["bare", "views", "highpass", "masks"]  # no priority row on the CPU
+    assert list(t["feeds"]) == ["bare", "colour", "views", "highpass", "masks"]  # no priority row on the CPU
     check_measurement(t["synthetic"], batch=4, iters=1, repeats=2)
     syn = t["synthetic"]["images_per_s"]["median"]
     for feed, m in t["feeds"].items():
@@ -156,6 +156,8 @@ def test_parse_sweep_is_the_grid_in_order():
     grid = benv.parse_sweep(["threads=4,8", "hw_decoder_load=0,0.65", "batch=128"])
     assert grid == [{"threads": t, "hw_decoder_load": h, "batch": 128} for t in (4, 8) for h in (0.0, 0.65)]
     assert benv.sweep_overrides(grid[1]) == (["data.num_threads=4", "data.hw_decoder_load=0.65"], 128)
+    assert benv.sweep_overrides({"blur_window": 23}, num_views=2) == (
+        ["views.0.blur_window=23", "views.1.blur_window=23"], None)
     for bad in (["threads"], ["threads=a,b"], ["nope=1"], ["batch=1", "batch=2"]):
         with pytest.raises(ConfigError):
             benv.parse_sweep(bad)

@@ -57,20 +57,27 @@ def test_gpu_eval_matches_cpu_on_lossless_images_and_torch_highpass(tmp_path):
 
 @pytest.mark.parametrize("hw_decoder_load", [0.0, 1.0])
 def test_gpu_eval_matches_cpu_on_jpegs_up_to_the_decoders_difference(tmp_path, hw_decoder_load):
-    """JPEG: nvJPEG (CUDA or hardware) and libjpeg-turbo upsample chroma and round the
-    IDCT differently, so the decoded pixels differ by ``gap`` levels on average. The rest
-    of the pipeline must not add to it: resize and crop average (they do not grow a mean
-    absolute difference), the high-pass ``I - G`` at most doubles it, and normalization
-    divides it by std, so mean |GPU - CPU| <= 2 * gap / min(std) (+ the PNG case's rounding)."""
+    """JPEG: nvJPEG (CUDA or hardware) and libjpeg-turbo upsample chroma and round the IDCT
+    differently. On these noisy 96x72 test images the decoded pixels differ by ~5.2 levels
+    on average (H200, DALI 2.4.0), which alone makes the high-passed views differ by ~0.09
+    and correlate at ~0.95: the earlier fixed bounds (0.05, 0.98) measured the decoders,
+    not the pipeline. So the reference is what the *decoded* difference becomes through an
+    exact float64 high-pass: the GPU high-pass must add nothing to it beyond rounding."""
     root = make_folder(tmp_path, classes=2, per_class=8, size=(96, 72))
     gap = _decode_gap(root, hw_decoder_load)
     kw = dict(hw_decoder_load=hw_decoder_load)
-    gpu, cpu = _eval_outputs(root, "gpu", (5.0, 31), **kw), _eval_outputs(root, "cpu", (5.0, 31), **kw)
-    diff = np.abs(gpu - cpu).mean()
-    print(f"hw_decoder_load {hw_decoder_load}: decoded mean |GPU - CPU| {gap:.3f} levels, "
-          f"high-passed view {diff:.4f} (bound {2 * gap / min(IMAGENET_STD) + 2e-3:.4f})")
-    assert diff <= 2 * gap / min(IMAGENET_STD) + 2e-3
-    assert np.corrcoef(gpu.ravel(), cpu.ravel())[0, 1] > 0.98
+    raw = {d: _eval_outputs(root, d, None, **kw) for d in ("gpu", "cpu")}  # normalized, no high-pass
+    out = {d: _eval_outputs(root, d, (5.0, 31), **kw) for d in ("gpu", "cpu")}
+    # before the high-pass: resize and crop average, normalization divides by std
+    assert np.abs(raw["gpu"] - raw["cpu"]).mean() <= gap / min(IMAGENET_STD) + 2e-3
+    ref = {d: highpass_torch(torch.from_numpy(raw[d]).double(), 5.0, 31).numpy() for d in raw}
+    want_diff = np.abs(ref["gpu"] - ref["cpu"]).mean()
+    want_corr = np.corrcoef(ref["gpu"].ravel(), ref["cpu"].ravel())[0, 1]
+    diff = np.abs(out["gpu"] - out["cpu"]).mean()
+    corr = np.corrcoef(out["gpu"].ravel(), out["cpu"].ravel())[0, 1]
+    print(f"hw_decoder_load {hw_decoder_load}: decoded mean |GPU - CPU| {gap:.3f} levels; high-passed views "
+          f"{diff:.4f} (float64 high-pass of the two inputs: {want_diff:.4f}), corr {corr:.4f} ({want_corr:.4f})")
+    assert diff <= want_diff + 2e-3 and corr >= want_corr - 2e-3
 
 
 def test_gpu_train_loader_yields_cuda_batches(tmp_path):

@@ -144,7 +144,10 @@ def run_pretrain(cfg: Config, resume: str | None = "auto") -> dict:
     """Pretrain as configured; returns a summary (steps, loss, images/s, checkpoint paths)."""
     rt = setup_runtime(cfg.train.device, cfg.train.precision, what="train.device")
     try:
-        return _run(cfg, resume, rt)
+        # the whole run on a high-priority stream (GPU), model set-up and DDP included, so
+        # that autograd and DDP keep to the stream the steps run on
+        with rt.priority_stream(cfg.train.priority_stream):
+            return _run(cfg, resume, rt)
     finally:
         cleanup()
 
@@ -186,8 +189,7 @@ def _run(cfg: Config, resume: str | None, rt: Runtime) -> dict:
     batches = endless(loader)
     model.train()
     try:
-        with rt.priority_stream(cfg.train.priority_stream):  # ahead of DALI's kernels on the GPU
-            _loop(run, model, batches, memory_format, peak)
+        _loop(run, model, batches, memory_format, peak)
         elapsed = run.meter.elapsed()
     finally:
         run.log.close()

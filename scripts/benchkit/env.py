@@ -27,6 +27,7 @@ SWEEP_KEYS: dict[str, tuple[str, type]] = {
     "hw_decoder_load": ("data.hw_decoder_load", float),
     "prefetch": ("data.prefetch", int),
     "output_dtype": ("data.output_dtype", str),
+    "blur_window": ("views.*.blur_window", int),  # every view's; 0 = derived from each sample's sigma
     "batch": ("batch", int),
 }
 
@@ -55,13 +56,16 @@ def parse_sweep(items: list[str]) -> list[dict]:
     return [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*(v for _, v in axes))]
 
 
-def sweep_overrides(setting: dict) -> tuple[list[str], int | None]:
-    """Config overrides (``data.num_threads=8``) and the batch size (or None) of one sweep setting."""
+def sweep_overrides(setting: dict, num_views: int = 4) -> tuple[list[str], int | None]:
+    """Config overrides (``data.num_threads=8``) and the batch size (or None) of one sweep
+    setting; a ``views.*`` key becomes one override per view of the recipe."""
     overrides, batch = [], None
     for key, value in setting.items():
         target = SWEEP_KEYS[key][0]
         if target == "batch":
             batch = int(value)
+        elif target.startswith("views.*."):
+            overrides += [f"views.{i}.{target[8:]}={value}" for i in range(num_views)]
         else:
             overrides.append(f"{target}={value}")
     return overrides, batch

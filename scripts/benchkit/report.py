@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-LABELS = {"decode": "decode", "bare": "+ crop, flip, normalize", "views": "+ colour, gray, blur, solarize",
+LABELS = {"decode": "decode", "bare": "+ crop, flip, normalize", "colour": "+ colour jitter, gray",
+          "views": "+ blur, solarize",
           "highpass": "+ high-pass", "masks": "+ masks (as torch tensors)", "torchvision": "torchvision/PIL",
           "dali-plain": "DALI written plainly (views + high-pass, no masks)",
           "masks-priority": "+ masks, trainer on a high-priority stream",
-          "masks-hp-late": "full, high-pass after normalize (previous order)",
-          "masks-colour-2pass": "full, jitter and gray as two conditional passes (previous graph)"}
+          "masks-hp-late": "full, high-pass after normalize (previous order)"}
 
 # ----------------------------------------------------------------------------------
 # Output: a human table (gpu_check.sh greps the "|" rows and SUMMARY lines) and a chart
