@@ -119,8 +119,9 @@ def _jitter_factors(view: ViewCfg) -> dict:
 def gaussian_blur(x: DataNode, view: ViewCfg) -> DataNode:
     """Blur with σ ~ U[blur_sigma]; window 0 lets DALI derive ``2*ceil(3σ)+1`` per sample.
 
-    A fixed 23-tap window (torchvision's for 224 px) costs ~4x more on the CPU for the
-    same result at σ <= 2 (../shared/GPU.md), so it is used only when configured.
+    A fixed 23-tap window (torchvision's for 224 px) cost ~2-4x more on DALI's CPU path
+    for the same result at σ <= 2 (28 vs 65 images/s on a 2-core machine), so it is used
+    only when configured. On the GPU the comparison is still open (docs/PERFORMANCE.md).
     """
     sigma = uniform(*view.blur_sigma)
     if view.blur_window:

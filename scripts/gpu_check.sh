@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, checked and timed in one go (about 6 minutes on an H100/H200
-# box with 16 cores; docs/PERFORMANCE.md says how to read the figures):
+# Everything that needs a GPU, checked and timed in one go (docs/PERFORMANCE.md says how to
+# read the figures). Measured on an H200 box with 16 cores: part 1 about 6 minutes (2.5 of
+# them tests), part 2 about 4. `figures` runs a subset of their steps (not yet timed alone).
 #   part 1: correctness (GPU tests, GPU vs CPU twins, kernels vs references), the mask
 #           benchmark, the pipeline's stages against decode-only, a hand-written DALI
 #           pipeline and torchvision, and the pipeline's device memory in a fresh process;
@@ -8,7 +9,9 @@
 #           two ranks sharing the GPU under torchrun (training and the bench), the
 #           previous release for before/after figures when given, a thread sweep, and
 #           the headline summary (gpu_summary.json).
-# Usage: bash scripts/gpu_check.sh [all|1|2]. The parts can run as two commands on the same
+#   figures: only the headline figures of gpu_summary.json (no tests, no attribution rows,
+#           no sweeps), for a quick re-measurement on another box.
+# Usage: bash scripts/gpu_check.sh [all|1|2|figures]. The parts can run as two commands on the same
 # machine: results collect in $MSCN_GPU_RESULTS; after every step the part's log and a
 # tarball of all results so far go to $OUT (so a killed run still hands back its figures).
 # Before/after: set MSCN_OLD_SITE (site-packages of the previous release) and MSCN_OLD_SCRIPTS
@@ -58,6 +61,21 @@ part1() {
       --iters 10 --repeats 2 --json "$R/memory_fp32.json"
 }
 
+figures() {
+  [ -d "$DATA/train" ] || run synth 120 $PY -P -m mscn data synth "$DATA" --classes 10 --per-class 300 --size 500x375 --seed 0
+  run masks 120 $PY scripts/bench_masks.py --json "$R/masks.json"
+  run bench 180 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages decode,masks --baseline dali-plain,torchvision \
+      --baseline-workers 16 --json "$R/bench.json"
+  run memory 90 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
+      --json "$R/memory.json"
+  run train18 120 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 --feeds masks \
+      --no-priority-row --json "$R/train_r18.json"
+  run train50 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 --feeds masks \
+      --no-priority-row --json "$R/train_r50.json"
+  run summary 30 $PY scripts/gpu_summary.py "$R"
+  cp "$R/gpu_summary.json" "$OUT"/ 2>/dev/null
+}
+
 part2() {
   run train18 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
       --feeds bare,colour,views,highpass,masks,masks-hp-late --json "$R/train_r18.json"
@@ -87,7 +105,8 @@ case "$PART" in
   1) part1 ;;
   2) part2 ;;
   all) part1; part2 ;;
-  *) echo "usage: $0 [all|1|2]" >&2; exit 2 ;;
+  figures) figures ;;
+  *) echo "usage: $0 [all|1|2|figures]" >&2; exit 2 ;;
 esac
 echo "--- summary" | tee -a "$LOG"
 grep -h -E "^(SUMMARY|\||check |!!!|===)" "$LOG" | tail -n 100
