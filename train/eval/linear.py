@@ -12,9 +12,11 @@ The head is a non-affine BatchNorm followed by the linear layer, as in MAE (He e
 MSN: the features of a frozen backbone can have any scale (a random-init or
 early-checkpoint ResNet's pooled features reach the hundreds), and at base lr 1.0 a
 bare linear head diverged on them (loss 2.67 -> 167 in 5 epochs). The BatchNorm
-whitens every feature to zero mean, unit variance, so one lr fits every backbone;
-it has no parameters, and in eval mode it is a fixed affine map that folds into
-the linear layer, so the classifier stays linear.
+whitens every feature to zero mean, unit variance, and a fixed ``1/sqrt(dim)`` gives
+the feature vector norm ~1 for any width (512 or 2048): the curvature of the loss is
+then bounded (the feature covariance has trace ~1), so the default lr 1.0 cannot
+diverge on any backbone. Neither has parameters; in eval mode both are fixed affine
+maps that fold into the linear layer, so the classifier stays linear.
 
 Every random choice (head init, crops, flips, data order) follows one ``seed``
 (default ``train.seed``): the same seed gives the same numbers on the CPU.
@@ -140,7 +142,7 @@ def _linear_probe(backbone, cfg: Config, train_root, val_root, rt, epochs, lr, b
             "epochs": epochs, "seed": cfg.train.seed, "loss": [round(v, 5) for v in losses],
             "wall_s": round(time.time() - t0, 1),
             "settings": {"base_lr": base_lr, "lr": peak, "batch": batch, "weight_decay": wd,
-                         "momentum": MOMENTUM, "schedule": "cosine", "head": "bn(affine=False)+linear",
+                         "momentum": MOMENTUM, "schedule": "cosine", "head": "bn(affine=False)/sqrt(dim)+linear",
                          "precompute": precompute,
                          "train_views": "center-crop (precomputed)" if precompute else "rrc+flip+highpass",
                          "world_size": rt.dist.world_size}}
