@@ -47,6 +47,16 @@ def _undecodable(data: bytes) -> str | None:
     return None
 
 
+def _packed_origin(where: str) -> str:
+    """``tar:offset:member`` -> ``<original file> (tar:offset:member)`` through the sample's
+    ``.idx`` and ``sources.json`` (``mscn data pack``); unchanged when they are missing."""
+    from mscn.data.pack import source_file
+
+    tar, _, member = where.rsplit(":", 2)
+    original = source_file(tar, member)
+    return f"{original} (packed as {where})" if original else where
+
+
 def find_bad_sample(source: Source, replay, runs_done: int) -> tuple[str, str] | None:
     """(source_info, PIL's complaint) of the first undecodable sample among the batches
     that were in flight after ``runs_done`` batches, or None."""
@@ -68,7 +78,7 @@ def find_bad_sample(source: Source, replay, runs_done: int) -> tuple[str, str] |
             if why:
                 where = np.array(info[i]).tobytes().decode(errors="replace")
                 # file readers report the path relative to file_root; tars "tar:offset:member"
-                return (where if source.kind == "wds" else os.path.join(source.root, where)), why
+                return (_packed_origin(where) if source.kind == "wds" else os.path.join(source.root, where)), why
     return None
 
 

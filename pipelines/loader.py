@@ -264,21 +264,23 @@ def linear_probe_view():
 
 def build_eval_loader(cfg, root: str, rank: int = 0, world_size: int = 1, local_rank: int = 0,
                       device: torch.device | str | None = None, batch_size: int | None = None,
-                      train_views: bool = False, file_list: str | None = None) -> DaliLoader:
+                      train_views: bool = False, file_list: str | None = None,
+                      classes: tuple[str, ...] | None = None) -> DaliLoader:
     """Evaluation loader over ``root`` (any format; ``file_list`` = a list relative to it).
 
     train_views=False: resize shorter side + center crop + high-pass, PARTIAL (every
     sample exactly once across ranks). train_views=True: the linear-probe/fine-tune
     training view (random-resized-crop + flip + high-pass, no colour, blur or mask),
     shuffled, DROP. batch_size is per rank (default ``eval.linear_batch / world_size``).
+    classes: the label set (the train root's classes) that ``root``'s labels map into by name.
     """
     from mscn.pipelines.eval_pipeline import eval_pipeline
     from mscn.pipelines.readers import resolve_source
 
     if file_list:
-        source = resolve_source(file_list, "filelist", file_root=root)
+        source = resolve_source(file_list, "filelist", file_root=root, classes=classes)
     else:
-        source = resolve_source(root, cfg.data.format if root == cfg.data.root else "auto")
+        source = resolve_source(root, cfg.data.format if root == cfg.data.root else "auto", classes=classes)
     batch = batch_size or max(1, cfg.eval.linear_batch // world_size)
     shard = Shard(rank, world_size, batch, rank_seed(cfg.train.seed, rank))
     p = plan(cfg, device, local_rank)

@@ -37,8 +37,8 @@ WDS_IMAGE_EXTS = ";".join(e.lstrip(".") for e in IMG_EXTENSIONS + (".jpe",))
 def read(source: Source, *, shard_id: int, num_shards: int, shuffle: bool, shuffle_buffer: int,
          stick_to_shard: bool, seed: int = -1, name: str = READER_NAME):
     """Add the reader: returns ``(encoded, label, index)``; ``label`` is None for file
-    kinds (the loader maps index -> label: DALI's file reader carries one integer per
-    file and it carries the index), ``index`` is None for tars without ``.idx``.
+    kinds and unlabelled shards (the loader maps index -> label: DALI's file reader carries
+    one integer per file and it carries the index), ``index`` is None for tars without ``.idx``.
     ``seed`` fixes the shuffle (-1: drawn from the pipeline's seed); diagnose.py
     replays the reader with it."""
     common = dict(shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle, initial_fill=shuffle_buffer,
@@ -47,10 +47,11 @@ def read(source: Source, *, shard_id: int, num_shards: int, shuffle: bool, shuff
         encoded, index = fn.readers.file(file_root=source.root, files=list(source.files),
                                          labels=list(range(source.num_samples)), **common)
         return encoded, None, index
-    exts = [WDS_IMAGE_EXTS, "cls"] + (["idx"] if source.has_index else [])
-    members = fn.readers.webdataset(paths=list(source.tars), index_paths=list(source.indexes), ext=exts,
-                                    missing_component_behavior="error",
-                                    case_sensitive_extensions=False, **common)
-    label = parse_ascii_int(members[1])
-    index = parse_ascii_int(members[2]) if source.has_index else None
+    # shards without .cls are unlabelled: no label output, the loader maps the index to -1
+    exts = [WDS_IMAGE_EXTS] + (["cls"] if source.labelled else []) + (["idx"] if source.has_index else [])
+    members = list(fn.readers.webdataset(paths=list(source.tars), index_paths=list(source.indexes), ext=exts,
+                                         missing_component_behavior="error",
+                                         case_sensitive_extensions=False, **common))
+    label = parse_ascii_int(members[exts.index("cls")]) if source.labelled else None
+    index = parse_ascii_int(members[exts.index("idx")]) if source.has_index else None
     return members[0], label, index

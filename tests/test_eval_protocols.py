@@ -96,3 +96,42 @@ def test_highpass_mismatch_and_wrong_arch_through_the_cli(data, tmp_path, capsys
     rc = mscn_main(["eval", "knn", *_common(data, tmp_path / "k", "--arch", "resnet50")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "holds a resnet18 backbone but resnet50" in err[0]
+
+
+def test_probe_same_seed_same_result_another_seed_differs(data, tmp_path):
+    """Random crops, flips, data order and head init all follow --seed (issue 11)."""
+    runs = {}
+    for tag, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        _run("linear", *_common(data, tmp_path / tag, "--epochs", "2", "--seed", seed))
+        runs[tag] = _result(tmp_path / tag)
+    assert runs["a"]["seed"] == 3 and runs["c"]["seed"] == 4
+    assert (runs["a"]["top1"], runs["a"]["loss"]) == (runs["b"]["top1"], runs["b"]["loss"])
+    assert runs["c"]["loss"] != runs["a"]["loss"]
+
+
+def test_probe_loss_falls_at_the_default_lr_on_large_features(data, tmp_path):
+    """Pooled features x50 (a scale trained backbones reach): the bare linear head
+    diverged at the default lr; behind the non-affine BatchNorm every epoch's loss falls."""
+    import torch
+
+    big = tmp_path / "big.pt"
+    ck = torch.load(data["ckpt"], weights_only=False)
+    for k in ("layer4.1.bn2.weight", "layer4.1.bn2.bias"):
+        ck["backbone"][k] = ck["backbone"][k] * 50
+    torch.save(ck, big)
+    _run("linear", *_common(data | {"ckpt": str(big)}, tmp_path / "p", "--epochs", "5", "--precompute",
+                            "--seeds", "2"))
+    r = _result(tmp_path / "p")
+    assert r["seeds"] == 2 and [x["seed"] for x in r["runs"]] == [0, 1] and r["top1_std"] >= 0
+    for run in r["runs"]:
+        assert all(b < a for a, b in zip(run["loss"], run["loss"][1:])), run["loss"]
+
+
+def test_knn_on_a_val_subset_of_the_classes(data, tmp_path):
+    import shutil
+
+    val = tmp_path / "val"
+    shutil.copytree(f"{data['val']}/c2", val / "c2")  # alone, its folder index would be 0
+    _run("knn", *_common(data | {"val": str(val)}, tmp_path / "k"))
+    r = json.loads((tmp_path / "k" / "result.json").read_text())
+    assert r["n_val"] == 6 and r["top1"] > 80

@@ -68,3 +68,14 @@ def test_model_names_follow_the_paper():
     assert model_name("x.pt", load_config(None, ["method.name=byol", "highpass.enabled=false"])) == "BYOL"
     no_mask = [f"views.{i}.mask.ratio=0" for i in range(4)]
     assert model_name("x.pt", load_config(None, no_mask)) == "SimCLR"
+
+
+def test_report_keeps_every_distinct_setting():
+    long = _result("SimCLR", "linear", 71.0) | {"epochs": 100, "time": "2024-01-01T00:00:00"}
+    short = _result("SimCLR", "linear", 60.0) | {"epochs": 10, "time": "2024-01-02T00:00:00"}
+    rerun = short | {"top1": 61.0, "time": "2024-01-03T00:00:00"}  # same settings: replaces `short`
+    seeds = short | {"seed": 5, "top1": 62.0, "top1_std": 1.25, "time": "2024-01-04T00:00:00"}
+    md = markdown_table([long, short, rerun, seeds])
+    assert "| SimCLR (epochs=100, seed=-) | 71.0 |" in md
+    assert "| SimCLR (epochs=10, seed=-) | 61.0 |" in md and "60.0" not in md
+    assert "| SimCLR (epochs=10, seed=5) | 62.0 ± 1.2 |" in md

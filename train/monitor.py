@@ -16,9 +16,21 @@ from mscn.train.runtime import Runtime
 def monitor_off_reason(cfg: Config) -> str | None:
     """Why the configured monitor cannot run (a notice, not an error: recipes such as
     demo.yaml switch it on, and a user who points data.root elsewhere may have no labels)."""
-    if cfg.train.knn_every_epochs and not cfg.data.val_root:
+    if not cfg.train.knn_every_epochs:
+        return None
+    if not cfg.data.val_root:
         return (f"kNN monitor off: train.knn_every_epochs = {cfg.train.knn_every_epochs} needs data.val_root "
                 "(labelled evaluation images)")
+    from mscn.data.source import resolve_source
+    from mscn.errors import DataError
+
+    try:
+        labelled = resolve_source(cfg.data.root, cfg.data.format).labelled
+    except DataError:
+        return None  # the training loader reports a bad data.root, with its own message
+    if not labelled:
+        return (f"kNN monitor off: data.root {cfg.data.root} has no labels (no class folders, list or shards "
+                "without labels); the monitor votes with the training labels")
     return None
 
 
@@ -32,11 +44,13 @@ def monitor_runs_after(cfg: Config, done: int, steps_per_epoch: int) -> bool:
 @torch.no_grad()
 def online_knn(cfg: Config, backbone: torch.nn.Module, rt: Runtime) -> dict:
     """kNN top-1/top-5 (%) of ``backbone`` on (data.root -> data.val_root), under the run's autocast."""
-    from mscn.train.eval.common import eval_loader
+    from mscn.train.eval.common import eval_loader, label_set
     from mscn.train.eval.knn import knn_eval
 
     # largest global batch <= eval.linear_batch that splits evenly over the ranks
     world = rt.dist.world_size
     batch = max(world, cfg.eval.linear_batch - cfg.eval.linear_batch % world)
-    loaders = [eval_loader(cfg, root, rt, batch) for root in (cfg.data.root, cfg.data.val_root)]
+    classes, _ = label_set(cfg.data.root, cfg.data.format)  # val labels by the train set's class names
+    loaders = [eval_loader(cfg, cfg.data.root, rt, batch), eval_loader(cfg, cfg.data.val_root, rt, batch,
+                                                                       classes=classes)]
     return knn_eval(backbone, *loaders, rt, k=cfg.eval.knn_k, T=cfg.eval.knn_temperature)

@@ -90,14 +90,15 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
 
     p = sub.add_parser("scan", help="decode every image, report bad files, write a file list",
                        description="Decode every file under the ImageFolder ROOT with PIL; report corrupt, truncated, "
-                       "zero-byte, non-image and tiny files (excluded from the list) and CMYK, grayscale and "
-                       "non-JPEG files (kept: DALI decodes them to RGB). Writes a DALI file list 'relpath label' "
+                       "zero-byte and non-image files (excluded from the list) and small (short side < 32 px), CMYK, "
+                       "grayscale and non-JPEG files (kept: DALI decodes them to RGB, the crops upsample them). Writes a DALI file list 'relpath label' "
                        "and a JSON report; never writes inside ROOT.")
     p.add_argument("root", metavar="ROOT", help="ImageFolder root: ROOT/<class>/<image>")
     p.add_argument("--out", metavar="FILE", default=None, help="file list to write (default: ./<name>.filelist.txt)")
     p.add_argument("--report", metavar="FILE", default=None, help="JSON report to write (default: ./<name>.scan.json)")
-    p.add_argument("--min-size", metavar="PX", type=int, default=32,
-                   help="exclude images whose short side is smaller (default 32)")
+    p.add_argument("--min-size", metavar="PX", type=int, default=0,
+                   help="also exclude images whose short side is smaller, reported as 'tiny' "
+                        "(default 0: keep every decodable image; short sides < 32 are reported as 'small')")
     p.add_argument("--workers", metavar="W", type=int, default=None, help="processes (default: all cores)")
     p.set_defaults(func=_scan)
 
@@ -113,11 +114,17 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
                    help="file list to write (default: ./<name>.subset<pct>pct.seed<seed>.txt)")
     p.set_defaults(func=_subset)
 
-    p = sub.add_parser("pack", help="pack an ImageFolder into .tar shards",
-                       description="Pack the ImageFolder ROOT into webdataset-style .tar shards in OUT.")
-    p.add_argument("root", metavar="ROOT", help="ImageFolder root: ROOT/<class>/<image>")
+    p = sub.add_parser("pack", help="pack an ImageFolder or a scan file list into .tar shards",
+                       description="Pack ROOT into webdataset-style .tar shards in OUT. ROOT is an ImageFolder "
+                       "(ROOT/<class>/<image>), a flat folder of unlabelled images, or a file list such as the "
+                       ".filelist.txt written by `mscn data scan` (its paths are relative to the scanned root). "
+                       "Every image is decoded first; files that do not decode are skipped and listed "
+                       "(--strict: refuse). OUT/sources.json maps every sample back to its source file.")
+    p.add_argument("root", metavar="ROOT", help="ImageFolder root, flat image folder, or file list (.txt)")
     p.add_argument("out", metavar="OUT", help="output folder for the shards")
     p.add_argument("--shard-size", metavar="N", type=int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--strict", action="store_true", help="refuse to pack if any file does not decode")
+    p.add_argument("--workers", metavar="W", type=int, default=None, help="decode-check processes (default: all cores)")
     p.set_defaults(func=_pack)
     return data
 

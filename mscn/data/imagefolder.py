@@ -3,7 +3,10 @@ parallel per-file loop that the data tools share).
 
 ``ROOT/<class>/**/<image>``: classes are the sorted sub-folder names and a sample's
 label is its class's index in that order, so a file list written here, DALI's
-``fn.readers.file(file_root=ROOT)`` and torchvision agree on every label.
+``fn.readers.file(file_root=ROOT)`` and torchvision agree on every label. A val root
+is listed against the train root's classes (``classes=``), so a val set with a subset
+of the classes keeps the train set's labels. ``ROOT/<image>`` with no class folders
+is an unlabelled set (:func:`list_flat_folder`, label -1): most SSL data has no labels.
 Every user-fixable problem (missing path, empty folder, no images) is one DataError
 line naming the path.
 """
@@ -65,28 +68,64 @@ def walk_class(root: Path, cls: str, images_only: bool = True) -> list[str]:
     return sorted(found)
 
 
+UNLABELLED = -1  # the label of a sample without one (flat folders, lists and shards without labels)
+
+
+def is_flat_folder(root: str | os.PathLike) -> bool:
+    """True for a folder of images without class sub-folders (an unlabelled set)."""
+    root = Path(root)
+    return (root.is_dir() and not any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(root))
+            and any(e.is_file() and is_image_name(e.name) for e in os.scandir(root)))
+
+
+def list_flat_folder(root: str | os.PathLike) -> list[tuple[str, int]]:
+    """``[(name, -1), ...]``, sorted: the images directly in ``root``, unlabelled."""
+    root = Path(root)
+    return [(e.name, UNLABELLED) for e in sorted(os.scandir(root), key=lambda e: e.name)
+            if e.is_file() and not e.name.startswith(".") and is_image_name(e.name)]
+
+
+def class_labels(found: list[str], classes: list[str] | tuple[str, ...] | None, root) -> list[int]:
+    """Label of each class folder in ``found``: its index in ``classes`` (the train set's
+    label set), or in ``found`` itself when None. A class outside the label set is an error
+    naming it: its images would get another class's label, or none."""
+    if classes is None:
+        return list(range(len(found)))
+    index = {c: i for i, c in enumerate(classes)}
+    missing = [c for c in found if c not in index]
+    if missing:
+        raise DataError(f"{root}: class {missing[0]!r}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''} "
+                        f"is not among the {len(classes)} classes of the training set; labels are matched by "
+                        "class name, so every evaluation class must exist in training")
+    return [index[c] for c in found]
+
+
 def list_image_folder(
-    root: str | os.PathLike, images_only: bool = True
+    root: str | os.PathLike, images_only: bool = True, classes: list[str] | tuple[str, ...] | None = None
 ) -> tuple[list[str], list[tuple[str, int]]]:
     """``(classes, [(relpath, label), ...])`` for an ImageFolder root, sorted by path.
 
     ``images_only=False`` also returns files without an image extension (``scan``
     uses it to report them); hidden files and folders are always skipped.
+    ``classes``: the label set (the train root's classes); this root's class folders
+    must be among them and take their labels from it. The returned classes are then
+    ``classes``, not this root's folders.
     """
     root = Path(root)
-    classes = find_classes(root)
+    found = find_classes(root)
+    labels = class_labels(found, classes, root)
     samples = [
         (rel, label)
-        for label, cls in enumerate(classes)
+        for label, cls in zip(labels, found)
         for rel in walk_class(root, cls, images_only)
     ]
     if not samples:
         kind = "images" if images_only else "files"
         raise DataError(
-            f"{root}: no {kind} in its {len(classes)} class folders "
+            f"{root}: no {kind} in its {len(found)} class folders "
             f"(looked for {', '.join(IMG_EXTENSIONS)})"
         )
-    return classes, samples
+    return (list(classes) if classes is not None else found), samples
 
 
 def parallel_imap(fn: Callable, tasks: list, workers: int | None, desc: str, progress: bool = True) -> Iterator:

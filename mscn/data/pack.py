@@ -1,12 +1,19 @@
-"""`mscn data pack ROOT OUT`: an ImageFolder (or file list) -> WebDataset tar shards.
+"""`mscn data pack ROOT OUT`: an ImageFolder, flat folder or file list -> WebDataset tar shards.
 
 Large clusters read a few big files faster than millions of small ones. Each shard
 ``OUT/shard-000000.tar`` holds ``shard_size`` samples, each made of
 
 - ``{key}.{ext}``: the original image bytes, under the image's own extension;
 - ``{key}.cls``: the label, ASCII decimal (sorted class order, like ImageFolder);
-- ``{key}.idx``: the sample's canonical index (its position in the ImageFolder
-  listing or file list), ASCII decimal, so tar and file readers name samples alike.
+  left out for unlabelled data (a flat folder or a list without labels);
+- ``{key}.idx``: the sample's canonical index (its position among the packed files
+  of the ImageFolder listing or file list), ASCII decimal.
+
+Every file is decoded once with PIL first (as ``mscn data scan`` does): files that do
+not decode are skipped and listed (``strict=True`` refuses instead), so training
+never meets them. ``OUT/sources.json`` records the root, the classes and the source
+path of every canonical index (``files``), plus the skipped files: a decode error
+from a shard names the original file through it (pipelines/diagnose.py).
 
 Beside each shard, ``shard-000000.idx`` is its DALI index (format ``v1.2``, as DALI's
 ``wds2idx`` writes: a ``v1.2 <samples>`` line, then one line per sample of
@@ -22,6 +29,7 @@ reader's unshuffled order). Keys are the position in the written order.
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 import time
 from pathlib import Path
@@ -29,8 +37,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from mscn.data.scan import check_outside
-from mscn.data.source import resolve_source  # the one definition of the canonical order
+from mscn.data.imagefolder import parallel_imap
+from mscn.data.scan import EXCLUDED, check_image, check_outside
+from mscn.data.source import SOURCES_JSON, Source, resolve_source  # the one definition of the canonical order
 from mscn.errors import DataError
 
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -62,11 +71,26 @@ def write_dali_index(tar_path: Path, idx_path: Path) -> int:
     return len(samples)
 
 
-def pack(root, out, shard_size: int = 1000, shuffle_seed: int | None = 0, file_root: str | None = None,
-         progress: bool = True) -> dict:
-    """Pack ``root`` (ImageFolder root or ``relpath label`` list) into tar shards in ``out``.
+def _decode_task(path: str) -> tuple[str, str | None]:
+    issues, _ = check_image(path, 0)
+    bad = next((f"{reason}: {detail}" for reason, detail in issues if reason in EXCLUDED), None)
+    return path, bad
 
-    Returns a summary: number of samples and shards, output folder and seconds.
+
+def undecodable(source: Source, workers: int | None = None, progress: bool = True) -> dict[str, str]:
+    """``{relpath: why}`` of the files of ``source`` that PIL cannot decode, over all cores."""
+    root = Path(source.root)
+    found = parallel_imap(_decode_task, [str(root / rel) for rel in source.files], workers,
+                          f"check {root}", progress)
+    return {Path(path).relative_to(root).as_posix(): why for path, why in found if why}
+
+
+def pack(root, out, shard_size: int = 1000, shuffle_seed: int | None = 0, file_root: str | None = None,
+         progress: bool = True, strict: bool = False, workers: int | None = None) -> dict:
+    """Pack ``root`` (ImageFolder root, flat folder of images, or file list) into tar shards in ``out``.
+
+    Files that do not decode are skipped (``strict``: a DataError naming them instead).
+    Returns a summary: samples, shards, skipped files ``{relpath: why}``, output folder, seconds.
     """
     if shard_size < 1:
         raise DataError(f"--shard-size {shard_size}: must be >= 1")
@@ -77,35 +101,71 @@ def pack(root, out, shard_size: int = 1000, shuffle_seed: int | None = 0, file_r
     check_outside(out, Path(source.root))  # shards inside an ImageFolder would become a class
     if out.exists() and any(out.glob("*.tar")):
         raise DataError(f"{out}: already holds .tar shards; remove them or pack into another folder")
+    t0 = time.time()
+    skipped = undecodable(source, workers, progress)
+    if skipped and strict:
+        rel, why = next(iter(skipped.items()))
+        raise DataError(f"{Path(source.root) / rel}: does not decode ({why}); {len(skipped)} such file(s) in "
+                        f"{root}; drop --strict to skip them, or fix them")
+    # canonical order of the packed set: the decodable files, in the source's order
+    keep = [i for i, rel in enumerate(source.files) if rel not in skipped]
+    files, labels = [source.files[i] for i in keep], [source.labels[i] for i in keep]
+    if not files:
+        raise DataError(f"{root}: none of its {source.num_samples} files decodes; nothing to pack")
     out.mkdir(parents=True, exist_ok=True)
-    order = np.arange(source.num_samples)
+    order = np.arange(len(files))
     if shuffle_seed is not None:
-        order = np.random.default_rng(shuffle_seed).permutation(source.num_samples)
-    t0, num_shards = time.time(), 0
-    bar = tqdm(total=source.num_samples, desc=f"pack {root}", unit="img", disable=not progress)
-    for start in range(0, source.num_samples, shard_size):
+        order = np.random.default_rng(shuffle_seed).permutation(len(files))
+    num_shards = 0
+    bar = tqdm(total=len(files), desc=f"pack {root}", unit="img", disable=not progress)
+    for start in range(0, len(files), shard_size):
         tar_path = out / SHARD_PATTERN.format(num_shards)
         tmp = tar_path.with_name(tar_path.name + ".tmp")
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for pos in range(start, min(start + shard_size, source.num_samples)):
+            for pos in range(start, min(start + shard_size, len(files))):
                 index = int(order[pos])
-                rel = source.files[index]
+                rel = files[index]
                 ext = Path(rel).suffix.lstrip(".") or "jpg"
                 key = f"{pos:09d}"
                 _add(tar, f"{key}.{ext}", (Path(source.root) / rel).read_bytes())
-                _add(tar, f"{key}.cls", str(source.labels[index]).encode())
+                if source.labelled:  # unlabelled data: no .cls, the readers give label -1
+                    _add(tar, f"{key}.cls", str(labels[index]).encode())
                 _add(tar, f"{key}.idx", str(index).encode())
                 bar.update()
         tmp.replace(tar_path)  # a crash never leaves a half shard under the final name
         write_dali_index(tar_path, tar_path.with_suffix(".idx"))
         num_shards += 1
     bar.close()
-    return {"root": str(root), "out": str(out), "num_samples": source.num_samples,
-            "num_shards": num_shards, "seconds": round(time.time() - t0, 2)}
+    meta = {"root": str(Path(source.root).resolve()), "classes": list(source.classes), "files": files,
+            "skipped": skipped}
+    (out / SOURCES_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+    return {"root": str(root), "source_root": source.root, "out": str(out), "num_samples": len(files),
+            "num_shards": num_shards,
+            "skipped": skipped, "seconds": round(time.time() - t0, 2)}
+
+
+def source_file(tar_path: str | Path, member: str) -> str | None:
+    """The original file of the tar sample holding ``member`` (``000000009.jpg``), from its
+    ``.idx`` member and ``sources.json``; None for shards packed without them."""
+    meta_path = Path(tar_path).parent / SOURCES_JSON
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    files = meta.get("files") or []
+    key = member.rsplit("/", 1)[-1].partition(".")[0]  # DALI: the extension starts at the first dot
+    with tarfile.open(tar_path) as tar:
+        try:
+            index = int(tar.extractfile(f"{key}.idx").read())
+        except (KeyError, ValueError, AttributeError):  # no .idx member: no way back to the file
+            return None
+    return str(Path(meta["root"]) / files[index]) if 0 <= index < len(files) else None
 
 
 def pack_command(args) -> None:
-    """CLI body of ``mscn data pack ROOT OUT --shard-size N``."""
-    s = pack(args.root, args.out, args.shard_size)
+    """CLI body of ``mscn data pack ROOT OUT --shard-size N [--strict]``."""
+    s = pack(args.root, args.out, args.shard_size, strict=args.strict, workers=args.workers)
+    for rel, why in s["skipped"].items():
+        print(f"pack: skipped {Path(s['source_root']) / rel}: {why}")
+    skipped = f", skipped {len(s['skipped'])} that do not decode (listed in sources.json)" if s["skipped"] else ""
     print(f"pack: {s['num_samples']} images -> {s['num_shards']} shards of <= {args.shard_size} "
-          f"in {s['out']} ({s['seconds']} s)")
+          f"in {s['out']} ({s['seconds']} s){skipped}")

@@ -3,10 +3,12 @@
 One corrupt JPEG in a 1.28M-image ImageNet copy stops a DALI pipeline hours into
 pretraining. Scanning decodes each file fully with PIL (``img.load()``) over all
 cores, excludes the files no decoder can use (zero-byte, non-image, corrupt,
-truncated, tiny) and writes the rest as a DALI ``file_list`` (``relpath label``,
+truncated) and writes the rest as a DALI ``file_list`` (``relpath label``,
 labels in sorted class order like torchvision's ImageFolder). Files DALI decodes
 to RGB anyway (CMYK, grayscale, PNG and other non-JPEG formats) are kept and only
-reported. The dataset itself is never written to.
+reported, and so are small images (short side < 32 px: ``small``), since the
+pipeline's random-resized crop upsamples them; ``min_size`` excludes images below
+it on purpose (``tiny``). The dataset itself is never written to.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from mscn.data.imagefolder import SPLIT_NAMES, is_image_name, list_image_folder,
 from mscn.errors import DataError
 
 EXCLUDED = ("zero_byte", "non_image", "corrupt", "truncated", "tiny", "ignored")
-KEPT = ("cmyk", "grayscale", "non_jpeg", "warning")
+KEPT = ("small", "cmyk", "grayscale", "non_jpeg", "warning")
+SMALL_SIDE = 32  # px: reported as "small" below this short side (kept unless min_size excludes it)
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # a header we recognise -> "corrupt", not "non_image"
 _GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "F"}
 
@@ -56,7 +59,9 @@ def check_image(path: str, min_size: int) -> tuple[list[tuple[str, str]], str | 
         fmt, mode, (w, h) = img.format, img.mode, img.size
         gray = mode in _GRAY_MODES or (mode in ("P", "PA") and _is_gray_palette(img))
     if min(w, h) < min_size:
-        issues.append(("tiny", f"{w}x{h}, short side < {min_size}"))
+        issues.append(("tiny", f"{w}x{h}, short side < {min_size} (--min-size)"))
+    elif min(w, h) < SMALL_SIDE:
+        issues.append(("small", f"{w}x{h}, short side < {SMALL_SIDE} (kept: the crops upsample it)"))
     if mode == "CMYK":
         issues.append(("cmyk", "CMYK (DALI decodes it to RGB)"))
     elif gray:
@@ -115,7 +120,7 @@ def write_file_list(path, samples: list[tuple[str, int]], root) -> Path:
     return Path(path)
 
 
-def scan(root, out=None, report=None, min_size: int = 32, workers: int | None = None,
+def scan(root, out=None, report=None, min_size: int = 0, workers: int | None = None,
          progress: bool = True) -> dict:
     """Decode every file under the ImageFolder ``root``; return (and write) the report.
 
@@ -157,7 +162,8 @@ def scan(root, out=None, report=None, min_size: int = 32, workers: int | None = 
 
 
 def read_file_list(path, root) -> list[tuple[str, int]]:
-    """Parse and validate a ``relpath label`` file list against ``root``.
+    """Parse and validate a ``relpath label`` file list against ``root``; a list of bare
+    ``relpath`` lines is unlabelled (label -1 for every file).
 
     Any problem is one DataError naming the list, the line and the file: a missing
     list, a malformed line, or entries whose image is not under ``root``.
@@ -167,14 +173,19 @@ def read_file_list(path, root) -> list[tuple[str, int]]:
         raise DataError(f"{path}: file list not found; write one with `mscn data scan ROOT --out {path}`")
     if not root.is_dir():
         raise DataError(f"{root}: no such directory (the root the file list {path} is relative to)")
-    samples, missing = [], []
+    samples, missing, labelled = [], [], None
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)  # paths may hold spaces, labels cannot
-        if len(parts) != 2 or not parts[1].isdigit():
-            raise DataError(f"{path}:{lineno}: expected 'relative/path label', got {line!r}")
-        rel, label = parts[0], int(parts[1])
+        if labelled is None:  # the first line decides: 'relpath label' lines, or bare relpaths (unlabelled)
+            labelled = len(parts) == 2 and parts[1].isdigit()
+        if not labelled:
+            rel, label = line.strip(), -1
+        elif len(parts) != 2 or not parts[1].isdigit():
+            raise DataError(f"{path}:{lineno}: expected 'relative/path label' like line 1, got {line!r}")
+        else:
+            rel, label = parts[0], int(parts[1])
         if not (root / rel).is_file():
             missing.append((lineno, rel))
         samples.append((rel, label))

@@ -9,14 +9,23 @@ stores it in each tar sample (``.idx``), so the file and tar readers agree.
 
 Formats (``data.format=auto`` picks by what the path is):
 
-- ``folder``: a directory of class sub-folders, ``ROOT/<class>/**/<image>``.
-- ``filelist``: a ``relpath label`` text file (``mscn data scan`` writes them). Paths
+- ``folder``: a directory of class sub-folders, ``ROOT/<class>/**/<image>``, or a flat
+  folder of images without class folders (unlabelled).
+- ``filelist``: a ``relpath label`` text file (``mscn data scan`` writes them), or one
+  ``relpath`` per line (unlabelled). Paths
   are relative to, in this order: the ``file_root`` given by the caller, the ``root``
   recorded in the scan report beside the list (``X.filelist.txt`` -> ``X.scan.json``),
   else the list's own directory (DALI's ``file_list`` rule).
 - ``wds``: a directory of ``*.tar`` shards, each with its DALI index file beside it
   (``shard-000000.tar`` -> ``shard-000000.idx``). Samples need an image member and
-  ``.cls`` (ASCII label); ``.idx`` (ASCII canonical index) is optional.
+  ``.cls`` (ASCII label; shards without it are unlabelled); ``.idx`` (ASCII canonical
+  index) is optional. ``mscn data pack`` writes ``sources.json`` beside the shards: the
+  classes and the source file of every canonical index (diagnose.py names it).
+
+Labels: a sample without one has label -1 (:data:`UNLABELLED`); such data can be
+pretrained on, not evaluated. ``classes=`` (the train root's :attr:`Source.classes`)
+maps an evaluation root's labels by class name, so a val set with a subset of the
+classes keeps the train set's labels; a class outside that set is a DataError.
 """
 from __future__ import annotations
 
@@ -24,9 +33,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mscn.data.imagefolder import list_image_folder
+from mscn.data.imagefolder import UNLABELLED, class_labels, is_flat_folder, list_flat_folder, list_image_folder
 from mscn.data.scan import read_file_list, report_path_for
 from mscn.errors import DataError
+
+SOURCES_JSON = "sources.json"  # beside packed shards: {"root", "classes", "files"} (mscn.data.pack)
 
 
 @dataclass(frozen=True)
@@ -41,11 +52,18 @@ class Source:
     tars: tuple[str, ...] = ()
     indexes: tuple[str, ...] = ()
     has_index: bool = True  # wds without .idx members: index is -1
+    classes: tuple[str, ...] = ()  # class names by label, where known (folders, scanned lists, packed shards)
+    labelled: bool = True  # False: every label is -1 (flat folder, list or shards without labels)
 
     @property
     def label_in_stream(self) -> bool:
         """True when the reader yields labels; else the index is mapped through ``labels``."""
-        return self.kind == "wds"
+        return self.kind == "wds" and self.labelled
+
+    @property
+    def num_classes(self) -> int:
+        """Size of the label set: the class names, else the largest label + 1."""
+        return len(self.classes) or (max(self.labels) + 1 if self.labels else 0)
 
 
 def detect_format(path: Path) -> str:
@@ -73,8 +91,12 @@ def list_root(list_path: Path, file_root: str | None) -> Path:
     return list_path.parent
 
 
-def resolve_source(path: str, fmt: str = "auto", file_root: str | None = None) -> Source:
-    """Resolve ``data.root`` (or ``data.val_root``) into a Source; DataError on any problem."""
+def resolve_source(path: str, fmt: str = "auto", file_root: str | None = None,
+                   classes: tuple[str, ...] | list[str] | None = None) -> Source:
+    """Resolve ``data.root`` (or ``data.val_root``) into a Source; DataError on any problem.
+
+    ``classes``: the label set to map class names into (an evaluation root gets the
+    train root's classes); None keeps this dataset's own."""
     if not path:
         raise DataError("no dataset given: set data.root (an ImageFolder root, a file list "
                         "or a folder of .tar shards)")
@@ -83,24 +105,52 @@ def resolve_source(path: str, fmt: str = "auto", file_root: str | None = None) -
         raise DataError(f"{p}: no such file or directory (data.root)")
     kind = detect_format(p) if fmt == "auto" else fmt
     if kind == "folder":
-        _, samples = list_image_folder(p)
-        return _file_source("folder", p, samples)
+        if is_flat_folder(p):  # images, no class folders: unlabelled
+            return _file_source("folder", p, list_flat_folder(p), ())
+        names, samples = list_image_folder(p, classes=classes)
+        return _file_source("folder", p, samples, names)
     if kind == "filelist":
         if not p.is_file():
             raise DataError(f"{p}: data.format=filelist needs a .txt file list, got a directory")
         root = list_root(p, file_root)
-        return _file_source("filelist", root, read_file_list(p, root))
+        samples = read_file_list(p, root)
+        own = _report_classes(p)
+        if classes is not None and own:  # the scan report names the list's classes: map them
+            remap = class_labels(own, classes, p)
+            samples = [(rel, lab if lab == UNLABELLED else remap[lab]) for rel, lab in samples]
+            own = list(classes)
+        return _file_source("filelist", root, samples, own)
     if kind == "wds":
-        return _wds_source(p)
+        return _wds_source(p, classes)
     raise DataError(f"data.format={kind!r}: must be auto, folder, filelist or wds")
 
 
-def _file_source(kind: str, root: Path, samples: list[tuple[str, int]]) -> Source:
-    return Source(kind, str(root), len(samples), files=tuple(r for r, _ in samples),
-                  labels=tuple(lab for _, lab in samples))
+def _report_classes(list_path: Path) -> list[str]:
+    report = report_path_for(list_path)
+    try:
+        return list(json.loads(report.read_text()).get("classes", [])) if report.is_file() else []
+    except ValueError:
+        return []  # list_root already names a broken report
 
 
-def _wds_source(folder: Path) -> Source:
+def _file_source(kind: str, root: Path, samples: list[tuple[str, int]], classes) -> Source:
+    labels = tuple(lab for _, lab in samples)
+    return Source(kind, str(root), len(samples), files=tuple(r for r, _ in samples), labels=labels,
+                  classes=tuple(classes), labelled=any(lab != UNLABELLED for lab in labels))
+
+
+def read_sources_json(folder: Path) -> dict:
+    """``sources.json`` beside packed shards (``{}`` for shards packed elsewhere)."""
+    path = Path(folder) / SOURCES_JSON
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise DataError(f"{path}: not a JSON file; repack the shards or delete it") from None
+
+
+def _wds_source(folder: Path, classes=None) -> Source:
     if not folder.is_dir():
         raise DataError(f"{folder}: data.format=wds needs a folder of .tar shards")
     tars = sorted(folder.glob("*.tar"))
@@ -119,7 +169,13 @@ def _wds_source(folder: Path) -> Source:
             raise DataError(f"{idx}: not a DALI v1.2 webdataset index; regenerate it with `wds2idx`")
         total += int(head[1])
         exts.update(first[0::4])  # v1.2 lines: ext offset size name, repeated per member
-    if "cls" not in exts:
-        raise DataError(f"{tars[0]}: samples have no .cls label member; pack with `mscn data pack`")
+    own = list(read_sources_json(folder).get("classes", []))
+    labelled = "cls" in exts  # shards without .cls are unlabelled: the loader gives label -1
+    if classes is not None and own and own != list(classes[:len(own)]):
+        # the reader yields the packed label itself: it can only be kept, not remapped
+        class_labels(own, classes, folder)  # a class outside the label set is named first
+        raise DataError(f"{folder}: its classes {own[:3]}... are numbered unlike the training set's; pack it "
+                        "from an ImageFolder with the same class folders, or evaluate from the image folder")
     return Source("wds", str(folder), total, tars=tuple(map(str, tars)),
-                  indexes=tuple(str(t.with_suffix(".idx")) for t in tars), has_index="idx" in exts)
+                  indexes=tuple(str(t.with_suffix(".idx")) for t in tars), has_index="idx" in exts,
+                  labels=() if labelled else (UNLABELLED,) * total, classes=tuple(own), labelled=labelled)

@@ -3,12 +3,16 @@
 Each protocol runs on the CPU, one GPU, or every rank of a torchrun job
 (``torchrun --nproc_per_node=8 -m mscn eval linear ...``); rank 0 writes the results:
 ``<out>/result.json``, ``<out>/result.md`` and one line of ``<table>`` (default
-``<out>/../results.csv``). Commands and protocols: docs/EVALUATION.md.
+``<out>/../results.csv``). Every protocol takes ``--seed`` (default: the config's
+``train.seed``) and gives the same numbers for the same seed on the CPU; ``linear`` and
+``transfer`` take ``--seeds N`` (seeds seed..seed+N-1, mean ± std). Commands and
+protocols: docs/EVALUATION.md.
 """
 from __future__ import annotations
 
 import argparse
 import re
+import statistics
 from pathlib import Path
 
 from mscn.data.imagefolder import SPLIT_NAMES
@@ -31,6 +35,7 @@ def _default_out(args, protocol: str) -> Path:
 
 
 def _prepare(args, protocol: str):
+    from mscn.train.eval.common import seeded
     from mscn.train.eval.pretrained import load_pretrained
     from mscn.train.eval.results import model_name
     from mscn.train.models import build_backbone
@@ -42,9 +47,14 @@ def _prepare(args, protocol: str):
     backbone, arch, cfg = load_pretrained(args.ckpt, arch=args.arch, overrides=args.overrides,
                                           config=args.config, strict=args.strict)
     name = args.name or model_name(args.ckpt, cfg)
-    if getattr(args, "from_scratch", False):  # same views/arch as the checkpoint, random weights
-        backbone, _ = build_backbone(arch)
-        name = args.name or "from scratch"
+    if args.seed is None:
+        args.seed = cfg.train.seed  # recorded in the result, and the default of every protocol
+    if args.ckpt == "random" or getattr(args, "from_scratch", False):
+        # random weights drawn from the seed too: the baseline is as repeatable as the rest
+        with seeded(cfg, args.seed):
+            backbone, _ = build_backbone(arch)
+        if getattr(args, "from_scratch", False):  # same views/arch as the checkpoint, random weights
+            name = args.name or "from scratch"
     out = Path(args.out) if args.out else _default_out(args, protocol)
     rt = setup_runtime(args.device, cfg.train.precision)  # autocast as in pretraining
     if rt.note:
@@ -61,9 +71,10 @@ def _finish(args, rt, protocol: str, name: str, arch: str, out: Path, res: dict)
         return
     result = {"protocol": protocol, "name": name, "ckpt": args.ckpt, "arch": arch,
               "dataset": args.dataset or _dataset_name(args.val_root), "label_fraction": 1.0,
-              "train_root": args.train_root, "val_root": args.val_root, **res}
+              "train_root": args.train_root, "val_root": args.val_root, "seed": args.seed, **res}
     paths = write_result(result, out, args.table)
-    print(f"{protocol}: top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}  ->  {paths['json']}, {paths['csv']}")
+    spread = f" ± {res['top1_std']:.2f} over {len(res['runs'])} seeds" if "runs" in res else ""
+    print(f"{protocol}: top-1 {res['top1']:.2f}{spread}  top-5 {res['top5']:.2f}  ->  {paths['json']}, {paths['csv']}")
 
 
 def _linear(args) -> None:
@@ -71,14 +82,31 @@ def _linear(args) -> None:
 
     protocol = "transfer" if args.command_eval == "transfer" else "linear"
     backbone, arch, cfg, rt, name, out = _prepare(args, protocol)
-    res = linear_probe(backbone, cfg, args.train_root, args.val_root, rt, epochs=args.epochs, lr=args.lr,
-                       batch=args.batch, weight_decay=args.weight_decay,
-                       precompute=True if args.precompute else None)
-    _finish(args, rt, protocol, name, arch, out, res)
+    if args.seeds < 1:
+        raise MscnError(f"mscn eval {protocol}: --seeds {args.seeds}: must be >= 1")
+    runs = [linear_probe(backbone, cfg, args.train_root, args.val_root, rt, epochs=args.epochs, lr=args.lr,
+                         batch=args.batch, weight_decay=args.weight_decay,
+                         precompute=True if args.precompute else None, seed=args.seed + i)
+            for i in range(args.seeds)]
+    _finish(args, rt, protocol, name, arch, out, runs[0] if len(runs) == 1 else over_seeds(runs))
+
+
+def over_seeds(runs: list[dict]) -> dict:
+    """One result from probes that differ only in their seed: top-1/top-5 are the means,
+    ``top1_std``/``top5_std`` the sample standard deviations, ``runs`` every seed's figures."""
+    res = {k: v for k, v in runs[0].items() if k not in ("loss", "wall_s")}
+    for k in ("top1", "top5"):
+        vals = [r[k] for r in runs]
+        res[k], res[f"{k}_std"] = statistics.fmean(vals), statistics.stdev(vals)
+    res["seed"] = runs[0]["seed"]
+    res["seeds"] = len(runs)
+    res["runs"] = [{"seed": r["seed"], "top1": r["top1"], "top5": r["top5"], "loss": r["loss"]} for r in runs]
+    res["wall_s"] = round(sum(r["wall_s"] for r in runs), 1)
+    return res
 
 
 def _knn(args) -> None:
-    from mscn.train.eval.common import eval_loader
+    from mscn.train.eval.common import eval_loader, label_set, seeded
     from mscn.train.eval.knn import knn_eval
 
     backbone, arch, cfg, rt, name, out = _prepare(args, "knn")
@@ -89,8 +117,10 @@ def _knn(args) -> None:
     if k < 1 or t <= 0 or batch < 1:
         raise MscnError(f"knn: need --k >= 1, --temperature > 0 and --batch >= 1 (got {k}, {t}, {batch})")
     backbone = backbone.to(rt.device)
-    res = knn_eval(backbone, eval_loader(cfg, args.train_root, rt, batch), eval_loader(cfg, args.val_root, rt, batch),
-                   rt, k, t)
+    classes, _ = label_set(args.train_root)
+    with seeded(cfg, args.seed) as cfg:  # kNN draws nothing, but the DALI seeds still follow --seed
+        res = knn_eval(backbone, eval_loader(cfg, args.train_root, rt, batch),
+                       eval_loader(cfg, args.val_root, rt, batch, classes=classes), rt, k, t)
     res["settings"] = {"k": k, "temperature": t, "batch": batch}
     _finish(args, rt, "knn", name, arch, out, res)
 
@@ -100,7 +130,7 @@ def _finetune(args) -> None:
 
     backbone, arch, cfg, rt, name, out = _prepare(args, "finetune")
     res = finetune(backbone, cfg, args.train_root, args.val_root, args.subset, rt, epochs=args.epochs,
-                   backbone_lr=args.lr, head_lr=args.head_lr, batch=args.batch)
+                   backbone_lr=args.lr, head_lr=args.head_lr, batch=args.batch, seed=args.seed)
     _finish(args, rt, "finetune", name, arch, out, res)
 
 
@@ -160,6 +190,9 @@ def _add_protocol_args(p: argparse.ArgumentParser, lr_help: str | None) -> None:
         p.add_argument("--lr", type=float, default=None, help=lr_help)
     p.add_argument("--batch", type=int, default=None, help="global batch size (default 256, from the config)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of every random choice (head init, crops, data order; default: the config's "
+                        "train.seed); the same seed gives the same result on the CPU")
 
 
 def add_eval_commands(subparsers) -> None:
@@ -173,6 +206,8 @@ def add_eval_commands(subparsers) -> None:
         p = sub.add_parser(cmd, help=what, description=what)
         _add_protocol_args(p, "base lr for batch 256 (default 1.0; tune it per dataset for transfer)")
         p.add_argument("--weight-decay", type=float, default=None, help="default 1e-6")
+        p.add_argument("--seeds", type=int, default=1, metavar="N",
+                       help="run the probe N times, seeds seed..seed+N-1; report mean ± std (default 1)")
         p.add_argument("--precompute", action="store_true",
                        help="train on cached center-crop features (faster; not exactly A.2: no random crops)")
         p.set_defaults(func=_linear)

@@ -7,17 +7,25 @@
   each batch before anything is counted.
 * :func:`topk_correct` / :func:`accuracy`: top-1/top-5 in percent.
 * :func:`eval_loader` (center-crop views) and :func:`train_view_loader` (random
-  crops, shuffled): this rank's DALI loaders.
+  crops, shuffled): this rank's DALI loaders. An evaluation root's labels are mapped
+  by class name into the train root's label set (:func:`label_set`).
+* :func:`seeded`: one seed for every random choice of a protocol (python, numpy,
+  torch, the DALI pipelines' seeds and data order), so a protocol run twice on the
+  CPU gives the same numbers.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
+from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 
 from mscn.config import Config
-from mscn.data.imagefolder import find_classes
+from mscn.data.source import resolve_source
 from mscn.errors import DataError, MscnError
 from mscn.train.distributed import gather_cat
 from mscn.train.runtime import Runtime
@@ -128,15 +136,34 @@ def evaluate_classifier(model: nn.Module, loader, rt: Runtime) -> dict:
             "n": int(c1.numel())}
 
 
-def class_count(train_root: str, val_root: str) -> int:
-    """Number of classes of an ImageFolder pair; their class folders must agree, since
-    labels are indices into the sorted folder names."""
-    train, val = find_classes(train_root), find_classes(val_root)
-    if train != val:
-        only = sorted(set(train) ^ set(val))[:3]
-        raise DataError(f"{val_root}: its {len(val)} class folders differ from the {len(train)} of {train_root} "
-                        f"(e.g. {', '.join(only) or 'same names, other order'}); labels would not match")
-    return len(train)
+def label_set(train_root: str, fmt: str = "auto") -> tuple[tuple[str, ...] | None, int]:
+    """(class names, number of classes) of the training set, which define the labels of
+    every evaluation root (None: a file list or shards without class names, whose numeric
+    labels are taken as they are). DataError for data without labels."""
+    src = resolve_source(train_root, fmt)
+    if not src.labelled:
+        raise DataError(f"{train_root}: has no labels (flat folder, list or shards without labels); "
+                        "evaluations need ROOT/<class>/<image> or a 'relpath label' list")
+    return (src.classes or None), src.num_classes
+
+
+@contextmanager
+def seeded(cfg: Config, seed: int | None):
+    """Seed python, numpy and torch with ``seed`` (default ``train.seed``) and turn on
+    torch's deterministic algorithms (warn-only: a CUDA op without a deterministic
+    version warns instead of failing); yields ``cfg`` with ``train.seed = seed``, from
+    which the DALI loaders derive their pipeline and shuffle seeds. Restores torch's
+    deterministic setting afterwards (this may run inside pretraining or tests)."""
+    seed = cfg.train.seed if seed is None else seed
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn)
 
 
 def log_json(rt: Runtime, **fields) -> None:
@@ -145,23 +172,27 @@ def log_json(rt: Runtime, **fields) -> None:
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in fields.items()}), flush=True)
 
 
-def eval_loader(cfg: Config, root: str, rt: Runtime, global_batch: int, file_list: str | None = None):
+def eval_loader(cfg: Config, root: str, rt: Runtime, global_batch: int, file_list: str | None = None,
+                classes: tuple[str, ...] | None = None):
     """This rank's DALI loader of evaluation views over ``root``: resize + center crop +
     high-pass, every sample once across ranks (``mscn.pipelines.build_eval_loader``).
-    ``file_list``: a ``relpath label`` list relative to root."""
-    return _loader(cfg, root, rt, global_batch, file_list, train_views=False)
+    ``file_list``: a ``relpath label`` list relative to root. ``classes``: the label set
+    (:func:`label_set` of the train root) that ``root``'s class names map into."""
+    return _loader(cfg, root, rt, global_batch, file_list, False, classes)
 
 
-def train_view_loader(cfg: Config, root: str, rt: Runtime, global_batch: int, file_list: str | None = None):
+def train_view_loader(cfg: Config, root: str, rt: Runtime, global_batch: int, file_list: str | None = None,
+                      classes: tuple[str, ...] | None = None):
     """This rank's DALI loader of classifier-training views over ``root``: random resized
     crop + flip + high-pass (paper A.2), shuffled, the last partial batch dropped."""
-    return _loader(cfg, root, rt, global_batch, file_list, train_views=True)
+    return _loader(cfg, root, rt, global_batch, file_list, True, classes)
 
 
-def _loader(cfg: Config, root: str, rt: Runtime, global_batch: int, file_list: str | None, train_views: bool):
+def _loader(cfg: Config, root: str, rt: Runtime, global_batch: int, file_list: str | None, train_views: bool,
+            classes: tuple[str, ...] | None):
     from mscn.pipelines import build_eval_loader  # DALI is imported on first use only
 
     return build_eval_loader(cfg, root, rank=rt.dist.rank, world_size=rt.dist.world_size,
                              local_rank=rt.dist.local_rank, device=rt.device,
                              batch_size=rt.per_rank(global_batch), train_views=train_views,
-                             file_list=file_list)
+                             file_list=file_list, classes=classes)

@@ -11,6 +11,8 @@ resize, center crop, high-pass). Batch norm trains (synchronised under DDP when
 The label subset is a file list of ``relpath label`` lines (``mscn data subset``) or an
 official split file with one file name per line (SimCLR's ``1percent.txt`` /
 ``10percent.txt``: ``n01440764_10026.JPEG``), matched by file stem under the train root.
+Every random choice (head init, crops, flips, data order) follows one ``seed``
+(default ``train.seed``): the same seed gives the same numbers on the CPU.
 """
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ from mscn.data.scan import read_file_list, write_file_list
 from mscn.data.subset import make_subset
 from mscn.errors import DataError, MscnError
 from mscn.train.distributed import convert_sync_batchnorm, mean_over_ranks
-from mscn.train.eval.common import (MOMENTUM, batch_to, class_count, eval_loader, evaluate_classifier, feature_dim,
-                                    log_json, make_head, train_view_loader)
+from mscn.train.eval.common import (MOMENTUM, batch_to, eval_loader, evaluate_classifier, feature_dim, label_set,
+                                    log_json, make_head, seeded, train_view_loader)
 from mscn.train.runtime import Runtime, setup_runtime
 from mscn.train.schedule import peak_lr
 
@@ -66,8 +68,14 @@ def scaled_milestones(milestones, epochs: int, ref_epochs: int) -> list[int]:
 
 def finetune(backbone: nn.Module, cfg: Config, train_root: str, val_root: str, subset: str | Path,
              rt: Runtime | None = None, *, epochs: int | None = None,
-             backbone_lr: float | None = None, head_lr: float | None = None, batch: int | None = None) -> dict:
+             backbone_lr: float | None = None, head_lr: float | None = None, batch: int | None = None,
+             seed: int | None = None) -> dict:
     """Fine-tune ``backbone`` + a linear head on ``subset`` of ``train_root``; top-1/5 on ``val_root``."""
+    with seeded(cfg, seed) as cfg:
+        return _finetune(backbone, cfg, train_root, val_root, subset, rt, epochs, backbone_lr, head_lr, batch)
+
+
+def _finetune(backbone, cfg: Config, train_root, val_root, subset, rt, epochs, backbone_lr, head_lr, batch) -> dict:
     rt = rt or setup_runtime("auto", cfg.train.precision)
     e = cfg.eval
     epochs = e.finetune_epochs if epochs is None else epochs
@@ -78,7 +86,7 @@ def finetune(backbone: nn.Module, cfg: Config, train_root: str, val_root: str, s
         raise MscnError(f"fine-tuning: need epochs >= 1, batch >= 1, lr >= 0 (got {epochs}, {batch}, {lr_b}, {lr_h})")
     samples = read_subset(subset, train_root)
     _, everything = list_image_folder(train_root)
-    num_classes = class_count(train_root, val_root)
+    classes, num_classes = label_set(train_root)
 
     backbone = backbone.to(rt.device)
     backbone.requires_grad_(True)
@@ -116,9 +124,10 @@ def finetune(backbone: nn.Module, cfg: Config, train_root: str, val_root: str, s
         log_json(rt, protocol="finetune", epoch=epoch + 1, loss=mean_loss,
                  lr_backbone=opt.param_groups[0]["lr"], lr_head=opt.param_groups[1]["lr"])
         sched.step()  # per epoch: the drops happen "after the 12th and 16th epoch"
-    res = evaluate_classifier(model, eval_loader(cfg, val_root, rt, batch), rt)
+    res = evaluate_classifier(model, eval_loader(cfg, val_root, rt, batch, classes=classes), rt)
     return {"top1": res["top1"], "top5": res["top5"], "n_val": res["n"], "num_classes": num_classes,
             "label_fraction": len(samples) / len(everything), "n_labelled": len(samples), "epochs": epochs,
+            "seed": cfg.train.seed,
             "wall_s": round(time.time() - t0, 1),
             "settings": {"backbone_lr": lr_b, "head_lr": lr_h, "batch": batch, "weight_decay": 0.0,
                          "momentum": MOMENTUM, "milestones": milestones, "gamma": e.finetune_gamma,

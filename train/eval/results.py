@@ -6,6 +6,13 @@ results CSV shared by all runs (default ``<out>/../results.csv``). ``mscn eval r
 merges result JSONs into one Markdown table laid out like the paper's Tables 1 and 3:
 one row per model, one column per protocol, a "Label fraction" row, and optional
 ``(+x.x)`` deltas against a baseline row.
+
+A result is keyed by its model name, protocol and settings (checkpoint, epochs, seed,
+data roots and every entry of ``settings`` such as lr and batch): a newer result
+replaces an older one only when all of these match. Results of one model and column
+that differ in some setting are all shown, one row each, labelled with the settings
+that differ (``SimCLR (epochs=10)``, ``SimCLR (epochs=100)``). Means over
+``--seeds N`` show as ``mean ± std``.
 """
 from __future__ import annotations
 
@@ -19,7 +26,9 @@ from mscn.config import Config
 from mscn.errors import MscnError
 
 CSV_FIELDS = ("time", "name", "protocol", "dataset", "label_fraction", "arch", "top1", "top5",
-              "epochs", "ckpt", "out")
+              "epochs", "seed", "ckpt", "out")
+KEY_FIELDS = ("ckpt", "epochs", "seed", "seeds", "train_root", "val_root")  # plus every entry of "settings"
+NOT_SETTINGS = {"world_size"}  # how a result was computed, not what: the same numbers on 1 or 8 ranks
 TITLES = {"linear": "Linear Evaluation", "finetune": "Finetuning", "knn": "kNN"}
 
 
@@ -86,21 +95,49 @@ def load_results(paths: list[str]) -> list[dict]:
     return results
 
 
+def setting_of(result: dict) -> dict[str, str]:
+    """What makes two results of one model and protocol different runs (see the module docstring)."""
+    s = {k: result[k] for k in KEY_FIELDS if result.get(k) is not None}
+    s.update({k: v for k, v in (result.get("settings") or {}).items() if k not in NOT_SETTINGS})
+    return {k: json.dumps(v, sort_keys=True) if not isinstance(v, str) else v for k, v in s.items()}
+
+
+def _short(value: str) -> str:
+    return "/".join(Path(value).parts[-2:]) if "/" in value else value  # paths: their last two parts
+
+
+def _cells(results: list[dict]):
+    """(columns, {row label: {column: result}}): one row per model and distinct setting."""
+    columns: list[tuple[str, str]] = []
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in sorted(results, key=lambda r: r.get("time", "")):
+        col = column_key(r)
+        if col not in columns:
+            columns.append(col)
+        group = groups.setdefault((r["name"], col), {})
+        key = json.dumps(setting_of(r), sort_keys=True)
+        if key in group:
+            print(f"mscn: note: {r['name']} / {col[0]}: {r.get('_file', '')} replaces an older result "
+                  "with the same settings", file=sys.stderr)
+        group[key] = r
+    rows: dict[str, dict] = {}
+    for (name, col), group in groups.items():
+        settings = [setting_of(r) for r in group.values()]
+        fields = sorted({k for s in settings for k in s})
+        differ = [k for k in fields if len({s.get(k) for s in settings}) > 1]
+        for r, s in zip(group.values(), settings):
+            label = name if not differ else name + " (" + ", ".join(f"{k}={_short(s.get(k, '-'))}" for k in differ) + ")"
+            rows.setdefault(label, {})[col] = r
+    return columns, rows
+
+
 def markdown_table(results: list[dict], metric: str = "top1", baseline: str | None = None) -> str:
-    """Paper-style Markdown table: rows = models, columns = protocols (top-1 by default)."""
+    """Paper-style Markdown table: rows = models (one per distinct setting), columns =
+    protocols (top-1 by default)."""
     if metric not in ("top1", "top5"):
         raise MscnError(f"--metric {metric}: must be top1 or top5")
-    columns: list[tuple[str, str]] = []
-    rows: dict[str, dict] = {}
-    for r in sorted(results, key=lambda r: r.get("time", "")):
-        key = column_key(r)
-        if key not in columns:
-            columns.append(key)
-        cell = rows.setdefault(r["name"], {})
-        if key in cell:
-            print(f"mscn: note: {r['name']} / {key[0]}: {r.get('_file', '')} replaces an older result",
-                  file=sys.stderr)
-        cell[key] = float(r[metric])
+    columns, results_at = _cells(results)
+    rows = {label: {c: float(r[metric]) for c, r in cells.items()} for label, cells in results_at.items()}
     if baseline is not None and baseline not in rows:
         raise MscnError(f"--baseline {baseline!r}: no such row (rows: {', '.join(rows)})")
     lines = ["| Method | " + " | ".join(c[0] for c in columns) + " |",
@@ -113,6 +150,9 @@ def markdown_table(results: list[dict], metric: str = "top1", baseline: str | No
                 out.append("–")
                 continue
             s = f"{cells[c]:.1f}"
+            std = results_at[name][c].get(f"{metric}_std")
+            if std is not None:
+                s += f" ± {std:.1f}"
             base = rows[baseline].get(c) if baseline is not None and name != baseline else None
             if base is not None:
                 s += f" ({cells[c] - base:+.1f})"

@@ -1,0 +1,130 @@
+"""Labels by class name, unlabelled data, and the data tools' handling of bad and small files.
+
+Real files, the real DALI CPU pipeline and the real pretraining loop; tiny sizes.
+"""
+import io
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mscn.config import load_config
+from mscn.data.pack import pack
+from mscn.data.scan import scan
+from mscn.data.source import resolve_source
+from mscn.errors import DataError
+from mscn.pipelines import build_eval_loader
+from pipeline_fixtures import make_folder, make_image, tiny_cfg
+
+
+def _labels_by_file(loader, source) -> dict[str, int]:
+    return {source.files[i]: y for b in loader for i, y in zip(b.index.tolist(), b.labels.tolist())}
+
+
+def test_val_subset_of_classes_keeps_the_train_labels(tmp_path):
+    train = make_folder(tmp_path / "train", classes=4, per_class=2)
+    val = tmp_path / "val"
+    for c in ("c1", "c3"):  # 2 of the 4 classes: their own folder indices would be 0 and 1
+        shutil.copytree(train / c, val / c)
+    classes = resolve_source(str(train)).classes
+    assert classes == ("c0", "c1", "c2", "c3")
+    src = resolve_source(str(val), classes=classes)
+    loader = build_eval_loader(tiny_cfg(train), str(val), batch_size=4, classes=classes)
+    got = _labels_by_file(loader, src)
+    assert got == {f: int(f[1]) for f in src.files} and set(got.values()) == {1, 3}
+    (val / "zebra").mkdir()
+    (val / "c1" / "000.jpg").rename(val / "zebra" / "000.jpg")
+    with pytest.raises(DataError, match="class 'zebra' is not among the 4 classes of the training set"):
+        resolve_source(str(val), classes=classes)
+
+
+def test_unlabelled_flat_folder_list_and_shards(tmp_path):
+    rng = np.random.default_rng(0)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(6):
+        make_image(rng).save(flat / f"{i}.jpg", quality=90)
+    src = resolve_source(str(flat))
+    assert src.kind == "folder" and not src.labelled and src.labels == (-1,) * 6
+    (tmp_path / "list.txt").write_text("".join(f"{i}.jpg\n" for i in range(6)))
+    lst = resolve_source(str(tmp_path / "list.txt"), file_root=str(flat))
+    assert not lst.labelled and lst.files == src.files
+    pack(flat, tmp_path / "wds", shard_size=4, progress=False, workers=1)
+    wds = resolve_source(str(tmp_path / "wds"))
+    assert wds.kind == "wds" and not wds.labelled and wds.num_samples == 6
+    batches = list(build_eval_loader(tiny_cfg(flat), str(tmp_path / "wds"), batch_size=3))
+    assert sorted(i for b in batches for i in b.index.tolist()) == list(range(6))
+    assert {y for b in batches for y in b.labels.tolist()} == {-1}
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_flat_unlabelled_folder_pretrains_with_the_monitor_off(tmp_path, capsys):
+    from mscn.train.pretrain import run_pretrain
+
+    rng = np.random.default_rng(0)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(8):
+        make_image(rng).save(flat / f"{i}.jpg", quality=90)
+    labelled_val = make_folder(tmp_path / "val", classes=2, per_class=2)
+    gentle = "{jitter_prob: 0.0, blur_prob: 0.0, grayscale_prob: 0.0, mask: {ratio: 0.0, grid: 8}}"
+    cfg = load_config(None, [f"data.root={flat}", f"data.val_root={labelled_val}", "data.image_size=32",
+                             "data.num_threads=1", "highpass.sigma=1.0", f"views=[{gentle}, {gentle}]",
+                             "model.arch=resnet18", "model.proj_hidden=32", "model.proj_out=16",
+                             "train.global_batch=4", "train.device=cpu", "schedule.epochs=1",
+                             "schedule.warmup_epochs=0", "train.knn_every_epochs=1", "train.max_steps=2",
+                             f"train.out_dir={tmp_path / 'run'}", "train.log_every=1"])
+    summary = run_pretrain(cfg, resume="auto")
+    assert summary["step"] == 2
+    out = capsys.readouterr().out
+    assert out.count("kNN monitor off: data.root") == 1 and "has no labels" in out
+
+
+def _broken_jpeg(seed: int) -> bytes:
+    buf = io.BytesIO()
+    make_image(np.random.default_rng(seed)).save(buf, "JPEG", quality=90)
+    data = bytearray(buf.getvalue())
+    return bytes(data[: len(data) // 2])  # truncated: PIL and DALI both refuse it
+
+
+def test_pack_skips_and_lists_files_that_do_not_decode(tmp_path):
+    root = make_folder(tmp_path / "ds", classes=2, per_class=3)
+    (root / "c1" / "broken.jpg").write_bytes(_broken_jpeg(1))
+    (root / "c0" / "empty.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match=r"(broken|empty)\.jpg: does not decode .*2 such file"):
+        pack(root, tmp_path / "strict", progress=False, workers=1, strict=True)
+    s = pack(root, tmp_path / "wds", shard_size=4, progress=False, workers=1)
+    assert s["num_samples"] == 6 and sorted(s["skipped"]) == ["c0/empty.jpg", "c1/broken.jpg"]
+    meta = json.loads((tmp_path / "wds" / "sources.json").read_text())
+    assert meta["classes"] == ["c0", "c1"] and len(meta["files"]) == 6 and "c1/broken.jpg" not in meta["files"]
+    assert resolve_source(str(tmp_path / "wds")).num_samples == 6
+
+
+def test_decode_error_from_a_shard_names_the_source_file(tmp_path):
+    root = make_folder(tmp_path / "ds", classes=2, per_class=3)
+    pack(root, tmp_path / "wds", shard_size=8, progress=False, workers=1, shuffle_seed=None)
+    tar_path = tmp_path / "wds" / "shard-000000.tar"
+    with tarfile.open(tar_path) as tar:  # garbage over the 5th image's bytes, same size
+        m = tar.getmember("000000004.jpg")
+    raw = bytearray(tar_path.read_bytes())
+    raw[m.offset_data:m.offset_data + m.size] = b"\x00" * m.size
+    tar_path.write_bytes(bytes(raw))
+    with pytest.raises(DataError) as e:
+        for _ in build_eval_loader(tiny_cfg(root), str(tmp_path / "wds"), batch_size=2):
+            pass
+    assert str(root / "c1" / "001.jpg") in str(e.value)  # canonical index 4 = the 2nd image of c1
+
+
+def test_scan_keeps_a_small_decodable_jpeg_and_reports_it(tmp_path):
+    root = make_folder(tmp_path / "ds", classes=1, per_class=2)
+    make_image(np.random.default_rng(3), (12, 9)).save(root / "c0" / "small.jpg", quality=90)
+    report = scan(root, out=tmp_path / "l.txt", workers=1, progress=False)
+    assert "c0/small.jpg 0" in (tmp_path / "l.txt").read_text().splitlines()
+    assert {"path": "c0/small.jpg", "reason": "small", "detail": "12x9, short side < 32 (kept: the crops upsample it)",
+            "excluded": False} in report["issues"]
+    report = scan(root, out=tmp_path / "m.txt", min_size=10, workers=1, progress=False)  # on purpose
+    assert "c0/small.jpg 0" not in (tmp_path / "m.txt").read_text() and report["counts"]["tiny"] == 1
+    assert Image.open(root / "c0" / "small.jpg").size == (12, 9)
