@@ -169,13 +169,18 @@ def test_torchrun_two_gloo_ranks(dataset, tmp_path):
     assert [r["step"] for r in read_metrics(run)] == [3]
 
 
-def test_online_knn_monitor_logs_every_n_epochs(dataset, tmp_path):
+def test_online_knn_monitor_logs_every_n_epochs(dataset, tmp_path, capsys):
     out = tmp_path / "knn"
     run_pretrain(load_config(None, overrides(dataset, out, "train.max_steps=16", "train.knn_every_epochs=1",
                                              f"data.val_root={dataset}", "eval.linear_batch=16")), resume=None)
     knn = [r for r in read_metrics(out) if "knn_top1" in r]
     assert [r["step"] for r in knn] == [8, 16]  # end of epochs 1 and 2
     assert all(0.0 <= r["knn_top1"] <= r["knn_top5"] <= 100.0 for r in knn)
+    assert not any("images_per_s" in r for r in knn)  # a monitor record is no throughput window
+    captured = capsys.readouterr()
+    assert "img_s=nan" not in captured.err  # the bar keeps its last real figure
+    # the kNN line is written above the bar (tqdm.write), on a line of its own
+    assert [ln for ln in captured.out.splitlines() if "kNN top-1" in ln][0].startswith("[mscn] epoch 1: kNN top-1")
 
 
 def test_knn_monitor_without_val_root_is_switched_off_with_a_notice(dataset, tmp_path, capsys):
