@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from mscn.config import Config, load_config, to_dict, validate
+from mscn.config import Config, load_config, validate
 from mscn.errors import MscnError, run_cli
 from mscn.train import checkpoint as ckpt
 from mscn.train.distributed import DistInfo, barrier, broadcast_object, cleanup, convert_sync_batchnorm
