@@ -50,6 +50,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "scipy>=1.10", "matplotlib>=3.6"],
         "plots": ["matplotlib>=3.6"],
+        "tensorboard": ["tensorboard>=2.12"],  # train.tensorboard=true: pip install ".[tensorboard]"
     },
     entry_points={"console_scripts": ["mscn=mscn.cli:main"]},
 )

@@ -153,7 +153,7 @@ def _index(p: str, node: list, key: str) -> int:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file at ``path`` (a path or a bundled recipe name), then overrides."""
     tree = to_dict(Config())
-    src = "<overrides>" if overrides else "<defaults>"
+    src = "<defaults>"
     if path:
         p = resolve_config_path(path)
         src = str(p)
@@ -165,18 +165,38 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{src}: expected a mapping at the top level")
         # a YAML view list replaces the default list wholesale (views are not merged by index)
         tree = _merge(tree, loaded)
+    file_tree = tree
+    tree = _copy(tree)
     for item in overrides or []:
         try:
             apply_override(tree, item)
         except ConfigError as e:
-            raise ConfigError(f"{src}: {e}") from None
+            raise ConfigError(f"command line: {item}: {str(e).split(': ', 1)[-1]}") from None
     try:
         return from_dict(tree, src)
     except ConfigError as e:
-        msg = str(e)
-        if overrides and not msg.startswith(src):
-            msg = f"{src}: {msg}"
-        raise ConfigError(msg) from None
+        if not overrides:
+            raise
+        try:  # does the file (or the defaults) alone hold the error? then it is the file's
+            from_dict(file_tree, src)
+        except ConfigError:
+            raise e from None
+        raise ConfigError(f"command line: {_blame(str(e).removeprefix(f'{src}: '), overrides)}") from None
+
+
+def _copy(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _copy(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_copy(v) for v in tree]
+    return tree
+
+
+def _blame(msg: str, overrides: list[str]) -> str:
+    """``train.global_batch=abc: <msg>``: the override(s) whose key the message names,
+    else all of them (a range check across keys)."""
+    named = [o for o in overrides if "=" in o and o.split("=", 1)[0].strip() in msg]
+    return f"{' '.join(named or overrides)}: {msg}"
 
 
 def resolve_config_path(path: str | Path) -> Path:

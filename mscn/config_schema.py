@@ -139,7 +139,7 @@ class ScheduleCfg:
 @dataclass
 class TrainCfg:
     global_batch: int = 4096
-    out_dir: str = "runs/pretrain"
+    out_dir: str = ""  # run directory; "": runs/<recipe>-<YYYYmmdd-HHMMSS> (pass it again to resume)
     seed: int = 0
     device: str = "auto"  # auto | cuda | cpu
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
@@ -148,7 +148,7 @@ class TrainCfg:
     compile: bool = False
     max_steps: int = 0  # >0: stop after this many optimizer steps (smoke tests)
     ckpt_every_steps: int = 500
-    keep_last: int = 3
+    keep_last: int = 2  # checkpoints kept (final.pt is a hard link to the last, not a copy)
     log_every: int = 10
     tensorboard: bool = False
     knn_every_epochs: int = 0  # >0: online kNN monitor on data.val_root

@@ -29,17 +29,20 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
     """Run ``main()`` and return the process exit status.
 
     0 (or ``main``'s own status) on success; 2 after printing an MscnError as one line
-    ``{prog}: error: {message}`` on stderr; 130 after Ctrl-C. Under ``MSCN_DEBUG`` the
+    ``{prog}: error: {message}`` on stderr; an MscnError with a ``status`` attribute (a run
+    stopped by a signal, after its checkpoint) prints ``{prog}: {message}`` and returns
+    that status; 130 after Ctrl-C. Under ``MSCN_DEBUG`` the
     MscnError propagates with its traceback. Other exceptions are bugs and always keep
     their traceback. Use it as ``sys.exit(run_cli(lambda: body(argv), "mscn"))``.
     """
     try:
         status = main()
     except MscnError as e:
-        if os.environ.get("MSCN_DEBUG"):
+        status = getattr(e, "status", None)  # e.g. a run stopped on a signal after its checkpoint
+        if os.environ.get("MSCN_DEBUG") and status is None:
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        print(f"{prog}: {'error: ' if status is None else ''}{e}", file=sys.stderr, flush=True)
+        return 2 if status is None else status
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         return 130

@@ -12,6 +12,13 @@ the trainer never indexes ``data[0]["view0"]``. Per batch the adapter
 
 A DALI failure while iterating (a corrupt JPEG, say) becomes one DataError naming
 the file when it can be found (pipelines/diagnose.py).
+
+Exact resume: a training loader built with ``enable_checkpointing`` hands out its
+state with :meth:`DaliLoader.state_dict` (DALI's own pipeline checkpoint: reader
+position and every augmentation RNG, for the batches *consumed*, whatever the prefetch
+queue holds; plus the mask generator) and a new loader built with that state
+(``build_train_loader(..., state=...)``) yields exactly the batches the old one would
+have yielded next.
 """
 from __future__ import annotations
 
@@ -67,13 +74,13 @@ class DaliLoader:
     def __init__(self, pipeline, source: Source, num_views: int, *, policy: LastBatchPolicy,
                  output_dtype: str = "float32", highpass: tuple[float, int] | None = None,
                  mask_fn: MaskFn | None = None, device: torch.device | None = None,
-                 replay: Replay | None = None):
+                 replay: Replay | None = None, runs: int = 0):
         self.source, self.num_views = source, num_views
         self.dtype = TORCH_DTYPES[output_dtype]
         self.highpass, self.mask_fn, self.device, self.replay = highpass, mask_fn, device, replay
         self._names = output_names(num_views, source)
         self._labels = None if source.label_in_stream else torch.tensor(source.labels, dtype=torch.int64)
-        self._runs = 0  # batches taken from the pipeline so far, for diagnose.py
+        self._runs = runs  # batches taken from the pipeline so far, for diagnose.py (kept across a resume)
         try:  # prepare_first_batch=False: nothing runs until the first batch is asked for
             self._iter = DALIGenericIterator(pipeline, self._names, reader_name=READER_NAME,
                                              last_batch_policy=policy, auto_reset=True,
@@ -94,6 +101,14 @@ class DaliLoader:
                 raise self._data_error(e) from None
             self._runs += 1
             yield self._convert(data[0])
+
+    def state_dict(self) -> dict:
+        """What a resumed loader needs to continue exactly here (tensors and ints only, so
+        that it fits a ``weights_only`` checkpoint). Needs a pipeline built with
+        ``enable_checkpointing=True``."""
+        (dali,) = self._iter.checkpoints()  # one pipeline; counts only the batches consumed, not the prefetched ones
+        mask = self.mask_fn.state_dict() if isinstance(self.mask_fn, MaskGenerator) else None
+        return {"dali": torch.frombuffer(bytearray(dali), dtype=torch.uint8), "mask": mask, "runs": self._runs}
 
     def _convert(self, out: dict) -> MscnBatch:
         views = [out[f"view{i}"] for i in range(self.num_views)]
@@ -133,21 +148,42 @@ def endless(loader):
         yield from loader
 
 
-def mask_fn_from_cfgs(mask_cfgs: list, seed: int) -> MaskFn:
+class MaskGenerator:
     """``mscn.cuda_kernels.apply_masks`` with a generator seeded for this rank, created
-    lazily on the views' device (so the mask tables are drawn without host syncs)."""
-    state: dict = {}
+    lazily on the views' device (so the mask tables are drawn without host syncs).
 
-    def apply(views: list[torch.Tensor]) -> list[torch.Tensor]:
+    :meth:`state_dict` / :meth:`load_state_dict` carry the generator across a resume; a
+    state loaded before the first batch is applied when the generator is created.
+    """
+
+    def __init__(self, mask_cfgs: list, seed: int):
+        self.mask_cfgs, self.seed = mask_cfgs, seed
+        self.gen: torch.Generator | None = None
+        self._pending: torch.Tensor | None = None
+
+    def __call__(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         from mscn.cuda_kernels import apply_masks  # imported when the first batch is masked
 
         dev = views[0].device
-        if state.get("device") != dev:
-            state["device"], state["gen"] = dev, torch.Generator(device=dev)
-            state["gen"].manual_seed(seed)
-        return apply_masks(views, mask_cfgs, state["gen"])
+        if self.gen is None or self.gen.device != dev:
+            self.gen = torch.Generator(device=dev)
+            self.gen.manual_seed(self.seed)
+            if self._pending is not None:
+                self.gen.set_state(self._pending)
+                self._pending = None
+        return apply_masks(views, self.mask_cfgs, self.gen)
 
-    return apply
+    def state_dict(self) -> dict:
+        state = self.gen.get_state() if self.gen is not None else self._pending
+        return {"seed": self.seed, "gen": state}  # gen None: no batch masked yet
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.gen, self._pending = int(state["seed"]), None, state["gen"]
+
+
+def mask_fn_from_cfgs(mask_cfgs: list, seed: int) -> MaskGenerator:
+    """The default ``mask_fn`` of the training loader: a :class:`MaskGenerator`."""
+    return MaskGenerator(mask_cfgs, seed)
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -219,7 +255,8 @@ class Shard:
     seed: int
 
 
-def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_fn: MaskFn | None) -> DaliLoader:
+def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_fn: MaskFn | None,
+                  state: dict | None = None, checkpointing: bool = False) -> DaliLoader:
     from mscn.pipelines.train_pipeline import views_pipeline
 
     d = cfg.data
@@ -230,18 +267,26 @@ def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_
                           shard_id=shard.rank, num_shards=shard.world_size, reader_seed=shard.seed, shuffle=True,
                           shuffle_buffer=d.shuffle_buffer, view_dtype=p.dali_dtype, batch_size=shard.batch,
                           num_threads=p.threads, device_id=p.device_id, seed=shard.seed,
-                          prefetch_queue_depth=d.prefetch)
+                          prefetch_queue_depth=d.prefetch, enable_checkpointing=checkpointing or state is not None,
+                          checkpoint=bytes(state["dali"].numpy()) if state else None)
+    if state and state.get("mask") is not None and isinstance(mask_fn, MaskGenerator):
+        mask_fn.load_state_dict(state["mask"])
     return DaliLoader(pipe, source, len(views), policy=LastBatchPolicy.DROP, output_dtype=p.output_dtype,
-                      highpass=p.highpass_in_adapter, mask_fn=mask_fn, replay=replay)
+                      highpass=p.highpass_in_adapter, mask_fn=mask_fn, replay=replay,
+                      runs=int(state["runs"]) if state else 0)
 
 
 def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int = 0,
-                       device: torch.device | str | None = None, apply_mask: bool = True) -> DaliLoader:
+                       device: torch.device | str | None = None, apply_mask: bool = True,
+                       state: dict | None = None) -> DaliLoader:
     """Pretraining loader: ``len(cfg.views)`` masked views per image, DROP policy.
 
     rank/world_size: global rank and world size (DALI shard id / number of shards);
     local_rank: the GPU of this process when ``device`` is CUDA without an index.
     device: a CUDA device selects the GPU pipeline; None or CPU the CPU pipeline.
+    state: a :meth:`DaliLoader.state_dict` of this rank's loader to continue from.
+    DALI checkpointing is on (no measurable cost, DALI's docs say), so the loader's
+    :meth:`~DaliLoader.state_dict` is always available.
     """
     from mscn.config import validate
     from mscn.pipelines.readers import resolve_source
@@ -252,7 +297,8 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int 
     seed = rank_seed(cfg.train.seed, rank)
     mask_fn = mask_fn_from_cfgs([v.mask for v in cfg.views], seed) if apply_mask else None
     shard = Shard(rank, world_size, cfg.train.global_batch // world_size, seed)
-    return _views_loader(cfg, source, cfg.views, shard, plan(cfg, device, local_rank), mask_fn)
+    return _views_loader(cfg, source, cfg.views, shard, plan(cfg, device, local_rank), mask_fn,
+                         state=state, checkpointing=True)
 
 
 def linear_probe_view():

@@ -38,11 +38,22 @@ def test_overrides_nested_and_indexed():
     ("views.7.mask.ratio=0.1", "views.7.mask.ratio"),  # no such view
     ("train.global_batch", "train.global_batch"),  # not key=value
 ])
-def test_rejections_name_key_and_file(override, key):
+def test_override_rejections_name_key_and_the_command_line(override, key):
     with pytest.raises(ConfigError) as e:
         load_config("demo", [override])
     msg = str(e.value)
-    assert key in msg and "demo.yaml" in msg and "\n" not in msg
+    # the bad value came from the command line, not from demo.yaml (issue 11)
+    assert msg.startswith("command line: ") and key in msg and "demo.yaml" not in msg and "\n" not in msg
+    if "[" not in key:
+        assert msg.startswith(f"command line: {override}: "), msg
+
+
+def test_a_bad_value_in_the_file_still_names_the_file(tmp_path):
+    p = tmp_path / "recipe.yaml"
+    p.write_text("highpass: {sigma: 0}\n")
+    with pytest.raises(ConfigError, match=r"^\S*recipe\.yaml: .*highpass\.sigma") as e:
+        load_config(p, ["train.global_batch=16"])  # a valid override does not take the blame
+    assert "command line" not in str(e.value)
 
 
 def test_unknown_key_in_yaml_file(tmp_path):

@@ -44,4 +44,5 @@ def test_config_typo_is_one_line_error():
                        capture_output=True, text=True)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "train.globl_batch" in lines[0] and "demo.yaml" in lines[0]
+    # the typo is on the command line, so the error names it there, not demo.yaml (issue 11)
+    assert len(lines) == 1 and lines[0].startswith("mscn: error: command line: train.globl_batch=3: ")

@@ -7,12 +7,17 @@ import pytest
 import torch
 import torchvision
 
-from mscn.config import from_dict, load_config
+from mscn.config import from_dict, load_config, to_dict
 from mscn.errors import MscnError
 from mscn.train import checkpoint as ckpt
 from mscn.train.distributed import DistInfo
 from mscn.train.lars import build_optimizer
-from mscn.train.pretrain import _checkpoint_state, _load_state, build_model, train_step
+from mscn.train.pretrain import build_model, train_step
+from mscn.train.resume import checkpoint_state, load_state
+
+def _checkpoint_state(cfg, net, opt, scaler, step, steps_per_epoch):
+    return checkpoint_state(cfg, net, opt, scaler, step, steps_per_epoch, [{"rng": ckpt.rng_state()}])
+
 
 SMALL = ["model.arch=resnet18", "model.proj_hidden=64", "model.proj_out=32", "model.pred_hidden=64"]
 
@@ -43,7 +48,7 @@ def test_round_trip_restores_model_target_optimizer_and_metadata(tmp_path):
     assert from_dict(state["config"]) == cfg  # the plain-dict config rebuilds the same Config
 
     cfg2, net2, opt2, scaler2 = trained("byol", seed=1)
-    _load_state(state, str(path), cfg2, net2, opt2, scaler2)
+    load_state(state, str(path), cfg2, net2, opt2, scaler2)
     for (k, a), b in zip(net.state_dict().items(), net2.state_dict().values()):
         assert torch.equal(a, b), k  # online, target and BN buffers
     bufs = [s["momentum_buffer"] for s in opt.state.values()]
@@ -61,13 +66,17 @@ def test_incompatible_checkpoint_is_one_clear_error(tmp_path):
     cfg, net, opt, scaler = trained("byol")
     path = ckpt.save_checkpoint(_checkpoint_state(cfg, net, opt, scaler, 1, 5), tmp_path, keep_last=1)
     cfg_s, net_s, opt_s, scaler_s = trained("simclr", steps=0)
-    with pytest.raises(MscnError, match="byol/resnet18 but the config asks for simclr/resnet18"):
-        _load_state(ckpt.load_checkpoint(path), str(path), cfg_s, net_s, opt_s, scaler_s)
+    with pytest.raises(MscnError, match=r"belongs to another run \(differs in method\.name\)"):
+        load_state(ckpt.load_checkpoint(path), str(path), cfg_s, net_s, opt_s, scaler_s)
     bigger = load_config(None, SMALL[:1] + ["model.proj_hidden=128", "method.name=byol"])
     net_b, _ = build_model(bigger, torch.device("cpu"), DistInfo())
     opt_b, _ = build_optimizer(bigger.optim, net_b, lr=0.1)
-    with pytest.raises(MscnError, match="does not fit this model"):
-        _load_state(ckpt.load_checkpoint(path), str(path), bigger, net_b, opt_b, scaler)
+    with pytest.raises(MscnError, match=r"differs in model\.pred_hidden, model\.proj_hidden, model\.proj_out\)"):
+        load_state(ckpt.load_checkpoint(path), str(path), bigger, net_b, opt_b, scaler)
+    same_config = {**ckpt.load_checkpoint(path), "config": to_dict(bigger)}  # e.g. written by other code
+    with pytest.raises(MscnError, match="does not fit this model") as err:
+        load_state(same_config, str(path), bigger, net_b, opt_b, scaler)
+    assert "size mismatch" in str(err.value) and str(err.value).endswith("or --resume none")  # whole, not cut
 
 
 def test_keep_last_and_truncated_files_are_skipped(tmp_path):

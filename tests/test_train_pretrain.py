@@ -78,9 +78,21 @@ def test_clean_stop_then_resume_continues_the_loss_curve(dataset, base_run, tmp_
     assert resumed_loss < start - 0.5 * (start - before), (start, before, resumed_loss)  # ...and kept it
 
 
+def _as_if_trained_with(run, key: str, value):
+    """Rewrite a copied run's saved configs (config.yaml, every checkpoint) with ``key``
+    set to ``value``: a run that was set up with that value (a resume refuses a change)."""
+    section, name = key.split(".")
+    (run / "config.yaml").unlink()
+    for path in ckpt.list_checkpoints(run / "checkpoints"):
+        state = torch.load(path, weights_only=True)
+        state["config"][section][name] = value
+        torch.save(state, path)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dataset, base_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(base_run[0], run)
+    _as_if_trained_with(run, "optim.base_lr", 1.0e30)
     before = [p.name for p in ckpt.list_checkpoints(run / "checkpoints")]
     cfg = load_config(None, overrides(dataset, run, "optim.base_lr=1.0e+30", "train.max_steps=40"))
     with pytest.raises(MscnError, match=r"non-finite loss at step (2[4-9]|3\d).*ckpt_00000024\.pt"):
@@ -95,8 +107,8 @@ def test_incompatible_resume_is_one_clear_error(dataset, base_run, capsys):
     base = base_run[0]
     assert main(["--resume", "auto", *overrides(dataset, base, "method.name=byol")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("mscn pretrain: error: ") and "simclr/resnet18 but the config asks for byol/resnet18" in err[0], err
-    with pytest.raises(MscnError, match="simclr/resnet18 but the config asks for simclr/resnet34"):
+    assert len(err) == 1 and err[0].startswith("mscn pretrain: error: ") and "differs in method.name)" in err[0], err
+    with pytest.raises(MscnError, match=r"differs in model\.arch\)"):
         run_pretrain(load_config(None, overrides(dataset, base, "model.arch=resnet34")), resume="auto")
     assert [r["step"] for r in read_metrics(base)][-1] == 24  # nothing was appended
 
@@ -157,13 +169,18 @@ def test_torchrun_two_gloo_ranks(dataset, tmp_path):
     assert [r["step"] for r in read_metrics(run)] == [3]
 
 
-def test_online_knn_monitor_logs_every_n_epochs(dataset, tmp_path):
+def test_online_knn_monitor_logs_every_n_epochs(dataset, tmp_path, capsys):
     out = tmp_path / "knn"
     run_pretrain(load_config(None, overrides(dataset, out, "train.max_steps=16", "train.knn_every_epochs=1",
                                              f"data.val_root={dataset}", "eval.linear_batch=16")), resume=None)
     knn = [r for r in read_metrics(out) if "knn_top1" in r]
     assert [r["step"] for r in knn] == [8, 16]  # end of epochs 1 and 2
     assert all(0.0 <= r["knn_top1"] <= r["knn_top5"] <= 100.0 for r in knn)
+    assert not any("images_per_s" in r for r in knn)  # a monitor record is no throughput window
+    captured = capsys.readouterr()
+    assert "img_s=nan" not in captured.err  # the bar keeps its last real figure
+    # the kNN line is written above the bar (tqdm.write), on a line of its own
+    assert [ln for ln in captured.out.splitlines() if "kNN top-1" in ln][0].startswith("[mscn] epoch 1: kNN top-1")
 
 
 def test_knn_monitor_without_val_root_is_switched_off_with_a_notice(dataset, tmp_path, capsys):

@@ -9,8 +9,9 @@ and skips any that fail to load (disk full, a copy cut short by hand).
 Everything is read back with ``torch.load(weights_only=True)``, so a checkpoint holds only
 tensors and plain containers: the config as a plain dict, RNG states as tensors.
 Keys: ``model`` (the whole method, BYOL target included), ``optimizer``, ``scaler``,
-``step`` (optimizer steps done), ``epoch``, ``step_in_epoch``, ``rng``, ``config``,
-``arch``, ``method`` and ``backbone`` (the encoder alone, torchvision key names; the
+``step`` (optimizer steps done), ``epoch``, ``step_in_epoch``, ``rng`` (rank 0's),
+``ranks`` (per rank: DALI/mask, RNG and meter state; train/resume.py), ``world_size``,
+``config``, ``arch``, ``method`` and ``backbone`` (the encoder alone, torchvision key names; the
 evaluation suite reads ``backbone``, ``arch`` and ``config``).
 """
 from __future__ import annotations
@@ -55,6 +56,22 @@ def atomic_save(state: dict, path: str | Path) -> Path:
     return path
 
 
+def link_or_save(existing: str | Path, state: dict, path: str | Path) -> Path:
+    """``path`` as a hard link to the just-written checkpoint ``existing`` (no second copy
+    on disk: final.pt used to double a run's checkpoint space), else an atomic save of
+    ``state``. Rotation later unlinks only the ``ckpt_*.pt`` name; the data stays."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(existing, tmp)
+        os.replace(tmp, path)  # atomic, as in atomic_save
+    except OSError:  # a filesystem without hard links
+        tmp.unlink(missing_ok=True)
+        return atomic_save(state, path)
+    return path
+
+
 def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
     """``ckpt_*.pt`` files in step order, oldest first (temporary files never match)."""
     d = Path(ckpt_dir)
@@ -87,7 +104,8 @@ def load_checkpoint(path: str | Path, required: tuple[str, ...] = _REQUIRED,
     except FileNotFoundError:
         raise MscnError(f"checkpoint not found: {path} ({not_found})") from None
     except Exception as e:  # truncated zip, pickle of a forbidden type...
-        raise MscnError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line, whole
+        raise MscnError(f"{path}: not a readable checkpoint ({type(e).__name__}: {detail})") from None
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
         raise MscnError(f"{path}: not an mscn pretraining checkpoint (missing {', '.join(missing)}); "

@@ -11,6 +11,7 @@ re-run (~15 s). ``--fresh`` starts over.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import time
@@ -26,7 +27,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         description="Synthesize the default dataset, pretrain SimCLR+MSCN, and linear-probe / kNN the "
                     "encoder against a random-init one. GPU if present, else CPU.")
     p.add_argument("--config", default="demo", help="recipe (default: demo)")
-    p.add_argument("--out", default=None, help="run directory (default: train.out_dir, runs/demo)")
+    p.add_argument("--out", default=None, help="run directory (default: train.out_dir if set, else runs/demo)")
     p.add_argument("--data", default=None, help="synthetic dataset directory (default: data.synthetic_dir)")
     p.add_argument("--fresh", action="store_true", help="delete the previous demo run first")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. schedule.epochs=2")
@@ -93,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.data:
         overrides.append(f"data.synthetic_dir={args.data}")
     cfg = load_config(args.config, overrides)
+    if not cfg.train.out_dir:
+        # the demo keeps one folder, so that re-running it resumes (or skips) pretraining;
+        # mscn pretrain --config demo gets a fresh runs/demo-<time> instead
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir="runs/demo"))
     out = Path(cfg.train.out_dir)
     if args.fresh and out.exists():
         shutil.rmtree(out)

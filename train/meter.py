@@ -78,6 +78,14 @@ class StepMeter:
         self.count, self.window_steps, self.t_window = 0, 0, now
         return self.last_loss, img_s
 
+    def state_dict(self) -> dict:
+        """The open log window (this rank's loss sum and step count), for an exact resume."""
+        return {"loss_sum": self.loss_sum.detach().cpu(), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss_sum = state["loss_sum"].to(self.device)
+        self.count = int(state["count"])
+
     def elapsed(self) -> float:
         """Seconds since the end of the first step (0 before it)."""
         return time.perf_counter() - self.t_first if self.t_first else 0.0

@@ -8,15 +8,20 @@ The loop reads top to bottom: data -> forward -> loss -> backward -> step -> sch
 schedule.warmup_epochs then cosine to the end of schedule.epochs, set every step.
 Each rank gets global_batch / world_size images (x V views) per step.
 
-Resume (``--resume auto``, the default): the newest checkpoint of
-``{out_dir}/checkpoints`` that loads restores model, BYOL target, optimizer, scaler,
-the step counter and RNG states. Data position is kept at step granularity: the
-schedule continues at the saved global step, and the batches after it come from a
-fresh DALI iterator (seeded with ``train.seed + step`` so a resumed run does not
-replay the first batches it already saw). Each DALI epoch still visits every image
-once; after a mid-epoch resume the DALI epochs are shifted against the schedule's
-epochs by the steps already done in the interrupted epoch. The resumed run ends at
-exactly the same step count as an uninterrupted one.
+Run directory (train/rundir.py): ``train.out_dir``, by default
+``runs/<recipe>-<YYYYmmdd-HHMMSS>``, belongs to one run; its ``config.yaml`` is written
+once. To resume a run, pass its folder again: ``train.out_dir=runs/demo-20260101-120000``
+(or ``--out``). ``--resume auto`` (the default) then continues from its newest valid
+checkpoint, and refuses, naming the keys, if the config changed anything that changes
+the result. ``--resume none`` starts over (the old files move to ``superseded-<time>/``).
+
+Exact resume (train/resume.py): every checkpoint holds model, BYOL target, optimizer,
+scaler and step, and per rank the DALI pipeline checkpoint, the mask generator and the
+RNG states, so a run killed at any step and resumed ends with the same loss and weights
+as an uninterrupted one. ``metrics.jsonl`` keeps each step once.
+
+Preemption (train/preempt.py): SIGINT/SIGTERM finish the current step, write a
+checkpoint, and exit with status 128 + signal (130, 143), naming where it resumes.
 
 Host syncs: the loss is read back (``.item()``) only at logging and checkpoint steps;
 in between a non-finite loss is remembered on the device (``torch.where``) and
@@ -34,15 +39,18 @@ from pathlib import Path
 
 import torch
 
-from mscn.config import Config, load_config, to_dict, validate
+from mscn.config import Config, load_config, validate
 from mscn.errors import MscnError, run_cli
 from mscn.train import checkpoint as ckpt
 from mscn.train.distributed import DistInfo, barrier, broadcast_object, cleanup, convert_sync_batchnorm
 from mscn.train.lars import build_optimizer
+from mscn.train import resume as rs
 from mscn.train.meter import NonFiniteGuard, StepMeter  # noqa: F401  (NonFiniteGuard: importable here as before)
 from mscn.train.methods import SiameseMethod, build_method
 from mscn.train.monitor import monitor_off_reason, monitor_runs_after, online_knn
-from mscn.train.runlog import RunLog
+from mscn.train.preempt import StopFlag, Stopped
+from mscn.train.rundir import check_run_dir, claim_run_dir, default_out_dir
+from mscn.train.runlog import RunLog, require_tensorboard
 from mscn.train.runtime import Runtime, amp_dtype, autocast, setup_runtime, wrap_ddp  # noqa: F401  (amp_dtype: API)
 from mscn.train.schedule import lr_at, peak_lr
 
@@ -77,44 +85,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
     return loss.detach()
 
 
-def _checkpoint_state(cfg: Config, method: SiameseMethod, optimizer, scaler, step: int, steps_per_epoch: int) -> dict:
-    return {
-        "model": method.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-        "step": step, "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
-        "rng": ckpt.rng_state(), "config": to_dict(cfg), "arch": cfg.model.arch, "method": cfg.method.name,
-        "backbone": method.backbone.state_dict(),
-    }
-
-
-def _resume_state(cfg: Config, resume: str | None, info: DistInfo) -> tuple[dict | None, str | None]:
-    """Rank 0 picks the checkpoint (auto: the newest valid one) and every rank loads that file."""
-    if resume in (None, "", "none"):
-        return None, None
-    path = None
-    if info.is_main:
-        if resume == "auto":
-            found = ckpt.find_latest_valid(Path(cfg.train.out_dir) / "checkpoints")
-            path = str(found[0]) if found else None
-        else:
-            path = resume
-    path = broadcast_object(path)  # every rank loads the file rank 0 chose
-    if path is None:
-        return None, None
-    return ckpt.load_checkpoint(path), path
-
-
-def _load_state(state: dict, path: str, cfg: Config, method, optimizer, scaler) -> None:
-    ckpt.check_compatible(state, cfg.model.arch, cfg.method.name, path)
-    try:
-        method.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise MscnError(f"{path}: checkpoint does not fit this model/optimizer ({str(e).splitlines()[0][:160]}); "
-                        "use the model.*/optim.* values it was trained with, or --resume none") from None
-    if state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-
-
 def _oom_error(cfg: Config, info: DistInfo) -> MscnError:
     per_gpu = cfg.train.global_batch // info.world_size
     return MscnError(
@@ -140,24 +110,46 @@ def with_synthetic_data(cfg: Config, info: DistInfo | None = None) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(d, root=str(out / "train"), val_root=val_root))
 
 
-def run_pretrain(cfg: Config, resume: str | None = "auto") -> dict:
-    """Pretrain as configured; returns a summary (steps, loss, images/s, checkpoint paths)."""
+def run_pretrain(cfg: Config, resume: str | None = "auto", recipe: str | None = None) -> dict:
+    """Pretrain as configured; returns a summary (steps, loss, images/s, checkpoint paths).
+
+    ``recipe`` names the default run directory when ``train.out_dir`` is empty.
+    Raises :class:`~mscn.train.preempt.Stopped` after a checkpoint on SIGINT/SIGTERM.
+    """
     rt = setup_runtime(cfg.train.device, cfg.train.precision, what="train.device")
     try:
         # the whole run on a high-priority stream (GPU), model set-up and DDP included, so
         # that autograd and DDP keep to the stream the steps run on
-        with rt.priority_stream(cfg.train.priority_stream):
-            return _run(cfg, resume, rt)
+        with rt.priority_stream(cfg.train.priority_stream), StopFlag() as stop:
+            return _run(cfg, resume, rt, recipe, stop)
     finally:
         cleanup()
 
 
-def _run(cfg: Config, resume: str | None, rt: Runtime) -> dict:
+def _claim(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, say) -> Config:
+    """The run directory: named (rank 0) if unset, checked (every rank), then claimed (rank 0)."""
+    if not cfg.train.out_dir:
+        out = broadcast_object(str(default_out_dir(recipe)) if rt.is_main else None)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=out))
+        say(f"run directory {out}; to resume this run later pass train.out_dir={out}")
+    check_run_dir(cfg, resume)  # read-only on every rank: all raise the same error
+    barrier()  # ... before rank 0 writes config.yaml
+    if rt.is_main:
+        moved = claim_run_dir(cfg, fresh=resume in (None, "", "none", "never"))
+        if moved:
+            say(f"--resume none: the previous run's files in {cfg.train.out_dir} moved to {moved}")
+    return cfg
+
+
+def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop: StopFlag) -> dict:
     from mscn.pipelines import build_train_loader, endless  # DALI is heavy: imported only to train
 
     validate(cfg, "<config>", world_size=rt.dist.world_size)
+    if cfg.train.tensorboard:
+        require_tensorboard()  # every rank, before anything is written
     cfg = with_synthetic_data(cfg, rt.dist)
     say = (lambda msg: print(f"[mscn] {msg}", flush=True)) if rt.is_main else (lambda msg: None)
+    cfg = _claim(cfg, resume, rt, recipe, say)
     monitor_note = monitor_off_reason(cfg)
     for note in (rt.note, monitor_note):
         if note:
@@ -173,14 +165,26 @@ def _run(cfg: Config, resume: str | None, rt: Runtime) -> dict:
     say(f"{cfg.method.name}/{cfg.model.arch} on {rt.dist.world_size} x {rt.device.type}, "
         f"{rt.per_rank(cfg.train.global_batch)} images x {len(cfg.views)} views per rank, "
         f"precision {rt.dtype or torch.float32}; param groups: {groups_desc}")
-    start_step, resumed_from = _resume(cfg, resume, rt, method, optimizer, scaler, say)
+    state, resumed_from = rs.find_resume_state(cfg, resume, rt.dist)
+    if state is None:
+        start_step, mine = 0, None
+        if resume == "auto":
+            say(f"no valid checkpoint in {Path(cfg.train.out_dir) / 'checkpoints'}: starting from scratch")
+    else:
+        rs.load_state(state, resumed_from, cfg, method, optimizer, scaler)
+        start_step, mine = int(state["step"]), rs.this_rank(state, rt.dist)
+        say(f"resumed from {resumed_from} at step {start_step}" + ("" if mine else
+            f" (saved by {state.get('world_size', 'an older mscn')} ranks: fresh data order, not exact)"))
 
-    # a fresh DALI iterator after a resume: another seed, so it does not replay step 0's batches
-    loader_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + start_step))
-    loader = build_train_loader(loader_cfg, rank=rt.dist.rank, world_size=rt.dist.world_size,
-                                local_rank=rt.dist.local_rank, device=rt.device)
+    loader = build_train_loader(rs.loader_cfg(cfg, mine, start_step), rank=rt.dist.rank,
+                                world_size=rt.dist.world_size, local_rank=rt.dist.local_rank, device=rt.device,
+                                state=mine["loader"] if mine else None)
     run = _Run(cfg, rt, method, optimizer, scaler, steps_per_epoch=len(loader), start_step=start_step,
-               monitor=not monitor_note, say=say)
+               monitor=not monitor_note, say=say, loader=loader, stop=stop)
+    if mine is not None:
+        run.meter.load_state_dict(mine["meter"])
+    if state is not None:
+        rs.restore_rng(state, mine, cfg, rt.dist, start_step)  # last: building the model and loader draws none after this
     if start_step >= run.end_step:  # e.g. re-running a finished run: report what is on disk
         say(f"already at step {start_step} of {run.end_step}: nothing to train")
         run.last_path = Path(resumed_from) if resumed_from else None
@@ -223,23 +227,7 @@ def _loop(run: "_Run", model: torch.nn.Module, batches, memory_format, peak: flo
         run.maybe_log(step + 1, lr)
         run.maybe_checkpoint(step + 1)
         run.maybe_monitor(step + 1, lr)
-
-
-def _resume(cfg: Config, resume: str | None, rt: Runtime, method, optimizer, scaler, say) -> tuple[int, str | None]:
-    """Restore the checkpoint ``--resume`` names (if any); returns (start step, its path)."""
-    state, resumed_from = _resume_state(cfg, resume, rt.dist)
-    if state is None:
-        if resume == "auto":
-            say(f"no valid checkpoint in {Path(cfg.train.out_dir) / 'checkpoints'}: starting from scratch")
-        return 0, None
-    _load_state(state, resumed_from, cfg, method, optimizer, scaler)
-    start_step = int(state["step"])
-    if rt.is_main:
-        ckpt.set_rng_state(state["rng"])
-    else:
-        torch.manual_seed(cfg.train.seed + rt.dist.rank + start_step)
-    say(f"resumed from {resumed_from} at step {start_step}")
-    return start_step, resumed_from
+        run.maybe_stop(step + 1)
 
 
 @dataclass
@@ -259,8 +247,11 @@ class _Run:
     start_step: int
     monitor: bool  # the kNN monitor is configured and can run
     say: Callable[[str], None]
+    loader: object  # the DaliLoader: its state goes into every checkpoint
+    stop: StopFlag
     last_path: Path | None = None
     final_path: Path | None = None
+    saved_step: int = -1
 
     def __post_init__(self):
         spe, t = self.steps_per_epoch, self.cfg.train
@@ -280,39 +271,61 @@ class _Run:
         self.log.log(done, {"epoch": (done - 1) // self.steps_per_epoch, "loss": loss, "lr": lr,
                             "images_per_s": img_s, "views_per_s": img_s * len(self.cfg.views)})
 
-    def maybe_checkpoint(self, done: int) -> None:
-        if done % self.cfg.train.ckpt_every_steps and done % self.steps_per_epoch and done != self.end_step:
+    def maybe_checkpoint(self, done: int, now: bool = False) -> None:
+        if not now and done % self.cfg.train.ckpt_every_steps and done % self.steps_per_epoch and done != self.end_step:
             return
         self.meter.guard.check(self.ckpt_dir, self.rt.dtype)  # never overwrite the last good checkpoint with a bad state
+        ranks = rs.gather_rank_states(rs.rank_state(self.loader, self.meter), self.rt.dist)  # every rank
         if self.rt.is_main:
-            state = _checkpoint_state(self.cfg, self.method, self.optimizer, self.scaler, done, self.steps_per_epoch)
+            state = rs.checkpoint_state(self.cfg, self.method, self.optimizer, self.scaler, done,
+                                        self.steps_per_epoch, ranks)
             self.last_path = ckpt.save_checkpoint(state, self.ckpt_dir, self.cfg.train.keep_last)
             if done == self.end_step:
-                self.final_path = ckpt.atomic_save(state, self.final)
+                self.final_path = ckpt.link_or_save(self.last_path, state, self.final)
+        self.saved_step = done
+
+    def maybe_stop(self, done: int) -> None:
+        """After a SIGINT/SIGTERM (on any rank): checkpoint this step, then raise Stopped."""
+        signum = self.stop.agreed()  # every rank, every step: they all stop after the same one
+        if not signum or done == self.end_step:
+            return
+        if self.saved_step != done:
+            self.maybe_checkpoint(done, now=True)
+        raise Stopped(f"stopped by {StopFlag.name(signum)} after step {done} of {self.end_step}; checkpoint "
+                      f"{ckpt.ckpt_path(self.ckpt_dir, done)}; resume with the same command and "
+                      f"train.out_dir={self.cfg.train.out_dir} (--resume auto)", signum)
 
     def maybe_monitor(self, done: int, lr: float) -> None:
         if not (self.monitor and monitor_runs_after(self.cfg, done, self.steps_per_epoch)):
             return
         knn = online_knn(self.cfg, self.method.backbone, self.rt)  # all ranks; returns to train mode
         epoch = done // self.steps_per_epoch
-        self.log.log(done, {"epoch": epoch, "loss": self.meter.last_loss, "lr": lr, "images_per_s": float("nan"),
+        # no images_per_s: a monitor record is not a training window (the bar keeps its last figure)
+        self.log.log(done, {"epoch": epoch, "loss": self.meter.last_loss, "lr": lr,
                             "knn_top1": knn["top1"], "knn_top5": knn["top5"]})
-        self.say(f"epoch {epoch}: kNN top-1 {knn['top1']:.1f}%")
+        self.log.notice(f"epoch {epoch}: kNN top-1 {knn['top1']:.1f}%")  # above the bar, not glued to it
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry (``mscn pretrain``, ``python -m`` / ``torchrun -m mscn.train.pretrain``):
     the exit status; an MscnError is one line and status 2 on every rank (:func:`run_cli`)."""
-    parser = argparse.ArgumentParser(prog="python -m mscn.train.pretrain", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mscn pretrain", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML recipe (a path or a bundled name)")
-    parser.add_argument("--resume", default="auto", help="auto (newest valid checkpoint), a ckpt path, or none")
+    parser.add_argument("--out", default=None,
+                        help="run directory, same as train.out_dir=DIR (default: runs/<recipe>-<YYYYmmdd-HHMMSS>); "
+                             "pass a run's directory again to resume it")
+    parser.add_argument("--resume", default="auto",
+                        help="auto (newest valid checkpoint of this run directory), a ckpt path, or none "
+                             "(start over here; the old files move to superseded-<time>/)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.global_batch=256")
     args = parser.parse_args(argv)
     return run_cli(lambda: _command(args), "mscn pretrain")
 
 
 def _command(args: argparse.Namespace) -> None:
-    summary = run_pretrain(load_config(args.config, args.overrides), resume=args.resume)
+    overrides = list(args.overrides) + ([f"train.out_dir={args.out}"] if args.out else [])
+    recipe = Path(args.config).stem if args.config else None
+    summary = run_pretrain(load_config(args.config, overrides), resume=args.resume, recipe=recipe)
     if summary["final"]:
         loss = summary["loss"]
         print(f"[mscn] done: step {summary['step']}/{summary['total_steps']}, "

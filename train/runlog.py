@@ -1,19 +1,23 @@
 """The run directory and what rank 0 reports while training.
 
-``{out_dir}/config.yaml`` (the resolved config of this invocation), ``metrics.jsonl``
-(one JSON object per logged step, appended across resumes), optional TensorBoard
-events in ``{out_dir}/tb``, and a tqdm bar with images/s, loss and lr. Every method is a
-no-op on other ranks, so the loop can call them unconditionally.
+``metrics.jsonl`` (one JSON object per logged step; a resume first drops the records
+after its step, so replayed steps replace their earlier lines and each step appears
+once), optional TensorBoard events in ``{out_dir}/tb`` (``pip install 'mscn[tensorboard]'``),
+and a tqdm bar with images/s, loss and lr. ``config.yaml`` is train/rundir.py's. Every
+method is a no-op on other ranks, so the loop can call them unconditionally; notices go
+through ``tqdm.write`` so that they print above the bar, not glued to it.
 """
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from mscn.config import Config, save_config
+from mscn.config import Config
+from mscn.errors import MscnError
 
 
 class RunLog:
@@ -23,19 +27,16 @@ class RunLog:
         self._tb = None
         self._file = None
         self._bar = None
+        self._img_s = "-"
         if not is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.out_dir / "config.yaml")
+        trim_metrics(self.out_dir / "metrics.jsonl", start_step)
         self._file = open(self.out_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered
         if cfg.train.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # require_tensorboard() checked it
 
-                self._tb = SummaryWriter(str(self.out_dir / "tb"))
-            except ImportError:
-                self.notice("train.tensorboard=true but the tensorboard package is missing "
-                            "(pip install tensorboard); logging JSON lines only")
+            self._tb = SummaryWriter(str(self.out_dir / "tb"), purge_step=start_step + 1 if start_step else None)
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                          desc="pretrain")
 
@@ -58,8 +59,11 @@ class RunLog:
                 if isinstance(v, (int, float)):
                     self._tb.add_scalar(f"pretrain/{k}", v, step)
         if "images_per_s" in metrics:  # training records; monitor records (kNN) leave the bar as is
-            self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.3g}",
-                                  img_s=f"{metrics['images_per_s']:.1f}", refresh=False)
+            img_s = metrics["images_per_s"]
+            if img_s == img_s:  # not NaN (the first window after a start has no timed step)
+                self._img_s = f"{img_s:.1f}"
+            self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.3g}", img_s=self._img_s,
+                                  refresh=False)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -68,6 +72,29 @@ class RunLog:
             self._tb.close()
         if self._file is not None:
             self._file.close()
+
+
+def require_tensorboard() -> None:
+    """One clear error when ``train.tensorboard=true`` cannot work (checked before training)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise MscnError("train.tensorboard=true needs the tensorboard package: pip install 'mscn[tensorboard]' "
+                        "(or pip install tensorboard), or set train.tensorboard=false") from None
+
+
+def trim_metrics(path: Path, start_step: int) -> None:
+    """Keep only the records up to ``start_step`` (atomically): the steps after it are
+    about to be trained again and will log again."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln)["step"] <= start_step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    os.replace(tmp, path)
 
 
 def read_metrics(out_dir: str | Path) -> list[dict]:

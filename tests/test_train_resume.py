@@ -1,0 +1,191 @@
+"""Issue 11, pretraining half: exact resume after SIGKILL, SIGTERM checkpoints and stops,
+runs never mix. Real DALI CPU pipeline, real masks (grid 8 on 32 px views), real
+subprocesses and signals; torch on one thread (tests/conftest.py says why).
+"""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mscn.config import load_config
+from mscn.train import checkpoint as ckpt
+from mscn.train.pretrain import main, run_pretrain
+from mscn.train.runlog import read_metrics
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+
+# colour jitter, grayscale and masks on: every DALI and mask RNG matters for exactness
+VIEW = "{scale: [0.5, 1.0], jitter_prob: 0.8, blur_prob: 0.0, grayscale_prob: 0.2, mask: {ratio: 0.2, grid: 8}}"
+STEPS = 16  # 2 epochs of 8 steps: the run crosses a DALI epoch boundary
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from mscn.data.synth import synthesize
+
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, classes=4, per_class=16, size=(64, 48), seed=0, workers=1, progress=False)
+    return out / "train"  # 64 images: 8 steps per epoch at global batch 8
+
+
+def args(dataset, out_dir, *extra):
+    return [f"data.root={dataset}", "data.image_size=32", "data.num_threads=1", "highpass.sigma=1.0",
+            f"views=[{VIEW}, {VIEW}]", "model.arch=resnet18", "model.proj_hidden=64", "model.proj_out=32",
+            "train.global_batch=8", "train.device=cpu", "schedule.epochs=2", "schedule.warmup_epochs=1",
+            "optim.base_lr=2", f"train.out_dir={out_dir}", "train.log_every=1", "train.ckpt_every_steps=1",
+            *extra]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _start(dataset, out_dir, *extra):
+    return subprocess.Popen([sys.executable, "-m", "mscn.train.pretrain", *args(dataset, out_dir, *extra)],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(proc, predicate, what: str, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended before {what}: {proc.communicate()[1][-2000:]}"
+        assert time.time() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    summary = run_pretrain(load_config(None, args(dataset, out)), resume="auto")
+    assert summary["step"] == STEPS
+    return out, summary
+
+
+def _assert_same_run(ref, ref_summary, out, summary):
+    rel = abs(summary["loss"] - ref_summary["loss"]) / abs(ref_summary["loss"])
+    assert rel <= 1e-6, (summary["loss"], ref_summary["loss"])
+    a = ckpt.load_checkpoint(ref / "final.pt")["model"]
+    b = ckpt.load_checkpoint(out / "final.pt")["model"]
+    for k, v in a.items():
+        if v.is_floating_point():
+            err = (b[k] - v).norm() / v.norm().clamp_min(1e-12)
+            assert err <= 1e-6, (k, float(err))
+    # each step logged once, with the uninterrupted run's loss
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, STEPS + 1))
+    for r, q in zip(read_metrics(ref), read_metrics(out)):
+        assert q["loss"] == pytest.approx(r["loss"], rel=1e-6), r["step"]
+
+
+def test_sigkill_at_a_random_step_then_resume_is_exact(dataset, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    kill_after = random.Random().randint(2, STEPS - 3)  # any step; printed on failure
+    proc = _start(dataset, out)
+    try:
+        _wait_for(proc, lambda: (out / "checkpoints" / f"ckpt_{kill_after:08d}.pt").exists(),
+                  f"checkpoint {kill_after}")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = ckpt.find_latest_valid(out / "checkpoints")[1]["step"]
+    assert kill_after <= killed_at < STEPS and not (out / "final.pt").exists(), killed_at
+
+    summary = run_pretrain(load_config(None, args(dataset, out)), resume="auto")
+    assert summary["resumed_from"].endswith(f"ckpt_{killed_at:08d}.pt")
+    _assert_same_run(*uninterrupted, out, summary)
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(dataset, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    proc = _start(dataset, out, "train.ckpt_every_steps=1000")  # no periodic checkpoint before the signal
+    try:
+        _wait_for(proc, lambda: len(read_metrics(out)) >= 3, "step 3")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("mscn pretrain: stopped by SIGTERM after step "), line
+    step = int(line.split("after step ")[1].split()[0])
+    assert 3 <= step < STEPS and str(ckpt.ckpt_path(out / "checkpoints", step)) in line
+    assert ckpt.find_latest_valid(out / "checkpoints")[1]["step"] == step  # the checkpoint of that step
+    assert [r["step"] for r in read_metrics(out)][-1] == step  # it stopped after that step
+
+    summary = run_pretrain(load_config(None, args(dataset, out, "train.ckpt_every_steps=1000")), resume="auto")
+    assert summary["resumed_from"].endswith(f"ckpt_{step:08d}.pt")
+    _assert_same_run(*uninterrupted, out, summary)
+
+
+def test_a_different_run_in_the_same_directory_is_refused(dataset, uninterrupted, tmp_path, capsys):
+    ref = uninterrupted[0]
+    saved = (ref / "config.yaml").read_text()
+    status = main(["--resume", "auto", *args(dataset, ref, "train.seed=1", "views.1.mask.ratio=0.1",
+                                             "train.log_every=5")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    assert "differs in train.seed, views.1.mask.ratio)" in err[0]  # log_every changes nothing: not named
+    assert "train.out_dir=DIR (or --out DIR)" in err[0] and "--resume none" in err[0]
+    assert (ref / "config.yaml").read_text() == saved  # written once, by the run that started here
+
+    # a setting that changes nothing (logging) continues the run; config.yaml stays the first one
+    again = run_pretrain(load_config(None, args(dataset, ref, "train.log_every=5")), resume="auto")
+    assert again["step"] == STEPS and (ref / "config.yaml").read_text() == saved
+
+
+def test_resume_none_starts_over_and_keeps_the_old_run_aside(dataset, tmp_path):
+    out = tmp_path / "run"
+    run_pretrain(load_config(None, args(dataset, out, "train.max_steps=2")), resume="auto")
+    summary = run_pretrain(load_config(None, args(dataset, out, "train.max_steps=1", "train.seed=3")), resume="none")
+    assert summary["step"] == 1 and summary["resumed_from"] is None
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["seed"] == 3
+    (old,) = out.glob("superseded-*")
+    assert [p.name for p in ckpt.list_checkpoints(old / "checkpoints")] == ["ckpt_00000001.pt", "ckpt_00000002.pt"]
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["ckpt_00000001.pt"]
+    assert [r["step"] for r in read_metrics(out)] == [1]
+
+
+def test_default_run_directory_is_new_per_run(dataset, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):  # the demo recipe, shrunk to one tiny step; train.out_dir= left empty
+        assert main(["--config", "demo", *args(dataset, "", "train.max_steps=1")]) == 0
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all(r.startswith("demo-") for r in runs), runs
+    assert "to resume this run later pass train.out_dir=runs/demo-" in capsys.readouterr().out
+
+
+def test_final_checkpoint_is_not_a_second_copy(uninterrupted):
+    ref = uninterrupted[0]
+    last = ckpt.list_checkpoints(ref / "checkpoints")
+    assert len(last) == 2  # train.keep_last defaults to 2
+    assert os.path.samefile(ref / "final.pt", last[-1])  # a hard link: no extra disk space
+
+
+def test_pretrain_help_names_the_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: mscn pretrain") and "--out" in out
+
+
+def test_tensorboard_logs_or_says_which_package_to_install(dataset, tmp_path):
+    out = tmp_path / "tb"
+    cfg = load_config(None, args(dataset, out, "train.max_steps=1", "train.tensorboard=true"))
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(Exception, match=r"pip install 'mscn\[tensorboard\]'"):
+            run_pretrain(cfg, resume="auto")
+        assert not Path(out, "checkpoints").exists()  # refused before training
+        return
+    run_pretrain(cfg, resume="auto")
+    assert list((out / "tb").glob("events.out.tfevents.*"))

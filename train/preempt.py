@@ -1,0 +1,68 @@
+"""Preemption: SIGINT / SIGTERM finish the current step, write a checkpoint, and stop.
+
+SLURM (``--signal=TERM@120``), Kubernetes and torchrun's agent all send SIGTERM before
+they kill a job; Ctrl-C sends SIGINT. The handler only records the signal. The loop asks
+:meth:`StopFlag.agreed` after every step; under torchrun the flag is all-reduced (MAX)
+so that every rank stops after the same step, even when the signal reached only some of
+them. That all-reduce runs on a gloo group over the CPU, so it adds no GPU sync.
+
+A second Ctrl-C interrupts at once (the first restores Python's default handler).
+"""
+from __future__ import annotations
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+from mscn.errors import MscnError
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Stopped(MscnError):
+    """The run stopped on a signal after writing a checkpoint; ``status`` is 128 + signal
+    number (130 for SIGINT, 143 for SIGTERM), what a shell reports for that signal."""
+
+    def __init__(self, msg: str, signum: int):
+        super().__init__(msg)
+        self.status = 128 + signum
+
+
+class StopFlag:
+    """Context manager: installs the handlers on entry, restores the previous ones on exit."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous: dict[int, object] = {}
+        self._group = None
+
+    def __enter__(self) -> StopFlag:
+        for sig in SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        if dist.is_initialized():
+            # a CPU group for the flag: an NCCL all-reduce would be a host sync every step
+            self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signum = signum
+        if signum == signal.SIGINT:  # a second Ctrl-C: KeyboardInterrupt now
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def agreed(self) -> int:
+        """The signal every rank stops on (0: none). A collective under torchrun: call it
+        on every rank after every step."""
+        if self._group is None:
+            return self.signum
+        flag = torch.tensor([self.signum], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return int(flag.item())
+
+    @staticmethod
+    def name(signum: int) -> str:
+        return signal.Signals(signum).name

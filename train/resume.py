@@ -1,0 +1,112 @@
+"""What a checkpoint holds for an exact resume, and how a resume puts it back.
+
+A run killed at any step and resumed with ``--resume auto`` ends with the same loss and
+weights as an uninterrupted one (tests/test_train_resume.py checks 1e-6 on CPU). Beyond
+model, BYOL target, optimizer, scaler and step, that needs, for *every* rank (gathered
+to rank 0 at each checkpoint, under ``ranks``):
+
+- ``loader``: the DALI pipeline checkpoint (reader position, augmentation RNGs) of the
+  batches consumed so far, and the mask generator (:meth:`DaliLoader.state_dict`);
+- ``rng``: torch (and CUDA), numpy and Python RNG states;
+- ``meter``: the loss summed since the last log line, so that the next logged mean
+  covers the same steps.
+
+A checkpoint from another world size (or one written before ``ranks`` existed) still
+resumes, from fresh loaders seeded with ``train.seed + step`` and a notice that the data
+order differs from an uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mscn.config import Config, to_dict
+from mscn.errors import MscnError
+from mscn.train import checkpoint as ckpt
+from mscn.train.distributed import DistInfo, broadcast_object
+from mscn.train.rundir import check_same_run
+
+
+def rank_state(loader, meter) -> dict:
+    """This rank's part of a checkpoint (call at the step the checkpoint is taken)."""
+    return {"rng": ckpt.rng_state(), "loader": loader.state_dict(), "meter": meter.state_dict()}
+
+
+def gather_rank_states(mine: dict, info: DistInfo) -> list[dict]:
+    """Every rank's :func:`rank_state`, in rank order (a collective under torchrun)."""
+    if not info.enabled:
+        return [mine]
+    out: list = [None] * info.world_size
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def checkpoint_state(cfg: Config, method, optimizer, scaler, step: int, steps_per_epoch: int,
+                     ranks: list[dict]) -> dict:
+    return {
+        "model": method.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        "step": step, "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
+        "rng": ranks[0]["rng"], "ranks": ranks, "world_size": len(ranks), "config": to_dict(cfg),
+        "arch": cfg.model.arch, "method": cfg.method.name, "backbone": method.backbone.state_dict(),
+    }
+
+
+def find_resume_state(cfg: Config, resume: str | None, info: DistInfo) -> tuple[dict | None, str | None]:
+    """Rank 0 picks the checkpoint (auto: the newest valid one) and every rank loads that file."""
+    if resume in (None, "", "none", "never"):
+        return None, None
+    path = None
+    if info.is_main:
+        if resume == "auto":
+            found = ckpt.find_latest_valid(Path(cfg.train.out_dir) / "checkpoints")
+            path = str(found[0]) if found else None
+        else:
+            path = resume
+    path = broadcast_object(path)  # every rank loads the file rank 0 chose
+    if path is None:
+        return None, None
+    return ckpt.load_checkpoint(path), path
+
+
+def load_state(state: dict, path: str, cfg: Config, method, optimizer, scaler) -> None:
+    """Model, optimizer and scaler from ``state``, after checking it is this run's checkpoint."""
+    check_same_run(state["config"], cfg, path)
+    ckpt.check_compatible(state, cfg.model.arch, cfg.method.name, path)
+    try:
+        method.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line, whole
+        raise MscnError(f"{path}: checkpoint does not fit this model/optimizer ({detail}); "
+                        "use the model.*/optim.* values it was trained with, or --resume none") from None
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+
+
+def this_rank(state: dict, info: DistInfo) -> dict | None:
+    """This rank's saved part, or None when the checkpoint cannot resume exactly here."""
+    ranks = state.get("ranks")
+    if not ranks or len(ranks) != info.world_size:
+        return None
+    return ranks[info.rank]
+
+
+def restore_rng(state: dict, mine: dict | None, cfg: Config, info: DistInfo, start_step: int) -> None:
+    """Put the RNG states back: last, after the model and loaders are built."""
+    if mine is not None:
+        ckpt.set_rng_state(mine["rng"])
+    elif info.is_main:
+        ckpt.set_rng_state(state["rng"])
+    else:
+        torch.manual_seed(cfg.train.seed + info.rank + start_step)
+
+
+def loader_cfg(cfg: Config, mine: dict | None, start_step: int) -> Config:
+    """The config the loader is built from: the run's own, or (no saved loader state) one
+    with ``train.seed + step`` so that fresh loaders do not replay the first batches."""
+    if mine is not None or not start_step:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + start_step))

@@ -1,0 +1,112 @@
+"""One run per run directory: its default name, its ``config.yaml``, and the check that
+a resume continues the *same* run.
+
+A run directory belongs to the run that created it. ``config.yaml`` is written once,
+when that run starts. ``--resume auto`` (or a checkpoint path) continues it only when
+the new config matches the saved one on every key that changes what the run computes
+(data, model, method, views, masks, high-pass, schedule, optim, global batch, seed,
+precision...). Keys in :data:`NEUTRAL` (logging, checkpoint cadence, ``max_steps``,
+threads, device, output folder, evaluation settings) may change between invocations.
+Anything else stops with one line naming the differing keys and the two ways forward.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mscn.config import Config, save_config, to_dict
+from mscn.errors import MscnError
+
+# Keys that never change the weights or the loss of a run: how often it logs and saves,
+# where it stops this time, where and how fast it runs, and the evaluation settings.
+NEUTRAL = frozenset({
+    "train.out_dir", "train.log_every", "train.ckpt_every_steps", "train.keep_last", "train.max_steps",
+    "train.tensorboard", "train.knn_every_epochs", "train.device", "train.compile", "train.channels_last",
+    "train.priority_stream", "data.num_threads", "data.hw_decoder_load", "data.prefetch", "data.val_root",
+})
+NEUTRAL_SECTIONS = ("eval.",)
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "final.pt", "tb")
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": v, "views.0.mask.ratio": v, ...}``; lists of scalars stay one value."""
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(tree, (list, tuple)) and any(isinstance(v, dict) for v in tree):
+        out = {f"{prefix}len": len(tree)}  # e.g. views.len: a different number of views
+        for i, v in enumerate(tree):
+            out.update(flatten(v, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+
+
+def differing_keys(saved: dict, cfg: Config) -> list[str]:
+    """The result-changing keys on which ``saved`` (a plain config dict) and ``cfg`` differ."""
+    a, b = flatten(saved), flatten(to_dict(cfg))
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if k not in NEUTRAL and not k.startswith(NEUTRAL_SECTIONS) and a.get(k) != b.get(k)]
+
+
+def check_same_run(saved: dict, cfg: Config, where: str | Path) -> None:
+    """One-line MscnError unless ``saved`` describes the same run as ``cfg``."""
+    diff = differing_keys(saved, cfg)
+    if diff:
+        raise MscnError(
+            f"{where} belongs to another run (differs in {', '.join(diff)}); to start a new run pass a new "
+            f"train.out_dir=DIR (or --out DIR), or --resume none to start over in {cfg.train.out_dir}")
+
+
+def default_out_dir(recipe: str | None, root: str = "runs") -> Path:
+    """``runs/<recipe>-<YYYYmmdd-HHMMSS>``, created here so that two runs started in the
+    same second still get two folders (``-2``, ``-3``...). Call on rank 0 only."""
+    base = Path(root) / f"{recipe or 'pretrain'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while True:
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+
+
+def check_run_dir(cfg: Config, resume: str | None) -> None:
+    """Before anything is written: refuse to continue another run's directory (every rank;
+    read-only, so all ranks raise the same error)."""
+    saved = Path(cfg.train.out_dir) / "config.yaml"
+    if resume in (None, "", "none", "never") or not saved.is_file():
+        return
+    try:
+        tree = yaml.safe_load(saved.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise MscnError(f"{saved}: not valid YAML ({str(e).splitlines()[0]}); pass a new train.out_dir or "
+                        "--resume none") from None
+    check_same_run(tree, cfg, cfg.train.out_dir)
+
+
+def claim_run_dir(cfg: Config, fresh: bool) -> Path | None:
+    """Rank 0, after :func:`check_run_dir`: write ``config.yaml`` if the run starts here.
+
+    ``fresh`` (``--resume none``): a previous run's files are moved into
+    ``superseded-<time>/`` first, so that its checkpoints can never be resumed into the new
+    run (and nothing is deleted). Returns that folder, or None.
+    """
+    out = Path(cfg.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    moved = None
+    if fresh and any((out / name).exists() for name in RUN_FILES):
+        moved = out / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+        moved.mkdir(exist_ok=True)
+        for name in RUN_FILES:
+            if (out / name).exists():
+                shutil.move(str(out / name), str(moved / name))
+    if not (out / "config.yaml").is_file():
+        save_config(cfg, out / "config.yaml")  # written once: a resume never rewrites it
+    return moved
