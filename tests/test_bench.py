@@ -87,7 +87,9 @@ def test_cli_json_holds_every_figure(tiny_data, tmp_path):
     assert tv["mscn_over_baseline"] == pytest.approx(rate["masks"] / tv["images_per_s"]["median"], rel=1e-2)
     check_measurement(plain, batch=4, iters=2, repeats=2)  # the hand-written DALI pipeline
     assert plain["mscn_over_baseline"] == pytest.approx(rate["masks"] / plain["images_per_s"]["median"], rel=1e-2)
-    assert plain["share_of_decode"] == pytest.approx(plain["images_per_s"]["median"] / rate["decode"], rel=1e-2)
+    # stored rounded to 3 decimals: at a few % of decode-only that is up to 0.0005 absolute
+    assert plain["share_of_decode"] == pytest.approx(plain["images_per_s"]["median"] / rate["decode"],
+                                                     rel=1e-2, abs=5e-4)
 
     t = r["train"]
     assert (t["arch"], t["method"], t["steps"]) == ("resnet18", "simclr", 2)
