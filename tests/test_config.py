@@ -42,7 +42,7 @@ def test_override_rejections_name_key_and_the_command_line(override, key):
     with pytest.raises(ConfigError) as e:
         load_config("demo", [override])
     msg = str(e.value)
-    # the bad value came from the command line, not from demo.yaml (issue 11)
+    # the bad value came from the command line, not from demo.yaml
     assert msg.startswith("command line: ") and key in msg and "demo.yaml" not in msg and "\n" not in msg
     if "[" not in key:
         assert msg.startswith(f"command line: {override}: "), msg

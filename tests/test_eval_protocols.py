@@ -99,7 +99,7 @@ def test_highpass_mismatch_and_wrong_arch_through_the_cli(data, tmp_path, capsys
 
 
 def test_probe_same_seed_same_result_another_seed_differs(data, tmp_path):
-    """Random crops, flips, data order and head init all follow --seed (issue 11)."""
+    """Random crops, flips, data order and head init all follow --seed."""
     runs = {}
     for tag, seed in (("a", "3"), ("b", "3"), ("c", "4")):
         _run("linear", *_common(data, tmp_path / tag, "--epochs", "2", "--seed", seed))

@@ -44,5 +44,5 @@ def test_config_typo_is_one_line_error():
                        capture_output=True, text=True)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
-    # the typo is on the command line, so the error names it there, not demo.yaml (issue 11)
+    # the typo is on the command line, so the error names it there, not demo.yaml
     assert len(lines) == 1 and lines[0].startswith("mscn: error: command line: train.globl_batch=3: ")
