@@ -111,7 +111,8 @@ def figure(doc: dict, path: Path) -> str | None:
         xs = [r["value"] for r in rows] if numeric else list(range(len(rows)))
         ys = [r["linear_top1_mean"] for r in rows]
         err = [r["linear_top1_std"] or 0.0 for r in rows]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label="arm (mean ± std)")
+        # categorical arms (e.g. masks / high-pass) get no connecting line: their order means nothing
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, ls="-" if numeric else "none", label="arm (mean ± std)")
         if not numeric:
             ax.set_xticks(xs, [str(r["value"]) for r in rows], rotation=20, fontsize=8)
         ax.axhline(base["linear_top1_mean"], color="gray", ls="--", label="baseline (no masks, no high-pass)")
