@@ -27,6 +27,7 @@ PACKAGES = {
     "mscn.cuda_kernels": "cuda_kernels",
     "mscn.train": "train",
     "mscn.train.eval": "train/eval",
+    "mscn.train.ablate": "train/ablate",
     "mscn.configs": "configs",  # the YAML recipes ship inside the package
 }
 

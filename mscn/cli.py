@@ -1,4 +1,5 @@
-"""The ``mscn`` command: ``mscn data ...``, ``mscn pretrain``, ``mscn eval ...``, ``mscn demo``.
+"""The ``mscn`` command: ``mscn data ...``, ``mscn pretrain``, ``mscn eval ...``, ``mscn demo``,
+``mscn ablate``.
 
 Every user-fixable failure is an :class:`~mscn.errors.MscnError`;
 :func:`~mscn.errors.run_cli` prints it as one line ``mscn: error: ...`` on stderr with
@@ -24,6 +25,12 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main(args.rest)
 
 
+def _ablate(args: argparse.Namespace) -> int:
+    from mscn.train.ablate.cli import main as ablate_main
+
+    return ablate_main(args.rest)
+
+
 def _config_show(args: argparse.Namespace) -> None:
     import yaml
 
@@ -33,7 +40,7 @@ def _config_show(args: argparse.Namespace) -> None:
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
 
 
-_PASSTHROUGH = {"pretrain": _pretrain, "demo": _demo}
+_PASSTHROUGH = {"pretrain": _pretrain, "demo": _demo, "ablate": _ablate}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_commands(sub)
 
-    # pretrain/demo own their argument parsing (also reachable as python -m ...), so
+    # pretrain/demo/ablate own their argument parsing (also reachable as python -m ...), so
     # everything after the sub-command is handed over untouched, --help included.
     p = sub.add_parser("pretrain", add_help=False, help="SimCLR/BYOL + MSCN pretraining (see mscn pretrain --help)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -60,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="synthesize the default dataset, pretrain, linear-probe vs random init (see --help)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_demo)
+    p = sub.add_parser("ablate", add_help=False,
+                       help="the paper's ablations (masks x high-pass, ratio, grid, ...) with seeds (see --help)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_ablate)
 
     from mscn.train.eval.cli import add_eval_commands
 

@@ -50,11 +50,9 @@ def prepare_data(cfg: Config) -> Config:
 
 
 def evaluate(ckpt: str, cfg: Config, train_root: str, val_root: str) -> list[dict]:
-    """Linear probe + kNN for the pretrained encoder and a random-init baseline."""
-    from mscn.train.eval.common import eval_loader
-    from mscn.train.eval.knn import knn_eval
-    from mscn.train.eval.linear import linear_probe
+    """Linear probe + kNN (train/eval/standard.py) for the pretrained encoder and a random-init baseline."""
     from mscn.train.eval.pretrained import load_pretrained
+    from mscn.train.eval.standard import linear_and_knn, random_backbone
     from mscn.train.runtime import setup_runtime
 
     rt = setup_runtime(cfg.train.device, cfg.train.precision)
@@ -63,18 +61,13 @@ def evaluate(ckpt: str, cfg: Config, train_root: str, val_root: str) -> list[dic
     rows = []
     for name, path in (("SimCLR + MSCN (pretrained)", ckpt), ("random init", "random")):
         if path == "random":
-            backbone, _, ecfg = load_pretrained("random", arch=cfg.model.arch, config=None, overrides=[])
-            ecfg = cfg  # same data/high-pass settings as the pretrained encoder
+            backbone, ecfg = random_backbone(cfg.model.arch, cfg.train.seed), cfg  # same data/high-pass settings
         else:
             backbone, _, ecfg = load_pretrained(path)
-        t0 = time.time()
-        lin = linear_probe(backbone, ecfg, train_root, val_root, rt)
-        batch = ecfg.eval.linear_batch
-        knn = knn_eval(backbone, eval_loader(ecfg, train_root, rt, batch), eval_loader(ecfg, val_root, rt, batch),
-                       rt, k=ecfg.eval.knn_k, T=ecfg.eval.knn_temperature)
-        rows.append({"encoder": name, "linear_top1": lin["top1"], "linear_top5": lin["top5"],
-                     "knn_top1": knn["top1"], "wall_s": round(time.time() - t0, 1)})
-        print(f"[demo] {name}: linear top-1 {lin['top1']:.1f}%, kNN top-1 {knn['top1']:.1f}%", flush=True)
+        r = linear_and_knn(backbone, ecfg, train_root, val_root, rt)
+        rows.append({"encoder": name, "linear_top1": r["linear_top1"], "linear_top5": r["linear_top5"],
+                     "knn_top1": r["knn_top1"], "wall_s": r["wall_s"]})
+        print(f"[demo] {name}: linear top-1 {r['linear_top1']:.1f}%, kNN top-1 {r['knn_top1']:.1f}%", flush=True)
     return rows
 
 

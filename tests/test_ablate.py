@@ -1,0 +1,161 @@
+"""`mscn ablate` (issue 12; paper §5, Fig. 5, Table 5): arm expansion and validation, the
+significance rule, the JSON schema, and a toy end-to-end ablation that resumes."""
+import json
+
+import pytest
+
+from mscn.config import load_config
+from mscn.errors import MscnError
+from mscn.train.ablate import report
+from mscn.train.ablate.arms import BASELINE, GRIDS, Arm, expand, read_arms_file, resolve
+from mscn.train.ablate.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_config("demo")
+
+
+def test_highpass_grid_is_masks_by_highpass_with_the_baseline_first(demo):
+    arms = expand("highpass", demo)
+    assert [a.name for a in arms] == [BASELINE, "masks", "highpass", "mscn"]  # baseline listed once
+    cfgs = resolve(arms, "demo", [])
+    masked = {n: any(v.mask.ratio > 0 for v in c.views) for n, c in cfgs.items()}
+    hp = {n: c.highpass.enabled for n, c in cfgs.items()}
+    assert masked == {BASELINE: False, "masks": True, "highpass": False, "mscn": True}
+    assert hp == {BASELINE: False, "masks": False, "highpass": True, "mscn": True}
+    assert all(v.mask.ratio == 0 for v in cfgs[BASELINE].views) and len(cfgs[BASELINE].views) == len(demo.views)
+
+
+def test_grids_follow_the_recipe(demo):
+    cfgs = resolve(expand("grid,views,ratio,method", demo), "demo", [])
+    g0 = demo.views[0].mask.grid
+    assert {c.views[-1].mask.grid for n, c in cfgs.items() if n.startswith("grid=")} == {g0 // 2, g0, g0 * 2}
+    assert len(cfgs["views=2"].views) == 2 and len(cfgs["views=4"].views) == 4
+    assert [v.mask.ratio for v in cfgs["ratio=0.3"].views] == [0.3] * len(demo.views)
+    assert cfgs["byol"].method.name == "byol" and not cfgs["byol"].highpass.enabled
+    assert cfgs["byol+mscn"].highpass.enabled and cfgs["byol+mscn"].views[0].mask.ratio > 0
+
+
+def test_paper_is_every_grid_and_arm_names_are_unique(demo):
+    arms = expand("paper", demo)
+    assert {a.grid for a in arms} == {BASELINE, *GRIDS}
+    assert len({a.name for a in arms}) == len(arms)
+    resolve(arms, "demo", [])  # every arm of every grid is a valid config
+
+
+def test_unknown_arm_and_bad_override_are_one_line_errors(demo, tmp_path):
+    with pytest.raises(MscnError, match="unknown arm 'hipass'.*valid: highpass"):
+        expand("hipass", demo)
+    f = tmp_path / "arms.yaml"
+    f.write_text("bad: ['views.0.mask.ratoi=0.3']\n")
+    with pytest.raises(MscnError, match=r"arm 'bad': .*ratoi"):
+        resolve(expand("", demo, str(f)), "demo", [])
+    f.write_text("big: ['views.0.mask.ratio=1.5']\n")  # a value the schema's range check rejects
+    with pytest.raises(MscnError, match=r"arm 'big': .*ratio"):
+        resolve(expand("", demo, str(f)), "demo", [])
+    f.write_text("a/b: []\n")
+    with pytest.raises(MscnError, match="names a folder"):
+        expand("", demo, str(f))
+    with pytest.raises(MscnError, match="no arms"):
+        expand("", demo)
+
+
+def test_errors_come_before_anything_runs(tmp_path):
+    out = tmp_path / "out"
+    f = tmp_path / "arms.yaml"
+    f.write_text("bad: ['highpass.sigmaa=2']\n")
+    with pytest.raises(MscnError, match="arm 'bad'"):
+        main(["--arms", "highpass", "--arms-file", str(f), "--out", str(out),
+              f"data.synthetic_dir={tmp_path / 'synth'}"])
+    assert not out.exists() and not (tmp_path / "synth").exists()
+
+
+def test_arms_file_forms(tmp_path):
+    f = tmp_path / "arms.yaml"
+    f.write_text("plain: ['highpass.sigma=2.0']\nfull: {overrides: ['views.0.mask.ratio=0.3'], param: r, value: 0.3}\n")
+    a, b = read_arms_file(f)
+    assert a == Arm("plain", ("highpass.sigma=2.0",), "custom", "plain", "file")
+    assert (b.param, b.value, b.overrides) == ("r", 0.3, ("views.0.mask.ratio=0.3",))
+
+
+def test_significance_rule():
+    s = report.summary
+    assert s([1.0])["std"] is None and s([1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(2 ** 0.5), "n": 2}
+    assert report.significance(s([50.0]), s([40.0, 41.0])) == "n=1, no error bar"
+    # SE = sqrt(1/3 + 1/3) = 0.816: a difference of 1.5 is within 2 SE, 2.0 is not
+    a = s([10.0, 11.0, 12.0])
+    assert report.significance(s([11.5, 12.5, 13.5]), a) == "not significant"
+    assert report.significance(s([12.0, 13.0, 14.0]), a) == "significant"
+    assert report.significance(s([9.0, 10.0, 11.0]), s([11.0, 12.0, 13.0])) == "significant"  # either sign
+
+
+def _fake(lin, knn):
+    return {"linear_top1": lin, "knn_top1": knn}
+
+
+def test_json_schema_and_table():
+    arms = [Arm(BASELINE, ("highpass.enabled=false",), "highpass", "none", BASELINE),
+            Arm("mscn", (), "highpass", "masks+high-pass", "highpass")]
+    results = {BASELINE: {0: _fake(20.0, 10.0), 1: _fake(22.0, 12.0)}, "mscn": {0: _fake(30.0, 25.0), 1: _fake(31.0, 27.0)}}
+    doc = report.records(arms, results, {0: _fake(15.0, 9.0), 1: _fake(16.0, 8.0)}, [0, 1])
+    json.dumps(doc)  # serialisable
+    assert doc["schema"] == report.SCHEMA and doc["baseline"] == BASELINE and doc["seeds"] == [0, 1]
+    rec = doc["arms"][1]
+    assert set(rec) >= {"name", "overrides", "linear_top1", "knn_top1", "linear_top1_mean", "linear_top1_std",
+                        "knn_top1_mean", "knn_top1_std", "n"}
+    assert rec["linear_top1"] == [30.0, 31.0] and rec["linear_top1_mean"] == 30.5 and rec["n"] == 2
+    assert rec["knn_top1_std"] == pytest.approx(2 ** 0.5)
+    assert doc["random_init"] == [{"seed": 0, "linear_top1": 15.0, "knn_top1": 9.0},
+                                  {"seed": 1, "linear_top1": 16.0, "knn_top1": 8.0}]
+    md = report.markdown(doc)
+    assert "| `mscn` | highpass | 2 | 30.5 ± 0.7 | +9.5 (significant) |" in md
+    assert "| random init |" in md
+
+
+TOY = ["data.synthetic_classes=2", "data.synthetic_per_class=8", "data.synthetic_val_per_class=4",
+       "data.synthetic_size=[48, 40]", "data.image_size=32", "data.val_resize=36", "data.num_threads=1",
+       *(f"views.{i}.mask.grid=8" for i in range(4)), "model.proj_hidden=64", "model.proj_out=32",
+       "train.global_batch=8", "train.device=cpu", "schedule.epochs=1", "schedule.warmup_epochs=0",
+       "eval.linear_epochs=3", "eval.linear_batch=8"]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_toy_ablation_end_to_end_and_resume(tmp_path, capsys):
+    out, f = tmp_path / "abl", tmp_path / "arms.yaml"
+    # "same" resolves to the baseline's config (another spelling): it must share the baseline's run
+    f.write_text("mscn: ['highpass.enabled=true']\n"
+                 "same: ['highpass.enabled=false', " + ", ".join(f"'views.{i}.mask.ratio=0.0'" for i in range(4)) + "]\n")
+    argv = ["--arms-file", str(f), "--seeds", "1", "--out", str(out), f"data.synthetic_dir={tmp_path / 'synth'}", *TOY]
+    assert main(argv) == 0
+    doc = json.loads((out / "ablation.json").read_text())
+    assert [a["name"] for a in doc["arms"]] == [BASELINE, "mscn", "same"]
+    assert doc["computed_runs"] == 3  # random init + 2 pretrainings; "same" reused the baseline's
+    assert doc["arms"][2]["same_as"] == BASELINE and doc["arms"][2]["linear_top1"] == doc["arms"][0]["linear_top1"]
+    for a in doc["arms"]:
+        assert len(a["linear_top1"]) == 1 and 0 <= a["linear_top1_mean"] <= 100 and a["linear_top1_std"] is None
+    summary = json.loads((out / "runs" / "mscn" / "seed0" / "result.json").read_text())["pretrain"]
+    assert summary["step"] == 2  # 16 images / batch 8 x 1 epoch
+    assert "n=1, no error bar" in (out / "ablation.md").read_text() and (out / "ablation.png").stat().st_size > 0
+    log = capsys.readouterr().out
+    assert "ETA" in log and "1/4 random seed 0" in log
+
+    # a re-run computes nothing; losing one result recomputes that run only (pretraining is kept)
+    assert main(argv) == 0
+    assert json.loads((out / "ablation.json").read_text())["computed_runs"] == 0
+    (out / "runs" / "mscn" / "seed0" / "result.json").unlink()
+    capsys.readouterr()
+    assert main(argv) == 0
+    again = json.loads((out / "ablation.json").read_text())
+    assert again["computed_runs"] == 1 and "nothing to train" in capsys.readouterr().out
+    assert again["arms"][1]["linear_top1"] == doc["arms"][1]["linear_top1"]  # deterministic on the CPU
+
+
+def test_mscn_ablate_is_dispatched(capsys):
+    from mscn.cli import main as mscn_main
+
+    with pytest.raises(SystemExit) as e:
+        mscn_main(["ablate", "--help"])
+    assert e.value.code == 0 and "--arms-file" in capsys.readouterr().out
+    assert mscn_main(["ablate", "--arms", "nope"]) == 2  # one-line error, exit status 2

@@ -1,0 +1,145 @@
+"""Run every (arm, seed) of an ablation: pretrain, then the standard evaluation (linear probe +
+kNN, train/eval/standard.py), each kept under ``<out>/runs/<arm>/seed<k>/`` with its
+``result.json``; a random-init encoder is scored once per seed under ``<out>/random/seed<k>/``.
+
+Resumable: a run whose ``result.json`` matches its config (fingerprint) is skipped, and a
+pretraining cut short resumes from its checkpoint (``--resume auto``), so an interrupted
+ablation costs only the run in flight. Two arms with the same resolved config (e.g. the
+``method`` grid's ``simclr`` and the baseline of a SimCLR recipe) run once.
+Paper: §5, §6.3 (Fig. 5), App. B (Table 5).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from mscn.config import Config, to_dict
+from mscn.errors import MscnError
+from mscn.train.ablate.arms import Arm
+from mscn.train.rundir import NEUTRAL, flatten
+
+RESULT = "result.json"
+
+
+def fingerprint(cfg: Config) -> str:
+    """Hash of everything that changes a run's result: the config less where and how verbosely
+    it runs (rundir.NEUTRAL); evaluation settings count (they change the numbers)."""
+    keys = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in NEUTRAL}
+    return hashlib.sha1(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def with_run(cfg: Config, seed: int, out_dir: Path) -> Config:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, out_dir=str(out_dir)))
+
+
+def with_data(cfg: Config, root: str, val_root: str) -> Config:
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root, val_root=val_root))
+
+
+def load_done(path: Path, fp: str) -> dict | None:
+    """The stored result of a finished run, or None (absent, unreadable, or another config)."""
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return res if res.get("fingerprint") == fp else None
+
+
+def _write(path: Path, res: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=2, default=str))
+    tmp.replace(path)  # atomic: a run killed while writing leaves no half result behind
+
+
+def _clock(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class Runner:
+    """Runs the (arm, seed) grid in order; ``results[arm][seed]`` and ``random[seed]`` hold the records."""
+
+    def __init__(self, out: Path, train_root: str, val_root: str, say=print):
+        self.out, self.train_root, self.val_root, self.say = Path(out), train_root, val_root, say
+        self._rt = None
+        self.t0 = time.time()
+        self.ran = 0  # runs computed in this invocation (the ETA's sample)
+        self.ran_s = 0.0
+
+    def runtime(self, cfg: Config):
+        from mscn.train.runtime import setup_runtime
+
+        if self._rt is None:
+            self._rt = setup_runtime(cfg.train.device, cfg.train.precision)
+        return self._rt
+
+    def plan(self, arms: list[Arm], cfgs: dict[str, Config], base: Config, seeds: list[int]) -> list[dict]:
+        """Every job in order (random init per seed, then arm x seed) with its config, folder,
+        fingerprint and whether it is already done (or shares an earlier job's config)."""
+        jobs, fps = [], set()
+        for name, seed, arm in [("random", s, None) for s in seeds] + [(a.name, s, a) for a in arms for s in seeds]:
+            where = self.out / ("random" if arm is None else f"runs/{name}") / f"seed{seed}"
+            cfg = with_run(with_data(base if arm is None else cfgs[name], self.train_root, self.val_root), seed, where)
+            fp = fingerprint(cfg) + ("-random" if arm is None else "")
+            todo = fp not in fps and load_done(where / RESULT, fp) is None
+            jobs.append({"name": name, "seed": seed, "random": arm is None, "cfg": cfg, "where": where,
+                         "fp": fp, "todo": todo})
+            fps.add(fp)
+        return jobs
+
+    def run_all(self, jobs: list[dict]) -> tuple[dict, dict]:
+        """Run what is not done; ``(results[arm][seed], random[seed])``."""
+        by_fp: dict[str, dict] = {}
+        results: dict[str, dict[int, dict]] = {}
+        random: dict[int, dict] = {}
+        left = sum(j["todo"] for j in jobs)
+        for i, j in enumerate(jobs, 1):
+            name, seed, where, fp = j["name"], j["seed"], j["where"], j["fp"]
+            tag = f"[ablate] {i}/{len(jobs)} {name} seed {seed}"
+            res = load_done(where / RESULT, fp)
+            if res is None and fp in by_fp:  # same resolved config as an earlier arm: share its run
+                res = dict(by_fp[fp], fingerprint=fp, same_as=by_fp[fp]["arm"], arm=name)
+                _write(where / RESULT, res)
+            if res is not None:
+                self.say(f"{tag}: done (linear {res['linear_top1']:.1f} %, kNN {res['knn_top1']:.1f} %"
+                         f"{', same config as ' + res['same_as'] if res.get('same_as') else ''}), skipped")
+            else:
+                self.say(f"{tag}: running in {where}")
+                t = time.time()
+                res = self._random(j["cfg"], seed) if j["random"] else self._train_and_eval(j["cfg"], seed)
+                res.update(arm=name, seed=seed, fingerprint=fp, wall_s=round(time.time() - t, 1))
+                _write(where / RESULT, res)
+                self.ran, self.ran_s, left = self.ran + 1, self.ran_s + (time.time() - t), left - 1
+                self.say(f"{tag}: linear {res['linear_top1']:.1f} %, kNN {res['knn_top1']:.1f} % "
+                         f"({_clock(res['wall_s'])}; elapsed {_clock(time.time() - self.t0)}, "
+                         f"ETA {_clock(self.ran_s / self.ran * left)}, {left} runs left)")
+            by_fp.setdefault(fp, res)
+            if j["random"]:
+                random[seed] = res
+            else:
+                results.setdefault(name, {})[seed] = res
+        return results, random
+
+    def _train_and_eval(self, cfg: Config, seed: int) -> dict:
+        from mscn.train.eval.pretrained import load_pretrained
+        from mscn.train.eval.standard import linear_and_knn
+        from mscn.train.pretrain import run_pretrain
+
+        summary = run_pretrain(cfg, resume="auto")  # resumes a run cut short, skips a finished one
+        ckpt = summary.get("final") or summary.get("checkpoint")
+        if not ckpt or not Path(ckpt).is_file():
+            raise MscnError(f"pretraining left no checkpoint in {cfg.train.out_dir}; delete that folder and rerun")
+        backbone, _, ecfg = load_pretrained(ckpt)
+        res = linear_and_knn(backbone, ecfg, self.train_root, self.val_root, self.runtime(cfg), seed=seed)
+        res["pretrain"] = {k: summary.get(k) for k in ("step", "loss", "images_per_s")}
+        return res
+
+    def _random(self, cfg: Config, seed: int) -> dict:
+        from mscn.train.eval.standard import linear_and_knn, random_backbone
+
+        return linear_and_knn(random_backbone(cfg.model.arch, seed), cfg, self.train_root, self.val_root,
+                              self.runtime(cfg), seed=seed)
