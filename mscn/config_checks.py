@@ -97,6 +97,8 @@ def _validate_highpass(h: HighPassCfg, src: str) -> None:
     _check(h.sigma > 0, src, "highpass.sigma", h.sigma, "must be > 0")
     _check(h.window == 0 or (h.window >= 3 and h.window % 2 == 1), src, "highpass.window", h.window,
            "must be 0 (auto) or an odd number >= 3")
+    _check(h.where in ("auto", "pipeline", "loader"), src, "highpass.where", h.where,
+           "must be auto, pipeline or loader")
 
 
 def _validate_model(cfg: Config, src: str) -> None:

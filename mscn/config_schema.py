@@ -101,6 +101,10 @@ class HighPassCfg:
     enabled: bool = True
     sigma: float = 5.0
     window: int = 0  # 0: 2*ceil(3*sigma)+1 (31 for sigma=5)
+    # where the filter runs: auto (in DALI on the GPU path, as two matmuls in the loader on
+    # the CPU path) | pipeline (always in DALI) | loader (always as matmuls, on the views'
+    # device: on a GPU that is the trainer's stream, as batched GEMMs)
+    where: str = "auto"
 
 
 @dataclass

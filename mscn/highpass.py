@@ -97,8 +97,16 @@ def _blur_matrix_cpu(n: int, sigma: float, window: int) -> torch.Tensor:
 
 
 def blur_matrix(n: int, sigma: float, window: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """``B`` (n x n) with ``(x @ B)[..., j] = blur(x)[..., j]`` along the last axis."""
-    return _blur_matrix_cpu(n, float(sigma), int(window)).to(device=device, dtype=dtype)
+    """``B`` (n x n) with ``(x @ B)[..., j] = blur(x)[..., j]`` along the last axis.
+
+    Cached per (size, σ, window, device, dtype): on a GPU the loader filters every batch,
+    and a fresh host-to-device copy of ``B`` per batch would stall on pageable memory."""
+    return _blur_matrix_on(n, float(sigma), int(window), str(torch.device(device or "cpu")), dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _blur_matrix_on(n: int, sigma: float, window: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    return _blur_matrix_cpu(n, sigma, window).to(device=device, dtype=dtype)
 
 
 def highpass_matmul(x: torch.Tensor, sigma: float, window: int) -> torch.Tensor:

@@ -229,8 +229,10 @@ class Plan:
 def plan(cfg, device: torch.device | str | None, local_rank: int = 0) -> Plan:
     """The :class:`Plan` for ``cfg`` on ``device`` (None or CPU: DALI's CPU path).
 
-    The GPU path blurs in DALI; the CPU path leaves the blur to BLAS in the adapter
-    (docs/PIPELINE.md), so DALI emits float32 there.
+    ``highpass.where=auto``: the GPU path blurs in DALI; the CPU path leaves the blur to
+    BLAS in the adapter (docs/PIPELINE.md), so DALI emits float32 there. ``loader`` on a
+    GPU filters the views as two batched GEMMs on the current (the trainer's) stream
+    instead of competing with it through DALI's blur kernels.
     """
     from mscn.highpass import highpass_params
     from mscn.pipelines.tuning import dali_threads, decoder_load, view_dtype
@@ -239,10 +241,12 @@ def plan(cfg, device: torch.device | str | None, local_rank: int = 0) -> Plan:
     gpu = kind == "gpu"
     out = view_dtype(cfg.data.output_dtype, gpu)
     hp = highpass_params(cfg.highpass)
-    dali = "float32" if out == "bfloat16" or (hp is not None and not gpu) else out
+    where = cfg.highpass.where if cfg.highpass.where != "auto" else ("pipeline" if gpu else "loader")
+    in_loader = hp is not None and where == "loader"
+    dali = "float32" if out == "bfloat16" or in_loader else out
     return Plan(kind, device_id, dali_threads(cfg.data.num_threads, gpu),
                 decoder_load(cfg.data.hw_decoder_load, device_id if gpu else None), out,
-                hp if gpu else None, None if gpu else hp, dali)
+                None if in_loader else hp, hp if in_loader else None, dali)
 
 
 @dataclass(frozen=True)

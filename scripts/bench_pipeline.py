@@ -43,9 +43,11 @@ from mscn.pipelines.tuning import usable_cores
 from mscn.train.distributed import barrier
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("decode", "bare", "colour", "views", "highpass", "masks", "masks-hp-late")
-VARIANTS = ("masks-hp-late",)  # the full pipeline built the earlier way, on request
-FEEDS = ("bare", "colour", "views", "highpass", "masks", "masks-hp-late")  # what --train feeds the trainer with
+STAGES = ("decode", "bare", "colour", "views", "highpass", "masks", "masks-hp-late", "masks-hp-loader")
+# the full pipeline with the high-pass elsewhere, on request: after the normalization in
+# DALI (the previous order), or as batched GEMMs in the loader (highpass.where=loader)
+VARIANTS = ("masks-hp-late", "masks-hp-loader")
+FEEDS = ("bare", "colour", "views", "highpass", "masks", "masks-hp-late", "masks-hp-loader")  # --train feeds
 # Small on the 2-core CI box (the whole default run fits in ~1 min), ImageNet-scale on a GPU.
 DEFAULTS = {"cpu": dict(batch=32, warmup=2, iters=3, repeats=3, train_steps=3, arch="resnet18",
                         baseline_workers=2),
@@ -174,6 +176,8 @@ def resolve_data(args: argparse.Namespace, info) -> tuple[str, dict]:
 
 def stage_config(cfg, stage: str):
     """The config whose pipeline stops after ``stage`` (masks are the loader's switch)."""
+    if stage == "masks-hp-loader":
+        cfg = dataclasses.replace(cfg, highpass=dataclasses.replace(cfg.highpass, where="loader"))
     if stage in ("bare", "colour", "views", "dali-plain"):
         cfg = dataclasses.replace(cfg, highpass=dataclasses.replace(cfg.highpass, enabled=False))
     off = {"bare": dict(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0),

@@ -51,7 +51,7 @@ part1() {
       tests/test_masks.py tests/test_pipeline_highpass.py
   run pipeline 120 $PY scripts/gpu_pipeline_check.py --data "$DATA/train" --json "$R/pipeline.json"
   run masks 120 $PY scripts/bench_masks.py --json "$R/masks.json"
-  run bench 240 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages decode,bare,colour,views,highpass,masks,masks-hp-late \
+  run bench 240 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages decode,bare,colour,views,highpass,masks,masks-hp-late,masks-hp-loader \
       --baseline dali-plain,torchvision \
       --baseline-workers 16 --json "$R/bench.json" --plot "$R/bench.png"
   # the pipeline alone in a fresh process: what it adds to the device's memory
@@ -78,7 +78,7 @@ figures() {
 
 part2() {
   run train18 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
-      --feeds bare,colour,views,highpass,masks,masks-hp-late --json "$R/train_r18.json"
+      --feeds bare,colour,views,highpass,masks,masks-hp-late,masks-hp-loader --json "$R/train_r18.json"
   # ResNet-50: the full pipeline against the barest one (ResNet-18 above has every stage)
   run train50 180 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 --feeds bare,masks \
       --json "$R/train_r50.json"

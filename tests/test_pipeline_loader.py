@@ -97,3 +97,21 @@ def test_linear_probe_views_and_eval_view(folder):
     assert len(batch.views) == 1 and batch.views[0].shape == (8, 3, 32, 32) and len(train) == 6
     val = build_eval_loader(cfg, str(folder), batch_size=10)
     assert len(val) == 5 and sorted(epoch_indices(val)) == list(range(48))
+
+
+def test_highpass_in_dali_or_in_the_loader_gives_the_same_views(folder):
+    """highpass.where: DALI's blur (before the normalization) and the loader's two matmuls
+    (after it) are the same filter (paper §5.1), so the same seed gives the same views."""
+    base = ["train.global_batch=8", "data.output_dtype=float32"]
+    views = {}
+    from mscn.pipelines.loader import plan
+
+    for where in ("pipeline", "loader"):
+        cfg = tiny_cfg(folder, *base, f"highpass.where={where}")
+        p = plan(cfg, None)  # the CPU path: auto would be the loader
+        assert (p.highpass_in_pipeline is not None, p.highpass_in_adapter is not None) == (
+            (True, False) if where == "pipeline" else (False, True))
+        views[where] = next(iter(build_train_loader(cfg, apply_mask=False))).views
+    for a, b in zip(views["pipeline"], views["loader"]):
+        assert a.abs().mean() > 0.05  # high-passed views, not zeros
+        assert (a - b).abs().max() < 1e-4
