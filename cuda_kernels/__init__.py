@@ -15,8 +15,8 @@ import torch
 
 from mscn.config import MaskCfg
 from mscn.cuda_kernels.mask_reference import apply_table_reference
-from mscn.errors import ConfigError, MscnError
-from mscn.maskspec import MaskTable, check_mask_cfg, sample_mask_table, sample_tables
+from mscn.errors import MscnError
+from mscn.maskspec import MaskTable, check_views, sample_mask_table, sample_tables
 
 try:  # Triton is absent on some platforms (macOS, Windows): the reference still works
     from mscn.cuda_kernels.mask_tables_triton import kernel_supports, sample_mask_table_triton
@@ -64,24 +64,19 @@ def draw_tables(views: Sequence[torch.Tensor], cfgs: Sequence[MaskCfg],
     torch sampler (``mscn.maskspec``), the CPU path. Same semantics and distribution;
     the random streams differ, so a seed reproduces tables within one backend.
     """
+    check_views(views, cfgs)  # before the shape is read below
     if not views or _pick_backend(views[0], backend) != "triton" or any(
             not kernel_supports(v.shape[2], v.shape[3], c) for v, c in zip(views, cfgs)):
         return sample_tables(views, cfgs, generator)
-    if len(views) != len(cfgs):
-        raise ConfigError(f"views: the config has {len(cfgs)} views but {len(views)} tensors were given")
     dev = views[0].device
+    if any(v.device != dev for v in views):
+        raise MscnError(f"views on several devices ({sorted({str(v.device) for v in views})}): "
+                        "the table kernel draws a batch's tables on one")
     rng_dev = generator.device if generator is not None else dev
     keys = torch.randint(0, 2**62, (len(views),), generator=generator, device=rng_dev, dtype=torch.int64)
     # non_blocking only towards a GPU (see maskspec._uniform)
     keys = keys.to(dev, non_blocking=dev.type == "cuda")
-    tables = []
-    for i, (v, cfg) in enumerate(zip(views, cfgs)):
-        if v.dim() != 4 or not v.is_floating_point() or v.device != dev:
-            raise MscnError(f"view {i}: expected a floating (B, C, H, W) tensor on {dev}, "
-                            f"got {tuple(v.shape)} {v.dtype} on {v.device}")
-        check_mask_cfg(cfg, key=f"views[{i}].mask")
-        tables.append(sample_mask_table_triton(*v.shape, cfg, keys[i:i + 1]))
-    return tables
+    return [sample_mask_table_triton(*v.shape, cfg, keys[i:i + 1]) for i, (v, cfg) in enumerate(zip(views, cfgs))]
 
 
 def apply_tables(views: Sequence[torch.Tensor], tables: Sequence[MaskTable],

@@ -188,12 +188,16 @@ def sample_mask_table(batch: int, channels: int, height: int, width: int, cfg: M
 def sample_tables(views: Sequence[torch.Tensor], cfgs: Sequence[MaskCfg],
                   generator: torch.Generator | None = None) -> list[MaskTable]:
     """One :class:`MaskTable` per view (each on its view's device), in view order."""
+    check_views(views, cfgs)
+    return [sample_mask_table(*v.shape, cfg, generator, v.device) for v, cfg in zip(views, cfgs)]
+
+
+def check_views(views: Sequence[torch.Tensor], cfgs: Sequence[MaskCfg]) -> None:
+    """One config per view, every view a floating (B, C, H, W) tensor, every MaskCfg in range
+    (the checks of both table samplers: this one and the Triton table kernel's)."""
     if len(views) != len(cfgs):
         raise ConfigError(f"views: the config has {len(cfgs)} views but {len(views)} tensors were given")
-    tables = []
     for i, (v, cfg) in enumerate(zip(views, cfgs)):
         if v.dim() != 4 or not v.is_floating_point():
             raise MscnError(f"view {i}: expected a floating (B, C, H, W) tensor, got {tuple(v.shape)} {v.dtype}")
         check_mask_cfg(cfg, key=f"views[{i}].mask")
-        tables.append(sample_mask_table(*v.shape, cfg, generator, v.device))
-    return tables

@@ -221,13 +221,6 @@ def stage_step(stage: str, cfg, info, device: torch.device):
     return steps.loader_step(loader), loader
 
 
-def device_used(device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    free, total = torch.cuda.mem_get_info(device)
-    return total - free
-
-
 def run_measure(name: str, make_step, args, info, device: torch.device, warmup=None, iters=None,
                 repeats=None, profile: bool = False) -> dict:
     """Build, time and free one configuration; per-rank figures are gathered on every rank.
@@ -237,7 +230,7 @@ def run_measure(name: str, make_step, args, info, device: torch.device, warmup=N
     is freed, so this is the pipeline's own footprint only for the first pipeline of a
     process (gpu_check.sh measures it in a process of its own)."""
     barrier()  # all ranks time together: they share the node's CPUs
-    before = device_used(device)
+    before = timing.device_used_bytes(device)
     t0 = time.perf_counter()
     step, keep = make_step()
     m = timing.measure(name, step, views=args.views, warmup=args.warmup if warmup is None else warmup,
@@ -315,7 +308,7 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
     the device, then by each stage's pipeline in ``--feeds`` (bare, + colour/blur,
     + high-pass, + masks); on a GPU also the full pipeline with the training step on a
     high-priority CUDA stream, so that the trainer's kernels go first when DALI's wait."""
-    from mscn.pipelines.loader import TORCH_DTYPES, endless, plan
+    from mscn.pipelines.loader import TORCH_DTYPES, endless
     from mscn.train.lars import build_optimizer
     from mscn.train.pretrain import amp_dtype, build_model, train_step
     from mscn.train.runtime import priority_stream
@@ -339,7 +332,7 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
 
     def synthetic():
         shape = (args.batch, 3, cfg.data.image_size, cfg.data.image_size)
-        dtype_in = TORCH_DTYPES[plan(cfg, device if device.type == "cuda" else None).output_dtype]
+        dtype_in = TORCH_DTYPES[placed_dtype(cfg, device)]
         views = feed([torch.randn(shape, dtype=dtype_in, device=device)
                       for _ in cfg.views])
 

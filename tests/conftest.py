@@ -35,3 +35,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_synth_train(tmp_path_factory):
+    """The pretraining tests' dataset, synthesized once per session: 4 classes x 16
+    64x48 JPEGs (``train/`` of ``mscn data synth``). Tests only read it."""
+    from mscn.data.synth import synthesize
+
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, classes=4, per_class=16, size=(64, 48), seed=0, workers=1, progress=False)
+    return out / "train"

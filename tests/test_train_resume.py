@@ -27,12 +27,8 @@ STEPS = 16  # 2 epochs of 8 steps: the run crosses a DALI epoch boundary
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from mscn.data.synth import synthesize
-
-    out = tmp_path_factory.mktemp("synth")
-    synthesize(out, classes=4, per_class=16, size=(64, 48), seed=0, workers=1, progress=False)
-    return out / "train"  # 64 images: 8 steps per epoch at global batch 8
+def dataset(tiny_synth_train):
+    return tiny_synth_train  # 64 images: 8 steps per epoch at global batch 8
 
 
 def args(dataset, out_dir, *extra):

@@ -169,6 +169,14 @@ def measure(name: str, step: Callable[[], int], *, views: int, warmup: int, iter
     return m
 
 
+def device_used_bytes(device: torch.device) -> int | None:
+    """Device-wide memory in use (cudaMemGetInfo: DALI's pool included); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free
+
+
 def gpu_memory(device: torch.device) -> dict:
     """Peak torch allocations during the windows, and the device-wide use (DALI's pool included)."""
     free, total = torch.cuda.mem_get_info(device)
