@@ -19,7 +19,7 @@ from mscn.errors import MscnError
 from mscn.maskspec import MaskTable, check_views, sample_mask_table, sample_tables
 
 try:  # Triton is absent on some platforms (macOS, Windows): the reference still works
-    from mscn.cuda_kernels.mask_tables_triton import kernel_supports, sample_mask_table_triton
+    from mscn.cuda_kernels.mask_tables_triton import group_key, kernel_supports, sample_mask_tables_triton
     from mscn.cuda_kernels.mask_triton import apply_table_triton, kernel_unsupported
 except ImportError as e:  # pragma: no cover - depends on the install
     _TRITON_IMPORT_ERROR: str | None = f"triton is not importable ({e})"
@@ -58,9 +58,10 @@ def draw_tables(views: Sequence[torch.Tensor], cfgs: Sequence[MaskCfg],
                 generator: torch.Generator | None = None, *, backend: str = "auto") -> list[MaskTable]:
     """One :class:`MaskTable` per view, drawn where the fill will run.
 
-    Triton backend: one launch of the table kernel per view (mask_tables_triton.py), each
-    view keyed by one Philox key drawn from ``generator`` in a single draw, so the whole
-    batch costs 1 + len(views) launches and no host sync. Torch backend: the vectorised
+    Triton backend: one launch of the table kernel draws every view that shares a size,
+    grid and offset rule (mask_tables_triton.py), each view keyed by one Philox key drawn
+    from ``generator`` in a single draw: the default views cost 2 launches (keys, tables)
+    and no host sync. Torch backend: the vectorised
     torch sampler (``mscn.maskspec``), the CPU path. Same semantics and distribution;
     the random streams differ, so a seed reproduces tables within one backend.
     """
@@ -76,7 +77,21 @@ def draw_tables(views: Sequence[torch.Tensor], cfgs: Sequence[MaskCfg],
     keys = torch.randint(0, 2**62, (len(views),), generator=generator, device=rng_dev, dtype=torch.int64)
     # non_blocking only towards a GPU (see maskspec._uniform)
     keys = keys.to(dev, non_blocking=dev.type == "cuda")
-    return [sample_mask_table_triton(*v.shape, cfg, keys[i:i + 1]) for i, (v, cfg) in enumerate(zip(views, cfgs))]
+    # one launch per run of views that share a size, grid and offset rule: the default
+    # views (same size, asymmetric ratios) are one run, so the batch costs 2 launches
+    # (runs of neighbouring views, so that their keys are a slice: indexing with a list
+    # would copy the index to the device, a host sync)
+    runs: list[list[int]] = []
+    for i, (v, cfg) in enumerate(zip(views, cfgs)):
+        sig = (tuple(v.shape), group_key(v.shape[2], v.shape[3], cfg))
+        if runs and runs[-1][0] == sig:
+            runs[-1][1].append(i)
+        else:
+            runs.append([sig, [i]])
+    tables: list[MaskTable] = []
+    for (shape, _), idx in runs:
+        tables += sample_mask_tables_triton(*shape, [cfgs[i] for i in idx], keys[idx[0]:idx[-1] + 1])
+    return tables
 
 
 def apply_tables(views: Sequence[torch.Tensor], tables: Sequence[MaskTable],

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -44,12 +45,31 @@ _ELEMS_PER_PROGRAM = 65536 if INTERPRETED else 4096
 
 
 @triton.jit
-def _table_kernel(key_ptr, cells_ptr, offset_ptr, noise_ptr, seed_ptr, focal_ptr, indep_ptr,
-                  rows_total, C, H, W, nH, nW, nh_min, nw_min, k00, k01, k10, k11,
-                  p_focal, p_ind, p_noise, log_lo, log_hi,
+def _table_kernel(key_ptr, kpar_ptr, fpar_ptr, cells_ptr, offset_ptr, noise_ptr, seed_ptr, focal_ptr, indep_ptr,
+                  rows_total, C, H, W, nH, nW, nh_min, nw_min,
                   GRID: tl.constexpr, RANDOM_OFFSET: tl.constexpr,
                   BLOCK_S: tl.constexpr, NCELL: tl.constexpr, KEY_BITS: tl.constexpr):
-    key = tl.load(key_ptr)  # this view's Philox key
+    # axis 1 = the view: every view of a batch is drawn by the same launch, each with its
+    # own Philox key and its own mask config (asymmetric masking, paper §5.2)
+    v = tl.program_id(1)
+    key = tl.load(key_ptr + v)
+    k00 = tl.load(kpar_ptr + 4 * v)  # cells to mask for the 2 x 2 grid sizes an offset can give
+    k01 = tl.load(kpar_ptr + 4 * v + 1)
+    k10 = tl.load(kpar_ptr + 4 * v + 2)
+    k11 = tl.load(kpar_ptr + 4 * v + 3)
+    p_focal = tl.load(fpar_ptr + 5 * v)
+    p_ind = tl.load(fpar_ptr + 5 * v + 1)
+    p_noise = tl.load(fpar_ptr + 5 * v + 2)
+    log_lo = tl.load(fpar_ptr + 5 * v + 3)
+    log_hi = tl.load(fpar_ptr + 5 * v + 4)
+    # this view's slice of the outputs (rows_total = B * C rows per view)
+    B = rows_total // C
+    cells_ptr += v.to(tl.int64) * rows_total * nH * nW
+    offset_ptr += v * 2 * B
+    noise_ptr += v * B
+    seed_ptr += v * B
+    focal_ptr += v * rows_total
+    indep_ptr += v * B
     row = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)  # (S,) = b * C + c
     live = row < rows_total
     b = row // C
@@ -134,34 +154,80 @@ def _cell_count_k(ratio: float, n: int) -> int:
     return math.floor(ratio * n + 0.5)
 
 
-def sample_mask_table_triton(batch: int, channels: int, height: int, width: int, cfg: MaskCfg,
-                             key: torch.Tensor) -> MaskTable:
-    """One view's :class:`MaskTable`, drawn on ``key``'s device with Philox key ``key[0]``.
+def group_key(height: int, width: int, cfg: MaskCfg) -> tuple:
+    """Views whose tables one launch can draw share this: the launch's compile-time shape."""
+    return (height, width, cfg.grid, bool(cfg.random_offset))
 
-    ``key``: an int64 tensor of one element (drawn from the caller's generator, so no host
-    sync is needed to pass it). The table's semantics are those of
-    ``mscn.maskspec.sample_mask_table``; only the random stream differs.
+
+# per-view parameters as device tensors, by (device, configs, shape): they are the same at
+# every step, and building them anew would be a host-to-device copy from pageable memory,
+# which waits for the stream (a host sync per batch)
+_PARAMS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _view_params(dev: torch.device, height: int, width: int, cfgs: Sequence[MaskCfg]):
+    # by value: MaskCfg is a mutable dataclass (unhashable), and a changed config must miss
+    key = (str(dev), height, width, tuple((c.ratio, c.grid, c.p_focal, c.p_ind, c.p_noise, tuple(c.focal_aspect))
+                                          for c in cfgs))
+    if key not in _PARAMS:
+        if len(_PARAMS) >= 64:  # bounded: a sweep over many configs must not grow it forever
+            _PARAMS.clear()
+        kpar, fpar = [], []
+        for cfg in cfgs:
+            g = cfg.grid
+            nh_min, nw_min = -(-height // g), -(-width // g)
+            kpar += [_cell_count_k(cfg.ratio, (nh_min + i) * (nw_min + j)) for i in (0, 1) for j in (0, 1)]
+            fpar += [float(cfg.p_focal), float(cfg.p_ind), float(cfg.p_noise),
+                     *(math.log(a) for a in cfg.focal_aspect)]
+        _PARAMS[key] = (torch.tensor(kpar, dtype=torch.int32).to(dev),
+                        torch.tensor(fpar, dtype=torch.float32).to(dev))
+    return _PARAMS[key]
+
+
+def sample_mask_tables_triton(batch: int, channels: int, height: int, width: int, cfgs: Sequence[MaskCfg],
+                              keys: torch.Tensor) -> list[MaskTable]:
+    """The :class:`MaskTable` of every view in ``cfgs``, drawn by **one** launch on
+    ``keys``' device; view ``i`` uses Philox key ``keys[i]``.
+
+    ``keys``: int64, one element per view (drawn from the caller's generator, so no host
+    sync is needed to pass them). The views must share :func:`group_key` (size, grid,
+    random offset); ratios and probabilities may differ per view. The tables' semantics
+    are those of ``mscn.maskspec.sample_mask_table``; only the random stream differs, and
+    view ``i``'s table is the one a launch for that view alone would draw with ``keys[i]``.
     """
-    dev, g = key.device, cfg.grid
-    nH, nW = table_shape(height, width, cfg)
+    if not cfgs:
+        return []
+    groups = {group_key(height, width, c) for c in cfgs}
+    if len(groups) != 1:
+        raise ValueError(f"one launch draws views of one grid and offset rule, got {sorted(groups)}")
+    if keys.numel() != len(cfgs):
+        raise ValueError(f"{len(cfgs)} views need {len(cfgs)} keys, got {keys.numel()}")
+    dev, cfg0, nv = keys.device, cfgs[0], len(cfgs)
+    g = cfg0.grid
+    nH, nW = table_shape(height, width, cfg0)
     ncell = triton.next_power_of_2(nH * nW)
     nh_min, nw_min = -(-height // g), -(-width // g)
-    ks = [_cell_count_k(cfg.ratio, (nh_min + i) * (nw_min + j)) for i in (0, 1) for j in (0, 1)]
-    cells = torch.empty(batch, channels, nH, nW, dtype=torch.bool, device=dev)
-    offset = torch.empty(batch, 2, dtype=torch.int32, device=dev)
-    noise = torch.empty(batch, dtype=torch.bool, device=dev)
-    seed = torch.empty(batch, dtype=torch.int64, device=dev)
-    focal = torch.empty(batch, channels, dtype=torch.bool, device=dev)
-    indep = torch.empty(batch, dtype=torch.bool, device=dev)
+    kpar, fpar = _view_params(dev, height, width, cfgs)
+    cells = torch.empty(nv, batch, channels, nH, nW, dtype=torch.bool, device=dev)
+    offset = torch.empty(nv, batch, 2, dtype=torch.int32, device=dev)
+    noise = torch.empty(nv, batch, dtype=torch.bool, device=dev)
+    seed = torch.empty(nv, batch, dtype=torch.int64, device=dev)
+    focal = torch.empty(nv, batch, channels, dtype=torch.bool, device=dev)
+    indep = torch.empty(nv, batch, dtype=torch.bool, device=dev)
     block_s = max(1, _ELEMS_PER_PROGRAM // ncell)
     rows = batch * channels
-    lo, hi = (math.log(a) for a in cfg.focal_aspect)
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        _table_kernel[(triton.cdiv(rows, block_s),)](
-            key, cells.view(torch.uint8), offset, noise.view(torch.uint8), seed, focal.view(torch.uint8),
-            indep.view(torch.uint8), rows, channels, height, width, nH, nW, nh_min, nw_min, *ks,
-            float(cfg.p_focal), float(cfg.p_ind), float(cfg.p_noise), lo, hi,
-            GRID=g, RANDOM_OFFSET=bool(cfg.random_offset), BLOCK_S=block_s, NCELL=ncell, KEY_BITS=33 + ncell.bit_length() - 1,
-            num_warps=4 if ncell * block_s <= 2048 else 8)
-    return MaskTable(cells=cells, offset=offset, noise=noise, seed=seed, focal=focal, independent=indep,
-                     grid=g, noise_std=float(cfg.noise_std), height=height, width=width)
+        _table_kernel[(triton.cdiv(rows, block_s), nv)](
+            keys.reshape(-1), kpar, fpar, cells.view(torch.uint8), offset, noise.view(torch.uint8), seed,
+            focal.view(torch.uint8), indep.view(torch.uint8), rows, channels, height, width, nH, nW, nh_min, nw_min,
+            GRID=g, RANDOM_OFFSET=bool(cfg0.random_offset), BLOCK_S=block_s, NCELL=ncell,
+            KEY_BITS=33 + ncell.bit_length() - 1, num_warps=4 if ncell * block_s <= 2048 else 8)
+    return [MaskTable(cells=cells[i], offset=offset[i], noise=noise[i], seed=seed[i], focal=focal[i],
+                      independent=indep[i], grid=g, noise_std=float(cfg.noise_std), height=height, width=width)
+            for i, cfg in enumerate(cfgs)]
+
+
+def sample_mask_table_triton(batch: int, channels: int, height: int, width: int, cfg: MaskCfg,
+                             key: torch.Tensor) -> MaskTable:
+    """One view's :class:`MaskTable`, drawn on ``key``'s device with Philox key ``key[0]``."""
+    return sample_mask_tables_triton(batch, channels, height, width, [cfg], key.reshape(-1)[:1])[0]

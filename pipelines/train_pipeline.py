@@ -62,6 +62,8 @@ def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 22
         x, flags = augment_view(images, shape, view, image_size)
         outputs.append(normalize_highpass(x, mean, std, fn.cast(flags.flip, dtype=types.INT32), highpass, view_dtype))
         if debug_outputs:
+            if flags.crop_area is None:
+                raise ValueError("debug outputs need the crop window: ops.CROP_OP='rrc' hides it")
             drawn = [getattr(flags, name) for name in FLAG_NAMES]
             outputs.append(fn.stack(*[fn.cast(f, dtype=types.INT32) for f in drawn]))
             outputs.append(flags.crop_area)

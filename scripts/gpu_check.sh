@@ -9,9 +9,13 @@
 #           two ranks sharing the GPU under torchrun (training and the bench), the
 #           previous release for before/after figures when given, a thread sweep, and
 #           the headline summary (gpu_summary.json).
+#   part 3: one round of A/B (about 6 minutes, not yet timed): GPU tests, the mask and
+#           memory figures, the full pipeline against each variant (masks-hp-late,
+#           masks-hp-loader, masks-rrc) and the blur-window sweep, the trainer fed by each,
+#           and the summary;
 #   figures: only the headline figures of gpu_summary.json (no tests, no attribution rows,
 #           no sweeps), for a quick re-measurement on another box.
-# Usage: bash scripts/gpu_check.sh [all|1|2|figures]. The parts can run as two commands on the same
+# Usage: bash scripts/gpu_check.sh [all|1|2|3|figures]. The parts can run as two commands on the same
 # machine: results collect in $MSCN_GPU_RESULTS; after every step the part's log and a
 # tarball of all results so far go to $OUT (so a killed run still hands back its figures).
 # Before/after: set MSCN_OLD_SITE (site-packages of the previous release) and MSCN_OLD_SCRIPTS
@@ -76,6 +80,27 @@ figures() {
   cp "$R/gpu_summary.json" "$OUT"/ 2>/dev/null
 }
 
+part3() {  # this round's A/B: every variant against the default in one run, and the headlines
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$LOG" 2>&1
+  $PY -P -c "import os, torch, nvidia.dali as d, triton; print('torch', torch.__version__, 'dali', d.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available(), 'cores', len(os.sched_getaffinity(0)))" 2>&1 | tee -a "$LOG"
+  [ -d "$DATA/train" ] || run synth 120 $PY -P -m mscn data synth "$DATA" --classes 10 --per-class 300 --size 500x375 --seed 0
+  run tests 200 $PY -P -m pytest -q -s tests/test_pipeline_gpu.py tests/test_mask_kernel.py tests/test_masks.py
+  run pipeline 90 $PY scripts/gpu_pipeline_check.py --data "$DATA/train" --json "$R/pipeline.json"
+  run masks 60 $PY scripts/bench_masks.py --json "$R/masks.json"
+  run memory 60 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
+      --json "$R/memory.json"
+  run bench 180 $PY scripts/bench_pipeline.py --data "$DATA/train" \
+      --stages decode,masks,masks-hp-late,masks-hp-loader,masks-rrc --baseline dali-plain --json "$R/bench.json"
+  run sweep-blur 90 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
+      --sweep blur_window=0,23 --json "$R/sweep_blur.json"
+  run train18 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
+      --feeds bare,masks,masks-hp-late,masks-hp-loader,masks-rrc --json "$R/train_r18.json"
+  run train50 120 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 --feeds masks \
+      --json "$R/train_r50.json"
+  run summary 30 $PY scripts/gpu_summary.py "$R"
+  cp "$R/gpu_summary.json" "$OUT"/ 2>/dev/null
+}
+
 part2() {
   run train18 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
       --feeds bare,colour,views,highpass,masks,masks-hp-late,masks-hp-loader --json "$R/train_r18.json"
@@ -104,9 +129,10 @@ part2() {
 case "$PART" in
   1) part1 ;;
   2) part2 ;;
+  3) part3 ;;
   all) part1; part2 ;;
   figures) figures ;;
-  *) echo "usage: $0 [all|1|2|figures]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|1|2|3|figures]" >&2; exit 2 ;;
 esac
 echo "--- summary" | tee -a "$LOG"
 grep -h -E "^(SUMMARY|\||check |!!!|===)" "$LOG" | tail -n 100

@@ -186,3 +186,51 @@ def test_gpu_mask_step_has_no_host_sync():
         apply_masks(views, cfgs, gen, inplace=False, backend="triton")
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def _fields(t):
+    return {f: getattr(t, f).cpu() for f in ("cells", "offset", "noise", "seed", "focal", "independent")}
+
+
+def test_one_launch_draws_every_view_as_its_own_launch_would():
+    """The fused table launch (views on the kernel's second axis) gives view i exactly the
+    table a one-view launch draws with key i, under each view's own config."""
+    from mscn.cuda_kernels.mask_tables_triton import sample_mask_table_triton, sample_mask_tables_triton
+
+    cfgs = [MaskCfg(ratio=0.05, grid=8, p_focal=0.0, p_ind=1.0, p_noise=0.0),
+            MaskCfg(ratio=0.5, grid=8, p_focal=1.0, p_ind=0.0, p_noise=1.0, focal_aspect=(1.0, 1.0)),
+            MaskCfg(ratio=0.15, grid=8)]
+    keys = torch.tensor([11, 2**40 + 3, 12345], dtype=torch.int64, device=DEV)
+    fused = sample_mask_tables_triton(16, 3, 40, 56, cfgs, keys)
+    for i, cfg in enumerate(cfgs):
+        alone = sample_mask_table_triton(16, 3, 40, 56, cfg, keys[i:i + 1])
+        a, b = _fields(fused[i]), _fields(alone)
+        assert all(torch.equal(a[f], b[f]) for f in a), f"view {i}"
+    # each view followed its own config, not its neighbour's
+    k = [torch.floor(c.ratio * t.cell_counts().prod(1).double() + 0.5).long() for c, t in zip(cfgs, fused)]
+    assert torch.equal(fused[0].cells.cpu().flatten(2).sum(-1), k[0].cpu()[:, None].expand(-1, 3))
+    assert fused[0].independent.all() and not fused[0].noise.any() and not fused[0].focal.any()
+    assert not fused[1].independent.any() and fused[1].noise.all() and fused[1].focal.all()
+    with pytest.raises(ValueError, match="one launch"):
+        sample_mask_tables_triton(2, 3, 40, 56, [MaskCfg(grid=8), MaskCfg(grid=16)], keys[:2])
+
+
+def test_draw_tables_launches_once_per_run_of_alike_views(monkeypatch):
+    """Views of one size and grid share a launch; a view with another grid gets its own,
+    and every table still matches its view's config."""
+    import mscn.cuda_kernels as ck
+
+    launches = []
+    real = ck.sample_mask_tables_triton
+    monkeypatch.setattr(ck, "sample_mask_tables_triton",
+                        lambda *a, **kw: launches.append(len(a[4])) or real(*a, **kw))
+    views = [torch.zeros(4, 3, 32, 48, device=DEV) for _ in range(4)]
+    cfgs = [MaskCfg(grid=8, ratio=0.1), MaskCfg(grid=8, ratio=0.4), MaskCfg(grid=16, ratio=0.3),
+            MaskCfg(grid=8, ratio=0.2)]
+    tables = ck.draw_tables(views, cfgs, torch.Generator().manual_seed(0), backend="triton")
+    assert launches == [2, 1, 1]
+    for t, c in zip(tables, cfgs):
+        assert t.grid == c.grid
+        k = torch.floor(c.ratio * t.cell_counts().prod(1).double() + 0.5).long()
+        assert torch.equal(t.cells.cpu().flatten(2).sum(-1)[t.focal.cpu().logical_not().all(1)],
+                           k.cpu()[t.focal.cpu().logical_not().all(1)][:, None].expand(-1, 3))

@@ -10,7 +10,8 @@ LABELS = {"decode": "decode", "bare": "+ crop, flip, normalize", "colour": "+ co
           "dali-plain": "DALI written plainly (views + high-pass, no masks)",
           "masks-priority": "+ masks, trainer on a high-priority stream",
           "masks-hp-late": "full, high-pass after normalize (previous order)",
-          "masks-hp-loader": "full, high-pass as GEMMs in the loader (highpass.where=loader)"}
+          "masks-hp-loader": "full, high-pass as GEMMs in the loader (highpass.where=loader)",
+          "masks-rrc": "full, views cut by fn.random_resized_crop"}
 
 # ----------------------------------------------------------------------------------
 # Output: a human table (gpu_check.sh greps the "|" rows and SUMMARY lines) and a chart

@@ -78,10 +78,14 @@ class Runner:
         return self._rt
 
     def plan(self, arms: list[Arm], cfgs: dict[str, Config], base: Config, seeds: list[int]) -> list[dict]:
-        """Every job in order (random init per seed, then arm x seed) with its config, folder,
-        fingerprint and whether it is already done (or shares an earlier job's config)."""
+        """Every job in order, seed by seed (random init, then every arm), with its config,
+        folder, fingerprint and whether it is already done (or shares an earlier job's config).
+
+        Seed-major, so that an ablation cut short (a time limit, a lost machine) has every
+        arm at the same number of seeds, and its table compares like with like."""
         jobs, fps = [], set()
-        for name, seed, arm in [("random", s, None) for s in seeds] + [(a.name, s, a) for a in arms for s in seeds]:
+        order = [(name, s, arm) for s in seeds for name, arm in [("random", None)] + [(a.name, a) for a in arms]]
+        for name, seed, arm in order:
             where = self.out / ("random" if arm is None else f"runs/{name}") / f"seed{seed}"
             cfg = with_run(with_data(base if arm is None else cfgs[name], self.train_root, self.val_root), seed, where)
             fp = fingerprint(cfg) + ("-random" if arm is None else "")
