@@ -148,7 +148,7 @@ class TrainCfg:
     device: str = "auto"  # auto | cuda | cpu
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     channels_last: bool = True  # GPU only
-    priority_stream: bool = True  # GPU only: train on a high-priority CUDA stream, ahead of DALI's kernels
+    priority_stream: bool = False  # GPU only: train on a high-priority CUDA stream (measured: no gain, PERFORMANCE.md)
     compile: bool = False
     max_steps: int = 0  # >0: stop after this many optimizer steps (smoke tests)
     ckpt_every_steps: int = 500

@@ -39,7 +39,7 @@ def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 22
                    std=IMAGENET_STD, highpass: tuple[float, int] | None = (5.0, 31), device: str = "cpu",
                    hw_decoder_load: float = 0.65, shard_id: int = 0, num_shards: int = 1,
                    shuffle: bool = True, shuffle_buffer: int = 4096, reader_seed: int = -1,
-                   view_dtype: str = "float32", debug_outputs: bool = False):
+                   view_dtype: str = "float32", debug_outputs: bool = False, crop: str | None = None):
     """N augmented views of every image, each with its own :class:`ViewCfg`.
 
     Call with the pipeline arguments too: ``views_pipeline(src, views, batch_size=..,
@@ -49,7 +49,8 @@ def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 22
     ``highpass``: (σ, window), or None to leave it out (ablation, or when the caller
     applies it after the pipeline, as the CPU path of the loader does).
     ``reader_seed`` fixes the reader's shuffle (diagnose.py replays it); ``view_dtype``
-    is float32 or float16 (the DALI output type of the views).
+    is float32 or float16 (the DALI output type of the views). ``crop``: "rrc" or
+    "window" (ops.resized_crop); default ops.CROP_OP, or "window" with ``debug_outputs``.
     """
     encoded, label, index = read(source, shard_id=shard_id, num_shards=num_shards, shuffle=shuffle,
                                  shuffle_buffer=shuffle_buffer, stick_to_shard=False, seed=reader_seed)
@@ -57,13 +58,16 @@ def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 22
     # waiting for the (possibly GPU) decoder before drawing them
     shape = fn.peek_image_shape(encoded)
     images = decode(encoded, device, hw_decoder_load)  # once per image, shared by all views
+    # the debug outputs report each crop's area, which only the "window" crop exposes (the
+    # same rule as the fused op: tests/test_pipeline_crop.py); otherwise ops.CROP_OP
+    crop_op = crop if crop else ("window" if debug_outputs else None)
+    if debug_outputs and crop_op == "rrc":
+        raise ValueError("debug outputs report the crop window, which crop='rrc' does not expose")
     outputs = []
     for view in views:  # trace time: one branch of the graph per view
-        x, flags = augment_view(images, shape, view, image_size)
+        x, flags = augment_view(images, shape, view, image_size, crop_op)
         outputs.append(normalize_highpass(x, mean, std, fn.cast(flags.flip, dtype=types.INT32), highpass, view_dtype))
         if debug_outputs:
-            if flags.crop_area is None:
-                raise ValueError("debug outputs need the crop window: ops.CROP_OP='rrc' hides it")
             drawn = [getattr(flags, name) for name in FLAG_NAMES]
             outputs.append(fn.stack(*[fn.cast(f, dtype=types.INT32) for f in drawn]))
             outputs.append(flags.crop_area)

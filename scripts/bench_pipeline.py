@@ -43,11 +43,11 @@ from mscn.pipelines.tuning import usable_cores
 from mscn.train.distributed import barrier
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("decode", "bare", "colour", "views", "highpass", "masks", "masks-hp-late", "masks-hp-loader", "masks-rrc")
+STAGES = ("decode", "bare", "colour", "views", "highpass", "masks", "masks-hp-late", "masks-hp-loader", "masks-crop-window")
 # the full pipeline with the high-pass elsewhere, on request: after the normalization in
 # DALI (the previous order), or as batched GEMMs in the loader (highpass.where=loader)
-VARIANTS = ("masks-hp-late", "masks-hp-loader", "masks-rrc")
-FEEDS = ("bare", "colour", "views", "highpass", "masks", "masks-hp-late", "masks-hp-loader", "masks-rrc")  # --train feeds
+VARIANTS = ("masks-hp-late", "masks-hp-loader", "masks-crop-window")
+FEEDS = ("bare", "colour", "views", "highpass", "masks", "masks-hp-late", "masks-hp-loader", "masks-crop-window")  # --train feeds
 # Small on the 2-core CI box (the whole default run fits in ~1 min), ImageNet-scale on a GPU.
 DEFAULTS = {"cpu": dict(batch=32, warmup=2, iters=3, repeats=3, train_steps=3, arch="resnet18",
                         baseline_workers=2),
@@ -192,11 +192,12 @@ def stage_loader(cfg, stage: str, info, device: torch.device):
     from mscn.pipelines.loader import build_train_loader
 
     # the variants build the full pipeline another way (masks-hp-late: high-pass after
-    # normalization; masks-rrc: fn.random_resized_crop) to time both in one run; the
-    # graph is traced right here, so the module switches only need to hold for the build
+    # normalization; masks-crop-window: random_crop_generator + ROI resize instead of the
+    # fused fn.random_resized_crop) to time both in one run; the graph is traced right
+    # here, so the module switches only need to hold for the build
     default = ops.HIGHPASS_FIRST, ops.CROP_OP
     ops.HIGHPASS_FIRST = stage != "masks-hp-late" and default[0]
-    ops.CROP_OP = "rrc" if stage == "masks-rrc" else default[1]
+    ops.CROP_OP = "window" if stage == "masks-crop-window" else default[1]
     try:
         return build_train_loader(stage_config(cfg, stage), rank=info.rank, world_size=info.world_size,
                                   local_rank=info.local_rank, device=device if device.type == "cuda" else None,

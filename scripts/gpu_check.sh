@@ -11,7 +11,7 @@
 #           the headline summary (gpu_summary.json).
 #   part 3: one round of A/B (about 6 minutes, not yet timed): GPU tests, the mask and
 #           memory figures, the full pipeline against each variant (masks-hp-late,
-#           masks-hp-loader, masks-rrc) and the blur-window sweep, the trainer fed by each,
+#           masks-hp-loader, masks-crop-window) and the blur-window sweep, the trainer fed by each,
 #           and the summary;
 #   figures: only the headline figures of gpu_summary.json (no tests, no attribution rows,
 #           no sweeps), for a quick re-measurement on another box.
@@ -90,11 +90,11 @@ part3() {  # this round's A/B: every variant against the default in one run, and
   run memory 60 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
       --json "$R/memory.json"
   run bench 180 $PY scripts/bench_pipeline.py --data "$DATA/train" \
-      --stages decode,masks,masks-hp-late,masks-hp-loader,masks-rrc --baseline dali-plain --json "$R/bench.json"
+      --stages decode,masks,masks-hp-late,masks-hp-loader,masks-crop-window --baseline dali-plain --json "$R/bench.json"
   run sweep-blur 90 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
       --sweep blur_window=0,23 --json "$R/sweep_blur.json"
   run train18 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
-      --feeds bare,masks,masks-hp-late,masks-hp-loader,masks-rrc --json "$R/train_r18.json"
+      --feeds bare,masks,masks-hp-late,masks-hp-loader,masks-crop-window --json "$R/train_r18.json"
   run train50 120 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 --feeds masks \
       --json "$R/train_r50.json"
   run summary 30 $PY scripts/gpu_summary.py "$R"

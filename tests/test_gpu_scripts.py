@@ -41,7 +41,7 @@ def results(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("gpu_results")
     data = make_folder(out / "data", classes=2, per_class=6)
     common = ["--data", data, *TINY]
-    for name, args in (("bench", ["--stages", "decode,masks,masks-hp-late,masks-rrc", "--baseline", "dali-plain"]),
+    for name, args in (("bench", ["--stages", "decode,masks,masks-hp-late,masks-crop-window", "--baseline", "dali-plain"]),
                        ("memory", ["--stages", "masks"]),
                        ("train_r18", ["--train", "--arch", "resnet18", "--train-steps", "2", "--feeds", "masks"])):
         proc = run("bench_pipeline.py", *common, *args, "--json", out / f"{name}.json")
@@ -57,7 +57,7 @@ def test_gpu_summary_reads_the_bench_files(results):
     train = json.loads((results / "train_r18.json").read_text())
     assert s["card"] is None and s["cores"] >= 1 and s["versions"]["dali"]
     assert s["share_of_decode"] == bench["share_of_decode"]
-    assert list(bench["stages"]) == ["decode", "masks", "masks-hp-late", "masks-rrc"]
+    assert list(bench["stages"]) == ["decode", "masks", "masks-hp-late", "masks-crop-window"]
     assert bench["pipeline"] == bench["stages"]["masks"]  # the variants are not the training input
     assert s["plain_dali_share_of_decode"] == bench["baselines"]["dali-plain"]["share_of_decode"]
     assert s["kept_resnet18"] == train["train"]["feeds"]["masks"]["kept"] and s["kept_resnet50"] is None

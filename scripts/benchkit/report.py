@@ -11,7 +11,7 @@ LABELS = {"decode": "decode", "bare": "+ crop, flip, normalize", "colour": "+ co
           "masks-priority": "+ masks, trainer on a high-priority stream",
           "masks-hp-late": "full, high-pass after normalize (previous order)",
           "masks-hp-loader": "full, high-pass as GEMMs in the loader (highpass.where=loader)",
-          "masks-rrc": "full, views cut by fn.random_resized_crop"}
+          "masks-crop-window": "full, views cut by random_crop_generator + ROI resize (previous crop)"}
 
 # ----------------------------------------------------------------------------------
 # Output: a human table (gpu_check.sh greps the "|" rows and SUMMARY lines) and a chart
