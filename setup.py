@@ -14,6 +14,10 @@ import os
 from setuptools import setup
 
 _DALI_FLAVOURS = {"130": "nvidia-dali-cuda130>=1.52", "120": "nvidia-dali-cuda120>=1.52"}
+# `mscn data photos` cuts its dataset from colour photos that ship inside these wheels
+# (no download); the tests install them too, so CI runs the photos tests.
+_PHOTOS = ["scikit-image>=0.22", "scikit-learn>=1.3"]
+
 _flavour = os.environ.get("MSCN_DALI_CUDA", "130").strip()
 if _flavour not in _DALI_FLAVOURS:
     raise SystemExit(
@@ -49,7 +53,8 @@ setup(
         _DALI_FLAVOURS[_flavour],
     ],
     extras_require={
-        "test": ["pytest>=7", "scipy>=1.10", "matplotlib>=3.6"],
+        "test": ["pytest>=7", "scipy>=1.10", "matplotlib>=3.6", *_PHOTOS],
+        "photos": _PHOTOS,  # mscn data photos: pip install ".[photos]"
         "plots": ["matplotlib>=3.6"],
         "tensorboard": ["tensorboard>=2.12"],  # train.tensorboard=true: pip install ".[tensorboard]"
     },

@@ -262,7 +262,7 @@ def test_subset_converts_official_file_and_reports_unmatched(imagenet_like, tmp_
 # CLI
 # ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", [[], ["synth"], ["scan"], ["subset"], ["pack"]])
+@pytest.mark.parametrize("command", [[], ["synth"], ["photos"], ["scan"], ["subset"], ["pack"]])
 def test_cli_help(command, capsys):
     parser = argparse.ArgumentParser(prog="mscn")
     add_data_commands(parser.add_subparsers(dest="command"))

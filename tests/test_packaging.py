@@ -31,8 +31,8 @@ def test_non_editable_install_imports_all_namespaces(tmp_path):
 
 def test_console_help_for_every_subcommand():
     exe = Path(sys.executable).parent / "mscn"
-    for cmd in ([], ["data"], ["data", "synth"], ["data", "scan"], ["data", "subset"], ["data", "pack"],
-                ["pretrain"], ["eval"], ["eval", "linear"], ["demo"], ["config"]):
+    for cmd in ([], ["data"], ["data", "synth"], ["data", "photos"], ["data", "scan"], ["data", "subset"],
+                ["data", "pack"], ["pretrain"], ["eval"], ["eval", "linear"], ["demo"], ["config"]):
         r = subprocess.run([str(exe), *cmd, "--help"], capture_output=True, text=True)
         assert r.returncode == 0, (cmd, r.stderr)
         assert "usage" in r.stdout.lower(), cmd

@@ -1,4 +1,4 @@
-"""The `mscn data ...` sub-commands: synth, scan, subset, pack.
+"""The `mscn data ...` sub-commands: synth, photos, scan, subset, pack.
 
 ``mscn/cli.py`` calls :func:`add_data_commands` on its sub-parsers and then
 ``args.func(args)``; every failure is an MscnError that ``run_cli`` prints as one
@@ -31,6 +31,20 @@ def _synth(args) -> None:
     print(f"synth: {s['num_train']} train + {s['num_val']} val images, {len(s['classes'])} classes, "
           f"{verb}: {s['out']}")
     print(f"synth: JPEG sizes min/median/max {s['kb_min']}/{s['kb_median']}/{s['kb_max']} KB, "
+          f"{s['images_per_s']} images/s")
+
+
+def _photos(args) -> None:
+    from mscn.data.photos import make_photos
+
+    s = make_photos(args.out, per_class=args.per_class, size=args.size, seed=args.seed,
+                    val_fraction=args.val_fraction)
+    verb = "already there (same parameters), skipped" if s["skipped"] else f"written in {s['seconds']} s"
+    print(f"photos: {s['num_train']} train + {s['num_val']} val crops, {len(s['classes'])} classes (one per "
+          f"photo), {verb}: {s['out']}")
+    print(f"photos: val crops come from {s['val_tiles']} of each photo's {s['tiles']} tiles, train crops from "
+          f"the other {s['tiles'] - s['val_tiles']}; sources and licences in {s['out']}/photos.json")
+    print(f"photos: JPEG sizes min/median/max {s['kb_min']}/{s['kb_median']}/{s['kb_max']} KB, "
           f"{s['images_per_s']} images/s")
 
 
@@ -67,9 +81,9 @@ def _pack(args) -> None:
 
 def add_data_commands(subparsers) -> argparse.ArgumentParser:
     """Register ``data`` and its sub-commands on an ``add_subparsers()`` object."""
-    data = subparsers.add_parser("data", help="dataset tools: synth, scan, subset, pack",
+    data = subparsers.add_parser("data", help="dataset tools: synth, photos, scan, subset, pack",
                                  description="Dataset tools: make, check, subset and pack image folders.")
-    sub = data.add_subparsers(dest="data_command", metavar="{synth,scan,subset,pack}", required=True)
+    sub = data.add_subparsers(dest="data_command", metavar="{synth,photos,scan,subset,pack}", required=True)
 
     p = sub.add_parser("synth", help="write a synthetic ImageFolder with learnable classes",
                        description="Write OUT/train/<class>/<idx>.jpg (and OUT/val/...): each class is a shape x "
@@ -87,6 +101,25 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
                    help="random seed; each image is seeded from (seed, split, class, index) (default 0)")
     p.add_argument("--workers", metavar="W", type=int, default=None, help="processes (default: all cores)")
     p.set_defaults(func=_synth)
+
+    p = sub.add_parser("photos", help="write an ImageFolder of crops of real photos (one class per photo)",
+                       description="Write OUT/train/<class>/<idx>.jpg and OUT/val/...: each class is one of 10 "
+                       "colour photos that ship inside scikit-image and scikit-learn (no download; "
+                       "pip install 'mscn[photos]'), each image a random crop of it resized to --size. Each photo "
+                       "is cut into 4x4 tiles; val crops come from round(16 F) tiles picked by the seed, train "
+                       "crops from the others, and no crop crosses a tile, so train and val share no pixel. "
+                       "Same seed -> identical files; re-running with the same parameters is a no-op. "
+                       "OUT/photos.json records the photos' sources and licences and every crop's box.")
+    p.add_argument("out", metavar="OUT", help="output folder (created; must be empty or an earlier photos output)")
+    p.add_argument("--per-class", metavar="N", type=int, default=200,
+                   help="training crops per photo (default 200); val gets as many per tile")
+    p.add_argument("--size", metavar="WxH", type=parse_size, default=(96, 96),
+                   help="crop width x height (default 96x96: the demo's 64 px views are cut from it)")
+    p.add_argument("--seed", metavar="S", type=int, default=0,
+                   help="random seed of the tile split and of every crop (default 0)")
+    p.add_argument("--val-fraction", metavar="F", type=float, default=0.25,
+                   help="share of each photo's 16 tiles held out for val, rounded to whole tiles (default 0.25)")
+    p.set_defaults(func=_photos)
 
     p = sub.add_parser("scan", help="decode every image, report bad files, write a file list",
                        description="Decode every file under the ImageFolder ROOT with PIL; report corrupt, truncated, "
