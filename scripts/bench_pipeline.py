@@ -29,7 +29,10 @@ import contextlib
 import dataclasses
 import gc
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,8 +61,9 @@ SYNTH = dict(classes=10, per_class=20, size=(500, 375), seed=0)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    # no abbreviations: --isolate rebuilds its children's command lines from the options' full names
     p = argparse.ArgumentParser(prog="scripts/bench_pipeline.py", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
                                 epilog="Config overrides (key=value) go before the flags.")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. data.prefetch=3 highpass.sigma=3")
     p.add_argument("--data", help="ImageFolder root, file list or folder of .tar shards "
@@ -87,6 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train", action="store_true", help="time training steps fed by the pipeline vs synthetic")
     p.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"), help="model.arch for --train")
     p.add_argument("--train-steps", type=int, help="timed training steps per feed (CPU 3, GPU 20)")
+    p.add_argument("--isolate", type=int, metavar="ROUNDS",
+                   help="time each of --stages in a process of its own, ROUNDS times, alternating the "
+                        "order: an A/B that a shared or drifting machine cannot bias by row order")
     p.add_argument("--json", help="write every figure and the environment here")
     p.add_argument("--plot", help="bar chart of the stage breakdown and baseline ratio (PNG)")
     p.add_argument("--profile", help="folder for a torch.profiler trace of the full pipeline (and training)")
@@ -392,11 +399,82 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
             "input_bound_fraction": round(1.0 - full["kept"], 3) if full else None}
 
 
+# ----------------------------------------------------------------------------------
+# --isolate: every stage in a process of its own, rounds in alternating order
+# ----------------------------------------------------------------------------------
+
+def isolation_order(stages: list[str], rounds: int) -> list[tuple[int, str]]:
+    """(round, stage) in run order: even rounds forward, odd rounds backward, so that a
+    drift over time (load, clocks, a neighbour's job) falls on every stage alike."""
+    return [(r, s) for r in range(rounds) for s in (stages if r % 2 == 0 else stages[::-1])]
+
+
+def _child_argv(argv: list[str]) -> list[str]:
+    """``argv`` less the options that --isolate sets per child (--isolate, --stages, --json)."""
+    out, skip = [], False
+    for tok in argv:
+        if skip:
+            skip = False
+            continue
+        name = tok.split("=", 1)[0]
+        if name in ("--isolate", "--stages", "--json"):
+            skip = "=" not in tok
+            continue
+        out.append(tok)
+    return out
+
+
+def run_isolated(args: argparse.Namespace, argv: list[str]) -> int:
+    """--isolate: run ``bench_pipeline.py --stages S`` per stage and round, print the medians."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise MscnError("--isolate starts its own processes: run it without torchrun")
+    if args.baseline or args.sweep or args.train or args.plot or args.profile:
+        raise MscnError("--isolate times --stages only (no --baseline, --sweep, --train, --plot, --profile)")
+    if args.isolate < 1:
+        raise MscnError(f"--isolate must be >= 1, got {args.isolate}")
+    stages = list(dict.fromkeys(s.strip() for s in (args.stages or "").split(",") if s.strip()))
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown or len(stages) < 2:
+        raise MscnError(f"--isolate needs --stages with two or more of {','.join(STAGES)}"
+                        + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    rates: dict[str, list[float]] = {s: [] for s in stages}
+    runs: dict[str, list[dict]] = {s: [] for s in stages}
+    order = isolation_order(stages, args.isolate)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (r, stage) in enumerate(order, 1):
+            out = Path(tmp) / f"{stage}_{r}.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), *_child_argv(argv), "--stages", stage,
+                   "--json", str(out)]
+            print(f"[isolate] {i}/{len(order)} round {r + 1} {stage}", flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise MscnError(f"--isolate: the {stage} run failed (exit {proc.returncode}):\n"
+                                + (proc.stderr or proc.stdout)[-2000:])
+            doc = json.loads(out.read_text())
+            m = doc["stages"][stage]
+            rates[stage].append(m["images_per_s"]["median"])
+            runs[stage].append({"round": r, "position": i, "images_per_s": m["images_per_s"],
+                                "load_avg_1m": doc["env"].get("load_avg_1m")})
+            env, settings = doc["env"], doc["settings"]
+    result = {"schema": 2, "env": env, "settings": {**settings, "stages": stages, "isolate": args.isolate},
+              "isolated": {s: {"medians": rates[s], "mean": round(sum(rates[s]) / len(rates[s]), 2),
+                               "runs": runs[s]} for s in stages},
+              "order": [f"{r + 1}:{s}" for r, s in order]}
+    report.print_isolated(result)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from mscn.train.distributed import cleanup
     from mscn.train.runtime import setup_runtime
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.isolate is not None:
+        return run_isolated(args, argv)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     rt = setup_runtime(args.device, what="--device")  # torchrun: one pipeline per rank

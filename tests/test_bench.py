@@ -201,3 +201,30 @@ def test_cpu_time_includes_live_children():
         child.wait()
     assert child_spent >= 0.05  # it ran, even on a loaded machine
     assert child_spent - 0.03 <= spent <= 1.0 * usable_cores() + 0.1, (spent, child_spent)
+
+
+def test_isolation_order_alternates_and_children_drop_the_parent_options():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_pipeline as bp
+
+    assert bp.isolation_order(["a", "b", "c"], 3) == [(0, "a"), (0, "b"), (0, "c"), (1, "c"), (1, "b"), (1, "a"),
+                                                      (2, "a"), (2, "b"), (2, "c")]
+    argv = ["data.prefetch=3", "--isolate", "2", "--stages", "masks,bare", "--json=x.json", "--batch", "4"]
+    assert bp._child_argv(argv) == ["data.prefetch=3", "--batch", "4"]
+
+
+def test_isolate_runs_every_stage_in_its_own_process(tiny_data, tmp_path):
+    out = tmp_path / "iso.json"
+    proc = run_bench("--data", tiny_data, *TINY, "--iters", "1", "--repeats", "2", "--isolate", "2",
+                     "--stages", "bare,masks", "--json", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["order"] == ["1:bare", "1:masks", "2:masks", "2:bare"]
+    for st in ("bare", "masks"):
+        iso = r["isolated"][st]
+        assert len(iso["medians"]) == 2 and all(v > 0 for v in iso["medians"])
+        assert iso["mean"] == pytest.approx(sum(iso["medians"]) / 2, abs=0.01)
+        assert [run["position"] for run in iso["runs"]] == ([1, 4] if st == "bare" else [2, 3])
+    assert "SUMMARY isolated masks: mean" in proc.stdout
+    bad = run_bench("--data", tiny_data, *TINY, "--isolate", "1", "--stages", "masks", "--train", timeout=120)
+    assert bad.returncode != 0 and "--isolate" in bad.stderr and "Traceback" not in bad.stderr

@@ -100,6 +100,27 @@ def print_report(r: dict) -> None:
     print("\n".join(table_rows(r) + summary_lines(r)), flush=True)
 
 
+def print_isolated(r: dict) -> None:
+    """``--isolate``: each stage's median per round (own process each), the mean, and the
+    mean against the first stage's."""
+    env, s, iso = r["env"], r["settings"], r["isolated"]
+    stages = list(iso)
+    rounds = len(iso[stages[0]]["medians"])
+    print(f"\nmscn bench --isolate {rounds} on {env['gpu_name'] or env['cpu_model']}: {env['usable_cores']} cores, "
+          f"DALI {env['dali']}; {s['device']}, batch {s['batch']}, {s['threads']} DALI threads; one process "
+          f"per row, order {' '.join(r['order'])}\n")
+    rows = ["| run | " + " | ".join(f"round {i + 1}" for i in range(rounds)) + " | mean | vs first |",
+            "|---|" + "---|" * (rounds + 2)]
+    first = iso[stages[0]]["mean"]
+    for st in stages:
+        ratio = iso[st]["mean"] / first if first else float("nan")
+        rows.append(f"| {LABELS.get(st, st)} | " + " | ".join(f"{v:.1f}" for v in iso[st]["medians"])
+                    + f" | {iso[st]['mean']:.1f} | {ratio:.2f}x |")
+    rows += [f"SUMMARY isolated {st}: mean {iso[st]['mean']:.1f} images/s over {rounds} rounds "
+             f"({', '.join(f'{v:.1f}' for v in iso[st]['medians'])})" for st in stages]
+    print("\n".join(rows), flush=True)
+
+
 def plot(r: dict, path: str) -> None:
     """Left: images/s of each stage (bars: median, whiskers: min-max). Right: the full
     pipeline against the baselines, labelled with the ratio."""
