@@ -9,10 +9,10 @@
 #           two ranks sharing the GPU under torchrun (training and the bench), the
 #           previous release for before/after figures when given, a thread sweep, and
 #           the headline summary (gpu_summary.json).
-#   part 3: one round of A/B (about 6 minutes, not yet timed): GPU tests, the mask and
-#           memory figures, the full pipeline against each variant (masks-hp-late,
-#           masks-hp-loader, masks-crop-window) and the blur-window sweep, the trainer fed by each,
-#           and the summary;
+#   part 3: one round of A/B (7 min 20 s on an H200, 2026-11-27; about 7 now): GPU tests,
+#           the mask and memory figures, the full pipeline against each variant
+#           (masks-hp-late, masks-hp-loader, masks-crop-window), the blur-window sweep, the
+#           trainer fed by each stage and variant, and the summary;
 #   figures: only the headline figures of gpu_summary.json (no tests, no attribution rows,
 #           no sweeps), for a quick re-measurement on another box.
 # Usage: bash scripts/gpu_check.sh [all|1|2|3|figures]. The parts can run as two commands on the same
@@ -84,7 +84,10 @@ part3() {  # this round's A/B: every variant against the default in one run, and
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$LOG" 2>&1
   $PY -P -c "import os, torch, nvidia.dali as d, triton; print('torch', torch.__version__, 'dali', d.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available(), 'cores', len(os.sched_getaffinity(0)))" 2>&1 | tee -a "$LOG"
   [ -d "$DATA/train" ] || run synth 120 $PY -P -m mscn data synth "$DATA" --classes 10 --per-class 300 --size 500x375 --seed 0
-  run tests 200 $PY -P -m pytest -q -s tests/test_pipeline_gpu.py tests/test_mask_kernel.py tests/test_masks.py
+  # (the statistics tests compile the table kernel once per configuration: a step of their own,
+  # so that a time limit there does not hide the twin and kernel tests' results)
+  run tests 120 $PY -P -m pytest -q -s tests/test_pipeline_gpu.py tests/test_mask_kernel.py tests/test_pipeline_crop.py
+  run tests-stats 150 $PY -P -m pytest -q tests/test_masks.py -k triton
   run pipeline 90 $PY scripts/gpu_pipeline_check.py --data "$DATA/train" --json "$R/pipeline.json"
   run masks 60 $PY scripts/bench_masks.py --json "$R/masks.json"
   run memory 60 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
@@ -94,7 +97,7 @@ part3() {  # this round's A/B: every variant against the default in one run, and
   run sweep-blur 90 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
       --sweep blur_window=0,23 --json "$R/sweep_blur.json"
   run train18 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
-      --feeds bare,masks,masks-hp-late,masks-hp-loader,masks-crop-window --json "$R/train_r18.json"
+      --feeds bare,colour,views,highpass,masks,masks-hp-late,masks-hp-loader,masks-crop-window --json "$R/train_r18.json"
   run train50 120 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 --feeds masks \
       --json "$R/train_r50.json"
   run summary 30 $PY scripts/gpu_summary.py "$R"

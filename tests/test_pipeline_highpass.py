@@ -29,6 +29,34 @@ def test_torch_and_matmul_match_float64_reference(hw, sigma):
     assert rel_err(highpass_matmul(x, sigma, win).numpy(), ref) < 1e-5
 
 
+@pytest.mark.parametrize("dtype,bound", [(torch.float16, 1e-3), (torch.bfloat16, None)])
+def test_matmul_in_half_precision_on_view_sized_images(dtype, bound):
+    """The loader's GEMMs on float16 views (the GPU path, pipelines/loader.dali_dtype) stay
+    within the 1e-3 bound at the training size; bfloat16 (8-bit mantissa) does not, which
+    is why bfloat16 views are filtered in float32."""
+    win = highpass_window(5.0)
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.avg_pool2d(torch.randn(2, 3, 224, 224, generator=g), 5, 1, 2) * 3
+    x = (smooth + 0.2 * torch.randn(2, 3, 224, 224, generator=g)).to(dtype)  # normalized-unit views
+    ref = np.stack([highpass_reference_f64(xi.double().numpy(), 5.0, win, channel_axis=0) for xi in x])
+    err = rel_err(highpass_matmul(x, 5.0, win).double().numpy(), ref)
+    if bound is not None:
+        assert err < bound
+    else:
+        assert err > 1e-3  # the reason for the float32 route, measured
+
+
+def test_loader_filters_float16_views_in_float16_only_on_a_gpu():
+    from mscn.pipelines.loader import dali_dtype
+
+    assert dali_dtype("float16", gpu=True, highpass_in_loader=True) == "float16"
+    assert dali_dtype("float16", gpu=False, highpass_in_loader=True) == "float32"  # CPU BLAS: float32
+    assert dali_dtype("bfloat16", gpu=True, highpass_in_loader=True) == "float32"
+    assert dali_dtype("bfloat16", gpu=True, highpass_in_loader=False) == "float32"
+    assert dali_dtype("float16", gpu=True, highpass_in_loader=False) == "float16"
+    assert dali_dtype("float32", gpu=False, highpass_in_loader=True) == "float32"
+
+
 def test_kernel_is_normalized_gaussian():
     k = gaussian_kernel(5.0, 31)
     assert k.shape == (31,) and abs(k.sum() - 1) < 1e-12 and k.argmax() == 15
