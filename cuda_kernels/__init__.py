@@ -19,6 +19,7 @@ from mscn.errors import MscnError
 from mscn.maskspec import MaskTable, check_views, sample_mask_table, sample_tables
 
 try:  # Triton is absent on some platforms (macOS, Windows): the reference still works
+    from mscn.cuda_kernels.mask_fused_triton import apply_mask_fused, fused_supports
     from mscn.cuda_kernels.mask_tables_triton import group_key, kernel_supports, sample_mask_tables_triton
     from mscn.cuda_kernels.mask_triton import apply_table_triton, kernel_unsupported
 except ImportError as e:  # pragma: no cover - depends on the install
@@ -29,6 +30,9 @@ else:
 __all__ = ["MaskTable", "apply_masks", "apply_tables", "draw_tables", "sample_mask_table", "sample_tables"]
 
 BACKENDS = ("auto", "triton", "torch")
+# apply_masks' default for ``fused``: off until the fused kernel has been timed on a GPU
+# against table kernel + fill (scripts/bench_masks.py prints both)
+FUSED = False
 _warned = False
 
 
@@ -69,6 +73,11 @@ def draw_tables(views: Sequence[torch.Tensor], cfgs: Sequence[MaskCfg],
     if not views or _pick_backend(views[0], backend) != "triton" or any(
             not kernel_supports(v.shape[2], v.shape[3], c) for v, c in zip(views, cfgs)):
         return sample_tables(views, cfgs, generator)
+    return _tables_from_keys(views, cfgs, _draw_keys(views, generator))
+
+
+def _draw_keys(views: Sequence[torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
+    """One Philox key per view, in one draw from ``generator``, on the views' device."""
     dev = views[0].device
     if any(v.device != dev for v in views):
         raise MscnError(f"views on several devices ({sorted({str(v.device) for v in views})}): "
@@ -76,7 +85,11 @@ def draw_tables(views: Sequence[torch.Tensor], cfgs: Sequence[MaskCfg],
     rng_dev = generator.device if generator is not None else dev
     keys = torch.randint(0, 2**62, (len(views),), generator=generator, device=rng_dev, dtype=torch.int64)
     # non_blocking only towards a GPU (see maskspec._uniform)
-    keys = keys.to(dev, non_blocking=dev.type == "cuda")
+    return keys.to(dev, non_blocking=dev.type == "cuda")
+
+
+def _tables_from_keys(views: Sequence[torch.Tensor], cfgs: Sequence[MaskCfg], keys: torch.Tensor) -> list[MaskTable]:
+    """The table kernel's tables for ``keys`` (one per view)."""
     # one launch per run of views that share a size, grid and offset rule: the default
     # views (same size, asymmetric ratios) are one run, so the batch costs 2 launches
     # (runs of neighbouring views, so that their keys are a slice: indexing with a list
@@ -113,19 +126,25 @@ def apply_tables(views: Sequence[torch.Tensor], tables: Sequence[MaskTable],
 
 
 def apply_masks(views: list[torch.Tensor], cfgs: list[MaskCfg], generator: torch.Generator | None = None,
-                *, inplace: bool = True, return_masks: bool = False, backend: str = "auto"):
+                *, inplace: bool = True, return_masks: bool = False, backend: str = "auto",
+                fused: bool | None = None):
     """Mask every view of a batch with its own config (paper §5.2; defaults in docs/MASKS.md).
 
     views: list of (B, C, H, W) float tensors, one per view (the pipeline's output).
     cfgs: one MaskCfg per view (``[v.mask for v in cfg.views]``).
     generator: seeds the tables (and the reference's noise); None uses torch's global RNG.
     backend: auto (Triton on CUDA tensors, reference elsewhere) | triton | torch.
+    fused: on the Triton backend, draw the decisions inside the fill kernel (one launch per
+    view, no tables; mask_fused_triton.py) instead of table kernel + fill. Same keys, same
+    masks bit for bit. None = ``FUSED`` (off until it is timed on a GPU).
     Returns the masked views, or ``(views, masks)`` with ``masks`` a list of bool
     (B, C, H, W) pixel masks when ``return_masks`` (built from the tables, so they
     cost a few bool tensors; meant for tests and figures, not the training loop).
     """
     if backend not in BACKENDS:
         raise MscnError(f"mask backend {backend!r}: must be one of {', '.join(BACKENDS)}")
+    if (FUSED if fused is None else fused) and _fused_ok(views, cfgs, backend):
+        return _apply_fused(views, cfgs, generator, inplace=inplace, return_masks=return_masks)
     tables = draw_tables(views, cfgs, generator, backend=backend)
     # ratio 0 masks nothing: skip the pass over memory (the table is still drawn, so the
     # generator advances the same way whatever the ratios)
@@ -136,4 +155,25 @@ def apply_masks(views: list[torch.Tensor], cfgs: list[MaskCfg], generator: torch
     outs = [outs[i] if i in outs else (v if inplace else v.clone()) for i, v in enumerate(views)]
     if return_masks:
         return outs, [t.pixel_mask() for t in tables]
+    return outs
+
+
+def _fused_ok(views: Sequence[torch.Tensor], cfgs: Sequence[MaskCfg], backend: str) -> bool:
+    check_views(views, cfgs)
+    return bool(views) and _pick_backend(views[0], backend) == "triton" and all(
+        kernel_supports(v.shape[2], v.shape[3], c) and fused_supports(v, c) for v, c in zip(views, cfgs))
+
+
+def _apply_fused(views, cfgs, generator, *, inplace: bool, return_masks: bool):
+    """apply_masks with the decisions drawn inside the fill: the keys are drawn exactly as
+    draw_tables draws them, so the masks equal the table path's."""
+    keys = _draw_keys(views, generator)
+    outs = []
+    for i, (x, cfg) in enumerate(zip(views, cfgs)):
+        if cfg.ratio > 0:  # ratio 0 masks nothing: no pass over memory (keys are still drawn)
+            outs.append(apply_mask_fused(x, cfg, keys, i, out=x if inplace else None))
+        else:
+            outs.append(x if inplace else x.clone())
+    if return_masks:  # the same keys through the table kernel: the masks just applied
+        return outs, [t.pixel_mask() for t in _tables_from_keys(views, cfgs, keys)]
     return outs

@@ -66,6 +66,7 @@ def _validate_data(d: DataCfg, src: str) -> None:
            src, "data.hw_decoder_load", d.hw_decoder_load, "must be auto or a number in [0, 1]")
     _check(d.prefetch >= 1, src, "data.prefetch", d.prefetch, "must be >= 1")
     _check(d.shuffle_buffer >= 1, src, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 1")
+    _check(d.crop in ("rrc", "window"), src, "data.crop", d.crop, "must be rrc or window")
     _check(d.output_dtype in ("float32", "float16", "bfloat16", "auto"), src, "data.output_dtype", d.output_dtype,
            "must be float32, float16, bfloat16 or auto")
     _check(all(s > 0 for s in d.std), src, "data.std", d.std, "must be > 0")

@@ -74,8 +74,8 @@ class DaliLoader:
     def __init__(self, pipeline, source: Source, num_views: int, *, policy: LastBatchPolicy,
                  output_dtype: str = "float32", highpass: tuple[float, int] | None = None,
                  mask_fn: MaskFn | None = None, device: torch.device | None = None,
-                 replay: Replay | None = None, runs: int = 0):
-        self.source, self.num_views = source, num_views
+                 replay: Replay | None = None, runs: int = 0, crop: str | None = None):
+        self.source, self.num_views, self.crop = source, num_views, crop
         self.dtype = TORCH_DTYPES[output_dtype]
         self.highpass, self.mask_fn, self.device, self.replay = highpass, mask_fn, device, replay
         self._names = output_names(num_views, source)
@@ -108,7 +108,9 @@ class DaliLoader:
         ``enable_checkpointing=True``."""
         (dali,) = self._iter.checkpoints()  # one pipeline; counts only the batches consumed, not the prefetched ones
         mask = self.mask_fn.state_dict() if isinstance(self.mask_fn, MaskGenerator) else None
-        return {"dali": torch.frombuffer(bytearray(dali), dtype=torch.uint8), "mask": mask, "runs": self._runs}
+        # "crop": DALI's checkpoint only fits a pipeline of the same operators (train/resume.py)
+        return {"dali": torch.frombuffer(bytearray(dali), dtype=torch.uint8), "mask": mask, "runs": self._runs,
+                "crop": self.crop}
 
     def _convert(self, out: dict) -> MscnBatch:
         views = [out[f"view{i}"] for i in range(self.num_views)]
@@ -280,7 +282,7 @@ def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_
     d = cfg.data
     replay = Replay(shard_id=shard.rank, num_shards=shard.world_size, shuffle=True, shuffle_buffer=d.shuffle_buffer,
                     stick_to_shard=False, reader_seed=shard.seed, batch_size=shard.batch, prefetch=d.prefetch)
-    pipe = views_pipeline(source, views, image_size=d.image_size, mean=d.mean, std=d.std,
+    pipe = views_pipeline(source, views, image_size=d.image_size, mean=d.mean, std=d.std, crop=d.crop,
                           highpass=p.highpass_in_pipeline, device=p.kind, hw_decoder_load=p.hw_decoder_load,
                           shard_id=shard.rank, num_shards=shard.world_size, reader_seed=shard.seed, shuffle=True,
                           shuffle_buffer=d.shuffle_buffer, view_dtype=p.dali_dtype, batch_size=shard.batch,
@@ -291,7 +293,7 @@ def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_
         mask_fn.load_state_dict(state["mask"])
     return DaliLoader(pipe, source, len(views), policy=LastBatchPolicy.DROP, output_dtype=p.output_dtype,
                       highpass=p.highpass_in_adapter, mask_fn=mask_fn, replay=replay,
-                      runs=int(state["runs"]) if state else 0)
+                      runs=int(state["runs"]) if state else 0, crop=d.crop)
 
 
 def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int = 0,

@@ -34,13 +34,6 @@ DALI_FLOAT = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": type
 # float view (the earlier order). Same result to float rounding; the benchmark's
 # "masks-hp-late" stage builds the pipeline with False to time both on one machine.
 HIGHPASS_FIRST = True
-# How resized_crop cuts the views, read at trace time: "rrc" is DALI's fused
-# fn.random_resized_crop; "window" draws the windows with fn.random_crop_generator and cuts
-# them with one ROI fn.resize, which exposes the window (the debug outputs use it). Same
-# rule (tests/test_pipeline_crop.py); "rrc" made the full GPU pipeline 13 % faster on an
-# H200 (7,875 vs 6,955 images/s, same run; docs/PERFORMANCE.md). The benchmark's
-# "masks-crop-window" stage builds the pipeline with "window" to time both.
-CROP_OP = "rrc"
 # solarize (BYOL): invert every value >= 128, as torchvision's solarize(threshold=128)
 _SOLARIZE = [float(v if v < 128 else 255 - v) for v in range(256)]
 
@@ -75,21 +68,22 @@ class ViewFlags:
     gray: DataNode
     blur: DataNode
     solarize: DataNode
-    crop_area: DataNode | None  # crop area / image area (None when CROP_OP hides it)
+    crop_area: DataNode | None  # crop area / image area (None for the fused crop, which hides it)
 
 
 def resized_crop(images: DataNode, shape: DataNode, size: int, scale, ratio,
-                 op: str | None = None) -> tuple[DataNode, DataNode | None]:
-    """Random-resized-crop to ``size`` x ``size``; also returns the crop's area fraction.
+                 op: str = "rrc") -> tuple[DataNode, DataNode | None]:
+    """Random-resized-crop to ``size`` x ``size`` (torchvision's RandomResizedCrop rule:
+    area in ``scale``, aspect in ``ratio``, 10 attempts, then a central fallback; antialiased;
+    images smaller than ``size`` are upsampled), and the crop's area fraction.
 
-    ``shape`` is the decoded shape (HWC, CPU). The crop window is drawn on the CPU by
-    ``fn.random_crop_generator`` (torchvision's RandomResizedCrop rule, 10 attempts,
-    then a central fallback) and cut + resized in one antialiased ``fn.resize``, which
-    is what ``fn.random_resized_crop`` does internally; drawing it ourselves exposes the
-    window. Images smaller than ``size`` are upsampled. ``op``: "rrc" (the fused op; the
-    area is then None, since it does not expose its window) or "window"; default CROP_OP.
+    ``op`` (``data.crop``): "rrc" is DALI's fused ``fn.random_resized_crop``; it hides its
+    window, so the area is None. "window" draws the window on the CPU with
+    ``fn.random_crop_generator`` from ``shape`` (the decoded HWC shape, read from the header)
+    and cuts it with one ROI ``fn.resize``, which is what the fused op does inside; the
+    debug outputs use it for the area. Same windows (tests/test_pipeline_crop.py); "rrc"
+    made the full GPU pipeline 13 % faster on an H200 (docs/PERFORMANCE.md).
     """
-    op = op or CROP_OP
     if op not in ("rrc", "window"):
         raise ValueError(f"crop op {op!r}: must be 'rrc' or 'window'")
     if op == "rrc":
@@ -169,7 +163,7 @@ def _maybe(p: float, x: DataNode, op) -> tuple[DataNode, DataNode]:
 
 
 def augment_view(images: DataNode, shape: DataNode, view: ViewCfg, size: int,
-                 crop_op: str | None = None) -> tuple[DataNode, ViewFlags]:
+                 crop_op: str = "rrc") -> tuple[DataNode, ViewFlags]:
     """One view's uint8 HWC augmentations, before normalization (flip is done there)."""
     x, area = resized_crop(images, shape, size, view.scale, view.ratio, crop_op)
     x, jit, gray = colour(x, view)

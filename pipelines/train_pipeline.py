@@ -50,17 +50,17 @@ def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 22
     applies it after the pipeline, as the CPU path of the loader does).
     ``reader_seed`` fixes the reader's shuffle (diagnose.py replays it); ``view_dtype``
     is float32 or float16 (the DALI output type of the views). ``crop``: "rrc" or
-    "window" (ops.resized_crop); default ops.CROP_OP, or "window" with ``debug_outputs``.
+    "window" (``data.crop``, ops.resized_crop); None: "rrc", or "window" with ``debug_outputs``.
     """
     encoded, label, index = read(source, shard_id=shard_id, num_shards=num_shards, shuffle=shuffle,
                                  shuffle_buffer=shuffle_buffer, stick_to_shard=False, seed=reader_seed)
-    # the crop windows need the image size on the CPU; peeking at the header avoids
-    # waiting for the (possibly GPU) decoder before drawing them
+    # the "window" crop draws its windows from the image size on the CPU; peeking at the
+    # header avoids waiting for the (possibly GPU) decoder (DALI prunes it for "rrc")
     shape = fn.peek_image_shape(encoded)
     images = decode(encoded, device, hw_decoder_load)  # once per image, shared by all views
     # the debug outputs report each crop's area, which only the "window" crop exposes (the
-    # same rule as the fused op: tests/test_pipeline_crop.py); otherwise ops.CROP_OP
-    crop_op = crop if crop else ("window" if debug_outputs else None)
+    # same rule as the fused op: tests/test_pipeline_crop.py)
+    crop_op = crop or ("window" if debug_outputs else "rrc")
     if debug_outputs and crop_op == "rrc":
         raise ValueError("debug outputs report the crop window, which crop='rrc' does not expose")
     outputs = []

@@ -185,6 +185,8 @@ def stage_config(cfg, stage: str):
     """The config whose pipeline stops after ``stage`` (masks are the loader's switch)."""
     if stage == "masks-hp-loader":
         cfg = dataclasses.replace(cfg, highpass=dataclasses.replace(cfg.highpass, where="loader"))
+    if stage == "masks-crop-window":  # the crop the views had before the fused one
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, crop="window"))
     if stage in ("bare", "colour", "views", "dali-plain"):
         cfg = dataclasses.replace(cfg, highpass=dataclasses.replace(cfg.highpass, enabled=False))
     off = {"bare": dict(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0),
@@ -198,19 +200,16 @@ def stage_loader(cfg, stage: str, info, device: torch.device):
     from mscn.pipelines import ops
     from mscn.pipelines.loader import build_train_loader
 
-    # the variants build the full pipeline another way (masks-hp-late: high-pass after
-    # normalization; masks-crop-window: random_crop_generator + ROI resize instead of the
-    # fused fn.random_resized_crop) to time both in one run; the graph is traced right
-    # here, so the module switches only need to hold for the build
-    default = ops.HIGHPASS_FIRST, ops.CROP_OP
-    ops.HIGHPASS_FIRST = stage != "masks-hp-late" and default[0]
-    ops.CROP_OP = "window" if stage == "masks-crop-window" else default[1]
+    # the variant builds the full pipeline the earlier way (high-pass after normalization)
+    # to time both orders in one run; the graph is traced right here
+    default = ops.HIGHPASS_FIRST
+    ops.HIGHPASS_FIRST = stage != "masks-hp-late" and default
     try:
         return build_train_loader(stage_config(cfg, stage), rank=info.rank, world_size=info.world_size,
                                   local_rank=info.local_rank, device=device if device.type == "cuda" else None,
                                   apply_mask=stage.startswith("masks"))
     finally:
-        ops.HIGHPASS_FIRST, ops.CROP_OP = default
+        ops.HIGHPASS_FIRST = default
 
 
 def placed_dtype(cfg, device: torch.device) -> str:
@@ -403,6 +402,9 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
 # --isolate: every stage in a process of its own, rounds in alternating order
 # ----------------------------------------------------------------------------------
 
+ISOLATE_TIMEOUT_S = 1800  # one stage's process: build, warm-up and windows
+
+
 def isolation_order(stages: list[str], rounds: int) -> list[tuple[int, str]]:
     """(round, stage) in run order: even rounds forward, odd rounds backward, so that a
     drift over time (load, clocks, a neighbour's job) falls on every stage alike."""
@@ -446,7 +448,11 @@ def run_isolated(args: argparse.Namespace, argv: list[str]) -> int:
             cmd = [sys.executable, str(Path(__file__).resolve()), *_child_argv(argv), "--stages", stage,
                    "--json", str(out)]
             print(f"[isolate] {i}/{len(order)} round {r + 1} {stage}", flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=ISOLATE_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                raise MscnError(f"--isolate: the {stage} run (round {r + 1}) took over {ISOLATE_TIMEOUT_S} s; "
+                                f"run it alone to see where it hangs: {' '.join(cmd)}") from None
             if proc.returncode != 0:
                 raise MscnError(f"--isolate: the {stage} run failed (exit {proc.returncode}):\n"
                                 + (proc.stderr or proc.stdout)[-2000:])

@@ -70,6 +70,7 @@ def summarize(results: Path, stages_from: Path | None = None) -> dict:
     ms = masks[0]["ms"] if isinstance(masks, list) and masks else {}
     s["apply_masks_ms"] = ms.get("apply_masks triton in place")
     s["mask_tables_ms"] = ms.get("tables, Triton kernel (draw_tables)")
+    s["apply_masks_fused_ms"] = ms.get("apply_masks fused in place")  # the candidate: decisions in the fill
     pipe = (memory or {}).get("stages", {}).get("masks", {})
     added = pipe.get("device_bytes_added")
     s["pipeline_gib"] = round(added / 2**30, 3) if added is not None else None

@@ -17,8 +17,14 @@ from mscn.pipelines import resolve_source, views_pipeline
 
 W, H, SIZE = 200, 150, 64  # columns and rows < 256: every one has its own red / green value
 BATCH, RUNS = 64, 16  # 1,024 windows per crop op
-VIEW = ViewCfg(flip_prob=0.0, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0,
-               scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+
+
+def plain_view(ratio=(3 / 4, 4 / 3)) -> ViewCfg:
+    return ViewCfg(flip_prob=0.0, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0,
+                   scale=(0.08, 1.0), ratio=ratio)
+
+
+VIEW = plain_view()
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +39,18 @@ def coord_source(tmp_path_factory):
     return resolve_source(str(root))
 
 
-def windows(source, crop: str, debug: bool = False):
+def windows(source, crop: str, debug: bool = False, view: ViewCfg = VIEW, gpu: bool = False):
     """(width, height) in source pixels of every view's window, read from its pixels;
     with ``debug`` also the areas the pipeline reports."""
-    pipe = views_pipeline(source, [VIEW], image_size=SIZE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+    where = dict(device="gpu", device_id=0) if gpu else dict(device_id=None)
+    pipe = views_pipeline(source, [view], image_size=SIZE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
                           highpass=None, crop=crop, debug_outputs=debug, batch_size=BATCH, num_threads=1,
-                          device_id=None, seed=3)
+                          seed=3, **where)
     pipe.build()
     spans, areas = [], []
     for _ in range(RUNS):
         out = pipe.run()
-        v = out[0].as_array()  # (B, 3, SIZE, SIZE): red = column, green = row
+        v = out[0].as_cpu().as_array() if gpu else out[0].as_array()  # (B, 3, SIZE, SIZE): red = column, green = row
         # output pixel centres span (SIZE - 1) / SIZE of the window: scale the value range back
         w = (v[:, 0].max((1, 2)) - v[:, 0].min((1, 2))) * SIZE / (SIZE - 1)
         h = (v[:, 1].max((1, 2)) - v[:, 1].min((1, 2))) * SIZE / (SIZE - 1)
@@ -61,9 +68,21 @@ def test_pixels_recover_the_window_the_pipeline_reports(coord_source):
     assert np.abs(est - areas).mean() < 0.02 and np.abs(est - areas).max() < 0.08
 
 
-def test_fused_crop_draws_the_same_windows_as_the_window_crop(coord_source):
-    fused, _ = windows(coord_source, "rrc")
-    window, _ = windows(coord_source, "window")
+@pytest.mark.parametrize("ratio", [(3 / 4, 4 / 3), (1.0, 2.0)])  # the second: wide windows only
+def test_fused_crop_draws_the_same_windows_as_the_window_crop(coord_source, ratio):
+    compare_crops(windows(coord_source, "rrc", view=plain_view(ratio))[0],
+                  windows(coord_source, "window", view=plain_view(ratio))[0], ratio)
+
+
+@pytest.mark.gpu
+def test_fused_crop_on_the_gpu_draws_the_windows_of_the_cpu_window_crop(coord_source):
+    """The training default on the GPU path (mixed decode, GPU fn.random_resized_crop)."""
+    ratio = (1.0, 2.0)
+    compare_crops(windows(coord_source, "rrc", view=plain_view(ratio), gpu=True)[0],
+                  windows(coord_source, "window", view=plain_view(ratio))[0], ratio)
+
+
+def compare_crops(fused, window, ratio):
     n = len(fused)
     for name, f in (("area", lambda s: s[:, 0] * s[:, 1] / (W * H)),
                     ("log aspect", lambda s: np.log(s[:, 0] / s[:, 1]))):
@@ -76,6 +95,11 @@ def test_fused_crop_draws_the_same_windows_as_the_window_crop(coord_source):
     area = fused[:, 0] * fused[:, 1] / (W * H)
     assert area.min() > 0.08 - 0.03 and area.max() <= 1.0 + 1e-6  # the configured scale, read back
     assert 0.2 < area.mean() < 0.7  # not stuck on the full-image fallback or the smallest window
+    # width / height in the configured range (a swapped axis would put it in 1/ratio), but
+    # for the fallback windows that did not fit: those are at most the whole image (4:3)
+    aspect = fused[:, 0] / fused[:, 1]
+    inside = (aspect > ratio[0] * 0.9) & (aspect < ratio[1] * 1.1)
+    assert inside.mean() > 0.9, f"{inside.mean():.2f} of the windows in the ratio range"
 
 
 def test_debug_outputs_refuse_the_fused_crop(coord_source):

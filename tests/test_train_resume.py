@@ -138,6 +138,44 @@ def test_a_different_run_in_the_same_directory_is_refused(dataset, uninterrupted
     assert again["step"] == STEPS and (ref / "config.yaml").read_text() == saved
 
 
+def test_a_run_from_before_data_crop_continues_exactly_under_its_crop(dataset, uninterrupted, tmp_path, capsys):
+    """A run saved before data.crop existed (window crop; no key in config.yaml or in the
+    loader state) is refused under the new default with the value to pass, and given
+    data.crop=window it continues exactly (DALI's checkpoint only loads into its own graph)."""
+    out = tmp_path / "run"
+    run_pretrain(load_config(None, args(dataset, out, "train.max_steps=6", "data.crop=window")), resume="auto")
+    path, state = ckpt.find_latest_valid(out / "checkpoints")
+    assert state["ranks"][0]["loader"]["crop"] == "window"
+    for rank in state["ranks"]:  # as mscn wrote them before data.crop existed
+        del rank["loader"]["crop"]
+    ckpt.atomic_save(state, path)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["data"]["crop"]
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+
+    assert main(["--resume", "auto", *args(dataset, out)]) == 2  # the default crop: another run
+    err = capsys.readouterr().err
+    assert "differs in data.crop); it predates data.crop and ran with data.crop=window: pass that" in err
+    summary = run_pretrain(load_config(None, args(dataset, out, "data.crop=window")), resume="auto")
+    assert summary["resumed_from"].endswith("ckpt_00000006.pt") and "not exact" not in capsys.readouterr().out
+    ref = run_pretrain(load_config(None, args(dataset, tmp_path / "ref", "data.crop=window")), resume="auto")
+    assert summary["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+
+
+def test_loader_state_of_the_other_crop_graph_is_not_resumed_exactly():
+    from mscn.train.distributed import DistInfo
+    from mscn.train.resume import this_rank
+
+    cfg = load_config(None, [])
+    info = DistInfo(rank=0, world_size=1, local_rank=0)
+    mine = {"loader": {"crop": "rrc"}}
+    assert this_rank({"ranks": [mine]}, info, cfg) == (mine, "")
+    old = {"loader": {"dali": None}}  # saved before the key: the window crop
+    got, why = this_rank({"ranks": [old]}, info, cfg)
+    assert got is None and why == "its loader cut the views with data.crop=window, this run with rrc"
+    assert this_rank({"ranks": [mine, mine]}, info, cfg)[0] is None  # another world size
+
+
 def test_resume_none_starts_over_and_keeps_the_old_run_aside(dataset, tmp_path):
     out = tmp_path / "run"
     run_pretrain(load_config(None, args(dataset, out, "train.max_steps=2")), resume="auto")

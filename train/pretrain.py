@@ -172,9 +172,9 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
             say(f"no valid checkpoint in {Path(cfg.train.out_dir) / 'checkpoints'}: starting from scratch")
     else:
         rs.load_state(state, resumed_from, cfg, method, optimizer, scaler)
-        start_step, mine = int(state["step"]), rs.this_rank(state, rt.dist)
+        start_step, (mine, why) = int(state["step"]), rs.this_rank(state, rt.dist, cfg)
         say(f"resumed from {resumed_from} at step {start_step}" + ("" if mine else
-            f" (saved by {state.get('world_size', 'an older mscn')} ranks: fresh data order, not exact)"))
+            f" ({why}: fresh data order, not exact)"))
 
     loader = build_train_loader(rs.loader_cfg(cfg, mine, start_step), rank=rt.dist.rank,
                                 world_size=rt.dist.world_size, local_rank=rt.dist.local_rank, device=rt.device,

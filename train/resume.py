@@ -86,12 +86,21 @@ def load_state(state: dict, path: str, cfg: Config, method, optimizer, scaler) -
         scaler.load_state_dict(state["scaler"])
 
 
-def this_rank(state: dict, info: DistInfo) -> dict | None:
-    """This rank's saved part, or None when the checkpoint cannot resume exactly here."""
+def this_rank(state: dict, info: DistInfo, cfg: Config) -> tuple[dict | None, str]:
+    """This rank's saved part, or None and why when the checkpoint cannot resume exactly here.
+
+    Not exactly: another world size, or a loader state of another pipeline graph. A DALI
+    checkpoint names the pipeline's operators, so one saved by the other ``data.crop``
+    (checkpoints from before that key used the window crop) would not load at all.
+    """
     ranks = state.get("ranks")
     if not ranks or len(ranks) != info.world_size:
-        return None
-    return ranks[info.rank]
+        return None, f"saved by {state.get('world_size', 'an older mscn')} ranks"
+    mine = ranks[info.rank]
+    saved = (mine.get("loader") or {}).get("crop") or "window"
+    if saved != cfg.data.crop:
+        return None, f"its loader cut the views with data.crop={saved}, this run with {cfg.data.crop}"
+    return mine, ""
 
 
 def restore_rng(state: dict, mine: dict | None, cfg: Config, info: DistInfo, start_step: int) -> None:

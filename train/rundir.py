@@ -29,6 +29,10 @@ NEUTRAL = frozenset({
     "train.priority_stream", "data.num_threads", "data.hw_decoder_load", "data.prefetch", "data.val_root",
 })
 NEUTRAL_SECTIONS = ("eval.",)
+# Result-changing keys added after runs already existed, with the value every earlier run
+# had: a saved config.yaml without the key is read with it, so an older run continues
+# exactly when given that value, and is refused (with the value to pass) otherwise.
+LEGACY = {"data.crop": "window"}
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "final.pt", "tb")
 
 
@@ -49,7 +53,7 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def differing_keys(saved: dict, cfg: Config) -> list[str]:
     """The result-changing keys on which ``saved`` (a plain config dict) and ``cfg`` differ."""
-    a, b = flatten(saved), flatten(to_dict(cfg))
+    a, b = {**LEGACY, **flatten(saved)}, flatten(to_dict(cfg))
     keys = sorted(set(a) | set(b))
     return [k for k in keys if k not in NEUTRAL and not k.startswith(NEUTRAL_SECTIONS) and a.get(k) != b.get(k)]
 
@@ -58,8 +62,10 @@ def check_same_run(saved: dict, cfg: Config, where: str | Path) -> None:
     """One-line MscnError unless ``saved`` describes the same run as ``cfg``."""
     diff = differing_keys(saved, cfg)
     if diff:
+        older = [k for k in diff if k in LEGACY and k not in flatten(saved)]
+        hint = "".join(f"; it predates {k} and ran with {k}={LEGACY[k]}: pass that to continue it" for k in older)
         raise MscnError(
-            f"{where} belongs to another run (differs in {', '.join(diff)}); to start a new run pass a new "
+            f"{where} belongs to another run (differs in {', '.join(diff)}){hint}; to start a new run pass a new "
             f"train.out_dir=DIR (or --out DIR), or --resume none to start over in {cfg.train.out_dir}")
 
 

@@ -1,0 +1,171 @@
+"""Triton kernel that draws the MSCN mask decisions *inside* the fill (paper §5.2): one
+launch per view, no decision table in memory.
+
+``apply_masks`` on the GPU otherwise makes two passes of launches: the table kernel
+(mask_tables_triton.py) writes every view's decision table, and the fill kernel
+(mask_triton.py) reads it back. The fill runs at ~1.2x a device copy; what is left of the
+mask step's time is the host work around the tables (allocating them, launching, slicing
+them per view). Here every fill program recomputes its own (sample, channel) plane's
+decisions from the same Philox counters as the table kernel:
+
+* the per-sample draws (grid offset, channel independence, noise flag, the noise's
+  Philox seed) and the per-channel draws (focal flag, rectangle) are a few scalars;
+* the random cells: the plane's ``NCELL`` scores, the same radix select of the k-th
+  smallest key, and the picked cells folded into one 64-bit word, so that an element's
+  cell bit is a shift (hence ``NCELL <= 64``: the 224 px / 32 px grid is 8 x 8 = 64).
+
+Same key and counters as the table kernel, so the masks equal, bit for bit, those of
+``sample_mask_tables_triton`` + ``apply_table_triton`` with the same key (tested), and a
+caller that wants the tables (``return_masks``) draws them with that key. Under
+``TRITON_INTERPRET=1`` the same kernel runs on CPU tensors.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from mscn.config import MaskCfg
+from mscn.cuda_kernels.mask_tables_triton import _cell_count_k, table_shape
+from mscn.cuda_kernels.mask_triton import _tile, kernel_unsupported
+from mscn.errors import MscnError
+
+MAX_FUSED_CELLS = 64  # the picked cells of a plane fit one int64
+
+
+@triton.jit
+def _fused_kernel(x_ptr, y_ptr, key_ptr, v, C, H, W, nW, tiles_w, nh_min, nw_min, k00, k01, k10, k11,
+                  sxb, sxc, sxh, sxw, syb, syc, syh, syw,
+                  p_focal, p_ind, p_noise, log_lo, log_hi, noise_std,
+                  GRID: tl.constexpr, RANDOM_OFFSET: tl.constexpr, NCELL: tl.constexpr, KEY_BITS: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, INPLACE: tl.constexpr, NOISE: tl.constexpr):
+    plane = tl.program_id(0)  # b * C + c
+    tile = tl.program_id(1)
+    b = plane // C
+    c = plane % C
+    key = tl.load(key_ptr + v)
+    # --- the decisions: the table kernel's counters and rules, for this one plane -------
+    stride = 8 + C * (NCELL + 4)
+    base = b.to(tl.int64) * stride
+    if RANDOM_OFFSET:
+        dy = tl.minimum((tl.rand(key, base + 0) * GRID).to(tl.int32), GRID - 1)
+        dx = tl.minimum((tl.rand(key, base + 1) * GRID).to(tl.int32), GRID - 1)
+    else:
+        dy = b * 0
+        dx = b * 0
+    indep = tl.rand(key, base + 2) < p_ind
+    noisy = tl.rand(key, base + 3) < p_noise
+    hi = tl.randint(key, base + 4).to(tl.int64) & 0x3FFFFFFF
+    lo = tl.randint(key, base + 5).to(tl.int64) & 0xFFFFFFFF
+    fill_seed = (hi << 32) | lo
+    nh = (H + dy + GRID - 1) // GRID
+    nw = (W + dx + GRID - 1) // GRID
+    big_h = nh > nh_min
+    big_w = nw > nw_min
+    k = tl.where(big_h, tl.where(big_w, k11, k10), tl.where(big_w, k01, k00))
+    ch = tl.where(indep, c, 0)
+    cbase = base + 8 + ch.to(tl.int64) * (NCELL + 4)
+    focal = tl.rand(key, cbase + NCELL) < p_focal
+    aspect = tl.exp(log_lo + tl.rand(key, cbase + NCELL + 1) * (log_hi - log_lo))
+    kf = k.to(tl.float32)
+    fh = tl.minimum(tl.maximum(tl.floor(tl.sqrt(kf * aspect) + 0.5).to(tl.int32), 1), nh)
+    fw = tl.minimum(tl.maximum(tl.floor(kf / fh.to(tl.float32) + 0.5).to(tl.int32), 1), nw)
+    fh = tl.where(k > 0, fh, 0)
+    top = tl.floor(tl.rand(key, cbase + NCELL + 2) * (nh - fh + 1).to(tl.float32)).to(tl.int32)
+    left = tl.floor(tl.rand(key, cbase + NCELL + 3) * (nw - fw + 1).to(tl.float32)).to(tl.int32)
+
+    j = tl.arange(0, NCELL)  # cell r * nW + q of the padded table
+    valid = (j // nW < nh) & (j % nW < nw)
+    score = tl.randint(key, cbase + j).to(tl.int64) & 0xFFFFFFFF
+    keys = tl.where(valid, score, 0x100000000) * NCELL + j
+    kth = (b * 0).to(tl.int64)
+    one = kth + 1
+    for bit in tl.static_range(KEY_BITS - 1, -1, -1):
+        trial = kth | (one << bit)
+        below = tl.sum((keys < trial).to(tl.int32), axis=0)
+        kth = tl.where(below < k, trial, kth)
+    picked = (keys <= kth) & (k > 0) & valid
+    bits = tl.sum(tl.where(picked, tl.full([NCELL], 1, tl.int64) << j.to(tl.int64), 0), axis=0)
+
+    # --- the fill: mask_triton._mask_kernel's tile loop, with the cell bit from ``bits`` -------
+    h0 = (tile // tiles_w) * (4 * BLOCK_R)
+    r = tl.arange(0, BLOCK_R)[:, None]
+    cols = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    ccol = (cols + dx) // GRID
+    col_in = (ccol >= left) & (ccol < left + fw)
+    x_plane = x_ptr + b.to(tl.int64) * sxb + c.to(tl.int64) * sxc + cols * sxw
+    y_plane = y_ptr + b.to(tl.int64) * syb + c.to(tl.int64) * syc + cols * syw
+    r0 = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
+    r1 = r0
+    r2 = r0
+    r3 = r0
+    if NOISE:
+        if noisy:
+            counter = (c * H + h0 + r) * W + cols
+            r0, r1, r2, r3 = tl.randn4x(fill_seed, counter)
+            r0 = r0 * noise_std
+            r1 = r1 * noise_std
+            r2 = r2 * noise_std
+            r3 = r3 * noise_std
+    for s in tl.static_range(4):
+        if s == 0:
+            fill = r0
+        elif s == 1:
+            fill = r1
+        elif s == 2:
+            fill = r2
+        else:
+            fill = r3
+        rows = h0 + s * BLOCK_R + r
+        inside = (rows < H) & (cols < W)
+        crow = (rows + dy) // GRID
+        cell = tl.minimum(crow * nW + ccol, 63).to(tl.int64)  # (only rows past H reach 64: masked off)
+        in_rect = (crow >= top) & (crow < top + fh) & col_in
+        hit = inside & tl.where(focal, in_rect, ((bits >> cell) & 1) != 0)
+        y = y_plane + rows.to(tl.int64) * syh
+        if INPLACE:
+            tl.store(y, fill.to(y_ptr.dtype.element_ty), mask=hit)
+        else:
+            val = tl.load(x_plane + rows.to(tl.int64) * sxh, mask=inside)
+            tl.store(y, tl.where(hit, fill.to(val.dtype), val), mask=inside)
+
+
+def fused_supports(x: torch.Tensor, cfg: MaskCfg) -> bool:
+    """Whether :func:`apply_mask_fused` can take this view: the kernel's dtypes and device,
+    and a padded table of at most 64 cells."""
+    nH, nW = table_shape(x.shape[2], x.shape[3], cfg)
+    return kernel_unsupported(x) is None and triton.next_power_of_2(nH * nW) <= MAX_FUSED_CELLS
+
+
+def apply_mask_fused(x: torch.Tensor, cfg: MaskCfg, keys: torch.Tensor, v: int, *,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """Mask view ``x`` (B, C, H, W) with the decisions the table kernel would draw with key
+    ``keys[v]``, computed inside the fill: one launch, no table, no host sync.
+
+    ``out``: ``x`` itself for in place, a new tensor if None.
+    """
+    if not fused_supports(x, cfg):
+        raise MscnError(f"the fused mask kernel cannot take a {tuple(x.shape)} {x.dtype} view on {x.device} "
+                        f"with grid {cfg.grid} (at most {MAX_FUSED_CELLS} cells); use apply_masks")
+    B, C, H, W = x.shape
+    if out is None:
+        out = torch.empty_like(x)
+    g = cfg.grid
+    nH, nW = table_shape(H, W, cfg)
+    ncell = triton.next_power_of_2(nH * nW)
+    nh_min, nw_min = -(-H // g), -(-W // g)
+    ks = [_cell_count_k(cfg.ratio, (nh_min + i) * (nw_min + j)) for i in (0, 1) for j in (0, 1)]
+    lo, hi = (math.log(a) for a in cfg.focal_aspect)
+    block_r, block_w = _tile(W)
+    tiles_w = -(-W // block_w)
+    grid = (B * C, -(-H // (4 * block_r)) * tiles_w)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _fused_kernel[grid](
+            x, out, keys, v, C, H, W, nW, tiles_w, nh_min, nw_min, *ks, *x.stride(), *out.stride(),
+            float(cfg.p_focal), float(cfg.p_ind), float(cfg.p_noise), lo, hi, float(cfg.noise_std),
+            GRID=g, RANDOM_OFFSET=bool(cfg.random_offset), NCELL=ncell, KEY_BITS=33 + ncell.bit_length() - 1,
+            BLOCK_R=block_r, BLOCK_W=block_w, INPLACE=out is x, NOISE=cfg.noise_std > 0, num_warps=4)
+    return out
