@@ -11,8 +11,9 @@
 #           the headline summary (gpu_summary.json).
 #   part 3: one round of A/B (7 min 20 s on an H200, 2026-11-27; about 7 now): GPU tests,
 #           the mask and memory figures, the full pipeline against each variant
-#           (masks-hp-late, masks-hp-loader, masks-crop-window), the blur-window sweep, the
-#           trainer fed by each stage and variant, and the summary;
+#           (masks-hp-late, masks-hp-loader, masks-crop-window), the close ones again with
+#           one process per pipeline (--isolate), the trainer fed by each stage and
+#           variant, and the summary;
 #   figures: only the headline figures of gpu_summary.json (no tests, no attribution rows,
 #           no sweeps), for a quick re-measurement on another box.
 # Usage: bash scripts/gpu_check.sh [all|1|2|3|figures]. The parts can run as two commands on the same
@@ -94,8 +95,10 @@ part3() {  # this round's A/B: every variant against the default in one run, and
       --json "$R/memory.json"
   run bench 180 $PY scripts/bench_pipeline.py --data "$DATA/train" \
       --stages decode,masks,masks-hp-late,masks-hp-loader,masks-crop-window --baseline dali-plain --json "$R/bench.json"
-  run sweep-blur 90 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
-      --sweep blur_window=0,23 --json "$R/sweep_blur.json"
+  # the same A/B with each pipeline in a process of its own, rounds in alternating order
+  # (a one-process run times its rows in a fixed order, which can decide a close call)
+  run ab-isolated 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks,masks-crop-window,masks-hp-loader \
+      --isolate 2 --iters 10 --repeats 3 --json "$R/ab_isolated.json"
   run train18 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
       --feeds bare,colour,views,highpass,masks,masks-hp-late,masks-hp-loader,masks-crop-window --json "$R/train_r18.json"
   run train50 120 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 --feeds masks \

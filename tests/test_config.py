@@ -35,6 +35,7 @@ def test_overrides_nested_and_indexed():
     ("highpass.sigma=0", "highpass.sigma"),
     ("highpass.window=4", "highpass.window"),
     ("method.name=moco", "method.name"),
+    ("data.crop=random", "data.crop"),
     ("views.7.mask.ratio=0.1", "views.7.mask.ratio"),  # no such view
     ("train.global_batch", "train.global_batch"),  # not key=value
 ])
