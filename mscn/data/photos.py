@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from mscn.data.made import previous_build
 from mscn.errors import DataError
 
 GRID = 4  # tiles per side of every photo
@@ -141,24 +142,6 @@ def pixels_sha256(photos: list[np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def _check_params(out: Path, params: dict) -> dict | None:
-    """The previous run's metadata if it made this exact dataset, else None (same rule as synth)."""
-    meta = out / META_NAME
-    if meta.exists():
-        try:
-            old = json.loads(meta.read_text())
-        except (OSError, ValueError) as e:
-            raise DataError(f"{meta}: unreadable ({e}); delete {out} and run again") from None
-        prev = old.get("params") or {}
-        if prev != params:
-            diff = ", ".join(f"{k}={prev.get(k)} (now {v})" for k, v in params.items() if prev.get(k) != v)
-            raise DataError(f"{out}: holds a photos dataset made with {diff}; pick another OUT or delete {out}")
-        return old if old.get("complete") else None  # incomplete: write again (same bytes)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out}: exists and is not a photos dataset (no {META_NAME}); pick another OUT")
-    return None
-
-
 def check_args(per_class: int, size: tuple[int, int], seed: int, val_fraction: float) -> int:
     """Validate the arguments; returns the number of validation tiles per photo."""
     if per_class < 1:
@@ -197,7 +180,7 @@ def make_photos(out, per_class: int = 200, size=(96, 96), seed: int = 0, val_fra
               "pixels_sha256": pixels_sha256(photos)}
     summary = {"out": str(out), "train": str(out / "train"), "val": str(out / "val"), "classes": names,
                "val_tiles": val_tiles, "tiles": GRID * GRID}
-    done = _check_params(out, params)
+    done = previous_build(out, params, META_NAME, "photos")
     if done is not None:
         return {**summary, **done["stats"], "skipped": True}
 

@@ -25,6 +25,7 @@ from PIL import Image, ImageColor, ImageDraw, ImageFilter
 from scipy.ndimage import map_coordinates
 
 from mscn.data.imagefolder import parallel_imap
+from mscn.data.made import previous_build
 from mscn.errors import DataError
 
 SHAPES = ("disk", "square", "triangle", "ring", "cross", "star", "hexagon", "crescent", "ellipse", "chevron")
@@ -215,28 +216,6 @@ def _write_one(task) -> int:
     return os.path.getsize(path)
 
 
-def _check_params(out: Path, params: dict) -> dict | None:
-    """The previous run's metadata if it made this exact dataset, else None.
-
-    Refuses (DataError) to touch a folder made with other parameters or one that is
-    not a synthetic dataset at all.
-    """
-    meta = out / META_NAME
-    if meta.exists():
-        try:
-            old = json.loads(meta.read_text())
-        except (OSError, ValueError) as e:
-            raise DataError(f"{meta}: unreadable ({e}); delete {out} and run again") from None
-        prev = old.get("params") or {}
-        if prev != params:
-            diff = ", ".join(f"{k}={prev.get(k)} (now {v})" for k, v in params.items() if prev.get(k) != v)
-            raise DataError(f"{out}: holds a synthetic dataset made with {diff}; pick another OUT or delete {out}")
-        return old if old.get("complete") else None  # incomplete: regenerate (same bytes)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out}: exists and is not a synthetic dataset (no {META_NAME}); pick another OUT")
-    return None
-
-
 def synthesize(out, classes: int, per_class: int, size=(500, 375), seed: int = 0,
                workers: int | None = None, val_per_class: int = 0, progress: bool = True) -> dict:
     """Write ``out/train/<class>/<idx>.jpg`` (and ``out/val/...``) plus ``out/synth.json``.
@@ -260,7 +239,7 @@ def synthesize(out, classes: int, per_class: int, size=(500, 375), seed: int = 0
     names = class_names(classes)
     summary = {"out": str(out), "train": str(out / "train"),
                "val": str(out / "val") if val_per_class else None, "classes": names}
-    done = _check_params(out, params)
+    done = previous_build(out, params, META_NAME, "synthetic")
     if done is not None:
         return {**summary, **done["stats"], "skipped": True}
 
