@@ -7,6 +7,7 @@
     python scripts/bench_pipeline.py --data DIR --sweep threads=4,8,16 hw_decoder_load=0,0.65,0.9 batch=128,256
     python scripts/bench_pipeline.py --data DIR --train --arch resnet18      # input-bound fraction
     torchrun --standalone --nproc_per_node=8 scripts/bench_pipeline.py --data DIR   # per GPU + node total
+    python scripts/bench_pipeline.py --data DIR --stages masks,masks-crop-window --isolate 3   # an A/B
 
 Stages, each timed in this run (paper §5.1-5.2): ``decode`` alone; ``bare`` (+ the N
 views' random-resized crop, flip and normalize); ``views`` (+ colour jitter, grayscale,
@@ -19,7 +20,9 @@ hand with DALI's own ops: same views and high-pass, no masks).
 fed by synthetic views already on the device, then by each stage's pipeline (bare,
 + colour/blur, + high-pass, + masks), each row with images/s, the share of the
 synthetic speed it keeps and the milliseconds per step it takes from the trainer.
-Config overrides (``key=value``) go before the flags. How to read the numbers:
+``--isolate N`` times each of ``--stages`` in a process of its own, N rounds in
+alternating order: rows of one process run in a fixed order, which can decide a close
+A/B on a shared machine. Config overrides (``key=value``) go before the flags. How to read the numbers:
 docs/PERFORMANCE.md.
 """
 from __future__ import annotations
