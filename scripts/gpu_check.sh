@@ -9,7 +9,8 @@
 #           two ranks sharing the GPU under torchrun (training and the bench), the
 #           previous release for before/after figures when given, a thread sweep, and
 #           the headline summary (gpu_summary.json).
-#   part 3: one round of A/B (7 min 20 s on an H200, 2026-11-27; about 7 now): GPU tests,
+#   part 3: one round of A/B (7 min 20 s on an H200, 2026-11-27; with the isolated A/B
+#           and every stage attributed, about 9 now, not yet timed): GPU tests,
 #           the mask and memory figures, the full pipeline against each variant
 #           (masks-hp-late, masks-hp-loader, masks-crop-window), the close ones again with
 #           one process per pipeline (--isolate), the trainer fed by each stage and
@@ -88,7 +89,7 @@ part3() {  # this round's A/B: every variant against the default in one run, and
   # (the statistics tests compile the table kernel once per configuration: a step of their own,
   # so that a time limit there does not hide the twin and kernel tests' results)
   run tests 120 $PY -P -m pytest -q -s tests/test_pipeline_gpu.py tests/test_mask_kernel.py tests/test_pipeline_crop.py
-  run tests-stats 150 $PY -P -m pytest -q tests/test_masks.py -k triton
+  run tests-stats 120 $PY -P -m pytest -q -x tests/test_masks.py -k triton
   run pipeline 90 $PY scripts/gpu_pipeline_check.py --data "$DATA/train" --json "$R/pipeline.json"
   run masks 60 $PY scripts/bench_masks.py --json "$R/masks.json"
   run memory 60 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
