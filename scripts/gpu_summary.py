@@ -24,6 +24,8 @@ TARGETS = {
     "kept_resnet50": (0.97, "min", "ResNet-50 SimCLR bf16 step, pipeline-fed / synthetic"),
     "kept_resnet18": (0.90, "min", "ResNet-18 SimCLR bf16 step, pipeline-fed / synthetic"),
     "apply_masks_ms": (0.6, "max", "apply_masks (tables + fill), 4 x 256 x 3 x 224^2 fp32, ms"),
+    # the candidate default: the decisions drawn inside the fill (apply_masks(fused=True))
+    "apply_masks_fused_ms": (0.6, "max", "apply_masks with the decisions in the fill kernel (fused=True), ms"),
     "pipeline_gib": (3.0, "max", "device memory the full pipeline adds, batch 256, prefetch 2, GiB"),
     "torchvision_ratio": (None, None, "mscn / torchvision+PIL DataLoader, images/s"),
 }

@@ -62,6 +62,7 @@ def test_gpu_summary_reads_the_bench_files(results):
     assert s["plain_dali_share_of_decode"] == bench["baselines"]["dali-plain"]["share_of_decode"]
     assert s["kept_resnet18"] == train["train"]["feeds"]["masks"]["kept"] and s["kept_resnet50"] is None
     assert s["apply_masks_ms"] is None and s["pipeline_gib"] is None  # CPU runs: not measured
+    assert s["apply_masks_fused_ms"] is None
     assert len(s["commands"]) == 3
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SUMMARY")]
     assert any(ln.startswith("SUMMARY kept_resnet50 = None") and "not measured" in ln for ln in lines)
