@@ -271,6 +271,17 @@ def test_fused_kernel_masks_equal_the_table_path_bit_for_bit(cfgs, dtype, inplac
             assert not m1.any() and torch.equal(x, views[i])
 
 
+def test_fused_kernel_takes_channels_last_views():
+    cfgs = FUSED_CFGS[0][:2]
+    views = [torch.randn(2, 3, 40, 56, generator=torch.Generator().manual_seed(i)).to(DEV)
+             .contiguous(memory_format=torch.channels_last) for i in range(2)]
+    a = apply_masks([v.clone() for v in views], cfgs, torch.Generator(DEV).manual_seed(1), backend="triton",
+                    fused=True, inplace=False)
+    b = apply_masks([v.contiguous() for v in views], cfgs, torch.Generator(DEV).manual_seed(1), backend="triton",
+                    fused=False, inplace=False)
+    assert all(torch.equal(_bits(x.contiguous()), _bits(y)) for x, y in zip(a, b))
+
+
 def test_fused_path_falls_back_where_its_kernel_cannot_go():
     """A grid finer than 64 cells per plane: apply_masks(fused=True) takes the table path."""
     from mscn.cuda_kernels.mask_fused_triton import apply_mask_fused, fused_supports
