@@ -6,7 +6,7 @@ launch per view, no decision table in memory.
 (mask_triton.py) reads it back. The fill runs at ~1.2x a device copy; what is left of the
 mask step's time is the host work around the tables (allocating them, launching, slicing
 them per view). Here every fill program recomputes its own (sample, channel) plane's
-decisions from the same Philox counters as the table kernel:
+decisions with the table kernel's own ``plane_decisions`` (same Philox counters):
 
 * the per-sample draws (grid offset, channel independence, noise flag, the noise's
   Philox seed) and the per-channel draws (focal flag, rectangle) are a few scalars;
@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 
 from mscn.config import MaskCfg
-from mscn.cuda_kernels.mask_tables_triton import _cell_count_k, table_shape
-from mscn.cuda_kernels.mask_triton import _tile, kernel_unsupported
+from mscn.cuda_kernels.mask_tables_triton import _cell_count_k, plane_decisions, table_shape
+from mscn.cuda_kernels.mask_triton import _tile, kernel_unsupported, sub_tile, tile_noise, write_sub_tile
 from mscn.errors import MscnError
 
 MAX_FUSED_CELLS = 64  # the picked cells of a plane fit one int64
@@ -47,48 +47,23 @@ def _fused_kernel(x_ptr, y_ptr, key_ptr, v, C, H, W, nW, tiles_w, nh_min, nw_min
     b = plane // C
     c = plane % C
     key = tl.load(key_ptr + v)
-    # --- the decisions: the table kernel's counters and rules, for this one plane -------
-    stride = 8 + C * (NCELL + 4)
-    base = b.to(tl.int64) * stride
-    if RANDOM_OFFSET:
-        dy = tl.minimum((tl.rand(key, base + 0) * GRID).to(tl.int32), GRID - 1)
-        dx = tl.minimum((tl.rand(key, base + 1) * GRID).to(tl.int32), GRID - 1)
-    else:
-        dy = b * 0
-        dx = b * 0
-    indep = tl.rand(key, base + 2) < p_ind
-    noisy = tl.rand(key, base + 3) < p_noise
-    hi = tl.randint(key, base + 4).to(tl.int64) & 0x3FFFFFFF
-    lo = tl.randint(key, base + 5).to(tl.int64) & 0xFFFFFFFF
-    fill_seed = (hi << 32) | lo
-    nh = (H + dy + GRID - 1) // GRID
-    nw = (W + dx + GRID - 1) // GRID
-    big_h = nh > nh_min
-    big_w = nw > nw_min
-    k = tl.where(big_h, tl.where(big_w, k11, k10), tl.where(big_w, k01, k00))
-    ch = tl.where(indep, c, 0)
-    cbase = base + 8 + ch.to(tl.int64) * (NCELL + 4)
-    focal = tl.rand(key, cbase + NCELL) < p_focal
-    aspect = tl.exp(log_lo + tl.rand(key, cbase + NCELL + 1) * (log_hi - log_lo))
-    kf = k.to(tl.float32)
-    fh = tl.minimum(tl.maximum(tl.floor(tl.sqrt(kf * aspect) + 0.5).to(tl.int32), 1), nh)
-    fw = tl.minimum(tl.maximum(tl.floor(kf / fh.to(tl.float32) + 0.5).to(tl.int32), 1), nw)
-    fh = tl.where(k > 0, fh, 0)
-    top = tl.floor(tl.rand(key, cbase + NCELL + 2) * (nh - fh + 1).to(tl.float32)).to(tl.int32)
-    left = tl.floor(tl.rand(key, cbase + NCELL + 3) * (nw - fw + 1).to(tl.float32)).to(tl.int32)
-
-    j = tl.arange(0, NCELL)  # cell r * nW + q of the padded table
-    valid = (j // nW < nh) & (j % nW < nw)
-    score = tl.randint(key, cbase + j).to(tl.int64) & 0xFFFFFFFF
-    keys = tl.where(valid, score, 0x100000000) * NCELL + j
-    kth = (b * 0).to(tl.int64)
-    one = kth + 1
-    for bit in tl.static_range(KEY_BITS - 1, -1, -1):
-        trial = kth | (one << bit)
-        below = tl.sum((keys < trial).to(tl.int32), axis=0)
-        kth = tl.where(below < k, trial, kth)
-    picked = (keys <= kth) & (k > 0) & valid
-    bits = tl.sum(tl.where(picked, tl.full([NCELL], 1, tl.int64) << j.to(tl.int64), 0), axis=0)
+    # --- the decisions: the table kernel's own helper, for this one plane (a block of 1) ----
+    one_plane = tl.zeros([1], dtype=tl.int32)
+    dy1, dx1, _, noisy1, seed1, focal1, fh1, fw1, top1, left1, picked = plane_decisions(
+        key, one_plane + b, one_plane + c, C, H, W, nW, nh_min, nw_min, k00, k01, k10, k11,
+        p_focal, p_ind, p_noise, log_lo, log_hi, GRID, RANDOM_OFFSET, NCELL, KEY_BITS)
+    # the block of 1 as scalars, and the picked cells as the bits of one int64
+    dy = tl.sum(dy1, axis=0)
+    dx = tl.sum(dx1, axis=0)
+    noisy = tl.sum(noisy1.to(tl.int32), axis=0) != 0
+    fill_seed = tl.sum(seed1, axis=0)
+    focal = tl.sum(focal1.to(tl.int32), axis=0) != 0
+    fh = tl.sum(fh1, axis=0)
+    fw = tl.sum(fw1, axis=0)
+    top = tl.sum(top1, axis=0)
+    left = tl.sum(left1, axis=0)
+    j = tl.arange(0, NCELL)[None, :].to(tl.int64)
+    bits = tl.sum(tl.sum(tl.where(picked, (j * 0 + 1) << j, 0), axis=1), axis=0)
 
     # --- the fill: mask_triton._mask_kernel's tile loop, with the cell bit from ``bits`` -------
     h0 = (tile // tiles_w) * (4 * BLOCK_R)
@@ -98,39 +73,15 @@ def _fused_kernel(x_ptr, y_ptr, key_ptr, v, C, H, W, nW, tiles_w, nh_min, nw_min
     col_in = (ccol >= left) & (ccol < left + fw)
     x_plane = x_ptr + b.to(tl.int64) * sxb + c.to(tl.int64) * sxc + cols * sxw
     y_plane = y_ptr + b.to(tl.int64) * syb + c.to(tl.int64) * syc + cols * syw
-    r0 = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
-    r1 = r0
-    r2 = r0
-    r3 = r0
-    if NOISE:
-        if noisy:
-            counter = (c * H + h0 + r) * W + cols
-            r0, r1, r2, r3 = tl.randn4x(fill_seed, counter)
-            r0 = r0 * noise_std
-            r1 = r1 * noise_std
-            r2 = r2 * noise_std
-            r3 = r3 * noise_std
+    r0, r1, r2, r3 = tile_noise(noisy, fill_seed, c, H, W, h0, r, cols, noise_std, BLOCK_R, BLOCK_W, NOISE)
     for s in tl.static_range(4):
-        if s == 0:
-            fill = r0
-        elif s == 1:
-            fill = r1
-        elif s == 2:
-            fill = r2
-        else:
-            fill = r3
         rows = h0 + s * BLOCK_R + r
         inside = (rows < H) & (cols < W)
         crow = (rows + dy) // GRID
         cell = tl.minimum(crow * nW + ccol, 63).to(tl.int64)  # (only rows past H reach 64: masked off)
         in_rect = (crow >= top) & (crow < top + fh) & col_in
         hit = inside & tl.where(focal, in_rect, ((bits >> cell) & 1) != 0)
-        y = y_plane + rows.to(tl.int64) * syh
-        if INPLACE:
-            tl.store(y, fill.to(y_ptr.dtype.element_ty), mask=hit)
-        else:
-            val = tl.load(x_plane + rows.to(tl.int64) * sxh, mask=inside)
-            tl.store(y, tl.where(hit, fill.to(val.dtype), val), mask=inside)
+        write_sub_tile(x_plane, y_plane, y_ptr, rows, sxh, syh, inside, hit, sub_tile(r0, r1, r2, r3, s), INPLACE)
 
 
 def fused_supports(x: torch.Tensor, cfg: MaskCfg) -> bool:

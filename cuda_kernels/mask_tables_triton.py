@@ -46,6 +46,69 @@ _ELEMS_PER_PROGRAM = 65536 if INTERPRETED else 4096
 
 
 @triton.jit
+def plane_decisions(key, b, c, C, H, W, nW, nh_min, nw_min, k00, k01, k10, k11,
+                    p_focal, p_ind, p_noise, log_lo, log_hi,
+                    GRID: tl.constexpr, RANDOM_OFFSET: tl.constexpr, NCELL: tl.constexpr, KEY_BITS: tl.constexpr):
+    """Every mask decision of the planes (sample ``b``, channel ``c``), blocks of S planes.
+
+    The one place that lays out the Philox counters: this kernel and the fused fill
+    (mask_fused_triton.py) both call it, so their masks agree by construction. Returns
+    per plane (S,): grid offset ``dy``, ``dx``, channel independence, noise flag, the
+    noise's Philox seed, the focal flag and rectangle (``fh``, ``fw``, ``top``, ``left``,
+    in cells), and (S, NCELL) ``picked``: the random cells, the k smallest keys, inside
+    the cells that touch the image.
+    """
+    stride = 8 + C * (NCELL + 4)  # counters per sample: 8 per-sample, then per channel draw
+    base = b * stride
+
+    # per-sample draws (every channel of the sample computes the same values)
+    if RANDOM_OFFSET:
+        dy = tl.minimum((tl.rand(key, base + 0) * GRID).to(tl.int32), GRID - 1)
+        dx = tl.minimum((tl.rand(key, base + 1) * GRID).to(tl.int32), GRID - 1)
+    else:
+        dy = b * 0
+        dx = b * 0
+    indep = tl.rand(key, base + 2) < p_ind
+    noisy = tl.rand(key, base + 3) < p_noise
+    hi = tl.randint(key, base + 4).to(tl.int64) & 0x3FFFFFFF
+    lo = tl.randint(key, base + 5).to(tl.int64) & 0xFFFFFFFF
+    fill_seed = (hi << 32) | lo
+
+    nh = (H + dy + GRID - 1) // GRID  # cells per side that touch the image
+    nw = (W + dx + GRID - 1) // GRID
+    big_h = nh > nh_min
+    big_w = nw > nw_min
+    k = tl.where(big_h, tl.where(big_w, k11, k10), tl.where(big_w, k01, k00))  # (S,) int32
+
+    # per channel draw: a shared mask reads channel 0's counters
+    ch = tl.where(indep, c, 0)
+    cbase = base + 8 + ch * (NCELL + 4)
+    focal = tl.rand(key, cbase + NCELL) < p_focal
+    aspect = tl.exp(log_lo + tl.rand(key, cbase + NCELL + 1) * (log_hi - log_lo))
+    kf = k.to(tl.float32)
+    fh = tl.minimum(tl.maximum(tl.floor(tl.sqrt(kf * aspect) + 0.5).to(tl.int32), 1), nh)
+    fw = tl.minimum(tl.maximum(tl.floor(kf / fh.to(tl.float32) + 0.5).to(tl.int32), 1), nw)
+    fh = tl.where(k > 0, fh, 0)
+    top = tl.floor(tl.rand(key, cbase + NCELL + 2) * (nh - fh + 1).to(tl.float32)).to(tl.int32)
+    left = tl.floor(tl.rand(key, cbase + NCELL + 3) * (nw - fw + 1).to(tl.float32)).to(tl.int32)
+
+    j = tl.arange(0, NCELL)[None, :]  # (1, N): cell index r * nW + q in the padded table
+    valid = (j // nW < nh[:, None]) & (j % nW < nw[:, None])  # (S, N)
+    score = tl.randint(key, cbase[:, None] + j).to(tl.int64) & 0xFFFFFFFF
+    keys = tl.where(valid, score, 0x100000000) * NCELL + j  # unique; invalid cells rank last
+    # radix select of the k-th smallest key, high bit first: ``kth`` ends as the largest
+    # value with fewer than k keys below it, i.e. the k-th smallest key itself
+    kth = (b * 0).to(tl.int64)
+    one = kth + 1
+    for bit in tl.static_range(KEY_BITS - 1, -1, -1):
+        trial = kth | (one << bit)
+        below = tl.sum((keys < trial[:, None]).to(tl.int32), axis=1)
+        kth = tl.where(below < k, trial, kth)
+    picked = (keys <= kth[:, None]) & (k[:, None] > 0) & valid
+    return dy, dx, indep, noisy, fill_seed, focal, fh, fw, top, left, picked
+
+
+@triton.jit
 def _table_kernel(key_ptr, kpar_ptr, fpar_ptr, cells_ptr, offset_ptr, noise_ptr, seed_ptr, focal_ptr, indep_ptr,
                   rows_total, C, H, W, nH, nW, nh_min, nw_min,
                   GRID: tl.constexpr, RANDOM_OFFSET: tl.constexpr,
@@ -75,58 +138,15 @@ def _table_kernel(key_ptr, kpar_ptr, fpar_ptr, cells_ptr, offset_ptr, noise_ptr,
     live = row < rows_total
     b = row // C
     c = row % C
-    stride = 8 + C * (NCELL + 4)  # counters per sample: 8 per-sample, then per channel draw
-    base = b * stride
-
-    # per-sample draws (every channel of the sample computes the same values)
-    if RANDOM_OFFSET:
-        dy = tl.minimum((tl.rand(key, base + 0) * GRID).to(tl.int32), GRID - 1)
-        dx = tl.minimum((tl.rand(key, base + 1) * GRID).to(tl.int32), GRID - 1)
-    else:
-        dy = tl.zeros([BLOCK_S], dtype=tl.int32)
-        dx = tl.zeros([BLOCK_S], dtype=tl.int32)
-    indep = tl.rand(key, base + 2) < p_ind
-    noisy = tl.rand(key, base + 3) < p_noise
-    hi = tl.randint(key, base + 4).to(tl.int64) & 0x3FFFFFFF
-    lo = tl.randint(key, base + 5).to(tl.int64) & 0xFFFFFFFF
-    fill_seed = (hi << 32) | lo
-
-    nh = (H + dy + GRID - 1) // GRID  # cells per side that touch the image
-    nw = (W + dx + GRID - 1) // GRID
-    big_h = nh > nh_min
-    big_w = nw > nw_min
-    k = tl.where(big_h, tl.where(big_w, k11, k10), tl.where(big_w, k01, k00))  # (S,) int32
-
-    # per channel draw: a shared mask reads channel 0's counters
-    ch = tl.where(indep, c, 0)
-    cbase = base + 8 + ch * (NCELL + 4)
-    focal = tl.rand(key, cbase + NCELL) < p_focal
-    aspect = tl.exp(log_lo + tl.rand(key, cbase + NCELL + 1) * (log_hi - log_lo))
-    kf = k.to(tl.float32)
-    fh = tl.minimum(tl.maximum(tl.floor(tl.sqrt(kf * aspect) + 0.5).to(tl.int32), 1), nh)
-    fw = tl.minimum(tl.maximum(tl.floor(kf / fh.to(tl.float32) + 0.5).to(tl.int32), 1), nw)
-    fh = tl.where(k > 0, fh, 0)
-    top = tl.floor(tl.rand(key, cbase + NCELL + 2) * (nh - fh + 1).to(tl.float32)).to(tl.int32)
-    left = tl.floor(tl.rand(key, cbase + NCELL + 3) * (nw - fw + 1).to(tl.float32)).to(tl.int32)
-
+    dy, dx, indep, noisy, fill_seed, focal, fh, fw, top, left, picked = plane_decisions(
+        key, b, c, C, H, W, nW, nh_min, nw_min, k00, k01, k10, k11, p_focal, p_ind, p_noise, log_lo, log_hi,
+        GRID, RANDOM_OFFSET, NCELL, KEY_BITS)
     j = tl.arange(0, NCELL)[None, :]  # (1, N): cell index r * nW + q in the padded table
     r = j // nW
     q = j % nW
-    valid = (r < nh[:, None]) & (q < nw[:, None])  # (S, N)
-    score = tl.randint(key, cbase[:, None] + j).to(tl.int64) & 0xFFFFFFFF
-    keys = tl.where(valid, score, 0x100000000) * NCELL + j  # unique; invalid cells rank last
-    # radix select of the k-th smallest key, high bit first: ``kth`` ends as the largest
-    # value with fewer than k keys below it, i.e. the k-th smallest key itself
-    kth = tl.zeros([BLOCK_S], dtype=tl.int64)
-    one = tl.full([BLOCK_S], 1, dtype=tl.int64)
-    for bit in tl.static_range(KEY_BITS - 1, -1, -1):
-        trial = kth | (one << bit)
-        below = tl.sum((keys < trial[:, None]).to(tl.int32), axis=1)
-        kth = tl.where(below < k, trial, kth)
-    picked = (keys <= kth[:, None]) & (k[:, None] > 0)
     in_rect = ((r >= top[:, None]) & (r < (top + fh)[:, None])
                & (q >= left[:, None]) & (q < (left + fw)[:, None]))
-    cells = tl.where(focal[:, None], in_rect, picked) & valid
+    cells = tl.where(focal[:, None], in_rect, picked)
 
     tl.store(cells_ptr + row[:, None].to(tl.int64) * (nH * nW) + j, cells.to(tl.uint8),
              mask=live[:, None] & (j < nH * nW))

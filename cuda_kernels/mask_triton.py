@@ -41,6 +41,55 @@ _ELEMS_PER_PROGRAM = 2048  # 8-16 elements per thread at 4 warps: enough bytes i
 
 
 @triton.jit
+def tile_noise(noisy, seed, c, H, W, h0, r, cols, noise_std,
+               BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, NOISE: tl.constexpr):
+    """The fill values of a tile's 4 sub-tiles: zeros, or for a noisy sample N(0, noise_std²)
+    keyed by its Philox ``seed``. One ``tl.randn4x`` gives all four; the fill kernel and
+    the fused one (mask_fused_triton.py) share it, so their noise agrees."""
+    r0 = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
+    r1 = r0
+    r2 = r0
+    r3 = r0
+    if NOISE:
+        if noisy:
+            # counter = index of the pixel in the first sub-tile: unique within the sample,
+            # and the sample's own seed keys Philox, so no two elements share a draw
+            counter = (c * H + h0 + r) * W + cols
+            r0, r1, r2, r3 = tl.randn4x(seed, counter)
+            r0 = r0 * noise_std
+            r1 = r1 * noise_std
+            r2 = r2 * noise_std
+            r3 = r3 * noise_std
+    return r0, r1, r2, r3
+
+
+@triton.jit
+def sub_tile(r0, r1, r2, r3, k: tl.constexpr):
+    """Sub-tile ``k``'s fill values (``k`` is unrolled, so this costs nothing)."""
+    if k == 0:
+        fill = r0
+    elif k == 1:
+        fill = r1
+    elif k == 2:
+        fill = r2
+    else:
+        fill = r3
+    return fill
+
+
+@triton.jit
+def write_sub_tile(x_plane, y_plane, y_ptr, rows, sxh, syh, inside, hit, fill, INPLACE: tl.constexpr):
+    """Write one sub-tile: in place only the masked elements (the rest keep their bits
+    unread); out of place every element, the fill where masked."""
+    y = y_plane + rows.to(tl.int64) * syh
+    if INPLACE:
+        tl.store(y, fill.to(y_ptr.dtype.element_ty), mask=hit)
+    else:
+        v = tl.load(x_plane + rows.to(tl.int64) * sxh, mask=inside)
+        tl.store(y, tl.where(hit, fill.to(v.dtype), v), mask=inside)
+
+
+@triton.jit
 def _mask_kernel(x_ptr, y_ptr, cells_ptr, offset_ptr, noise_ptr, seed_ptr,
                  C, H, W, nH, nW, tiles_w,
                  sxb, sxc, sxh, sxw, syb, syc, syh, syw, noise_std,
@@ -60,40 +109,14 @@ def _mask_kernel(x_ptr, y_ptr, cells_ptr, offset_ptr, noise_ptr, seed_ptr,
     y_plane = y_ptr + b.to(tl.int64) * syb + c.to(tl.int64) * syc + cols * syw
 
     # fill values of the 4 sub-tiles; the branch is per program, so clean samples skip Philox
-    r0 = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
-    r1 = r0
-    r2 = r0
-    r3 = r0
-    if NOISE:
-        if tl.load(noise_ptr + b) != 0:
-            # counter = index of the pixel in the first sub-tile: unique within the sample,
-            # and the sample's own seed keys Philox, so no two elements share a draw
-            counter = (c * H + h0 + r) * W + cols
-            r0, r1, r2, r3 = tl.randn4x(tl.load(seed_ptr + b), counter)
-            r0 = r0 * noise_std
-            r1 = r1 * noise_std
-            r2 = r2 * noise_std
-            r3 = r3 * noise_std
-
+    r0, r1, r2, r3 = tile_noise(tl.load(noise_ptr + b) != 0, tl.load(seed_ptr + b), c, H, W, h0, r, cols,
+                                noise_std, BLOCK_R, BLOCK_W, NOISE)
     for k in tl.static_range(4):
-        if k == 0:
-            fill = r0
-        elif k == 1:
-            fill = r1
-        elif k == 2:
-            fill = r2
-        else:
-            fill = r3
         rows = h0 + k * BLOCK_R + r
         inside = (rows < H) & (cols < W)
         bit = tl.load(cells_ptr + (plane * nH + (rows + dy) // GRID) * nW + cell_col, mask=inside, other=0)
-        hit = inside & (bit != 0)
-        y = y_plane + rows.to(tl.int64) * syh
-        if INPLACE:
-            tl.store(y, fill.to(y_ptr.dtype.element_ty), mask=hit)
-        else:
-            v = tl.load(x_plane + rows.to(tl.int64) * sxh, mask=inside)
-            tl.store(y, tl.where(hit, fill.to(v.dtype), v), mask=inside)
+        write_sub_tile(x_plane, y_plane, y_ptr, rows, sxh, syh, inside, inside & (bit != 0),
+                       sub_tile(r0, r1, r2, r3, k), INPLACE)
 
 
 def _tile(width: int) -> tuple[int, int]:
