@@ -30,7 +30,7 @@ import triton.language as tl
 
 from mscn.config import MaskCfg
 from mscn.cuda_kernels.mask_tables_triton import _cell_count_k, plane_decisions, table_shape
-from mscn.cuda_kernels.mask_triton import _tile, kernel_unsupported, sub_tile, tile_noise, write_sub_tile
+from mscn.cuda_kernels.mask_triton import Launch, _tile, kernel_unsupported, sub_tile, tile_noise, write_sub_tile
 from mscn.errors import MscnError
 
 MAX_FUSED_CELLS = 64  # the picked cells of a plane fit one int64
@@ -101,9 +101,16 @@ def apply_mask_fused(x: torch.Tensor, cfg: MaskCfg, keys: torch.Tensor, v: int, 
     if not fused_supports(x, cfg):
         raise MscnError(f"the fused mask kernel cannot take a {tuple(x.shape)} {x.dtype} view on {x.device} "
                         f"with grid {cfg.grid} (at most {MAX_FUSED_CELLS} cells); use apply_masks")
-    B, C, H, W = x.shape
     if out is None:
         out = torch.empty_like(x)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        fused_launch(x, out, cfg, keys, v)()
+    return out
+
+
+def fused_launch(x: torch.Tensor, out: torch.Tensor, cfg: MaskCfg, keys: torch.Tensor, v: int) -> Launch:
+    """The fused kernel's launch for view ``x`` into ``out`` (``x`` itself: in place)."""
+    B, C, H, W = x.shape
     g = cfg.grid
     nH, nW = table_shape(H, W, cfg)
     ncell = triton.next_power_of_2(nH * nW)
@@ -112,11 +119,8 @@ def apply_mask_fused(x: torch.Tensor, cfg: MaskCfg, keys: torch.Tensor, v: int, 
     lo, hi = (math.log(a) for a in cfg.focal_aspect)
     block_r, block_w = _tile(W)
     tiles_w = -(-W // block_w)
-    grid = (B * C, -(-H // (4 * block_r)) * tiles_w)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _fused_kernel[grid](
-            x, out, keys, v, C, H, W, nW, tiles_w, nh_min, nw_min, *ks, *x.stride(), *out.stride(),
-            float(cfg.p_focal), float(cfg.p_ind), float(cfg.p_noise), lo, hi, float(cfg.noise_std),
-            GRID=g, RANDOM_OFFSET=bool(cfg.random_offset), NCELL=ncell, KEY_BITS=33 + ncell.bit_length() - 1,
-            BLOCK_R=block_r, BLOCK_W=block_w, INPLACE=out is x, NOISE=cfg.noise_std > 0, num_warps=4)
-    return out
+    return Launch(_fused_kernel, (B * C, -(-H // (4 * block_r)) * tiles_w),
+                  (x, out, keys, v, C, H, W, nW, tiles_w, nh_min, nw_min, *ks, *x.stride(), *out.stride(),
+                   float(cfg.p_focal), float(cfg.p_ind), float(cfg.p_noise), lo, hi, float(cfg.noise_std)),
+                  dict(GRID=g, RANDOM_OFFSET=bool(cfg.random_offset), NCELL=ncell, KEY_BITS=33 + ncell.bit_length() - 1,
+                       BLOCK_R=block_r, BLOCK_W=block_w, INPLACE=out is x, NOISE=cfg.noise_std > 0, num_warps=4))

@@ -37,12 +37,16 @@ import triton.language as tl
 from mscn.config import MaskCfg
 from mscn.maskspec import MaskTable
 
-from mscn.cuda_kernels.mask_triton import INTERPRETED
+from mscn.cuda_kernels.mask_triton import INTERPRETED, Launch
 
 MAX_CELLS = 4096  # per plane; a finer grid than that (e.g. 3 px cells at 224) uses the torch sampler
 # rows x cells per program: on a GPU, what stays in registers; the CPU interpreter pays
-# per program and per op, not per element, so it gets few, large programs
-_ELEMS_PER_PROGRAM = 65536 if INTERPRETED else 4096
+# per program and per op, not per element, so it gets few, large programs. On sm_90,
+# 4096 (64 rows x 64 cells, 8 warps) took all 255 registers and spilled 40 B per thread;
+# 2048 at 8 elements per thread spills nothing at any grid from 4 to 4096 cells
+# (``python -m mscn.cuda_kernels.aot``, ptxas -v; not yet timed on a GPU)
+_ELEMS_PER_PROGRAM = 65536 if INTERPRETED else 2048
+_ELEMS_PER_THREAD = 8
 
 
 @triton.jit
@@ -229,6 +233,16 @@ def sample_mask_tables_triton(batch: int, channels: int, height: int, width: int
         raise ValueError(f"one launch draws views of one grid and offset rule, got {sorted(groups)}")
     if keys.numel() != len(cfgs):
         raise ValueError(f"{len(cfgs)} views need {len(cfgs)} keys, got {keys.numel()}")
+    dev = keys.device
+    launch, tables = table_launch(batch, channels, height, width, cfgs, keys)
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        launch()
+    return tables
+
+
+def table_launch(batch: int, channels: int, height: int, width: int, cfgs: Sequence[MaskCfg],
+                 keys: torch.Tensor) -> tuple[Launch, list[MaskTable]]:
+    """The table kernel's launch and the tables it will fill (allocated on ``keys``' device)."""
     dev, cfg0, nv = keys.device, cfgs[0], len(cfgs)
     g = cfg0.grid
     nH, nW = table_shape(height, width, cfg0)
@@ -243,15 +257,17 @@ def sample_mask_tables_triton(batch: int, channels: int, height: int, width: int
     indep = torch.empty(nv, batch, dtype=torch.bool, device=dev)
     block_s = max(1, _ELEMS_PER_PROGRAM // ncell)
     rows = batch * channels
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        _table_kernel[(triton.cdiv(rows, block_s), nv)](
-            keys.reshape(-1), kpar, fpar, cells.view(torch.uint8), offset, noise.view(torch.uint8), seed,
-            focal.view(torch.uint8), indep.view(torch.uint8), rows, channels, height, width, nH, nW, nh_min, nw_min,
-            GRID=g, RANDOM_OFFSET=bool(cfg0.random_offset), BLOCK_S=block_s, NCELL=ncell,
-            KEY_BITS=33 + ncell.bit_length() - 1, num_warps=4 if ncell * block_s <= 2048 else 8)
-    return [MaskTable(cells=cells[i], offset=offset[i], noise=noise[i], seed=seed[i], focal=focal[i],
-                      independent=indep[i], grid=g, noise_std=float(cfg.noise_std), height=height, width=width)
-            for i, cfg in enumerate(cfgs)]
+    launch = Launch(_table_kernel, (triton.cdiv(rows, block_s), nv),
+                    (keys.reshape(-1), kpar, fpar, cells.view(torch.uint8), offset, noise.view(torch.uint8), seed,
+                     focal.view(torch.uint8), indep.view(torch.uint8), rows, channels, height, width, nH, nW,
+                     nh_min, nw_min),
+                    dict(GRID=g, RANDOM_OFFSET=bool(cfg0.random_offset), BLOCK_S=block_s, NCELL=ncell,
+                         KEY_BITS=33 + ncell.bit_length() - 1,
+                         num_warps=min(16, max(4, ncell * block_s // (32 * _ELEMS_PER_THREAD)))))
+    return launch, [MaskTable(cells=cells[i], offset=offset[i], noise=noise[i], seed=seed[i], focal=focal[i],
+                              independent=indep[i], grid=g, noise_std=float(cfg.noise_std), height=height,
+                              width=width)
+                    for i, cfg in enumerate(cfgs)]
 
 
 def sample_mask_table_triton(batch: int, channels: int, height: int, width: int, cfg: MaskCfg,

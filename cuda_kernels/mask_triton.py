@@ -16,8 +16,9 @@ Under ``TRITON_INTERPRET=1`` (set before import) the same kernel runs on CPU ten
 from __future__ import annotations
 
 import contextlib
-
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -36,6 +37,24 @@ def _interpreted() -> bool:
 
 
 INTERPRETED = _interpreted()
+
+
+@dataclass
+class Launch:
+    """One kernel launch, built but not run: ``kernel[grid](*args, **kwargs)``.
+
+    The host functions build their launches with pure functions (no device checks), so
+    ``mscn.cuda_kernels.aot`` can compile exactly what they would launch, for a GPU
+    target, on a machine without one.
+    """
+
+    kernel: Any  # a @triton.jit function
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.kwargs)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ELEMS_PER_PROGRAM = 2048  # 8-16 elements per thread at 4 warps: enough bytes in flight
 
@@ -150,29 +169,28 @@ def apply_table_triton(x: torch.Tensor, table: MaskTable, *, out: torch.Tensor |
     why = kernel_unsupported(x)
     if why:
         raise MscnError(f"the Triton mask kernel cannot run on {why}; use backend='torch'")
-    B, C, H, W = x.shape
     if out is None:
         out = torch.empty_like(x)
     if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
         raise MscnError(f"mask output {tuple(out.shape)} {out.dtype} on {out.device} does not match "
                         f"the view {tuple(x.shape)} {x.dtype} on {x.device}")
     table.check_view(x)
-    inplace = out is x
-    block_r, block_w = _tile(W)
-    tiles_w = -(-W // block_w)
-    grid = (B * C, -(-H // (4 * block_r)) * tiles_w)
-    _, _, nH, nW = table.cells.shape
     # Triton launches on the *current* CUDA device: pin it to the view's device so callers
     # that never called torch.cuda.set_device (multi-GPU in one process) stay correct.
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _launch(grid, x, out, table, C, H, W, nH, nW, tiles_w, block_r, block_w, inplace)
+        fill_launch(x, out, table)()
     return out
 
 
-def _launch(grid, x, out, table, C, H, W, nH, nW, tiles_w, block_r, block_w, inplace) -> None:
-    _mask_kernel[grid](
-        x, out, table.cells.contiguous().view(torch.uint8), table.offset.contiguous(),
-        table.noise.contiguous().view(torch.uint8), table.seed.contiguous(),
-        C, H, W, nH, nW, tiles_w, *x.stride(), *out.stride(), table.noise_std,
-        GRID=table.grid, BLOCK_R=block_r, BLOCK_W=block_w, INPLACE=inplace,
-        NOISE=table.noise_std > 0, num_warps=4)
+def fill_launch(x: torch.Tensor, out: torch.Tensor, table: MaskTable) -> Launch:
+    """The fill kernel's launch for view ``x`` into ``out`` (``x`` itself: in place)."""
+    B, C, H, W = x.shape
+    block_r, block_w = _tile(W)
+    tiles_w = -(-W // block_w)
+    _, _, nH, nW = table.cells.shape
+    args = (x, out, table.cells.contiguous().view(torch.uint8), table.offset.contiguous(),
+            table.noise.contiguous().view(torch.uint8), table.seed.contiguous(),
+            C, H, W, nH, nW, tiles_w, *x.stride(), *out.stride(), table.noise_std)
+    return Launch(_mask_kernel, (B * C, -(-H // (4 * block_r)) * tiles_w), args,
+                  dict(GRID=table.grid, BLOCK_R=block_r, BLOCK_W=block_w, INPLACE=out is x,
+                       NOISE=table.noise_std > 0, num_warps=4))

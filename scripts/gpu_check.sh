@@ -9,12 +9,13 @@
 #           two ranks sharing the GPU under torchrun (training and the bench), the
 #           previous release for before/after figures when given, a thread sweep, and
 #           the headline summary (gpu_summary.json).
-#   part 3: one round of A/B (7 min 20 s on an H200, 2026-11-27; with the isolated A/B
-#           and every stage attributed, about 9 now, not yet timed): GPU tests,
+#   part 3: one round of A/B (7 min 20 s on an H200, 2026-11-27; with the isolated A/B,
+#           every stage attributed and the LARS A/B, 9-11 now by the step times of that
+#           run, not yet timed): GPU tests,
 #           the mask and memory figures, the full pipeline against each variant
-#           (masks-hp-late, masks-hp-loader, masks-crop-window), the close ones again with
+#           (masks-hp-late, masks-hp-loader, masks-crop-window, masks-colour-fold), the close ones again with
 #           one process per pipeline (--isolate), the trainer fed by each stage and
-#           variant, and the summary;
+#           variant, the LARS step multi-tensor vs loop (alone and fed), and the summary;
 #   figures: only the headline figures of gpu_summary.json (no tests, no attribution rows,
 #           no sweeps), for a quick re-measurement on another box.
 # Usage: bash scripts/gpu_check.sh [all|1|2|3|figures]. The parts can run as two commands on the same
@@ -88,20 +89,29 @@ part3() {  # this round's A/B: every variant against the default in one run, and
   [ -d "$DATA/train" ] || run synth 120 $PY -P -m mscn data synth "$DATA" --classes 10 --per-class 300 --size 500x375 --seed 0
   # (the statistics tests compile the table kernel once per configuration: a step of their own,
   # so that a time limit there does not hide the twin and kernel tests' results)
-  run tests 120 $PY -P -m pytest -q -s tests/test_pipeline_gpu.py tests/test_mask_kernel.py tests/test_pipeline_crop.py
+  run tests 120 $PY -P -m pytest -q -s tests/test_pipeline_gpu.py tests/test_mask_kernel.py tests/test_pipeline_crop.py \
+      tests/test_train_lars.py
   run tests-stats 120 $PY -P -m pytest -q -x tests/test_masks.py -k triton
   run pipeline 90 $PY scripts/gpu_pipeline_check.py --data "$DATA/train" --json "$R/pipeline.json"
   run masks 60 $PY scripts/bench_masks.py --json "$R/masks.json"
   run memory 60 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
       --json "$R/memory.json"
   run bench 180 $PY scripts/bench_pipeline.py --data "$DATA/train" \
-      --stages decode,masks,masks-hp-late,masks-hp-loader,masks-crop-window --baseline dali-plain --json "$R/bench.json"
+      --stages decode,masks,masks-hp-late,masks-hp-loader,masks-crop-window,masks-colour-fold --baseline dali-plain \
+      --json "$R/bench.json"
   # the same A/B with each pipeline in a process of its own, rounds in alternating order
   # (a one-process run times its rows in a fixed order, which can decide a close call)
-  run ab-isolated 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks,masks-crop-window,masks-hp-loader \
-      --isolate 2 --iters 10 --repeats 3 --json "$R/ab_isolated.json"
+  # (the crop A/B is settled: rrc, +13 % in round 2)
+  run ab-isolated 150 $PY scripts/bench_pipeline.py --data "$DATA/train" \
+      --stages masks,masks-hp-loader,masks-colour-fold --isolate 2 --iters 10 --repeats 3 --json "$R/ab_isolated.json"
   run train18 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
-      --feeds bare,colour,views,highpass,masks,masks-hp-late,masks-hp-loader,masks-crop-window --json "$R/train_r18.json"
+      --feeds bare,colour,views,highpass,masks,masks-hp-late,masks-hp-loader,masks-crop-window,masks-colour-fold \
+      --json "$R/train_r18.json"
+  # the multi-tensor LARS step (default) against the per-parameter loop it replaced: alone,
+  # then as the trainer's kept share when the pipeline feeds it (train18 above is the "after")
+  run optimizer 60 $PY scripts/bench_optimizer.py --json "$R/optimizer.json"
+  run train18-lars-loop 90 $PY scripts/bench_pipeline.py optim.foreach=false --data "$DATA/train" --train \
+      --arch resnet18 --feeds masks --no-priority-row --json "$R/train_r18_lars_loop.json"
   run train50 120 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 --feeds masks \
       --json "$R/train_r50.json"
   run summary 30 $PY scripts/gpu_summary.py "$R"

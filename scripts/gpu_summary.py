@@ -77,6 +77,11 @@ def summarize(results: Path, stages_from: Path | None = None) -> dict:
     added = pipe.get("device_bytes_added")
     s["pipeline_gib"] = round(added / 2**30, 3) if added is not None else None
     s["device_gib_in_use"] = round(pipe["gpu_memory"]["device_used_bytes"] / 2**30, 3) if pipe.get("gpu_memory") else None
+    # the LARS A/B (gpu_check.sh part 3): the step alone, and ResNet-18 kept with the old loop
+    opt = _load(results / "optimizer.json")
+    if opt:
+        s["lars_step_ms"] = {r["arch"]: {"multi_tensor": r["multi_tensor_ms"], "loop": r["loop_ms"]} for r in opt["rows"]}
+    s["kept_resnet18_lars_loop"] = _train_kept(_load(results / "train_r18_lars_loop.json"))[0]
     if bench:
         st = bench["settings"]
         s["settings"] = {k: st.get(k) for k in ("batch", "threads", "hw_decoder_load", "views", "size", "output_dtype")}

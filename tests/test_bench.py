@@ -216,15 +216,24 @@ def test_isolation_order_alternates_and_children_drop_the_parent_options():
 def test_isolate_runs_every_stage_in_its_own_process(tiny_data, tmp_path):
     out = tmp_path / "iso.json"
     proc = run_bench("--data", tiny_data, *TINY, "--iters", "1", "--repeats", "2", "--isolate", "2",
-                     "--stages", "bare,masks", "--json", out)
+                     "--stages", "masks,masks-colour-fold", "--json", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
-    assert r["order"] == ["1:bare", "1:masks", "2:masks", "2:bare"]
-    for st in ("bare", "masks"):
+    assert r["order"] == ["1:masks", "1:masks-colour-fold", "2:masks-colour-fold", "2:masks"]
+    for st in ("masks", "masks-colour-fold"):  # (the folded colour twist: a variant)
         iso = r["isolated"][st]
         assert len(iso["medians"]) == 2 and all(v > 0 for v in iso["medians"])
         assert iso["mean"] == pytest.approx(sum(iso["medians"]) / 2, abs=0.01)
-        assert [run["position"] for run in iso["runs"]] == ([1, 4] if st == "bare" else [2, 3])
+        assert [run["position"] for run in iso["runs"]] == ([1, 4] if st == "masks" else [2, 3])
     assert "SUMMARY isolated masks: mean" in proc.stdout
     bad = run_bench("--data", tiny_data, *TINY, "--isolate", "1", "--stages", "masks", "--train", timeout=120)
     assert bad.returncode != 0 and "--isolate" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_every_stage_and_feed_has_a_report_label():
+    """A stage without a label runs for minutes and then fails printing its row."""
+    from benchkit.report import LABELS
+    spec = importlib.util.spec_from_file_location("bench_pipeline_labels", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert set(bench.STAGES) | set(bench.FEEDS) | {"masks-priority"} <= set(LABELS)

@@ -46,6 +46,11 @@ def results(tmp_path_factory) -> Path:
                        ("train_r18", ["--train", "--arch", "resnet18", "--train-steps", "2", "--feeds", "masks"])):
         proc = run("bench_pipeline.py", *common, *args, "--json", out / f"{name}.json")
         assert proc.returncode == 0, proc.stderr[-3000:]
+    # the LARS step, multi-tensor vs loop (on the meta device here: host work only)
+    proc = run("bench_optimizer.py", "--arch", "resnet18", "--iters", "1", "--repeats", "1", "--json",
+               out / "optimizer.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resnet18  simclr: 66 tensors, multi-tensor" in proc.stdout and "meta device" in proc.stdout
     return out
 
 
@@ -63,6 +68,9 @@ def test_gpu_summary_reads_the_bench_files(results):
     assert s["kept_resnet18"] == train["train"]["feeds"]["masks"]["kept"] and s["kept_resnet50"] is None
     assert s["apply_masks_ms"] is None and s["pipeline_gib"] is None  # CPU runs: not measured
     assert s["apply_masks_fused_ms"] is None
+    lars = json.loads((results / "optimizer.json").read_text())["rows"][0]
+    assert s["lars_step_ms"] == {"resnet18": {"multi_tensor": lars["multi_tensor_ms"], "loop": lars["loop_ms"]}}
+    assert s["kept_resnet18_lars_loop"] is None  # not run here
     assert len(s["commands"]) == 3
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SUMMARY")]
     assert any(ln.startswith("SUMMARY kept_resnet50 = None") and "not measured" in ln for ln in lines)

@@ -78,3 +78,67 @@ def test_build_optimizer_skips_frozen_params(name, cls):
     opt, desc = build_optimizer(OptimCfg(name=name), model, lr=0.3)
     assert isinstance(opt, cls) and desc.startswith(name)
     assert sum(len(g["params"]) for g in opt.param_groups) == 2
+
+
+def test_multi_tensor_step_equals_the_per_parameter_loop_bit_for_bit_on_cpu():
+    """Same arithmetic per tensor on the CPU, so a run's numbers do not move; a frozen
+    parameter (no grad) and a zero-weight tensor are in the mix."""
+    torch.manual_seed(0)
+    nets = [build_backbone("resnet18")[0] for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    for net in nets:
+        net.conv1.weight.data.zero_()  # zero norm: trust ratio 1
+        net.fc = nn.Identity()
+        next(net.layer4.parameters()).requires_grad_(False)
+    opts = [LARS(param_groups(net, 1e-4)[0], lr=0.3, weight_decay=1e-4, trust_coef=0.02, foreach=foreach)
+            for net, foreach in zip(nets, (True, False))]
+    x = torch.randn(4, 3, 32, 32)
+    for _ in range(3):
+        for net in nets:
+            net.zero_grad(set_to_none=True)
+            net(x).square().mean().backward()
+        for opt in opts:
+            opt.step()
+        for (n, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
+            assert torch.equal(a, b), n
+    assert any(not torch.equal(a, b) for a, b in zip(nets[0].parameters(), build_backbone("resnet18")[0].parameters()))
+
+
+def test_multi_tensor_step_launches_a_fraction_of_the_loops_ops():
+    """What the change is for: aten ops dispatched per step, counted by the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.manual_seed(0)
+    net = build_backbone("resnet18")[0]
+    opt = LARS(param_groups(net, 1e-6)[0], lr=0.1)
+    net(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()  # the momentum buffers exist from here on, as in every later step
+    counts = []
+    for foreach in (True, False):
+        opt.foreach = foreach
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            opt.step()
+        # ops called from Python (not from inside another op; torch.optim wraps step() in a
+        # record_function of its own): each is a dispatch, and on a GPU at least a launch
+        counts.append(sum(1 for e in prof.events() if e.name.startswith("aten::")
+                          and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))))
+    multi, loop = counts
+    print(f"aten ops per LARS step, ResNet-18 weights: {multi} multi-tensor vs {loop} per-parameter loop")
+    assert multi * 5 < loop, counts
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_multi_tensor_step_matches_the_loop_on_cuda():
+    """On a GPU the multi-tensor norms may sum in another order: equal to float rounding."""
+    torch.manual_seed(0)
+    nets = [build_backbone("resnet18")[0].cuda() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [LARS(param_groups(net, 1e-4)[0], lr=0.3, weight_decay=1e-4, trust_coef=0.02, foreach=foreach)
+            for net, foreach in zip(nets, (True, False))]
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    for _ in range(3):
+        for net, opt in zip(nets, opts):
+            net.zero_grad(set_to_none=True)
+            net(x).square().mean().backward()
+            opt.step()
+    for (n, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)

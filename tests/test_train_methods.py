@@ -75,6 +75,8 @@ def test_byol_target_is_frozen_copy_and_follows_the_ema_schedule():
     m.after_optimizer_step(step, total)
     for k in online:
         torch.testing.assert_close(target[k], tau * before[k] + (1 - tau) * online[k])
+        # the multi-tensor lerp is the per-tensor one, bit for bit (CPU)
+        assert torch.equal(target[k], before[k].lerp(online[k], 1 - tau)), k
     proj_t, proj_o = m.target_projector[0].weight, m.projector[0].weight
     assert not torch.equal(proj_t, proj_o)
     m.update_target(0.0)  # momentum 0: the target becomes the online network

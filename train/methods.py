@@ -73,11 +73,12 @@ class BYOL(SiameseMethod):
         """target <- momentum * target + (1 - momentum) * online, for every parameter.
 
         BN running statistics are buffers, not parameters: the target's own train-mode
-        forwards keep them up to date. ``momentum`` is a Python float: no host sync.
+        forwards keep them up to date. ``momentum`` is a Python float: no host sync. One
+        multi-tensor lerp for all parameters (a launch per tensor before; see train/lars.py).
         """
-        for online, target in ((self.backbone, self.target_backbone), (self.projector, self.target_projector)):
-            for o, t in zip(online.parameters(), target.parameters()):
-                t.lerp_(o, 1.0 - momentum)
+        online = [*self.backbone.parameters(), *self.projector.parameters()]
+        target = [*self.target_backbone.parameters(), *self.target_projector.parameters()]
+        torch._foreach_lerp_(target, online, 1.0 - momentum)
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         self.update_target(ema_at(step, total_steps, self.ema_base, self.ema_final))
