@@ -152,6 +152,6 @@ case "$PART" in
   *) echo "usage: $0 [all|1|2|3|figures]" >&2; exit 2 ;;
 esac
 echo "--- summary" | tee -a "$LOG"
-grep -h -E "^(SUMMARY|\||check |!!!|===)" "$LOG" | tail -n 100
+grep -h -E "^(SUMMARY|DECIDE|\||check |!!!|===)" "$LOG" | tail -n 100
 save
 exit $status

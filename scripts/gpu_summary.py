@@ -90,6 +90,79 @@ def summarize(results: Path, stages_from: Path | None = None) -> dict:
     return s
 
 
+# The A/B rows of gpu_check.sh part 3: (variant, what switching to it means). The default is
+# the "masks" row (or the table-kernel mask path, or the multi-tensor LARS step).
+PIPELINE_AB = {
+    "masks-hp-loader": "make highpass.where=loader the GPU default",
+    "masks-colour-fold": "set pipelines/ops.py COLOUR_FOLD = True",
+    "masks-hp-late": "set pipelines/ops.py HIGHPASS_FIRST = False",
+    "masks-crop-window": "set data.crop=window by default",
+}
+
+
+def _spread(m: dict) -> tuple[float, float, float]:
+    """(median, low, high) images/s of a bench row: its interquartile range."""
+    r = m["images_per_s"]
+    return r["median"], r["q1"], r["q3"]
+
+
+def _call(a: tuple[float, float, float], b: tuple[float, float, float]) -> str:
+    """B against A: "better" / "worse" when their ranges do not overlap, else "inside the spread"."""
+    if b[1] > a[2]:
+        return "better"
+    if b[2] < a[1]:
+        return "worse"
+    return "inside the spread"
+
+
+def decisions(results: Path) -> list[dict]:
+    """Every A/B of the run with its size and a verdict: the variant is "better" or "worse"
+    only when the two rows' ranges (interquartile, or min-max over isolated rounds) do not
+    overlap. What a "better" would switch is named; nothing is switched here."""
+    out = []
+
+    def add(what: str, variant: str, a: tuple, b: tuple, switch: str, higher_is_better: bool = True):
+        call = _call(a, b) if higher_is_better else _call((-a[0], -a[2], -a[1]), (-b[0], -b[2], -b[1]))
+        out.append({"what": what, "variant": variant, "default": round(a[0], 4), "value": round(b[0], 4),
+                    "change": round(b[0] / a[0] - 1, 4) if a[0] else None, "verdict": call,
+                    "switch": switch if call == "better" else None})
+
+    bench = _load(results / "bench.json")
+    if bench and "masks" in bench.get("stages", {}):
+        base = _spread(bench["stages"]["masks"])
+        for v, switch in PIPELINE_AB.items():
+            if v in bench["stages"]:
+                add("pipeline images/s (one process)", v, base, _spread(bench["stages"][v]), switch)
+    iso = (_load(results / "ab_isolated.json") or {}).get("isolated", {})
+    if "masks" in iso:
+        def rng(st):
+            m = iso[st]["medians"]
+            return iso[st]["mean"], min(m), max(m)
+        for v, switch in PIPELINE_AB.items():
+            if v in iso:
+                add("pipeline images/s (isolated rounds)", v, rng("masks"), rng(v), switch)
+    for name in ("train_r18.json", "train_r50.json"):
+        t = (_load(results / name) or {}).get("train", {})
+        feeds = t.get("feeds", {})
+        if "masks" in feeds:
+            for v, switch in PIPELINE_AB.items():
+                if v in feeds:
+                    add(f"{t['arch']} trainer images/s, pipeline-fed", v, _spread(feeds["masks"]),
+                        _spread(feeds[v]), switch)
+    loop = (_load(results / "train_r18_lars_loop.json") or {}).get("train", {}).get("feeds", {})
+    r18 = (_load(results / "train_r18.json") or {}).get("train", {}).get("feeds", {})
+    if "masks" in loop and "masks" in r18:  # here the *default* is the new step: "better" = the loop wins
+        add("resnet18 trainer images/s, pipeline-fed", "LARS per-parameter loop", _spread(r18["masks"]),
+            _spread(loop["masks"]), "set optim.foreach=false by default")
+    masks = _load(results / "masks.json")
+    ms = masks[0]["ms"] if isinstance(masks, list) and masks else {}
+    table, fused = ms.get("apply_masks triton in place"), ms.get("apply_masks fused in place")
+    if table and fused:  # medians without a spread in the file: a +-2.5 % band each
+        add("apply_masks ms (median)", "fused=True", (table, table * 0.975, table * 1.025),
+            (fused, fused * 0.975, fused * 1.025), "set mscn.cuda_kernels.FUSED = True", higher_is_better=False)
+    return out
+
+
 def verdict(key: str, value) -> str:
     target, kind, _ = TARGETS[key]
     if value is None:
@@ -111,12 +184,17 @@ def main(argv=None) -> int:
     s = summarize(Path(a.results), Path(a.stages_from) if a.stages_from else None)
     if a.note:
         s["note"] = a.note
+    s["decisions"] = decisions(Path(a.results))
     out = Path(a.out) if a.out else Path(a.results) / "gpu_summary.json"
     out.write_text(json.dumps(s, indent=1))
     print(f"SUMMARY card: {s['card']} ({s['cores']} cores), DALI {s['versions'].get('dali')}, "
           f"torch {s['versions'].get('torch')}")
     for key, (_, _, what) in TARGETS.items():
         print(f"SUMMARY {key} = {s[key]}: {what} {verdict(key, s[key])}")
+    for d in s["decisions"]:
+        change = f"{100 * d['change']:+.1f} %" if d["change"] is not None else "n/a"
+        print(f"DECIDE {d['what']}: {d['variant']} {d['value']} vs default {d['default']} ({change}): "
+              f"{d['verdict']}" + (f" -> {d['switch']}" if d["switch"] else ""))
     print(f"summary written to {out}")
     return 0
 

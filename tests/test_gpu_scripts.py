@@ -71,6 +71,15 @@ def test_gpu_summary_reads_the_bench_files(results):
     lars = json.loads((results / "optimizer.json").read_text())["rows"][0]
     assert s["lars_step_ms"] == {"resnet18": {"multi_tensor": lars["multi_tensor_ms"], "loop": lars["loop_ms"]}}
     assert s["kept_resnet18_lars_loop"] is None  # not run here
+    # the A/B verdicts: a variant is better or worse only when the rows' ranges do not overlap
+    got = {d["variant"]: d for d in s["decisions"]}
+    assert set(got) == {"masks-hp-late", "masks-crop-window"}  # the variants this bench ran
+    for v, d in got.items():
+        a, b = (bench["stages"][k]["images_per_s"] for k in ("masks", v))
+        want = "better" if b["q1"] > a["q3"] else "worse" if b["q3"] < a["q1"] else "inside the spread"
+        assert d["verdict"] == want and d["value"] == round(b["median"], 4)
+        assert (d["switch"] is not None) == (want == "better")
+        assert any(ln.startswith(f"DECIDE pipeline images/s (one process): {v} ") for ln in proc.stdout.splitlines())
     assert len(s["commands"]) == 3
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SUMMARY")]
     assert any(ln.startswith("SUMMARY kept_resnet50 = None") and "not measured" in ln for ln in lines)
