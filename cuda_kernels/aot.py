@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -76,16 +77,22 @@ class _TargetOnly:
 
 @contextlib.contextmanager
 def _target(arch: int, kernels):
-    """Compile for ``arch`` inside; restores the real driver and forgets the per-device
-    caches the stand-in filled (device 0 there is not a real GPU)."""
+    """Compile for ``arch`` inside. Triton caches compiled kernels per device *number*, and
+    the stand-in calls itself device 0: the kernels' caches are set aside on entry (so a
+    kernel already run on a real GPU 0 is not handed back for another arch) and put back on
+    exit (so that GPU keeps its compiled kernels), with the stand-in's entries dropped."""
     prev = getattr(driver, "_active", None)
+    saved = [(k, dict(k.device_caches)) for k in kernels]
+    for k, _ in saved:
+        k.device_caches.clear()
     driver.set_active(_TargetOnly(arch))
     try:
         yield
     finally:
         driver._active = prev
-        for k in kernels:
+        for k, caches in saved:
             k.device_caches.clear()
+            k.device_caches.update(caches)
 
 
 def compile_launch(launch: Launch, arch: int):
@@ -116,10 +123,12 @@ def ptxas_info(ptx: str, arch: int) -> dict:
                 spill_bytes=num(r"(\d+) bytes spill stores") + num(r"(\d+) bytes spill loads"))
 
 
-def launches(recipes=RECIPES, dtypes=tuple(DTYPES), layouts=("nchw", "nhwc"), inplace=(True, False)):
+def launches(recipes=RECIPES, dtypes=tuple(DTYPES), layouts=("nchw", "nhwc"), inplace=(True, False),
+             sweep_grids=(4, 8, 16, 32)):
     """``(kernel, variant, Launch)`` for what the recipes' views launch: the table kernel
-    for each group of views, and the fill and fused kernels for each dtype, memory layout
-    and in/out of place, with and without noise. CPU tensors stand in for the views."""
+    for each group of views (and, at each recipe's size, for every grid of ``sweep_grids``),
+    and the fill and fused kernels for each dtype, memory layout and in/out of place, with
+    and without noise. CPU tensors stand in for the views."""
     out = []
     for name in recipes:
         cfg = load_config(name)
@@ -132,6 +141,12 @@ def launches(recipes=RECIPES, dtypes=tuple(DTYPES), layouts=("nchw", "nhwc"), in
             keys = torch.zeros(len(cfgs), dtype=torch.int64)
             launch, _ = table_launch(BATCH, 3, size, size, cfgs, keys)
             out.append(("tables", f"{name} {size}px grid {key[2]} x{len(cfgs)} views", launch))
+        for grid in sweep_grids:  # the table kernel at other grid sizes (cells per plane)
+            if grid != masks[0].grid:
+                g = dataclasses.replace(masks[0], grid=grid)
+                launch, _ = table_launch(BATCH, 3, size, size, [g], torch.zeros(1, dtype=torch.int64))
+                n = table_shape(size, size, g)
+                out.append(("tables", f"{name} {size}px grid {grid} ({n[0] * n[1]} cells)", launch))
         m = masks[0]
         nH, nW = table_shape(size, size, m)
         table = table_launch(BATCH, 3, size, size, [m], torch.zeros(1, dtype=torch.int64))[1][0]
@@ -154,22 +169,26 @@ def launches(recipes=RECIPES, dtypes=tuple(DTYPES), layouts=("nchw", "nhwc"), in
 
 
 def _without_noise(table):
-    from dataclasses import replace
-    return replace(table, noise_std=0.0)
+    return dataclasses.replace(table, noise_std=0.0)
 
 
 def _replace_noise(m):
-    from dataclasses import replace
-    return replace(m, noise_std=0.0)
+    return dataclasses.replace(m, noise_std=0.0)
 
 
-def compile_all(arch: int = 90, quick: bool = False, say=print) -> list[KernelReport]:
+KERNELS = ("tables", "fill", "fused")
+
+
+def compile_all(arch: int = 90, quick: bool = False, kernels=KERNELS, say=print) -> list[KernelReport]:
     """Compile every launch of :func:`launches` (``quick``: the 224 px recipe, fp16 and
-    fp32, NCHW, in place) for sm_``arch``; one :class:`KernelReport` each."""
+    fp32, NCHW, in place, table grids 8 to 32) of ``kernels`` for sm_``arch``; one
+    :class:`KernelReport` each."""
     if INTERPRETED:
         raise MscnError("mscn.cuda_kernels.aot needs the kernels as JIT functions: run it in a process "
                         "without TRITON_INTERPRET=1")
-    todo = (launches(("simclr_r50_in1k",), ("fp16", "fp32"), ("nchw",), (True,)) if quick else launches())
+    todo = (launches(("simclr_r50_in1k",), ("fp16", "fp32"), ("nchw",), (True,), (8, 16, 32)) if quick
+            else launches())
+    todo = [t for t in todo if t[0] in kernels]
     reports = []
     for i, (kernel, variant, launch) in enumerate(todo, 1):
         t0 = time.perf_counter()
@@ -191,14 +210,18 @@ def main(argv: list[str] | None = None) -> int:
                                 allow_abbrev=False)
     p.add_argument("--arch", default="90", help="comma list of SM versions, e.g. 80,90 (default 90)")
     p.add_argument("--quick", action="store_true", help="the 224 px recipe, fp16/fp32, NCHW, in place only")
+    p.add_argument("--kernels", default=",".join(KERNELS), help=f"comma list of {','.join(KERNELS)} (default: all)")
     p.add_argument("--json", help="write the reports here")
     args = p.parse_args(argv)
     try:
         archs = [int(a) for a in args.arch.split(",")]
     except ValueError:
         p.error(f"--arch {args.arch}: a comma list of integers such as 80,90")
+    kernels = args.kernels.split(",")
+    if set(kernels) - set(KERNELS):
+        p.error(f"--kernels {args.kernels}: pick from {','.join(KERNELS)}")
     try:
-        reports = [r for a in archs for r in compile_all(a, args.quick)]
+        reports = [r for a in archs for r in compile_all(a, args.quick, kernels)]
     except MscnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

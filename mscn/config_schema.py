@@ -135,8 +135,8 @@ class OptimCfg:
     momentum: float = 0.9
     weight_decay: float = 1e-6
     trust_coef: float = 0.001  # LARS eta
-    # multi-tensor step (a few launches per group) vs a per-parameter loop (~12 launches
-    # per weight tensor); the same numbers on the CPU (train/lars.py)
+    # multi-tensor LARS step and BYOL EMA (~10 calls per group) vs a per-parameter loop
+    # (~12 calls per weight tensor); the same numbers on the CPU (train/lars.py)
     foreach: bool = True
 
 

@@ -63,6 +63,8 @@ def coin(p: float) -> DataNode:
 def uniform(lo: float, hi: float) -> DataNode | float:
     """Per-sample U[lo, hi]; an empty range (a strength of 0) is the constant ``lo``, as
     DALI's uniform refuses ``lo == hi``."""
+    if hi < lo:
+        raise ValueError(f"random range [{lo}, {hi}]: the low end is above the high end")
     return fn.random.uniform(range=[lo, hi]) if hi > lo else float(lo)
 
 

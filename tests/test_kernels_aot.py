@@ -34,7 +34,9 @@ def test_mask_kernels_compile_for_sm90_without_spills(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     kernels = json.loads(out.read_text())["kernels"]
     assert {k["kernel"] for k in kernels} == {"tables", "fill", "fused"}
-    assert len(kernels) == 9  # tables for the 4 views, fill and fused x fp16/fp32 x noise on/off
+    # tables for the 4 views and at grids 8 and 16 (841 and 225 cells), fill and fused x
+    # fp16/fp32 x noise on/off
+    assert len(kernels) == 11
     for k in kernels:
         assert k["arch"] == 90 and 0 < k["registers"] <= 255, k
         # a spill in these memory-bound kernels is a regression (the table kernel spilled
@@ -75,6 +77,25 @@ def test_compile_catches_what_the_interpreter_forgives(tmp_path):
     ''')], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("refused:") and "Mismatched type" in r.stdout, r.stdout
+
+
+def test_aot_compiles_for_the_arch_asked_and_keeps_a_real_gpus_cache():
+    """Triton caches kernels per device number; the stand-in is device 0. A kernel already
+    compiled for a real GPU 0 must neither be handed back for another arch nor lost."""
+    r = _run(["-c", textwrap.dedent('''
+        import torch
+        from mscn.config import MaskCfg
+        from mscn.cuda_kernels.aot import compile_launch
+        from mscn.cuda_kernels.mask_fused_triton import fused_launch
+        x = torch.empty(8, 3, 64, 64)
+        launch = fused_launch(x, x, MaskCfg(grid=16), torch.zeros(1, dtype=torch.int64), 0)
+        real = object()  # what a real GPU 0 would have cached
+        launch.kernel.device_caches[0] = real
+        archs = [compile_launch(launch, a).metadata.target.arch for a in (90, 80)]
+        print(archs, launch.kernel.device_caches[0] is real, len(launch.kernel.device_caches))
+    ''')])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["[90,", "80]", "True", "1"], r.stdout
 
 
 def test_aot_refuses_interpreted_kernels():

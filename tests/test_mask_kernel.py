@@ -217,6 +217,24 @@ def test_one_launch_draws_every_view_as_its_own_launch_would():
         sample_mask_tables_triton(2, 3, 40, 56, [MaskCfg(grid=8), MaskCfg(grid=16)], keys[:2])
 
 
+@pytest.mark.parametrize("size,grid", [(40, 8), (224, 32)])
+def test_tables_do_not_depend_on_the_rows_per_program(monkeypatch, size, grid):
+    """The GPU launch packs 2,048 elements per program, the interpreter 65,536: the Philox
+    counters are per (sample, purpose, channel, cell), so the tables must be the same."""
+    import mscn.cuda_kernels.mask_tables_triton as mtt
+
+    cfgs = [MaskCfg(ratio=0.15, grid=grid), MaskCfg(ratio=0.5, grid=grid, p_focal=0.0, p_ind=1.0)]
+    keys = torch.tensor([7, 2**33 + 1], dtype=torch.int64, device=DEV)
+    wide = mtt.sample_mask_tables_triton(24, 3, size, size, cfgs, keys)
+    monkeypatch.setattr(mtt, "_ELEMS_PER_PROGRAM", 2048)  # the GPU's setting: several programs here
+    launch, _ = mtt.table_launch(24, 3, size, size, cfgs, keys)
+    assert launch.grid[0] > 1
+    narrow = mtt.sample_mask_tables_triton(24, 3, size, size, cfgs, keys)
+    for i in range(len(cfgs)):
+        a, b = _fields(wide[i]), _fields(narrow[i])
+        assert all(torch.equal(a[f], b[f]) for f in a), f"view {i}"
+
+
 def test_draw_tables_launches_once_per_run_of_alike_views(monkeypatch):
     """Views of one size and grid share a launch; a view with another grid gets its own,
     and every table still matches its view's config."""

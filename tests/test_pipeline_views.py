@@ -97,6 +97,17 @@ def test_folded_twist_draws_and_applies_the_same_jitter(source):
         assert np.abs(one["pixels"] - two["pixels"]).max() < 1e-3
         if gray == 0.0:
             assert np.abs(one["pixels"] - crop["pixels"]).max() < 1e-3
+    # flags drawn per sample (the conditional): a sample with neither flag is its crop, a gray
+    # one that was not jittered is its crop's luma (neutral brightness, contrast and hue)
+    mixed = draw(source, [ViewCfg(jitter_prob=0.5, grayscale_prob=0.5, **plain)], 8, fold=True)[0]
+    np.testing.assert_array_equal(mixed["area"], crop["area"])
+    jit, gray = (mixed["flags"][:, FLAG_NAMES.index(f)] == 1 for f in ("jitter", "gray"))
+    assert (~jit & ~gray).any() and (gray & ~jit).any() and jit.any()
+    x, y = crop["pixels"], mixed["pixels"]
+    assert np.abs(y[~jit & ~gray] - x[~jit & ~gray]).max() < 1e-3
+    luma = np.round(np.einsum("c,nchw->nhw", [0.299, 0.587, 0.114], x[gray & ~jit]))[:, None]
+    assert np.abs(y[gray & ~jit] - luma).max() <= 1.0 + 1e-3
+    assert np.abs(y[jit] - x[jit]).max() > 10  # and the jittered ones were changed
     views = [ViewCfg(jitter_prob=1.0, grayscale_prob=0.0, **plain)]
     one, two = draw(source, views, 8, fold=True)[0], draw(source, views, 8)[0]
     np.testing.assert_array_equal(one["area"], crop["area"])

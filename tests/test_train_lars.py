@@ -81,27 +81,37 @@ def test_build_optimizer_skips_frozen_params(name, cls):
 
 
 def test_multi_tensor_step_equals_the_per_parameter_loop_bit_for_bit_on_cpu():
-    """Same arithmetic per tensor on the CPU, so a run's numbers do not move; a frozen
-    parameter (no grad) and a zero-weight tensor are in the mix."""
+    """Same arithmetic per tensor on the CPU, so a run's numbers do not move. The groups
+    cover LARS with and without weight decay, the plain group, a tensor with no gradient
+    (skipped) and a zero-weight tensor (trust ratio 1)."""
     torch.manual_seed(0)
     nets = [build_backbone("resnet18")[0] for _ in range(2)]
     nets[1].load_state_dict(nets[0].state_dict())
-    for net in nets:
-        net.conv1.weight.data.zero_()  # zero norm: trust ratio 1
+    start = [p.detach().clone() for p in nets[0].parameters()]
+    opts = []
+    for net, foreach in zip(nets, (True, False)):
+        net.layer4[1].conv2.weight.data.zero_()  # zero norm: trust ratio 1 (the residual keeps gradients flowing)
         net.fc = nn.Identity()
-        next(net.layer4.parameters()).requires_grad_(False)
-    opts = [LARS(param_groups(net, 1e-4)[0], lr=0.3, weight_decay=1e-4, trust_coef=0.02, foreach=foreach)
-            for net, foreach in zip(nets, (True, False))]
+        weights, plain = param_groups(net, 1e-4)[0]
+        half = len(weights["params"]) // 2
+        groups = [{"params": weights["params"][:half], "weight_decay": 1e-4, "lars": True},
+                  {"params": weights["params"][half:], "weight_decay": 0.0, "lars": True},  # LARS, no decay
+                  plain]
+        opts.append(LARS(groups, lr=0.3, weight_decay=1e-4, trust_coef=0.02, foreach=foreach))
     x = torch.randn(4, 3, 32, 32)
+    idle = [next(net.layer4.parameters()) for net in nets]  # in a group, but never given a gradient
     for _ in range(3):
-        for net in nets:
+        for net, p in zip(nets, idle):
             net.zero_grad(set_to_none=True)
             net(x).square().mean().backward()
+            p.grad = None
         for opt in opts:
             opt.step()
         for (n, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
             assert torch.equal(a, b), n
-    assert any(not torch.equal(a, b) for a, b in zip(nets[0].parameters(), build_backbone("resnet18")[0].parameters()))
+    moved = [not torch.equal(p, q) for p, q in zip(nets[0].parameters(), start)]
+    assert sum(moved) == len(moved) - 1  # every tensor moved but the idle one
+    assert torch.equal(idle[0], start[[id(p) for p in nets[0].parameters()].index(id(idle[0]))])
 
 
 def test_multi_tensor_step_launches_a_fraction_of_the_loops_ops():
@@ -142,3 +152,19 @@ def test_multi_tensor_step_matches_the_loop_on_cuda():
             opt.step()
     for (n, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_a_group_on_two_devices_takes_the_loop():
+    """The stacked norms need one device per group (cpu + meta stands in for two GPUs);
+    such a group must still step, as the loop would."""
+    def group():
+        torch.manual_seed(0)
+        return [nn.Parameter(torch.randn(3, 3)), nn.Parameter(torch.randn(4, 2, device="meta"))]
+    ps, ref = group(), group()
+    opts = [LARS([{"params": g, "weight_decay": 1e-3, "lars": True}], lr=0.1, foreach=f)
+            for g, f in ((ps, True), (ref, False))]
+    for g, opt in zip((ps, ref), opts):
+        for p in g:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert torch.equal(ps[0], ref[0]) and ps[1].device.type == "meta"

@@ -25,14 +25,18 @@ class LARS(torch.optim.Optimizer):
     Groups carry a ``lars`` flag: True applies weight decay and the trust ratio.
 
     The step works on whole groups with torch's multi-tensor (``_foreach``) ops: a
-    per-parameter loop issued about 12 small kernels per weight tensor (~850 launches
-    per step for ResNet-18 + projector), and on a GPU box every launch is host time that
-    competes with DALI's threads while the GPU waits. The trust ratios of a group are
-    computed together as one vector with ``torch.where`` on the device: no host sync
-    (``if norm > 0`` would force one per parameter). On the CPU each op is the same
-    per-tensor arithmetic as the loop, so results are unchanged bit for bit.
-    ``foreach=False`` keeps the loop (torch's own optimizers have the same switch), for
-    comparison (scripts/bench_optimizer.py) and as a fallback.
+    per-parameter loop made about 12 calls per weight tensor (400 per step for a
+    ResNet-18's weights), and on a GPU box each is host time (Python, dispatch, a launch)
+    on the cores DALI's threads want while the GPU waits. Now a group takes ~10 calls.
+    The trust ratios of a group are computed together as one vector with ``torch.where``
+    on the device: no host sync (``if norm > 0`` would force one per parameter). One call
+    still launches a kernel per tensor on a GPU: scaling each tensor by its own 0-dim trust
+    ratio is outside torch's fused multi-tensor path (sizes must match), so it loops in C++.
+    On the CPU, for float32 parameters, each op is the same per-tensor arithmetic as the
+    loop, so results are unchanged bit for bit (tested). ``foreach=False`` keeps the loop
+    (torch's own optimizers have the same switch), for comparison
+    (scripts/bench_optimizer.py); a group whose tensors live on several devices uses it
+    too, as the stacked norms need one device.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 1e-6,
@@ -49,8 +53,10 @@ class LARS(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if params:
-                (self._group_step if self.foreach else self._group_loop)(group, params)
+            if not params:
+                continue
+            uniform = len({p.device for p in params}) == 1
+            (self._group_step if self.foreach and uniform else self._group_loop)(group, params)
         return loss
 
     def _momentum_buffer(self, p: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,7 @@ class BYOL(SiameseMethod):
         self.target_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
         self.ema_base, self.ema_final = cfg.method.ema_base, cfg.method.ema_final
+        self.foreach = cfg.optim.foreach
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
         x = torch.cat(views)
@@ -74,11 +75,16 @@ class BYOL(SiameseMethod):
 
         BN running statistics are buffers, not parameters: the target's own train-mode
         forwards keep them up to date. ``momentum`` is a Python float: no host sync. One
-        multi-tensor lerp for all parameters (a launch per tensor before; see train/lars.py).
+        multi-tensor lerp for all parameters, or a lerp per tensor with ``optim.foreach=false``
+        (train/lars.py says why).
         """
         online = [*self.backbone.parameters(), *self.projector.parameters()]
         target = [*self.target_backbone.parameters(), *self.target_projector.parameters()]
-        torch._foreach_lerp_(target, online, 1.0 - momentum)
+        if self.foreach:
+            torch._foreach_lerp_(target, online, 1.0 - momentum)
+        else:
+            for o, t in zip(online, target):
+                t.lerp_(o, 1.0 - momentum)
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         self.update_target(ema_at(step, total_steps, self.ema_base, self.ema_final))
