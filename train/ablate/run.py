@@ -16,10 +16,12 @@ import json
 import time
 from pathlib import Path
 
+import yaml
+
 from mscn.config import Config, to_dict
 from mscn.errors import MscnError
 from mscn.train.ablate.arms import Arm
-from mscn.train.rundir import NEUTRAL, flatten
+from mscn.train.rundir import NEUTRAL, differing_keys, flatten
 
 RESULT = "result.json"
 
@@ -112,6 +114,8 @@ class Runner:
                 self.say(f"{tag}: done (linear {res['linear_top1']:.1f} %, kNN {res['knn_top1']:.1f} %"
                          f"{', same config as ' + res['same_as'] if res.get('same_as') else ''}), skipped")
             else:
+                if not j["random"]:
+                    self._set_aside_other_run(where, j["cfg"], tag)
                 self.say(f"{tag}: running in {where}")
                 t = time.time()
                 res = self._random(j["cfg"], seed) if j["random"] else self._train_and_eval(j["cfg"], seed)
@@ -127,6 +131,27 @@ class Runner:
             else:
                 results.setdefault(name, {})[seed] = res
         return results, random
+
+    def _set_aside_other_run(self, where: Path, cfg: Config, tag: str) -> None:
+        """A pretraining folder left by another config (an earlier version of the recipe, or
+        of mscn, that added a key) cannot be resumed, and its run is not this arm's: move it
+        to ``<folder>.old-N`` (nothing is deleted) so the arm starts over in its own folder."""
+        saved = where / "config.yaml"
+        if not saved.is_file():
+            return
+        try:
+            diff = differing_keys(yaml.safe_load(saved.read_text()) or {}, cfg)
+        except (OSError, yaml.YAMLError):
+            diff = ["config.yaml (unreadable)"]
+        if not diff:
+            return  # the same run, cut short: run_pretrain resumes it
+        n = 1
+        while where.with_name(f"{where.name}.old-{n}").exists():
+            n += 1
+        dest = where.with_name(f"{where.name}.old-{n}")
+        where.rename(dest)
+        self.say(f"{tag}: {where} holds a run of another config (differs in {', '.join(diff)}); "
+                 f"moved it to {dest.name}, starting over")
 
     def _train_and_eval(self, cfg: Config, seed: int) -> dict:
         from mscn.train.eval.pretrained import load_pretrained
