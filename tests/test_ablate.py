@@ -152,16 +152,19 @@ def test_toy_ablation_end_to_end_and_resume(tmp_path, capsys):
     assert again["arms"][1]["linear_top1"] == doc["arms"][1]["linear_top1"]  # deterministic on the CPU
 
     # a folder left by another config (here: a run from before data.crop existed, cut short)
-    # is moved aside, not resumed and not fatal; the arm starts over
+    # is set aside (as --resume none does), not resumed and not fatal; the arm starts over
     run = out / "runs" / "mscn" / "seed0"
     (run / "result.json").unlink()
     saved = run / "config.yaml"
-    saved.write_text("".join(ln for ln in saved.read_text().splitlines(True) if not ln.strip().startswith("crop:")))
+    old_text = "".join(ln for ln in saved.read_text().splitlines(True) if not ln.strip().startswith("crop:"))
+    saved.write_text(old_text)
     capsys.readouterr()
     assert main(argv) == 0
     log = capsys.readouterr().out
-    assert "holds a run of another config (differs in data.crop); moved it to seed0.old-1" in log
-    assert (out / "runs" / "mscn" / "seed0.old-1" / "config.yaml").is_file() and (run / "result.json").is_file()
+    assert f"{run} belongs to another run (differs in data.crop); its files go to superseded-" in log
+    aside = list(run.glob("superseded-*/config.yaml"))
+    assert len(aside) == 1 and aside[0].read_text() == old_text and (run / "result.json").is_file()
+    assert "crop:" in saved.read_text()  # the new run's own config
     final = json.loads((out / "ablation.json").read_text())
     assert final["computed_runs"] == 1 and final["arms"][1]["linear_top1"] == doc["arms"][1]["linear_top1"]
 

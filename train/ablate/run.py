@@ -16,12 +16,10 @@ import json
 import time
 from pathlib import Path
 
-import yaml
-
 from mscn.config import Config, to_dict
 from mscn.errors import MscnError
 from mscn.train.ablate.arms import Arm
-from mscn.train.rundir import NEUTRAL, differing_keys, flatten
+from mscn.train.rundir import NEUTRAL, check_run_dir, flatten
 
 RESULT = "result.json"
 
@@ -114,11 +112,9 @@ class Runner:
                 self.say(f"{tag}: done (linear {res['linear_top1']:.1f} %, kNN {res['knn_top1']:.1f} %"
                          f"{', same config as ' + res['same_as'] if res.get('same_as') else ''}), skipped")
             else:
-                if not j["random"]:
-                    self._set_aside_other_run(where, j["cfg"], tag)
                 self.say(f"{tag}: running in {where}")
                 t = time.time()
-                res = self._random(j["cfg"], seed) if j["random"] else self._train_and_eval(j["cfg"], seed)
+                res = self._random(j["cfg"], seed) if j["random"] else self._train_and_eval(j["cfg"], seed, tag)
                 res.update(arm=name, seed=seed, fingerprint=fp, wall_s=round(time.time() - t, 1))
                 _write(where / RESULT, res)
                 self.ran, self.ran_s, left = self.ran + 1, self.ran_s + (time.time() - t), left - 1
@@ -132,33 +128,22 @@ class Runner:
                 results.setdefault(name, {})[seed] = res
         return results, random
 
-    def _set_aside_other_run(self, where: Path, cfg: Config, tag: str) -> None:
-        """A pretraining folder left by another config (an earlier version of the recipe, or
-        of mscn, that added a key) cannot be resumed, and its run is not this arm's: move it
-        to ``<folder>.old-N`` (nothing is deleted) so the arm starts over in its own folder."""
-        saved = where / "config.yaml"
-        if not saved.is_file():
-            return
-        try:
-            diff = differing_keys(yaml.safe_load(saved.read_text()) or {}, cfg)
-        except (OSError, yaml.YAMLError):
-            diff = ["config.yaml (unreadable)"]
-        if not diff:
-            return  # the same run, cut short: run_pretrain resumes it
-        n = 1
-        while where.with_name(f"{where.name}.old-{n}").exists():
-            n += 1
-        dest = where.with_name(f"{where.name}.old-{n}")
-        where.rename(dest)
-        self.say(f"{tag}: {where} holds a run of another config (differs in {', '.join(diff)}); "
-                 f"moved it to {dest.name}, starting over")
-
-    def _train_and_eval(self, cfg: Config, seed: int) -> dict:
+    def _train_and_eval(self, cfg: Config, seed: int, tag: str) -> dict:
         from mscn.train.eval.pretrained import load_pretrained
         from mscn.train.eval.standard import linear_and_knn
         from mscn.train.pretrain import run_pretrain
 
-        summary = run_pretrain(cfg, resume="auto")  # resumes a run cut short, skips a finished one
+        # resumes a run cut short, skips a finished one. A folder left by another config (an
+        # earlier recipe, or an mscn that lacked a key) cannot be resumed and is not this
+        # arm's run: start over as ``--resume none`` does, which moves its files into
+        # ``superseded-<time>/`` there (nothing is deleted)
+        resume = "auto"
+        try:
+            check_run_dir(cfg, resume)
+        except MscnError as e:
+            self.say(f"{tag}: {str(e).split(';')[0]}; its files go to superseded-<time>/ there, starting over")
+            resume = "none"
+        summary = run_pretrain(cfg, resume=resume)
         ckpt = summary.get("final") or summary.get("checkpoint")
         if not ckpt or not Path(ckpt).is_file():
             raise MscnError(f"pretraining left no checkpoint in {cfg.train.out_dir}; delete that folder and rerun")
