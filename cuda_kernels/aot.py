@@ -160,20 +160,17 @@ def launches(recipes=RECIPES, dtypes=tuple(DTYPES), layouts=("nchw", "nhwc"), in
                     for noise in (True, False):
                         tag = f"{name} {size}px {dt} {layout} {'in place' if ip else 'out of place'}" \
                               f"{'' if noise else ' no noise'}"
-                        t = table if noise else _without_noise(table)
+                        t = table if noise else _no_noise(table)
                         out.append(("fill", tag, fill_launch(x, y, t)))
                         if triton.next_power_of_2(nH * nW) <= MAX_FUSED_CELLS:
-                            mc = m if noise else _replace_noise(m)
+                            mc = m if noise else _no_noise(m)
                             out.append(("fused", tag, fused_launch(x, y, mc, keys, 0)))
     return out
 
 
-def _without_noise(table):
-    return dataclasses.replace(table, noise_std=0.0)
-
-
-def _replace_noise(m):
-    return dataclasses.replace(m, noise_std=0.0)
+def _no_noise(spec):
+    """A MaskTable or MaskCfg without noise (the kernels' NOISE=False variant)."""
+    return dataclasses.replace(spec, noise_std=0.0)
 
 
 KERNELS = ("tables", "fill", "fused")

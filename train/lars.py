@@ -73,8 +73,7 @@ class LARS(torch.optim.Optimizer):
             if group["lars"]:
                 w_norm = torch.linalg.vector_norm(p)
                 d_norm = torch.linalg.vector_norm(d)
-                d = d * torch.where((w_norm > 0) & (d_norm > 0), group["trust_coef"] * w_norm / d_norm,
-                                    torch.ones_like(w_norm))
+                d = d * _trust_ratio(w_norm, d_norm, group["trust_coef"])
             mu = self._momentum_buffer(p)
             mu.mul_(group["momentum"]).add_(d)
             p.add_(mu, alpha=-group["lr"])
@@ -88,13 +87,16 @@ class LARS(torch.optim.Optimizer):
         if group["lars"]:
             w_norm = torch.stack(torch._foreach_norm(params))
             d_norm = torch.stack(torch._foreach_norm(d))
-            trust = torch.where((w_norm > 0) & (d_norm > 0), group["trust_coef"] * w_norm / d_norm,
-                                torch.ones_like(w_norm))
-            d = torch._foreach_mul(d, list(trust.unbind()))
+            d = torch._foreach_mul(d, list(_trust_ratio(w_norm, d_norm, group["trust_coef"]).unbind()))
         bufs = [self._momentum_buffer(p) for p in params]
         torch._foreach_mul_(bufs, group["momentum"])
         torch._foreach_add_(bufs, d)
         torch._foreach_add_(params, bufs, alpha=-group["lr"])
+
+
+def _trust_ratio(w_norm: torch.Tensor, d_norm: torch.Tensor, coef: float) -> torch.Tensor:
+    """``coef * ||w|| / ||d||``, or 1 where either norm is 0; on the device, no host sync."""
+    return torch.where((w_norm > 0) & (d_norm > 0), coef * w_norm / d_norm, torch.ones_like(w_norm))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict], str]:
