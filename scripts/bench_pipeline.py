@@ -22,7 +22,10 @@ fed by synthetic views already on the device, then by each stage's pipeline (bar
 synthetic speed it keeps and the milliseconds per step it takes from the trainer.
 ``--isolate N`` times each of ``--stages`` in a process of its own, N rounds in
 alternating order: rows of one process run in a fixed order, which can decide a close
-A/B on a shared machine. Config overrides (``key=value``) go before the flags. How to read the numbers:
+A/B on a shared machine. ``--profile DIR`` profiles a few more steps of the full pipeline
+(and of the synthetic and last fed training step) and prints where the time went: on a
+GPU, how busy the device was per step and which kernels (DALI's, the decoder's, mscn's,
+torch's, copies) took it. Config overrides (``key=value``) go before the flags. How to read the numbers:
 docs/PERFORMANCE.md.
 """
 from __future__ import annotations
@@ -42,7 +45,7 @@ from pathlib import Path
 import torch
 
 from benchkit import env as benv
-from benchkit import report, steps, timing
+from benchkit import profiling, report, steps, timing
 from mscn.config import load_config, validate
 from mscn.errors import MscnError, run_cli
 from mscn.pipelines.tuning import usable_cores
@@ -101,7 +104,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "order: an A/B that a shared or drifting machine cannot bias by row order")
     p.add_argument("--json", help="write every figure and the environment here")
     p.add_argument("--plot", help="bar chart of the stage breakdown and baseline ratio (PNG)")
-    p.add_argument("--profile", help="folder for a torch.profiler trace of the full pipeline (and training)")
+    p.add_argument("--profile", help="folder for torch.profiler traces of the full pipeline (with --train: of "
+                   "the synthetic and the last fed training step), and a summary of each in the log and JSON: "
+                   "GPU busy share, kernel time by owner, the costliest kernels")
+    p.add_argument("--profile-steps", type=int, default=5, help="steps per profile (default 5)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -135,6 +141,10 @@ def fill_defaults(args: argparse.Namespace, device: torch.device) -> None:
     if unknown:
         raise MscnError(f"--feeds {args.feeds}: unknown {', '.join(unknown)} (valid: {','.join(FEEDS)})")
     args.feeds = [f for f in FEEDS if f in feeds]
+    if args.profile and Path(args.profile).exists() and not Path(args.profile).is_dir():
+        raise MscnError(f"--profile {args.profile}: a file is there; --profile takes a folder for the traces")
+    if args.profile_steps < 1:
+        raise MscnError(f"--profile-steps must be >= 1, got {args.profile_steps}")
     if args.sweep:
         benv.parse_sweep(args.sweep)  # fail on a typo now, not after the stages ran
     if args.baseline and "masks" not in stages:
@@ -255,8 +265,18 @@ def run_measure(name: str, make_step, args, info, device: torch.device, warmup=N
     if before is not None:
         m.extra["device_bytes_added"] = m.gpu_memory["device_used_bytes"] - before
     if profile and args.profile:
-        steps.profile_steps(step, Path(args.profile) / f"{name}_rank{info.rank}.json", 2,
-                            timing.device_sync(device), device)
+        # a few more steps under the profiler: where the device's (or, on the CPU, the
+        # calling thread's) time goes, read against the unprofiled step time just measured
+        try:
+            s = profiling.profile_steps(step, args.profile_steps, timing.device_sync(device), device,
+                                        Path(args.profile) / f"{name}_rank{info.rank}.json",
+                                        step_ms=timing.per_step_ms(m, iters or args.iters))
+            lines = profiling.format_summary(name, s)
+        except (RuntimeError, AttributeError, OSError) as e:  # a diagnostic: never lose the timed figures
+            s, lines = {"error": f"{type(e).__name__}: {e}"}, [f"PROFILE {name}: failed ({type(e).__name__}: {e})"]
+        m.extra["profile"] = s
+        if info.is_main:
+            print("\n".join(lines), flush=True)
     del step, keep
     gc.collect()  # stop this stage's DALI threads before the next stage is timed
     return benv.gather_measurement(m)
@@ -379,7 +399,7 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
     timing_kw = dict(warmup=max(1, args.warmup), iters=max(1, args.train_steps // repeats), repeats=repeats)
     rows = {}
     try:
-        syn = run_measure("train-synthetic", synthetic, args, info, device, **timing_kw)
+        syn = run_measure("train-synthetic", synthetic, args, info, device, profile=True, **timing_kw)
         for stage in args.feeds:
             rows[stage] = run_measure(f"train-{stage}", fed(stage), args, info, device,
                                       profile=stage == args.feeds[-1], **timing_kw)

@@ -9,13 +9,15 @@
 #           two ranks sharing the GPU under torchrun (training and the bench), the
 #           previous release for before/after figures when given, a thread sweep, and
 #           the headline summary (gpu_summary.json).
-#   part 3: one round of A/B (7 min 20 s on an H200, 2026-11-27; with the isolated A/B,
-#           every stage attributed and the LARS A/B, 9-11 now by the step times of that
-#           run, not yet timed): GPU tests,
-#           the mask and memory figures, the full pipeline against each variant
-#           (masks-hp-late, masks-hp-loader, masks-crop-window, masks-colour-fold), the close ones again with
-#           one process per pipeline (--isolate), the trainer fed by each stage and
-#           variant, the LARS step multi-tensor vs loop (alone and fed), and the summary;
+#   part 3: one round of A/B and profiles, most needed first, meant to run with
+#           MSCN_GPU_BUDGET_S=540 in one 600 s call (about 7 min up to the twins by round 2's
+#           step times, not yet timed as a whole; what does not fit is skipped): GPU
+#           tests, the mask benchmark, the full pipeline against its variants
+#           (masks-hp-loader, masks-colour-fold) with a GPU-time profile, the trainer fed by
+#           the bare and the full pipeline and those variants (ResNet-18, profiled), the LARS
+#           step multi-tensor vs loop (alone and fed), ResNet-50 kept, memory, the GPU vs CPU
+#           twins, ResNet-18 under torch.compile, then the isolated A/B and the table
+#           statistics tests if time is left;
 #   figures: only the headline figures of gpu_summary.json (no tests, no attribution rows,
 #           no sweeps), for a quick re-measurement on another box.
 # Usage: bash scripts/gpu_check.sh [all|1|2|3|figures]. The parts can run as two commands on the same
@@ -23,8 +25,19 @@
 # tarball of all results so far go to $OUT (so a killed run still hands back its figures).
 # Before/after: set MSCN_OLD_SITE (site-packages of the previous release) and MSCN_OLD_SCRIPTS
 # (its scripts/ folder) to time it in the same run.
+# Budget: MSCN_GPU_BUDGET_S=540 bounds the whole run (a lent GPU's call is cut at 600 s):
+# a step gets at most what is left, a step with under MSCN_GPU_MIN_STEP_S (15) left is
+# skipped (and named in the digest), and MSCN_GPU_RESERVE_S (30) is kept for the summary,
+# which always runs. Steps are in order of what the next decision needs most. 0 = no budget.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+T0=$(date +%s)
+BUDGET=${MSCN_GPU_BUDGET_S:-0}
+RESERVE=${MSCN_GPU_RESERVE_S:-30}
+MIN_STEP=${MSCN_GPU_MIN_STEP_S:-15}
+for v in "$BUDGET" "$RESERVE" "$MIN_STEP"; do
+  case $v in ''|*[!0-9]*) echo "gpu_check.sh: MSCN_GPU_BUDGET_S, _RESERVE_S and _MIN_STEP_S take whole seconds, got '$v'" >&2; exit 2 ;; esac
+done
 PART=${1:-all}
 OUT=${OUT:-/tmp/mscn_gpu_out}
 R=${MSCN_GPU_RESULTS:-/tmp/mscn_gpu_results}
@@ -36,6 +49,13 @@ status=0
 
 run() {  # run NAME SECONDS CMD...: log everything, bound the time, remember failures, keep going
   local name=$1 limit=$2; shift 2
+  if [ "$BUDGET" -gt 0 ]; then  # what is left of the budget, less the summary's reserve
+    local left=$(( BUDGET - RESERVE - ($(date +%s) - T0) ))
+    if [ "$left" -lt "$MIN_STEP" ]; then
+      echo "SKIPPED $name: ${left} s of the ${BUDGET} s budget left" | tee -a "$LOG"; save; return
+    fi
+    if [ "$left" -lt "$limit" ]; then echo "(budget) $name limited to ${left} s, not ${limit}" | tee -a "$LOG"; limit=$left; fi
+  fi
   echo "=== $name: $*" | tee -a "$LOG"
   local t0=$(date +%s)
   if ! timeout "$limit" "$@" >>"$LOG" 2>&1; then echo "!!! $name FAILED (or ran past ${limit} s)" | tee -a "$LOG"; status=1; fi
@@ -79,43 +99,52 @@ figures() {
       --no-priority-row --json "$R/train_r18.json"
   run train50 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 --feeds masks \
       --no-priority-row --json "$R/train_r50.json"
-  run summary 30 $PY scripts/gpu_summary.py "$R"
+  summary
+}
+
+summary() {  # the headline figures and the A/B verdicts: always, whatever the budget says
+  BUDGET=0 run summary 30 $PY scripts/gpu_summary.py "$R"
   cp "$R/gpu_summary.json" "$OUT"/ 2>/dev/null
 }
 
-part3() {  # this round's A/B: every variant against the default in one run, and the headlines
+part3() {  # this round's A/B and profiles, most needed first, within MSCN_GPU_BUDGET_S
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$LOG" 2>&1
   $PY -P -c "import os, torch, nvidia.dali as d, triton; print('torch', torch.__version__, 'dali', d.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available(), 'cores', len(os.sched_getaffinity(0)))" 2>&1 | tee -a "$LOG"
-  [ -d "$DATA/train" ] || run synth 120 $PY -P -m mscn data synth "$DATA" --classes 10 --per-class 300 --size 500x375 --seed 0
-  # (the statistics tests compile the table kernel once per configuration: a step of their own,
-  # so that a time limit there does not hide the twin and kernel tests' results)
+  [ -d "$DATA/train" ] || run synth 60 $PY -P -m mscn data synth "$DATA" --classes 10 --per-class 300 --size 500x375 --seed 0
+  # the kernels were refactored since they last ran on a GPU: their results first
   run tests 120 $PY -P -m pytest -q -s tests/test_pipeline_gpu.py tests/test_mask_kernel.py tests/test_pipeline_crop.py \
       tests/test_train_lars.py
-  run tests-stats 120 $PY -P -m pytest -q -x tests/test_masks.py -k triton
-  run pipeline 90 $PY scripts/gpu_pipeline_check.py --data "$DATA/train" --json "$R/pipeline.json"
   run masks 60 $PY scripts/bench_masks.py --json "$R/masks.json"
-  run memory 60 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
-      --json "$R/memory.json"
-  run bench 180 $PY scripts/bench_pipeline.py --data "$DATA/train" \
-      --stages decode,masks,masks-hp-late,masks-hp-loader,masks-crop-window,masks-colour-fold --baseline dali-plain \
-      --json "$R/bench.json"
-  # the same A/B with each pipeline in a process of its own, rounds in alternating order
-  # (a one-process run times its rows in a fixed order, which can decide a close call)
-  # (the crop A/B is settled: rrc, +13 % in round 2)
-  run ab-isolated 150 $PY scripts/bench_pipeline.py --data "$DATA/train" \
-      --stages masks,masks-hp-loader,masks-colour-fold --isolate 2 --iters 10 --repeats 3 --json "$R/ab_isolated.json"
+  # the pipeline against its variants, and where its GPU time goes (--profile: busy share,
+  # kernels by owner; the traces stay on the machine, the summaries go into the JSON)
+  run bench 150 $PY scripts/bench_pipeline.py --data "$DATA/train" \
+      --stages decode,masks,masks-hp-loader,masks-colour-fold --baseline dali-plain \
+      --profile /tmp/mscn_profile --json "$R/bench.json"
+  # the trainer: the barest feed (the floor), the full one and its variants; the profiles
+  # say how busy the GPU is with the trainer alone and how much of it DALI takes when fed
   run train18 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
-      --feeds bare,colour,views,highpass,masks,masks-hp-late,masks-hp-loader,masks-crop-window,masks-colour-fold \
-      --json "$R/train_r18.json"
+      --feeds bare,masks,masks-hp-loader,masks-colour-fold --no-priority-row \
+      --profile /tmp/mscn_profile --json "$R/train_r18.json"
   # the multi-tensor LARS step (default) against the per-parameter loop it replaced: alone,
   # then as the trainer's kept share when the pipeline feeds it (train18 above is the "after")
   run optimizer 60 $PY scripts/bench_optimizer.py --json "$R/optimizer.json"
   run train18-lars-loop 90 $PY scripts/bench_pipeline.py optim.foreach=false --data "$DATA/train" --train \
       --arch resnet18 --feeds masks --no-priority-row --json "$R/train_r18_lars_loop.json"
   run train50 120 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 --feeds masks \
-      --json "$R/train_r50.json"
-  run summary 30 $PY scripts/gpu_summary.py "$R"
-  cp "$R/gpu_summary.json" "$OUT"/ 2>/dev/null
+      --no-priority-row --json "$R/train_r50.json"
+  run memory 60 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
+      --json "$R/memory.json"
+  run pipeline 90 $PY scripts/gpu_pipeline_check.py --data "$DATA/train" --json "$R/pipeline.json"
+  # torch.compile of the ResNet-18 step (train.compile; the compile falls in the warm-up):
+  # fewer launches from the trainer's host thread, which DALI's threads compete with
+  run train18-compile 150 $PY scripts/bench_pipeline.py train.compile=true --data "$DATA/train" --train \
+      --arch resnet18 --feeds masks --no-priority-row --json "$R/train_r18_compile.json"
+  # if time is left: the close A/B again with one process per pipeline (rounds in
+  # alternating order), and the table kernel's statistics tests (a compile per configuration)
+  run ab-isolated 150 $PY scripts/bench_pipeline.py --data "$DATA/train" \
+      --stages masks,masks-hp-loader,masks-colour-fold --isolate 2 --iters 10 --repeats 3 --json "$R/ab_isolated.json"
+  run tests-stats 120 $PY -P -m pytest -q -x tests/test_masks.py -k triton
+  summary
 }
 
 part2() {
@@ -138,8 +167,7 @@ part2() {
       --sweep threads=4,8,12 --json "$R/sweep.json"
   run sweep-blur 90 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
       --sweep blur_window=0,23 --json "$R/sweep_blur.json"
-  run summary 30 $PY scripts/gpu_summary.py "$R"
-  cp "$R/gpu_summary.json" "$OUT"/ 2>/dev/null
+  summary
 }
 
 : >"$LOG"
@@ -152,6 +180,6 @@ case "$PART" in
   *) echo "usage: $0 [all|1|2|3|figures]" >&2; exit 2 ;;
 esac
 echo "--- summary" | tee -a "$LOG"
-grep -h -E "^(SUMMARY|DECIDE|\||check |!!!|===)" "$LOG" | tail -n 100
+grep -h -E "^(SUMMARY|DECIDE|PROFILE|SKIPPED|\||check |!!!|===)" "$LOG" | tail -n 100
 save
 exit $status

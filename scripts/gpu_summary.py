@@ -6,7 +6,8 @@
 Reads what ``gpu_check.sh`` left in RESULTS_DIR: ``bench.json`` (stages and baselines of
 ``bench_pipeline.py``), ``memory.json`` (the full pipeline alone in a fresh process),
 ``masks.json`` (``bench_masks.py``), ``train_r50.json`` / ``train_r18.json``
-(``bench_pipeline.py --train``). Missing inputs leave their figures null. Prints one
+(``bench_pipeline.py --train``), with the ``--profile`` summaries they hold. Missing
+inputs leave their figures null. Prints one
 line per figure with its target and writes the summary (figures, card, commands and
 versions) to ``--out``.
 """
@@ -82,12 +83,48 @@ def summarize(results: Path, stages_from: Path | None = None) -> dict:
     if opt:
         s["lars_step_ms"] = {r["arch"]: {"multi_tensor": r["multi_tensor_ms"], "loop": r["loop_ms"]} for r in opt["rows"]}
     s["kept_resnet18_lars_loop"] = _train_kept(_load(results / "train_r18_lars_loop.json"))[0]
+    # ResNet-18 under torch.compile (train.compile=true): kept, and its fed and synthetic rates
+    comp = (_load(results / "train_r18_compile.json") or {}).get("train", {})
+    s["kept_resnet18_compiled"] = comp.get("kept")
+    if comp:
+        s["resnet18_compiled_images_per_s"] = {
+            "synthetic": comp["synthetic"]["images_per_s"]["median"],
+            "fed": comp["feeds"]["masks"]["images_per_s"]["median"] if "masks" in comp["feeds"] else None}
+    s["profiles"] = profiles(results)
     if bench:
         st = bench["settings"]
         s["settings"] = {k: st.get(k) for k in ("batch", "threads", "hw_decoder_load", "views", "size", "output_dtype")}
         s["images_per_s"] = {k: m["images_per_s"]["median"] for k, m in bench["stages"].items()}
         s["images_per_s"].update({f"baseline {k}": m["images_per_s"]["median"] for k, m in base.items()})
     return s
+
+
+def profiles(results: Path) -> dict:
+    """The ``--profile`` summaries of the run (bench_pipeline.py, benchkit/profiling.py), by
+    where they were taken: the pipeline alone, and each trainer row that was profiled."""
+    out = {}
+    bench = _load(results / "bench.json") or {}
+    for stage, m in bench.get("stages", {}).items():
+        if "profile" in m:
+            out[f"pipeline {stage}"] = m["profile"]
+    for name in ("train_r18.json", "train_r50.json"):
+        t = (_load(results / name) or {}).get("train", {})
+        rows = {"synthetic": t.get("synthetic", {}), **t.get("feeds", {})}
+        for feed, m in rows.items():
+            if "profile" in m:
+                out[f"{t['arch']} fed by {feed}"] = m["profile"]
+    return out
+
+
+def profile_line(where: str, p: dict) -> str:
+    """One log line per profile: how busy the device was per step, and who kept it busy."""
+    if "error" in p:
+        return f"PROFILE {where}: failed ({p['error']})"
+    if "busy_ms" not in p:  # a CPU run: torch ops on the calling thread
+        return f"PROFILE {where}: torch ops {p['torch_ops_ms']} ms per step (CPU run, no device figures)"
+    share = f" ({100 * p['busy_share']:.0f} % of the {p['step_ms']} ms step)" if "busy_share" in p else ""
+    owners = ", ".join(f"{k} {v}" for k, v in p["by_owner_ms"].items() if v)
+    return f"PROFILE {where}: GPU busy {p['busy_ms']} ms per step{share}; by owner (ms): {owners}"
 
 
 # The A/B rows of gpu_check.sh part 3: (variant, what switching to it means). The default is
@@ -154,6 +191,10 @@ def decisions(results: Path) -> list[dict]:
     if "masks" in loop and "masks" in r18:  # here the *default* is the new step: "better" = the loop wins
         add("resnet18 trainer images/s, pipeline-fed", "LARS per-parameter loop", _spread(r18["masks"]),
             _spread(loop["masks"]), "set optim.foreach=false by default")
+    comp = (_load(results / "train_r18_compile.json") or {}).get("train", {}).get("feeds", {})
+    if "masks" in comp and "masks" in r18:  # what counts is the fed rate: compile speeds both rows
+        add("resnet18 trainer images/s, pipeline-fed", "train.compile=true", _spread(r18["masks"]),
+            _spread(comp["masks"]), "set train.compile=true in the GPU recipes")
     masks = _load(results / "masks.json")
     ms = masks[0]["ms"] if isinstance(masks, list) and masks else {}
     table, fused = ms.get("apply_masks triton in place"), ms.get("apply_masks fused in place")
@@ -195,6 +236,8 @@ def main(argv=None) -> int:
         change = f"{100 * d['change']:+.1f} %" if d["change"] is not None else "n/a"
         print(f"DECIDE {d['what']}: {d['variant']} {d['value']} vs default {d['default']} ({change}): "
               f"{d['verdict']}" + (f" -> {d['switch']}" if d["switch"] else ""))
+    for where, p in s["profiles"].items():
+        print(profile_line(where, p))
     print(f"summary written to {out}")
     return 0
 

@@ -130,6 +130,78 @@ def test_cli_sweep_picks_the_fastest_and_profiles(tiny_data, tmp_path):
     assert any(str(e.get("name", "")).startswith("bench_step_") for e in trace["traceEvents"])
 
 
+def test_profile_summary_on_the_cpu(tiny_data, tmp_path):
+    out, prof = tmp_path / "bench.json", tmp_path / "prof"
+    proc = run_bench("--data", tiny_data, *TINY, "--iters", "1", "--repeats", "2", "--stages", "decode,masks",
+                     "--train", "--arch", "resnet18", "--train-steps", "2", "--feeds", "masks",
+                     "--profile", prof, "--profile-steps", "2", "--json", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert "profile" not in r["stages"]["decode"]  # only the full pipeline is profiled
+    rows = {"masks": r["stages"]["masks"]["profile"], "train-synthetic": r["train"]["synthetic"]["profile"],
+            "train-masks": r["train"]["feeds"]["masks"]["profile"]}
+    for name, p in rows.items():
+        assert p["steps"] == 2 and p["trace"] == str(prof / f"{name}_rank0.json")
+        assert (prof / f"{name}_rank0.json").is_file()
+        assert "busy_ms" not in p  # no device here: host figures only
+        assert 0 < p["torch_ops_ms"] and p["step_ms"] == p["wall_ms"] > 0
+        assert p["torch_ops_share"] == pytest.approx(p["torch_ops_ms"] / p["wall_ms"], abs=2e-3)
+        ms = [row["ms"] for row in p["top"]]
+        assert ms == sorted(ms, reverse=True) and sum(ms) <= p["torch_ops_ms"] + 1e-3
+        assert not any(row["name"].startswith("bench_step_") for row in p["top"])
+        assert f"PROFILE {name}: torch ops on the calling thread" in proc.stdout
+    # the masks stage's host work is the CPU path's high-pass and masks in torch; a
+    # training step's is the convolutions
+    assert any(row["name"].startswith("aten::conv") or "convolution" in row["name"]
+               for row in rows["train-synthetic"]["top"])
+    bad = run_bench("--data", tiny_data, *TINY, "--stages", "masks", "--profile", out, timeout=120)
+    assert bad.returncode == 2 and "takes a folder" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_device_profile_summary_from_events():
+    """The GPU side of the profile summary, on events shaped as CUPTI's: busy is the union of
+    the intervals (overlap counted once), kernel time their sum, copies are no launches."""
+    from benchkit import profiling as pr
+
+    dali = "void dali::kernels::resampling::BatchedSeparableResample<float, 2>(dali::kernels::Sample const*)"
+    events = [  # (name, start ns, duration ns) over 2 steps
+        (dali, 0, 4_000_000),
+        ("_mask_kernel", 1_000_000, 2_000_000),                # inside the DALI kernel: overlaps
+        ("void cudnn::engines_precompiled::nchwToNhwcKernel<float>(int, float const*)", 10_000_000, 1_000_000),
+        ("Memcpy DtoD (Device -> Device)", 12_000_000, 500_000),
+        (dali, 20_000_000, 4_000_000),
+        ("nvjpeg::decode_kernel<3>(int)", 24_000_000, 2_000_000),  # touches the DALI kernel's end
+    ]
+    s = pr.summarize_device(events, steps=2, step_ms=20.0)
+    assert s["busy_ms"] == pytest.approx((4 + 1 + 0.5 + 6) / 2)    # 0-4, 10-11, 12-12.5, 20-26 ms
+    assert s["kernel_ms"] == pytest.approx((4 + 2 + 1 + 0.5 + 4 + 2) / 2)
+    assert s["busy_share"] == pytest.approx(s["busy_ms"] / 20.0, abs=1e-3)
+    assert s["launches"] == 2.5  # 5 kernels over 2 steps; the copy launches nothing
+    assert s["by_owner_ms"] == {"dali": 4.0, "decode": 1.0, "mscn": 1.0, "torch": 0.5, "copy": 0.25}
+    top = s["top"]
+    assert top[0] == {"name": "dali::kernels::resampling::BatchedSeparableResample", "owner": "dali",
+                      "calls": 1.0, "ms": 4.0}
+    assert [row["ms"] for row in top] == sorted((row["ms"] for row in top), reverse=True)
+    assert pr.short_name("void at::native::(anonymous namespace)::f<float>(float*)") == "at::native::anon::f"
+    lines = pr.format_summary("masks", s)
+    assert lines[0].startswith("PROFILE masks: GPU busy 5.75 ms per step = 29 % of a 20.0 ms step")
+    assert "dali 4.00" in lines[0] and "2 launches per step" in lines[0]
+
+
+def test_profile_knows_the_names_of_mscn_kernels():
+    """The summary credits mscn's Triton kernels by name: a renamed kernel must fail here,
+    not silently count as torch's."""
+    import triton
+
+    from mscn.cuda_kernels import mask_fused_triton, mask_tables_triton, mask_triton
+    from benchkit.profiling import MSCN_KERNELS
+
+    jitted = {name for mod in (mask_triton, mask_tables_triton, mask_fused_triton)
+              for name, obj in vars(mod).items() if isinstance(obj, triton.runtime.KernelInterface)
+              and name.endswith("_kernel")}
+    assert set(MSCN_KERNELS) == jitted
+
+
 def test_cli_bad_input_is_one_line(tmp_path):
     proc = run_bench("--data", tmp_path / "missing", *TINY, timeout=120)
     assert proc.returncode == 2

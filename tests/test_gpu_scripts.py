@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,8 @@ def results(tmp_path_factory) -> Path:
     common = ["--data", data, *TINY]
     for name, args in (("bench", ["--stages", "decode,masks,masks-hp-late,masks-crop-window", "--baseline", "dali-plain"]),
                        ("memory", ["--stages", "masks"]),
-                       ("train_r18", ["--train", "--arch", "resnet18", "--train-steps", "2", "--feeds", "masks"])):
+                       ("train_r18", ["--train", "--arch", "resnet18", "--train-steps", "2", "--feeds", "masks",
+                                      "--profile", out / "prof", "--profile-steps", "1"])):
         proc = run("bench_pipeline.py", *common, *args, "--json", out / f"{name}.json")
         assert proc.returncode == 0, proc.stderr[-3000:]
     # the LARS step, multi-tensor vs loop (on the meta device here: host work only)
@@ -81,6 +83,76 @@ def test_gpu_summary_reads_the_bench_files(results):
         assert (d["switch"] is not None) == (want == "better")
         assert any(ln.startswith(f"DECIDE pipeline images/s (one process): {v} ") for ln in proc.stdout.splitlines())
     assert len(s["commands"]) == 3
+    # the --profile summaries the run holds (here: the trainer's, from a CPU run)
+    assert set(s["profiles"]) == {"resnet18 fed by synthetic", "resnet18 fed by masks"}
+    assert s["profiles"]["resnet18 fed by masks"] == train["train"]["feeds"]["masks"]["profile"]
+    assert "PROFILE resnet18 fed by synthetic: torch ops" in proc.stdout
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SUMMARY")]
     assert any(ln.startswith("SUMMARY kept_resnet50 = None") and "not measured" in ln for ln in lines)
     assert any(ln.startswith("SUMMARY share_of_decode =") and "target >= 0.85" in ln for ln in lines)
+
+
+PART3_STEPS = ["tests", "masks", "bench", "train18", "optimizer", "train18-lars-loop", "train50", "memory",
+               "pipeline", "train18-compile", "ab-isolated", "tests-stats"]
+
+
+def _gpu_check(tmp_path, budget: int, sleep: float) -> tuple[subprocess.CompletedProcess, list[str], float]:
+    """gpu_check.sh part 3 with a stand-in python that only logs its arguments and sleeps:
+    the script's own bookkeeping (budget, skips, summary, hand-back to $OUT), no GPU."""
+    fake, calls = tmp_path / "python", tmp_path / "calls.txt"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\nsleep {sleep}\n')
+    fake.chmod(0o755)
+    (tmp_path / "data" / "train").mkdir(parents=True)  # as if synthesized: no synth step
+    env = {**os.environ, "PYTHON": str(fake), "OUT": str(tmp_path / "out"), "MSCN_GPU_RESULTS": str(tmp_path / "r"),
+           "MSCN_BENCH_DATA": str(tmp_path / "data"), "MSCN_GPU_BUDGET_S": str(budget), "MSCN_GPU_RESERVE_S": "0",
+           "MSCN_GPU_MIN_STEP_S": "1"}
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "3"], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=REPO)
+    wall = time.monotonic() - t0
+    log = (tmp_path / "r" / "gpu_check_part3.log").read_text()
+    ran = [ln[4:].split(":", 1)[0] for ln in log.splitlines() if ln.startswith("=== ") and " done in " not in ln]
+    assert (tmp_path / "out" / "gpu_check_part3.log").is_file() and (tmp_path / "out" / "results_part3.tar.gz").is_file()
+    assert "scripts/gpu_summary.py" in calls.read_text()  # the summary always runs
+    return proc, ran, wall
+
+
+def test_gpu_check_without_a_budget_runs_every_step(tmp_path):
+    proc, ran, _ = _gpu_check(tmp_path, budget=0, sleep=0)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert ran == PART3_STEPS + ["summary"] and "SKIPPED" not in proc.stdout
+
+
+def test_gpu_check_budget_skips_the_last_steps_and_keeps_the_summary(tmp_path):
+    """A lent GPU's call is cut at 600 s: with MSCN_GPU_BUDGET_S the run stops starting steps
+    when the budget is spent, names what it skipped, and still writes the summary."""
+    proc, ran, wall = _gpu_check(tmp_path, budget=3, sleep=0.6)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert ran[-1] == "summary"
+    done = ran[:-1]
+    assert 1 <= len(done) < len(PART3_STEPS) and done == PART3_STEPS[:len(done)]  # a prefix, in order
+    digest = proc.stdout.split("--- summary\n", 1)[1].splitlines()
+    skipped = [ln.split()[1].rstrip(":") for ln in digest if ln.startswith("SKIPPED ")]
+    assert skipped == PART3_STEPS[len(done):]  # the rest, each named in the digest
+    assert wall < 3 + 0.6 + 0.6 + 3  # the version probe and the summary come on top of the budget; slack
+
+
+def test_gpu_summary_decides_on_torch_compile_by_the_fed_rate(results, tmp_path):
+    """train_r18_compile.json (gpu_check.sh's train18-compile step) against train_r18.json: the
+    verdict follows the fed rows' spreads; here the compiled rows are made 2x faster."""
+    import shutil
+
+    res = tmp_path / "results"
+    shutil.copytree(results, res, ignore=shutil.ignore_patterns("prof", "data"))
+    doc = json.loads((res / "train_r18.json").read_text())
+    for m in [doc["train"]["synthetic"], *doc["train"]["feeds"].values()]:
+        m["images_per_s"] = {k: (v * 2 if k != "n" else v) for k, v in m["images_per_s"].items()}
+    (res / "train_r18_compile.json").write_text(json.dumps(doc))
+    proc = run("gpu_summary.py", res)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = json.loads((res / "gpu_summary.json").read_text())
+    assert s["kept_resnet18_compiled"] == doc["train"]["kept"]
+    assert s["resnet18_compiled_images_per_s"]["fed"] == doc["train"]["feeds"]["masks"]["images_per_s"]["median"]
+    d = next(d for d in s["decisions"] if d["variant"] == "train.compile=true")
+    assert d["verdict"] == "better" and d["switch"] == "set train.compile=true in the GPU recipes"
+    assert d["change"] == pytest.approx(1.0, abs=1e-3)

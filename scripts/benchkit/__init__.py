@@ -5,5 +5,7 @@ installed package; the scripts find it beside them on ``sys.path``).
   median and spread, CPU time of the process tree, GPU memory);
 - ``env``: machine and versions beside every figure, sweep grids, torchrun totals;
 - ``steps``: what one timed step is (a DALI stage, decode alone, a hand-written
-  plain DALI pipeline, the torchvision reference) and profiler traces.
+  plain DALI pipeline, the torchvision reference);
+- ``profiling``: a few steps under torch.profiler, summed up as device time per step
+  (busy share, kernels by owner: DALI, decode, mscn's Triton, torch, copies).
 """

@@ -1,10 +1,9 @@
 """What one timed step is: a batch of a DALI stage, of the torchvision reference, of a
-hand-written plain DALI pipeline, or of decode alone; and a profiler trace of a few steps."""
+hand-written plain DALI pipeline, or of decode alone (profiling.py traces a few of them)."""
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -161,23 +160,3 @@ def torchvision_step(cfg, where: Placement, workers: int, device: torch.device) 
         return views[0].shape[0]
 
     return step, (loader, batches)
-
-
-def profile_steps(step: Callable[[], int], path: Path, steps: int, sync: Callable[[], None],
-                  device: torch.device) -> None:
-    """A torch.profiler trace of ``steps`` more steps, written as Chrome trace JSON to ``path``.
-
-    DALI's own threads do not appear as ops; their time shows as the gap in which
-    ``next()`` waits on the pipeline.
-    """
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with profile(activities=activities) as prof:
-        for i in range(steps):  # a few steps: a trace of a training step is already tens of MB
-            with record_function(f"bench_step_{i}"):
-                step()
-        sync()
-    prof.export_chrome_trace(str(path))
-    print(f"profile: {path}", flush=True)

@@ -1,0 +1,191 @@
+"""Where the device's time goes: a torch.profiler trace of a few steps, summed up.
+
+Issue 10's open question is *why* the full pipeline delivers 41 % of decode-only on an
+H200 and takes ~14 ms of each ResNet-18 step: too many or too slow GPU kernels (then the
+kernel table names them), or a host that cannot issue them fast enough (then the GPU is
+idle for most of a step). A Chrome trace answers that in a viewer; this module answers it
+in the log, so that one short run on a lent GPU brings the answer back as numbers.
+
+CUPTI records every kernel of the process, whichever library launched it, so DALI's
+kernels (launched from DALI's own threads) are in the trace beside torch's and ours.
+On the CPU there are no device events: the summary lists the torch ops of the calling
+thread instead (DALI's CPU threads do not appear there; their time is the wait in
+``next()``).
+"""
+from __future__ import annotations
+
+import re
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+# The Triton kernels of mscn.cuda_kernels, by their function names (tests/test_bench.py
+# checks that these still exist, so a rename cannot silently move them to "torch").
+MSCN_KERNELS = ("_mask_kernel", "_table_kernel", "_fused_kernel")
+OWNERS = ("dali", "decode", "mscn", "torch", "copy")
+DEVICE_ACTIVITIES = ("kernel", "gpu_memcpy", "gpu_memset")  # kineto's names for them
+
+
+def owner(name: str) -> str:
+    """Which part of the stack launched a device event, from its (demangled) name."""
+    low = name.lower()
+    if low.startswith(("memcpy", "memset")):
+        return "copy"
+    if "nvjpeg" in low or "nvimgcodec" in low:
+        return "decode"
+    if "dali" in low:
+        return "dali"
+    if short_name(name) in MSCN_KERNELS:
+        return "mscn"
+    return "torch"  # torch, cuDNN, cuBLAS, CUTLASS: the trainer and the loader's GEMMs
+
+
+def short_name(name: str, width: int = 90) -> str:
+    """A kernel's name without its template arguments, parameter list and return type:
+    ``void dali::kernels::Foo<float, 3>(Args)`` -> ``dali::kernels::Foo``."""
+    out, depth = [], 0
+    for ch in name.replace("(anonymous namespace)", "anon"):
+        if ch in "<(":
+            depth += 1
+        elif ch in ">)" and depth:
+            depth -= 1
+        elif depth == 0:
+            out.append(ch)
+    text = re.sub(r"\s+", " ", "".join(out)).strip()
+    text = re.sub(r"^(void|auto) ", "", text)
+    return text[:width] if text else name[:width]
+
+
+def _busy_ns(intervals: list[tuple[int, int]]) -> int:
+    """Length of the union of [start, end) intervals: time with at least one event running."""
+    total, cur_start, cur_end = 0, None, None
+    for start, end in sorted(intervals):
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total
+
+
+def summarize_device(events: Iterable[tuple[str, int, int]], steps: int, step_ms: float | None = None,
+                     top: int = 12) -> dict:
+    """Per-step device figures from ``(name, start_ns, duration_ns)`` events (kernels,
+    copies, sets) recorded over ``steps`` steps.
+
+    ``busy_ms``: the union of the events' intervals, i.e. time with the GPU doing something;
+    ``kernel_ms``: their sum (larger than busy when streams overlap). ``step_ms`` (the
+    unprofiled step time, from the timed windows) turns busy into ``busy_share``: near 1
+    means the GPU is the limit, well below 1 that the host is (launching, waiting on
+    DALI's CPU stage). ``top``: the events with the most device time, by short name.
+    """
+    per = defaultdict(lambda: [0, 0])  # short name -> [calls, ns]
+    owners = dict.fromkeys(OWNERS, 0)
+    intervals, launches = [], 0
+    for name, start, dur in events:
+        key = short_name(name)
+        per[key][0] += 1
+        per[key][1] += dur
+        owners[owner(name)] += dur
+        intervals.append((start, start + dur))
+        launches += not name.lower().startswith(("memcpy", "memset"))
+    ms = 1e-6 / steps
+    busy = _busy_ns(intervals) * ms
+    rows = sorted(per.items(), key=lambda kv: -kv[1][1])
+    out = {"steps": steps, "busy_ms": round(busy, 3), "kernel_ms": round(sum(v[1] for v in per.values()) * ms, 3),
+           "launches": round(launches / steps, 1),
+           "by_owner_ms": {k: round(v * ms, 3) for k, v in owners.items()},
+           "top": [{"name": k, "owner": owner(k), "calls": round(c / steps, 1), "ms": round(ns * ms, 3)}
+                   for k, (c, ns) in rows[:top]]}
+    if step_ms:
+        out["step_ms"] = round(step_ms, 3)
+        out["busy_share"] = round(busy / step_ms, 3)
+    return out
+
+
+def summarize_host(prof, steps: int, step_ms: float | None = None, top: int = 12) -> dict:
+    """Per-step host figures (the CPU path): the torch ops of the profiled thread by self
+    time, and their share of ``step_ms`` (the profiled step: the profiler slows both)."""
+    avgs = [a for a in prof.key_averages() if not a.key.startswith("bench_step_")]
+    rows = sorted(avgs, key=lambda a: -a.self_cpu_time_total)
+    total_us = sum(a.self_cpu_time_total for a in avgs)
+    out = {"steps": steps, "torch_ops_ms": round(total_us / 1e3 / steps, 3),
+           "top": [{"name": a.key, "calls": round(a.count / steps, 1),
+                    "ms": round(a.self_cpu_time_total / 1e3 / steps, 3)} for a in rows[:top]]}
+    if step_ms:
+        out["step_ms"] = round(step_ms, 3)
+        out["torch_ops_share"] = round(out["torch_ops_ms"] / step_ms, 3)
+    return out
+
+
+def device_events(prof) -> list[tuple[str, int, int]]:
+    """(name, start_ns, duration_ns) of every device event (kernels, memcpy, memset) in ``prof``."""
+    from torch.autograd import DeviceType
+
+    out = []
+    for e in prof.profiler.kineto_results.events():
+        # the device's record_function spans ("gpu_user_annotation") cover whole steps and
+        # would count as busy time; keep only what occupies the device
+        kind = e.activity_type() if hasattr(e, "activity_type") else None
+        if kind in DEVICE_ACTIVITIES or (kind is None and e.device_type() != DeviceType.CPU
+                                         and not e.name().startswith("bench_step_")):
+            out.append((e.name(), e.start_ns(), e.duration_ns()))
+    return out
+
+
+def profile_steps(step: Callable[[], int], steps: int, sync: Callable[[], None], device: torch.device,
+                  trace: Path | None = None, step_ms: float | None = None) -> dict:
+    """Run ``steps`` more steps under torch.profiler; return their summary (device events
+    on a GPU, torch ops on the CPU) and write the Chrome trace to ``trace`` if given.
+
+    The profiler slows the host (CUPTI hooks every launch, every torch op is recorded), so
+    ``wall_ms`` per profiled step is an upper bound; ``step_ms`` from the unprofiled windows
+    is the step time to read the device figures against.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for i in range(steps):
+            with record_function(f"bench_step_{i}"):
+                step()
+        sync()
+        wall = time.perf_counter() - t0
+    wall_ms = 1e3 * wall / steps
+    # device time is the work's own (the profiler slows the host, not the kernels), so it is
+    # read against the unprofiled step; host op time is slowed too, so against the profiled one
+    summary = (summarize_device(device_events(prof), steps, step_ms) if cuda
+               else summarize_host(prof, steps, wall_ms))
+    summary["wall_ms"] = round(wall_ms, 3)
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
+        summary["trace"] = str(trace)
+    return summary
+
+
+def format_summary(label: str, s: dict) -> list[str]:
+    """The summary as log lines (``PROFILE`` first, which gpu_check.sh's digest keeps)."""
+    if "busy_ms" in s:
+        owners = ", ".join(f"{k} {v:.2f}" for k, v in s["by_owner_ms"].items() if v)
+        share = f" = {100 * s['busy_share']:.0f} % of a {s['step_ms']:.1f} ms step" if "busy_share" in s else ""
+        head = (f"PROFILE {label}: GPU busy {s['busy_ms']:.2f} ms per step{share}; kernel time by owner (ms): "
+                f"{owners or 'none'}; {s['launches']:.0f} launches per step")
+    else:
+        share = (f" = {100 * s['torch_ops_share']:.0f} % of a {s['step_ms']:.1f} ms profiled step (the rest: "
+                 "waiting, e.g. on DALI's threads)" if "torch_ops_share" in s else "")
+        head = f"PROFILE {label}: torch ops on the calling thread {s['torch_ops_ms']:.2f} ms per step{share}"
+    lines = [head, "  ms/step  calls/step  " + ("owner   " if "busy_ms" in s else "") + "name"]
+    for r in s["top"]:
+        lines.append(f"  {r['ms']:7.3f}  {r['calls']:10.1f}  " + (f"{r['owner']:<7} " if "owner" in r else "")
+                     + r["name"])
+    return lines
