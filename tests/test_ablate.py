@@ -111,6 +111,48 @@ def test_json_schema_and_table():
     md = report.markdown(doc)
     assert "| `mscn` | highpass | 2 | 30.5 ± 0.7 | +9.5 (significant) |" in md
     assert "| random init |" in md
+    # one arm in its grid: no pairs; every arm against random init (15.5 ± 0.7 / 8.5 ± 0.7)
+    assert doc["pairs"] == [] and "Within each grid" not in md
+    v = {r["arm"]: r for r in doc["vs_random_init"]}
+    assert v["mscn"]["linear_top1"] == {"diff": 15.0, "significance": "significant"}
+    assert v[BASELINE]["knn_top1"]["diff"] == pytest.approx(2.5)
+    assert "| `mscn` | +15.0 (significant) | +17.5 (significant) |" in md
+
+
+def test_pairs_within_a_grid():
+    """Every pair of a grid's arms, in grid order (b − a): the grid's own question, which the
+    baseline column cannot answer (both arms can beat the baseline and not each other)."""
+    arms = [Arm(BASELINE, grid=BASELINE), *(Arm(f"ratio={r}", (), "ratio", r, "ratio") for r in (0.1, 0.2, 0.3)),
+            Arm("p_focal=0.4", (), "p_focal", 0.4, "focal")]
+    lin = {BASELINE: [10, 11, 12], "ratio=0.1": [30, 31, 32], "ratio=0.2": [30.5, 31.5, 32.5],
+           "ratio=0.3": [20, 21, 22], "p_focal=0.4": [40, 41, 42]}
+    results = {a: {s: _fake(v[s], 5.0 + s) for s in range(3)} for a, v in lin.items()}
+    doc = report.records(arms, results, {s: _fake(25.0 + s, 5.0) for s in range(3)}, [0, 1, 2])
+    got = [(p["a"], p["b"], round(p["linear_top1"]["diff"], 3), p["linear_top1"]["significance"]) for p in doc["pairs"]]
+    assert got == [("ratio=0.1", "ratio=0.2", 0.5, "not significant"), ("ratio=0.1", "ratio=0.3", -10.0, "significant"),
+                   ("ratio=0.2", "ratio=0.3", -10.5, "significant")]  # the lone focal arm pairs with nothing
+    assert all(p["grid"] == "ratio" and p["knn_top1"]["diff"] == 0.0 for p in doc["pairs"])
+    md = report.markdown(doc)
+    assert "| ratio | `ratio=0.1` → `ratio=0.3` | -10.0 (significant) | +0.0 (not significant) |" in md
+
+
+def test_report_only_rewrites_the_report_of_an_older_json(tmp_path):
+    arms = [Arm(BASELINE, grid=BASELINE), Arm("a", grid="g"), Arm("b", grid="g")]
+    results = {n: {0: _fake(10.0 + i, 5.0), 1: _fake(11.0 + i, 6.0)} for i, n in enumerate((BASELINE, "a", "b"))}
+    doc = report.records(arms, results, {0: _fake(1.0, 1.0), 1: _fake(2.0, 2.0)}, [0, 1])
+    del doc["pairs"], doc["vs_random_init"]  # as written before these existed
+    (tmp_path / "ablation.json").write_text(json.dumps(doc))
+    assert main(["--out", str(tmp_path), "--report-only"]) == 0
+    md = (tmp_path / "ablation.md").read_text()
+    assert "| g | `a` → `b` | +1.0 (not significant) |" in md
+    assert json.loads((tmp_path / "ablation.json").read_text())["pairs"][0]["b"] == "b"
+    with pytest.raises(MscnError, match="does not exist"):
+        main(["--out", str(tmp_path / "none"), "--report-only"])
+    with pytest.raises(MscnError, match="takes no arms"):
+        main(["--out", str(tmp_path), "--report-only", "--arms", "ratio"])
+    (tmp_path / "ablation.json").write_text("[1, 2]")
+    with pytest.raises(MscnError, match="is not an ablation.json"):
+        main(["--out", str(tmp_path), "--report-only"])
 
 
 TOY = ["data.synthetic_classes=2", "data.synthetic_per_class=8", "data.synthetic_val_per_class=4",

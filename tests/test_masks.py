@@ -197,7 +197,7 @@ def test_seeded_generator_reproduces_masks_and_noise():
                                   return_masks=True, backend="torch")
         return torch.cat([o.flatten() for o in outs]), torch.cat([m.flatten() for m in masks])
 
-    (a, ma), (b, mb), (c, mc) = run(5), run(5), run(6)
+    (a, ma), (b, mb), (_, mc) = run(5), run(5), run(6)
     assert torch.equal(a, b) and torch.equal(ma, mb)
     assert not torch.equal(ma, mc)
 

@@ -2,6 +2,7 @@
 same way (paper §5, §6.3 Fig. 5, App. B Table 5; issue 12).
 
     mscn ablate --config demo --arms highpass --seeds 3 --out runs/ablate [key=value ...]
+    mscn ablate --out runs/ablate --report-only      # rewrite ablation.md/.png from ablation.json
 
 Every arm's config is resolved and validated before anything runs; the synthetic dataset
 (if the recipe uses it) is made once and shared by every arm and seed. Outputs in
@@ -37,12 +38,46 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="YAML of custom arms: 'name: [key=value, ...]' or 'name: {overrides: [...], param: P, value: V}'")
     p.add_argument("--seeds", type=int, default=3, help="runs per arm, seeds train.seed .. +N-1 (default 3)")
     p.add_argument("--out", default="runs/ablate", help="output folder (default: runs/ablate)")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: rewrite ablation.md and ablation.png from --out's ablation.json")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every arm, e.g. schedule.epochs=4")
     return p.parse_args(argv)
 
 
+def write_report(doc: dict, out: Path) -> str:
+    """ablation.md and ablation.png in ``out`` from the ablation.json document; returns the
+    markdown and prints where it went."""
+    md = report.markdown(doc)
+    (out / "ablation.md").write_text(md)
+    why = report.figure(doc, out / "ablation.png")
+    print("\n" + md)
+    print(f"[ablate] written {out / 'ablation.md'}" + (f"; {why}" if why else f", {out / 'ablation.png'}"), flush=True)
+    return md
+
+
+def report_only(out: Path) -> int:
+    """--report-only: the report of a finished (or older) ablation, rewritten from its JSON."""
+    path = out / "ablation.json"
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MscnError(f"--report-only: {path} does not exist; run the ablation first (without --report-only)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise MscnError(f"--report-only: cannot read {path}: {e}") from None
+    if not isinstance(doc, dict) or not {"arms", "baseline", "random_init", "seeds"} <= set(doc):
+        raise MscnError(f"--report-only: {path} is not an ablation.json (needs arms, baseline, random_init, seeds)")
+    doc["pairs"], doc["vs_random_init"] = report.pairs(doc), report.vs_random(doc)  # an older file lacks them
+    path.write_text(json.dumps(doc, indent=2))
+    write_report(doc, out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args.report_only:
+        if args.overrides or args.arms or args.arms_file:
+            raise MscnError("--report-only rewrites the report of --out's ablation.json: it takes no arms or overrides")
+        return report_only(Path(args.out))
     if args.seeds < 1:
         raise MscnError(f"--seeds must be >= 1, got {args.seeds}")
     overrides = DEFAULTS + list(args.overrides)
@@ -66,12 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                computed_runs=runner.ran)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps(doc, indent=2))
-    md = report.markdown(doc)
-    (out / "ablation.md").write_text(md)
-    why = report.figure(doc, out / "ablation.png")
-    print("\n" + md)
-    print(f"[ablate] {runner.ran} runs computed in {doc['wall_s']:.0f} s; written {out / 'ablation.json'}, "
-          f"{out / 'ablation.md'}" + (f"; {why}" if why else f", {out / 'ablation.png'}"), flush=True)
+    write_report(doc, out)
+    print(f"[ablate] {runner.ran} runs computed in {doc['wall_s']:.0f} s; written {out / 'ablation.json'}", flush=True)
     return 0
 
 

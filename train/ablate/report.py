@@ -1,6 +1,8 @@
 """The ablation's outputs (paper §6.3 Fig. 5, App. B Table 5, done with seeds and error bars):
-``ablation.json`` (one record per arm), ``ablation.md`` (mean ± std and the difference to the
-baseline arm, with a significance mark) and ``ablation.png`` (one panel per swept parameter).
+``ablation.json`` (one record per arm, the pairs within each grid and every arm against
+random init), ``ablation.md`` (mean ± std and the difference to the baseline arm, then every
+pair of arms within a grid and every arm against random init, each with a significance
+mark) and ``ablation.png`` (one panel per swept parameter).
 
 Significance rule: the difference of two arm means is "not significant" when it lies within
 2 standard errors of the difference, SE = sqrt(s1²/n1 + s2²/n2) (s: sample standard
@@ -50,7 +52,44 @@ def records(arms: list[Arm], results: dict, random: dict, seeds: list[int]) -> d
         rec["n"] = len(seeds)
         out.append(rec)
     rnd = [{"seed": s, **{m: random[s][m] for m in METRICS}} for s in seeds]
-    return {"schema": SCHEMA, "baseline": BASELINE, "seeds": seeds, "arms": out, "random_init": rnd}
+    doc = {"schema": SCHEMA, "baseline": BASELINE, "seeds": seeds, "arms": out, "random_init": rnd}
+    doc["pairs"], doc["vs_random_init"] = pairs(doc), vs_random(doc)
+    return doc
+
+
+def _diff(a: dict, b: dict) -> dict:
+    """b − a on both metrics, each with its :func:`significance`."""
+    out = {}
+    for m in METRICS:
+        sa, sb = _stat(a, m), _stat(b, m)
+        out[m] = {"diff": sb["mean"] - sa["mean"], "significance": significance(sa, sb)}
+    return out
+
+
+def pairs(doc: dict) -> list[dict]:
+    """Every pair of arms within a grid, in grid order: ``b − a`` with its significance.
+
+    The questions of a grid are differences between its arms (is a ratio of 0.15 better than
+    0.5?), which the baseline column does not answer: two arms can both differ from the
+    baseline and not from each other."""
+    by_grid: dict[str, list[dict]] = {}
+    for r in doc["arms"]:
+        if r["name"] != doc["baseline"]:
+            by_grid.setdefault(r["grid"], []).append(r)
+    return [{"grid": grid, "a": a["name"], "b": b["name"], **_diff(a, b)}
+            for grid, rows in by_grid.items() for i, a in enumerate(rows) for b in rows[i + 1:]]
+
+
+def _random_record(doc: dict) -> dict:
+    rnd = {m: summary([x[m] for x in doc["random_init"]]) for m in METRICS}
+    return {"n": len(doc["random_init"]),
+            **{f"{m}_{k}": rnd[m][k] for m in METRICS for k in ("mean", "std")}}
+
+
+def vs_random(doc: dict) -> list[dict]:
+    """Every arm against the random-init encoder of the same seeds: what pretraining bought."""
+    rnd = _random_record(doc)
+    return [{"arm": r["name"], **_diff(rnd, r)} for r in doc["arms"]]
 
 
 def _stat(rec: dict, m: str) -> dict:
@@ -79,9 +118,19 @@ def markdown(doc: dict) -> str:
     notes = ["", f"Seeds {doc['seeds']}. Baseline: `{doc['baseline']}` (no masks, no high-pass, same views "
              "and budget). A difference is \"not significant\" when it lies within 2 standard errors, "
              "SE = sqrt(s1²/n1 + s2²/n2); with one seed there is no error bar."]
+    cell = lambda d, m: f"{d[m]['diff']:+.1f} ({d[m]['significance']})"  # noqa: E731
+    grid_pairs = pairs(doc)  # recomputed, so that a report rewritten from an older JSON has them
+    if grid_pairs:
+        notes += ["", "Within each grid, every pair of arms (Δ = second − first, same rule):", "",
+                  "| grid | arms | Δ linear | Δ kNN |", "| --- | --- | --- | --- |"]
+        notes += [f"| {p['grid']} | `{p['a']}` → `{p['b']}` | {cell(p, 'linear_top1')} | {cell(p, 'knn_top1')} |"
+                  for p in grid_pairs]
+    notes += ["", "Against the random-init encoder of the same seeds (what pretraining bought):", "",
+              "| arm | Δ linear | Δ kNN |", "| --- | --- | --- |"]
+    notes += [f"| `{v['arm']}` | {cell(v, 'linear_top1')} | {cell(v, 'knn_top1')} |" for v in vs_random(doc)]
     shared = [f"`{r['name']}` = `{r['same_as']}`" for r in doc["arms"] if r.get("same_as")]
     if shared:
-        notes.append("Same resolved config, run once: " + ", ".join(shared) + ".")
+        notes += ["", "Same resolved config, run once: " + ", ".join(shared) + "."]
     notes += ["", "Overrides per arm:", ""]
     notes += [f"- `{r['name']}`: " + (" ".join(f"`{o}`" for o in r["overrides"]) or "(the recipe)")
               for r in doc["arms"]]
