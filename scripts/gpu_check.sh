@@ -19,7 +19,8 @@
 #           twins, ResNet-18 under torch.compile, then the isolated A/B and the table
 #           statistics tests if time is left;
 #   figures: only the headline figures of gpu_summary.json (no tests, no attribution rows,
-#           no sweeps), for a quick re-measurement on another box.
+#           no sweeps), for a quick re-measurement on another box; MSCN_GPU_BUDGET_S=290
+#           keeps it under 5 minutes whatever the box (not yet timed alone).
 # Usage: bash scripts/gpu_check.sh [all|1|2|3|figures]. The parts can run as two commands on the same
 # machine: results collect in $MSCN_GPU_RESULTS; after every step the part's log and a
 # tarball of all results so far go to $OUT (so a killed run still hands back its figures).
