@@ -264,22 +264,38 @@ def run_measure(name: str, make_step, args, info, device: torch.device, warmup=N
                        sync=timing.device_sync(device), device=device, build_s=time.perf_counter() - t0)
     if before is not None:
         m.extra["device_bytes_added"] = m.gpu_memory["device_used_bytes"] - before
-    if profile and args.profile:
-        # a few more steps under the profiler: where the device's (or, on the CPU, the
-        # calling thread's) time goes, read against the unprofiled step time just measured
-        try:
-            s = profiling.profile_steps(step, args.profile_steps, timing.device_sync(device), device,
-                                        Path(args.profile) / f"{name}_rank{info.rank}.json",
-                                        step_ms=timing.per_step_ms(m, iters or args.iters))
-            lines = profiling.format_summary(name, s)
-        except (RuntimeError, AttributeError, OSError) as e:  # a diagnostic: never lose the timed figures
-            s, lines = {"error": f"{type(e).__name__}: {e}"}, [f"PROFILE {name}: failed ({type(e).__name__}: {e})"]
-        m.extra["profile"] = s
-        if info.is_main:
-            print("\n".join(lines), flush=True)
+    step_ms = timing.per_step_ms(m, iters or args.iters)
     del step, keep
     gc.collect()  # stop this stage's DALI threads before the next stage is timed
-    return benv.gather_measurement(m)
+    out = benv.gather_measurement(m)
+    if profile and args.profile:  # profiled at the end of the run (run_profiles), into this row
+        args.pending_profiles.append((name, make_step, step_ms, out))
+    return out
+
+
+def run_profiles(args, info, device: torch.device) -> None:
+    """``--profile``: the rows asked for, each rebuilt, warmed up and run for a few steps under
+    torch.profiler, after every timed row of the run, so that the profiler (CUPTI hooks,
+    buffers) cannot slow a row that an A/B compares. The summary (where the device's, or on
+    the CPU the calling thread's, time goes) is read against the row's unprofiled step time
+    and stored in the row as ``profile``."""
+    for name, make_step, step_ms, row in args.pending_profiles:
+        barrier()
+        try:
+            step, keep = make_step()
+            sync = timing.device_sync(device)
+            for _ in range(max(1, args.warmup)):
+                step()
+            s = profiling.profile_steps(step, args.profile_steps, sync, device,
+                                        Path(args.profile) / f"{name}_rank{info.rank}.json", step_ms=step_ms)
+            lines = profiling.format_summary(name, s)
+            del step, keep
+        except Exception as e:  # a diagnostic: it must never cost the run its timed figures
+            s, lines = {"error": f"{type(e).__name__}: {e}"}, [f"PROFILE {name}: failed ({type(e).__name__}: {e})"]
+        gc.collect()
+        row["profile"] = s
+        if info.is_main:
+            print("\n".join(lines), flush=True)
 
 
 def full_stage(args) -> str:
@@ -290,8 +306,8 @@ def full_stage(args) -> str:
 def run_stages(args, cfg, info, device) -> dict:
     out = {}
     for stage in args.stages:
-        out[stage] = run_measure(stage, lambda: stage_step(stage, cfg, info, device), args, info, device,
-                                 profile=stage == full_stage(args))
+        out[stage] = run_measure(stage, lambda stage=stage: stage_step(stage, cfg, info, device), args, info,
+                                 device, profile=stage == full_stage(args))
     return out
 
 
@@ -401,8 +417,10 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
     try:
         syn = run_measure("train-synthetic", synthetic, args, info, device, profile=True, **timing_kw)
         for stage in args.feeds:
+            # the default pipeline's row is profiled (or the last feed's when masks is not fed)
+            profiled = "masks" if "masks" in args.feeds else args.feeds[-1]
             rows[stage] = run_measure(f"train-{stage}", fed(stage), args, info, device,
-                                      profile=stage == args.feeds[-1], **timing_kw)
+                                      profile=stage == profiled, **timing_kw)
         if device.type == "cuda" and not args.no_priority_row and "masks" in args.feeds:
             rows["masks-priority"] = run_measure("train-masks-priority", fed("masks", priority=True), args, info,
                                                  device, **timing_kw)
@@ -506,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    args.pending_profiles = []  # (name, make_step, step_ms, row) for run_profiles
     if args.isolate is not None:
         return run_isolated(args, argv)
     if args.torch_threads:
@@ -539,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
             result["sweep"] = run_sweep(args, info, device, data_root)
         if args.train:
             result["train"] = run_train(args, cfg, info, device)
+        run_profiles(args, info, device)  # last: the profiler must not slow a timed row
         result["gpu_memory"] = timing.gpu_memory(device) if device.type == "cuda" else None
         if info.is_main:
             report.print_report(result)

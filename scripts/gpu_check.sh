@@ -10,14 +10,14 @@
 #           previous release for before/after figures when given, a thread sweep, and
 #           the headline summary (gpu_summary.json).
 #   part 3: one round of A/B and profiles, most needed first, meant to run with
-#           MSCN_GPU_BUDGET_S=540 in one 600 s call (about 7 min up to the twins by round 2's
+#           MSCN_GPU_BUDGET_S=540 in one 600 s call (~6.5 min through ResNet-50 by round 2's
 #           step times, not yet timed as a whole; what does not fit is skipped): GPU
 #           tests, the mask benchmark, the full pipeline against its variants
 #           (masks-hp-loader, masks-colour-fold) with a GPU-time profile, the trainer fed by
 #           the bare and the full pipeline and those variants (ResNet-18, profiled), the LARS
-#           step multi-tensor vs loop (alone and fed), ResNet-50 kept, memory, the GPU vs CPU
-#           twins, ResNet-18 under torch.compile, then the isolated A/B and the table
-#           statistics tests if time is left;
+#           step multi-tensor vs loop (alone and fed), ResNet-50 kept, ResNet-18 under
+#           torch.compile, memory, the GPU vs CPU twins, then the isolated A/B and the
+#           table statistics tests if time is left;
 #   figures: only the headline figures of gpu_summary.json (no tests, no attribution rows,
 #           no sweeps), for a quick re-measurement on another box; MSCN_GPU_BUDGET_S=290
 #           keeps it under 5 minutes whatever the box (not yet timed alone).
@@ -26,19 +26,25 @@
 # tarball of all results so far go to $OUT (so a killed run still hands back its figures).
 # Before/after: set MSCN_OLD_SITE (site-packages of the previous release) and MSCN_OLD_SCRIPTS
 # (its scripts/ folder) to time it in the same run.
-# Budget: MSCN_GPU_BUDGET_S=540 bounds the whole run (a lent GPU's call is cut at 600 s):
-# a step gets at most what is left, a step with under MSCN_GPU_MIN_STEP_S (15) left is
-# skipped (and named in the digest), and MSCN_GPU_RESERVE_S (30) is kept for the summary,
-# which always runs. Steps are in order of what the next decision needs most. 0 = no budget.
+# Budget: MSCN_GPU_BUDGET_S=540 bounds the whole run (a lent GPU's call is cut at 600 s).
+# A step starts only if what is left (less MSCN_GPU_RESERVE_S, 30, kept for the summary,
+# which always runs) is at least MSCN_GPU_STEP_SHARE % (50) of its own limit and at least
+# MSCN_GPU_MIN_STEP_S (15); else it is skipped (a SKIPPED line in the digest) and the next,
+# shorter ones may still fit. A started step gets at most what is left; one killed there
+# is marked CUT, not FAILED. Steps are in order of what the decisions need. 0 = no budget.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
 BUDGET=${MSCN_GPU_BUDGET_S:-0}
 RESERVE=${MSCN_GPU_RESERVE_S:-30}
 MIN_STEP=${MSCN_GPU_MIN_STEP_S:-15}
-for v in "$BUDGET" "$RESERVE" "$MIN_STEP"; do
-  case $v in ''|*[!0-9]*) echo "gpu_check.sh: MSCN_GPU_BUDGET_S, _RESERVE_S and _MIN_STEP_S take whole seconds, got '$v'" >&2; exit 2 ;; esac
+SHARE=${MSCN_GPU_STEP_SHARE:-50}
+for v in "$BUDGET" "$RESERVE" "$MIN_STEP" "$SHARE"; do
+  case $v in ''|*[!0-9]*) echo "gpu_check.sh: MSCN_GPU_BUDGET_S, _RESERVE_S, _MIN_STEP_S and _STEP_SHARE take" \
+                              "whole numbers, got '$v'" >&2; exit 2 ;; esac
 done
+BUDGET=$((10#$BUDGET)) RESERVE=$((10#$RESERVE)) MIN_STEP=$((10#$MIN_STEP)) SHARE=$((10#$SHARE))  # 0540: decimal
+if [ "$MIN_STEP" -lt 1 ]; then echo "gpu_check.sh: MSCN_GPU_MIN_STEP_S must be >= 1 (timeout 0 means no limit)" >&2; exit 2; fi
 PART=${1:-all}
 OUT=${OUT:-/tmp/mscn_gpu_out}
 R=${MSCN_GPU_RESULTS:-/tmp/mscn_gpu_results}
@@ -49,17 +55,25 @@ LOG="$R/gpu_check_part$PART.log"
 status=0
 
 run() {  # run NAME SECONDS CMD...: log everything, bound the time, remember failures, keep going
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$2 cut=0; shift 2
   if [ "$BUDGET" -gt 0 ]; then  # what is left of the budget, less the summary's reserve
     local left=$(( BUDGET - RESERVE - ($(date +%s) - T0) ))
-    if [ "$left" -lt "$MIN_STEP" ]; then
-      echo "SKIPPED $name: ${left} s of the ${BUDGET} s budget left" | tee -a "$LOG"; save; return
+    local need=$(( limit * SHARE / 100 )); [ "$need" -lt "$MIN_STEP" ] && need=$MIN_STEP
+    if [ "$left" -lt "$need" ]; then  # it would most likely be killed half-way and hand back nothing
+      echo "SKIPPED $name: ${left} s of the ${BUDGET} s budget left, it needs ${need}" | tee -a "$LOG"; save; return
     fi
-    if [ "$left" -lt "$limit" ]; then echo "(budget) $name limited to ${left} s, not ${limit}" | tee -a "$LOG"; limit=$left; fi
+    if [ "$left" -lt "$limit" ]; then echo "(budget) $name limited to ${left} s, not ${limit}" | tee -a "$LOG"; limit=$left; cut=1; fi
   fi
   echo "=== $name: $*" | tee -a "$LOG"
-  local t0=$(date +%s)
-  if ! timeout "$limit" "$@" >>"$LOG" 2>&1; then echo "!!! $name FAILED (or ran past ${limit} s)" | tee -a "$LOG"; status=1; fi
+  local t0=$(date +%s) rc=0
+  timeout -k 10 "$limit" "$@" >>"$LOG" 2>&1 || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    if [ "$cut" = 1 ] && { [ "$rc" = 124 ] || [ "$rc" = 137 ]; }; then
+      echo "CUT $name: stopped at the ${limit} s the budget left it" | tee -a "$LOG"
+    else
+      echo "!!! $name FAILED (exit $rc; 124 = ran past ${limit} s)" | tee -a "$LOG"; status=1
+    fi
+  fi
   echo "=== $name done in $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
   save
 }
@@ -133,13 +147,13 @@ part3() {  # this round's A/B and profiles, most needed first, within MSCN_GPU_B
       --arch resnet18 --feeds masks --no-priority-row --json "$R/train_r18_lars_loop.json"
   run train50 120 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 --feeds masks \
       --no-priority-row --json "$R/train_r50.json"
-  run memory 60 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
-      --json "$R/memory.json"
-  run pipeline 90 $PY scripts/gpu_pipeline_check.py --data "$DATA/train" --json "$R/pipeline.json"
   # torch.compile of the ResNet-18 step (train.compile; the compile falls in the warm-up):
   # fewer launches from the trainer's host thread, which DALI's threads compete with
   run train18-compile 150 $PY scripts/bench_pipeline.py train.compile=true --data "$DATA/train" --train \
       --arch resnet18 --feeds masks --no-priority-row --json "$R/train_r18_compile.json"
+  run memory 60 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
+      --json "$R/memory.json"
+  run pipeline 90 $PY scripts/gpu_pipeline_check.py --data "$DATA/train" --json "$R/pipeline.json"
   # if time is left: the close A/B again with one process per pipeline (rounds in
   # alternating order), and the table kernel's statistics tests (a compile per configuration)
   run ab-isolated 150 $PY scripts/bench_pipeline.py --data "$DATA/train" \
@@ -181,6 +195,6 @@ case "$PART" in
   *) echo "usage: $0 [all|1|2|3|figures]" >&2; exit 2 ;;
 esac
 echo "--- summary" | tee -a "$LOG"
-grep -h -E "^(SUMMARY|DECIDE|PROFILE|SKIPPED|\||check |!!!|===)" "$LOG" | tail -n 100
+grep -h -E "^(SUMMARY|DECIDE|PROFILE|SKIPPED|CUT|\||check |!!!|===)" "$LOG" | tail -n 100
 save
 exit $status

@@ -92,20 +92,21 @@ def test_gpu_summary_reads_the_bench_files(results):
     assert any(ln.startswith("SUMMARY share_of_decode =") and "target >= 0.85" in ln for ln in lines)
 
 
-PART3_STEPS = ["tests", "masks", "bench", "train18", "optimizer", "train18-lars-loop", "train50", "memory",
-               "pipeline", "train18-compile", "ab-isolated", "tests-stats"]
+PART3_STEPS = ["tests", "masks", "bench", "train18", "optimizer", "train18-lars-loop", "train50", "train18-compile",
+               "memory", "pipeline", "ab-isolated", "tests-stats"]
 
 
-def _gpu_check(tmp_path, budget: int, sleep: float) -> tuple[subprocess.CompletedProcess, list[str], float]:
-    """gpu_check.sh part 3 with a stand-in python that only logs its arguments and sleeps:
-    the script's own bookkeeping (budget, skips, summary, hand-back to $OUT), no GPU."""
+def _gpu_check(tmp_path, budget: int, sleep: float, share: int = 0) -> tuple[subprocess.CompletedProcess, list[str], float]:
+    """gpu_check.sh part 3 with a stand-in python that only logs its arguments and sleeps
+    (not for the version probe): the script's own bookkeeping (budget, skips, cuts, summary,
+    hand-back to $OUT), no GPU."""
     fake, calls = tmp_path / "python", tmp_path / "calls.txt"
-    fake.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\nsleep {sleep}\n')
+    fake.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\ncase "$*" in "-P -c "*) exit 0 ;; esac\nsleep {sleep}\n')
     fake.chmod(0o755)
     (tmp_path / "data" / "train").mkdir(parents=True)  # as if synthesized: no synth step
     env = {**os.environ, "PYTHON": str(fake), "OUT": str(tmp_path / "out"), "MSCN_GPU_RESULTS": str(tmp_path / "r"),
            "MSCN_BENCH_DATA": str(tmp_path / "data"), "MSCN_GPU_BUDGET_S": str(budget), "MSCN_GPU_RESERVE_S": "0",
-           "MSCN_GPU_MIN_STEP_S": "1"}
+           "MSCN_GPU_MIN_STEP_S": "1", "MSCN_GPU_STEP_SHARE": str(share)}
     t0 = time.monotonic()
     proc = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "3"], capture_output=True, text=True, env=env,
                           timeout=120, cwd=REPO)
@@ -115,6 +116,12 @@ def _gpu_check(tmp_path, budget: int, sleep: float) -> tuple[subprocess.Complete
     assert (tmp_path / "out" / "gpu_check_part3.log").is_file() and (tmp_path / "out" / "results_part3.tar.gz").is_file()
     assert "scripts/gpu_summary.py" in calls.read_text()  # the summary always runs
     return proc, ran, wall
+
+
+def _digest(proc, word: str) -> list[str]:
+    """Step names on the digest's ``WORD name:`` lines (the digest follows "--- summary")."""
+    digest = proc.stdout.split("--- summary\n", 1)[1].splitlines()
+    return [ln.split()[1].rstrip(":") for ln in digest if ln.startswith(word + " ")]
 
 
 def test_gpu_check_without_a_budget_runs_every_step(tmp_path):
@@ -131,10 +138,33 @@ def test_gpu_check_budget_skips_the_last_steps_and_keeps_the_summary(tmp_path):
     assert ran[-1] == "summary"
     done = ran[:-1]
     assert 1 <= len(done) < len(PART3_STEPS) and done == PART3_STEPS[:len(done)]  # a prefix, in order
-    digest = proc.stdout.split("--- summary\n", 1)[1].splitlines()
-    skipped = [ln.split()[1].rstrip(":") for ln in digest if ln.startswith("SKIPPED ")]
-    assert skipped == PART3_STEPS[len(done):]  # the rest, each named in the digest
-    assert wall < 3 + 0.6 + 0.6 + 3  # the version probe and the summary come on top of the budget; slack
+    assert _digest(proc, "SKIPPED") == PART3_STEPS[len(done):]  # the rest, each named in the digest
+    assert wall < 3 + 0.6 + 0.6 + 3  # the summary comes on top of the budget; slack
+
+
+def test_gpu_check_skips_a_step_that_would_not_fit_and_goes_on(tmp_path):
+    """A step starts only with half its own limit left (MSCN_GPU_STEP_SHARE 50): with 50 s the
+    steps limited to over 100 s are skipped, and the shorter ones after them still run."""
+    proc, ran, _ = _gpu_check(tmp_path, budget=50, sleep=0, share=50)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    fits = ["masks", "optimizer", "train18-lars-loop", "memory", "pipeline"]  # limits of 60-90 s
+    assert ran == fits + ["summary"]
+    assert _digest(proc, "SKIPPED") == [s for s in PART3_STEPS if s not in fits]
+
+
+def test_gpu_check_marks_a_step_the_budget_stopped_as_cut(tmp_path):
+    proc, ran, _ = _gpu_check(tmp_path, budget=3, sleep=6)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]  # a cut is not a failure
+    assert ran == ["tests", "summary"] and _digest(proc, "CUT") == ["tests"] and "FAILED" not in proc.stdout
+    assert _digest(proc, "SKIPPED") == PART3_STEPS[1:]
+
+
+def test_gpu_check_refuses_a_bad_budget(tmp_path):
+    for env in ({"MSCN_GPU_BUDGET_S": "9m"}, {"MSCN_GPU_MIN_STEP_S": "0"}):
+        proc = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "3"], capture_output=True, text=True,
+                              env={**os.environ, **env, "OUT": str(tmp_path / "o"),
+                                   "MSCN_GPU_RESULTS": str(tmp_path / "r")}, timeout=30, cwd=REPO)
+        assert proc.returncode == 2 and "gpu_check.sh:" in proc.stderr and not (tmp_path / "r").exists()
 
 
 def test_gpu_summary_decides_on_torch_compile_by_the_fed_rate(results, tmp_path):

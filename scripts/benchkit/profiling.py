@@ -25,7 +25,7 @@ import torch
 # The Triton kernels of mscn.cuda_kernels, by their function names (tests/test_bench.py
 # checks that these still exist, so a rename cannot silently move them to "torch").
 MSCN_KERNELS = ("_mask_kernel", "_table_kernel", "_fused_kernel")
-OWNERS = ("dali", "decode", "mscn", "torch", "copy")
+OWNERS = ("dali", "decode", "mscn", "other", "copy")
 DEVICE_ACTIVITIES = ("kernel", "gpu_memcpy", "gpu_memset")  # kineto's names for them
 
 
@@ -40,20 +40,23 @@ def owner(name: str) -> str:
         return "dali"
     if short_name(name) in MSCN_KERNELS:
         return "mscn"
-    return "torch"  # torch, cuDNN, cuBLAS, CUTLASS: the trainer and the loader's GEMMs
+    # torch, cuDNN, cuBLAS, CUTLASS (the trainer, the loader's GEMMs), and any library the
+    # names above miss (NPP or cub kernels of DALI's would land here: the streams tell)
+    return "other"
 
 
 def short_name(name: str, width: int = 90) -> str:
     """A kernel's name without its template arguments, parameter list and return type:
     ``void dali::kernels::Foo<float, 3>(Args)`` -> ``dali::kernels::Foo``."""
-    out, depth = [], 0
+    out, depth, prev = [], 0, ""
     for ch in name.replace("(anonymous namespace)", "anon"):
         if ch in "<(":
             depth += 1
-        elif ch in ">)" and depth:
+        elif ch in ">)" and depth and not (ch == ">" and prev == "-"):  # "->" closes nothing
             depth -= 1
         elif depth == 0:
             out.append(ch)
+        prev = ch
     text = re.sub(r"\s+", " ", "".join(out)).strip()
     text = re.sub(r"^(void|auto) ", "", text)
     return text[:width] if text else name[:width]
@@ -74,27 +77,33 @@ def _busy_ns(intervals: list[tuple[int, int]]) -> int:
     return total
 
 
-def summarize_device(events: Iterable[tuple[str, int, int]], steps: int, step_ms: float | None = None,
+def summarize_device(events: Iterable[tuple], steps: int, step_ms: float | None = None,
                      top: int = 12) -> dict:
-    """Per-step device figures from ``(name, start_ns, duration_ns)`` events (kernels,
-    copies, sets) recorded over ``steps`` steps.
+    """Per-step device figures from ``(name, start_ns, duration_ns[, stream])`` events
+    (kernels, copies, sets) recorded over ``steps`` steps.
 
     ``busy_ms``: the union of the events' intervals, i.e. time with the GPU doing something;
     ``kernel_ms``: their sum (larger than busy when streams overlap). ``step_ms`` (the
     unprofiled step time, from the timed windows) turns busy into ``busy_share``: near 1
     means the GPU is the limit, well below 1 that the host is (launching, waiting on
-    DALI's CPU stage). ``top``: the events with the most device time, by short name.
+    DALI's CPU stage). ``top``: the events with the most device time, by short name;
+    ``streams``: device time per CUDA stream with its owners (DALI runs on its own streams,
+    the trainer on torch's), when the events carry their stream.
     """
     per = defaultdict(lambda: [0, 0])  # short name -> [calls, ns]
     owners = dict.fromkeys(OWNERS, 0)
+    streams: dict = defaultdict(lambda: defaultdict(int))
     intervals, launches = [], 0
-    for name, start, dur in events:
-        key = short_name(name)
+    for ev in events:
+        name, start, dur = ev[:3]
+        key, who = short_name(name), owner(name)
         per[key][0] += 1
         per[key][1] += dur
-        owners[owner(name)] += dur
+        owners[who] += dur
+        if len(ev) > 3 and ev[3] is not None:
+            streams[ev[3]][who] += dur
         intervals.append((start, start + dur))
-        launches += not name.lower().startswith(("memcpy", "memset"))
+        launches += who != "copy"
     ms = 1e-6 / steps
     busy = _busy_ns(intervals) * ms
     rows = sorted(per.items(), key=lambda kv: -kv[1][1])
@@ -103,6 +112,10 @@ def summarize_device(events: Iterable[tuple[str, int, int]], steps: int, step_ms
            "by_owner_ms": {k: round(v * ms, 3) for k, v in owners.items()},
            "top": [{"name": k, "owner": owner(k), "calls": round(c / steps, 1), "ms": round(ns * ms, 3)}
                    for k, (c, ns) in rows[:top]]}
+    if streams:
+        out["streams"] = sorted(({"stream": sid, "ms": round(sum(w.values()) * ms, 3),
+                                  "by_owner_ms": {k: round(v * ms, 3) for k, v in w.items() if v}}
+                                 for sid, w in streams.items()), key=lambda r: -r["ms"])
     if step_ms:
         out["step_ms"] = round(step_ms, 3)
         out["busy_share"] = round(busy / step_ms, 3)
@@ -124,19 +137,50 @@ def summarize_host(prof, steps: int, step_ms: float | None = None, top: int = 12
     return out
 
 
-def device_events(prof) -> list[tuple[str, int, int]]:
-    """(name, start_ns, duration_ns) of every device event (kernels, memcpy, memset) in ``prof``."""
+def is_device_work(e) -> bool:
+    """A kineto event that occupies the device: a kernel, a copy or a set.
+
+    torch >= 2.12 names the kind (``activity_type()``); torch 2.11, on the GPU box, does not,
+    so there: any device-side event that is not a ``record_function`` span mirrored onto
+    the GPU ("gpu_user_annotation": it covers whole steps and would count as busy time) and
+    not a synchronization record."""
+    if hasattr(e, "activity_type"):
+        return e.activity_type() in DEVICE_ACTIVITIES
     from torch.autograd import DeviceType
 
-    out = []
-    for e in prof.profiler.kineto_results.events():
-        # the device's record_function spans ("gpu_user_annotation") cover whole steps and
-        # would count as busy time; keep only what occupies the device
-        kind = e.activity_type() if hasattr(e, "activity_type") else None
-        if kind in DEVICE_ACTIVITIES or (kind is None and e.device_type() != DeviceType.CPU
-                                         and not e.name().startswith("bench_step_")):
-            out.append((e.name(), e.start_ns(), e.duration_ns()))
-    return out
+    if e.device_type() == DeviceType.CPU or e.is_user_annotation():
+        return False
+    name = e.name()
+    return not (name.endswith(" Sync") or name == "Stream Wait Event" or "overhead" in name.lower())
+
+
+def device_events(kineto_events) -> tuple[list[tuple], int]:
+    """(name, start_ns, duration_ns, stream) of the device work among ``kineto_events`` that
+    lies within the profiled steps (from the first ``bench_step_`` span to the last host
+    event, the final synchronize), and how many device events fell outside: kernels DALI ran
+    before the window, or records with a broken timestamp."""
+    events = list(kineto_events)
+    host = [e for e in events if _is_host(e)]
+    steps = [e.start_ns() for e in host if e.name().startswith("bench_step_")]
+    lo = min(steps) if steps else min((e.start_ns() for e in host), default=0)
+    hi = max((e.end_ns() for e in host), default=0)
+    out, dropped = [], 0
+    for e in events:
+        if not is_device_work(e):
+            continue
+        start, dur = e.start_ns(), e.duration_ns()
+        if start < lo or start + dur > hi or dur < 0:
+            dropped += 1
+            continue
+        stream = e.device_resource_id() if hasattr(e, "device_resource_id") else None
+        out.append((e.name(), start, dur, stream))
+    return out, dropped
+
+
+def _is_host(e) -> bool:
+    from torch.autograd import DeviceType
+
+    return e.device_type() == DeviceType.CPU
 
 
 def profile_steps(step: Callable[[], int], steps: int, sync: Callable[[], None], device: torch.device,
@@ -163,18 +207,31 @@ def profile_steps(step: Callable[[], int], steps: int, sync: Callable[[], None],
     wall_ms = 1e3 * wall / steps
     # device time is the work's own (the profiler slows the host, not the kernels), so it is
     # read against the unprofiled step; host op time is slowed too, so against the profiled one
-    summary = (summarize_device(device_events(prof), steps, step_ms) if cuda
-               else summarize_host(prof, steps, wall_ms))
+    if cuda:
+        events, dropped = device_events(prof.profiler.kineto_results.events())
+        if not events:  # 0 % busy would read as "host-bound": say that nothing was recorded
+            summary = {"error": f"no device events recorded ({dropped} outside the profiled steps): "
+                                "CUPTI unavailable, or another profiler attached"}
+        else:
+            summary = summarize_device(events, steps, step_ms)
+            summary["events_outside_window"] = dropped
+    else:
+        summary = summarize_host(prof, steps, wall_ms)
     summary["wall_ms"] = round(wall_ms, 3)
-    if trace is not None:
-        trace.parent.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(trace))
-        summary["trace"] = str(trace)
+    if trace is not None:  # the summary is kept if the export fails
+        try:
+            trace.parent.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(trace))
+            summary["trace"] = str(trace)
+        except OSError as e:
+            summary["trace_error"] = f"{type(e).__name__}: {e}"
     return summary
 
 
 def format_summary(label: str, s: dict) -> list[str]:
     """The summary as log lines (``PROFILE`` first, which gpu_check.sh's digest keeps)."""
+    if "error" in s:
+        return [f"PROFILE {label}: failed ({s['error']})"]
     if "busy_ms" in s:
         owners = ", ".join(f"{k} {v:.2f}" for k, v in s["by_owner_ms"].items() if v)
         share = f" = {100 * s['busy_share']:.0f} % of a {s['step_ms']:.1f} ms step" if "busy_share" in s else ""
@@ -188,4 +245,7 @@ def format_summary(label: str, s: dict) -> list[str]:
     for r in s["top"]:
         lines.append(f"  {r['ms']:7.3f}  {r['calls']:10.1f}  " + (f"{r['owner']:<7} " if "owner" in r else "")
                      + r["name"])
+    for st in s.get("streams", []):
+        owners = ", ".join(f"{k} {v:.2f}" for k, v in st["by_owner_ms"].items())
+        lines.append(f"  stream {st['stream']}: {st['ms']:.2f} ms per step ({owners})")
     return lines
