@@ -158,9 +158,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = resolve_config_path(path)
         src = str(p)
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{src}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{src}: not a UTF-8 text file (byte {e.start}); is it the YAML recipe?") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{src}: expected a mapping at the top level")
         # a YAML view list replaces the default list wholesale (views are not merged by index)

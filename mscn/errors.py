@@ -8,9 +8,15 @@ reports.
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Callable
+
+# Errors of the machine, not of the code: a path that cannot be written or read, a full
+# disk. They get one line naming the path, like an MscnError (MSCN_DEBUG shows the traceback).
+ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EEXIST,
+                                errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ENOENT})
 
 
 class MscnError(Exception):
@@ -31,7 +37,8 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
     0 (or ``main``'s own status) on success; 2 after printing an MscnError as one line
     ``{prog}: error: {message}`` on stderr; an MscnError with a ``status`` attribute (a run
     stopped by a signal, after its checkpoint) prints ``{prog}: {message}`` and returns
-    that status; 130 after Ctrl-C. Under ``MSCN_DEBUG`` the
+    that status; an OSError of the machine (:data:`ENVIRONMENT_ERRNOS`: a path that cannot
+    be written, a full disk) is one line naming the path, status 2; 130 after Ctrl-C. Under ``MSCN_DEBUG`` the
     MscnError propagates with its traceback. Other exceptions are bugs and always keep
     their traceback. Use it as ``sys.exit(run_cli(lambda: body(argv), "mscn"))``.
     """
@@ -43,7 +50,21 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
             raise
         print(f"{prog}: {'error: ' if status is None else ''}{e}", file=sys.stderr, flush=True)
         return 2 if status is None else status
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS or os.environ.get("MSCN_DEBUG"):
+            raise
+        print(f"{prog}: error: {os_error_line(e)}", file=sys.stderr, flush=True)
+        return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         return 130
     return int(status or 0)
+
+
+def os_error_line(e: OSError) -> str:
+    """``cannot use PATH: Read-only file system`` (both paths of a rename or link)."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    what = e.strerror or str(e)
+    hint = {errno.ENOSPC: "; free some space (or point the output elsewhere) and run again: what was written "
+                          "before is kept", errno.EDQUOT: "; the disk quota is exhausted"}.get(e.errno, "")
+    return (f"cannot use {where}: {what}" if where else what) + hint

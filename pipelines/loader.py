@@ -346,7 +346,9 @@ def build_eval_loader(cfg, root: str, rank: int = 0, world_size: int = 1, local_
     if file_list:
         source = resolve_source(file_list, "filelist", file_root=root, classes=classes)
     else:
-        source = resolve_source(root, cfg.data.format if root == cfg.data.root else "auto", classes=classes)
+        source = resolve_source(root, cfg.data.format if root == cfg.data.root else "auto", classes=classes,
+                                what="data.root" if root == cfg.data.root else
+                                "data.val_root" if root == cfg.data.val_root else "the evaluation root")
     batch = batch_size or max(1, cfg.eval.linear_batch // world_size)
     shard = Shard(rank, world_size, batch, rank_seed(cfg.train.seed, rank))
     p = plan(cfg, device, local_rank)

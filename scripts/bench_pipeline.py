@@ -116,6 +116,18 @@ def _overridden(args: argparse.Namespace, key: str) -> bool:
     return any(o.split("=", 1)[0].strip() == key for o in args.overrides)
 
 
+def _writable(path: Path) -> bool:
+    """Whether ``path`` can be created: not a folder, and its nearest existing ancestor folder
+    is writable (the parents are made when the file is written)."""
+    path = path.resolve()
+    if path.is_dir():
+        return False
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    return folder.is_dir() and os.access(folder, os.W_OK)
+
+
 def fill_defaults(args: argparse.Namespace, device: torch.device) -> None:
     """Per-device defaults for the flags left out; a ``key=value`` override beats a default."""
     for key, value in DEFAULTS["cuda" if device.type == "cuda" else "cpu"].items():
@@ -143,6 +155,15 @@ def fill_defaults(args: argparse.Namespace, device: torch.device) -> None:
     args.feeds = [f for f in FEEDS if f in feeds]
     if args.profile and Path(args.profile).exists() and not Path(args.profile).is_dir():
         raise MscnError(f"--profile {args.profile}: a file is there; --profile takes a folder for the traces")
+    if args.profile:  # before minutes of timing, not after
+        try:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MscnError(f"--profile {args.profile}: cannot create the folder ({e.strerror})") from None
+    for flag in ("json", "plot"):  # the figures are written last: a bad path must fail first
+        target = getattr(args, flag)
+        if target and not _writable(Path(target)):
+            raise MscnError(f"--{flag} {target}: cannot be written there")
     if args.profile_steps < 1:
         raise MscnError(f"--profile-steps must be >= 1, got {args.profile_steps}")
     if args.sweep:
@@ -185,7 +206,7 @@ def resolve_data(args: argparse.Namespace, info) -> tuple[str, dict]:
             synthesize(SYNTH_DIR, **SYNTH, progress=False)
         barrier()
         root, synthesized = synthesize(SYNTH_DIR, **SYNTH, progress=False)["train"], True
-    source = resolve_source(root, "auto")
+    source = resolve_source(root, "auto", what="--data")
     files = [Path(source.root) / f for f in source.files[:2000]]
     kb = sorted(f.stat().st_size / 1024 for f in files) if files else []
     return root, {"path": str(root), "format": source.kind, "num_images": source.num_samples,

@@ -153,6 +153,15 @@ def test_report_only_rewrites_the_report_of_an_older_json(tmp_path):
     (tmp_path / "ablation.json").write_text("[1, 2]")
     with pytest.raises(MscnError, match="is not an ablation.json"):
         main(["--out", str(tmp_path), "--report-only"])
+    for damage, match in ((lambda d: d["arms"][1].update(linear_top1=["40", 41.0]), r"arm 'a' linear_top1 must be"),
+                          (lambda d: d.update(schema=99), "schema 99"),
+                          (lambda d: d.update(baseline="gone"), "baseline arm 'gone'"),
+                          (lambda d: d["random_init"][0].pop("knn_top1"), "random_init entries")):
+        bad = json.loads(json.dumps(doc))
+        damage(bad)
+        (tmp_path / "ablation.json").write_text(json.dumps(bad))
+        with pytest.raises(MscnError, match=match):
+            main(["--out", str(tmp_path), "--report-only"])
 
 
 TOY = ["data.synthetic_classes=2", "data.synthetic_per_class=8", "data.synthetic_val_per_class=4",

@@ -361,3 +361,18 @@ def test_every_stage_and_feed_has_a_report_label():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert set(bench.STAGES) | set(bench.FEEDS) | {"masks-priority"} <= set(LABELS)
+
+
+def test_output_paths_are_checked_before_the_timing(tmp_path):
+    """--json, --plot and --profile are written after minutes of timing: a path that cannot be
+    written fails at once."""
+    import torch
+
+    script = _load_script()
+    (tmp_path / "afile").write_text("x")
+    for flags, match in ((["--json", str(tmp_path)], "--json"), (["--plot", str(tmp_path)], "--plot"),
+                         (["--profile", str(tmp_path / "afile" / "prof")], "--profile")):
+        with pytest.raises(MscnError, match=match):
+            script.fill_defaults(script.parse_args(flags), torch.device("cpu"))
+    ok = script.parse_args(["--json", str(tmp_path / "new" / "deeper" / "b.json")])
+    script.fill_defaults(ok, torch.device("cpu"))  # missing parents are made when it is written

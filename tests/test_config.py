@@ -83,3 +83,10 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_config(tmp_path / "config.yaml")
     assert to_dict(again) == to_dict(c)
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["views"][2]["mask"]["p_ind"] == 0.5
+
+
+def test_a_config_file_that_is_not_text_is_one_error(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_bytes(b"model:\n  arch: resnet18\n\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not a UTF-8 text file"):
+        load_config(p)

@@ -148,6 +148,8 @@ def messy_root(tmp_path):
     files = {
         "ant/good0.jpg": good, "ant/good1.JPEG": _jpeg(seed=3),
         "ant/corrupt.jpg": bytes(broken), "ant/truncated.jpg": good[: len(good) // 2],
+        # a partial download: the second half zeros (PIL decodes it, gray, without an error)
+        "ant/zerofilled.jpg": good[: len(good) // 2] + bytes(len(good) - len(good) // 2),
         "ant/zero.jpg": b"", "ant/notes.jpg": b"this is text, not a JPEG\n",
         "bee/cmyk.jpg": _jpeg("CMYK", seed=4), "bee/gray.jpg": _jpeg("L", seed=5),
         "bee/sub/image.png": _jpeg(seed=6, fmt="PNG"), "bee/tiny.jpg": _jpeg(size=(16, 40), seed=7),
@@ -168,11 +170,12 @@ def test_scan_reports_every_bad_kind_and_lists_only_usable_images(messy_root, tm
     reasons = {(i["path"], i["reason"]) for i in report["issues"]}
     assert reasons == {
         ("ant/corrupt.jpg", "corrupt"), ("ant/truncated.jpg", "truncated"), ("ant/zero.jpg", "zero_byte"),
+        ("ant/zerofilled.jpg", "truncated"),
         ("ant/notes.jpg", "non_image"), ("bee/cmyk.jpg", "cmyk"), ("bee/gray.jpg", "grayscale"),
         ("bee/sub/image.png", "non_jpeg"), ("bee/tiny.jpg", "tiny"), ("bee/readme.txt", "ignored"),
     }
     assert report["counts"]["ok"] == 2 and report["classes"] == ["ant", "bee"]
-    assert report["num_files"] == 11 and report["num_kept"] == 5 and report["num_excluded"] == 6
+    assert report["num_files"] == 12 and report["num_kept"] == 5 and report["num_excluded"] == 7
     assert report["formats"]["PNG"] == 1
     assert json.loads(rep.read_text()) == report
     assert out.read_text().splitlines() == [
@@ -182,6 +185,18 @@ def test_scan_reports_every_bad_kind_and_lists_only_usable_images(messy_root, tm
                                                  for line in out.read_text().splitlines()]
     with pytest.raises(DataError, match="inside the dataset"):
         scan(messy_root, out=messy_root / "list.txt", progress=False, workers=1)
+
+
+def test_scan_of_a_folder_without_one_usable_image_writes_the_report_it_names(tmp_path):
+    root = tmp_path / "bad"
+    (root / "c").mkdir(parents=True)
+    (root / "c" / "a.jpg").write_bytes(b"")
+    (root / "c" / "b.jpg").write_bytes(b"not a jpeg")
+    rep = tmp_path / "report.json"
+    with pytest.raises(DataError, match=f"none of its 2 files is a usable image; see the scan report {rep}"):
+        scan(root, out=tmp_path / "list.txt", report=rep, progress=False, workers=1)
+    assert {i["reason"] for i in json.loads(rep.read_text())["issues"]} == {"zero_byte", "non_image"}
+    assert not (tmp_path / "list.txt").exists()
 
 
 def test_read_file_list_errors_name_the_list_line_and_file(tmp_path, messy_root):

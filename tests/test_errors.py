@@ -47,3 +47,49 @@ def test_entry_points_share_the_handler(entry, argv, prog, capsys, monkeypatch):
     monkeypatch.setenv("MSCN_DEBUG", "1")  # pretrain.main raises no SystemExit of its own
     with pytest.raises(ConfigError):
         entry(argv)
+
+
+def test_a_path_the_machine_refuses_is_one_line(capsys, monkeypatch, tmp_path):
+    """An unwritable --out, a read-only disk, a full disk: the machine's error, named, in one
+    line (status 2); other OSErrors are bugs or surprises and keep their traceback."""
+    import errno
+
+    monkeypatch.delenv("MSCN_DEBUG", raising=False)
+    assert run_cli(_raise(PermissionError(errno.EACCES, "Permission denied", "/ro/out")), "tool") == 2
+    assert capsys.readouterr().err == "tool: error: cannot use /ro/out: Permission denied\n"
+    assert run_cli(_raise(OSError(errno.ENOSPC, "No space left on device", "/d/x.pt")), "tool") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tool: error: cannot use /d/x.pt: No space left on device; free some space") and \
+        err.count("\n") == 1
+    with pytest.raises(ConnectionResetError):  # not the machine's paths: a traceback
+        run_cli(_raise(ConnectionResetError(errno.ECONNRESET, "reset")), "tool")
+    monkeypatch.setenv("MSCN_DEBUG", "1")
+    with pytest.raises(PermissionError):
+        run_cli(_raise(PermissionError(errno.EACCES, "Permission denied", "/ro/out")), "tool")
+
+
+def test_data_tool_writing_under_a_file_is_one_line(capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv("MSCN_DEBUG", raising=False)
+    (tmp_path / "afile").write_text("x")
+    assert mscn_main(["data", "synth", str(tmp_path / "afile" / "synth"), "--classes", "2", "--per-class", "2"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "afile" in err[0] and "Not a directory" in err[0]
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_error_and_keeps_the_old_ones(tmp_path, monkeypatch):
+    """torch's writer on a full disk raises a RuntimeError ("PytorchStreamWriter failed writing");
+    the save names the file and the free space, and leaves no temporary file behind."""
+    import torch
+
+    from mscn.errors import MscnError
+    from mscn.train import checkpoint as ckpt
+
+    old = ckpt.save_checkpoint({"step": 1, "w": torch.zeros(3)}, tmp_path, keep_last=2)
+
+    def full_disk(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    with pytest.raises(MscnError, match=r"cannot write .*ckpt_00000002.pt: .*GiB free there.*untouched"):
+        ckpt.save_checkpoint({"step": 2, "w": torch.zeros(3)}, tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [old.name]

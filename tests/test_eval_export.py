@@ -73,3 +73,23 @@ def test_name_mapping_examples():
     assert detectron2_name("layer4.2.bn3.running_mean") == "res5.2.conv3.norm.running_mean"
     assert detectron2_name("layer1.0.downsample.0.weight") == "res2.0.shortcut.weight"
     assert detectron2_name("layer3.0.downsample.1.running_var") == "res4.0.shortcut.norm.running_var"
+
+
+def test_export_applies_the_overrides_and_keeps_to_its_folder(tmp_path, capsys, monkeypatch):
+    """``mscn eval export`` builds the backbone the overrides describe (a random-init export
+    of the recipe's arch with model.arch=resnet50 is a ResNet-50); a typo in them is an error,
+    and --name cannot point outside --out."""
+    from mscn.cli import main as mscn_main
+
+    monkeypatch.delenv("MSCN_DEBUG", raising=False)
+    out = tmp_path / "ex"
+    assert mscn_main(["eval", "export", "--ckpt", "random", "--config", "demo", "--out", str(out),
+                      "model.arch=resnet50"]) == 0
+    assert "exported resnet50" in capsys.readouterr().out
+    assert torch.load(out / "backbone.pth")["layer4.2.conv3.weight"].shape[0] == 2048  # a bottleneck ResNet-50
+    assert mscn_main(["eval", "export", "--ckpt", "random", "--config", "demo", "--out", str(out),
+                      "model.archh=resnet50"]) == 2
+    assert "model.archh" in capsys.readouterr().err
+    assert mscn_main(["eval", "export", "--ckpt", "random", "--config", "demo", "--out", str(out),
+                      "--name", "../escape"]) == 2
+    assert "--name" in capsys.readouterr().err and not (tmp_path / "escape.pth").exists()

@@ -33,3 +33,5 @@ def test_figures_need_an_image(tmp_path):
     (tmp_path / "empty" / "c0").mkdir(parents=True)
     with pytest.raises(MscnError, match="no image"):
         _run(["eval", "figures", "--train-root", str(tmp_path / "empty"), "--out", str(tmp_path)])
+    with pytest.raises(MscnError, match=r"nope.jpg: no such file or folder"):
+        _run(["eval", "figures", "--image", str(tmp_path / "nope.jpg"), "--out", str(tmp_path)])

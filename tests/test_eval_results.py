@@ -58,6 +58,9 @@ def test_bad_report_inputs(tmp_path):
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(MscnError, match="not an mscn result"):
         load_results([str(tmp_path / "x.json")])
+    (tmp_path / "x.json").write_text('{"protocol": "linear", "name": "A", "top1": "abc"}')
+    with pytest.raises(MscnError, match="top1 must be a number, got 'abc'"):
+        load_results([str(tmp_path / "x.json")])
     with pytest.raises(MscnError, match="--baseline"):
         markdown_table([_result("A", "linear", 1.0)], baseline="B")
 

@@ -188,6 +188,15 @@ def test_knn_monitor_without_val_root_is_switched_off_with_a_notice(dataset, tmp
     assert not [r for r in read_metrics(out) if "knn_top1" in r]
 
 
+def test_a_missing_val_root_stops_the_run_before_it_starts(dataset, tmp_path, capsys):
+    """The monitor reads data.val_root only after an epoch: a typo there must stop the run
+    at once, naming data.val_root (not data.root), before the run folder is written."""
+    out = tmp_path / "r"
+    status = main(overrides(dataset, out, "train.knn_every_epochs=1", f"data.val_root={tmp_path / 'nope'}"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and err[0].endswith("nope: no such file or directory (data.val_root)")
+    assert not out.exists()
+
 
 def test_compiled_model_has_the_eager_gradients_and_its_checkpoint_resumes_eager(dataset, base_run, tmp_path):
     """``train.compile=true`` wraps the model in torch.compile (after DDP, pretrain.build_model).

@@ -137,6 +137,16 @@ def test_a_different_run_in_the_same_directory_is_refused(dataset, uninterrupted
     assert again["step"] == STEPS and (ref / "config.yaml").read_text() == saved
 
 
+def test_a_start_that_failed_before_its_first_step_does_not_hold_the_folder(dataset, tmp_path, capsys):
+    """A typo in data.root fails after the run folder got its config.yaml; the corrected
+    command in the same folder must start, not be refused as "another run"."""
+    out = tmp_path / "run"
+    assert main(["--resume", "auto", *args(dataset, out, f"data.root={dataset}-typo")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err and (out / "config.yaml").is_file()
+    summary = run_pretrain(load_config(None, args(dataset, out, "train.max_steps=1")), resume="auto")
+    assert summary["step"] == 1 and f"root: {dataset}\n" in (out / "config.yaml").read_text()
+
+
 def test_a_run_from_before_data_crop_continues_exactly_under_its_crop(dataset, uninterrupted, tmp_path, capsys):
     """A run saved before data.crop existed (window crop; no key in config.yaml or in the
     loader state) is refused under the new default with the value to pass, and given

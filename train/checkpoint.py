@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,12 @@ def atomic_save(state: dict, path: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
+    except RuntimeError as e:  # torch's writer on a full disk: "PytorchStreamWriter failed writing ..."
+        if "write" not in str(e).lower():
+            raise
+        free = shutil.disk_usage(path.parent).free / 2**30
+        raise MscnError(f"cannot write {path}: {str(e).splitlines()[0][:200]} ({free:.2f} GiB free there); "
+                        "the checkpoints written before are untouched: free some space and resume") from None
     finally:
         tmp.unlink(missing_ok=True)
     dir_fd = os.open(path.parent, os.O_RDONLY)

@@ -34,6 +34,15 @@ def monitor_off_reason(cfg: Config) -> str | None:
     return None
 
 
+def check_val_root(cfg: Config) -> None:
+    """Before the run starts (and before its folder is claimed): a ``data.val_root`` the
+    monitor will read must exist, or the run would train an epoch and only then stop on it."""
+    if cfg.train.knn_every_epochs and cfg.data.val_root and monitor_off_reason(cfg) is None:
+        from mscn.data.source import resolve_source
+
+        resolve_source(cfg.data.val_root, "auto", what="data.val_root")
+
+
 def monitor_runs_after(cfg: Config, done: int, steps_per_epoch: int) -> bool:
     """Whether the kNN monitor runs after optimizer step ``done``: at the end of every
     ``train.knn_every_epochs``-th epoch (never when that is 0)."""

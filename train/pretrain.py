@@ -47,7 +47,7 @@ from mscn.train.lars import build_optimizer
 from mscn.train import resume as rs
 from mscn.train.meter import NonFiniteGuard, StepMeter  # noqa: F401  (NonFiniteGuard: importable here as before)
 from mscn.train.methods import SiameseMethod, build_method
-from mscn.train.monitor import monitor_off_reason, monitor_runs_after, online_knn
+from mscn.train.monitor import check_val_root, monitor_off_reason, monitor_runs_after, online_knn
 from mscn.train.preempt import StopFlag, Stopped
 from mscn.train.rundir import check_run_dir, claim_run_dir, default_out_dir
 from mscn.train.runlog import RunLog, require_tensorboard
@@ -148,6 +148,7 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
     if cfg.train.tensorboard:
         require_tensorboard()  # every rank, before anything is written
     cfg = with_synthetic_data(cfg, rt.dist)
+    check_val_root(cfg)  # every rank, before the run folder is claimed
     say = (lambda msg: print(f"[mscn] {msg}", flush=True)) if rt.is_main else (lambda msg: None)
     cfg = _claim(cfg, resume, rt, recipe, say)
     monitor_note = monitor_off_reason(cfg)

@@ -84,11 +84,23 @@ def default_out_dir(recipe: str | None, root: str = "runs") -> Path:
             path = base.with_name(f"{base.name}-{n}")
 
 
+def run_started(out: str | Path) -> bool:
+    """Whether a run in ``out`` got as far as a logged step or a checkpoint. A folder with
+    only ``config.yaml`` is a start that failed before its first step (a typo in
+    ``data.root``, a batch larger than the dataset): it holds nothing to lose or continue."""
+    out = Path(out)
+    metrics = out / "metrics.jsonl"
+    ckpts = out / "checkpoints"
+    return ((metrics.is_file() and metrics.stat().st_size > 0) or (out / "final.pt").exists()
+            or (ckpts.is_dir() and any(ckpts.iterdir())))
+
+
 def check_run_dir(cfg: Config, resume: str | None) -> None:
     """Before anything is written: refuse to continue another run's directory (every rank;
-    read-only, so all ranks raise the same error)."""
+    read-only, so all ranks raise the same error). A directory whose run never reached a
+    step (:func:`run_started`) belongs to nobody: the new run takes it over."""
     saved = Path(cfg.train.out_dir) / "config.yaml"
-    if resume in (None, "", "none", "never") or not saved.is_file():
+    if resume in (None, "", "none", "never") or not saved.is_file() or not run_started(cfg.train.out_dir):
         return
     try:
         tree = yaml.safe_load(saved.read_text()) or {}
@@ -114,6 +126,6 @@ def claim_run_dir(cfg: Config, fresh: bool) -> Path | None:
         for name in RUN_FILES:
             if (out / name).exists():
                 shutil.move(str(out / name), str(moved / name))
-    if not (out / "config.yaml").is_file():
+    if not (out / "config.yaml").is_file() or not run_started(out):
         save_config(cfg, out / "config.yaml")  # written once: a resume never rewrites it
     return moved

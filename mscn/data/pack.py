@@ -94,7 +94,7 @@ def pack(root, out, shard_size: int = 1000, shuffle_seed: int | None = 0, file_r
     """
     if shard_size < 1:
         raise DataError(f"--shard-size {shard_size}: must be >= 1")
-    source = resolve_source(str(root), "auto", file_root=file_root)
+    source = resolve_source(str(root), "auto", file_root=file_root, what="the dataset to pack")
     if source.kind == "wds":
         raise DataError(f"{root}: already a folder of .tar shards; pack an ImageFolder root or a file list")
     out = Path(out)

@@ -35,6 +35,18 @@ def _is_gray_palette(img: Image.Image) -> bool:
     return all(pal[i] == pal[i + 1] == pal[i + 2] for i in range(0, len(pal) - 2, 3))
 
 
+def _jpeg_ends(f) -> bool:
+    """Whether the JPEG's last scan is followed by an end-of-image marker (FFD9). Inside the
+    entropy-coded data a 0xFF byte is always followed by 0x00 or a restart marker, so FFD9
+    after the last start-of-scan (FFDA) is the image's end; data after it (camera trailers,
+    a second MPF image with its own scan and end) is fine. PIL, libjpeg and nvJPEG decode a
+    file cut inside its scan with at most a warning."""
+    f.seek(0)
+    data = f.read()
+    sos = data.rfind(b"\xff\xda")
+    return sos >= 0 and data.find(b"\xff\xd9", sos) >= 0
+
+
 def check_image(path: str, min_size: int) -> tuple[list[tuple[str, str]], str | None]:
     """``([(reason, detail), ...], format)`` for one file; no issues -> ``[]``."""
     if not is_image_name(path):
@@ -58,6 +70,10 @@ def check_image(path: str, min_size: int) -> tuple[list[tuple[str, str]], str | 
             return [(reason, str(e))], None
         fmt, mode, (w, h) = img.format, img.mode, img.size
         gray = mode in _GRAY_MODES or (mode in ("P", "PA") and _is_gray_palette(img))
+        if fmt == "JPEG" and not _jpeg_ends(f):
+            return [("truncated", "no end-of-image marker after the image data: an incomplete file (a "
+                                  "download cut short, or its end overwritten with zeros); decoders fill the "
+                                  "missing part with gray without an error")], fmt
     if min(w, h) < min_size:
         issues.append(("tiny", f"{w}x{h}, short side < {min_size} (--min-size)"))
     elif min(w, h) < SMALL_SIDE:
@@ -152,12 +168,13 @@ def scan(root, out=None, report=None, min_size: int = 0, workers: int | None = N
         "min_size": min_size, "counts": {k: counts.get(k, 0) for k in ("ok",) + EXCLUDED + KEPT},
         "formats": dict(formats), "issues": issues,
     }
+    if report:  # also when nothing is usable: the report says why, file by file
+        _write_atomic(Path(report), json.dumps(summary, indent=1) + "\n", root)
     if not clean:
-        raise DataError(f"{root}: none of its {len(results)} files is a usable image; see the scan report")
+        raise DataError(f"{root}: none of its {len(results)} files is a usable image"
+                        + (f"; see the scan report {report}" if report else ""))
     if out:
         write_file_list(out, clean, root)
-    if report:
-        _write_atomic(Path(report), json.dumps(summary, indent=1) + "\n", root)
     return summary
 
 

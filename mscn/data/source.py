@@ -92,17 +92,18 @@ def list_root(list_path: Path, file_root: str | None) -> Path:
 
 
 def resolve_source(path: str, fmt: str = "auto", file_root: str | None = None,
-                   classes: tuple[str, ...] | list[str] | None = None) -> Source:
+                   classes: tuple[str, ...] | list[str] | None = None, what: str = "data.root") -> Source:
     """Resolve ``data.root`` (or ``data.val_root``) into a Source; DataError on any problem.
 
     ``classes``: the label set to map class names into (an evaluation root gets the
-    train root's classes); None keeps this dataset's own."""
+    train root's classes); None keeps this dataset's own. ``what``: the setting or flag the
+    path came from, named in the error (``data.val_root``, ``--data``...)."""
     if not path:
         raise DataError("no dataset given: set data.root (an ImageFolder root, a file list "
                         "or a folder of .tar shards)")
     p = Path(path)
     if not p.exists():
-        raise DataError(f"{p}: no such file or directory (data.root)")
+        raise DataError(f"{p}: no such file or directory ({what})")
     kind = detect_format(p) if fmt == "auto" else fmt
     if kind == "folder":
         if is_flat_folder(p):  # images, no class folders: unlabelled

@@ -242,6 +242,8 @@ def format_summary(label: str, s: dict) -> list[str]:
                  "waiting, e.g. on DALI's threads)" if "torch_ops_share" in s else "")
         head = f"PROFILE {label}: torch ops on the calling thread {s['torch_ops_ms']:.2f} ms per step{share}"
     lines = [head, "  ms/step  calls/step  " + ("owner   " if "busy_ms" in s else "") + "name"]
+    if "trace_error" in s:
+        lines.insert(1, f"  (the trace was not written: {s['trace_error']})")
     for r in s["top"]:
         lines.append(f"  {r['ms']:7.3f}  {r['calls']:10.1f}  " + (f"{r['owner']:<7} " if "owner" in r else "")
                      + r["name"])

@@ -55,6 +55,31 @@ def write_report(doc: dict, out: Path) -> str:
     return md
 
 
+def _check_scores(doc: dict, path: Path) -> None:
+    """Every score the report reads is a number, every arm has one per seed, the baseline is
+    there: a hand-edited or damaged file gets one line naming the entry."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    names = []
+    for i, a in enumerate(doc["arms"] if isinstance(doc["arms"], list) else [None]):
+        if not isinstance(a, dict) or "name" not in a:
+            raise MscnError(f"--report-only: {path}: arms[{i}] is not an arm record")
+        names.append(a["name"])
+        for m in report.METRICS:
+            vals = a.get(m)
+            if not isinstance(vals, list) or not vals or not all(number(v) for v in vals):
+                raise MscnError(f"--report-only: {path}: arm {a['name']!r} {m} must be a list of numbers, got {vals!r}")
+            for k in (f"{m}_mean", f"{m}_std"):
+                if a.get(k) is not None and not number(a.get(k)):
+                    raise MscnError(f"--report-only: {path}: arm {a['name']!r} {k} must be a number, got {a.get(k)!r}")
+    if doc["baseline"] not in names:
+        raise MscnError(f"--report-only: {path}: the baseline arm {doc['baseline']!r} is not among the arms")
+    for r in doc["random_init"] if isinstance(doc["random_init"], list) else [None]:
+        if not isinstance(r, dict) or not all(number(r.get(m)) for m in report.METRICS):
+            raise MscnError(f"--report-only: {path}: random_init entries need numeric {', '.join(report.METRICS)}")
+
+
 def report_only(out: Path) -> int:
     """--report-only: the report of a finished (or older) ablation, rewritten from its JSON."""
     path = out / "ablation.json"
@@ -66,6 +91,9 @@ def report_only(out: Path) -> int:
         raise MscnError(f"--report-only: cannot read {path}: {e}") from None
     if not isinstance(doc, dict) or not {"arms", "baseline", "random_init", "seeds"} <= set(doc):
         raise MscnError(f"--report-only: {path} is not an ablation.json (needs arms, baseline, random_init, seeds)")
+    if doc.get("schema") != report.SCHEMA:
+        raise MscnError(f"--report-only: {path} has schema {doc.get('schema')!r}; this mscn reads schema {report.SCHEMA}")
+    _check_scores(doc, path)
     doc["pairs"], doc["vs_random_init"] = report.pairs(doc), report.vs_random(doc)  # an older file lacks them
     path.write_text(json.dumps(doc, indent=2))
     write_report(doc, out)

@@ -138,7 +138,8 @@ def _export(args) -> None:
     from mscn.train.eval.export import export_backbone
     from mscn.train.eval.pretrained import load_pretrained
 
-    backbone, arch, _ = load_pretrained(args.ckpt, arch=args.arch, config=args.config)
+    backbone, arch, _ = load_pretrained(args.ckpt, arch=args.arch, overrides=args.overrides, config=args.config,
+                                        strict=args.strict)
     paths = export_backbone(backbone, args.out, args.name, arch)
     print(f"exported {arch}: {paths['torchvision']} (torchvision), {paths['detectron2']} (detectron2)")
 

@@ -51,6 +51,8 @@ def detectron2_state_dict(sd: dict[str, torch.Tensor]) -> dict:
 def export_backbone(backbone: nn.Module, out_dir: str | Path, name: str = "backbone",
                     arch: str = "resnet50") -> dict[str, str]:
     """Write ``<out_dir>/<name>.pth`` (torchvision) and ``<name>.pkl`` (detectron2)."""
+    if not name or Path(name).name != name or name in (".", ".."):  # e.g. "../x" would write outside --out
+        raise MscnError(f"--name {name!r}: a file stem without folders (e.g. backbone)")
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,8 @@ def find_image(root: str | Path) -> Path:
     root = Path(root)
     if root.is_file():
         return root
+    if not root.exists():
+        raise DataError(f"{root}: no such file or folder")
     for p in sorted(root.rglob("*")):
         if p.is_file() and is_image_name(p.name):
             return p

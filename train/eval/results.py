@@ -91,6 +91,10 @@ def load_results(paths: list[str]) -> list[dict]:
             raise MscnError(f"{f}: not a JSON file") from None
         if not isinstance(r, dict) or not {"protocol", "name", "top1"} <= r.keys():
             raise MscnError(f"{f}: not an mscn result (needs protocol, name, top1)")
+        for key in ("top1", "top5", "label_fraction"):  # what the table reads as numbers
+            v = r.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise MscnError(f"{f}: {key} must be a number, got {v!r}")
         results.append(r | {"_file": str(f)})
     return results
 
