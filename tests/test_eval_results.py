@@ -2,6 +2,7 @@
 import argparse
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +83,15 @@ def test_report_keeps_every_distinct_setting():
     assert "| SimCLR (epochs=100, seed=-) | 71.0 |" in md
     assert "| SimCLR (epochs=10, seed=-) | 61.0 |" in md and "60.0" not in md
     assert "| SimCLR (epochs=10, seed=5) | 62.0 ± 1.2 |" in md
+
+
+def test_a_second_result_in_one_folder_keeps_the_first(tmp_path):
+    """An evaluation into a folder that holds a result does not overwrite it: the old one is
+    kept beside it (and no longer read by the report), every time."""
+    first = write_result(_result("A", "linear", 50.0), tmp_path / "ev")
+    assert "previous" not in first
+    second = write_result(_result("B", "linear", 60.0), tmp_path / "ev")
+    third = write_result(_result("C", "linear", 70.0), tmp_path / "ev")
+    kept = [json.loads(Path(p["previous"]).read_text())["name"] for p in (second, third)]
+    assert kept == ["A", "B"] and Path(second["previous"]).with_suffix(".md").is_file()
+    assert [r["name"] for r in load_results([str(tmp_path / "ev")])] == ["C"]

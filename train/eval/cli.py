@@ -73,6 +73,8 @@ def _finish(args, rt, protocol: str, name: str, arch: str, out: Path, res: dict)
               "dataset": args.dataset or _dataset_name(args.val_root), "label_fraction": 1.0,
               "train_root": args.train_root, "val_root": args.val_root, "seed": args.seed, **res}
     paths = write_result(result, out, args.table)
+    if "previous" in paths:
+        print(f"{out} already held a result: kept as {paths['previous']}")
     spread = f" ± {res['top1_std']:.2f} over {len(res['runs'])} seeds" if "runs" in res else ""
     print(f"{protocol}: top-1 {res['top1']:.2f}{spread}  top-5 {res['top5']:.2f}  ->  {paths['json']}, {paths['csv']}")
 

@@ -52,6 +52,7 @@ def write_result(result: dict, out_dir: str | Path, table: str | Path | None = N
     """Write result.json + result.md into ``out_dir`` and append a line to the CSV ``table``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    kept = keep_previous(out)
     result = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **result, "out": str(out)}
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "result.md").write_text(markdown_table([result]))
@@ -63,7 +64,30 @@ def write_result(result: dict, out_dir: str | Path, table: str | Path | None = N
         if new:
             w.writeheader()
         w.writerow({k: _fmt_csv(result.get(k, "")) for k in CSV_FIELDS})
-    return {"json": str(out / "result.json"), "md": str(out / "result.md"), "csv": str(table)}
+    return {"json": str(out / "result.json"), "md": str(out / "result.md"), "csv": str(table),
+            **({"previous": str(kept)} if kept else {})}
+
+
+def keep_previous(out: Path) -> Path | None:
+    """An evaluation into a folder that already holds a result keeps the old one beside it,
+    as ``result.<its time>.json`` (and ``.md``), which ``mscn eval report`` does not pick up
+    (it reads ``result.json``). Returns the kept JSON's path, or None."""
+    old = out / "result.json"
+    if not old.is_file():
+        return None
+    try:
+        stamp = str(json.loads(old.read_text()).get("time", ""))
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        stamp = ""
+    stamp = (stamp or time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(old.stat().st_mtime))).replace(":", "")
+    kept, n = out / f"result.{stamp}.json", 1
+    while kept.exists():  # two results within one second
+        n += 1
+        kept = out / f"result.{stamp}-{n}.json"
+    old.rename(kept)
+    if (out / "result.md").is_file():
+        (out / "result.md").rename(kept.with_suffix(".md"))
+    return kept
 
 
 def _fmt_csv(v):
