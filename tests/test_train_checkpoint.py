@@ -110,7 +110,13 @@ def test_failed_write_leaves_previous_file_and_no_temporary(tmp_path):
 def test_weights_only_refuses_arbitrary_objects(tmp_path):
     path = tmp_path / "ckpt_00000001.pt"
     torch.save({"model": {}, "obj": object()}, path)  # a pickle that weights_only will not run
-    with pytest.raises(MscnError, match="not a readable checkpoint"):
+    with pytest.raises(MscnError, match="not a readable checkpoint") as e:
+        ckpt.load_checkpoint(path)
+    # torch's own advice (load with weights_only=False: run the file's code) is not repeated
+    assert "weights_only=False" not in str(e.value).replace("never loads a checkpoint with weights_only=False", "")
+    assert "not a file mscn pretrain wrote" in str(e.value) and "\n" not in str(e.value)
+    path.write_bytes(b"\xff\xd8\xff\xe0 a JPEG, not a checkpoint")
+    with pytest.raises(MscnError, match=r"Unsupported operand 255; not a file mscn pretrain wrote"):
         ckpt.load_checkpoint(path)
 
 

@@ -112,6 +112,12 @@ def load_checkpoint(path: str | Path, required: tuple[str, ...] = _REQUIRED,
         raise MscnError(f"checkpoint not found: {path} ({not_found})") from None
     except Exception as e:  # truncated zip, pickle of a forbidden type...
         detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line, whole
+        if "Weights only load failed" in detail:
+            # torch's advice here (weights_only=False) would run whatever code the file holds:
+            # keep only what it found, and say what the file is not
+            found = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", detail)
+            detail = (found.group(1).strip() if found else "not a torch checkpoint") + \
+                "; not a file mscn pretrain wrote (mscn never loads a checkpoint with weights_only=False)"
         raise MscnError(f"{path}: not a readable checkpoint ({type(e).__name__}: {detail})") from None
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
