@@ -6,6 +6,7 @@ classes: kNN and a (precomputed) linear probe must be far above chance (33 %).
 """
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -135,3 +136,22 @@ def test_knn_on_a_val_subset_of_the_classes(data, tmp_path):
     _run("knn", *_common(data | {"val": str(val)}, tmp_path / "k"))
     r = json.loads((tmp_path / "k" / "result.json").read_text())
     assert r["n_val"] == 6 and r["top1"] > 80
+
+
+def test_subset_labels_must_be_the_class_indices_of_their_folders(data, tmp_path):
+    """A subset list whose labels are words, or indices that contradict the class folders,
+    is one error naming the line or the file, not a training run on wrong labels."""
+    from mscn.errors import DataError
+    from mscn.train.eval.finetune import read_subset
+
+    lines = Path(data["subset"]).read_text().splitlines()
+    assert read_subset(data["subset"], data["train"])  # the list mscn data subset wrote
+    rel, label = lines[0].rsplit(" ", 1)
+    words = tmp_path / "words.txt"
+    words.write_text(f"{rel} zero\n")
+    with pytest.raises(DataError, match=r"words.txt:1: expected 'relative/path label' with a class index"):
+        read_subset(words, data["train"])
+    wrong = tmp_path / "wrong.txt"
+    wrong.write_text("\n".join([f"{rel} {(int(label) + 1) % 3}", *lines[1:]]) + "\n")
+    with pytest.raises(DataError, match=rf"{rel} is labelled {(int(label) + 1) % 3} .* folder of class {label}"):
+        read_subset(wrong, data["train"])

@@ -49,14 +49,22 @@ def read_subset(path: str | Path, train_root: str | Path) -> list[tuple[str, int
     first = next((ln.split() for ln in path.read_text().splitlines() if ln.strip()), None)
     if first is None:
         raise DataError(f"--subset {path}: empty file")
-    if len(first) >= 2 and first[-1].isdigit():
-        samples = read_file_list(path, root)
-    else:
-        samples = make_subset(root, None, official=path)
-    num_classes = len(find_classes(root))
-    bad = next((s for s in samples if not 0 <= s[1] < num_classes), None)
+    if len(first) >= 2 and not first[-1].isdigit():  # not a bare name (official split) either
+        raise DataError(f"--subset {path}:1: expected 'relative/path label' with a class index as the label "
+                        f"(mscn data subset), or one file name per line (an official split); got {' '.join(first)!r}")
+    labelled = len(first) >= 2
+    samples = read_file_list(path, root) if labelled else make_subset(root, None, official=path)
+    classes = find_classes(root)
+    bad = next((s for s in samples if not 0 <= s[1] < len(classes)), None)
     if bad:
-        raise DataError(f"--subset {path}: label {bad[1]} of {bad[0]} is outside the {num_classes} classes of {root}")
+        raise DataError(f"--subset {path}: label {bad[1]} of {bad[0]} is outside the {len(classes)} classes of {root}")
+    if labelled:  # a list's label must be the class of the folder the file is in
+        index = {c: i for i, c in enumerate(classes)}
+        for rel, label in samples:
+            folder = Path(rel).parts[0] if len(Path(rel).parts) > 1 else None
+            if folder in index and index[folder] != label:
+                raise DataError(f"--subset {path}: {rel} is labelled {label} ({classes[label]}) but lies in the "
+                                f"folder of class {index[folder]} ({folder}); the labels are {root}'s class indices")
     return samples
 
 
