@@ -95,3 +95,12 @@ def test_a_second_result_in_one_folder_keeps_the_first(tmp_path):
     kept = [json.loads(Path(p["previous"]).read_text())["name"] for p in (second, third)]
     assert kept == ["A", "B"] and Path(second["previous"]).with_suffix(".md").is_file()
     assert [r["name"] for r in load_results([str(tmp_path / "ev")])] == ["C"]
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--weight-decay"])
+def test_eval_flags_refuse_nan(flag, capsys):
+    from mscn.cli import main as mscn_main
+
+    with pytest.raises(SystemExit) as e:
+        mscn_main(["eval", "linear", "--ckpt", "random", flag, "nan"])
+    assert e.value.code == 2 and "must be a finite number, got 'nan'" in capsys.readouterr().err

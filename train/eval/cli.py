@@ -11,6 +11,7 @@ protocols: docs/EVALUATION.md.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import statistics
 from pathlib import Path
@@ -170,6 +171,18 @@ def _figures(args) -> None:
         print(p)
 
 
+def _finite(text: str) -> float:
+    """argparse type: a finite float (a NaN learning rate or weight decay would only show up
+    as a diverged run, minutes later)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser, ckpt_required: bool = True) -> None:
     p.add_argument("--ckpt", required=ckpt_required, default=None if ckpt_required else "random",
                    help="pretraining checkpoint (mscn pretrain), a run directory (its newest checkpoint), "
@@ -190,7 +203,7 @@ def _add_protocol_args(p: argparse.ArgumentParser, lr_help: str | None) -> None:
     p.add_argument("--dataset", default=None, help="dataset label in tables (default from --val-root)")
     if lr_help:  # protocols that train something
         p.add_argument("--epochs", type=int, default=None, help="default from the config's eval section")
-        p.add_argument("--lr", type=float, default=None, help=lr_help)
+        p.add_argument("--lr", type=_finite, default=None, help=lr_help)
     p.add_argument("--batch", type=int, default=None, help="global batch size (default 256, from the config)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--seed", type=int, default=None,
@@ -208,7 +221,7 @@ def add_eval_commands(subparsers) -> None:
                       ("transfer", "linear probe on another dataset (paper Table 3)")):
         p = sub.add_parser(cmd, help=what, description=what)
         _add_protocol_args(p, "base lr for batch 256 (default 1.0; tune it per dataset for transfer)")
-        p.add_argument("--weight-decay", type=float, default=None, help="default 1e-6")
+        p.add_argument("--weight-decay", type=_finite, default=None, help="default 1e-6")
         p.add_argument("--seeds", type=int, default=1, metavar="N",
                        help="run the probe N times, seeds seed..seed+N-1; report mean ± std (default 1)")
         p.add_argument("--precompute", action="store_true",
@@ -218,14 +231,14 @@ def add_eval_commands(subparsers) -> None:
     p = sub.add_parser("knn", help="weighted kNN on frozen features (k=20, T=0.07)")
     _add_protocol_args(p, None)
     p.add_argument("--k", type=int, default=None, help="neighbours (default 20)")
-    p.add_argument("--temperature", type=float, default=None, help="vote temperature (default 0.07)")
+    p.add_argument("--temperature", type=_finite, default=None, help="vote temperature (default 0.07)")
     p.set_defaults(func=_knn)
 
     p = sub.add_parser("finetune", help="semi-supervised fine-tuning on a 1%%/10%% label subset (paper A.3)")
     _add_protocol_args(p, "backbone base lr for batch 256 (default 0.002)")
     p.add_argument("--subset", required=True, help="subset file: 'relpath label' lines (mscn data subset) "
                    "or an official split (SimCLR 1percent.txt)")
-    p.add_argument("--head-lr", type=float, default=None, help="classifier base lr (default 0.5)")
+    p.add_argument("--head-lr", type=_finite, default=None, help="classifier base lr (default 0.5)")
     p.add_argument("--from-scratch", action="store_true", help="random-init backbone (the baseline), same config")
     p.set_defaults(func=_finetune)
 
