@@ -300,3 +300,14 @@ def test_cli_runs_commands_and_prints_one_line_errors(imagenet_like, messy_root,
     assert err.startswith("mscn: error: ") and str(tmp_path / "missing") in err
     with pytest.raises(SystemExit):
         main(["data", "synth", "x", "--classes", "2", "--per-class", "1", "--size", "big"])
+
+
+def test_scan_replaces_its_own_outputs_but_no_other_file(messy_root, tmp_path):
+    out, rep = tmp_path / "list.txt", tmp_path / "list.scan.json"
+    scan(messy_root, out=out, report=rep, progress=False, workers=1)
+    scan(messy_root, out=out, report=rep, progress=False, workers=1)  # a rescan updates them
+    mine = tmp_path / "mine.txt"
+    mine.write_text("my own notes\n")
+    with pytest.raises(DataError, match=r"mine.txt: a file is already there that this scan did not write"):
+        scan(messy_root, out=mine, report=tmp_path / "mine.scan.json", progress=False, workers=1)
+    assert mine.read_text() == "my own notes\n" and not (tmp_path / "mine.scan.json").exists()

@@ -121,6 +121,22 @@ def check_outside(path, root: Path) -> None:
         raise DataError(f"{path}: is inside the dataset {root}; the data tools never write there, pick another path")
 
 
+def check_not_foreign(path, out, report) -> None:
+    """A file at ``path`` (the list or the report) is replaced only if it is an earlier
+    scan's output: the list's report beside it, or a report naming a dataset root. Another
+    file there (a list of one's own, notes) is refused rather than overwritten."""
+    if not path or not Path(path).is_file():
+        return
+    earlier = report if report else report_path_for(out) if out else None
+    try:
+        ours = earlier is not None and "root" in json.loads(Path(earlier).read_text())
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise DataError(f"{path}: a file is already there that this scan did not write (no scan report "
+                        f"{earlier} beside it); pass another --out/--report, or move it away")
+
+
 def _write_atomic(path: Path, text: str, root: Path) -> None:
     check_outside(path, root)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,6 +165,8 @@ def scan(root, out=None, report=None, min_size: int = 0, workers: int | None = N
     classes, samples = list_image_folder(root, images_only=False)
     check_outside(out, root)  # before the long decode, not after
     check_outside(report, root)
+    for path in (out, report):
+        check_not_foreign(path, out, report)
     tasks = [(str(root / rel), rel, label, min_size) for rel, label in samples]
     results = sorted(parallel_imap(_check_task, tasks, workers, f"scan {root}", progress), key=lambda r: r[0])
 
