@@ -13,10 +13,12 @@ import os
 import sys
 from collections.abc import Callable
 
-# Errors of the machine, not of the code: a path that cannot be written or read, a full
-# disk. They get one line naming the path, like an MscnError (MSCN_DEBUG shows the traceback).
+# Errors of the machine, not of the code: a path that cannot be written (permissions, a
+# read-only or full disk, a file where a folder should be). With the path named, they get
+# one line like an MscnError (MSCN_DEBUG shows the traceback). A missing file is not among
+# them: the user's paths are checked where they are read, so an ENOENT here is a bug.
 ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EEXIST,
-                                errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ENOENT})
+                                errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG})
 
 
 class MscnError(Exception):
@@ -51,7 +53,7 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
         print(f"{prog}: {'error: ' if status is None else ''}{e}", file=sys.stderr, flush=True)
         return 2 if status is None else status
     except OSError as e:
-        if e.errno not in ENVIRONMENT_ERRNOS or os.environ.get("MSCN_DEBUG"):
+        if e.errno not in ENVIRONMENT_ERRNOS or e.filename is None or os.environ.get("MSCN_DEBUG"):
             raise
         print(f"{prog}: error: {os_error_line(e)}", file=sys.stderr, flush=True)
         return 2
@@ -67,4 +69,4 @@ def os_error_line(e: OSError) -> str:
     what = e.strerror or str(e)
     hint = {errno.ENOSPC: "; free some space (or point the output elsewhere) and run again: what was written "
                           "before is kept", errno.EDQUOT: "; the disk quota is exhausted"}.get(e.errno, "")
-    return (f"cannot use {where}: {what}" if where else what) + hint
+    return f"cannot use {where}: {what}{hint} (MSCN_DEBUG=1 shows the traceback)"

@@ -129,12 +129,12 @@ def test_synth_classes_are_learnable(tmp_path):
 # scan and read_file_list
 # ----------------------------------------------------------------------------------
 
-def _jpeg(mode="RGB", size=(64, 48), seed=0, fmt="JPEG") -> bytes:
+def _jpeg(mode="RGB", size=(64, 48), seed=0, fmt="JPEG", **save) -> bytes:
     rng = np.random.default_rng(seed)
     arr = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
     img = Image.fromarray(arr).convert(mode)
     buf = io.BytesIO()
-    img.save(buf, fmt, quality=90)
+    img.save(buf, fmt, quality=90, **save)
     return buf.getvalue()
 
 
@@ -150,6 +150,9 @@ def messy_root(tmp_path):
         "ant/corrupt.jpg": bytes(broken), "ant/truncated.jpg": good[: len(good) // 2],
         # a partial download: the second half zeros (PIL decodes it, gray, without an error)
         "ant/zerofilled.jpg": good[: len(good) // 2] + bytes(len(good) - len(good) // 2),
+        # valid: data after the image's end (a motion photo's video, a camera trailer)
+        "ant/trailer.jpg": good + np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tobytes(),
+        "ant/progressive.jpg": _jpeg(seed=8, progressive=True),
         "ant/zero.jpg": b"", "ant/notes.jpg": b"this is text, not a JPEG\n",
         "bee/cmyk.jpg": _jpeg("CMYK", seed=4), "bee/gray.jpg": _jpeg("L", seed=5),
         "bee/sub/image.png": _jpeg(seed=6, fmt="PNG"), "bee/tiny.jpg": _jpeg(size=(16, 40), seed=7),
@@ -174,12 +177,12 @@ def test_scan_reports_every_bad_kind_and_lists_only_usable_images(messy_root, tm
         ("ant/notes.jpg", "non_image"), ("bee/cmyk.jpg", "cmyk"), ("bee/gray.jpg", "grayscale"),
         ("bee/sub/image.png", "non_jpeg"), ("bee/tiny.jpg", "tiny"), ("bee/readme.txt", "ignored"),
     }
-    assert report["counts"]["ok"] == 2 and report["classes"] == ["ant", "bee"]
-    assert report["num_files"] == 12 and report["num_kept"] == 5 and report["num_excluded"] == 7
+    assert report["counts"]["ok"] == 4 and report["classes"] == ["ant", "bee"]
+    assert report["num_files"] == 14 and report["num_kept"] == 7 and report["num_excluded"] == 7
     assert report["formats"]["PNG"] == 1
     assert json.loads(rep.read_text()) == report
     assert out.read_text().splitlines() == [
-        "ant/good0.jpg 0", "ant/good1.JPEG 0", "bee/cmyk.jpg 1", "bee/gray.jpg 1", "bee/sub/image.png 1",
+        "ant/good0.jpg 0", "ant/good1.JPEG 0", "ant/progressive.jpg 0", "ant/trailer.jpg 0", "bee/cmyk.jpg 1", "bee/gray.jpg 1", "bee/sub/image.png 1",
     ]
     assert read_file_list(out, messy_root) == [(line.rsplit(" ", 1)[0], int(line[-1]))
                                                  for line in out.read_text().splitlines()]

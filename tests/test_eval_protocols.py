@@ -155,3 +155,8 @@ def test_subset_labels_must_be_the_class_indices_of_their_folders(data, tmp_path
     wrong.write_text("\n".join([f"{rel} {(int(label) + 1) % 3}", *lines[1:]]) + "\n")
     with pytest.raises(DataError, match=rf"{rel} is labelled {(int(label) + 1) % 3} .* folder of class {label}"):
         read_subset(wrong, data["train"])
+    # a list of bare file names with a space in the first one is still an official split
+    spaced = tmp_path / "spaced.txt"
+    spaced.write_text("my photo.jpg\n")
+    with pytest.raises(DataError, match="none of its 1 names matches"):  # read as names, matched by stem
+        read_subset(spaced, data["train"])

@@ -95,6 +95,12 @@ def test_a_second_result_in_one_folder_keeps_the_first(tmp_path):
     kept = [json.loads(Path(p["previous"]).read_text())["name"] for p in (second, third)]
     assert kept == ["A", "B"] and Path(second["previous"]).with_suffix(".md").is_file()
     assert [r["name"] for r in load_results([str(tmp_path / "ev")])] == ["C"]
+    # a hand-edited time cannot make a path of the name; both are kept
+    doc = json.loads((tmp_path / "ev" / "result.json").read_text())
+    (tmp_path / "ev" / "result.json").write_text(json.dumps({**doc, "time": "2026/11/27 10:00"}))
+    fourth = write_result(_result("D", "linear", 80.0), tmp_path / "ev")
+    assert Path(fourth["previous"]).name == "result.202611271000.json"
+    assert json.loads(Path(fourth["previous"]).read_text())["name"] == "C"
 
 
 @pytest.mark.parametrize("flag", ["--lr", "--weight-decay"])

@@ -16,6 +16,7 @@ evaluation suite reads ``backbone``, ``arch`` and ``config``).
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -30,6 +31,9 @@ from mscn.errors import MscnError
 _NAME = re.compile(r"^ckpt_(\d{8,})\.pt$")
 _REQUIRED = ("model", "optimizer", "step", "config", "arch", "method", "backbone")
 BACKBONE_KEYS = ("backbone", "arch", "config")  # what evaluation reads
+
+
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 
 
 def ckpt_path(ckpt_dir: str | Path, step: int) -> Path:
@@ -47,12 +51,16 @@ def atomic_save(state: dict, path: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
-    except RuntimeError as e:  # torch's writer on a full disk: "PytorchStreamWriter failed writing ..."
-        if "write" not in str(e).lower():
+    except (OSError, RuntimeError) as e:
+        # a full disk reaches here as an OSError (flush, fsync) or as torch's RuntimeError from
+        # its zip writer ("unexpected pos ...", "PytorchStreamWriter failed writing") with the
+        # OSError as its context
+        cause = e if isinstance(e, OSError) else e.__context__ if isinstance(e.__context__, OSError) else None
+        if cause is None or cause.errno not in _DISK_ERRNOS:
             raise
         free = shutil.disk_usage(path.parent).free / 2**30
-        raise MscnError(f"cannot write {path}: {str(e).splitlines()[0][:200]} ({free:.2f} GiB free there); "
-                        "the checkpoints written before are untouched: free some space and resume") from None
+        raise MscnError(f"cannot write {path}: {cause.strerror or cause} ({free:.2f} GiB free there); the "
+                        "checkpoints written before are untouched: free some space and resume") from None
     finally:
         tmp.unlink(missing_ok=True)
     dir_fd = os.open(path.parent, os.O_RDONLY)

@@ -36,15 +36,46 @@ def _is_gray_palette(img: Image.Image) -> bool:
 
 
 def _jpeg_ends(f) -> bool:
-    """Whether the JPEG's last scan is followed by an end-of-image marker (FFD9). Inside the
-    entropy-coded data a 0xFF byte is always followed by 0x00 or a restart marker, so FFD9
-    after the last start-of-scan (FFDA) is the image's end; data after it (camera trailers,
-    a second MPF image with its own scan and end) is fine. PIL, libjpeg and nvJPEG decode a
-    file cut inside its scan with at most a warning."""
+    """Whether the JPEG reaches its end-of-image marker (FFD9): walk the markers from the
+    start, skipping each segment by its length and each scan's entropy-coded data up to the
+    next marker (inside that data a 0xFF byte is followed only by 0x00 or a restart marker).
+    False when the file ends before that marker: a download cut short, or its end
+    overwritten with zeros, which PIL, libjpeg and nvJPEG decode as gray with at most a
+    warning. Whatever follows the first image's end (a camera's trailer, an MP4 of a motion
+    photo, an MPF second image) is not read. A header this walk cannot follow is left to the
+    decoder, which has already accepted the file."""
     f.seek(0)
     data = f.read()
-    sos = data.rfind(b"\xff\xda")
-    return sos >= 0 and data.find(b"\xff\xd9", sos) >= 0
+    n = len(data)
+    if data[:2] != b"\xff\xd8":
+        return True
+    i = 2
+    while i + 1 < n:
+        if data[i] != 0xFF:
+            return True  # not a marker where one should be: the decoder's business
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker == 0xD9:
+            return True
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        if i + 3 >= n:
+            return False
+        i += 2 + ((data[i + 2] << 8) | data[i + 3])
+        if marker == 0xDA:  # start of scan: skip its entropy-coded data
+            while True:
+                k = data.find(b"\xff", i)
+                if k < 0 or k + 1 >= n:
+                    return False  # the file ends inside the scan
+                if data[k + 1] == 0x00 or 0xD0 <= data[k + 1] <= 0xD7 or data[k + 1] == 0xFF:
+                    i = k + 1 if data[k + 1] == 0xFF else k + 2
+                    continue
+                i = k
+                break
+    return False
 
 
 def check_image(path: str, min_size: int) -> tuple[list[tuple[str, str]], str | None]:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mscn.config import Config
-from mscn.data.imagefolder import find_classes, list_image_folder
+from mscn.data.imagefolder import find_classes, is_image_name, list_image_folder
 from mscn.data.scan import read_file_list, write_file_list
 from mscn.data.subset import make_subset
 from mscn.errors import DataError, MscnError
@@ -46,13 +46,13 @@ def read_subset(path: str | Path, train_root: str | Path) -> list[tuple[str, int
     path, root = Path(path), Path(train_root)
     if not path.is_file():
         raise DataError(f"--subset {path}: no such file (write one with: mscn data subset {root} --fraction 0.01)")
-    first = next((ln.split() for ln in path.read_text().splitlines() if ln.strip()), None)
+    first = next((ln.strip().rsplit(maxsplit=1) for ln in path.read_text().splitlines() if ln.strip()), None)
     if first is None:
         raise DataError(f"--subset {path}: empty file")
-    if len(first) >= 2 and not first[-1].isdigit():  # not a bare name (official split) either
+    labelled = len(first) == 2 and first[1].isdigit()
+    if len(first) == 2 and not labelled and not is_image_name(first[1]):  # nor a file name (may hold spaces)
         raise DataError(f"--subset {path}:1: expected 'relative/path label' with a class index as the label "
                         f"(mscn data subset), or one file name per line (an official split); got {' '.join(first)!r}")
-    labelled = len(first) >= 2
     samples = read_file_list(path, root) if labelled else make_subset(root, None, official=path)
     classes = find_classes(root)
     bad = next((s for s in samples if not 0 <= s[1] < len(classes)), None)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -52,10 +54,14 @@ def write_result(result: dict, out_dir: str | Path, table: str | Path | None = N
     """Write result.json + result.md into ``out_dir`` and append a line to the CSV ``table``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    kept = keep_previous(out)
+    name = "result"
+    try:
+        kept = keep_previous(out)
+    except OSError:  # the old result stays where it is; the new one goes beside it
+        kept, name = None, f"result.new-{time.strftime('%Y%m%dT%H%M%S')}"
     result = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **result, "out": str(out)}
-    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "result.md").write_text(markdown_table([result]))
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown_table([result]))
     table = Path(table) if table else out.parent / "results.csv"
     table.parent.mkdir(parents=True, exist_ok=True)
     new = not table.exists() or table.stat().st_size == 0
@@ -64,30 +70,46 @@ def write_result(result: dict, out_dir: str | Path, table: str | Path | None = N
         if new:
             w.writeheader()
         w.writerow({k: _fmt_csv(result.get(k, "")) for k in CSV_FIELDS})
-    return {"json": str(out / "result.json"), "md": str(out / "result.md"), "csv": str(table),
+    return {"json": str(out / f"{name}.json"), "md": str(out / f"{name}.md"), "csv": str(table),
             **({"previous": str(kept)} if kept else {})}
 
 
 def keep_previous(out: Path) -> Path | None:
     """An evaluation into a folder that already holds a result keeps the old one beside it,
     as ``result.<its time>.json`` (and ``.md``), which ``mscn eval report`` does not pick up
-    (it reads ``result.json``). Returns the kept JSON's path, or None."""
+    (it reads ``result.json``). Returns the kept JSON's path, or None when there was none.
+
+    The new name is claimed with a hard link, which fails rather than replace a file, so
+    two evaluations sharing a folder cannot keep one result over another. Raises OSError
+    when the old result cannot be kept (the caller then writes the new one elsewhere)."""
     old = out / "result.json"
-    if not old.is_file():
-        return None
     try:
         stamp = str(json.loads(old.read_text()).get("time", ""))
-    except (ValueError, UnicodeDecodeError, AttributeError):
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
         stamp = ""
-    stamp = (stamp or time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(old.stat().st_mtime))).replace(":", "")
-    kept, n = out / f"result.{stamp}.json", 1
-    while kept.exists():  # two results within one second
-        n += 1
-        kept = out / f"result.{stamp}-{n}.json"
-    old.rename(kept)
-    if (out / "result.md").is_file():
-        (out / "result.md").rename(kept.with_suffix(".md"))
-    return kept
+    stamp = re.sub(r"[^0-9A-Za-z_-]", "", stamp) or time.strftime("%Y%m%dT%H%M%S")
+    for n in range(1, 1000):
+        kept = out / (f"result.{stamp}.json" if n == 1 else f"result.{stamp}-{n}.json")
+        if kept.with_suffix(".md").exists():
+            continue
+        try:
+            os.link(old, kept)
+        except FileExistsError:
+            continue
+        except FileNotFoundError:  # another evaluation kept it first
+            return None
+        old.unlink(missing_ok=True)
+        md = out / "result.md"
+        if md.is_file():
+            try:
+                os.link(md, kept.with_suffix(".md"))
+                md.unlink()
+            except OSError:
+                pass  # the table is re-made from the JSON by mscn eval report
+        return kept
+    raise OSError(f"{out}: no free name to keep the previous result under")
 
 
 def _fmt_csv(v):
