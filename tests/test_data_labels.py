@@ -128,3 +128,14 @@ def test_scan_keeps_a_small_decodable_jpeg_and_reports_it(tmp_path):
     report = scan(root, out=tmp_path / "m.txt", min_size=10, workers=1, progress=False)  # on purpose
     assert "c0/small.jpg 0" not in (tmp_path / "m.txt").read_text() and report["counts"]["tiny"] == 1
     assert Image.open(root / "c0" / "small.jpg").size == (12, 9)
+
+
+def test_a_shard_cut_short_is_named_before_the_reader_starts(tmp_path):
+    root = make_folder(tmp_path / "ds", classes=2, per_class=3)
+    pack(root, tmp_path / "wds", shard_size=4, progress=False, workers=1)
+    assert resolve_source(str(tmp_path / "wds")).num_samples == 6
+    tar_path = tmp_path / "wds" / "shard-000000.tar"
+    tar_path.write_bytes(tar_path.read_bytes()[:12000])  # an interrupted copy
+    with pytest.raises(DataError, match=r"shard-000000.tar: 12000 bytes, but its index shard-000000.idx places "
+                                        r"data up to byte \d+: the shard is cut short"):
+        resolve_source(str(tmp_path / "wds"))

@@ -151,6 +151,25 @@ def read_sources_json(folder: Path) -> dict:
         raise DataError(f"{path}: not a JSON file; repack the shards or delete it") from None
 
 
+def _check_shard_length(tar: Path, idx: Path) -> None:
+    """A shard shorter than its index says (an interrupted copy) is named here, not by the
+    reader's "Malformed index file" about the index. Only the index's last line is read."""
+    with open(idx, "rb") as f:
+        f.seek(0, 2)
+        size = f.tell()
+        f.seek(max(0, size - 65536))
+        lines = f.read().decode("ascii", "replace").split("\n")
+    last = next((ln.split() for ln in reversed(lines) if ln.strip()), [])
+    try:  # ext offset size name, repeated per member
+        end = max(int(last[i + 1]) + int(last[i + 2]) for i in range(0, len(last) - 3, 4))
+    except (ValueError, IndexError):
+        return  # the reader names a malformed index itself
+    have = tar.stat().st_size
+    if end > have:
+        raise DataError(f"{tar}: {have} bytes, but its index {idx.name} places data up to byte {end}: the shard is "
+                        "cut short (an interrupted copy?); copy it again, or rerun `mscn data pack`")
+
+
 def _wds_source(folder: Path, classes=None) -> Source:
     if not folder.is_dir():
         raise DataError(f"{folder}: data.format=wds needs a folder of .tar shards")
@@ -170,6 +189,7 @@ def _wds_source(folder: Path, classes=None) -> Source:
             raise DataError(f"{idx}: not a DALI v1.2 webdataset index; regenerate it with `wds2idx`")
         total += int(head[1])
         exts.update(first[0::4])  # v1.2 lines: ext offset size name, repeated per member
+        _check_shard_length(tar, idx)
     own = list(read_sources_json(folder).get("classes", []))
     labelled = "cls" in exts  # shards without .cls are unlabelled: the loader gives label -1
     if classes is not None and own and own != list(classes[:len(own)]):
