@@ -340,15 +340,15 @@ def build_eval_loader(cfg, root: str, rank: int = 0, world_size: int = 1, local_
     shuffled, DROP. batch_size is per rank (default ``eval.linear_batch / world_size``).
     classes: the label set (the train root's classes) that ``root``'s labels map into by name.
     """
+    from mscn.data.source import eval_root_setting
     from mscn.pipelines.eval_pipeline import eval_pipeline
     from mscn.pipelines.readers import resolve_source
 
     if file_list:
         source = resolve_source(file_list, "filelist", file_root=root, classes=classes)
     else:
-        source = resolve_source(root, cfg.data.format if root == cfg.data.root else "auto", classes=classes,
-                                what="data.root" if root == cfg.data.root else
-                                "data.val_root" if root == cfg.data.val_root else "the evaluation root")
+        fmt, what = eval_root_setting(cfg.data, root)
+        source = resolve_source(root, fmt, classes=classes, what=what)
     batch = batch_size or max(1, cfg.eval.linear_batch // world_size)
     shard = Shard(rank, world_size, batch, rank_seed(cfg.train.seed, rank))
     p = plan(cfg, device, local_rank)

@@ -38,11 +38,10 @@ def check_val_root(cfg: Config) -> None:
     """Before the run starts (and before its folder is claimed): a ``data.val_root`` the
     monitor will read must exist, or the run would train an epoch and only then stop on it."""
     if cfg.train.knn_every_epochs and cfg.data.val_root:
-        from mscn.data.source import resolve_source
+        from mscn.data.source import eval_root_setting, resolve_source
 
-        # the format the monitor's loader will use (pipelines/loader.py build_eval_loader)
-        fmt = cfg.data.format if cfg.data.val_root == cfg.data.root else "auto"
-        resolve_source(cfg.data.val_root, fmt, what="data.val_root")
+        fmt, what = eval_root_setting(cfg.data, cfg.data.val_root)  # as the monitor's loader will read it
+        resolve_source(cfg.data.val_root, fmt, what=what)
 
 
 def monitor_runs_after(cfg: Config, done: int, steps_per_epoch: int) -> bool:

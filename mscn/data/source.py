@@ -91,6 +91,15 @@ def list_root(list_path: Path, file_root: str | None) -> Path:
     return list_path.parent
 
 
+def eval_root_setting(data, root: str) -> tuple[str, str]:
+    """(format, the setting it came from) for an evaluation ``root`` of the config section
+    ``data``: the training root keeps ``data.format``; any other root is detected (the
+    evaluation loader and the pretraining monitor's early check read roots alike)."""
+    if root == data.root:
+        return data.format, "data.root"
+    return "auto", "data.val_root" if root == data.val_root else "the evaluation root"
+
+
 def resolve_source(path: str, fmt: str = "auto", file_root: str | None = None,
                    classes: tuple[str, ...] | list[str] | None = None, what: str = "data.root") -> Source:
     """Resolve ``data.root`` (or ``data.val_root``) into a Source; DataError on any problem.
