@@ -101,7 +101,8 @@ def _pm(s: dict) -> str:
 
 
 def markdown(doc: dict) -> str:
-    """Mean ± std per arm, and the difference to the baseline arm with its significance."""
+    """Mean ± std per arm and the difference to the baseline arm, then the pairs within each
+    grid and every arm against random init (``doc["pairs"]``, ``doc["vs_random_init"]``)."""
     base = next(r for r in doc["arms"] if r["name"] == doc["baseline"])
     lines = ["| arm | grid | n | linear top-1 | Δ linear vs baseline | kNN top-1 | Δ kNN vs baseline |",
              "| --- | --- | ---: | ---: | --- | ---: | --- |"]
@@ -119,7 +120,7 @@ def markdown(doc: dict) -> str:
              "and budget). A difference is \"not significant\" when it lies within 2 standard errors, "
              "SE = sqrt(s1²/n1 + s2²/n2); with one seed there is no error bar."]
     cell = lambda d, m: f"{d[m]['diff']:+.1f} ({d[m]['significance']})"  # noqa: E731
-    grid_pairs = pairs(doc)  # recomputed, so that a report rewritten from an older JSON has them
+    grid_pairs = doc["pairs"]  # records() adds them; --report-only adds them to an older file
     if grid_pairs:
         notes += ["", "Within each grid, every pair of arms (Δ = second − first, same rule):", "",
                   "| grid | arms | Δ linear | Δ kNN |", "| --- | --- | --- | --- |"]
@@ -127,7 +128,7 @@ def markdown(doc: dict) -> str:
                   for p in grid_pairs]
     notes += ["", "Against the random-init encoder of the same seeds (what pretraining bought):", "",
               "| arm | Δ linear | Δ kNN |", "| --- | --- | --- |"]
-    notes += [f"| `{v['arm']}` | {cell(v, 'linear_top1')} | {cell(v, 'knn_top1')} |" for v in vs_random(doc)]
+    notes += [f"| `{v['arm']}` | {cell(v, 'linear_top1')} | {cell(v, 'knn_top1')} |" for v in doc["vs_random_init"]]
     shared = [f"`{r['name']}` = `{r['same_as']}`" for r in doc["arms"] if r.get("same_as")]
     if shared:
         notes += ["", "Same resolved config, run once: " + ", ".join(shared) + "."]
