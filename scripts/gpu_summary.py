@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from benchkit import profiling  # beside this script, as for bench_pipeline.py
+
 # figure: (target, "min" = at least / "max" = at most, what it is)
 TARGETS = {
     "share_of_decode": (0.85, "min", "full pipeline (views + high-pass + masks, as torch tensors) / decode-only"),
@@ -114,17 +116,6 @@ def profiles(results: Path) -> dict:
             if "profile" in m:
                 out[f"{t['arch']} fed by {feed}"] = m["profile"]
     return out
-
-
-def profile_line(where: str, p: dict) -> str:
-    """One log line per profile: how busy the device was per step, and who kept it busy."""
-    if "error" in p:
-        return f"PROFILE {where}: failed ({p['error']})"
-    if "busy_ms" not in p:  # a CPU run: torch ops on the calling thread
-        return f"PROFILE {where}: torch ops {p['torch_ops_ms']} ms per step (CPU run, no device figures)"
-    share = f" ({100 * p['busy_share']:.0f} % of the {p['step_ms']} ms step)" if "busy_share" in p else ""
-    owners = ", ".join(f"{k} {v}" for k, v in p["by_owner_ms"].items() if v)
-    return f"PROFILE {where}: GPU busy {p['busy_ms']} ms per step{share}; by owner (ms): {owners}"
 
 
 # The A/B rows of gpu_check.sh part 3: (variant, what switching to it means). The default is
@@ -236,8 +227,8 @@ def main(argv=None) -> int:
         change = f"{100 * d['change']:+.1f} %" if d["change"] is not None else "n/a"
         print(f"DECIDE {d['what']}: {d['variant']} {d['value']} vs default {d['default']} ({change}): "
               f"{d['verdict']}" + (f" -> {d['switch']}" if d["switch"] else ""))
-    for where, p in s["profiles"].items():
-        print(profile_line(where, p))
+    for where, p in s["profiles"].items():  # the bench's own PROFILE line for each
+        print(profiling.format_summary(where, p)[0])
     print(f"summary written to {out}")
     return 0
 

@@ -192,6 +192,10 @@ def test_device_profile_summary_from_events():
     assert "dali 4.00" in lines[0] and "2 launches per step" in lines[0]
     assert "  stream 20: 4.00 ms per step (dali 4.00)" in lines
     assert pr.format_summary("x", {"error": "no device events"}) == ["PROFILE x: failed (no device events)"]
+    # a kernel whose name says "dali" only in its template arguments: the row and the owner
+    # totals credit the same owner
+    cub = pr.summarize_device([("void cub::DeviceReduceKernel<dali::kernels::Sum>(int)", 0, 1_000_000, 9)], steps=1)
+    assert cub["top"][0]["owner"] == "dali" and cub["by_owner_ms"]["dali"] == 1.0
 
 
 class _Event:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 
 # The Triton kernels of mscn.cuda_kernels, by their function names (tests/test_bench.py
 # checks that these still exist, so a rename cannot silently move them to "torch").
@@ -90,7 +91,7 @@ def summarize_device(events: Iterable[tuple], steps: int, step_ms: float | None 
     ``streams``: device time per CUDA stream with its owners (DALI runs on its own streams,
     the trainer on torch's), when the events carry their stream.
     """
-    per = defaultdict(lambda: [0, 0])  # short name -> [calls, ns]
+    per = defaultdict(lambda: [0, 0, ""])  # short name -> [calls, ns, owner]
     owners = dict.fromkeys(OWNERS, 0)
     streams: dict = defaultdict(lambda: defaultdict(int))
     intervals, launches = [], 0
@@ -99,6 +100,7 @@ def summarize_device(events: Iterable[tuple], steps: int, step_ms: float | None 
         key, who = short_name(name), owner(name)
         per[key][0] += 1
         per[key][1] += dur
+        per[key][2] = who  # from the full name: "dali" may sit in template arguments only
         owners[who] += dur
         if len(ev) > 3 and ev[3] is not None:
             streams[ev[3]][who] += dur
@@ -110,8 +112,8 @@ def summarize_device(events: Iterable[tuple], steps: int, step_ms: float | None 
     out = {"steps": steps, "busy_ms": round(busy, 3), "kernel_ms": round(sum(v[1] for v in per.values()) * ms, 3),
            "launches": round(launches / steps, 1),
            "by_owner_ms": {k: round(v * ms, 3) for k, v in owners.items()},
-           "top": [{"name": k, "owner": owner(k), "calls": round(c / steps, 1), "ms": round(ns * ms, 3)}
-                   for k, (c, ns) in rows[:top]]}
+           "top": [{"name": k, "owner": who, "calls": round(c / steps, 1), "ms": round(ns * ms, 3)}
+                   for k, (c, ns, who) in rows[:top]]}
     if streams:
         out["streams"] = sorted(({"stream": sid, "ms": round(sum(w.values()) * ms, 3),
                                   "by_owner_ms": {k: round(v * ms, 3) for k, v in w.items() if v}}
@@ -146,8 +148,6 @@ def is_device_work(e) -> bool:
     not a synchronization record."""
     if hasattr(e, "activity_type"):
         return e.activity_type() in DEVICE_ACTIVITIES
-    from torch.autograd import DeviceType
-
     if e.device_type() == DeviceType.CPU or e.is_user_annotation():
         return False
     name = e.name()
@@ -160,7 +160,7 @@ def device_events(kineto_events) -> tuple[list[tuple], int]:
     event, the final synchronize), and how many device events fell outside: kernels DALI ran
     before the window, or records with a broken timestamp."""
     events = list(kineto_events)
-    host = [e for e in events if _is_host(e)]
+    host = [e for e in events if e.device_type() == DeviceType.CPU]
     steps = [e.start_ns() for e in host if e.name().startswith("bench_step_")]
     lo = min(steps) if steps else min((e.start_ns() for e in host), default=0)
     hi = max((e.end_ns() for e in host), default=0)
@@ -175,12 +175,6 @@ def device_events(kineto_events) -> tuple[list[tuple], int]:
         stream = e.device_resource_id() if hasattr(e, "device_resource_id") else None
         out.append((e.name(), start, dur, stream))
     return out, dropped
-
-
-def _is_host(e) -> bool:
-    from torch.autograd import DeviceType
-
-    return e.device_type() == DeviceType.CPU
 
 
 def profile_steps(step: Callable[[], int], steps: int, sync: Callable[[], None], device: torch.device,
