@@ -12,6 +12,7 @@ it on purpose (``tiny``). The dataset itself is never written to.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
@@ -35,7 +36,7 @@ def _is_gray_palette(img: Image.Image) -> bool:
     return all(pal[i] == pal[i + 1] == pal[i + 2] for i in range(0, len(pal) - 2, 3))
 
 
-def _jpeg_ends(f) -> bool:
+def _jpeg_ends(data: bytes) -> bool:
     """Whether the JPEG reaches its end-of-image marker (FFD9): walk the markers from the
     start, skipping each segment by its length and each scan's entropy-coded data up to the
     next marker (inside that data a 0xFF byte is followed only by 0x00 or a restart marker).
@@ -44,8 +45,6 @@ def _jpeg_ends(f) -> bool:
     warning. Whatever follows the first image's end (a camera's trailer, an MP4 of a motion
     photo, an MPF second image) is not read. A header this walk cannot follow is left to the
     decoder, which has already accepted the file."""
-    f.seek(0)
-    data = f.read()
     n = len(data)
     if data[:2] != b"\xff\xd8":
         return True
@@ -82,18 +81,18 @@ def check_image(path: str, min_size: int) -> tuple[list[tuple[str, str]], str | 
     """``([(reason, detail), ...], format)`` for one file; no issues -> ``[]``."""
     if not is_image_name(path):
         return [("ignored", "no image extension (ImageFolder and DALI skip it)")], None
-    if os.path.getsize(path) == 0:
+    with open(path, "rb") as f:  # read once: PIL decodes these bytes, the JPEG end check walks them
+        data = f.read()
+    if not data:
         return [("zero_byte", "empty file")], None
     issues = []
-    with open(path, "rb") as f, warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            img = Image.open(f)
+            img = Image.open(io.BytesIO(data))
             img.load()  # full decode: Image.open alone reads only the header
         except UnidentifiedImageError:
-            f.seek(0)
-            head = f.read(8)
-            if any(head.startswith(m) for m in _MAGIC):
+            if any(data.startswith(m) for m in _MAGIC):
                 return [("corrupt", "image header is unreadable")], None
             return [("non_image", "PIL cannot identify it as an image")], None
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -101,7 +100,7 @@ def check_image(path: str, min_size: int) -> tuple[list[tuple[str, str]], str | 
             return [(reason, str(e))], None
         fmt, mode, (w, h) = img.format, img.mode, img.size
         gray = mode in _GRAY_MODES or (mode in ("P", "PA") and _is_gray_palette(img))
-        if fmt == "JPEG" and not _jpeg_ends(f):
+        if fmt == "JPEG" and not _jpeg_ends(data):
             return [("truncated", "no end-of-image marker after the image data: an incomplete file (a "
                                   "download cut short, or its end overwritten with zeros); decoders fill the "
                                   "missing part with gray without an error")], fmt
@@ -152,11 +151,12 @@ def check_outside(path, root: Path) -> None:
         raise DataError(f"{path}: is inside the dataset {root}; the data tools never write there, pick another path")
 
 
-def check_not_foreign(path, out, report) -> None:
-    """A file at ``path`` (the list or the report) is replaced only if it is an earlier
-    scan's output: the list's report beside it, or a report naming a dataset root. Another
+def check_not_foreign(out, report) -> None:
+    """The list ``out`` and the ``report`` are replaced only if they are an earlier scan's
+    output: the report (given, or the one beside the list) names a dataset root. Another
     file there (a list of one's own, notes) is refused rather than overwritten."""
-    if not path or not Path(path).is_file():
+    path = next((p for p in (out, report) if p and Path(p).is_file()), None)
+    if path is None:
         return
     earlier = report if report else report_path_for(out) if out else None
     try:
@@ -196,8 +196,7 @@ def scan(root, out=None, report=None, min_size: int = 0, workers: int | None = N
     classes, samples = list_image_folder(root, images_only=False)
     check_outside(out, root)  # before the long decode, not after
     check_outside(report, root)
-    for path in (out, report):
-        check_not_foreign(path, out, report)
+    check_not_foreign(out, report)
     tasks = [(str(root / rel), rel, label, min_size) for rel, label in samples]
     results = sorted(parallel_imap(_check_task, tasks, workers, f"scan {root}", progress), key=lambda r: r[0])
 
