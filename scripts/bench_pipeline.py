@@ -23,9 +23,9 @@ synthetic speed it keeps and the milliseconds per step it takes from the trainer
 ``--isolate N`` times each of ``--stages`` in a process of its own, N rounds in
 alternating order: rows of one process run in a fixed order, which can decide a close
 A/B on a shared machine. ``--profile DIR`` profiles a few more steps of the full pipeline
-(and of the synthetic and last fed training step) and prints where the time went: on a
-GPU, how busy the device was per step and which kernels (DALI's, the decoder's, mscn's,
-torch's, copies) took it. Config overrides (``key=value``) go before the flags. How to read the numbers:
+(and of the synthetic and masks-fed training step), after every timed row, and prints
+where the time went: on a GPU, how busy the device was per step and which kernels
+(DALI's, the decoder's, mscn's, torch's, copies) took it. Config overrides (``key=value``) go before the flags. How to read the numbers:
 docs/PERFORMANCE.md.
 """
 from __future__ import annotations
@@ -105,8 +105,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", help="write every figure and the environment here")
     p.add_argument("--plot", help="bar chart of the stage breakdown and baseline ratio (PNG)")
     p.add_argument("--profile", help="folder for torch.profiler traces of the full pipeline (with --train: of "
-                   "the synthetic and the last fed training step), and a summary of each in the log and JSON: "
-                   "GPU busy share, kernel time by owner, the costliest kernels")
+                   "the synthetic and the masks-fed training step), taken after every timed row, and a summary "
+                   "of each in the log and JSON: GPU busy share, kernel time by owner and stream, the costliest "
+                   "kernels")
     p.add_argument("--profile-steps", type=int, default=5, help="steps per profile (default 5)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -437,9 +438,9 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
     rows = {}
     try:
         syn = run_measure("train-synthetic", synthetic, args, info, device, profile=True, **timing_kw)
+        # the default pipeline's row is profiled (or the last feed's when masks is not fed)
+        profiled = "masks" if "masks" in args.feeds else args.feeds[-1]
         for stage in args.feeds:
-            # the default pipeline's row is profiled (or the last feed's when masks is not fed)
-            profiled = "masks" if "masks" in args.feeds else args.feeds[-1]
             rows[stage] = run_measure(f"train-{stage}", fed(stage), args, info, device,
                                       profile=stage == profiled, **timing_kw)
         if device.type == "cuda" and not args.no_priority_row and "masks" in args.feeds:
