@@ -10,14 +10,14 @@
 #           previous release for before/after figures when given, a thread sweep, and
 #           the headline summary (gpu_summary.json).
 #   part 3: one round of A/B and profiles, most needed first, meant to run with
-#           MSCN_GPU_BUDGET_S=540 in one 600 s call (~6.5 min through ResNet-50 by round 2's
-#           step times, not yet timed as a whole; what does not fit is skipped): GPU
+#           MSCN_GPU_BUDGET_S=540 in one 600 s call (what does not fit is skipped): GPU
 #           tests, the mask benchmark, the full pipeline against its variants
 #           (masks-hp-loader, masks-colour-fold) with a GPU-time profile, the trainer fed by
 #           the bare and the full pipeline and those variants (ResNet-18, profiled), the LARS
-#           step multi-tensor vs loop (alone and fed), ResNet-50 kept, ResNet-18 under
-#           torch.compile, memory, the GPU vs CPU twins, then the isolated A/B and the
-#           table statistics tests if time is left;
+#           step multi-tensor vs loop (alone and fed), ResNet-50 kept, ResNet-18 and -50
+#           under torch.compile, memory, the GPU vs CPU twins, then the isolated A/B and
+#           the table statistics tests if time is left (round 3, H200: 455 s through the
+#           twins with the budget at 560, before ResNet-50 compiled was added);
 #   figures: only the headline figures of gpu_summary.json (no tests, no attribution rows,
 #           no sweeps), for a quick re-measurement on another box; MSCN_GPU_BUDGET_S=290
 #           keeps it under 5 minutes whatever the box (not yet timed alone).
@@ -127,7 +127,7 @@ part3() {  # this round's A/B and profiles, most needed first, within MSCN_GPU_B
   $PY -P -c "import os, torch, nvidia.dali as d, triton; print('torch', torch.__version__, 'dali', d.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available(), 'cores', len(os.sched_getaffinity(0)))" 2>&1 | tee -a "$LOG"
   [ -d "$DATA/train" ] || run synth 60 $PY -P -m mscn data synth "$DATA" --classes 10 --per-class 300 --size 500x375 --seed 0
   # the kernels were refactored since they last ran on a GPU: their results first
-  run tests 120 $PY -P -m pytest -q -s tests/test_pipeline_gpu.py tests/test_mask_kernel.py tests/test_pipeline_crop.py \
+  run tests 180 $PY -P -m pytest -q -s tests/test_pipeline_gpu.py tests/test_mask_kernel.py tests/test_pipeline_crop.py \
       tests/test_train_lars.py
   run masks 60 $PY scripts/bench_masks.py --json "$R/masks.json"
   # the pipeline against its variants, and where its GPU time goes (--profile: busy share,
@@ -151,6 +151,9 @@ part3() {  # this round's A/B and profiles, most needed first, within MSCN_GPU_B
   # fewer launches from the trainer's host thread, which DALI's threads compete with
   run train18-compile 150 $PY scripts/bench_pipeline.py train.compile=true --data "$DATA/train" --train \
       --arch resnet18 --feeds masks --no-priority-row --json "$R/train_r18_compile.json"
+  # the same for ResNet-50, the recipes' backbone (round 3 timed ResNet-18 only: +27.7 % fed)
+  run train50-compile 150 $PY scripts/bench_pipeline.py train.compile=true --data "$DATA/train" --train \
+      --arch resnet50 --feeds masks --no-priority-row --json "$R/train_r50_compile.json"
   run memory 60 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
       --json "$R/memory.json"
   run pipeline 90 $PY scripts/gpu_pipeline_check.py --data "$DATA/train" --json "$R/pipeline.json"

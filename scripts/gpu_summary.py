@@ -85,13 +85,14 @@ def summarize(results: Path, stages_from: Path | None = None) -> dict:
     if opt:
         s["lars_step_ms"] = {r["arch"]: {"multi_tensor": r["multi_tensor_ms"], "loop": r["loop_ms"]} for r in opt["rows"]}
     s["kept_resnet18_lars_loop"] = _train_kept(_load(results / "train_r18_lars_loop.json"))[0]
-    # ResNet-18 under torch.compile (train.compile=true): kept, and its fed and synthetic rates
-    comp = (_load(results / "train_r18_compile.json") or {}).get("train", {})
-    s["kept_resnet18_compiled"] = comp.get("kept")
-    if comp:
-        s["resnet18_compiled_images_per_s"] = {
-            "synthetic": comp["synthetic"]["images_per_s"]["median"],
-            "fed": comp["feeds"]["masks"]["images_per_s"]["median"] if "masks" in comp["feeds"] else None}
+    # ResNet-18 and -50 under torch.compile (train.compile=true): kept, and the fed and synthetic rates
+    for arch, name in COMPILED.items():
+        comp = (_load(results / name) or {}).get("train", {})
+        s[f"kept_{arch}_compiled"] = comp.get("kept")
+        if comp:
+            s[f"{arch}_compiled_images_per_s"] = {
+                "synthetic": comp["synthetic"]["images_per_s"]["median"],
+                "fed": comp["feeds"]["masks"]["images_per_s"]["median"] if "masks" in comp["feeds"] else None}
     s["profiles"] = profiles(results)
     if bench:
         st = bench["settings"]
@@ -126,6 +127,12 @@ PIPELINE_AB = {
     "masks-hp-late": "set pipelines/ops.py HIGHPASS_FIRST = False",
     "masks-crop-window": "set data.crop=window by default",
 }
+
+# torch.compile rows (gpu_check.sh part 3) against the eager train_r18/r50.json, per backbone:
+# the recipes train ResNet-50, the demo ResNet-18, so each decides for its own configs
+COMPILED = {"resnet18": "train_r18_compile.json", "resnet50": "train_r50_compile.json"}
+COMPILE_SWITCH = {"resnet18": "set train.compile=true for ResNet-18 on a GPU (configs/demo.yaml)",
+                  "resnet50": "set train.compile=true in the GPU recipes (simclr/byol_r50_in1k.yaml)"}
 
 
 def _spread(m: dict) -> tuple[float, float, float]:
@@ -182,10 +189,12 @@ def decisions(results: Path) -> list[dict]:
     if "masks" in loop and "masks" in r18:  # here the *default* is the new step: "better" = the loop wins
         add("resnet18 trainer images/s, pipeline-fed", "LARS per-parameter loop", _spread(r18["masks"]),
             _spread(loop["masks"]), "set optim.foreach=false by default")
-    comp = (_load(results / "train_r18_compile.json") or {}).get("train", {}).get("feeds", {})
-    if "masks" in comp and "masks" in r18:  # what counts is the fed rate: compile speeds both rows
-        add("resnet18 trainer images/s, pipeline-fed", "train.compile=true", _spread(r18["masks"]),
-            _spread(comp["masks"]), "set train.compile=true in the GPU recipes")
+    for arch, name in COMPILED.items():  # what counts is the fed rate: compile speeds both rows
+        eager = (_load(results / f"train_r{arch[6:]}.json") or {}).get("train", {}).get("feeds", {})
+        comp = (_load(results / name) or {}).get("train", {}).get("feeds", {})
+        if "masks" in comp and "masks" in eager:
+            add(f"{arch} trainer images/s, pipeline-fed", "train.compile=true", _spread(eager["masks"]),
+                _spread(comp["masks"]), COMPILE_SWITCH[arch])
     masks = _load(results / "masks.json")
     ms = masks[0]["ms"] if isinstance(masks, list) and masks else {}
     table, fused = ms.get("apply_masks triton in place"), ms.get("apply_masks fused in place")

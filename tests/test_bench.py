@@ -198,6 +198,31 @@ def test_device_profile_summary_from_events():
     assert cub["top"][0]["owner"] == "dali" and cub["by_owner_ms"]["dali"] == 1.0
 
 
+def test_generic_kernels_on_dalis_own_stream_are_dalis():
+    """DALI's GaussianBlur runs as CUTLASS convolutions with no "dali" in their names: on a
+    stream that runs only DALI's (and the decoder's) named kernels they count as DALI's,
+    while the same name on torch's stream (the trainer, next to mscn's kernels) stays
+    "other", as does a stream with no named kernel at all."""
+    from benchkit import profiling as pr
+
+    conv = "void cutlass::Kernel<cutlass::conv::kernel::ImplicitGemmConvolution<...>>(Params)"
+    events = [
+        ("void dali::kernels::lin_trans::LinearTransformationKernel<uint8_t>(int)", 0, 1_000_000, 30),
+        (conv, 1_000_000, 3_000_000, 30),                    # DALI's blur
+        ("nvjpeg::rgba2rgb(int)", 4_000_000, 1_000_000, 31),
+        (conv, 5_000_000, 2_000_000, 31),                    # a decoder-only stream: not evidence
+        ("_mask_kernel", 0, 1_000_000, 7),
+        (conv, 1_000_000, 5_000_000, 7),                     # the trainer's own convolution
+        (conv, 6_000_000, 1_000_000, 40),                    # alone on its stream: no evidence
+    ]
+    s = pr.summarize_device(events, steps=1)
+    assert s["by_owner_ms"] == {"dali": 4.0, "decode": 1.0, "mscn": 1.0, "other": 8.0, "copy": 0.0}
+    by_stream = {r["stream"]: r["by_owner_ms"] for r in s["streams"]}
+    assert by_stream[30] == {"dali": 4.0} and by_stream[7] == {"mscn": 1.0, "other": 5.0}
+    assert by_stream[40] == {"other": 1.0}
+    assert by_stream[31] == {"decode": 1.0, "other": 2.0}
+
+
 class _Event:
     """A kineto event as torch 2.11 gives it (no activity_type()), or as later ones do."""
 

@@ -93,7 +93,7 @@ def test_gpu_summary_reads_the_bench_files(results):
 
 
 PART3_STEPS = ["tests", "masks", "bench", "train18", "optimizer", "train18-lars-loop", "train50", "train18-compile",
-               "memory", "pipeline", "ab-isolated", "tests-stats"]
+               "train50-compile", "memory", "pipeline", "ab-isolated", "tests-stats"]
 
 
 def _gpu_check(tmp_path, budget: int, sleep: float, share: int = 0) -> tuple[subprocess.CompletedProcess, list[str], float]:
@@ -184,5 +184,6 @@ def test_gpu_summary_decides_on_torch_compile_by_the_fed_rate(results, tmp_path)
     assert s["kept_resnet18_compiled"] == doc["train"]["kept"]
     assert s["resnet18_compiled_images_per_s"]["fed"] == doc["train"]["feeds"]["masks"]["images_per_s"]["median"]
     d = next(d for d in s["decisions"] if d["variant"] == "train.compile=true")
-    assert d["verdict"] == "better" and d["switch"] == "set train.compile=true in the GPU recipes"
+    assert d["verdict"] == "better" and d["switch"].startswith("set train.compile=true for ResNet-18")
+    assert d["what"].startswith("resnet18") and s["kept_resnet50_compiled"] is None  # no ResNet-50 row in these results
     assert d["change"] == pytest.approx(1.0, abs=1e-3)

@@ -136,22 +136,47 @@ def test_multi_tensor_step_launches_a_fraction_of_the_loops_ops():
     assert multi * 5 < loop, counts
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_multi_tensor_step_matches_the_loop_on_cuda():
-    """On a GPU the multi-tensor norms may sum in another order: equal to float rounding."""
+def _step_both_on_the_same_gradients(device: str, steps: int = 3):
+    """Two ResNet-18 copies, one stepped by the multi-tensor LARS, one by the loop, each
+    step given the *same* gradients (net 0's, copied to net 1). Recomputing each net's own
+    gradients would compare training runs, not optimizers: a batch of 4 under BatchNorm
+    amplifies any rounding (cuDNN's nondeterministic kernels alone, or the loop against
+    itself, moved conv1.weight by 0.13 of its largest entry in 3 steps on an H200)."""
     torch.manual_seed(0)
-    nets = [build_backbone("resnet18")[0].cuda() for _ in range(2)]
+    nets = [build_backbone("resnet18")[0].to(device) for _ in range(2)]
     nets[1].load_state_dict(nets[0].state_dict())
     opts = [LARS(param_groups(net, 1e-4)[0], lr=0.3, weight_decay=1e-4, trust_coef=0.02, foreach=foreach)
             for net, foreach in zip(nets, (True, False))]
-    x = torch.randn(4, 3, 64, 64, device="cuda")
-    for _ in range(3):
-        for net, opt in zip(nets, opts):
+    x = torch.randn(4, 3, 64, 64, device=device)
+    for _ in range(steps):
+        for net in nets:
             net.zero_grad(set_to_none=True)
-            net(x).square().mean().backward()
+        nets[0](x).square().mean().backward()
+        for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+            b.grad = a.grad.clone()
+        for opt in opts:
             opt.step()
+    return nets
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_multi_tensor_step_matches_the_loop_on_cuda():
+    """On a GPU the multi-tensor norms may sum in another order: equal to float rounding."""
+    nets = _step_both_on_the_same_gradients("cuda")
     for (n, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_the_same_gradients_helper_steps_alike_on_the_cpu():
+    """The CUDA test's setup, where it can run everywhere: on the CPU the two steps agree
+    bit for bit, so a broken multi-tensor step (or a helper that stops sharing the
+    gradients) fails here too."""
+    nets = _step_both_on_the_same_gradients("cpu")
+    torch.manual_seed(0)
+    start = build_backbone("resnet18")[0]  # the helper's starting weights
+    assert all(not torch.equal(a, b) for a, b in zip(nets[0].parameters(), start.parameters()))
+    for (n, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
+        assert torch.equal(a, b), n
 
 
 def test_a_group_on_two_devices_takes_the_loop():
