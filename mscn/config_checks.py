@@ -49,6 +49,10 @@ def validate(cfg: Config, src: str = "<config>", world_size: int = 1) -> None:
     _validate_data(cfg.data, src)
     _validate_views(cfg.views, src, cfg.data.image_size)
     _validate_highpass(cfg.highpass, src)
+    # the high-pass must see the blurred view: a blur moved to the loader takes it along
+    _check(not (cfg.data.blur_where == "loader" and cfg.highpass.enabled and cfg.highpass.where == "pipeline"), src,
+           "highpass.where", cfg.highpass.where, "data.blur_where=loader blurs the views after DALI, so the "
+           "high-pass must run there too: set highpass.where=auto or loader")
     _validate_model(cfg, src)
     _validate_optim(cfg, src)
     _validate_train(cfg.train, src, world_size)
@@ -67,6 +71,7 @@ def _validate_data(d: DataCfg, src: str) -> None:
     _check(d.prefetch >= 1, src, "data.prefetch", d.prefetch, "must be >= 1")
     _check(d.shuffle_buffer >= 1, src, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 1")
     _check(d.crop in ("rrc", "window"), src, "data.crop", d.crop, "must be rrc or window")
+    _check(d.blur_where in ("pipeline", "loader"), src, "data.blur_where", d.blur_where, "must be pipeline or loader")
     _check(d.output_dtype in ("float32", "float16", "bfloat16", "auto"), src, "data.output_dtype", d.output_dtype,
            "must be float32, float16, bfloat16 or auto")
     _check(all(s > 0 for s in d.std), src, "data.std", d.std, "must be > 0")

@@ -94,6 +94,10 @@ class DataCfg:
     # 13 % faster on an H200) | window (fn.random_crop_generator + an ROI resize, which
     # exposes the window); the same windows either way (tests/test_pipeline_crop.py)
     crop: str = "rrc"
+    # where the views' Gaussian blur (App. A.1) runs: pipeline (DALI's fn.gaussian_blur) |
+    # loader (per-sample batched GEMMs on the views' device, mscn/blur.py; views with
+    # solarize keep DALI's; the high-pass then runs in the loader too, after the blur)
+    blur_where: str = "pipeline"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 

@@ -3,8 +3,10 @@
 Everything DALI-shaped stops here (the ``DALIWrapper`` pattern of DALI's examples):
 the trainer never indexes ``data[0]["view0"]``. Per batch the adapter
 
-1. takes the views (NCHW, on the pipeline's device) and, on the CPU path, applies the
-   high-pass (paper §5.1) with BLAS (``highpass_matmul``; docs/PIPELINE.md says why);
+1. takes the views (NCHW, on the pipeline's device); with ``data.blur_where=loader``
+   blurs the views DALI left unblurred, each sample with its own σ (App. A.1,
+   ``mscn.blur``); on the CPU path (or with ``highpass.where=loader``) applies the
+   high-pass (paper §5.1) as matrix products (``highpass_matmul``; docs/PIPELINE.md says why);
 2. casts to the output dtype (bfloat16 only here: DALI has no bfloat16);
 3. maps sample index -> label for file readers (their one integer is the index);
 4. applies the masks (paper §5.2: masking comes after every other augmentation)
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from mscn.blur import blur_per_sample, blur_radius
 from mscn.errors import DataError
 from mscn.highpass import highpass_matmul
 from mscn.pipelines.readers import READER_NAME, Source
@@ -68,17 +71,21 @@ class DaliLoader:
     ``output_names(num_views, source)``. policy: DROP for training, PARTIAL for
     evaluation. highpass: (σ, window) to apply here (CPU path), None if the pipeline
     did it or it is disabled. mask_fn: views -> masked views, None for no masks.
-    device: where the batch should live (the pipeline's device if None).
+    device: where the batch should live (the pipeline's device if None). blur: view index
+    -> (radius, window) for the views whose blur this adapter applies (their σ comes as
+    ``view{i}_sigma``; ``data.blur_where=loader``), before the high-pass.
     """
 
     def __init__(self, pipeline, source: Source, num_views: int, *, policy: LastBatchPolicy,
                  output_dtype: str = "float32", highpass: tuple[float, int] | None = None,
                  mask_fn: MaskFn | None = None, device: torch.device | None = None,
-                 replay: Replay | None = None, runs: int = 0, crop: str | None = None):
+                 replay: Replay | None = None, runs: int = 0, crop: str | None = None,
+                 blur: dict[int, tuple[int, int]] | None = None):
         self.source, self.num_views, self.crop = source, num_views, crop
         self.dtype = TORCH_DTYPES[output_dtype]
         self.highpass, self.mask_fn, self.device, self.replay = highpass, mask_fn, device, replay
-        self._names = output_names(num_views, source)
+        self.blur = dict(blur or {})
+        self._names = output_names(num_views, source, deferred=tuple(sorted(self.blur)))
         self._labels = None if source.label_in_stream else torch.tensor(source.labels, dtype=torch.int64)
         self._runs = runs  # batches taken from the pipeline so far, for diagnose.py (kept across a resume)
         try:  # prepare_first_batch=False: nothing runs until the first batch is asked for
@@ -110,7 +117,7 @@ class DaliLoader:
         mask = self.mask_fn.state_dict() if isinstance(self.mask_fn, MaskGenerator) else None
         # "crop": DALI's checkpoint only fits a pipeline of the same operators (train/resume.py)
         return {"dali": torch.frombuffer(bytearray(dali), dtype=torch.uint8), "mask": mask, "runs": self._runs,
-                "crop": self.crop}
+                "crop": self.crop, "blur_where": "loader" if self.blur else "pipeline"}
 
     def _convert(self, out: dict) -> MscnBatch:
         views = [out[f"view{i}"] for i in range(self.num_views)]
@@ -119,9 +126,14 @@ class DaliLoader:
             # non_blocking only towards a GPU: a non-blocking GPU -> CPU copy would let the
             # CPU read the views (high-pass, masks) before the copy has finished
             views = [v.to(dev, non_blocking=dev.type == "cuda") for v in views]
-        if self.highpass is not None:  # float16 stays float16 on a GPU (see dali_dtype)
-            views = [highpass_matmul(v if v.is_cuda and v.dtype == torch.float16 else v.float(), *self.highpass)
-                     for v in views]
+        # float16 stays float16 on a GPU (see dali_dtype); the blur comes first (App. A.1
+        # blurs the image, §5.1 high-passes the result)
+        views = [v if v.is_cuda and v.dtype == torch.float16 else v.float() for v in views] \
+            if (self.highpass is not None or self.blur) else views
+        for i, (radius, window) in self.blur.items():
+            views[i] = blur_per_sample(views[i], out[f"view{i}_sigma"], radius, window)
+        if self.highpass is not None:
+            views = [highpass_matmul(v, *self.highpass) for v in views]
         views = [v if v.dtype == self.dtype else v.to(self.dtype) for v in views]
         batch = views[0].shape[0]
         if "index" in out:
@@ -227,17 +239,18 @@ class Plan:
     highpass_in_pipeline: tuple[float, int] | None  # (σ, window) for DALI (GPU path)
     highpass_in_adapter: tuple[float, int] | None  # (σ, window) for BLAS in the adapter (CPU path)
     dali_dtype: str  # what DALI emits (DALI has no bfloat16)
+    blur_in_adapter: bool = False  # data.blur_where=loader: views without solarize are blurred by the adapter
 
 
-def dali_dtype(out: str, gpu: bool, highpass_in_loader: bool) -> str:
+def dali_dtype(out: str, gpu: bool, filters_in_loader: bool) -> str:
     """What DALI emits for views the loader hands over as ``out``.
 
-    DALI has no bfloat16 (float32, cast by the loader). A high-pass in the loader runs on
-    float32 views on the CPU path (BLAS), but on float16 views on a GPU: half the bytes
-    out of DALI and tensor-core GEMMs, at 2e-4 relative error against float64
+    DALI has no bfloat16 (float32, cast by the loader). A high-pass (or blur) in the loader
+    runs on float32 views on the CPU path (BLAS), but on float16 views on a GPU: half the
+    bytes out of DALI and tensor-core GEMMs, at 2e-4 relative error against float64
     (tests/test_pipeline_highpass.py), the error float16 views have anyway.
     """
-    if out == "bfloat16" or (highpass_in_loader and not (gpu and out == "float16")):
+    if out == "bfloat16" or (filters_in_loader and not (gpu and out == "float16")):
         return "float32"
     return out
 
@@ -257,12 +270,15 @@ def plan(cfg, device: torch.device | str | None, local_rank: int = 0) -> Plan:
     gpu = kind == "gpu"
     out = view_dtype(cfg.data.output_dtype, gpu)
     hp = highpass_params(cfg.highpass)
-    where = cfg.highpass.where if cfg.highpass.where != "auto" else ("pipeline" if gpu else "loader")
+    blur_in_loader = cfg.data.blur_where == "loader"
+    # auto: DALI on a GPU, unless the blur moved to the loader (the high-pass comes after it)
+    auto = "loader" if blur_in_loader or not gpu else "pipeline"
+    where = cfg.highpass.where if cfg.highpass.where != "auto" else auto
     in_loader = hp is not None and where == "loader"
-    dali = dali_dtype(out, gpu, in_loader)
+    dali = dali_dtype(out, gpu, in_loader or blur_in_loader)
     return Plan(kind, device_id, dali_threads(cfg.data.num_threads, gpu),
                 decoder_load(cfg.data.hw_decoder_load, device_id if gpu else None), out,
-                None if in_loader else hp, hp if in_loader else None, dali)
+                None if in_loader else hp, hp if in_loader else None, dali, blur_in_loader)
 
 
 @dataclass(frozen=True)
@@ -277,15 +293,18 @@ class Shard:
 
 def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_fn: MaskFn | None,
                   state: dict | None = None, checkpointing: bool = False) -> DaliLoader:
-    from mscn.pipelines.train_pipeline import views_pipeline
+    from mscn.pipelines.train_pipeline import deferred_views, views_pipeline
 
     d = cfg.data
+    blur = {i: (blur_radius(views[i].blur_sigma[1], views[i].blur_window), views[i].blur_window)
+            for i in deferred_views(views, p.blur_in_adapter)}
     replay = Replay(shard_id=shard.rank, num_shards=shard.world_size, shuffle=True, shuffle_buffer=d.shuffle_buffer,
                     stick_to_shard=False, reader_seed=shard.seed, batch_size=shard.batch, prefetch=d.prefetch)
     pipe = views_pipeline(source, views, image_size=d.image_size, mean=d.mean, std=d.std, crop=d.crop,
                           highpass=p.highpass_in_pipeline, device=p.kind, hw_decoder_load=p.hw_decoder_load,
                           shard_id=shard.rank, num_shards=shard.world_size, reader_seed=shard.seed, shuffle=True,
                           shuffle_buffer=d.shuffle_buffer, view_dtype=p.dali_dtype, batch_size=shard.batch,
+                          blur_in_loader=p.blur_in_adapter,
                           num_threads=p.threads, device_id=p.device_id, seed=shard.seed,
                           prefetch_queue_depth=d.prefetch, enable_checkpointing=checkpointing or state is not None,
                           checkpoint=bytes(state["dali"].numpy()) if state else None)
@@ -293,7 +312,7 @@ def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_
         mask_fn.load_state_dict(state["mask"])
     return DaliLoader(pipe, source, len(views), policy=LastBatchPolicy.DROP, output_dtype=p.output_dtype,
                       highpass=p.highpass_in_adapter, mask_fn=mask_fn, replay=replay,
-                      runs=int(state["runs"]) if state else 0, crop=d.crop)
+                      runs=int(state["runs"]) if state else 0, crop=d.crop, blur=blur)
 
 
 def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int = 0,

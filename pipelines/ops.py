@@ -34,11 +34,6 @@ DALI_FLOAT = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": type
 # float view (the earlier order). Same result to float rounding; the benchmark's
 # "masks-hp-late" stage builds the pipeline with False to time both on one machine.
 HIGHPASS_FIRST = True
-# How colour() builds jitter + grayscale, read at trace time: False = two conditional
-# twists (jitter on its samples, then grayscale on its own); True = one conditional twist
-# on the samples with either flag, grayscale folded in as saturation 0. The benchmark's
-# "masks-colour-fold" stage builds the pipeline with True to time both on one machine.
-COLOUR_FOLD = False
 # solarize (BYOL): invert every value >= 128, as torchvision's solarize(threshold=128)
 _SOLARIZE = [float(v if v < 128 else 255 - v) for v in range(256)]
 
@@ -78,6 +73,7 @@ class ViewFlags:
     blur: DataNode
     solarize: DataNode
     crop_area: DataNode | None  # crop area / image area (None for the fused crop, which hides it)
+    blur_sigma: DataNode | None = None  # a deferred blur's σ per sample, 0 where not blurred
 
 
 def resized_crop(images: DataNode, shape: DataNode, size: int, scale, ratio,
@@ -117,48 +113,14 @@ def colour(x: DataNode, view: ViewCfg) -> tuple[DataNode, DataNode, DataNode]:
     (torchvision's weights). torchvision applies the four jitters in a random order and
     takes contrast around the image mean; DALI applies a fixed order (docs/PIPELINE.md).
 
-    Measured alternative, rejected: one twist on every sample with neutral parameters
-    for the unjittered ones (no conditionals) cut the GPU pipeline from 7,655 to 5,583
-    images/s on an H200 (docs/PERFORMANCE.md): a conditional twist on 80 % + 20 % of the
-    samples is cheaper than an unconditional one on all of them.
+    Measured alternatives, both rejected on an H200 (docs/PERFORMANCE.md): one twist on
+    every sample with neutral parameters for the unjittered ones (no conditionals) cut the
+    GPU pipeline from 7,655 to 5,583 images/s; one conditional twist on the samples with
+    either flag, grayscale folded in as saturation 0, cut it from 7,436 to 3,806 (round 3).
+    Two conditional twists on 80 % + 20 % of the samples are cheaper than either.
     """
-    if COLOUR_FOLD:
-        return _colour_folded(x, view)
     x, jit = _maybe(view.jitter_prob, x, lambda v: fn.color_twist(v, **_jitter_factors(view)))
     x, gray = _maybe(view.grayscale_prob, x, lambda v: fn.color_twist(v, saturation=0.0))
-    return x, jit, gray
-
-
-def _colour_folded(x: DataNode, view: ViewCfg) -> tuple[DataNode, DataNode, DataNode]:
-    """Jitter and grayscale as **one** conditional ``fn.color_twist``, on the samples that
-    have either flag (84 % at p = 0.8 / 0.2, against 80 % + 20 % for two twists, and one
-    split/merge less per view).
-
-    Each sample's twist parameters are picked by arithmetic on its flags: an unjittered
-    sample gets the neutral brightness/contrast/saturation 1 and hue 0, and a gray one gets
-    saturation 0. Brightness and contrast scale all channels alike and the luma weights
-    sum to 1, so grayscale commutes with them, and saturation 0 after a hue rotation is
-    grayscale: one twist equals jitter-then-grayscale except where the jitter pushed a
-    channel past 0 or 255, which the two-pass graph clamps before taking the luma
-    (tests/test_pipeline_views.py bounds the difference).
-    """
-    jit = coin(view.jitter_prob)
-    factors = _jitter_factors(view) if view.jitter_prob > 0 else {}
-    gray = coin(view.grayscale_prob)
-    p_any = 1.0 - (1.0 - max(0.0, view.jitter_prob)) * (1.0 - max(0.0, view.grayscale_prob))
-    if p_any <= 0.0:
-        return x, jit, gray
-    j = fn.cast(jit, dtype=types.FLOAT)
-    colour_kept = 1.0 - fn.cast(gray, dtype=types.FLOAT)
-
-    def pick(name: str, neutral: float) -> DataNode | float:
-        return neutral + j * (factors[name] - neutral) if name in factors else neutral
-    args = dict(brightness=pick("brightness", 1.0), contrast=pick("contrast", 1.0),
-                saturation=pick("saturation", 1.0) * colour_kept, hue=pick("hue", 0.0))
-    if p_any >= 1.0:
-        return fn.color_twist(x, **args), jit, gray
-    if jit | gray:
-        x = fn.color_twist(x, **args)
     return x, jit, gray
 
 
@@ -206,14 +168,40 @@ def _maybe(p: float, x: DataNode, op) -> tuple[DataNode, DataNode]:
     return x, flag
 
 
+def blur_deferred(view: ViewCfg, blur_in_loader: bool) -> bool:
+    """Whether this view's blur is left to the loader (``data.blur_where=loader``,
+    mscn/blur.py): only where it may move past the normalization, i.e. on views that
+    blur at all and have no solarize after the blur (BYOL's second view keeps DALI's)."""
+    return blur_in_loader and view.blur_prob > 0 and view.solarize_prob <= 0
+
+
+def deferred_blur_sigma(view: ViewCfg) -> tuple[DataNode, DataNode]:
+    """(flag, σ) of a blur the loader applies: σ ~ U[blur_sigma] where the flag is set, 0
+    elsewhere. The flag and σ are drawn in the order DALI's own blur draws them."""
+    flag = coin(view.blur_prob)
+    sigma = uniform(*view.blur_sigma)  # before the cast: DALI seeds operators in the order they are made
+    return flag, fn.cast(flag, dtype=types.FLOAT) * sigma
+
+
 def augment_view(images: DataNode, shape: DataNode, view: ViewCfg, size: int,
-                 crop_op: str = "rrc") -> tuple[DataNode, ViewFlags]:
-    """One view's uint8 HWC augmentations, before normalization (flip is done there)."""
+                 crop_op: str = "rrc", defer_blur: bool = False) -> tuple[DataNode, ViewFlags]:
+    """One view's uint8 HWC augmentations, before normalization (flip is done there).
+
+    ``defer_blur`` (see :func:`blur_deferred`): the view is not blurred here; its per-sample
+    σ is returned in ``ViewFlags.blur_sigma`` for the loader.
+    """
     x, area = resized_crop(images, shape, size, view.scale, view.ratio, crop_op)
     x, jit, gray = colour(x, view)
-    x, blur = _maybe(view.blur_prob, x, lambda v: gaussian_blur(v, view))
+    sigma = None
+    if defer_blur:
+        if view.solarize_prob > 0:
+            raise ValueError("a blur followed by solarize cannot move past the normalization")
+        blur, sigma = deferred_blur_sigma(view)
+    else:
+        x, blur = _maybe(view.blur_prob, x, lambda v: gaussian_blur(v, view))
     x, sol = _maybe(view.solarize_prob, x, solarize)
-    return x, ViewFlags(flip=coin(view.flip_prob), jitter=jit, gray=gray, blur=blur, solarize=sol, crop_area=area)
+    return x, ViewFlags(flip=coin(view.flip_prob), jitter=jit, gray=gray, blur=blur, solarize=sol, crop_area=area,
+                        blur_sigma=sigma)
 
 
 def normalize(x: DataNode, mean, std, flip: DataNode | int = 0, dtype=types.FLOAT,

@@ -5,26 +5,37 @@ augmentations, per view); the high-pass after normalization is §5.1. Masks are 
 applied here: the loader applies them to the output tensors (cuda_kernels/).
 
 Outputs, in order (see :func:`output_names`): ``view0 .. view{N-1}`` (CHW, float),
-then ``label`` when the reader carries labels (tar shards), then ``index``; with
-``debug_outputs`` each view adds ``view{i}_flags`` (int32: flip, jitter, gray, blur,
-solarize) and ``view{i}_area`` (crop area fraction), for tests and statistics.
+then ``label`` when the reader carries labels (tar shards), then ``index``; a view whose
+blur the loader applies (``data.blur_where=loader``) adds ``view{i}_sigma`` (float, 0 where
+not blurred); with ``debug_outputs`` each view adds ``view{i}_flags`` (int32: flip,
+jitter, gray, blur, solarize) and ``view{i}_area`` (crop area fraction), for tests and
+statistics.
 """
 from __future__ import annotations
 
 from nvidia.dali import fn, pipeline_def, types
 
 from mscn.config import IMAGENET_MEAN, IMAGENET_STD, ViewCfg
-from mscn.pipelines.ops import augment_view, decode, normalize_highpass
+from mscn.pipelines.ops import augment_view, blur_deferred, decode, normalize_highpass
 from mscn.pipelines.readers import Source, read
 
 FLAG_NAMES = ("flip", "jitter", "gray", "blur", "solarize")
 
 
-def output_names(num_views: int, source: Source, debug_outputs: bool = False) -> list[str]:
-    """Names of the pipeline's outputs, matching what :func:`views_pipeline` returns."""
+def deferred_views(views: list[ViewCfg], blur_in_loader: bool) -> tuple[int, ...]:
+    """Indices of the views whose blur the loader applies (ops.blur_deferred)."""
+    return tuple(i for i, v in enumerate(views) if blur_deferred(v, blur_in_loader))
+
+
+def output_names(num_views: int, source: Source, debug_outputs: bool = False,
+                 deferred: tuple[int, ...] = ()) -> list[str]:
+    """Names of the pipeline's outputs, matching what :func:`views_pipeline` returns;
+    ``deferred``: the views with a ``view{i}_sigma`` output (:func:`deferred_views`)."""
     names = []
     for i in range(num_views):
         names.append(f"view{i}")
+        if i in deferred:
+            names.append(f"view{i}_sigma")
         if debug_outputs:
             names += [f"view{i}_flags", f"view{i}_area"]
     if source.label_in_stream:
@@ -39,7 +50,8 @@ def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 22
                    std=IMAGENET_STD, highpass: tuple[float, int] | None = (5.0, 31), device: str = "cpu",
                    hw_decoder_load: float = 0.65, shard_id: int = 0, num_shards: int = 1,
                    shuffle: bool = True, shuffle_buffer: int = 4096, reader_seed: int = -1,
-                   view_dtype: str = "float32", debug_outputs: bool = False, crop: str | None = None):
+                   view_dtype: str = "float32", debug_outputs: bool = False, crop: str | None = None,
+                   blur_in_loader: bool = False):
     """N augmented views of every image, each with its own :class:`ViewCfg`.
 
     Call with the pipeline arguments too: ``views_pipeline(src, views, batch_size=..,
@@ -51,7 +63,14 @@ def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 22
     ``reader_seed`` fixes the reader's shuffle (diagnose.py replays it); ``view_dtype``
     is float32 or float16 (the DALI output type of the views). ``crop``: "rrc" or
     "window" (``data.crop``, ops.resized_crop); None: "rrc", or "window" with ``debug_outputs``.
+    ``blur_in_loader`` (``data.blur_where=loader``): the views of :func:`deferred_views` are
+    not blurred here but hand their σ to the loader, which blurs and then high-passes them,
+    so ``highpass`` must then be None (the high-pass must see the blurred view).
     """
+    deferred = deferred_views(views, blur_in_loader)
+    if deferred and highpass is not None:
+        raise ValueError("blur_in_loader: the loader blurs views after DALI, so the high-pass must run there "
+                         "too (highpass=None here)")
     encoded, label, index = read(source, shard_id=shard_id, num_shards=num_shards, shuffle=shuffle,
                                  shuffle_buffer=shuffle_buffer, stick_to_shard=False, seed=reader_seed)
     # the "window" crop draws its windows from the image size on the CPU; peeking at the
@@ -64,9 +83,11 @@ def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 22
     if debug_outputs and crop_op == "rrc":
         raise ValueError("debug outputs report the crop window, which crop='rrc' does not expose")
     outputs = []
-    for view in views:  # trace time: one branch of the graph per view
-        x, flags = augment_view(images, shape, view, image_size, crop_op)
+    for i, view in enumerate(views):  # trace time: one branch of the graph per view
+        x, flags = augment_view(images, shape, view, image_size, crop_op, defer_blur=i in deferred)
         outputs.append(normalize_highpass(x, mean, std, fn.cast(flags.flip, dtype=types.INT32), highpass, view_dtype))
+        if i in deferred:  # on the views' device, so that the loader builds its matrices there without a copy
+            outputs.append(flags.blur_sigma.gpu() if device == "gpu" else flags.blur_sigma)
         if debug_outputs:
             drawn = [getattr(flags, name) for name in FLAG_NAMES]
             outputs.append(fn.stack(*[fn.cast(f, dtype=types.INT32) for f in drawn]))

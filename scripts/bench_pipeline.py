@@ -53,12 +53,12 @@ from mscn.train.distributed import barrier
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("decode", "bare", "colour", "views", "highpass", "masks", "masks-hp-late", "masks-hp-loader",
-          "masks-crop-window", "masks-colour-fold")
-# the full pipeline with the high-pass elsewhere, on request: after the normalization in
-# DALI (the previous order), or as batched GEMMs in the loader (highpass.where=loader)
-VARIANTS = ("masks-hp-late", "masks-hp-loader", "masks-crop-window", "masks-colour-fold")
-FEEDS = ("bare", "colour", "views", "highpass", "masks", "masks-hp-late", "masks-hp-loader", "masks-crop-window",
-         "masks-colour-fold")  # --train feeds
+          "masks-blur-loader", "masks-crop-window")
+# the full pipeline built another way, on request: the high-pass after the normalization in
+# DALI (the previous order), or as batched GEMMs in the loader (highpass.where=loader); the
+# blur and the high-pass as GEMMs in the loader (data.blur_where=loader); ...
+VARIANTS = ("masks-hp-late", "masks-hp-loader", "masks-blur-loader", "masks-crop-window")
+FEEDS = ("bare", "colour", "views", "highpass", "masks", *VARIANTS)  # --train feeds
 # Small on the 2-core CI box (the whole default run fits in ~1 min), ImageNet-scale on a GPU.
 DEFAULTS = {"cpu": dict(batch=32, warmup=2, iters=3, repeats=3, train_steps=3, arch="resnet18",
                         baseline_workers=2),
@@ -220,8 +220,10 @@ def resolve_data(args: argparse.Namespace, info) -> tuple[str, dict]:
 
 def stage_config(cfg, stage: str):
     """The config whose pipeline stops after ``stage`` (masks are the loader's switch)."""
-    if stage == "masks-hp-loader":
+    if stage in ("masks-hp-loader", "masks-blur-loader"):
         cfg = dataclasses.replace(cfg, highpass=dataclasses.replace(cfg.highpass, where="loader"))
+    if stage == "masks-blur-loader":
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, blur_where="loader"))
     if stage == "masks-crop-window":  # the crop the views had before the fused one
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, crop="window"))
     if stage in ("bare", "colour", "views", "dali-plain"):
@@ -239,16 +241,14 @@ def stage_loader(cfg, stage: str, info, device: torch.device):
 
     # the variant builds the full pipeline the earlier way (high-pass after normalization)
     # to time both orders in one run; the graph is traced right here
-    # (and masks-colour-fold with jitter + grayscale as one conditional twist)
-    default, fold = ops.HIGHPASS_FIRST, ops.COLOUR_FOLD
+    default = ops.HIGHPASS_FIRST
     ops.HIGHPASS_FIRST = stage != "masks-hp-late" and default
-    ops.COLOUR_FOLD = stage == "masks-colour-fold" or fold
     try:
         return build_train_loader(stage_config(cfg, stage), rank=info.rank, world_size=info.world_size,
                                   local_rank=info.local_rank, device=device if device.type == "cuda" else None,
                                   apply_mask=stage.startswith("masks"))
     finally:
-        ops.HIGHPASS_FIRST, ops.COLOUR_FOLD = default, fold
+        ops.HIGHPASS_FIRST = default
 
 
 def placed_dtype(cfg, device: torch.device) -> str:

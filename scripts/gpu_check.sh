@@ -12,7 +12,7 @@
 #   part 3: one round of A/B and profiles, most needed first, meant to run with
 #           MSCN_GPU_BUDGET_S=540 in one 600 s call (what does not fit is skipped): GPU
 #           tests, the mask benchmark, the full pipeline against its variants
-#           (masks-hp-loader, masks-colour-fold) with a GPU-time profile, the trainer fed by
+#           (masks-hp-loader, masks-blur-loader) with a GPU-time profile, the trainer fed by
 #           the bare and the full pipeline and those variants (ResNet-18, profiled), the LARS
 #           step multi-tensor vs loop (alone and fed), ResNet-50 kept, ResNet-18 and -50
 #           under torch.compile, memory, the GPU vs CPU twins, then the isolated A/B and
@@ -127,18 +127,18 @@ part3() {  # this round's A/B and profiles, most needed first, within MSCN_GPU_B
   $PY -P -c "import os, torch, nvidia.dali as d, triton; print('torch', torch.__version__, 'dali', d.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available(), 'cores', len(os.sched_getaffinity(0)))" 2>&1 | tee -a "$LOG"
   [ -d "$DATA/train" ] || run synth 60 $PY -P -m mscn data synth "$DATA" --classes 10 --per-class 300 --size 500x375 --seed 0
   # the kernels were refactored since they last ran on a GPU: their results first
-  run tests 180 $PY -P -m pytest -q -s tests/test_pipeline_gpu.py tests/test_mask_kernel.py tests/test_pipeline_crop.py \
+  run tests 180 $PY -P -m pytest -q -s tests/test_pipeline_gpu.py tests/test_mask_kernel.py tests/test_pipeline_crop.py tests/test_pipeline_blur.py \
       tests/test_train_lars.py
   run masks 60 $PY scripts/bench_masks.py --json "$R/masks.json"
   # the pipeline against its variants, and where its GPU time goes (--profile: busy share,
   # kernels by owner; the traces stay on the machine, the summaries go into the JSON)
   run bench 150 $PY scripts/bench_pipeline.py --data "$DATA/train" \
-      --stages decode,masks,masks-hp-loader,masks-colour-fold --baseline dali-plain \
+      --stages decode,masks,masks-hp-loader,masks-blur-loader --baseline dali-plain \
       --profile /tmp/mscn_profile --json "$R/bench.json"
   # the trainer: the barest feed (the floor), the full one and its variants; the profiles
   # say how busy the GPU is with the trainer alone and how much of it DALI takes when fed
   run train18 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
-      --feeds bare,masks,masks-hp-loader,masks-colour-fold --no-priority-row \
+      --feeds bare,masks,masks-hp-loader,masks-blur-loader --no-priority-row \
       --profile /tmp/mscn_profile --json "$R/train_r18.json"
   # the multi-tensor LARS step (default) against the per-parameter loop it replaced: alone,
   # then as the trainer's kept share when the pipeline feeds it (train18 above is the "after")
@@ -160,7 +160,7 @@ part3() {  # this round's A/B and profiles, most needed first, within MSCN_GPU_B
   # if time is left: the close A/B again with one process per pipeline (rounds in
   # alternating order), and the table kernel's statistics tests (a compile per configuration)
   run ab-isolated 150 $PY scripts/bench_pipeline.py --data "$DATA/train" \
-      --stages masks,masks-hp-loader,masks-colour-fold --isolate 2 --iters 10 --repeats 3 --json "$R/ab_isolated.json"
+      --stages masks,masks-hp-loader,masks-blur-loader --isolate 2 --iters 10 --repeats 3 --json "$R/ab_isolated.json"
   run tests-stats 120 $PY -P -m pytest -q -x tests/test_masks.py -k triton
   summary
 }

@@ -123,7 +123,7 @@ def profiles(results: Path) -> dict:
 # the "masks" row (or the table-kernel mask path, or the multi-tensor LARS step).
 PIPELINE_AB = {
     "masks-hp-loader": "make highpass.where=loader the GPU default",
-    "masks-colour-fold": "set pipelines/ops.py COLOUR_FOLD = True",
+    "masks-blur-loader": "make data.blur_where=loader the GPU default",
     "masks-hp-late": "set pipelines/ops.py HIGHPASS_FIRST = False",
     "masks-crop-window": "set data.crop=window by default",
 }

@@ -369,11 +369,11 @@ def test_isolation_order_alternates_and_children_drop_the_parent_options():
 def test_isolate_runs_every_stage_in_its_own_process(tiny_data, tmp_path):
     out = tmp_path / "iso.json"
     proc = run_bench("--data", tiny_data, *TINY, "--iters", "1", "--repeats", "2", "--isolate", "2",
-                     "--stages", "masks,masks-colour-fold", "--json", out)
+                     "--stages", "masks,masks-blur-loader", "--json", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
-    assert r["order"] == ["1:masks", "1:masks-colour-fold", "2:masks-colour-fold", "2:masks"]
-    for st in ("masks", "masks-colour-fold"):  # (the folded colour twist: a variant)
+    assert r["order"] == ["1:masks", "1:masks-blur-loader", "2:masks-blur-loader", "2:masks"]
+    for st in ("masks", "masks-blur-loader"):  # (the blur in the loader: a variant)
         iso = r["isolated"][st]
         assert len(iso["medians"]) == 2 and all(v > 0 for v in iso["medians"])
         assert iso["mean"] == pytest.approx(sum(iso["medians"]) / 2, abs=0.01)

@@ -49,12 +49,12 @@ def test_matmul_in_half_precision_on_view_sized_images(dtype, bound):
 def test_loader_filters_float16_views_in_float16_only_on_a_gpu():
     from mscn.pipelines.loader import dali_dtype
 
-    assert dali_dtype("float16", gpu=True, highpass_in_loader=True) == "float16"
-    assert dali_dtype("float16", gpu=False, highpass_in_loader=True) == "float32"  # CPU BLAS: float32
-    assert dali_dtype("bfloat16", gpu=True, highpass_in_loader=True) == "float32"
-    assert dali_dtype("bfloat16", gpu=True, highpass_in_loader=False) == "float32"
-    assert dali_dtype("float16", gpu=True, highpass_in_loader=False) == "float16"
-    assert dali_dtype("float32", gpu=False, highpass_in_loader=True) == "float32"
+    assert dali_dtype("float16", gpu=True, filters_in_loader=True) == "float16"
+    assert dali_dtype("float16", gpu=False, filters_in_loader=True) == "float32"  # CPU BLAS: float32
+    assert dali_dtype("bfloat16", gpu=True, filters_in_loader=True) == "float32"
+    assert dali_dtype("bfloat16", gpu=True, filters_in_loader=False) == "float32"
+    assert dali_dtype("float16", gpu=True, filters_in_loader=False) == "float16"
+    assert dali_dtype("float32", gpu=False, filters_in_loader=True) == "float32"
 
 
 def test_kernel_is_normalized_gaussian():

@@ -183,6 +183,12 @@ def test_loader_state_of_the_other_crop_graph_is_not_resumed_exactly():
     got, why = this_rank({"ranks": [old]}, info, cfg)
     assert got is None and why == "its loader cut the views with data.crop=window, this run with rrc"
     assert this_rank({"ranks": [mine, mine]}, info, cfg)[0] is None  # another world size
+    # the blur's place changes the graph too; a state from before the key had DALI's blur
+    assert this_rank({"ranks": [{"loader": {"crop": "rrc", "blur_where": "pipeline"}}]}, info, cfg)[1] == ""
+    moved = load_config(None, ["data.blur_where=loader"])
+    got, why = this_rank({"ranks": [mine]}, info, moved)
+    assert got is None and why == ("its loader blurred the views with data.blur_where=pipeline, "
+                                   "this run with loader")
 
 
 def test_resume_none_starts_over_and_keeps_the_old_run_aside(dataset, tmp_path):

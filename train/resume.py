@@ -91,7 +91,8 @@ def this_rank(state: dict, info: DistInfo, cfg: Config) -> tuple[dict | None, st
 
     Not exactly: another world size, or a loader state of another pipeline graph. A DALI
     checkpoint names the pipeline's operators, so one saved by the other ``data.crop``
-    (checkpoints from before that key used the window crop) would not load at all.
+    (checkpoints from before that key used the window crop) or ``data.blur_where`` would
+    not load at all.
     """
     ranks = state.get("ranks")
     if not ranks or len(ranks) != info.world_size:
@@ -100,6 +101,9 @@ def this_rank(state: dict, info: DistInfo, cfg: Config) -> tuple[dict | None, st
     saved = (mine.get("loader") or {}).get("crop") or "window"
     if saved != cfg.data.crop:
         return None, f"its loader cut the views with data.crop={saved}, this run with {cfg.data.crop}"
+    saved = (mine.get("loader") or {}).get("blur_where") or "pipeline"  # before the key: DALI blurred
+    if saved != cfg.data.blur_where:
+        return None, f"its loader blurred the views with data.blur_where={saved}, this run with {cfg.data.blur_where}"
     return mine, ""
 
 

@@ -33,7 +33,7 @@ NEUTRAL_SECTIONS = ("eval.",)
 # Result-changing keys added after runs already existed, with the value every earlier run
 # had: a saved config.yaml without the key is read with it, so an older run continues
 # exactly when given that value, and is refused (with the value to pass) otherwise.
-LEGACY = {"data.crop": "window"}
+LEGACY = {"data.crop": "window", "data.blur_where": "pipeline"}
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "final.pt", "tb")
 
 

@@ -11,8 +11,8 @@ LABELS = {"decode": "decode", "bare": "+ crop, flip, normalize", "colour": "+ co
           "masks-priority": "+ masks, trainer on a high-priority stream",
           "masks-hp-late": "full, high-pass after normalize (previous order)",
           "masks-hp-loader": "full, high-pass as GEMMs in the loader (highpass.where=loader)",
-          "masks-crop-window": "full, views cut by random_crop_generator + ROI resize (previous crop)",
-          "masks-colour-fold": "full, jitter + grayscale as one conditional twist (ops.COLOUR_FOLD)"}
+          "masks-blur-loader": "full, blur and high-pass as GEMMs in the loader (data.blur_where=loader)",
+          "masks-crop-window": "full, views cut by random_crop_generator + ROI resize (previous crop)"}
 
 # ----------------------------------------------------------------------------------
 # Output: a human table (gpu_check.sh greps the "|" rows and SUMMARY lines) and a chart

@@ -1,0 +1,89 @@
+"""The views' Gaussian blur (paper App. A.1, SimCLR/BYOL's "GaussianBlur" augmentation)
+applied by the loader instead of DALI (``data.blur_where=loader``): one σ per sample.
+
+Why: on an H200, DALI's ``fn.gaussian_blur`` ran as CUTLASS convolutions that took 15 of
+DALI's 24 ms of GPU time per ResNet-18 step when they ran beside the trainer
+(docs/PERFORMANCE.md, round 3). Here the blur is two batched GEMMs per view on the views'
+device, like the high-pass of ``highpass.where=loader`` (mscn/highpass.py).
+
+The same filter as DALI's: weights ``exp(-t²/2σ²)`` for ``|t| <= r``, normalized, with
+``r = ceil(3σ)`` when the window is 0 (DALI's ``2*ceil(3σ)+1``) or ``(window-1)/2``; border
+reflect-101. σ = 0 means "not blurred" (the identity). Each sample's 1-D filter is a
+banded ``n x n`` matrix ``B_s`` with ``(x @ B_s)[..., j] = blur(x)[..., j]``, built as
+``Σ_t w_s(t) P_t`` from the reflect-101 shift matrices ``P_t`` (cached), so nothing
+leaves the device and no sample needs a host sync.
+
+Where it may run: the blur is linear and its weights sum to 1 (also at reflect-101
+borders), so it commutes with the per-channel affine normalization and, being symmetric,
+with the flip: blurring the normalized view equals normalizing the blurred one. It does
+not commute with solarize (BYOL), so views with ``solarize_prob > 0`` keep DALI's blur.
+Against DALI's blur the loader's differs by DALI's rounding of the blurred image to uint8
+(at most half a level, before normalization).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+
+from mscn.highpass import reflect101_index
+
+
+def blur_radius(sigma_hi: float, window: int = 0) -> int:
+    """The largest half-width a view's blur can take: ``ceil(3 σ_hi)``, or ``(window-1)/2``."""
+    if window:
+        if window < 1 or window % 2 == 0:
+            raise ValueError(f"blur window must be odd and >= 1 (or 0 for 2*ceil(3σ)+1), got {window}")
+        return (window - 1) // 2
+    return math.ceil(3.0 * sigma_hi)
+
+
+@functools.lru_cache(maxsize=16)
+def _shifts_cpu(n: int, radius: int) -> torch.Tensor:
+    """(2r+1, n, n): ``P[j][src, out] = 1`` where output ``out`` reads source ``src`` at tap
+    ``j - r`` under reflect-101 (several taps may land on one source on tiny images)."""
+    src = reflect101_index(n, radius)
+    p = np.zeros((2 * radius + 1, n, n), dtype=np.float32)
+    taps, outs = np.meshgrid(np.arange(2 * radius + 1), np.arange(n), indexing="ij")
+    np.add.at(p, (taps, src[outs + taps], outs), 1.0)
+    return torch.from_numpy(p)
+
+
+@functools.lru_cache(maxsize=16)
+def _shifts_on(n: int, radius: int, device: str) -> torch.Tensor:
+    return _shifts_cpu(n, radius).to(device)
+
+
+def blur_weights(sigma: torch.Tensor, radius: int, window: int = 0) -> torch.Tensor:
+    """(B, 2·radius+1) float32 normalized taps, one row per σ; σ <= 0 gives the identity."""
+    t = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
+    s = sigma.reshape(-1, 1).float()
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    r = torch.ceil(3.0 * safe) if not window else torch.full_like(safe, float((window - 1) // 2))
+    w = torch.exp(-(t * t) / (2.0 * safe * safe)) * (t.abs() <= r)
+    w = torch.where(s > 0, w, (t == 0).float().expand_as(w))
+    return w / w.sum(dim=1, keepdim=True)
+
+
+def blur_matrices(sigma: torch.Tensor, n: int, radius: int, window: int = 0, dtype=torch.float32) -> torch.Tensor:
+    """(B, n, n) per-sample matrices ``B_s`` with ``x @ B_s`` = the blur along the last axis."""
+    w = blur_weights(sigma, radius, window)
+    p = _shifts_on(n, radius, str(w.device))
+    return (w @ p.reshape(2 * radius + 1, n * n)).reshape(-1, n, n).to(dtype)
+
+
+def blur_per_sample(x: torch.Tensor, sigma: torch.Tensor, radius: int, window: int = 0) -> torch.Tensor:
+    """Blur NCHW float ``x`` (B, C, H, W), sample ``b`` with ``sigma[b]`` (0: untouched):
+    ``B_hᵀ x B_w`` as two batched matrix products in ``x``'s dtype (float16 on a GPU, as
+    the loader's high-pass; float32 matrices would double the bytes)."""
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"blur_per_sample expects a float NCHW tensor, got {tuple(x.shape)} {x.dtype}")
+    sigma = sigma.reshape(-1).to(x.device, non_blocking=True)
+    if sigma.numel() != x.shape[0]:
+        raise ValueError(f"{sigma.numel()} blur sigmas for a batch of {x.shape[0]}")
+    h, w = x.shape[-2:]
+    bw = blur_matrices(sigma, w, radius, window, x.dtype)
+    bh = bw if h == w else blur_matrices(sigma, h, radius, window, x.dtype)
+    return torch.matmul(bh.transpose(-1, -2).unsqueeze(1), torch.matmul(x, bw.unsqueeze(1)))
