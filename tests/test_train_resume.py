@@ -238,3 +238,16 @@ def test_tensorboard_logs_or_says_which_package_to_install(dataset, tmp_path):
         return
     run_pretrain(cfg, resume="auto")
     assert list((out / "tb").glob("events.out.tfevents.*"))
+
+
+def test_a_run_with_the_blur_in_the_loader_resumes_exactly(dataset, tmp_path):
+    """data.blur_where=loader: each sample's blur flag and σ are DALI draws handed to the
+    loader, so they are in DALI's checkpoint; a run stopped at step 3 and resumed gives the
+    uninterrupted run's loss at step 6."""
+    blur = "{scale: [0.5, 1.0], jitter_prob: 0.8, blur_prob: 0.5, grayscale_prob: 0.2, mask: {ratio: 0.2, grid: 8}}"
+    extra = [f"views=[{blur}, {blur}]", "data.blur_where=loader"]
+    ref = run_pretrain(load_config(None, args(dataset, tmp_path / "ref", *extra, "train.max_steps=6")), resume="auto")
+    run_pretrain(load_config(None, args(dataset, tmp_path / "run", *extra, "train.max_steps=3")), resume="auto")
+    got = run_pretrain(load_config(None, args(dataset, tmp_path / "run", *extra, "train.max_steps=6")), resume="auto")
+    assert got["resumed_from"].endswith("ckpt_00000003.pt")
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6)
