@@ -13,11 +13,12 @@
 #           MSCN_GPU_BUDGET_S=540 in one 600 s call (what does not fit is skipped): GPU
 #           tests, the mask benchmark, the full pipeline against its variants
 #           (masks-hp-loader, masks-blur-loader) with a GPU-time profile, the trainer fed by
-#           the bare and the full pipeline and those variants (ResNet-18, profiled), the LARS
-#           step multi-tensor vs loop (alone and fed), ResNet-50 kept, ResNet-18 and -50
-#           under torch.compile, memory, the GPU vs CPU twins, then the isolated A/B and
-#           the table statistics tests if time is left (round 3, H200: 455 s through the
-#           twins with the budget at 560, before ResNet-50 compiled was added);
+#           the bare and the full pipeline and those variants (ResNet-18, profiled),
+#           ResNet-50 kept, ResNet-50 under torch.compile, memory, the GPU vs CPU twins,
+#           then if time is left the isolated A/B, the rows round 3 settled (LARS step
+#           multi-tensor vs loop, alone and fed; ResNet-18 compiled) and the table
+#           statistics tests (round 3, H200: 455 s through the twins with the budget at
+#           560, in the order of that round);
 #   figures: only the headline figures of gpu_summary.json (no tests, no attribution rows,
 #           no sweeps), for a quick re-measurement on another box; MSCN_GPU_BUDGET_S=290
 #           keeps it under 5 minutes whatever the box (not yet timed alone).
@@ -126,7 +127,7 @@ part3() {  # this round's A/B and profiles, most needed first, within MSCN_GPU_B
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$LOG" 2>&1
   $PY -P -c "import os, torch, nvidia.dali as d, triton; print('torch', torch.__version__, 'dali', d.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available(), 'cores', len(os.sched_getaffinity(0)))" 2>&1 | tee -a "$LOG"
   [ -d "$DATA/train" ] || run synth 60 $PY -P -m mscn data synth "$DATA" --classes 10 --per-class 300 --size 500x375 --seed 0
-  # the kernels were refactored since they last ran on a GPU: their results first
+  # the GPU tests first: the CUDA LARS test (rewritten) and the blur test have not run on a GPU
   run tests 180 $PY -P -m pytest -q -s tests/test_pipeline_gpu.py tests/test_mask_kernel.py tests/test_pipeline_crop.py tests/test_pipeline_blur.py \
       tests/test_train_lars.py
   run masks 60 $PY scripts/bench_masks.py --json "$R/masks.json"
@@ -140,18 +141,10 @@ part3() {  # this round's A/B and profiles, most needed first, within MSCN_GPU_B
   run train18 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
       --feeds bare,masks,masks-hp-loader,masks-blur-loader --no-priority-row \
       --profile /tmp/mscn_profile --json "$R/train_r18.json"
-  # the multi-tensor LARS step (default) against the per-parameter loop it replaced: alone,
-  # then as the trainer's kept share when the pipeline feeds it (train18 above is the "after")
-  run optimizer 60 $PY scripts/bench_optimizer.py --json "$R/optimizer.json"
-  run train18-lars-loop 90 $PY scripts/bench_pipeline.py optim.foreach=false --data "$DATA/train" --train \
-      --arch resnet18 --feeds masks --no-priority-row --json "$R/train_r18_lars_loop.json"
   run train50 120 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 --feeds masks \
       --no-priority-row --json "$R/train_r50.json"
-  # torch.compile of the ResNet-18 step (train.compile; the compile falls in the warm-up):
-  # fewer launches from the trainer's host thread, which DALI's threads compete with
-  run train18-compile 150 $PY scripts/bench_pipeline.py train.compile=true --data "$DATA/train" --train \
-      --arch resnet18 --feeds masks --no-priority-row --json "$R/train_r18_compile.json"
-  # the same for ResNet-50, the recipes' backbone (round 3 timed ResNet-18 only: +27.7 % fed)
+  # torch.compile of the ResNet-50 step (train.compile; the compile falls in the warm-up): the
+  # recipes' backbone (round 3 timed ResNet-18 only: +27.7 % fed)
   run train50-compile 150 $PY scripts/bench_pipeline.py train.compile=true --data "$DATA/train" --train \
       --arch resnet50 --feeds masks --no-priority-row --json "$R/train_r50_compile.json"
   run memory 60 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
@@ -161,6 +154,13 @@ part3() {  # this round's A/B and profiles, most needed first, within MSCN_GPU_B
   # alternating order), and the table kernel's statistics tests (a compile per configuration)
   run ab-isolated 150 $PY scripts/bench_pipeline.py --data "$DATA/train" \
       --stages masks,masks-hp-loader,masks-blur-loader --isolate 2 --iters 10 --repeats 3 --json "$R/ab_isolated.json"
+  # settled in round 3, re-measured if time is left: the LARS step (kept: 6.8x faster alone)
+  # and ResNet-18 under torch.compile (+27.7 % fed)
+  run optimizer 60 $PY scripts/bench_optimizer.py --json "$R/optimizer.json"
+  run train18-lars-loop 90 $PY scripts/bench_pipeline.py optim.foreach=false --data "$DATA/train" --train \
+      --arch resnet18 --feeds masks --no-priority-row --json "$R/train_r18_lars_loop.json"
+  run train18-compile 150 $PY scripts/bench_pipeline.py train.compile=true --data "$DATA/train" --train \
+      --arch resnet18 --feeds masks --no-priority-row --json "$R/train_r18_compile.json"
   run tests-stats 120 $PY -P -m pytest -q -x tests/test_masks.py -k triton
   summary
 }
