@@ -19,7 +19,6 @@ from mscn.errors import MscnError
 from mscn.maskspec import MaskTable, check_views, sample_mask_table, sample_tables
 
 try:  # Triton is absent on some platforms (macOS, Windows): the reference still works
-    from mscn.cuda_kernels.mask_fused_triton import apply_mask_fused, fused_supports
     from mscn.cuda_kernels.mask_tables_triton import group_key, kernel_supports, sample_mask_tables_triton
     from mscn.cuda_kernels.mask_triton import apply_table_triton, kernel_unsupported
 except ImportError as e:  # pragma: no cover - depends on the install
@@ -30,9 +29,6 @@ else:
 __all__ = ["MaskTable", "apply_masks", "apply_tables", "draw_tables", "sample_mask_table", "sample_tables"]
 
 BACKENDS = ("auto", "triton", "torch")
-# apply_masks' default for ``fused``: off until the fused kernel has been timed on a GPU
-# against table kernel + fill (scripts/bench_masks.py prints both)
-FUSED = False
 _warned = False
 
 
@@ -126,25 +122,22 @@ def apply_tables(views: Sequence[torch.Tensor], tables: Sequence[MaskTable],
 
 
 def apply_masks(views: list[torch.Tensor], cfgs: list[MaskCfg], generator: torch.Generator | None = None,
-                *, inplace: bool = True, return_masks: bool = False, backend: str = "auto",
-                fused: bool | None = None):
+                *, inplace: bool = True, return_masks: bool = False, backend: str = "auto"):
     """Mask every view of a batch with its own config (paper §5.2; defaults in docs/MASKS.md).
 
     views: list of (B, C, H, W) float tensors, one per view (the pipeline's output).
     cfgs: one MaskCfg per view (``[v.mask for v in cfg.views]``).
     generator: seeds the tables (and the reference's noise); None uses torch's global RNG.
     backend: auto (Triton on CUDA tensors, reference elsewhere) | triton | torch.
-    fused: on the Triton backend, draw the decisions inside the fill kernel (one launch per
-    view, no tables; mask_fused_triton.py) instead of table kernel + fill. Same keys, same
-    masks bit for bit. None = ``FUSED`` (off until it is timed on a GPU).
+    On an H200 this takes 0.58 ms for 4 x 256 x 3 x 224² float32 views (tables 0.29 ms,
+    fill 0.34 ms); drawing the decisions inside the fill instead measured 1.09 ms and was
+    removed (docs/PERFORMANCE.md, round 3).
     Returns the masked views, or ``(views, masks)`` with ``masks`` a list of bool
     (B, C, H, W) pixel masks when ``return_masks`` (built from the tables, so they
     cost a few bool tensors; meant for tests and figures, not the training loop).
     """
     if backend not in BACKENDS:
         raise MscnError(f"mask backend {backend!r}: must be one of {', '.join(BACKENDS)}")
-    if (FUSED if fused is None else fused) and _fused_ok(views, cfgs, backend):
-        return _apply_fused(views, cfgs, generator, inplace=inplace, return_masks=return_masks)
     tables = draw_tables(views, cfgs, generator, backend=backend)
     # ratio 0 masks nothing: skip the pass over memory (the table is still drawn, so the
     # generator advances the same way whatever the ratios)
@@ -155,25 +148,4 @@ def apply_masks(views: list[torch.Tensor], cfgs: list[MaskCfg], generator: torch
     outs = [outs[i] if i in outs else (v if inplace else v.clone()) for i, v in enumerate(views)]
     if return_masks:
         return outs, [t.pixel_mask() for t in tables]
-    return outs
-
-
-def _fused_ok(views: Sequence[torch.Tensor], cfgs: Sequence[MaskCfg], backend: str) -> bool:
-    check_views(views, cfgs)
-    return bool(views) and _pick_backend(views[0], backend) == "triton" and all(
-        kernel_supports(v.shape[2], v.shape[3], c) and fused_supports(v, c) for v, c in zip(views, cfgs))
-
-
-def _apply_fused(views, cfgs, generator, *, inplace: bool, return_masks: bool):
-    """apply_masks with the decisions drawn inside the fill: the keys are drawn exactly as
-    draw_tables draws them, so the masks equal the table path's."""
-    keys = _draw_keys(views, generator)
-    outs = []
-    for i, (x, cfg) in enumerate(zip(views, cfgs)):
-        if cfg.ratio > 0:  # ratio 0 masks nothing: no pass over memory (keys are still drawn)
-            outs.append(apply_mask_fused(x, cfg, keys, i, out=x if inplace else None))
-        else:
-            outs.append(x if inplace else x.clone())
-    if return_masks:  # the same keys through the table kernel: the masks just applied
-        return outs, [t.pixel_mask() for t in _tables_from_keys(views, cfgs, keys)]
     return outs

@@ -5,7 +5,7 @@ that they *compile*: the interpreter runs the Python body with numpy, and forgiv
 things the compiler refuses (a type that does not unify across an ``if``, an op with no
 lowering). A kernel change could therefore pass CI and break the first time a GPU sees
 it. This module builds the launches the host functions would make, with the same
-builders (``fill_launch``, ``table_launch``, ``fused_launch``) and so the same argument
+builders (``fill_launch``, ``table_launch``) and so the same argument
 types and Triton specializations, and compiles each one down to a cubin for the chosen
 architecture (sm_90 = H100/H200) with Triton's own LLVM and bundled ``ptxas``. It needs
 no GPU and no CUDA driver: a stand-in driver only names the target.
@@ -37,7 +37,6 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
 from mscn.config import load_config
-from mscn.cuda_kernels.mask_fused_triton import MAX_FUSED_CELLS, fused_launch
 from mscn.cuda_kernels.mask_tables_triton import group_key, table_launch, table_shape
 from mscn.cuda_kernels.mask_triton import INTERPRETED, Launch, fill_launch
 from mscn.errors import MscnError
@@ -127,7 +126,7 @@ def launches(recipes=RECIPES, dtypes=tuple(DTYPES), layouts=("nchw", "nhwc"), in
              sweep_grids=(4, 8, 16, 32)):
     """``(kernel, variant, Launch)`` for what the recipes' views launch: the table kernel
     for each group of views (and, at each recipe's size, for every grid of ``sweep_grids``),
-    and the fill and fused kernels for each dtype, memory layout and in/out of place, with
+    and the fill kernel for each dtype, memory layout and in/out of place, with
     and without noise. CPU tensors stand in for the views."""
     out = []
     for name in recipes:
@@ -148,9 +147,7 @@ def launches(recipes=RECIPES, dtypes=tuple(DTYPES), layouts=("nchw", "nhwc"), in
                 n = table_shape(size, size, g)
                 out.append(("tables", f"{name} {size}px grid {grid} ({n[0] * n[1]} cells)", launch))
         m = masks[0]
-        nH, nW = table_shape(size, size, m)
         table = table_launch(BATCH, 3, size, size, [m], torch.zeros(1, dtype=torch.int64))[1][0]
-        keys = torch.zeros(1, dtype=torch.int64)
         for dt in dtypes:
             for layout in layouts:
                 fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
@@ -162,18 +159,15 @@ def launches(recipes=RECIPES, dtypes=tuple(DTYPES), layouts=("nchw", "nhwc"), in
                               f"{'' if noise else ' no noise'}"
                         t = table if noise else _no_noise(table)
                         out.append(("fill", tag, fill_launch(x, y, t)))
-                        if triton.next_power_of_2(nH * nW) <= MAX_FUSED_CELLS:
-                            mc = m if noise else _no_noise(m)
-                            out.append(("fused", tag, fused_launch(x, y, mc, keys, 0)))
     return out
 
 
 def _no_noise(spec):
-    """A MaskTable or MaskCfg without noise (the kernels' NOISE=False variant)."""
+    """A MaskTable without noise (the fill kernel's NOISE=False variant)."""
     return dataclasses.replace(spec, noise_std=0.0)
 
 
-KERNELS = ("tables", "fill", "fused")
+KERNELS = ("tables", "fill")
 
 
 def compile_all(arch: int = 90, quick: bool = False, kernels=KERNELS, say=print) -> list[KernelReport]:

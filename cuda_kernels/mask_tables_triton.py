@@ -55,8 +55,7 @@ def plane_decisions(key, b, c, C, H, W, nW, nh_min, nw_min, k00, k01, k10, k11,
                     GRID: tl.constexpr, RANDOM_OFFSET: tl.constexpr, NCELL: tl.constexpr, KEY_BITS: tl.constexpr):
     """Every mask decision of the planes (sample ``b``, channel ``c``), blocks of S planes.
 
-    The one place that lays out the Philox counters: this kernel and the fused fill
-    (mask_fused_triton.py) both call it, so their masks agree by construction. Returns
+    The one place that lays out the Philox counters. Returns
     per plane (S,): grid offset ``dy``, ``dx``, channel independence, noise flag, the
     noise's Philox seed, the focal flag and rectangle (``fh``, ``fw``, ``top``, ``left``,
     in cells), and (S, NCELL) ``picked``: the random cells, the k smallest keys, inside

@@ -63,8 +63,7 @@ _ELEMS_PER_PROGRAM = 2048  # 8-16 elements per thread at 4 warps: enough bytes i
 def tile_noise(noisy, seed, c, H, W, h0, r, cols, noise_std,
                BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, NOISE: tl.constexpr):
     """The fill values of a tile's 4 sub-tiles: zeros, or for a noisy sample N(0, noise_std²)
-    keyed by its Philox ``seed``. One ``tl.randn4x`` gives all four; the fill kernel and
-    the fused one (mask_fused_triton.py) share it, so their noise agrees."""
+    keyed by its Philox ``seed``. One ``tl.randn4x`` gives all four."""
     r0 = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
     r1 = r0
     r2 = r0

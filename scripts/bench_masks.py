@@ -4,8 +4,7 @@ GPU: median time per call over --runs windows (benchkit's ``measure``: synchroni
 before every clock read, so a call's launch overhead counts as it does in training),
 for 4 views x 256 x 3 x 224 x 224 fp32 by default: the tables (Triton table kernel and
 torch sampler), the fill kernel in place and out of place, the whole ``apply_masks``,
-the torch reference on the same GPU, and a device-to-device copy of the same bytes; also
-``apply_masks(fused=True)``, the decisions drawn inside the fill kernel.
+the torch reference on the same GPU, and a device-to-device copy of the same bytes.
 "Effective GB/s" counts every view element read once and written once (2 x bytes),
 the issue's yardstick, whatever the kernel really moves (in place it only writes the
 masked ~ratio of the elements).
@@ -67,11 +66,7 @@ def bench_preset(name: str, args, device: torch.device) -> dict:
         rows["tables, Triton kernel (draw_tables)"] = t(lambda: draw_tables(views, cfgs, gen, backend="triton"))
         rows["triton in place"] = t(lambda: apply_tables(views, tables, inplace=True, backend="triton"))
         rows["triton out of place"] = t(lambda: apply_tables(views, tables, inplace=False, backend="triton"))
-        rows["apply_masks triton in place"] = t(lambda: apply_masks(views, cfgs, gen, backend="triton", fused=False))
-        try:  # the decisions drawn inside the fill (mask_fused_triton.py): a candidate default
-            rows["apply_masks fused in place"] = t(lambda: apply_masks(views, cfgs, gen, backend="triton", fused=True))
-        except Exception as e:  # a new kernel's first compile here must not cost the other rows
-            print(f"apply_masks fused: FAILED ({type(e).__name__}: {str(e).splitlines()[0][:300]})")
+        rows["apply_masks triton in place"] = t(lambda: apply_masks(views, cfgs, gen, backend="triton"))
         flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
         dst = torch.empty_like(flat)
         rows["d2d copy of the same bytes"] = t(lambda: dst.copy_(flat))
@@ -100,9 +95,7 @@ def bench_preset(name: str, args, device: torch.device) -> dict:
               f"{rows['tables, Triton kernel (draw_tables)']:.3f} ms) "
               f"({2 * nbytes / k / 1e6:.0f} GB/s effective), kernel out of place "
               f"{rows['triton out of place']:.3f} ms, {ref / k:.1f}x the torch reference, "
-              f"copy {copy:.3f} ms ({2 * nbytes / copy / 1e6:.0f} GB/s)"
-              + (f"; fused (decisions in the fill) {rows['apply_masks fused in place']:.3f} ms"
-                 if "apply_masks fused in place" in rows else ""))
+              f"copy {copy:.3f} ms ({2 * nbytes / copy / 1e6:.0f} GB/s)")
     else:
         print(f"SUMMARY masks {name} on CPU ({torch.get_num_threads()} threads): "
               f"apply_masks (reference) {rows['apply_masks torch in place']:.1f} ms per batch")

@@ -27,8 +27,6 @@ TARGETS = {
     "kept_resnet50": (0.97, "min", "ResNet-50 SimCLR bf16 step, pipeline-fed / synthetic"),
     "kept_resnet18": (0.90, "min", "ResNet-18 SimCLR bf16 step, pipeline-fed / synthetic"),
     "apply_masks_ms": (0.6, "max", "apply_masks (tables + fill), 4 x 256 x 3 x 224^2 fp32, ms"),
-    # the candidate default: the decisions drawn inside the fill (apply_masks(fused=True))
-    "apply_masks_fused_ms": (0.6, "max", "apply_masks with the decisions in the fill kernel (fused=True), ms"),
     "pipeline_gib": (3.0, "max", "device memory the full pipeline adds, batch 256, prefetch 2, GiB"),
     "torchvision_ratio": (None, None, "mscn / torchvision+PIL DataLoader, images/s"),
 }
@@ -75,7 +73,6 @@ def summarize(results: Path, stages_from: Path | None = None) -> dict:
     ms = masks[0]["ms"] if isinstance(masks, list) and masks else {}
     s["apply_masks_ms"] = ms.get("apply_masks triton in place")
     s["mask_tables_ms"] = ms.get("tables, Triton kernel (draw_tables)")
-    s["apply_masks_fused_ms"] = ms.get("apply_masks fused in place")  # the candidate: decisions in the fill
     pipe = (memory or {}).get("stages", {}).get("masks", {})
     added = pipe.get("device_bytes_added")
     s["pipeline_gib"] = round(added / 2**30, 3) if added is not None else None
@@ -156,8 +153,8 @@ def decisions(results: Path) -> list[dict]:
     overlap. What a "better" would switch is named; nothing is switched here."""
     out = []
 
-    def add(what: str, variant: str, a: tuple, b: tuple, switch: str, higher_is_better: bool = True):
-        call = _call(a, b) if higher_is_better else _call((-a[0], -a[2], -a[1]), (-b[0], -b[2], -b[1]))
+    def add(what: str, variant: str, a: tuple, b: tuple, switch: str):
+        call = _call(a, b)  # (median, low, high) of the default and the variant; higher is better
         out.append({"what": what, "variant": variant, "default": round(a[0], 4), "value": round(b[0], 4),
                     "change": round(b[0] / a[0] - 1, 4) if a[0] else None, "verdict": call,
                     "switch": switch if call == "better" else None})
@@ -195,12 +192,6 @@ def decisions(results: Path) -> list[dict]:
         if "masks" in comp and "masks" in eager:
             add(f"{arch} trainer images/s, pipeline-fed", "train.compile=true", _spread(eager["masks"]),
                 _spread(comp["masks"]), COMPILE_SWITCH[arch])
-    masks = _load(results / "masks.json")
-    ms = masks[0]["ms"] if isinstance(masks, list) and masks else {}
-    table, fused = ms.get("apply_masks triton in place"), ms.get("apply_masks fused in place")
-    if table and fused:  # medians without a spread in the file: a +-2.5 % band each
-        add("apply_masks ms (median)", "fused=True", (table, table * 0.975, table * 1.025),
-            (fused, fused * 0.975, fused * 1.025), "set mscn.cuda_kernels.FUSED = True", higher_is_better=False)
     return out
 
 

@@ -274,10 +274,10 @@ def test_profile_knows_the_names_of_mscn_kernels():
     not silently count as torch's."""
     import triton
 
-    from mscn.cuda_kernels import mask_fused_triton, mask_tables_triton, mask_triton
+    from mscn.cuda_kernels import mask_tables_triton, mask_triton
     from benchkit.profiling import MSCN_KERNELS
 
-    jitted = {name for mod in (mask_triton, mask_tables_triton, mask_fused_triton)
+    jitted = {name for mod in (mask_triton, mask_tables_triton)
               for name, obj in vars(mod).items() if isinstance(obj, triton.runtime.KernelInterface)
               and name.endswith("_kernel")}
     assert set(MSCN_KERNELS) == jitted

@@ -69,7 +69,6 @@ def test_gpu_summary_reads_the_bench_files(results):
     assert s["plain_dali_share_of_decode"] == bench["baselines"]["dali-plain"]["share_of_decode"]
     assert s["kept_resnet18"] == train["train"]["feeds"]["masks"]["kept"] and s["kept_resnet50"] is None
     assert s["apply_masks_ms"] is None and s["pipeline_gib"] is None  # CPU runs: not measured
-    assert s["apply_masks_fused_ms"] is None
     lars = json.loads((results / "optimizer.json").read_text())["rows"][0]
     assert s["lars_step_ms"] == {"resnet18": {"multi_tensor": lars["multi_tensor_ms"], "loop": lars["loop_ms"]}}
     assert s["kept_resnet18_lars_loop"] is None  # not run here

@@ -33,10 +33,10 @@ def test_mask_kernels_compile_for_sm90_without_spills(tmp_path):
     r = _run(["-m", "mscn.cuda_kernels.aot", "--quick", "--arch", "90", "--json", str(out)])
     assert r.returncode == 0, r.stdout + r.stderr
     kernels = json.loads(out.read_text())["kernels"]
-    assert {k["kernel"] for k in kernels} == {"tables", "fill", "fused"}
-    # tables for the 4 views and at grids 8 and 16 (841 and 225 cells), fill and fused x
-    # fp16/fp32 x noise on/off
-    assert len(kernels) == 11
+    assert {k["kernel"] for k in kernels} == {"tables", "fill"}
+    # tables for the 4 views and at grids 8 and 16 (841 and 225 cells), fill x fp16/fp32 x
+    # noise on/off
+    assert len(kernels) == 7
     for k in kernels:
         assert k["arch"] == 90 and 0 < k["registers"] <= 255, k
         # a spill in these memory-bound kernels is a regression (the table kernel spilled
@@ -86,9 +86,8 @@ def test_aot_compiles_for_the_arch_asked_and_keeps_a_real_gpus_cache():
         import torch
         from mscn.config import MaskCfg
         from mscn.cuda_kernels.aot import compile_launch
-        from mscn.cuda_kernels.mask_fused_triton import fused_launch
-        x = torch.empty(8, 3, 64, 64)
-        launch = fused_launch(x, x, MaskCfg(grid=16), torch.zeros(1, dtype=torch.int64), 0)
+        from mscn.cuda_kernels.mask_tables_triton import table_launch
+        launch, _ = table_launch(8, 3, 64, 64, [MaskCfg(grid=16)], torch.zeros(1, dtype=torch.int64))
         real = object()  # what a real GPU 0 would have cached
         launch.kernel.device_caches[0] = real
         archs = [compile_launch(launch, a).metadata.target.arch for a in (90, 80)]

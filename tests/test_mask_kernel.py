@@ -179,13 +179,11 @@ def test_gpu_mask_step_has_no_host_sync():
     cfgs = [MaskCfg(grid=16), MaskCfg(grid=16, ratio=0.05)]
     gen = torch.Generator("cuda").manual_seed(0)
     apply_masks(views, cfgs, gen, backend="triton")  # compile first
-    apply_masks(views, cfgs, gen, backend="triton", fused=True)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         apply_masks(views, cfgs, gen, backend="triton")
         apply_masks(views, cfgs, gen, inplace=False, backend="triton")
-        apply_masks(views, cfgs, gen, backend="triton", fused=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -254,61 +252,3 @@ def test_draw_tables_launches_once_per_run_of_alike_views(monkeypatch):
         k = torch.floor(c.ratio * t.cell_counts().prod(1).double() + 0.5).long()
         assert torch.equal(t.cells.cpu().flatten(2).sum(-1)[t.focal.cpu().logical_not().all(1)],
                            k.cpu()[t.focal.cpu().logical_not().all(1)][:, None].expand(-1, 3))
-
-
-FUSED_CFGS = [  # every decision the kernel makes, on a 40 x 56 view with grid 8 (48 cells -> 64)
-    [MaskCfg(ratio=0.3, grid=8, p_focal=0.0, p_ind=1.0, p_noise=1.0, noise_std=0.5),
-     MaskCfg(ratio=0.15, grid=8, p_focal=1.0, p_ind=0.0, p_noise=0.0),
-     MaskCfg(ratio=0.0, grid=8),
-     MaskCfg(ratio=0.5, grid=8, p_focal=0.4, p_ind=0.5, p_noise=0.5, noise_std=1.0, random_offset=False)],
-    [MaskCfg(ratio=0.05, grid=16, p_noise=0.0), MaskCfg(ratio=0.9, grid=16, p_focal=0.5, focal_aspect=(0.25, 4.0))],
-]
-
-
-@pytest.mark.parametrize("cfgs", FUSED_CFGS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("inplace", [True, False])
-def test_fused_kernel_masks_equal_the_table_path_bit_for_bit(cfgs, dtype, inplace):
-    """Decisions drawn inside the fill (mask_fused_triton.py) = table kernel + fill with the
-    same generator: same keys, same counters, same zeros and noise, same untouched values."""
-    views = [torch.randn(3, 3, 40, 56, generator=torch.Generator().manual_seed(i)).to(DEV, dtype)
-             for i in range(len(cfgs))]
-
-    def run(fused):
-        work = [v.clone() for v in views]
-        return apply_masks(work, cfgs, torch.Generator(DEV).manual_seed(5), inplace=inplace, return_masks=True,
-                           backend="triton", fused=fused)
-
-    (a, ma), (b, mb) = run(True), run(False)
-    for i, (x, y, m1, m2) in enumerate(zip(a, b, ma, mb)):
-        assert torch.equal(m1, m2), f"view {i}: masks differ"
-        assert torch.equal(_bits(x), _bits(y)), f"view {i}: values differ"
-        if cfgs[i].ratio > 0:
-            assert m1.any() and not torch.equal(x, views[i])
-        else:
-            assert not m1.any() and torch.equal(x, views[i])
-
-
-def test_fused_kernel_takes_channels_last_views():
-    cfgs = FUSED_CFGS[0][:2]
-    views = [torch.randn(2, 3, 40, 56, generator=torch.Generator().manual_seed(i)).to(DEV)
-             .contiguous(memory_format=torch.channels_last) for i in range(2)]
-    a = apply_masks([v.clone() for v in views], cfgs, torch.Generator(DEV).manual_seed(1), backend="triton",
-                    fused=True, inplace=False)
-    b = apply_masks([v.contiguous() for v in views], cfgs, torch.Generator(DEV).manual_seed(1), backend="triton",
-                    fused=False, inplace=False)
-    assert all(torch.equal(_bits(x.contiguous()), _bits(y)) for x, y in zip(a, b))
-
-
-def test_fused_path_falls_back_where_its_kernel_cannot_go():
-    """A grid finer than 64 cells per plane: apply_masks(fused=True) takes the table path."""
-    from mscn.cuda_kernels.mask_fused_triton import apply_mask_fused, fused_supports
-
-    x = torch.randn(2, 3, 40, 56, device=DEV)
-    fine = MaskCfg(grid=4)
-    assert not fused_supports(x, fine) and fused_supports(x, MaskCfg(grid=8))
-    with pytest.raises(MscnError, match="at most 64 cells"):
-        apply_mask_fused(x, fine, torch.zeros(1, dtype=torch.int64, device=DEV), 0)
-    a = apply_masks([x.clone()], [fine], torch.Generator(DEV).manual_seed(0), backend="triton", fused=True)
-    b = apply_masks([x.clone()], [fine], torch.Generator(DEV).manual_seed(0), backend="triton", fused=False)
-    assert torch.equal(a[0], b[0])

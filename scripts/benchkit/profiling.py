@@ -25,7 +25,7 @@ from torch.autograd import DeviceType
 
 # The Triton kernels of mscn.cuda_kernels, by their function names (tests/test_bench.py
 # checks that these still exist, so a rename cannot silently move them to "torch").
-MSCN_KERNELS = ("_mask_kernel", "_table_kernel", "_fused_kernel")
+MSCN_KERNELS = ("_mask_kernel", "_table_kernel")
 OWNERS = ("dali", "decode", "mscn", "other", "copy")
 DEVICE_ACTIVITIES = ("kernel", "gpu_memcpy", "gpu_memset")  # kineto's names for them
 
