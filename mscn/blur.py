@@ -60,7 +60,8 @@ def blur_weights(sigma: torch.Tensor, radius: int, window: int = 0) -> torch.Ten
     """(B, 2·radius+1) float32 normalized taps, one row per σ; σ <= 0 gives the identity."""
     t = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
     s = sigma.reshape(-1, 1).float()
-    safe = torch.where(s > 0, s, torch.ones_like(s))
+    # σ <= 0: the identity below; a σ so small that σ² underflows would give 0/0: clamp
+    safe = torch.where(s > 0, s.clamp(min=1e-6), torch.ones_like(s))
     r = torch.ceil(3.0 * safe) if not window else torch.full_like(safe, float((window - 1) // 2))
     w = torch.exp(-(t * t) / (2.0 * safe * safe)) * (t.abs() <= r)
     w = torch.where(s > 0, w, (t == 0).float().expand_as(w))
@@ -76,14 +77,32 @@ def blur_matrices(sigma: torch.Tensor, n: int, radius: int, window: int = 0, dty
 
 def blur_per_sample(x: torch.Tensor, sigma: torch.Tensor, radius: int, window: int = 0) -> torch.Tensor:
     """Blur NCHW float ``x`` (B, C, H, W), sample ``b`` with ``sigma[b]`` (0: untouched):
-    ``B_hᵀ x B_w`` as two batched matrix products in ``x``'s dtype (float16 on a GPU, as
-    the loader's high-pass; float32 matrices would double the bytes)."""
+    ``B_hᵀ x B_w`` as batched matrix products in ``x``'s dtype (float16 on a GPU, as the
+    loader's high-pass; float32 matrices would double the bytes).
+
+    On a GPU every sample goes through the GEMMs (identity matrices where σ = 0): picking
+    the blurred ones would need their count on the host, a sync per batch. On the CPU only
+    the blurred samples are multiplied (half of them at p = 0.5)."""
     if x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"blur_per_sample expects a float NCHW tensor, got {tuple(x.shape)} {x.dtype}")
-    sigma = sigma.reshape(-1).to(x.device, non_blocking=True)
+    # non_blocking only towards a GPU: a non-blocking copy to the CPU could be read unfinished
+    sigma = sigma.reshape(-1).to(x.device, non_blocking=x.is_cuda)
     if sigma.numel() != x.shape[0]:
         raise ValueError(f"{sigma.numel()} blur sigmas for a batch of {x.shape[0]}")
-    h, w = x.shape[-2:]
+    if x.is_cuda:
+        return _blur_all(x, sigma, radius, window)
+    todo = (sigma > 0).nonzero().flatten()
+    out = x.clone()
+    if todo.numel():
+        out[todo] = _blur_all(x[todo], sigma[todo], radius, window)
+    return out
+
+
+def _blur_all(x: torch.Tensor, sigma: torch.Tensor, radius: int, window: int) -> torch.Tensor:
+    b, c, h, w = x.shape
     bw = blur_matrices(sigma, w, radius, window, x.dtype)
-    bh = bw if h == w else blur_matrices(sigma, h, radius, window, x.dtype)
-    return torch.matmul(bh.transpose(-1, -2).unsqueeze(1), torch.matmul(x, bw.unsqueeze(1)))
+    bh_t = (bw if h == w else blur_matrices(sigma, h, radius, window, x.dtype)).transpose(-1, -2)
+    # (B, C·H, W) @ (B, W, W) along the rows, then (B, H, H) @ (B, H, W) per channel: bmm on
+    # views of x; a broadcast (B, 1, n, n) matmul would first copy each matrix C times
+    rows = torch.bmm(x.reshape(b, c * h, w), bw).view(b, c, h, w)
+    return torch.stack([torch.bmm(bh_t, rows[:, k]) for k in range(c)], 1)

@@ -54,6 +54,12 @@ class ViewCfg:
     solarize_prob: float = 0.0
     mask: MaskCfg = field(default_factory=MaskCfg)
 
+    def blur_movable(self) -> bool:
+        """Whether ``data.blur_where=loader`` moves this view's blur to the loader: it blurs
+        at all, and no solarize follows the blur (the blur commutes with the normalization,
+        not with solarize; mscn/blur.py)."""
+        return self.blur_prob > 0 and self.solarize_prob <= 0
+
 
 def default_views() -> list[ViewCfg]:
     """2 main + 2 extra masked views (paper §5.2 "Multicrops"), asymmetric masks.
@@ -110,8 +116,9 @@ class HighPassCfg:
     sigma: float = 5.0
     window: int = 0  # 0: 2*ceil(3*sigma)+1 (31 for sigma=5)
     # where the filter runs: auto (in DALI on the GPU path, as two matmuls in the loader on
-    # the CPU path) | pipeline (always in DALI) | loader (always as matmuls, on the views'
-    # device: on a GPU that is the trainer's stream, as batched GEMMs)
+    # the CPU path, and in the loader for a loader whose views' blur moved there with
+    # data.blur_where=loader) | pipeline (always in DALI) | loader (always as matmuls, on
+    # the views' device: on a GPU that is the trainer's stream, as batched GEMMs)
     where: str = "auto"
 
 

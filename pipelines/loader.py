@@ -255,13 +255,16 @@ def dali_dtype(out: str, gpu: bool, filters_in_loader: bool) -> str:
     return out
 
 
-def plan(cfg, device: torch.device | str | None, local_rank: int = 0) -> Plan:
-    """The :class:`Plan` for ``cfg`` on ``device`` (None or CPU: DALI's CPU path).
+def plan(cfg, device: torch.device | str | None, local_rank: int = 0, views: list | None = None) -> Plan:
+    """The :class:`Plan` for ``cfg`` on ``device`` (None or CPU: DALI's CPU path), for a
+    loader of ``views`` (default ``cfg.views``; the evaluation loaders pass none).
 
     ``highpass.where=auto``: the GPU path blurs in DALI; the CPU path leaves the blur to
     BLAS in the adapter (docs/PIPELINE.md), so DALI emits float32 there. ``loader`` on a
     GPU filters the views as two batched GEMMs on the current (the trainer's) stream
-    instead of competing with it through DALI's blur kernels.
+    instead of competing with it through DALI's blur kernels. ``auto`` is ``loader`` too
+    for a loader that moves a view's blur there (``data.blur_where=loader``): the
+    high-pass must see the blurred view.
     """
     from mscn.highpass import highpass_params
     from mscn.pipelines.tuning import dali_threads, decoder_load, view_dtype
@@ -270,8 +273,9 @@ def plan(cfg, device: torch.device | str | None, local_rank: int = 0) -> Plan:
     gpu = kind == "gpu"
     out = view_dtype(cfg.data.output_dtype, gpu)
     hp = highpass_params(cfg.highpass)
-    blur_in_loader = cfg.data.blur_where == "loader"
-    # auto: DALI on a GPU, unless the blur moved to the loader (the high-pass comes after it)
+    blur_in_loader = cfg.data.blur_where == "loader" and any(v.blur_movable() for v in
+                                                               (cfg.views if views is None else views))
+    # auto: DALI on a GPU, unless a blur moved to the loader (the high-pass comes after it)
     auto = "loader" if blur_in_loader or not gpu else "pipeline"
     where = cfg.highpass.where if cfg.highpass.where != "auto" else auto
     in_loader = hp is not None and where == "loader"
@@ -370,7 +374,7 @@ def build_eval_loader(cfg, root: str, rank: int = 0, world_size: int = 1, local_
         source = resolve_source(root, fmt, classes=classes, what=what)
     batch = batch_size or max(1, cfg.eval.linear_batch // world_size)
     shard = Shard(rank, world_size, batch, rank_seed(cfg.train.seed, rank))
-    p = plan(cfg, device, local_rank)
+    p = plan(cfg, device, local_rank, views=[])  # no blur in the evaluation views
     if train_views:
         check_size(source, batch * world_size, "one training batch of the evaluation")
         return _views_loader(cfg, source, [linear_probe_view()], shard, p, None)

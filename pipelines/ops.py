@@ -170,9 +170,9 @@ def _maybe(p: float, x: DataNode, op) -> tuple[DataNode, DataNode]:
 
 def blur_deferred(view: ViewCfg, blur_in_loader: bool) -> bool:
     """Whether this view's blur is left to the loader (``data.blur_where=loader``,
-    mscn/blur.py): only where it may move past the normalization, i.e. on views that
-    blur at all and have no solarize after the blur (BYOL's second view keeps DALI's)."""
-    return blur_in_loader and view.blur_prob > 0 and view.solarize_prob <= 0
+    mscn/blur.py): only where it may move past the normalization (``ViewCfg.blur_movable``:
+    it blurs at all and no solarize follows; BYOL's views with solarize keep DALI's)."""
+    return blur_in_loader and view.blur_movable()
 
 
 def deferred_blur_sigma(view: ViewCfg) -> tuple[DataNode, DataNode]:

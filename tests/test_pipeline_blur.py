@@ -9,7 +9,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from pipeline_fixtures import make_folder, tiny_cfg
 
-from mscn.blur import blur_per_sample, blur_radius, blur_weights
+from mscn.blur import _blur_all, blur_per_sample, blur_radius, blur_weights
 from mscn.config import ConfigError
 from mscn.pipelines import build_train_loader, output_names, resolve_source, views_pipeline
 from mscn.pipelines.loader import plan
@@ -44,6 +44,8 @@ def test_per_sample_blur_matches_scipy_in_float64(window):
         r = (window - 1) // 2 if window else math.ceil(3 * s)
         ref = _scipy_blur(x[b].double().numpy(), s, r)
         assert np.abs(y[b].double().numpy() - ref).max() < 1e-5, (b, s)
+    # the GPU's way, every sample through the GEMMs (σ = 0 as an identity matrix): the same
+    assert torch.allclose(_blur_all(x, sigma, radius, window), y, atol=1e-5)
 
 
 def test_blur_weights_sum_to_one_and_follow_the_window():
@@ -57,6 +59,37 @@ def test_blur_weights_sum_to_one_and_follow_the_window():
         blur_radius(2.0, window=8)
     with pytest.raises(ValueError, match="sigmas for a batch"):
         blur_per_sample(torch.zeros(2, 3, 8, 8), torch.ones(3), 6)
+    assert torch.isfinite(blur_weights(torch.tensor([1e-30]), radius=6)).all()  # σ² underflows: still the identity
+
+
+def test_images_smaller_than_the_blur_window():
+    """Reflect-101 folds more than once when the image is narrower than the window (DALI
+    does the same); checked against scipy on a 3 x 5 image at σ = 2 (13 taps)."""
+    x = torch.randn(1, 2, 3, 5)
+    y = blur_per_sample(x, torch.tensor([2.0]), blur_radius(2.0))
+    ref = _scipy_blur(x[0].double().numpy(), 2.0, 6)
+    assert np.abs(y[0].double().numpy() - ref).max() < 1e-5
+
+
+def test_the_adapter_blurs_each_view_with_its_own_sigmas():
+    """DaliLoader._convert on a hand-made DALI output: view i is blurred with view{i}_sigma
+    (views without a σ output are left alone), then high-passed."""
+    from mscn.highpass import highpass_matmul
+    from mscn.pipelines.loader import DaliLoader
+
+    torch.manual_seed(0)
+    loader = object.__new__(DaliLoader)  # the adapter alone: no pipeline behind it
+    loader.num_views, loader.device, loader.mask_fn, loader._labels = 3, None, None, None
+    loader.dtype, loader.highpass, loader.blur = torch.float32, (1.0, 7), {0: (6, 0), 2: (6, 0)}
+    views = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    sig = {0: torch.tensor([0.5, 0.0, 1.0, 2.0]), 2: torch.tensor([2.0, 1.5, 0.0, 0.3])}
+    out = {"view0": views[0].clone(), "view0_sigma": sig[0], "view1": views[1].clone(),
+           "view2": views[2].clone(), "view2_sigma": sig[2], "label": torch.arange(4)}
+    batch = loader._convert(out)
+    for i in range(3):
+        want = blur_per_sample(views[i], sig[i], 6) if i in sig else views[i]
+        assert torch.allclose(batch.views[i], highpass_matmul(want, 1.0, 7), atol=1e-5), i
+    assert batch.labels.tolist() == [0, 1, 2, 3]
 
 
 @pipeline_def(batch_size=8, num_threads=1, device_id=None, seed=5)
@@ -153,6 +186,11 @@ def test_the_high_pass_follows_the_blur_into_the_loader(folder):
     with pytest.raises(ConfigError, match="data.blur_where"):
         tiny_cfg(folder, "data.blur_where=dali")
     tiny_cfg(folder, "data.blur_where=loader", "highpass.where=pipeline", "highpass.enabled=false")  # nothing to order
+    # no view's blur can move (none blurs, or solarize follows): DALI's graph, nothing refused
+    still = tiny_cfg(folder, "data.blur_where=loader", "highpass.where=pipeline",
+                     *(f"views.{i}.solarize_prob=0.2" for i in range(4)))
+    assert not plan(still, "cpu").blur_in_adapter and plan(still, "cpu").highpass_in_pipeline == (1.0, 7)
+    assert not plan(cfg, "cpu", views=[]).blur_in_adapter  # the evaluation loaders move nothing
     with pytest.raises(ValueError, match="high-pass must run there"):
         views_pipeline(resolve_source(str(folder)), cfg.views, image_size=32, highpass=(1.0, 7), batch_size=8,
                        num_threads=1, device_id=None, blur_in_loader=True)
@@ -167,6 +205,7 @@ def test_train_loader_with_the_blur_in_the_loader(folder):
     batch = next(iter(loader))
     assert len(batch.views) == 4 and all(v.shape == (8, 3, 32, 32) and v.dtype == torch.float32 for v in batch.views)
     assert all(abs(v.mean().item()) < 0.1 for v in batch.views)  # high-passed: centred on 0
+    assert batch.views[0].abs().mean() > 0.01  # not wiped out (per-view σ: the adapter test above)
     assert loader.state_dict()["blur_where"] == "loader"
     assert build_train_loader(tiny_cfg(folder, "train.global_batch=8")).state_dict()["blur_where"] == "pipeline"
 

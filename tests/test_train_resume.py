@@ -189,6 +189,9 @@ def test_loader_state_of_the_other_crop_graph_is_not_resumed_exactly():
     got, why = this_rank({"ranks": [mine]}, info, moved)
     assert got is None and why == ("its loader blurred the views with data.blur_where=pipeline, "
                                    "this run with loader")
+    # blur_where=loader with no movable view (no blur, or solarize after it) keeps DALI's graph
+    stays = load_config(None, ["data.blur_where=loader", *(f"views.{i}.blur_prob=0" for i in range(4))])
+    assert this_rank({"ranks": [mine]}, info, stays) == (mine, "")
 
 
 def test_resume_none_starts_over_and_keeps_the_old_run_aside(dataset, tmp_path):

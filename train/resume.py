@@ -101,9 +101,12 @@ def this_rank(state: dict, info: DistInfo, cfg: Config) -> tuple[dict | None, st
     saved = (mine.get("loader") or {}).get("crop") or "window"
     if saved != cfg.data.crop:
         return None, f"its loader cut the views with data.crop={saved}, this run with {cfg.data.crop}"
-    saved = (mine.get("loader") or {}).get("blur_where") or "pipeline"  # before the key: DALI blurred
-    if saved != cfg.data.blur_where:
-        return None, f"its loader blurred the views with data.blur_where={saved}, this run with {cfg.data.blur_where}"
+    # where the graph blurs: a blur_where=loader run with no movable view (BYOL's solarized
+    # ones stay in DALI) has DALI's graph; before the key, DALI blurred
+    saved = (mine.get("loader") or {}).get("blur_where") or "pipeline"
+    now = "loader" if cfg.data.blur_where == "loader" and any(v.blur_movable() for v in cfg.views) else "pipeline"
+    if saved != now:
+        return None, f"its loader blurred the views with data.blur_where={saved}, this run with {now}"
     return mine, ""
 
 
