@@ -109,6 +109,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "of each in the log and JSON: GPU busy share, kernel time by owner and stream, the costliest "
                    "kernels")
     p.add_argument("--profile-steps", type=int, default=5, help="steps per profile (default 5)")
+    p.add_argument("--profile-rows", default="", metavar="ROWS",
+                   help="with --profile: also profile these --stages (and, with --train, these --feeds), "
+                        "e.g. masks-blur-loader to see where a variant's GPU time goes")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -167,6 +170,14 @@ def fill_defaults(args: argparse.Namespace, device: torch.device) -> None:
             raise MscnError(f"--{flag} {target}: cannot be written there")
     if args.profile_steps < 1:
         raise MscnError(f"--profile-steps must be >= 1, got {args.profile_steps}")
+    args.profile_rows = [r.strip() for r in args.profile_rows.split(",") if r.strip()]
+    if args.profile_rows and not args.profile:
+        raise MscnError("--profile-rows needs --profile DIR (the folder for the traces)")
+    timed = set(stages) | (set(args.feeds) if args.train else set())
+    missing = [r for r in args.profile_rows if r not in timed]
+    if missing:
+        raise MscnError(f"--profile-rows {','.join(missing)}: not among the rows this run times "
+                        f"({','.join(sorted(timed)) or 'none'})")
     if args.sweep:
         benv.parse_sweep(args.sweep)  # fail on a typo now, not after the stages ran
     if args.baseline and "masks" not in stages:
@@ -329,7 +340,7 @@ def run_stages(args, cfg, info, device) -> dict:
     out = {}
     for stage in args.stages:
         out[stage] = run_measure(stage, lambda stage=stage: stage_step(stage, cfg, info, device), args, info,
-                                 device, profile=stage == full_stage(args))
+                                 device, profile=stage == full_stage(args) or stage in args.profile_rows)
     return out
 
 
@@ -442,7 +453,7 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
         profiled = "masks" if "masks" in args.feeds else args.feeds[-1]
         for stage in args.feeds:
             rows[stage] = run_measure(f"train-{stage}", fed(stage), args, info, device,
-                                      profile=stage == profiled, **timing_kw)
+                                      profile=stage == profiled or stage in args.profile_rows, **timing_kw)
         if device.type == "cuda" and not args.no_priority_row and "masks" in args.feeds:
             rows["masks-priority"] = run_measure("train-masks-priority", fed("masks", priority=True), args, info,
                                                  device, **timing_kw)

@@ -135,12 +135,12 @@ part3() {  # this round's A/B and profiles, most needed first, within MSCN_GPU_B
   # kernels by owner; the traces stay on the machine, the summaries go into the JSON)
   run bench 150 $PY scripts/bench_pipeline.py --data "$DATA/train" \
       --stages decode,masks,masks-hp-loader,masks-blur-loader --baseline dali-plain \
-      --profile /tmp/mscn_profile --json "$R/bench.json"
+      --profile /tmp/mscn_profile --profile-rows masks-blur-loader --json "$R/bench.json"
   # the trainer: the barest feed (the floor), the full one and its variants; the profiles
   # say how busy the GPU is with the trainer alone and how much of it DALI takes when fed
   run train18 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
       --feeds bare,masks,masks-hp-loader,masks-blur-loader --no-priority-row \
-      --profile /tmp/mscn_profile --json "$R/train_r18.json"
+      --profile /tmp/mscn_profile --profile-rows masks-blur-loader --json "$R/train_r18.json"
   run train50 120 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 --feeds masks \
       --no-priority-row --json "$R/train_r50.json"
   # torch.compile of the ResNet-50 step (train.compile; the compile falls in the warm-up): the

@@ -158,6 +158,21 @@ def test_profile_summary_on_the_cpu(tiny_data, tmp_path):
     assert bad.returncode == 2 and "takes a folder" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_profile_rows_adds_rows_to_profile(tiny_data, tmp_path):
+    """--profile-rows: a variant's row is profiled too (the next GPU run's masks-blur-loader);
+    a row the run does not time, or the flag without --profile, is refused up front."""
+    out, prof = tmp_path / "bench.json", tmp_path / "prof"
+    proc = run_bench("--data", tiny_data, *TINY, "--iters", "1", "--repeats", "1", "--stages", "decode,bare",
+                     "--profile", prof, "--profile-steps", "1", "--profile-rows", "decode", "--json", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["stages"]["decode"]["profile"]["steps"] == 1 and r["stages"]["bare"]["profile"]["steps"] == 1
+    for argv, msg in ((["--profile", str(prof), "--profile-rows", "masks-blur-loader"], "not among the rows"),
+                      (["--profile-rows", "bare"], "needs --profile")):
+        bad = run_bench("--data", tiny_data, *TINY, "--stages", "bare", *argv, timeout=120)
+        assert bad.returncode == 2 and msg in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+
+
 def test_device_profile_summary_from_events():
     """The GPU side of the profile summary, on events shaped as CUPTI's: busy is the union of
     the intervals (overlap counted once), kernel time their sum, copies are no launches."""
