@@ -10,11 +10,11 @@
 #           previous release for before/after figures when given, a thread sweep, and
 #           the headline summary (gpu_summary.json).
 #   part 3: one round of A/B and profiles, most needed first, meant to run with
-#           MSCN_GPU_BUDGET_S=540 in one 600 s call (what does not fit is skipped): GPU
+#           MSCN_GPU_BUDGET_S=560 in one 600 s call (what does not fit is skipped): GPU
 #           tests, the mask benchmark, the full pipeline against its variants
 #           (masks-hp-loader, masks-blur-loader) with a GPU-time profile, the trainer fed by
 #           the bare and the full pipeline and those variants (ResNet-18, profiled),
-#           ResNet-50 kept, ResNet-50 under torch.compile, memory, the GPU vs CPU twins,
+#           ResNet-50 kept, memory, the GPU vs CPU twins, ResNet-50 under torch.compile,
 #           then if time is left the isolated A/B, the rows round 3 settled (LARS step
 #           multi-tensor vs loop, alone and fed; ResNet-18 compiled) and the table
 #           statistics tests (round 3, H200: 455 s through the twins with the budget at
@@ -27,7 +27,7 @@
 # tarball of all results so far go to $OUT (so a killed run still hands back its figures).
 # Before/after: set MSCN_OLD_SITE (site-packages of the previous release) and MSCN_OLD_SCRIPTS
 # (its scripts/ folder) to time it in the same run.
-# Budget: MSCN_GPU_BUDGET_S=540 bounds the whole run (a lent GPU's call is cut at 600 s).
+# Budget: MSCN_GPU_BUDGET_S=560 bounds the whole run (a lent GPU's call is cut at 600 s).
 # A step starts only if what is left (less MSCN_GPU_RESERVE_S, 30, kept for the summary,
 # which always runs) is at least MSCN_GPU_STEP_SHARE % (50) of its own limit and at least
 # MSCN_GPU_MIN_STEP_S (15); else it is skipped (a SKIPPED line in the digest) and the next,
@@ -143,13 +143,13 @@ part3() {  # this round's A/B and profiles, most needed first, within MSCN_GPU_B
       --profile /tmp/mscn_profile --profile-rows masks-blur-loader --json "$R/train_r18.json"
   run train50 120 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 --feeds masks \
       --no-priority-row --json "$R/train_r50.json"
+  run memory 60 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
+      --json "$R/memory.json"
+  run pipeline 90 $PY scripts/gpu_pipeline_check.py --data "$DATA/train" --json "$R/pipeline.json"
   # torch.compile of the ResNet-50 step (train.compile; the compile falls in the warm-up): the
   # recipes' backbone (round 3 timed ResNet-18 only: +27.7 % fed)
   run train50-compile 150 $PY scripts/bench_pipeline.py train.compile=true --data "$DATA/train" --train \
       --arch resnet50 --feeds masks --no-priority-row --json "$R/train_r50_compile.json"
-  run memory 60 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
-      --json "$R/memory.json"
-  run pipeline 90 $PY scripts/gpu_pipeline_check.py --data "$DATA/train" --json "$R/pipeline.json"
   # if time is left: the close A/B again with one process per pipeline (rounds in
   # alternating order), and the table kernel's statistics tests (a compile per configuration)
   run ab-isolated 150 $PY scripts/bench_pipeline.py --data "$DATA/train" \

@@ -83,7 +83,7 @@ def summarize(results: Path, stages_from: Path | None = None) -> dict:
         s["lars_step_ms"] = {r["arch"]: {"multi_tensor": r["multi_tensor_ms"], "loop": r["loop_ms"]} for r in opt["rows"]}
     s["kept_resnet18_lars_loop"] = _train_kept(_load(results / "train_r18_lars_loop.json"))[0]
     # ResNet-18 and -50 under torch.compile (train.compile=true): kept, and the fed and synthetic rates
-    for arch, name in COMPILED.items():
+    for arch, (_, name) in COMPILED.items():
         comp = (_load(results / name) or {}).get("train", {})
         s[f"kept_{arch}_compiled"] = comp.get("kept")
         if comp:
@@ -127,8 +127,9 @@ PIPELINE_AB = {
 
 # torch.compile rows (gpu_check.sh part 3) against the eager train_r18/r50.json, per backbone:
 # the recipes train ResNet-50, the demo ResNet-18, so each decides for its own configs
-COMPILED = {"resnet18": "train_r18_compile.json", "resnet50": "train_r50_compile.json"}
-COMPILE_SWITCH = {"resnet18": "set train.compile=true for ResNet-18 on a GPU (configs/demo.yaml)",
+COMPILED = {"resnet18": ("train_r18.json", "train_r18_compile.json"),
+            "resnet50": ("train_r50.json", "train_r50_compile.json")}  # arch: (eager, compiled)
+COMPILE_SWITCH = {"resnet18": "set train.compile=true for GPU ResNet-18 runs (docs/TRAINING.md)",
                   "resnet50": "set train.compile=true in the GPU recipes (simclr/byol_r50_in1k.yaml)"}
 
 
@@ -186,8 +187,8 @@ def decisions(results: Path) -> list[dict]:
     if "masks" in loop and "masks" in r18:  # here the *default* is the new step: "better" = the loop wins
         add("resnet18 trainer images/s, pipeline-fed", "LARS per-parameter loop", _spread(r18["masks"]),
             _spread(loop["masks"]), "set optim.foreach=false by default")
-    for arch, name in COMPILED.items():  # what counts is the fed rate: compile speeds both rows
-        eager = (_load(results / f"train_r{arch[6:]}.json") or {}).get("train", {}).get("feeds", {})
+    for arch, (eager_name, name) in COMPILED.items():  # what counts is the fed rate: compile speeds both rows
+        eager = (_load(results / eager_name) or {}).get("train", {}).get("feeds", {})
         comp = (_load(results / name) or {}).get("train", {}).get("feeds", {})
         if "masks" in comp and "masks" in eager:
             add(f"{arch} trainer images/s, pipeline-fed", "train.compile=true", _spread(eager["masks"]),

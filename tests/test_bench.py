@@ -236,6 +236,14 @@ def test_generic_kernels_on_dalis_own_stream_are_dalis():
     assert by_stream[30] == {"dali": 4.0} and by_stream[7] == {"mscn": 1.0, "other": 5.0}
     assert by_stream[40] == {"other": 1.0}
     assert by_stream[31] == {"decode": 1.0, "other": 2.0}
+    # one name on two owners' streams: a row each in the top table
+    assert {(r["owner"], r["ms"]) for r in s["top"] if r["name"].startswith("cutlass::Kernel")} == \
+        {("dali", 3.0), ("other", 8.0)}
+    # a stream with a torch kernel is torch's, whatever DALI-named kernel also ran there
+    mixed = pr.summarize_device([("void dali::kernels::Copy(int)", 0, 1_000_000, 7),
+                                 ("void at::native::vectorized_elementwise_kernel<4>(int)", 0, 1_000_000, 7),
+                                 (conv, 1_000_000, 2_000_000, 7)], steps=1)
+    assert mixed["by_owner_ms"]["other"] == 3.0 and mixed["by_owner_ms"]["dali"] == 1.0
 
 
 class _Event:

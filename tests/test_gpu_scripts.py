@@ -91,7 +91,7 @@ def test_gpu_summary_reads_the_bench_files(results):
     assert any(ln.startswith("SUMMARY share_of_decode =") and "target >= 0.85" in ln for ln in lines)
 
 
-PART3_STEPS = ["tests", "masks", "bench", "train18", "train50", "train50-compile", "memory", "pipeline", "ab-isolated",
+PART3_STEPS = ["tests", "masks", "bench", "train18", "train50", "memory", "pipeline", "train50-compile", "ab-isolated",
                "optimizer", "train18-lars-loop", "train18-compile", "tests-stats"]
 
 
@@ -183,6 +183,19 @@ def test_gpu_summary_decides_on_torch_compile_by_the_fed_rate(results, tmp_path)
     assert s["kept_resnet18_compiled"] == doc["train"]["kept"]
     assert s["resnet18_compiled_images_per_s"]["fed"] == doc["train"]["feeds"]["masks"]["images_per_s"]["median"]
     d = next(d for d in s["decisions"] if d["variant"] == "train.compile=true")
-    assert d["verdict"] == "better" and d["switch"].startswith("set train.compile=true for ResNet-18")
+    assert d["verdict"] == "better" and d["switch"].startswith("set train.compile=true for GPU ResNet-18")
     assert d["what"].startswith("resnet18") and s["kept_resnet50_compiled"] is None  # no ResNet-50 row in these results
+    # ResNet-50: its own eager and compiled files, its own verdict (here compiled is slower)
+    r50 = json.loads(json.dumps(doc))
+    r50["train"]["arch"] = "resnet50"
+    (res / "train_r50.json").write_text(json.dumps(r50))
+    for m in [r50["train"]["synthetic"], *r50["train"]["feeds"].values()]:
+        m["images_per_s"] = {k: (v / 4 if k != "n" else v) for k, v in m["images_per_s"].items()}
+    (res / "train_r50_compile.json").write_text(json.dumps(r50))
+    proc = run("gpu_summary.py", res)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = json.loads((res / "gpu_summary.json").read_text())
+    d50 = next(d for d in s["decisions"] if d["what"].startswith("resnet50") and d["variant"] == "train.compile=true")
+    assert d50["verdict"] == "worse" and d50["switch"] is None and d50["change"] == pytest.approx(-0.75, abs=1e-3)
+    assert s["kept_resnet50_compiled"] == r50["train"]["kept"]
     assert d["change"] == pytest.approx(1.0, abs=1e-3)

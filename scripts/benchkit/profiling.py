@@ -82,12 +82,15 @@ def _dali_streams(events: list[tuple]) -> set:
     """Streams whose named kernels are all DALI's (or the decoder's): a kernel there with a
     generic name is DALI's too. DALI's GaussianBlur runs as CUTLASS convolutions
     (``cutlass::Kernel<...ConvMmaPipelined...>``, no "dali" in the name): by name alone,
-    round 3 on an H200 credited 15 of DALI's 25 ms per ResNet-18 step to "other", the
-    trainer's owner. torch, the loader's GEMMs and mscn's kernels run on torch's streams."""
+    round 3 on an H200 credited 15 of DALI's 24 ms of kernels per ResNet-18 step to
+    "other", the trainer's owner. torch, the loader's GEMMs and mscn's kernels run on
+    torch's streams; a stream with any torch (``at::``) kernel is never DALI's."""
     named: dict = defaultdict(set)
     for ev in events:
         if len(ev) > 3 and ev[3] is not None:
             who = owner(ev[0])
+            if who == "other" and short_name(ev[0]).startswith("at::"):
+                who = "torch"
             if who not in ("copy", "other"):
                 named[ev[3]].add(who)
     return {sid for sid, who in named.items() if "dali" in who and who <= {"dali", "decode"}}
@@ -108,7 +111,7 @@ def summarize_device(events: Iterable[tuple], steps: int, step_ms: float | None 
     """
     events = list(events)
     dali_streams = _dali_streams(events)
-    per = defaultdict(lambda: [0, 0, ""])  # short name -> [calls, ns, owner]
+    per = defaultdict(lambda: [0, 0])  # (short name, owner) -> [calls, ns]: one name may run on two owners' streams
     owners = dict.fromkeys(OWNERS, 0)
     streams: dict = defaultdict(lambda: defaultdict(int))
     intervals, launches = [], 0
@@ -117,9 +120,8 @@ def summarize_device(events: Iterable[tuple], steps: int, step_ms: float | None 
         key, who = short_name(name), owner(name)
         if who == "other" and len(ev) > 3 and ev[3] in dali_streams:
             who = "dali"  # a generically named kernel on DALI's own stream (see _dali_streams)
-        per[key][0] += 1
-        per[key][1] += dur
-        per[key][2] = who  # from the full name: "dali" may sit in template arguments only
+        per[key, who][0] += 1  # who from the full name ("dali" may sit in template arguments only) and stream
+        per[key, who][1] += dur
         owners[who] += dur
         if len(ev) > 3 and ev[3] is not None:
             streams[ev[3]][who] += dur
@@ -132,7 +134,7 @@ def summarize_device(events: Iterable[tuple], steps: int, step_ms: float | None 
            "launches": round(launches / steps, 1),
            "by_owner_ms": {k: round(v * ms, 3) for k, v in owners.items()},
            "top": [{"name": k, "owner": who, "calls": round(c / steps, 1), "ms": round(ns * ms, 3)}
-                   for k, (c, ns, who) in rows[:top]]}
+                   for (k, who), (c, ns) in rows[:top]]}
     if streams:
         out["streams"] = sorted(({"stream": sid, "ms": round(sum(w.values()) * ms, 3),
                                   "by_owner_ms": {k: round(v * ms, 3) for k, v in w.items() if v}}
