@@ -169,8 +169,8 @@ def test_multi_tensor_step_matches_the_loop_on_cuda():
 
 def test_the_same_gradients_helper_steps_alike_on_the_cpu():
     """The CUDA test's setup, where it can run everywhere: on the CPU the two steps agree
-    bit for bit, so a broken multi-tensor step (or a helper that stops sharing the
-    gradients) fails here too."""
+    bit for bit, so a broken multi-tensor step fails here too (the CPU's gradients are
+    deterministic, so this cannot check that the helper shares them; the GPU test needs it)."""
     nets = _step_both_on_the_same_gradients("cpu")
     torch.manual_seed(0)
     start = build_backbone("resnet18")[0]  # the helper's starting weights
