@@ -25,10 +25,9 @@ from __future__ import annotations
 import functools
 import math
 
-import numpy as np
 import torch
 
-from mscn.highpass import reflect101_index
+from mscn.highpass import reflect101_shifts
 
 
 def blur_radius(sigma_hi: float, window: int = 0) -> int:
@@ -41,19 +40,9 @@ def blur_radius(sigma_hi: float, window: int = 0) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _shifts_cpu(n: int, radius: int) -> torch.Tensor:
-    """(2r+1, n, n): ``P[j][src, out] = 1`` where output ``out`` reads source ``src`` at tap
-    ``j - r`` under reflect-101 (several taps may land on one source on tiny images)."""
-    src = reflect101_index(n, radius)
-    p = np.zeros((2 * radius + 1, n, n), dtype=np.float32)
-    taps, outs = np.meshgrid(np.arange(2 * radius + 1), np.arange(n), indexing="ij")
-    np.add.at(p, (taps, src[outs + taps], outs), 1.0)
-    return torch.from_numpy(p)
-
-
-@functools.lru_cache(maxsize=16)
 def _shifts_on(n: int, radius: int, device: str) -> torch.Tensor:
-    return _shifts_cpu(n, radius).to(device)
+    """The reflect-101 shift matrices (mscn.highpass.reflect101_shifts) on ``device``."""
+    return torch.from_numpy(reflect101_shifts(n, radius)).float().to(device)
 
 
 def blur_weights(sigma: torch.Tensor, radius: int, window: int = 0) -> torch.Tensor:

@@ -88,12 +88,19 @@ def highpass_torch(x: torch.Tensor, sigma: float, window: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=16)
 def _blur_matrix_cpu(n: int, sigma: float, window: int) -> torch.Tensor:
     k = gaussian_kernel(sigma, window)
-    r = (window - 1) // 2
-    m = np.zeros((n, n), dtype=np.float64)
-    src = reflect101_index(n, r)
-    for out in range(n):  # output pixel `out` reads padded positions out .. out + 2r
-        np.add.at(m[:, out], src[out:out + window], k)
-    return torch.from_numpy(m).float()
+    return torch.from_numpy(np.tensordot(k, reflect101_shifts(n, (window - 1) // 2), 1)).float()
+
+
+def reflect101_shifts(n: int, radius: int) -> np.ndarray:
+    """(2r+1, n, n) float64: ``P[j][src, out] = 1`` where output ``out`` reads source ``src``
+    at tap ``j - r`` under reflect-101 (several taps may land on one source on tiny images).
+    A filter with taps ``k`` along the last axis is the matrix ``Σ_j k[j] P[j]``: the
+    high-pass's ``B`` here, each sample's blur matrix in mscn/blur.py."""
+    src = reflect101_index(n, radius)
+    p = np.zeros((2 * radius + 1, n, n), dtype=np.float64)
+    taps, outs = np.meshgrid(np.arange(2 * radius + 1), np.arange(n), indexing="ij")
+    np.add.at(p, (taps, src[outs + taps], outs), 1.0)
+    return p
 
 
 def blur_matrix(n: int, sigma: float, window: int, device=None, dtype=torch.float32) -> torch.Tensor:
