@@ -50,8 +50,7 @@ def validate(cfg: Config, src: str = "<config>", world_size: int = 1) -> None:
     _validate_views(cfg.views, src, cfg.data.image_size)
     _validate_highpass(cfg.highpass, src)
     # the high-pass must see the blurred view: a blur moved to the loader takes it along
-    moves = cfg.data.blur_where == "loader" and any(v.blur_movable() for v in cfg.views)
-    _check(not (moves and cfg.highpass.enabled and cfg.highpass.where == "pipeline"), src,
+    _check(not (cfg.blur_in_loader() and cfg.highpass.enabled and cfg.highpass.where == "pipeline"), src,
            "highpass.where", cfg.highpass.where, "data.blur_where=loader blurs the views after DALI, so the "
            "high-pass must run there too: set highpass.where=auto or loader")
     _validate_model(cfg, src)

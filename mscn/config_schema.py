@@ -208,3 +208,11 @@ class Config:
     schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
+
+    def blur_in_loader(self, views: list[ViewCfg] | None = None) -> bool:
+        """Whether a loader of ``views`` (default: the training views) blurs in the loader:
+        ``data.blur_where=loader`` and at least one view whose blur can move
+        (:meth:`ViewCfg.blur_movable`). The one rule for the config check, the loader's
+        plan and the resume guard, which must agree on the pipeline graph."""
+        return self.data.blur_where == "loader" and any(
+            v.blur_movable() for v in (self.views if views is None else views))

@@ -273,8 +273,7 @@ def plan(cfg, device: torch.device | str | None, local_rank: int = 0, views: lis
     gpu = kind == "gpu"
     out = view_dtype(cfg.data.output_dtype, gpu)
     hp = highpass_params(cfg.highpass)
-    blur_in_loader = cfg.data.blur_where == "loader" and any(v.blur_movable() for v in
-                                                               (cfg.views if views is None else views))
+    blur_in_loader = cfg.blur_in_loader(views)
     # auto: DALI on a GPU, unless a blur moved to the loader (the high-pass comes after it)
     auto = "loader" if blur_in_loader or not gpu else "pipeline"
     where = cfg.highpass.where if cfg.highpass.where != "auto" else auto

@@ -177,9 +177,11 @@ def blur_deferred(view: ViewCfg, blur_in_loader: bool) -> bool:
 
 def deferred_blur_sigma(view: ViewCfg) -> tuple[DataNode, DataNode]:
     """(flag, σ) of a blur the loader applies: σ ~ U[blur_sigma] where the flag is set, 0
-    elsewhere. The flag and σ are drawn in the order DALI's own blur draws them."""
+    elsewhere. σ is drawn for every sample and zeroed by the flag, outside any conditional.
+    DALI seeds operators by their place in the graph, so these draws are not the ones the
+    ``pipeline`` graph's blur makes (tests/test_pipeline_blur.py compares at a constant σ)."""
     flag = coin(view.blur_prob)
-    sigma = uniform(*view.blur_sigma)  # before the cast: DALI seeds operators in the order they are made
+    sigma = uniform(*view.blur_sigma)
     return flag, fn.cast(flag, dtype=types.FLOAT) * sigma
 
 

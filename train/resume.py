@@ -104,7 +104,7 @@ def this_rank(state: dict, info: DistInfo, cfg: Config) -> tuple[dict | None, st
     # where the graph blurs: a blur_where=loader run with no movable view (BYOL's solarized
     # ones stay in DALI) has DALI's graph; before the key, DALI blurred
     saved = (mine.get("loader") or {}).get("blur_where") or "pipeline"
-    now = "loader" if cfg.data.blur_where == "loader" and any(v.blur_movable() for v in cfg.views) else "pipeline"
+    now = "loader" if cfg.blur_in_loader() else "pipeline"
     if saved != now:
         return None, f"its loader blurred the views with data.blur_where={saved}, this run with {now}"
     return mine, ""
