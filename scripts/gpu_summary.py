@@ -117,7 +117,7 @@ def profiles(results: Path) -> dict:
 
 
 # The A/B rows of gpu_check.sh part 3: (variant, what switching to it means). The default is
-# the "masks" row (or the table-kernel mask path, or the multi-tensor LARS step).
+# the "masks" row (or the multi-tensor LARS step, or the eager model).
 PIPELINE_AB = {
     "masks-hp-loader": "make highpass.where=loader the GPU default",
     "masks-blur-loader": "make data.blur_where=loader the GPU default",
@@ -126,7 +126,7 @@ PIPELINE_AB = {
 }
 
 # torch.compile rows (gpu_check.sh part 3) against the eager train_r18/r50.json, per backbone:
-# the recipes train ResNet-50, the demo ResNet-18, so each decides for its own configs
+# the recipes train ResNet-50, so only its verdict speaks for them
 COMPILED = {"resnet18": ("train_r18.json", "train_r18_compile.json"),
             "resnet50": ("train_r50.json", "train_r50_compile.json")}  # arch: (eager, compiled)
 COMPILE_SWITCH = {"resnet18": "set train.compile=true for GPU ResNet-18 runs (docs/TRAINING.md)",
