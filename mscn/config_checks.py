@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from mscn.config_schema import OP_CONCURRENCY, STREAM_POLICIES
 from mscn.errors import ConfigError
 
 if TYPE_CHECKING:  # annotations only
@@ -72,6 +73,10 @@ def _validate_data(d: DataCfg, src: str) -> None:
     _check(d.shuffle_buffer >= 1, src, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 1")
     _check(d.crop in ("rrc", "window"), src, "data.crop", d.crop, "must be rrc or window")
     _check(d.blur_where in ("pipeline", "loader"), src, "data.blur_where", d.blur_where, "must be pipeline or loader")
+    _check(d.op_concurrency in ("auto", *OP_CONCURRENCY), src, "data.op_concurrency", d.op_concurrency,
+           "must be auto, " + ", ".join(OP_CONCURRENCY))
+    _check(d.stream_policy in ("auto", *STREAM_POLICIES), src, "data.stream_policy", d.stream_policy,
+           "must be auto, " + ", ".join(STREAM_POLICIES))
     _check(d.output_dtype in ("float32", "float16", "bfloat16", "auto"), src, "data.output_dtype", d.output_dtype,
            "must be float32, float16, bfloat16 or auto")
     _check(all(s > 0 for s in d.std), src, "data.std", d.std, "must be > 0")

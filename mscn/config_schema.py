@@ -76,6 +76,12 @@ def default_views() -> list[ViewCfg]:
     ]
 
 
+# the settings of DALI's executor that data.op_concurrency / data.stream_policy name
+# (nvidia.dali.pipeline.OperatorConcurrency / StreamPolicy, lower-cased; tuning.py maps them)
+OP_CONCURRENCY = ("none", "backend", "full")
+STREAM_POLICIES = ("single", "per_backend", "per_operator")
+
+
 @dataclass
 class DataCfg:
     root: str = ""  # ImageFolder root, a file list from `mscn data scan`, or a folder of .tar shards
@@ -104,6 +110,13 @@ class DataCfg:
     # loader (per-sample batched GEMMs on the views' device, mscn/blur.py; views with
     # solarize keep DALI's; the high-pass then runs in the loader too, after the blur)
     blur_where: str = "pipeline"
+    # DALI's executor (docs/PERFORMANCE.md, "Tuning"): which independent operators may run at
+    # once, none | backend (a CPU op beside a GPU op: DALI's default) | full (also the views'
+    # GPU branches beside each other), and its CUDA streams, single | per_backend (DALI's
+    # default) | per_operator (one per independent branch). Same outputs either way (tested);
+    # "auto" is DALI's default until a GPU run shows another is faster
+    op_concurrency: str = "auto"
+    stream_policy: str = "auto"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 

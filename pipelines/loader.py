@@ -25,7 +25,7 @@ have yielded next.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -240,6 +240,7 @@ class Plan:
     highpass_in_adapter: tuple[float, int] | None  # (σ, window) for BLAS in the adapter (CPU path)
     dali_dtype: str  # what DALI emits (DALI has no bfloat16)
     blur_in_adapter: bool = False  # data.blur_where=loader: views without solarize are blurred by the adapter
+    executor: dict = field(default_factory=dict)  # data.op_concurrency / data.stream_policy as pipeline kwargs
 
 
 def dali_dtype(out: str, gpu: bool, filters_in_loader: bool) -> str:
@@ -267,7 +268,7 @@ def plan(cfg, device: torch.device | str | None, local_rank: int = 0, views: lis
     high-pass must see the blurred view.
     """
     from mscn.highpass import highpass_params
-    from mscn.pipelines.tuning import dali_threads, decoder_load, view_dtype
+    from mscn.pipelines.tuning import dali_threads, decoder_load, executor, view_dtype
 
     kind, device_id = pipeline_device(device, local_rank)
     gpu = kind == "gpu"
@@ -281,7 +282,8 @@ def plan(cfg, device: torch.device | str | None, local_rank: int = 0, views: lis
     dali = dali_dtype(out, gpu, in_loader or blur_in_loader)
     return Plan(kind, device_id, dali_threads(cfg.data.num_threads, gpu),
                 decoder_load(cfg.data.hw_decoder_load, device_id if gpu else None), out,
-                None if in_loader else hp, hp if in_loader else None, dali, blur_in_loader)
+                None if in_loader else hp, hp if in_loader else None, dali, blur_in_loader,
+                executor(cfg.data.op_concurrency, cfg.data.stream_policy))
 
 
 @dataclass(frozen=True)
@@ -310,7 +312,7 @@ def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_
                           blur_in_loader=p.blur_in_adapter,
                           num_threads=p.threads, device_id=p.device_id, seed=shard.seed,
                           prefetch_queue_depth=d.prefetch, enable_checkpointing=checkpointing or state is not None,
-                          checkpoint=bytes(state["dali"].numpy()) if state else None)
+                          checkpoint=bytes(state["dali"].numpy()) if state else None, **p.executor)
     if state and state.get("mask") is not None and isinstance(mask_fn, MaskGenerator):
         mask_fn.load_state_dict(state["mask"])
     return DaliLoader(pipe, source, len(views), policy=LastBatchPolicy.DROP, output_dtype=p.output_dtype,
@@ -384,7 +386,7 @@ def build_eval_loader(cfg, root: str, rank: int = 0, world_size: int = 1, local_
                          highpass=p.highpass_in_pipeline, device=p.kind, hw_decoder_load=p.hw_decoder_load,
                          shard_id=rank, num_shards=world_size, reader_seed=shard.seed, view_dtype=p.dali_dtype,
                          batch_size=batch, num_threads=p.threads, device_id=p.device_id, seed=shard.seed,
-                         prefetch_queue_depth=d.prefetch)
+                         prefetch_queue_depth=d.prefetch, **p.executor)
     replay = Replay(shard_id=rank, num_shards=world_size, shuffle=False, shuffle_buffer=1, stick_to_shard=True,
                     reader_seed=shard.seed, batch_size=batch, prefetch=d.prefetch)
     return DaliLoader(pipe, source, 1, policy=LastBatchPolicy.PARTIAL, output_dtype=p.output_dtype,

@@ -53,11 +53,13 @@ from mscn.train.distributed import barrier
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("decode", "bare", "colour", "views", "highpass", "masks", "masks-hp-late", "masks-hp-loader",
-          "masks-blur-loader", "masks-crop-window")
+          "masks-blur-loader", "masks-crop-window", "masks-concurrent")
 # the full pipeline built another way, on request: the high-pass after the normalization in
 # DALI (the previous order), or as batched GEMMs in the loader (highpass.where=loader); the
-# blur and the high-pass as GEMMs in the loader (data.blur_where=loader); ...
-VARIANTS = ("masks-hp-late", "masks-hp-loader", "masks-blur-loader", "masks-crop-window")
+# blur and the high-pass as GEMMs in the loader (data.blur_where=loader); ...; the same graph
+# under DALI's full operator concurrency, one stream per branch (data.op_concurrency=full,
+# data.stream_policy=per_operator)
+VARIANTS = ("masks-hp-late", "masks-hp-loader", "masks-blur-loader", "masks-crop-window", "masks-concurrent")
 FEEDS = ("bare", "colour", "views", "highpass", "masks", *VARIANTS)  # --train feeds
 # Small on the 2-core CI box (the whole default run fits in ~1 min), ImageNet-scale on a GPU.
 DEFAULTS = {"cpu": dict(batch=32, warmup=2, iters=3, repeats=3, train_steps=3, arch="resnet18",
@@ -237,6 +239,9 @@ def stage_config(cfg, stage: str):
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, blur_where="loader"))
     if stage == "masks-crop-window":  # the crop the views had before the fused one
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, crop="window"))
+    if stage == "masks-concurrent":  # the same graph, scheduled by DALI another way
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, op_concurrency="full",
+                                                                stream_policy="per_operator"))
     if stage in ("bare", "colour", "views", "dali-plain"):
         cfg = dataclasses.replace(cfg, highpass=dataclasses.replace(cfg.highpass, enabled=False))
     off = {"bare": dict(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0),
@@ -576,6 +581,9 @@ def main(argv: list[str] | None = None) -> int:
                                "batch": args.batch, "threads": placed.threads,
                                "hw_decoder_load": placed.hw_decoder_load if device.type == "cuda" else None,
                                "output_dtype": placed_dtype(cfg, device),
+                               # DALI's executor (None: DALI's default; "masks-concurrent" sets its own)
+                               **{k: None if getattr(cfg.data, k) == "auto" else getattr(cfg.data, k)
+                                  for k in ("op_concurrency", "stream_policy")},
                                "views": args.views, "size": args.size, "highpass_sigma": cfg.highpass.sigma,
                                "warmup": args.warmup, "iters": args.iters, "repeats": args.repeats,
                                "world_size": info.world_size, "stages": args.stages},

@@ -12,10 +12,11 @@
 #   part 3: one round of A/B and profiles, most needed first, meant to run with
 #           MSCN_GPU_BUDGET_S=560 in one 600 s call (what does not fit is skipped): GPU
 #           tests, the mask benchmark, the full pipeline against its variants
-#           (masks-hp-loader, masks-blur-loader) with a GPU-time profile, the trainer fed by
-#           the bare and the full pipeline and those variants (ResNet-18, profiled),
-#           ResNet-50 kept, memory, the GPU vs CPU twins, ResNet-50 under torch.compile,
-#           then if time is left the isolated A/B, the rows round 3 settled (LARS step
+#           (masks-hp-loader, masks-blur-loader, masks-concurrent: DALI's full operator
+#           concurrency) with a GPU-time profile, the trainer fed by the bare and the full
+#           pipeline and those variants (ResNet-18, profiled), ResNet-50 kept, memory, the
+#           GPU vs CPU twins, ResNet-50 under torch.compile, then if time is left the
+#           isolated A/B, a sweep of DALI's two executor knobs, the rows round 3 settled (LARS step
 #           multi-tensor vs loop, alone and fed; ResNet-18 compiled) and the table
 #           statistics tests (round 3, H200: 455 s through the twins with the budget at
 #           560, in the order of that round);
@@ -90,7 +91,7 @@ part1() {
   # ImageNet-like synthetic JPEGs (500x375, ~90 KB): quick on 16 cores
   [ -d "$DATA/train" ] || run synth 120 $PY -P -m mscn data synth "$DATA" --classes 10 --per-class 300 --size 500x375 --seed 0
   # GPU tests, the kernels against their references (compiled), the table kernel's statistics
-  run tests 240 $PY -P -m pytest -q -s tests/test_pipeline_gpu.py tests/test_mask_kernel.py \
+  run tests 240 $PY -P -m pytest -q -s tests/test_pipeline_gpu.py tests/test_pipeline_executor.py tests/test_mask_kernel.py \
       tests/test_masks.py tests/test_pipeline_highpass.py
   run pipeline 120 $PY scripts/gpu_pipeline_check.py --data "$DATA/train" --json "$R/pipeline.json"
   run masks 120 $PY scripts/bench_masks.py --json "$R/masks.json"
@@ -127,19 +128,20 @@ part3() {  # this round's A/B and profiles, most needed first, within MSCN_GPU_B
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$LOG" 2>&1
   $PY -P -c "import os, torch, nvidia.dali as d, triton; print('torch', torch.__version__, 'dali', d.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available(), 'cores', len(os.sched_getaffinity(0)))" 2>&1 | tee -a "$LOG"
   [ -d "$DATA/train" ] || run synth 60 $PY -P -m mscn data synth "$DATA" --classes 10 --per-class 300 --size 500x375 --seed 0
-  # the GPU tests first: the CUDA LARS test (rewritten) and the blur test have not run on a GPU
+  # the GPU tests first: the CUDA LARS test (rewritten), the blur test and the executor test
+  # (the same batches under full concurrency, a stream per branch) have not run on a GPU
   run tests 180 $PY -P -m pytest -q -s tests/test_pipeline_gpu.py tests/test_mask_kernel.py tests/test_pipeline_crop.py tests/test_pipeline_blur.py \
-      tests/test_train_lars.py
+      tests/test_pipeline_executor.py tests/test_train_lars.py
   run masks 60 $PY scripts/bench_masks.py --json "$R/masks.json"
   # the pipeline against its variants, and where its GPU time goes (--profile: busy share,
   # kernels by owner; the traces stay on the machine, the summaries go into the JSON)
   run bench 150 $PY scripts/bench_pipeline.py --data "$DATA/train" \
-      --stages decode,masks,masks-hp-loader,masks-blur-loader --baseline dali-plain \
-      --profile /tmp/mscn_profile --profile-rows masks-blur-loader --json "$R/bench.json"
+      --stages decode,masks,masks-hp-loader,masks-blur-loader,masks-concurrent --baseline dali-plain \
+      --profile /tmp/mscn_profile --profile-rows masks-blur-loader,masks-concurrent --json "$R/bench.json"
   # the trainer: the barest feed (the floor), the full one and its variants; the profiles
   # say how busy the GPU is with the trainer alone and how much of it DALI takes when fed
-  run train18 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
-      --feeds bare,masks,masks-hp-loader,masks-blur-loader --no-priority-row \
+  run train18 170 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
+      --feeds bare,masks,masks-hp-loader,masks-blur-loader,masks-concurrent --no-priority-row \
       --profile /tmp/mscn_profile --profile-rows masks-blur-loader --json "$R/train_r18.json"
   run train50 120 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 --feeds masks \
       --no-priority-row --json "$R/train_r50.json"
@@ -152,8 +154,12 @@ part3() {  # this round's A/B and profiles, most needed first, within MSCN_GPU_B
       --arch resnet50 --feeds masks --no-priority-row --json "$R/train_r50_compile.json"
   # if time is left: the close A/B again with one process per pipeline (rounds in
   # alternating order), and the table kernel's statistics tests (a compile per configuration)
-  run ab-isolated 150 $PY scripts/bench_pipeline.py --data "$DATA/train" \
-      --stages masks,masks-hp-loader,masks-blur-loader --isolate 2 --iters 10 --repeats 3 --json "$R/ab_isolated.json"
+  run ab-isolated 190 $PY scripts/bench_pipeline.py --data "$DATA/train" \
+      --stages masks,masks-hp-loader,masks-blur-loader,masks-concurrent --isolate 2 --iters 10 --repeats 3 \
+      --json "$R/ab_isolated.json"
+  # which of DALI's two executor knobs carries masks-concurrent's difference, if it has one
+  run sweep-executor 90 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
+      --sweep concurrency=backend,full stream_policy=per_backend,per_operator --json "$R/sweep_executor.json"
   # settled in round 3, re-measured if time is left: the LARS step (kept: 6.8x faster alone)
   # and ResNet-18 under torch.compile (+27.7 % fed)
   run optimizer 60 $PY scripts/bench_optimizer.py --json "$R/optimizer.json"

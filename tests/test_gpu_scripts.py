@@ -42,7 +42,7 @@ def results(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("gpu_results")
     data = make_folder(out / "data", classes=2, per_class=6)
     common = ["--data", data, *TINY]
-    for name, args in (("bench", ["--stages", "decode,masks,masks-hp-late,masks-crop-window", "--baseline", "dali-plain"]),
+    for name, args in (("bench", ["--stages", "decode,masks,masks-hp-late,masks-crop-window,masks-concurrent", "--baseline", "dali-plain"]),
                        ("memory", ["--stages", "masks"]),
                        ("train_r18", ["--train", "--arch", "resnet18", "--train-steps", "2", "--feeds", "masks",
                                       "--profile", out / "prof", "--profile-steps", "1"])):
@@ -64,7 +64,7 @@ def test_gpu_summary_reads_the_bench_files(results):
     train = json.loads((results / "train_r18.json").read_text())
     assert s["card"] is None and s["cores"] >= 1 and s["versions"]["dali"]
     assert s["share_of_decode"] == bench["share_of_decode"]
-    assert list(bench["stages"]) == ["decode", "masks", "masks-hp-late", "masks-crop-window"]
+    assert list(bench["stages"]) == ["decode", "masks", "masks-hp-late", "masks-crop-window", "masks-concurrent"]
     assert bench["pipeline"] == bench["stages"]["masks"]  # the variants are not the training input
     assert s["plain_dali_share_of_decode"] == bench["baselines"]["dali-plain"]["share_of_decode"]
     assert s["kept_resnet18"] == train["train"]["feeds"]["masks"]["kept"] and s["kept_resnet50"] is None
@@ -74,7 +74,7 @@ def test_gpu_summary_reads_the_bench_files(results):
     assert s["kept_resnet18_lars_loop"] is None  # not run here
     # the A/B verdicts: a variant is better or worse only when the rows' ranges do not overlap
     got = {d["variant"]: d for d in s["decisions"]}
-    assert set(got) == {"masks-hp-late", "masks-crop-window"}  # the variants this bench ran
+    assert set(got) == {"masks-hp-late", "masks-crop-window", "masks-concurrent"}  # the variants this bench ran
     for v, d in got.items():
         a, b = (bench["stages"][k]["images_per_s"] for k in ("masks", v))
         want = "better" if b["q1"] > a["q3"] else "worse" if b["q3"] < a["q1"] else "inside the spread"
@@ -92,6 +92,7 @@ def test_gpu_summary_reads_the_bench_files(results):
 
 
 PART3_STEPS = ["tests", "masks", "bench", "train18", "train50", "memory", "pipeline", "train50-compile", "ab-isolated",
+               "sweep-executor",
                "optimizer", "train18-lars-loop", "train18-compile", "tests-stats"]
 
 
@@ -146,7 +147,7 @@ def test_gpu_check_skips_a_step_that_would_not_fit_and_goes_on(tmp_path):
     steps limited to over 100 s are skipped, and the shorter ones after them still run."""
     proc, ran, _ = _gpu_check(tmp_path, budget=50, sleep=0, share=50)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    fits = ["masks", "memory", "pipeline", "optimizer", "train18-lars-loop"]  # limits of 60-90 s
+    fits = ["masks", "memory", "pipeline", "sweep-executor", "optimizer", "train18-lars-loop"]  # limits of 60-90 s
     assert ran == fits + ["summary"]
     assert _digest(proc, "SKIPPED") == [s for s in PART3_STEPS if s not in fits]
 

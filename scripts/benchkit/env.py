@@ -27,6 +27,8 @@ SWEEP_KEYS: dict[str, tuple[str, type]] = {
     "hw_decoder_load": ("data.hw_decoder_load", float),
     "prefetch": ("data.prefetch", int),
     "output_dtype": ("data.output_dtype", str),
+    "concurrency": ("data.op_concurrency", str),  # DALI's executor: none | backend | full
+    "stream_policy": ("data.stream_policy", str),  # single | per_backend | per_operator
     "blur_window": ("views.*.blur_window", int),  # every view's; 0 = derived from each sample's sigma
     "batch": ("batch", int),
 }

@@ -12,7 +12,8 @@ LABELS = {"decode": "decode", "bare": "+ crop, flip, normalize", "colour": "+ co
           "masks-hp-late": "full, high-pass after normalize (previous order)",
           "masks-hp-loader": "full, high-pass as GEMMs in the loader (highpass.where=loader)",
           "masks-blur-loader": "full, blur and high-pass as GEMMs in the loader (data.blur_where=loader)",
-          "masks-crop-window": "full, views cut by random_crop_generator + ROI resize (previous crop)"}
+          "masks-crop-window": "full, views cut by random_crop_generator + ROI resize (previous crop)",
+          "masks-concurrent": "full, DALI's full operator concurrency, a stream per branch"}
 
 # ----------------------------------------------------------------------------------
 # Output: a human table (gpu_check.sh greps the "|" rows and SUMMARY lines) and a chart
@@ -93,6 +94,8 @@ def summary_lines(r: dict) -> list[str]:
 def print_report(r: dict) -> None:
     env, s, ds = r["env"], r["settings"], r["dataset"]
     hw = f", hw_decoder_load {s['hw_decoder_load']}" if s["hw_decoder_load"] is not None else ""
+    executor = [f"{k} {s[k]}" for k in ("op_concurrency", "stream_policy") if s.get(k)]  # absent in older JSON
+    hw += f", DALI executor: {', '.join(executor)}" if executor else ""
     print(f"\nmscn bench on {env['gpu_name'] or env['cpu_model']}: {env['usable_cores']} cores, DALI {env['dali']}, "
           f"torch {env['torch']} ({env['torch_threads']} threads), load {env['load_avg_1m']}\n"
           f"data: {ds['path']} ({ds['num_images']} images, {ds['format']}, median JPEG {ds['jpeg_kb_median']} KB)\n"

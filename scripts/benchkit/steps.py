@@ -3,7 +3,7 @@ hand-written plain DALI pipeline, or of decode alone (profiling.py traces a few 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,10 +28,11 @@ class Placement:
     num_shards: int = 1
     seed: int = 0
     prefetch: int = 2
+    executor: dict = field(default_factory=dict)  # data.op_concurrency / data.stream_policy (tuning.executor)
 
     def pipeline_kwargs(self) -> dict:
         return dict(batch_size=self.batch, num_threads=self.threads, device_id=self.device_id, seed=self.seed,
-                    prefetch_queue_depth=self.prefetch)
+                    prefetch_queue_depth=self.prefetch, **self.executor)
 
 
 def placement(cfg, device: torch.device, rank: int = 0, world_size: int = 1, local_rank: int = 0) -> Placement:
@@ -40,7 +41,7 @@ def placement(cfg, device: torch.device, rank: int = 0, world_size: int = 1, loc
 
     p = plan(cfg, device if device.type == "cuda" else None, local_rank)
     return Placement(p.kind, p.device_id, p.threads, p.hw_decoder_load, cfg.train.global_batch // world_size, rank,
-                     world_size, rank_seed(cfg.train.seed, rank), cfg.data.prefetch)
+                     world_size, rank_seed(cfg.train.seed, rank), cfg.data.prefetch, p.executor)
 
 
 def decode_pipeline(source, where: Placement, shuffle_buffer: int = 4096):
