@@ -93,3 +93,26 @@ def test_export_applies_the_overrides_and_keeps_to_its_folder(tmp_path, capsys, 
     assert mscn_main(["eval", "export", "--ckpt", "random", "--config", "demo", "--out", str(out),
                       "--name", "../escape"]) == 2
     assert "--name" in capsys.readouterr().err and not (tmp_path / "escape.pth").exists()
+
+
+def test_export_keeps_an_earlier_export_unless_forced(tmp_path, capsys, monkeypatch):
+    """A second export of the same --name is refused in one line and leaves the first
+    intact; --force replaces it; no temporary file is left behind."""
+    from mscn.cli import main as mscn_main
+
+    monkeypatch.delenv("MSCN_DEBUG", raising=False)
+    out = tmp_path / "ex"
+    first = ["eval", "export", "--ckpt", "random", "--config", "demo", "--out", str(out)]
+    assert mscn_main(first) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"backbone.pth", "backbone.pkl"}
+    capsys.readouterr()
+    assert mscn_main([*first, "model.arch=resnet50"]) == 2
+    err = capsys.readouterr().err
+    assert "backbone.pth and backbone.pkl already exist" in err and "--force" in err and len(err.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (out / "backbone.pkl").unlink()  # half of an export is still kept
+    assert mscn_main([*first, "model.arch=resnet50"]) == 2 and "backbone.pth already exists" in capsys.readouterr().err
+    assert mscn_main([*first, "model.arch=resnet50", "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["backbone.pkl", "backbone.pth"]
+    assert torch.load(out / "backbone.pth")["layer4.2.conv3.weight"].shape[0] == 2048  # replaced by the ResNet-50

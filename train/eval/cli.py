@@ -143,7 +143,7 @@ def _export(args) -> None:
 
     backbone, arch, _ = load_pretrained(args.ckpt, arch=args.arch, overrides=args.overrides, config=args.config,
                                         strict=args.strict)
-    paths = export_backbone(backbone, args.out, args.name, arch)
+    paths = export_backbone(backbone, args.out, args.name, arch, overwrite=args.force)
     print(f"exported {arch}: {paths['torchvision']} (torchvision), {paths['detectron2']} (detectron2)")
 
 
@@ -246,6 +246,7 @@ def add_eval_commands(subparsers) -> None:
     _add_model_args(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--name", default="backbone", help="file stem (default backbone)")
+    p.add_argument("--force", action="store_true", help="replace an earlier export of the same --name")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("report", help="merge result.json files into one paper-style Markdown table")

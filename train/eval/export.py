@@ -15,6 +15,7 @@ Two files:
 """
 from __future__ import annotations
 
+import os
 import pickle
 import re
 from pathlib import Path
@@ -48,19 +49,46 @@ def detectron2_state_dict(sd: dict[str, torch.Tensor]) -> dict:
     return {"model": model, "__author__": AUTHOR, "matching_heuristics": True}
 
 
-def export_backbone(backbone: nn.Module, out_dir: str | Path, name: str = "backbone",
-                    arch: str = "resnet50") -> dict[str, str]:
-    """Write ``<out_dir>/<name>.pth`` (torchvision) and ``<name>.pkl`` (detectron2)."""
+def export_paths(out_dir: str | Path, name: str, overwrite: bool = False) -> tuple[Path, Path]:
+    """(``.pth``, ``.pkl``) paths of an export, or one MscnError line: a ``name`` with folders,
+    or an earlier export of that name without ``overwrite``."""
     if not name or Path(name).name != name or name in (".", ".."):  # e.g. "../x" would write outside --out
         raise MscnError(f"--name {name!r}: a file stem without folders (e.g. backbone)")
+    paths = Path(out_dir) / f"{name}.pth", Path(out_dir) / f"{name}.pkl"
+    there = [p.name for p in paths if p.exists()]
+    if there and not overwrite:
+        raise MscnError(f"--out {out_dir}: {' and '.join(there)} already exist{'s' if len(there) == 1 else ''}; "
+                        "pass another --name, or --force to replace them")
+    return paths
+
+
+def export_backbone(backbone: nn.Module, out_dir: str | Path, name: str = "backbone",
+                    arch: str = "resnet50", overwrite: bool = False) -> dict[str, str]:
+    """Write ``<out_dir>/<name>.pth`` (torchvision) and ``<name>.pkl`` (detectron2).
+
+    An earlier export of the same name is kept unless ``overwrite`` (``--force``): it may be
+    the weights a detection run was started from. Each file is written beside its final
+    name and renamed into place, so a run killed mid-write leaves no truncated file.
+    """
+    pth, pkl = export_paths(out_dir, name, overwrite)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MscnError(f"--out {out_dir}: cannot create the folder ({e.strerror})") from None
     sd = torchvision_state_dict(backbone)
-    pth, pkl = out / f"{name}.pth", out / f"{name}.pkl"
-    torch.save(sd, pth)
-    with open(pkl, "wb") as f:
-        pickle.dump(detectron2_state_dict(sd), f)
+    _write(pth, lambda f: torch.save(sd, f))
+    _write(pkl, lambda f: pickle.dump(detectron2_state_dict(sd), f))
     return {"torchvision": str(pth), "detectron2": str(pkl), "arch": arch}
+
+
+def _write(path: Path, dump) -> None:
+    """``dump(file)`` into ``path`` via a temporary file renamed into place (atomic on POSIX)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            dump(f)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise MscnError(f"{path}: cannot write the export ({e.strerror})") from None
