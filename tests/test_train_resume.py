@@ -4,6 +4,7 @@ subprocesses and signals; torch on one thread (tests/conftest.py says why).
 """
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,6 +104,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(dataset, unin
     proc = _start(dataset, out, "train.ckpt_every_steps=1000")  # no periodic checkpoint before the signal
     try:
         _wait_for(proc, lambda: len(read_metrics(out)) >= 3, "step 3")
+        assert (out / ".lock").read_text().startswith(f"pid {proc.pid} on ")  # the live run holds the folder
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -119,6 +121,35 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(dataset, unin
     summary = run_pretrain(load_config(None, args(dataset, out, "train.ckpt_every_steps=1000")), resume="auto")
     assert summary["resumed_from"].endswith(f"ckpt_{step:08d}.pt")
     _assert_same_run(*uninterrupted, out, summary)
+
+
+def test_a_second_launch_into_a_live_runs_folder_is_refused_and_changes_nothing(dataset, uninterrupted, tmp_path,
+                                                                                capsys):
+    """A folder whose ``.lock`` a live process holds (flock, as a running pretrain's rank 0
+    does) refuses a second run in one line, also with --resume none (which would move the
+    live run's files aside); once the holder is killed, the folder is free at once."""
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], out)
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"f = open({str(out / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "f.seek(0); f.truncate(); f.write(f'pid {os.getpid()} on test'); f.flush(); print('held', flush=True)\n"
+        "time.sleep(120)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for resume in ("auto", "none"):
+            status = main(["--resume", resume, *args(dataset, out)])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert status == 2 and len(err) == 1, "\n".join(err)
+            assert f"is in use by a live run (pid {holder.pid} on test)" in err[0] and "train.out_dir" in err[0]
+            assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    summary = run_pretrain(load_config(None, args(dataset, out)), resume="auto")  # a finished run: nothing to do
+    assert summary["step"] == STEPS
 
 
 def test_a_different_run_in_the_same_directory_is_refused(dataset, uninterrupted, tmp_path, capsys):

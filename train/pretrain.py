@@ -49,7 +49,7 @@ from mscn.train.meter import NonFiniteGuard, StepMeter  # noqa: F401  (NonFinite
 from mscn.train.methods import SiameseMethod, build_method
 from mscn.train.monitor import check_val_root, monitor_off_reason, monitor_runs_after, online_knn
 from mscn.train.preempt import StopFlag, Stopped
-from mscn.train.rundir import check_run_dir, claim_run_dir, default_out_dir
+from mscn.train.rundir import check_run_dir, claim_run_dir, default_out_dir, lock_run_dir, unlock_run_dirs
 from mscn.train.runlog import RunLog, require_tensorboard
 from mscn.train.runtime import Runtime, amp_dtype, autocast, setup_runtime, wrap_ddp  # noqa: F401  (amp_dtype: API)
 from mscn.train.schedule import lr_at, peak_lr
@@ -123,6 +123,7 @@ def run_pretrain(cfg: Config, resume: str | None = "auto", recipe: str | None = 
         with rt.priority_stream(cfg.train.priority_stream), StopFlag() as stop:
             return _run(cfg, resume, rt, recipe, stop)
     finally:
+        unlock_run_dirs()
         cleanup()
 
 
@@ -132,6 +133,15 @@ def _claim(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, say
         out = broadcast_object(str(default_out_dir(recipe)) if rt.is_main else None)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=out))
         say(f"run directory {out}; to resume this run later pass train.out_dir={out}")
+    busy = None
+    if rt.is_main:  # one live run per folder; every rank raises rank 0's error
+        try:
+            lock_run_dir(cfg.train.out_dir)
+        except MscnError as e:
+            busy = str(e)
+    busy = broadcast_object(busy)
+    if busy:
+        raise MscnError(busy)
     check_run_dir(cfg, resume)  # read-only on every rank: all raise the same error
     barrier()  # ... before rank 0 writes config.yaml
     if rt.is_main:

@@ -11,7 +11,10 @@ Anything else stops with one line naming the differing keys and the two ways for
 """
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,8 @@ NEUTRAL_SECTIONS = ("eval.",)
 # exactly when given that value, and is refused (with the value to pass) otherwise.
 LEGACY = {"data.crop": "window", "data.blur_where": "pipeline"}
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "final.pt", "tb")
+LOCK_FILE = ".lock"  # held by the live run's rank 0 (lock_run_dir); never moved or deleted
+_LOCKS: dict[str, Any] = {}  # folder -> the open lock file of this process
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -94,6 +99,46 @@ def run_started(out: str | Path) -> bool:
     ckpts = out / "checkpoints"
     return ((metrics.is_file() and metrics.stat().st_size > 0) or (out / "final.pt").exists()
             or (ckpts.is_dir() and any(ckpts.iterdir())))
+
+
+def lock_run_dir(out: str | Path) -> None:
+    """Rank 0, before anything in ``out`` is read or written: hold ``out/.lock`` for the
+    rest of this run, or one MscnError line if another live run holds it.
+
+    Two runs started into one folder would otherwise both pass the resume check and then
+    write interleaved checkpoints and metrics. ``flock`` is held by the open file: the
+    kernel drops it when the process ends, SIGKILL included, so a killed run's folder can
+    be resumed at once. (Network file systems may not honour it.)
+    """
+    out = Path(out)
+    key = str(out.resolve())
+    if key in _LOCKS:  # this process holds it already
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / LOCK_FILE, "a+")
+    except OSError as e:
+        raise MscnError(f"train.out_dir {out}: cannot create the run folder ({e.strerror})") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held by another live process
+        f.seek(0)
+        holder = ([ln for ln in f.read().splitlines() if ln.strip()] or ["another process"])[-1].strip()
+        f.close()
+        raise MscnError(f"{out} is in use by a live run ({holder}): wait for it, stop it (it resumes from its "
+                        "checkpoint), or pass another train.out_dir=DIR (or --out DIR)") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    _LOCKS[key] = f
+
+
+def unlock_run_dirs() -> None:
+    """Release this process's run-folder locks (the end of a run; process exit does it too)."""
+    for f in _LOCKS.values():
+        f.close()
+    _LOCKS.clear()
 
 
 def check_run_dir(cfg: Config, resume: str | None) -> None:
