@@ -113,8 +113,9 @@ class DataCfg:
     # DALI's executor (docs/PERFORMANCE.md, "Tuning"): which independent operators may run at
     # once, none | backend (a CPU op beside a GPU op: DALI's default) | full (also the views'
     # GPU branches beside each other), and its CUDA streams, single | per_backend (DALI's
-    # default) | per_operator (one per independent branch). Same outputs either way (tested);
-    # "auto" is DALI's default until a GPU run shows another is faster
+    # default) | per_operator (one per independent branch). Same outputs either way (tested
+    # on the CPU path; the GPU test has not run yet); "auto" is DALI's default until a GPU run
+    # shows another is faster
     op_concurrency: str = "auto"
     stream_policy: str = "auto"
     mean: tuple[float, float, float] = IMAGENET_MEAN

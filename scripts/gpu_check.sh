@@ -34,6 +34,9 @@
 # MSCN_GPU_MIN_STEP_S (15); else it is skipped (a SKIPPED line in the digest) and the next,
 # shorter ones may still fit. A started step gets at most what is left; one killed there
 # is marked CUT, not FAILED. Steps are in order of what the decisions need. 0 = no budget.
+# Follow-up call: MSCN_GPU_STEPS=ab-isolated,sweep-executor runs only the named steps (and
+# the summary, over every result in $MSCN_GPU_RESULTS), e.g. the ones a budget SKIPPED, on
+# the same warm machine: the earlier results stay where they are.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -41,6 +44,7 @@ BUDGET=${MSCN_GPU_BUDGET_S:-0}
 RESERVE=${MSCN_GPU_RESERVE_S:-30}
 MIN_STEP=${MSCN_GPU_MIN_STEP_S:-15}
 SHARE=${MSCN_GPU_STEP_SHARE:-50}
+STEPS=${MSCN_GPU_STEPS:-}  # e.g. ab-isolated,sweep-executor: only these steps (and the summary)
 for v in "$BUDGET" "$RESERVE" "$MIN_STEP" "$SHARE"; do
   case $v in ''|*[!0-9]*) echo "gpu_check.sh: MSCN_GPU_BUDGET_S, _RESERVE_S, _MIN_STEP_S and _STEP_SHARE take" \
                               "whole numbers, got '$v'" >&2; exit 2 ;; esac
@@ -53,11 +57,12 @@ R=${MSCN_GPU_RESULTS:-/tmp/mscn_gpu_results}
 DATA=${MSCN_BENCH_DATA:-/tmp/mscn_synth}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$R"
-LOG="$R/gpu_check_part$PART.log"
+LOG="$R/gpu_check_part$PART${STEPS:+_followup}.log"  # a follow-up call keeps the first call's log
 status=0
 
 run() {  # run NAME SECONDS CMD...: log everything, bound the time, remember failures, keep going
   local name=$1 limit=$2 cut=0; shift 2
+  if [ -n "$STEPS" ] && [[ ",$STEPS,summary,synth," != *",$name,"* ]]; then return; fi  # not asked for this time
   if [ "$BUDGET" -gt 0 ]; then  # what is left of the budget, less the summary's reserve
     local left=$(( BUDGET - RESERVE - ($(date +%s) - T0) ))
     local need=$(( limit * SHARE / 100 )); [ "$need" -lt "$MIN_STEP" ] && need=$MIN_STEP
@@ -154,8 +159,9 @@ part3() {  # this round's A/B and profiles, most needed first, within MSCN_GPU_B
       --arch resnet50 --feeds masks --no-priority-row --json "$R/train_r50_compile.json"
   # if time is left: the close A/B again with one process per pipeline (rounds in
   # alternating order), and the table kernel's statistics tests (a compile per configuration)
-  run ab-isolated 190 $PY scripts/bench_pipeline.py --data "$DATA/train" \
-      --stages masks,masks-hp-loader,masks-blur-loader,masks-concurrent --isolate 2 --iters 10 --repeats 3 \
+  # (masks-hp-loader left out: opt-in twice, and the isolated rounds cost a process each)
+  run ab-isolated 140 $PY scripts/bench_pipeline.py --data "$DATA/train" \
+      --stages masks,masks-blur-loader,masks-concurrent --isolate 2 --iters 10 --repeats 3 \
       --json "$R/ab_isolated.json"
   # which of DALI's two executor knobs carries masks-concurrent's difference, if it has one
   run sweep-executor 90 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \

@@ -123,7 +123,7 @@ PIPELINE_AB = {
     "masks-blur-loader": "make data.blur_where=loader the GPU default",
     "masks-hp-late": "set pipelines/ops.py HIGHPASS_FIRST = False",
     "masks-crop-window": "set data.crop=window by default",
-    "masks-concurrent": "make data.op_concurrency=full, data.stream_policy=per_operator the GPU auto (pipelines/tuning.py)",
+    "masks-concurrent": "make auto mean op_concurrency=full, stream_policy=per_operator on the GPU path (tuning.executor)",
 }
 
 # torch.compile rows (gpu_check.sh part 3) against the eager train_r18/r50.json, per backbone:

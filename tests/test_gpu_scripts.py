@@ -96,24 +96,26 @@ PART3_STEPS = ["tests", "masks", "bench", "train18", "train50", "memory", "pipel
                "optimizer", "train18-lars-loop", "train18-compile", "tests-stats"]
 
 
-def _gpu_check(tmp_path, budget: int, sleep: float, share: int = 0) -> tuple[subprocess.CompletedProcess, list[str], float]:
+def _gpu_check(tmp_path, budget: int, sleep: float, share: int = 0,
+               steps: str = "") -> tuple[subprocess.CompletedProcess, list[str], float]:
     """gpu_check.sh part 3 with a stand-in python that only logs its arguments and sleeps
     (not for the version probe): the script's own bookkeeping (budget, skips, cuts, summary,
     hand-back to $OUT), no GPU."""
     fake, calls = tmp_path / "python", tmp_path / "calls.txt"
     fake.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\ncase "$*" in "-P -c "*) exit 0 ;; esac\nsleep {sleep}\n')
     fake.chmod(0o755)
-    (tmp_path / "data" / "train").mkdir(parents=True)  # as if synthesized: no synth step
+    (tmp_path / "data" / "train").mkdir(parents=True, exist_ok=True)  # as if synthesized: no synth step
     env = {**os.environ, "PYTHON": str(fake), "OUT": str(tmp_path / "out"), "MSCN_GPU_RESULTS": str(tmp_path / "r"),
            "MSCN_BENCH_DATA": str(tmp_path / "data"), "MSCN_GPU_BUDGET_S": str(budget), "MSCN_GPU_RESERVE_S": "0",
-           "MSCN_GPU_MIN_STEP_S": "1", "MSCN_GPU_STEP_SHARE": str(share)}
+           "MSCN_GPU_MIN_STEP_S": "1", "MSCN_GPU_STEP_SHARE": str(share), "MSCN_GPU_STEPS": steps}
     t0 = time.monotonic()
     proc = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "3"], capture_output=True, text=True, env=env,
                           timeout=120, cwd=REPO)
     wall = time.monotonic() - t0
-    log = (tmp_path / "r" / "gpu_check_part3.log").read_text()
+    name = "gpu_check_part3_followup.log" if steps else "gpu_check_part3.log"
+    log = (tmp_path / "r" / name).read_text()
     ran = [ln[4:].split(":", 1)[0] for ln in log.splitlines() if ln.startswith("=== ") and " done in " not in ln]
-    assert (tmp_path / "out" / "gpu_check_part3.log").is_file() and (tmp_path / "out" / "results_part3.tar.gz").is_file()
+    assert (tmp_path / "out" / name).is_file() and (tmp_path / "out" / "results_part3.tar.gz").is_file()
     assert "scripts/gpu_summary.py" in calls.read_text()  # the summary always runs
     return proc, ran, wall
 
@@ -150,6 +152,18 @@ def test_gpu_check_skips_a_step_that_would_not_fit_and_goes_on(tmp_path):
     fits = ["masks", "memory", "pipeline", "sweep-executor", "optimizer", "train18-lars-loop"]  # limits of 60-90 s
     assert ran == fits + ["summary"]
     assert _digest(proc, "SKIPPED") == [s for s in PART3_STEPS if s not in fits]
+
+
+def test_gpu_check_follow_up_call_runs_only_the_named_steps_and_keeps_the_first_log(tmp_path):
+    """MSCN_GPU_STEPS: a second call on the warm machine runs the steps the first one's
+    budget skipped, then the summary over all results; the first call's log stays."""
+    first, _, _ = _gpu_check(tmp_path, budget=0, sleep=0)
+    assert first.returncode == 0
+    kept = (tmp_path / "r" / "gpu_check_part3.log").read_text()
+    proc, ran, _ = _gpu_check(tmp_path, budget=0, sleep=0, steps="sweep-executor,ab-isolated")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert ran == ["ab-isolated", "sweep-executor", "summary"]  # the script's order, not the list's
+    assert (tmp_path / "r" / "gpu_check_part3.log").read_text() == kept
 
 
 def test_gpu_check_marks_a_step_the_budget_stopped_as_cut(tmp_path):

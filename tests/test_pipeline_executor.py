@@ -1,6 +1,10 @@
 """DALI's executor settings (``data.op_concurrency``, ``data.stream_policy``): they reach
 every pipeline the loaders build, they change how DALI schedules the graph and never what
-it computes, and a run may change them between a checkpoint and its resume."""
+it computes, and a run may change them between a checkpoint and its resume.
+
+On the CPU path DALI runs CPU operators one at a time whatever the setting, so the
+equality tests here guard the wiring and the checkpoint; the GPU test at the end is the
+one where the schedule really changes."""
 import pytest
 import torch
 from nvidia.dali.pipeline import OperatorConcurrency, StreamPolicy
@@ -35,11 +39,13 @@ def assert_same(a, b):
 
 
 def test_settings_map_to_dalis_enums_and_auto_leaves_dalis_default():
-    assert executor("auto", "auto") == {}
-    assert executor("full", "per_operator") == {"concurrency": OperatorConcurrency.FULL,
-                                                "stream_policy": StreamPolicy.PER_OPERATOR}
-    assert executor("none", "single") == {"concurrency": OperatorConcurrency.NONE, "stream_policy": StreamPolicy.SINGLE}
-    assert executor("backend", "auto") == {"concurrency": OperatorConcurrency.BACKEND}
+    for gpu in (False, True):  # auto: DALI's default on both paths until a GPU run decides
+        assert executor("auto", "auto", gpu) == {}
+        assert executor("full", "per_operator", gpu) == {"concurrency": OperatorConcurrency.FULL,
+                                                         "stream_policy": StreamPolicy.PER_OPERATOR}
+        assert executor("none", "single", gpu) == {"concurrency": OperatorConcurrency.NONE,
+                                                   "stream_policy": StreamPolicy.SINGLE}
+        assert executor("backend", "auto", gpu) == {"concurrency": OperatorConcurrency.BACKEND}
 
 
 def test_typos_are_refused_with_the_key_and_the_choices(folder):
@@ -65,11 +71,11 @@ def test_the_loaders_build_their_pipelines_with_the_settings(folder):
 def test_full_concurrency_gives_the_same_batches(folder, extra):
     """Four views of independent branches, conditionals, masks: bit for bit the same."""
     cfg = tiny_cfg(folder, "train.global_batch=8", "train.seed=5", *extra)
-    ours = batches(build_train_loader(cfg), 3)
-    full = batches(build_train_loader(tiny_cfg(folder, "train.global_batch=8", "train.seed=5", *extra, *FULL)), 3)
+    full_cfg = tiny_cfg(folder, "train.global_batch=8", "train.seed=5", *extra, *FULL)
+    ours, full = batches(build_train_loader(cfg), 3), batches(build_train_loader(full_cfg), 3)
     for a, b in zip(ours, full):
         assert_same(a, b)
-    evals = [next(iter(build_eval_loader(c, str(folder), batch_size=8))) for c in (cfg, tiny_cfg(folder, *FULL))]
+    evals = [next(iter(build_eval_loader(c, str(folder), batch_size=8))) for c in (cfg, full_cfg)]
     assert_same(*evals)
 
 

@@ -2,6 +2,7 @@
 runs never mix. Real DALI CPU pipeline, real masks (grid 8 on 32 px views), real
 subprocesses and signals; torch on one thread (tests/conftest.py says why).
 """
+import fcntl
 import os
 import random
 import shutil
@@ -105,6 +106,8 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(dataset, unin
     try:
         _wait_for(proc, lambda: len(read_metrics(out)) >= 3, "step 3")
         assert (out / ".lock").read_text().startswith(f"pid {proc.pid} on ")  # the live run holds the folder
+        with open(out / ".lock") as f, pytest.raises(BlockingIOError):
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -93,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir="runs/demo"))
     out = Path(cfg.train.out_dir)
     if args.fresh and out.exists():
-        shutil.rmtree(out)
+        from mscn.train.rundir import clear_run_dir
+
+        clear_run_dir(out)  # not under a live run: its lock stops --fresh in one line
 
     cfg = prepare_data(cfg)
     train_root, val_root = cfg.data.root, cfg.data.val_root

@@ -136,7 +136,9 @@ def _claim(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, say
     busy = None
     if rt.is_main:  # one live run per folder; every rank raises rank 0's error
         try:
-            lock_run_dir(cfg.train.out_dir)
+            note = lock_run_dir(cfg.train.out_dir)
+            if note:
+                say(f"note: {note}")
         except MscnError as e:
             busy = str(e)
     busy = broadcast_object(busy)

@@ -101,19 +101,20 @@ def run_started(out: str | Path) -> bool:
             or (ckpts.is_dir() and any(ckpts.iterdir())))
 
 
-def lock_run_dir(out: str | Path) -> None:
+def lock_run_dir(out: str | Path) -> str | None:
     """Rank 0, before anything in ``out`` is read or written: hold ``out/.lock`` for the
-    rest of this run, or one MscnError line if another live run holds it.
+    rest of this run, or one MscnError line if another live run holds it. Returns a note
+    to print when the file system cannot lock (the run goes on, unguarded), else None.
 
     Two runs started into one folder would otherwise both pass the resume check and then
     write interleaved checkpoints and metrics. ``flock`` is held by the open file: the
     kernel drops it when the process ends, SIGKILL included, so a killed run's folder can
-    be resumed at once. (Network file systems may not honour it.)
+    be resumed at once.
     """
     out = Path(out)
     key = str(out.resolve())
-    if key in _LOCKS:  # this process holds it already
-        return
+    if key in _LOCKS:  # this process holds it already (mscn demo --fresh took it first)
+        return None
     try:
         out.mkdir(parents=True, exist_ok=True)
         f = open(out / LOCK_FILE, "a+")
@@ -121,17 +122,38 @@ def lock_run_dir(out: str | Path) -> None:
         raise MscnError(f"train.out_dir {out}: cannot create the run folder ({e.strerror})") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # held by another live process
+    except BlockingIOError:  # held by another live process
         f.seek(0)
         holder = ([ln for ln in f.read().splitlines() if ln.strip()] or ["another process"])[-1].strip()
         f.close()
         raise MscnError(f"{out} is in use by a live run ({holder}): wait for it, stop it (it resumes from its "
                         "checkpoint), or pass another train.out_dir=DIR (or --out DIR)") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
+    except OSError as e:  # ENOSYS, EOPNOTSUPP, ENOLCK: e.g. Lustre mounted without -o flock
+        f.close()
+        return (f"{out}: the file system cannot lock ({e.strerror}), so a second run launched into this folder "
+                "would not be stopped")
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+    except OSError as e:  # a full disk: the folder cannot take a run either
+        f.close()
+        raise MscnError(f"{out / LOCK_FILE}: cannot write ({e.strerror})") from None
     _LOCKS[key] = f
+    return None
+
+
+def clear_run_dir(out: str | Path) -> None:
+    """Delete a run folder's contents for a fresh start (``mscn demo --fresh``), after taking
+    its lock: a live run's folder stops this in one line instead of being deleted under it."""
+    out = Path(out)
+    note = lock_run_dir(out)
+    if note:
+        print(f"[mscn] note: {note}", flush=True)
+    for p in out.iterdir():
+        if p.name != LOCK_FILE:  # the lock this process holds stays with the folder
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def unlock_run_dirs() -> None:

@@ -67,8 +67,9 @@ def export_backbone(backbone: nn.Module, out_dir: str | Path, name: str = "backb
     """Write ``<out_dir>/<name>.pth`` (torchvision) and ``<name>.pkl`` (detectron2).
 
     An earlier export of the same name is kept unless ``overwrite`` (``--force``): it may be
-    the weights a detection run was started from. Each file is written beside its final
-    name and renamed into place, so a run killed mid-write leaves no truncated file.
+    the weights a detection run was started from. Both files are written beside their final
+    names and then renamed into place, so a run killed mid-write leaves no truncated file
+    and no new ``.pth`` beside an old ``.pkl``.
     """
     pth, pkl = export_paths(out_dir, name, overwrite)
     out = Path(out_dir)
@@ -77,18 +78,22 @@ def export_backbone(backbone: nn.Module, out_dir: str | Path, name: str = "backb
     except OSError as e:
         raise MscnError(f"--out {out_dir}: cannot create the folder ({e.strerror})") from None
     sd = torchvision_state_dict(backbone)
-    _write(pth, lambda f: torch.save(sd, f))
-    _write(pkl, lambda f: pickle.dump(detectron2_state_dict(sd), f))
+    # both files written in full under temporary names first, then renamed: a run killed or
+    # failing before the renames leaves the earlier pair as it was
+    tmps = [_write_tmp(pth, lambda f: torch.save(sd, f)),
+            _write_tmp(pkl, lambda f: pickle.dump(detectron2_state_dict(sd), f))]
+    for tmp, path in zip(tmps, (pth, pkl)):
+        os.replace(tmp, path)
     return {"torchvision": str(pth), "detectron2": str(pkl), "arch": arch}
 
 
-def _write(path: Path, dump) -> None:
-    """``dump(file)`` into ``path`` via a temporary file renamed into place (atomic on POSIX)."""
+def _write_tmp(path: Path, dump) -> Path:
+    """``dump(file)`` into a temporary file beside ``path``; returns it."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
             dump(f)
-        os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise MscnError(f"{path}: cannot write the export ({e.strerror})") from None
+    return tmp

@@ -1,0 +1,105 @@
+"""One live run per run folder (train/rundir.lock_run_dir): a real ``flock`` held by
+another process refuses a second run on every rank in one line, a file system that
+cannot lock lets the run go on with a note, and ``mscn demo --fresh`` never deletes a
+live run's folder."""
+import errno
+import fcntl
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from mscn.config import load_config
+from mscn.errors import MscnError
+from mscn.train import rundir
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """Another process holding ``tmp_path/run/.lock`` as a live run's rank 0 does."""
+    out = tmp_path / "run"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, time\n"
+        f"f = open({str(out / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "f.seek(0); f.truncate(); f.write(f'pid {os.getpid()} on test'); f.flush(); print('held', flush=True)\n"
+        "time.sleep(120)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield out, proc.pid
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        rundir.unlock_run_dirs()
+
+
+def test_a_held_folder_is_refused_naming_the_live_run(holder):
+    out, pid = holder
+    with pytest.raises(MscnError, match=rf"is in use by a live run \(pid {pid} on test\): .* train.out_dir=DIR"):
+        rundir.lock_run_dir(out)
+
+
+def test_this_process_holds_its_lock_until_released(tmp_path):
+    out = tmp_path / "run"
+    assert rundir.lock_run_dir(out) is None
+    assert rundir.lock_run_dir(out) is None  # taken already: no second lock, no error
+    with open(out / ".lock") as f, pytest.raises(BlockingIOError):
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what another process would meet
+    rundir.unlock_run_dirs()
+    with open(out / ".lock") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
+
+
+def test_a_file_system_without_flock_runs_on_with_a_note(tmp_path, monkeypatch):
+    def no_flock(*_):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    note = rundir.lock_run_dir(tmp_path / "run")
+    assert "cannot lock (Function not implemented)" in note and "would not be stopped" in note
+
+
+def test_demo_fresh_keeps_a_live_runs_folder_and_clears_an_idle_one(holder, tmp_path):
+    out, pid = holder
+    (out / "checkpoints").mkdir()
+    (out / "config.yaml").write_text("seed: 1\n")
+    with pytest.raises(MscnError, match=f"pid {pid}"):
+        rundir.clear_run_dir(out)
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoints", "config.yaml"]
+    idle = tmp_path / "idle"
+    (idle / "checkpoints").mkdir(parents=True)
+    (idle / "metrics.jsonl").write_text("{}\n")
+    rundir.clear_run_dir(idle)
+    assert [p.name for p in idle.iterdir()] == [".lock"]
+
+
+def _claim_on_rank(rank, init_file, out, results):
+    from mscn.train.distributed import cleanup, init_distributed
+    from mscn.train.pretrain import _claim
+    from mscn.train.runtime import Runtime
+
+    torch.set_num_threads(1)
+    info = init_distributed("cpu", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        cfg = load_config(None, [f"train.out_dir={out}"])
+        try:
+            _claim(cfg, "auto", Runtime(info, torch.device("cpu")), None, lambda msg: None)
+            got = "claimed"
+        except MscnError as e:
+            got = str(e)
+        (results / f"rank{rank}.txt").write_text(got)
+    finally:
+        cleanup()
+
+
+def test_every_rank_raises_rank0s_refusal(holder, tmp_path):
+    """torchrun with 2 ranks (gloo): only rank 0 takes the lock; both raise its one line, no hang."""
+    out, pid = holder
+    results = tmp_path / "results"
+    results.mkdir()
+    mp.spawn(_claim_on_rank, args=(str(tmp_path / "init"), str(out), results), nprocs=2, join=True)
+    got = [(results / f"rank{r}.txt").read_text() for r in range(2)]
+    assert got[0] == got[1] and f"is in use by a live run (pid {pid} on test)" in got[0]
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
