@@ -19,7 +19,7 @@ from pathlib import Path
 from mscn.config import Config, to_dict
 from mscn.errors import MscnError
 from mscn.train.ablate.arms import Arm
-from mscn.train.rundir import NEUTRAL, check_run_dir, flatten
+from mscn.train.rundir import NEUTRAL, check_run_dir, flatten, lock_run_dir
 
 RESULT = "result.json"
 
@@ -138,6 +138,9 @@ class Runner:
         # arm's run: start over as ``--resume none`` does, which moves its files into
         # ``superseded-<time>/`` there (nothing is deleted)
         resume = "auto"
+        note = lock_run_dir(cfg.train.out_dir)  # a live run's folder stops here, before any message
+        if note:
+            self.say(f"{tag}: note: {note}")
         try:
             check_run_dir(cfg, resume)
         except MscnError as e:
