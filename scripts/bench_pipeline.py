@@ -64,7 +64,7 @@ FEEDS = ("bare", "colour", "views", "highpass", "masks", *VARIANTS)  # --train f
 # Small on the 2-core CI box (the whole default run fits in ~1 min), ImageNet-scale on a GPU.
 DEFAULTS = {"cpu": dict(batch=32, warmup=2, iters=3, repeats=3, train_steps=3, arch="resnet18",
                         baseline_workers=2),
-            "cuda": dict(batch=256, warmup=5, iters=20, repeats=5, train_steps=20, arch=None,
+            "cuda": dict(batch=256, warmup=5, iters=20, repeats=5, train_steps=30, arch=None,
                          baseline_workers=16)}
 SYNTH_DIR = REPO / "data" / "synth_bench"  # ImageNet-sized JPEGs, few of them: ~6 s to make on 2 cores
 SYNTH = dict(classes=10, per_class=20, size=(500, 375), seed=0)
@@ -100,7 +100,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep", nargs="+", metavar="KEY=V1,V2", help="e.g. threads=4,8 hw_decoder_load=0,0.65 batch=128")
     p.add_argument("--train", action="store_true", help="time training steps fed by the pipeline vs synthetic")
     p.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"), help="model.arch for --train")
-    p.add_argument("--train-steps", type=int, help="timed training steps per feed (CPU 3, GPU 20)")
+    p.add_argument("--train-steps", type=int, help="timed training steps per feed (CPU 3, GPU 30)")
+    p.add_argument("--sync", choices=timing.SYNC_SCOPES, default="stream",
+                   help="GPU: what a window waits for before its clock reads: the current torch stream "
+                        "(default: the steps' own work) or the whole device (also DALI's prefetch of later "
+                        "batches: the figures of GPU rounds 1-3)")
     p.add_argument("--isolate", type=int, metavar="ROUNDS",
                    help="time each of --stages in a process of its own, ROUNDS times, alternating the "
                         "order: an A/B that a shared or drifting machine cannot bias by row order")
@@ -299,7 +303,7 @@ def run_measure(name: str, make_step, args, info, device: torch.device, warmup=N
     step, keep = make_step()
     m = timing.measure(name, step, views=args.views, warmup=args.warmup if warmup is None else warmup,
                        iters=iters or args.iters, repeats=repeats or args.repeats,
-                       sync=timing.device_sync(device), device=device, build_s=time.perf_counter() - t0)
+                       sync=timing.device_sync(device, args.sync), device=device, build_s=time.perf_counter() - t0)
     if before is not None:
         m.extra["device_bytes_added"] = m.gpu_memory["device_used_bytes"] - before
     step_ms = timing.per_step_ms(m, iters or args.iters)
@@ -586,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
                                   for k in ("op_concurrency", "stream_policy")},
                                "views": args.views, "size": args.size, "highpass_sigma": cfg.highpass.sigma,
                                "warmup": args.warmup, "iters": args.iters, "repeats": args.repeats,
+                               "sync": args.sync if device.type == "cuda" else None,
                                "world_size": info.world_size, "stages": args.stages},
                   "stages": run_stages(args, cfg, info, device)}
         if result["stages"]:

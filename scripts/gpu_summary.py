@@ -82,6 +82,9 @@ def summarize(results: Path, stages_from: Path | None = None) -> dict:
     if opt:
         s["lars_step_ms"] = {r["arch"]: {"multi_tensor": r["multi_tensor_ms"], "loop": r["loop_ms"]} for r in opt["rows"]}
     s["kept_resnet18_lars_loop"] = _train_kept(_load(results / "train_r18_lars_loop.json"))[0]
+    # the same row timed with device-wide window syncs (rounds 1-3's method; bench --sync device)
+    s["kept_resnet18_device_sync"] = _train_kept(_load(results / "train_r18_device_sync.json"))[0]
+    s["sync"] = ((r18 or r50 or bench or {}).get("settings") or {}).get("sync")
     # ResNet-18 and -50 under torch.compile (train.compile=true): kept, and the fed and synthetic rates
     for arch, (_, name) in COMPILED.items():
         comp = (_load(results / name) or {}).get("train", {})
@@ -225,6 +228,9 @@ def main(argv=None) -> int:
           f"torch {s['versions'].get('torch')}")
     for key, (_, _, what) in TARGETS.items():
         print(f"SUMMARY {key} = {s[key]}: {what} {verdict(key, s[key])}")
+    if s["kept_resnet18_device_sync"] is not None:
+        print(f"SUMMARY kept_resnet18_device_sync = {s['kept_resnet18_device_sync']}: the same row with windows "
+              f"ending on a device-wide sync (rounds 1-3), against {s['kept_resnet18']} with a {s['sync']} sync")
     for d in s["decisions"]:
         change = f"{100 * d['change']:+.1f} %" if d["change"] is not None else "n/a"
         print(f"DECIDE {d['what']}: {d['variant']} {d['value']} vs default {d['default']} ({change}): "

@@ -428,3 +428,18 @@ def test_output_paths_are_checked_before_the_timing(tmp_path):
             script.fill_defaults(script.parse_args(flags), torch.device("cpu"))
     ok = script.parse_args(["--json", str(tmp_path / "new" / "deeper" / "b.json")])
     script.fill_defaults(ok, torch.device("cpu"))  # missing parents are made when it is written
+
+
+def test_sync_scopes():
+    """--sync: a window waits for the current stream (default) or the whole device on a GPU;
+    the CPU has nothing queued. The CUDA barriers themselves run only on a GPU
+    (gpu_check.sh times the ResNet-18 row both ways)."""
+    import torch
+
+    for scope in timing.SYNC_SCOPES:
+        assert timing.device_sync(torch.device("cpu"), scope) is timing.no_sync
+    with pytest.raises(ValueError, match="sync scope 'all'"):
+        timing.device_sync(torch.device("cpu"), "all")
+    if torch.cuda.is_available():
+        for scope in timing.SYNC_SCOPES:
+            timing.device_sync(torch.device("cuda"), scope)()

@@ -91,9 +91,9 @@ def test_gpu_summary_reads_the_bench_files(results):
     assert any(ln.startswith("SUMMARY share_of_decode =") and "target >= 0.85" in ln for ln in lines)
 
 
-PART3_STEPS = ["tests", "masks", "bench", "train18", "train50", "memory", "pipeline", "train50-compile", "ab-isolated",
-               "sweep-executor",
-               "optimizer", "train18-lars-loop", "train18-compile", "tests-stats"]
+PART3_STEPS = ["tests", "masks", "bench", "train18", "train50", "train18-device-sync", "memory", "pipeline",
+               "train50-compile", "ab-isolated", "sweep-executor", "optimizer", "train18-lars-loop", "train18-compile",
+               "tests-stats"]
 
 
 def _gpu_check(tmp_path, budget: int, sleep: float, share: int = 0,
@@ -149,7 +149,8 @@ def test_gpu_check_skips_a_step_that_would_not_fit_and_goes_on(tmp_path):
     steps limited to over 100 s are skipped, and the shorter ones after them still run."""
     proc, ran, _ = _gpu_check(tmp_path, budget=50, sleep=0, share=50)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    fits = ["masks", "memory", "pipeline", "sweep-executor", "optimizer", "train18-lars-loop"]  # limits of 60-90 s
+    fits = ["masks", "train18-device-sync", "memory", "pipeline", "sweep-executor", "optimizer",
+            "train18-lars-loop"]  # limits of 60-90 s
     assert ran == fits + ["summary"]
     assert _digest(proc, "SKIPPED") == [s for s in PART3_STEPS if s not in fits]
 
@@ -214,3 +215,19 @@ def test_gpu_summary_decides_on_torch_compile_by_the_fed_rate(results, tmp_path)
     assert d50["verdict"] == "worse" and d50["switch"] is None and d50["change"] == pytest.approx(-0.75, abs=1e-3)
     assert s["kept_resnet50_compiled"] == r50["train"]["kept"]
     assert d["change"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_gpu_summary_reports_the_device_sync_row_beside_the_default(results, tmp_path):
+    """train_r18_device_sync.json (bench --sync device): its kept beside the default row's."""
+    import shutil
+
+    res = tmp_path / "results"
+    shutil.copytree(results, res, ignore=shutil.ignore_patterns("prof", "data"))
+    doc = json.loads((res / "train_r18.json").read_text())
+    doc["train"]["kept"] = 0.5  # as if the device-wide syncs cost half the rate
+    (res / "train_r18_device_sync.json").write_text(json.dumps(doc))
+    proc = run("gpu_summary.py", res)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = json.loads((res / "gpu_summary.json").read_text())
+    assert s["kept_resnet18_device_sync"] == 0.5 and s["kept_resnet18"] != 0.5
+    assert any(ln.startswith("SUMMARY kept_resnet18_device_sync = 0.5: ") for ln in proc.stdout.splitlines())

@@ -96,6 +96,7 @@ def print_report(r: dict) -> None:
     hw = f", hw_decoder_load {s['hw_decoder_load']}" if s["hw_decoder_load"] is not None else ""
     executor = [f"{k} {s[k]}" for k in ("op_concurrency", "stream_policy") if s.get(k)]  # absent in older JSON
     hw += f", DALI executor: {', '.join(executor)}" if executor else ""
+    hw += f", windows end on a {s['sync']} sync" if s.get("sync") else ""  # GPU only; absent in older JSON
     print(f"\nmscn bench on {env['gpu_name'] or env['cpu_model']}: {env['usable_cores']} cores, DALI {env['dali']}, "
           f"torch {env['torch']} ({env['torch_threads']} threads), load {env['load_avg_1m']}\n"
           f"data: {ds['path']} ({ds['num_images']} images, {ds['format']}, median JPEG {ds['jpeg_kb_median']} KB)\n"

@@ -37,11 +37,28 @@ def no_sync() -> None:
     """The CPU path has nothing queued asynchronously once a step returns."""
 
 
-def device_sync(device: torch.device) -> Callable[[], None]:
-    """A clock-read barrier for ``device``: cudaDeviceSynchronize on CUDA, nothing on CPU."""
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return no_sync
+SYNC_SCOPES = ("stream", "device")
+
+
+def device_sync(device: torch.device, scope: str = "device") -> Callable[[], None]:
+    """A clock-read barrier for ``device``; nothing on the CPU.
+
+    ``device``: cudaDeviceSynchronize, which also waits for every other stream: DALI's,
+    including the GPU work of the batches it is prefetching for the *next* window. The
+    trainer (or the consumer) is idle during that tail, which steady-state training
+    overlaps with its later steps, so each window is charged for it.
+    ``stream``: the current torch stream only: the steps' own work (training kernels, the
+    copies out of DALI, the masks). Their DALI inputs are complete before that: the loader
+    takes each batch with DALI's host-synchronized ``share_outputs``. DALI's prefetch runs
+    on across the boundary, as it does between any two steps.
+    """
+    if scope not in SYNC_SCOPES:
+        raise ValueError(f"sync scope {scope!r}: must be one of {', '.join(SYNC_SCOPES)}")
+    if device.type != "cuda":
+        return no_sync
+    if scope == "stream":
+        return lambda: torch.cuda.current_stream(device).synchronize()
+    return lambda: torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------------
