@@ -38,7 +38,7 @@ def median_ms(fn, runs: int, warmup: int, device: torch.device) -> float:
         fn()
         return 1
 
-    m = measure("masks", step, views=1, warmup=warmup, iters=10, repeats=runs, sync=device_sync(device),
+    m = measure("masks", step, views=1, warmup=warmup, iters=10, repeats=runs, sync=device_sync(device, "device"),
                 device=device if device.type == "cuda" else None)
     return per_step_ms(m, 10)
 

@@ -59,6 +59,7 @@ STAGES = ("decode", "bare", "colour", "views", "highpass", "masks", "masks-hp-la
 # blur and the high-pass as GEMMs in the loader (data.blur_where=loader); ...; the same graph
 # under DALI's full operator concurrency, one stream per branch (data.op_concurrency=full,
 # data.stream_policy=per_operator)
+DEVICE_SYNC_ROW = "masks-device-sync"  # --train --device-sync-row: the masks feed timed as rounds 1-3 did
 VARIANTS = ("masks-hp-late", "masks-hp-loader", "masks-blur-loader", "masks-crop-window", "masks-concurrent")
 FEEDS = ("bare", "colour", "views", "highpass", "masks", *VARIANTS)  # --train feeds
 # Small on the 2-core CI box (the whole default run fits in ~1 min), ImageNet-scale on a GPU.
@@ -95,6 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--feeds", help=f"--train: comma list of {','.join(FEEDS)} (default: all)")
     p.add_argument("--no-priority-row", action="store_true",
                    help="--train on a GPU: skip the row with the trainer on a high-priority CUDA stream")
+    p.add_argument("--device-sync-row", action="store_true",
+                   help="--train on a GPU: time the masks feed again as GPU rounds 1-3 did (windows of 4 steps "
+                        "ending on a device-wide sync), beside the default's, in the same process")
     p.add_argument("--baseline", action="append", default=[], help="torchvision and/or dali-plain")
     p.add_argument("--baseline-workers", type=int, help="DataLoader workers of the torchvision baseline")
     p.add_argument("--sweep", nargs="+", metavar="KEY=V1,V2", help="e.g. threads=4,8 hw_decoder_load=0,0.65 batch=128")
@@ -290,7 +294,7 @@ def stage_step(stage: str, cfg, info, device: torch.device):
 
 
 def run_measure(name: str, make_step, args, info, device: torch.device, warmup=None, iters=None,
-                repeats=None, profile: bool = False) -> dict:
+                repeats=None, profile: bool = False, sync: str | None = None) -> dict:
     """Build, time and free one configuration; per-rank figures are gathered on every rank.
 
     ``device_bytes_added``: device memory in use during the windows minus before the
@@ -303,7 +307,8 @@ def run_measure(name: str, make_step, args, info, device: torch.device, warmup=N
     step, keep = make_step()
     m = timing.measure(name, step, views=args.views, warmup=args.warmup if warmup is None else warmup,
                        iters=iters or args.iters, repeats=repeats or args.repeats,
-                       sync=timing.device_sync(device, args.sync), device=device, build_s=time.perf_counter() - t0)
+                       sync=timing.device_sync(device, sync or args.sync), device=device,
+                       build_s=time.perf_counter() - t0)
     if before is not None:
         m.extra["device_bytes_added"] = m.gpu_memory["device_used_bytes"] - before
     step_ms = timing.per_step_ms(m, iters or args.iters)
@@ -325,7 +330,8 @@ def run_profiles(args, info, device: torch.device) -> None:
         barrier()
         try:
             step, keep = make_step()
-            sync = timing.device_sync(device)
+            # device-wide on purpose: the profile's window must hold every stream's kernels
+            sync = timing.device_sync(device, "device")
             for _ in range(max(1, args.warmup)):
                 step()
             s = profiling.profile_steps(step, args.profile_steps, sync, device,
@@ -442,8 +448,9 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
             batches = endless(loader)
 
             def step() -> int:
-                # the batch is taken on the training stream too (as pretrain.py does): DALI's
-                # copy into torch tensors and the masks run on the current stream
+                # the batch is taken on the training stream too (as pretrain.py does): DALI hands
+                # its outputs over host-synchronized, and the loader's filters and masks run
+                # on the current stream
                 with priority_stream(device) if priority else contextlib.nullcontext():
                     views = feed(next(batches).views)
                     train_step(model, optimizer, scaler, views, dtype)
@@ -466,6 +473,11 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
         if device.type == "cuda" and not args.no_priority_row and "masks" in args.feeds:
             rows["masks-priority"] = run_measure("train-masks-priority", fed("masks", priority=True), args, info,
                                                  device, **timing_kw)
+        if device.type == "cuda" and args.device_sync_row and "masks" in args.feeds:
+            # the method of rounds 1-3 (20 steps in windows of 4, device-wide syncs): what the
+            # method change alone moves, read against the "masks" row of this process
+            rows[DEVICE_SYNC_ROW] = run_measure("train-masks-device-sync", fed("masks"), args, info, device,
+                                                warmup=timing_kw["warmup"], iters=4, repeats=5, sync="device")
     except torch.cuda.OutOfMemoryError:
         raise MscnError(f"GPU out of memory training {cfg.model.arch} on {args.batch} images x {args.views} "
                         f"views per GPU; use --batch {max(1, args.batch // 2)}") from None

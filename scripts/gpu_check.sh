@@ -145,15 +145,13 @@ part3() {  # this round's A/B and profiles, most needed first, within MSCN_GPU_B
       --profile /tmp/mscn_profile --profile-rows masks-blur-loader,masks-concurrent --json "$R/bench.json"
   # the trainer: the barest feed (the floor), the full one and its variants; the profiles
   # say how busy the GPU is with the trainer alone and how much of it DALI takes when fed
-  run train18 170 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
-      --feeds bare,masks,masks-hp-loader,masks-blur-loader,masks-concurrent --no-priority-row \
+  # --device-sync-row: the masks feed again as rounds 1-3 timed it (windows of 4 steps,
+  # device-wide syncs), so that this run's kept can be read against theirs
+  run train18 190 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
+      --feeds bare,masks,masks-hp-loader,masks-blur-loader,masks-concurrent --no-priority-row --device-sync-row \
       --profile /tmp/mscn_profile --profile-rows masks-blur-loader --json "$R/train_r18.json"
-  run train50 120 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 --feeds masks \
+  run train50 130 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 --feeds masks \
       --no-priority-row --json "$R/train_r50.json"
-  # the same ResNet-18 masks row with the device-wide window syncs of rounds 1-3: how much of
-  # the gap to the synthetic rate was the measurement's tail (DALI's prefetch) and not training
-  run train18-device-sync 90 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
-      --feeds masks --no-priority-row --sync device --json "$R/train_r18_device_sync.json"
   run memory 60 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
       --json "$R/memory.json"
   run pipeline 90 $PY scripts/gpu_pipeline_check.py --data "$DATA/train" --json "$R/pipeline.json"

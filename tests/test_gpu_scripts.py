@@ -91,7 +91,7 @@ def test_gpu_summary_reads_the_bench_files(results):
     assert any(ln.startswith("SUMMARY share_of_decode =") and "target >= 0.85" in ln for ln in lines)
 
 
-PART3_STEPS = ["tests", "masks", "bench", "train18", "train50", "train18-device-sync", "memory", "pipeline",
+PART3_STEPS = ["tests", "masks", "bench", "train18", "train50", "memory", "pipeline",
                "train50-compile", "ab-isolated", "sweep-executor", "optimizer", "train18-lars-loop", "train18-compile",
                "tests-stats"]
 
@@ -149,8 +149,7 @@ def test_gpu_check_skips_a_step_that_would_not_fit_and_goes_on(tmp_path):
     steps limited to over 100 s are skipped, and the shorter ones after them still run."""
     proc, ran, _ = _gpu_check(tmp_path, budget=50, sleep=0, share=50)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    fits = ["masks", "train18-device-sync", "memory", "pipeline", "sweep-executor", "optimizer",
-            "train18-lars-loop"]  # limits of 60-90 s
+    fits = ["masks", "memory", "pipeline", "sweep-executor", "optimizer", "train18-lars-loop"]  # limits of 60-90 s
     assert ran == fits + ["summary"]
     assert _digest(proc, "SKIPPED") == [s for s in PART3_STEPS if s not in fits]
 
@@ -218,16 +217,31 @@ def test_gpu_summary_decides_on_torch_compile_by_the_fed_rate(results, tmp_path)
 
 
 def test_gpu_summary_reports_the_device_sync_row_beside_the_default(results, tmp_path):
-    """train_r18_device_sync.json (bench --sync device): its kept beside the default row's."""
+    """train_r18.json with bench's masks-device-sync row (--device-sync-row, a GPU-only row,
+    added here to a CPU run's file): its kept is reported beside the default's and is never
+    the "best" full-pipeline kept; a file from before the setting reads as device-synced."""
     import shutil
 
     res = tmp_path / "results"
     shutil.copytree(results, res, ignore=shutil.ignore_patterns("prof", "data"))
     doc = json.loads((res / "train_r18.json").read_text())
-    doc["train"]["kept"] = 0.5  # as if the device-wide syncs cost half the rate
-    (res / "train_r18_device_sync.json").write_text(json.dumps(doc))
+    row = json.loads(json.dumps(doc["train"]["feeds"]["masks"]))
+    row["kept"] = 9.0  # far above any real row: it must not become kept_resnet18_best
+    doc["train"]["feeds"]["masks-device-sync"] = row
+    doc["settings"]["sync"] = "stream"
+    (res / "train_r18.json").write_text(json.dumps(doc))
     proc = run("gpu_summary.py", res)
     assert proc.returncode == 0, proc.stderr[-2000:]
     s = json.loads((res / "gpu_summary.json").read_text())
-    assert s["kept_resnet18_device_sync"] == 0.5 and s["kept_resnet18"] != 0.5
-    assert any(ln.startswith("SUMMARY kept_resnet18_device_sync = 0.5: ") for ln in proc.stdout.splitlines())
+    assert s["kept_resnet18_device_sync"] == 9.0 and s["kept_resnet18_best"] < 9.0 and s["sync"] == "stream"
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("SUMMARY kept_resnet18_device_sync = 9.0: "))
+    assert f"kept_resnet18 = {doc['train']['kept']} (windows of 6 steps, stream sync)" in line
+    del doc["settings"]["sync"], doc["train"]["feeds"]["masks-device-sync"]  # as rounds 1-3 wrote it
+    (res / "train_r18.json").write_text(json.dumps(doc))
+    for name in ("bench.json", "memory.json"):
+        old = json.loads((res / name).read_text())
+        old["settings"].pop("sync", None)
+        (res / name).write_text(json.dumps(old))
+    assert run("gpu_summary.py", res).returncode == 0
+    s = json.loads((res / "gpu_summary.json").read_text())
+    assert s["sync"] == "device" and s["kept_resnet18_device_sync"] is None

@@ -57,8 +57,9 @@ def priority_stream(device: torch.device):
     on a high-priority stream, the GPU schedules the step's kernels first whenever both
     have work queued, so the pipeline fills the gaps instead of delaying the step.
     The waits on entry and exit order the block after, and the code after it behind,
-    whatever ran on the caller's stream (no host sync). DALI's copy into torch tensors
-    and the masks run on the current stream, so a batch taken inside the block is
+    whatever ran on the caller's stream (no host sync). DALI hands its outputs over
+    host-synchronized (and, with its dynamic executor, without a copy), and the loader's
+    filters and masks run on the current stream, so a batch taken inside the block is
     ordered too.
     """
     if device.type != "cuda":

@@ -9,6 +9,7 @@ LABELS = {"decode": "decode", "bare": "+ crop, flip, normalize", "colour": "+ co
           "highpass": "+ high-pass", "masks": "+ masks (as torch tensors)", "torchvision": "torchvision/PIL",
           "dali-plain": "DALI written plainly (views + high-pass, no masks)",
           "masks-priority": "+ masks, trainer on a high-priority stream",
+          "masks-device-sync": "+ masks, timed as rounds 1-3 (windows of 4 steps, device-wide sync)",
           "masks-hp-late": "full, high-pass after normalize (previous order)",
           "masks-hp-loader": "full, high-pass as GEMMs in the loader (highpass.where=loader)",
           "masks-blur-loader": "full, blur and high-pass as GEMMs in the loader (data.blur_where=loader)",
@@ -112,7 +113,8 @@ def print_isolated(r: dict) -> None:
     stages = list(iso)
     rounds = len(iso[stages[0]]["medians"])
     print(f"\nmscn bench --isolate {rounds} on {env['gpu_name'] or env['cpu_model']}: {env['usable_cores']} cores, "
-          f"DALI {env['dali']}; {s['device']}, batch {s['batch']}, {s['threads']} DALI threads; one process "
+          f"DALI {env['dali']}; {s['device']}, batch {s['batch']}, {s['threads']} DALI threads"
+          f"{', windows end on a ' + s['sync'] + ' sync' if s.get('sync') else ''}; one process "
           f"per row, order {' '.join(r['order'])}\n")
     rows = ["| run | " + " | ".join(f"round {i + 1}" for i in range(rounds)) + " | mean | vs first |",
             "|---|" + "---|" * (rounds + 2)]

@@ -6,9 +6,9 @@ training steps (``bench_pipeline.py``), the mask kernels (``bench_masks.py``) an
 GPU check's pipelines (``gpu_pipeline_check.py``) alike.
 
 Timing rules (nanoGPT ``bench.py``): warm-up steps first, then ``repeats`` windows of
-``iters`` steps each; ``sync()`` (``torch.cuda.synchronize`` on GPU, which waits for
-DALI's streams too: it is device-wide) runs before every clock read, so a window
-never ends while queued GPU work is still running. Rates are reported as the median
+``iters`` steps each; ``sync()`` runs before every clock read, so a window never ends
+while its steps' GPU work is still running (:func:`device_sync`: the current torch
+stream, or the whole device, DALI's streams included). Rates are reported as the median
 and the spread (min/max and the quartiles) over windows.
 """
 from __future__ import annotations
@@ -40,17 +40,18 @@ def no_sync() -> None:
 SYNC_SCOPES = ("stream", "device")
 
 
-def device_sync(device: torch.device, scope: str = "device") -> Callable[[], None]:
+def device_sync(device: torch.device, scope: str) -> Callable[[], None]:
     """A clock-read barrier for ``device``; nothing on the CPU.
 
     ``device``: cudaDeviceSynchronize, which also waits for every other stream: DALI's,
-    including the GPU work of the batches it is prefetching for the *next* window. The
-    trainer (or the consumer) is idle during that tail, which steady-state training
-    overlaps with its later steps, so each window is charged for it.
+    including the GPU work of the batches it is prefetching for the *next* window. That
+    tail then runs alone instead of beside the consumer (the trainer), and the next window
+    starts with it done: the window loses the overlap, between nothing and the whole tail.
     ``stream``: the current torch stream only: the steps' own work (training kernels, the
-    copies out of DALI, the masks). Their DALI inputs are complete before that: the loader
-    takes each batch with DALI's host-synchronized ``share_outputs``. DALI's prefetch runs
-    on across the boundary, as it does between any two steps.
+    loader's filters, casts and masks). Their DALI inputs are complete before that: DALI's
+    outputs are taken host-synchronized (``share_outputs``/``run`` without a stream) and,
+    with the dynamic executor, handed over without a copy (DLPack). DALI's prefetch runs on
+    across the boundary, as it does between any two steps.
     """
     if scope not in SYNC_SCOPES:
         raise ValueError(f"sync scope {scope!r}: must be one of {', '.join(SYNC_SCOPES)}")
