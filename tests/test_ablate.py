@@ -1,10 +1,9 @@
 """`mscn ablate` (issue 12; paper §5, Fig. 5, Table 5): arm expansion and validation, the
 significance rule, the JSON schema, and a toy end-to-end ablation that resumes."""
 import json
-import subprocess
-import sys
 
 import pytest
+from lock_holder import held_lock
 
 from mscn.config import load_config
 from mscn.errors import MscnError
@@ -226,21 +225,12 @@ def test_toy_ablation_end_to_end_and_resume(tmp_path, capsys):
     (run / "result.json").unlink()
     saved.write_text(old_text)
     before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, time\n"
-        f"f = open({str(run / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
-        "f.seek(0); f.truncate(); f.write(f'pid {os.getpid()} on test'); f.flush(); print('held', flush=True)\n"
-        "time.sleep(120)")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_lock(run) as pid:
         capsys.readouterr()
-        with pytest.raises(MscnError, match=f"in use by a live run \\(pid {holder.pid} on test\\)"):
+        with pytest.raises(MscnError, match=f"in use by a live run \\(pid {pid} on test\\)"):
             main(argv)
         assert "superseded" not in capsys.readouterr().out
         assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
-    finally:
-        holder.kill()
-        holder.wait(timeout=30)
 
 
 def test_mscn_ablate_is_dispatched(capsys):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lock_holder import held_lock
 from mscn.config import load_config
 from mscn.train import checkpoint as ckpt
 from mscn.train.pretrain import main, run_pretrain
@@ -134,23 +135,13 @@ def test_a_second_launch_into_a_live_runs_folder_is_refused_and_changes_nothing(
     out = tmp_path / "run"
     shutil.copytree(uninterrupted[0], out)
     before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, sys, time\n"
-        f"f = open({str(out / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
-        "f.seek(0); f.truncate(); f.write(f'pid {os.getpid()} on test'); f.flush(); print('held', flush=True)\n"
-        "time.sleep(120)")],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_lock(out) as pid:
         for resume in ("auto", "none"):
             status = main(["--resume", resume, *args(dataset, out)])
             err = capsys.readouterr().err.strip().splitlines()
             assert status == 2 and len(err) == 1, "\n".join(err)
-            assert f"is in use by a live run (pid {holder.pid} on test)" in err[0] and "train.out_dir" in err[0]
+            assert f"is in use by a live run (pid {pid} on test)" in err[0] and "train.out_dir" in err[0]
             assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
-    finally:
-        holder.kill()
-        holder.wait(timeout=30)
     summary = run_pretrain(load_config(None, args(dataset, out)), resume="auto")  # a finished run: nothing to do
     assert summary["step"] == STEPS
 

@@ -4,12 +4,11 @@ cannot lock lets the run go on with a note, and ``mscn demo --fresh`` never dele
 live run's folder."""
 import errno
 import fcntl
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from lock_holder import held_lock
 
 from mscn.config import load_config
 from mscn.errors import MscnError
@@ -21,17 +20,10 @@ def holder(tmp_path):
     """Another process holding ``tmp_path/run/.lock`` as a live run's rank 0 does."""
     out = tmp_path / "run"
     out.mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, time\n"
-        f"f = open({str(out / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
-        "f.seek(0); f.truncate(); f.write(f'pid {os.getpid()} on test'); f.flush(); print('held', flush=True)\n"
-        "time.sleep(120)")], stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout.readline().strip() == "held"
-        yield out, proc.pid
+        with held_lock(out) as pid:
+            yield out, pid
     finally:
-        proc.kill()
-        proc.wait(timeout=30)
         rundir.unlock_run_dirs()
 
 
