@@ -7,6 +7,7 @@ import torchvision
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
 from eval_testdata import make_checkpoint
+from mscn.errors import MscnError
 from mscn.train.eval.pretrained import load_pretrained
 from mscn.train.eval.export import detectron2_name, export_backbone
 
@@ -116,3 +117,24 @@ def test_export_keeps_an_earlier_export_unless_forced(tmp_path, capsys, monkeypa
     assert mscn_main([*first, "model.arch=resnet50", "--force"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["backbone.pkl", "backbone.pth"]
     assert torch.load(out / "backbone.pth")["layer4.2.conv3.weight"].shape[0] == 2048  # replaced by the ResNet-50
+
+
+def test_a_failed_export_leaves_the_earlier_pair_and_no_temporary_file(tmp_path, monkeypatch):
+    """The second file failing (here: a full disk while pickling) leaves the earlier
+    export as it was and no temporary file of the first."""
+    import errno
+
+    import mscn.train.eval.export as export
+
+    backbone = torchvision.models.resnet18()
+    out = tmp_path / "ex"
+    export_backbone(backbone, out, "r18", "resnet18")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export.pickle, "dump", full_disk)
+    with pytest.raises(MscnError, match=r"r18.pkl: cannot write the export \(No space left on device\)"):
+        export_backbone(torchvision.models.resnet18(), out, "r18", "resnet18", overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

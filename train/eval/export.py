@@ -80,10 +80,14 @@ def export_backbone(backbone: nn.Module, out_dir: str | Path, name: str = "backb
     sd = torchvision_state_dict(backbone)
     # both files written in full under temporary names first, then renamed: a run killed or
     # failing before the renames leaves the earlier pair as it was
-    tmps = [_write_tmp(pth, lambda f: torch.save(sd, f)),
-            _write_tmp(pkl, lambda f: pickle.dump(detectron2_state_dict(sd), f))]
-    for tmp, path in zip(tmps, (pth, pkl)):
-        os.replace(tmp, path)
+    first = _write_tmp(pth, lambda f: torch.save(sd, f))
+    try:
+        second = _write_tmp(pkl, lambda f: pickle.dump(detectron2_state_dict(sd), f))
+    except BaseException:
+        first.unlink(missing_ok=True)  # no stray temporary file beside the earlier pair
+        raise
+    os.replace(first, pth)
+    os.replace(second, pkl)
     return {"torchvision": str(pth), "detectron2": str(pkl), "arch": arch}
 
 
@@ -93,7 +97,9 @@ def _write_tmp(path: Path, dump) -> Path:
     try:
         with open(tmp, "wb") as f:
             dump(f)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise MscnError(f"{path}: cannot write the export ({e.strerror})") from None
+        if isinstance(e, OSError):
+            raise MscnError(f"{path}: cannot write the export ({e.strerror})") from None
+        raise
     return tmp
