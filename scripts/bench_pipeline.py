@@ -59,7 +59,6 @@ STAGES = ("decode", "bare", "colour", "views", "highpass", "masks", "masks-hp-la
 # blur and the high-pass as GEMMs in the loader (data.blur_where=loader); ...; the same graph
 # under DALI's full operator concurrency, one stream per branch (data.op_concurrency=full,
 # data.stream_policy=per_operator)
-DEVICE_SYNC_ROW = "masks-device-sync"  # --train --device-sync-row: the masks feed timed as rounds 1-3 did
 VARIANTS = ("masks-hp-late", "masks-hp-loader", "masks-blur-loader", "masks-crop-window", "masks-concurrent")
 FEEDS = ("bare", "colour", "views", "highpass", "masks", *VARIANTS)  # --train feeds
 # Small on the 2-core CI box (the whole default run fits in ~1 min), ImageNet-scale on a GPU.
@@ -476,7 +475,7 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
         if device.type == "cuda" and args.device_sync_row and "masks" in args.feeds:
             # the method of rounds 1-3 (20 steps in windows of 4, device-wide syncs): what the
             # method change alone moves, read against the "masks" row of this process
-            rows[DEVICE_SYNC_ROW] = run_measure("train-masks-device-sync", fed("masks"), args, info, device,
+            rows[report.DEVICE_SYNC_ROW] = run_measure("train-masks-device-sync", fed("masks"), args, info, device,
                                                 warmup=timing_kw["warmup"], iters=4, repeats=5, sync="device")
     except torch.cuda.OutOfMemoryError:
         raise MscnError(f"GPU out of memory training {cfg.model.arch} on {args.batch} images x {args.views} "
@@ -492,7 +491,7 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
                                                            - 1 / syn["images_per_s"]["median"]), 2)
     full = rows.get("masks")
     return {"arch": cfg.model.arch, "method": cfg.method.name, "precision": str(dtype or torch.float32),
-            "steps": timing_kw["iters"] * repeats, "synthetic": syn, "feeds": rows,
+            "steps": timing_kw["iters"] * repeats, "window_steps": timing_kw["iters"], "synthetic": syn, "feeds": rows,
             "kept": full["kept"] if full else None,
             "input_bound_fraction": round(1.0 - full["kept"], 3) if full else None}
 

@@ -19,8 +19,7 @@ import sys
 from pathlib import Path
 
 from benchkit import profiling  # beside this script, as for bench_pipeline.py
-
-DEVICE_SYNC_ROW = "masks-device-sync"  # bench_pipeline.py's row of the same name (--device-sync-row)
+from benchkit.report import DEVICE_SYNC_ROW
 
 # figure: (target, "min" = at least / "max" = at most, what it is)
 TARGETS = {
@@ -88,7 +87,9 @@ def summarize(results: Path, stages_from: Path | None = None) -> dict:
     # the masks feed timed again in the same process as rounds 1-3 did (bench --device-sync-row):
     # windows of 4 steps ending on a device-wide sync; the JSON of earlier runs has no "sync"
     # because they all synced device-wide
-    s["kept_resnet18_device_sync"] = ((r18 or {}).get("train", {}).get("feeds", {}).get(DEVICE_SYNC_ROW) or {}).get("kept")
+    r18_train = (r18 or {}).get("train", {})
+    s["kept_resnet18_device_sync"] = (r18_train.get("feeds", {}).get(DEVICE_SYNC_ROW) or {}).get("kept")
+    s["kept_resnet18_window_steps"] = r18_train.get("window_steps")  # the default row's
     # None on the CPU, absent from the files of rounds 1-3
     s["sync"] = ((r18 or r50 or bench or memory or {}).get("settings") or {}).get("sync", "device" if first else None)
     # ResNet-18 and -50 under torch.compile (train.compile=true): kept, and the fed and synthetic rates
@@ -237,7 +238,7 @@ def main(argv=None) -> int:
     if s["kept_resnet18_device_sync"] is not None:
         print(f"SUMMARY kept_resnet18_device_sync = {s['kept_resnet18_device_sync']}: the masks feed timed as in "
               f"rounds 1-3 (windows of 4 steps, device-wide sync), same process, against kept_resnet18 = "
-              f"{s['kept_resnet18']} (windows of 6 steps, {s['sync']} sync)")
+              f"{s['kept_resnet18']} (windows of {s['kept_resnet18_window_steps']} steps, {s['sync']} sync)")
     for d in s["decisions"]:
         change = f"{100 * d['change']:+.1f} %" if d["change"] is not None else "n/a"
         print(f"DECIDE {d['what']}: {d['variant']} {d['value']} vs default {d['default']} ({change}): "

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# --train --device-sync-row: the masks feed timed again as GPU rounds 1-3 did (bench_pipeline.py
+# writes the row, gpu_summary.py reads it)
+DEVICE_SYNC_ROW = "masks-device-sync"
 LABELS = {"decode": "decode", "bare": "+ crop, flip, normalize", "colour": "+ colour jitter, gray",
           "views": "+ blur, solarize",
           "highpass": "+ high-pass", "masks": "+ masks (as torch tensors)", "torchvision": "torchvision/PIL",
           "dali-plain": "DALI written plainly (views + high-pass, no masks)",
           "masks-priority": "+ masks, trainer on a high-priority stream",
-          "masks-device-sync": "+ masks, timed as rounds 1-3 (windows of 4 steps, device-wide sync)",
+          DEVICE_SYNC_ROW: "+ masks, timed as rounds 1-3 (windows of 4 steps, device-wide sync)",
           "masks-hp-late": "full, high-pass after normalize (previous order)",
           "masks-hp-loader": "full, high-pass as GEMMs in the loader (highpass.where=loader)",
           "masks-blur-loader": "full, blur and high-pass as GEMMs in the loader (data.blur_where=loader)",
