@@ -283,7 +283,7 @@ def plan(cfg, device: torch.device | str | None, local_rank: int = 0, views: lis
     return Plan(kind, device_id, dali_threads(cfg.data.num_threads, gpu),
                 decoder_load(cfg.data.hw_decoder_load, device_id if gpu else None), out,
                 None if in_loader else hp, hp if in_loader else None, dali, blur_in_loader,
-                executor(cfg.data.op_concurrency, cfg.data.stream_policy, gpu))
+                executor(cfg.data.op_concurrency, cfg.data.stream_policy))
 
 
 @dataclass(frozen=True)

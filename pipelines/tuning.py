@@ -69,11 +69,12 @@ def view_dtype(setting: str, on_gpu: bool) -> str:
     return "float16" if on_gpu else "float32"
 
 
-def executor(op_concurrency: str, stream_policy: str, on_gpu: bool) -> dict:
+def executor(op_concurrency: str, stream_policy: str) -> dict:
     """``data.op_concurrency`` and ``data.stream_policy`` as keyword arguments of a DALI
     pipeline (``concurrency=``, ``stream_policy=``); "auto" leaves DALI's own default
     (operators of different backends at once, one stream per backend) on both paths, until
-    a GPU run (``gpu_check.sh 3``, ``masks-concurrent``) shows another is faster there.
+    a GPU run (``gpu_check.sh 3``, ``masks-concurrent``) shows another is faster there (a
+    GPU-only rule would then take the path from :func:`~mscn.pipelines.loader.plan`).
 
     Why it is a knob: on an H200 the full GPU pipeline kept the GPU busy 28 % of each batch
     (docs/PERFORMANCE.md, round 3). It was host-bound, and with DALI's default concurrency
@@ -83,7 +84,6 @@ def executor(op_concurrency: str, stream_policy: str, on_gpu: bool) -> dict:
     setting, each over its thread pool. The outputs are the same bit for bit on the CPU path
     (tests/test_pipeline_executor.py); its GPU test has not run yet.
     """
-    del on_gpu  # the rule will differ by path once measured; both use DALI's default today
     from nvidia.dali.pipeline import OperatorConcurrency, StreamPolicy
 
     kwargs = {}

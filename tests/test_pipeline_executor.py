@@ -39,13 +39,11 @@ def assert_same(a, b):
 
 
 def test_settings_map_to_dalis_enums_and_auto_leaves_dalis_default():
-    for gpu in (False, True):  # auto: DALI's default on both paths until a GPU run decides
-        assert executor("auto", "auto", gpu) == {}
-        assert executor("full", "per_operator", gpu) == {"concurrency": OperatorConcurrency.FULL,
-                                                         "stream_policy": StreamPolicy.PER_OPERATOR}
-        assert executor("none", "single", gpu) == {"concurrency": OperatorConcurrency.NONE,
-                                                   "stream_policy": StreamPolicy.SINGLE}
-        assert executor("backend", "auto", gpu) == {"concurrency": OperatorConcurrency.BACKEND}
+    assert executor("auto", "auto") == {}  # DALI's default on both paths until a GPU run decides
+    assert executor("full", "per_operator") == {"concurrency": OperatorConcurrency.FULL,
+                                                "stream_policy": StreamPolicy.PER_OPERATOR}
+    assert executor("none", "single") == {"concurrency": OperatorConcurrency.NONE, "stream_policy": StreamPolicy.SINGLE}
+    assert executor("backend", "auto") == {"concurrency": OperatorConcurrency.BACKEND}
 
 
 def test_typos_are_refused_with_the_key_and_the_choices(folder):
