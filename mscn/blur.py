@@ -27,6 +27,7 @@ import math
 
 import torch
 
+from mscn.h2d import to_device
 from mscn.highpass import reflect101_shifts
 
 
@@ -74,8 +75,8 @@ def blur_per_sample(x: torch.Tensor, sigma: torch.Tensor, radius: int, window: i
     the blurred samples are multiplied (half of them at p = 0.5)."""
     if x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"blur_per_sample expects a float NCHW tensor, got {tuple(x.shape)} {x.dtype}")
-    # non_blocking only towards a GPU: a non-blocking copy to the CPU could be read unfinished
-    sigma = sigma.reshape(-1).to(x.device, non_blocking=x.is_cuda)
+    # DALI hands σ over on the host: to a GPU through pinned memory (no host sync, mscn.h2d)
+    sigma = to_device(sigma.reshape(-1), x.device)
     if sigma.numel() != x.shape[0]:
         raise ValueError(f"{sigma.numel()} blur sigmas for a batch of {x.shape[0]}")
     if x.is_cuda:

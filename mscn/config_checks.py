@@ -51,7 +51,7 @@ def validate(cfg: Config, src: str = "<config>", world_size: int = 1) -> None:
     _validate_views(cfg.views, src, cfg.data.image_size)
     _validate_highpass(cfg.highpass, src)
     # the high-pass must see the blurred view: a blur moved to the loader takes it along
-    _check(not (cfg.blur_in_loader() and cfg.highpass.enabled and cfg.highpass.where == "pipeline"), src,
+    _check(not (cfg.data.blur_where == "loader" and cfg.blur_in_loader(gpu=True) and cfg.highpass.enabled and cfg.highpass.where == "pipeline"), src,
            "highpass.where", cfg.highpass.where, "data.blur_where=loader blurs the views after DALI, so the "
            "high-pass must run there too: set highpass.where=auto or loader")
     _validate_model(cfg, src)
@@ -72,7 +72,8 @@ def _validate_data(d: DataCfg, src: str) -> None:
     _check(d.prefetch >= 1, src, "data.prefetch", d.prefetch, "must be >= 1")
     _check(d.shuffle_buffer >= 1, src, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 1")
     _check(d.crop in ("rrc", "window"), src, "data.crop", d.crop, "must be rrc or window")
-    _check(d.blur_where in ("pipeline", "loader"), src, "data.blur_where", d.blur_where, "must be pipeline or loader")
+    _check(d.blur_where in ("auto", "pipeline", "loader"), src, "data.blur_where", d.blur_where,
+           "must be auto, pipeline or loader")
     _check(d.op_concurrency in ("auto", *OP_CONCURRENCY), src, "data.op_concurrency", d.op_concurrency,
            "must be auto, " + ", ".join(OP_CONCURRENCY))
     _check(d.stream_policy in ("auto", *STREAM_POLICIES), src, "data.stream_policy", d.stream_policy,

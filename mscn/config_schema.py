@@ -9,6 +9,7 @@ SimCLR/BYOL recipes (App. A.1), linear probe (A.2), fine-tuning (A.3).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 # ImageNet statistics (0-255 scale): the normalization applied before the high-pass.
@@ -108,8 +109,11 @@ class DataCfg:
     crop: str = "rrc"
     # where the views' Gaussian blur (App. A.1) runs: pipeline (DALI's fn.gaussian_blur) |
     # loader (per-sample batched GEMMs on the views' device, mscn/blur.py; views with
-    # solarize keep DALI's; the high-pass then runs in the loader too, after the blur)
-    blur_where: str = "pipeline"
+    # solarize keep DALI's; the high-pass then runs in the loader too, after the blur) |
+    # auto (loader on the GPU path when the high-pass is on and not pinned to DALI: two H200
+    # runs fed the trainer faster so, docs/PERFORMANCE.md; pipeline on the CPU path).
+    # A run resolves auto when it starts, and its config.yaml records the choice
+    blur_where: str = "auto"
     # DALI's executor (docs/PERFORMANCE.md, "Tuning"): which independent operators may run at
     # once, none | backend (a CPU op beside a GPU op: DALI's default) | full (also the views'
     # GPU branches beside each other), and its CUDA streams, single | per_backend (DALI's
@@ -223,10 +227,30 @@ class Config:
     train: TrainCfg = field(default_factory=TrainCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
 
-    def blur_in_loader(self, views: list[ViewCfg] | None = None) -> bool:
-        """Whether a loader of ``views`` (default: the training views) blurs in the loader:
-        ``data.blur_where=loader`` and at least one view whose blur can move
-        (:meth:`ViewCfg.blur_movable`). The one rule for the config check, the loader's
-        plan and the resume guard, which must agree on the pipeline graph."""
-        return self.data.blur_where == "loader" and any(
+    def blur_where_on(self, gpu: bool) -> str:
+        """``data.blur_where`` resolved for the GPU path (``gpu``) or the CPU path: ``auto``
+        is ``loader`` on a GPU when the high-pass is on and may run in the loader (it must
+        follow the blur there), else ``pipeline``."""
+        if self.data.blur_where != "auto":
+            return self.data.blur_where
+        hp = self.highpass
+        return "loader" if gpu and hp.enabled and hp.where != "pipeline" else "pipeline"
+
+    def resolved_for(self, gpu: bool) -> "Config":
+        """This config with the ``auto`` choices that change what a run computes made
+        concrete for the GPU path (``gpu``) or the CPU path: a run saves this one, so that
+        its ``config.yaml`` says what ran and a resume elsewhere (another device, another
+        mscn default) is compared with that (train/rundir.py)."""
+        where = self.blur_where_on(gpu)
+        if where == self.data.blur_where:
+            return self
+        return dataclasses.replace(self, data=dataclasses.replace(self.data, blur_where=where))
+
+    def blur_in_loader(self, gpu: bool, views: list[ViewCfg] | None = None) -> bool:
+        """Whether a loader of ``views`` (default: the training views) on the GPU path
+        (``gpu``) or the CPU path blurs in the loader: :meth:`blur_where_on` is ``loader``
+        and at least one view's blur can move (:meth:`ViewCfg.blur_movable`). The one rule
+        for the config check, the loader's plan and the resume guard, which must agree on
+        the pipeline graph."""
+        return self.blur_where_on(gpu) == "loader" and any(
             v.blur_movable() for v in (self.views if views is None else views))

@@ -24,6 +24,7 @@ have yielded next.
 """
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from mscn.blur import blur_per_sample, blur_radius
 from mscn.errors import DataError
+from mscn.h2d import to_device
 from mscn.highpass import highpass_matmul
 from mscn.pipelines.readers import READER_NAME, Source
 from mscn.pipelines.train_pipeline import output_names
@@ -88,6 +90,7 @@ class DaliLoader:
         self._names = output_names(num_views, source, deferred=tuple(sorted(self.blur)))
         self._labels = None if source.label_in_stream else torch.tensor(source.labels, dtype=torch.int64)
         self._runs = runs  # batches taken from the pipeline so far, for diagnose.py (kept across a resume)
+        self._held: deque = deque(maxlen=1)  # DALI's outputs of the last batches (hold())
         try:  # prepare_first_batch=False: nothing runs until the first batch is asked for
             self._iter = DALIGenericIterator(pipeline, self._names, reader_name=READER_NAME,
                                              last_batch_policy=policy, auto_reset=True,
@@ -98,6 +101,16 @@ class DaliLoader:
     def __len__(self) -> int:
         return len(self._iter)
 
+    def hold(self, batches: int) -> None:
+        """Keep DALI's outputs of each batch alive ``batches`` batches longer than the batch
+        itself (default 0: until the next batch is taken). Dropping them hands the buffers
+        back to DALI; ``scripts/probe_syncs.py`` measures whether that waits for the GPU,
+        and the bench's ``masks-hold`` feed whether holding them longer feeds the trainer
+        faster. A bench knob until a GPU run decides."""
+        if batches < 0:
+            raise ValueError(f"hold: batches must be >= 0, got {batches}")
+        self._held = deque(self._held, maxlen=1 + batches)
+
     def __iter__(self) -> Iterator[MscnBatch]:
         while True:
             try:
@@ -107,7 +120,10 @@ class DaliLoader:
             except RuntimeError as e:
                 raise self._data_error(e) from None
             self._runs += 1
-            yield self._convert(data[0])
+            batch = self._convert(data[0])
+            self._held.append(data)  # drops the outputs of the batch `hold` batches back
+            del data
+            yield batch
 
     def state_dict(self) -> dict:
         """What a resumed loader needs to continue exactly here (tensors and ints only, so
@@ -148,7 +164,9 @@ class DaliLoader:
         if self.mask_fn is not None:
             views = self.mask_fn(views)
         dev = views[0].device
-        return MscnBatch(views, labels.to(dev, non_blocking=True), index.to(dev, non_blocking=True))
+        # through pinned memory: from pageable memory a "non-blocking" copy may wait for the
+        # trainer's stream, a host sync per batch (mscn.h2d)
+        return MscnBatch(views, to_device(labels, dev), to_device(index, dev))
 
     def _data_error(self, err: RuntimeError) -> DataError:
         from mscn.pipelines.diagnose import explain
@@ -264,8 +282,9 @@ def plan(cfg, device: torch.device | str | None, local_rank: int = 0, views: lis
     BLAS in the adapter (docs/PIPELINE.md), so DALI emits float32 there. ``loader`` on a
     GPU filters the views as two batched GEMMs on the current (the trainer's) stream
     instead of competing with it through DALI's blur kernels. ``auto`` is ``loader`` too
-    for a loader that moves a view's blur there (``data.blur_where=loader``): the
-    high-pass must see the blurred view.
+    for a loader that moves a view's blur there (``data.blur_where``, whose ``auto`` does
+    so on a GPU: :meth:`~mscn.config_schema.Config.blur_where_on`): the high-pass must
+    see the blurred view.
     """
     from mscn.highpass import highpass_params
     from mscn.pipelines.tuning import dali_threads, decoder_load, executor, view_dtype
@@ -274,7 +293,7 @@ def plan(cfg, device: torch.device | str | None, local_rank: int = 0, views: lis
     gpu = kind == "gpu"
     out = view_dtype(cfg.data.output_dtype, gpu)
     hp = highpass_params(cfg.highpass)
-    blur_in_loader = cfg.blur_in_loader(views)
+    blur_in_loader = cfg.blur_in_loader(gpu, views)
     # auto: DALI on a GPU, unless a blur moved to the loader (the high-pass comes after it)
     auto = "loader" if blur_in_loader or not gpu else "pipeline"
     where = cfg.highpass.where if cfg.highpass.where != "auto" else auto

@@ -53,13 +53,18 @@ from mscn.train.distributed import barrier
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("decode", "bare", "colour", "views", "highpass", "masks", "masks-hp-late", "masks-hp-loader",
-          "masks-blur-loader", "masks-crop-window", "masks-concurrent")
-# the full pipeline built another way, on request: the high-pass after the normalization in
-# DALI (the previous order), or as batched GEMMs in the loader (highpass.where=loader); the
-# blur and the high-pass as GEMMs in the loader (data.blur_where=loader); ...; the same graph
+          "masks-blur-loader", "masks-blur-dali", "masks-crop-window", "masks-concurrent", "masks-hold")
+# the full pipeline built another way, on request: the blur and the high-pass in DALI, the
+# high-pass after the normalization (the order before round 3); the blur in DALI and the
+# high-pass as batched GEMMs in the loader (highpass.where=loader); both as GEMMs in the
+# loader (data.blur_where=loader: what auto picks on a GPU since round 4);
+# both in DALI (data.blur_where=pipeline: the GPU default until round 4); ...; the same graph
 # under DALI's full operator concurrency, one stream per branch (data.op_concurrency=full,
-# data.stream_policy=per_operator)
-VARIANTS = ("masks-hp-late", "masks-hp-loader", "masks-blur-loader", "masks-crop-window", "masks-concurrent")
+# data.stream_policy=per_operator); the loader holding DALI's outputs two batches longer
+# (DaliLoader.hold: does handing the buffers back wait for the trainer's kernels?)
+VARIANTS = ("masks-hp-late", "masks-hp-loader", "masks-blur-loader", "masks-blur-dali", "masks-crop-window",
+            "masks-concurrent", "masks-hold")
+HOLD_BATCHES = 2  # masks-hold
 FEEDS = ("bare", "colour", "views", "highpass", "masks", *VARIANTS)  # --train feeds
 # Small on the 2-core CI box (the whole default run fits in ~1 min), ImageNet-scale on a GPU.
 DEFAULTS = {"cpu": dict(batch=32, warmup=2, iters=3, repeats=3, train_steps=3, arch="resnet18",
@@ -244,6 +249,8 @@ def stage_config(cfg, stage: str):
         cfg = dataclasses.replace(cfg, highpass=dataclasses.replace(cfg.highpass, where="loader"))
     if stage == "masks-blur-loader":
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, blur_where="loader"))
+    if stage in ("masks-hp-late", "masks-hp-loader", "masks-blur-dali"):  # DALI blurs (the high-pass follows)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, blur_where="pipeline"))
     if stage == "masks-crop-window":  # the crop the views had before the fused one
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, crop="window"))
     if stage == "masks-concurrent":  # the same graph, scheduled by DALI another way
@@ -267,9 +274,12 @@ def stage_loader(cfg, stage: str, info, device: torch.device):
     default = ops.HIGHPASS_FIRST
     ops.HIGHPASS_FIRST = stage != "masks-hp-late" and default
     try:
-        return build_train_loader(stage_config(cfg, stage), rank=info.rank, world_size=info.world_size,
-                                  local_rank=info.local_rank, device=device if device.type == "cuda" else None,
-                                  apply_mask=stage.startswith("masks"))
+        loader = build_train_loader(stage_config(cfg, stage), rank=info.rank, world_size=info.world_size,
+                                    local_rank=info.local_rank, device=device if device.type == "cuda" else None,
+                                    apply_mask=stage.startswith("masks"))
+        if stage == "masks-hold":
+            loader.hold(HOLD_BATCHES)
+        return loader
     finally:
         ops.HIGHPASS_FIRST = default
 
@@ -429,30 +439,48 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
         views = [v.to(device, non_blocking=True).contiguous(memory_format=fmt) for v in views]
         return views if dtype is not None else [v.float() for v in views]
 
+    # host time per step, by part: taking the batch (DALI's handover and the loader's work)
+    # and queueing the training step. The first build of a row is the timed one (a profile
+    # rebuilds it later): its clock is clocks[row][0]
+    clocks: dict[str, list[dict]] = {}
+
+    def new_clock(row: str) -> dict:
+        clock = {"batch": [], "step": []}
+        clocks.setdefault(row, []).append(clock)
+        return clock
+
     def synthetic():
         shape = (args.batch, 3, cfg.data.image_size, cfg.data.image_size)
         dtype_in = TORCH_DTYPES[placed_dtype(cfg, device)]
         views = feed([torch.randn(shape, dtype=dtype_in, device=device)
                       for _ in cfg.views])
+        clock = new_clock("synthetic")
 
         def step() -> int:
+            t0 = time.perf_counter()
             train_step(model, optimizer, scaler, views, dtype)
+            clock["step"].append(time.perf_counter() - t0)
             return args.batch
 
         return step, views
 
-    def fed(stage: str, priority: bool = False):
+    def fed(stage: str, priority: bool = False, row: str | None = None):
         def make():
             loader = stage_loader(cfg, stage, info, device)
             batches = endless(loader)
+            clock = new_clock(row or stage)
 
             def step() -> int:
                 # the batch is taken on the training stream too (as pretrain.py does): DALI hands
                 # its outputs over host-synchronized, and the loader's filters and masks run
                 # on the current stream
                 with priority_stream(device) if priority else contextlib.nullcontext():
+                    t0 = time.perf_counter()
                     views = feed(next(batches).views)
+                    t1 = time.perf_counter()
                     train_step(model, optimizer, scaler, views, dtype)
+                    clock["step"].append(time.perf_counter() - t1)
+                    clock["batch"].append(t1 - t0)
                 return views[0].shape[0]
 
             return step, loader
@@ -470,12 +498,14 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
             rows[stage] = run_measure(f"train-{stage}", fed(stage), args, info, device,
                                       profile=stage == profiled or stage in args.profile_rows, **timing_kw)
         if device.type == "cuda" and not args.no_priority_row and "masks" in args.feeds:
-            rows["masks-priority"] = run_measure("train-masks-priority", fed("masks", priority=True), args, info,
-                                                 device, **timing_kw)
+            rows["masks-priority"] = run_measure("train-masks-priority", fed("masks", priority=True,
+                                                                             row="masks-priority"),
+                                                 args, info, device, **timing_kw)
         if device.type == "cuda" and args.device_sync_row and "masks" in args.feeds:
             # the method of rounds 1-3 (20 steps in windows of 4, device-wide syncs): what the
             # method change alone moves, read against the "masks" row of this process
-            rows[report.DEVICE_SYNC_ROW] = run_measure("train-masks-device-sync", fed("masks"), args, info, device,
+            rows[report.DEVICE_SYNC_ROW] = run_measure("train-masks-device-sync", fed("masks", row=report.DEVICE_SYNC_ROW),
+                                                       args, info, device,
                                                 warmup=timing_kw["warmup"], iters=4, repeats=5, sync="device")
     except torch.cuda.OutOfMemoryError:
         raise MscnError(f"GPU out of memory training {cfg.model.arch} on {args.batch} images x {args.views} "
@@ -484,6 +514,8 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
     def rate(m: dict) -> float:  # the node's total under torchrun
         return m.get("node_images_per_s", m["images_per_s"]["median"])
 
+    for row, m in (("synthetic", syn), *rows.items()):
+        m["host_ms_per_step"] = host_ms(clocks[row][0])
     for m in rows.values():
         m["kept"] = round(rate(m) / rate(syn), 3)
         # per step of this process: its batch at its own rate, minus the same at the synthetic rate
@@ -494,6 +526,17 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
             "steps": timing_kw["iters"] * repeats, "window_steps": timing_kw["iters"], "synthetic": syn, "feeds": rows,
             "kept": full["kept"] if full else None,
             "input_bound_fraction": round(1.0 - full["kept"], 3) if full else None}
+
+
+def host_ms(clock: dict) -> dict:
+    """Median host milliseconds per step of each part of ``clock`` (warm-up steps included:
+    a median is not moved by a few slow ones). Read beside the profile's GPU busy share: a
+    part that takes long while the GPU idles is where the feed waits."""
+    out = {}
+    for part, times in clock.items():
+        if times:
+            out[part] = round(1e3 * sorted(times)[len(times) // 2], 3)
+    return out
 
 
 # ----------------------------------------------------------------------------------

@@ -9,17 +9,16 @@
 #           two ranks sharing the GPU under torchrun (training and the bench), the
 #           previous release for before/after figures when given, a thread sweep, and
 #           the headline summary (gpu_summary.json).
-#   part 3: one round of A/B and profiles, most needed first, meant to run with
-#           MSCN_GPU_BUDGET_S=560 in one 600 s call (what does not fit is skipped): GPU
-#           tests, the mask benchmark, the full pipeline against its variants
-#           (masks-hp-loader, masks-blur-loader, masks-concurrent: DALI's full operator
-#           concurrency) with a GPU-time profile, the trainer fed by the bare and the full
-#           pipeline and those variants (ResNet-18, profiled), ResNet-50 kept, memory, the
-#           GPU vs CPU twins, ResNet-50 under torch.compile, then if time is left the
-#           isolated A/B, a sweep of DALI's two executor knobs, the rows round 3 settled (LARS step
-#           multi-tensor vs loop, alone and fed; ResNet-18 compiled) and the table
-#           statistics tests (round 3, H200: 455 s through the twins with the budget at
-#           560, in the order of that round);
+#   part 3: one round of A/B and probes, most needed first, meant to run with
+#           MSCN_GPU_BUDGET_S=560 in one 600 s call (what does not fit is skipped): the GPU
+#           tests the round's changes touch, the host-sync probes of the feed
+#           (probe_syncs.py), the mask benchmark, the pipeline (now blurring in the loader
+#           on a GPU) against the round-4 default (masks-blur-dali) with a GPU-time
+#           profile, the trainer fed by the bare and the full pipeline, the round-4 default
+#           and DALI's outputs held longer (ResNet-18, with host time per step), ResNet-50
+#           with both defaults, memory, the GPU vs CPU twins, ResNet-50 compiled, then if
+#           time is left the isolated A/B and ResNet-18 compiled (round 4, H200: 538 s for
+#           that round's list with the budget at 555; this list is not yet timed);
 #   figures: only the headline figures of gpu_summary.json (no tests, no attribution rows,
 #           no sweeps), for a quick re-measurement on another box; MSCN_GPU_BUDGET_S=290
 #           keeps it under 5 minutes whatever the box (not yet timed alone).
@@ -34,7 +33,7 @@
 # MSCN_GPU_MIN_STEP_S (15); else it is skipped (a SKIPPED line in the digest) and the next,
 # shorter ones may still fit. A started step gets at most what is left; one killed there
 # is marked CUT, not FAILED. Steps are in order of what the decisions need. 0 = no budget.
-# Follow-up call: MSCN_GPU_STEPS=ab-isolated,sweep-executor runs only the named steps (and
+# Follow-up call: MSCN_GPU_STEPS=ab-isolated,train18-compile runs only the named steps (and
 # the summary, over every result in $MSCN_GPU_RESULTS), e.g. the ones a budget SKIPPED, on
 # the same warm machine: the earlier results stay where they are.
 set -uo pipefail
@@ -44,7 +43,7 @@ BUDGET=${MSCN_GPU_BUDGET_S:-0}
 RESERVE=${MSCN_GPU_RESERVE_S:-30}
 MIN_STEP=${MSCN_GPU_MIN_STEP_S:-15}
 SHARE=${MSCN_GPU_STEP_SHARE:-50}
-STEPS=${MSCN_GPU_STEPS:-}  # e.g. ab-isolated,sweep-executor: only these steps (and the summary)
+STEPS=${MSCN_GPU_STEPS:-}  # e.g. ab-isolated,train18-compile: only these steps (and the summary)
 for v in "$BUDGET" "$RESERVE" "$MIN_STEP" "$SHARE"; do
   case $v in ''|*[!0-9]*) echo "gpu_check.sh: MSCN_GPU_BUDGET_S, _RESERVE_S, _MIN_STEP_S and _STEP_SHARE take" \
                               "whole numbers, got '$v'" >&2; exit 2 ;; esac
@@ -97,7 +96,7 @@ part1() {
   [ -d "$DATA/train" ] || run synth 120 $PY -P -m mscn data synth "$DATA" --classes 10 --per-class 300 --size 500x375 --seed 0
   # GPU tests, the kernels against their references (compiled), the table kernel's statistics
   run tests 240 $PY -P -m pytest -q -s tests/test_pipeline_gpu.py tests/test_pipeline_executor.py tests/test_mask_kernel.py \
-      tests/test_masks.py tests/test_pipeline_highpass.py
+      tests/test_masks.py tests/test_pipeline_highpass.py tests/test_pipeline_blur.py tests/test_h2d.py tests/test_train_lars.py
   run pipeline 120 $PY scripts/gpu_pipeline_check.py --data "$DATA/train" --json "$R/pipeline.json"
   run masks 120 $PY scripts/bench_masks.py --json "$R/masks.json"
   run bench 240 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages decode,bare,colour,views,highpass,masks,masks-hp-late,masks-hp-loader \
@@ -129,53 +128,43 @@ summary() {  # the headline figures and the A/B verdicts: always, whatever the b
   cp "$R/gpu_summary.json" "$OUT"/ 2>/dev/null
 }
 
-part3() {  # this round's A/B and profiles, most needed first, within MSCN_GPU_BUDGET_S
+part3() {  # this round's A/B and probes, most needed first, within MSCN_GPU_BUDGET_S
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$LOG" 2>&1
   $PY -P -c "import os, torch, nvidia.dali as d, triton; print('torch', torch.__version__, 'dali', d.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available(), 'cores', len(os.sched_getaffinity(0)))" 2>&1 | tee -a "$LOG"
   [ -d "$DATA/train" ] || run synth 60 $PY -P -m mscn data synth "$DATA" --classes 10 --per-class 300 --size 500x375 --seed 0
-  # the GPU tests first: the CUDA LARS test (rewritten), the blur test and the executor test
-  # (the same batches under full concurrency, a stream per branch) have not run on a GPU
-  run tests 180 $PY -P -m pytest -q -s tests/test_pipeline_gpu.py tests/test_mask_kernel.py tests/test_pipeline_crop.py tests/test_pipeline_blur.py \
-      tests/test_pipeline_executor.py tests/test_train_lars.py
+  # the GPU tests the round-5 changes touch: the twins (the GPU default now blurs in the
+  # loader), the loader's blur, the pinned host-to-device copies (round 4 ran all 65 others)
+  run tests 120 $PY -P -m pytest -q -s tests/test_pipeline_gpu.py tests/test_pipeline_blur.py tests/test_h2d.py \
+      tests/test_loader_hold.py
+  # where the feed makes the host wait for the trainer's stream (round 4: the GPU idled ~9 ms
+  # of every fed ResNet-18 step, whatever the pipeline): one line per probe
+  run probe 90 $PY scripts/probe_syncs.py --data "$DATA/train" --json "$R/probe_syncs.json"
   run masks 60 $PY scripts/bench_masks.py --json "$R/masks.json"
-  # the pipeline against its variants, and where its GPU time goes (--profile: busy share,
-  # kernels by owner; the traces stay on the machine, the summaries go into the JSON)
-  run bench 150 $PY scripts/bench_pipeline.py --data "$DATA/train" \
-      --stages decode,masks,masks-hp-loader,masks-blur-loader,masks-concurrent --baseline dali-plain \
-      --profile /tmp/mscn_profile --profile-rows masks-blur-loader,masks-concurrent --json "$R/bench.json"
-  # the trainer: the barest feed (the floor), the full one and its variants; the profiles
-  # say how busy the GPU is with the trainer alone and how much of it DALI takes when fed
-  # --device-sync-row: the masks feed again as rounds 1-3 timed it (windows of 4 steps,
-  # device-wide syncs), so that this run's kept can be read against theirs
-  run train18 190 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
-      --feeds bare,masks,masks-hp-loader,masks-blur-loader,masks-concurrent --no-priority-row --device-sync-row \
-      --profile /tmp/mscn_profile --profile-rows masks-blur-loader --json "$R/train_r18.json"
-  run train50 130 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 --feeds masks \
-      --no-priority-row --json "$R/train_r50.json"
+  # the pipeline (masks: the new GPU default, blur and high-pass as GEMMs in the loader)
+  # against the round-4 default (masks-blur-dali) and the plain DALI pipeline, profiled
+  run bench 120 $PY scripts/bench_pipeline.py --data "$DATA/train" \
+      --stages decode,masks,masks-blur-dali --baseline dali-plain \
+      --profile /tmp/mscn_profile --profile-rows masks-blur-dali --json "$R/bench.json"
+  # the trainer: the barest feed (the floor), the default, the round-4 default and the
+  # outputs held longer; each row with its host time per step beside the profile's idle
+  run train18 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
+      --feeds bare,masks,masks-blur-dali,masks-hold --no-priority-row \
+      --profile /tmp/mscn_profile --profile-rows masks-hold --json "$R/train_r18.json"
+  # ResNet-50: the new default against the round-4 one (never timed with the blur in the loader)
+  run train50 130 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 \
+      --feeds masks,masks-blur-dali --no-priority-row --json "$R/train_r50.json"
+  # the new default's device memory, in a fresh process (target <= 3 GiB)
   run memory 60 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
       --json "$R/memory.json"
   run pipeline 90 $PY scripts/gpu_pipeline_check.py --data "$DATA/train" --json "$R/pipeline.json"
-  # torch.compile of the ResNet-50 step (train.compile; the compile falls in the warm-up): the
-  # recipes' backbone (round 3 timed ResNet-18 only: +27.7 % fed)
+  # the recipes' step: ResNet-50 compiled (train.compile=true in them since round 4: +34 % fed)
   run train50-compile 150 $PY scripts/bench_pipeline.py train.compile=true --data "$DATA/train" --train \
       --arch resnet50 --feeds masks --no-priority-row --json "$R/train_r50_compile.json"
-  # if time is left: the close A/B again with one process per pipeline (rounds in
-  # alternating order), and the table kernel's statistics tests (a compile per configuration)
-  # (masks-hp-loader left out: opt-in twice, and the isolated rounds cost a process each)
-  run ab-isolated 140 $PY scripts/bench_pipeline.py --data "$DATA/train" \
-      --stages masks,masks-blur-loader,masks-concurrent --isolate 2 --iters 10 --repeats 3 \
-      --json "$R/ab_isolated.json"
-  # which of DALI's two executor knobs carries masks-concurrent's difference, if it has one
-  run sweep-executor 90 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
-      --sweep concurrency=backend,full stream_policy=per_backend,per_operator --json "$R/sweep_executor.json"
-  # settled in round 3, re-measured if time is left: the LARS step (kept: 6.8x faster alone)
-  # and ResNet-18 under torch.compile (+27.7 % fed)
-  run optimizer 60 $PY scripts/bench_optimizer.py --json "$R/optimizer.json"
-  run train18-lars-loop 90 $PY scripts/bench_pipeline.py optim.foreach=false --data "$DATA/train" --train \
-      --arch resnet18 --feeds masks --no-priority-row --json "$R/train_r18_lars_loop.json"
+  # if time is left: the pipeline A/B with one process per pipeline, and ResNet-18 compiled
+  run ab-isolated 120 $PY scripts/bench_pipeline.py --data "$DATA/train" \
+      --stages masks,masks-blur-dali --isolate 2 --iters 10 --repeats 3 --json "$R/ab_isolated.json"
   run train18-compile 150 $PY scripts/bench_pipeline.py train.compile=true --data "$DATA/train" --train \
       --arch resnet18 --feeds masks --no-priority-row --json "$R/train_r18_compile.json"
-  run tests-stats 120 $PY -P -m pytest -q -x tests/test_masks.py -k triton
   summary
 }
 
@@ -212,6 +201,6 @@ case "$PART" in
   *) echo "usage: $0 [all|1|2|3|figures]" >&2; exit 2 ;;
 esac
 echo "--- summary" | tee -a "$LOG"
-grep -h -E "^(SUMMARY|DECIDE|PROFILE|SKIPPED|CUT|\||check |!!!|===)" "$LOG" | tail -n 100
+grep -h -E "^(SUMMARY|DECIDE|PROFILE|SYNCPROBE|HOST|SKIPPED|CUT|\||check |!!!|===)" "$LOG" | tail -n 120
 save
 exit $status

@@ -101,6 +101,16 @@ def summarize(results: Path, stages_from: Path | None = None) -> dict:
                 "synthetic": comp["synthetic"]["images_per_s"]["median"],
                 "fed": comp["feeds"]["masks"]["images_per_s"]["median"] if "masks" in comp["feeds"] else None}
     s["profiles"] = profiles(results)
+    # where the feed waits: probe_syncs.py's probes, and the host time per step of each
+    # ResNet-18 row (taking the batch, queueing the step); absent before round 5
+    probe = _load(results / "probe_syncs.json")
+    if probe:
+        s["sync_probes"] = {p["probe"]: {k: p[k] for k in ("host_ms", "queued_ms", "verdict")} for p in probe["probes"]}
+    host = {feed: m["host_ms_per_step"] for feed, m in
+            (("synthetic", r18_train.get("synthetic", {})), *r18_train.get("feeds", {}).items())
+            if m.get("host_ms_per_step")}
+    if host:
+        s["host_ms_per_step_resnet18"] = host
     if bench:
         st = bench["settings"]
         s["settings"] = {k: st.get(k) for k in ("batch", "threads", "hw_decoder_load", "views", "size", "output_dtype")}
@@ -131,8 +141,10 @@ def profiles(results: Path) -> dict:
 PIPELINE_AB = {
     "masks-hp-loader": "make highpass.where=loader the GPU default",
     "masks-blur-loader": "make data.blur_where=loader the GPU default",
+    "masks-blur-dali": "make data.blur_where=auto mean pipeline on the GPU again (Config.blur_where_on)",
     "masks-hp-late": "set pipelines/ops.py HIGHPASS_FIRST = False",
     "masks-crop-window": "set data.crop=window by default",
+    "masks-hold": "make the training loader hold DALI's outputs 2 batches (DaliLoader.hold) by default",
     "masks-concurrent": "make auto mean op_concurrency=full, stream_policy=per_operator on the GPU path (tuning.executor)",
 }
 
@@ -245,6 +257,11 @@ def main(argv=None) -> int:
               f"{d['verdict']}" + (f" -> {d['switch']}" if d["switch"] else ""))
     for where, p in s["profiles"].items():  # the bench's own PROFILE line for each
         print(profiling.format_summary(where, p)[0])
+    for name, p in s.get("sync_probes", {}).items():
+        queued = f" with {p['queued_ms']} ms queued" if p["queued_ms"] is not None else ""
+        print(f"SYNCPROBE {name}: host {p['host_ms']} ms{queued} -> {p['verdict']}")
+    for feed, h in s.get("host_ms_per_step_resnet18", {}).items():
+        print(f"HOST resnet18 fed by {feed}: " + ", ".join(f"{k} {v} ms" for k, v in h.items()) + " per step")
     print(f"summary written to {out}")
     return 0
 

@@ -36,6 +36,29 @@ def test_gpu_pipeline_check_dry_run_passes_every_check(tmp_path):
         assert e["view_mean_abs"] == 0.0 and e["highpass_rel_err"] < 1e-5
 
 
+def test_probe_syncs_dry_run_runs_every_probe(tmp_path):
+    """probe_syncs.py --cpu-dry-run: every probe of the feed runs (on DALI's CPU path, with no
+    stream to wait for) and lands in the JSON; the verdict rule reads a host time against the
+    queued GPU time."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from probe_syncs import verdict
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    assert verdict(190.0, 200.0) == "waits for the stream" and verdict(3.0, 200.0) == "does not wait"
+    assert verdict(3.0, None) == "cpu"
+    root = make_folder(tmp_path / "data", classes=2, per_class=8, size=(96, 72))
+    proc = run("probe_syncs.py", "--data", root, "--batch", "4", "--repeats", "1", "--cpu-dry-run",
+               "--json", tmp_path / "p.json", "data.image_size=32", "data.num_threads=1")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads((tmp_path / "p.json").read_text())
+    assert [p["probe"] for p in r["probes"]] == ["h2d-pageable", "h2d-pinned", "dali-next", "convert", "release",
+                                                 "loader-next"]
+    assert all(p["verdict"] == "cpu" and p["host_ms"] >= 0 for p in r["probes"])
+    assert r["blur_where"] == "pipeline"  # auto, resolved for the CPU path
+    assert proc.stdout.count("SYNCPROBE ") == 6
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
     """bench.json, memory.json and train_r18.json as gpu_check.sh leaves them, from CPU runs."""
@@ -91,9 +114,8 @@ def test_gpu_summary_reads_the_bench_files(results):
     assert any(ln.startswith("SUMMARY share_of_decode =") and "target >= 0.85" in ln for ln in lines)
 
 
-PART3_STEPS = ["tests", "masks", "bench", "train18", "train50", "memory", "pipeline",
-               "train50-compile", "ab-isolated", "sweep-executor", "optimizer", "train18-lars-loop", "train18-compile",
-               "tests-stats"]
+PART3_STEPS = ["tests", "probe", "masks", "bench", "train18", "train50", "memory", "pipeline",
+               "train50-compile", "ab-isolated", "train18-compile"]
 
 
 def _gpu_check(tmp_path, budget: int, sleep: float, share: int = 0,
@@ -149,7 +171,7 @@ def test_gpu_check_skips_a_step_that_would_not_fit_and_goes_on(tmp_path):
     steps limited to over 100 s are skipped, and the shorter ones after them still run."""
     proc, ran, _ = _gpu_check(tmp_path, budget=50, sleep=0, share=50)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    fits = ["masks", "memory", "pipeline", "sweep-executor", "optimizer", "train18-lars-loop"]  # limits of 60-90 s
+    fits = ["probe", "masks", "memory", "pipeline"]  # limits of 60-90 s
     assert ran == fits + ["summary"]
     assert _digest(proc, "SKIPPED") == [s for s in PART3_STEPS if s not in fits]
 
@@ -160,9 +182,9 @@ def test_gpu_check_follow_up_call_runs_only_the_named_steps_and_keeps_the_first_
     first, _, _ = _gpu_check(tmp_path, budget=0, sleep=0)
     assert first.returncode == 0
     kept = (tmp_path / "r" / "gpu_check_part3.log").read_text()
-    proc, ran, _ = _gpu_check(tmp_path, budget=0, sleep=0, steps="sweep-executor,ab-isolated")
+    proc, ran, _ = _gpu_check(tmp_path, budget=0, sleep=0, steps="train18-compile,ab-isolated")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert ran == ["ab-isolated", "sweep-executor", "summary"]  # the script's order, not the list's
+    assert ran == ["ab-isolated", "train18-compile", "summary"]  # the script's order, not the list's
     assert (tmp_path / "r" / "gpu_check_part3.log").read_text() == kept
 
 

@@ -196,6 +196,28 @@ def test_the_high_pass_follows_the_blur_into_the_loader(folder):
                        num_threads=1, device_id=None, blur_in_loader=True)
 
 
+def test_blur_where_auto_moves_the_blur_on_a_gpu_only(folder):
+    """data.blur_where=auto (the default): the loader blurs on the GPU path when the
+    high-pass may follow it there, DALI blurs on the CPU path; explicit values stand, and
+    resolved_for makes the choice concrete for config.yaml."""
+    cfg = tiny_cfg(folder)
+    assert cfg.data.blur_where == "auto"
+    assert cfg.blur_where_on(gpu=True) == "loader" and cfg.blur_in_loader(gpu=True)
+    assert cfg.blur_where_on(gpu=False) == "pipeline" and not cfg.blur_in_loader(gpu=False)
+    assert not plan(cfg, "cpu").blur_in_adapter  # the CPU path keeps DALI's blur
+    pinned = tiny_cfg(folder, "highpass.where=pipeline")  # the high-pass pinned to DALI keeps the blur there
+    assert pinned.blur_where_on(gpu=True) == "pipeline"
+    assert tiny_cfg(folder, "highpass.enabled=false").blur_where_on(gpu=True) == "pipeline"
+    assert tiny_cfg(folder, "data.blur_where=pipeline").blur_where_on(gpu=True) == "pipeline"
+    assert tiny_cfg(folder, "data.blur_where=loader").blur_where_on(gpu=False) == "loader"
+    assert cfg.resolved_for(gpu=True).data.blur_where == "loader"
+    assert cfg.resolved_for(gpu=False).data.blur_where == "pipeline"
+    assert pinned.resolved_for(gpu=True).data.blur_where == "pipeline"
+    # no view's blur can move (solarize follows it): DALI's graph even on a GPU
+    solar = tiny_cfg(folder, *(f"views.{i}.solarize_prob=0.2" for i in range(4)))
+    assert solar.blur_where_on(gpu=True) == "loader" and not solar.blur_in_loader(gpu=True)
+
+
 def test_train_loader_with_the_blur_in_the_loader(folder):
     """build_train_loader end to end: four high-passed, masked views; the loader's state
     names the blur's place (a resume with the other place is refused, train/resume.py)."""

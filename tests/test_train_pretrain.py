@@ -198,6 +198,36 @@ def test_a_missing_val_root_stops_the_run_before_it_starts(dataset, tmp_path, ca
     assert not out.exists()
 
 
+def test_compiled_byol_has_the_eager_loss_and_gradients(dataset, tmp_path):
+    """The BYOL recipe compiles too (train.compile=true in byol_r50_in1k.yaml): the online
+    network, the predictor and the stop-gradient target under torch.compile give the eager
+    loss and gradients (the target's EMA update runs outside the compiled forward)."""
+    from mscn.train.distributed import DistInfo
+    from mscn.train.pretrain import build_model
+
+    cfg = load_config(None, overrides(dataset, tmp_path / "unused", "train.compile=true", "method.name=byol"))
+    torch.manual_seed(0)
+    method, compiled = build_model(cfg, torch.device("cpu"), DistInfo())
+    eager = copy.deepcopy(method)
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    views = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    out = []
+    for model, params in ((compiled, method), (eager, eager)):
+        model.train()
+        loss = model(views)
+        loss.backward()
+        out.append((loss.item(), [p.grad.clone() for p in params.parameters() if p.grad is not None]))
+    (loss_c, g_c), (loss_e, g_e) = out
+    assert loss_c == pytest.approx(loss_e, rel=1e-5)
+    assert len(g_c) == len(g_e) > 0  # the target has no gradients in either
+    # per tensor, relative to its norm, except for the biases right before a BatchNorm
+    # (projector, predictor): their exact gradient is 0 and both sides hold rounding noise
+    # (~1e-7 here), which is compared to the largest gradient instead
+    scale = max(b.norm().item() for b in g_e)
+    err = [((a - b).norm() / max(b.norm().item(), 1e-4 * scale)).item() for a, b in zip(g_c, g_e)]
+    assert max(err) < 1e-3, max(err)
+
+
 def test_compiled_model_has_the_eager_gradients_and_its_checkpoint_resumes_eager(dataset, base_run, tmp_path):
     """``train.compile=true`` wraps the model in torch.compile (after DDP, pretrain.build_model).
     Its loss and gradients equal the eager model's on the same views and weights, and a

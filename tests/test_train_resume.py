@@ -203,20 +203,23 @@ def test_loader_state_of_the_other_crop_graph_is_not_resumed_exactly():
     cfg = load_config(None, [])
     info = DistInfo(rank=0, world_size=1, local_rank=0)
     mine = {"loader": {"crop": "rrc"}}
-    assert this_rank({"ranks": [mine]}, info, cfg) == (mine, "")
+    assert this_rank({"ranks": [mine]}, info, cfg, False) == (mine, "")
     old = {"loader": {"dali": None}}  # saved before the key: the window crop
-    got, why = this_rank({"ranks": [old]}, info, cfg)
+    got, why = this_rank({"ranks": [old]}, info, cfg, False)
     assert got is None and why == "its loader cut the views with data.crop=window, this run with rrc"
-    assert this_rank({"ranks": [mine, mine]}, info, cfg)[0] is None  # another world size
+    assert this_rank({"ranks": [mine, mine]}, info, cfg, False)[0] is None  # another world size
     # the blur's place changes the graph too; a state from before the key had DALI's blur
-    assert this_rank({"ranks": [{"loader": {"crop": "rrc", "blur_where": "pipeline"}}]}, info, cfg)[1] == ""
+    assert this_rank({"ranks": [{"loader": {"crop": "rrc", "blur_where": "pipeline"}}]}, info, cfg, False)[1] == ""
+    # the default (auto) blurs in the loader on a GPU: a state of DALI's blur is not resumed there
+    assert this_rank({"ranks": [mine]}, info, cfg, True)[1] == ("its loader blurred the views with "
+                                                               "data.blur_where=pipeline, this run with loader")
     moved = load_config(None, ["data.blur_where=loader"])
-    got, why = this_rank({"ranks": [mine]}, info, moved)
+    got, why = this_rank({"ranks": [mine]}, info, moved, False)
     assert got is None and why == ("its loader blurred the views with data.blur_where=pipeline, "
                                    "this run with loader")
     # blur_where=loader with no movable view (no blur, or solarize after it) keeps DALI's graph
     stays = load_config(None, ["data.blur_where=loader", *(f"views.{i}.blur_prob=0" for i in range(4))])
-    assert this_rank({"ranks": [mine]}, info, stays) == (mine, "")
+    assert this_rank({"ranks": [mine]}, info, stays, True) == (mine, "")
 
 
 def test_resume_none_starts_over_and_keeps_the_old_run_aside(dataset, tmp_path):
@@ -279,3 +282,19 @@ def test_a_run_with_the_blur_in_the_loader_resumes_exactly(dataset, tmp_path):
     got = run_pretrain(load_config(None, args(dataset, tmp_path / "run", *extra, "train.max_steps=6")), resume="auto")
     assert got["resumed_from"].endswith("ckpt_00000003.pt")
     assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+
+
+def test_config_yaml_records_where_the_blur_ran_and_a_resume_elsewhere_is_told_the_value(dataset, tmp_path,
+                                                                                         capsys):
+    """data.blur_where=auto is resolved when a run starts (pipeline on the CPU path, loader
+    on a GPU): config.yaml records the choice, the same config resumes, and a resume that
+    would blur elsewhere (as auto does on a GPU, or a user's override) is refused with the
+    value that continues the run."""
+    out = tmp_path / "run"
+    run_pretrain(load_config(None, args(dataset, out, "train.max_steps=2")), resume="auto")
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["blur_where"] == "pipeline"
+    assert main(["--resume", "auto", *args(dataset, out, "data.blur_where=loader")]) == 2
+    err = capsys.readouterr().err
+    assert "differs in data.blur_where); it ran with data.blur_where=pipeline: pass that to continue it" in err
+    summary = run_pretrain(load_config(None, args(dataset, out, "train.max_steps=3")), resume="auto")
+    assert summary["step"] == 3 and "not exact" not in capsys.readouterr().out

@@ -157,6 +157,7 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
     from mscn.pipelines import build_train_loader, endless  # DALI is heavy: imported only to train
 
     validate(cfg, "<config>", world_size=rt.dist.world_size)
+    cfg = cfg.resolved_for(gpu=rt.device.type == "cuda")  # config.yaml records what runs
     if cfg.train.tensorboard:
         require_tensorboard()  # every rank, before anything is written
     cfg = with_synthetic_data(cfg, rt.dist)
@@ -185,7 +186,7 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
             say(f"no valid checkpoint in {Path(cfg.train.out_dir) / 'checkpoints'}: starting from scratch")
     else:
         rs.load_state(state, resumed_from, cfg, method, optimizer, scaler)
-        start_step, (mine, why) = int(state["step"]), rs.this_rank(state, rt.dist, cfg)
+        start_step, (mine, why) = int(state["step"]), rs.this_rank(state, rt.dist, cfg, rt.device.type == "cuda")
         say(f"resumed from {resumed_from} at step {start_step}" + ("" if mine else
             f" ({why}: fresh data order, not exact)"))
 

@@ -86,7 +86,7 @@ def load_state(state: dict, path: str, cfg: Config, method, optimizer, scaler) -
         scaler.load_state_dict(state["scaler"])
 
 
-def this_rank(state: dict, info: DistInfo, cfg: Config) -> tuple[dict | None, str]:
+def this_rank(state: dict, info: DistInfo, cfg: Config, gpu: bool) -> tuple[dict | None, str]:
     """This rank's saved part, or None and why when the checkpoint cannot resume exactly here.
 
     Not exactly: another world size, or a loader state of another pipeline graph. A DALI
@@ -104,7 +104,7 @@ def this_rank(state: dict, info: DistInfo, cfg: Config) -> tuple[dict | None, st
     # where the graph blurs: a blur_where=loader run with no movable view (BYOL's solarized
     # ones stay in DALI) has DALI's graph; before the key, DALI blurred
     saved = (mine.get("loader") or {}).get("blur_where") or "pipeline"
-    now = "loader" if cfg.blur_in_loader() else "pipeline"
+    now = "loader" if cfg.blur_in_loader(gpu) else "pipeline"
     if saved != now:
         return None, f"its loader blurred the views with data.blur_where={saved}, this run with {now}"
     return mine, ""

@@ -38,6 +38,9 @@ NEUTRAL_SECTIONS = ("eval.",)
 # had: a saved config.yaml without the key is read with it, so an older run continues
 # exactly when given that value, and is refused (with the value to pass) otherwise.
 LEGACY = {"data.crop": "window", "data.blur_where": "pipeline"}
+# Result-changing keys whose default changed or is resolved per device (``auto``): a run
+# that differs only there continues when given its saved value, which the refusal names.
+PINNABLE = ("data.blur_where", "data.crop")
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "final.pt", "tb")
 LOCK_FILE = ".lock"  # held by the live run's rank 0 (lock_run_dir); never moved or deleted
 _LOCKS: dict[str, Any] = {}  # folder -> the open lock file of this process
@@ -71,6 +74,9 @@ def check_same_run(saved: dict, cfg: Config, where: str | Path) -> None:
     if diff:
         older = [k for k in diff if k in LEGACY and k not in flatten(saved)]
         hint = "".join(f"; it predates {k} and ran with {k}={LEGACY[k]}: pass that to continue it" for k in older)
+        # keys whose default became device-dependent: the saved run may differ only by that
+        pinned = [k for k in diff if k in PINNABLE and k in flatten(saved)]
+        hint += "".join(f"; it ran with {k}={flatten(saved)[k]}: pass that to continue it" for k in pinned)
         raise MscnError(
             f"{where} belongs to another run (differs in {', '.join(diff)}){hint}; to start a new run pass a new "
             f"train.out_dir=DIR (or --out DIR), or --resume none to start over in {cfg.train.out_dir}")

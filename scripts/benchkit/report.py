@@ -16,8 +16,10 @@ LABELS = {"decode": "decode", "bare": "+ crop, flip, normalize", "colour": "+ co
           "masks-hp-late": "full, high-pass after normalize (previous order)",
           "masks-hp-loader": "full, high-pass as GEMMs in the loader (highpass.where=loader)",
           "masks-blur-loader": "full, blur and high-pass as GEMMs in the loader (data.blur_where=loader)",
+          "masks-blur-dali": "full, blur and high-pass in DALI (data.blur_where=pipeline, the GPU default to round 4)",
           "masks-crop-window": "full, views cut by random_crop_generator + ROI resize (previous crop)",
-          "masks-concurrent": "full, DALI's full operator concurrency, a stream per branch"}
+          "masks-concurrent": "full, DALI's full operator concurrency, a stream per branch",
+          "masks-hold": "full, DALI's outputs held 2 batches longer (DaliLoader.hold)"}
 
 # ----------------------------------------------------------------------------------
 # Output: a human table (gpu_check.sh greps the "|" rows and SUMMARY lines) and a chart
@@ -52,7 +54,7 @@ def table_rows(r: dict) -> list[str]:
     if "train" in r:
         t = r["train"]
         rows += ["", f"| train {t['arch']} ({t['method']}, {t['precision']}), fed by | images/s | min-max | "
-                     "kept of synthetic | ms taken per step | GPU GiB |", "|---" * 6 + "|",
+                     "kept of synthetic | ms taken per step | host ms: batch + step | GPU GiB |", "|---" * 7 + "|",
                  _train_row("synthetic views on the device", t["synthetic"])]
         rows += [_train_row(LABELS[k], m) for k, m in t["feeds"].items()]
     return rows
@@ -62,7 +64,10 @@ def _train_row(label: str, m: dict) -> str:
     r = m["images_per_s"]
     kept = f"{100 * m['kept']:.1f}%" if "kept" in m else "100%"
     taken = f"{m['ms_taken_per_step']:.1f}" if "ms_taken_per_step" in m else "0"
-    return f"| {label} | {r['median']:.1f} | {r['min']:.1f}-{r['max']:.1f} | {kept} | {taken} | {_gib(m['gpu_memory'])} |"
+    h = m.get("host_ms_per_step") or {}
+    host = " + ".join(f"{h[k]:.1f}" for k in ("batch", "step") if k in h) or "n/a"
+    return (f"| {label} | {r['median']:.1f} | {r['min']:.1f}-{r['max']:.1f} | {kept} | {taken} | {host} | "
+            f"{_gib(m['gpu_memory'])} |")
 
 
 def summary_lines(r: dict) -> list[str]:

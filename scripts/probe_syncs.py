@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Which step of feeding the trainer makes the host wait for the GPU (run on a GPU machine).
+
+    python scripts/probe_syncs.py --data /tmp/mscn_synth/train --json probe.json [KEY=VALUE ...]
+
+Why: in round 4 on an H200 (docs/PERFORMANCE.md) the GPU sat idle about 9 ms of every
+pipeline-fed ResNet-18 step, the same with the barest pipeline as with the full one, and
+99 % busy on synthetic input. An idle GPU under a trainer that never reads a value back
+means that something in the feed waits on the host until the trainer's queued kernels have
+run, so that the next kernels are queued only after the host has fetched the next batch.
+
+How: before each probe, about ``--queue-ms`` (200) of spin kernel is queued on the current
+(the trainer's) stream; then the probed operation runs and the host time it took is
+measured. An operation that returns well before the queued work is done does not wait for
+the stream; one that takes about as long does. One line per probe (``SYNCPROBE``):
+
+  h2d-pageable   a 4 KiB ``.to("cuda", non_blocking=True)`` from pageable memory (what the
+                 loader did for labels, indices and σ before mscn.h2d)
+  h2d-pinned     the same through mscn.h2d.to_device (pinned staging)
+  dali-next      DALI's iterator: share_outputs (host-synchronized) and the DLPack handover
+  convert        the loader's work on that batch: casts, blur and high-pass GEMMs, masks,
+                 labels and indices to the device
+  release        dropping the batch and DALI's outputs (the buffers go back to DALI)
+  loader-next    the loader's whole ``next()``, as the trainer calls it
+
+Without a GPU it says so and exits 0; ``--cpu-dry-run`` runs every probe on DALI's CPU
+path (no stream to wait for: the verdicts read "cpu") to test this script.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from mscn.config import load_config, validate
+from mscn.h2d import to_device
+from mscn.pipelines import build_train_loader, endless
+
+WAITS_SHARE = 0.5  # returned after at least this share of the queued work: it waited
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="ImageFolder root, file list or folder of tar shards")
+    p.add_argument("--config", default=None, help="recipe name or YAML path (default: the built-in config)")
+    p.add_argument("--batch", type=int, default=256, help="images per batch (per view)")
+    p.add_argument("--queue-ms", type=float, default=200.0, help="spin queued on the stream before each probe")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each probe (the median is reported)")
+    p.add_argument("--json", default=None)
+    p.add_argument("--cpu-dry-run", action="store_true", help="test this script on DALI's CPU path")
+    p.add_argument("overrides", nargs="*", help="config overrides, KEY=VALUE")
+    return p.parse_args(argv)
+
+
+def verdict(host_ms: float, queued_ms: float | None) -> str:
+    """'waits' when the host returned only after most of the queued work had run."""
+    if queued_ms is None:
+        return "cpu"
+    return "waits for the stream" if host_ms >= WAITS_SHARE * queued_ms else "does not wait"
+
+
+class Queue:
+    """Queues about ``ms`` of spin kernel on the current CUDA stream (nothing on the CPU)."""
+
+    def __init__(self, ms: float, cuda: bool):
+        self.ms, self.cuda, self.cycles_per_ms = ms, cuda, None
+        if cuda:  # calibrate torch.cuda._sleep's cycles on this card
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.cuda._sleep(10**7)
+            end.record()
+            end.synchronize()
+            self.cycles_per_ms = 10**7 / start.elapsed_time(end)
+
+    def run(self, op: Callable[[], object]) -> tuple[float, float | None, object]:
+        """(host ms of ``op``, ms of GPU work queued before it, what ``op`` returned)."""
+        if not self.cuda:
+            t0 = time.perf_counter()
+            out = op()
+            return 1e3 * (time.perf_counter() - t0), None, out
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(int(self.cycles_per_ms * self.ms))
+        end.record()
+        t0 = time.perf_counter()
+        out = op()
+        host = 1e3 * (time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        return host, start.elapsed_time(end), out
+
+
+def probes(loader, device: torch.device, queue: Queue, repeats: int) -> list[dict]:
+    """Every probe ``repeats`` times; DALI's prefetch queue is full before each one."""
+    it = endless(loader)
+
+    def dali_next():  # DALI's iterator alone; at an epoch's end it resets itself (auto_reset)
+        try:
+            return next(loader._iter)
+        except StopIteration:
+            return next(loader._iter)
+
+    for _ in range(3):  # warm-up: build, first batches, Triton compiles
+        next(it)
+    host_src = torch.arange(512, dtype=torch.int64)
+    rows = {}
+
+    def settle():  # DALI refills its prefetch queue: a probe must not wait on DALI's own work
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        time.sleep(0.3)
+
+    def record(name, host, queued):
+        rows.setdefault(name, []).append((host, queued))
+
+    for _ in range(repeats):
+        settle()
+        record("h2d-pageable", *queue.run(lambda: host_src.to(device, non_blocking=device.type == "cuda"))[:2])
+        settle()
+        record("h2d-pinned", *queue.run(lambda: to_device(host_src, device))[:2])
+        settle()
+        host, queued, data = queue.run(dali_next)
+        record("dali-next", host, queued)
+        host, queued, batch = queue.run(functools.partial(loader._convert, data[0]))
+        record("convert", host, queued)
+        settle()
+        holder = [batch, data]
+        del batch, data
+        host, queued, _ = queue.run(holder.clear)  # the last references: DALI's buffers go back
+        record("release", host, queued)
+        settle()
+        record("loader-next", *queue.run(lambda: next(it))[:2])
+    out = []
+    for name, runs in rows.items():
+        host = sorted(h for h, _ in runs)[len(runs) // 2]
+        queued = None if runs[0][1] is None else sorted(q for _, q in runs)[len(runs) // 2]
+        out.append({"probe": name, "host_ms": round(host, 3),
+                    "queued_ms": None if queued is None else round(queued, 1), "verdict": verdict(host, queued)})
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.cpu_dry_run
+    if not cuda and not args.cpu_dry_run:
+        print("probe_syncs: no CUDA device; nothing to probe (--cpu-dry-run tests the script)")
+        return 0
+    device = torch.device("cuda" if cuda else "cpu")
+    cfg = load_config(args.config, [f"data.root={args.data}", f"train.global_batch={args.batch}", *args.overrides])
+    validate(cfg, "probe_syncs")
+    cfg = cfg.resolved_for(gpu=cuda)
+    loader = build_train_loader(cfg, device=device if cuda else None)
+    rows = probes(loader, device, Queue(args.queue_ms, cuda), max(1, args.repeats))
+    for r in rows:
+        queued = "" if r["queued_ms"] is None else f" with {r['queued_ms']:.0f} ms queued on the stream"
+        print(f"SYNCPROBE {r['probe']}: host {r['host_ms']:.2f} ms{queued} -> {r['verdict']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name() if cuda else "cpu", "batch": args.batch,
+                       "blur_where": cfg.data.blur_where, "probes": rows,
+                       "config": dataclasses.asdict(cfg.data)}, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
