@@ -116,12 +116,15 @@ class DaliLoader:
             try:
                 data = next(self._iter)
             except StopIteration:  # end of epoch; auto_reset rearms the iterator
+                self._held.clear()
                 return
             except RuntimeError as e:
                 raise self._data_error(e) from None
             self._runs += 1
+            # before the conversion: appending drops the outputs of the batch `hold` batches
+            # back (the previous one by default, as soon as this one has arrived)
+            self._held.append(data)
             batch = self._convert(data[0])
-            self._held.append(data)  # drops the outputs of the batch `hold` batches back
             del data
             yield batch
 

@@ -65,7 +65,10 @@ STAGES = ("decode", "bare", "colour", "views", "highpass", "masks", "masks-hp-la
 VARIANTS = ("masks-hp-late", "masks-hp-loader", "masks-blur-loader", "masks-blur-dali", "masks-crop-window",
             "masks-concurrent", "masks-hold")
 HOLD_BATCHES = 2  # masks-hold
-FEEDS = ("bare", "colour", "views", "highpass", "masks", *VARIANTS)  # --train feeds
+# --train feeds; masks-thread: the full pipeline's batches taken by a background thread
+# (benchkit/feeder.py), a feed only: on its own a pipeline gains nothing from one
+THREAD_FEEDS = ("masks-thread",)
+FEEDS = ("bare", "colour", "views", "highpass", "masks", *VARIANTS, *THREAD_FEEDS)
 # Small on the 2-core CI box (the whole default run fits in ~1 min), ImageNet-scale on a GPU.
 DEFAULTS = {"cpu": dict(batch=32, warmup=2, iters=3, repeats=3, train_steps=3, arch="resnet18",
                         baseline_workers=2),
@@ -165,7 +168,7 @@ def fill_defaults(args: argparse.Namespace, device: torch.device) -> None:
         unknown = sorted(set(stages) - set(STAGES))
         if unknown:
             raise MscnError(f"--stages {args.stages}: unknown {', '.join(unknown)} (valid: {','.join(STAGES)})")
-    feeds = [f.strip() for f in (args.feeds or ",".join(f for f in FEEDS if f not in VARIANTS)).split(",")
+    feeds = [f.strip() for f in (args.feeds or ",".join(f for f in FEEDS if f not in (*VARIANTS, *THREAD_FEEDS))).split(",")
              if f.strip()]
     unknown = sorted(set(feeds) - set(FEEDS))
     if unknown:
@@ -202,9 +205,20 @@ def fill_defaults(args: argparse.Namespace, device: torch.device) -> None:
             raise MscnError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
 
 
-def build_config(args: argparse.Namespace, data_root: str, world_size: int, overrides: list[str] = ()):
-    """The recipe + user overrides + sweep overrides, then the bench flags (which win)."""
-    cfg = load_config(args.config, [*args.overrides, *overrides])
+def build_config(args: argparse.Namespace, data_root: str, world_size: int, overrides: list[str] = (),
+                 gpu: bool = False):
+    """The recipe + user overrides + sweep overrides, then the bench flags (which win), with
+    the choices ``auto`` makes per device resolved for ``gpu``.
+
+    ``train.compile`` is off unless an override sets it: the default recipe compiles (its
+    ResNet-50 is faster so), and a ``--train`` row must say which step it timed. The blur's
+    place is resolved before any stage turns the high-pass off, so that every stage blurs
+    where the full pipeline does."""
+    given = [*args.overrides, *overrides]
+    cfg = load_config(args.config, given)
+    if not any(o.split("=", 1)[0].strip() == "train.compile" for o in given):
+        cfg.train = dataclasses.replace(cfg.train, compile=False)
+    cfg = cfg.resolved_for(gpu=gpu)
     d = cfg.data
     cfg.data = dataclasses.replace(
         d, root=data_root, image_size=args.size, val_resize=max(d.val_resize, args.size),
@@ -403,7 +417,7 @@ def run_sweep(args, info, device, data_root: str) -> dict:
             sub.threads = None  # the sweep value arrives as an override: don't let the flag win
         if "hw_decoder_load" in setting:
             sub.hw_decoder_load = None
-        cfg = build_config(sub, data_root, info.world_size, overrides)
+        cfg = build_config(sub, data_root, info.world_size, overrides, gpu=device.type == "cuda")
         m = run_measure(stage, lambda: stage_step(stage, cfg, info, device), sub, info, device)
         rows.append({"setting": setting, "batch": sub.batch, **m})
     best = max(rows, key=lambda r: r["images_per_s"]["median"])
@@ -417,6 +431,7 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
     the device, then by each stage's pipeline in ``--feeds`` (bare, + colour/blur,
     + high-pass, + masks); on a GPU also the full pipeline with the training step on a
     high-priority CUDA stream, so that the trainer's kernels go first when DALI's wait."""
+    from benchkit.feeder import ThreadedBatches
     from mscn.pipelines.loader import TORCH_DTYPES, endless
     from mscn.train.lars import build_optimizer
     from mscn.train.pretrain import amp_dtype, build_model, train_step
@@ -466,8 +481,9 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
 
     def fed(stage: str, priority: bool = False, row: str | None = None):
         def make():
-            loader = stage_loader(cfg, stage, info, device)
-            batches = endless(loader)
+            threaded = stage in THREAD_FEEDS
+            loader = stage_loader(cfg, "masks" if threaded else stage, info, device)
+            batches = ThreadedBatches(endless(loader)) if threaded else endless(loader)
             clock = new_clock(row or stage)
 
             def step() -> int:
@@ -483,7 +499,8 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
                     clock["batch"].append(t1 - t0)
                 return views[0].shape[0]
 
-            return step, loader
+            # the feeder first: its thread holds the loader until it has stopped
+            return step, (batches, loader)
 
         return make
 
@@ -514,8 +531,8 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
     def rate(m: dict) -> float:  # the node's total under torchrun
         return m.get("node_images_per_s", m["images_per_s"]["median"])
 
-    for row, m in (("synthetic", syn), *rows.items()):
-        m["host_ms_per_step"] = host_ms(clocks[row][0])
+    for row, m in (("synthetic", syn), *rows.items()):  # the timed steps: the last of the first build's
+        m["host_ms_per_step"] = host_ms(clocks[row][0], last=max(1, sum(m["window_images"]) // args.batch))
     for m in rows.values():
         m["kept"] = round(rate(m) / rate(syn), 3)
         # per step of this process: its batch at its own rate, minus the same at the synthetic rate
@@ -528,14 +545,15 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
             "input_bound_fraction": round(1.0 - full["kept"], 3) if full else None}
 
 
-def host_ms(clock: dict) -> dict:
-    """Median host milliseconds per step of each part of ``clock`` (warm-up steps included:
-    a median is not moved by a few slow ones). Read beside the profile's GPU busy share: a
-    part that takes long while the GPU idles is where the feed waits."""
+def host_ms(clock: dict, last: int) -> dict:
+    """Median host milliseconds per step of each part of ``clock`` over its ``last`` steps
+    (the timed windows; the warm-up came first). Read beside the profile's GPU busy share:
+    a part that takes long while the GPU idles is where the feed waits."""
     out = {}
     for part, times in clock.items():
+        times = sorted(times[-last:])
         if times:
-            out[part] = round(1e3 * sorted(times)[len(times) // 2], 3)
+            out[part] = round(1e3 * times[len(times) // 2], 3)
     return out
 
 
@@ -632,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
             raise MscnError(f"--device {args.device}: no CUDA device is visible; use --device cpu")
         fill_defaults(args, device)
         data_root, dataset = resolve_data(args, info)
-        cfg = build_config(args, data_root, info.world_size)
+        cfg = build_config(args, data_root, info.world_size, gpu=device.type == "cuda")
         placed = where(cfg, info, device)  # "auto" settings resolved for this machine
         result = {"schema": 2, "env": benv.environment(device), "dataset": dataset,
                   "settings": {"device": device.type, "config": args.config, "overrides": args.overrides,
@@ -642,6 +660,9 @@ def main(argv: list[str] | None = None) -> int:
                                # DALI's executor (None: DALI's default; "masks-concurrent" sets its own)
                                **{k: None if getattr(cfg.data, k) == "auto" else getattr(cfg.data, k)
                                   for k in ("op_concurrency", "stream_policy")},
+                               # where the default pipeline blurs (data.blur_where, resolved) and
+                               # whether --train times a compiled step (train.compile)
+                               "blur_where": cfg.data.blur_where, "compile": cfg.train.compile,
                                "views": args.views, "size": args.size, "highpass_sigma": cfg.highpass.sigma,
                                "warmup": args.warmup, "iters": args.iters, "repeats": args.repeats,
                                "sync": args.sync if device.type == "cuda" else None,

@@ -14,8 +14,9 @@
 #           tests the round's changes touch, the host-sync probes of the feed
 #           (probe_syncs.py), the mask benchmark, the pipeline (now blurring in the loader
 #           on a GPU) against the round-4 default (masks-blur-dali) with a GPU-time
-#           profile, the trainer fed by the bare and the full pipeline, the round-4 default
-#           and DALI's outputs held longer (ResNet-18, with host time per step), ResNet-50
+#           profile, the trainer fed by the bare and the full pipeline, the round-4 default,
+#           DALI's outputs held longer and a feeder thread (ResNet-18, with host time per
+#           step), ResNet-50
 #           with both defaults, memory, the GPU vs CPU twins, ResNet-50 compiled, then if
 #           time is left the isolated A/B and ResNet-18 compiled (round 4, H200: 538 s for
 #           that round's list with the budget at 555; this list is not yet timed);
@@ -99,7 +100,7 @@ part1() {
       tests/test_masks.py tests/test_pipeline_highpass.py tests/test_pipeline_blur.py tests/test_h2d.py tests/test_train_lars.py
   run pipeline 120 $PY scripts/gpu_pipeline_check.py --data "$DATA/train" --json "$R/pipeline.json"
   run masks 120 $PY scripts/bench_masks.py --json "$R/masks.json"
-  run bench 240 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages decode,bare,colour,views,highpass,masks,masks-hp-late,masks-hp-loader \
+  run bench 240 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages decode,bare,colour,views,highpass,masks,masks-blur-dali,masks-hp-late,masks-hp-loader \
       --baseline dali-plain,torchvision \
       --baseline-workers 16 --json "$R/bench.json" --plot "$R/bench.png"
   # the pipeline alone in a fresh process: what it adds to the device's memory
@@ -145,11 +146,12 @@ part3() {  # this round's A/B and probes, most needed first, within MSCN_GPU_BUD
   run bench 120 $PY scripts/bench_pipeline.py --data "$DATA/train" \
       --stages decode,masks,masks-blur-dali --baseline dali-plain \
       --profile /tmp/mscn_profile --profile-rows masks-blur-dali --json "$R/bench.json"
-  # the trainer: the barest feed (the floor), the default, the round-4 default and the
-  # outputs held longer; each row with its host time per step beside the profile's idle
+  # the trainer: the barest feed (the floor), the default, the round-4 default, the
+  # outputs held longer and the batches taken by a thread; each row with its host time per
+  # step beside the profile's idle
   run train18 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
-      --feeds bare,masks,masks-blur-dali,masks-hold --no-priority-row \
-      --profile /tmp/mscn_profile --profile-rows masks-hold --json "$R/train_r18.json"
+      --feeds bare,masks,masks-blur-dali,masks-hold,masks-thread --no-priority-row \
+      --profile /tmp/mscn_profile --profile-rows masks-hold,masks-thread --json "$R/train_r18.json"
   # ResNet-50: the new default against the round-4 one (never timed with the blur in the loader)
   run train50 130 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 \
       --feeds masks,masks-blur-dali --no-priority-row --json "$R/train_r50.json"
@@ -170,7 +172,7 @@ part3() {  # this round's A/B and probes, most needed first, within MSCN_GPU_BUD
 
 part2() {
   run train18 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
-      --feeds bare,colour,views,highpass,masks,masks-hp-late,masks-hp-loader --json "$R/train_r18.json"
+      --feeds bare,colour,views,highpass,masks,masks-blur-dali,masks-hp-late,masks-hp-loader --json "$R/train_r18.json"
   # ResNet-50: the full pipeline against the barest one (ResNet-18 above has every stage)
   run train50 180 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 --feeds bare,masks \
       --json "$R/train_r50.json"

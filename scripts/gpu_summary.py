@@ -140,13 +140,27 @@ def profiles(results: Path) -> dict:
 # the "masks" row (or the multi-tensor LARS step, or the eager model).
 PIPELINE_AB = {
     "masks-hp-loader": "make highpass.where=loader the GPU default",
-    "masks-blur-loader": "make data.blur_where=loader the GPU default",
+    "masks-blur-loader": "make data.blur_where=auto mean loader on the CPU path too (on a GPU this row is the default)",
     "masks-blur-dali": "make data.blur_where=auto mean pipeline on the GPU again (Config.blur_where_on)",
     "masks-hp-late": "set pipelines/ops.py HIGHPASS_FIRST = False",
     "masks-crop-window": "set data.crop=window by default",
+    "masks-thread": "give the trainer a feeder thread (with each batch's loader state, for exact resume)",
     "masks-hold": "make the training loader hold DALI's outputs 2 batches (DaliLoader.hold) by default",
     "masks-concurrent": "make auto mean op_concurrency=full, stream_policy=per_operator on the GPU path (tuning.executor)",
 }
+
+# Variants that change the filters' order or place *in DALI* are read against the pipeline
+# that blurs in DALI (masks-blur-dali) where the default blurs in the loader (the GPU path
+# since round 5): against "masks" they would also measure the blur's move.
+DALI_BLUR_VARIANTS = ("masks-hp-late", "masks-hp-loader")
+
+
+def _base(variant: str, rows: dict, blur_where: str | None) -> str | None:
+    """The row a variant is judged against, or None when the run lacks it."""
+    if variant in DALI_BLUR_VARIANTS and blur_where == "loader":
+        return "masks-blur-dali" if "masks-blur-dali" in rows else None
+    return "masks" if "masks" in rows else None
+
 
 # torch.compile rows (gpu_check.sh part 3) against the eager train_r18/r50.json, per backbone:
 # the recipes train ResNet-50, so only its verdict speaks for them
@@ -177,34 +191,41 @@ def decisions(results: Path) -> list[dict]:
     overlap. What a "better" would switch is named; nothing is switched here."""
     out = []
 
-    def add(what: str, variant: str, a: tuple, b: tuple, switch: str):
+    def add(what: str, variant: str, a: tuple, b: tuple, switch: str, base: str = "masks"):
         call = _call(a, b)  # (median, low, high) of the default and the variant; higher is better
-        out.append({"what": what, "variant": variant, "default": round(a[0], 4), "value": round(b[0], 4),
-                    "change": round(b[0] / a[0] - 1, 4) if a[0] else None, "verdict": call,
-                    "switch": switch if call == "better" else None})
+        out.append({"what": what, "variant": variant, "base": base, "default": round(a[0], 4),
+                    "value": round(b[0], 4), "change": round(b[0] / a[0] - 1, 4) if a[0] else None,
+                    "verdict": call, "switch": switch if call == "better" else None})
+
+    def blur_where(doc) -> str | None:  # where the run's default blurred; files before round 5: in DALI
+        return ((doc or {}).get("settings") or {}).get("blur_where", "pipeline")
 
     bench = _load(results / "bench.json")
-    if bench and "masks" in bench.get("stages", {}):
-        base = _spread(bench["stages"]["masks"])
-        for v, switch in PIPELINE_AB.items():
-            if v in bench["stages"]:
-                add("pipeline images/s (one process)", v, base, _spread(bench["stages"][v]), switch)
-    iso = (_load(results / "ab_isolated.json") or {}).get("isolated", {})
-    if "masks" in iso:
-        def rng(st):
-            m = iso[st]["medians"]
-            return iso[st]["mean"], min(m), max(m)
-        for v, switch in PIPELINE_AB.items():
-            if v in iso:
-                add("pipeline images/s (isolated rounds)", v, rng("masks"), rng(v), switch)
+    stages = (bench or {}).get("stages", {})
+    for v, switch in PIPELINE_AB.items():
+        base = _base(v, stages, blur_where(bench))
+        if v in stages and base:
+            add("pipeline images/s (one process)", v, _spread(stages[base]), _spread(stages[v]), switch, base)
+    iso_doc = _load(results / "ab_isolated.json")
+    iso = (iso_doc or {}).get("isolated", {})
+
+    def rng(st):
+        m = iso[st]["medians"]
+        return iso[st]["mean"], min(m), max(m)
+
+    for v, switch in PIPELINE_AB.items():
+        base = _base(v, iso, blur_where(iso_doc))
+        if v in iso and base:
+            add("pipeline images/s (isolated rounds)", v, rng(base), rng(v), switch, base)
     for name in ("train_r18.json", "train_r50.json"):
-        t = (_load(results / name) or {}).get("train", {})
+        doc = _load(results / name)
+        t = (doc or {}).get("train", {})
         feeds = t.get("feeds", {})
-        if "masks" in feeds:
-            for v, switch in PIPELINE_AB.items():
-                if v in feeds:
-                    add(f"{t['arch']} trainer images/s, pipeline-fed", v, _spread(feeds["masks"]),
-                        _spread(feeds[v]), switch)
+        for v, switch in PIPELINE_AB.items():
+            base = _base(v, feeds, blur_where(doc))
+            if v in feeds and base:
+                add(f"{t['arch']} trainer images/s, pipeline-fed", v, _spread(feeds[base]), _spread(feeds[v]),
+                    switch, base)
     loop = (_load(results / "train_r18_lars_loop.json") or {}).get("train", {}).get("feeds", {})
     r18 = (_load(results / "train_r18.json") or {}).get("train", {}).get("feeds", {})
     if "masks" in loop and "masks" in r18:  # here the *default* is the new step: "better" = the loop wins
@@ -253,13 +274,11 @@ def main(argv=None) -> int:
               f"{s['kept_resnet18']} (windows of {s['kept_resnet18_window_steps']} steps, {s['sync']} sync)")
     for d in s["decisions"]:
         change = f"{100 * d['change']:+.1f} %" if d["change"] is not None else "n/a"
-        print(f"DECIDE {d['what']}: {d['variant']} {d['value']} vs default {d['default']} ({change}): "
+        base = "default" if d.get("base", "masks") == "masks" else d["base"]
+        print(f"DECIDE {d['what']}: {d['variant']} {d['value']} vs {base} {d['default']} ({change}): "
               f"{d['verdict']}" + (f" -> {d['switch']}" if d["switch"] else ""))
     for where, p in s["profiles"].items():  # the bench's own PROFILE line for each
         print(profiling.format_summary(where, p)[0])
-    for name, p in s.get("sync_probes", {}).items():
-        queued = f" with {p['queued_ms']} ms queued" if p["queued_ms"] is not None else ""
-        print(f"SYNCPROBE {name}: host {p['host_ms']} ms{queued} -> {p['verdict']}")
     for feed, h in s.get("host_ms_per_step_resnet18", {}).items():
         print(f"HOST resnet18 fed by {feed}: " + ", ".join(f"{k} {v} ms" for k, v in h.items()) + " per step")
     print(f"summary written to {out}")

@@ -99,6 +99,12 @@ class Queue:
 def probes(loader, device: torch.device, queue: Queue, repeats: int) -> list[dict]:
     """Every probe ``repeats`` times; DALI's prefetch queue is full before each one."""
     it = endless(loader)
+    per_epoch, taken = max(1, len(loader)), 0
+
+    def settle():  # DALI refills its prefetch queue: a probe must not wait on DALI's own work
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        time.sleep(0.3)
 
     def dali_next():  # DALI's iterator alone; at an epoch's end it resets itself (auto_reset)
         try:
@@ -106,15 +112,21 @@ def probes(loader, device: torch.device, queue: Queue, repeats: int) -> list[dic
         except StopIteration:
             return next(loader._iter)
 
+    def take(get):
+        """``get()``, counted; a probe must not time an epoch's end (DALI's reset, the
+        reader's refill), so the first batch of a new epoch is taken here, untimed."""
+        nonlocal taken
+        if taken and taken % per_epoch == 0:
+            dali_next()
+            taken += 1
+            settle()
+        taken += 1
+        return get()
+
     for _ in range(3):  # warm-up: build, first batches, Triton compiles
-        next(it)
+        take(lambda: next(it))
     host_src = torch.arange(512, dtype=torch.int64)
     rows = {}
-
-    def settle():  # DALI refills its prefetch queue: a probe must not wait on DALI's own work
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        time.sleep(0.3)
 
     def record(name, host, queued):
         rows.setdefault(name, []).append((host, queued))
@@ -125,7 +137,7 @@ def probes(loader, device: torch.device, queue: Queue, repeats: int) -> list[dic
         settle()
         record("h2d-pinned", *queue.run(lambda: to_device(host_src, device))[:2])
         settle()
-        host, queued, data = queue.run(dali_next)
+        host, queued, data = take(lambda: queue.run(dali_next))
         record("dali-next", host, queued)
         host, queued, batch = queue.run(functools.partial(loader._convert, data[0]))
         record("convert", host, queued)
@@ -135,7 +147,7 @@ def probes(loader, device: torch.device, queue: Queue, repeats: int) -> list[dic
         host, queued, _ = queue.run(holder.clear)  # the last references: DALI's buffers go back
         record("release", host, queued)
         settle()
-        record("loader-next", *queue.run(lambda: next(it))[:2])
+        record("loader-next", *take(lambda: queue.run(lambda: next(it)))[:2])
     out = []
     for name, runs in rows.items():
         host = sorted(h for h, _ in runs)[len(runs) // 2]

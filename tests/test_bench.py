@@ -73,6 +73,9 @@ def test_cli_json_holds_every_figure(tiny_data, tmp_path):
     assert r["dataset"] == {"path": tiny_data, "format": "folder", "num_images": 16, "synthesized": False,
                             "jpeg_kb_median": r["dataset"]["jpeg_kb_median"]}
     assert r["settings"]["batch"] == 4 and r["settings"]["views"] == 4 and r["settings"]["size"] == 32
+    # the default recipe compiles; the bench times the eager step unless asked, and says so;
+    # data.blur_where=auto resolved for the CPU path
+    assert r["settings"]["compile"] is False and r["settings"]["blur_where"] == "pipeline"
 
     for stage in ("decode", "bare", "views", "highpass", "masks"):
         check_measurement(r["stages"][stage], batch=4, iters=2, repeats=2)
@@ -101,6 +104,11 @@ def test_cli_json_holds_every_figure(tiny_data, tmp_path):
         rate = m["images_per_s"]["median"]
         assert m["kept"] == pytest.approx(rate / syn, abs=2e-3)
         assert m["ms_taken_per_step"] == pytest.approx(1e3 * 4 * (1 / rate - 1 / syn), abs=0.02)
+        # host time per step: taking the batch (DALI and the loader) and queueing the step
+        assert set(m["host_ms_per_step"]) == {"batch", "step"} and min(m["host_ms_per_step"].values()) > 0
+        # medians over the timed steps only (here one per window): each part lies within a window
+        assert max(m["host_ms_per_step"].values()) <= 1e3 * max(m["window_s"])
+    assert set(t["synthetic"]["host_ms_per_step"]) == {"step"}
     assert t["kept"] == t["feeds"]["masks"]["kept"]
     assert t["input_bound_fraction"] == pytest.approx(1 - t["kept"], abs=2e-3)
     assert r["gpu_memory"] is None
@@ -128,6 +136,22 @@ def test_cli_sweep_picks_the_fastest_and_profiles(tiny_data, tmp_path):
     assert any(ln.startswith("SUMMARY sweep best:") for ln in proc.stdout.splitlines())
     trace = json.loads((prof / "masks_rank0.json").read_text())
     assert any(str(e.get("name", "")).startswith("bench_step_") for e in trace["traceEvents"])
+
+
+def test_train_feeds_from_a_thread_and_with_held_outputs(tiny_data, tmp_path):
+    """The round-5 feeds: masks-thread (batches taken by benchkit/feeder.py's thread) and
+    masks-hold (DALI's outputs held longer) train like the masks feed, with their rows."""
+    out = tmp_path / "bench.json"
+    proc = run_bench("--data", tiny_data, *TINY, "--iters", "1", "--repeats", "2", "--train", "--arch", "resnet18",
+                     "--train-steps", "2", "--feeds", "masks,masks-hold,masks-thread", "--json", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    t = json.loads(out.read_text())["train"]
+    assert list(t["feeds"]) == ["masks", "masks-hold", "masks-thread"]
+    for m in t["feeds"].values():
+        check_measurement(m, batch=4, iters=1, repeats=2)
+        assert m["kept"] > 0 and set(m["host_ms_per_step"]) == {"batch", "step"}
+    assert "batches taken by a background thread" in proc.stdout and "held 2 batches longer" in proc.stdout
+    assert "mscn-bench-feeder" not in {th.name for th in __import__("threading").enumerate()}
 
 
 def test_profile_summary_on_the_cpu(tiny_data, tmp_path):

@@ -268,3 +268,44 @@ def test_gpu_summary_reports_the_device_sync_row_beside_the_default(results, tmp
     assert run("gpu_summary.py", res).returncode == 0
     s = json.loads((res / "gpu_summary.json").read_text())
     assert s["sync"] == "device" and s["kept_resnet18_device_sync"] is None
+
+
+def test_gpu_summary_reads_round_5_files(results, tmp_path):
+    """Where the default blurs in the loader (settings.blur_where, GPU runs since round 5), a
+    variant that moves the high-pass within DALI is judged against masks-blur-dali, not
+    against masks; files without the setting (earlier rounds) keep masks. The sync probes and
+    the host time per ResNet-18 row reach the summary."""
+    import shutil
+
+    res = tmp_path / "results"
+    shutil.copytree(results, res, ignore=shutil.ignore_patterns("prof", "data"))
+    bench = json.loads((res / "bench.json").read_text())
+    st = bench["stages"]
+    st["masks-blur-dali"] = json.loads(json.dumps(st["masks"]))
+    st["masks-blur-dali"]["images_per_s"] = {k: (v / 4 if k != "n" else v) for k, v in st["masks"]["images_per_s"].items()}
+    bench["settings"]["blur_where"] = "loader"
+    (res / "bench.json").write_text(json.dumps(bench))
+    (res / "probe_syncs.json").write_text(json.dumps({"probes": [
+        {"probe": "release", "host_ms": 180.2, "queued_ms": 200.0, "verdict": "waits for the stream"}]}))
+    proc = run("gpu_summary.py", res)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = json.loads((res / "gpu_summary.json").read_text())
+    got = {d["variant"]: d for d in s["decisions"] if d["what"] == "pipeline images/s (one process)"}
+    late = got["masks-hp-late"]
+    assert late["base"] == "masks-blur-dali" and late["verdict"] == "better"  # 4x the slowed base
+    assert late["default"] == round(st["masks-blur-dali"]["images_per_s"]["median"], 4)
+    assert got["masks-blur-dali"]["base"] == "masks" and got["masks-blur-dali"]["verdict"] == "worse"
+    assert got["masks-concurrent"]["base"] == "masks"
+    assert any(ln.startswith("DECIDE pipeline images/s (one process): masks-hp-late ") and " vs masks-blur-dali "
+               in ln for ln in proc.stdout.splitlines())
+    assert s["sync_probes"] == {"release": {"host_ms": 180.2, "queued_ms": 200.0, "verdict": "waits for the stream"}}
+    train = json.loads((res / "train_r18.json").read_text())["train"]
+    assert s["host_ms_per_step_resnet18"]["masks"] == train["feeds"]["masks"]["host_ms_per_step"]
+    assert set(s["host_ms_per_step_resnet18"]["synthetic"]) == {"step"}
+    assert any(ln.startswith("HOST resnet18 fed by masks: batch ") for ln in proc.stdout.splitlines())
+    # without masks-blur-dali in such a run, those variants get no verdict (nothing fair to read them against)
+    del st["masks-blur-dali"]
+    (res / "bench.json").write_text(json.dumps(bench))
+    proc = run("gpu_summary.py", res)
+    s = json.loads((res / "gpu_summary.json").read_text())
+    assert "masks-hp-late" not in {d["variant"] for d in s["decisions"] if d["what"].startswith("pipeline")}

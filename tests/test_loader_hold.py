@@ -21,6 +21,7 @@ def test_holding_outputs_changes_no_batch_and_holds_exactly_that_many(folder):
         assert all(torch.equal(x, y) for x, y in zip(a.views, b.views)) and torch.equal(a.labels, b.labels)
         seen.append((len(plain._held), len(held._held)))
     assert n == 4 and seen == [(1, 1), (1, 2), (1, 3), (1, 3)]  # this batch's outputs + 2 earlier ones
+    assert len(list(held)) == 0 and len(held._held) == 0  # the epoch's end lets go of every held batch
     assert held.state_dict()["runs"] == plain.state_dict()["runs"] == 4  # the checkpoint is DALI's, unchanged
     with pytest.raises(ValueError, match="hold"):
         held.hold(-1)

@@ -287,14 +287,42 @@ def test_a_run_with_the_blur_in_the_loader_resumes_exactly(dataset, tmp_path):
 def test_config_yaml_records_where_the_blur_ran_and_a_resume_elsewhere_is_told_the_value(dataset, tmp_path,
                                                                                          capsys):
     """data.blur_where=auto is resolved when a run starts (pipeline on the CPU path, loader
-    on a GPU): config.yaml records the choice, the same config resumes, and a resume that
-    would blur elsewhere (as auto does on a GPU, or a user's override) is refused with the
-    value that continues the run."""
+    on a GPU): config.yaml records the choice, the same config resumes, and an explicit
+    value that would blur elsewhere is refused with the value that continues the run (only
+    when nothing else differs)."""
     out = tmp_path / "run"
     run_pretrain(load_config(None, args(dataset, out, "train.max_steps=2")), resume="auto")
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["blur_where"] == "pipeline"
     assert main(["--resume", "auto", *args(dataset, out, "data.blur_where=loader")]) == 2
     err = capsys.readouterr().err
     assert "differs in data.blur_where); it ran with data.blur_where=pipeline: pass that to continue it" in err
+    assert main(["--resume", "auto", *args(dataset, out, "data.blur_where=loader", "train.seed=5")]) == 2
+    err = capsys.readouterr().err  # two keys differ: the blur's value alone would not continue it
+    assert "differs in data.blur_where, train.seed)" in err and "pass that to continue it" not in err
     summary = run_pretrain(load_config(None, args(dataset, out, "train.max_steps=3")), resume="auto")
     assert summary["step"] == 3 and "not exact" not in capsys.readouterr().out
+
+
+def test_a_run_keeps_the_blur_its_auto_chose_when_resumed_elsewhere(dataset, tmp_path, capsys):
+    """A run whose config.yaml records a blur place other than what auto picks here (a GPU
+    run resumed on the CPU, or one started before auto chose the loader on a GPU) continues
+    with its own under data.blur_where=auto, says so once, and resumes exactly. Here: a CPU
+    run started with the blur in the loader, resumed with the default."""
+    out, ref = tmp_path / "run", tmp_path / "ref"
+    blurred = "views=[" + ", ".join([VIEW.replace("blur_prob: 0.0", "blur_prob: 0.5")] * 2) + "]"
+    run_pretrain(load_config(None, args(dataset, out, blurred, "train.max_steps=3", "data.blur_where=loader")), resume="auto")
+    capsys.readouterr()
+    summary = run_pretrain(load_config(None, args(dataset, out, blurred, "train.max_steps=6")), resume="auto")
+    log = capsys.readouterr().out
+    assert "data.blur_where=auto: this run started with loader and continues so (a new run here would use " \
+           "pipeline)" in log and "not exact" not in log
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["blur_where"] == "loader"
+    whole = run_pretrain(load_config(None, args(dataset, ref, blurred, "train.max_steps=6", "data.blur_where=loader")),
+                         resume="auto")
+    assert summary["step"] == whole["step"] == 6 and summary["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    capsys.readouterr()
+    run_pretrain(load_config(None, args(dataset, out, blurred, "train.max_steps=7")), resume="auto")
+    assert "continues so" in capsys.readouterr().out  # every resume says it
+    fresh = tmp_path / "fresh"  # a run without a saved choice resolves auto here: no note
+    run_pretrain(load_config(None, args(dataset, fresh, blurred, "train.max_steps=1")), resume="auto")
+    assert "continues so" not in capsys.readouterr().out

@@ -49,7 +49,8 @@ from mscn.train.meter import NonFiniteGuard, StepMeter  # noqa: F401  (NonFinite
 from mscn.train.methods import SiameseMethod, build_method
 from mscn.train.monitor import check_val_root, monitor_off_reason, monitor_runs_after, online_knn
 from mscn.train.preempt import StopFlag, Stopped
-from mscn.train.rundir import check_run_dir, claim_run_dir, default_out_dir, lock_run_dir, unlock_run_dirs
+from mscn.train.rundir import (adopt_saved_choices, check_run_dir, claim_run_dir, default_out_dir, lock_run_dir,
+                               unlock_run_dirs)
 from mscn.train.runlog import RunLog, require_tensorboard
 from mscn.train.runtime import Runtime, amp_dtype, autocast, setup_runtime, wrap_ddp  # noqa: F401  (amp_dtype: API)
 from mscn.train.schedule import lr_at, peak_lr
@@ -157,6 +158,7 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
     from mscn.pipelines import build_train_loader, endless  # DALI is heavy: imported only to train
 
     validate(cfg, "<config>", world_size=rt.dist.world_size)
+    cfg, adopted = adopt_saved_choices(cfg, resume, gpu=rt.device.type == "cuda")  # a resumed run keeps its choice
     cfg = cfg.resolved_for(gpu=rt.device.type == "cuda")  # config.yaml records what runs
     if cfg.train.tensorboard:
         require_tensorboard()  # every rank, before anything is written
@@ -165,7 +167,7 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
     say = (lambda msg: print(f"[mscn] {msg}", flush=True)) if rt.is_main else (lambda msg: None)
     cfg = _claim(cfg, resume, rt, recipe, say)
     monitor_note = monitor_off_reason(cfg)
-    for note in (rt.note, monitor_note):
+    for note in (rt.note, monitor_note, adopted):
         if note:
             say(note)
     torch.manual_seed(cfg.train.seed)

@@ -11,6 +11,7 @@ Anything else stops with one line naming the differing keys and the two ways for
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import shutil
@@ -74,12 +75,44 @@ def check_same_run(saved: dict, cfg: Config, where: str | Path) -> None:
     if diff:
         older = [k for k in diff if k in LEGACY and k not in flatten(saved)]
         hint = "".join(f"; it predates {k} and ran with {k}={LEGACY[k]}: pass that to continue it" for k in older)
-        # keys whose default became device-dependent: the saved run may differ only by that
+        # keys whose default changed or is resolved per device: when the run differs only
+        # there, their saved values continue it
         pinned = [k for k in diff if k in PINNABLE and k in flatten(saved)]
-        hint += "".join(f"; it ran with {k}={flatten(saved)[k]}: pass that to continue it" for k in pinned)
+        if pinned and set(diff) <= set(pinned) | set(older):
+            hint += "".join(f"; it ran with {k}={flatten(saved)[k]}: pass that to continue it" for k in pinned)
         raise MscnError(
             f"{where} belongs to another run (differs in {', '.join(diff)}){hint}; to start a new run pass a new "
             f"train.out_dir=DIR (or --out DIR), or --resume none to start over in {cfg.train.out_dir}")
+
+
+def adopt_saved_choices(cfg: Config, resume: str | None, gpu: bool) -> tuple[Config, str | None]:
+    """``cfg`` with ``data.blur_where=auto`` replaced by the value that the run in
+    ``cfg.train.out_dir`` resolved when it started (its ``config.yaml``; ``pipeline`` for a
+    run from before the key), when that run is resumed; and a note when that is not what
+    ``auto`` would choose on this path (``gpu``), or None.
+
+    ``auto`` is resolved per device when a run starts (Config.resolved_for), and the GPU's
+    choice changed in round 5: without this, every GPU run started before it, and every
+    run moved between a GPU and the CPU, would be refused on resume as another run. An
+    explicit value is left alone (a conflict is then refused, with the value to pass)."""
+    if cfg.data.blur_where != "auto" or resume in (None, "", "none", "never") or not cfg.train.out_dir:
+        return cfg, None
+    saved = Path(cfg.train.out_dir) / "config.yaml"
+    if not saved.is_file() or not run_started(cfg.train.out_dir):
+        return cfg, None
+    try:
+        tree = yaml.safe_load(saved.read_text()) or {}
+    except yaml.YAMLError:
+        return cfg, None  # check_run_dir says what is wrong with it
+    value = flatten(tree).get("data.blur_where", LEGACY["data.blur_where"])
+    if value not in ("pipeline", "loader"):
+        return cfg, None
+    now = cfg.blur_where_on(gpu)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, blur_where=value))
+    if value == now:
+        return cfg, None
+    return cfg, (f"data.blur_where=auto: this run started with {value} and continues so (a new run here "
+                 f"would use {now})")
 
 
 def default_out_dir(recipe: str | None, root: str = "runs") -> Path:

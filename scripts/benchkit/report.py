@@ -19,7 +19,8 @@ LABELS = {"decode": "decode", "bare": "+ crop, flip, normalize", "colour": "+ co
           "masks-blur-dali": "full, blur and high-pass in DALI (data.blur_where=pipeline, the GPU default to round 4)",
           "masks-crop-window": "full, views cut by random_crop_generator + ROI resize (previous crop)",
           "masks-concurrent": "full, DALI's full operator concurrency, a stream per branch",
-          "masks-hold": "full, DALI's outputs held 2 batches longer (DaliLoader.hold)"}
+          "masks-hold": "full, DALI's outputs held 2 batches longer (DaliLoader.hold)",
+          "masks-thread": "full, batches taken by a background thread (benchkit/feeder.py)"}
 
 # ----------------------------------------------------------------------------------
 # Output: a human table (gpu_check.sh greps the "|" rows and SUMMARY lines) and a chart

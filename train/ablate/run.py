@@ -88,6 +88,10 @@ class Runner:
         for name, seed, arm in order:
             where = self.out / ("random" if arm is None else f"runs/{name}") / f"seed{seed}"
             cfg = with_run(with_data(base if arm is None else cfgs[name], self.train_root, self.val_root), seed, where)
+            # as run_pretrain saves it: with the choices ``auto`` makes per device (data.blur_where),
+            # so that the fingerprint names the graph that runs, and a finished run's
+            # config.yaml matches this config (check_run_dir)
+            cfg = cfg.resolved_for(gpu=self.runtime(cfg).device.type == "cuda")
             fp = fingerprint(cfg) + ("-random" if arm is None else "")
             todo = fp not in fps and load_done(where / RESULT, fp) is None
             jobs.append({"name": name, "seed": seed, "random": arm is None, "cfg": cfg, "where": where,
