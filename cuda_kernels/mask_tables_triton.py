@@ -44,7 +44,8 @@ MAX_CELLS = 4096  # per plane; a finer grid than that (e.g. 3 px cells at 224) u
 # per program and per op, not per element, so it gets few, large programs. On sm_90,
 # 4096 (64 rows x 64 cells, 8 warps) took all 255 registers and spilled 40 B per thread;
 # 2048 at 8 elements per thread spills nothing at any grid from 4 to 4096 cells
-# (``python -m mscn.cuda_kernels.aot``, ptxas -v; not yet timed on a GPU)
+# (``python -m mscn.cuda_kernels.aot``, ptxas -v; on an H200 the table kernel then drew the
+# 4 x 256 tables in 0.164 ms, round 4 in docs/PERFORMANCE.md)
 _ELEMS_PER_PROGRAM = 65536 if INTERPRETED else 2048
 _ELEMS_PER_THREAD = 8
 

@@ -118,10 +118,15 @@ class DataCfg:
     # once, none | backend (a CPU op beside a GPU op: DALI's default) | full (also the views'
     # GPU branches beside each other), and its CUDA streams, single | per_backend (DALI's
     # default) | per_operator (one per independent branch). Same outputs either way (tested
-    # on the CPU path; the GPU test has not run yet); "auto" is DALI's default until a GPU run
-    # shows another is faster
+    # on the CPU path and, round 4, on an H200); "auto" is DALI's default: round 4 found no
+    # difference it could resolve between the settings (docs/PERFORMANCE.md)
     op_concurrency: str = "auto"
     stream_policy: str = "auto"
+    # take the training batches on a background thread, 2 ahead, each with its loader state
+    # (mscn.pipelines.feeder): the trainer's thread then never waits in the loader. Same
+    # batches and exact resume (tested); off until a GPU run shows a gain (bench feed
+    # masks-thread, docs/PERFORMANCE.md)
+    feed_thread: bool = False
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 

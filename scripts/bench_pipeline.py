@@ -66,7 +66,7 @@ VARIANTS = ("masks-hp-late", "masks-hp-loader", "masks-blur-loader", "masks-blur
             "masks-concurrent", "masks-hold")
 HOLD_BATCHES = 2  # masks-hold
 # --train feeds; masks-thread: the full pipeline's batches taken by a background thread
-# (benchkit/feeder.py), a feed only: on its own a pipeline gains nothing from one
+# (mscn.pipelines.feeder, data.feed_thread), a feed only: a pipeline alone gains nothing
 THREAD_FEEDS = ("masks-thread",)
 FEEDS = ("bare", "colour", "views", "highpass", "masks", *VARIANTS, *THREAD_FEEDS)
 # Small on the 2-core CI box (the whole default run fits in ~1 min), ImageNet-scale on a GPU.
@@ -431,7 +431,7 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
     the device, then by each stage's pipeline in ``--feeds`` (bare, + colour/blur,
     + high-pass, + masks); on a GPU also the full pipeline with the training step on a
     high-priority CUDA stream, so that the trainer's kernels go first when DALI's wait."""
-    from benchkit.feeder import ThreadedBatches
+    from mscn.pipelines.feeder import Feeder
     from mscn.pipelines.loader import TORCH_DTYPES, endless
     from mscn.train.lars import build_optimizer
     from mscn.train.pretrain import amp_dtype, build_model, train_step
@@ -483,7 +483,10 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
         def make():
             threaded = stage in THREAD_FEEDS
             loader = stage_loader(cfg, "masks" if threaded else stage, info, device)
-            batches = ThreadedBatches(endless(loader)) if threaded else endless(loader)
+            # as pretrain.py with data.feed_thread: the worker also snapshots the loader's
+            # state after every batch (exact resume), so the row pays what a run would
+            batches = (Feeder(endless(loader), snapshot=loader.state_dict, name="mscn-bench-feeder") if threaded
+                       else endless(loader))
             clock = new_clock(row or stage)
 
             def step() -> int:

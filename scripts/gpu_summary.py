@@ -144,7 +144,7 @@ PIPELINE_AB = {
     "masks-blur-dali": "make data.blur_where=auto mean pipeline on the GPU again (Config.blur_where_on)",
     "masks-hp-late": "set pipelines/ops.py HIGHPASS_FIRST = False",
     "masks-crop-window": "set data.crop=window by default",
-    "masks-thread": "give the trainer a feeder thread (with each batch's loader state, for exact resume)",
+    "masks-thread": "make data.feed_thread=true the default on the GPU path",
     "masks-hold": "make the training loader hold DALI's outputs 2 batches (DaliLoader.hold) by default",
     "masks-concurrent": "make auto mean op_concurrency=full, stream_policy=per_operator on the GPU path (tuning.executor)",
 }

@@ -139,7 +139,7 @@ def test_cli_sweep_picks_the_fastest_and_profiles(tiny_data, tmp_path):
 
 
 def test_train_feeds_from_a_thread_and_with_held_outputs(tiny_data, tmp_path):
-    """The round-5 feeds: masks-thread (batches taken by benchkit/feeder.py's thread) and
+    """The round-5 feeds: masks-thread (batches taken by the data.feed_thread worker) and
     masks-hold (DALI's outputs held longer) train like the masks feed, with their rows."""
     out = tmp_path / "bench.json"
     proc = run_bench("--data", tiny_data, *TINY, "--iters", "1", "--repeats", "2", "--train", "--arch", "resnet18",

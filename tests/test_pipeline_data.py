@@ -104,6 +104,17 @@ def test_corrupt_jpeg_is_named(tmp_path):
                 for _ in loader:
                     pass
         assert str(bad) in str(e.value) and "mscn data scan" in str(e.value)
+    # through data.feed_thread's worker: the same one-line error, raised in the caller
+    from mscn.pipelines import endless
+    from mscn.pipelines.feeder import Feeder
+
+    loader = build_train_loader(cfg, apply_mask=False)
+    fed = Feeder(endless(loader), snapshot=loader.state_dict)
+    with pytest.raises(DataError) as e:
+        for _ in range(2 * len(loader)):
+            next(fed)
+    assert str(bad) in str(e.value) and "mscn data scan" in str(e.value)
+    fed.close()
 
 
 def test_small_gray_cmyk_and_png_images_come_out_rgb(tmp_path):

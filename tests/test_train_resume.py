@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -125,6 +126,30 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(dataset, unin
     summary = run_pretrain(load_config(None, args(dataset, out, "train.ckpt_every_steps=1000")), resume="auto")
     assert summary["resumed_from"].endswith(f"ckpt_{step:08d}.pt")
     _assert_same_run(*uninterrupted, out, summary)
+
+
+def test_a_run_fed_by_a_thread_stops_on_sigterm_and_resumes_exactly(dataset, uninterrupted, tmp_path):
+    """data.feed_thread=true: a thread takes the batches, two ahead. SIGTERM mid-run still
+    checkpoints the state after the last batch the trainer *used* (not the ones the thread
+    had queued), the process exits cleanly, and the resumed run, fed by a thread again, is
+    the uninterrupted run without one, step for step."""
+    out = tmp_path / "run"
+    proc = _start(dataset, out, "train.ckpt_every_steps=1000", "data.feed_thread=true")
+    try:
+        _wait_for(proc, lambda: len(read_metrics(out)) >= 3, "step 3")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    step = ckpt.find_latest_valid(out / "checkpoints")[1]["step"]
+    assert 3 <= step < STEPS and [r["step"] for r in read_metrics(out)][-1] == step
+    summary = run_pretrain(load_config(None, args(dataset, out, "train.ckpt_every_steps=1000", "data.feed_thread=true")),
+                           resume="auto")
+    assert summary["resumed_from"].endswith(f"ckpt_{step:08d}.pt")
+    _assert_same_run(*uninterrupted, out, summary)
+    assert not [t for t in threading.enumerate() if t.name == "mscn-feeder"]  # closed at the end of the run
 
 
 def test_a_second_launch_into_a_live_runs_folder_is_refused_and_changes_nothing(dataset, uninterrupted, tmp_path,

@@ -156,6 +156,7 @@ def _claim(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, say
 
 def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop: StopFlag) -> dict:
     from mscn.pipelines import build_train_loader, endless  # DALI is heavy: imported only to train
+    from mscn.pipelines.feeder import Feeder
 
     validate(cfg, "<config>", world_size=rt.dist.world_size)
     cfg, adopted = adopt_saved_choices(cfg, resume, gpu=rt.device.type == "cuda")  # a resumed run keeps its choice
@@ -206,12 +207,19 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
         run.last_path = Path(resumed_from) if resumed_from else None
         run.final_path = run.final if run.final.is_file() else None
     memory_format = torch.channels_last if rt.device.type == "cuda" and cfg.train.channels_last else torch.contiguous_format
-    batches = endless(loader)
+    batches, feeder = endless(loader), None
+    if cfg.data.feed_thread and start_step < run.end_step:
+        # a thread takes the batches (mscn.pipelines.feeder); checkpoints take the loader
+        # state of the last batch it handed over, not of those waiting in its queue
+        feeder = Feeder(batches, snapshot=loader.state_dict)
+        batches = run.loader = feeder
     model.train()
     try:
         _loop(run, model, batches, memory_format, peak)
         elapsed = run.meter.elapsed()
     finally:
+        if feeder is not None:
+            feeder.close()  # before the loader can be freed: the worker may be inside DALI
         run.log.close()
     img_s = run.meter.run_images_per_s(elapsed)
     return {"step": max(start_step, run.end_step), "total_steps": run.total_steps,
@@ -263,7 +271,7 @@ class _Run:
     start_step: int
     monitor: bool  # the kNN monitor is configured and can run
     say: Callable[[str], None]
-    loader: object  # the DaliLoader: its state goes into every checkpoint
+    loader: object  # the DaliLoader (or its Feeder, data.feed_thread): its state goes into every checkpoint
     stop: StopFlag
     last_path: Path | None = None
     final_path: Path | None = None

@@ -20,7 +20,7 @@ LABELS = {"decode": "decode", "bare": "+ crop, flip, normalize", "colour": "+ co
           "masks-crop-window": "full, views cut by random_crop_generator + ROI resize (previous crop)",
           "masks-concurrent": "full, DALI's full operator concurrency, a stream per branch",
           "masks-hold": "full, DALI's outputs held 2 batches longer (DaliLoader.hold)",
-          "masks-thread": "full, batches taken by a background thread (benchkit/feeder.py)"}
+          "masks-thread": "full, batches taken by a background thread (data.feed_thread)"}
 
 # ----------------------------------------------------------------------------------
 # Output: a human table (gpu_check.sh greps the "|" rows and SUMMARY lines) and a chart
