@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -55,7 +56,15 @@ class Feeder:
         return self
 
     def __next__(self):
-        item = self._q.get()
+        while True:
+            if self._stop.is_set():
+                raise RuntimeError("Feeder: closed")
+            try:
+                item = self._q.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive():  # it always leaves the end or its error: a guard
+                    raise RuntimeError("Feeder: the worker thread ended without a batch or an error") from None
         if item is _END:
             self._q.put(_END)  # every later call ends too
             raise StopIteration
@@ -84,6 +93,9 @@ class Feeder:
                 pass
             self._thread.join(timeout=0.1)
             waited += 0.1
+        if self._thread.is_alive():
+            warnings.warn(f"Feeder: the worker is still inside the loader after {timeout:.0f} s; it stops "
+                          "after its current batch", RuntimeWarning, stacklevel=2)
 
     def __del__(self):
         if hasattr(self, "_thread"):  # not when __init__ refused its arguments

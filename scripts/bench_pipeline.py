@@ -335,12 +335,23 @@ def run_measure(name: str, make_step, args, info, device: torch.device, warmup=N
     if before is not None:
         m.extra["device_bytes_added"] = m.gpu_memory["device_used_bytes"] - before
     step_ms = timing.per_step_ms(m, iters or args.iters)
+    release(keep)
     del step, keep
     gc.collect()  # stop this stage's DALI threads before the next stage is timed
     out = benv.gather_measurement(m)
     if profile and args.profile:  # profiled at the end of the run (run_profiles), into this row
         args.pending_profiles.append((name, make_step, step_ms, out))
     return out
+
+
+def release(keep) -> None:
+    """Stop a row's feeder thread (masks-thread) before its loader may be freed: explicitly,
+    not by garbage collection, so that no worker pulls batches beside the next row."""
+    from mscn.pipelines.feeder import Feeder
+
+    for obj in keep if isinstance(keep, tuple) else (keep,):
+        if isinstance(obj, Feeder):
+            obj.close()
 
 
 def run_profiles(args, info, device: torch.device) -> None:
@@ -351,6 +362,7 @@ def run_profiles(args, info, device: torch.device) -> None:
     and stored in the row as ``profile``."""
     for name, make_step, step_ms, row in args.pending_profiles:
         barrier()
+        step = keep = None
         try:
             step, keep = make_step()
             # device-wide on purpose: the profile's window must hold every stream's kernels
@@ -360,9 +372,11 @@ def run_profiles(args, info, device: torch.device) -> None:
             s = profiling.profile_steps(step, args.profile_steps, sync, device,
                                         Path(args.profile) / f"{name}_rank{info.rank}.json", step_ms=step_ms)
             lines = profiling.format_summary(name, s)
-            del step, keep
         except Exception as e:  # a diagnostic: it must never cost the run its timed figures
             s, lines = {"error": f"{type(e).__name__}: {e}"}, [f"PROFILE {name}: failed ({type(e).__name__}: {e})"]
+        finally:
+            release(keep)
+            del step, keep
         gc.collect()
         row["profile"] = s
         if info.is_main:

@@ -168,6 +168,10 @@ def main(argv=None) -> int:
     validate(cfg, "probe_syncs")
     cfg = cfg.resolved_for(gpu=cuda)
     loader = build_train_loader(cfg, device=device if cuda else None)
+    if len(loader) < 2:  # every batch would be an epoch's first: its reset would fall in the timing
+        print(f"probe_syncs: {args.data} gives {len(loader)} batch per epoch at --batch {args.batch}; "
+              "use a smaller --batch (at least 2 batches per epoch)", file=sys.stderr)
+        return 2
     rows = probes(loader, device, Queue(args.queue_ms, cuda), max(1, args.repeats))
     for r in rows:
         queued = "" if r["queued_ms"] is None else f" with {r['queued_ms']:.0f} ms queued on the stream"

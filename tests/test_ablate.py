@@ -240,3 +240,25 @@ def test_mscn_ablate_is_dispatched(capsys):
         mscn_main(["ablate", "--help"])
     assert e.value.code == 0 and "--arms-file" in capsys.readouterr().out
     assert mscn_main(["ablate", "--arms", "nope"]) == 2  # one-line error, exit status 2
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_an_ablation_keeps_the_blur_place_its_runs_started_with(tmp_path, capsys):
+    """An ablation whose runs blurred in the loader (as data.blur_where=auto does on a GPU,
+    here set explicitly on the CPU), re-run under auto on another kind of device: every arm
+    keeps the loader, so no finished arm is redone, and one line says so."""
+    out, f = tmp_path / "abl", tmp_path / "arms.yaml"
+    f.write_text("mscn: ['highpass.enabled=true']\n")
+    blur = [f"views.{i}.blur_prob=0.5" for i in range(4)]
+    argv = ["--arms-file", str(f), "--seeds", "1", "--out", str(out), f"data.synthetic_dir={tmp_path / 'synth'}",
+            *TOY, *blur]
+    assert main([*argv, "data.blur_where=loader"]) == 0
+    first = json.loads((out / "ablation.json").read_text())
+    assert first["computed_runs"] == 3
+    capsys.readouterr()
+    assert main(argv) == 0  # data.blur_where=auto, on the CPU: pipeline for a new ablation
+    again = json.loads((out / "ablation.json").read_text())
+    log = capsys.readouterr().out
+    assert again["computed_runs"] == 0, log
+    assert "data.blur_where=auto: this ablation's runs blur in the loader (its first runs did)" in log

@@ -151,7 +151,6 @@ def test_train_feeds_from_a_thread_and_with_held_outputs(tiny_data, tmp_path):
         check_measurement(m, batch=4, iters=1, repeats=2)
         assert m["kept"] > 0 and set(m["host_ms_per_step"]) == {"batch", "step"}
     assert "batches taken by a background thread" in proc.stdout and "held 2 batches longer" in proc.stdout
-    assert "mscn-bench-feeder" not in {th.name for th in __import__("threading").enumerate()}
 
 
 def test_profile_summary_on_the_cpu(tiny_data, tmp_path):
@@ -467,3 +466,27 @@ def test_sync_scopes():
     if torch.cuda.is_available():
         for scope in timing.SYNC_SCOPES:
             timing.device_sync(torch.device("cuda"), scope)()
+
+
+def test_host_ms_reads_the_timed_steps_only_and_release_stops_a_feeder():
+    """host_ms: medians over the last ``last`` steps (the timed windows), not the warm-up;
+    release: a row's feeder thread is stopped explicitly when the row ends."""
+    import threading
+
+    from mscn.pipelines.feeder import Feeder
+
+    bench = _load_script()
+    clock = {"batch": [9.0, 9.0, 0.001, 0.002, 0.003], "step": [5.0, 0.010, 0.020, 0.030, 0.040]}
+    assert bench.host_ms(clock, last=3) == {"batch": 2.0, "step": 30.0}
+    assert bench.host_ms({"batch": [], "step": [0.004]}, last=3) == {"step": 4.0}
+
+    def endless():
+        n = 0
+        while True:
+            yield n
+            n += 1
+
+    feeder = Feeder(endless(), name="mscn-bench-feeder")
+    assert next(feeder) == 0
+    bench.release((feeder, object()))
+    assert not [t for t in threading.enumerate() if t.name == "mscn-bench-feeder"]

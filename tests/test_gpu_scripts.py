@@ -57,6 +57,8 @@ def test_probe_syncs_dry_run_runs_every_probe(tmp_path):
     assert all(p["verdict"] == "cpu" and p["host_ms"] >= 0 for p in r["probes"])
     assert r["blur_where"] == "pipeline"  # auto, resolved for the CPU path
     assert proc.stdout.count("SYNCPROBE ") == 6
+    one = run("probe_syncs.py", "--data", root, "--batch", "16", "--cpu-dry-run", "data.image_size=32")
+    assert one.returncode == 2 and "at least 2 batches per epoch" in one.stderr and "Traceback" not in one.stderr
 
 
 @pytest.fixture(scope="module")
@@ -303,9 +305,26 @@ def test_gpu_summary_reads_round_5_files(results, tmp_path):
     assert s["host_ms_per_step_resnet18"]["masks"] == train["feeds"]["masks"]["host_ms_per_step"]
     assert set(s["host_ms_per_step_resnet18"]["synthetic"]) == {"step"}
     assert any(ln.startswith("HOST resnet18 fed by masks: batch ") for ln in proc.stdout.splitlines())
+    assert s["settings"]["blur_where"] == "loader" and s["settings"]["compile"] is False
+    # the variant that *is* the default's graph gets no verdict (masks-blur-loader here)
+    st["masks-blur-loader"] = st["masks-blur-dali"]
+    (res / "bench.json").write_text(json.dumps(bench))
+    s = json.loads(run_ok(res))
+    assert "masks-blur-loader" not in {d["variant"] for d in s["decisions"]}
     # without masks-blur-dali in such a run, those variants get no verdict (nothing fair to read them against)
     del st["masks-blur-dali"]
     (res / "bench.json").write_text(json.dumps(bench))
-    proc = run("gpu_summary.py", res)
-    s = json.loads((res / "gpu_summary.json").read_text())
+    s = json.loads(run_ok(res))
     assert "masks-hp-late" not in {d["variant"] for d in s["decisions"] if d["what"].startswith("pipeline")}
+    # a file from before round 5 (no settings.blur_where: DALI blurred): read against masks
+    del bench["settings"]["blur_where"]
+    (res / "bench.json").write_text(json.dumps(bench))
+    s = json.loads(run_ok(res))
+    got = {d["variant"]: d for d in s["decisions"] if d["what"] == "pipeline images/s (one process)"}
+    assert got["masks-hp-late"]["base"] == "masks" and "masks-blur-loader" in got
+
+
+def run_ok(res) -> str:
+    proc = run("gpu_summary.py", res)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return (res / "gpu_summary.json").read_text()

@@ -81,6 +81,15 @@ def test_dropping_the_feeder_stops_its_thread_and_lets_go_of_the_source():
     assert released.wait(5)
 
 
+def test_a_closed_feeder_raises_instead_of_waiting():
+    it = Feeder(iter(range(100)), depth=2)
+    assert next(it) == 0
+    it.close()
+    assert feeders() == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        next(it)
+
+
 def test_depth_must_be_positive():
     with pytest.raises(ValueError, match="depth"):
         Feeder(iter(()), depth=0)

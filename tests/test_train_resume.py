@@ -351,3 +351,33 @@ def test_a_run_keeps_the_blur_its_auto_chose_when_resumed_elsewhere(dataset, tmp
     fresh = tmp_path / "fresh"  # a run without a saved choice resolves auto here: no note
     run_pretrain(load_config(None, args(dataset, fresh, blurred, "train.max_steps=1")), resume="auto")
     assert "continues so" not in capsys.readouterr().out
+
+
+def test_adopt_saved_choices_reads_the_resumed_runs_own_record(tmp_path):
+    """rundir.adopt_saved_choices, case by case: the run folder's config.yaml decides under
+    auto (and LEGACY's value for a run from before the key); a checkpoint path resumed into
+    a new folder reads the checkpoint's run folder; --resume none, an explicit value and a
+    run that never reached a step adopt nothing."""
+    from mscn.train.rundir import adopt_saved_choices
+
+    run = tmp_path / "a"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"blur_where": "loader"}}))
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    cfg = load_config(None, [f"train.out_dir={run}"])
+    got, note = adopt_saved_choices(cfg, "auto", gpu=False)
+    assert got.data.blur_where == "loader" and "started with loader" in note and "would use pipeline" in note
+    got, note = adopt_saved_choices(cfg, "auto", gpu=True)  # what auto picks there anyway: no note
+    assert got.data.blur_where == "loader" and note is None
+    for resume in ("none", None):
+        assert adopt_saved_choices(cfg, resume, gpu=False) == (cfg, None)
+    pinned = load_config(None, [f"train.out_dir={run}", "data.blur_where=pipeline"])
+    assert adopt_saved_choices(pinned, "auto", gpu=False) == (pinned, None)
+    elsewhere = load_config(None, [f"train.out_dir={tmp_path / 'b'}"])
+    for ckpt_path in (run / "checkpoints" / "ckpt_00000002.pt", run / "final.pt"):
+        assert adopt_saved_choices(elsewhere, str(ckpt_path), gpu=False)[0].data.blur_where == "loader"
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"crop": "rrc"}}))  # before the key: DALI blurred
+    got, note = adopt_saved_choices(cfg, "auto", gpu=True)
+    assert got.data.blur_where == "pipeline" and "would use loader" in note
+    (run / "metrics.jsonl").unlink()  # a start that never reached a step holds nothing to continue
+    assert adopt_saved_choices(cfg, "auto", gpu=True) == (cfg, None)

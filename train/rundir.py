@@ -74,11 +74,12 @@ def check_same_run(saved: dict, cfg: Config, where: str | Path) -> None:
     diff = differing_keys(saved, cfg)
     if diff:
         older = [k for k in diff if k in LEGACY and k not in flatten(saved)]
-        hint = "".join(f"; it predates {k} and ran with {k}={LEGACY[k]}: pass that to continue it" for k in older)
-        # keys whose default changed or is resolved per device: when the run differs only
-        # there, their saved values continue it
+        # keys added since, and keys whose default changed or is resolved per device: when
+        # the run differs only there, their saved values continue it
         pinned = [k for k in diff if k in PINNABLE and k in flatten(saved)]
-        if pinned and set(diff) <= set(pinned) | set(older):
+        hint = ""
+        if set(diff) <= set(pinned) | set(older):
+            hint = "".join(f"; it predates {k} and ran with {k}={LEGACY[k]}: pass that to continue it" for k in older)
             hint += "".join(f"; it ran with {k}={flatten(saved)[k]}: pass that to continue it" for k in pinned)
         raise MscnError(
             f"{where} belongs to another run (differs in {', '.join(diff)}){hint}; to start a new run pass a new "
@@ -95,10 +96,15 @@ def adopt_saved_choices(cfg: Config, resume: str | None, gpu: bool) -> tuple[Con
     choice changed in round 5: without this, every GPU run started before it, and every
     run moved between a GPU and the CPU, would be refused on resume as another run. An
     explicit value is left alone (a conflict is then refused, with the value to pass)."""
-    if cfg.data.blur_where != "auto" or resume in (None, "", "none", "never") or not cfg.train.out_dir:
+    if cfg.data.blur_where != "auto" or resume in (None, "", "none", "never"):
         return cfg, None
-    saved = Path(cfg.train.out_dir) / "config.yaml"
-    if not saved.is_file() or not run_started(cfg.train.out_dir):
+    # the run resumed: this folder's, or (a checkpoint path into a folder without a run) the
+    # one the checkpoint was written in: <run>/checkpoints/ckpt_*.pt or <run>/final.pt
+    folders = [Path(cfg.train.out_dir)] if cfg.train.out_dir else []
+    if resume != "auto" and not (folders and run_started(folders[0])):
+        folders = [Path(resume).parent.parent, Path(resume).parent]
+    saved = next((f / "config.yaml" for f in folders if (f / "config.yaml").is_file() and run_started(f)), None)
+    if saved is None:
         return cfg, None
     try:
         tree = yaml.safe_load(saved.read_text()) or {}

@@ -16,7 +16,7 @@ LABELS = {"decode": "decode", "bare": "+ crop, flip, normalize", "colour": "+ co
           "masks-hp-late": "full, high-pass after normalize (previous order)",
           "masks-hp-loader": "full, high-pass as GEMMs in the loader (highpass.where=loader)",
           "masks-blur-loader": "full, blur and high-pass as GEMMs in the loader (data.blur_where=loader)",
-          "masks-blur-dali": "full, blur and high-pass in DALI (data.blur_where=pipeline, the GPU default to round 4)",
+          "masks-blur-dali": "full, blur in DALI (data.blur_where=pipeline, the GPU default to round 4)",
           "masks-crop-window": "full, views cut by random_crop_generator + ROI resize (previous crop)",
           "masks-concurrent": "full, DALI's full operator concurrency, a stream per branch",
           "masks-hold": "full, DALI's outputs held 2 batches longer (DaliLoader.hold)",

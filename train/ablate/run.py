@@ -16,10 +16,12 @@ import json
 import time
 from pathlib import Path
 
+import yaml
+
 from mscn.config import Config, to_dict
 from mscn.errors import MscnError
 from mscn.train.ablate.arms import Arm
-from mscn.train.rundir import NEUTRAL, check_run_dir, flatten, lock_run_dir
+from mscn.train.rundir import LEGACY, NEUTRAL, check_run_dir, flatten, lock_run_dir, run_started
 
 RESULT = "result.json"
 
@@ -84,6 +86,8 @@ class Runner:
         Seed-major, so that an ablation cut short (a time limit, a lost machine) has every
         arm at the same number of seeds, and its table compares like with like."""
         jobs, fps = [], set()
+        gpu = self.runtime(base).device.type == "cuda"
+        blur = self._blur_choice(base, gpu)
         order = [(name, s, arm) for s in seeds for name, arm in [("random", None)] + [(a.name, a) for a in arms]]
         for name, seed, arm in order:
             where = self.out / ("random" if arm is None else f"runs/{name}") / f"seed{seed}"
@@ -91,13 +95,36 @@ class Runner:
             # as run_pretrain saves it: with the choices ``auto`` makes per device (data.blur_where),
             # so that the fingerprint names the graph that runs, and a finished run's
             # config.yaml matches this config (check_run_dir)
-            cfg = cfg.resolved_for(gpu=self.runtime(cfg).device.type == "cuda")
+            if blur and cfg.data.blur_where == "auto":
+                cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, blur_where=blur))
+            cfg = cfg.resolved_for(gpu=gpu)
             fp = fingerprint(cfg) + ("-random" if arm is None else "")
             todo = fp not in fps and load_done(where / RESULT, fp) is None
             jobs.append({"name": name, "seed": seed, "random": arm is None, "cfg": cfg, "where": where,
                          "fp": fp, "todo": todo})
             fps.add(fp)
         return jobs
+
+    def _blur_choice(self, base: Config, gpu: bool) -> str | None:
+        """Where this ablation's runs blur under ``data.blur_where=auto``: where its first
+        pretraining did (an ablation started before round 5, or on the other kind of
+        device), so that every arm runs the same graph and no finished arm is redone; None
+        for a new ablation (auto resolves per device)."""
+        for saved in sorted((self.out / "runs").glob("*/seed*/config.yaml")):
+            if not run_started(saved.parent):
+                continue
+            try:
+                tree = yaml.safe_load(saved.read_text()) or {}
+            except yaml.YAMLError:
+                continue
+            value = flatten(tree).get("data.blur_where", LEGACY["data.blur_where"])
+            if value in ("pipeline", "loader"):
+                now = base.blur_where_on(gpu)
+                if value != now and base.data.blur_where == "auto":
+                    self.say(f"[ablate] data.blur_where=auto: this ablation's runs blur in the {value} "
+                             f"(its first runs did); a new ablation here would use {now}")
+                return value
+        return None
 
     def run_all(self, jobs: list[dict]) -> tuple[dict, dict]:
         """Run what is not done; ``(results[arm][seed], random[seed])``."""
