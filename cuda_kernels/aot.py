@@ -1,11 +1,12 @@
-"""Compile the mask kernels (paper §5.2) for a GPU target on a machine without a GPU.
+"""Compile the mask kernels (paper §5.2) and the loader's colour kernel (App. A.1) for a GPU
+target on a machine without a GPU.
 
 CI runs the kernels under ``TRITON_INTERPRET=1``, which checks what they compute but not
 that they *compile*: the interpreter runs the Python body with numpy, and forgives
 things the compiler refuses (a type that does not unify across an ``if``, an op with no
 lowering). A kernel change could therefore pass CI and break the first time a GPU sees
 it. This module builds the launches the host functions would make, with the same
-builders (``fill_launch``, ``table_launch``) and so the same argument
+builders (``fill_launch``, ``table_launch``, ``colour_launch``) and so the same argument
 types and Triton specializations, and compiles each one down to a cubin for the chosen
 architecture (sm_90 = H100/H200) with Triton's own LLVM and bundled ``ptxas``. It needs
 no GPU and no CUDA driver: a stand-in driver only names the target.
@@ -37,6 +38,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
 from mscn.config import load_config
+from mscn.cuda_kernels.colour_triton import colour_launch
 from mscn.cuda_kernels.mask_tables_triton import group_key, table_launch, table_shape
 from mscn.cuda_kernels.mask_triton import INTERPRETED, Launch, fill_launch
 from mscn.errors import MscnError
@@ -159,6 +161,12 @@ def launches(recipes=RECIPES, dtypes=tuple(DTYPES), layouts=("nchw", "nhwc"), in
                               f"{'' if noise else ' no noise'}"
                         t = table if noise else _no_noise(table)
                         out.append(("fill", tag, fill_launch(x, y, t)))
+        # the colour kernel (data.colour_where=loader): uint8 views in, each output dtype
+        u8 = torch.empty(BATCH, 3, size, size, dtype=torch.uint8)
+        params = torch.empty(BATCH, 6, dtype=torch.float32)
+        for dt in dtypes:
+            y = torch.empty(BATCH, 3, size, size, dtype=DTYPES[dt])
+            out.append(("colour", f"{name} {size}px {dt}", colour_launch(u8, params, y, cfg.data.mean, cfg.data.std)))
     return out
 
 
@@ -167,7 +175,7 @@ def _no_noise(spec):
     return dataclasses.replace(spec, noise_std=0.0)
 
 
-KERNELS = ("tables", "fill")
+KERNELS = ("tables", "fill", "colour")
 
 
 def compile_all(arch: int = 90, quick: bool = False, kernels=KERNELS, say=print) -> list[KernelReport]:

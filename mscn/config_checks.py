@@ -54,6 +54,10 @@ def validate(cfg: Config, src: str = "<config>", world_size: int = 1) -> None:
     _check(not (cfg.data.blur_where == "loader" and cfg.blur_in_loader(gpu=True) and cfg.highpass.enabled and cfg.highpass.where == "pipeline"), src,
            "highpass.where", cfg.highpass.where, "data.blur_where=loader blurs the views after DALI, so the "
            "high-pass must run there too: set highpass.where=auto or loader")
+    _check(not (cfg.data.colour_where == "loader" and cfg.highpass.enabled and cfg.highpass.where == "pipeline"
+                and (cfg.colour_in_loader(gpu=True) or cfg.colour_in_loader(gpu=False))), src,
+           "highpass.where", cfg.highpass.where, "data.colour_where=loader colours the views after DALI, so the "
+           "high-pass must run there too: set highpass.where=auto or loader")
     _validate_model(cfg, src)
     _validate_optim(cfg, src)
     _validate_train(cfg.train, src, world_size)
@@ -74,6 +78,8 @@ def _validate_data(d: DataCfg, src: str) -> None:
     _check(d.crop in ("rrc", "window"), src, "data.crop", d.crop, "must be rrc or window")
     _check(d.blur_where in ("auto", "pipeline", "loader"), src, "data.blur_where", d.blur_where,
            "must be auto, pipeline or loader")
+    _check(d.colour_where in ("pipeline", "loader"), src, "data.colour_where", d.colour_where,
+           "must be pipeline or loader")
     _check(d.op_concurrency in ("auto", *OP_CONCURRENCY), src, "data.op_concurrency", d.op_concurrency,
            "must be auto, " + ", ".join(OP_CONCURRENCY))
     _check(d.stream_policy in ("auto", *STREAM_POLICIES), src, "data.stream_policy", d.stream_policy,

@@ -61,6 +61,14 @@ class ViewCfg:
         not with solarize; mscn/blur.py)."""
         return self.blur_prob > 0 and self.solarize_prob <= 0
 
+    def colour_movable(self, blur_in_loader: bool) -> bool:
+        """Whether ``data.colour_where=loader`` moves this view's colour jitter and grayscale
+        to the loader (mscn/colour.py): it has either, and nothing that DALI would apply
+        after them is left in DALI: no solarize, and a blur only if the loader blurs too
+        (``blur_in_loader``: ``data.blur_where`` resolved to ``loader`` for this loader)."""
+        has_colour = self.jitter_prob > 0 or self.grayscale_prob > 0
+        return has_colour and self.solarize_prob <= 0 and (self.blur_prob <= 0 or blur_in_loader)
+
 
 def default_views() -> list[ViewCfg]:
     """2 main + 2 extra masked views (paper §5.2 "Multicrops"), asymmetric masks.
@@ -114,6 +122,13 @@ class DataCfg:
     # runs fed the trainer faster so, docs/PERFORMANCE.md; pipeline on the CPU path).
     # A run resolves auto when it starts, and its config.yaml records the choice
     blur_where: str = "auto"
+    # where the views' colour jitter and grayscale (App. A.1) run: pipeline (DALI's
+    # fn.color_twist, two conditional passes) | loader (one kernel per view on the views'
+    # device, the same arithmetic as DALI's, mscn/colour.py; DALI then only decodes, crops
+    # and flips). Only views whose blur runs in the loader too (or that do not blur) and
+    # that do not solarize move; the high-pass then runs in the loader. pipeline until a
+    # GPU run measures loader (bench stage masks-colour-loader, docs/PERFORMANCE.md)
+    colour_where: str = "pipeline"
     # DALI's executor (docs/PERFORMANCE.md, "Tuning"): which independent operators may run at
     # once, none | backend (a CPU op beside a GPU op: DALI's default) | full (also the views'
     # GPU branches beside each other), and its CUDA streams, single | per_backend (DALI's
@@ -259,3 +274,13 @@ class Config:
         the pipeline graph."""
         return self.blur_where_on(gpu) == "loader" and any(
             v.blur_movable() for v in (self.views if views is None else views))
+
+    def colour_in_loader(self, gpu: bool, views: list[ViewCfg] | None = None) -> bool:
+        """Whether a loader of ``views`` (default: the training views) on the GPU path
+        (``gpu``) or the CPU path applies the colour jitter and grayscale itself:
+        ``data.colour_where`` is ``loader`` and at least one view's colour can move
+        (:meth:`ViewCfg.colour_movable`, given where this loader blurs). Like
+        :meth:`blur_in_loader`, the one rule of the config check, the plan and the resume guard."""
+        views = self.views if views is None else views
+        blur = self.blur_in_loader(gpu, views)
+        return self.data.colour_where == "loader" and any(v.colour_movable(blur) for v in views)

@@ -3,9 +3,10 @@
 Everything DALI-shaped stops here (the ``DALIWrapper`` pattern of DALI's examples):
 the trainer never indexes ``data[0]["view0"]``. Per batch the adapter
 
-1. takes the views (NCHW, on the pipeline's device); with ``data.blur_where=loader``
-   blurs the views DALI left unblurred, each sample with its own σ (App. A.1,
-   ``mscn.blur``); on the CPU path (or with ``highpass.where=loader``) applies the
+1. takes the views (NCHW, on the pipeline's device); with ``data.colour_where=loader``
+   applies the colour jitter and grayscale DALI left out and normalizes (App. A.1,
+   ``mscn.colour``); with ``data.blur_where=loader`` blurs the views DALI left
+   unblurred, each sample with its own σ (App. A.1, ``mscn.blur``); on the CPU path (or with ``highpass.where=loader``) applies the
    high-pass (paper §5.1) as matrix products (``highpass_matmul``; docs/PIPELINE.md says why);
 2. casts to the output dtype (bfloat16 only here: DALI has no bfloat16);
 3. maps sample index -> label for file readers (their one integer is the index);
@@ -75,19 +76,25 @@ class DaliLoader:
     did it or it is disabled. mask_fn: views -> masked views, None for no masks.
     device: where the batch should live (the pipeline's device if None). blur: view index
     -> (radius, window) for the views whose blur this adapter applies (their σ comes as
-    ``view{i}_sigma``; ``data.blur_where=loader``), before the high-pass.
+    ``view{i}_sigma``; ``data.blur_where=loader``), before the high-pass. colour: the views
+    DALI hands over as flipped uint8 images with their colour parameters
+    (``view{i}_colour``; ``data.colour_where=loader``), coloured and normalized with
+    ``mean``/``std`` here first, into ``colour_dtype`` (what DALI emits for the others).
     """
 
     def __init__(self, pipeline, source: Source, num_views: int, *, policy: LastBatchPolicy,
                  output_dtype: str = "float32", highpass: tuple[float, int] | None = None,
                  mask_fn: MaskFn | None = None, device: torch.device | None = None,
                  replay: Replay | None = None, runs: int = 0, crop: str | None = None,
-                 blur: dict[int, tuple[int, int]] | None = None):
+                 blur: dict[int, tuple[int, int]] | None = None, colour: tuple[int, ...] = (),
+                 mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), colour_dtype: str = "float32"):
         self.source, self.num_views, self.crop = source, num_views, crop
         self.dtype = TORCH_DTYPES[output_dtype]
         self.highpass, self.mask_fn, self.device, self.replay = highpass, mask_fn, device, replay
         self.blur = dict(blur or {})
-        self._names = output_names(num_views, source, deferred=tuple(sorted(self.blur)))
+        self.colour, self.mean, self.std = tuple(sorted(colour)), tuple(mean), tuple(std)
+        self.colour_dtype = TORCH_DTYPES[colour_dtype]
+        self._names = output_names(num_views, source, deferred=tuple(sorted(self.blur)), coloured=self.colour)
         self._labels = None if source.label_in_stream else torch.tensor(source.labels, dtype=torch.int64)
         self._runs = runs  # batches taken from the pipeline so far, for diagnose.py (kept across a resume)
         self._held: deque = deque(maxlen=1)  # DALI's outputs of the last batches (hold())
@@ -136,7 +143,8 @@ class DaliLoader:
         mask = self.mask_fn.state_dict() if isinstance(self.mask_fn, MaskGenerator) else None
         # "crop": DALI's checkpoint only fits a pipeline of the same operators (train/resume.py)
         return {"dali": torch.frombuffer(bytearray(dali), dtype=torch.uint8), "mask": mask, "runs": self._runs,
-                "crop": self.crop, "blur_where": "loader" if self.blur else "pipeline"}
+                "crop": self.crop, "blur_where": "loader" if self.blur else "pipeline",
+                "colour_where": "loader" if self.colour else "pipeline"}
 
     def _convert(self, out: dict) -> MscnBatch:
         views = [out[f"view{i}"] for i in range(self.num_views)]
@@ -145,6 +153,10 @@ class DaliLoader:
             # non_blocking only towards a GPU: a non-blocking GPU -> CPU copy would let the
             # CPU read the views (high-pass, masks) before the copy has finished
             views = [v.to(dev, non_blocking=dev.type == "cuda") for v in views]
+        if self.colour:  # imported here, as the masks are: mscn.cuda_kernels loads Triton
+            from mscn.cuda_kernels.colour import colour_per_sample
+        for i in self.colour:  # uint8 -> coloured and normalized, in the dtype DALI gives the other views
+            views[i] = colour_per_sample(views[i], out[f"view{i}_colour"], self.mean, self.std, self.colour_dtype)
         # float16 stays float16 on a GPU (see dali_dtype); the blur comes first (App. A.1
         # blurs the image, §5.1 high-passes the result)
         views = [v if v.is_cuda and v.dtype == torch.float16 else v.float() for v in views] \
@@ -261,6 +273,7 @@ class Plan:
     highpass_in_adapter: tuple[float, int] | None  # (σ, window) for BLAS in the adapter (CPU path)
     dali_dtype: str  # what DALI emits (DALI has no bfloat16)
     blur_in_adapter: bool = False  # data.blur_where=loader: views without solarize are blurred by the adapter
+    colour_in_adapter: bool = False  # data.colour_where=loader: the adapter colours the views that may move
     executor: dict = field(default_factory=dict)  # data.op_concurrency / data.stream_policy as pipeline kwargs
 
 
@@ -297,15 +310,16 @@ def plan(cfg, device: torch.device | str | None, local_rank: int = 0, views: lis
     out = view_dtype(cfg.data.output_dtype, gpu)
     hp = highpass_params(cfg.highpass)
     blur_in_loader = cfg.blur_in_loader(gpu, views)
-    # auto: DALI on a GPU, unless a blur moved to the loader (the high-pass comes after it)
-    auto = "loader" if blur_in_loader or not gpu else "pipeline"
+    colour_in_loader = cfg.colour_in_loader(gpu, views)
+    # auto: DALI on a GPU, unless a blur or colour step moved to the loader (the high-pass comes after them)
+    auto = "loader" if blur_in_loader or colour_in_loader or not gpu else "pipeline"
     where = cfg.highpass.where if cfg.highpass.where != "auto" else auto
     in_loader = hp is not None and where == "loader"
-    dali = dali_dtype(out, gpu, in_loader or blur_in_loader)
+    dali = dali_dtype(out, gpu, in_loader or blur_in_loader or colour_in_loader)
     return Plan(kind, device_id, dali_threads(cfg.data.num_threads, gpu),
                 decoder_load(cfg.data.hw_decoder_load, device_id if gpu else None), out,
                 None if in_loader else hp, hp if in_loader else None, dali, blur_in_loader,
-                executor(cfg.data.op_concurrency, cfg.data.stream_policy))
+                colour_in_loader, executor(cfg.data.op_concurrency, cfg.data.stream_policy))
 
 
 @dataclass(frozen=True)
@@ -320,7 +334,7 @@ class Shard:
 
 def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_fn: MaskFn | None,
                   state: dict | None = None, checkpointing: bool = False) -> DaliLoader:
-    from mscn.pipelines.train_pipeline import deferred_views, views_pipeline
+    from mscn.pipelines.train_pipeline import coloured_views, deferred_views, views_pipeline
 
     d = cfg.data
     blur = {i: (blur_radius(views[i].blur_sigma[1], views[i].blur_window), views[i].blur_window)
@@ -331,7 +345,7 @@ def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_
                           highpass=p.highpass_in_pipeline, device=p.kind, hw_decoder_load=p.hw_decoder_load,
                           shard_id=shard.rank, num_shards=shard.world_size, reader_seed=shard.seed, shuffle=True,
                           shuffle_buffer=d.shuffle_buffer, view_dtype=p.dali_dtype, batch_size=shard.batch,
-                          blur_in_loader=p.blur_in_adapter,
+                          blur_in_loader=p.blur_in_adapter, colour_in_loader=p.colour_in_adapter,
                           num_threads=p.threads, device_id=p.device_id, seed=shard.seed,
                           prefetch_queue_depth=d.prefetch, enable_checkpointing=checkpointing or state is not None,
                           checkpoint=bytes(state["dali"].numpy()) if state else None, **p.executor)
@@ -339,7 +353,9 @@ def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_
         mask_fn.load_state_dict(state["mask"])
     return DaliLoader(pipe, source, len(views), policy=LastBatchPolicy.DROP, output_dtype=p.output_dtype,
                       highpass=p.highpass_in_adapter, mask_fn=mask_fn, replay=replay,
-                      runs=int(state["runs"]) if state else 0, crop=d.crop, blur=blur)
+                      runs=int(state["runs"]) if state else 0, crop=d.crop, blur=blur,
+                      colour=coloured_views(views, p.blur_in_adapter, p.colour_in_adapter), mean=d.mean, std=d.std,
+                      colour_dtype=p.dali_dtype)
 
 
 def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int = 0,

@@ -7,7 +7,8 @@ applied here: the loader applies them to the output tensors (cuda_kernels/).
 Outputs, in order (see :func:`output_names`): ``view0 .. view{N-1}`` (CHW, float),
 then ``label`` when the reader carries labels (tar shards), then ``index``; a view whose
 blur the loader applies (``data.blur_where=loader``) adds ``view{i}_sigma`` (float, 0 where
-not blurred); with ``debug_outputs`` each view adds ``view{i}_flags`` (int32: flip,
+not blurred), one whose colour it applies (``data.colour_where=loader``) is uint8 and adds
+``view{i}_colour`` (float, (6,): mscn.colour.PARAMS); with ``debug_outputs`` each view adds ``view{i}_flags`` (int32: flip,
 jitter, gray, blur, solarize) and ``view{i}_area`` (crop area fraction), for tests and
 statistics.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 from nvidia.dali import fn, pipeline_def, types
 
 from mscn.config import IMAGENET_MEAN, IMAGENET_STD, ViewCfg
-from mscn.pipelines.ops import augment_view, blur_deferred, decode, normalize_highpass
+from mscn.pipelines.ops import augment_view, blur_deferred, colour_deferred, decode, flip_chw_uint8, normalize_highpass
 from mscn.pipelines.readers import Source, read
 
 FLAG_NAMES = ("flip", "jitter", "gray", "blur", "solarize")
@@ -27,15 +28,23 @@ def deferred_views(views: list[ViewCfg], blur_in_loader: bool) -> tuple[int, ...
     return tuple(i for i, v in enumerate(views) if blur_deferred(v, blur_in_loader))
 
 
+def coloured_views(views: list[ViewCfg], blur_in_loader: bool, colour_in_loader: bool) -> tuple[int, ...]:
+    """Indices of the views whose colour jitter and grayscale the loader applies (ops.colour_deferred)."""
+    return tuple(i for i, v in enumerate(views) if colour_deferred(v, blur_in_loader, colour_in_loader))
+
+
 def output_names(num_views: int, source: Source, debug_outputs: bool = False,
-                 deferred: tuple[int, ...] = ()) -> list[str]:
+                 deferred: tuple[int, ...] = (), coloured: tuple[int, ...] = ()) -> list[str]:
     """Names of the pipeline's outputs, matching what :func:`views_pipeline` returns;
-    ``deferred``: the views with a ``view{i}_sigma`` output (:func:`deferred_views`)."""
+    ``deferred``: the views with a ``view{i}_sigma`` output (:func:`deferred_views`),
+    ``coloured``: those with a ``view{i}_colour`` output (:func:`coloured_views`)."""
     names = []
     for i in range(num_views):
         names.append(f"view{i}")
         if i in deferred:
             names.append(f"view{i}_sigma")
+        if i in coloured:
+            names.append(f"view{i}_colour")
         if debug_outputs:
             names += [f"view{i}_flags", f"view{i}_area"]
     if source.label_in_stream:
@@ -51,7 +60,7 @@ def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 22
                    hw_decoder_load: float = 0.65, shard_id: int = 0, num_shards: int = 1,
                    shuffle: bool = True, shuffle_buffer: int = 4096, reader_seed: int = -1,
                    view_dtype: str = "float32", debug_outputs: bool = False, crop: str | None = None,
-                   blur_in_loader: bool = False):
+                   blur_in_loader: bool = False, colour_in_loader: bool = False):
     """N augmented views of every image, each with its own :class:`ViewCfg`.
 
     Call with the pipeline arguments too: ``views_pipeline(src, views, batch_size=..,
@@ -66,11 +75,15 @@ def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 22
     ``blur_in_loader`` (``data.blur_where=loader``): the views of :func:`deferred_views` are
     not blurred here but hand their σ to the loader, which blurs and then high-passes them,
     so ``highpass`` must then be None (the high-pass must see the blurred view).
+    ``colour_in_loader`` (``data.colour_where=loader``): the views of :func:`coloured_views`
+    leave DALI as flipped uint8 CHW images with their colour parameters, and the loader
+    colours, normalizes, blurs and high-passes them (``highpass`` None here too).
     """
     deferred = deferred_views(views, blur_in_loader)
-    if deferred and highpass is not None:
-        raise ValueError("blur_in_loader: the loader blurs views after DALI, so the high-pass must run there "
-                         "too (highpass=None here)")
+    coloured = coloured_views(views, blur_in_loader, colour_in_loader)
+    if (deferred or coloured) and highpass is not None:
+        raise ValueError("blur_in_loader / colour_in_loader: the loader changes views after DALI, so the "
+                         "high-pass must run there too (highpass=None here)")
     encoded, label, index = read(source, shard_id=shard_id, num_shards=num_shards, shuffle=shuffle,
                                  shuffle_buffer=shuffle_buffer, stick_to_shard=False, seed=reader_seed)
     # the "window" crop draws its windows from the image size on the CPU; peeking at the
@@ -84,10 +97,17 @@ def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 22
         raise ValueError("debug outputs report the crop window, which crop='rrc' does not expose")
     outputs = []
     for i, view in enumerate(views):  # trace time: one branch of the graph per view
-        x, flags = augment_view(images, shape, view, image_size, crop_op, defer_blur=i in deferred)
-        outputs.append(normalize_highpass(x, mean, std, fn.cast(flags.flip, dtype=types.INT32), highpass, view_dtype))
+        x, flags = augment_view(images, shape, view, image_size, crop_op, defer_blur=i in deferred,
+                                defer_colour=i in coloured)
+        flip = fn.cast(flags.flip, dtype=types.INT32)
+        if i in coloured:  # the loader normalizes it after the colour step
+            outputs.append(flip_chw_uint8(x, flip))
+        else:
+            outputs.append(normalize_highpass(x, mean, std, flip, highpass, view_dtype))
         if i in deferred:  # on the views' device, so that the loader builds its matrices there without a copy
             outputs.append(flags.blur_sigma.gpu() if device == "gpu" else flags.blur_sigma)
+        if i in coloured:  # likewise: the colour kernel reads them on the device
+            outputs.append(flags.colour.gpu() if device == "gpu" else flags.colour)
         if debug_outputs:
             drawn = [getattr(flags, name) for name in FLAG_NAMES]
             outputs.append(fn.stack(*[fn.cast(f, dtype=types.INT32) for f in drawn]))

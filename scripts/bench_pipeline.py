@@ -53,7 +53,8 @@ from mscn.train.distributed import barrier
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("decode", "bare", "colour", "views", "highpass", "masks", "masks-hp-late", "masks-hp-loader",
-          "masks-blur-loader", "masks-blur-dali", "masks-crop-window", "masks-concurrent", "masks-hold")
+          "masks-blur-loader", "masks-blur-dali", "masks-crop-window", "masks-concurrent", "masks-hold",
+          "masks-colour-loader")
 # the full pipeline built another way, on request: the blur and the high-pass in DALI, the
 # high-pass after the normalization (the order before round 3); the blur in DALI and the
 # high-pass as batched GEMMs in the loader (highpass.where=loader); both as GEMMs in the
@@ -61,9 +62,11 @@ STAGES = ("decode", "bare", "colour", "views", "highpass", "masks", "masks-hp-la
 # both in DALI (data.blur_where=pipeline: the GPU default until round 4); ...; the same graph
 # under DALI's full operator concurrency, one stream per branch (data.op_concurrency=full,
 # data.stream_policy=per_operator); the loader holding DALI's outputs two batches longer
-# (DaliLoader.hold: does handing the buffers back wait for the trainer's kernels?)
+# (DaliLoader.hold: does handing the buffers back wait for the trainer's kernels?); the
+# colour jitter and grayscale in the loader too, with the blur and the high-pass
+# (data.colour_where=loader: DALI only decodes, crops and flips; mscn/colour.py)
 VARIANTS = ("masks-hp-late", "masks-hp-loader", "masks-blur-loader", "masks-blur-dali", "masks-crop-window",
-            "masks-concurrent", "masks-hold")
+            "masks-concurrent", "masks-hold", "masks-colour-loader")
 HOLD_BATCHES = 2  # masks-hold
 # --train feeds; masks-thread: the full pipeline's batches taken by a background thread
 # (mscn.pipelines.feeder, data.feed_thread), a feed only: a pipeline alone gains nothing
@@ -259,10 +262,12 @@ def resolve_data(args: argparse.Namespace, info) -> tuple[str, dict]:
 
 def stage_config(cfg, stage: str):
     """The config whose pipeline stops after ``stage`` (masks are the loader's switch)."""
-    if stage in ("masks-hp-loader", "masks-blur-loader"):
+    if stage in ("masks-hp-loader", "masks-blur-loader", "masks-colour-loader"):
         cfg = dataclasses.replace(cfg, highpass=dataclasses.replace(cfg.highpass, where="loader"))
-    if stage == "masks-blur-loader":
+    if stage in ("masks-blur-loader", "masks-colour-loader"):
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, blur_where="loader"))
+    if stage == "masks-colour-loader":  # the colour moves only with the blur (ViewCfg.colour_movable)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, colour_where="loader"))
     if stage in ("masks-hp-late", "masks-hp-loader", "masks-blur-dali"):  # DALI blurs (the high-pass follows)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, blur_where="pipeline"))
     if stage == "masks-crop-window":  # the crop the views had before the fused one

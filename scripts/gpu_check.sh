@@ -134,27 +134,31 @@ part3() {  # this round's A/B and probes, most needed first, within MSCN_GPU_BUD
   $PY -P -c "import os, torch, nvidia.dali as d, triton; print('torch', torch.__version__, 'dali', d.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available(), 'cores', len(os.sched_getaffinity(0)))" 2>&1 | tee -a "$LOG"
   [ -d "$DATA/train" ] || run synth 60 $PY -P -m mscn data synth "$DATA" --classes 10 --per-class 300 --size 500x375 --seed 0
   # the GPU tests the round-5 changes touch: the twins (the GPU default now blurs in the
-  # loader), the loader's blur, the pinned host-to-device copies (round 4 ran all 65 others)
+  # loader), the loader's blur, the pinned host-to-device copies, the colour kernel (round 4
+  # ran all 65 others)
   run tests 120 $PY -P -m pytest -q -s tests/test_pipeline_gpu.py tests/test_pipeline_blur.py tests/test_h2d.py \
-      tests/test_loader_hold.py
+      tests/test_loader_hold.py tests/test_pipeline_colour.py
   # where the feed makes the host wait for the trainer's stream (round 4: the GPU idled ~9 ms
   # of every fed ResNet-18 step, whatever the pipeline): one line per probe
   run probe 90 $PY scripts/probe_syncs.py --data "$DATA/train" --json "$R/probe_syncs.json"
   run masks 60 $PY scripts/bench_masks.py --json "$R/masks.json"
   # the pipeline (masks: the new GPU default, blur and high-pass as GEMMs in the loader)
-  # against the round-4 default (masks-blur-dali) and the plain DALI pipeline, profiled
-  run bench 120 $PY scripts/bench_pipeline.py --data "$DATA/train" \
-      --stages decode,masks,masks-blur-dali --baseline dali-plain \
-      --profile /tmp/mscn_profile --profile-rows masks-blur-dali --json "$R/bench.json"
+  # against the round-4 default (masks-blur-dali), the colour in the loader too (DALI then
+  # only decodes, crops and flips: round 1's colour stage cost 81 % -> 22-30 % of decode-only)
+  # and the plain DALI pipeline, profiled
+  run bench 140 $PY scripts/bench_pipeline.py --data "$DATA/train" \
+      --stages decode,masks,masks-blur-dali,masks-colour-loader --baseline dali-plain \
+      --profile /tmp/mscn_profile --profile-rows masks-blur-dali,masks-colour-loader --json "$R/bench.json"
   # the trainer: the barest feed (the floor), the default, the round-4 default, the
   # outputs held longer and the batches taken by a thread; each row with its host time per
   # step beside the profile's idle
-  run train18 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
-      --feeds bare,masks,masks-blur-dali,masks-hold,masks-thread --no-priority-row \
+  run train18 170 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
+      --feeds bare,masks,masks-blur-dali,masks-colour-loader,masks-hold,masks-thread --no-priority-row \
       --profile /tmp/mscn_profile --profile-rows masks-hold,masks-thread --json "$R/train_r18.json"
-  # ResNet-50: the new default against the round-4 one (never timed with the blur in the loader)
-  run train50 130 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 \
-      --feeds masks,masks-blur-dali --no-priority-row --json "$R/train_r50.json"
+  # ResNet-50: the new default against the round-4 one (never timed with the blur in the
+  # loader) and with the colour in the loader too
+  run train50 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 \
+      --feeds masks,masks-blur-dali,masks-colour-loader --no-priority-row --json "$R/train_r50.json"
   # the new default's device memory, in a fresh process (target <= 3 GiB)
   run memory 60 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
       --json "$R/memory.json"
@@ -163,8 +167,9 @@ part3() {  # this round's A/B and probes, most needed first, within MSCN_GPU_BUD
   run train50-compile 150 $PY scripts/bench_pipeline.py train.compile=true --data "$DATA/train" --train \
       --arch resnet50 --feeds masks --no-priority-row --json "$R/train_r50_compile.json"
   # if time is left: the pipeline A/B with one process per pipeline, and ResNet-18 compiled
-  run ab-isolated 120 $PY scripts/bench_pipeline.py --data "$DATA/train" \
-      --stages masks,masks-blur-dali --isolate 2 --iters 10 --repeats 3 --json "$R/ab_isolated.json"
+  run ab-isolated 150 $PY scripts/bench_pipeline.py --data "$DATA/train" \
+      --stages masks,masks-blur-dali,masks-colour-loader --isolate 2 --iters 10 --repeats 3 \
+      --json "$R/ab_isolated.json"
   run train18-compile 150 $PY scripts/bench_pipeline.py train.compile=true --data "$DATA/train" --train \
       --arch resnet18 --feeds masks --no-priority-row --json "$R/train_r18_compile.json"
   summary

@@ -149,6 +149,7 @@ PIPELINE_AB = {
     "masks-thread": "make data.feed_thread=true the default on the GPU path",
     "masks-hold": "make the training loader hold DALI's outputs 2 batches (DaliLoader.hold) by default",
     "masks-concurrent": "make auto mean op_concurrency=full, stream_policy=per_operator on the GPU path (tuning.executor)",
+    "masks-colour-loader": "make data.colour_where=loader the GPU default (an auto like data.blur_where's)",
 }
 
 # Variants that change the filters' order or place *in DALI* are read against the pipeline
@@ -168,6 +169,9 @@ def _base(variant: str, rows: dict, blur_where: str | None) -> str | None:
         return None
     if variant in DALI_BLUR_VARIANTS and blur_where == "loader":
         return "masks-blur-dali" if "masks-blur-dali" in rows else None
+    if variant == "masks-colour-loader" and blur_where != "loader":
+        # it moves the blur too: against the blur moved alone, so that it measures the colour's move
+        return "masks-blur-loader" if "masks-blur-loader" in rows else None
     return "masks" if "masks" in rows else None
 
 

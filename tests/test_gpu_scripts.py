@@ -324,6 +324,37 @@ def test_gpu_summary_reads_round_5_files(results, tmp_path):
     assert got["masks-hp-late"]["base"] == "masks" and "masks-blur-loader" in got
 
 
+def test_gpu_summary_judges_the_colour_move_alone(results, tmp_path):
+    """masks-colour-loader moves the colour *and* the blur: where the default already blurs
+    in the loader (a GPU run) it is read against masks; elsewhere against masks-blur-loader,
+    so that its verdict is the colour's move alone (none without that row)."""
+    import shutil
+
+    res = tmp_path / "results"
+    shutil.copytree(results, res, ignore=shutil.ignore_patterns("prof", "data"))
+    bench = json.loads((res / "bench.json").read_text())
+    st = bench["stages"]
+    st["masks-colour-loader"] = json.loads(json.dumps(st["masks"]))
+    st["masks-colour-loader"]["images_per_s"] = {k: (v * 4 if k != "n" else v)
+                                                 for k, v in st["masks"]["images_per_s"].items()}
+
+    def colour_row(blur_where, with_blur_row):
+        bench["settings"]["blur_where"] = blur_where
+        if with_blur_row:
+            st["masks-blur-loader"] = json.loads(json.dumps(st["masks"]))
+        else:
+            st.pop("masks-blur-loader", None)
+        (res / "bench.json").write_text(json.dumps(bench))
+        s = json.loads(run_ok(res))
+        return {d["variant"]: d for d in s["decisions"] if d["what"] == "pipeline images/s (one process)"}
+
+    got = colour_row("loader", False)["masks-colour-loader"]
+    assert got["base"] == "masks" and got["verdict"] == "better"
+    assert "data.colour_where=loader" in got["switch"]
+    assert colour_row("pipeline", True)["masks-colour-loader"]["base"] == "masks-blur-loader"
+    assert "masks-colour-loader" not in colour_row("pipeline", False)
+
+
 def run_ok(res) -> str:
     proc = run("gpu_summary.py", res)
     assert proc.returncode == 0, proc.stderr[-2000:]

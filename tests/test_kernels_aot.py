@@ -1,4 +1,4 @@
-"""The mask kernels compile for a Hopper GPU (sm_90), checked on a machine without one.
+"""The mask and colour kernels compile for a Hopper GPU (sm_90), checked on a machine without one.
 
 The rest of the suite runs the kernels under TRITON_INTERPRET=1, which checks their
 results but not that they compile (mscn/cuda_kernels/aot.py says why). These tests run
@@ -33,10 +33,10 @@ def test_mask_kernels_compile_for_sm90_without_spills(tmp_path):
     r = _run(["-m", "mscn.cuda_kernels.aot", "--quick", "--arch", "90", "--json", str(out)])
     assert r.returncode == 0, r.stdout + r.stderr
     kernels = json.loads(out.read_text())["kernels"]
-    assert {k["kernel"] for k in kernels} == {"tables", "fill"}
+    assert {k["kernel"] for k in kernels} == {"tables", "fill", "colour"}
     # tables for the 4 views and at grids 8 and 16 (841 and 225 cells), fill x fp16/fp32 x
-    # noise on/off
-    assert len(kernels) == 7
+    # noise on/off, the colour kernel x fp16/fp32
+    assert len(kernels) == 9
     for k in kernels:
         assert k["arch"] == 90 and 0 < k["registers"] <= 255, k
         # a spill in these memory-bound kernels is a regression (the table kernel spilled

@@ -245,6 +245,16 @@ def test_loader_state_of_the_other_crop_graph_is_not_resumed_exactly():
     # blur_where=loader with no movable view (no blur, or solarize after it) keeps DALI's graph
     stays = load_config(None, ["data.blur_where=loader", *(f"views.{i}.blur_prob=0" for i in range(4))])
     assert this_rank({"ranks": [mine]}, info, stays, True) == (mine, "")
+    # the colour's place too (a state from before the key had DALI's colour)
+    coloured = load_config(None, ["data.blur_where=loader", "data.colour_where=loader"])
+    moved_state = {"loader": {"crop": "rrc", "blur_where": "loader"}}
+    got, why = this_rank({"ranks": [moved_state]}, info, coloured, False)
+    assert got is None and why == ("its loader coloured the views with data.colour_where=pipeline, "
+                                   "this run with loader")
+    both = {"loader": {"crop": "rrc", "blur_where": "loader", "colour_where": "loader"}}
+    assert this_rank({"ranks": [both]}, info, coloured, False) == (both, "")
+    assert this_rank({"ranks": [both]}, info, moved, False)[1] == ("its loader coloured the views with "
+                                                                  "data.colour_where=loader, this run with pipeline")
 
 
 def test_resume_none_starts_over_and_keeps_the_old_run_aside(dataset, tmp_path):
@@ -307,6 +317,20 @@ def test_a_run_with_the_blur_in_the_loader_resumes_exactly(dataset, tmp_path):
     got = run_pretrain(load_config(None, args(dataset, tmp_path / "run", *extra, "train.max_steps=6")), resume="auto")
     assert got["resumed_from"].endswith("ckpt_00000003.pt")
     assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+
+
+def test_a_run_with_the_colour_in_the_loader_resumes_exactly(dataset, tmp_path):
+    """data.colour_where=loader: the jitter and gray flags and factors are DALI draws handed
+    to the loader, so they are in DALI's checkpoint; stopped at step 3 and resumed, the run
+    gives the uninterrupted run's loss at step 6."""
+    view = "{scale: [0.5, 1.0], jitter_prob: 0.8, blur_prob: 0.5, grayscale_prob: 0.2, mask: {ratio: 0.2, grid: 8}}"
+    extra = [f"views=[{view}, {view}]", "data.blur_where=loader", "data.colour_where=loader"]
+    ref = run_pretrain(load_config(None, args(dataset, tmp_path / "ref", *extra, "train.max_steps=6")), resume="auto")
+    run_pretrain(load_config(None, args(dataset, tmp_path / "run", *extra, "train.max_steps=3")), resume="auto")
+    got = run_pretrain(load_config(None, args(dataset, tmp_path / "run", *extra, "train.max_steps=6")), resume="auto")
+    assert got["resumed_from"].endswith("ckpt_00000003.pt")
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["colour_where"] == "loader"
 
 
 def test_config_yaml_records_where_the_blur_ran_and_a_resume_elsewhere_is_told_the_value(dataset, tmp_path,

@@ -91,8 +91,8 @@ def this_rank(state: dict, info: DistInfo, cfg: Config, gpu: bool) -> tuple[dict
 
     Not exactly: another world size, or a loader state of another pipeline graph. A DALI
     checkpoint names the pipeline's operators, so one saved by the other ``data.crop``
-    (checkpoints from before that key used the window crop) or ``data.blur_where`` would
-    not load at all.
+    (checkpoints from before that key used the window crop), ``data.blur_where`` or
+    ``data.colour_where`` would not load at all.
     """
     ranks = state.get("ranks")
     if not ranks or len(ranks) != info.world_size:
@@ -107,6 +107,11 @@ def this_rank(state: dict, info: DistInfo, cfg: Config, gpu: bool) -> tuple[dict
     now = "loader" if cfg.blur_in_loader(gpu) else "pipeline"
     if saved != now:
         return None, f"its loader blurred the views with data.blur_where={saved}, this run with {now}"
+    # where the graph colours the views (before the key, DALI did)
+    saved = (mine.get("loader") or {}).get("colour_where") or "pipeline"
+    now = "loader" if cfg.colour_in_loader(gpu) else "pipeline"
+    if saved != now:
+        return None, f"its loader coloured the views with data.colour_where={saved}, this run with {now}"
     return mine, ""
 
 

@@ -38,7 +38,7 @@ NEUTRAL_SECTIONS = ("eval.",)
 # Result-changing keys added after runs already existed, with the value every earlier run
 # had: a saved config.yaml without the key is read with it, so an older run continues
 # exactly when given that value, and is refused (with the value to pass) otherwise.
-LEGACY = {"data.crop": "window", "data.blur_where": "pipeline"}
+LEGACY = {"data.crop": "window", "data.blur_where": "pipeline", "data.colour_where": "pipeline"}
 # Result-changing keys whose default changed or is resolved per device (``auto``): a run
 # that differs only there continues when given its saved value, which the refusal names.
 PINNABLE = ("data.blur_where", "data.crop")

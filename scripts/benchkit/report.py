@@ -20,7 +20,8 @@ LABELS = {"decode": "decode", "bare": "+ crop, flip, normalize", "colour": "+ co
           "masks-crop-window": "full, views cut by random_crop_generator + ROI resize (previous crop)",
           "masks-concurrent": "full, DALI's full operator concurrency, a stream per branch",
           "masks-hold": "full, DALI's outputs held 2 batches longer (DaliLoader.hold)",
-          "masks-thread": "full, batches taken by a background thread (data.feed_thread)"}
+          "masks-thread": "full, batches taken by a background thread (data.feed_thread)",
+          "masks-colour-loader": "full, colour, gray, blur and high-pass in the loader (data.colour_where=loader)"}
 
 # ----------------------------------------------------------------------------------
 # Output: a human table (gpu_check.sh greps the "|" rows and SUMMARY lines) and a chart

@@ -1,0 +1,136 @@
+"""Triton kernel of the loader's colour step (paper App. A.1; ``mscn.colour``), one pass.
+
+One program handles ``BLOCK`` pixels of one sample: it reads the three uint8 channels,
+builds that sample's jitter matrix from its six parameters (a few dozen scalar flops, so
+no matrix ever goes through memory and the step is one launch per view), applies the
+jitter and the grayscale where their flags are set, each rounded and clamped to uint8
+as DALI's ``fn.color_twist`` does, then writes ``(x - mean) / std`` in the output dtype.
+Memory traffic: 3 bytes read and 3 values written per pixel.
+
+Semantics are those of ``mscn.colour.colour_reference``. Under ``TRITON_INTERPRET=1``
+(set before import) the same kernel runs on CPU tensors, which is how CI tests it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from mscn.colour import HALF_RANGE, PARAMS, RGB2YIQ, YIQ2RGB
+from mscn.cuda_kernels.mask_triton import Launch
+from mscn.errors import MscnError
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCK = 1024  # pixels per program: 3 KB read, 6-12 KB written; 49 programs per 224² sample
+
+
+@triton.jit
+def _round_sat(v):
+    # DALI's ConvertSat<uint8> on its CPU: half away from zero (v >= 0 past the clamp), clamp
+    return tl.minimum(tl.maximum(tl.floor(v + 0.5), 0.0), 255.0)
+
+
+@triton.jit
+def _colour_kernel(x_ptr, p_ptr, out_ptr, hw,
+                   mean0, mean1, mean2, inv0, inv1, inv2,
+                   a00, a01, a02, a10, a11, a12, a20, a21, a22,
+                   q00, q01, q02, q10, q11, q12, q20, q21, q22,
+                   deg2rad, half_range,
+                   NPARAM: tl.constexpr, BLOCK: tl.constexpr):
+    # a = YIQ2RGB, q = RGB2YIQ (DALI's constants, passed in so that they live in one place)
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    keep = offs < hw
+    base = b * 3 * hw
+    r = tl.load(x_ptr + base + offs, mask=keep, other=0).to(tl.float32)
+    g = tl.load(x_ptr + base + hw + offs, mask=keep, other=0).to(tl.float32)
+    bl = tl.load(x_ptr + base + 2 * hw + offs, mask=keep, other=0).to(tl.float32)
+
+    pp = p_ptr + b * NPARAM
+    jit = tl.load(pp + 0)
+    bri = tl.load(pp + 1)
+    con = tl.load(pp + 2)
+    sat = tl.load(pp + 3)
+    hue = tl.load(pp + 4) * deg2rad
+    gray = tl.load(pp + 5)
+    ch = tl.cos(hue)
+    sh = tl.sin(hue)
+    # M = (b c · YIQ2RGB) · Hue · Sat · RGB2YIQ, in DALI's order of products. Hue · Sat has
+    # rows (1, 0, 0), (0, s cos, s sin), (0, -s sin, s cos); T = (b c · YIQ2RGB) · Hue · Sat
+    k = bri * con
+    t00 = k * a00
+    t01 = k * a01 * sat * ch - k * a02 * sat * sh
+    t02 = k * a01 * sat * sh + k * a02 * sat * ch
+    t10 = k * a10
+    t11 = k * a11 * sat * ch - k * a12 * sat * sh
+    t12 = k * a11 * sat * sh + k * a12 * sat * ch
+    t20 = k * a20
+    t21 = k * a21 * sat * ch - k * a22 * sat * sh
+    t22 = k * a21 * sat * sh + k * a22 * sat * ch
+    m00 = t00 * q00 + t01 * q10 + t02 * q20
+    m01 = t00 * q01 + t01 * q11 + t02 * q21
+    m02 = t00 * q02 + t01 * q12 + t02 * q22
+    m10 = t10 * q00 + t11 * q10 + t12 * q20
+    m11 = t10 * q01 + t11 * q11 + t12 * q21
+    m12 = t10 * q02 + t11 * q12 + t12 * q22
+    m20 = t20 * q00 + t21 * q10 + t22 * q20
+    m21 = t20 * q01 + t21 * q11 + t22 * q21
+    m22 = t20 * q02 + t21 * q12 + t22 * q22
+    off = (half_range - half_range * con) * bri
+
+    on = jit > 0.5
+    r1 = tl.where(on, _round_sat(m00 * r + m01 * g + m02 * bl + off), r)
+    g1 = tl.where(on, _round_sat(m10 * r + m11 * g + m12 * bl + off), g)
+    b1 = tl.where(on, _round_sat(m20 * r + m21 * g + m22 * bl + off), bl)
+    # grayscale: saturation 0, so every row of the matrix is YIQ2RGB[i][0] · RGB2YIQ[0]
+    y0 = _round_sat(a00 * (q00 * r1 + q01 * g1 + q02 * b1))
+    y1 = _round_sat(a10 * (q00 * r1 + q01 * g1 + q02 * b1))
+    y2 = _round_sat(a20 * (q00 * r1 + q01 * g1 + q02 * b1))
+    gon = gray > 0.5
+    r2 = tl.where(gon, y0, r1)
+    g2 = tl.where(gon, y1, g1)
+    b2 = tl.where(gon, y2, b1)
+
+    ty = out_ptr.dtype.element_ty
+    tl.store(out_ptr + base + offs, ((r2 - mean0) * inv0).to(ty), mask=keep)
+    tl.store(out_ptr + base + hw + offs, ((g2 - mean1) * inv1).to(ty), mask=keep)
+    tl.store(out_ptr + base + 2 * hw + offs, ((b2 - mean2) * inv2).to(ty), mask=keep)
+
+
+def kernel_unsupported(x: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """Why the kernel cannot take ``x`` (None: it can)."""
+    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+        return f"{tuple(x.shape)} {x.dtype} (needs uint8 (B, 3, H, W))"
+    if not x.is_contiguous():
+        return "a non-contiguous view"
+    if dtype not in DTYPES:
+        return f"output dtype {dtype}"
+    return None
+
+
+def colour_launch(x: torch.Tensor, params: torch.Tensor, out: torch.Tensor, mean, std) -> Launch:
+    """The launch that fills ``out`` (pure: no device checks, for mscn.cuda_kernels.aot too)."""
+    b, _, h, w = x.shape
+    hw = h * w
+    consts = [float(v) for row in YIQ2RGB for v in row] + [float(v) for row in RGB2YIQ for v in row]
+    args = (x, params, out, hw, *(float(m) for m in mean), *(1.0 / float(s) for s in std),
+            *consts, math.pi / 180.0, HALF_RANGE)
+    return Launch(_colour_kernel, (triton.cdiv(hw, BLOCK), b), args, {"NPARAM": len(PARAMS), "BLOCK": BLOCK})
+
+
+def colour_triton(x: torch.Tensor, params: torch.Tensor, mean, std, dtype=torch.float32) -> torch.Tensor:
+    """``mscn.colour.colour_reference`` as one kernel launch. ``params``: (B, 6) float32 on
+    ``x``'s device."""
+    why = kernel_unsupported(x, dtype)
+    if why is not None:
+        raise MscnError(f"colour kernel: cannot take {why}")
+    if params.device != x.device or params.dtype != torch.float32 or not params.is_contiguous():
+        raise MscnError(f"colour kernel: parameters must be contiguous float32 on {x.device}, "
+                        f"got {params.dtype} on {params.device}")
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    if x.numel():
+        colour_launch(x, params, out, mean, std)()
+    return out

@@ -1,0 +1,94 @@
+"""The views' colour jitter and grayscale (paper App. A.1, SimCLR/BYOL's "ColorJitter" and
+"RandomGrayscale") applied by the loader instead of DALI (``data.colour_where=loader``).
+
+Why: the pipeline's colour stage is where it loses. On an H200 decode + crop + flip +
+normalize ran at 81 % of decode-only and adding the colour, grayscale and blur stages
+dropped it to 22-30 % (docs/PERFORMANCE.md, round 1); the pipeline alone is host-bound
+(its GPU was busy 9.5 of 22.1 ms per batch in round 4). Moved here, DALI only decodes,
+crops and flips, and hands over a uint8 view and six numbers per sample; one kernel
+per view then applies the colour, the grayscale and the normalization in one pass.
+
+The same arithmetic as DALI's ``fn.color_twist`` (``ColorTwistBase::DetermineTransformation``
+in DALI's source): per sample a 3x3 matrix and an offset,
+
+    M = b · c · YIQ2RGB · Hue(h) · Sat(s) · RGB2YIQ,   offset = (128 - 128 c) · b,
+
+with DALI's YIQ constants (:data:`RGB2YIQ`, :data:`YIQ2RGB`), the result rounded and
+clamped to uint8; grayscale is the same op with saturation 0 (Y = 0.299 R + 0.587 G +
+0.114 B, scaled by YIQ2RGB's first column, 0.9997-1.0028, per channel), rounded again; then ``(x - mean) / std``. Contrast is
+taken around 128, not the image mean (docs/PIPELINE.md). Rounding is half away from
+zero, as DALI's CPU operator (``std::round``); DALI's GPU operator rounds half to even,
+which differs only on exact ties.
+
+What DALI hands over per sample, ``view{i}_colour``: float32 ``(jitter, brightness,
+contrast, saturation, hue in degrees, gray)`` (:data:`PARAMS`); a flag is 1.0 where the
+step applies. The factors are drawn for every sample (cheap), so no conditional is left
+in DALI's graph.
+
+Where it may run: a view with nothing after the colour in DALI's graph. Its blur must
+have moved to the loader too (``data.blur_where``) or be absent, and no solarize may
+follow (:meth:`mscn.config_schema.ViewCfg.colour_movable`).
+
+This module is the arithmetic and its plain-torch reference, :func:`colour_reference`
+(the CPU path, and what the kernel is tested against). ``mscn.cuda_kernels.colour``
+applies it to a batch: on CUDA tensors a Triton kernel (``colour_triton``), one launch per
+view with the matrices built in the kernel (no small torch ops, no host sync).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+PARAMS = ("jitter", "brightness", "contrast", "saturation", "hue", "gray")  # view{i}_colour, in order
+# DALI's RGB -> YIQ matrix (color_twist.h) and its exact inverse: DALI 2.4's operator maps
+# neutral factors to the identity (probed with float images: its matrices equal these
+# products to 2e-7), where DALI 1.x used an inverse rounded to three digits
+RGB2YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.321), (0.211, -0.523, 0.311))
+YIQ2RGB = tuple(tuple(float(v) for v in row) for row in np.linalg.inv(np.array(RGB2YIQ, dtype=np.float64)))
+HALF_RANGE = 128.0  # DALI's contrast centre for integer images
+
+
+def twist_matrices(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, 3) matrices and (B,) offsets of the jitter, in float32 and DALI's order of
+    products (left to right), from the (B, 6) ``params``."""
+    p = params.float()
+    b, c, s, h = p[:, 1], p[:, 2], p[:, 3], p[:, 4]
+    n = p.shape[0]
+    rad = h * (torch.pi / 180.0)
+    hue = torch.eye(3, device=p.device).repeat(n, 1, 1)
+    hue[:, 1, 1], hue[:, 2, 2] = torch.cos(rad), torch.cos(rad)
+    hue[:, 1, 2], hue[:, 2, 1] = torch.sin(rad), -torch.sin(rad)
+    sat = torch.eye(3, device=p.device).repeat(n, 1, 1)
+    sat[:, 1, 1], sat[:, 2, 2] = s, s
+    yiq2rgb = torch.tensor(YIQ2RGB, device=p.device)
+    rgb2yiq = torch.tensor(RGB2YIQ, device=p.device)
+    m = (b * c)[:, None, None] * yiq2rgb  # mat3(b) * mat3(c) * Yiq2Rgb
+    m = m @ hue @ sat @ rgb2yiq
+    return m, (HALF_RANGE - HALF_RANGE * c) * b
+
+
+def gray_matrix(device=None) -> torch.Tensor:
+    """DALI's twist with saturation 0: ``YIQ2RGB · diag(1, 0, 0) · RGB2YIQ``."""
+    keep_y = torch.diag(torch.tensor([1.0, 0.0, 0.0], device=device))
+    return torch.tensor(YIQ2RGB, device=device) @ keep_y @ torch.tensor(RGB2YIQ, device=device)
+
+
+def _round_sat(x: torch.Tensor) -> torch.Tensor:
+    """DALI's ``ConvertSat<uint8>`` on its CPU: round half away from zero, clamp to [0, 255]."""
+    return torch.floor(x + 0.5).clamp_(0.0, 255.0)
+
+
+def colour_reference(x: torch.Tensor, params: torch.Tensor, mean, std, dtype=torch.float32) -> torch.Tensor:
+    """uint8 NCHW RGB views ``x`` -> jittered (where ``params[:, 0]``), grayed (where
+    ``params[:, 5]``), normalized views in ``dtype``: the plain-torch reference."""
+    params = params.float().to(x.device)
+    y = x.float()
+    m, off = twist_matrices(params)
+    jit = torch.einsum("bij,bjhw->bihw", m, y) + off[:, None, None, None]
+    y = torch.where(params[:, 0, None, None, None] > 0.5, _round_sat(jit), y)
+    gray = torch.einsum("ij,bjhw->bihw", gray_matrix(x.device), y)
+    y = torch.where(params[:, 5, None, None, None] > 0.5, _round_sat(gray), y)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device)[None, :, None, None]
+    std_t = torch.tensor(std, dtype=torch.float32, device=x.device)[None, :, None, None]
+    return ((y - mean_t) / std_t).to(dtype)

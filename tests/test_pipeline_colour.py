@@ -1,0 +1,264 @@
+"""The views' colour jitter and grayscale applied by the loader (``data.colour_where=loader``,
+mscn/colour.py): the torch reference against DALI's own ``fn.color_twist``, the Triton
+kernel (interpreted on the CPU) against the reference, the DALI graph's hand-over, the
+config rules and the loader end to end."""
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from nvidia.dali import fn, pipeline_def
+from pipeline_fixtures import make_folder, tiny_cfg
+
+from mscn.colour import PARAMS, colour_reference
+from mscn.cuda_kernels.colour import colour_per_sample
+from mscn.config import ConfigError
+from mscn.errors import MscnError
+from mscn.pipelines import build_train_loader, output_names, resolve_source, views_pipeline
+from mscn.pipelines.loader import plan
+from mscn.pipelines.train_pipeline import coloured_views
+
+IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean, std: the output stays on the uint8 scale
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("colour"), classes=2, per_class=12)  # 24 images
+
+
+def _dali_twist(images: list[np.ndarray], params: np.ndarray) -> np.ndarray:
+    """DALI's CPU ``fn.color_twist`` with each sample's factors where its jitter flag is set,
+    then ``saturation=0`` where its gray flag is: the two passes of ops.colour, by DALI."""
+    n = len(images)
+
+    @pipeline_def(batch_size=n, num_threads=1, device_id=None)
+    def twist():
+        x = fn.external_source(source=lambda: images, layout="HWC")
+        p = fn.external_source(source=lambda: [np.ascontiguousarray(r) for r in params])
+        y = fn.color_twist(x, brightness=p[1], contrast=p[2], saturation=p[3], hue=p[4])
+        return y, fn.color_twist(x, saturation=0.0), fn.color_twist(y, saturation=0.0)
+
+    pipe = twist()
+    pipe.build()
+    jit, gray, both = (np.stack([np.array(t) for t in out]) for out in pipe.run())
+    plain = np.stack(images)
+    out = []
+    for b in range(n):
+        pick = {(0, 0): plain, (1, 0): jit, (0, 1): gray, (1, 1): both}[(int(params[b, 0]), int(params[b, 5]))]
+        out.append(pick[b])
+    return np.stack(out)
+
+
+def _draws(n: int, gen: torch.Generator, strength=(0.4, 0.4, 0.2, 0.1)) -> torch.Tensor:
+    """(n, 6) parameters drawn as ops._jitter_factors draws them, random flags."""
+    b, c, s, h = strength
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=gen)  # noqa: E731
+    return torch.stack([torch.randint(0, 2, (n,), generator=gen).float(), u(1 - b, 1 + b), u(1 - c, 1 + c),
+                        u(1 - s, 1 + s), u(-360 * h, 360 * h), torch.randint(0, 2, (n,), generator=gen).float()], 1)
+
+
+@pytest.mark.parametrize("strength", [(0.4, 0.4, 0.2, 0.1), (0.8, 0.8, 0.8, 0.2)])
+def test_reference_equals_dalis_color_twist(strength):
+    """Random images with saturated corners, SimCLR's strengths and twice as strong ones
+    (more clamping), every combination of the two flags: equal to DALI's uint8 output but
+    for exact ties of the rounding (one level, on a handful of pixels)."""
+    gen = torch.Generator().manual_seed(0)
+    n = 16
+    x = torch.randint(0, 256, (n, 3, 29, 35), dtype=torch.uint8, generator=gen)
+    x[:, :, :4, :4] = 255
+    x[:, :, -4:, -4:] = 0
+    params = _draws(n, gen, strength)
+    params[:4, 0], params[:4, 5] = torch.tensor([0.0, 1, 0, 1]), torch.tensor([0.0, 0, 1, 1])
+    want = _dali_twist([np.ascontiguousarray(v.permute(1, 2, 0).numpy()) for v in x], params.numpy())
+    got = colour_reference(x, params, *IDENTITY).permute(0, 2, 3, 1).numpy()
+    diff = np.abs(got - want.astype(np.float32))
+    assert diff.max() <= 1.0
+    assert (diff > 0).mean() < 1e-3, (diff > 0).mean()
+    assert np.array_equal(got[0], want[0].astype(np.float32))  # neither flag: the image itself
+
+
+def test_reference_normalizes_like_the_pipeline():
+    """mean/std: (x - mean) / std per channel, after the colour step."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (3, 3, 8, 9), dtype=torch.uint8, generator=gen)
+    params = _draws(3, gen)
+    mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+    raw = colour_reference(x, params, *IDENTITY)
+    norm = colour_reference(x, params, mean, std)
+    want = (raw - torch.tensor(mean)[None, :, None, None]) / torch.tensor(std)[None, :, None, None]
+    assert torch.allclose(norm, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_kernel_equals_the_reference(dtype):
+    """The kernel under the interpreter: a size that is not a multiple of its block, every
+    flag combination; float32 to float rounding, the half types to one unit of their last
+    place (the interpreter truncates to bfloat16 where a GPU rounds to nearest)."""
+    from mscn.cuda_kernels.colour_triton import colour_triton
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 256, (5, 3, 37, 53), dtype=torch.uint8, generator=gen)
+    params = _draws(5, gen, (0.8, 0.8, 0.8, 0.2))
+    params[:4, 0], params[:4, 5] = torch.tensor([0.0, 1, 0, 1]), torch.tensor([0.0, 0, 1, 1])
+    mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+    got = colour_triton(x, params.contiguous(), mean, std, dtype)
+    want = colour_reference(x, params, mean, std, torch.float32)
+    assert got.dtype == dtype and got.shape == x.shape
+    if dtype == torch.float32:
+        assert (got - want).abs().max() < 1e-5
+    else:
+        assert ((got.float() - want).abs() <= want.abs() * torch.finfo(dtype).eps + 1e-6).all()
+
+
+def test_colour_per_sample_refuses_what_it_cannot_colour():
+    x = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    p = torch.zeros(2, len(PARAMS))
+    with pytest.raises(MscnError, match="expects uint8"):
+        colour_per_sample(x.float(), p, *IDENTITY)
+    with pytest.raises(MscnError, match="expects uint8"):
+        colour_per_sample(x[:, :1], p, *IDENTITY)
+    with pytest.raises(MscnError, match=r"colour parameters of shape \(2, 5\)"):
+        colour_per_sample(x, p[:, :5], *IDENTITY)
+    assert torch.equal(colour_per_sample(x, p.reshape(-1), *IDENTITY), torch.zeros(2, 3, 4, 4))  # flat per sample
+
+
+def _run(pipe, names):
+    pipe.build()
+    return {k: torch.from_numpy(np.array(v.as_array())) for k, v in zip(names, pipe.run())}
+
+
+def test_the_handed_over_parameters_follow_the_flags_and_the_ranges(folder):
+    """The DALI graph with the colour left to the loader: the views leave DALI as uint8 CHW;
+    the parameters' flags are the drawn jitter and gray flags (debug outputs), their
+    factors lie in the configured ranges, and the flags' frequencies are the probabilities."""
+    cfg = tiny_cfg(folder)
+    view = dataclasses.replace(cfg.views[0], blur_prob=0.0, jitter_prob=0.8, grayscale_prob=0.2)
+    source = resolve_source(str(folder))
+    assert coloured_views([view], False, True) == (0,)
+    names = output_names(1, source, debug_outputs=True, coloured=(0,))
+    pipe = views_pipeline(source, [view], image_size=32, highpass=None, shuffle=True, batch_size=24, num_threads=1,
+                          device_id=None, seed=5, debug_outputs=True, colour_in_loader=True, prefetch_queue_depth=1)
+    pipe.build()
+    params, flags = [], []
+    for _ in range(10):
+        got = dict(zip(names, pipe.run()))
+        v = np.array(got["view0"].as_array())
+        assert v.dtype == np.uint8 and v.shape == (24, 3, 32, 32)
+        params.append(np.array(got["view0_colour"].as_array()))
+        flags.append(np.array(got["view0_flags"].as_array()))
+    p, f = np.concatenate(params), np.concatenate(flags)
+    assert p.shape == (240, 6) and p.dtype == np.float32
+    assert np.array_equal(p[:, 0], f[:, 1]) and np.array_equal(p[:, 5], f[:, 2])  # jitter, gray
+    for k, (lo, hi) in zip(range(1, 5), [(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-36.0, 36.0)]):
+        assert (p[:, k] >= lo).all() and (p[:, k] <= hi).all() and p[:, k].std() > (hi - lo) / 8, PARAMS[k]
+    for k, prob in ((0, 0.8), (5, 0.2)):
+        assert abs(p[:, k].mean() - prob) < 4 * math.sqrt(prob * (1 - prob) / 240), PARAMS[k]
+
+
+def test_the_loaders_colour_is_dalis_color_twist_on_the_handed_over_views(folder):
+    """The loader's step on what DALI hands over (a uint8 view and its drawn parameters)
+    equals DALI's own colour passes with those parameters on that view, to the rounding
+    ties: the whole colour step is checked on real draws, not only on chosen factors."""
+    cfg = tiny_cfg(folder)
+    view = dataclasses.replace(cfg.views[0], blur_prob=0.0, jitter_prob=0.8, grayscale_prob=0.5)
+    source = resolve_source(str(folder))
+    pipe = views_pipeline(source, [view], image_size=32, highpass=None, shuffle=True, batch_size=24, num_threads=1,
+                          device_id=None, seed=9, colour_in_loader=True)
+    got = _run(pipe, output_names(1, source, coloured=(0,)))
+    views, params = got["view0"], got["view0_colour"]
+    assert 0 < params[:, 0].sum() < 24 and 0 < params[:, 5].sum() < 24  # both flags, both ways
+    want = _dali_twist([np.ascontiguousarray(v.permute(1, 2, 0).numpy()) for v in views], params.numpy())
+    ours = colour_per_sample(views, params, *IDENTITY).permute(0, 2, 3, 1).numpy()
+    diff = np.abs(ours - want.astype(np.float32))
+    assert diff.max() <= 1.0 and (diff > 0).mean() < 1e-3
+
+
+def test_colour_where_rules(folder):
+    """Which views move (colour, and nothing DALI applies after it), the high-pass follows
+    them into the loader, an explicit highpass.where=pipeline and a typo are refused, and
+    the evaluation loaders move nothing."""
+    cfg = tiny_cfg(folder, "data.colour_where=loader", "data.blur_where=loader")
+    assert cfg.colour_in_loader(gpu=False) and cfg.colour_in_loader(gpu=True)
+    p = plan(cfg, "cpu")
+    assert p.colour_in_adapter and p.highpass_in_pipeline is None and p.highpass_in_adapter == (1.0, 7)
+    assert not plan(cfg, "cpu", views=[]).colour_in_adapter
+    assert not tiny_cfg(folder).colour_in_loader(gpu=True)  # pipeline is the default
+    # the default views blur (p 0.5): on the CPU path auto keeps the blur, and so the colour, in DALI
+    cpu_auto = tiny_cfg(folder, "data.colour_where=loader")
+    assert not cpu_auto.colour_in_loader(gpu=False) and cpu_auto.colour_in_loader(gpu=True)
+    v = cfg.views[0]
+    assert v.colour_movable(True) and not v.colour_movable(False)
+    assert dataclasses.replace(v, blur_prob=0.0).colour_movable(False)
+    assert not dataclasses.replace(v, solarize_prob=0.2).colour_movable(True)
+    assert not dataclasses.replace(v, jitter_prob=0.0, grayscale_prob=0.0).colour_movable(True)  # nothing to move
+    assert coloured_views([v, dataclasses.replace(v, solarize_prob=0.2)], True, True) == (0,)
+    with pytest.raises(ConfigError, match="colours the views after DALI"):
+        tiny_cfg(folder, "data.colour_where=loader", *(f"views.{i}.blur_prob=0" for i in range(4)),
+                 "highpass.where=pipeline")
+    with pytest.raises(ConfigError, match="data.colour_where.*must be pipeline or loader"):
+        tiny_cfg(folder, "data.colour_where=gpu")
+    with pytest.raises(ValueError, match="high-pass must run there"):
+        views_pipeline(resolve_source(str(folder)), cfg.views, image_size=32, highpass=(1.0, 7), batch_size=8,
+                       num_threads=1, device_id=None, blur_in_loader=True, colour_in_loader=True)
+
+
+def test_train_loader_with_the_colour_in_the_loader(folder):
+    """build_train_loader end to end: four coloured, blurred, high-passed, masked views; the
+    loader's state names the colour's place (a resume with the other place is refused)."""
+    cfg = tiny_cfg(folder, "train.global_batch=8", "data.colour_where=loader", "data.blur_where=loader")
+    loader = build_train_loader(cfg)
+    assert loader.colour == (0, 1, 2, 3) and sorted(loader.blur) == [0, 1, 2, 3]
+    batch = next(iter(loader))
+    assert len(batch.views) == 4 and all(v.shape == (8, 3, 32, 32) and v.dtype == torch.float32 for v in batch.views)
+    assert all(abs(v.mean().item()) < 0.1 for v in batch.views)  # high-passed: centred on 0
+    assert all(v.abs().mean() > 0.01 for v in batch.views)
+    assert loader.state_dict()["colour_where"] == "loader"
+    assert build_train_loader(tiny_cfg(folder, "train.global_batch=8")).state_dict()["colour_where"] == "pipeline"
+
+
+def _same_first_view(folder, device=None, extra=()):
+    """View 0 through build_train_loader with DALI's colour and with the loader's, every
+    random choice but the crop pinned (jitter and gray always, neutral jitter factors, a
+    flip always, no blur), so both draw the same crop: the index, and the views' difference."""
+    ov = ["train.global_batch=8", *extra, *(f"views.{i}.{k}" for i in range(4) for k in (
+        "jitter_prob=1.0", "grayscale_prob=1.0", "brightness=0", "contrast=0", "saturation=0", "hue=0",
+        "flip_prob=1.0", "blur_prob=0"))]
+    dali = next(iter(build_train_loader(tiny_cfg(folder, *ov), device=device, apply_mask=False)))
+    ours = next(iter(build_train_loader(tiny_cfg(folder, *ov, "data.colour_where=loader"), device=device,
+                                        apply_mask=False)))
+    assert torch.equal(dali.index.cpu(), ours.index.cpu())
+    return (ours.views[0].float() - dali.views[0].float()).abs(), ours
+
+
+def test_the_loader_gives_the_first_view_dali_would_give(folder):
+    """End to end on the CPU path (the loader's colour, normalization and high-pass against
+    DALI's twist, normalization and the high-pass): equal to float rounding, or one level
+    on a rounding tie, through the high-pass."""
+    diff, _ = _same_first_view(folder)
+    bound = 2 * 1.0 / min(tiny_cfg(folder).data.std) + 1e-4  # one level, doubled by x - blur(x)
+    assert diff.max() <= bound and diff.mean() < 1e-3, (diff.max(), diff.mean())
+
+
+@pytest.mark.gpu
+def test_the_gpu_kernel_equals_the_reference():
+    from mscn.cuda_kernels.colour_triton import colour_triton
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (8, 3, 224, 224), dtype=torch.uint8, generator=gen)
+    params = _draws(8, gen, (0.8, 0.8, 0.8, 0.2))
+    mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+    want = colour_reference(x, params, mean, std)
+    got = colour_triton(x.cuda(), params.cuda().contiguous(), mean, std, torch.float32).cpu()
+    # the GPU's fused multiply-adds may move a value across a rounding tie: one level, rarely
+    diff = (got - want).abs()
+    assert (diff > 1e-4).float().mean() < 1e-4 and diff.max() <= 1.0 / min(std) + 1e-4
+
+
+@pytest.mark.gpu
+def test_the_gpu_loader_gives_the_first_view_dali_would_give(folder):
+    """The same on the GPU path: DALI's GPU twist against the kernel, float16 views."""
+    diff, ours = _same_first_view(folder, torch.device("cuda", 0), ["data.output_dtype=float16"])
+    assert ours.views[0].is_cuda and ours.views[0].dtype == torch.float16
+    bound = 2 * 1.0 / min(tiny_cfg(folder).data.std) + 8e-3
+    assert diff.max() <= bound and diff.mean() < 8e-3, (diff.max(), diff.mean())
