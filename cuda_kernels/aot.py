@@ -162,8 +162,8 @@ def launches(recipes=RECIPES, dtypes=tuple(DTYPES), layouts=("nchw", "nhwc"), in
                         t = table if noise else _no_noise(table)
                         out.append(("fill", tag, fill_launch(x, y, t)))
         # the colour kernel (data.colour_where=loader): uint8 views in, each output dtype
-        u8 = torch.empty(BATCH, 3, size, size, dtype=torch.uint8)
-        params = torch.empty(BATCH, 6, dtype=torch.float32)
+        u8 = torch.empty(BATCH, size, size, 3, dtype=torch.uint8)  # DALI's HWC crops
+        params = torch.empty(BATCH, 7, dtype=torch.float32)
         for dt in dtypes:
             y = torch.empty(BATCH, 3, size, size, dtype=DTYPES[dt])
             out.append(("colour", f"{name} {size}px {dt}", colour_launch(u8, params, y, cfg.data.mean, cfg.data.std)))

@@ -1,17 +1,20 @@
 """Triton kernel of the loader's colour step (paper App. A.1; ``mscn.colour``), one pass.
 
-One program handles ``BLOCK`` pixels of one sample: it reads the three uint8 channels,
-builds that sample's jitter matrix from its six parameters (a few dozen scalar flops, so
+One program handles ``BLOCK`` output pixels of one sample. It reads each pixel's three
+uint8 channels from the HWC crop, from the mirrored column where the sample's flip flag
+is set, builds that sample's jitter matrix from its numbers (a few dozen scalar flops, so
 no matrix ever goes through memory and the step is one launch per view), applies the
-jitter and the grayscale where their flags are set, each rounded and clamped to uint8
-as DALI's ``fn.color_twist`` does, then writes ``(x - mean) / std`` in the output dtype.
-Memory traffic: 3 bytes read and 3 values written per pixel.
+jitter and the grayscale where their flags are set, each rounded and clamped to uint8 as
+DALI's ``fn.color_twist`` does, then writes ``(x - mean) / std`` in CHW and the output
+dtype: DALI's ``crop_mirror_normalize`` pass is folded in too. Memory traffic: 3 bytes
+read and 3 values written per pixel.
 
 Semantics are those of ``mscn.colour.colour_reference``. Under ``TRITON_INTERPRET=1``
 (set before import) the same kernel runs on CPU tensors, which is how CI tests it.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -33,23 +36,29 @@ def _round_sat(v):
 
 
 @triton.jit
-def _colour_kernel(x_ptr, p_ptr, out_ptr, hw,
+def _colour_kernel(x_ptr, p_ptr, out_ptr, hw, width,
                    mean0, mean1, mean2, inv0, inv1, inv2,
                    a00, a01, a02, a10, a11, a12, a20, a21, a22,
                    q00, q01, q02, q10, q11, q12, q20, q21, q22,
                    deg2rad, half_range,
                    NPARAM: tl.constexpr, BLOCK: tl.constexpr):
     # a = YIQ2RGB, q = RGB2YIQ (DALI's constants, passed in so that they live in one place)
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(0).to(tl.int64)  # the batch on axis 0: no 65,535 limit there
+    pid = tl.program_id(1)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     keep = offs < hw
-    base = b * 3 * hw
-    r = tl.load(x_ptr + base + offs, mask=keep, other=0).to(tl.float32)
-    g = tl.load(x_ptr + base + hw + offs, mask=keep, other=0).to(tl.float32)
-    bl = tl.load(x_ptr + base + 2 * hw + offs, mask=keep, other=0).to(tl.float32)
+    base = b * 3 * hw  # the same for the HWC crop and the CHW view: 3 values per pixel
 
     pp = p_ptr + b * NPARAM
+    # the flip: read column width-1-w of the crop for output column w
+    row = offs // width
+    col = offs - row * width
+    col = tl.where(tl.load(pp + 6) > 0.5, width - 1 - col, col)
+    src = x_ptr + base + (row * width + col) * 3
+    r = tl.load(src, mask=keep, other=0).to(tl.float32)
+    g = tl.load(src + 1, mask=keep, other=0).to(tl.float32)
+    bl = tl.load(src + 2, mask=keep, other=0).to(tl.float32)
+
     jit = tl.load(pp + 0)
     bri = tl.load(pp + 1)
     con = tl.load(pp + 2)
@@ -102,8 +111,8 @@ def _colour_kernel(x_ptr, p_ptr, out_ptr, hw,
 
 def kernel_unsupported(x: torch.Tensor, dtype: torch.dtype) -> str | None:
     """Why the kernel cannot take ``x`` (None: it can)."""
-    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
-        return f"{tuple(x.shape)} {x.dtype} (needs uint8 (B, 3, H, W))"
+    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[3] != 3:
+        return f"{tuple(x.shape)} {x.dtype} (needs uint8 (B, H, W, 3))"
     if not x.is_contiguous():
         return "a non-contiguous view"
     if dtype not in DTYPES:
@@ -113,24 +122,28 @@ def kernel_unsupported(x: torch.Tensor, dtype: torch.dtype) -> str | None:
 
 def colour_launch(x: torch.Tensor, params: torch.Tensor, out: torch.Tensor, mean, std) -> Launch:
     """The launch that fills ``out`` (pure: no device checks, for mscn.cuda_kernels.aot too)."""
-    b, _, h, w = x.shape
+    b, h, w, _ = x.shape
     hw = h * w
     consts = [float(v) for row in YIQ2RGB for v in row] + [float(v) for row in RGB2YIQ for v in row]
-    args = (x, params, out, hw, *(float(m) for m in mean), *(1.0 / float(s) for s in std),
+    args = (x, params, out, hw, w, *(float(m) for m in mean), *(1.0 / float(s) for s in std),
             *consts, math.pi / 180.0, HALF_RANGE)
-    return Launch(_colour_kernel, (triton.cdiv(hw, BLOCK), b), args, {"NPARAM": len(PARAMS), "BLOCK": BLOCK})
+    return Launch(_colour_kernel, (b, triton.cdiv(hw, BLOCK)), args, {"NPARAM": len(PARAMS), "BLOCK": BLOCK})
 
 
 def colour_triton(x: torch.Tensor, params: torch.Tensor, mean, std, dtype=torch.float32) -> torch.Tensor:
-    """``mscn.colour.colour_reference`` as one kernel launch. ``params``: (B, 6) float32 on
-    ``x``'s device."""
+    """``mscn.colour.colour_reference`` as one kernel launch: uint8 (B, H, W, 3) crops ``x``
+    -> (B, 3, H, W) views in ``dtype``. ``params``: (B, 7) float32 on ``x``'s device."""
     why = kernel_unsupported(x, dtype)
     if why is not None:
         raise MscnError(f"colour kernel: cannot take {why}")
     if params.device != x.device or params.dtype != torch.float32 or not params.is_contiguous():
         raise MscnError(f"colour kernel: parameters must be contiguous float32 on {x.device}, "
                         f"got {params.dtype} on {params.device}")
-    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    b, h, w, _ = x.shape
+    out = torch.empty((b, 3, h, w), dtype=dtype, device=x.device)
     if x.numel():
-        colour_launch(x, params, out, mean, std)()
+        # Triton launches on the current device: make it x's (a process that never called
+        # torch.cuda.set_device, with views on another GPU), as the mask kernels do
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            colour_launch(x, params, out, mean, std)()
     return out

@@ -4,9 +4,9 @@
 Why: the pipeline's colour stage is where it loses. On an H200 decode + crop + flip +
 normalize ran at 81 % of decode-only and adding the colour, grayscale and blur stages
 dropped it to 22-30 % (docs/PERFORMANCE.md, round 1); the pipeline alone is host-bound
-(its GPU was busy 9.5 of 22.1 ms per batch in round 4). Moved here, DALI only decodes,
-crops and flips, and hands over a uint8 view and six numbers per sample; one kernel
-per view then applies the colour, the grayscale and the normalization in one pass.
+(its GPU was busy 9.5 of 22.1 ms per batch in round 4). Moved here, DALI only decodes
+and crops, and hands over the uint8 HWC crop and seven numbers per sample; one kernel per
+view then flips, colours, grays, normalizes and transposes it to CHW in one pass.
 
 The same arithmetic as DALI's ``fn.color_twist`` (``ColorTwistBase::DetermineTransformation``
 in DALI's source): per sample a 3x3 matrix and an offset,
@@ -15,15 +15,18 @@ in DALI's source): per sample a 3x3 matrix and an offset,
 
 with DALI's YIQ constants (:data:`RGB2YIQ`, :data:`YIQ2RGB`), the result rounded and
 clamped to uint8; grayscale is the same op with saturation 0 (Y = 0.299 R + 0.587 G +
-0.114 B, scaled by YIQ2RGB's first column, 0.9997-1.0028, per channel), rounded again; then ``(x - mean) / std``. Contrast is
-taken around 128, not the image mean (docs/PIPELINE.md). Rounding is half away from
-zero, as DALI's CPU operator (``std::round``); DALI's GPU operator rounds half to even,
-which differs only on exact ties.
+0.114 B, scaled by YIQ2RGB's first column, 0.9997-1.0028, per channel), rounded again;
+then ``(x - mean) / std``. Contrast is taken around 128, not the image mean
+(docs/PIPELINE.md). Rounding is half away from zero, as DALI's CPU operator's
+(``std::round``; its GPU operator rounds half to even). A value within float rounding of
+a half level may still land one level away from DALI's, as the two sum the products in
+another order: below 0.1 % of the pixels (tests/test_pipeline_colour.py).
 
 What DALI hands over per sample, ``view{i}_colour``: float32 ``(jitter, brightness,
-contrast, saturation, hue in degrees, gray)`` (:data:`PARAMS`); a flag is 1.0 where the
-step applies. The factors are drawn for every sample (cheap), so no conditional is left
-in DALI's graph.
+contrast, saturation, hue in degrees, gray, flip)`` (:data:`PARAMS`); a flag is 1.0 where
+the step applies. The factors are drawn for every sample (cheap), so no conditional is
+left in DALI's graph. The flip (a mirror of the columns) commutes with every per-pixel
+step, so applying it while reading the crop gives DALI's ``crop_mirror_normalize`` result.
 
 Where it may run: a view with nothing after the colour in DALI's graph. Its blur must
 have moved to the loader too (``data.blur_where``) or be absent, and no solarize may
@@ -40,7 +43,7 @@ import numpy as np
 import torch
 
 
-PARAMS = ("jitter", "brightness", "contrast", "saturation", "hue", "gray")  # view{i}_colour, in order
+PARAMS = ("jitter", "brightness", "contrast", "saturation", "hue", "gray", "flip")  # view{i}_colour, in order
 # DALI's RGB -> YIQ matrix (color_twist.h) and its exact inverse: DALI 2.4's operator maps
 # neutral factors to the identity (probed with float images: its matrices equal these
 # products to 2e-7), where DALI 1.x used an inverse rounded to three digits
@@ -80,10 +83,12 @@ def _round_sat(x: torch.Tensor) -> torch.Tensor:
 
 
 def colour_reference(x: torch.Tensor, params: torch.Tensor, mean, std, dtype=torch.float32) -> torch.Tensor:
-    """uint8 NCHW RGB views ``x`` -> jittered (where ``params[:, 0]``), grayed (where
-    ``params[:, 5]``), normalized views in ``dtype``: the plain-torch reference."""
+    """uint8 (B, H, W, 3) RGB crops ``x`` -> (B, 3, H, W) views in ``dtype``: mirrored where
+    ``params[:, 6]``, jittered where ``params[:, 0]``, grayed where ``params[:, 5]``, then
+    normalized. The plain-torch reference."""
     params = params.float().to(x.device)
-    y = x.float()
+    y = x.permute(0, 3, 1, 2).float()
+    y = torch.where(params[:, 6, None, None, None] > 0.5, y.flip(-1), y)
     m, off = twist_matrices(params)
     jit = torch.einsum("bij,bjhw->bihw", m, y) + off[:, None, None, None]
     y = torch.where(params[:, 0, None, None, None] > 0.5, _round_sat(jit), y)
@@ -91,4 +96,4 @@ def colour_reference(x: torch.Tensor, params: torch.Tensor, mean, std, dtype=tor
     y = torch.where(params[:, 5, None, None, None] > 0.5, _round_sat(gray), y)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device)[None, :, None, None]
     std_t = torch.tensor(std, dtype=torch.float32, device=x.device)[None, :, None, None]
-    return ((y - mean_t) / std_t).to(dtype)
+    return ((y - mean_t) / std_t).to(dtype).contiguous()

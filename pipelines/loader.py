@@ -4,10 +4,11 @@ Everything DALI-shaped stops here (the ``DALIWrapper`` pattern of DALI's example
 the trainer never indexes ``data[0]["view0"]``. Per batch the adapter
 
 1. takes the views (NCHW, on the pipeline's device); with ``data.colour_where=loader``
-   applies the colour jitter and grayscale DALI left out and normalizes (App. A.1,
-   ``mscn.colour``); with ``data.blur_where=loader`` blurs the views DALI left
-   unblurred, each sample with its own σ (App. A.1, ``mscn.blur``); on the CPU path (or with ``highpass.where=loader``) applies the
-   high-pass (paper §5.1) as matrix products (``highpass_matmul``; docs/PIPELINE.md says why);
+   flips, colour-jitters, grays and normalizes the crops DALI handed over as they are
+   (App. A.1, ``mscn.colour``); with ``data.blur_where=loader`` blurs the views DALI left
+   unblurred, each sample with its own σ (App. A.1, ``mscn.blur``); on the CPU path (or
+   with ``highpass.where=loader``) applies the high-pass (paper §5.1) as matrix products
+   (``highpass_matmul``; docs/PIPELINE.md says why);
 2. casts to the output dtype (bfloat16 only here: DALI has no bfloat16);
 3. maps sample index -> label for file readers (their one integer is the index);
 4. applies the masks (paper §5.2: masking comes after every other augmentation)
@@ -77,9 +78,9 @@ class DaliLoader:
     device: where the batch should live (the pipeline's device if None). blur: view index
     -> (radius, window) for the views whose blur this adapter applies (their σ comes as
     ``view{i}_sigma``; ``data.blur_where=loader``), before the high-pass. colour: the views
-    DALI hands over as flipped uint8 images with their colour parameters
-    (``view{i}_colour``; ``data.colour_where=loader``), coloured and normalized with
-    ``mean``/``std`` here first, into ``colour_dtype`` (what DALI emits for the others).
+    DALI hands over as uint8 HWC crops with their colour and flip numbers
+    (``view{i}_colour``; ``data.colour_where=loader``), flipped, coloured and normalized
+    with ``mean``/``std`` here first, into ``colour_dtype`` (what DALI emits for the others).
     """
 
     def __init__(self, pipeline, source: Source, num_views: int, *, policy: LastBatchPolicy,
@@ -155,7 +156,7 @@ class DaliLoader:
             views = [v.to(dev, non_blocking=dev.type == "cuda") for v in views]
         if self.colour:  # imported here, as the masks are: mscn.cuda_kernels loads Triton
             from mscn.cuda_kernels.colour import colour_per_sample
-        for i in self.colour:  # uint8 -> coloured and normalized, in the dtype DALI gives the other views
+        for i in self.colour:  # uint8 HWC -> CHW, coloured and normalized, in the dtype DALI gives the others
             views[i] = colour_per_sample(views[i], out[f"view{i}_colour"], self.mean, self.std, self.colour_dtype)
         # float16 stays float16 on a GPU (see dali_dtype); the blur comes first (App. A.1
         # blurs the image, §5.1 high-passes the result)

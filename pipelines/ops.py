@@ -74,7 +74,7 @@ class ViewFlags:
     solarize: DataNode
     crop_area: DataNode | None  # crop area / image area (None for the fused crop, which hides it)
     blur_sigma: DataNode | None = None  # a deferred blur's σ per sample, 0 where not blurred
-    colour: DataNode | None = None  # a deferred colour step's (6,) parameters per sample (mscn.colour.PARAMS)
+    colour: DataNode | None = None  # a deferred colour step's (7,) numbers per sample (mscn.colour.PARAMS)
 
 
 def resized_crop(images: DataNode, shape: DataNode, size: int, scale, ratio,
@@ -193,18 +193,19 @@ def colour_deferred(view: ViewCfg, blur_in_loader: bool, colour_in_loader: bool)
     return colour_in_loader and view.colour_movable(blur_in_loader)
 
 
-def deferred_colour(view: ViewCfg) -> tuple[DataNode, DataNode, DataNode]:
-    """(jitter flag, gray flag, parameters) of a colour step the loader applies: the
-    parameters are float32 ``(jitter, brightness, contrast, saturation, hue in degrees,
-    gray)`` per sample (mscn.colour.PARAMS), the factors drawn as :func:`colour` draws them,
-    for every sample and outside any conditional (the flags say where they apply)."""
+def deferred_colour(view: ViewCfg) -> tuple[DataNode, DataNode, list[DataNode]]:
+    """(jitter flag, gray flag, numbers) of a colour step the loader applies: the numbers are
+    float32 ``jitter, brightness, contrast, saturation, hue in degrees, gray`` per sample
+    (the first six of mscn.colour.PARAMS; :func:`augment_view` appends the flip), the
+    factors drawn as :func:`colour` draws them, for every sample and outside any
+    conditional (the flags say where they apply)."""
     jit, gray = coin(view.jitter_prob), coin(view.grayscale_prob)
     on = fn.cast(jit, dtype=types.FLOAT)
     f = _jitter_factors(view)
     # a strength of 0 gives a constant factor: as a node (times 0 plus it) for the stack
     factors = [v if isinstance(v, DataNode) else on * 0.0 + v
                for v in (f["brightness"], f["contrast"], f["saturation"], f["hue"])]
-    return jit, gray, fn.stack(on, *factors, fn.cast(gray, dtype=types.FLOAT))
+    return jit, gray, [on, *factors, fn.cast(gray, dtype=types.FLOAT)]
 
 
 def augment_view(images: DataNode, shape: DataNode, view: ViewCfg, size: int,
@@ -214,14 +215,15 @@ def augment_view(images: DataNode, shape: DataNode, view: ViewCfg, size: int,
 
     ``defer_blur`` (see :func:`blur_deferred`): the view is not blurred here; its per-sample
     σ is returned in ``ViewFlags.blur_sigma`` for the loader. ``defer_colour`` (see
-    :func:`colour_deferred`): nor coloured; its parameters are in ``ViewFlags.colour``.
+    :func:`colour_deferred`): nor coloured, and the loader flips it too: its seven numbers
+    per sample (mscn.colour.PARAMS, the flip last) are in ``ViewFlags.colour``.
     """
     x, area = resized_crop(images, shape, size, view.scale, view.ratio, crop_op)
-    colour_params = None
+    colour_numbers = None
     if defer_colour:
         if view.solarize_prob > 0 or (view.blur_prob > 0 and not defer_blur):
             raise ValueError("a colour step followed by DALI's blur or solarize cannot move to the loader")
-        jit, gray, colour_params = deferred_colour(view)
+        jit, gray, colour_numbers = deferred_colour(view)
     else:
         x, jit, gray = colour(x, view)
     sigma = None
@@ -232,8 +234,10 @@ def augment_view(images: DataNode, shape: DataNode, view: ViewCfg, size: int,
     else:
         x, blur = _maybe(view.blur_prob, x, lambda v: gaussian_blur(v, view))
     x, sol = _maybe(view.solarize_prob, x, solarize)
-    return x, ViewFlags(flip=coin(view.flip_prob), jitter=jit, gray=gray, blur=blur, solarize=sol, crop_area=area,
-                        blur_sigma=sigma, colour=colour_params)
+    flip = coin(view.flip_prob)  # drawn last, as always: the default graph's seeds stay where they were
+    handed = fn.stack(*colour_numbers, fn.cast(flip, dtype=types.FLOAT)) if colour_numbers else None
+    return x, ViewFlags(flip=flip, jitter=jit, gray=gray, blur=blur, solarize=sol, crop_area=area,
+                        blur_sigma=sigma, colour=handed)
 
 
 def normalize(x: DataNode, mean, std, flip: DataNode | int = 0, dtype=types.FLOAT,
@@ -252,13 +256,6 @@ def highpass(x: DataNode, sigma: float, window: int) -> DataNode:
     already-normalized float image; the views use :func:`normalize_highpass`.
     """
     return x - fn.gaussian_blur(x, sigma=sigma, window_size=window)
-
-
-def flip_chw_uint8(x: DataNode, flip) -> DataNode:
-    """HWC -> CHW uint8 with the horizontal flip, nothing else: the view a loader that
-    colours and normalizes it takes (``data.colour_where=loader``); one pass, as
-    :func:`normalize`'s."""
-    return fn.crop_mirror_normalize(x, mean=[0.0], std=[1.0], mirror=flip, output_layout="CHW", dtype=types.UINT8)
 
 
 def normalize_highpass(x: DataNode, mean, std, flip, hp: tuple[float, int] | None, output_dtype: str,

@@ -7,8 +7,8 @@ applied here: the loader applies them to the output tensors (cuda_kernels/).
 Outputs, in order (see :func:`output_names`): ``view0 .. view{N-1}`` (CHW, float),
 then ``label`` when the reader carries labels (tar shards), then ``index``; a view whose
 blur the loader applies (``data.blur_where=loader``) adds ``view{i}_sigma`` (float, 0 where
-not blurred), one whose colour it applies (``data.colour_where=loader``) is uint8 and adds
-``view{i}_colour`` (float, (6,): mscn.colour.PARAMS); with ``debug_outputs`` each view adds ``view{i}_flags`` (int32: flip,
+not blurred), one whose colour it applies (``data.colour_where=loader``) is the cropped
+uint8 HWC image, unflipped, and adds ``view{i}_colour`` (float, (7,): mscn.colour.PARAMS); with ``debug_outputs`` each view adds ``view{i}_flags`` (int32: flip,
 jitter, gray, blur, solarize) and ``view{i}_area`` (crop area fraction), for tests and
 statistics.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 from nvidia.dali import fn, pipeline_def, types
 
 from mscn.config import IMAGENET_MEAN, IMAGENET_STD, ViewCfg
-from mscn.pipelines.ops import augment_view, blur_deferred, colour_deferred, decode, flip_chw_uint8, normalize_highpass
+from mscn.pipelines.ops import augment_view, blur_deferred, colour_deferred, decode, normalize_highpass
 from mscn.pipelines.readers import Source, read
 
 FLAG_NAMES = ("flip", "jitter", "gray", "blur", "solarize")
@@ -76,8 +76,8 @@ def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 22
     not blurred here but hand their σ to the loader, which blurs and then high-passes them,
     so ``highpass`` must then be None (the high-pass must see the blurred view).
     ``colour_in_loader`` (``data.colour_where=loader``): the views of :func:`coloured_views`
-    leave DALI as flipped uint8 CHW images with their colour parameters, and the loader
-    colours, normalizes, blurs and high-passes them (``highpass`` None here too).
+    leave DALI as the crops themselves (uint8 HWC) with their colour and flip numbers, and
+    the loader flips, colours, normalizes, blurs and high-passes them (``highpass`` None here too).
     """
     deferred = deferred_views(views, blur_in_loader)
     coloured = coloured_views(views, blur_in_loader, colour_in_loader)
@@ -99,11 +99,11 @@ def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 22
     for i, view in enumerate(views):  # trace time: one branch of the graph per view
         x, flags = augment_view(images, shape, view, image_size, crop_op, defer_blur=i in deferred,
                                 defer_colour=i in coloured)
-        flip = fn.cast(flags.flip, dtype=types.INT32)
-        if i in coloured:  # the loader normalizes it after the colour step
-            outputs.append(flip_chw_uint8(x, flip))
+        if i in coloured:  # the crop as it is: the loader's kernel flips, colours, normalizes and transposes it
+            outputs.append(x)
         else:
-            outputs.append(normalize_highpass(x, mean, std, flip, highpass, view_dtype))
+            outputs.append(normalize_highpass(x, mean, std, fn.cast(flags.flip, dtype=types.INT32), highpass,
+                                              view_dtype))
         if i in deferred:  # on the views' device, so that the loader builds its matrices there without a copy
             outputs.append(flags.blur_sigma.gpu() if device == "gpu" else flags.blur_sigma)
         if i in coloured:  # likewise: the colour kernel reads them on the device
