@@ -144,10 +144,12 @@ part3() {  # this round's A/B and probes, most needed first, within MSCN_GPU_BUD
   run masks 60 $PY scripts/bench_masks.py --json "$R/masks.json"
   # the pipeline (masks: the new GPU default, blur and high-pass as GEMMs in the loader)
   # against the round-4 default (masks-blur-dali), the colour in the loader too (DALI then
-  # only decodes, crops and flips: round 1's colour stage cost 81 % -> 22-30 % of decode-only)
-  # and the plain DALI pipeline, profiled
-  run bench 140 $PY scripts/bench_pipeline.py --data "$DATA/train" \
-      --stages decode,masks,masks-blur-dali,masks-colour-loader --baseline dali-plain \
+  # only decodes and crops: round 1's colour stage cost 81 % -> 22-30 % of decode-only),
+  # the bare graph (decode, crop, flip, normalize: what masks-colour-loader can approach
+  # at best, unless DALI's per-sample draws cost the host too) and the plain DALI
+  # pipeline, profiled
+  run bench 150 $PY scripts/bench_pipeline.py --data "$DATA/train" \
+      --stages decode,bare,masks,masks-blur-dali,masks-colour-loader --baseline dali-plain \
       --profile /tmp/mscn_profile --profile-rows masks-blur-dali,masks-colour-loader --json "$R/bench.json"
   # the trainer: the barest feed (the floor), the default, the round-4 default, the
   # outputs held longer and the batches taken by a thread; each row with its host time per
