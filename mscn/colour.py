@@ -54,7 +54,7 @@ HALF_RANGE = 128.0  # DALI's contrast centre for integer images
 
 def twist_matrices(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 3, 3) matrices and (B,) offsets of the jitter, in float32 and DALI's order of
-    products (left to right), from the (B, 6) ``params``."""
+    products (left to right), from the (B, 7) ``params`` (:data:`PARAMS`)."""
     p = params.float()
     b, c, s, h = p[:, 1], p[:, 2], p[:, 3], p[:, 4]
     n = p.shape[0]

@@ -4,8 +4,8 @@ Everything DALI-shaped stops here (the ``DALIWrapper`` pattern of DALI's example
 the trainer never indexes ``data[0]["view0"]``. Per batch the adapter
 
 1. takes the views (NCHW, on the pipeline's device); with ``data.colour_where=loader``
-   flips, colour-jitters, grays and normalizes the crops DALI handed over as they are
-   (App. A.1, ``mscn.colour``); with ``data.blur_where=loader`` blurs the views DALI left
+   DALI hands some over as uint8 HWC crops, which it flips, colour-jitters, grays,
+   normalizes and transposes to NCHW (App. A.1, ``mscn.colour``); with ``data.blur_where=loader`` blurs the views DALI left
    unblurred, each sample with its own σ (App. A.1, ``mscn.blur``); on the CPU path (or
    with ``highpass.where=loader``) applies the high-pass (paper §5.1) as matrix products
    (``highpass_matmul``; docs/PIPELINE.md says why);

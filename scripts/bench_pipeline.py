@@ -64,7 +64,7 @@ STAGES = ("decode", "bare", "colour", "views", "highpass", "masks", "masks-hp-la
 # data.stream_policy=per_operator); the loader holding DALI's outputs two batches longer
 # (DaliLoader.hold: does handing the buffers back wait for the trainer's kernels?); the
 # colour jitter and grayscale in the loader too, with the blur and the high-pass
-# (data.colour_where=loader: DALI only decodes, crops and flips; mscn/colour.py)
+# (data.colour_where=loader: DALI only decodes and crops; mscn/colour.py)
 VARIANTS = ("masks-hp-late", "masks-hp-loader", "masks-blur-loader", "masks-blur-dali", "masks-crop-window",
             "masks-concurrent", "masks-hold", "masks-colour-loader")
 HOLD_BATCHES = 2  # masks-hold

@@ -97,7 +97,8 @@ part1() {
   [ -d "$DATA/train" ] || run synth 120 $PY -P -m mscn data synth "$DATA" --classes 10 --per-class 300 --size 500x375 --seed 0
   # GPU tests, the kernels against their references (compiled), the table kernel's statistics
   run tests 240 $PY -P -m pytest -q -s tests/test_pipeline_gpu.py tests/test_pipeline_executor.py tests/test_mask_kernel.py \
-      tests/test_masks.py tests/test_pipeline_highpass.py tests/test_pipeline_blur.py tests/test_h2d.py tests/test_train_lars.py
+      tests/test_masks.py tests/test_pipeline_highpass.py tests/test_pipeline_blur.py tests/test_h2d.py tests/test_train_lars.py \
+      tests/test_pipeline_colour.py tests/test_loader_hold.py
   run pipeline 120 $PY scripts/gpu_pipeline_check.py --data "$DATA/train" --json "$R/pipeline.json"
   run masks 120 $PY scripts/bench_masks.py --json "$R/masks.json"
   run bench 240 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages decode,bare,colour,views,highpass,masks,masks-blur-dali,masks-hp-late,masks-hp-loader \

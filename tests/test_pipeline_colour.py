@@ -27,21 +27,23 @@ def folder(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp("colour"), classes=2, per_class=12)  # 24 images
 
 
-def _dali_twist(images: list[np.ndarray], params: np.ndarray) -> np.ndarray:
-    """DALI's CPU ``fn.color_twist`` with each sample's factors where its jitter flag is set,
-    then ``saturation=0`` where its gray flag is: the two passes of ops.colour, by DALI."""
+def _dali_twist(images: list[np.ndarray], params: np.ndarray, gpu: bool = False) -> np.ndarray:
+    """DALI's ``fn.color_twist`` (its CPU operator, or with ``gpu`` its GPU one) with each
+    sample's factors where its jitter flag is set, then ``saturation=0`` where its gray flag
+    is: the two passes of ops.colour, by DALI."""
     n = len(images)
 
-    @pipeline_def(batch_size=n, num_threads=1, device_id=None)
+    @pipeline_def(batch_size=n, num_threads=1, device_id=0 if gpu else None)
     def twist():
         x = fn.external_source(source=lambda: images, layout="HWC")
+        x = x.gpu() if gpu else x
         p = fn.external_source(source=lambda: [np.ascontiguousarray(r) for r in params])
         y = fn.color_twist(x, brightness=p[1], contrast=p[2], saturation=p[3], hue=p[4])
         return y, fn.color_twist(x, saturation=0.0), fn.color_twist(y, saturation=0.0)
 
     pipe = twist()
     pipe.build()
-    jit, gray, both = (np.stack([np.array(t) for t in out]) for out in pipe.run())
+    jit, gray, both = (np.stack([np.array(t) for t in (out.as_cpu() if gpu else out)]) for out in pipe.run())
     plain = np.stack(images)
     out = []
     for b in range(n):
@@ -95,8 +97,9 @@ def test_reference_equals_dalis_color_twist(strength):
     assert np.array_equal(got[1], x[1].numpy().astype(np.float32))  # only the flip, undone above
 
 
-def test_reference_normalizes_like_the_pipeline():
-    """mean/std: (x - mean) / std per channel, after the colour step."""
+def test_reference_normalizes_after_the_colour_step():
+    """mean/std: (x - mean) / std per channel, applied after the colour step (DALI's
+    normalization itself is compared end to end, in the first-view tests below)."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randint(0, 256, (3, 8, 9, 3), dtype=torch.uint8, generator=gen)
     params = _draws(3, gen)
@@ -294,7 +297,8 @@ def test_the_loader_gives_the_first_view_dali_would_give(folder):
 
 
 @pytest.mark.gpu
-def test_the_gpu_kernel_equals_the_reference():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_gpu_kernel_equals_the_reference(dtype):
     from mscn.cuda_kernels.colour_triton import colour_triton
 
     gen = torch.Generator().manual_seed(3)
@@ -302,10 +306,35 @@ def test_the_gpu_kernel_equals_the_reference():
     params = _draws(8, gen, (0.8, 0.8, 0.8, 0.2))
     mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
     want = colour_reference(x, params, mean, std)
-    got = colour_triton(x.cuda(), params.cuda().contiguous(), mean, std, torch.float32).cpu()
-    # the GPU's fused multiply-adds may move a value near a half level by one level, rarely
-    diff = (got - want).abs()
-    assert (diff > 1e-4).float().mean() < 1e-4 and diff.max() <= 1.0 / min(std) + 1e-4
+    got = colour_triton(x.cuda(), params.cuda().contiguous(), mean, std, dtype).cpu()
+    assert got.dtype == dtype and got.shape == (8, 3, 224, 224)
+    # the GPU's fused multiply-adds may move a value near a half level by one level, rarely;
+    # the half types round to nearest on a GPU: half a unit of their last place
+    tol = 1e-4 if dtype == torch.float32 else want.abs() * torch.finfo(dtype).eps / 2 + 1e-6
+    diff = (got.float() - want).abs()
+    off = diff > tol
+    assert off.float().mean() < 1e-4 and (diff <= 1.0 / min(std) + 2 * tol)[off].all()
+
+
+@pytest.mark.gpu
+def test_the_gpu_kernel_is_dalis_gpu_color_twist_on_the_gpu_pipelines_draws(folder):
+    """The GPU pipeline's own crops and numbers: the kernel against DALI's GPU color_twist
+    with those numbers (which rounds half to even where the kernel rounds half away from
+    zero): one level apart on under 0.1 % of the pixels at most."""
+    cfg = tiny_cfg(folder)
+    view = dataclasses.replace(cfg.views[0], blur_prob=0.0, jitter_prob=0.8, grayscale_prob=0.5, flip_prob=0.5)
+    source = resolve_source(str(folder))
+    pipe = views_pipeline(source, [view], image_size=64, highpass=None, shuffle=True, batch_size=24, num_threads=2,
+                          device="gpu", device_id=0, seed=9, colour_in_loader=True)
+    pipe.build()
+    names = output_names(1, source, coloured=(0,))
+    got = {k: np.stack([np.array(t) for t in v.as_cpu()]) for k, v in zip(names, pipe.run())}
+    crops, params = torch.from_numpy(got["view0"]), torch.from_numpy(got["view0_colour"])
+    assert crops.shape == (24, 64, 64, 3) and params.shape == (24, 7)
+    want = _dali_twist(_hwc(crops), params.numpy(), gpu=True)
+    ours = _unflip(colour_per_sample(crops.cuda(), params.cuda(), *IDENTITY).cpu(), params)
+    diff = np.abs(ours - want.astype(np.float32))
+    assert diff.max() <= 1.0 and (diff > 0).mean() < 1e-3
 
 
 @pytest.mark.gpu
