@@ -284,3 +284,15 @@ class Config:
         views = self.views if views is None else views
         blur = self.blur_in_loader(gpu, views)
         return self.data.colour_where == "loader" and any(v.colour_movable(blur) for v in views)
+
+    def colour_where_note(self, gpu: bool) -> str | None:
+        """One line for a run whose ``data.colour_where=loader`` moves no view's colour on
+        this path (GPU: ``gpu``), saying why, so that the setting does not look applied."""
+        if self.data.colour_where != "loader" or self.colour_in_loader(gpu):
+            return None
+        where = self.blur_where_on(gpu)
+        if where != "loader" and any(v.blur_prob > 0 and v.solarize_prob <= 0 for v in self.views):
+            why = f"the views blur in DALI here (data.blur_where resolves to {where}): add data.blur_where=loader"
+        else:
+            why = "no view has a colour step without a solarize after it"
+        return f"data.colour_where=loader moves no view's colour on the {'GPU' if gpu else 'CPU'} path: {why}"

@@ -242,6 +242,15 @@ def test_colour_where_rules(folder):
     # the default views blur (p 0.5): on the CPU path auto keeps the blur, and so the colour, in DALI
     cpu_auto = tiny_cfg(folder, "data.colour_where=loader")
     assert not cpu_auto.colour_in_loader(gpu=False) and cpu_auto.colour_in_loader(gpu=True)
+    # ... and a run says so in one line, with what moves it (pretrain prints it at the start)
+    assert cpu_auto.colour_where_note(gpu=False) == (
+        "data.colour_where=loader moves no view's colour on the CPU path: the views blur in DALI here "
+        "(data.blur_where resolves to pipeline): add data.blur_where=loader")
+    assert cpu_auto.colour_where_note(gpu=True) is None and cfg.colour_where_note(gpu=False) is None
+    solar = tiny_cfg(folder, "data.colour_where=loader", "data.blur_where=loader",
+                     *(f"views.{i}.solarize_prob=0.2" for i in range(4)))
+    assert "no view has a colour step without a solarize after it" in solar.colour_where_note(gpu=True)
+    assert tiny_cfg(folder).colour_where_note(gpu=False) is None  # pipeline: nothing to say
     v = cfg.views[0]
     assert v.colour_movable(True) and not v.colour_movable(False)
     assert dataclasses.replace(v, blur_prob=0.0).colour_movable(False)

@@ -333,6 +333,17 @@ def test_a_run_with_the_colour_in_the_loader_resumes_exactly(dataset, tmp_path):
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["colour_where"] == "loader"
 
 
+def test_a_colour_setting_that_moves_nothing_is_said(dataset, tmp_path, capsys):
+    """data.colour_where=loader on the CPU path, where the default views blur in DALI: the
+    run goes on with DALI's colour and says so in one line, with what would move it."""
+    view = "{scale: [0.5, 1.0], jitter_prob: 0.8, blur_prob: 0.5, grayscale_prob: 0.2, mask: {ratio: 0.2, grid: 8}}"
+    run_pretrain(load_config(None, args(dataset, tmp_path / "run", "train.max_steps=1", f"views=[{view}, {view}]",
+                                        "data.colour_where=loader")), resume="auto")
+    out = capsys.readouterr().out
+    assert "[mscn] data.colour_where=loader moves no view's colour on the CPU path" in out
+    assert "add data.blur_where=loader" in out
+
+
 def test_config_yaml_records_where_the_blur_ran_and_a_resume_elsewhere_is_told_the_value(dataset, tmp_path,
                                                                                          capsys):
     """data.blur_where=auto is resolved when a run starts (pipeline on the CPU path, loader

@@ -168,7 +168,7 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
     say = (lambda msg: print(f"[mscn] {msg}", flush=True)) if rt.is_main else (lambda msg: None)
     cfg = _claim(cfg, resume, rt, recipe, say)
     monitor_note = monitor_off_reason(cfg)
-    for note in (rt.note, monitor_note, adopted):
+    for note in (rt.note, monitor_note, adopted, cfg.colour_where_note(gpu=rt.device.type == "cuda")):
         if note:
             say(note)
     torch.manual_seed(cfg.train.seed)
