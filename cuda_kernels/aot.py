@@ -37,6 +37,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
+from mscn.colour import DRAWS, ColourLaw
 from mscn.config import load_config
 from mscn.cuda_kernels.colour_triton import colour_launch
 from mscn.cuda_kernels.mask_tables_triton import group_key, table_launch, table_shape
@@ -163,10 +164,12 @@ def launches(recipes=RECIPES, dtypes=tuple(DTYPES), layouts=("nchw", "nhwc"), in
                         out.append(("fill", tag, fill_launch(x, y, t)))
         # the colour kernel (data.colour_where=loader): uint8 views in, each output dtype
         u8 = torch.empty(BATCH, size, size, 3, dtype=torch.uint8)  # DALI's HWC crops
-        params = torch.empty(BATCH, 7, dtype=torch.float32)
+        draws, sigma = torch.empty(BATCH, len(DRAWS), dtype=torch.float32), torch.empty(BATCH, dtype=torch.float32)
+        law = ColourLaw.of(cfg.views[0], blur=True)
         for dt in dtypes:
             y = torch.empty(BATCH, 3, size, size, dtype=DTYPES[dt])
-            out.append(("colour", f"{name} {size}px {dt}", colour_launch(u8, params, y, cfg.data.mean, cfg.data.std)))
+            out.append(("colour", f"{name} {size}px {dt}",
+                        colour_launch(u8, draws, law, y, sigma, cfg.data.mean, cfg.data.std)))
     return out
 
 

@@ -5,27 +5,30 @@ from __future__ import annotations
 
 import torch
 
-from mscn.colour import PARAMS, colour_reference
+from mscn.colour import DRAWS, ColourLaw, colour_reference, params_from_draws
 from mscn.errors import MscnError
 from mscn.h2d import to_device
 
 
-def colour_per_sample(x: torch.Tensor, params: torch.Tensor, mean, std, dtype=torch.float32) -> torch.Tensor:
-    """Flip, colour-jitter and gray each sample as its numbers say, then normalize
-    (``mscn.colour``): uint8 (B, H, W, 3) RGB crops -> (B, 3, H, W) views in ``dtype``.
+def colour_per_sample(x: torch.Tensor, draws: torch.Tensor, law: ColourLaw, mean, std,
+                      dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip, colour-jitter and gray each sample as its draws and the view's law say, then
+    normalize (``mscn.colour``): uint8 (B, H, W, 3) RGB crops -> ((B, 3, H, W) views in
+    ``dtype``, (B,) float32 σ of the loader's blur, 0 where it does not blur).
 
-    ``params``: (B, 7) float (``mscn.colour.PARAMS``), on the host or ``x``'s device. On
-    CUDA the Triton kernel, elsewhere the reference.
+    ``draws``: (B, 9) uniforms (``mscn.colour.DRAWS``), on the host or ``x``'s device. On
+    CUDA the Triton kernel (one launch, σ included), elsewhere the reference.
     """
     if x.dim() != 4 or x.shape[3] != 3 or x.dtype != torch.uint8:
         raise MscnError(f"colour_per_sample expects uint8 (B, H, W, 3) crops, got {tuple(x.shape)} {x.dtype}")
-    params = params.reshape(x.shape[0], -1) if params.numel() == x.shape[0] * len(PARAMS) else params
-    if params.shape != (x.shape[0], len(PARAMS)):
-        raise MscnError(f"colour parameters of shape {tuple(params.shape)} for {x.shape[0]} views: "
-                        f"need ({x.shape[0]}, {len(PARAMS)})")
+    draws = draws.reshape(x.shape[0], -1) if draws.numel() == x.shape[0] * len(DRAWS) else draws
+    if draws.shape != (x.shape[0], len(DRAWS)):
+        raise MscnError(f"colour draws of shape {tuple(draws.shape)} for {x.shape[0]} views: "
+                        f"need ({x.shape[0]}, {len(DRAWS)})")
     if not x.is_cuda:
-        return colour_reference(x, params, mean, std, dtype)
+        params, sigma = params_from_draws(draws.to(x.device), law)
+        return colour_reference(x, params, mean, std, dtype), sigma
     from mscn.cuda_kernels.colour_triton import colour_triton  # Triton only where a GPU runs it
 
-    # DALI may hand the numbers over on the host: through pinned memory (mscn.h2d)
-    return colour_triton(x.contiguous(), to_device(params.float(), x.device).contiguous(), mean, std, dtype)
+    # DALI may hand the draws over on the host: through pinned memory (mscn.h2d)
+    return colour_triton(x.contiguous(), to_device(draws.float(), x.device).contiguous(), law, mean, std, dtype)

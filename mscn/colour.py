@@ -22,11 +22,16 @@ then ``(x - mean) / std``. Contrast is taken around 128, not the image mean
 a half level may still land one level away from DALI's, as the two sum the products in
 another order: below 0.1 % of the pixels (tests/test_pipeline_colour.py).
 
-What DALI hands over per sample, ``view{i}_colour``: float32 ``(jitter, brightness,
-contrast, saturation, hue in degrees, gray, flip)`` (:data:`PARAMS`); a flag is 1.0 where
-the step applies. The factors are drawn for every sample (cheap), so no conditional is
-left in DALI's graph. The flip (a mirror of the columns) commutes with every per-pixel
-step, so applying it while reading the crop gives DALI's ``crop_mirror_normalize`` result.
+What DALI hands over per sample, ``view{i}_colour``: nine uniforms in [0, 1)
+(:data:`DRAWS`), drawn by one operator per view. A :class:`ColourLaw` (the view's
+probabilities and ranges, App. A.1) maps them to the flags (``u < p``) and factors
+(``lo + (hi - lo) u``): :data:`PARAMS` and the blur's σ (0 where not blurred). Why one
+draw: DALI runs each of its CPU operators sample by sample, and the 60 coin flips,
+uniforms, casts and stacks that drew these per view cost 13.9 ms per batch of 256 on 2
+cores, against 1.6 ms for one draw per view (docs/PERFORMANCE.md). The draw is in DALI's
+graph, so its checkpoint still resumes a run exactly. The flip (a mirror of the columns)
+commutes with every per-pixel step, so applying it while reading the crop gives DALI's
+``crop_mirror_normalize`` result.
 
 Where it may run: a view with nothing after the colour in DALI's graph. Its blur must
 have moved to the loader too (``data.blur_where``) or be absent, and no solarize may
@@ -39,17 +44,66 @@ view with the matrices built in the kernel (no small torch ops, no host sync).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 
-PARAMS = ("jitter", "brightness", "contrast", "saturation", "hue", "gray", "flip")  # view{i}_colour, in order
+PARAMS = ("jitter", "brightness", "contrast", "saturation", "hue", "gray", "flip")  # what the step applies
+DRAWS = (*PARAMS, "blur", "sigma")  # view{i}_colour: one uniform in [0, 1) each, in this order
 # DALI's RGB -> YIQ matrix (color_twist.h) and its exact inverse: DALI 2.4's operator maps
 # neutral factors to the identity (probed with float images: its matrices equal these
 # products to 2e-7), where DALI 1.x used an inverse rounded to three digits
 RGB2YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.321), (0.211, -0.523, 0.311))
 YIQ2RGB = tuple(tuple(float(v) for v in row) for row in np.linalg.inv(np.array(RGB2YIQ, dtype=np.float64)))
 HALF_RANGE = 128.0  # DALI's contrast centre for integer images
+
+
+@dataclass(frozen=True)
+class ColourLaw:
+    """How one view's :data:`DRAWS` become what is applied (App. A.1, as ``ops.colour`` and
+    ``ops._jitter_factors`` draw them in DALI): a flag is ``u < p``, a factor
+    ``lo + (hi - lo) u``; σ is 0 where the blur flag is off."""
+
+    p_jitter: float
+    brightness: tuple[float, float]
+    contrast: tuple[float, float]
+    saturation: tuple[float, float]
+    hue: tuple[float, float]  # degrees
+    p_gray: float
+    p_flip: float
+    p_blur: float  # 0 for a view whose blur the loader does not apply
+    sigma: tuple[float, float]
+
+    @classmethod
+    def of(cls, view, blur: bool) -> "ColourLaw":
+        """The law of a ``mscn.config.ViewCfg``; ``blur``: whether the loader blurs it."""
+        def around_one(s: float) -> tuple[float, float]:
+            return max(0.0, 1.0 - s), 1.0 + s
+        return cls(view.jitter_prob, around_one(view.brightness), around_one(view.contrast),
+                   around_one(view.saturation), (-360.0 * view.hue, 360.0 * view.hue), view.grayscale_prob,
+                   view.flip_prob, view.blur_prob if blur else 0.0, tuple(view.blur_sigma))
+
+    def constants(self) -> tuple[float, ...]:
+        """The kernel's arguments: p_jitter, then (lo, hi - lo) of each factor, p_gray,
+        p_flip, p_blur, (lo, hi - lo) of σ."""
+        span = [(float(lo), float(hi) - float(lo)) for lo, hi in (self.brightness, self.contrast, self.saturation,
+                                                                   self.hue)]
+        return (float(self.p_jitter), *(v for pair in span for v in pair), float(self.p_gray), float(self.p_flip),
+                float(self.p_blur), float(self.sigma[0]), float(self.sigma[1]) - float(self.sigma[0]))
+
+
+def params_from_draws(draws: torch.Tensor, law: ColourLaw) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 9) :data:`DRAWS` -> ((B, 7) :data:`PARAMS`, (B,) σ), in float32 as the kernel maps them."""
+    u = draws.float()
+    k = [torch.tensor(v, dtype=torch.float32, device=u.device) for v in law.constants()]
+    flag = lambda col, p: (u[:, col] < p).float()  # noqa: E731
+    factor = lambda col, lo, span: lo + span * u[:, col]  # noqa: E731
+    params = torch.stack([flag(0, k[0]), factor(1, k[1], k[2]), factor(2, k[3], k[4]), factor(3, k[5], k[6]),
+                          factor(4, k[7], k[8]), flag(5, k[9]), flag(6, k[10])], 1)
+    sigma = torch.where(u[:, 7] < k[11], factor(8, k[12], k[13]), torch.zeros_like(u[:, 8]))
+    return params, sigma
 
 
 def twist_matrices(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

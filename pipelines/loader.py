@@ -34,6 +34,7 @@ import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from mscn.blur import blur_per_sample, blur_radius
+from mscn.colour import ColourLaw
 from mscn.errors import DataError
 from mscn.h2d import to_device
 from mscn.highpass import highpass_matmul
@@ -77,23 +78,25 @@ class DaliLoader:
     did it or it is disabled. mask_fn: views -> masked views, None for no masks.
     device: where the batch should live (the pipeline's device if None). blur: view index
     -> (radius, window) for the views whose blur this adapter applies (their σ comes as
-    ``view{i}_sigma``; ``data.blur_where=loader``), before the high-pass. colour: the views
-    DALI hands over as uint8 HWC crops with their colour and flip numbers
-    (``view{i}_colour``; ``data.colour_where=loader``), flipped, coloured and normalized
-    with ``mean``/``std`` here first, into ``colour_dtype`` (what DALI emits for the others).
+    ``view{i}_sigma``; ``data.blur_where=loader``), before the high-pass. colour: view index ->
+    ``mscn.colour.ColourLaw`` for the views DALI hands over as uint8 HWC crops with one
+    draw of uniforms each (``view{i}_colour``; ``data.colour_where=loader``): flipped,
+    coloured and normalized with ``mean``/``std`` here first, into ``colour_dtype`` (what
+    DALI emits for the others); their blur's σ (for ``blur``) comes from the same draw.
     """
 
     def __init__(self, pipeline, source: Source, num_views: int, *, policy: LastBatchPolicy,
                  output_dtype: str = "float32", highpass: tuple[float, int] | None = None,
                  mask_fn: MaskFn | None = None, device: torch.device | None = None,
                  replay: Replay | None = None, runs: int = 0, crop: str | None = None,
-                 blur: dict[int, tuple[int, int]] | None = None, colour: tuple[int, ...] = (),
+                 blur: dict[int, tuple[int, int]] | None = None, colour: dict[int, ColourLaw] | None = None,
                  mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), colour_dtype: str = "float32"):
         self.source, self.num_views, self.crop = source, num_views, crop
         self.dtype = TORCH_DTYPES[output_dtype]
         self.highpass, self.mask_fn, self.device, self.replay = highpass, mask_fn, device, replay
         self.blur = dict(blur or {})
-        self.colour, self.mean, self.std = tuple(sorted(colour)), tuple(mean), tuple(std)
+        self.laws = dict(colour or {})
+        self.colour, self.mean, self.std = tuple(sorted(self.laws)), tuple(mean), tuple(std)
         self.colour_dtype = TORCH_DTYPES[colour_dtype]
         self._names = output_names(num_views, source, deferred=tuple(sorted(self.blur)), coloured=self.colour)
         self._labels = None if source.label_in_stream else torch.tensor(source.labels, dtype=torch.int64)
@@ -154,16 +157,18 @@ class DaliLoader:
             # non_blocking only towards a GPU: a non-blocking GPU -> CPU copy would let the
             # CPU read the views (high-pass, masks) before the copy has finished
             views = [v.to(dev, non_blocking=dev.type == "cuda") for v in views]
+        sigma = {i: out[f"view{i}_sigma"] for i in self.blur if i not in self.colour}
         if self.colour:  # imported here, as the masks are: mscn.cuda_kernels loads Triton
             from mscn.cuda_kernels.colour import colour_per_sample
         for i in self.colour:  # uint8 HWC -> CHW, coloured and normalized, in the dtype DALI gives the others
-            views[i] = colour_per_sample(views[i], out[f"view{i}_colour"], self.mean, self.std, self.colour_dtype)
+            views[i], sigma[i] = colour_per_sample(views[i], out[f"view{i}_colour"], self.laws[i], self.mean,
+                                                   self.std, self.colour_dtype)
         # float16 stays float16 on a GPU (see dali_dtype); the blur comes first (App. A.1
         # blurs the image, §5.1 high-passes the result)
         views = [v if v.is_cuda and v.dtype == torch.float16 else v.float() for v in views] \
             if (self.highpass is not None or self.blur) else views
         for i, (radius, window) in self.blur.items():
-            views[i] = blur_per_sample(views[i], out[f"view{i}_sigma"], radius, window)
+            views[i] = blur_per_sample(views[i], sigma[i], radius, window)
         if self.highpass is not None:
             views = [highpass_matmul(v, *self.highpass) for v in views]
         views = [v if v.dtype == self.dtype else v.to(self.dtype) for v in views]
@@ -355,8 +360,9 @@ def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_
     return DaliLoader(pipe, source, len(views), policy=LastBatchPolicy.DROP, output_dtype=p.output_dtype,
                       highpass=p.highpass_in_adapter, mask_fn=mask_fn, replay=replay,
                       runs=int(state["runs"]) if state else 0, crop=d.crop, blur=blur,
-                      colour=coloured_views(views, p.blur_in_adapter, p.colour_in_adapter), mean=d.mean, std=d.std,
-                      colour_dtype=p.dali_dtype)
+                      colour={i: ColourLaw.of(views[i], blur=i in blur)
+                              for i in coloured_views(views, p.blur_in_adapter, p.colour_in_adapter)},
+                      mean=d.mean, std=d.std, colour_dtype=p.dali_dtype)
 
 
 def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int = 0,

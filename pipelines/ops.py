@@ -26,6 +26,7 @@ import numpy as np
 from nvidia.dali import fn, types
 from nvidia.dali.data_node import DataNode
 
+from mscn.colour import DRAWS, ColourLaw
 from mscn.config import ViewCfg
 
 DALI_FLOAT = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FLOAT}
@@ -74,7 +75,7 @@ class ViewFlags:
     solarize: DataNode
     crop_area: DataNode | None  # crop area / image area (None for the fused crop, which hides it)
     blur_sigma: DataNode | None = None  # a deferred blur's σ per sample, 0 where not blurred
-    colour: DataNode | None = None  # a deferred colour step's (7,) numbers per sample (mscn.colour.PARAMS)
+    colour: DataNode | None = None  # a deferred colour step's (9,) uniforms per sample (mscn.colour.DRAWS)
 
 
 def resized_crop(images: DataNode, shape: DataNode, size: int, scale, ratio,
@@ -193,19 +194,27 @@ def colour_deferred(view: ViewCfg, blur_in_loader: bool, colour_in_loader: bool)
     return colour_in_loader and view.colour_movable(blur_in_loader)
 
 
-def deferred_colour(view: ViewCfg) -> tuple[DataNode, DataNode, list[DataNode]]:
-    """(jitter flag, gray flag, numbers) of a colour step the loader applies: the numbers are
-    float32 ``jitter, brightness, contrast, saturation, hue in degrees, gray`` per sample
-    (the first six of mscn.colour.PARAMS; :func:`augment_view` appends the flip), the
-    factors drawn as :func:`colour` draws them, for every sample and outside any
-    conditional (the flags say where they apply)."""
-    jit, gray = coin(view.jitter_prob), coin(view.grayscale_prob)
-    on = fn.cast(jit, dtype=types.FLOAT)
-    f = _jitter_factors(view)
-    # a strength of 0 gives a constant factor: as a node (times 0 plus it) for the stack
-    factors = [v if isinstance(v, DataNode) else on * 0.0 + v
-               for v in (f["brightness"], f["contrast"], f["saturation"], f["hue"])]
-    return jit, gray, [on, *factors, fn.cast(gray, dtype=types.FLOAT)]
+def deferred_colour(view: ViewCfg, x: DataNode, area: DataNode | None,
+                    defer_blur: bool) -> tuple[DataNode, ViewFlags]:
+    """A view whose colour step the loader applies (:func:`colour_deferred`): the crop as it
+    is, and one operator's draw of nine uniforms per sample (mscn.colour.DRAWS) in
+    ``ViewFlags.colour``. The loader maps them to the jitter, gray and flip flags, the four
+    factors and, where it blurs the view (``defer_blur``), the blur's flag and σ
+    (mscn.colour.ColourLaw): one CPU operator instead of the ~15 coin flips, uniforms,
+    casts and stacks per view that drew them one by one (docs/PERFORMANCE.md).
+
+    The other flags are DALI comparisons of the same draws with the same probabilities, so
+    the debug outputs report exactly what the loader applies."""
+    if view.solarize_prob > 0 or (view.blur_prob > 0 and not defer_blur):
+        raise ValueError("a colour step followed by DALI's blur or solarize cannot move to the loader")
+    law = ColourLaw.of(view, blur=defer_blur)
+    u = fn.random.uniform(range=[0.0, 1.0], shape=[len(DRAWS)])
+    col = {name: u[i] for i, name in enumerate(DRAWS)}
+    flags = ViewFlags(flip=col["flip"] < law.p_flip, jitter=col["jitter"] < law.p_jitter,
+                      gray=col["gray"] < law.p_gray, blur=col["blur"] < law.p_blur,
+                      solarize=col["blur"] < 0.0,  # never (a moved view does not solarize), per sample
+                      crop_area=area, colour=u)
+    return x, flags
 
 
 def augment_view(images: DataNode, shape: DataNode, view: ViewCfg, size: int,
@@ -215,17 +224,13 @@ def augment_view(images: DataNode, shape: DataNode, view: ViewCfg, size: int,
 
     ``defer_blur`` (see :func:`blur_deferred`): the view is not blurred here; its per-sample
     σ is returned in ``ViewFlags.blur_sigma`` for the loader. ``defer_colour`` (see
-    :func:`colour_deferred`): nor coloured, and the loader flips it too: its seven numbers
-    per sample (mscn.colour.PARAMS, the flip last) are in ``ViewFlags.colour``.
+    :func:`colour_deferred`): nor coloured nor flipped; the loader does both, and its blur,
+    from the view's draws (:func:`deferred_colour`).
     """
     x, area = resized_crop(images, shape, size, view.scale, view.ratio, crop_op)
-    colour_numbers = None
     if defer_colour:
-        if view.solarize_prob > 0 or (view.blur_prob > 0 and not defer_blur):
-            raise ValueError("a colour step followed by DALI's blur or solarize cannot move to the loader")
-        jit, gray, colour_numbers = deferred_colour(view)
-    else:
-        x, jit, gray = colour(x, view)
+        return deferred_colour(view, x, area, defer_blur)
+    x, jit, gray = colour(x, view)
     sigma = None
     if defer_blur:
         if view.solarize_prob > 0:
@@ -234,10 +239,8 @@ def augment_view(images: DataNode, shape: DataNode, view: ViewCfg, size: int,
     else:
         x, blur = _maybe(view.blur_prob, x, lambda v: gaussian_blur(v, view))
     x, sol = _maybe(view.solarize_prob, x, solarize)
-    flip = coin(view.flip_prob)  # drawn last, as always: the default graph's seeds stay where they were
-    handed = fn.stack(*colour_numbers, fn.cast(flip, dtype=types.FLOAT)) if colour_numbers else None
-    return x, ViewFlags(flip=flip, jitter=jit, gray=gray, blur=blur, solarize=sol, crop_area=area,
-                        blur_sigma=sigma, colour=handed)
+    return x, ViewFlags(flip=coin(view.flip_prob), jitter=jit, gray=gray, blur=blur, solarize=sol, crop_area=area,
+                        blur_sigma=sigma)
 
 
 def normalize(x: DataNode, mean, std, flip: DataNode | int = 0, dtype=types.FLOAT,

@@ -8,9 +8,10 @@ Outputs, in order (see :func:`output_names`): ``view0 .. view{N-1}`` (CHW, float
 then ``label`` when the reader carries labels (tar shards), then ``index``; a view whose
 blur the loader applies (``data.blur_where=loader``) adds ``view{i}_sigma`` (float, 0 where
 not blurred), one whose colour it applies (``data.colour_where=loader``) is the cropped
-uint8 HWC image, unflipped, and adds ``view{i}_colour`` (float, (7,): mscn.colour.PARAMS); with ``debug_outputs`` each view adds ``view{i}_flags`` (int32: flip,
-jitter, gray, blur, solarize) and ``view{i}_area`` (crop area fraction), for tests and
-statistics.
+uint8 HWC image, unflipped, and adds ``view{i}_colour`` instead (float, (9,) uniforms:
+mscn.colour.DRAWS; its blur's σ is drawn there too); with ``debug_outputs`` each view
+adds ``view{i}_flags`` (int32: flip, jitter, gray, blur, solarize) and ``view{i}_area``
+(crop area fraction), for tests and statistics.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def output_names(num_views: int, source: Source, debug_outputs: bool = False,
     names = []
     for i in range(num_views):
         names.append(f"view{i}")
-        if i in deferred:
+        if i in deferred and i not in coloured:  # a coloured view's σ comes from its draws
             names.append(f"view{i}_sigma")
         if i in coloured:
             names.append(f"view{i}_colour")
@@ -76,7 +77,7 @@ def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 22
     not blurred here but hand their σ to the loader, which blurs and then high-passes them,
     so ``highpass`` must then be None (the high-pass must see the blurred view).
     ``colour_in_loader`` (``data.colour_where=loader``): the views of :func:`coloured_views`
-    leave DALI as the crops themselves (uint8 HWC) with their colour and flip numbers, and
+    leave DALI as the crops themselves (uint8 HWC) with one draw of nine uniforms each, and
     the loader flips, colours, normalizes, blurs and high-passes them (``highpass`` None here too).
     """
     deferred = deferred_views(views, blur_in_loader)
@@ -104,9 +105,9 @@ def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 22
         else:
             outputs.append(normalize_highpass(x, mean, std, fn.cast(flags.flip, dtype=types.INT32), highpass,
                                               view_dtype))
-        if i in deferred:  # on the views' device, so that the loader builds its matrices there without a copy
+        if i in deferred and i not in coloured:  # on the views' device: the loader builds its matrices there
             outputs.append(flags.blur_sigma.gpu() if device == "gpu" else flags.blur_sigma)
-        if i in coloured:  # likewise: the colour kernel reads them on the device
+        if i in coloured:  # likewise: the colour kernel reads the draws on the device (σ included)
             outputs.append(flags.colour.gpu() if device == "gpu" else flags.colour)
         if debug_outputs:
             drawn = [getattr(flags, name) for name in FLAG_NAMES]

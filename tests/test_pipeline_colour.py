@@ -11,15 +11,18 @@ import torch
 from nvidia.dali import fn, pipeline_def
 from pipeline_fixtures import make_folder, tiny_cfg
 
-from mscn.colour import PARAMS, colour_reference
+from mscn.colour import DRAWS, PARAMS, ColourLaw, colour_reference, params_from_draws
 from mscn.cuda_kernels.colour import colour_per_sample
-from mscn.config import ConfigError
+from mscn.config import ConfigError, ViewCfg
 from mscn.errors import MscnError
 from mscn.pipelines import build_train_loader, output_names, resolve_source, views_pipeline
 from mscn.pipelines.loader import plan
 from mscn.pipelines.train_pipeline import coloured_views
 
 IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean, std: the output stays on the uint8 scale
+# twice SimCLR's strengths, every flag drawn half the time (more clamping, every combination)
+STRONG = ColourLaw(p_jitter=0.5, brightness=(0.2, 1.8), contrast=(0.2, 1.8), saturation=(0.2, 1.8), hue=(-72.0, 72.0),
+                   p_gray=0.5, p_flip=0.5, p_blur=0.5, sigma=(0.1, 2.0))
 
 
 @pytest.fixture(scope="module")
@@ -110,23 +113,42 @@ def test_reference_normalizes_after_the_colour_step():
     assert torch.allclose(norm, want, atol=1e-6)
 
 
+def test_draws_map_to_flags_factors_and_sigma():
+    """ColourLaw: a flag is u < p, a factor lo + (hi - lo) u, σ 0 where the blur flag is off."""
+    u = torch.tensor([[0.1, 0.0, 0.5, 1.0 - 2**-24, 0.25, 0.7, 0.49, 0.2, 0.5],
+                      [0.9, 1.0 - 2**-24, 0.0, 0.5, 0.75, 0.3, 0.51, 0.8, 0.5]])
+    params, sigma = params_from_draws(u, STRONG)
+    assert params[:, 0].tolist() == [1.0, 0.0] and params[:, 5].tolist() == [0.0, 1.0]  # jitter, gray
+    assert params[:, 6].tolist() == [1.0, 0.0]  # flip
+    assert torch.allclose(params[:, 1], torch.tensor([0.2, 1.8]), atol=1e-6)
+    assert torch.allclose(params[:, 2], torch.tensor([1.0, 0.2]), atol=1e-6)
+    assert torch.allclose(params[:, 4], torch.tensor([-36.0, 36.0]), atol=1e-5)
+    assert torch.allclose(sigma, torch.tensor([1.05, 0.0]), atol=1e-6)
+    law = ColourLaw.of(ViewCfg(), blur=False)  # the loader does not blur it: σ always 0
+    assert law.p_blur == 0.0 and torch.equal(params_from_draws(u, law)[1], torch.zeros(2))
+    assert law.brightness == (0.6, 1.4) and law.hue == (-36.0, 36.0) and law.saturation == (0.8, 1.2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_triton_kernel_equals_the_reference(dtype):
-    """The kernel under the interpreter: a size that is not a multiple of its block, every
-    flag combination, flips; float32 to float rounding, the half types to one unit of their
-    last place (the interpreter truncates to bfloat16 where a GPU rounds to nearest), but
-    for one level on under 0.1 % of the values."""
+    """The kernel under the interpreter: the draws' mapping (σ included) and the step, on a
+    size that is not a multiple of its block, every flag combination, flips; float32 to
+    float rounding, the half types to one unit of their last place (the interpreter
+    truncates to bfloat16 where a GPU rounds to nearest), but for one level on under 0.1 %
+    of the values."""
     from mscn.cuda_kernels.colour_triton import colour_triton
 
     gen = torch.Generator().manual_seed(2)
-    x = torch.randint(0, 256, (5, 37, 53, 3), dtype=torch.uint8, generator=gen)
-    params = _draws(5, gen, (0.8, 0.8, 0.8, 0.2))
-    params[:4, 0], params[:4, 5] = torch.tensor([0.0, 1, 0, 1]), torch.tensor([0.0, 0, 1, 1])
-    params[:4, 6] = torch.tensor([1.0, 0, 1, 0])
+    x = torch.randint(0, 256, (16, 37, 53, 3), dtype=torch.uint8, generator=gen)
+    draws = torch.rand(16, len(DRAWS), generator=gen)
     mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
-    got = colour_triton(x, params.contiguous(), mean, std, dtype)
+    got, sigma = colour_triton(x, draws, STRONG, mean, std, dtype)
+    params, want_sigma = params_from_draws(draws, STRONG)
+    for k in (0, 5, 6):
+        assert 0 < params[:, k].sum() < 16, PARAMS[k]  # each flag both ways
+    assert torch.allclose(sigma, want_sigma, atol=1e-6) and (sigma == 0).any() and (sigma > 0).any()
     want = colour_reference(x, params, mean, std, torch.float32)
-    assert got.dtype == dtype and got.shape == (5, 3, 37, 53)
+    assert got.dtype == dtype and got.shape == (16, 3, 37, 53)
     # the kernel multiplies the matrices out in another order than torch: a value within
     # float rounding of a half level may round one level away, on very few pixels
     level = 1.0 / min(std)
@@ -137,14 +159,15 @@ def test_triton_kernel_equals_the_reference(dtype):
 
 def test_colour_per_sample_refuses_what_it_cannot_colour():
     x = torch.zeros(2, 4, 4, 3, dtype=torch.uint8)
-    p = torch.zeros(2, len(PARAMS))
+    u = torch.full((2, len(DRAWS)), 0.99)  # no flag set
     with pytest.raises(MscnError, match="expects uint8"):
-        colour_per_sample(x.float(), p, *IDENTITY)
+        colour_per_sample(x.float(), u, STRONG, *IDENTITY)
     with pytest.raises(MscnError, match="expects uint8"):
-        colour_per_sample(x.permute(0, 3, 1, 2), p, *IDENTITY)  # CHW is not what DALI hands over
-    with pytest.raises(MscnError, match=r"colour parameters of shape \(2, 6\)"):
-        colour_per_sample(x, p[:, :6], *IDENTITY)
-    assert torch.equal(colour_per_sample(x, p.reshape(-1), *IDENTITY), torch.zeros(2, 3, 4, 4))  # flat per sample
+        colour_per_sample(x.permute(0, 3, 1, 2), u, STRONG, *IDENTITY)  # CHW is not what DALI hands over
+    with pytest.raises(MscnError, match=r"colour draws of shape \(2, 8\)"):
+        colour_per_sample(x, u[:, :8], STRONG, *IDENTITY)
+    views, sigma = colour_per_sample(x, u.reshape(-1), STRONG, *IDENTITY)  # flat per sample
+    assert torch.equal(views, torch.zeros(2, 3, 4, 4)) and torch.equal(sigma, torch.zeros(2))
 
 
 def _run(pipe, names):
@@ -152,30 +175,34 @@ def _run(pipe, names):
     return {k: torch.from_numpy(np.array(v.as_array())) for k, v in zip(names, pipe.run())}
 
 
-def test_the_handed_over_parameters_follow_the_flags_and_the_ranges(folder):
+def test_one_draw_per_view_and_the_flags_dali_reports(folder):
     """The DALI graph with the colour left to the loader: the views leave DALI as the uint8
-    HWC crops; the numbers' flags are the drawn flip, jitter and gray flags (debug outputs),
-    their factors lie in the configured ranges, and the flags' frequencies are the
-    probabilities."""
+    HWC crops, each with nine uniforms per sample, in [0, 1) and independent of each
+    other; the flags DALI reports (debug outputs) are those the law gives, and their
+    frequencies are the probabilities."""
     cfg = tiny_cfg(folder)
     view = dataclasses.replace(cfg.views[0], blur_prob=0.0, jitter_prob=0.8, grayscale_prob=0.2, flip_prob=0.5)
     source = resolve_source(str(folder))
     assert coloured_views([view], False, True) == (0,)
     names = output_names(1, source, debug_outputs=True, coloured=(0,))
+    assert names[:2] == ["view0", "view0_colour"]
     pipe = views_pipeline(source, [view], image_size=32, highpass=None, shuffle=True, batch_size=24, num_threads=1,
                           device_id=None, seed=5, debug_outputs=True, colour_in_loader=True, prefetch_queue_depth=1)
     pipe.build()
-    params, flags = [], []
+    draws, flags = [], []
     for _ in range(10):
         got = dict(zip(names, pipe.run()))
         v = np.array(got["view0"].as_array())
         assert v.dtype == np.uint8 and v.shape == (24, 32, 32, 3)
-        params.append(np.array(got["view0_colour"].as_array()))
+        draws.append(np.array(got["view0_colour"].as_array()))
         flags.append(np.array(got["view0_flags"].as_array()))
-    p, f = np.concatenate(params), np.concatenate(flags)
-    assert p.shape == (240, 7) and p.dtype == np.float32
-    assert np.array_equal(p[:, 0], f[:, 1]) and np.array_equal(p[:, 5], f[:, 2])  # jitter, gray
-    assert np.array_equal(p[:, 6], f[:, 0])  # flip
+    u, f = np.concatenate(draws), np.concatenate(flags)
+    assert u.shape == (240, len(DRAWS)) and u.dtype == np.float32 and (u >= 0).all() and (u < 1).all()
+    assert np.abs(np.corrcoef(u.T) - np.eye(len(DRAWS))).max() < 0.3  # not one number repeated
+    params, sigma = params_from_draws(torch.from_numpy(u), ColourLaw.of(view, blur=False))
+    p = params.numpy()
+    assert np.array_equal(p[:, 6], f[:, 0]) and np.array_equal(p[:, 0], f[:, 1]) and np.array_equal(p[:, 5], f[:, 2])
+    assert (f[:, 3] == 0).all() and (f[:, 4] == 0).all() and (sigma == 0).all()  # no blur, no solarize
     for k, (lo, hi) in zip(range(1, 5), [(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-36.0, 36.0)]):
         assert (p[:, k] >= lo).all() and (p[:, k] <= hi).all() and p[:, k].std() > (hi - lo) / 8, PARAMS[k]
     for k, prob in ((0, 0.8), (5, 0.2), (6, 0.5)):
@@ -183,21 +210,23 @@ def test_the_handed_over_parameters_follow_the_flags_and_the_ranges(folder):
 
 
 def test_the_loaders_colour_is_dalis_color_twist_on_the_handed_over_views(folder):
-    """The loader's step on what DALI hands over (a crop and its drawn numbers) equals DALI's
-    own colour passes with those numbers on that crop, mirrored where flipped, but for one
+    """The loader's step on what DALI hands over (a crop and its draws) equals DALI's own
+    colour passes with the factors those draws give, mirrored where flipped, but for one
     level on a handful of pixels: the whole step is checked on real draws, not only on
     chosen factors."""
     cfg = tiny_cfg(folder)
     view = dataclasses.replace(cfg.views[0], blur_prob=0.0, jitter_prob=0.8, grayscale_prob=0.5, flip_prob=0.5)
+    law = ColourLaw.of(view, blur=False)
     source = resolve_source(str(folder))
     pipe = views_pipeline(source, [view], image_size=32, highpass=None, shuffle=True, batch_size=24, num_threads=1,
                           device_id=None, seed=9, colour_in_loader=True)
     got = _run(pipe, output_names(1, source, coloured=(0,)))
-    crops, params = got["view0"], got["view0_colour"]
+    crops, draws = got["view0"], got["view0_colour"]
+    params, _ = params_from_draws(draws, law)
     for k in (0, 5, 6):
         assert 0 < params[:, k].sum() < 24, PARAMS[k]  # each flag both ways
     want = _dali_twist(_hwc(crops), params.numpy())
-    ours = _unflip(colour_per_sample(crops, params, *IDENTITY), params)
+    ours = _unflip(colour_per_sample(crops, draws, law, *IDENTITY)[0], params)
     diff = np.abs(ours - want.astype(np.float32))
     assert diff.max() <= 1.0 and (diff > 0).mean() < 1e-3
 
@@ -222,11 +251,37 @@ def test_every_coloured_view_gets_its_own_numbers(folder, monkeypatch):
     assert loader.colour == (0, 1, 2, 3)
     batch = next(iter(loader))
     (out,) = seen
-    numbers = [out[f"view{i}_colour"] for i in range(4)]
-    assert not any(torch.equal(numbers[0], n) for n in numbers[1:])  # the views' draws differ
+    draws = [out[f"view{i}_colour"] for i in range(4)]
+    assert not any(torch.equal(draws[0], d) for d in draws[1:])  # the views' draws differ
     for i in range(4):
-        want = colour_reference(out[f"view{i}"], numbers[i], cfg.data.mean, cfg.data.std)
+        params, _ = params_from_draws(draws[i], ColourLaw.of(cfg.views[i], blur=False))
+        want = colour_reference(out[f"view{i}"], params, cfg.data.mean, cfg.data.std)
         assert torch.allclose(batch.views[i], want, atol=1e-5), i
+
+
+def test_a_coloured_views_blur_takes_its_sigma_from_its_draws(folder, monkeypatch):
+    """With the blur in the loader too, a coloured view has no σ output: its blur gets the
+    σ its own draws give (0 where the flag is off, in blur_sigma where it is on)."""
+    import mscn.pipelines.loader as loader_mod
+    from mscn.pipelines.loader import DaliLoader
+
+    seen, blurred = [], []
+    convert, blur = DaliLoader._convert, loader_mod.blur_per_sample
+    monkeypatch.setattr(DaliLoader, "_convert", lambda self, out: (seen.append(dict(out)), convert(self, out))[1])
+    monkeypatch.setattr(loader_mod, "blur_per_sample",
+                        lambda x, sigma, *a: (blurred.append(sigma.clone()), blur(x, sigma, *a))[1])
+    cfg = tiny_cfg(folder, "train.global_batch=8", "data.colour_where=loader", "data.blur_where=loader")
+    loader = build_train_loader(cfg, apply_mask=False)
+    assert not any(n.endswith("_sigma") for n in loader._names)
+    next(iter(loader))
+    (out,) = seen
+    assert len(blurred) == 4
+    for i in range(4):
+        want = params_from_draws(out[f"view{i}_colour"], ColourLaw.of(cfg.views[i], blur=True))[1]
+        assert torch.equal(blurred[i], want), i
+        lo, hi = cfg.views[i].blur_sigma
+        on = want > 0
+        assert ((want[on] >= lo) & (want[on] <= hi)).all()
 
 
 def test_colour_where_rules(folder):
@@ -312,10 +367,13 @@ def test_the_gpu_kernel_equals_the_reference(dtype):
 
     gen = torch.Generator().manual_seed(3)
     x = torch.randint(0, 256, (8, 224, 224, 3), dtype=torch.uint8, generator=gen)
-    params = _draws(8, gen, (0.8, 0.8, 0.8, 0.2))
+    draws = torch.rand(8, len(DRAWS), generator=gen)
     mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+    params, want_sigma = params_from_draws(draws, STRONG)
     want = colour_reference(x, params, mean, std)
-    got = colour_triton(x.cuda(), params.cuda().contiguous(), mean, std, dtype).cpu()
+    got, sigma = colour_triton(x.cuda(), draws.cuda(), STRONG, mean, std, dtype)
+    got = got.cpu()
+    assert torch.allclose(sigma.cpu(), want_sigma, atol=1e-5)
     assert got.dtype == dtype and got.shape == (8, 3, 224, 224)
     # the GPU's fused multiply-adds may move a value near a half level by one level, rarely;
     # the half types round to nearest on a GPU: half a unit of their last place
@@ -327,8 +385,8 @@ def test_the_gpu_kernel_equals_the_reference(dtype):
 
 @pytest.mark.gpu
 def test_the_gpu_kernel_is_dalis_gpu_color_twist_on_the_gpu_pipelines_draws(folder):
-    """The GPU pipeline's own crops and numbers: the kernel against DALI's GPU color_twist
-    with those numbers (which rounds half to even where the kernel rounds half away from
+    """The GPU pipeline's own crops and draws: the kernel against DALI's GPU color_twist
+    with the factors they give (which rounds half to even where the kernel rounds half away from
     zero): one level apart on under 0.1 % of the pixels at most."""
     cfg = tiny_cfg(folder)
     view = dataclasses.replace(cfg.views[0], blur_prob=0.0, jitter_prob=0.8, grayscale_prob=0.5, flip_prob=0.5)
@@ -338,10 +396,12 @@ def test_the_gpu_kernel_is_dalis_gpu_color_twist_on_the_gpu_pipelines_draws(fold
     pipe.build()
     names = output_names(1, source, coloured=(0,))
     got = {k: np.stack([np.array(t) for t in v.as_cpu()]) for k, v in zip(names, pipe.run())}
-    crops, params = torch.from_numpy(got["view0"]), torch.from_numpy(got["view0_colour"])
-    assert crops.shape == (24, 64, 64, 3) and params.shape == (24, 7)
+    crops, draws = torch.from_numpy(got["view0"]), torch.from_numpy(got["view0_colour"])
+    assert crops.shape == (24, 64, 64, 3) and draws.shape == (24, len(DRAWS))
+    law = ColourLaw.of(view, blur=False)
+    params, _ = params_from_draws(draws, law)
     want = _dali_twist(_hwc(crops), params.numpy(), gpu=True)
-    ours = _unflip(colour_per_sample(crops.cuda(), params.cuda(), *IDENTITY).cpu(), params)
+    ours = _unflip(colour_per_sample(crops.cuda(), draws.cuda(), law, *IDENTITY)[0].cpu(), params)
     diff = np.abs(ours - want.astype(np.float32))
     assert diff.max() <= 1.0 and (diff > 0).mean() < 1e-3
 
