@@ -143,6 +143,9 @@ part3() {  # this round's A/B and probes, most needed first, within MSCN_GPU_BUD
   # of every fed ResNet-18 step, whatever the pipeline): one line per probe
   run probe 90 $PY scripts/probe_syncs.py --data "$DATA/train" --json "$R/probe_syncs.json"
   run masks 60 $PY scripts/bench_masks.py --json "$R/masks.json"
+  # DALI's per-sample draws on this box's CPU threads: one by one against one draw per view
+  # (the 2-core machine: 12.9 against 1.8 ms per batch of 256)
+  run draws 60 $PY scripts/bench_draws.py --threads 8
   # the pipeline (masks: the new GPU default, blur and high-pass as GEMMs in the loader)
   # against the round-4 default (masks-blur-dali), the colour in the loader too (DALI then
   # only decodes and crops: round 1's colour stage cost 81 % -> 22-30 % of decode-only),
@@ -211,6 +214,6 @@ case "$PART" in
   *) echo "usage: $0 [all|1|2|3|figures]" >&2; exit 2 ;;
 esac
 echo "--- summary" | tee -a "$LOG"
-grep -h -E "^(SUMMARY|DECIDE|PROFILE|SYNCPROBE|HOST|SKIPPED|CUT|\||check |!!!|===)" "$LOG" | tail -n 120
+grep -h -E "^(SUMMARY|DECIDE|PROFILE|SYNCPROBE|HOST|DRAWS|SKIPPED|CUT|\||check |!!!|===)" "$LOG" | tail -n 120
 save
 exit $status

@@ -490,3 +490,18 @@ def test_host_ms_reads_the_timed_steps_only_and_release_stops_a_feeder():
     assert next(feeder) == 0
     bench.release((feeder, object()))
     assert not [t for t in threading.enumerate() if t.name == "mscn-bench-feeder"]
+
+
+def test_bench_draws_times_both_graphs_and_refuses_nonsense():
+    """scripts/bench_draws.py: one line per graph (its operators and ms per batch), the ratio;
+    a batch of 0 is one usage error."""
+    script = REPO / "scripts" / "bench_draws.py"
+    r = subprocess.run([sys.executable, str(script), "--batch", "8", "--iters", "2", "--views", "2"],
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert any(ln.startswith("DRAWS one by one: 30 operators, ") for ln in lines), r.stdout
+    assert any(ln.startswith("DRAWS one draw per view: 2 operators, ") for ln in lines), r.stdout
+    assert any(ln.startswith("SUMMARY draws: one by one / one draw per view = ") for ln in lines)
+    bad = subprocess.run([sys.executable, str(script), "--batch", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "must be >= 1" in bad.stderr

@@ -116,7 +116,7 @@ def test_gpu_summary_reads_the_bench_files(results):
     assert any(ln.startswith("SUMMARY share_of_decode =") and "target >= 0.85" in ln for ln in lines)
 
 
-PART3_STEPS = ["tests", "probe", "masks", "bench", "train18", "train50", "memory", "pipeline",
+PART3_STEPS = ["tests", "probe", "masks", "draws", "bench", "train18", "train50", "memory", "pipeline",
                "train50-compile", "ab-isolated", "train18-compile"]
 
 
@@ -173,7 +173,7 @@ def test_gpu_check_skips_a_step_that_would_not_fit_and_goes_on(tmp_path):
     steps limited to over 100 s are skipped, and the shorter ones after them still run."""
     proc, ran, _ = _gpu_check(tmp_path, budget=50, sleep=0, share=50)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    fits = ["probe", "masks", "memory", "pipeline"]  # limits of 60-90 s
+    fits = ["probe", "masks", "draws", "memory", "pipeline"]  # limits of 60-90 s
     assert ran == fits + ["summary"]
     assert _digest(proc, "SKIPPED") == [s for s in PART3_STEPS if s not in fits]
 
