@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from mscn.colour import DRAWS, HALF_RANGE, RGB2YIQ, YIQ2RGB, ColourLaw
-from mscn.cuda_kernels.mask_triton import Launch
+from mscn.cuda_kernels.mask_triton import INTERPRETED, Launch
 from mscn.errors import MscnError
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -122,6 +122,10 @@ def kernel_unsupported(x: torch.Tensor, dtype: torch.dtype) -> str | None:
     """Why the kernel cannot take ``x`` (None: it can)."""
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[3] != 3:
         return f"{tuple(x.shape)} {x.dtype} (needs uint8 (B, H, W, 3))"
+    if x.is_cuda and INTERPRETED:
+        return "a CUDA tensor: TRITON_INTERPRET=1 is set, the kernel was built for the CPU interpreter"
+    if not x.is_cuda and not INTERPRETED:
+        return "a CPU tensor (set TRITON_INTERPRET=1 before importing mscn.cuda_kernels to interpret the kernel)"
     if not x.is_contiguous():
         return "a non-contiguous view"
     if dtype not in DTYPES:

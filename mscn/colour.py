@@ -26,9 +26,10 @@ What DALI hands over per sample, ``view{i}_colour``: nine uniforms in [0, 1)
 (:data:`DRAWS`), drawn by one operator per view. A :class:`ColourLaw` (the view's
 probabilities and ranges, App. A.1) maps them to the flags (``u < p``) and factors
 (``lo + (hi - lo) u``): :data:`PARAMS` and the blur's σ (0 where not blurred). Why one
-draw: DALI runs each of its CPU operators sample by sample, and the 60 coin flips,
-uniforms, casts and stacks that drew these per view cost 12.9 ms per batch of 256 on 2
-cores, against 1.8 ms for one draw per view (``scripts/bench_draws.py``). The draw is in DALI's
+draw: DALI runs each of its CPU operators sample by sample, and the ~15 coin flips,
+uniforms, casts and stacks per view (60 for four views) that drew these one by one cost
+12.9 ms per batch of 256 on 2 cores, against 1.8 ms for one draw per view
+(``scripts/bench_draws.py``). The draw is in DALI's
 graph, so its checkpoint still resumes a run exactly. The flip (a mirror of the columns)
 commutes with every per-pixel step, so applying it while reading the crop gives DALI's
 ``crop_mirror_normalize`` result.

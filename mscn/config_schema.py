@@ -291,7 +291,7 @@ class Config:
         if self.data.colour_where != "loader" or self.colour_in_loader(gpu):
             return None
         where = self.blur_where_on(gpu)
-        if where != "loader" and any(v.blur_prob > 0 and v.solarize_prob <= 0 for v in self.views):
+        if where != "loader" and any(v.colour_movable(True) for v in self.views):  # they would move with the blur
             why = f"the views blur in DALI here (data.blur_where resolves to {where}): add data.blur_where=loader"
         else:
             why = "no view has a colour step without a solarize after it"

@@ -20,6 +20,9 @@ from mscn.pipelines.loader import plan
 from mscn.pipelines.train_pipeline import coloured_views
 
 IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean, std: the output stays on the uint8 scale
+# the kernel runs interpreted on the CPU and compiled on a GPU (tests/conftest.py sets
+# TRITON_INTERPRET only without one)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # twice SimCLR's strengths, every flag drawn half the time (more clamping, every combination)
 STRONG = ColourLaw(p_jitter=0.5, brightness=(0.2, 1.8), contrast=(0.2, 1.8), saturation=(0.2, 1.8), hue=(-72.0, 72.0),
                    p_gray=0.5, p_flip=0.5, p_blur=0.5, sigma=(0.1, 2.0))
@@ -131,18 +134,19 @@ def test_draws_map_to_flags_factors_and_sigma():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_triton_kernel_equals_the_reference(dtype):
-    """The kernel under the interpreter: the draws' mapping (σ included) and the step, on a
-    size that is not a multiple of its block, every flag combination, flips; float32 to
-    float rounding, the half types to one unit of their last place (the interpreter
-    truncates to bfloat16 where a GPU rounds to nearest), but for one level on under 0.1 %
-    of the values."""
+    """The kernel (interpreted here, compiled on a GPU): the draws' mapping (σ included) and
+    the step, on a size that is not a multiple of its block, every flag combination,
+    flips; float32 to float rounding, the half types to one unit of their last place (the
+    interpreter truncates to bfloat16 where a GPU rounds to nearest), but for one level on
+    under 0.1 % of the values."""
     from mscn.cuda_kernels.colour_triton import colour_triton
 
     gen = torch.Generator().manual_seed(2)
     x = torch.randint(0, 256, (16, 37, 53, 3), dtype=torch.uint8, generator=gen)
     draws = torch.rand(16, len(DRAWS), generator=gen)
     mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
-    got, sigma = colour_triton(x, draws, STRONG, mean, std, dtype)
+    got, sigma = colour_triton(x.to(DEV), draws.to(DEV), STRONG, mean, std, dtype)  # compiled where a GPU is
+    got, sigma = got.cpu(), sigma.cpu()
     params, want_sigma = params_from_draws(draws, STRONG)
     for k in (0, 5, 6):
         assert 0 < params[:, k].sum() < 16, PARAMS[k]  # each flag both ways
@@ -168,6 +172,30 @@ def test_colour_per_sample_refuses_what_it_cannot_colour():
         colour_per_sample(x, u[:, :8], STRONG, *IDENTITY)
     views, sigma = colour_per_sample(x, u.reshape(-1), STRONG, *IDENTITY)  # flat per sample
     assert torch.equal(views, torch.zeros(2, 3, 4, 4)) and torch.equal(sigma, torch.zeros(2))
+
+
+def test_the_compiled_kernel_refuses_a_cpu_tensor_in_one_line():
+    """Without TRITON_INTERPRET the kernel is compiled for a GPU: CPU tensors are refused
+    with one line saying how to interpret it, not with Triton's pointer error."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "from mscn.colour import DRAWS, ColourLaw\n"
+            "from mscn.config import ViewCfg\n"
+            "from mscn.cuda_kernels.colour_triton import colour_triton\n"
+            "from mscn.errors import MscnError\n"
+            "try:\n"
+            "    colour_triton(torch.zeros(2, 4, 4, 3, dtype=torch.uint8), torch.zeros(2, len(DRAWS)),\n"
+            "                  ColourLaw.of(ViewCfg(), True), (0, 0, 0), (1, 1, 1))\n"
+            "except MscnError as e:\n"
+            "    print(e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == ("colour kernel: cannot take a CPU tensor (set TRITON_INTERPRET=1 before importing "
+                                "mscn.cuda_kernels to interpret the kernel)")
 
 
 def _run(pipe, names):
