@@ -155,12 +155,12 @@ part3() {  # this round's A/B and probes, most needed first, within MSCN_GPU_BUD
   run bench 150 $PY scripts/bench_pipeline.py --data "$DATA/train" \
       --stages decode,bare,masks,masks-blur-dali,masks-colour-loader --baseline dali-plain \
       --profile /tmp/mscn_profile --profile-rows masks-blur-dali,masks-colour-loader --json "$R/bench.json"
-  # the trainer: the barest feed (the floor), the default, the round-4 default, the
-  # outputs held longer and the batches taken by a thread; each row with its host time per
-  # step beside the profile's idle
+  # the trainer: the barest feed (the floor), the default, the round-4 default, the colour
+  # in the loader, the outputs held longer and the batches taken by a thread; each row with
+  # its host time per step beside the profile's idle
   run train18 170 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
       --feeds bare,masks,masks-blur-dali,masks-colour-loader,masks-hold,masks-thread --no-priority-row \
-      --profile /tmp/mscn_profile --profile-rows masks-hold,masks-thread --json "$R/train_r18.json"
+      --profile /tmp/mscn_profile --profile-rows masks-colour-loader,masks-hold,masks-thread --json "$R/train_r18.json"
   # ResNet-50: the new default against the round-4 one (never timed with the blur in the
   # loader) and with the colour in the loader too
   run train50 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 \
