@@ -53,6 +53,10 @@ import torch
 
 PARAMS = ("jitter", "brightness", "contrast", "saturation", "hue", "gray", "flip")  # what the step applies
 DRAWS = (*PARAMS, "blur", "sigma")  # view{i}_colour: one uniform in [0, 1) each, in this order
+# the form of DALI's hand-over, recorded in a run's loader state: DALI's checkpoint only
+# loads into the graph it came from, so a change of the form (another draw, another
+# order) must change this, and a resume across it is refused (train/resume.py)
+HANDOVER = f"one uniform draw of {','.join(DRAWS)} per view"
 # DALI's RGB -> YIQ matrix (color_twist.h) and its exact inverse: DALI 2.4's operator maps
 # neutral factors to the identity (probed with float images: its matrices equal these
 # products to 2e-7), where DALI 1.x used an inverse rounded to three digits

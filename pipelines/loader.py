@@ -34,7 +34,7 @@ import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from mscn.blur import blur_per_sample, blur_radius
-from mscn.colour import ColourLaw
+from mscn.colour import HANDOVER, ColourLaw
 from mscn.errors import DataError
 from mscn.h2d import to_device
 from mscn.highpass import highpass_matmul
@@ -148,7 +148,8 @@ class DaliLoader:
         # "crop": DALI's checkpoint only fits a pipeline of the same operators (train/resume.py)
         return {"dali": torch.frombuffer(bytearray(dali), dtype=torch.uint8), "mask": mask, "runs": self._runs,
                 "crop": self.crop, "blur_where": "loader" if self.blur else "pipeline",
-                "colour_where": "loader" if self.colour else "pipeline"}
+                "colour_where": "loader" if self.colour else "pipeline",
+                "colour_handover": HANDOVER if self.colour else None}
 
     def _convert(self, out: dict) -> MscnBatch:
         views = [out[f"view{i}"] for i in range(self.num_views)]

@@ -251,8 +251,13 @@ def test_loader_state_of_the_other_crop_graph_is_not_resumed_exactly():
     got, why = this_rank({"ranks": [moved_state]}, info, coloured, False)
     assert got is None and why == ("its loader coloured the views with data.colour_where=pipeline, "
                                    "this run with loader")
-    both = {"loader": {"crop": "rrc", "blur_where": "loader", "colour_where": "loader"}}
+    from mscn.colour import HANDOVER
+    both = {"loader": {"crop": "rrc", "blur_where": "loader", "colour_where": "loader", "colour_handover": HANDOVER}}
     assert this_rank({"ranks": [both]}, info, coloured, False) == (both, "")
+    # the colour's draws handed over in another form: DALI's checkpoint would not load
+    other = {"loader": {**both["loader"], "colour_handover": "seven numbers per view"}}
+    assert this_rank({"ranks": [other]}, info, coloured, False)[1] == (
+        "its loader took the colour's draws from DALI in another form (an earlier mscn)")
     assert this_rank({"ranks": [both]}, info, moved, False)[1] == ("its loader coloured the views with "
                                                                   "data.colour_where=loader, this run with pipeline")
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mscn.colour import HANDOVER
 from mscn.config import Config, to_dict
 from mscn.errors import MscnError
 from mscn.train import checkpoint as ckpt
@@ -112,6 +113,8 @@ def this_rank(state: dict, info: DistInfo, cfg: Config, gpu: bool) -> tuple[dict
     now = "loader" if cfg.colour_in_loader(gpu) else "pipeline"
     if saved != now:
         return None, f"its loader coloured the views with data.colour_where={saved}, this run with {now}"
+    if now == "loader" and (mine.get("loader") or {}).get("colour_handover") != HANDOVER:
+        return None, "its loader took the colour's draws from DALI in another form (an earlier mscn)"
     return mine, ""
 
 
