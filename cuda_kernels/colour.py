@@ -16,7 +16,7 @@ def colour_per_sample(x: torch.Tensor, draws: torch.Tensor, law: ColourLaw, mean
     normalize (``mscn.colour``): uint8 (B, H, W, 3) RGB crops -> ((B, 3, H, W) views in
     ``dtype``, (B,) float32 σ of the loader's blur, 0 where it does not blur).
 
-    ``draws``: (B, 9) uniforms (``mscn.colour.DRAWS``), on the host or ``x``'s device. On
+    ``draws``: (B, 10) uniforms (``mscn.colour.DRAWS``), on the host or ``x``'s device. On
     CUDA the Triton kernel (one launch, σ included), elsewhere the reference.
     """
     if x.dim() != 4 or x.shape[3] != 3 or x.dtype != torch.uint8:

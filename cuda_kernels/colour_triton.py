@@ -1,6 +1,6 @@
 """Triton kernel of the loader's colour step (paper App. A.1; ``mscn.colour``), one pass.
 
-One program handles ``BLOCK`` output pixels of one sample. It maps the sample's nine
+One program handles ``BLOCK`` output pixels of one sample. It maps the sample's ten
 uniforms to its flags and factors (``mscn.colour.ColourLaw``; the first program of each
 sample also writes the blur's σ for the loader), reads each pixel's three uint8 channels
 from the HWC crop, from the mirrored column where the flip flag is set, builds the
@@ -149,7 +149,7 @@ def colour_triton(x: torch.Tensor, draws: torch.Tensor, law: ColourLaw, mean, st
                   dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """``mscn.colour.params_from_draws`` then ``colour_reference``, as one kernel launch:
     uint8 (B, H, W, 3) crops ``x`` -> ((B, 3, H, W) views in ``dtype``, (B,) float32 σ).
-    ``draws``: (B, 9) float32 on ``x``'s device."""
+    ``draws``: (B, 10) float32 on ``x``'s device."""
     why = kernel_unsupported(x, dtype)
     if why is not None:
         raise MscnError(f"colour kernel: cannot take {why}")

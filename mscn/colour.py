@@ -22,21 +22,23 @@ then ``(x - mean) / std``. Contrast is taken around 128, not the image mean
 a half level may still land one level away from DALI's, as the two sum the products in
 another order: below 0.1 % of the pixels (tests/test_pipeline_colour.py).
 
-What DALI hands over per sample, ``view{i}_colour``: nine uniforms in [0, 1)
+What DALI hands over per sample, ``view{i}_colour``: ten uniforms in [0, 1)
 (:data:`DRAWS`), drawn by one operator per view. A :class:`ColourLaw` (the view's
 probabilities and ranges, App. A.1) maps them to the flags (``u < p``) and factors
 (``lo + (hi - lo) u``): :data:`PARAMS` and the blur's σ (0 where not blurred). Why one
 draw: DALI runs each of its CPU operators sample by sample, and the ~15 coin flips,
 uniforms, casts and stacks per view (60 for four views) that drew these one by one cost
-12.9 ms per batch of 256 on 2 cores, against 1.8 ms for one draw per view
+12.9-15.2 ms per batch of 256 on 2 cores, against 0.8-1.8 ms for one draw per view
 (``scripts/bench_draws.py``). The draw is in DALI's
 graph, so its checkpoint still resumes a run exactly. The flip (a mirror of the columns)
 commutes with every per-pixel step, so applying it while reading the crop gives DALI's
 ``crop_mirror_normalize`` result.
 
 Where it may run: a view with nothing after the colour in DALI's graph. Its blur must
-have moved to the loader too (``data.blur_where``) or be absent, and no solarize may
-follow (:meth:`mscn.config_schema.ViewCfg.colour_movable`).
+move to the loader too (``data.blur_where``) or be absent
+(:meth:`mscn.config_schema.ViewCfg.colour_movable`). BYOL's solarize moves with them:
+such a view leaves the kernel on the uint8 scale, is blurred, then solarized and
+normalized (:func:`solarize_normalize`).
 
 This module is the arithmetic and its plain-torch reference, :func:`colour_reference`
 (the CPU path, and what the kernel is tested against). ``mscn.cuda_kernels.colour``
@@ -50,9 +52,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mscn.h2d import to_device
+
 
 PARAMS = ("jitter", "brightness", "contrast", "saturation", "hue", "gray", "flip")  # what the step applies
-DRAWS = (*PARAMS, "blur", "sigma")  # view{i}_colour: one uniform in [0, 1) each, in this order
+DRAWS = (*PARAMS, "blur", "sigma", "solarize")  # view{i}_colour: one uniform in [0, 1) each, in this order
 # the form of DALI's hand-over, recorded in a run's loader state: DALI's checkpoint only
 # loads into the graph it came from, so a change of the form (another draw, another
 # order) must change this, and a resume across it is refused (train/resume.py)
@@ -80,6 +84,7 @@ class ColourLaw:
     p_flip: float
     p_blur: float  # 0 for a view whose blur the loader does not apply
     sigma: tuple[float, float]
+    p_solarize: float = 0.0  # BYOL: applied by the loader after its blur (solarize_normalize)
 
     @classmethod
     def of(cls, view, blur: bool) -> "ColourLaw":
@@ -88,11 +93,11 @@ class ColourLaw:
             return max(0.0, 1.0 - s), 1.0 + s
         return cls(view.jitter_prob, around_one(view.brightness), around_one(view.contrast),
                    around_one(view.saturation), (-360.0 * view.hue, 360.0 * view.hue), view.grayscale_prob,
-                   view.flip_prob, view.blur_prob if blur else 0.0, tuple(view.blur_sigma))
+                   view.flip_prob, view.blur_prob if blur else 0.0, tuple(view.blur_sigma), view.solarize_prob)
 
     def constants(self) -> tuple[float, ...]:
         """The kernel's arguments: p_jitter, then (lo, hi - lo) of each factor, p_gray,
-        p_flip, p_blur, (lo, hi - lo) of σ."""
+        p_flip, p_blur, (lo, hi - lo) of σ (solarize comes after the blur, outside the kernel)."""
         span = [(float(lo), float(hi) - float(lo)) for lo, hi in (self.brightness, self.contrast, self.saturation,
                                                                    self.hue)]
         return (float(self.p_jitter), *(v for pair in span for v in pair), float(self.p_gray), float(self.p_flip),
@@ -100,7 +105,7 @@ class ColourLaw:
 
 
 def params_from_draws(draws: torch.Tensor, law: ColourLaw) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, 9) :data:`DRAWS` -> ((B, 7) :data:`PARAMS`, (B,) σ), in float32 as the kernel maps them."""
+    """(B, 10) :data:`DRAWS` -> ((B, 7) :data:`PARAMS`, (B,) σ), in float32 as the kernel maps them."""
     u = draws.float()
     k = [torch.tensor(v, dtype=torch.float32, device=u.device) for v in law.constants()]
     flag = lambda col, p: (u[:, col] < p).float()  # noqa: E731
@@ -109,6 +114,24 @@ def params_from_draws(draws: torch.Tensor, law: ColourLaw) -> tuple[torch.Tensor
                           factor(4, k[7], k[8]), flag(5, k[9]), flag(6, k[10])], 1)
     sigma = torch.where(u[:, 7] < k[11], factor(8, k[12], k[13]), torch.zeros_like(u[:, 8]))
     return params, sigma
+
+
+def solarize_flags(draws: torch.Tensor, law: ColourLaw) -> torch.Tensor:
+    """(B,) bool: where the view's solarize applies (``u < p_solarize``)."""
+    return draws[:, DRAWS.index("solarize")].float() < torch.tensor(law.p_solarize, dtype=torch.float32)
+
+
+def solarize_normalize(x: torch.Tensor, flag: torch.Tensor, mean, std) -> torch.Tensor:
+    """BYOL's solarize, then ``(x - mean) / std``, on views the loader left on the uint8
+    scale (a view that solarizes is normalized only after its blur): rounded to whole
+    levels first, as DALI's blur hands solarize a uint8 image, then every level >= 128 is
+    inverted where ``flag`` is set (torchvision's threshold, ``ops.solarize``)."""
+    v = x.float().round().clamp_(0.0, 255.0)
+    v = torch.where(to_device(flag, v.device)[:, None, None, None] & (v >= 128.0), 255.0 - v, v)
+    # the constants through pinned memory: a pageable copy may wait for the stream (mscn.h2d)
+    mean_t = to_device(torch.tensor(mean, dtype=torch.float32), v.device)[None, :, None, None]
+    std_t = to_device(torch.tensor(std, dtype=torch.float32), v.device)[None, :, None, None]
+    return ((v - mean_t) / std_t).to(x.dtype)
 
 
 def twist_matrices(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

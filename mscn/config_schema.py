@@ -64,10 +64,14 @@ class ViewCfg:
     def colour_movable(self, blur_in_loader: bool) -> bool:
         """Whether ``data.colour_where=loader`` moves this view's colour jitter and grayscale
         to the loader (mscn/colour.py): it has either, and nothing that DALI would apply
-        after them is left in DALI: no solarize, and a blur only if the loader blurs too
-        (``blur_in_loader``: ``data.blur_where`` resolved to ``loader`` for this loader)."""
-        has_colour = self.jitter_prob > 0 or self.grayscale_prob > 0
-        return has_colour and self.solarize_prob <= 0 and (self.blur_prob <= 0 or blur_in_loader)
+        after them is left in DALI: a blur only if the loader blurs too (``blur_in_loader``:
+        ``data.blur_where`` resolved to ``loader`` for this loader; the view's blur then
+        moves with its colour, solarize or not), and a solarize (BYOL) moves with them."""
+        return self.has_colour() and (self.blur_prob <= 0 or blur_in_loader)
+
+    def has_colour(self) -> bool:
+        """Whether the view has a colour jitter or a grayscale at all."""
+        return self.jitter_prob > 0 or self.grayscale_prob > 0
 
 
 def default_views() -> list[ViewCfg]:
@@ -124,10 +128,11 @@ class DataCfg:
     blur_where: str = "auto"
     # where the views' colour jitter and grayscale (App. A.1) run: pipeline (DALI's
     # fn.color_twist, two conditional passes) | loader (one kernel per view on the views'
-    # device, the same arithmetic as DALI's, mscn/colour.py; DALI then only decodes, crops
-    # and flips). Only views whose blur runs in the loader too (or that do not blur) and
-    # that do not solarize move; the high-pass then runs in the loader. pipeline until a
-    # GPU run measures loader (bench stage masks-colour-loader, docs/PERFORMANCE.md)
+    # device, the same arithmetic as DALI's, mscn/colour.py; DALI then only decodes and
+    # crops). A view moves if it does not blur or data.blur_where resolves to loader: its
+    # blur and a solarize after it (BYOL) move with it; the high-pass then runs in the
+    # loader. pipeline until a GPU run measures loader (bench stage masks-colour-loader,
+    # docs/PERFORMANCE.md)
     colour_where: str = "pipeline"
     # DALI's executor (docs/PERFORMANCE.md, "Tuning"): which independent operators may run at
     # once, none | backend (a CPU op beside a GPU op: DALI's default) | full (also the views'
@@ -269,11 +274,16 @@ class Config:
     def blur_in_loader(self, gpu: bool, views: list[ViewCfg] | None = None) -> bool:
         """Whether a loader of ``views`` (default: the training views) on the GPU path
         (``gpu``) or the CPU path blurs in the loader: :meth:`blur_where_on` is ``loader``
-        and at least one view's blur can move (:meth:`ViewCfg.blur_movable`). The one rule
+        and at least one view's blur can move (:meth:`ViewCfg.blur_movable`, or with its colour
+        step under ``data.colour_where=loader``). The one rule
         for the config check, the loader's plan and the resume guard, which must agree on
         the pipeline graph."""
+        # a view's blur moves alone (no solarize after it), or with its colour step
+        # (data.colour_where=loader: a solarize after the blur moves too)
+        colour = self.data.colour_where == "loader"
         return self.blur_where_on(gpu) == "loader" and any(
-            v.blur_movable() for v in (self.views if views is None else views))
+            v.blur_movable() or (colour and v.has_colour() and v.blur_prob > 0)
+            for v in (self.views if views is None else views))
 
     def colour_in_loader(self, gpu: bool, views: list[ViewCfg] | None = None) -> bool:
         """Whether a loader of ``views`` (default: the training views) on the GPU path
@@ -291,8 +301,8 @@ class Config:
         if self.data.colour_where != "loader" or self.colour_in_loader(gpu):
             return None
         where = self.blur_where_on(gpu)
-        if where != "loader" and any(v.colour_movable(True) for v in self.views):  # they would move with the blur
+        if where != "loader" and any(v.has_colour() for v in self.views):  # they would move with the blur
             why = f"the views blur in DALI here (data.blur_where resolves to {where}): add data.blur_where=loader"
         else:
-            why = "no view has a colour step without a solarize after it"
+            why = "no view has a colour jitter or grayscale"
         return f"data.colour_where=loader moves no view's colour on the {'GPU' if gpu else 'CPU'} path: {why}"

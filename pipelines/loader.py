@@ -34,7 +34,7 @@ import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from mscn.blur import blur_per_sample, blur_radius
-from mscn.colour import HANDOVER, ColourLaw
+from mscn.colour import HANDOVER, ColourLaw, solarize_flags, solarize_normalize
 from mscn.errors import DataError
 from mscn.h2d import to_device
 from mscn.highpass import highpass_matmul
@@ -161,15 +161,21 @@ class DaliLoader:
         sigma = {i: out[f"view{i}_sigma"] for i in self.blur if i not in self.colour}
         if self.colour:  # imported here, as the masks are: mscn.cuda_kernels loads Triton
             from mscn.cuda_kernels.colour import colour_per_sample
+        # views that solarize (BYOL) stay on the uint8 scale until after their blur
+        late = [i for i in self.colour if self.laws[i].p_solarize > 0]
         for i in self.colour:  # uint8 HWC -> CHW, coloured and normalized, in the dtype DALI gives the others
-            views[i], sigma[i] = colour_per_sample(views[i], out[f"view{i}_colour"], self.laws[i], self.mean,
-                                                   self.std, self.colour_dtype)
+            mean, std = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)) if i in late else (self.mean, self.std)
+            views[i], sigma[i] = colour_per_sample(views[i], out[f"view{i}_colour"], self.laws[i], mean, std,
+                                                   self.colour_dtype)
         # float16 stays float16 on a GPU (see dali_dtype); the blur comes first (App. A.1
         # blurs the image, §5.1 high-passes the result)
         views = [v if v.is_cuda and v.dtype == torch.float16 else v.float() for v in views] \
             if (self.highpass is not None or self.blur) else views
         for i, (radius, window) in self.blur.items():
             views[i] = blur_per_sample(views[i], sigma[i], radius, window)
+        for i in late:  # solarize after the blur, then normalize (App. A.1's order)
+            views[i] = solarize_normalize(views[i], solarize_flags(out[f"view{i}_colour"], self.laws[i]),
+                                          self.mean, self.std)
         if self.highpass is not None:
             views = [highpass_matmul(v, *self.highpass) for v in views]
         views = [v if v.dtype == self.dtype else v.to(self.dtype) for v in views]
@@ -341,11 +347,11 @@ class Shard:
 
 def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_fn: MaskFn | None,
                   state: dict | None = None, checkpointing: bool = False) -> DaliLoader:
-    from mscn.pipelines.train_pipeline import coloured_views, deferred_views, views_pipeline
+    from mscn.pipelines.train_pipeline import coloured_views, loader_blurred, views_pipeline
 
     d = cfg.data
     blur = {i: (blur_radius(views[i].blur_sigma[1], views[i].blur_window), views[i].blur_window)
-            for i in deferred_views(views, p.blur_in_adapter)}
+            for i in loader_blurred(views, p.blur_in_adapter, p.colour_in_adapter)}
     replay = Replay(shard_id=shard.rank, num_shards=shard.world_size, shuffle=True, shuffle_buffer=d.shuffle_buffer,
                     stick_to_shard=False, reader_seed=shard.seed, batch_size=shard.batch, prefetch=d.prefetch)
     pipe = views_pipeline(source, views, image_size=d.image_size, mean=d.mean, std=d.std, crop=d.crop,

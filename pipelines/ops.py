@@ -75,7 +75,7 @@ class ViewFlags:
     solarize: DataNode
     crop_area: DataNode | None  # crop area / image area (None for the fused crop, which hides it)
     blur_sigma: DataNode | None = None  # a deferred blur's σ per sample, 0 where not blurred
-    colour: DataNode | None = None  # a deferred colour step's (9,) uniforms per sample (mscn.colour.DRAWS)
+    colour: DataNode | None = None  # a deferred colour step's (10,) uniforms per sample (mscn.colour.DRAWS)
 
 
 def resized_crop(images: DataNode, shape: DataNode, size: int, scale, ratio,
@@ -197,23 +197,23 @@ def colour_deferred(view: ViewCfg, blur_in_loader: bool, colour_in_loader: bool)
 def deferred_colour(view: ViewCfg, x: DataNode, area: DataNode | None,
                     defer_blur: bool) -> tuple[DataNode, ViewFlags]:
     """A view whose colour step the loader applies (:func:`colour_deferred`): the crop as it
-    is, and one operator's draw of nine uniforms per sample (mscn.colour.DRAWS) in
+    is, and one operator's draw of ten uniforms per sample (mscn.colour.DRAWS) in
     ``ViewFlags.colour``. The loader maps them to the jitter, gray and flip flags, the four
     factors and, where it blurs the view (``defer_blur``), the blur's flag and σ
-    (mscn.colour.ColourLaw): one CPU operator instead of the ~15 coin flips, uniforms,
-    casts and stacks per view that drew them one by one (docs/PERFORMANCE.md).
+    (mscn.colour.ColourLaw), and BYOL's solarize flag: one CPU operator instead of the ~15
+    coin flips, uniforms, casts and stacks per view that drew them one by one
+    (docs/PERFORMANCE.md).
 
     The other flags are DALI comparisons of the same draws with the same probabilities, so
     the debug outputs report exactly what the loader applies."""
-    if view.solarize_prob > 0 or (view.blur_prob > 0 and not defer_blur):
-        raise ValueError("a colour step followed by DALI's blur or solarize cannot move to the loader")
+    if view.blur_prob > 0 and not defer_blur:
+        raise ValueError("a colour step followed by DALI's blur cannot move to the loader")
     law = ColourLaw.of(view, blur=defer_blur)
     u = fn.random.uniform(range=[0.0, 1.0], shape=[len(DRAWS)])
     col = {name: u[i] for i, name in enumerate(DRAWS)}
     flags = ViewFlags(flip=col["flip"] < law.p_flip, jitter=col["jitter"] < law.p_jitter,
                       gray=col["gray"] < law.p_gray, blur=col["blur"] < law.p_blur,
-                      solarize=col["blur"] < 0.0,  # never (a moved view does not solarize), per sample
-                      crop_area=area, colour=u)
+                      solarize=col["solarize"] < law.p_solarize, crop_area=area, colour=u)
     return x, flags
 
 

@@ -8,7 +8,7 @@ Outputs, in order (see :func:`output_names`): ``view0 .. view{N-1}`` (CHW, float
 then ``label`` when the reader carries labels (tar shards), then ``index``; a view whose
 blur the loader applies (``data.blur_where=loader``) adds ``view{i}_sigma`` (float, 0 where
 not blurred), one whose colour it applies (``data.colour_where=loader``) is the cropped
-uint8 HWC image, unflipped, and adds ``view{i}_colour`` instead (float, (9,) uniforms:
+uint8 HWC image, unflipped, and adds ``view{i}_colour`` instead (float, (10,) uniforms:
 mscn.colour.DRAWS; its blur's σ is drawn there too); with ``debug_outputs`` each view
 adds ``view{i}_flags`` (int32: flip, jitter, gray, blur, solarize) and ``view{i}_area``
 (crop area fraction), for tests and statistics.
@@ -32,6 +32,15 @@ def deferred_views(views: list[ViewCfg], blur_in_loader: bool) -> tuple[int, ...
 def coloured_views(views: list[ViewCfg], blur_in_loader: bool, colour_in_loader: bool) -> tuple[int, ...]:
     """Indices of the views whose colour jitter and grayscale the loader applies (ops.colour_deferred)."""
     return tuple(i for i, v in enumerate(views) if colour_deferred(v, blur_in_loader, colour_in_loader))
+
+
+def loader_blurred(views: list[ViewCfg], blur_in_loader: bool, colour_in_loader: bool) -> tuple[int, ...]:
+    """Indices of every view whose blur the loader applies: those of :func:`deferred_views`,
+    and the coloured views that blur (their blur moves with their colour, also where a
+    solarize follows it: it moves too)."""
+    coloured = coloured_views(views, blur_in_loader, colour_in_loader)
+    return tuple(i for i, v in enumerate(views)
+                 if blur_deferred(v, blur_in_loader) or (i in coloured and v.blur_prob > 0))
 
 
 def output_names(num_views: int, source: Source, debug_outputs: bool = False,
@@ -77,11 +86,12 @@ def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 22
     not blurred here but hand their σ to the loader, which blurs and then high-passes them,
     so ``highpass`` must then be None (the high-pass must see the blurred view).
     ``colour_in_loader`` (``data.colour_where=loader``): the views of :func:`coloured_views`
-    leave DALI as the crops themselves (uint8 HWC) with one draw of nine uniforms each, and
+    leave DALI as the crops themselves (uint8 HWC) with one draw of ten uniforms each, and
     the loader flips, colours, normalizes, blurs and high-passes them (``highpass`` None here too).
     """
     deferred = deferred_views(views, blur_in_loader)
     coloured = coloured_views(views, blur_in_loader, colour_in_loader)
+    blurred = loader_blurred(views, blur_in_loader, colour_in_loader)
     if (deferred or coloured) and highpass is not None:
         raise ValueError("blur_in_loader / colour_in_loader: the loader changes views after DALI, so the "
                          "high-pass must run there too (highpass=None here)")
@@ -98,7 +108,7 @@ def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 22
         raise ValueError("debug outputs report the crop window, which crop='rrc' does not expose")
     outputs = []
     for i, view in enumerate(views):  # trace time: one branch of the graph per view
-        x, flags = augment_view(images, shape, view, image_size, crop_op, defer_blur=i in deferred,
+        x, flags = augment_view(images, shape, view, image_size, crop_op, defer_blur=i in blurred,
                                 defer_colour=i in coloured)
         if i in coloured:  # the crop as it is: the loader's kernel flips, colours, normalizes and transposes it
             outputs.append(x)

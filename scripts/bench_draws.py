@@ -2,7 +2,7 @@
 """What DALI's per-sample random draws cost its CPU threads: the numbers of a batch's
 colour, gray, flip and blur steps drawn one by one (coin flips, uniforms, casts and a
 stack per view: how ``data.colour_where=loader`` first drew them, ~15 CPU operators per
-view) against one draw of nine uniforms per view (what it draws now, mapped by
+view) against one draw of ten uniforms per view (what it draws now, mapped by
 ``mscn.colour.ColourLaw`` in the loader's kernel). No images: only the draws, on DALI's
 CPU path, so the figure is the operators' own cost.
 
@@ -35,7 +35,7 @@ def one_by_one(views: int):
 
 
 def one_draw(views: int):
-    """Per view: one draw of nine uniforms (mscn.colour.DRAWS)."""
+    """Per view: one draw of ten uniforms (mscn.colour.DRAWS)."""
     return tuple(fn.random.uniform(range=[0.0, 1.0], shape=[len(DRAWS)]) for _ in range(views))
 
 

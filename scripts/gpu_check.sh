@@ -144,7 +144,7 @@ part3() {  # this round's A/B and probes, most needed first, within MSCN_GPU_BUD
   run probe 90 $PY scripts/probe_syncs.py --data "$DATA/train" --json "$R/probe_syncs.json"
   run masks 60 $PY scripts/bench_masks.py --json "$R/masks.json"
   # DALI's per-sample draws on this box's CPU threads: one by one against one draw per view
-  # (the 2-core machine: 12.9 against 1.8 ms per batch of 256)
+  # (the 2-core machine: 12.9-15.2 against 0.8-1.8 ms per batch of 256)
   run draws 60 $PY scripts/bench_draws.py --threads 8
   # the pipeline (masks: the new GPU default, blur and high-pass as GEMMs in the loader)
   # against the round-4 default (masks-blur-dali), the colour in the loader too (DALI then

@@ -205,7 +205,7 @@ def _run(pipe, names):
 
 def test_one_draw_per_view_and_the_flags_dali_reports(folder):
     """The DALI graph with the colour left to the loader: the views leave DALI as the uint8
-    HWC crops, each with nine uniforms per sample, in [0, 1) and independent of each
+    HWC crops, each with ten uniforms per sample, in [0, 1) and independent of each
     other; the flags DALI reports (debug outputs) are those the law gives, and their
     frequencies are the probabilities."""
     cfg = tiny_cfg(folder)
@@ -330,16 +330,25 @@ def test_colour_where_rules(folder):
         "data.colour_where=loader moves no view's colour on the CPU path: the views blur in DALI here "
         "(data.blur_where resolves to pipeline): add data.blur_where=loader")
     assert cpu_auto.colour_where_note(gpu=True) is None and cfg.colour_where_note(gpu=False) is None
+    # BYOL's solarize moves with the colour and the blur: every view moves, even where each solarizes
     solar = tiny_cfg(folder, "data.colour_where=loader", "data.blur_where=loader",
                      *(f"views.{i}.solarize_prob=0.2" for i in range(4)))
-    assert "no view has a colour step without a solarize after it" in solar.colour_where_note(gpu=True)
+    assert solar.blur_in_loader(gpu=True) and solar.colour_in_loader(gpu=True)
+    assert solar.colour_where_note(gpu=True) is None
+    assert not tiny_cfg(folder, "data.blur_where=loader", *(f"views.{i}.solarize_prob=0.2" for i in range(4))
+                        ).blur_in_loader(gpu=True)  # without the colour's move, solarize keeps the blur in DALI
+    grey = tiny_cfg(folder, "data.colour_where=loader", *(f"views.{i}.{k}=0" for i in range(4)
+                                                          for k in ("jitter_prob", "grayscale_prob")))
+    assert "no view has a colour jitter or grayscale" in grey.colour_where_note(gpu=True)
     assert tiny_cfg(folder).colour_where_note(gpu=False) is None  # pipeline: nothing to say
     v = cfg.views[0]
     assert v.colour_movable(True) and not v.colour_movable(False)
     assert dataclasses.replace(v, blur_prob=0.0).colour_movable(False)
-    assert not dataclasses.replace(v, solarize_prob=0.2).colour_movable(True)
+    assert dataclasses.replace(v, solarize_prob=0.2).colour_movable(True)  # BYOL's solarize moves with it
+    assert not dataclasses.replace(v, solarize_prob=0.2).colour_movable(False)
     assert not dataclasses.replace(v, jitter_prob=0.0, grayscale_prob=0.0).colour_movable(True)  # nothing to move
-    assert coloured_views([v, dataclasses.replace(v, solarize_prob=0.2)], True, True) == (0,)
+    assert coloured_views([v, dataclasses.replace(v, solarize_prob=0.2)], True, True) == (0, 1)
+    assert coloured_views([v, dataclasses.replace(v, jitter_prob=0.0, grayscale_prob=0.0)], True, True) == (0,)
     with pytest.raises(ConfigError, match="colours the views after DALI"):
         tiny_cfg(folder, "data.colour_where=loader", *(f"views.{i}.blur_prob=0" for i in range(4)),
                  "highpass.where=pipeline")
@@ -364,14 +373,15 @@ def test_train_loader_with_the_colour_in_the_loader(folder):
     assert build_train_loader(tiny_cfg(folder, "train.global_batch=8")).state_dict()["colour_where"] == "pipeline"
 
 
-def _same_first_view(folder, device=None, extra=()):
+def _same_first_view(folder, device=None, extra=(), blur: bool = False):
     """View 0 through build_train_loader with DALI's colour and with the loader's, every
     random choice but the crop pinned (jitter and gray always, neutral jitter factors, a
-    flip always, no blur; the high-pass in the loader in both), so both draw the same crop:
-    the index, and the views' difference."""
-    ov = ["train.global_batch=8", "highpass.where=loader", *extra, *(f"views.{i}.{k}" for i in range(4) for k in (
-        "jitter_prob=1.0", "grayscale_prob=1.0", "brightness=0", "contrast=0", "saturation=0", "hue=0",
-        "flip_prob=1.0", "blur_prob=0"))]
+    flip always, no blur unless ``blur`` (then ``extra`` pins it); the high-pass in the
+    loader in both), so both draw the same crop: the index, and the views' difference."""
+    pinned = ("jitter_prob=1.0", "grayscale_prob=1.0", "brightness=0", "contrast=0", "saturation=0", "hue=0",
+              "flip_prob=1.0", *(() if blur else ("blur_prob=0",)))
+    ov = ["train.global_batch=8", "highpass.where=loader", *(f"views.{i}.{k}" for i in range(4) for k in pinned),
+          *extra]
     dali = next(iter(build_train_loader(tiny_cfg(folder, *ov), device=device, apply_mask=False)))
     ours = next(iter(build_train_loader(tiny_cfg(folder, *ov, "data.colour_where=loader"), device=device,
                                         apply_mask=False)))
@@ -386,6 +396,56 @@ def test_the_loader_gives_the_first_view_dali_would_give(folder):
     diff, _ = _same_first_view(folder)
     bound = 2 * 1.0 / min(tiny_cfg(folder).data.std) + 1e-4  # one level, doubled by x - blur(x)
     assert diff.max() <= bound and diff.mean() < 1e-3, (diff.max(), diff.mean())
+
+
+def test_solarize_normalize_is_dalis_lookup_table_on_rounded_levels():
+    """BYOL's solarize in the loader: whole levels (what DALI's blur hands its solarize),
+    DALI's own lookup table (ops.solarize) where the flag is set, then the normalization."""
+    from mscn.colour import solarize_normalize
+    from mscn.pipelines.ops import solarize
+
+    gen = torch.Generator().manual_seed(4)
+    levels = torch.randint(0, 256, (6, 3, 9, 11), generator=gen).float()
+    blurred = (levels + torch.rand(levels.shape, generator=gen) * 0.8 - 0.4).clamp(-0.4, 255.4)  # within 0.4 of a level
+    flag = torch.tensor([True, False, True, True, False, True])
+
+    @pipeline_def(batch_size=6, num_threads=1, device_id=None)
+    def lut():
+        x = fn.external_source(source=lambda: [np.ascontiguousarray(v.permute(1, 2, 0).numpy().astype(np.uint8))
+                                               for v in levels], layout="HWC")
+        return solarize(x)
+
+    pipe = lut()
+    pipe.build()
+    (out,) = pipe.run()
+    dali = torch.from_numpy(np.stack([np.array(t) for t in out])).permute(0, 3, 1, 2).float()
+    want = torch.where(flag[:, None, None, None], dali, levels)
+    mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+    got = solarize_normalize(blurred, flag, mean, std)
+    norm = (want - torch.tensor(mean)[None, :, None, None]) / torch.tensor(std)[None, :, None, None]
+    assert torch.allclose(got, norm, atol=1e-6)
+    assert (want[flag] != levels[flag]).any()  # the table did invert something
+
+
+def test_the_loader_gives_a_solarized_first_view_dali_would_give(folder):
+    """BYOL's views: colour, gray and solarize always, no blur, through both graphs (the
+    draws pinned): equal to float rounding, or one level on a few pixels, through the same
+    high-pass."""
+    diff, ours = _same_first_view(folder, extra=[f"views.{i}.solarize_prob=1.0" for i in range(4)])
+    bound = 2 * 1.0 / min(tiny_cfg(folder).data.std) + 1e-4
+    assert diff.max() <= bound and diff.mean() < 1e-3, (diff.max(), diff.mean())
+
+
+def test_the_loader_gives_a_blurred_and_solarized_first_view_dali_would_give(folder):
+    """The same with a blur at a constant σ before the solarize: DALI blurs and solarizes
+    (a view that solarizes keeps DALI's blur unless its colour moves), the loader colours,
+    blurs, rounds, solarizes and normalizes; one level apart where the two blurs round a
+    value near a half level differently, through the high-pass."""
+    extra = ["data.blur_where=loader", *(f"views.{i}.{k}" for i in range(4) for k in (
+        "solarize_prob=1.0", "blur_prob=1.0", "blur_sigma=[1.3,1.3]"))]
+    diff, ours = _same_first_view(folder, extra=extra, blur=True)
+    bound = 2 * 1.0 / min(tiny_cfg(folder).data.std) + 1e-4
+    assert diff.max() <= bound and diff.mean() < 0.01, (diff.max(), diff.mean())
 
 
 @pytest.mark.gpu

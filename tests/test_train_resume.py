@@ -325,11 +325,14 @@ def test_a_run_with_the_blur_in_the_loader_resumes_exactly(dataset, tmp_path):
 
 
 def test_a_run_with_the_colour_in_the_loader_resumes_exactly(dataset, tmp_path):
-    """data.colour_where=loader: the jitter and gray flags and factors are DALI draws handed
-    to the loader, so they are in DALI's checkpoint; stopped at step 3 and resumed, the run
-    gives the uninterrupted run's loss at step 6."""
+    """data.colour_where=loader: the jitter, gray, flip, blur and solarize flags and the
+    factors come from one DALI draw per view, so they are in DALI's checkpoint; stopped at
+    step 3 and resumed, the run (one view solarizes, as BYOL's) gives the uninterrupted
+    run's loss at step 6."""
     view = "{scale: [0.5, 1.0], jitter_prob: 0.8, blur_prob: 0.5, grayscale_prob: 0.2, mask: {ratio: 0.2, grid: 8}}"
-    extra = [f"views=[{view}, {view}]", "data.blur_where=loader", "data.colour_where=loader"]
+    byol = ("{scale: [0.5, 1.0], jitter_prob: 0.8, blur_prob: 0.5, grayscale_prob: 0.2, solarize_prob: 0.5, "
+            "mask: {ratio: 0.2, grid: 8}}")  # its solarize moves with its colour and blur
+    extra = [f"views=[{view}, {byol}]", "data.blur_where=loader", "data.colour_where=loader"]
     ref = run_pretrain(load_config(None, args(dataset, tmp_path / "ref", *extra, "train.max_steps=6")), resume="auto")
     run_pretrain(load_config(None, args(dataset, tmp_path / "run", *extra, "train.max_steps=3")), resume="auto")
     got = run_pretrain(load_config(None, args(dataset, tmp_path / "run", *extra, "train.max_steps=6")), resume="auto")
