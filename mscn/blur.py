@@ -16,7 +16,8 @@ leaves the device and no sample needs a host sync.
 Where it may run: the blur is linear and its weights sum to 1 (also at reflect-101
 borders), so it commutes with the per-channel affine normalization and, being symmetric,
 with the flip: blurring the normalized view equals normalizing the blurred one. It does
-not commute with solarize (BYOL), so views with ``solarize_prob > 0`` keep DALI's blur.
+not commute with solarize (BYOL), so views with ``solarize_prob > 0`` keep DALI's blur,
+unless ``data.colour_where=loader`` moves the solarize too (mscn/colour.py).
 Against DALI's blur the loader's differs by DALI's rounding of the blurred image to uint8
 (at most half a level, before normalization).
 """

@@ -34,7 +34,7 @@ graph, so its checkpoint still resumes a run exactly. The flip (a mirror of the 
 commutes with every per-pixel step, so applying it while reading the crop gives DALI's
 ``crop_mirror_normalize`` result.
 
-Where it may run: a view with nothing after the colour in DALI's graph. Its blur must
+Where it may run: a view whose every step after the colour can move with it. Its blur must
 move to the loader too (``data.blur_where``) or be absent
 (:meth:`mscn.config_schema.ViewCfg.colour_movable`). BYOL's solarize moves with them:
 such a view leaves the kernel on the uint8 scale, is blurred, then solarized and
@@ -126,7 +126,7 @@ def solarize_normalize(x: torch.Tensor, flag: torch.Tensor, mean, std) -> torch.
     scale (a view that solarizes is normalized only after its blur): rounded to whole
     levels first, as DALI's blur hands solarize a uint8 image, then every level >= 128 is
     inverted where ``flag`` is set (torchvision's threshold, ``ops.solarize``)."""
-    v = x.float().round().clamp_(0.0, 255.0)
+    v = torch.floor(x.float() + 0.5).clamp_(0.0, 255.0)  # half away from zero, as DALI's CPU blur
     v = torch.where(to_device(flag, v.device)[:, None, None, None] & (v >= 128.0), 255.0 - v, v)
     # the constants through pinned memory: a pageable copy may wait for the stream (mscn.h2d)
     mean_t = to_device(torch.tensor(mean, dtype=torch.float32), v.device)[None, :, None, None]

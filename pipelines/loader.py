@@ -82,7 +82,9 @@ class DaliLoader:
     ``mscn.colour.ColourLaw`` for the views DALI hands over as uint8 HWC crops with one
     draw of uniforms each (``view{i}_colour``; ``data.colour_where=loader``): flipped,
     coloured and normalized with ``mean``/``std`` here first, into ``colour_dtype`` (what
-    DALI emits for the others); their blur's σ (for ``blur``) comes from the same draw.
+    DALI emits for the others), or for a view that solarizes, left on the uint8 scale in
+    float32 and solarized and normalized after its blur; their blur's σ (for ``blur``)
+    comes from the same draw.
     """
 
     def __init__(self, pipeline, source: Source, num_views: int, *, policy: LastBatchPolicy,
@@ -164,9 +166,12 @@ class DaliLoader:
         # views that solarize (BYOL) stay on the uint8 scale until after their blur
         late = [i for i in self.colour if self.laws[i].p_solarize > 0]
         for i in self.colour:  # uint8 HWC -> CHW, coloured and normalized, in the dtype DALI gives the others
-            mean, std = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)) if i in late else (self.mean, self.std)
-            views[i], sigma[i] = colour_per_sample(views[i], out[f"view{i}_colour"], self.laws[i], mean, std,
-                                                   self.colour_dtype)
+            # a view that solarizes stays float32 through its blur: in float16 the levels
+            # 128-255 are 0.125 apart, and the rounding before the solarize would move ~4 %
+            # of them a level (a review's simulation)
+            mean, std, dtype = (((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), torch.float32) if i in late
+                                else (self.mean, self.std, self.colour_dtype))
+            views[i], sigma[i] = colour_per_sample(views[i], out[f"view{i}_colour"], self.laws[i], mean, std, dtype)
         # float16 stays float16 on a GPU (see dali_dtype); the blur comes first (App. A.1
         # blurs the image, §5.1 high-passes the result)
         views = [v if v.is_cuda and v.dtype == torch.float16 else v.float() for v in views] \
@@ -285,7 +290,7 @@ class Plan:
     highpass_in_pipeline: tuple[float, int] | None  # (σ, window) for DALI (GPU path)
     highpass_in_adapter: tuple[float, int] | None  # (σ, window) for BLAS in the adapter (CPU path)
     dali_dtype: str  # what DALI emits (DALI has no bfloat16)
-    blur_in_adapter: bool = False  # data.blur_where=loader: views without solarize are blurred by the adapter
+    blur_in_adapter: bool = False  # data.blur_where=loader: views without solarize (or coloured here) blurred here
     colour_in_adapter: bool = False  # data.colour_where=loader: the adapter colours the views that may move
     executor: dict = field(default_factory=dict)  # data.op_concurrency / data.stream_policy as pipeline kwargs
 

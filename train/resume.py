@@ -103,7 +103,7 @@ def this_rank(state: dict, info: DistInfo, cfg: Config, gpu: bool) -> tuple[dict
     if saved != cfg.data.crop:
         return None, f"its loader cut the views with data.crop={saved}, this run with {cfg.data.crop}"
     # where the graph blurs: a blur_where=loader run with no movable view (BYOL's solarized
-    # ones stay in DALI) has DALI's graph; before the key, DALI blurred
+    # ones stay in DALI unless their colour moves) has DALI's graph; before the key, DALI blurred
     saved = (mine.get("loader") or {}).get("blur_where") or "pipeline"
     now = "loader" if cfg.blur_in_loader(gpu) else "pipeline"
     if saved != now:
