@@ -30,6 +30,8 @@ from mscn.errors import MscnError
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK = 1024  # pixels per program: 3 KB read, 6-12 KB written; 49 programs per 224² sample
+# the kernel's a.. and q.. arguments: DALI's YIQ matrices, row by row
+_YIQ_ARGS = tuple(float(v) for row in YIQ2RGB for v in row) + tuple(float(v) for row in RGB2YIQ for v in row)
 
 
 @triton.jit
@@ -139,9 +141,8 @@ def colour_launch(x: torch.Tensor, draws: torch.Tensor, law: ColourLaw, out: tor
     mscn.cuda_kernels.aot too)."""
     b, h, w, _ = x.shape
     hw = h * w
-    consts = [float(v) for row in YIQ2RGB for v in row] + [float(v) for row in RGB2YIQ for v in row]
     args = (x, draws, out, sigma, hw, w, *(float(m) for m in mean), *(1.0 / float(s) for s in std),
-            *consts, math.pi / 180.0, HALF_RANGE, *law.constants())
+            *_YIQ_ARGS, math.pi / 180.0, HALF_RANGE, *law.constants())
     return Launch(_colour_kernel, (b, triton.cdiv(hw, BLOCK)), args, {"NDRAW": len(DRAWS), "BLOCK": BLOCK})
 
 

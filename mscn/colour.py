@@ -126,12 +126,17 @@ def solarize_normalize(x: torch.Tensor, flag: torch.Tensor, mean, std) -> torch.
     scale (a view that solarizes is normalized only after its blur): rounded to whole
     levels first, as DALI's blur hands solarize a uint8 image, then every level >= 128 is
     inverted where ``flag`` is set (torchvision's threshold, ``ops.solarize``)."""
-    v = torch.floor(x.float() + 0.5).clamp_(0.0, 255.0)  # half away from zero, as DALI's CPU blur
+    v = _round_sat(x.float())  # half away from zero, as DALI's CPU blur rounds
     v = torch.where(to_device(flag, v.device)[:, None, None, None] & (v >= 128.0), 255.0 - v, v)
-    # the constants through pinned memory: a pageable copy may wait for the stream (mscn.h2d)
+    return _normalize(v, mean, std).to(x.dtype)
+
+
+def _normalize(v: torch.Tensor, mean, std) -> torch.Tensor:
+    """``(v - mean) / std`` per channel of float NCHW ``v``; the constants reach a GPU through
+    pinned memory (a pageable copy may wait for the stream, mscn.h2d)."""
     mean_t = to_device(torch.tensor(mean, dtype=torch.float32), v.device)[None, :, None, None]
     std_t = to_device(torch.tensor(std, dtype=torch.float32), v.device)[None, :, None, None]
-    return ((v - mean_t) / std_t).to(x.dtype)
+    return (v - mean_t) / std_t
 
 
 def twist_matrices(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,6 +181,4 @@ def colour_reference(x: torch.Tensor, params: torch.Tensor, mean, std, dtype=tor
     y = torch.where(params[:, 0, None, None, None] > 0.5, _round_sat(jit), y)
     gray = torch.einsum("ij,bjhw->bihw", gray_matrix(x.device), y)
     y = torch.where(params[:, 5, None, None, None] > 0.5, _round_sat(gray), y)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device)[None, :, None, None]
-    std_t = torch.tensor(std, dtype=torch.float32, device=x.device)[None, :, None, None]
-    return ((y - mean_t) / std_t).to(dtype).contiguous()
+    return _normalize(y, mean, std).to(dtype).contiguous()

@@ -5,10 +5,11 @@ the trainer never indexes ``data[0]["view0"]``. Per batch the adapter
 
 1. takes the views (NCHW, on the pipeline's device); with ``data.colour_where=loader``
    DALI hands some over as uint8 HWC crops, which it flips, colour-jitters, grays,
-   normalizes and transposes to NCHW (App. A.1, ``mscn.colour``); with ``data.blur_where=loader`` blurs the views DALI left
-   unblurred, each sample with its own σ (App. A.1, ``mscn.blur``); on the CPU path (or
-   with ``highpass.where=loader``) applies the high-pass (paper §5.1) as matrix products
-   (``highpass_matmul``; docs/PIPELINE.md says why);
+   normalizes and transposes to NCHW (App. A.1, ``mscn.colour``); with
+   ``data.blur_where=loader`` blurs the views DALI left unblurred, each sample with its
+   own σ (App. A.1, ``mscn.blur``); on the CPU path (or with ``highpass.where=loader``)
+   applies the high-pass (paper §5.1) as matrix products (``highpass_matmul``;
+   docs/PIPELINE.md says why);
 2. casts to the output dtype (bfloat16 only here: DALI has no bfloat16);
 3. maps sample index -> label for file readers (their one integer is the index);
 4. applies the masks (paper §5.2: masking comes after every other augmentation)

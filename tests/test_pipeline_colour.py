@@ -205,6 +205,17 @@ def _run(pipe, names):
     return {k: torch.from_numpy(np.array(v.as_array())) for k, v in zip(names, pipe.run())}
 
 
+def _debug_batches(folder, view, seed: int, batches: int = 10) -> list[dict]:
+    """``batches`` batches of 24 of a one-view graph with its colour left to the loader and
+    debug outputs (the drawn flags): each a dict of numpy arrays by output name."""
+    source = resolve_source(str(folder))
+    names = output_names(1, source, debug_outputs=True, coloured=(0,))
+    pipe = views_pipeline(source, [view], image_size=32, highpass=None, shuffle=True, batch_size=24, num_threads=1,
+                          device_id=None, seed=seed, debug_outputs=True, colour_in_loader=True, prefetch_queue_depth=1)
+    pipe.build()
+    return [{k: np.array(v.as_array()) for k, v in zip(names, pipe.run())} for _ in range(batches)]
+
+
 def test_one_draw_per_view_and_the_flags_dali_reports(folder):
     """The DALI graph with the colour left to the loader: the views leave DALI as the uint8
     HWC crops, each with ten uniforms per sample, in [0, 1) and independent of each
@@ -212,21 +223,14 @@ def test_one_draw_per_view_and_the_flags_dali_reports(folder):
     frequencies are the probabilities."""
     cfg = tiny_cfg(folder)
     view = dataclasses.replace(cfg.views[0], blur_prob=0.0, jitter_prob=0.8, grayscale_prob=0.2, flip_prob=0.5)
-    source = resolve_source(str(folder))
     assert coloured_views([view], False, True) == (0,)
-    names = output_names(1, source, debug_outputs=True, coloured=(0,))
-    assert names[:2] == ["view0", "view0_colour"]
-    pipe = views_pipeline(source, [view], image_size=32, highpass=None, shuffle=True, batch_size=24, num_threads=1,
-                          device_id=None, seed=5, debug_outputs=True, colour_in_loader=True, prefetch_queue_depth=1)
-    pipe.build()
-    draws, flags = [], []
-    for _ in range(10):
-        got = dict(zip(names, pipe.run()))
-        v = np.array(got["view0"].as_array())
-        assert v.dtype == np.uint8 and v.shape == (24, 32, 32, 3)
-        draws.append(np.array(got["view0_colour"].as_array()))
-        flags.append(np.array(got["view0_flags"].as_array()))
-    u, f = np.concatenate(draws), np.concatenate(flags)
+    assert output_names(1, resolve_source(str(folder)), debug_outputs=True, coloured=(0,))[:2] == ["view0",
+                                                                                                "view0_colour"]
+    batches = _debug_batches(folder, view, seed=5)
+    for got in batches:
+        assert got["view0"].dtype == np.uint8 and got["view0"].shape == (24, 32, 32, 3)
+    u = np.concatenate([got["view0_colour"] for got in batches])
+    f = np.concatenate([got["view0_flags"] for got in batches])
     assert u.shape == (240, len(DRAWS)) and u.dtype == np.float32 and (u >= 0).all() and (u < 1).all()
     assert np.abs(np.corrcoef(u.T) - np.eye(len(DRAWS))).max() < 0.3  # not one number repeated
     params, sigma = params_from_draws(torch.from_numpy(u), ColourLaw.of(view, blur=False))
@@ -438,18 +442,10 @@ def test_the_solarize_flags_are_dalis_and_reach_the_loaders_solarize(folder, mon
 
     cfg = tiny_cfg(folder)
     view = dataclasses.replace(cfg.views[0], blur_prob=0.0, solarize_prob=0.5)
-    source = resolve_source(str(folder))
-    names = output_names(1, source, debug_outputs=True, coloured=(0,))
-    pipe = views_pipeline(source, [view], image_size=32, highpass=None, shuffle=True, batch_size=24, num_threads=1,
-                          device_id=None, seed=7, debug_outputs=True, colour_in_loader=True, prefetch_queue_depth=1)
-    pipe.build()
-    flags, dali = [], []
-    for _ in range(10):
-        got = dict(zip(names, pipe.run()))
-        flags.append(solarize_flags(torch.from_numpy(np.array(got["view0_colour"].as_array())),
-                                    ColourLaw.of(view, blur=False)).numpy())
-        dali.append(np.array(got["view0_flags"].as_array())[:, 4])
-    flag, want = np.concatenate(flags), np.concatenate(dali)
+    batches = _debug_batches(folder, view, seed=7)
+    u = torch.from_numpy(np.concatenate([got["view0_colour"] for got in batches]))
+    flag = solarize_flags(u, ColourLaw.of(view, blur=False)).numpy()
+    want = np.concatenate([got["view0_flags"][:, 4] for got in batches])
     assert np.array_equal(flag.astype(np.int32), want)
     assert abs(flag.mean() - 0.5) < 4 * math.sqrt(0.25 / flag.size)
 

@@ -102,20 +102,32 @@ def test_sigkill_at_a_random_step_then_resume_is_exact(dataset, uninterrupted, t
     _assert_same_run(*uninterrupted, out, summary)
 
 
-def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(dataset, uninterrupted, tmp_path):
-    out = tmp_path / "run"
-    proc = _start(dataset, out, "train.ckpt_every_steps=1000")  # no periodic checkpoint before the signal
+def _sigterm_after_step_3(proc, out, while_live=None) -> str:
+    """Wait for step 3 of the run ``proc`` writes to ``out``, call ``while_live()``, send
+    SIGTERM; the run must exit with 128 + SIGTERM. Its stderr."""
     try:
         _wait_for(proc, lambda: len(read_metrics(out)) >= 3, "step 3")
-        assert (out / ".lock").read_text().startswith(f"pid {proc.pid} on ")  # the live run holds the folder
-        with open(out / ".lock") as f, pytest.raises(BlockingIOError):
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if while_live is not None:
+            while_live()
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    return err
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(dataset, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    proc = _start(dataset, out, "train.ckpt_every_steps=1000")  # no periodic checkpoint before the signal
+
+    def holds_the_folder():  # the live run holds the folder
+        assert (out / ".lock").read_text().startswith(f"pid {proc.pid} on ")
+        with open(out / ".lock") as f, pytest.raises(BlockingIOError):
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    err = _sigterm_after_step_3(proc, out, holds_the_folder)
     line = err.strip().splitlines()[-1]
     assert line.startswith("mscn pretrain: stopped by SIGTERM after step "), line
     step = int(line.split("after step ")[1].split()[0])
@@ -135,14 +147,7 @@ def test_a_run_fed_by_a_thread_stops_on_sigterm_and_resumes_exactly(dataset, uni
     the uninterrupted run without one, step for step."""
     out = tmp_path / "run"
     proc = _start(dataset, out, "train.ckpt_every_steps=1000", "data.feed_thread=true")
-    try:
-        _wait_for(proc, lambda: len(read_metrics(out)) >= 3, "step 3")
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    _sigterm_after_step_3(proc, out)
     step = ckpt.find_latest_valid(out / "checkpoints")[1]["step"]
     assert 3 <= step < STEPS and [r["step"] for r in read_metrics(out)][-1] == step
     summary = run_pretrain(load_config(None, args(dataset, out, "train.ckpt_every_steps=1000", "data.feed_thread=true")),
