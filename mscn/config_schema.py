@@ -147,6 +147,13 @@ class DataCfg:
     # batches and exact resume (tested); off until a GPU run shows a gain (bench feed
     # masks-thread, docs/PERFORMANCE.md)
     feed_thread: bool = False
+    # which CUDA stream takes DALI's outputs (the DLPack handover): trainer (the current
+    # stream, as DALI's iterator does: that stream then also waits for every kernel DALI
+    # queued since, the next batches' included) | private (a stream of the loader's own:
+    # DALI's share_outputs already waited on the host until the batch was done, so the
+    # trainer's stream gets no wait at all). Same batches; trainer until a GPU run measures
+    # private (bench feed masks-private, docs/PERFORMANCE.md)
+    handover: str = "trainer"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 

@@ -18,6 +18,19 @@ the trainer never indexes ``data[0]["view0"]``. Per batch the adapter
 A DALI failure while iterating (a corrupt JPEG, say) becomes one DataError naming
 the file when it can be found (pipelines/diagnose.py).
 
+DALI's buffers on a GPU: DALI allocates and frees its outputs in the order of its own CUDA
+stream, which knows nothing of the trainer's. Once the last reference to a batch's outputs
+is gone, DALI may write the next batches into that memory while kernels queued on the
+trainer's stream have yet to read it. So the adapter does every read of DALI's GPU memory
+itself (a view it would hand over untouched is copied first), records an event after those
+reads, and keeps the outputs until the event has passed (``_retire``).
+
+The handover (``data.handover``): DALI's iterator imports the outputs through DLPack on the
+current stream. DALI's ``share_outputs`` has already waited on the host until the batch was
+done, and then DLPack makes that stream wait for every kernel DALI has queued since, the
+next batches' decode included. ``private`` imports them on a stream of the loader's own, so
+the trainer's stream waits for nothing DALI does (docs/PERFORMANCE.md).
+
 Exact resume: a training loader built with ``enable_checkpointing`` hands out its
 state with :meth:`DaliLoader.state_dict` (DALI's own pipeline checkpoint: reader
 position and every augmentation RNG, for the batches *consumed*, whatever the prefetch
@@ -27,6 +40,7 @@ have yielded next.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,6 +57,11 @@ from mscn.pipelines.readers import READER_NAME, Source
 from mscn.pipelines.train_pipeline import output_names
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+HANDOVERS = ("trainer", "private")  # data.handover
+# batches whose outputs may wait for their event before the host waits for the oldest: the
+# GPU is then this many batches behind, so the wait costs the trainer nothing, and DALI's
+# memory stays bounded
+MAX_PENDING = 4
 MaskFn = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
@@ -85,7 +104,8 @@ class DaliLoader:
     coloured and normalized with ``mean``/``std`` here first, into ``colour_dtype`` (what
     DALI emits for the others), or for a view that solarizes, left on the uint8 scale in
     float32 and solarized and normalized after its blur; their blur's σ (for ``blur``)
-    comes from the same draw.
+    comes from the same draw. handover: ``data.handover``, the stream DALI's outputs are
+    imported on (module docstring).
     """
 
     def __init__(self, pipeline, source: Source, num_views: int, *, policy: LastBatchPolicy,
@@ -93,7 +113,10 @@ class DaliLoader:
                  mask_fn: MaskFn | None = None, device: torch.device | None = None,
                  replay: Replay | None = None, runs: int = 0, crop: str | None = None,
                  blur: dict[int, tuple[int, int]] | None = None, colour: dict[int, ColourLaw] | None = None,
-                 mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), colour_dtype: str = "float32"):
+                 mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), colour_dtype: str = "float32",
+                 handover: str = "trainer"):
+        if handover not in HANDOVERS:
+            raise ValueError(f"handover must be one of {', '.join(HANDOVERS)}, got {handover!r}")
         self.source, self.num_views, self.crop = source, num_views, crop
         self.dtype = TORCH_DTYPES[output_dtype]
         self.highpass, self.mask_fn, self.device, self.replay = highpass, mask_fn, device, replay
@@ -104,7 +127,10 @@ class DaliLoader:
         self._names = output_names(num_views, source, deferred=tuple(sorted(self.blur)), coloured=self.colour)
         self._labels = None if source.label_in_stream else torch.tensor(source.labels, dtype=torch.int64)
         self._runs = runs  # batches taken from the pipeline so far, for diagnose.py (kept across a resume)
-        self._held: deque = deque(maxlen=1)  # DALI's outputs of the last batches (hold())
+        # (DALI's outputs, the event after the adapter's reads of them) per batch, oldest first
+        self._held: deque = deque()
+        self._hold = 0  # hold(): the last batches' outputs kept whatever their event says
+        self.handover, self._pipeline, self._private = handover, pipeline, None
         try:  # prepare_first_batch=False: nothing runs until the first batch is asked for
             self._iter = DALIGenericIterator(pipeline, self._names, reader_name=READER_NAME,
                                              last_batch_policy=policy, auto_reset=True,
@@ -116,31 +142,57 @@ class DaliLoader:
         return len(self._iter)
 
     def hold(self, batches: int) -> None:
-        """Keep DALI's outputs of each batch alive ``batches`` batches longer than the batch
-        itself (default 0: until the next batch is taken). Dropping them hands the buffers
-        back to DALI; ``scripts/probe_syncs.py`` measures whether that waits for the GPU,
-        and the bench's ``masks-hold`` feed whether holding them longer feeds the trainer
-        faster. A bench knob until a GPU run decides."""
+        """Keep DALI's outputs of the last ``batches`` batches alive whatever their event
+        says (default 0: each batch's go back to DALI once the GPU has done the adapter's
+        reads of them). Dropping them hands the buffers back to DALI; ``scripts/probe_syncs.py``
+        measures whether that waits for the GPU, and the bench's ``masks-hold`` feed whether
+        holding them longer feeds the trainer faster. A bench knob until a GPU run decides."""
         if batches < 0:
             raise ValueError(f"hold: batches must be >= 0, got {batches}")
-        self._held = deque(self._held, maxlen=1 + batches)
+        self._hold = batches
 
     def __iter__(self) -> Iterator[MscnBatch]:
         while True:
             try:
-                data = next(self._iter)
+                with self._handover_stream():
+                    data = next(self._iter)
             except StopIteration:  # end of epoch; auto_reset rearms the iterator
-                self._held.clear()
+                self._retire(None, None)
                 return
             except RuntimeError as e:
                 raise self._data_error(e) from None
             self._runs += 1
-            # before the conversion: appending drops the outputs of the batch `hold` batches
-            # back (the previous one by default, as soon as this one has arrived)
-            self._held.append(data)
             batch = self._convert(data[0])
+            self._retire(data, _fence(batch.views[0]))
             del data
             yield batch
+
+    def _handover_stream(self):
+        """The stream DALI's iterator imports the batch on (``data.handover``)."""
+        if self.handover == "trainer" or self._pipeline.device_id is None:
+            return contextlib.nullcontext()
+        if self._private is None:
+            # safe only because share_outputs waits for the batch on the host, which the
+            # default executor does; the other one copies on the current stream instead
+            if not getattr(self._pipeline, "exec_dynamic", False):
+                raise ValueError("data.handover=private needs DALI's default executor (exec_dynamic)")
+            self._private = torch.cuda.Stream(device=self._pipeline.device_id)
+        return torch.cuda.stream(self._private)
+
+    def _retire(self, data, event) -> None:
+        """Keep ``data`` (this batch's DALI outputs) until ``event`` (:func:`_fence`) has
+        passed, then hand it back to DALI with those of earlier batches whose event has
+        passed, oldest first; ``data=None`` (an epoch's end) waits for them all."""
+        if data is not None:
+            self._held.append((data, event))
+        keep = 0 if data is None else self._hold
+        while len(self._held) > keep:
+            pending = self._held[0][1]
+            if pending is not None and not pending.query():
+                if data is not None and len(self._held) - keep <= MAX_PENDING:
+                    break  # not done yet: look again at the next batch
+                pending.synchronize()
+            self._held.popleft()
 
     def state_dict(self) -> dict:
         """What a resumed loader needs to continue exactly here (tensors and ints only, so
@@ -195,6 +247,7 @@ class DaliLoader:
         else:
             # clone: DALI may reuse this (possibly pinned) buffer before a non-blocking copy lands
             labels = out["label"].view(-1).long().clone()
+        views = _own(views, out)
         if self.mask_fn is not None:
             views = self.mask_fn(views)
         dev = views[0].device
@@ -206,6 +259,27 @@ class DaliLoader:
         from mscn.pipelines.diagnose import explain
 
         return explain(err, self.source, self.replay, self._runs)
+
+
+def _fence(view: torch.Tensor):
+    """An event after the work queued so far on ``view``'s current stream (the adapter's
+    reads of DALI's buffers), or None on the CPU, where every read is done by now."""
+    if not view.is_cuda:
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(view.device))
+    return event
+
+
+def _own(views: list[torch.Tensor], out: dict) -> list[torch.Tensor]:
+    """``views`` with those that are still DALI's GPU memory copied (masks then write into the
+    copy): every read of DALI's buffers then happens in the adapter, before its event
+    (``DaliLoader._retire``), and none in the trainer's step. On the GPU path only evaluation
+    views and views without a high-pass in the loader come through untouched."""
+    dali = {t.untyped_storage().data_ptr() for t in out.values() if isinstance(t, torch.Tensor) and t.is_cuda}
+    if not dali:
+        return views
+    return [v.clone() if v.is_cuda and v.untyped_storage().data_ptr() in dali else v for v in views]
 
 
 def endless(loader):
@@ -375,7 +449,7 @@ def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_
                       runs=int(state["runs"]) if state else 0, crop=d.crop, blur=blur,
                       colour={i: ColourLaw.of(views[i], blur=i in blur)
                               for i in coloured_views(views, p.blur_in_adapter, p.colour_in_adapter)},
-                      mean=d.mean, std=d.std, colour_dtype=p.dali_dtype)
+                      mean=d.mean, std=d.std, colour_dtype=p.dali_dtype, handover=d.handover)
 
 
 def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int = 0,
@@ -448,4 +522,4 @@ def build_eval_loader(cfg, root: str, rank: int = 0, world_size: int = 1, local_
     replay = Replay(shard_id=rank, num_shards=world_size, shuffle=False, shuffle_buffer=1, stick_to_shard=True,
                     reader_seed=shard.seed, batch_size=batch, prefetch=d.prefetch)
     return DaliLoader(pipe, source, 1, policy=LastBatchPolicy.PARTIAL, output_dtype=p.output_dtype,
-                      highpass=p.highpass_in_adapter, replay=replay)
+                      highpass=p.highpass_in_adapter, replay=replay, handover=d.handover)

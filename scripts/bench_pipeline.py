@@ -54,7 +54,7 @@ from mscn.train.distributed import barrier
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("decode", "bare", "colour", "views", "highpass", "masks", "masks-hp-late", "masks-hp-loader",
           "masks-blur-loader", "masks-blur-dali", "masks-crop-window", "masks-concurrent", "masks-hold",
-          "masks-colour-loader")
+          "masks-colour-loader", "masks-private")
 # the full pipeline built another way, on request: the blur and the high-pass in DALI, the
 # high-pass after the normalization (the order before round 3); the blur in DALI and the
 # high-pass as batched GEMMs in the loader (highpass.where=loader); both as GEMMs in the
@@ -64,10 +64,12 @@ STAGES = ("decode", "bare", "colour", "views", "highpass", "masks", "masks-hp-la
 # data.stream_policy=per_operator); the loader holding DALI's outputs two batches longer
 # (DaliLoader.hold: does handing the buffers back wait for the trainer's kernels?); the
 # colour jitter and grayscale in the loader too, with the blur and the high-pass
-# (data.colour_where=loader: DALI only decodes and crops; mscn/colour.py)
+# (data.colour_where=loader: DALI only decodes and crops; mscn/colour.py); DALI's outputs
+# imported on a stream of the loader's own, so that the trainer's stream waits for none of
+# DALI's later kernels (data.handover=private; pipelines/loader.py)
 VARIANTS = ("masks-hp-late", "masks-hp-loader", "masks-blur-loader", "masks-blur-dali", "masks-crop-window",
-            "masks-concurrent", "masks-hold", "masks-colour-loader")
-HOLD_BATCHES = 2  # masks-hold
+            "masks-concurrent", "masks-hold", "masks-colour-loader", "masks-private")
+HOLD_BATCHES = 3  # masks-hold: this batch's outputs and those of the 2 before it
 # --train feeds; masks-thread: the full pipeline's batches taken by a background thread
 # (mscn.pipelines.feeder, data.feed_thread), a feed only: a pipeline alone gains nothing
 THREAD_FEEDS = ("masks-thread",)
@@ -270,6 +272,8 @@ def stage_config(cfg, stage: str):
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, colour_where="loader"))
     if stage in ("masks-hp-late", "masks-hp-loader", "masks-blur-dali"):  # DALI blurs (the high-pass follows)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, blur_where="pipeline"))
+    if stage == "masks-private":  # the same batches, handed over on the loader's own stream
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, handover="private"))
     if stage == "masks-crop-window":  # the crop the views had before the fused one
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, crop="window"))
     if stage == "masks-concurrent":  # the same graph, scheduled by DALI another way

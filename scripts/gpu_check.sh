@@ -98,7 +98,7 @@ part1() {
   # GPU tests, the kernels against their references (compiled), the table kernel's statistics
   run tests 240 $PY -P -m pytest -q -s tests/test_pipeline_gpu.py tests/test_pipeline_executor.py tests/test_mask_kernel.py \
       tests/test_masks.py tests/test_pipeline_highpass.py tests/test_pipeline_blur.py tests/test_h2d.py tests/test_train_lars.py \
-      tests/test_pipeline_colour.py tests/test_loader_hold.py
+      tests/test_pipeline_colour.py tests/test_loader_hold.py tests/test_loader_handover.py
   run pipeline 120 $PY scripts/gpu_pipeline_check.py --data "$DATA/train" --json "$R/pipeline.json"
   run masks 120 $PY scripts/bench_masks.py --json "$R/masks.json"
   run bench 240 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages decode,bare,colour,views,highpass,masks,masks-blur-dali,masks-hp-late,masks-hp-loader \
@@ -138,7 +138,7 @@ part3() {  # this round's A/B and probes, most needed first, within MSCN_GPU_BUD
   # loader), the loader's blur, the pinned host-to-device copies, the colour kernel (round 4
   # ran all 65 others)
   run tests 120 $PY -P -m pytest -q -s tests/test_pipeline_gpu.py tests/test_pipeline_blur.py tests/test_h2d.py \
-      tests/test_loader_hold.py tests/test_pipeline_colour.py
+      tests/test_loader_hold.py tests/test_pipeline_colour.py tests/test_loader_handover.py
   # where the feed makes the host wait for the trainer's stream (round 4: the GPU idled ~9 ms
   # of every fed ResNet-18 step, whatever the pipeline): one line per probe
   run probe 90 $PY scripts/probe_syncs.py --data "$DATA/train" --json "$R/probe_syncs.json"
@@ -155,16 +155,18 @@ part3() {  # this round's A/B and probes, most needed first, within MSCN_GPU_BUD
   run bench 150 $PY scripts/bench_pipeline.py --data "$DATA/train" \
       --stages decode,bare,masks,masks-blur-dali,masks-colour-loader --baseline dali-plain \
       --profile /tmp/mscn_profile --profile-rows masks-blur-dali,masks-colour-loader --json "$R/bench.json"
-  # the trainer: the barest feed (the floor), the default, the round-4 default, the colour
-  # in the loader, the outputs held longer and the batches taken by a thread; each row with
-  # its host time per step beside the profile's idle
-  run train18 170 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
-      --feeds bare,masks,masks-blur-dali,masks-colour-loader,masks-hold,masks-thread --no-priority-row \
-      --profile /tmp/mscn_profile --profile-rows masks-colour-loader,masks-hold,masks-thread --json "$R/train_r18.json"
+  # the trainer: the barest feed (the floor), the default, DALI's outputs taken on the
+  # loader's own stream (the handover probe's suspect for the ~9 ms idle: the trainer's
+  # stream waits for DALI's next batches), the round-4 default, the colour in the loader,
+  # the outputs held longer and the batches taken by a thread; each row with its host time
+  # per step beside the profile's idle
+  run train18 190 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet18 \
+      --feeds bare,masks,masks-private,masks-blur-dali,masks-colour-loader,masks-hold,masks-thread --no-priority-row \
+      --profile /tmp/mscn_profile --profile-rows masks-private,masks-colour-loader,masks-thread --json "$R/train_r18.json"
   # ResNet-50: the new default against the round-4 one (never timed with the blur in the
-  # loader) and with the colour in the loader too
-  run train50 150 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 \
-      --feeds masks,masks-blur-dali,masks-colour-loader --no-priority-row --json "$R/train_r50.json"
+  # loader), on the loader's own stream, and with the colour in the loader too
+  run train50 170 $PY scripts/bench_pipeline.py --data "$DATA/train" --train --arch resnet50 \
+      --feeds masks,masks-private,masks-blur-dali,masks-colour-loader --no-priority-row --json "$R/train_r50.json"
   # the new default's device memory, in a fresh process (target <= 3 GiB)
   run memory 60 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks --iters 10 --repeats 2 \
       --json "$R/memory.json"

@@ -105,7 +105,8 @@ def summarize(results: Path, stages_from: Path | None = None) -> dict:
     # ResNet-18 row (taking the batch, queueing the step); absent before round 5
     probe = _load(results / "probe_syncs.json")
     if probe:
-        s["sync_probes"] = {p["probe"]: {k: p[k] for k in ("host_ms", "queued_ms", "verdict")} for p in probe["probes"]}
+        s["sync_probes"] = {p["probe"]: {k: p[k] for k in ("host_ms", "queued_ms", "stream_wait_ms", "verdict") if k in p}
+                            for p in probe["probes"]}
     host = {feed: m["host_ms_per_step"] for feed, m in
             (("synthetic", r18_train.get("synthetic", {})), *r18_train.get("feeds", {}).items())
             if m.get("host_ms_per_step")}
@@ -150,6 +151,7 @@ PIPELINE_AB = {
     "masks-hold": "make the training loader hold DALI's outputs 2 batches (DaliLoader.hold) by default",
     "masks-concurrent": "make auto mean op_concurrency=full, stream_policy=per_operator on the GPU path (tuning.executor)",
     "masks-colour-loader": "make data.colour_where=loader the GPU default (an auto like data.blur_where's)",
+    "masks-private": "make data.handover=private the default on the GPU path",
 }
 
 # Variants that change the filters' order or place *in DALI* are read against the pipeline

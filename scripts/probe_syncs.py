@@ -23,6 +23,17 @@ the stream; one that takes about as long does. One line per probe (``SYNCPROBE``
   release        dropping the batch and DALI's outputs (the buffers go back to DALI)
   loader-next    the loader's whole ``next()``, as the trainer calls it
 
+Two more probes time the GPU, not the host: how long the trainer's stream, empty, waits
+because of DALI's DLPack handover, right after the previous batch, while DALI queues the
+next ones. DALI's ``share_outputs`` has already waited for the batch on the host; the
+handover then makes the stream it runs on wait for what DALI has queued up to then. Events
+before and after the handover on the trainer's stream are apart by the host's time in it
+plus that wait; the probe reports the difference:
+
+  handover-trainer   the handover on the trainer's stream (``data.handover=trainer``)
+  handover-private   the handover on the loader's own stream (``data.handover=private``),
+                     the trainer's stream timed the same way: it should wait for nothing
+
 Without a GPU it says so and exits 0; ``--cpu-dry-run`` runs every probe on DALI's CPU
 path (no stream to wait for: the verdicts read "cpu") to test this script.
 """
@@ -107,10 +118,32 @@ def probes(loader, device: torch.device, queue: Queue, repeats: int) -> list[dic
         time.sleep(0.3)
 
     def dali_next():  # DALI's iterator alone; at an epoch's end it resets itself (auto_reset)
+        with loader._handover_stream():
+            try:
+                return next(loader._iter)
+            except StopIteration:
+                return next(loader._iter)
+
+    def stream_wait(handover):
+        """(host ms, GPU ms the current stream waited beyond the host's time) of one
+        handover, the current stream empty before it."""
+        loader.handover = handover
         try:
-            return next(loader._iter)
-        except StopIteration:
-            return next(loader._iter)
+            if device.type != "cuda":
+                t0 = time.perf_counter()
+                dali_next()
+                return 1e3 * (time.perf_counter() - t0), None
+            torch.cuda.current_stream().synchronize()  # only this stream: DALI's keeps its work
+            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            before.record()
+            t0 = time.perf_counter()
+            dali_next()
+            host = 1e3 * (time.perf_counter() - t0)
+            after.record()
+            after.synchronize()
+            return host, max(0.0, before.elapsed_time(after) - host)
+        finally:
+            loader.handover = default_handover
 
     def take(get):
         """``get()``, counted; a probe must not time an epoch's end (DALI's reset, the
@@ -126,7 +159,8 @@ def probes(loader, device: torch.device, queue: Queue, repeats: int) -> list[dic
     for _ in range(3):  # warm-up: build, first batches, Triton compiles
         take(lambda: next(it))
     host_src = torch.arange(512, dtype=torch.int64)
-    rows = {}
+    default_handover = loader.handover
+    rows, waits = {}, {}
 
     def record(name, host, queued):
         rows.setdefault(name, []).append((host, queued))
@@ -148,12 +182,22 @@ def probes(loader, device: torch.device, queue: Queue, repeats: int) -> list[dic
         record("release", host, queued)
         settle()
         record("loader-next", *take(lambda: queue.run(lambda: next(it)))[:2])
+        for handover in ("trainer", "private"):
+            take(dali_next)  # DALI schedules the next batch now: its stream gets work
+            time.sleep(0.005)
+            waits.setdefault(f"handover-{handover}", []).append(take(lambda: stream_wait(handover)))
     out = []
     for name, runs in rows.items():
         host = sorted(h for h, _ in runs)[len(runs) // 2]
         queued = None if runs[0][1] is None else sorted(q for _, q in runs)[len(runs) // 2]
         out.append({"probe": name, "host_ms": round(host, 3),
                     "queued_ms": None if queued is None else round(queued, 1), "verdict": verdict(host, queued)})
+    for name, runs in waits.items():
+        host = sorted(h for h, _ in runs)[len(runs) // 2]
+        gpu = None if runs[0][1] is None else sorted(w for _, w in runs)[len(runs) // 2]
+        out.append({"probe": name, "host_ms": round(host, 3), "queued_ms": None,
+                    "stream_wait_ms": None if gpu is None else round(gpu, 3),
+                    "verdict": "cpu" if gpu is None else f"the stream waited {gpu:.2f} ms on the GPU"})
     return out
 
 
@@ -175,6 +219,8 @@ def main(argv=None) -> int:
     rows = probes(loader, device, Queue(args.queue_ms, cuda), max(1, args.repeats))
     for r in rows:
         queued = "" if r["queued_ms"] is None else f" with {r['queued_ms']:.0f} ms queued on the stream"
+        if "stream_wait_ms" in r:
+            queued = " with the stream empty"
         print(f"SYNCPROBE {r['probe']}: host {r['host_ms']:.2f} ms{queued} -> {r['verdict']}")
     if args.json:
         with open(args.json, "w") as f:

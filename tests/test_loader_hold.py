@@ -1,10 +1,13 @@
-"""DaliLoader.hold: DALI's outputs kept alive some batches longer (the bench's masks-hold
-feed, which asks whether handing the buffers back waits for the trainer's kernels)."""
+"""DaliLoader's hold on DALI's outputs: each batch's are kept until the GPU has done the
+adapter's reads of them (an event, ``_retire``), and ``hold`` keeps the last batches' whatever
+the event says (the bench's masks-hold feed, which asks whether handing the buffers back
+waits for the trainer's kernels)."""
 import pytest
 import torch
 from pipeline_fixtures import make_folder, tiny_cfg
 
 from mscn.pipelines import build_train_loader
+from mscn.pipelines.loader import MAX_PENDING
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +23,63 @@ def test_holding_outputs_changes_no_batch_and_holds_exactly_that_many(folder):
     for n, (a, b) in enumerate(zip(plain, held), 1):  # one epoch: 4 batches
         assert all(torch.equal(x, y) for x, y in zip(a.views, b.views)) and torch.equal(a.labels, b.labels)
         seen.append((len(plain._held), len(held._held)))
-    assert n == 4 and seen == [(1, 1), (1, 2), (1, 3), (1, 3)]  # this batch's outputs + 2 earlier ones
+    # on the CPU there is no event to wait for: the default keeps nothing, hold(2) the last two
+    assert n == 4 and seen == [(0, 1), (0, 2), (0, 2), (0, 2)]
     assert len(list(held)) == 0 and len(held._held) == 0  # the epoch's end lets go of every held batch
     assert held.state_dict()["runs"] == plain.state_dict()["runs"] == 4  # the checkpoint is DALI's, unchanged
     with pytest.raises(ValueError, match="hold"):
         held.hold(-1)
+
+
+class Event:
+    """Stands in for a CUDA event in the release rule (the rule, not CUDA, is under test)."""
+
+    def __init__(self, done=False):
+        self.done, self.waited = done, False
+
+    def query(self):
+        return self.done
+
+    def synchronize(self):
+        self.waited = self.done = True
+
+
+def test_outputs_go_back_only_after_their_event_oldest_first_and_bounded(folder):
+    loader = build_train_loader(tiny_cfg(folder, "train.global_batch=4"))
+    events = [Event() for _ in range(MAX_PENDING + 2)]
+    for n, ev in enumerate(events[:3]):
+        loader._retire(f"batch{n}", ev)
+    assert [d for d, _ in loader._held] == ["batch0", "batch1", "batch2"]  # none has passed: all kept
+    events[1].done = True
+    loader._retire("batch3", events[3])
+    assert len(loader._held) == 4  # batch1 is done but batch0 is not: they go back in order
+    events[0].done = True
+    loader._retire("batch4", events[4])
+    assert [d for d, _ in loader._held] == ["batch2", "batch3", "batch4"]
+    later = [Event() for _ in range(MAX_PENDING)]
+    for n, ev in enumerate(later, 5):  # the GPU falls behind: the host waits for the oldest, no more
+        loader._retire(f"batch{n}", ev)
+        assert len(loader._held) <= MAX_PENDING
+    assert [d for d, _ in loader._held] == [f"batch{n}" for n in range(5, 5 + MAX_PENDING)]
+    assert events[2].waited and events[3].waited and events[4].waited and not any(e.waited for e in later)
+    loader._retire(None, None)  # an epoch's end waits for every event and keeps nothing
+    assert len(loader._held) == 0 and all(e.waited for e in later)
+    loader._retire("done", Event(done=True))
+    assert len(loader._held) == 0  # its reads are done: back to DALI at once
+    loader.hold(1)
+    loader._retire("a", Event(done=True))
+    loader._retire("b", Event(done=True))
+    assert [d for d, _ in loader._held] == ["b"]  # the last batch's, whatever its event says
+
+
+def test_handover_is_checked(folder):
+    from mscn.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="data.handover"):
+        validate(tiny_cfg(folder, "data.handover=side"), "<test>")
+    loader = build_train_loader(tiny_cfg(folder, "train.global_batch=4", "data.handover=private"))
+    assert loader.handover == "private"
+    # DALI's CPU path has no stream to hand over on: the same batches as the default
+    plain = build_train_loader(tiny_cfg(folder, "train.global_batch=4"))
+    for a, b in zip(plain, loader):
+        assert all(torch.equal(x, y) for x, y in zip(a.views, b.views))

@@ -21,7 +21,8 @@ LABELS = {"decode": "decode", "bare": "+ crop, flip, normalize", "colour": "+ co
           "masks-concurrent": "full, DALI's full operator concurrency, a stream per branch",
           "masks-hold": "full, DALI's outputs held 2 batches longer (DaliLoader.hold)",
           "masks-thread": "full, batches taken by a background thread (data.feed_thread)",
-          "masks-colour-loader": "full, colour, gray, blur and high-pass in the loader (data.colour_where=loader)"}
+          "masks-colour-loader": "full, colour, gray, blur and high-pass in the loader (data.colour_where=loader)",
+          "masks-private": "full, DALI's outputs taken on the loader's own stream (data.handover=private)"}
 
 # ----------------------------------------------------------------------------------
 # Output: a human table (gpu_check.sh greps the "|" rows and SUMMARY lines) and a chart
