@@ -142,6 +142,10 @@ class DataCfg:
     # difference it could resolve between the settings (docs/PERFORMANCE.md)
     op_concurrency: str = "auto"
     stream_policy: str = "auto"
+    # pin DALI's CPU worker threads to cores (DALI's set_affinity: on a GPU the cores NVML
+    # reports near the card, or the list in the DALI_AFFINITY_MASK variable). Same outputs;
+    # off until a GPU run measures it (bench --sweep affinity=false,true, docs/PERFORMANCE.md)
+    thread_affinity: bool = False
     # take the training batches on a background thread, 2 ahead, each with its loader state
     # (mscn.pipelines.feeder): the trainer's thread then never waits in the loader. Same
     # batches and exact resume (tested); off until a GPU run shows a gain (bench feed

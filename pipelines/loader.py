@@ -194,6 +194,16 @@ class DaliLoader:
                 pending.synchronize()
             self._held.popleft()
 
+    def __del__(self):
+        # a loader dropped mid-epoch (a run that reached its last step) hands its outputs
+        # back to DALI's pool, which outlives it (an evaluation loader may draw from it next):
+        # not before the reads queued on them are done
+        for _, event in getattr(self, "_held", ()):
+            if event is not None:
+                with contextlib.suppress(Exception):  # at interpreter exit CUDA may be gone already
+                    if not event.query():
+                        event.synchronize()
+
     def state_dict(self) -> dict:
         """What a resumed loader needs to continue exactly here (tensors and ints only, so
         that it fits a ``weights_only`` checkpoint). Needs a pipeline built with
@@ -367,7 +377,7 @@ class Plan:
     dali_dtype: str  # what DALI emits (DALI has no bfloat16)
     blur_in_adapter: bool = False  # data.blur_where=loader: views without solarize (or coloured here) blurred here
     colour_in_adapter: bool = False  # data.colour_where=loader: the adapter colours the views that may move
-    executor: dict = field(default_factory=dict)  # data.op_concurrency / data.stream_policy as pipeline kwargs
+    executor: dict = field(default_factory=dict)  # data.op_concurrency / stream_policy / thread_affinity as pipeline kwargs
 
 
 def dali_dtype(out: str, gpu: bool, filters_in_loader: bool) -> str:
@@ -412,7 +422,7 @@ def plan(cfg, device: torch.device | str | None, local_rank: int = 0, views: lis
     return Plan(kind, device_id, dali_threads(cfg.data.num_threads, gpu),
                 decoder_load(cfg.data.hw_decoder_load, device_id if gpu else None), out,
                 None if in_loader else hp, hp if in_loader else None, dali, blur_in_loader,
-                colour_in_loader, executor(cfg.data.op_concurrency, cfg.data.stream_policy))
+                colour_in_loader, executor(cfg.data.op_concurrency, cfg.data.stream_policy, cfg.data.thread_affinity))
 
 
 @dataclass(frozen=True)

@@ -69,9 +69,10 @@ def view_dtype(setting: str, on_gpu: bool) -> str:
     return "float16" if on_gpu else "float32"
 
 
-def executor(op_concurrency: str, stream_policy: str) -> dict:
-    """``data.op_concurrency`` and ``data.stream_policy`` as keyword arguments of a DALI
-    pipeline (``concurrency=``, ``stream_policy=``); "auto" leaves DALI's own default
+def executor(op_concurrency: str, stream_policy: str, thread_affinity: bool = False) -> dict:
+    """``data.op_concurrency``, ``data.stream_policy`` and ``data.thread_affinity`` as keyword
+    arguments of a DALI pipeline (``concurrency=``, ``stream_policy=``, ``set_affinity=``;
+    DALI's pipelines leave their threads unpinned by default); "auto" leaves DALI's own default
     (operators of different backends at once, one stream per backend) on both paths, until
     a GPU run (``gpu_check.sh 3``, ``masks-concurrent``) shows another is faster there (a
     GPU-only rule would then take the path from :func:`~mscn.pipelines.loader.plan`).
@@ -93,4 +94,6 @@ def executor(op_concurrency: str, stream_policy: str) -> dict:
         kwargs["concurrency"] = OperatorConcurrency[op_concurrency.upper()]
     if stream_policy != "auto":
         kwargs["stream_policy"] = StreamPolicy[stream_policy.upper()]
+    if thread_affinity:
+        kwargs["set_affinity"] = True
     return kwargs

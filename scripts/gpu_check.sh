@@ -174,12 +174,15 @@ part3() {  # this round's A/B and probes, most needed first, within MSCN_GPU_BUD
   # the recipes' step: ResNet-50 compiled (train.compile=true in them since round 4: +34 % fed)
   run train50-compile 150 $PY scripts/bench_pipeline.py train.compile=true --data "$DATA/train" --train \
       --arch resnet50 --feeds masks --no-priority-row --json "$R/train_r50_compile.json"
-  # if time is left: the pipeline A/B with one process per pipeline, and ResNet-18 compiled
-  run ab-isolated 150 $PY scripts/bench_pipeline.py --data "$DATA/train" \
-      --stages masks,masks-blur-dali,masks-colour-loader --isolate 2 --iters 10 --repeats 3 \
+  # if time is left: the pipeline A/B with one process per pipeline, ResNet-18 compiled, and
+  # DALI's threads pinned to cores (data.thread_affinity, never timed)
+  run ab-isolated 180 $PY scripts/bench_pipeline.py --data "$DATA/train" \
+      --stages masks,masks-private,masks-blur-dali,masks-colour-loader --isolate 2 --iters 10 --repeats 3 \
       --json "$R/ab_isolated.json"
   run train18-compile 150 $PY scripts/bench_pipeline.py train.compile=true --data "$DATA/train" --train \
       --arch resnet18 --feeds masks --no-priority-row --json "$R/train_r18_compile.json"
+  run sweep-affinity 120 $PY scripts/bench_pipeline.py --data "$DATA/train" --stages masks \
+      --sweep affinity=false,true --iters 10 --repeats 3 --json "$R/sweep_affinity.json"
   summary
 }
 

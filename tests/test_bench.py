@@ -359,7 +359,9 @@ def test_parse_sweep_is_the_grid_in_order():
     assert benv.sweep_overrides(grid[1]) == (["data.num_threads=4", "data.hw_decoder_load=0.65"], 128)
     assert benv.sweep_overrides({"blur_window": 23}, num_views=2) == (
         ["views.0.blur_window=23", "views.1.blur_window=23"], None)
-    for bad in (["threads"], ["threads=a,b"], ["nope=1"], ["batch=1", "batch=2"]):
+    assert benv.parse_sweep(["affinity=false,True"]) == [{"affinity": False}, {"affinity": True}]
+    assert benv.sweep_overrides({"affinity": True}) == (["data.thread_affinity=True"], None)
+    for bad in (["threads"], ["threads=a,b"], ["nope=1"], ["batch=1", "batch=2"], ["affinity=yes"]):
         with pytest.raises(ConfigError):
             benv.parse_sweep(bad)
 

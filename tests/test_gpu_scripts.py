@@ -118,7 +118,7 @@ def test_gpu_summary_reads_the_bench_files(results):
 
 
 PART3_STEPS = ["tests", "probe", "masks", "draws", "bench", "train18", "train50", "memory", "pipeline",
-               "train50-compile", "ab-isolated", "train18-compile"]
+               "train50-compile", "ab-isolated", "train18-compile", "sweep-affinity"]
 
 
 def _gpu_check(tmp_path, budget: int, sleep: float, share: int = 0,

@@ -83,3 +83,14 @@ def test_handover_is_checked(folder):
     plain = build_train_loader(tiny_cfg(folder, "train.global_batch=4"))
     for a, b in zip(plain, loader):
         assert all(torch.equal(x, y) for x, y in zip(a.views, b.views))
+
+
+def test_a_dropped_loader_waits_for_the_reads_of_what_it_holds(folder):
+    """A run that stops mid-epoch drops its loader: the outputs it holds go back to DALI's
+    pool (which outlives the loader) only after their events."""
+    loader = build_train_loader(tiny_cfg(folder, "train.global_batch=4"))
+    events = [Event(), Event(done=True), Event()]
+    for n, ev in enumerate(events):
+        loader._held.append((f"batch{n}", ev))
+    del loader
+    assert events[0].waited and events[2].waited and not events[1].waited

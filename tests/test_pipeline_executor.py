@@ -44,6 +44,7 @@ def test_settings_map_to_dalis_enums_and_auto_leaves_dalis_default():
                                                 "stream_policy": StreamPolicy.PER_OPERATOR}
     assert executor("none", "single") == {"concurrency": OperatorConcurrency.NONE, "stream_policy": StreamPolicy.SINGLE}
     assert executor("backend", "auto") == {"concurrency": OperatorConcurrency.BACKEND}
+    assert executor("auto", "auto", thread_affinity=True) == {"set_affinity": True}
 
 
 def test_typos_are_refused_with_the_key_and_the_choices(folder):
@@ -63,6 +64,10 @@ def test_the_loaders_build_their_pipelines_with_the_settings(folder):
         assert pipe.concurrency == OperatorConcurrency.FULL and pipe.stream_policy == StreamPolicy.PER_OPERATOR
     default = pipe_of(build_train_loader(tiny_cfg(folder, "train.global_batch=8")))
     assert default.concurrency is None and default.stream_policy is None  # DALI's own default
+    assert not default.set_affinity
+    pinned = tiny_cfg(folder, "train.global_batch=8", "data.thread_affinity=true")
+    for loader in (build_train_loader(pinned), build_eval_loader(pinned, str(folder), batch_size=8)):
+        assert pipe_of(loader).set_affinity
 
 
 @pytest.mark.parametrize("extra", [[], ["data.blur_where=loader"]])
@@ -97,6 +102,7 @@ def test_a_run_may_change_the_settings_between_invocations(folder):
 
     saved = to_dict(tiny_cfg(folder))
     assert differing_keys(saved, tiny_cfg(folder, *FULL)) == []
+    assert differing_keys(saved, tiny_cfg(folder, "data.thread_affinity=true", "data.handover=private")) == []
     assert differing_keys(saved, tiny_cfg(folder, "data.crop=window")) == ["data.crop"]  # a graph change is not
 
 

@@ -31,7 +31,7 @@ NEUTRAL = frozenset({
     "train.out_dir", "train.log_every", "train.ckpt_every_steps", "train.keep_last", "train.max_steps",
     "train.tensorboard", "train.knn_every_epochs", "train.device", "train.compile", "train.channels_last",
     "train.priority_stream", "data.num_threads", "data.hw_decoder_load", "data.prefetch", "data.val_root",
-    "data.op_concurrency", "data.stream_policy", "data.feed_thread", "data.handover",
+    "data.op_concurrency", "data.stream_policy", "data.feed_thread", "data.handover", "data.thread_affinity",
     "optim.foreach",
 })
 NEUTRAL_SECTIONS = ("eval.",)

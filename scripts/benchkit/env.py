@@ -21,7 +21,15 @@ from benchkit.timing import Measurement
 # Sweeps: threads=4,8,16 hw_decoder_load=0,0.65 batch=128,256 -> a grid of settings
 # ----------------------------------------------------------------------------------
 
-# short name -> (config key, or "batch" for the bench's own batch flag; value type)
+def flag(text: str) -> bool:
+    """A sweep's true/false value (``bool("false")`` would be True)."""
+    value = {"true": True, "false": False}.get(text.strip().lower())
+    if value is None:
+        raise ValueError(text)
+    return value
+
+
+# short name -> (config key, or "batch" for the bench's own batch flag; value parser)
 SWEEP_KEYS: dict[str, tuple[str, type]] = {
     "threads": ("data.num_threads", int),
     "hw_decoder_load": ("data.hw_decoder_load", float),
@@ -29,6 +37,7 @@ SWEEP_KEYS: dict[str, tuple[str, type]] = {
     "output_dtype": ("data.output_dtype", str),
     "concurrency": ("data.op_concurrency", str),  # DALI's executor: none | backend | full
     "stream_policy": ("data.stream_policy", str),  # single | per_backend | per_operator
+    "affinity": ("data.thread_affinity", flag),  # DALI's threads pinned to cores: false | true
     "blur_window": ("views.*.blur_window", int),  # every view's; 0 = derived from each sample's sigma
     "batch": ("batch", int),
 }
@@ -53,7 +62,8 @@ def parse_sweep(items: list[str]) -> list[dict]:
         try:
             values = [tp(v) for v in raw.split(",") if v.strip()]
         except ValueError:
-            raise ConfigError(f"--sweep {item!r}: every value of {key} must be a {tp.__name__}") from None
+            what = "true or false" if tp is flag else f"a {tp.__name__}"
+            raise ConfigError(f"--sweep {item!r}: every value of {key} must be {what}") from None
         axes.append((key, values))
     return [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*(v for _, v in axes))]
 
