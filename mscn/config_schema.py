@@ -142,8 +142,9 @@ class DataCfg:
     # difference it could resolve between the settings (docs/PERFORMANCE.md)
     op_concurrency: str = "auto"
     stream_policy: str = "auto"
-    # pin DALI's CPU worker threads to cores (DALI's set_affinity: on a GPU the cores NVML
-    # reports near the card, or the list in the DALI_AFFINITY_MASK variable). Same outputs;
+    # restrict DALI's CPU worker threads to cores (DALI's set_affinity): to the cores NVML
+    # reports near the card (within those this process may use), or one per thread from the
+    # DALI_AFFINITY_MASK variable; without NVML DALI warns and pins nothing. Same outputs;
     # off until a GPU run measures it (bench --sweep affinity=false,true, docs/PERFORMANCE.md)
     thread_affinity: bool = False
     # take the training batches on a background thread, 2 ahead, each with its loader state

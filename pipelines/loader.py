@@ -200,9 +200,11 @@ class DaliLoader:
         # not before the reads queued on them are done
         for _, event in getattr(self, "_held", ()):
             if event is not None:
-                with contextlib.suppress(Exception):  # at interpreter exit CUDA may be gone already
+                try:
                     if not event.query():
                         event.synchronize()
+                except Exception:  # at interpreter exit CUDA (or this module's globals) may be gone
+                    pass
 
     def state_dict(self) -> dict:
         """What a resumed loader needs to continue exactly here (tensors and ints only, so

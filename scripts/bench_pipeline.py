@@ -689,6 +689,8 @@ def main(argv: list[str] | None = None) -> int:
                                # where the default pipeline blurs (data.blur_where, resolved) and
                                # whether --train times a compiled step (train.compile)
                                "blur_where": cfg.data.blur_where, "compile": cfg.train.compile,
+                               # the stream DALI's outputs are taken on, and DALI's threads pinned or not
+                               "handover": cfg.data.handover, "thread_affinity": cfg.data.thread_affinity,
                                "views": args.views, "size": args.size, "highpass_sigma": cfg.highpass.sigma,
                                "warmup": args.warmup, "iters": args.iters, "repeats": args.repeats,
                                "sync": args.sync if device.type == "cuda" else None,

@@ -14,12 +14,14 @@
 #           tests the round's changes touch, the host-sync probes of the feed
 #           (probe_syncs.py), the mask benchmark, the pipeline (now blurring in the loader
 #           on a GPU) against the round-4 default (masks-blur-dali) with a GPU-time
-#           profile, the trainer fed by the bare and the full pipeline, the round-4 default,
-#           DALI's outputs held longer and a feeder thread (ResNet-18, with host time per
-#           step), ResNet-50
-#           with both defaults, memory, the GPU vs CPU twins, ResNet-50 compiled, then if
-#           time is left the isolated A/B and ResNet-18 compiled (round 4, H200: 538 s for
-#           that round's list with the budget at 555; this list is not yet timed);
+#           profile, the trainer fed by the bare and the full pipeline, DALI's outputs
+#           taken on the loader's own stream (masks-private), the round-4 default, the colour
+#           in the loader, DALI's outputs held longer and a feeder thread (ResNet-18, with
+#           host time per step), ResNet-50 with the defaults and masks-private, memory, the
+#           GPU vs CPU twins, ResNet-50 compiled, then if time is left the isolated A/B,
+#           ResNet-18 compiled and the thread-affinity sweep (round 4, H200: 538 s for that
+#           round's shorter list with the budget at 555; this list is not yet timed and will
+#           not fit: plan a follow-up call, MSCN_GPU_STEPS=<the SKIPPED steps>);
 #   figures: only the headline figures of gpu_summary.json (no tests, no attribution rows,
 #           no sweeps), for a quick re-measurement on another box; MSCN_GPU_BUDGET_S=290
 #           keeps it under 5 minutes whatever the box (not yet timed alone).

@@ -9,6 +9,7 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -30,7 +31,7 @@ def flag(text: str) -> bool:
 
 
 # short name -> (config key, or "batch" for the bench's own batch flag; value parser)
-SWEEP_KEYS: dict[str, tuple[str, type]] = {
+SWEEP_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
     "threads": ("data.num_threads", int),
     "hw_decoder_load": ("data.hw_decoder_load", float),
     "prefetch": ("data.prefetch", int),

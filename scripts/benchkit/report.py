@@ -107,7 +107,9 @@ def print_report(r: dict) -> None:
     env, s, ds = r["env"], r["settings"], r["dataset"]
     hw = f", hw_decoder_load {s['hw_decoder_load']}" if s["hw_decoder_load"] is not None else ""
     executor = [f"{k} {s[k]}" for k in ("op_concurrency", "stream_policy") if s.get(k)]  # absent in older JSON
+    executor += ["threads pinned (data.thread_affinity)"] if s.get("thread_affinity") else []
     hw += f", DALI executor: {', '.join(executor)}" if executor else ""
+    hw += ", outputs taken on the loader's own stream" if s.get("handover") == "private" else ""
     hw += f", windows end on a {s['sync']} sync" if s.get("sync") else ""  # GPU only; absent in older JSON
     print(f"\nmscn bench on {env['gpu_name'] or env['cpu_model']}: {env['usable_cores']} cores, DALI {env['dali']}, "
           f"torch {env['torch']} ({env['torch_threads']} threads), load {env['load_avg_1m']}\n"

@@ -28,7 +28,7 @@ class Placement:
     num_shards: int = 1
     seed: int = 0
     prefetch: int = 2
-    executor: dict = field(default_factory=dict)  # data.op_concurrency / data.stream_policy (tuning.executor)
+    executor: dict = field(default_factory=dict)  # data.op_concurrency / stream_policy / thread_affinity (tuning.executor)
 
     def pipeline_kwargs(self) -> dict:
         return dict(batch_size=self.batch, num_threads=self.threads, device_id=self.device_id, seed=self.seed,
