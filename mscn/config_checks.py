@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from mscn.config_schema import OP_CONCURRENCY, STREAM_POLICIES
+from mscn.config_schema import HANDOVERS, OP_CONCURRENCY, STREAM_POLICIES
 from mscn.errors import ConfigError
 
 if TYPE_CHECKING:  # annotations only
@@ -80,7 +80,7 @@ def _validate_data(d: DataCfg, src: str) -> None:
            "must be auto, pipeline or loader")
     _check(d.colour_where in ("pipeline", "loader"), src, "data.colour_where", d.colour_where,
            "must be pipeline or loader")
-    _check(d.handover in ("trainer", "private"), src, "data.handover", d.handover, "must be trainer or private")
+    _check(d.handover in HANDOVERS, src, "data.handover", d.handover, "must be " + " or ".join(HANDOVERS))
     _check(d.op_concurrency in ("auto", *OP_CONCURRENCY), src, "data.op_concurrency", d.op_concurrency,
            "must be auto, " + ", ".join(OP_CONCURRENCY))
     _check(d.stream_policy in ("auto", *STREAM_POLICIES), src, "data.stream_policy", d.stream_policy,

@@ -93,6 +93,7 @@ def default_views() -> list[ViewCfg]:
 # (nvidia.dali.pipeline.OperatorConcurrency / StreamPolicy, lower-cased; tuning.py maps them)
 OP_CONCURRENCY = ("none", "backend", "full")
 STREAM_POLICIES = ("single", "per_backend", "per_operator")
+HANDOVERS = ("trainer", "private")  # data.handover: the stream DALI's outputs are taken on
 
 
 @dataclass

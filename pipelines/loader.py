@@ -50,6 +50,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from mscn.blur import blur_per_sample, blur_radius
 from mscn.colour import HANDOVER, ColourLaw, solarize_flags, solarize_normalize
+from mscn.config_schema import HANDOVERS
 from mscn.errors import DataError
 from mscn.h2d import to_device
 from mscn.highpass import highpass_matmul
@@ -57,7 +58,6 @@ from mscn.pipelines.readers import READER_NAME, Source
 from mscn.pipelines.train_pipeline import output_names
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-HANDOVERS = ("trainer", "private")  # data.handover
 # batches whose outputs may wait for their event before the host waits for the oldest: the
 # GPU is then this many batches behind, so the wait costs the trainer nothing, and DALI's
 # memory stays bounded
@@ -198,13 +198,11 @@ class DaliLoader:
         # a loader dropped mid-epoch (a run that reached its last step) hands its outputs
         # back to DALI's pool, which outlives it (an evaluation loader may draw from it next):
         # not before the reads queued on them are done
-        for _, event in getattr(self, "_held", ()):
-            if event is not None:
-                try:
-                    if not event.query():
-                        event.synchronize()
-                except Exception:  # at interpreter exit CUDA (or this module's globals) may be gone
-                    pass
+        if hasattr(self, "_held"):  # not when __init__ stopped before it
+            try:
+                self._retire(None, None)  # as at an epoch's end
+            except Exception:  # at interpreter exit CUDA (or this module's globals) may be gone
+                pass
 
     def state_dict(self) -> dict:
         """What a resumed loader needs to continue exactly here (tensors and ints only, so

@@ -191,17 +191,23 @@ def probes(loader, device: torch.device, queue: Queue, repeats: int) -> list[dic
             waits.setdefault(f"handover-{handover}", []).append(take(lambda: stream_wait(handover)))
     out = []
     for name, runs in rows.items():
-        host = sorted(h for h, _ in runs)[len(runs) // 2]
-        queued = None if runs[0][1] is None else sorted(q for _, q in runs)[len(runs) // 2]
+        host = _median(h for h, _ in runs)
+        queued = None if runs[0][1] is None else _median(q for _, q in runs)
         out.append({"probe": name, "host_ms": round(host, 3),
                     "queued_ms": None if queued is None else round(queued, 1), "verdict": verdict(host, queued)})
     for name, runs in waits.items():
-        host = sorted(h for h, _ in runs)[len(runs) // 2]
-        gpu = None if runs[0][1] is None else sorted(w for _, w in runs)[len(runs) // 2]
+        host = _median(h for h, _ in runs)
+        gpu = None if runs[0][1] is None else _median(w for _, w in runs)
         out.append({"probe": name, "host_ms": round(host, 3), "queued_ms": None,
                     "stream_wait_ms": None if gpu is None else round(gpu, 3),
                     "verdict": "cpu" if gpu is None else f"the stream waited {gpu:.2f} ms on the GPU"})
     return out
+
+
+def _median(values) -> float:
+    """The middle value (the upper one of an even count), as every probe reports it."""
+    values = sorted(values)
+    return values[len(values) // 2]
 
 
 def main(argv=None) -> int:
