@@ -131,7 +131,7 @@ def apply_masks(views: list[torch.Tensor], cfgs: list[MaskCfg], generator: torch
     backend: auto (Triton on CUDA tensors, reference elsewhere) | triton | torch.
     On an H200 this takes 0.58 ms for 4 x 256 x 3 x 224² float32 views (tables 0.29 ms,
     fill 0.34 ms); drawing the decisions inside the fill instead measured 1.09 ms and was
-    removed (docs/PERFORMANCE.md, round 3).
+    removed (docs/perf/HISTORY.md, round 3).
     Returns the masked views, or ``(views, masks)`` with ``masks`` a list of bool
     (B, C, H, W) pixel masks when ``return_masks`` (built from the tables, so they
     cost a few bool tensors; meant for tests and figures, not the training loop).

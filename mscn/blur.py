@@ -3,7 +3,7 @@ applied by the loader instead of DALI (``data.blur_where=loader``): one σ per s
 
 Why: on an H200, DALI's ``fn.gaussian_blur`` ran as CUTLASS convolutions that took 15 of
 DALI's 24 ms of GPU time per ResNet-18 step when they ran beside the trainer
-(docs/PERFORMANCE.md, round 3). Here the blur is two batched GEMMs per view on the views'
+(docs/perf/HISTORY.md, round 3). Here the blur is two batched GEMMs per view on the views'
 device, like the high-pass of ``highpass.where=loader`` (mscn/highpass.py).
 
 The same filter as DALI's: weights ``exp(-t²/2σ²)`` for ``|t| <= r``, normalized, with

@@ -115,7 +115,7 @@ def colour(x: DataNode, view: ViewCfg) -> tuple[DataNode, DataNode, DataNode]:
     (torchvision's weights). torchvision applies the four jitters in a random order and
     takes contrast around the image mean; DALI applies a fixed order (docs/PIPELINE.md).
 
-    Measured alternatives, both rejected on an H200 (docs/PERFORMANCE.md): one twist on
+    Measured alternatives, both rejected on an H200 (docs/perf/HISTORY.md): one twist on
     every sample with neutral parameters for the unjittered ones (no conditionals) cut the
     GPU pipeline from 7,655 to 5,583 images/s; one conditional twist on the samples with
     either flag, grayscale folded in as saturation 0, cut it from 7,436 to 3,806 (round 3).
@@ -202,7 +202,7 @@ def deferred_colour(view: ViewCfg, x: DataNode, area: DataNode | None,
     factors and, where it blurs the view (``defer_blur``), the blur's flag and σ
     (mscn.colour.ColourLaw), and BYOL's solarize flag: one CPU operator instead of the ~15
     coin flips, uniforms, casts and stacks per view that drew them one by one
-    (docs/PERFORMANCE.md).
+    (docs/perf/HISTORY.md, after round 4, second session).
 
     The other flags are DALI comparisons of the same draws with the same probabilities, so
     the debug outputs report exactly what the loader applies."""

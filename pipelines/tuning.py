@@ -78,7 +78,7 @@ def executor(op_concurrency: str, stream_policy: str, thread_affinity: bool = Fa
     GPU-only rule would then take the path from :func:`~mscn.pipelines.loader.plan`).
 
     Why it is a knob: on an H200 the full GPU pipeline kept the GPU busy 28 % of each batch
-    (docs/PERFORMANCE.md, round 3). It was host-bound, and with DALI's default concurrency
+    (docs/perf/HISTORY.md, round 3). It was host-bound, and with DALI's default concurrency
     the four views' GPU operators run their host side one after another. ``full`` lets
     independent branches (the views) run at once, and ``per_operator`` gives them their own
     streams. The CPU path is unaffected: DALI runs CPU operators one at a time whatever the

@@ -14,7 +14,8 @@
 #           tests the round's changes touch, the host-sync probes of the feed
 #           (probe_syncs.py), the mask benchmark, the pipeline (now blurring in the loader
 #           on a GPU) against the round-4 default (masks-blur-dali) with a GPU-time
-#           profile, the trainer fed by the bare and the full pipeline, DALI's outputs
+#           profile, the same pipelines on tiny images (the host's ceiling), the trainer
+#           fed by the bare and the full pipeline, DALI's outputs
 #           taken on the loader's own stream (masks-private), the round-4 default, the colour
 #           in the loader, DALI's outputs held longer and a feeder thread (ResNet-18, with
 #           host time per step), ResNet-50 with the defaults and masks-private, memory, the
@@ -57,6 +58,7 @@ PART=${1:-all}
 OUT=${OUT:-/tmp/mscn_gpu_out}
 R=${MSCN_GPU_RESULTS:-/tmp/mscn_gpu_results}
 DATA=${MSCN_BENCH_DATA:-/tmp/mscn_synth}
+TINY=${MSCN_TINY_DATA:-/tmp/mscn_tiny}  # 48x36 JPEGs: the host-ceiling step's
 PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$R"
 LOG="$R/gpu_check_part$PART${STEPS:+_followup}.log"  # a follow-up call keeps the first call's log
@@ -157,6 +159,14 @@ part3() {  # this round's A/B and probes, most needed first, within MSCN_GPU_BUD
   run bench 150 $PY scripts/bench_pipeline.py --data "$DATA/train" \
       --stages decode,bare,masks,masks-blur-dali,masks-colour-loader --baseline dali-plain \
       --profile /tmp/mscn_profile --profile-rows masks-blur-dali,masks-colour-loader --json "$R/bench.json"
+  # the same pipelines on tiny images (32 px views of 48x36 JPEGs): the pixels cost next to
+  # nothing there, so each rate is the ceiling the host allows (DALI's per-sample setup and
+  # draws, the launches, the loader's Python); gpu_summary's CEILING lines set the bench's
+  # rows against it: near 100 % = host-bound (docs/PERFORMANCE.md, "Is the pipeline
+  # host-bound?")
+  run host-ceiling 90 bash -c "{ [ -d '$TINY/train' ] || $PY -P -m mscn data synth '$TINY' --classes 4 \
+      --per-class 300 --size 48x36 --seed 0; } && $PY scripts/bench_pipeline.py --data '$TINY/train' --size 32 \
+      --stages decode,bare,masks,masks-blur-dali,masks-colour-loader --baseline dali-plain --json '$R/host_ceiling.json'"
   # the trainer: the barest feed (the floor), the default, DALI's outputs taken on the
   # loader's own stream (the handover probe's suspect for the ~9 ms idle: the trainer's
   # stream waits for DALI's next batches), the round-4 default, the colour in the loader,

@@ -6,7 +6,8 @@
 Reads what ``gpu_check.sh`` left in RESULTS_DIR: ``bench.json`` (stages and baselines of
 ``bench_pipeline.py``), ``memory.json`` (the full pipeline alone in a fresh process),
 ``masks.json`` (``bench_masks.py``), ``train_r50.json`` / ``train_r18.json``
-(``bench_pipeline.py --train``), with the ``--profile`` summaries they hold. Missing
+(``bench_pipeline.py --train``), with the ``--profile`` summaries they hold, and
+``host_ceiling.json`` (the pipelines on tiny images: :func:`host_ceiling`). Missing
 inputs leave their figures null. Prints one
 line per figure with its target and writes the summary (figures, card, commands and
 versions) to ``--out``.
@@ -119,7 +120,36 @@ def summarize(results: Path, stages_from: Path | None = None) -> dict:
                                                 "blur_where", "compile")}
         s["images_per_s"] = {k: m["images_per_s"]["median"] for k, m in bench["stages"].items()}
         s["images_per_s"].update({f"baseline {k}": m["images_per_s"]["median"] for k, m in base.items()})
+    ceiling = host_ceiling(bench, _load(results / "host_ceiling.json"))
+    if ceiling:
+        s["host_ceiling"] = ceiling
     return s
+
+
+def _rates(doc: dict) -> dict[str, float]:
+    """Median images/s of every row of a bench_pipeline.py JSON: its stages and baselines."""
+    rows = {k: m["images_per_s"]["median"] for k, m in doc.get("stages", {}).items()}
+    rows.update({k: m["images_per_s"]["median"] for k, m in doc.get("baselines", {}).items()})
+    return rows
+
+
+def host_ceiling(bench: dict | None, tiny: dict | None) -> dict:
+    """Each pipeline's rate against its rate on tiny images (gpu_check.sh's ``host-ceiling``
+    step: 32 px views of 48x36 JPEGs, same batch and graph). There the pixels cost next to
+    nothing and what is left is per batch and per sample: DALI's operators' setup and
+    argument draws on its CPU threads, the kernel launches, the loader's Python. So the
+    tiny rate is the ceiling the host allows; a row near 100 % of it is host-bound (fewer
+    operators, draws or launches is the fix), one far below is bound by the pixel work.
+    Rows in both files only; {} where either is missing or the tiny run is not smaller."""
+    if not bench or not tiny:
+        return {}
+    size, tiny_size = (d.get("settings", {}).get("size") for d in (bench, tiny))
+    if not size or not tiny_size or tiny_size >= size:
+        return {}
+    full, low = _rates(bench), _rates(tiny)
+    return {k: {"images_per_s": full[k], "ceiling_images_per_s": low[k], "size": size, "ceiling_size": tiny_size,
+                "of_ceiling": round(full[k] / low[k], 4) if low[k] else None}
+            for k in full if k in low}
 
 
 def profiles(results: Path) -> dict:
@@ -294,6 +324,10 @@ def main(argv=None) -> int:
               f"{d['verdict']}" + (f" -> {d['switch']}" if d["switch"] else ""))
     for where, p in s["profiles"].items():  # the bench's own PROFILE line for each
         print(profiling.format_summary(where, p)[0])
+    for row, c in s.get("host_ceiling", {}).items():
+        share = f"{100 * c['of_ceiling']:.0f} %" if c["of_ceiling"] is not None else "n/a"
+        print(f"CEILING {row}: {c['images_per_s']:.0f} images/s = {share} of its {c['ceiling_images_per_s']:.0f} "
+              f"on tiny images ({c['ceiling_size']} px views, not {c['size']}): the rate the host allows")
     for feed, h in s.get("host_ms_per_step_resnet18", {}).items():
         print(f"HOST resnet18 fed by {feed}: " + ", ".join(f"{k} {v} ms" for k, v in h.items()) + " per step")
     print(f"summary written to {out}")

@@ -117,7 +117,7 @@ def test_gpu_summary_reads_the_bench_files(results):
     assert any(ln.startswith("SUMMARY share_of_decode =") and "target >= 0.85" in ln for ln in lines)
 
 
-PART3_STEPS = ["tests", "probe", "masks", "draws", "bench", "train18", "train50", "memory", "pipeline",
+PART3_STEPS = ["tests", "probe", "masks", "draws", "bench", "host-ceiling", "train18", "train50", "memory", "pipeline",
                "train50-compile", "ab-isolated", "train18-compile", "sweep-affinity"]
 
 
@@ -174,7 +174,7 @@ def test_gpu_check_skips_a_step_that_would_not_fit_and_goes_on(tmp_path):
     steps limited to over 100 s are skipped, and the shorter ones after them still run."""
     proc, ran, _ = _gpu_check(tmp_path, budget=50, sleep=0, share=50)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    fits = ["probe", "masks", "draws", "memory", "pipeline"]  # limits of 60-90 s
+    fits = ["probe", "masks", "draws", "host-ceiling", "memory", "pipeline"]  # limits of 60-90 s
     assert ran == fits + ["summary"]
     assert _digest(proc, "SKIPPED") == [s for s in PART3_STEPS if s not in fits]
 
@@ -360,3 +360,35 @@ def run_ok(res) -> str:
     proc = run("gpu_summary.py", res)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return (res / "gpu_summary.json").read_text()
+
+
+def test_gpu_summary_sets_each_pipeline_against_its_host_ceiling(results, tmp_path):
+    """host_ceiling.json (gpu_check.sh's host-ceiling step: the same pipelines on smaller views)
+    gives every row the two files share its share of the tiny rate; a file that is not smaller
+    than the bench's is not a ceiling and gives none."""
+    import shutil
+
+    res = tmp_path / "results"
+    shutil.copytree(results, res, ignore=shutil.ignore_patterns("prof", "data"))
+    data = make_folder(tmp_path / "data", classes=2, per_class=6, size=(24, 18))
+    small = [a if a != "32" else "16" for a in TINY]
+    grids = [f"views.{i}.mask.grid=8" for i in range(4)]  # the recipe's 32 px grid needs views of 32 px or more
+    proc = run("bench_pipeline.py", *grids, "--data", data, *small, "--stages", "decode,masks", "--baseline",
+               "dali-plain", "--json", res / "host_ceiling.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bench = json.loads((res / "bench.json").read_text())
+    tiny = json.loads((res / "host_ceiling.json").read_text())
+    proc = run("gpu_summary.py", res)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = json.loads((res / "gpu_summary.json").read_text())
+    assert set(s["host_ceiling"]) == {"decode", "masks", "dali-plain"}  # the rows both files have
+    for row, c in s["host_ceiling"].items():
+        full = (bench["stages"].get(row) or bench["baselines"][row])["images_per_s"]["median"]
+        low = (tiny["stages"].get(row) or tiny["baselines"][row])["images_per_s"]["median"]
+        assert (c["images_per_s"], c["ceiling_images_per_s"]) == (full, low)
+        assert c["of_ceiling"] == round(full / low, 4) and (c["size"], c["ceiling_size"]) == (32, 16)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("CEILING ")]
+    assert len(lines) == 3 and any(ln.startswith("CEILING masks: ") and "(16 px views, not 32)" in ln for ln in lines)
+    tiny["settings"]["size"] = 32  # the same size as the bench's: no ceiling
+    (res / "host_ceiling.json").write_text(json.dumps(tiny))
+    assert "host_ceiling" not in json.loads(run_ok(res))
