@@ -117,6 +117,10 @@ class DaliLoader:
                  handover: str = "trainer"):
         if handover not in HANDOVERS:
             raise ValueError(f"handover must be one of {', '.join(HANDOVERS)}, got {handover!r}")
+        if handover == "private" and pipeline.device_id is not None and not getattr(pipeline, "exec_dynamic", False):
+            # safe only because share_outputs waits for the batch on the host, which the
+            # default executor does; the other one copies on the current stream instead
+            raise ValueError("data.handover=private needs DALI's default executor (exec_dynamic)")
         self.source, self.num_views, self.crop = source, num_views, crop
         self.dtype = TORCH_DTYPES[output_dtype]
         self.highpass, self.mask_fn, self.device, self.replay = highpass, mask_fn, device, replay
@@ -171,11 +175,7 @@ class DaliLoader:
         """The stream DALI's iterator imports the batch on (``data.handover``)."""
         if self.handover == "trainer" or self._pipeline.device_id is None:
             return contextlib.nullcontext()
-        if self._private is None:
-            # safe only because share_outputs waits for the batch on the host, which the
-            # default executor does; the other one copies on the current stream instead
-            if not getattr(self._pipeline, "exec_dynamic", False):
-                raise ValueError("data.handover=private needs DALI's default executor (exec_dynamic)")
+        if self._private is None:  # the executor was checked in __init__
             self._private = torch.cuda.Stream(device=self._pipeline.device_id)
         return torch.cuda.stream(self._private)
 

@@ -85,6 +85,25 @@ def test_handover_is_checked(folder):
         assert all(torch.equal(x, y) for x, y in zip(a.views, b.views))
 
 
+def test_private_handover_refuses_the_legacy_executor_when_built(folder):
+    """The private stream is safe only where share_outputs waits for the batch on the host
+    (DALI's default executor): a GPU pipeline on the legacy one is refused by the loader's
+    constructor, before DALI builds anything (so this runs without a GPU: it is never built)."""
+    from nvidia.dali import fn, pipeline_def
+
+    from mscn.data.source import resolve_source
+    from mscn.pipelines.loader import DaliLoader, LastBatchPolicy
+
+    @pipeline_def
+    def legacy():
+        return fn.random.uniform(range=[0.0, 1.0])
+
+    pipe = legacy(batch_size=2, num_threads=1, device_id=0, exec_dynamic=False, exec_async=False,
+                  exec_pipelined=False)
+    with pytest.raises(ValueError, match="exec_dynamic"):
+        DaliLoader(pipe, resolve_source(str(folder)), 1, policy=LastBatchPolicy.DROP, handover="private")
+
+
 def test_a_dropped_loader_waits_for_the_reads_of_what_it_holds(folder):
     """A run that stops mid-epoch drops its loader: the outputs it holds go back to DALI's
     pool (which outlives the loader) only after their events."""
