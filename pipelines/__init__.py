@@ -10,7 +10,7 @@ Public API (docs/PIPELINE.md has a reuse example without the mscn trainer):
 - ``DaliLoader(pipeline, source, num_views, policy=...)``: the adapter to torch.
 - ``build_reference_loader``: the torchvision/PIL equivalent (baseline, tests).
 
-The names are imported on first use (PEP 562), so ``import mscn.pipelines.bench``
+The names are imported on first use (PEP 562), so ``import mscn.pipelines.tuning``
 does not load DALI.
 """
 import importlib
