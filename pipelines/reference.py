@@ -23,7 +23,7 @@ from torchvision import transforms as T
 from mscn.config import ViewCfg
 from mscn.highpass import highpass_params
 from mscn.data.source import Source, resolve_source
-from mscn.errors import DataError
+from mscn.errors import DataError, MscnError
 from mscn.highpass import highpass_matmul
 from mscn.pipelines.loader import MscnBatch, mask_fn_from_cfgs, rank_seed
 
@@ -70,12 +70,34 @@ class ReferenceViews(Dataset):
         return self.source.num_samples
 
     def __getitem__(self, i: int):
-        with Image.open(Path(self.source.root) / self.source.files[i]) as f:
-            img = f.convert("RGB")
+        path = Path(self.source.root) / self.source.files[i]
+        try:
+            with Image.open(path) as f:
+                img = f.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's ways of saying "not an image I can decode"
+            raise DataError(f"{path}: cannot be decoded ({e}); run `mscn data scan {self.source.root}` and "
+                            "use the file list it writes") from None
         views = [t(img) for t in self.transforms]
         if self.highpass is not None:
             views = [highpass_matmul(v.unsqueeze(0), *self.highpass)[0] for v in views]
         return (*views, self.source.labels[i], i)
+
+
+def worker_errors(batches):
+    """``batches`` (a DataLoader or its iterator), with a :class:`~mscn.errors.MscnError` raised in
+    a worker process re-raised as the one line it was: torch wraps it in a message that
+    carries the worker's traceback ("Caught DataError in DataLoader worker process 0. ...")."""
+    it = iter(batches)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except MscnError as e:
+            last = str(e).rstrip().splitlines()[-1] if str(e).strip() else ""
+            prefix = f"{type(e).__module__}.{type(e).__qualname__}: "
+            raise type(e)(last[len(prefix):] if last.startswith(prefix) else str(e)) from None
+        yield batch
 
 
 class ReferenceLoader:
@@ -88,7 +110,7 @@ class ReferenceLoader:
         return len(self.loader)
 
     def __iter__(self):
-        for *views, labels, index in self.loader:
+        for *views, labels, index in worker_errors(self.loader):
             views = list(views)
             if self.mask_fn is not None:
                 views = self.mask_fn(views)

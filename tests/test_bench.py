@@ -507,3 +507,45 @@ def test_bench_draws_times_both_graphs_and_refuses_nonsense():
     assert any(ln.startswith("SUMMARY draws: one by one / one draw per view = ") for ln in lines)
     bad = subprocess.run([sys.executable, str(script), "--batch", "0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "must be >= 1" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def bad_image_data(tiny_data, tmp_path_factory) -> Path:
+    """tiny_data's 16 images and one JPEG cut in half."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("bad") / "train"
+    shutil.copytree(tiny_data, out)
+    good = next(out.glob("*/*.jpg")).read_bytes()
+    (next(out.glob("*/*.jpg")).parent / "cut.jpg").write_bytes(good[: len(good) // 2])
+    return out
+
+
+def test_cli_bad_image_is_one_line_naming_it(bad_image_data):
+    """decode-only runs its pipeline without the loader, so it translates DALI's failure itself."""
+    proc = run_bench("--data", bad_image_data, *TINY, "--stages", "decode", "--iters", "4", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr and last.startswith("bench_pipeline: error: ")
+    assert "cut.jpg: cannot be decoded" in last and "mscn data scan" in last
+
+
+@pytest.mark.parametrize("baseline", ["dali-plain", "torchvision"])
+def test_baselines_name_a_bad_image_in_one_line(bad_image_data, baseline):
+    import torch
+    from benchkit import steps
+    from pipeline_fixtures import tiny_cfg
+
+    from mscn.errors import DataError
+
+    cfg = tiny_cfg(bad_image_data, "train.global_batch=4")
+    where = steps.placement(cfg, torch.device("cpu"))
+    if baseline == "dali-plain":
+        step, _ = steps.plain_step(cfg, where, 4)
+    else:  # a worker process decodes: torch wraps its error in the worker's traceback
+        step, _ = steps.torchvision_step(cfg, where, 1, torch.device("cpu"))
+    with pytest.raises(DataError) as err:
+        for _ in range(20):  # 17 images in batches of 4: the cut one comes within two epochs
+            step()
+    msg = str(err.value)
+    assert "cut.jpg: cannot be decoded" in msg and "\n" not in msg and "Traceback" not in msg

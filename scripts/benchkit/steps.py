@@ -105,12 +105,31 @@ def plain_pipeline(source, where: Placement, num_views: int, size: int, highpass
     return plain(**where.pipeline_kwargs())
 
 
-def pipeline_step(pipe) -> Callable[[], int]:
-    """One ``pipe.run()`` per step; the outputs stay in DALI (no copy to torch)."""
-    pipe.build()
+def pipeline_step(pipe, source, where: Placement, shuffle_buffer: int) -> Callable[[], int]:
+    """One ``pipe.run()`` per step; the outputs stay in DALI (no copy to torch). A file DALI
+    cannot read or decode stops the bench with one line naming it, as the loader's rows do
+    (pipelines/diagnose.py replays the reader, which these pipelines build with the
+    loader's arguments)."""
+    from mscn.pipelines.diagnose import explain
+    from mscn.pipelines.loader import Replay
+
+    replay = Replay(shard_id=where.shard_id, num_shards=where.num_shards, shuffle=True,
+                    shuffle_buffer=shuffle_buffer, stick_to_shard=False, reader_seed=where.seed,
+                    batch_size=where.batch, prefetch=where.prefetch)
+    runs = 0
+    try:
+        pipe.build()
+    except RuntimeError as e:
+        raise explain(e, source, None, 0) from None
 
     def step() -> int:
-        return len(pipe.run()[0])  # the readers loop over epochs by themselves
+        nonlocal runs
+        try:
+            out = pipe.run()  # the readers loop over epochs by themselves
+        except RuntimeError as e:
+            raise explain(e, source, replay, runs) from None
+        runs += 1
+        return len(out[0])
 
     return step
 
@@ -118,17 +137,19 @@ def pipeline_step(pipe) -> Callable[[], int]:
 def decode_step(cfg, where: Placement) -> tuple[Callable[[], int], object]:
     from mscn.pipelines.readers import resolve_source
 
-    pipe = decode_pipeline(resolve_source(cfg.data.root, cfg.data.format), where, cfg.data.shuffle_buffer)
-    return pipeline_step(pipe), pipe
+    source = resolve_source(cfg.data.root, cfg.data.format)
+    pipe = decode_pipeline(source, where, cfg.data.shuffle_buffer)
+    return pipeline_step(pipe, source, where, cfg.data.shuffle_buffer), pipe
 
 
 def plain_step(cfg, where: Placement, num_views: int) -> tuple[Callable[[], int], object]:
     from mscn.highpass import highpass_params
     from mscn.pipelines.readers import resolve_source
 
-    pipe = plain_pipeline(resolve_source(cfg.data.root, cfg.data.format), where, num_views, cfg.data.image_size,
-                          highpass_params(cfg.highpass), cfg.data.shuffle_buffer)
-    return pipeline_step(pipe), pipe
+    source = resolve_source(cfg.data.root, cfg.data.format)
+    pipe = plain_pipeline(source, where, num_views, cfg.data.image_size, highpass_params(cfg.highpass),
+                          cfg.data.shuffle_buffer)
+    return pipeline_step(pipe, source, where, cfg.data.shuffle_buffer), pipe
 
 
 def torchvision_step(cfg, where: Placement, workers: int, device: torch.device) -> tuple[Callable[[], int], object]:
@@ -142,7 +163,7 @@ def torchvision_step(cfg, where: Placement, workers: int, device: torch.device) 
 
     from mscn.highpass import highpass_params
     from mscn.pipelines.loader import mask_fn_from_cfgs
-    from mscn.pipelines.reference import ReferenceViews
+    from mscn.pipelines.reference import ReferenceViews, worker_errors
     from mscn.pipelines.readers import resolve_source
 
     d = cfg.data
@@ -153,7 +174,7 @@ def torchvision_step(cfg, where: Placement, workers: int, device: torch.device) 
     loader = DataLoader(dataset, batch_size=where.batch, sampler=sampler, num_workers=workers, drop_last=True,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     mask_fn = mask_fn_from_cfgs([v.mask for v in cfg.views], seed)
-    batches = iter(loader)
+    batches = worker_errors(loader)  # a bad image: one line naming it, not the worker's traceback
 
     def step() -> int:
         *views, _, _ = next(batches)
