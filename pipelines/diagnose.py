@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 from nvidia.dali import fn, pipeline_def
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from mscn.errors import DataError
 from mscn.pipelines.readers import Source, read
@@ -42,6 +42,8 @@ def _undecodable(data: bytes) -> str | None:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
+    except UnidentifiedImageError:  # its text names the in-memory buffer, not the file
+        return "PIL cannot identify it as an image" if data else "an empty file"
     except Exception as e:  # noqa: BLE001 - any PIL failure means DALI's failure is explained
         return str(e) or type(e).__name__
     return None

@@ -117,6 +117,20 @@ def test_corrupt_jpeg_is_named(tmp_path):
     fed.close()
 
 
+def test_a_file_that_is_no_image_is_named_without_pil_internals(tmp_path):
+    root = make_folder(tmp_path, classes=2, per_class=6)
+    bad = root / "c0" / "notes.jpg"
+    bad.write_text("not an image at all\n" * 20)
+    loader = build_train_loader(tiny_cfg(root, "train.global_batch=4"), apply_mask=False)
+    with pytest.raises(DataError) as e:
+        for _ in range(2):
+            for _ in loader:
+                pass
+    msg = str(e.value)
+    assert f"{bad}: cannot be decoded (PIL cannot identify it as an image;" in msg
+    assert "BytesIO" not in msg and " at 0x" not in msg
+
+
 def test_small_gray_cmyk_and_png_images_come_out_rgb(tmp_path):
     rng = np.random.default_rng(1)
     (tmp_path / "a").mkdir()
