@@ -314,3 +314,24 @@ def test_scan_replaces_its_own_outputs_but_no_other_file(messy_root, tmp_path):
     with pytest.raises(DataError, match=r"mine.txt: a file is already there that this scan did not write"):
         scan(messy_root, out=mine, report=tmp_path / "mine.scan.json", progress=False, workers=1)
     assert mine.read_text() == "my own notes\n" and not (tmp_path / "mine.scan.json").exists()
+
+
+def test_a_list_without_its_report_says_where_its_paths_were_looked_for(messy_root, tmp_path, capsys):
+    """A list the readers cannot place (its scan report written elsewhere with --report, or a
+    text file that is no file list): the error says the root was guessed and why, not only
+    "rescan"; scan itself warns when --report is not where the readers will look."""
+    from mscn.cli import main
+    from mscn.data.source import resolve_source
+
+    lists = tmp_path / "lists"
+    assert main(["data", "scan", str(messy_root), "--workers", "1", "--out", str(lists / "x.txt"),
+                 "--report", str(tmp_path / "elsewhere.json")]) == 0
+    out = capsys.readouterr().out
+    assert f"its report must be beside it as {lists / 'x.scan.json'}" in out
+    with pytest.raises(DataError) as e:
+        resolve_source(str(lists / "x.txt"))
+    assert "x.txt:1: missing file" in str(e.value) and "no scan report beside the list (x.scan.json)" in str(e.value)
+    (lists / "x.scan.json").write_text((tmp_path / "elsewhere.json").read_text())  # as the note says
+    assert resolve_source(str(lists / "x.txt")).num_samples > 0
+    assert main(["data", "scan", str(messy_root), "--workers", "1", "--out", str(lists / "y.txt")]) == 0
+    assert "note:" not in capsys.readouterr().out  # the default report is beside the list

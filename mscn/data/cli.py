@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from mscn.errors import MscnError, run_cli
 
@@ -61,6 +62,10 @@ def _scan(args) -> None:
           f"excluded {r['num_excluded']}; issues {json.dumps(bad) if bad else 'none'}")
     print(f"scan: file list -> {out}")
     print(f"scan: report    -> {report}")
+    beside = report_path_for(out)
+    if Path(report).resolve() != beside.resolve():  # the readers find the list's image root there only
+        print(f"scan: note: to train from {out}, its report must be beside it as {beside} (the readers take "
+              f"the images' root from there): copy {report} there")
 
 
 def _subset(args) -> None:

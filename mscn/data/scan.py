@@ -226,9 +226,11 @@ def scan(root, out=None, report=None, min_size: int = 0, workers: int | None = N
     return summary
 
 
-def read_file_list(path, root) -> list[tuple[str, int]]:
+def read_file_list(path, root, root_note: str | None = None) -> list[tuple[str, int]]:
     """Parse and validate a ``relpath label`` file list against ``root``; a list of bare
-    ``relpath`` lines is unlabelled (label -1 for every file).
+    ``relpath`` lines is unlabelled (label -1 for every file). ``root_note``: why ``root``
+    is where the entries were looked for, given as the fix when they are missing (the
+    caller guessed the root: no scan report beside the list).
 
     Any problem is one DataError naming the list, the line and the file: a missing
     list, a malformed line, or entries whose image is not under ``root``.
@@ -260,7 +262,8 @@ def read_file_list(path, root) -> list[tuple[str, int]]:
         if len(missing) > 1:
             rest = ", ".join(r for _, r in missing[1:4]) + (", ..." if len(missing) > 4 else "")
             more = f" and {len(missing) - 1} more of {len(samples)} entries ({rest})"
-        raise DataError(f"{path}:{lineno}: missing file {root / rel}{more}; rescan with `mscn data scan {root}`")
+        fix = root_note or f"rescan with `mscn data scan {root}`"
+        raise DataError(f"{path}:{lineno}: missing file {root / rel}{more}; {fix}")
     if not samples:
         raise DataError(f"{path}: empty file list; write one with `mscn data scan {root}`")
     return samples

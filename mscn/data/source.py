@@ -123,7 +123,13 @@ def resolve_source(path: str, fmt: str = "auto", file_root: str | None = None,
         if not p.is_file():
             raise DataError(f"{p}: data.format=filelist needs a .txt file list, got a directory")
         root = list_root(p, file_root)
-        samples = read_file_list(p, root)
+        note = None
+        if not file_root and not report_path_for(p).is_file():  # the root was guessed: say so if it is wrong
+            note = (f"no scan report beside the list ({report_path_for(p).name}) says which folder its paths "
+                    f"are relative to, so they were looked for in the list's own folder; is it a file list "
+                    f"written by `mscn data scan IMAGES --out {p.name}` with its report moved or renamed? "
+                    f"Put the report back beside it, or rescan")
+        samples = read_file_list(p, root, note)
         own = _report_classes(p)
         if classes is not None and own:  # the scan report names the list's classes: map them
             remap = class_labels(own, classes, p)
