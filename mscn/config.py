@@ -150,6 +150,34 @@ def _index(p: str, node: list, key: str) -> int:
     return int(p)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key written twice in one mapping is an error: YAML keeps
+    the last, so a second ``data:`` block would silently drop the whole first one."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first on line {seen[key] + 1}): YAML would keep only "
+                    "the last one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def yaml_error_text(e: yaml.YAMLError) -> str:
+    """PyYAML's error as one line, with the line and column where it has them."""
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark is not None else what
+
+
+def read_yaml(text: str):
+    """A user's YAML file (a recipe, an arms file): safe types only, no duplicate keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file at ``path`` (a path or a bundled recipe name), then overrides."""
     tree = to_dict(Config())
@@ -158,9 +186,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = resolve_config_path(path)
         src = str(p)
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            loaded = read_yaml(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{src}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{src}: not valid YAML ({yaml_error_text(e)})") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"{src}: not a UTF-8 text file (byte {e.start}); is it the YAML recipe?") from None
         if not isinstance(loaded, dict):

@@ -91,3 +91,24 @@ def test_a_config_file_that_is_not_text_is_one_error(tmp_path):
     p.write_bytes(b"model:\n  arch: resnet18\n\xff\xfe\x00binary")
     with pytest.raises(ConfigError, match=r"bad.yaml: not a UTF-8 text file"):
         load_config(p)
+
+
+def test_a_key_written_twice_in_a_yaml_file_is_refused_with_its_lines(tmp_path):
+    """YAML keeps the last of two equal keys: a second ``data:`` block would silently drop the
+    first one's settings. Syntax errors name their line and column."""
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("data:\n  root: /x\ntrain:\n  seed: 1\ndata:\n  image_size: 32\n")
+    with pytest.raises(ConfigError, match=r"line 5, column 1: key 'data' appears twice \(first on line 1\)"):
+        load_config(str(dup))
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("data:\n  root: /x\n  root: /y\n")
+    with pytest.raises(ConfigError, match=r"line 3, column 3: key 'root' appears twice"):
+        load_config(str(nested))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  mean: [1, 2\nmodel: {}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML \(line 3, column 6: "):
+        load_config(str(bad))
+    ok = tmp_path / "ok.yaml"  # equal keys in different mappings are fine
+    ok.write_text("data: {root: /x}\ntrain: {seed: 3}\nviews:\n  - {blur_prob: 0.5}\n  - {blur_prob: 0.5}\n")
+    c = load_config(str(ok))
+    assert c.data.root == "/x" and c.train.seed == 3 and len(c.views) == 2

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from mscn.config import Config, load_config, to_dict
+from mscn.config import Config, load_config, read_yaml, to_dict, yaml_error_text
 from mscn.errors import ConfigError, MscnError
 
 BASELINE = "baseline"
@@ -115,8 +115,10 @@ def read_arms_file(path: str | Path) -> list[Arm]:
     """Custom arms from YAML: ``name: [key=value, ...]`` or ``name: {overrides: [...], param:, value:}``."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
-    except (OSError, yaml.YAMLError) as e:
+        data = read_yaml(p.read_text())
+    except yaml.YAMLError as e:
+        raise MscnError(f"--arms-file {path}: not valid YAML ({yaml_error_text(e)})") from None
+    except OSError as e:
         raise MscnError(f"--arms-file {path}: cannot read it ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict) or not data:
         raise MscnError(f"--arms-file {path}: expected a mapping 'name: [key=value, ...]'")
