@@ -102,3 +102,17 @@ def test_a_checkpoint_on_a_full_disk_is_one_error_and_keeps_the_old_ones(tmp_pat
                                         r"untouched"):
         ckpt.save_checkpoint({"step": 2, "w": torch.randn(1 << 16)}, tmp_path, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [old.name]
+
+
+@pytest.mark.parametrize("command", ["pretrain", "demo", "ablate"])
+def test_overrides_may_sit_on_both_sides_of_an_option(command, capsys, tmp_path):
+    """key=value overrides before and after --config/--out are all read (argparse's plain
+    parse_args called the ones after an option "unrecognized arguments"): the run gets as far
+    as the missing data.root, which names itself."""
+    argv = [command, "data.prefetch=1", "--config", "demo", "--out", str(tmp_path / "run"),
+            f"data.root={tmp_path / 'absent'}", f"data.val_root={tmp_path / 'absent'}"]
+    if command == "ablate":
+        argv[4:4] = ["--arms", "highpass"]
+    assert mscn_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" not in err and "absent" in err and "Traceback" not in err

@@ -30,7 +30,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="synthetic dataset directory (default: data.synthetic_dir)")
     p.add_argument("--fresh", action="store_true", help="delete the previous demo run first")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. schedule.epochs=2")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides on both sides of an option
 
 
 def prepare_data(cfg: Config) -> Config:

@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="auto (newest valid checkpoint of this run directory), a ckpt path, or none "
                              "(start over here; the old files move to superseded-<time>/)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.global_batch=256")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides on both sides of an option
     return run_cli(lambda: _command(args), "mscn pretrain")
 
 

@@ -41,7 +41,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: rewrite ablation.md and ablation.png from --out's ablation.json")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every arm, e.g. schedule.epochs=4")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides on both sides of an option
 
 
 def write_report(doc: dict, out: Path) -> str:
