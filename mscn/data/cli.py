@@ -133,7 +133,8 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
                        "and a JSON report; never writes inside ROOT.")
     p.add_argument("root", metavar="ROOT", help="ImageFolder root: ROOT/<class>/<image>")
     p.add_argument("--out", metavar="FILE", default=None, help="file list to write (default: ./<name>.filelist.txt)")
-    p.add_argument("--report", metavar="FILE", default=None, help="JSON report to write (default: beside the file list, <list name>.scan.json, "
+    p.add_argument("--report", metavar="FILE", default=None,
+                   help="JSON report to write (default: beside the file list, <list name>.scan.json, "
                         "where the readers take the images' root from)")
     p.add_argument("--min-size", metavar="PX", type=int, default=0,
                    help="also exclude images whose short side is smaller, reported as 'tiny' "

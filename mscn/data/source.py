@@ -77,18 +77,23 @@ def detect_format(path: Path) -> str:
     return "folder"
 
 
-def list_root(list_path: Path, file_root: str | None) -> Path:
-    """The directory a file list's paths are relative to (see the module docstring)."""
+def list_root(list_path: Path, file_root: str | None) -> tuple[Path, str | None]:
+    """The directory a file list's paths are relative to (see the module docstring), and
+    where it was guessed (no ``file_root``, no scan report) what to tell the user if the
+    guess is wrong."""
     if file_root:
-        return Path(file_root)
+        return Path(file_root), None
     report = report_path_for(list_path)
     if report.is_file():
         try:
             root = Path(json.loads(report.read_text())["root"])
-            return root if root.is_absolute() else report.parent / root  # older reports: relative
+            return (root if root.is_absolute() else report.parent / root), None  # older reports: relative
         except (ValueError, KeyError):
             raise DataError(f"{report}: not a scan report with a 'root' entry; fix or delete it") from None
-    return list_path.parent
+    return list_path.parent, (
+        f"no scan report beside the list ({report.name}) says which folder its paths are relative to, so "
+        f"they were looked for in the list's own folder; is it a file list written by `mscn data scan IMAGES "
+        f"--out {list_path.name}` with its report moved or renamed? Put the report back beside it, or rescan")
 
 
 def eval_root_setting(data, root: str) -> tuple[str, str]:
@@ -122,14 +127,8 @@ def resolve_source(path: str, fmt: str = "auto", file_root: str | None = None,
     if kind == "filelist":
         if not p.is_file():
             raise DataError(f"{p}: data.format=filelist needs a .txt file list, got a directory")
-        root = list_root(p, file_root)
-        note = None
-        if not file_root and not report_path_for(p).is_file():  # the root was guessed: say so if it is wrong
-            note = (f"no scan report beside the list ({report_path_for(p).name}) says which folder its paths "
-                    f"are relative to, so they were looked for in the list's own folder; is it a file list "
-                    f"written by `mscn data scan IMAGES --out {p.name}` with its report moved or renamed? "
-                    f"Put the report back beside it, or rescan")
-        samples = read_file_list(p, root, note)
+        root, guessed = list_root(p, file_root)
+        samples = read_file_list(p, root, guessed)
         own = _report_classes(p)
         if classes is not None and own:  # the scan report names the list's classes: map them
             remap = class_labels(own, classes, p)
