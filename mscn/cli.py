@@ -8,9 +8,12 @@ exit code 2, never as a traceback wall. ``MSCN_DEBUG=1`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from mscn.errors import run_cli
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # key=value, as config overrides are written
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -83,14 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line as a namespace (``func`` runs it); argparse's own exit on bad usage."""
     parser = build_parser()
     if argv and argv[0] in _PASSTHROUGH:
         # argparse.REMAINDER drops a leading option such as --help, so hand these over directly
-        args = argparse.Namespace(func=_PASSTHROUGH[argv[0]], rest=argv[1:])
-    else:
-        args = parser.parse_args(argv)
+        return argparse.Namespace(func=_PASSTHROUGH[argv[0]], rest=argv[1:])
+    # key=value overrides on both sides of an option (mscn eval knn a=1 --ckpt X b=2):
+    # argparse has no intermixed parsing under sub-commands, and leaves the second group over
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if not (hasattr(args, "overrides") and _OVERRIDE.match(a))]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides or []) + extra
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
     return run_cli(lambda: args.func(args), "mscn")
 
 if __name__ == "__main__":

@@ -69,7 +69,10 @@ def _convert(value: Any, tp: Any, key: str, src: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{src}: {key}: expected a string, got {value!r}")
+        kind = "true/false" if isinstance(value, bool) else "a number"
+        hint = (f" (YAML reads it as {kind}: quote it, e.g. \"{key}='{value}'\" on a command line)"
+                if isinstance(value, (int, float, bool)) else "")
+        raise ConfigError(f"{src}: {key}: expected a string, got {value!r}{hint}")
     raise ConfigError(f"{src}: {key}: unsupported type {tp}")  # schema bug, not user error
 
 
@@ -243,8 +246,11 @@ def resolve_config_path(path: str | Path) -> Path:
     name = p.name if p.suffix else p.name + ".yaml"
     if (bundled / name).is_file():
         return bundled / name
-    raise ConfigError(f"config file not found: {path} (bundled recipes: "
-                      f"{', '.join(sorted(x.stem for x in bundled.glob('*.yaml')))})")
+    recipes = ", ".join(sorted(x.stem for x in bundled.glob("*.yaml")))
+    if p.is_dir():  # e.g. a run directory: its recipe is the config.yaml inside
+        inside = f"; its {p / 'config.yaml'} is a run's config" if (p / "config.yaml").is_file() else ""
+        raise ConfigError(f"--config {path}: a directory, not a YAML recipe{inside} (bundled recipes: {recipes})")
+    raise ConfigError(f"config file not found: {path} (bundled recipes: {recipes})")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

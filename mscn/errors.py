@@ -8,10 +8,12 @@ reports.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 
 # Errors of the machine, not of the code: a path that cannot be written (permissions, a
 # read-only or full disk, a file where a folder should be). With the path named, they get
@@ -45,7 +47,8 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
     their traceback. Use it as ``sys.exit(run_cli(lambda: body(argv), "mscn"))``.
     """
     try:
-        status = main()
+        with one_line_warnings(prog):
+            status = main()
     except MscnError as e:
         status = getattr(e, "status", None)  # e.g. a run stopped on a signal after its checkpoint
         if os.environ.get("MSCN_DEBUG") and status is None:
@@ -61,6 +64,45 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         return 130
     return int(status or 0)
+
+
+_PACKAGES = ("mscn", "mscn.pipelines", "mscn.cuda_kernels", "mscn.train")
+
+
+def _from_mscn(category: type, filename: str) -> bool:
+    """A warning of mscn's: its category is defined in mscn, or it is a plain UserWarning
+    raised from mscn's code (the packages' folders: one in an installed wheel, four in a
+    checkout). Another library's own category keeps Python's form, which names it."""
+    if category.__module__.startswith("mscn"):
+        return True
+    if category is not UserWarning:
+        return False
+    path = os.path.abspath(filename)
+    folders = [os.path.dirname(os.path.abspath(m.__file__)) for name in _PACKAGES
+               if (m := sys.modules.get(name)) is not None and getattr(m, "__file__", None)]
+    return any(path.startswith(f + os.sep) for f in folders)
+
+
+@contextlib.contextmanager
+def one_line_warnings(prog: str) -> Iterator[None]:
+    """mscn's own warnings printed as one line ``{prog}: warning: ...``: Python prints a
+    warning with its file, line number and source line, which tell a user nothing.
+
+    Only the *format* changes (``warnings.formatwarning``, which Python calls just to print):
+    filters, ``-W`` options and recorders (``catch_warnings(record=True)``, ``pytest.warns``)
+    see every warning as before. ``MSCN_DEBUG`` keeps Python's form."""
+    formatted = warnings.formatwarning
+
+    def form(message, category, filename, lineno, line=None):
+        if not _from_mscn(category, filename) or os.environ.get("MSCN_DEBUG"):
+            return formatted(message, category, filename, lineno, line)
+        return f"{prog}: warning: {message}\n"
+
+    warnings.formatwarning = form
+    try:
+        yield
+    finally:
+        warnings.formatwarning = formatted
 
 
 def os_error_line(e: OSError) -> str:

@@ -78,6 +78,10 @@ def test_arms_file_forms(tmp_path):
     a, b = read_arms_file(f)
     assert a == Arm("plain", ("highpass.sigma=2.0",), "custom", "plain", "file")
     assert (b.param, b.value, b.overrides) == ("r", 0.3, ("views.0.mask.ratio=0.3",))
+    # a misspelt key would run the bare recipe under the arm's name: refused, with the fix
+    f.write_text("typo: {overides: ['views.0.mask.ratio=0.3'], param: r}\n")
+    with pytest.raises(MscnError, match=r"arm 'typo': unknown key\(s\) 'overides' .*did you mean 'overrides'"):
+        read_arms_file(f)
 
 
 def test_significance_rule():
@@ -231,6 +235,53 @@ def test_toy_ablation_end_to_end_and_resume(tmp_path, capsys):
             main(argv)
         assert "superseded" not in capsys.readouterr().out
         assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_rerun_with_other_settings_keeps_every_earlier_result(tmp_path, capsys):
+    """Rerun into the same --out with another evaluation setting, then another pretraining
+    setting: every run's earlier result.json and the earlier report stay on disk."""
+    out, f = tmp_path / "abl", tmp_path / "arms.yaml"
+    f.write_text("mscn: ['highpass.enabled=true']\n")
+    argv = ["--arms-file", str(f), "--seeds", "1", "--out", str(out), f"data.synthetic_dir={tmp_path / 'synth'}", *TOY]
+    assert main(argv) == 0
+    runs = [out / "random" / "seed0", out / "runs" / BASELINE / "seed0", out / "runs" / "mscn" / "seed0"]
+    first = {r: json.loads((r / "result.json").read_text()) for r in runs}
+    report = (out / "ablation.json").read_text()
+
+    # the evaluation changes, the pretraining does not: each result is kept beside the new one
+    capsys.readouterr()
+    assert main([*argv, "eval.linear_epochs=2"]) == 0
+    log = capsys.readouterr().out
+    for r in runs:
+        (kept,) = r.glob("result.*.json")
+        assert json.loads(kept.read_text()) == first[r], r
+        assert json.loads((r / "result.json").read_text())["fingerprint"] != first[r]["fingerprint"]
+    assert log.count("the result of its earlier config kept as") == 3
+    (old_report,) = out.glob("ablation.*.json")
+    assert old_report.read_text() == report and old_report.with_suffix(".md").is_file()
+    assert "held the report of another ablation" in log
+
+    # the same rerun again finds the same: nothing more is kept
+    assert main([*argv, "eval.linear_epochs=2"]) == 0
+    assert len(list(out.glob("ablation.*.json"))) == 1 and len(list(runs[2].glob("result.*.json"))) == 1
+
+    # the pretraining changes: the run's files, its result among them, go to superseded-<time>/
+    second = json.loads((runs[2] / "result.json").read_text())
+    assert main([*argv, "eval.linear_epochs=2", "optim.base_lr=1.0"]) == 0
+    (aside,) = runs[2].glob("superseded-*/result.json")
+    assert json.loads(aside.read_text()) == second
+    assert len(list(out.glob("ablation.*.json"))) == 2
+
+
+def test_a_batch_larger_than_the_dataset_stops_before_the_first_run(tmp_path):
+    out, f = tmp_path / "abl", tmp_path / "arms.yaml"
+    f.write_text("big: ['train.global_batch=32']\n")  # 16 training images
+    with pytest.raises(MscnError, match=r"arm 'big': .*16 images, fewer than one global batch of 32"):
+        main(["--arms-file", str(f), "--seeds", "1", "--out", str(out),
+              f"data.synthetic_dir={tmp_path / 'synth'}", *TOY])
+    assert not (out / "random").exists()
 
 
 def test_mscn_ablate_is_dispatched(capsys):

@@ -78,6 +78,16 @@ def test_missing_file_lists_bundled_recipes():
         load_config("no_such_recipe")
 
 
+def test_a_directory_as_config_and_an_unquoted_number_as_a_string_say_what_to_do(tmp_path):
+    (tmp_path / "config.yaml").write_text("train: {seed: 1}\n")
+    with pytest.raises(ConfigError, match=r"--config .*: a directory, not a YAML recipe; its .*config.yaml is a run"):
+        load_config(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"data.root: expected a string, got 123 \(YAML reads it as a number: "
+                                          r"quote it, e.g. \"data.root='123'\""):
+        load_config(None, ["data.root=123"])
+    assert load_config(None, ["data.root='123'"]).data.root == "123"
+
+
 def test_resolved_config_round_trips(tmp_path):
     c = load_config("byol_r50_in1k", ["views.2.mask.p_ind=0.5"])
     save_config(c, tmp_path / "config.yaml")

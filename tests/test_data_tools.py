@@ -232,6 +232,16 @@ def test_missing_or_empty_roots_are_one_line_data_errors(tmp_path):
     (tmp_path / "ds" / "train" / "cls").mkdir(parents=True)
     with pytest.raises(DataError, match="pass .*ds/train instead"):
         list_image_folder(tmp_path / "ds")
+    # files but no class folders: what they are (shards have their own reader), not "empty"
+    (tmp_path / "shards").mkdir()
+    for name in ("a-000.tar", "a-000.idx", "a-001.tar"):
+        (tmp_path / "shards" / name).write_bytes(b"")
+    with pytest.raises(DataError, match=r"shards: no class sub-folders but 2 .tar shard\(s\): a webdataset folder"):
+        scan(tmp_path / "shards", progress=False)
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "x.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match=r"flat: no class sub-folders but 1 file\(s\) directly in it, e.g. x.jpg"):
+        scan(tmp_path / "flat", progress=False)
 
 
 # ----------------------------------------------------------------------------------

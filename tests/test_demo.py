@@ -31,3 +31,10 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     # a second run reuses the dataset and the finished pretraining
     assert main(["--out", str(out), "--data", str(data), *TOY]) == 0
     assert "nothing to train" in capsys.readouterr().out
+
+    # another run's settings in the demo's folder: refused, with the demo's own way to start over
+    from mscn.errors import MscnError
+
+    with pytest.raises(MscnError, match=r"belongs to another run \(differs in optim.base_lr\).*mscn demo --fresh") as e:
+        main(["--out", str(out), "--data", str(data), *TOY, "optim.base_lr=0.123"])
+    assert "--resume none" not in str(e.value)

@@ -28,6 +28,50 @@ def test_success_interrupt_and_bugs(capsys, monkeypatch):
         run_cli(lambda: 1 / 0, "tool")
 
 
+def test_mscn_warnings_are_one_line_and_others_keep_their_form(monkeypatch):
+    """mscn's warnings name no file, line or source line; a library's warning keeps Python's
+    form; a recorder (pytest.warns) still sees mscn's warning."""
+    import os
+    import subprocess
+    import sys
+
+    from mscn.config import load_config
+    from mscn.train.eval.pretrained import HighPassMismatchWarning, check_highpass
+
+    monkeypatch.delenv("MSCN_DEBUG", raising=False)
+    pre, other = load_config(None, []), load_config(None, ["highpass.sigma=3.0"])
+
+    # printed as a user sees it: in a process of its own, outside pytest's warning capture
+    body = """
+import warnings
+from mscn.config import load_config
+from mscn.errors import run_cli
+from mscn.train.eval.pretrained import check_highpass
+
+def body():
+    warnings.simplefilter("always")
+    # the real call site: evaluation with another sigma than pretraining
+    check_highpass(load_config(None, []), load_config(None, ["highpass.sigma=3.0"]), "ck.pt", strict=False)
+    warnings.warn("a library's own", DeprecationWarning)
+
+raise SystemExit(run_cli(body, "tool"))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("MSCN_DEBUG", "PYTHONWARNINGS")}
+    proc = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr.splitlines()
+    ours = [ln for ln in err if ln.startswith("tool: warning: ck.pt: pretrained with high-pass")]
+    assert len(ours) == 1 and "drop the highpass.* override" in ours[0], err
+    assert not any("HighPassMismatchWarning" in ln or "check_highpass(" in ln for ln in err), err
+    assert any("DeprecationWarning: a library's own" in ln for ln in err), err  # Python's own form
+
+    def recorded():
+        with pytest.warns(HighPassMismatchWarning, match="pretrained with high-pass"):
+            check_highpass(pre, other, "ck.pt", strict=False)
+
+    assert run_cli(recorded, "tool") == 0
+
+
 def test_mscn_debug_lets_the_traceback_through(monkeypatch):
     monkeypatch.setenv("MSCN_DEBUG", "1")
     with pytest.raises(DataError):

@@ -111,3 +111,40 @@ def test_run_directory_layout_of_the_trainer(tmp_path):
     backbone, _, _ = load_pretrained(str(run))
     assert torch.equal(backbone.conv1.weight, torch.load(final, weights_only=True)["backbone"]["conv1.weight"])
     assert not torch.equal(backbone.conv1.weight, newest["conv1.weight"])
+
+
+def _trainer_file(path, step, seed):
+    """make_checkpoint plus the keys the trainer writes (step among them)."""
+    make_checkpoint(path, seed=seed)
+    ck = torch.load(path, weights_only=True)
+    ck.update(model={}, optimizer={}, step=step, method="simclr")
+    torch.save(ck, path)
+    return torch.load(path, weights_only=True)["backbone"]
+
+
+def test_run_directory_resumed_past_its_final_pt_means_its_newest_checkpoint(tmp_path, capsys):
+    """A run that ended (final.pt at step 45), was resumed for more and stopped at step 54:
+    the folder's newest weights are ckpt_54, which evaluation takes, saying so."""
+    from mscn.train.checkpoint import ckpt_path, pick_pretrained
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    final = _trainer_file(run / "final.pt", 45, seed=1)
+    newest = _trainer_file(ckpt_path(run / "checkpoints", 54), 54, seed=2)
+    path, step, note, state = pick_pretrained(run)
+    assert path == ckpt_path(run / "checkpoints", 54) and step == 54 and state["step"] == 54
+    assert "ckpt_00000054.pt (step 54) is newer than final.pt (step 45)" in note
+    backbone, _, _ = load_pretrained(str(run))
+    assert torch.equal(backbone.conv1.weight, newest["conv1.weight"])
+
+    # a checkpoint past final.pt that does not load is skipped: the newest that loads, and
+    # final.pt (no note) once no checkpoint past it loads
+    ckpt_path(run / "checkpoints", 60).write_bytes(b"cut short")
+    path, step, note, _ = pick_pretrained(run)
+    assert (path, step) == (ckpt_path(run / "checkpoints", 54), 54)
+    ckpt_path(run / "checkpoints", 54).unlink()
+    path, step, note, state = pick_pretrained(run)
+    assert (path, step, note, state["step"]) == (run / "final.pt", 45, None, 45)
+    assert "skipping" in capsys.readouterr().out
+    backbone, _, _ = load_pretrained(str(run))
+    assert torch.equal(backbone.conv1.weight, final["conv1.weight"])

@@ -88,9 +88,10 @@ def test_export_applies_the_overrides_and_keeps_to_its_folder(tmp_path, capsys, 
                       "model.arch=resnet50"]) == 0
     assert "exported resnet50" in capsys.readouterr().out
     assert torch.load(out / "backbone.pth")["layer4.2.conv3.weight"].shape[0] == 2048  # a bottleneck ResNet-50
-    assert mscn_main(["eval", "export", "--ckpt", "random", "--config", "demo", "--out", str(out),
+    # (into a new folder: an earlier export in --out is refused first, before anything loads)
+    assert mscn_main(["eval", "export", "--ckpt", "random", "--config", "demo", "--out", str(tmp_path / "ex2"),
                       "model.archh=resnet50"]) == 2
-    assert "model.archh" in capsys.readouterr().err
+    assert "model.archh" in capsys.readouterr().err and not (tmp_path / "ex2").exists()
     assert mscn_main(["eval", "export", "--ckpt", "random", "--config", "demo", "--out", str(out),
                       "--name", "../escape"]) == 2
     assert "--name" in capsys.readouterr().err and not (tmp_path / "escape.pth").exists()
@@ -112,6 +113,11 @@ def test_export_keeps_an_earlier_export_unless_forced(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert "backbone.pth and backbone.pkl already exist" in err and "--force" in err and len(err.strip().splitlines()) == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # refused before the checkpoint is read (a ResNet-50 file takes seconds to load): a
+    # file that is no checkpoint at all gets the same line
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    assert mscn_main(["eval", "export", "--ckpt", str(tmp_path / "junk.pt"), "--out", str(out)]) == 2
+    assert "already exist" in capsys.readouterr().err
     (out / "backbone.pkl").unlink()  # half of an export is still kept
     assert mscn_main([*first, "model.arch=resnet50"]) == 2 and "backbone.pth already exists" in capsys.readouterr().err
     assert mscn_main([*first, "model.arch=resnet50", "--force"]) == 0

@@ -128,6 +128,28 @@ def test_probe_loss_falls_at_the_default_lr_on_large_features(data, tmp_path):
         assert all(b < a for a, b in zip(run["loss"], run["loss"][1:])), run["loss"]
 
 
+def test_a_run_directory_is_scored_at_its_newest_step_and_the_result_says_which(data, tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name, step in (("final.pt", 45), ("checkpoints/ckpt_00000054.pt", 54)):
+        ck = torch.load(data["ckpt"], weights_only=True)
+        ck["step"] = step
+        torch.save(ck, run / name)
+    _run("knn", *_common(data | {"ckpt": str(run)}, tmp_path / "k"))
+    r = json.loads((tmp_path / "k" / "result.json").read_text())
+    assert r["ckpt"] == str(run) and r["ckpt_step"] == 54
+    assert r["ckpt_file"] == str((run / "checkpoints" / "ckpt_00000054.pt").resolve())
+    assert "is newer than final.pt (step 45)" in capsys.readouterr().out
+    shutil.rmtree(run / "checkpoints")
+    _run("knn", *_common(data | {"ckpt": str(run)}, tmp_path / "k"))
+    r = json.loads((tmp_path / "k" / "result.json").read_text())
+    assert (r["ckpt_file"], r["ckpt_step"]) == (str((run / "final.pt").resolve()), 45)
+
+
 def test_knn_on_a_val_subset_of_the_classes(data, tmp_path):
     import shutil
 
@@ -160,3 +182,29 @@ def test_subset_labels_must_be_the_class_indices_of_their_folders(data, tmp_path
     spaced.write_text("my photo.jpg\n")
     with pytest.raises(DataError, match="none of its 1 names matches"):  # read as names, matched by stem
         read_subset(spaced, data["train"])
+
+
+def test_overrides_on_both_sides_of_an_option(capsys):
+    """``mscn eval knn a=1 --ckpt X b=2``: argparse leaves the second group over under
+    sub-commands; both reach the overrides, in order, and a stray option is still refused."""
+    from mscn.cli import parse
+
+    args = parse(["eval", "knn", "data.num_threads=1", "--ckpt", "x.pt", "eval.knn_k=5", "--device", "cpu",
+                  "views.0.mask.ratio=0.1"])
+    assert args.overrides == ["data.num_threads=1", "eval.knn_k=5", "views.0.mask.ratio=0.1"]
+    assert (args.ckpt, args.device) == ("x.pt", "cpu")
+    assert parse(["config", "--config", "demo", "train.seed=3"]).overrides == ["train.seed=3"]
+    for argv in (["eval", "knn", "--ckpt", "x", "--bogus"], ["eval", "report", "r.json", "--out", "t.md", "a=1"]):
+        with pytest.raises(SystemExit):
+            parse(argv)
+        assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_a_missing_root_is_named_by_its_flag(data, tmp_path):
+    from mscn.errors import MscnError
+
+    for flag in ("--train-root", "--val-root"):
+        argv = _common(data, tmp_path / "k")
+        argv[argv.index(flag) + 1] = str(tmp_path / "nope")
+        with pytest.raises(MscnError, match=f"mscn eval knn: {flag} {tmp_path / 'nope'}: no such file or directory"):
+            _run("knn", *argv)

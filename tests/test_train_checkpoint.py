@@ -93,7 +93,7 @@ def test_keep_last_and_truncated_files_are_skipped(tmp_path):
     (tmp_path / ".ckpt_00000060.pt.tmp999").write_bytes(good)
     path, loaded = ckpt.find_latest_valid(tmp_path)
     assert path.name == "ckpt_00000040.pt" and loaded["step"] == 40
-    with pytest.raises(MscnError, match="not a readable checkpoint"):
+    with pytest.raises(MscnError, match=r"not a readable checkpoint \(a zip archive cut short \(\d+ bytes, no index"):
         ckpt.load_checkpoint(ckpt.ckpt_path(tmp_path, 50))
     assert ckpt.find_latest_valid(tmp_path / "nothing_here") is None
 
@@ -115,8 +115,13 @@ def test_weights_only_refuses_arbitrary_objects(tmp_path):
     # torch's own advice (load with weights_only=False: run the file's code) is not repeated
     assert "weights_only=False" not in str(e.value).replace("never loads a checkpoint with weights_only=False", "")
     assert "not a file mscn pretrain wrote" in str(e.value) and "\n" not in str(e.value)
-    path.write_bytes(b"\xff\xd8\xff\xe0 a JPEG, not a checkpoint")
-    with pytest.raises(MscnError, match=r"Unsupported operand 255; not a file mscn pretrain wrote"):
+    # files that are no torch file at all are called that, not torch's KeyError or opcode
+    for junk in (b"\xff\xd8\xff\xe0 a JPEG, not a checkpoint", b"hello world\n"):
+        path.write_bytes(junk)
+        with pytest.raises(MscnError, match=r"not a torch checkpoint: it does not start as a zip archive or a pickle"):
+            ckpt.load_checkpoint(path)
+    path.write_bytes(b"")
+    with pytest.raises(MscnError, match=r"not a readable checkpoint \(an empty file\)"):
         ckpt.load_checkpoint(path)
 
 

@@ -68,6 +68,12 @@ def test_clean_stop_then_resume_continues_the_loss_curve(dataset, base_run, tmp_
     assert resumed["resumed_from"].endswith("ckpt_00000024.pt") and resumed["step"] == 32
     records = read_metrics(run)
     assert [r["step"] for r in records] == list(range(1, 33))  # appended, no step twice
+    # strict JSON (no NaN): the first window after the start and after the resume has no rate
+    import json
+
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl: {line}"))
+    assert records[0]["images_per_s"] is None and records[24]["images_per_s"] is None
     after = [r for r in records if r["step"] > 24]
     assert after[0]["lr"] == pytest.approx(lr_at(24, 64, 0, 32 * 8 / 256))  # schedule position restored
     start, before, resumed_loss = window(records, 0, 6), window(records, 18, 24), window(records, 24, 30)

@@ -279,6 +279,97 @@ def test_resume_none_starts_over_and_keeps_the_old_run_aside(dataset, tmp_path):
     assert [r["step"] for r in read_metrics(out)] == [1]
 
 
+def _files(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
+
+
+def test_resume_path_never_mixes_two_runs_nor_goes_back_over_one(dataset, uninterrupted, tmp_path, capsys):
+    """``--resume PATH``: another folder's checkpoint branches into a new folder (exactly),
+    never into a folder with a run of its own; a folder's own older checkpoint is refused
+    (it would train over the newer steps, and keep_last would delete their checkpoints)."""
+    ref, ref_summary = uninterrupted
+    out = tmp_path / "run"
+    run_pretrain(load_config(None, args(dataset, out, "train.max_steps=6")), resume="auto")
+    before = _files(out)
+    capsys.readouterr()
+    for path, why in ((ref / "checkpoints" / "ckpt_00000015.pt", f"a checkpoint of another run folder ({ref}), "
+                       f"but {out} holds a run of its own (at step 6)"),
+                      (ref / "final.pt", "a checkpoint of another run folder"),
+                      (out / "checkpoints" / "ckpt_00000005.pt", f"step 5, but {out} is already at step 6")):
+        status = main(["--resume", str(path), *args(dataset, out)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert status == 2 and len(err) == 1 and why in err[0], err
+        assert "train.out_dir=DIR" in err[0]
+        assert _files(out) == before  # nothing moved, written or rotated away
+
+    # into a new folder it branches: from ref's step 15, step 16 is the uninterrupted run's
+    branch = run_pretrain(load_config(None, args(dataset, tmp_path / "branch")),
+                          resume=str(ref / "checkpoints" / "ckpt_00000015.pt"))
+    assert branch["step"] == STEPS and branch["trained_steps"] == 1
+    assert branch["loss"] == pytest.approx(ref_summary["loss"], rel=1e-6)
+    assert ckpt.step_of(tmp_path / "branch" / "final.pt") == STEPS
+    # the branch command launched again (a requeued job): the folder's own run is named
+    status = main(["--resume", str(ref / "checkpoints" / "ckpt_00000015.pt"), *args(dataset, tmp_path / "branch")])
+    assert status == 2 and "--resume auto continues that run" in capsys.readouterr().err
+    # ... but a branch killed before its first checkpoint (only its log) holds nothing to lose
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    for name in ("config.yaml", "metrics.jsonl"):
+        shutil.copy(tmp_path / "branch" / name, killed / name)
+    again = run_pretrain(load_config(None, args(dataset, killed)), resume=str(ref / "checkpoints" / "ckpt_00000015.pt"))
+    assert again["step"] == STEPS and [r["step"] for r in read_metrics(killed)][-1] == STEPS
+
+    # another run's checkpoint under other settings, into a new folder: the fix is its settings
+    from mscn.errors import MscnError
+
+    with pytest.raises(MscnError, match=r"ckpt_00000015.pt belongs to another run \(differs in optim.base_lr\); "
+                                        r"to continue from it, pass the values it was trained with") as e:
+        run_pretrain(load_config(None, args(dataset, tmp_path / "other", "optim.base_lr=1")),
+                     resume=str(ref / "checkpoints" / "ckpt_00000015.pt"))
+    assert "train.out_dir=DIR" not in str(e.value)
+
+    # a finished checkpoint branched into a new folder: nothing to train, and the weights
+    # are named where they are (this folder has no final.pt)
+    capsys.readouterr()
+    done = run_pretrain(load_config(None, args(dataset, tmp_path / "done")), resume=str(ref / "final.pt"))
+    assert done["final"] is None and done["checkpoint"] == str(ref / "final.pt")
+    assert f"nothing to train; its weights are in {ref / 'final.pt'}" in capsys.readouterr().out
+
+
+def test_a_finished_run_rerun_reports_its_final_checkpoint_only_when_it_holds_the_weights(dataset, uninterrupted,
+                                                                                         tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], out)
+    assert main(["--resume", "auto", *args(dataset, out)]) == 0
+    log = capsys.readouterr().out
+    assert f"done: step {STEPS}/{STEPS}, nothing left to train; final checkpoint {out / 'final.pt'}" in log
+    assert "nan" not in log
+
+    # a run resumed past its first end and stopped early: final.pt (here step 15) is older
+    # than the newest checkpoint, so it is not reported as the run's weights
+    (out / "final.pt").unlink()
+    shutil.copy(tmp_path / "run" / "checkpoints" / "ckpt_00000015.pt", out / "final.pt")
+    summary = run_pretrain(load_config(None, args(dataset, out, "train.max_steps=10")), resume="auto")
+    assert summary["final"] is None and summary["checkpoint"].endswith("ckpt_00000016.pt")
+    assert "its weights are in" in capsys.readouterr().out
+
+
+def test_a_cut_short_config_yaml_is_called_damaged_not_another_run(dataset, uninterrupted, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], out)
+    text = (out / "config.yaml").read_text()
+    for cut in (text[: len(text) // 2], text[: text.index("\nmodel:") + 1], ""):
+        (out / "config.yaml").write_text(cut)
+        assert main(["--resume", "auto", *args(dataset, out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{out / 'config.yaml'}: cut short or edited" in err[0], err
+        assert "belongs to another run" not in err[0]
+    # an intact file of an older mscn lacks a key in its middle: another run, named by the key
+    (out / "config.yaml").write_text("".join(ln for ln in text.splitlines(True) if not ln.startswith("  where:")))
+    assert main(["--resume", "auto", *args(dataset, out)]) == 2
+    assert "belongs to another run (differs in highpass.where)" in capsys.readouterr().err
+
+
 def test_default_run_directory_is_new_per_run(dataset, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     for _ in range(2):  # the demo recipe, shrunk to one tiny step; train.out_dir= left empty

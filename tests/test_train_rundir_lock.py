@@ -51,6 +51,12 @@ def test_a_file_system_without_flock_runs_on_with_a_note(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", no_flock)
     note = rundir.lock_run_dir(tmp_path / "run")
     assert "cannot lock (Function not implemented)" in note and "would not be stopped" in note
+    # said once per process and folder: mscn demo --fresh, then its pretraining, ask again
+    assert rundir.lock_run_dir(tmp_path / "run") is None
+    assert rundir.lock_run_dir(tmp_path / "other") is not None
+    rundir.unlock_run_dirs()  # a run's end: the next run in this process is told again
+    assert "cannot lock" in rundir.lock_run_dir(tmp_path / "run")
+    rundir.unlock_run_dirs()
 
 
 def test_demo_fresh_keeps_a_live_runs_folder_and_clears_an_idle_one(holder, tmp_path):

@@ -107,6 +107,30 @@ def save_checkpoint(state: dict, ckpt_dir: str | Path, keep_last: int) -> Path:
     return path
 
 
+def _not_a_checkpoint(path: str | Path) -> str | None:
+    """What a file that torch could not load is, from its first bytes, when that says more
+    than torch's error (``KeyError: 101`` for a text file, a paragraph for a cut zip); None
+    to keep torch's. torch.save writes a zip archive; torch's older format is a pickle."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 65557))  # the zip index sits at the end, after up to 64 KiB of comment
+            tail = f.read()
+    except OSError:
+        return None
+    if size == 0:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04"):
+        if b"PK\x05\x06" not in tail:
+            return f"a zip archive cut short ({size} bytes, no index at its end): copied or written incompletely"
+        return None
+    if head[:1] == b"\x80":  # a pickle: torch's legacy format, or something else pickled
+        return None
+    return "not a torch checkpoint: it does not start as a zip archive or a pickle"
+
+
 def load_checkpoint(path: str | Path, required: tuple[str, ...] = _REQUIRED,
                     not_found: str = "use --resume auto, a ckpt_*.pt path, or none") -> dict:
     """``torch.load(weights_only=True)`` on CPU; an unreadable or foreign file is an MscnError.
@@ -119,6 +143,9 @@ def load_checkpoint(path: str | Path, required: tuple[str, ...] = _REQUIRED,
     except FileNotFoundError:
         raise MscnError(f"checkpoint not found: {path} ({not_found})") from None
     except Exception as e:  # truncated zip, pickle of a forbidden type...
+        what = _not_a_checkpoint(path)
+        if what:
+            raise MscnError(f"{path}: not a readable checkpoint ({what})") from None
         detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line, whole
         if "Weights only load failed" in detail:
             # torch's advice here (weights_only=False) would run whatever code the file holds:
@@ -134,27 +161,63 @@ def load_checkpoint(path: str | Path, required: tuple[str, ...] = _REQUIRED,
     return state
 
 
-def load_pretrained_state(path: str | Path) -> dict:
-    """What evaluation reads: a checkpoint file, or a run directory (its ``final.pt``,
-    else its newest checkpoint that loads); needs only :data:`BACKBONE_KEYS`."""
+def step_of(path: str | Path) -> int | None:
+    """The optimizer step a checkpoint file was written at, cheaply: from its name
+    (``ckpt_00000054.pt``), else its ``step`` read through a memory map (no tensor is
+    copied); None when the file does not say (an exported or hand-made file)."""
+    m = _NAME.match(Path(path).name)
+    if m:
+        return int(m.group(1))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # unreadable: whoever loads it next says why, in one line
+        return None
+    step = state.get("step") if isinstance(state, dict) else None
+    return int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else None
+
+
+def pick_pretrained(path: str | Path) -> tuple[Path, int | None, str | None, dict]:
+    """The file that evaluating ``path`` means, its step, a note when a run directory's
+    newest weights are not its ``final.pt``, and its state (loaded once, with
+    :data:`BACKBONE_KEYS`: a run still training may rotate the file away after this).
+
+    A file is itself. A run directory means its newest weights: ``final.pt``, unless a
+    valid ``checkpoints/ckpt_*.pt`` is further on (a run resumed past its first end and
+    stopped early writes checkpoints after its final.pt); a folder of ``ckpt_*.pt`` means
+    its newest valid one."""
     p = Path(path)
-    if p.is_dir():
-        if (p / "final.pt").is_file():
-            return load_pretrained_state(p / "final.pt")
-        found = find_latest_valid(p / "checkpoints" if (p / "checkpoints").is_dir() else p)
-        if found is None:
+    if not p.is_dir():
+        if not p.is_file():  # also a directory name with a typo: say what to pass
+            raise MscnError(f"checkpoint not found: {path} (pass a file written by mscn pretrain, a run "
+                            "directory, or 'random')")
+        return p, step_of(p), None, load_checkpoint(p, BACKBONE_KEYS)
+    final = p / "final.pt" if (p / "final.pt").is_file() else None
+    ckpt_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    final_step = step_of(final) if final else None
+    names = list_checkpoints(ckpt_dir)
+    if final is None or (final_step is not None and names and step_of(names[-1]) > final_step):
+        found = find_latest_valid(ckpt_dir, BACKBONE_KEYS)  # loads the newest first: usually once
+        if found is not None and (final is None or step_of(found[0]) > final_step):
+            note = None if final is None else (f"{path}: {found[0].name} (step {step_of(found[0])}) is newer than "
+                                               f"final.pt (step {final_step}): evaluating {found[0]}")
+            return found[0], step_of(found[0]), note, found[1]
+        if final is None:
             raise MscnError(f"{path}: no final.pt and no readable checkpoints/ckpt_*.pt in this run directory")
-        return found[1]
-    if not p.is_file():  # also a directory name with a typo: say what to pass
-        raise MscnError(f"checkpoint not found: {path} (pass a file written by mscn pretrain, or 'random')")
-    return load_checkpoint(p, BACKBONE_KEYS)
+    return final, final_step, None, load_checkpoint(final, BACKBONE_KEYS)
 
 
-def find_latest_valid(ckpt_dir: str | Path) -> tuple[Path, dict] | None:
-    """The newest checkpoint in ``ckpt_dir`` that loads, with its state; None if there is none."""
+def load_pretrained_state(path: str | Path) -> dict:
+    """What evaluation reads (:data:`BACKBONE_KEYS`) from a checkpoint file or a run
+    directory (its newest weights, :func:`pick_pretrained`)."""
+    return pick_pretrained(path)[3]
+
+
+def find_latest_valid(ckpt_dir: str | Path, required: tuple[str, ...] = _REQUIRED) -> tuple[Path, dict] | None:
+    """The newest checkpoint in ``ckpt_dir`` that loads (with the ``required`` keys), with its
+    state; None if there is none."""
     for path in reversed(list_checkpoints(ckpt_dir)):
         try:
-            return path, load_checkpoint(path)
+            return path, load_checkpoint(path, required)
         except MscnError as e:
             print(f"[mscn] skipping {e}", flush=True)
     return None

@@ -102,7 +102,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from mscn.train.pretrain import run_pretrain
 
-    summary = run_pretrain(cfg, resume="auto")
+    try:
+        summary = run_pretrain(cfg, resume="auto")
+    except MscnError as e:  # pretraining's advice names its own flag; the demo starts over with --fresh
+        if "--resume none" not in str(e):
+            raise
+        raise type(e)(str(e).replace("--resume none", "mscn demo --fresh")) from None
     ckpt = summary.get("final") or summary.get("checkpoint")
     if not ckpt or not Path(ckpt).is_file():
         raise MscnError(f"pretraining left no checkpoint in {out}; rerun with --fresh")

@@ -146,6 +146,7 @@ def _claim(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, say
     if busy:
         raise MscnError(busy)
     check_run_dir(cfg, resume)  # read-only on every rank: all raise the same error
+    rs.check_resume_path(cfg, resume)
     barrier()  # ... before rank 0 writes config.yaml
     if rt.is_main:
         moved = claim_run_dir(cfg, fresh=resume in (None, "", "none", "never"))
@@ -203,9 +204,12 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
     if state is not None:
         rs.restore_rng(state, mine, cfg, rt.dist, start_step)  # last: building the model and loader draws none after this
     if start_step >= run.end_step:  # e.g. re-running a finished run: report what is on disk
-        say(f"already at step {start_step} of {run.end_step}: nothing to train")
         run.last_path = Path(resumed_from) if resumed_from else None
-        run.final_path = run.final if run.final.is_file() else None
+        # final.pt only when it holds these weights: a run resumed past its first end has
+        # an older final.pt, and a folder a finished checkpoint branched into has none
+        run.final_path = run.final if run.final.is_file() and ckpt.step_of(run.final) == start_step else None
+        say(f"already at step {start_step} of {run.end_step}: nothing to train"
+            + (f"; its weights are in {run.last_path}" if run.final_path is None and run.last_path else ""))
     memory_format = torch.channels_last if rt.device.type == "cuda" and cfg.train.channels_last else torch.contiguous_format
     batches, feeder = endless(loader), None
     if cfg.data.feed_thread and start_step < run.end_step:
@@ -222,7 +226,8 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
             feeder.close()  # before the loader can be freed: the worker may be inside DALI
         run.log.close()
     img_s = run.meter.run_images_per_s(elapsed)
-    return {"step": max(start_step, run.end_step), "total_steps": run.total_steps,
+    return {"step": max(start_step, run.end_step), "trained_steps": max(0, run.end_step - start_step),
+            "total_steps": run.total_steps,
             "steps_per_epoch": run.steps_per_epoch, "loss": run.meter.last_loss, "images_per_s": img_s,
             "views_per_s": img_s * len(cfg.views), "out_dir": cfg.train.out_dir,
             "checkpoint": str(run.last_path) if run.last_path else None,
@@ -339,8 +344,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run directory, same as train.out_dir=DIR (default: runs/<recipe>-<YYYYmmdd-HHMMSS>); "
                              "pass a run's directory again to resume it")
     parser.add_argument("--resume", default="auto",
-                        help="auto (newest valid checkpoint of this run directory), a ckpt path, or none "
-                             "(start over here; the old files move to superseded-<time>/)")
+                        help="auto (newest valid checkpoint of this run directory), a ckpt path (this run's, at "
+                             "or past its newest step; another run's only into a new directory, where it "
+                             "branches), or none (start over here; the old files move to superseded-<time>/)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.global_batch=256")
     args = parser.parse_intermixed_args(argv)  # overrides on both sides of an option
     return run_cli(lambda: _command(args), "mscn pretrain")
@@ -350,7 +356,10 @@ def _command(args: argparse.Namespace) -> None:
     overrides = list(args.overrides) + ([f"train.out_dir={args.out}"] if args.out else [])
     recipe = Path(args.config).stem if args.config else None
     summary = run_pretrain(load_config(args.config, overrides), resume=args.resume, recipe=recipe)
-    if summary["final"]:
+    if summary["final"] and not summary["trained_steps"]:  # no loss or speed to report
+        print(f"[mscn] done: step {summary['step']}/{summary['total_steps']}, nothing left to train; "
+              f"final checkpoint {summary['final']}", flush=True)
+    elif summary["final"]:
         loss = summary["loss"]
         print(f"[mscn] done: step {summary['step']}/{summary['total_steps']}, "
               f"loss {loss if math.isnan(loss) else round(loss, 4)}, {summary['images_per_s']:.1f} images/s; "

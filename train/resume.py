@@ -28,7 +28,7 @@ from mscn.config import Config, to_dict
 from mscn.errors import MscnError
 from mscn.train import checkpoint as ckpt
 from mscn.train.distributed import DistInfo, broadcast_object
-from mscn.train.rundir import check_same_run
+from mscn.train.rundir import check_same_run, run_started
 
 
 def rank_state(loader, meter) -> dict:
@@ -72,9 +72,57 @@ def find_resume_state(cfg: Config, resume: str | None, info: DistInfo) -> tuple[
     return ckpt.load_checkpoint(path), path
 
 
+def folder_step(out: Path) -> int | None:
+    """How far the run in ``out`` got: the newest step among its checkpoints' names and its
+    ``final.pt``; None when it has neither."""
+    names = ckpt.list_checkpoints(out / "checkpoints")
+    steps = [ckpt.step_of(names[-1])] if names else []
+    if (out / "final.pt").is_file():
+        steps.append(ckpt.step_of(out / "final.pt"))
+    steps = [s for s in steps if s is not None]
+    return max(steps) if steps else None
+
+
+def check_resume_path(cfg: Config, resume: str | None) -> None:
+    """``--resume PATH`` (a checkpoint named by hand) never mixes two runs or goes back over
+    a run's own progress; read-only, so every rank raises the same one line.
+
+    - a checkpoint from another folder continues only into a folder with no progress of its
+      own (it branches there): into a run with checkpoints its steps and metrics would follow
+      that run's, and ``train.keep_last`` would rotate that run's newer checkpoints away. A
+      folder whose run never wrote a checkpoint (killed before its first one) holds nothing
+      to lose, so relaunching the branch command continues;
+    - a checkpoint of this folder older than the folder's newest step would train over
+      that progress and rotate its newer checkpoints away: branch into a new folder
+      instead."""
+    if resume in (None, "", "none", "never", "auto"):
+        return
+    out, path = Path(cfg.train.out_dir), Path(resume)
+    if not path.is_file() or not run_started(out):
+        return  # a missing file is reported when it is loaded; an empty folder takes any checkpoint
+    here = folder_step(out)
+    if here is None:
+        return
+    real = path.resolve()  # a symlink names the folder it points into
+    own = real.parent in (out.resolve(), (out / "checkpoints").resolve())
+    if not own:
+        where = real.parent.parent if real.parent.name == "checkpoints" else real.parent
+        raise MscnError(f"--resume {path}: a checkpoint of another run folder ({where}), but {out} holds a run of "
+                        f"its own (at step {here}); --resume auto continues that run (e.g. a relaunched branch); "
+                        f"to continue from {path.name} pass a new train.out_dir=DIR (or --out DIR), where it "
+                        f"branches, or its own folder train.out_dir={where}; a copy of this folder's own checkpoint "
+                        f"goes back into {out / 'checkpoints'}, then --resume auto")
+    step = ckpt.step_of(path)
+    if step is not None and step < here:
+        raise MscnError(f"--resume {path}: step {step}, but {out} is already at step {here}: resuming would train "
+                        f"over that progress and rotate away its newer checkpoints; --resume auto continues from "
+                        f"step {here}, or pass a new train.out_dir=DIR (or --out DIR) with --resume {path} to "
+                        f"branch from step {step}")
+
+
 def load_state(state: dict, path: str, cfg: Config, method, optimizer, scaler) -> None:
     """Model, optimizer and scaler from ``state``, after checking it is this run's checkpoint."""
-    check_same_run(state["config"], cfg, path)
+    check_same_run(state["config"], cfg, path, checkpoint=True)
     ckpt.check_compatible(state, cfg.model.arch, cfg.method.name, path)
     try:
         method.load_state_dict(state["model"])

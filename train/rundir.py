@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from mscn.config import Config, save_config, to_dict
+from mscn.config import Config, save_config, to_dict, yaml_error_text
 from mscn.errors import MscnError
 
 # Keys that never change the weights or the loss of a run: how often it logs and saves,
@@ -42,9 +42,11 @@ LEGACY = {"data.crop": "window", "data.blur_where": "pipeline", "data.colour_whe
 # Result-changing keys whose default changed or is resolved per device (``auto``): a run
 # that differs only there continues when given its saved value, which the refusal names.
 PINNABLE = ("data.blur_where", "data.crop")
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "final.pt", "tb")
+# a run's own files; result.json is the one an ablation writes beside its run (train/ablate)
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "final.pt", "tb", "result.json")
 LOCK_FILE = ".lock"  # held by the live run's rank 0 (lock_run_dir); never moved or deleted
 _LOCKS: dict[str, Any] = {}  # folder -> the open lock file of this process
+_UNLOCKABLE: set[str] = set()  # folders whose file system cannot lock: noted once per process
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -69,8 +71,9 @@ def differing_keys(saved: dict, cfg: Config) -> list[str]:
     return [k for k in keys if k not in NEUTRAL and not k.startswith(NEUTRAL_SECTIONS) and a.get(k) != b.get(k)]
 
 
-def check_same_run(saved: dict, cfg: Config, where: str | Path) -> None:
-    """One-line MscnError unless ``saved`` describes the same run as ``cfg``."""
+def check_same_run(saved: dict, cfg: Config, where: str | Path, checkpoint: bool = False) -> None:
+    """One-line MscnError unless ``saved`` describes the same run as ``cfg``. ``where`` is a
+    run folder, or (``checkpoint``) a checkpoint file, whose fix is its own settings."""
     diff = differing_keys(saved, cfg)
     if diff:
         older = [k for k in diff if k in LEGACY and k not in flatten(saved)]
@@ -81,6 +84,11 @@ def check_same_run(saved: dict, cfg: Config, where: str | Path) -> None:
         if set(diff) <= set(pinned) | set(older):
             hint = "".join(f"; it predates {k} and ran with {k}={LEGACY[k]}: pass that to continue it" for k in older)
             hint += "".join(f"; it ran with {k}={flatten(saved)[k]}: pass that to continue it" for k in pinned)
+        if checkpoint:
+            raise MscnError(
+                f"{where} belongs to another run (differs in {', '.join(diff)}){hint}; to continue from it, pass "
+                f"the values it was trained with (its run folder's config.yaml), or --resume none to start over "
+                f"in {cfg.train.out_dir}")
         raise MscnError(
             f"{where} belongs to another run (differs in {', '.join(diff)}){hint}; to start a new run pass a new "
             f"train.out_dir=DIR (or --out DIR), or --resume none to start over in {cfg.train.out_dir}")
@@ -158,8 +166,8 @@ def lock_run_dir(out: str | Path) -> str | None:
     """
     out = Path(out)
     key = str(out.resolve())
-    if key in _LOCKS:  # this process holds it already (mscn demo --fresh took it first)
-        return None
+    if key in _LOCKS or key in _UNLOCKABLE:  # this process holds it already, or said it cannot
+        return None                            # (mscn demo --fresh, then its pretraining; ablate)
     try:
         out.mkdir(parents=True, exist_ok=True)
         f = open(out / LOCK_FILE, "a+")
@@ -175,6 +183,7 @@ def lock_run_dir(out: str | Path) -> str | None:
                         "checkpoint), or pass another train.out_dir=DIR (or --out DIR)") from None
     except OSError as e:  # ENOSYS, EOPNOTSUPP, ENOLCK: e.g. Lustre mounted without -o flock
         f.close()
+        _UNLOCKABLE.add(key)
         return (f"{out}: the file system cannot lock ({e.strerror}), so a second run launched into this folder "
                 "would not be stopped")
     try:
@@ -206,6 +215,11 @@ def unlock_run_dirs() -> None:
     for f in _LOCKS.values():
         f.close()
     _LOCKS.clear()
+    _UNLOCKABLE.clear()
+
+
+_RESTORE = ("restore it from a copy, or pass a new train.out_dir=DIR (or --out "
+            "DIR), or --resume none to start over in")
 
 
 def check_run_dir(cfg: Config, resume: str | None) -> None:
@@ -216,11 +230,37 @@ def check_run_dir(cfg: Config, resume: str | None) -> None:
     if resume in (None, "", "none", "never") or not saved.is_file() or not run_started(cfg.train.out_dir):
         return
     try:
-        tree = yaml.safe_load(saved.read_text()) or {}
+        tree = yaml.safe_load(saved.read_text())
     except yaml.YAMLError as e:
-        raise MscnError(f"{saved}: not valid YAML ({str(e).splitlines()[0]}); pass a new train.out_dir or "
-                        "--resume none") from None
+        raise MscnError(f"{saved}: cut short or edited, not valid YAML ({yaml_error_text(e)}); {_RESTORE} "
+                        f"{cfg.train.out_dir}") from None
+    text = saved.read_text()
+    missing = cut_short(tree, text, cfg)
+    if missing:  # not another run: this run's own record, damaged
+        raise MscnError(f"{saved}: cut short or edited, it lacks {len(missing)} key(s) this run writes (from "
+                        f"{missing[0]} on); {_RESTORE} {cfg.train.out_dir}")
     check_same_run(tree, cfg, cfg.train.out_dir)
+
+
+def cut_short(saved: Any, text: str, cfg: Config) -> list[str]:
+    """The keys a damaged run config lacks, in file order, or [] for an intact one.
+
+    ``config.yaml`` is written in schema order (save_config), so a file cut short lacks a
+    *tail* of the keys. An intact file of an older mscn lacks only keys added since, which
+    are not a tail of whole sections and leave the file ending with its newline: that run
+    is refused as another run (or continued, for :data:`LEGACY` keys) by check_same_run."""
+    want = list(flatten(to_dict(cfg)))
+    if not isinstance(saved, dict):
+        return want  # empty, or cut inside its first line
+    have = flatten(saved)
+    present = [i for i, k in enumerate(want) if k in have]
+    tail = want[present[-1] + 1:] if present else want
+    if not any(k not in LEGACY and k not in NEUTRAL and not k.startswith(NEUTRAL_SECTIONS) for k in tail):
+        return []
+    sections = {k.split(".")[0] for k in want}
+    if text.endswith("\n") and all(s in saved for s in sections):
+        return []
+    return tail
 
 
 def claim_run_dir(cfg: Config, fresh: bool) -> Path | None:

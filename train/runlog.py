@@ -10,6 +10,7 @@ through ``tqdm.write`` so that they print above the bar, not glued to it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -53,7 +54,10 @@ class RunLog:
         if not self.is_main:
             return
         record = {"step": step, **metrics, "time": round(time.time(), 3)}
-        self._file.write(json.dumps(record) + "\n")
+        # strict JSON: a figure with no value (images/s of the first window after a start or
+        # a resume, which has no timed step) is null, not the NaN that jq and browsers refuse
+        strict = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self._file.write(json.dumps(strict, allow_nan=False) + "\n")
         if self._tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):

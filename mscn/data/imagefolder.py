@@ -43,7 +43,15 @@ def find_classes(root: str | os.PathLike) -> list[str]:
         raise DataError(f"{root}: not a directory; pass an ImageFolder root (ROOT/<class>/<image>)")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise DataError(f"{root}: empty folder, no class sub-folders; expected ROOT/<class>/<image>")
+        files = [e.name for e in os.scandir(root) if e.is_file() and not e.name.startswith(".")]
+        if not files:
+            raise DataError(f"{root}: empty folder, no class sub-folders; expected ROOT/<class>/<image>")
+        # files but no class folders: say what they are, since the fix depends on it
+        tars = sum(n.endswith(".tar") for n in files)
+        what = (f"{tars} .tar shard(s): a webdataset folder, which data.format=auto (or wds) reads as it is"
+                if tars else f"{len(files)} file(s) directly in it, e.g. {sorted(files)[0]}")
+        raise DataError(f"{root}: no class sub-folders but {what}; an ImageFolder (ROOT/<class>/<image>) is "
+                        "expected here")
     if set(classes) <= SPLIT_NAMES and all(_has_subdir(root / c) for c in classes):
         # A root holding train/<class>/ and val/<class>/ is a dataset, not an
         # ImageFolder: taking the splits as two classes would mislabel every image.

@@ -9,6 +9,7 @@ and budget) is always run: every difference in the report is taken against it.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from collections.abc import Callable
@@ -111,6 +112,9 @@ GRIDS: dict[str, Callable[[Config], list[Arm]]] = {
 PAPER = tuple(GRIDS)  # "paper": every grid above
 
 
+ARM_KEYS = ("overrides", "param", "value")  # of an arm written as a mapping
+
+
 def read_arms_file(path: str | Path) -> list[Arm]:
     """Custom arms from YAML: ``name: [key=value, ...]`` or ``name: {overrides: [...], param:, value:}``."""
     p = Path(path)
@@ -125,6 +129,12 @@ def read_arms_file(path: str | Path) -> list[Arm]:
     arms = []
     for name, spec in data.items():
         if isinstance(spec, dict):
+            unknown = sorted(str(k) for k in spec if k not in ARM_KEYS)
+            if unknown:  # a typo (``overides:``) would otherwise run the bare recipe under this arm's name
+                near = {u: difflib.get_close_matches(u, ARM_KEYS, n=1) for u in unknown}
+                hint = "; ".join(f"did you mean {near[u][0]!r} for {u!r}?" for u in unknown if near[u])
+                raise MscnError(f"--arms-file {path}: arm '{name}': unknown key(s) {', '.join(map(repr, unknown))} "
+                                f"(an arm takes {', '.join(ARM_KEYS)})" + (f"; {hint}" if hint else ""))
             ov, param, value = spec.get("overrides", []), spec.get("param", "custom"), spec.get("value", str(name))
         else:
             ov, param, value = spec, "custom", str(name)

@@ -44,6 +44,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)  # overrides on both sides of an option
 
 
+def check_batches(root: str, fmt: str, cfgs: dict) -> None:
+    """Every arm's global batch fits the training set, checked before the first run (the
+    random-init probe of seed 0 would otherwise run, and only the first pretraining fail)."""
+    from mscn.pipelines.loader import check_size
+    from mscn.pipelines.readers import resolve_source
+
+    source = resolve_source(root, fmt)
+    for name, cfg in cfgs.items():
+        try:
+            check_size(source, cfg.train.global_batch, "train.global_batch")
+        except MscnError as e:
+            raise MscnError(f"arm '{name}': {e}") from None
+
+
 def write_report(doc: dict, out: Path) -> str:
     """ablation.md and ablation.png in ``out`` from the ablation.json document; returns the
     markdown and prints where it went."""
@@ -78,6 +92,48 @@ def _check_scores(doc: dict, path: Path) -> None:
     for r in doc["random_init"] if isinstance(doc["random_init"], list) else [None]:
         if not isinstance(r, dict) or not all(number(r.get(m)) for m in report.METRICS):
             raise MscnError(f"--report-only: {path}: random_init entries need numeric {', '.join(report.METRICS)}")
+
+
+def _essence(doc: dict) -> dict:
+    """What an ablation asked (recipe, overrides, seeds, each arm's overrides) and found (its
+    scores), as it reads back from JSON: a rerun with the same essence rewrites its report in
+    place; any other field (times, counts, fields added later) does not count."""
+    arms = [{k: a.get(k) for k in ("name", "overrides", "seeds", *report.METRICS)} if isinstance(a, dict) else a
+            for a in (doc.get("arms") or [])]
+    rnd = [{k: r.get(k) for k in ("seed", *report.METRICS)} if isinstance(r, dict) else r
+           for r in (doc.get("random_init") or [])]
+    return json.loads(json.dumps({"config": doc.get("config"), "overrides": doc.get("overrides"),
+                                  "seeds": doc.get("seeds"), "baseline": doc.get("baseline"), "arms": arms,
+                                  "random_init": rnd}))
+
+
+REPORT_FILES = ("ablation.json", "ablation.md", "ablation.png")
+
+
+def keep_previous_report(out: Path, doc: dict) -> str | None:
+    """Before ``doc`` replaces ``out``'s report: when the report there is of another ablation
+    (another recipe, overrides, arms, seeds or scores: :func:`_essence`; or it cannot be
+    read), keep its files as
+    ``ablation.<its time>.json/.md/.png`` beside the new ones. Returns the kept JSON's name,
+    or None (no report there, or the same ablation)."""
+    old = out / "ablation.json"
+    try:
+        prev = json.loads(old.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, UnicodeDecodeError):
+        prev = None
+    if isinstance(prev, dict) and _essence(prev) == _essence(doc):
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(old.stat().st_mtime))
+    for n in range(1, 1000):
+        tag = stamp if n == 1 else f"{stamp}-{n}"
+        if not any((out / f"ablation.{tag}{Path(f).suffix}").exists() for f in REPORT_FILES):
+            break
+    for f in REPORT_FILES:
+        if (out / f).exists():
+            (out / f).rename(out / f"ablation.{tag}{Path(f).suffix}")
+    return f"ablation.{tag}.json"
 
 
 def report_only(out: Path) -> int:
@@ -121,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     data_cfg = prepare_data(base)  # once: every arm and seed sees the same images
+    check_batches(data_cfg.data.root, data_cfg.data.format, cfgs)
     runner = Runner(out, data_cfg.data.root, data_cfg.data.val_root, say=lambda s: print(s, flush=True))
     results, random = runner.run_all(runner.plan(arms, cfgs, data_cfg, seeds))
 
@@ -128,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     doc.update(config=args.config, overrides=list(args.overrides), wall_s=round(time.time() - t0, 1),
                computed_runs=runner.ran)
     out.mkdir(parents=True, exist_ok=True)
+    kept = keep_previous_report(out, doc)
+    if kept:
+        print(f"[ablate] {out} held the report of another ablation (other recipe, overrides, arms, seeds or scores): "
+              f"kept as {kept}", flush=True)
     (out / "ablation.json").write_text(json.dumps(doc, indent=2))
     write_report(doc, out)
     print(f"[ablate] {runner.ran} runs computed in {doc['wall_s']:.0f} s; written {out / 'ablation.json'}", flush=True)

@@ -21,6 +21,7 @@ import yaml
 from mscn.config import Config, to_dict
 from mscn.errors import MscnError
 from mscn.train.ablate.arms import Arm
+from mscn.train.eval.results import keep_previous
 from mscn.train.rundir import LEGACY, NEUTRAL, check_run_dir, flatten, lock_run_dir, run_started
 
 RESULT = "result.json"
@@ -50,11 +51,22 @@ def load_done(path: Path, fp: str) -> dict | None:
     return res if res.get("fingerprint") == fp else None
 
 
-def _write(path: Path, res: dict) -> None:
+def _write(path: Path, res: dict) -> Path | None:
+    """``res`` as ``path`` (a run's result.json). A result already there for another config
+    (the ablation rerun with other overrides or evaluation settings) is kept beside it as
+    ``result.<its time>.json``, as ``mscn eval`` keeps one; returns where, or None."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    kept = None
+    if path.exists() and load_done(path, res["fingerprint"]) is None:
+        try:
+            kept = keep_previous(path.parent)
+        except OSError as e:
+            raise MscnError(f"{path}: cannot keep the earlier config's result ({e}); move it away and rerun") from None
+    res.setdefault("time", time.strftime("%Y-%m-%dT%H:%M:%S"))
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=2, default=str))
     tmp.replace(path)  # atomic: a run killed while writing leaves no half result behind
+    return kept
 
 
 def _clock(s: float) -> str:
@@ -138,7 +150,7 @@ class Runner:
             res = load_done(where / RESULT, fp)
             if res is None and fp in by_fp:  # same resolved config as an earlier arm: share its run
                 res = dict(by_fp[fp], fingerprint=fp, same_as=by_fp[fp]["arm"], arm=name)
-                _write(where / RESULT, res)
+                self._kept(tag, _write(where / RESULT, res))
             if res is not None:
                 self.say(f"{tag}: done (linear {res['linear_top1']:.1f} %, kNN {res['knn_top1']:.1f} %"
                          f"{', same config as ' + res['same_as'] if res.get('same_as') else ''}), skipped")
@@ -147,7 +159,7 @@ class Runner:
                 t = time.time()
                 res = self._random(j["cfg"], seed) if j["random"] else self._train_and_eval(j["cfg"], seed, tag)
                 res.update(arm=name, seed=seed, fingerprint=fp, wall_s=round(time.time() - t, 1))
-                _write(where / RESULT, res)
+                self._kept(tag, _write(where / RESULT, res))
                 self.ran, self.ran_s, left = self.ran + 1, self.ran_s + (time.time() - t), left - 1
                 self.say(f"{tag}: linear {res['linear_top1']:.1f} %, kNN {res['knn_top1']:.1f} % "
                          f"({_clock(res['wall_s'])}; elapsed {_clock(time.time() - self.t0)}, "
@@ -158,6 +170,10 @@ class Runner:
             else:
                 results.setdefault(name, {})[seed] = res
         return results, random
+
+    def _kept(self, tag: str, kept: Path | None) -> None:
+        if kept:
+            self.say(f"{tag}: the result of its earlier config kept as {kept}")
 
     def _train_and_eval(self, cfg: Config, seed: int, tag: str) -> dict:
         from mscn.train.eval.pretrained import load_pretrained

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import statistics
 from pathlib import Path
@@ -35,6 +36,22 @@ def _default_out(args, protocol: str) -> Path:
     return Path("runs/eval") / f"{tag}-{protocol}"
 
 
+def _checkpoint(args) -> dict:
+    """``load_pretrained``'s source for ``--ckpt``: the file it means (a run directory: its
+    newest weights) with its state, read once; kept on ``args`` with its step for the result.
+    ``random`` stays ``random``."""
+    from mscn.train.checkpoint import pick_pretrained
+
+    args.ckpt_file, args.ckpt_step = None, None
+    if args.ckpt == "random":
+        return {"path": args.ckpt}
+    path, args.ckpt_step, note, state = pick_pretrained(args.ckpt)
+    args.ckpt_file = str(path.resolve())
+    if note and os.environ.get("RANK", "0") == "0":  # under torchrun: said once
+        print(f"[mscn] {note}", flush=True)
+    return {"path": str(path), "state": state}
+
+
 def _prepare(args, protocol: str):
     from mscn.train.eval.common import seeded
     from mscn.train.eval.pretrained import load_pretrained
@@ -45,7 +62,10 @@ def _prepare(args, protocol: str):
     for flag in ("train_root", "val_root"):
         if not getattr(args, flag):
             raise MscnError(f"mscn eval {protocol}: --{flag.replace('_', '-')} is required")
-    backbone, arch, cfg = load_pretrained(args.ckpt, arch=args.arch, overrides=args.overrides,
+        if not Path(getattr(args, flag)).exists():  # named by its flag: the loader only knows config keys
+            raise MscnError(f"mscn eval {protocol}: --{flag.replace('_', '-')} {getattr(args, flag)}: no such file "
+                            "or directory")
+    backbone, arch, cfg = load_pretrained(**_checkpoint(args), arch=args.arch, overrides=args.overrides,
                                           config=args.config, strict=args.strict)
     name = args.name or model_name(args.ckpt, cfg)
     if args.seed is None:
@@ -70,7 +90,10 @@ def _finish(args, rt, protocol: str, name: str, arch: str, out: Path, res: dict)
     cleanup()  # every rank leaves the process group; the numbers are already on rank 0
     if not rt.is_main:
         return
-    result = {"protocol": protocol, "name": name, "ckpt": args.ckpt, "arch": arch,
+    # ckpt as given (a run directory names the run in the tables); ckpt_file and ckpt_step:
+    # the weights that were scored
+    result = {"protocol": protocol, "name": name, "ckpt": args.ckpt, "ckpt_file": args.ckpt_file,
+              "ckpt_step": args.ckpt_step, "arch": arch,
               "dataset": args.dataset or _dataset_name(args.val_root), "label_fraction": 1.0,
               "train_root": args.train_root, "val_root": args.val_root, "seed": args.seed, **res}
     paths = write_result(result, out, args.table)
@@ -138,11 +161,12 @@ def _finetune(args) -> None:
 
 
 def _export(args) -> None:
-    from mscn.train.eval.export import export_backbone
+    from mscn.train.eval.export import export_backbone, export_paths
     from mscn.train.eval.pretrained import load_pretrained
 
-    backbone, arch, _ = load_pretrained(args.ckpt, arch=args.arch, overrides=args.overrides, config=args.config,
-                                        strict=args.strict)
+    export_paths(args.out, args.name, args.force)  # a bad --name or an earlier export: before the checkpoint loads
+    backbone, arch, _ = load_pretrained(**_checkpoint(args), arch=args.arch, overrides=args.overrides,
+                                        config=args.config, strict=args.strict)
     paths = export_backbone(backbone, args.out, args.name, arch, overwrite=args.force)
     print(f"exported {arch}: {paths['torchvision']} (torchvision), {paths['detectron2']} (detectron2)")
 
@@ -161,7 +185,7 @@ def _figures(args) -> None:
     from mscn.train.eval.figures import all_figures, find_image
     from mscn.train.eval.pretrained import load_pretrained
 
-    backbone, arch, cfg = load_pretrained(args.ckpt, arch=args.arch, overrides=args.overrides,
+    backbone, arch, cfg = load_pretrained(**_checkpoint(args), arch=args.arch, overrides=args.overrides,
                                           config=args.config, strict=args.strict)
     if not (args.image or args.train_root):
         raise MscnError("mscn eval figures: pass --image IMG or --train-root DIR (its first image is used)")
@@ -185,8 +209,8 @@ def _finite(text: str) -> float:
 
 def _add_model_args(p: argparse.ArgumentParser, ckpt_required: bool = True) -> None:
     p.add_argument("--ckpt", required=ckpt_required, default=None if ckpt_required else "random",
-                   help="pretraining checkpoint (mscn pretrain), a run directory (its newest checkpoint), "
-                        "or 'random' for a random-init baseline")
+                   help="pretraining checkpoint (mscn pretrain), a run directory (its newest weights: final.pt, "
+                        "or a checkpoint past it), or 'random' for a random-init baseline")
     p.add_argument("--arch", default=None, help="expected architecture; a checkpoint of another one is an error")
     p.add_argument("--config", default=None, help="YAML recipe for --ckpt random (a checkpoint has its own)")
     p.add_argument("--strict", action="store_true", help="refuse a high-pass different from pretraining")

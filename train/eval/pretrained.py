@@ -47,16 +47,19 @@ def check_highpass(pre: Config, cfg: Config, src: str, strict: bool = False) -> 
 
 
 def load_pretrained(path: str, arch: str | None = None, overrides: list[str] | None = None,
-                    config: str | None = None, strict: bool = False) -> tuple[nn.Module, str, Config]:
+                    config: str | None = None, strict: bool = False,
+                    state: dict | None = None) -> tuple[nn.Module, str, Config]:
     """Backbone, its architecture and the config to evaluate it with.
 
     ``path`` is a checkpoint written by the pretraining loop (``backbone`` = torchvision
     ResNet state_dict without ``fc``, ``arch``, ``config`` = plain dict), a run
-    directory (its newest valid ``ckpt_*.pt``), or ``"random"``
+    directory (its newest weights, checkpoint.pick_pretrained), or ``"random"``
     for a random-init baseline (config from ``config`` + ``overrides``, arch from
     ``arch`` or ``model.arch``). ``overrides`` (``key=value``) are applied on top of the
     pretraining config; a requested architecture other than the checkpoint's is a
     :class:`MscnError`, a different high-pass is a warning (an error with ``strict``).
+    ``state``: the file's contents when the caller has loaded them already
+    (checkpoint.pick_pretrained), so that it is read once.
     """
     overrides = list(overrides or [])
     if path == "random":
@@ -66,7 +69,7 @@ def load_pretrained(path: str, arch: str | None = None, overrides: list[str] | N
         backbone, _ = build_backbone(cfg.model.arch)
         return backbone, cfg.model.arch, cfg
 
-    ckpt = load_pretrained_state(path)
+    ckpt = state if state is not None else load_pretrained_state(path)
     ck_arch = ckpt["arch"]
     if ck_arch not in ARCHS:
         raise MscnError(f"{path}: unknown architecture {ck_arch!r} in the checkpoint (supported: {', '.join(ARCHS)})")
