@@ -10,6 +10,7 @@ Every name of the schema (``Config``, ``MaskCfg``, ...) and of the range checks
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -26,6 +27,9 @@ from mscn.errors import ConfigError
 # ----------------------------------------------------------------------------------
 # Building a typed Config from plain dicts
 # ----------------------------------------------------------------------------------
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
 
 def _convert(value: Any, tp: Any, key: str, src: str) -> Any:
     """Coerce ``value`` to type ``tp`` or raise a one-line ConfigError naming ``key``."""
@@ -65,6 +69,8 @@ def _convert(value: Any, tp: Any, key: str, src: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; it is a number
         raise ConfigError(f"{src}: {key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

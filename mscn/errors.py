@@ -8,10 +8,13 @@ reports.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -53,6 +56,8 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
         status = getattr(e, "status", None)  # e.g. a run stopped on a signal after its checkpoint
         if os.environ.get("MSCN_DEBUG") and status is None:
             raise
+        if status is not None and os.environ.get("RANK", "0") != "0":
+            return status  # a stop is the same on every rank: rank 0 says it (an error, every rank)
         print(f"{prog}: {'error: ' if status is None else ''}{e}", file=sys.stderr, flush=True)
         return 2 if status is None else status
     except OSError as e:
@@ -63,7 +68,29 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         return 130
+    finally:
+        _quiet_teardown()
     return int(status or 0)
+
+
+_TEARDOWN_REGISTERED = []
+
+
+def _quiet_teardown() -> None:
+    """Once the command is over, a Ctrl-C during the interpreter's teardown (DALI unloads its
+    library in an atexit hook, which takes a moment) would print "Exception ignored in atexit
+    callback ... KeyboardInterrupt" after the command's own last line. Registered after the
+    command ran, so after DALI's hook, this runs first (atexit is last-in, first-out) and
+    ignores SIGINT from there on; SIGTERM and SIGKILL still end the process."""
+    if _TEARDOWN_REGISTERED:
+        return
+    _TEARDOWN_REGISTERED.append(True)
+
+    def ignore_sigint() -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    atexit.register(ignore_sigint)
 
 
 _PACKAGES = ("mscn", "mscn.pipelines", "mscn.cuda_kernels", "mscn.train")

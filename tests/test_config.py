@@ -88,6 +88,17 @@ def test_a_directory_as_config_and_an_unquoted_number_as_a_string_say_what_to_do
     assert load_config(None, ["data.root='123'"]).data.root == "123"
 
 
+def test_scientific_notation_is_a_number_on_the_command_line_and_in_a_file(tmp_path):
+    """YAML 1.1 (PyYAML) reads 1e-3 without a dot as a string: it is still a number here."""
+    cfg = load_config(None, ["optim.base_lr=1e-3", "optim.weight_decay=1.5E-6", "views.0.mask.ratio=2e-1"])
+    assert (cfg.optim.base_lr, cfg.optim.weight_decay, cfg.views[0].mask.ratio) == (1e-3, 1.5e-6, 0.2)
+    f = tmp_path / "lr.yaml"
+    f.write_text("optim:\n  base_lr: 3e-4\n")
+    assert load_config(str(f)).optim.base_lr == 3e-4
+    with pytest.raises(ConfigError, match=r"optim.base_lr: expected a number, got '1e-3x'"):
+        load_config(None, ["optim.base_lr=1e-3x"])
+
+
 def test_resolved_config_round_trips(tmp_path):
     c = load_config("byol_r50_in1k", ["views.2.mask.p_ind=0.5"])
     save_config(c, tmp_path / "config.yaml")

@@ -28,9 +28,14 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert sorted(p.name for p in (data / "train").iterdir()) and (out / "final.pt").is_file()
     capsys.readouterr()
 
-    # a second run reuses the dataset and the finished pretraining
+    # a second run reuses the dataset and the finished pretraining; its results are strict
+    # JSON with the run's own loss (no NaN: nothing was trained or timed this time)
     assert main(["--out", str(out), "--data", str(data), *TOY]) == 0
-    assert "nothing to train" in capsys.readouterr().out
+    log = capsys.readouterr().out
+    assert "nothing to train" in log and "Pretraining: 6 steps, done before this run" in log and "nan" not in log
+    again = json.loads((out / "demo_results.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert again["pretrain"]["loss"] == pytest.approx(res["pretrain"]["loss"], rel=1e-4)
+    assert again["pretrain"]["images_per_s"] is None
 
     # another run's settings in the demo's folder: refused, with the demo's own way to start over
     from mscn.errors import MscnError

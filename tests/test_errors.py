@@ -160,3 +160,35 @@ def test_overrides_may_sit_on_both_sides_of_an_option(command, capsys, tmp_path)
     assert mscn_main(argv) == 2
     err = capsys.readouterr().err
     assert "unrecognized arguments" not in err and "absent" in err and "Traceback" not in err
+
+
+def test_a_ctrl_c_during_the_interpreter_teardown_prints_nothing():
+    """After the command, a Ctrl-C landing in an atexit hook (DALI unloads its library in one)
+    printed "Exception ignored in atexit callback ... KeyboardInterrupt" below the command's
+    last line. The hook here stands for DALI's: registered before the command, so run later."""
+    import os
+    import subprocess
+    import sys
+
+    body = """
+import atexit, os, signal, time
+atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.3)))
+from mscn.errors import run_cli
+raise SystemExit(run_cli(lambda: print("done"), "tool"))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "MSCN_DEBUG"}
+    proc = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "done\n", (proc.returncode, proc.stderr)
+    assert "KeyboardInterrupt" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+
+
+def test_a_stop_on_a_signal_is_said_by_rank_0_only_and_an_error_by_every_rank(capsys, monkeypatch):
+    from mscn.train.preempt import Stopped
+
+    monkeypatch.delenv("MSCN_DEBUG", raising=False)
+    for rank, said in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert run_cli(_raise(Stopped("stopped by SIGTERM after step 5 of 9", 15)), "tool") == 143
+        assert capsys.readouterr().err == ("tool: stopped by SIGTERM after step 5 of 9\n" if said else "")
+        assert run_cli(_raise(DataError("x.jpg: corrupt")), "tool") == 2
+        assert capsys.readouterr().err == "tool: error: x.jpg: corrupt\n"

@@ -107,6 +107,11 @@ def test_run_directory_layout_of_the_trainer(tmp_path):
     newest = torch.load(ckpt_path(run / "checkpoints", 200), weights_only=True)["backbone"]
     backbone, _, _ = load_pretrained(str(run))
     assert torch.equal(backbone.conv1.weight, newest["conv1.weight"])
+    from mscn.train.checkpoint import pick_pretrained
+
+    note = pick_pretrained(run)[2]  # a run still training (or stopped early) is scored where it is, and says so
+    assert "no final.pt (a run still training, or stopped before its end): evaluating its newest checkpoint " \
+           "ckpt_00000200.pt (step 200)" in note
     final = make_checkpoint(run / "final.pt", seed=3)
     backbone, _, _ = load_pretrained(str(run))
     assert torch.equal(backbone.conv1.weight, torch.load(final, weights_only=True)["backbone"]["conv1.weight"])

@@ -206,5 +206,5 @@ def test_a_missing_root_is_named_by_its_flag(data, tmp_path):
     for flag in ("--train-root", "--val-root"):
         argv = _common(data, tmp_path / "k")
         argv[argv.index(flag) + 1] = str(tmp_path / "nope")
-        with pytest.raises(MscnError, match=f"mscn eval knn: {flag} {tmp_path / 'nope'}: no such file or directory"):
+        with pytest.raises(MscnError, match=f"eval knn: {flag} {tmp_path / 'nope'}: no such file or directory"):
             _run("knn", *argv)

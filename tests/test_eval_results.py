@@ -83,6 +83,11 @@ def test_report_keeps_every_distinct_setting():
     assert "| SimCLR (epochs=100, seed=-) | 71.0 |" in md
     assert "| SimCLR (epochs=10, seed=-) | 61.0 |" in md and "60.0" not in md
     assert "| SimCLR (epochs=10, seed=5) | 62.0 ± 1.2 |" in md
+    # one run directory scored while it trained and when it finished: two rows, not a replacement
+    early = _result("SimCLR", "linear", 40.0) | {"ckpt": "runs/r", "ckpt_step": 32, "time": "2024-01-05T00:00:00"}
+    done = early | {"ckpt_step": 160, "top1": 65.0, "time": "2024-01-06T00:00:00"}
+    md = markdown_table([early, done])
+    assert "| SimCLR (ckpt_step=32) | 40.0 |" in md and "| SimCLR (ckpt_step=160) | 65.0 |" in md
 
 
 def test_a_second_result_in_one_folder_keeps_the_first(tmp_path):

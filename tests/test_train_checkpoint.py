@@ -134,3 +134,24 @@ def test_rng_state_round_trip_through_weights_only_load(tmp_path):
     ckpt.set_rng_state(torch.load(path, weights_only=True)["rng"])
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+def test_a_second_ctrl_c_inside_torch_save_is_an_interrupt_and_keeps_the_old_file(tmp_path, monkeypatch):
+    """Ctrl-C inside torch.save makes its zip writer fail to close ("unexpected pos", a
+    RuntimeError whose context is the KeyboardInterrupt): that is an interrupt (exit 130),
+    not a crash, and the previous checkpoint and no temporary file are left."""
+    target = tmp_path / "final.pt"
+    ckpt.atomic_save({"step": 1}, target)
+
+    def interrupted_save(obj, f):
+        f.write(b"PK\x03\x04 half")
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.atomic_save({"step": 2}, target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=True) == {"step": 1} and os.listdir(tmp_path) == ["final.pt"]

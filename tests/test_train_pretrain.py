@@ -6,6 +6,7 @@ Torch runs on one thread: on a shared 2-core box, OpenMP threads that wait on ea
 other turn a 0.15 s step into seconds.
 """
 import copy
+import math
 import os
 import shutil
 import signal
@@ -92,18 +93,28 @@ def _as_if_trained_with(run, key: str, value):
         torch.save(state, path)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dataset, base_run, tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dataset, base_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(base_run[0], run)
     _as_if_trained_with(run, "optim.base_lr", 1.0e30)
     before = [p.name for p in ckpt.list_checkpoints(run / "checkpoints")]
     cfg = load_config(None, overrides(dataset, run, "optim.base_lr=1.0e+30", "train.max_steps=40"))
-    with pytest.raises(MscnError, match=r"non-finite loss at step (2[4-9]|3\d).*ckpt_00000024\.pt"):
+    # steps count from 1, as in metrics.jsonl: the run resumed after step 24, so 25 is its first
+    good = run / "checkpoints" / "ckpt_00000024.pt"
+    with pytest.raises(MscnError, match=r"non-finite loss at step (2[5-9]|3\d).*ckpt_00000024\.pt") as e:
         run_pretrain(cfg, resume="auto")
+    assert f"branch from it: --resume {good} --out NEW_DIR" in str(e.value)
     assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == before
-    state = ckpt.load_checkpoint(run / "checkpoints" / "ckpt_00000024.pt")
+    state = ckpt.load_checkpoint(good)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert ckpt.load_checkpoint(run / "final.pt")["step"] == 24
+
+    # the way out the error names: a branch with the lower lr, which says what changed
+    capsys.readouterr()
+    fixed = run_pretrain(load_config(None, overrides(dataset, tmp_path / "branch", "train.max_steps=26")),
+                         resume=str(good))
+    assert fixed["step"] == 26 and math.isfinite(fixed["loss"])
+    assert "(branched with other settings: optim.base_lr: fresh data order, not exact)" in capsys.readouterr().out
 
 
 def test_incompatible_resume_is_one_clear_error(dataset, base_run, capsys):

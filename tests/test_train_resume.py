@@ -134,10 +134,13 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(dataset, unin
     assert 3 <= step < STEPS and str(ckpt.ckpt_path(out / "checkpoints", step)) in line
     assert ckpt.find_latest_valid(out / "checkpoints")[1]["step"] == step  # the checkpoint of that step
     assert [r["step"] for r in read_metrics(out)][-1] == step  # it stopped after that step
+    # the mark a requeue script reads (torchrun exits 1 on SIGTERM, not 143)
+    assert (out / "STOPPED").read_text() == line.split(": ", 1)[1].split("; resume")[0] + "\n"
 
     summary = run_pretrain(load_config(None, args(dataset, out, "train.ckpt_every_steps=1000")), resume="auto")
     assert summary["resumed_from"].endswith(f"ckpt_{step:08d}.pt")
     _assert_same_run(*uninterrupted, out, summary)
+    assert not (out / "STOPPED").exists()  # resumed, and finished
 
 
 def test_a_run_fed_by_a_thread_stops_on_sigterm_and_resumes_exactly(dataset, uninterrupted, tmp_path):
@@ -319,15 +322,6 @@ def test_resume_path_never_mixes_two_runs_nor_goes_back_over_one(dataset, uninte
     again = run_pretrain(load_config(None, args(dataset, killed)), resume=str(ref / "checkpoints" / "ckpt_00000015.pt"))
     assert again["step"] == STEPS and [r["step"] for r in read_metrics(killed)][-1] == STEPS
 
-    # another run's checkpoint under other settings, into a new folder: the fix is its settings
-    from mscn.errors import MscnError
-
-    with pytest.raises(MscnError, match=r"ckpt_00000015.pt belongs to another run \(differs in optim.base_lr\); "
-                                        r"to continue from it, pass the values it was trained with") as e:
-        run_pretrain(load_config(None, args(dataset, tmp_path / "other", "optim.base_lr=1")),
-                     resume=str(ref / "checkpoints" / "ckpt_00000015.pt"))
-    assert "train.out_dir=DIR" not in str(e.value)
-
     # a finished checkpoint branched into a new folder: nothing to train, and the weights
     # are named where they are (this folder has no final.pt)
     capsys.readouterr()
@@ -352,6 +346,33 @@ def test_a_finished_run_rerun_reports_its_final_checkpoint_only_when_it_holds_th
     summary = run_pretrain(load_config(None, args(dataset, out, "train.max_steps=10")), resume="auto")
     assert summary["final"] is None and summary["checkpoint"].endswith("ckpt_00000016.pt")
     assert "its weights are in" in capsys.readouterr().out
+
+
+def test_a_refused_resume_changes_nothing_and_a_misplaced_run_file_is_named_first(dataset, uninterrupted, tmp_path,
+                                                                                  capsys):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], out)
+    # config.yaml lost: a resume under other settings is refused by the checkpoint, and the
+    # folder is left as it was (config.yaml is not written with the refused settings)
+    saved = (out / "config.yaml").read_text()
+    (out / "config.yaml").unlink()
+    before = _files(out)
+    assert main(["--resume", "auto", *args(dataset, out, "optim.base_lr=0.5")]) == 2
+    assert "differs in optim.base_lr" in capsys.readouterr().err
+    assert _files(out) == before
+    run_pretrain(load_config(None, args(dataset, out)), resume="auto")  # the run's own settings: it continues
+    restored, lost = yaml.safe_load((out / "config.yaml").read_text()), yaml.safe_load(saved)
+    assert restored["train"].pop("out_dir") == str(out) and lost["train"].pop("out_dir") != str(out)  # a copy
+    assert restored == lost
+
+    # a file where checkpoints/ should be: named before the run restarts and trims its metrics
+    shutil.move(out / "checkpoints", tmp_path / "aside")
+    (out / "checkpoints").write_text("not a folder")
+    before = _files(out)
+    assert main(["--resume", "auto", *args(dataset, out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'checkpoints'}: a file where the run keeps its checkpoints folder" in err
+    assert _files(out) == before
 
 
 def test_a_cut_short_config_yaml_is_called_damaged_not_another_run(dataset, uninterrupted, tmp_path, capsys):

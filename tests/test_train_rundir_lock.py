@@ -101,3 +101,16 @@ def test_every_rank_raises_rank0s_refusal(holder, tmp_path):
     got = [(results / f"rank{r}.txt").read_text() for r in range(2)]
     assert got[0] == got[1] and f"is in use by a live run (pid {pid} on test)" in got[0]
     assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
+
+
+def test_output_places_that_cannot_be_folders_are_named_by_their_key(tmp_path):
+    from mscn.config import load_config
+    from mscn.train.pretrain import with_synthetic_data
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MscnError, match=r"train.out_dir .*file: a file, not a folder"):
+        rundir.lock_run_dir(tmp_path / "file")
+    cfg = load_config("demo", [f"data.synthetic_dir={tmp_path / 'file' / 'synth'}"])
+    with pytest.raises(MscnError, match=r"data.synthetic_dir=.*file/synth: cannot write the synthetic dataset there "
+                                        r"\(Not a directory: .*\); set data.synthetic_dir to a writable folder"):
+        with_synthetic_data(cfg)

@@ -52,6 +52,10 @@ def atomic_save(state: dict, path: str | Path) -> Path:
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
+        if isinstance(e.__context__, KeyboardInterrupt):
+            # a second Ctrl-C inside torch.save: its zip writer then fails to close ("unexpected
+            # pos"), hiding the interrupt; the earlier checkpoints are intact, the partial file goes
+            raise KeyboardInterrupt from None
         # a full disk reaches here as an OSError (flush, fsync) or as torch's RuntimeError from
         # its zip writer ("unexpected pos ...", "PytorchStreamWriter failed writing") with the
         # OSError as its context
@@ -198,8 +202,11 @@ def pick_pretrained(path: str | Path) -> tuple[Path, int | None, str | None, dic
     if final is None or (final_step is not None and names and step_of(names[-1]) > final_step):
         found = find_latest_valid(ckpt_dir, BACKBONE_KEYS)  # loads the newest first: usually once
         if found is not None and (final is None or step_of(found[0]) > final_step):
-            note = None if final is None else (f"{path}: {found[0].name} (step {step_of(found[0])}) is newer than "
-                                               f"final.pt (step {final_step}): evaluating {found[0]}")
+            step = step_of(found[0])
+            note = (f"{path}: {found[0].name} (step {step}) is newer than final.pt (step {final_step}): "
+                    f"evaluating {found[0]}" if final is not None else
+                    f"{path}: no final.pt (a run still training, or stopped before its end): evaluating its newest "
+                    f"checkpoint {found[0].name} (step {step})" if (p / "checkpoints").is_dir() else None)
             return found[0], step_of(found[0]), note, found[1]
         if final is None:
             raise MscnError(f"{path}: no final.pt and no readable checkpoints/ckpt_*.pt in this run directory")

@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
               "eval_s": round(t_end - t_pre, 1), "total_s": round(t_end - t_start, 1)}
     md = (f"{table(rows)}\n\nLinear-probe margin of the pretrained encoder over random init: "
           f"{margin:+.1f} points. Pretraining: {summary['step']} steps, "
-          f"{summary.get('images_per_s') or 0:.1f} images/s. Wall time: {timing['total_s']:.0f} s "
+          + (f"{summary['images_per_s']:.1f} images/s" if summary.get("images_per_s") is not None
+             else "done before this run" if not summary.get("trained_steps") else "speed not measured")
+          + f". Wall time: {timing['total_s']:.0f} s "
           f"(data {timing['data_s']:.0f} s, pretrain {timing['pretrain_s']:.0f} s, eval {timing['eval_s']:.0f} s).\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_results.md").write_text(md)

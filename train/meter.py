@@ -36,6 +36,8 @@ class NonFiniteGuard:
         if first_bad >= 0:
             last = ckpt.list_checkpoints(ckpt_dir)
             fix = "lower optim.base_lr" + (" or use train.precision=fp32" if dtype is not None else "")
+            if last:  # a run folder holds one run: the lower lr continues from it in a new folder
+                fix += f", and branch from it: --resume {last[-1]} --out NEW_DIR with the new value"
             raise MscnError(f"non-finite loss at step {first_bad}; stopped. Last good checkpoint: "
                             f"{last[-1] if last else 'none'}; {fix}")
 
@@ -52,6 +54,7 @@ class StepMeter:
         self.t_window, self.window_steps, self.steps_timed = time.perf_counter(), 0, 0
 
     def update(self, loss: torch.Tensor, step: int) -> None:
+        """``loss`` of ``step`` (counted from 1: the step that has just been done)."""
         self.guard.update(loss, step)
         self.loss_sum += torch.nan_to_num(loss)
         self.count += 1

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from mscn.config import Config, load_config, validate
-from mscn.errors import MscnError, run_cli
+from mscn.errors import ENVIRONMENT_ERRNOS, MscnError, run_cli
 from mscn.train import checkpoint as ckpt
 from mscn.train.distributed import DistInfo, barrier, broadcast_object, cleanup, convert_sync_batchnorm
 from mscn.train.lars import build_optimizer
@@ -49,9 +49,9 @@ from mscn.train.meter import NonFiniteGuard, StepMeter  # noqa: F401  (NonFinite
 from mscn.train.methods import SiameseMethod, build_method
 from mscn.train.monitor import check_val_root, monitor_off_reason, monitor_runs_after, online_knn
 from mscn.train.preempt import StopFlag, Stopped
-from mscn.train.rundir import (adopt_saved_choices, check_run_dir, claim_run_dir, default_out_dir, lock_run_dir,
-                               unlock_run_dirs)
-from mscn.train.runlog import RunLog, require_tensorboard
+from mscn.train.rundir import (adopt_saved_choices, check_run_dir, claim_run_dir, default_out_dir, ensure_config,
+                               lock_run_dir, mark_stopped, unlock_run_dirs)
+from mscn.train.runlog import RunLog, last_logged, require_tensorboard
 from mscn.train.runtime import Runtime, amp_dtype, autocast, setup_runtime, wrap_ddp  # noqa: F401  (amp_dtype: API)
 from mscn.train.schedule import lr_at, peak_lr
 
@@ -103,8 +103,14 @@ def with_synthetic_data(cfg: Config, info: DistInfo | None = None) -> Config:
 
     out = Path(d.synthetic_dir)
     if info is None or info.is_main:  # idempotent: returns at once when the folder already holds this dataset
-        synthesize(out, d.synthetic_classes, d.synthetic_per_class, size=tuple(d.synthetic_size),
-                   seed=cfg.train.seed, val_per_class=d.synthetic_val_per_class)
+        try:
+            synthesize(out, d.synthetic_classes, d.synthetic_per_class, size=tuple(d.synthetic_size),
+                       seed=cfg.train.seed, val_per_class=d.synthetic_val_per_class)
+        except OSError as e:
+            if e.errno not in ENVIRONMENT_ERRNOS:
+                raise
+            raise MscnError(f"data.synthetic_dir={out}: cannot write the synthetic dataset there ({e.strerror}: "
+                            f"{e.filename}); set data.synthetic_dir to a writable folder (mscn demo: --data DIR)") from None
     if info is not None:
         barrier()  # the other ranks read the folder rank 0 has just written
     val_root = d.val_root or (str(out / "val") if d.synthetic_val_per_class else "")
@@ -189,10 +195,15 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
         if resume == "auto":
             say(f"no valid checkpoint in {Path(cfg.train.out_dir) / 'checkpoints'}: starting from scratch")
     else:
-        rs.load_state(state, resumed_from, cfg, method, optimizer, scaler)
+        changed = rs.load_state(state, resumed_from, cfg, method, optimizer, scaler,
+                                branch=rs.is_branch(cfg, resume))
         start_step, (mine, why) = int(state["step"]), rs.this_rank(state, rt.dist, cfg, rt.device.type == "cuda")
+        if changed:  # a branch under other settings: its loader state belongs to the old ones
+            mine, why = None, f"branched with other settings: {', '.join(changed)}"
         say(f"resumed from {resumed_from} at step {start_step}" + ("" if mine else
             f" ({why}: fresh data order, not exact)"))
+    if rt.is_main:
+        ensure_config(cfg)  # a started run that lost its config.yaml gets it back once its checkpoint fits
 
     loader = build_train_loader(rs.loader_cfg(cfg, mine, start_step), rank=rt.dist.rank,
                                 world_size=rt.dist.world_size, local_rank=rt.dist.local_rank, device=rt.device,
@@ -226,10 +237,14 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
             feeder.close()  # before the loader can be freed: the worker may be inside DALI
         run.log.close()
     img_s = run.meter.run_images_per_s(elapsed)
+    img_s = img_s if math.isfinite(img_s) else None  # no timed step (one step, or none left): no figure
+    loss = run.meter.last_loss
+    if not math.isfinite(loss):  # nothing trained now: the run's last logged loss (the guard stops real NaNs)
+        loss = last_logged(cfg.train.out_dir, "loss", upto=start_step)
     return {"step": max(start_step, run.end_step), "trained_steps": max(0, run.end_step - start_step),
             "total_steps": run.total_steps,
-            "steps_per_epoch": run.steps_per_epoch, "loss": run.meter.last_loss, "images_per_s": img_s,
-            "views_per_s": img_s * len(cfg.views), "out_dir": cfg.train.out_dir,
+            "steps_per_epoch": run.steps_per_epoch, "loss": loss, "images_per_s": img_s,
+            "views_per_s": img_s * len(cfg.views) if img_s is not None else None, "out_dir": cfg.train.out_dir,
             "checkpoint": str(run.last_path) if run.last_path else None,
             "final": str(run.final_path) if run.final_path else None, "resumed_from": resumed_from,
             "world_size": rt.dist.world_size}
@@ -251,7 +266,7 @@ def _loop(run: "_Run", model: torch.nn.Module, batches, memory_format, peak: flo
         except torch.cuda.OutOfMemoryError:
             raise _oom_error(cfg, rt.dist) from None
         method.after_optimizer_step(step, run.total_steps)  # BYOL: EMA of the target
-        run.meter.update(loss, step)
+        run.meter.update(loss, step + 1)  # steps done, counted from 1 as in metrics.jsonl and ckpt names
         run.log.advance()
         run.maybe_log(step + 1, lr)
         run.maybe_checkpoint(step + 1)
@@ -320,6 +335,9 @@ class _Run:
             return
         if self.saved_step != done:
             self.maybe_checkpoint(done, now=True)
+        if self.rt.is_main:  # what a requeue script reads: torchrun's own exit status is 1 here
+            mark_stopped(self.cfg.train.out_dir, f"stopped by {StopFlag.name(signum)} after step {done} of "
+                                                 f"{self.end_step}; checkpoint {ckpt.ckpt_path(self.ckpt_dir, done)}")
         raise Stopped(f"stopped by {StopFlag.name(signum)} after step {done} of {self.end_step}; checkpoint "
                       f"{ckpt.ckpt_path(self.ckpt_dir, done)}; resume with the same command and "
                       f"train.out_dir={self.cfg.train.out_dir} (--resume auto)", signum)
@@ -360,10 +378,10 @@ def _command(args: argparse.Namespace) -> None:
         print(f"[mscn] done: step {summary['step']}/{summary['total_steps']}, nothing left to train; "
               f"final checkpoint {summary['final']}", flush=True)
     elif summary["final"]:
-        loss = summary["loss"]
-        print(f"[mscn] done: step {summary['step']}/{summary['total_steps']}, "
-              f"loss {loss if math.isnan(loss) else round(loss, 4)}, {summary['images_per_s']:.1f} images/s; "
-              f"final checkpoint {summary['final']}", flush=True)
+        img_s = summary["images_per_s"]
+        print(f"[mscn] done: step {summary['step']}/{summary['total_steps']}, loss {round(summary['loss'], 4)}, "
+              + (f"{img_s:.1f} images/s" if img_s is not None else "no images/s (one step is not timed)")
+              + f"; final checkpoint {summary['final']}", flush=True)
 
 
 if __name__ == "__main__":

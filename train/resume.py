@@ -28,7 +28,7 @@ from mscn.config import Config, to_dict
 from mscn.errors import MscnError
 from mscn.train import checkpoint as ckpt
 from mscn.train.distributed import DistInfo, broadcast_object
-from mscn.train.rundir import check_same_run, run_started
+from mscn.train.rundir import check_same_run, differing_keys, run_started
 
 
 def rank_state(loader, meter) -> dict:
@@ -120,9 +120,25 @@ def check_resume_path(cfg: Config, resume: str | None) -> None:
                         f"branch from step {step}")
 
 
-def load_state(state: dict, path: str, cfg: Config, method, optimizer, scaler) -> None:
-    """Model, optimizer and scaler from ``state``, after checking it is this run's checkpoint."""
-    check_same_run(state["config"], cfg, path, checkpoint=True)
+def is_branch(cfg: Config, resume: str | None) -> bool:
+    """Whether ``--resume`` names a checkpoint of another folder than ``train.out_dir``: the
+    run branches from it (check_resume_path allowed it: this folder has no progress)."""
+    if resume in (None, "", "none", "never", "auto"):
+        return False
+    out, real = Path(cfg.train.out_dir), Path(resume).resolve()
+    return real.parent not in (out.resolve(), (out / "checkpoints").resolve())
+
+
+def load_state(state: dict, path: str, cfg: Config, method, optimizer, scaler, branch: bool = False) -> list[str]:
+    """Model, optimizer and scaler from ``state``, after checking it is this run's checkpoint.
+
+    ``branch`` (another folder's checkpoint, into a folder of its own): the settings may
+    differ, e.g. a lower ``optim.base_lr`` after a non-finite loss; returns the result-changing
+    keys that differ (the caller starts fresh loaders: not an exact continuation). The
+    weights and optimizer state must still fit."""
+    changed = differing_keys(state["config"], cfg) if branch else []
+    if not branch:
+        check_same_run(state["config"], cfg, path, checkpoint=True)
     ckpt.check_compatible(state, cfg.model.arch, cfg.method.name, path)
     try:
         method.load_state_dict(state["model"])
@@ -133,6 +149,7 @@ def load_state(state: dict, path: str, cfg: Config, method, optimizer, scaler) -
                         "use the model.*/optim.* values it was trained with, or --resume none") from None
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+    return changed
 
 
 def this_rank(state: dict, info: DistInfo, cfg: Config, gpu: bool) -> tuple[dict | None, str]:

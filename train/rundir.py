@@ -43,7 +43,8 @@ LEGACY = {"data.crop": "window", "data.blur_where": "pipeline", "data.colour_whe
 # that differs only there continues when given its saved value, which the refusal names.
 PINNABLE = ("data.blur_where", "data.crop")
 # a run's own files; result.json is the one an ablation writes beside its run (train/ablate)
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "final.pt", "tb", "result.json")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "final.pt", "tb", "result.json", "STOPPED")
+STOPPED = "STOPPED"  # present while the run is stopped on a signal, waiting to be resumed (mark_stopped)
 LOCK_FILE = ".lock"  # held by the live run's rank 0 (lock_run_dir); never moved or deleted
 _LOCKS: dict[str, Any] = {}  # folder -> the open lock file of this process
 _UNLOCKABLE: set[str] = set()  # folders whose file system cannot lock: noted once per process
@@ -168,11 +169,14 @@ def lock_run_dir(out: str | Path) -> str | None:
     key = str(out.resolve())
     if key in _LOCKS or key in _UNLOCKABLE:  # this process holds it already, or said it cannot
         return None                            # (mscn demo --fresh, then its pretraining; ablate)
+    if out.exists() and not out.is_dir():
+        raise MscnError(f"train.out_dir {out}: a file, not a folder; pass a folder (or a new name) for the run")
     try:
         out.mkdir(parents=True, exist_ok=True)
         f = open(out / LOCK_FILE, "a+")
     except OSError as e:
-        raise MscnError(f"train.out_dir {out}: cannot create the run folder ({e.strerror})") from None
+        what = "cannot write in the run folder" if out.is_dir() else "cannot create the run folder"
+        raise MscnError(f"train.out_dir {out}: {what} ({e.strerror})") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:  # held by another live process
@@ -226,8 +230,19 @@ def check_run_dir(cfg: Config, resume: str | None) -> None:
     """Before anything is written: refuse to continue another run's directory (every rank;
     read-only, so all ranks raise the same error). A directory whose run never reached a
     step (:func:`run_started`) belongs to nobody: the new run takes it over."""
-    saved = Path(cfg.train.out_dir) / "config.yaml"
-    if resume in (None, "", "none", "never") or not saved.is_file() or not run_started(cfg.train.out_dir):
+    out = Path(cfg.train.out_dir)
+    saved = out / "config.yaml"
+    if resume in (None, "", "none", "never"):
+        return
+    # a run file of the wrong kind would first read as "no checkpoint" (and restart the run,
+    # trimming its metrics) and only then fail: say so before anything is touched
+    for name, folder in (("checkpoints", True), ("config.yaml", False), ("metrics.jsonl", False), ("final.pt", False)):
+        path = out / name
+        if path.exists() and path.is_dir() != folder:
+            raise MscnError(f"{path}: a {'file' if folder else 'folder'} where the run keeps its "
+                            f"{'checkpoints folder' if folder else name + ' file'}; move it away (or pass --resume "
+                            f"none to start over, or a new train.out_dir=DIR)")
+    if not saved.is_file() or not run_started(out):
         return
     try:
         tree = yaml.safe_load(saved.read_text())
@@ -279,6 +294,27 @@ def claim_run_dir(cfg: Config, fresh: bool) -> Path | None:
         for name in RUN_FILES:
             if (out / name).exists():
                 shutil.move(str(out / name), str(moved / name))
-    if not (out / "config.yaml").is_file() or not run_started(out):
+    (out / STOPPED).unlink(missing_ok=True)  # this run goes on (or starts): no longer waiting
+    if not run_started(out):
         save_config(cfg, out / "config.yaml")  # written once: a resume never rewrites it
+    # a started run without its config.yaml gets it from ensure_config, once the checkpoint
+    # it resumes from is known to fit: a refused resume must leave the folder as it was
     return moved
+
+
+def mark_stopped(out: str | Path, line: str) -> None:
+    """Rank 0, after the checkpoint of a run stopped by SIGTERM/SIGINT: ``out/STOPPED`` holds
+    ``line``, until the run is resumed. A requeue script tests for it (docs/TRAINING.md):
+    torchrun exits with status 1 when it is sent SIGTERM, so the 143 of a single process
+    cannot be read there, and a run that failed or finished leaves no such file."""
+    tmp = Path(out) / f".{STOPPED}.tmp"
+    tmp.write_text(line + "\n")
+    tmp.replace(Path(out) / STOPPED)
+
+
+def ensure_config(cfg: Config) -> None:
+    """Rank 0, once the run's checkpoint is loaded (or none was found): write ``config.yaml``
+    if the run's folder lacks it (deleted by hand or lost)."""
+    path = Path(cfg.train.out_dir) / "config.yaml"
+    if not path.is_file():
+        save_config(cfg, path)

@@ -107,3 +107,13 @@ def read_metrics(out_dir: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def last_logged(out_dir: str | Path, key: str, upto: int) -> float | None:
+    """The last finite ``key`` that metrics.jsonl logged at a step <= ``upto``; None if none
+    (e.g. the loss of a finished run that is run again: it trains nothing now)."""
+    for rec in reversed(read_metrics(out_dir)):
+        v = rec.get(key)
+        if rec.get("step", upto + 1) <= upto and isinstance(v, (int, float)) and math.isfinite(v):
+            return float(v)
+    return None

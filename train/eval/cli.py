@@ -61,9 +61,9 @@ def _prepare(args, protocol: str):
 
     for flag in ("train_root", "val_root"):
         if not getattr(args, flag):
-            raise MscnError(f"mscn eval {protocol}: --{flag.replace('_', '-')} is required")
+            raise MscnError(f"eval {protocol}: --{flag.replace('_', '-')} is required")
         if not Path(getattr(args, flag)).exists():  # named by its flag: the loader only knows config keys
-            raise MscnError(f"mscn eval {protocol}: --{flag.replace('_', '-')} {getattr(args, flag)}: no such file "
+            raise MscnError(f"eval {protocol}: --{flag.replace('_', '-')} {getattr(args, flag)}: no such file "
                             "or directory")
     backbone, arch, cfg = load_pretrained(**_checkpoint(args), arch=args.arch, overrides=args.overrides,
                                           config=args.config, strict=args.strict)
@@ -109,7 +109,7 @@ def _linear(args) -> None:
     protocol = "transfer" if args.command_eval == "transfer" else "linear"
     backbone, arch, cfg, rt, name, out = _prepare(args, protocol)
     if args.seeds < 1:
-        raise MscnError(f"mscn eval {protocol}: --seeds {args.seeds}: must be >= 1")
+        raise MscnError(f"eval {protocol}: --seeds {args.seeds}: must be >= 1")
     runs = [linear_probe(backbone, cfg, args.train_root, args.val_root, rt, epochs=args.epochs, lr=args.lr,
                          batch=args.batch, weight_decay=args.weight_decay,
                          precompute=True if args.precompute else None, seed=args.seed + i)
@@ -188,7 +188,7 @@ def _figures(args) -> None:
     backbone, arch, cfg = load_pretrained(**_checkpoint(args), arch=args.arch, overrides=args.overrides,
                                           config=args.config, strict=args.strict)
     if not (args.image or args.train_root):
-        raise MscnError("mscn eval figures: pass --image IMG or --train-root DIR (its first image is used)")
+        raise MscnError("eval figures: pass --image IMG or --train-root DIR (its first image is used)")
     image = find_image(args.image or args.train_root)
     title = f"{arch} conv1: {args.ckpt}"
     for p in all_figures(image, cfg, backbone, args.out, args.seed, title):

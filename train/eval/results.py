@@ -29,7 +29,9 @@ from mscn.errors import MscnError
 
 CSV_FIELDS = ("time", "name", "protocol", "dataset", "label_fraction", "arch", "top1", "top5",
               "epochs", "seed", "ckpt", "out")
-KEY_FIELDS = ("ckpt", "epochs", "seed", "seeds", "train_root", "val_root")  # plus every entry of "settings"
+# plus every entry of "settings"; ckpt_step: a run directory scored at two steps (a run still
+# training, then finished) gives two rows, not a silent replacement of one by the other
+KEY_FIELDS = ("ckpt", "ckpt_step", "epochs", "seed", "seeds", "train_root", "val_root")
 NOT_SETTINGS = {"world_size"}  # how a result was computed, not what: the same numbers on 1 or 8 ranks
 TITLES = {"linear": "Linear Evaluation", "finetune": "Finetuning", "knn": "kNN"}
 
