@@ -17,6 +17,7 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def
 from PIL import Image, UnidentifiedImageError
 
+from mscn.data.imagefolder import DALI_FORMATS
 from mscn.errors import DataError
 from mscn.pipelines.readers import Source, read
 
@@ -42,10 +43,13 @@ def _undecodable(data: bytes) -> str | None:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
+            fmt = img.format
     except UnidentifiedImageError:  # its text names the in-memory buffer, not the file
         return "PIL cannot identify it as an image" if data else "an empty file"
     except Exception as e:  # noqa: BLE001 - any PIL failure means DALI's failure is explained
         return str(e) or type(e).__name__
+    if fmt not in DALI_FORMATS:  # PIL reads it, DALI has no decoder for it
+        return f"a {fmt} image, which DALI cannot decode (convert it to JPEG or PNG)"
     return None
 
 

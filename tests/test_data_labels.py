@@ -139,3 +139,32 @@ def test_a_shard_cut_short_is_named_before_the_reader_starts(tmp_path):
     with pytest.raises(DataError, match=r"shard-000000.tar: 12000 bytes, but its index shard-000000.idx places "
                                         r"data up to byte \d+: the shard is cut short"):
         resolve_source(str(tmp_path / "wds"))
+
+
+def test_an_unfinished_pack_mixed_packs_and_compressed_shards_are_refused_by_name(tmp_path):
+    """A pack killed between shards leaves whole shards of part of the set: read as they are,
+    they would train on that part without a word."""
+    root = make_folder(tmp_path / "ds", classes=2, per_class=3)
+    out = tmp_path / "wds"
+    pack(root, out, shard_size=4, progress=False, workers=1)
+    assert not (out / ".packing").exists() and resolve_source(str(out)).num_samples == 6
+    # as a kill after the first shard leaves it: the marker, one shard, no sources.json
+    (out / ".packing").write_text("mscn data pack ...\n")
+    with pytest.raises(DataError, match=r"wds: an `mscn data pack` that did not finish \(.packing is there\)"):
+        resolve_source(str(out))
+    (out / ".packing").unlink()
+    (out / "shard-000001.tar.tmp").write_bytes(b"")
+    with pytest.raises(DataError, match=r"did not finish \(shard-000001.tar.tmp is there\)"):
+        resolve_source(str(out))
+    (out / "shard-000001.tar.tmp").unlink()
+    # a shard gone (or one of another pack): sources.json and the indexes disagree
+    (out / "shard-000001.tar").unlink()
+    (out / "shard-000001.idx").unlink()
+    with pytest.raises(DataError, match=r"sources.json lists 6 packed images but the shards' indexes hold 4"):
+        resolve_source(str(out))
+    # compressed shards are not read by DALI: named, alone or beside plain ones
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    (gz / "shard-000000.tar.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(DataError, match=r"gz: compressed shards \(shard-000000.tar.gz\): DALI reads plain .tar only"):
+        resolve_source(str(gz))

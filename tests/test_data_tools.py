@@ -157,6 +157,8 @@ def messy_root(tmp_path):
         "bee/cmyk.jpg": _jpeg("CMYK", seed=4), "bee/gray.jpg": _jpeg("L", seed=5),
         "bee/sub/image.png": _jpeg(seed=6, fmt="PNG"), "bee/tiny.jpg": _jpeg(size=(16, 40), seed=7),
         "bee/readme.txt": b"ignored by ImageFolder\n",
+        # formats under a .jpg name: DALI decodes a BMP, and has no decoder for a GIF
+        "bee/bitmap.jpg": _jpeg(seed=9, fmt="BMP"), "bee/anim.jpg": _jpeg(seed=10, fmt="GIF"),
     }
     for rel, data in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -176,13 +178,14 @@ def test_scan_reports_every_bad_kind_and_lists_only_usable_images(messy_root, tm
         ("ant/zerofilled.jpg", "truncated"),
         ("ant/notes.jpg", "non_image"), ("bee/cmyk.jpg", "cmyk"), ("bee/gray.jpg", "grayscale"),
         ("bee/sub/image.png", "non_jpeg"), ("bee/tiny.jpg", "tiny"), ("bee/readme.txt", "ignored"),
+        ("bee/bitmap.jpg", "non_jpeg"), ("bee/anim.jpg", "no_dali_decoder"),
     }
     assert report["counts"]["ok"] == 4 and report["classes"] == ["ant", "bee"]
-    assert report["num_files"] == 14 and report["num_kept"] == 7 and report["num_excluded"] == 7
+    assert report["num_files"] == 16 and report["num_kept"] == 8 and report["num_excluded"] == 8
     assert report["formats"]["PNG"] == 1
     assert json.loads(rep.read_text()) == report
     assert out.read_text().splitlines() == [
-        "ant/good0.jpg 0", "ant/good1.JPEG 0", "ant/progressive.jpg 0", "ant/trailer.jpg 0", "bee/cmyk.jpg 1", "bee/gray.jpg 1", "bee/sub/image.png 1",
+        "ant/good0.jpg 0", "ant/good1.JPEG 0", "ant/progressive.jpg 0", "ant/trailer.jpg 0", "bee/bitmap.jpg 1", "bee/cmyk.jpg 1", "bee/gray.jpg 1", "bee/sub/image.png 1",
     ]
     assert read_file_list(out, messy_root) == [(line.rsplit(" ", 1)[0], int(line[-1]))
                                                  for line in out.read_text().splitlines()]
@@ -313,6 +316,15 @@ def test_cli_runs_commands_and_prints_one_line_errors(imagenet_like, messy_root,
     assert err.startswith("mscn: error: ") and str(tmp_path / "missing") in err
     with pytest.raises(SystemExit):
         main(["data", "synth", "x", "--classes", "2", "--per-class", "1", "--size", "big"])
+    # sizes JPEG or memory cannot hold, and a negative process count: refused before any work
+    for argv, why in ((["synth", "x", "--size", "70000x16"], "each side must be 1..8192 px"),
+                      (["photos", "x", "--size", "100000x100000"], "each side must be 1..8192 px"),
+                      (["scan", "x", "--workers", "-2"], "must be >= 1, got -2")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            main(["data", *argv])
+        assert why in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_scan_replaces_its_own_outputs_but_no_other_file(messy_root, tmp_path):
@@ -345,3 +357,76 @@ def test_a_list_without_its_report_says_where_its_paths_were_looked_for(messy_ro
     assert resolve_source(str(lists / "x.txt")).num_samples > 0
     assert main(["data", "scan", str(messy_root), "--workers", "1", "--out", str(lists / "y.txt")]) == 0
     assert "note:" not in capsys.readouterr().out  # the default report is beside the list
+
+
+def test_links_loops_and_fifos_in_an_image_folder_are_listed_once_and_never_read(tmp_path):
+    """A symlink back up the tree (b/up -> ..) neither loops nor lists class a's images under
+    b; a FIFO named .jpg (which would block a reader forever) and a dangling link are not
+    files to read; a class folder linked in from elsewhere is followed."""
+    import os
+
+    root = tmp_path / "ds"
+    for rel in ("a/0.jpg", "b/0.jpg"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(_jpeg())
+    (root / "b" / "up").symlink_to("..")
+    (root / "b" / "self").symlink_to(".")
+    (root / "b" / "dead.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    os.mkfifo(root / "b" / "pipe.jpg")
+    (tmp_path / "elsewhere" / "deep").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "deep" / "1.jpg").write_bytes(_jpeg(seed=1))
+    (root / "c").symlink_to(tmp_path / "elsewhere")
+    classes, samples = list_image_folder(root)
+    assert classes == ["a", "b", "c"]
+    assert samples == [("a/0.jpg", 0), ("b/0.jpg", 1), ("c/deep/1.jpg", 2)]
+    report = scan(root, out=tmp_path / "list.txt", report=tmp_path / "r.json", progress=False, workers=1)
+    assert report["num_kept"] == 3
+
+
+def test_subset_replaces_an_earlier_list_but_no_other_file(imagenet_like, tmp_path):
+    out = tmp_path / "sub.txt"
+    make_subset(imagenet_like, 0.5, out=out)
+    chosen = make_subset(imagenet_like, 0.25, out=out)  # an earlier list: replaced
+    assert out.read_text() == "".join(f"{rel} {label}\n" for rel, label in chosen)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious\n")
+    with pytest.raises(DataError, match=r"notes.txt: a file is already there that is not a file list"):
+        make_subset(imagenet_like, 0.5, out=notes)
+    assert notes.read_text() == "precious\n"
+
+
+def test_file_lists_and_reports_that_are_not_what_they_seem_are_one_line(messy_root, tmp_path):
+    from mscn.data.source import resolve_source
+
+    lst = tmp_path / "l.txt"
+    lst.write_bytes("ant/good0.jpg 0\nant/caf\xe9.jpg 0\n".encode("latin-1"))  # not UTF-8
+    with pytest.raises(DataError, match=r"l.txt: not a UTF-8 text file"):
+        read_file_list(lst, messy_root)
+    lst.write_text("\ufeffant/good0.jpg 0\nbee/gray.jpg 1\n", encoding="utf-8")  # a BOM: read past it
+    assert read_file_list(lst, messy_root) == [("ant/good0.jpg", 0), ("bee/gray.jpg", 1)]
+    lst.write_text("ant/good0.jpg 0\nbee/gray.jpg \u00b2\n")  # a superscript two: isdigit, not a label
+    with pytest.raises(DataError, match=r"l.txt:2: expected 'relative/path label' like line 1"):
+        read_file_list(lst, messy_root)
+    lst.write_text("ant/good0.jpg 0\n")
+    for junk in ('{"root": null}', "[1, 2]"):
+        (tmp_path / "l.scan.json").write_text(junk)
+        with pytest.raises(DataError, match=r"l.scan.json: not a scan report with a 'root' entry"):
+            resolve_source(str(lst))
+
+
+def test_names_a_list_cannot_hold_a_moved_dataset_and_a_folder_read_as_shards(messy_root, tmp_path):
+    import shutil
+
+    from mscn.data.source import resolve_source
+
+    (messy_root / "ant" / "two\nlines.jpg").write_bytes(_jpeg(seed=11))
+    out, rep = tmp_path / "l.txt", tmp_path / "l.scan.json"
+    report = scan(messy_root, out=out, report=rep, progress=False, workers=1)
+    assert ("ant/two\nlines.jpg", "bad_name") in {(i["path"], i["reason"]) for i in report["issues"]}
+    assert len(read_file_list(out, messy_root)) == report["num_kept"]  # every line one file
+    shutil.move(messy_root, tmp_path / "moved")
+    with pytest.raises(DataError, match=r"messy: no such directory \(the root the file list .*l.txt is relative to, "
+                                        r"from its scan report l.scan.json or as given\); if the dataset moved"):
+        resolve_source(str(out))
+    with pytest.raises(DataError, match=r"moved: an image folder, not .tar shards \(data.format=wds\)"):
+        resolve_source(str(tmp_path / "moved"), "wds")

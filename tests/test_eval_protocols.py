@@ -208,3 +208,35 @@ def test_a_missing_root_is_named_by_its_flag(data, tmp_path):
         argv[argv.index(flag) + 1] = str(tmp_path / "nope")
         with pytest.raises(MscnError, match=f"eval knn: {flag} {tmp_path / 'nope'}: no such file or directory"):
             _run("knn", *argv)
+
+
+def test_an_unlabelled_val_root_is_refused_not_scored_zero(data, tmp_path):
+    import shutil
+
+    from mscn.errors import DataError
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for img in sorted(Path(data["val"], "c0").iterdir())[:4]:
+        shutil.copy(img, flat / img.name)
+    with pytest.raises(DataError, match="flat: has no labels"):
+        _run("knn", *_common(data | {"val": str(flat)}, tmp_path / "k"))
+    assert not (tmp_path / "k" / "result.json").exists()
+
+
+def test_labels_outside_the_training_classes_are_named_not_scored(data, tmp_path):
+    """A file list (or a shard's .cls) numbering its images past the training set's classes:
+    kNN would score them 0 % and the probe fail in its loss; both name the data instead."""
+    import shutil
+
+    from mscn.errors import DataError
+
+    val = tmp_path / "val"
+    shutil.copytree(data["val"], val)
+    lines = [f"{p.relative_to(val).as_posix()} {7 if p.parent.name == 'c2' else int(p.parent.name[1:])}"
+             for p in sorted(val.rglob("*.jpg"))]
+    (val / "list.txt").write_text("\n".join(lines) + "\n")
+    for protocol, extra in (("knn", ()), ("linear", ("--epochs", "1", "--precompute")), ("linear", ("--epochs", "1"))):
+        with pytest.raises(DataError, match=r"val: (label\(s\) 7 that no training sample has|a sample "
+                                            r"labelled 7, outside the 3 classes)"):
+            _run(protocol, *_common(data | {"val": str(val / "list.txt")}, tmp_path / protocol, *extra))

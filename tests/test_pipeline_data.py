@@ -131,6 +131,21 @@ def test_a_file_that_is_no_image_is_named_without_pil_internals(tmp_path):
     assert "BytesIO" not in msg and " at 0x" not in msg
 
 
+def test_an_image_format_dali_cannot_decode_is_named(tmp_path):
+    """A GIF named .jpg: PIL reads it, DALI stops with "nvImageCodec failure" naming no file."""
+    from PIL import Image
+
+    root = make_folder(tmp_path, classes=2, per_class=6)
+    bad = root / "c1" / "anim.jpg"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(bad, format="GIF")
+    loader = build_train_loader(tiny_cfg(root, "train.global_batch=4"), apply_mask=False)
+    with pytest.raises(DataError) as e:
+        for _ in range(2):
+            for _ in loader:
+                pass
+    assert f"{bad}: cannot be decoded (a GIF image, which DALI cannot decode" in str(e.value)
+
+
 def test_small_gray_cmyk_and_png_images_come_out_rgb(tmp_path):
     rng = np.random.default_rng(1)
     (tmp_path / "a").mkdir()

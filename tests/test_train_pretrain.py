@@ -215,6 +215,22 @@ def test_a_missing_val_root_stops_the_run_before_it_starts(dataset, tmp_path, ca
     assert not out.exists()
 
 
+def test_a_val_root_the_monitor_cannot_score_stops_the_run_before_it_starts(dataset, tmp_path, capsys):
+    """A val class the training set lacks, or a val root without labels (which would score
+    0 % quietly), stops the run at once, not after the first epoch."""
+    first = sorted(p for p in Path(dataset).iterdir() if p.is_dir())[0]
+    shutil.copytree(first, tmp_path / "val" / "not_a_train_class")
+    (tmp_path / "flat").mkdir()
+    for img in sorted(first.iterdir())[:4]:
+        shutil.copy(img, tmp_path / "flat" / img.name)
+    for val, why in ((tmp_path / "val", "'not_a_train_class' is not among"), (tmp_path / "flat", "has no labels")):
+        out = tmp_path / f"r_{val.name}"
+        status = main(overrides(dataset, out, "train.knn_every_epochs=1", f"data.val_root={val}"))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert status == 2 and len(err) == 1 and why in err[0], err
+        assert not out.exists()
+
+
 def test_compiled_byol_has_the_eager_loss_and_gradients(dataset, tmp_path):
     """The BYOL recipe compiles too (train.compile=true in byol_r50_in1k.yaml): the online
     network, the predictor and the stop-gradient target under torch.compile give the eager

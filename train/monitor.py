@@ -39,9 +39,21 @@ def check_val_root(cfg: Config) -> None:
     monitor will read must exist, or the run would train an epoch and only then stop on it."""
     if cfg.train.knn_every_epochs and cfg.data.val_root:
         from mscn.data.source import eval_root_setting, resolve_source
+        from mscn.errors import DataError
 
-        fmt, what = eval_root_setting(cfg.data, cfg.data.val_root)  # as the monitor's loader will read it
-        resolve_source(cfg.data.val_root, fmt, what=what)
+        try:
+            train = resolve_source(cfg.data.root, cfg.data.format)
+        except DataError:
+            train = None  # the training loader reports a bad data.root, with its own message
+        # as the monitor's loader will read it: labelled, and its classes among the training
+        # set's (checked here, not after the first epoch); an unlabelled training set turns
+        # the monitor off (monitor_off_reason)
+        classes = (train.classes or None) if train is not None and train.labelled else None
+        fmt, what = eval_root_setting(cfg.data, cfg.data.val_root)
+        val = resolve_source(cfg.data.val_root, fmt, classes=classes, what=what)
+        if train is not None and train.labelled and not val.labelled:
+            raise DataError(f"{cfg.data.val_root}: has no labels (flat folder, list or shards without labels); "
+                            "the kNN monitor needs a labelled data.val_root (or train.knn_every_epochs=0)")
 
 
 def monitor_runs_after(cfg: Config, done: int, steps_per_epoch: int) -> bool:

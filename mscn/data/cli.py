@@ -20,7 +20,24 @@ def parse_size(text: str) -> tuple[int, int]:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 500x375, got {text!r}") from None
+    # JPEG stops at 65,535 px a side, and memory well before (a 100000x100000 image is 30 GB)
+    if not (1 <= w <= MAX_SIDE and 1 <= h <= MAX_SIDE):
+        raise argparse.ArgumentTypeError(f"each side must be 1..{MAX_SIDE} px, got {text!r}")
     return w, h
+
+
+MAX_SIDE = 8192
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a process count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _synth(args) -> None:
@@ -104,7 +121,7 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
                    help="image width x height (default 500x375)")
     p.add_argument("--seed", metavar="S", type=int, default=0,
                    help="random seed; each image is seeded from (seed, split, class, index) (default 0)")
-    p.add_argument("--workers", metavar="W", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", metavar="W", type=positive_int, default=None, help="processes (default: all cores)")
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("photos", help="write an ImageFolder of crops of real photos (one class per photo)",
@@ -139,7 +156,7 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--min-size", metavar="PX", type=int, default=0,
                    help="also exclude images whose short side is smaller, reported as 'tiny' "
                         "(default 0: keep every decodable image; short sides < 32 are reported as 'small')")
-    p.add_argument("--workers", metavar="W", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", metavar="W", type=positive_int, default=None, help="processes (default: all cores)")
     p.set_defaults(func=_scan)
 
     p = sub.add_parser("subset", help="write a class-balanced label subset (1%%, 10%%)",
@@ -164,7 +181,7 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", help="output folder for the shards")
     p.add_argument("--shard-size", metavar="N", type=int, default=1000, help="images per shard (default 1000)")
     p.add_argument("--strict", action="store_true", help="refuse to pack if any file does not decode")
-    p.add_argument("--workers", metavar="W", type=int, default=None, help="decode-check processes (default: all cores)")
+    p.add_argument("--workers", metavar="W", type=positive_int, default=None, help="decode-check processes (default: all cores)")
     p.set_defaults(func=_pack)
     return data
 

@@ -24,6 +24,10 @@ from mscn.errors import DataError
 # torchvision's IMG_EXTENSIONS; matched case-insensitively (ImageNet uses .JPEG).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLIT_NAMES = {"train", "val", "validation", "test"}
+# The image formats (PIL's names) DALI's decoder (nvImageCodec) reads. A file in another
+# format under an image extension (a GIF, AVIF or ICO named .jpg) opens in PIL but stops
+# DALI with "nvImageCodec failure", naming no file: scan excludes it, diagnose names it.
+DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "JPEG2000", "WEBP", "PPM"})
 
 
 def is_image_name(name: str) -> bool:
@@ -63,14 +67,29 @@ def find_classes(root: str | os.PathLike) -> list[str]:
 
 def walk_class(root: Path, cls: str, images_only: bool = True) -> list[str]:
     """Sorted paths (relative to ``root``, '/'-separated) of the files under one class."""
-    found = []
+    found, seen = [], set()
+    top, own = os.path.realpath(root), os.path.realpath(root / cls)
     for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
+        real = os.path.realpath(dirpath)
+        # a symlinked folder is followed (a class kept on other storage), but not twice (a
+        # loop) and not back into the dataset outside this class: another class's images
+        # would be listed again under this class's label
+        elsewhere = real == top or (real.startswith(top + os.sep) and real != own
+                                    and not real.startswith(own + os.sep))
+        if real in seen or elsewhere:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel_dir = Path(dirpath).relative_to(root).as_posix()
         for name in filenames:
             if name.startswith("."):
                 continue
             if images_only and not is_image_name(name):
+                continue
+            # regular files only: a FIFO named .jpg would block the reader forever, and a
+            # dangling or looping symlink has nothing to read
+            if not os.path.isfile(os.path.join(dirpath, name)):
                 continue
             found.append(f"{rel_dir}/{name}")
     return sorted(found)

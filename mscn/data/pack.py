@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from mscn.data.imagefolder import parallel_imap
 from mscn.data.scan import EXCLUDED, check_image, check_outside
-from mscn.data.source import SOURCES_JSON, Source, resolve_source  # the one definition of the canonical order
+from mscn.data.source import PACKING, SOURCES_JSON, Source, resolve_source  # the one definition of the canonical order
 from mscn.errors import DataError
 
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -113,6 +113,9 @@ def pack(root, out, shard_size: int = 1000, shuffle_seed: int | None = 0, file_r
     if not files:
         raise DataError(f"{root}: none of its {source.num_samples} files decodes; nothing to pack")
     out.mkdir(parents=True, exist_ok=True)
+    # present until sources.json is written: shards of a pack killed part-way are refused by
+    # the readers (mscn.data.source), not trained on as if they were the whole set
+    (out / PACKING).write_text(f"mscn data pack {root} {out}: started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     order = np.arange(len(files))
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(len(files))
@@ -139,6 +142,7 @@ def pack(root, out, shard_size: int = 1000, shuffle_seed: int | None = 0, file_r
     meta = {"root": str(Path(source.root).resolve()), "classes": list(source.classes), "files": files,
             "skipped": skipped}
     (out / SOURCES_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+    (out / PACKING).unlink()
     return {"root": str(root), "source_root": source.root, "out": str(out), "num_samples": len(files),
             "num_shards": num_shards,
             "skipped": skipped, "seconds": round(time.time() - t0, 2)}

@@ -3,7 +3,7 @@
 One corrupt JPEG in a 1.28M-image ImageNet copy stops a DALI pipeline hours into
 pretraining. Scanning decodes each file fully with PIL (``img.load()``) over all
 cores, excludes the files no decoder can use (zero-byte, non-image, corrupt,
-truncated) and writes the rest as a DALI ``file_list`` (``relpath label``,
+truncated, or a format DALI has no decoder for, such as a GIF named .jpg) and writes the rest as a DALI ``file_list`` (``relpath label``,
 labels in sorted class order like torchvision's ImageFolder). Files DALI decodes
 to RGB anyway (CMYK, grayscale, PNG and other non-JPEG formats) are kept and only
 reported, and so are small images (short side < 32 px: ``small``), since the
@@ -21,10 +21,10 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from mscn.data.imagefolder import SPLIT_NAMES, is_image_name, list_image_folder, parallel_imap
+from mscn.data.imagefolder import DALI_FORMATS, SPLIT_NAMES, is_image_name, list_image_folder, parallel_imap
 from mscn.errors import DataError
 
-EXCLUDED = ("zero_byte", "non_image", "corrupt", "truncated", "tiny", "ignored")
+EXCLUDED = ("zero_byte", "non_image", "corrupt", "truncated", "no_dali_decoder", "tiny", "ignored", "bad_name")
 KEPT = ("small", "cmyk", "grayscale", "non_jpeg", "warning")
 SMALL_SIDE = 32  # px: reported as "small" below this short side (kept unless min_size excludes it)
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # a header we recognise -> "corrupt", not "non_image"
@@ -81,6 +81,8 @@ def check_image(path: str, min_size: int) -> tuple[list[tuple[str, str]], str | 
     """``([(reason, detail), ...], format)`` for one file; no issues -> ``[]``."""
     if not is_image_name(path):
         return [("ignored", "no image extension (ImageFolder and DALI skip it)")], None
+    if "\n" in path or "\r" in path:  # one line per file: the list would split it in two
+        return [("bad_name", "a line break in its name, which a file list cannot hold; rename it")], None
     with open(path, "rb") as f:  # read once: PIL decodes these bytes, the JPEG end check walks them
         data = f.read()
     if not data:
@@ -99,6 +101,8 @@ def check_image(path: str, min_size: int) -> tuple[list[tuple[str, str]], str | 
             reason = "truncated" if "truncated" in str(e).lower() else "corrupt"
             return [(reason, str(e))], None
         fmt, mode, (w, h) = img.format, img.mode, img.size
+        if fmt not in DALI_FORMATS:
+            return [("no_dali_decoder", f"a {fmt} image: DALI cannot decode it (convert it to JPEG or PNG)")], fmt
         gray = mode in _GRAY_MODES or (mode in ("P", "PA") and _is_gray_palette(img))
         if fmt == "JPEG" and not _jpeg_ends(data):
             return [("truncated", "no end-of-image marker after the image data: an incomplete file (a "
@@ -226,6 +230,11 @@ def scan(root, out=None, report=None, min_size: int = 0, workers: int | None = N
     return summary
 
 
+def _is_label(text: str) -> bool:
+    """A class label: ASCII digits (``str.isdigit`` also takes "²", which int() refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 def read_file_list(path, root, root_note: str | None = None) -> list[tuple[str, int]]:
     """Parse and validate a ``relpath label`` file list against ``root``; a list of bare
     ``relpath`` lines is unlabelled (label -1 for every file). ``root_note``: why ``root``
@@ -239,17 +248,24 @@ def read_file_list(path, root, root_note: str | None = None) -> list[tuple[str, 
     if not path.is_file():
         raise DataError(f"{path}: file list not found; write one with `mscn data scan ROOT --out {path}`")
     if not root.is_dir():
-        raise DataError(f"{root}: no such directory (the root the file list {path} is relative to)")
+        raise DataError(f"{root}: no such directory (the root the file list {path} is relative to, from its scan "
+                        f"report {report_path_for(path).name} or as given); if the dataset moved, set 'root' in that "
+                        "report to its new place, or rescan it")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a BOM from a Windows editor is not part of the first path
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a UTF-8 text file (byte {e.start}); a file list is 'relative/path label' "
+                        "lines, as `mscn data scan` writes it") from None
     samples, missing, labelled = [], [], None
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)  # paths may hold spaces, labels cannot
         if labelled is None:  # the first line decides: 'relpath label' lines, or bare relpaths (unlabelled)
-            labelled = len(parts) == 2 and parts[1].isdigit()
+            labelled = len(parts) == 2 and _is_label(parts[1])
         if not labelled:
             rel, label = line.strip(), -1
-        elif len(parts) != 2 or not parts[1].isdigit():
+        elif len(parts) != 2 or not _is_label(parts[1]):
             raise DataError(f"{path}:{lineno}: expected 'relative/path label' like line 1, got {line!r}")
         else:
             rel, label = parts[0], int(parts[1])

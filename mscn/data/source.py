@@ -72,8 +72,8 @@ def detect_format(path: Path) -> str:
             return "filelist"
         raise DataError(f"{path}: a file but not a .txt file list; give an ImageFolder root, "
                         "a file list from `mscn data scan` or a folder of .tar shards")
-    if any(path.glob("*.tar")):
-        return "wds"
+    if any(path.glob("*.tar")) or any(path.glob("*.tar.gz")) or any(path.glob("*.tgz")):
+        return "wds"  # (compressed shards are refused there, by name)
     return "folder"
 
 
@@ -88,7 +88,7 @@ def list_root(list_path: Path, file_root: str | None) -> tuple[Path, str | None]
         try:
             root = Path(json.loads(report.read_text())["root"])
             return (root if root.is_absolute() else report.parent / root), None  # older reports: relative
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):  # TypeError: a list, or "root": null
             raise DataError(f"{report}: not a scan report with a 'root' entry; fix or delete it") from None
     return list_path.parent, (
         f"no scan report beside the list ({report.name}) says which folder its paths are relative to, so "
@@ -143,15 +143,19 @@ def resolve_source(path: str, fmt: str = "auto", file_root: str | None = None,
 def _report_classes(list_path: Path) -> list[str]:
     report = report_path_for(list_path)
     try:
-        return list(json.loads(report.read_text()).get("classes", [])) if report.is_file() else []
-    except ValueError:
+        classes = json.loads(report.read_text()).get("classes", []) if report.is_file() else []
+    except (ValueError, AttributeError, UnicodeDecodeError):
         return []  # list_root already names a broken report
+    return [str(c) for c in classes] if isinstance(classes, list) else []
 
 
 def _file_source(kind: str, root: Path, samples: list[tuple[str, int]], classes) -> Source:
     labels = tuple(lab for _, lab in samples)
     return Source(kind, str(root), len(samples), files=tuple(r for r, _ in samples), labels=labels,
                   classes=tuple(classes), labelled=any(lab != UNLABELLED for lab in labels))
+
+
+PACKING = ".packing"  # in a folder `mscn data pack` is writing: removed once it has finished
 
 
 def read_sources_json(folder: Path) -> dict:
@@ -188,7 +192,18 @@ def _wds_source(folder: Path, classes=None) -> Source:
     if not folder.is_dir():
         raise DataError(f"{folder}: data.format=wds needs a folder of .tar shards")
     tars = sorted(folder.glob("*.tar"))
+    half = sorted(p.name for p in folder.glob("*.tar.tmp"))
+    if (folder / PACKING).exists() or half:
+        raise DataError(f"{folder}: an `mscn data pack` that did not finish ({PACKING if not half else half[0]} is "
+                        "there): its shards hold part of the set; rerun the pack into this folder")
+    gz = sorted(p.name for p in folder.glob("*.tar.gz")) + sorted(p.name for p in folder.glob("*.tgz"))
+    if gz:  # beside plain shards they would be left out without a word
+        raise DataError(f"{folder}: compressed shards ({gz[0]}{', ...' if len(gz) > 1 else ''}): DALI reads plain "
+                        ".tar only; decompress them (gunzip) or repack with `mscn data pack`")
     if not tars:
+        if any(e.is_dir() and not e.name.startswith(".") for e in folder.iterdir()):  # class folders
+            raise DataError(f"{folder}: an image folder, not .tar shards (data.format=wds); read it with "
+                            f"data.format=auto, or pack it into another folder: `mscn data pack {folder} OUT`")
         raise DataError(f"{folder}: no .tar shards; write them with `mscn data pack ROOT {folder}`")
     total, exts = 0, set()
     for tar in tars:
@@ -204,7 +219,11 @@ def _wds_source(folder: Path, classes=None) -> Source:
         total += int(head[1])
         exts.update(first[0::4])  # v1.2 lines: ext offset size name, repeated per member
         _check_shard_length(tar, idx)
-    own = list(read_sources_json(folder).get("classes", []))
+    meta = read_sources_json(folder)
+    if isinstance(meta.get("files"), list) and len(meta["files"]) != total:
+        raise DataError(f"{folder}: its {SOURCES_JSON} lists {len(meta['files'])} packed images but the shards' "
+                        f"indexes hold {total}: shards of two packs, or some missing; repack into an empty folder")
+    own = list(meta.get("classes", []))
     labelled = "cls" in exts  # shards without .cls are unlabelled: the loader gives label -1
     if classes is not None and own and own != list(classes[:len(own)]):
         # the reader yields the packed label itself: it can only be kept, not remapped

@@ -68,6 +68,23 @@ def _official(samples, official: Path, root: Path) -> list[tuple[str, int]]:
     return sorted(set(chosen))
 
 
+def check_replaceable(out: Path) -> None:
+    """``out`` may be replaced only if it is a file list (an earlier subset, say): every line
+    ``relpath label``. Any other file there (notes, a list of one's own in another form) is
+    refused rather than overwritten."""
+    if not out.exists():
+        return
+    if out.is_dir():
+        raise DataError(f"--out {out}: a folder; pass a file name for the list")
+    try:
+        lines = [ln for ln in out.read_text().splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError):
+        lines = ["?"]
+    if not all(len(ln.rsplit(" ", 1)) == 2 and ln.rsplit(" ", 1)[1].lstrip("-").isdigit() for ln in lines):
+        raise DataError(f"--out {out}: a file is already there that is not a file list ('relpath label' lines); "
+                        "pass another --out, or move it away")
+
+
 def make_subset(root, fraction: float | None, seed: int = 0, out=None, official=None) -> list[tuple[str, int]]:
     """A sorted ``[(relpath, label), ...]`` subset of the ImageFolder ``root``.
 
@@ -78,6 +95,8 @@ def make_subset(root, fraction: float | None, seed: int = 0, out=None, official=
     root = Path(root)
     if official is None and (fraction is None or not 0 < fraction <= 1):
         raise DataError(f"subset: --fraction must be in (0, 1], got {fraction}")
+    if out:
+        check_replaceable(Path(out))
     classes, samples = list_image_folder(root)
     if official is not None:
         chosen = _official(samples, Path(official), root)

@@ -59,6 +59,22 @@ def batch_to(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, t
     return images, labels, index
 
 
+def check_labels(y: torch.Tensor, num_classes: int | None, loader) -> None:
+    """One DataError naming the dataset when a batch holds a label that is not a class of
+    the training set (``0 <= y < num_classes``; only ``y >= 0`` when unknown): a shard's
+    ``.cls`` or a file list's label out of range would otherwise score silently wrong (kNN)
+    or fail deep in a loss (IndexError, a device assert on the GPU). One host sync per batch."""
+    bad = (y < 0) | (y >= num_classes) if num_classes else (y < 0)
+    if not bool(bad.any()):
+        return
+    v = int(y[bad][0])
+    root = getattr(getattr(loader, "source", None), "root", "the evaluation data")
+    what = (f"a sample labelled {v}, outside the {num_classes} classes of the training set" if v >= 0
+            else f"a sample without a label ({v})")
+    raise DataError(f"{root}: {what}; its labels (a shard's .cls, a file list's numbers) do not match its classes: "
+                    "rescan it (mscn data scan) or repack it (mscn data pack)")
+
+
 def unique_by_index(index: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Keep the first row of every sample index, sorted by index (drops DALI's padding).
 
@@ -74,8 +90,10 @@ def unique_by_index(index: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, loader, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features and labels of every sample of ``loader``, on every rank.
+def extract_features(backbone: nn.Module, loader, rt: Runtime,
+                     num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features and labels of every sample of ``loader``, on every rank (labels
+    checked against ``num_classes``, :func:`check_labels`).
 
     The backbone runs in eval mode (BN uses its running statistics) and its mode is
     restored afterwards, so this is safe as an online monitor inside pretraining.
@@ -85,6 +103,7 @@ def extract_features(backbone: nn.Module, loader, rt: Runtime) -> tuple[torch.Te
     feats, labels, index = [], [], []
     for batch in loader:
         x, y, i = batch_to(batch, rt.device)
+        check_labels(y, num_classes, loader)
         with rt.autocast():
             f = backbone(x)
         feats.append(f.float())
@@ -114,13 +133,15 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def evaluate_classifier(model: nn.Module, loader, rt: Runtime) -> dict:
-    """Top-1/top-5 of ``model`` (images -> logits) over ``loader``, exact under DDP."""
+def evaluate_classifier(model: nn.Module, loader, rt: Runtime, num_classes: int | None = None) -> dict:
+    """Top-1/top-5 of ``model`` (images -> logits) over ``loader``, exact under DDP; labels
+    checked against ``num_classes`` (:func:`check_labels`)."""
     was_training = model.training
     model.eval()
     c1s, c5s, index = [], [], []
     for batch in loader:
         x, y, i = batch_to(batch, rt.device)
+        check_labels(y, num_classes, loader)
         with rt.autocast():
             logits = model(x)
         c1, c5 = topk_correct(logits.float(), y)
@@ -192,7 +213,12 @@ def _loader(cfg: Config, root: str, rt: Runtime, global_batch: int, file_list: s
             classes: tuple[str, ...] | None):
     from mscn.pipelines import build_eval_loader  # DALI is imported on first use only
 
-    return build_eval_loader(cfg, root, rank=rt.dist.rank, world_size=rt.dist.world_size,
-                             local_rank=rt.dist.local_rank, device=rt.device,
-                             batch_size=rt.per_rank(global_batch), train_views=train_views,
-                             file_list=file_list, classes=classes)
+    loader = build_eval_loader(cfg, root, rank=rt.dist.rank, world_size=rt.dist.world_size,
+                               local_rank=rt.dist.local_rank, device=rt.device,
+                               batch_size=rt.per_rank(global_batch), train_views=train_views,
+                               file_list=file_list, classes=classes)
+    if not loader.source.labelled:  # every label -1: each prediction would count as wrong, 0 % quietly
+        raise DataError(f"{loader.source.root}: has no labels (flat folder, list or shards without labels); an "
+                        "evaluation needs labelled images: ROOT/<class>/<image>, a 'relpath label' list or shards "
+                        "with .cls")
+    return loader

@@ -31,8 +31,8 @@ from mscn.data.scan import read_file_list, write_file_list
 from mscn.data.subset import make_subset
 from mscn.errors import DataError, MscnError
 from mscn.train.distributed import convert_sync_batchnorm, mean_over_ranks
-from mscn.train.eval.common import (MOMENTUM, batch_to, eval_loader, evaluate_classifier, feature_dim, label_set,
-                                    log_json, make_head, seeded, train_view_loader)
+from mscn.train.eval.common import (MOMENTUM, batch_to, check_labels, eval_loader, evaluate_classifier, feature_dim,
+                                    label_set, log_json, make_head, seeded, train_view_loader)
 from mscn.train.runtime import Runtime, setup_runtime
 from mscn.train.schedule import peak_lr
 
@@ -118,6 +118,7 @@ def _finetune(backbone, cfg: Config, train_root, val_root, subset, rt, epochs, b
         total, steps = torch.zeros((), device=rt.device), 0
         for b in loader:
             x, y, _ = batch_to(b, rt.device)
+            check_labels(y, num_classes, loader)
             with rt.autocast():
                 logits = ddp(x)
             loss = F.cross_entropy(logits.float(), y)
@@ -132,7 +133,7 @@ def _finetune(backbone, cfg: Config, train_root, val_root, subset, rt, epochs, b
         log_json(rt, protocol="finetune", epoch=epoch + 1, loss=mean_loss,
                  lr_backbone=opt.param_groups[0]["lr"], lr_head=opt.param_groups[1]["lr"])
         sched.step()  # per epoch: the drops happen "after the 12th and 16th epoch"
-    res = evaluate_classifier(model, eval_loader(cfg, val_root, rt, batch, classes=classes), rt)
+    res = evaluate_classifier(model, eval_loader(cfg, val_root, rt, batch, classes=classes), rt, num_classes)
     return {"top1": res["top1"], "top5": res["top5"], "n_val": res["n"], "num_classes": num_classes,
             "label_fraction": len(samples) / len(everything), "n_labelled": len(samples), "epochs": epochs,
             "seed": cfg.train.seed,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mscn.errors import MscnError
+from mscn.errors import DataError, MscnError
 from mscn.train.distributed import broadcast_module
 from mscn.train.eval.common import extract_features, topk_correct
 from mscn.train.runtime import Runtime
@@ -67,4 +67,11 @@ def knn_eval(backbone: nn.Module, train_loader, val_loader, rt: Runtime, k: int 
     broadcast_module(backbone)  # no DDP syncs it here: rank 0's weights (and BN stats) on every rank
     train_f, train_y = extract_features(backbone, train_loader, rt)
     val_f, val_y = extract_features(backbone, val_loader, rt)
+    # a val label no training sample has can never be voted for: a numbering mismatch (a
+    # shard's .cls, a file list's labels), which would score silently low
+    unknown = sorted(set(val_y.unique().tolist()) - set(train_y.unique().tolist()))
+    if unknown:
+        root = getattr(getattr(val_loader, "source", None), "root", "the evaluation data")
+        raise DataError(f"{root}: label(s) {', '.join(map(str, unknown[:5]))} that no training sample has; its "
+                        "labels (a shard's .cls, a file list's numbers) do not match the training set's classes")
     return knn_classify(train_f, train_y, val_f, val_y, k, T)

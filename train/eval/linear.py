@@ -37,8 +37,9 @@ from torch import nn
 from mscn.config import Config
 from mscn.errors import MscnError
 from mscn.train.distributed import broadcast_module, mean_over_ranks
-from mscn.train.eval.common import (MOMENTUM, accuracy, batch_to, eval_loader, evaluate_classifier, extract_features,
-                                    feature_dim, label_set, log_json, make_head, seeded, train_view_loader)
+from mscn.train.eval.common import (MOMENTUM, accuracy, batch_to, check_labels, eval_loader, evaluate_classifier,
+                                    extract_features, feature_dim, label_set, log_json, make_head, seeded,
+                                    train_view_loader)
 from mscn.train.runtime import Runtime, setup_runtime
 from mscn.train.schedule import lr_at, peak_lr
 
@@ -116,8 +117,9 @@ def _linear_probe(backbone, cfg: Config, train_root, val_root, rt, epochs, lr, b
     losses: list[float] = []
 
     if precompute:
-        train_f, train_y = extract_features(backbone, eval_loader(cfg, train_root, rt, batch), rt)
-        val_f, val_y = extract_features(backbone, eval_loader(cfg, val_root, rt, batch, classes=classes), rt)
+        train_f, train_y = extract_features(backbone, eval_loader(cfg, train_root, rt, batch), rt, num_classes)
+        val_f, val_y = extract_features(backbone, eval_loader(cfg, val_root, rt, batch, classes=classes), rt,
+                                        num_classes)
         g = torch.Generator().manual_seed(cfg.train.seed)  # same permutation on every rank
         losses = _train_on_features(model, opt, train_f, train_y, rt, epochs, batch, peak, g)
         head.eval()
@@ -131,12 +133,13 @@ def _linear_probe(backbone, cfg: Config, train_root, val_root, rt, epochs, lr, b
             total = torch.zeros((), device=rt.device)
             for i, b in enumerate(train_loader):
                 x, y, _ = batch_to(b, rt.device)
+                check_labels(y, num_classes, train_loader)
                 with torch.no_grad(), rt.autocast():
                     f = backbone(x)
                 total += _step(model, opt, f.float(), y, lr_at(epoch * steps + i, epochs * steps, 0, peak))
             losses.append(_end_epoch(rt, "linear probe", epoch + 1, total, steps, opt.param_groups[0]["lr"]))
         val_loader = eval_loader(cfg, val_root, rt, batch, classes=classes)
-        res = evaluate_classifier(nn.Sequential(backbone, head), val_loader, rt)
+        res = evaluate_classifier(nn.Sequential(backbone, head), val_loader, rt, num_classes)
 
     return {"top1": res["top1"], "top5": res["top5"], "n_val": res["n"], "num_classes": num_classes,
             "epochs": epochs, "seed": cfg.train.seed, "loss": [round(v, 5) for v in losses],
