@@ -63,6 +63,24 @@ def _packed_origin(where: str) -> str:
     return f"{original} (packed as {where})" if original else where
 
 
+def _stale_index(path: str) -> str | None:
+    """When the shard of an undecodable sample (``... (packed as TAR:offset:member)`` or
+    ``TAR:offset:member``) no longer matches its ``.idx`` (rewritten or appended to after
+    indexing), the message to give instead of blaming the sample; else None."""
+    from mscn.data.pack import index_matches
+
+    found = re.search(r"(\S+\.tar):\d+:[^)]*\)?$", path)
+    if not found:
+        return None
+    tar = found.group(1)
+    idx = os.path.splitext(tar)[0] + ".idx"
+    if not os.path.isfile(tar) or not os.path.isfile(idx) or index_matches(tar, idx):
+        return None
+    return (f"{idx}: not the index of {tar} as it is now (the shard was rewritten or appended to after its index "
+            f"was made), so DALI read the wrong bytes; make it again: `mscn data pack` into a new folder, or "
+            f"DALI's `wds2idx {tar} {idx}`")
+
+
 def find_bad_sample(source: Source, replay, runs_done: int) -> tuple[str, str] | None:
     """(source_info, PIL's complaint) of the first undecodable sample among the batches
     that were in flight after ``runs_done`` batches, or None."""
@@ -104,5 +122,8 @@ def explain(err: Exception, source: Source, replay, runs_done: int) -> DataError
             found = None
     if found:
         path, why = found
+        stale = _stale_index(path) if source.kind == "wds" else None
+        if stale:  # the bytes read were not the sample's: the file named is likely healthy
+            return DataError(stale)
         return DataError(f"{path}: cannot be decoded ({why}; DALI: {reason}); {fix}")
     return DataError(f"{source.root}: DALI failed while reading the dataset ({reason}); {fix}")

@@ -168,3 +168,15 @@ def test_an_unfinished_pack_mixed_packs_and_compressed_shards_are_refused_by_nam
     (gz / "shard-000000.tar.gz").write_bytes(b"\x1f\x8b")
     with pytest.raises(DataError, match=r"gz: compressed shards \(shard-000000.tar.gz\): DALI reads plain .tar only"):
         resolve_source(str(gz))
+
+
+def test_an_index_older_than_its_shard_is_named_not_a_healthy_image(tmp_path):
+    """A shard rewritten after its .idx was made (here: the index of another pack of the same
+    files): DALI reads the wrong bytes, and the sample it blames decodes fine from its source."""
+    root = make_folder(tmp_path / "ds", classes=2, per_class=4)
+    pack(root, tmp_path / "a", shard_size=8, progress=False, workers=1, shuffle_seed=0)
+    pack(root, tmp_path / "b", shard_size=8, progress=False, workers=1, shuffle_seed=1)
+    shutil.copy(tmp_path / "a" / "shard-000000.idx", tmp_path / "b" / "shard-000000.idx")
+    with pytest.raises(DataError, match=r"shard-000000.idx: not the index of .*shard-000000.tar as it is now"):
+        for _ in build_eval_loader(tiny_cfg(root), str(tmp_path / "b"), batch_size=2):
+            pass

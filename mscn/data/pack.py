@@ -53,6 +53,26 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def write_dali_index(tar_path: Path, idx_path: Path) -> int:
     """Write DALI's v1.2 index of ``tar_path``; returns the number of samples."""
+    samples = dali_index_samples(tar_path)
+    tmp = idx_path.with_name(idx_path.name + ".tmp")
+    tmp.write_text(f"v1.2 {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples))
+    tmp.replace(idx_path)
+    return len(samples)
+
+
+def index_matches(tar_path: str | Path, idx_path: str | Path) -> bool:
+    """Whether ``idx_path`` is the index of ``tar_path`` as it is now (DALI's v1.2 lines:
+    every member's extension, data offset, size and name). A shard rewritten or appended to
+    after its index was made reads the wrong bytes for a sample, or drops some."""
+    try:
+        have = [ln.split() for ln in Path(idx_path).read_text().splitlines()[1:] if ln.strip()]
+        return have == [" ".join(s).split() for s in dali_index_samples(Path(tar_path))]
+    except (OSError, tarfile.TarError, UnicodeDecodeError):
+        return False
+
+
+def dali_index_samples(tar_path: Path) -> list[list[str]]:
+    """Per sample, its members' ``ext offset size name`` entries, in the tar's order."""
     samples: list[list[str]] = []
     last_key = None
     with tarfile.open(tar_path) as tar:
@@ -65,10 +85,7 @@ def write_dali_index(tar_path: Path, idx_path: Path) -> int:
                 samples.append([])
                 last_key = key
             samples[-1].append(f"{ext} {m.offset_data} {m.size} {m.name}")
-    tmp = idx_path.with_name(idx_path.name + ".tmp")
-    tmp.write_text(f"v1.2 {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples))
-    tmp.replace(idx_path)
-    return len(samples)
+    return samples
 
 
 def _decode_task(path: str) -> tuple[str, str | None]:
