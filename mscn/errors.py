@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import functools
 import os
 import signal
 import sys
@@ -73,18 +74,13 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
     return int(status or 0)
 
 
-_TEARDOWN_REGISTERED = []
-
-
+@functools.cache  # registered once per process
 def _quiet_teardown() -> None:
     """Once the command is over, a Ctrl-C during the interpreter's teardown (DALI unloads its
     library in an atexit hook, which takes a moment) would print "Exception ignored in atexit
     callback ... KeyboardInterrupt" after the command's own last line. Registered after the
     command ran, so after DALI's hook, this runs first (atexit is last-in, first-out) and
     ignores SIGINT from there on; SIGTERM and SIGKILL still end the process."""
-    if _TEARDOWN_REGISTERED:
-        return
-    _TEARDOWN_REGISTERED.append(True)
 
     def ignore_sigint() -> None:
         if threading.current_thread() is threading.main_thread():

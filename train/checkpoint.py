@@ -199,18 +199,23 @@ def pick_pretrained(path: str | Path) -> tuple[Path, int | None, str | None, dic
     ckpt_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     final_step = step_of(final) if final else None
     names = list_checkpoints(ckpt_dir)
-    if final is None or (final_step is not None and names and step_of(names[-1]) > final_step):
-        found = find_latest_valid(ckpt_dir, BACKBONE_KEYS)  # loads the newest first: usually once
-        if found is not None and (final is None or step_of(found[0]) > final_step):
-            step = step_of(found[0])
-            note = (f"{path}: {found[0].name} (step {step}) is newer than final.pt (step {final_step}): "
-                    f"evaluating {found[0]}" if final is not None else
-                    f"{path}: no final.pt (a run still training, or stopped before its end): evaluating its newest "
-                    f"checkpoint {found[0].name} (step {step})" if (p / "checkpoints").is_dir() else None)
-            return found[0], step_of(found[0]), note, found[1]
+    if final is not None and (final_step is None or not names or step_of(names[-1]) <= final_step):
+        return final, final_step, None, load_checkpoint(final, BACKBONE_KEYS)  # nothing named past final.pt
+    found = find_latest_valid(ckpt_dir, BACKBONE_KEYS)  # loads the newest first: usually once
+    step = step_of(found[0]) if found else None
+    if found is None or (final is not None and step <= final_step):  # none past final.pt loads
         if final is None:
             raise MscnError(f"{path}: no final.pt and no readable checkpoints/ckpt_*.pt in this run directory")
-    return final, final_step, None, load_checkpoint(final, BACKBONE_KEYS)
+        return final, final_step, None, load_checkpoint(final, BACKBONE_KEYS)
+    if final is not None:
+        note = (f"{path}: {found[0].name} (step {step}) is newer than final.pt (step {final_step}): "
+                f"evaluating {found[0]}")
+    elif (p / "checkpoints").is_dir():
+        note = (f"{path}: no final.pt (a run still training, or stopped before its end): evaluating its newest "
+                f"checkpoint {found[0].name} (step {step})")
+    else:
+        note = None  # a folder of ckpt_*.pt files, given as such
+    return found[0], step, note, found[1]
 
 
 def load_pretrained_state(path: str | Path) -> dict:

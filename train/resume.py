@@ -103,9 +103,8 @@ def check_resume_path(cfg: Config, resume: str | None) -> None:
     here = folder_step(out)
     if here is None:
         return
-    real = path.resolve()  # a symlink names the folder it points into
-    own = real.parent in (out.resolve(), (out / "checkpoints").resolve())
-    if not own:
+    if not _of_folder(path, out):
+        real = path.resolve()  # a symlink names the folder it points into
         where = real.parent.parent if real.parent.name == "checkpoints" else real.parent
         raise MscnError(f"--resume {path}: a checkpoint of another run folder ({where}), but {out} holds a run of "
                         f"its own (at step {here}); --resume auto continues that run (e.g. a relaunched branch); "
@@ -125,8 +124,13 @@ def is_branch(cfg: Config, resume: str | None) -> bool:
     run branches from it (check_resume_path allowed it: this folder has no progress)."""
     if resume in (None, "", "none", "never", "auto"):
         return False
-    out, real = Path(cfg.train.out_dir), Path(resume).resolve()
-    return real.parent not in (out.resolve(), (out / "checkpoints").resolve())
+    return not _of_folder(Path(resume), Path(cfg.train.out_dir))
+
+
+def _of_folder(path: Path, out: Path) -> bool:
+    """Whether the checkpoint ``path`` is run folder ``out``'s own: in it or in its
+    ``checkpoints/``, wherever a symlink points."""
+    return path.resolve().parent in (out.resolve(), (out / "checkpoints").resolve())
 
 
 def load_state(state: dict, path: str, cfg: Config, method, optimizer, scaler, branch: bool = False) -> list[str]:
@@ -136,9 +140,11 @@ def load_state(state: dict, path: str, cfg: Config, method, optimizer, scaler, b
     differ, e.g. a lower ``optim.base_lr`` after a non-finite loss; returns the result-changing
     keys that differ (the caller starts fresh loaders: not an exact continuation). The
     weights and optimizer state must still fit."""
-    changed = differing_keys(state["config"], cfg) if branch else []
-    if not branch:
+    if branch:
+        changed = differing_keys(state["config"], cfg)
+    else:
         check_same_run(state["config"], cfg, path, checkpoint=True)
+        changed = []
     ckpt.check_compatible(state, cfg.model.arch, cfg.method.name, path)
     try:
         method.load_state_dict(state["model"])

@@ -3,8 +3,9 @@
 One corrupt JPEG in a 1.28M-image ImageNet copy stops a DALI pipeline hours into
 pretraining. Scanning decodes each file fully with PIL (``img.load()``) over all
 cores, excludes the files no decoder can use (zero-byte, non-image, corrupt,
-truncated, or a format DALI has no decoder for, such as a GIF named .jpg) and writes the rest as a DALI ``file_list`` (``relpath label``,
-labels in sorted class order like torchvision's ImageFolder). Files DALI decodes
+truncated, or a format DALI has no decoder for, such as a GIF named .jpg) and writes
+the rest as a DALI ``file_list`` (``relpath label``, labels in sorted class order like
+torchvision's ImageFolder). Files DALI decodes
 to RGB anyway (CMYK, grayscale, PNG and other non-JPEG formats) are kept and only
 reported, and so are small images (short side < 32 px: ``small``), since the
 pipeline's random-resized crop upsamples them; ``min_size`` excludes images below
@@ -230,7 +231,7 @@ def scan(root, out=None, report=None, min_size: int = 0, workers: int | None = N
     return summary
 
 
-def _is_label(text: str) -> bool:
+def is_label(text: str) -> bool:
     """A class label: ASCII digits (``str.isdigit`` also takes "²", which int() refuses)."""
     return text.isascii() and text.isdigit()
 
@@ -262,10 +263,10 @@ def read_file_list(path, root, root_note: str | None = None) -> list[tuple[str, 
             continue
         parts = line.rsplit(maxsplit=1)  # paths may hold spaces, labels cannot
         if labelled is None:  # the first line decides: 'relpath label' lines, or bare relpaths (unlabelled)
-            labelled = len(parts) == 2 and _is_label(parts[1])
+            labelled = len(parts) == 2 and is_label(parts[1])
         if not labelled:
             rel, label = line.strip(), -1
-        elif len(parts) != 2 or not _is_label(parts[1]):
+        elif len(parts) != 2 or not is_label(parts[1]):
             raise DataError(f"{path}:{lineno}: expected 'relative/path label' like line 1, got {line!r}")
         else:
             rel, label = parts[0], int(parts[1])

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mscn.data.imagefolder import list_image_folder
-from mscn.data.scan import default_outputs, write_file_list
+from mscn.data.scan import default_outputs, is_label, write_file_list
 from mscn.errors import DataError
 
 
@@ -80,7 +80,7 @@ def check_replaceable(out: Path) -> None:
         lines = [ln for ln in out.read_text().splitlines() if ln.strip()]
     except (OSError, UnicodeDecodeError):
         lines = ["?"]
-    if not all(len(ln.rsplit(" ", 1)) == 2 and ln.rsplit(" ", 1)[1].lstrip("-").isdigit() for ln in lines):
+    if not all(len(ln.rsplit(" ", 1)) == 2 and is_label(ln.rsplit(" ", 1)[1].lstrip("-")) for ln in lines):
         raise DataError(f"--out {out}: a file is already there that is not a file list ('relpath label' lines); "
                         "pass another --out, or move it away")
 
