@@ -67,7 +67,7 @@ def _stale_index(path: str) -> str | None:
     """When the shard of an undecodable sample (``... (packed as TAR:offset:member)`` or
     ``TAR:offset:member``) no longer matches its ``.idx`` (rewritten or appended to after
     indexing), the message to give instead of blaming the sample; else None."""
-    from mscn.data.pack import index_matches
+    from mscn.data.shardindex import index_matches, stale_message
 
     found = re.search(r"(\S+\.tar):\d+:[^)]*\)?$", path)
     if not found:
@@ -76,9 +76,7 @@ def _stale_index(path: str) -> str | None:
     idx = os.path.splitext(tar)[0] + ".idx"
     if not os.path.isfile(tar) or not os.path.isfile(idx) or index_matches(tar, idx):
         return None
-    return (f"{idx}: not the index of {tar} as it is now (the shard was rewritten or appended to after its index "
-            f"was made), so DALI read the wrong bytes; make it again: `mscn data pack` into a new folder, or "
-            f"DALI's `wds2idx {tar} {idx}`")
+    return stale_message(tar, idx)
 
 
 def find_bad_sample(source: Source, replay, runs_done: int) -> tuple[str, str] | None:

@@ -5,7 +5,10 @@ Real files, the real DALI CPU pipeline and the real pretraining loop; tiny sizes
 import io
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from PIL import Image
 
 from mscn.config import load_config
 from mscn.data.pack import pack
+from mscn.data.shardindex import write_dali_index
 from mscn.data.scan import scan
 from mscn.data.source import resolve_source
 from mscn.errors import DataError
@@ -170,13 +174,74 @@ def test_an_unfinished_pack_mixed_packs_and_compressed_shards_are_refused_by_nam
         resolve_source(str(gz))
 
 
-def test_an_index_older_than_its_shard_is_named_not_a_healthy_image(tmp_path):
+def test_an_index_older_than_its_shard_is_refused_at_the_start(tmp_path):
     """A shard rewritten after its .idx was made (here: the index of another pack of the same
-    files): DALI reads the wrong bytes, and the sample it blames decodes fine from its source."""
+    files), or appended to: DALI would read the wrong bytes, or leave the new samples out."""
     root = make_folder(tmp_path / "ds", classes=2, per_class=4)
     pack(root, tmp_path / "a", shard_size=8, progress=False, workers=1, shuffle_seed=0)
     pack(root, tmp_path / "b", shard_size=8, progress=False, workers=1, shuffle_seed=1)
     shutil.copy(tmp_path / "a" / "shard-000000.idx", tmp_path / "b" / "shard-000000.idx")
+    with pytest.raises(DataError, match=r"shard-000000.idx: not the index of .*shard-000000.tar as it is now"):
+        resolve_source(str(tmp_path / "b"))
+    # appended: `tar -r` / tarfile "a" writes over the end-of-archive blocks
+    tar_path = tmp_path / "a" / "shard-000000.tar"
+    with tarfile.open(tar_path, "a") as tar:
+        for name, data in (("000000008.jpg", (root / "c0" / "000.jpg").read_bytes()), ("000000008.cls", b"0")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(DataError, match=r"shard-000000.tar: holds samples after the last one its index "
+                                        r"shard-000000.idx lists \(appended"):
+        resolve_source(str(tmp_path / "a"))
+
+
+def test_shards_indexed_as_they_are_pass_the_start_check(tmp_path):
+    """Long member names (an extra pax header before the member's own), trailing
+    non-file members and tar's zero padding are no reason to refuse a shard."""
+    root = make_folder(tmp_path / "ds", classes=1, per_class=3)
+    (tmp_path / "w").mkdir()
+    tar_path = tmp_path / "w" / "part-0.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for k, img in enumerate(sorted((root / "c0").glob("*.jpg"))):
+            key = f"{'deep/' * 30}s{k}"  # 150-byte names
+            tar.add(img, arcname=f"{key}.jpg")
+            info = tarfile.TarInfo(f"{key}.cls")
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"0"))
+        tar.addfile(_dir_info("zz/"))  # a trailing folder entry: not a sample
+    write_dali_index(tar_path, tar_path.with_suffix(".idx"))
+    assert resolve_source(str(tmp_path / "w")).num_samples == 3
+    # the real wds2idx (GNU tar's listing) writes the same index
+    subprocess.run([str(Path(sys.executable).parent / "wds2idx"), str(tar_path), str(tmp_path / "d.idx")],
+                   check=True, capture_output=True)
+    assert (tmp_path / "d.idx").read_text() == tar_path.with_suffix(".idx").read_text()
+
+
+def _dir_info(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+def test_an_index_stale_only_in_the_middle_is_named_when_a_sample_fails(tmp_path):
+    """The start check reads the index's ends only. A rewrite that keeps both ends in place
+    (here: one image grown by a block, a later one shrunk by a block) makes DALI read the
+    wrong bytes in between; the decode failure then names the index, not a healthy image."""
+    root = make_folder(tmp_path / "ds", classes=2, per_class=4)
+    pack(root, tmp_path / "b", shard_size=8, progress=False, workers=1, shuffle_seed=None)
+    tar_path = tmp_path / "b" / "shard-000000.tar"
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    with tarfile.open(tar_path, "w") as tar:
+        for m, data in members:
+            if m.name == "000000002.jpg":
+                data += b"\0" * 512
+            elif m.name == "000000005.jpg":
+                data = data[:-512]
+            info = tarfile.TarInfo(m.name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert resolve_source(str(tmp_path / "b")).num_samples == 8  # both ends still fit
     with pytest.raises(DataError, match=r"shard-000000.idx: not the index of .*shard-000000.tar as it is now"):
         for _ in build_eval_loader(tiny_cfg(root), str(tmp_path / "b"), batch_size=2):
             pass

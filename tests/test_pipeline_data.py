@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from pipeline_fixtures import make_folder, make_image, tiny_cfg
 
-from mscn.data.pack import pack, write_dali_index
+from mscn.data.pack import pack
+from mscn.data.shardindex import write_dali_index
 from mscn.errors import DataError
 from mscn.pipelines import build_eval_loader, build_train_loader, resolve_source
 

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from mscn.data.imagefolder import parallel_imap
 from mscn.data.scan import EXCLUDED, check_image, check_outside
+from mscn.data.shardindex import write_dali_index
 from mscn.data.source import PACKING, SOURCES_JSON, Source, resolve_source  # the one definition of the canonical order
 from mscn.errors import DataError
 
@@ -49,43 +50,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime = len(data), 0o644, 0  # mtime 0: same input, same bytes
     tar.addfile(info, io.BytesIO(data))
-
-
-def write_dali_index(tar_path: Path, idx_path: Path) -> int:
-    """Write DALI's v1.2 index of ``tar_path``; returns the number of samples."""
-    samples = dali_index_samples(tar_path)
-    tmp = idx_path.with_name(idx_path.name + ".tmp")
-    tmp.write_text(f"v1.2 {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples))
-    tmp.replace(idx_path)
-    return len(samples)
-
-
-def index_matches(tar_path: str | Path, idx_path: str | Path) -> bool:
-    """Whether ``idx_path`` is the index of ``tar_path`` as it is now (DALI's v1.2 lines:
-    every member's extension, data offset, size and name). A shard rewritten or appended to
-    after its index was made reads the wrong bytes for a sample, or drops some."""
-    try:
-        have = [ln.split() for ln in Path(idx_path).read_text().splitlines()[1:] if ln.strip()]
-        return have == [" ".join(s).split() for s in dali_index_samples(Path(tar_path))]
-    except (OSError, tarfile.TarError, UnicodeDecodeError):
-        return False
-
-
-def dali_index_samples(tar_path: Path) -> list[list[str]]:
-    """Per sample, its members' ``ext offset size name`` entries, in the tar's order."""
-    samples: list[list[str]] = []
-    last_key = None
-    with tarfile.open(tar_path) as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            base = m.name.rsplit("/", 1)[-1]
-            key, _, ext = base.partition(".")  # DALI: the extension starts at the first dot
-            if key != last_key:
-                samples.append([])
-                last_key = key
-            samples[-1].append(f"{ext} {m.offset_data} {m.size} {m.name}")
-    return samples
 
 
 def _decode_task(path: str) -> tuple[str, str | None]:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from mscn.data.imagefolder import UNLABELLED, class_labels, is_flat_folder, list_flat_folder, list_image_folder
 from mscn.data.scan import read_file_list, report_path_for
+from mscn.data.shardindex import read_ends, start_fault
 from mscn.errors import DataError
 
 SOURCES_JSON = "sources.json"  # beside packed shards: {"root", "classes", "files"} (mscn.data.pack)
@@ -169,25 +170,6 @@ def read_sources_json(folder: Path) -> dict:
         raise DataError(f"{path}: not a JSON file; repack the shards or delete it") from None
 
 
-def _check_shard_length(tar: Path, idx: Path) -> None:
-    """A shard shorter than its index says (an interrupted copy) is named here, not by the
-    reader's "Malformed index file" about the index. Only the index's last line is read."""
-    with open(idx, "rb") as f:
-        f.seek(0, 2)
-        size = f.tell()
-        f.seek(max(0, size - 65536))
-        lines = f.read().decode("ascii", "replace").split("\n")
-    last = next((ln.split() for ln in reversed(lines) if ln.strip()), [])
-    try:  # ext offset size name, repeated per member
-        end = max(int(last[i + 1]) + int(last[i + 2]) for i in range(0, len(last) - 3, 4))
-    except (ValueError, IndexError):
-        return  # the reader names a malformed index itself
-    have = tar.stat().st_size
-    if end > have:
-        raise DataError(f"{tar}: {have} bytes, but its index {idx.name} places data up to byte {end}: the shard is "
-                        "cut short (an interrupted copy?); copy it again, or rerun `mscn data pack`")
-
-
 def _wds_source(folder: Path, classes=None) -> Source:
     if not folder.is_dir():
         raise DataError(f"{folder}: data.format=wds needs a folder of .tar shards")
@@ -211,14 +193,15 @@ def _wds_source(folder: Path, classes=None) -> Source:
         if not idx.is_file():
             raise DataError(f"{idx}: missing DALI index of {tar.name}; rerun `mscn data pack` "
                             f"or DALI's `wds2idx {tar} {idx}`")
-        with open(idx) as f:
-            head = f.readline().split()
-            first = f.readline().split()
+        line, first, last = read_ends(idx)
+        head = line.split()
         if len(head) != 2 or head[0] != "v1.2" or not head[1].isdigit():
             raise DataError(f"{idx}: not a DALI v1.2 webdataset index; regenerate it with `wds2idx`")
         total += int(head[1])
-        exts.update(first[0::4])  # v1.2 lines: ext offset size name, repeated per member
-        _check_shard_length(tar, idx)
+        exts.update(first.split()[0::4])  # v1.2 lines: ext offset size name, repeated per member
+        fault = start_fault(tar, idx, first, last)
+        if fault:
+            raise DataError(fault)
     meta = read_sources_json(folder)
     if isinstance(meta.get("files"), list) and len(meta["files"]) != total:
         raise DataError(f"{folder}: its {SOURCES_JSON} lists {len(meta['files'])} packed images but the shards' "

@@ -1,0 +1,136 @@
+"""A tar shard and its DALI index (``shard-000000.tar`` + ``shard-000000.idx``).
+
+DALI's webdataset reader trusts the index: it reads each member at the data offset and
+size the index gives, and reads nothing the index leaves out. So an index that no longer
+describes its shard fails quietly: a shard rewritten after indexing hands the decoder
+the wrong bytes, and samples appended after indexing are never read. Format ``v1.2``, as
+DALI's ``wds2idx`` writes it: a ``v1.2 <samples>`` line, then one line per sample of
+``<ext> <data offset> <size> <member name>`` per member.
+
+Two checks, at two prices:
+
+- :func:`start_fault`, at every run start: the index's first and last line against the
+  tar headers they point at, and the block after the last member (a few reads per shard,
+  whatever its size), so a cut-short copy, a rewrite and an append are refused before the
+  reader starts;
+- :func:`index_matches`, after a decode failure: every member against the index.
+"""
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+BLOCK = 512  # tar's header and padding unit
+
+
+def dali_index_samples(tar_path: Path) -> list[list[str]]:
+    """Per sample, its members' ``ext offset size name`` entries, in the tar's order."""
+    samples: list[list[str]] = []
+    last_key = None
+    with tarfile.open(tar_path) as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            base = m.name.rsplit("/", 1)[-1]
+            key, _, ext = base.partition(".")  # DALI: the extension starts at the first dot
+            if key != last_key:
+                samples.append([])
+                last_key = key
+            samples[-1].append(f"{ext} {m.offset_data} {m.size} {m.name}")
+    return samples
+
+
+def write_dali_index(tar_path: Path, idx_path: Path) -> int:
+    """Write DALI's v1.2 index of ``tar_path``; returns the number of samples."""
+    samples = dali_index_samples(tar_path)
+    tmp = idx_path.with_name(idx_path.name + ".tmp")
+    tmp.write_text(f"v1.2 {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples))
+    tmp.replace(idx_path)
+    return len(samples)
+
+
+def index_matches(tar_path: str | Path, idx_path: str | Path) -> bool:
+    """Whether ``idx_path`` is the index of ``tar_path`` as it is now: every member's
+    extension, data offset, size and name (reads every header of the tar)."""
+    try:
+        have = [ln.split() for ln in Path(idx_path).read_text().splitlines()[1:] if ln.strip()]
+        return have == [" ".join(s).split() for s in dali_index_samples(Path(tar_path))]
+    except (OSError, tarfile.TarError, UnicodeDecodeError):
+        return False
+
+
+def stale_message(tar: str | Path, idx: str | Path) -> str:
+    """The one line for an index that no longer describes its shard."""
+    return (f"{idx}: not the index of {tar} as it is now (the shard was rewritten or appended to after its index "
+            f"was made), so DALI would read the wrong bytes or leave samples out; make it again: `mscn data pack` "
+            f"into a new folder, or DALI's `wds2idx {tar} {idx}`")
+
+
+def _members(line: str) -> list[tuple[int, int, str]]:
+    """``(offset, size, name)`` of each member of one index line (``ext offset size name`` ...)."""
+    f = line.split()
+    return [(int(f[i + 1]), int(f[i + 2]), f[i + 3]) for i in range(0, len(f) - 3, 4)]
+
+
+def _header_fits(tar, offset: int, size: int, name: str) -> bool:
+    """Whether the block before ``offset`` is the tar header of a regular file of ``size``
+    bytes named ``name`` (a name over 100 bytes is carried by an extra header before it,
+    so only its size is compared)."""
+    if offset < BLOCK:
+        return False
+    tar.seek(offset - BLOCK)
+    try:  # frombuf checks the header's checksum: a block of image bytes is no header
+        info = tarfile.TarInfo.frombuf(tar.read(BLOCK), "utf-8", "surrogateescape")
+    except tarfile.TarError:
+        return False
+    return info.isreg() and info.size == size and (info.name == name or len(name.encode()) > 99)
+
+
+def _appended(tar, end: int) -> bool:
+    """Whether a regular file follows the member that ends at byte ``end`` (an append after
+    indexing writes its members over the end-of-archive blocks there)."""
+    tar.seek(-(-end // BLOCK) * BLOCK)
+    try:
+        with tarfile.open(fileobj=tar, mode="r:") as rest:  # starts at the file's position
+            return any(m.isreg() for m in rest)
+    except tarfile.TarError:  # zero blocks, or trailing bytes that are no tar: nothing DALI would read
+        return False
+
+
+def start_fault(tar: Path, idx: Path, first: str, last: str) -> str | None:
+    """The one line naming why ``idx`` cannot be trusted for ``tar``, from its first and last
+    sample lines; None when both ends fit. A rewrite that keeps both ends in place (a
+    middle image swapped for one of the same padded size) is left to :func:`index_matches`."""
+    try:
+        head, tail = _members(first), _members(last)
+    except (ValueError, IndexError):
+        return None  # the reader names a malformed index itself
+    if not head or not tail:
+        return None
+    end = max(o + s for o, s, _ in tail)
+    have = tar.stat().st_size
+    if end > have:
+        return (f"{tar}: {have} bytes, but its index {idx.name} places data up to byte {end}: the shard is cut "
+                "short (an interrupted copy?); copy it again, or rerun `mscn data pack`")
+    with open(tar, "rb") as f:
+        if not all(_header_fits(f, *m) for m in (head[0], tail[-1])):
+            return stale_message(tar, idx)
+        if _appended(f, end):
+            return (f"{tar}: holds samples after the last one its index {idx.name} lists (appended after the index "
+                    f"was made?): DALI would leave them out; make the index again (DALI's `wds2idx {tar} {idx}`), "
+                    "or repack into a new folder with `mscn data pack`")
+    return None
+
+
+def read_ends(idx: Path) -> tuple[str, str, str]:
+    """The ``v1.2 <samples>`` line and the first and last sample lines of ``idx``, reading
+    only its head and its last 64 KiB (ImageNet's 1,282 indexes are read at every start)."""
+    with open(idx, "rb") as f:
+        head = f.readline().decode("ascii", "replace")
+        first = f.readline().decode("ascii", "replace")
+        f.seek(0, 2)
+        size = f.tell()
+        f.seek(max(0, size - 65536))
+        lines = f.read().decode("ascii", "replace").split("\n")
+    last = next((ln for ln in reversed(lines) if ln.strip()), "")
+    return head, first, last
