@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from mscn.data.imagefolder import DALI_FORMATS
 from mscn.errors import DataError
-from mscn.pipelines.readers import Source, read
+from mscn.pipelines.readers import WDS_IMAGE_EXTS, Source, read
 
 MAX_REPLAY_BATCHES = 20_000  # beyond this the replay costs more than a scan would
 
@@ -79,6 +79,28 @@ def _stale_index(path: str) -> str | None:
     return stale_message(tar, idx)
 
 
+def _underful(reason: str, source: Source) -> str | None:
+    """DALI's "Underful sample detected at index file at "X.idx" line N" (a sample without
+    a member the reader asks for) -> the sample's key and the members it lacks."""
+    from mscn.data.shardindex import sample_members
+
+    m = re.search(r'Underful sample detected at index file at "([^"]+)" line (\d+)', reason)
+    if not m:
+        return None
+    try:
+        key, exts = sample_members(m.group(1), int(m.group(2)))
+    except (OSError, ValueError, IndexError):
+        return None
+    images = {e.lower() for e in WDS_IMAGE_EXTS.split(";")}
+    lack = ([] if images & {e.lower() for e in exts} else ["image"]) + [
+        f".{e}" for e in (["cls"] if source.labelled else []) + (["idx"] if source.has_index else []) if e not in exts]
+    tar = os.path.splitext(m.group(1))[0] + ".tar"
+    return (f"{tar}: sample '{key}' has no {' or '.join(lack or ['member the reader needs'])} (it has "
+            f"{', '.join('.' + e for e in exts)}), unlike the dataset's first sample; every sample needs the same "
+            f"members: repack the source with `mscn data pack`, or remove the sample and make the index again "
+            f"(DALI's `wds2idx`)")
+
+
 def find_bad_sample(source: Source, replay, runs_done: int) -> tuple[str, str] | None:
     """(source_info, PIL's complaint) of the first undecodable sample among the batches
     that were in flight after ``runs_done`` batches, or None."""
@@ -112,6 +134,9 @@ def explain(err: Exception, source: Source, replay, runs_done: int) -> DataError
                "`mscn data pack <its .filelist.txt> OUT` again")
     else:
         fix = f"run `mscn data scan {source.root}` and train from the file list it writes"
+    underful = _underful(reason, source) if source.kind == "wds" else None
+    if underful:
+        return DataError(underful)
     found = None
     if replay is not None:
         try:

@@ -245,3 +245,23 @@ def test_an_index_stale_only_in_the_middle_is_named_when_a_sample_fails(tmp_path
     with pytest.raises(DataError, match=r"shard-000000.idx: not the index of .*shard-000000.tar as it is now"):
         for _ in build_eval_loader(tiny_cfg(root), str(tmp_path / "b"), batch_size=2):
             pass
+
+
+@pytest.mark.parametrize("drop, lacks", [("000000003.cls", "no .cls"), ("000000004.jpg", "no image")])
+def test_a_shard_sample_without_a_member_is_named(tmp_path, drop, lacks):
+    """DALI reports it as an "Underful sample" at an index line; the message names the
+    sample, its shard and what it lacks."""
+    root = make_folder(tmp_path / "ds", classes=2, per_class=3)
+    pack(root, tmp_path / "w", shard_size=8, progress=False, workers=1, shuffle_seed=None)
+    tar_path = tmp_path / "w" / "shard-000000.tar"
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar if m.isfile() and m.name != drop]
+    with tarfile.open(tar_path, "w") as tar:
+        for m, data in members:
+            tar.addfile(m, io.BytesIO(data))
+    write_dali_index(tar_path, tar_path.with_suffix(".idx"))
+    with pytest.raises(DataError) as e:
+        for _ in build_eval_loader(tiny_cfg(root), str(tmp_path / "w"), batch_size=2):
+            pass
+    key = drop.split(".")[0]
+    assert str(e.value).startswith(f"{tar_path}: sample '{key}' has {lacks} (it has "), e.value

@@ -122,6 +122,14 @@ def start_fault(tar: Path, idx: Path, first: str, last: str) -> str | None:
     return None
 
 
+def sample_members(idx: str | Path, line: int) -> tuple[str, list[str]]:
+    """The key and member extensions of the sample on line ``line`` of ``idx`` (DALI's count:
+    the ``v1.2`` line is line 0, so the first sample is line 1)."""
+    fields = Path(idx).read_text().splitlines()[line].split()
+    names = fields[3::4]
+    return names[0].rsplit("/", 1)[-1].partition(".")[0], fields[0::4]
+
+
 def read_ends(idx: Path) -> tuple[str, str, str]:
     """The ``v1.2 <samples>`` line and the first and last sample lines of ``idx``, reading
     only its head and its last 64 KiB (ImageNet's 1,282 indexes are read at every start)."""
