@@ -123,7 +123,7 @@ def from_dict(data: dict, src: str = "<dict>") -> Config:
 
 
 # ----------------------------------------------------------------------------------
-# Overrides: a.b=value, views.1.mask.ratio=0.3, views=[...] (YAML values)
+# Overrides: a.b=value, views.1.mask.ratio=0.3, views=[...] (YAML values; a mapping merges)
 # ----------------------------------------------------------------------------------
 
 def apply_override(tree: dict, item: str) -> None:
@@ -147,10 +147,11 @@ def apply_override(tree: dict, item: str) -> None:
             node[p] = [] if nxt.isdigit() else {}
         node = node[p]
     last = parts[-1]
-    if isinstance(node, list):
-        node[_index(last, node, key)] = value
-    else:
-        node[last] = value
+    at = _index(last, node, key) if isinstance(node, list) else last
+    old = node[at] if isinstance(node, list) else node.get(at)
+    # a mapping merges into the section, as the YAML file merges into the defaults:
+    # `views.1={mask: {ratio: 0.3}}` is `views.1.mask.ratio=0.3`, not a default view 1
+    node[at] = _merge(old, value) if isinstance(value, dict) and isinstance(old, dict) else value
 
 
 def _index(p: str, node: list, key: str) -> int:

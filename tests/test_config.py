@@ -28,6 +28,16 @@ def test_overrides_nested_and_indexed():
     assert c.views[1].mask.ratio == 0.3 and c.train.global_batch == 16 and c.data.synthetic_size == (64, 48)
 
 
+def test_a_mapping_override_merges_into_its_section():
+    """As the YAML file merges into the defaults: the keys not named keep the recipe's values."""
+    base = load_config("demo")
+    c = load_config("demo", ["views.1={mask: {ratio: 0.3}, solarize_prob: 0.1}", "data={num_threads: 3}"])
+    assert c.views[1].mask.ratio == 0.3 and c.views[1].solarize_prob == 0.1 and c.data.num_threads == 3
+    assert c.views[1].mask.p_focal == base.views[1].mask.p_focal and c.views[1].blur_prob == base.views[1].blur_prob
+    assert c.views[1].scale == base.views[1].scale and c.data.synthetic == base.data.synthetic
+    assert c.views[0] == base.views[0] and load_config("demo", ["views=[{flip_prob: 0.1}, {flip_prob: 0.2}]"]).views[1].flip_prob == 0.2
+
+
 @pytest.mark.parametrize("override, key", [
     ("views.0.mask.ratoi=0.1", "views[0].mask.ratoi"),  # unknown key
     ("train.global_batch=abc", "train.global_batch"),  # wrong type
