@@ -45,6 +45,22 @@ def test_val_subset_of_classes_keeps_the_train_labels(tmp_path):
         resolve_source(str(val), classes=classes)
 
 
+
+def test_a_class_name_in_another_unicode_form_is_the_same_class(tmp_path):
+    """A copy made on macOS names 'café' in NFD ('e' + a combining accent): other bytes,
+    the same name. It keeps its label; a different name is still refused."""
+    train = make_folder(tmp_path / "train", classes=2, per_class=2)
+    (train / "c1").rename(train / "caf\u00e9")  # NFC
+    classes = resolve_source(str(train)).classes
+    val = tmp_path / "val"
+    shutil.copytree(train / "caf\u00e9", val / "cafe\u0301")  # NFD
+    src = resolve_source(str(val), classes=classes)
+    assert set(src.labels) == {classes.index("caf\u00e9")} == {1}
+    (val / "cafe\u0301").rename(val / "cafe")
+    with pytest.raises(DataError, match="class 'cafe' is not among the 2 classes"):
+        resolve_source(str(val), classes=classes)
+
+
 def test_unlabelled_flat_folder_list_and_shards(tmp_path):
     rng = np.random.default_rng(0)
     flat = tmp_path / "flat"

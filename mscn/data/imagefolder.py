@@ -13,6 +13,7 @@ line naming the path.
 from __future__ import annotations
 
 import os
+import unicodedata
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Callable, Iterator
@@ -121,6 +122,15 @@ def class_labels(found: list[str], classes: list[str] | tuple[str, ...] | None, 
     if classes is None:
         return list(range(len(found)))
     index = {c: i for i, c in enumerate(classes)}
+    # a name in another Unicode normal form (a macOS copy writes NFD, 'é' as 'e' + accent)
+    # is the same class: same letters, other bytes
+    same = {}
+    for i, c in enumerate(classes):
+        same.setdefault(unicodedata.normalize("NFC", c), []).append(i)
+    for c in found:
+        nfc = same.get(unicodedata.normalize("NFC", c), [])
+        if c not in index and len(nfc) == 1:
+            index[c] = nfc[0]
     missing = [c for c in found if c not in index]
     if missing:
         raise DataError(f"{root}: class {missing[0]!r}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''} "
