@@ -16,7 +16,7 @@ import torch
 from mscn.config import MaskCfg
 from mscn.cuda_kernels.mask_reference import apply_table_reference
 from mscn.errors import MscnError
-from mscn.maskspec import MaskTable, check_views, sample_mask_table, sample_tables
+from mscn.maskspec import MaskTable, check_generator, check_views, sample_mask_table, sample_tables
 
 try:  # Triton is absent on some platforms (macOS, Windows): the reference still works
     from mscn.cuda_kernels.mask_tables_triton import group_key, kernel_supports, sample_mask_tables_triton
@@ -138,6 +138,7 @@ def apply_masks(views: list[torch.Tensor], cfgs: list[MaskCfg], generator: torch
     """
     if backend not in BACKENDS:
         raise MscnError(f"mask backend {backend!r}: must be one of {', '.join(BACKENDS)}")
+    check_generator(generator, views, inplace)
     tables = draw_tables(views, cfgs, generator, backend=backend)
     # ratio 0 masks nothing: skip the pass over memory (the table is still drawn, so the
     # generator advances the same way whatever the ratios)

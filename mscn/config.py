@@ -4,12 +4,14 @@ wrong types and out-of-range values raise :class:`~mscn.errors.ConfigError` with
 line naming the key and the file. The resolved config is written into the run
 directory (``config.yaml``) so that a run can always be reproduced and resumed.
 
-Every name of the schema (``Config``, ``MaskCfg``, ...) and of the range checks
-(``validate``, ``validate_mask``) is importable from here.
+Every name of the schema (``Config``, ``MaskCfg``, ...) and of the checks (``validate``,
+``validate_view``, ``validate_mask``; ``checked`` and ``typed`` for configs built in code) is
+importable from here.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -18,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from mscn.config_checks import validate, validate_mask  # noqa: F401  (re-exported)
+from mscn.config_checks import validate, validate_mask, validate_view  # noqa: F401  (re-exported)
 from mscn.config_schema import (IMAGENET_MEAN, IMAGENET_STD, Config, DataCfg, EvalCfg, HighPassCfg,  # noqa: F401
                                 MaskCfg, MethodCfg, ModelCfg, OptimCfg, ScheduleCfg, TrainCfg, ViewCfg,
                                 default_views)
@@ -75,6 +77,8 @@ def _convert(value: Any, tp: Any, key: str, src: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, os.PathLike):  # data.root=Path(...) in code
+            return os.fspath(value)
         kind = "true/false" if isinstance(value, bool) else "a number"
         hint = (f" (YAML reads it as {kind}: quote it, e.g. \"{key}='{value}'\" on a command line)"
                 if isinstance(value, (int, float, bool)) else "")
@@ -113,12 +117,33 @@ def to_dict(cfg: Any) -> Any:
         return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     if isinstance(cfg, (list, tuple)):
         return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
     return cfg
 
 
 def from_dict(data: dict, src: str = "<dict>") -> Config:
     cfg = _build(Config, data or {}, "", src)
     validate(cfg, src)
+    return cfg
+
+
+def typed(value: Any, tp: type, src: str = "<config>", key: str = "") -> Any:
+    """``value`` (a schema dataclass built in code, or a dict of its keys) rebuilt as ``tp``
+    with the schema's types: a dataclass does not check the types it is given, so
+    ``DataCfg(image_size="32")`` or ``ViewCfg(scale=0.5)`` would otherwise fail deep in a
+    pipeline. One ConfigError line names the key."""
+    if not isinstance(value, (tp, dict)):
+        raise ConfigError(f"{src}: {key or 'config'}: expected a mscn.config.{tp.__name__} (or a dict of its keys), "
+                          f"got {type(value).__name__}")
+    return _convert(to_dict(value), tp, key, src) if key else _build(tp, to_dict(value), "", src)
+
+
+def checked(cfg: Config | dict, src: str = "<config>", world_size: int = 1) -> Config:
+    """A config built in code (or a dict), with the schema's types and ranges checked as a
+    YAML recipe's are (:func:`typed`, :func:`validate`)."""
+    cfg = typed(cfg, Config, src)
+    validate(cfg, src, world_size=world_size)
     return cfg
 
 

@@ -1,8 +1,10 @@
 """Range checks of the config schema: one ConfigError line naming the key and the file.
 
 :func:`validate` runs on every config that :mod:`mscn.config` builds (YAML, overrides,
-checkpoints), one helper per section; :func:`validate_mask` also guards MaskCfgs built
-in code (paper §5.2 ranges). Both are importable from ``mscn.config`` as well.
+checkpoints), one helper per section; :func:`validate_view` and :func:`validate_mask` also
+guard ViewCfgs and MaskCfgs built in code (App. A.1, paper §5.2 ranges). All are importable
+from ``mscn.config`` as well; ``mscn.config.checked`` adds the schema's types for configs built
+in code.
 """
 from __future__ import annotations
 
@@ -97,19 +99,23 @@ def _validate_data(d: DataCfg, src: str) -> None:
 def _validate_views(views: list[ViewCfg], src: str, image_size: int) -> None:
     _check(len(views) >= 2, src, "views", len(views), "a siamese network needs at least 2 views")
     for i, v in enumerate(views):
-        k = f"views[{i}]"
-        _check_range(src, f"{k}.scale", v.scale, 0.0, strict_low=True)
-        _check(v.scale[1] <= 1.0, src, f"{k}.scale", v.scale, "area fraction must be <= 1")
-        _check_range(src, f"{k}.ratio", v.ratio, 0.0, strict_low=True)
-        for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
-            _check_prob(src, f"{k}.{name}", getattr(v, name))
-        for name in ("brightness", "contrast", "saturation"):
-            _check(0.0 <= getattr(v, name) < 1.0, src, f"{k}.{name}", getattr(v, name), "must be in [0, 1)")
-        _check(0.0 <= v.hue <= 0.5, src, f"{k}.hue", v.hue, "must be in [0, 0.5]")
-        _check_range(src, f"{k}.blur_sigma", v.blur_sigma, 0.0, strict_low=True)
-        _check(v.blur_window == 0 or (v.blur_window >= 3 and v.blur_window % 2 == 1), src,
-               f"{k}.blur_window", v.blur_window, "must be 0 (auto) or an odd number >= 3")
-        validate_mask(v.mask, src, f"{k}.mask", max_grid=image_size)
+        validate_view(v, src, f"views[{i}]", image_size)
+
+
+def validate_view(v: ViewCfg, src: str, k: str = "view", image_size: int | None = None) -> None:
+    """The ranges of one view (App. A.1) and its mask; also used for ViewCfgs built in code."""
+    _check_range(src, f"{k}.scale", v.scale, 0.0, strict_low=True)
+    _check(v.scale[1] <= 1.0, src, f"{k}.scale", v.scale, "area fraction must be <= 1")
+    _check_range(src, f"{k}.ratio", v.ratio, 0.0, strict_low=True)
+    for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+        _check_prob(src, f"{k}.{name}", getattr(v, name))
+    for name in ("brightness", "contrast", "saturation"):
+        _check(0.0 <= getattr(v, name) < 1.0, src, f"{k}.{name}", getattr(v, name), "must be in [0, 1)")
+    _check(0.0 <= v.hue <= 0.5, src, f"{k}.hue", v.hue, "must be in [0, 0.5]")
+    _check_range(src, f"{k}.blur_sigma", v.blur_sigma, 0.0, strict_low=True)
+    _check(v.blur_window == 0 or (v.blur_window >= 3 and v.blur_window % 2 == 1), src,
+           f"{k}.blur_window", v.blur_window, "must be 0 (auto) or an odd number >= 3")
+    validate_mask(v.mask, src, f"{k}.mask", max_grid=image_size)
 
 
 def _validate_highpass(h: HighPassCfg, src: str) -> None:

@@ -195,9 +195,28 @@ def sample_tables(views: Sequence[torch.Tensor], cfgs: Sequence[MaskCfg],
 def check_views(views: Sequence[torch.Tensor], cfgs: Sequence[MaskCfg]) -> None:
     """One config per view, every view a floating (B, C, H, W) tensor, every MaskCfg in range
     (the checks of both table samplers: this one and the Triton table kernel's)."""
+    if isinstance(views, torch.Tensor):  # a stack of the views: its truth value would be asked below
+        raise MscnError(f"views: expected a list of (B, C, H, W) tensors, one per view, got one tensor of shape "
+                        f"{tuple(views.shape)}" + (" (list(t.unbind(0)) splits a stack)" if views.dim() == 5 else ""))
+    if isinstance(cfgs, MaskCfg):
+        raise MscnError("cfgs: expected one MaskCfg per view (a list), got a single MaskCfg")
     if len(views) != len(cfgs):
         raise ConfigError(f"views: the config has {len(cfgs)} views but {len(views)} tensors were given")
     for i, (v, cfg) in enumerate(zip(views, cfgs)):
-        if v.dim() != 4 or not v.is_floating_point():
-            raise MscnError(f"view {i}: expected a floating (B, C, H, W) tensor, got {tuple(v.shape)} {v.dtype}")
+        if not isinstance(v, torch.Tensor) or v.dim() != 4 or not v.is_floating_point():
+            got = f"{tuple(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor) else type(v).__name__
+            raise MscnError(f"view {i}: expected a floating (B, C, H, W) tensor, got {got}")
+        if not isinstance(cfg, MaskCfg):  # a ViewCfg has a `ratio` too (its crop's aspect ratio)
+            hint = " (a ViewCfg: pass its .mask)" if hasattr(cfg, "mask") else ""
+            raise MscnError(f"cfgs[{i}]: expected a MaskCfg, got {type(cfg).__name__}{hint}")
         check_mask_cfg(cfg, key=f"views[{i}].mask")
+
+
+def check_generator(generator, views: Sequence[torch.Tensor], inplace: bool) -> None:
+    """The generator is a torch.Generator (or None), and an in-place fill may write the views
+    (a leaf that requires grad may not be written in place)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise MscnError(f"generator: expected a torch.Generator or None, got {type(generator).__name__} "
+                        "(torch.Generator(device).manual_seed(seed) makes one from a seed)")
+    if inplace and torch.is_grad_enabled() and any(v.requires_grad and v.is_leaf for v in views):
+        raise MscnError("views: a leaf tensor that requires grad cannot be masked in place; pass inplace=False")

@@ -18,7 +18,7 @@ from nvidia.dali import fn, pipeline_def
 from PIL import Image, UnidentifiedImageError
 
 from mscn.data.imagefolder import DALI_FORMATS
-from mscn.errors import DataError
+from mscn.errors import DataError, MscnError
 from mscn.pipelines.readers import WDS_IMAGE_EXTS, Source, read
 
 MAX_REPLAY_BATCHES = 20_000  # beyond this the replay costs more than a scan would
@@ -36,7 +36,8 @@ def _reason(err: Exception) -> str:
     text = str(err)
     m = re.search(r"encountered:\s*\n\s*(.+)", text)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "no longer valid" not in ln]
-    return (m.group(1).strip() if m else (lines[-1] if lines else type(err).__name__))[:200]
+    line = m.group(1).strip() if m else (lines[-1] if lines else type(err).__name__)
+    return line if len(line) <= 300 else line[:300].rsplit(" ", 1)[0] + " ..."
 
 
 def _undecodable(data: bytes) -> str | None:
@@ -126,9 +127,29 @@ def find_bad_sample(source: Source, replay, runs_done: int) -> tuple[str, str] |
     return None
 
 
-def explain(err: Exception, source: Source, replay, runs_done: int) -> DataError:
-    """A one-line DataError for a DALI runtime failure while reading ``source``."""
+def _not_the_data(err: Exception, reason: str) -> MscnError | None:
+    """A DALI failure that no file can cause: an operator other than a reader or a decoder
+    refused its arguments (a mean of two values, an even window, an empty crop range), or a
+    GPU pipeline was built without CUDA. Advice to scan the data would send the user the
+    wrong way."""
+    text = str(err)
+    if "CUDA is not available" in text:
+        return MscnError(f"DALI: a GPU pipeline on a machine without CUDA ({reason}); build it with "
+                         "device_id=None, or pass device=None to the mscn.pipelines builders, for the CPU path")
+    op = re.search(r"operator `nvidia\.dali\.fn\.([\w.]+)`", text)
+    if op is None or op.group(1).split(".")[0] in ("readers", "decoders", "experimental"):
+        return None
+    return MscnError(f"DALI's fn.{op.group(1)} refused the pipeline's arguments ({reason}): a setting of the pipeline "
+                     "(its view or high-pass parameters), not the data")
+
+
+def explain(err: Exception, source: Source, replay, runs_done: int) -> MscnError:
+    """A one-line error for a DALI runtime failure while reading ``source``: a DataError
+    naming the file when the data is at fault."""
     reason = _reason(err)
+    setting = _not_the_data(err, reason)
+    if setting:
+        return setting
     if source.kind == "wds":  # scan reads ImageFolders, not tar shards
         fix = ("run `mscn data scan` on the ImageFolder these shards came from, then "
                "`mscn data pack <its .filelist.txt> OUT` again")

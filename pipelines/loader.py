@@ -13,7 +13,8 @@ the trainer never indexes ``data[0]["view0"]``. Per batch the adapter
 2. casts to the output dtype (bfloat16 only here: DALI has no bfloat16);
 3. maps sample index -> label for file readers (their one integer is the index);
 4. applies the masks (paper §5.2: masking comes after every other augmentation)
-   through a pluggable ``mask_fn``, by default ``mscn.cuda_kernels.apply_masks``.
+   through a pluggable ``mask_fn`` (``build_train_loader`` passes :class:`MaskGenerator`,
+   ``mscn.cuda_kernels.apply_masks`` with a seeded generator; None masks nothing).
 
 A DALI failure while iterating (a corrupt JPEG, say) becomes one DataError naming
 the file when it can be found (pipelines/diagnose.py).
@@ -54,6 +55,7 @@ from mscn.config_schema import HANDOVERS
 from mscn.errors import DataError
 from mscn.h2d import to_device
 from mscn.highpass import highpass_matmul
+from mscn.pipelines.args import check_placement, is_int
 from mscn.pipelines.readers import READER_NAME, Source
 from mscn.pipelines.train_pipeline import output_names
 
@@ -121,6 +123,9 @@ class DaliLoader:
             # safe only because share_outputs waits for the batch on the host, which the
             # default executor does; the other one copies on the current stream instead
             raise ValueError("data.handover=private needs DALI's default executor (exec_dynamic)")
+        if output_dtype not in TORCH_DTYPES or colour_dtype not in TORCH_DTYPES:
+            bad = output_dtype if output_dtype not in TORCH_DTYPES else colour_dtype
+            raise ValueError(f"output dtype {bad!r}: expected one of {', '.join(TORCH_DTYPES)}")
         self.source, self.num_views, self.crop = source, num_views, crop
         self.dtype = TORCH_DTYPES[output_dtype]
         self.highpass, self.mask_fn, self.device, self.replay = highpass, mask_fn, device, replay
@@ -141,6 +146,15 @@ class DaliLoader:
                                              prepare_first_batch=False)
         except RuntimeError as e:
             raise self._data_error(e) from None
+        if pipeline.num_outputs != len(self._names):  # else DALI's iterator fails on the first batch
+            raise ValueError(f"the pipeline has {pipeline.num_outputs} outputs, but num_views={num_views} (with the "
+                             f"source's label and index, blur and colour arguments) expects {len(self._names)}: "
+                             f"{', '.join(self._names)}; pass the num_views the pipeline was built with (debug "
+                             "outputs are for tests, not the loader)")
+        if policy == LastBatchPolicy.DROP and len(self._iter) == 0:  # else the loop ends at once, without a word
+            raise DataError(f"{source.root}: this shard holds fewer images than one batch of "
+                            f"{pipeline.max_batch_size}, so a loader that drops the last partial batch has none; "
+                            "lower the batch size or add images")
 
     def __len__(self) -> int:
         return len(self._iter)
@@ -474,10 +488,11 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int 
     DALI checkpointing is on (no measurable cost, DALI's docs say), so the loader's
     :meth:`~DaliLoader.state_dict` is always available.
     """
-    from mscn.config import validate
+    from mscn.config import checked
     from mscn.pipelines.readers import resolve_source
 
-    validate(cfg, "<config>", world_size=world_size)  # e.g. a global batch the ranks cannot split
+    check_placement(rank, world_size, local_rank, device)
+    cfg = checked(cfg, "<config>", world_size=world_size)  # types, ranges, a global batch the ranks cannot split
     source = resolve_source(cfg.data.root, cfg.data.format)
     check_size(source, cfg.train.global_batch, "train.global_batch")
     seed = rank_seed(cfg.train.seed, rank)
@@ -506,10 +521,15 @@ def build_eval_loader(cfg, root: str, rank: int = 0, world_size: int = 1, local_
     shuffled, DROP. batch_size is per rank (default ``eval.linear_batch / world_size``).
     classes: the label set (the train root's classes) that ``root``'s labels map into by name.
     """
+    from mscn.config import checked
     from mscn.data.source import eval_root_setting
     from mscn.pipelines.eval_pipeline import eval_pipeline
     from mscn.pipelines.readers import resolve_source
 
+    check_placement(rank, world_size, local_rank, device)
+    if batch_size is not None and (not is_int(batch_size) or batch_size < 1):
+        raise ValueError(f"batch_size: expected an integer >= 1 (images per rank) or None, got {batch_size!r}")
+    cfg = checked(cfg)
     if file_list:
         source = resolve_source(file_list, "filelist", file_root=root, classes=classes)
     else:

@@ -1,0 +1,100 @@
+"""The pipeline builders' arguments, checked before DALI traces the graph.
+
+``views_pipeline`` and ``eval_pipeline`` are public: other SSL projects call them with
+arguments of their own rather than a YAML recipe. DALI checks its operators' arguments
+only when the pipeline runs, and then reports them as an assertion inside an operator
+(or a negative shard id crashes the process), so each argument is checked here first,
+with one line naming it. The ranges are the config schema's (mscn.config_checks).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mscn.config import MaskCfg, ViewCfg, typed, validate_view
+from mscn.data.source import Source
+
+DEVICES = ("cpu", "gpu")
+VIEW_DTYPES = ("float32", "float16")
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_placement(rank, world_size, local_rank, device) -> None:
+    """One line for a rank, world size or device this process cannot be (DALI would assert,
+    or crash on a negative shard id, from deep inside the pipeline)."""
+    for name, v in (("rank", rank), ("world_size", world_size), ("local_rank", local_rank)):
+        if not is_int(v):
+            hint = f" (int(os.environ[{name.upper()!r}]))" if isinstance(v, str) else ""
+            raise ValueError(f"{name}: expected an integer, got {v!r}{hint}")
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+        raise ValueError(f"rank {rank} of world_size {world_size} (local_rank {local_rank}): need "
+                         "world_size >= 1, 0 <= rank < world_size and local_rank >= 0")
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: {device!r} is not a torch device ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {dev}: CUDA is not available on this machine; pass device=None (or 'cpu') "
+                             "for DALI's CPU pipeline")
+        index = dev.index if dev.index is not None else local_rank
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {dev} (local_rank {local_rank}): this machine has "
+                             f"{torch.cuda.device_count()} GPU(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {dev}: DALI's pipelines run on 'cuda' or 'cpu'")
+
+
+def check_source(source) -> None:
+    if not isinstance(source, Source):
+        hint = " (mscn.pipelines.resolve_source(path) makes one)" if isinstance(source, str) or hasattr(
+            source, "__fspath__") else ""
+        raise TypeError(f"source: expected a mscn Source, got {type(source).__name__}{hint}")
+
+
+def check_common(*, image_size, mean, std, highpass, device, view_dtype, shard_id, num_shards) -> None:
+    """The arguments both pipelines take."""
+    if device not in DEVICES:
+        hint = " ('gpu' for a CUDA pipeline)" if str(device).startswith("cuda") else ""
+        raise ValueError(f"device: expected one of {', '.join(DEVICES)}, got {device!r}{hint}")
+    if view_dtype not in VIEW_DTYPES:
+        raise ValueError(f"view_dtype: expected one of {', '.join(VIEW_DTYPES)} (DALI's output type of the views), "
+                         f"got {view_dtype!r}")
+    if not is_int(image_size) or image_size < 8:
+        raise ValueError(f"image_size: expected an integer >= 8, got {image_size!r}")
+    for name, v in (("mean", mean), ("std", std)):
+        if (not isinstance(v, (list, tuple)) or len(v) != 3
+                or not all(isinstance(c, (int, float)) and math.isfinite(c) for c in v)):
+            raise ValueError(f"{name}: expected 3 numbers (R, G, B on the 0-255 scale), got {v!r}")
+    if min(std) <= 0:
+        raise ValueError(f"std: must be > 0, got {tuple(std)}")
+    if highpass is not None:
+        ok = (isinstance(highpass, (list, tuple)) and len(highpass) == 2 and isinstance(highpass[0], (int, float))
+              and highpass[0] > 0 and is_int(highpass[1]) and highpass[1] >= 3 and highpass[1] % 2 == 1)
+        if not ok:
+            raise ValueError(f"highpass: expected (sigma > 0, odd window >= 3) or None, got {highpass!r} "
+                             "(mscn.highpass.highpass_params(cfg.highpass) gives the recipe's)")
+    if not (is_int(shard_id) and is_int(num_shards) and num_shards >= 1 and 0 <= shard_id < num_shards):
+        raise ValueError(f"shard_id {shard_id!r} of num_shards {num_shards!r}: need integers with "
+                         "0 <= shard_id < num_shards")
+
+
+def check_views(views, image_size: int) -> list[ViewCfg]:
+    """``views`` as ViewCfgs of the schema's types and ranges (a dict of ViewCfg keys is taken
+    too); a MaskCfg where a view belongs is named."""
+    if not isinstance(views, (list, tuple)) or not views:
+        raise ValueError(f"views: expected a non-empty list of mscn.config.ViewCfg, got {views!r}")
+    out = []
+    for i, v in enumerate(views):
+        if isinstance(v, MaskCfg):
+            raise TypeError(f"views[{i}]: a MaskCfg; a view is ViewCfg(..., mask=MaskCfg(...))")
+        v = typed(v, ViewCfg, "views", f"views[{i}]")
+        validate_view(v, "views", f"views[{i}]", image_size)
+        out.append(v)
+    return out

@@ -1,0 +1,146 @@
+"""Reusing the pipeline from another project's code: wrong arguments give one line naming
+them, before DALI runs (where they surfaced as operator assertions, a dataset error advising
+`mscn data scan`, or a segfault for a negative shard id). Real DALI CPU pipelines."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from nvidia.dali import fn, pipeline_def
+from nvidia.dali.plugin.pytorch import LastBatchPolicy
+
+from mscn.config import ConfigError, DataCfg, MaskCfg, ViewCfg, checked
+from mscn.cuda_kernels import apply_masks
+from mscn.errors import DataError, MscnError
+from mscn.pipelines import DaliLoader, build_eval_loader, build_train_loader, resolve_source, views_pipeline
+from mscn.pipelines.diagnose import explain
+from pipeline_fixtures import make_folder, tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("args") / "ds", classes=2, per_class=4)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(rank=-1), r"rank -1 of world_size 1 .*0 <= rank < world_size"),
+    (dict(rank=2, world_size=2), r"rank 2 of world_size 2"),
+    (dict(world_size=0), r"rank 0 of world_size 0 .*world_size >= 1"),
+    (dict(rank="1", world_size=2), r"rank: expected an integer, got '1' \(int\(os.environ\['RANK'\]\)\)"),
+    (dict(device="tpu"), r"device: 'tpu' is not a torch device"),
+])
+def test_a_rank_world_size_or_device_it_cannot_be_is_one_line(folder, kw, msg):
+    cfg = tiny_cfg(folder, "train.global_batch=4")
+    for build in (lambda: build_train_loader(cfg, **kw), lambda: build_eval_loader(cfg, str(folder), **kw)):
+        with pytest.raises(ValueError, match=msg):
+            build()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")
+def test_a_cuda_device_without_cuda_is_named(folder):
+    with pytest.raises(ValueError, match=r"device cuda:0: CUDA is not available on this machine; pass device=None"):
+        build_train_loader(tiny_cfg(folder, "train.global_batch=4"), device=torch.device("cuda", 0))
+
+
+def test_a_config_built_in_code_gets_the_schemas_types(folder):
+    cfg = tiny_cfg(folder, "train.global_batch=4")
+    bad = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size="32"))
+    with pytest.raises(ConfigError, match=r"<config>: data.image_size: expected an integer, got '32'"):
+        build_train_loader(bad)
+    bad = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mean=(0.5, 0.5)))
+    with pytest.raises(ConfigError, match=r"data.mean: expected a list of 3 values"):
+        build_train_loader(bad)
+    bad = dataclasses.replace(cfg, views=[dataclasses.replace(cfg.views[0], scale=0.5), *cfg.views[1:]])
+    with pytest.raises(ConfigError, match=r"views\[0\].scale: expected a list of 2 values, got 0.5"):
+        build_train_loader(bad)
+    with pytest.raises(ConfigError, match=r"config: expected a mscn.config.Config \(or a dict of its keys\), got list"):
+        checked([cfg])
+    # what is meant is taken: a Path root, views as dicts, the whole config as a dict
+    as_dict = dataclasses.asdict(cfg)
+    as_dict["data"]["root"] = Path(folder)
+    as_dict["views"] = [dict(v, flip_prob=0.0) for v in as_dict["views"]]
+    again = checked(as_dict)
+    assert again.data.root == str(folder) and all(v.flip_prob == 0.0 for v in again.views)
+    assert len(build_train_loader(as_dict)) == 2
+
+
+def test_eval_batch_size_zero_is_refused_not_replaced(folder):
+    with pytest.raises(ValueError, match=r"batch_size: expected an integer >= 1 \(images per rank\) or None, got 0"):
+        build_eval_loader(tiny_cfg(folder), str(folder), batch_size=0)
+
+
+@pytest.mark.parametrize("kw, err, msg", [
+    (dict(device="cuda"), ValueError, r"device: expected one of cpu, gpu, got 'cuda' \('gpu' for a CUDA pipeline\)"),
+    (dict(highpass=(5.0, 30)), ValueError, r"highpass: expected \(sigma > 0, odd window >= 3\) or None, got \(5.0, 30\)"),
+    (dict(mean=(0.5, 0.5)), ValueError, r"mean: expected 3 numbers"),
+    (dict(view_dtype="float64"), ValueError, r"view_dtype: expected one of float32, float16"),
+    (dict(shard_id=-1), ValueError, r"shard_id -1 of num_shards 1"),
+    (dict(views=[ViewCfg(scale=(1.0, 0.08)), ViewCfg()]), ConfigError, r"views\[0\].scale = \(1.0, 0.08\): must be an increasing"),
+    (dict(views=[ViewCfg(flip_prob=2.0), ViewCfg()]), ConfigError, r"views\[0\].flip_prob = 2.0: must be a probability"),
+    (dict(views=[MaskCfg(), ViewCfg()]), TypeError, r"views\[0\]: a MaskCfg; a view is ViewCfg\(..., mask=MaskCfg"),
+])
+def test_views_pipeline_arguments_are_checked_before_dali(folder, kw, err, msg):
+    args = dict(source=resolve_source(str(folder)), views=[ViewCfg(), ViewCfg()], image_size=32, highpass=None)
+    args.update(kw)
+    with pytest.raises(err, match=msg):
+        views_pipeline(**args, batch_size=2, num_threads=1, device_id=None)
+
+
+def test_a_path_instead_of_a_source_is_named(folder):
+    with pytest.raises(TypeError, match=r"source: expected a mscn Source, got str \(mscn.pipelines.resolve_source"):
+        views_pipeline(str(folder), [ViewCfg(), ViewCfg()], image_size=32, batch_size=2, num_threads=1,
+                       device_id=None)
+
+
+def test_dali_loader_refuses_what_it_cannot_deliver(folder):
+    source = resolve_source(str(folder))
+    views = [ViewCfg(), ViewCfg()]
+
+    def pipe(batch):
+        return views_pipeline(source, views, image_size=32, highpass=None, batch_size=batch, num_threads=1,
+                              device_id=None, seed=1)
+
+    with pytest.raises(ValueError, match=r"the pipeline has 3 outputs, but num_views=3 .* expects 4: view0, view1, view2, index;"):
+        DaliLoader(pipe(2), source, 3, policy=LastBatchPolicy.DROP)
+    with pytest.raises(ValueError, match=r"output dtype 'float64': expected one of float32, float16, bfloat16"):
+        DaliLoader(pipe(2), source, 2, policy=LastBatchPolicy.DROP, output_dtype="float64")
+    # 8 images, batches of 64: dropping the partial batch leaves none (the loop would end at once)
+    with pytest.raises(DataError, match=r"fewer images than one batch of 64"):
+        DaliLoader(pipe(64), source, 2, policy=LastBatchPolicy.DROP)
+    assert len(DaliLoader(pipe(64), source, 2, policy=LastBatchPolicy.PARTIAL)) == 1
+
+
+def test_a_dali_argument_error_is_not_blamed_on_the_data(folder):
+    """An operator other than a reader or decoder failing is a setting, not a file: no
+    advice to scan the data."""
+    source = resolve_source(str(folder))
+
+    @pipeline_def
+    def bad():
+        jpegs, _ = fn.readers.file(file_root=source.root, files=list(source.files), name="Reader")
+        images = fn.decoders.image(jpegs)
+        return fn.crop_mirror_normalize(images, mean=[1.0, 2.0], std=[1.0, 2.0, 3.0])
+
+    pipe = bad(batch_size=2, num_threads=1, device_id=None)
+    pipe.build()
+    with pytest.raises(RuntimeError) as raw:
+        pipe.run()
+    err = explain(raw.value, source, None, 0)
+    assert type(err) is MscnError and "mscn data scan" not in str(err)
+    assert str(err).startswith("DALI's fn.crop_mirror_normalize refused the pipeline's arguments (")
+
+
+def test_apply_masks_names_the_usual_mix_ups():
+    views = [torch.randn(2, 3, 16, 16) for _ in range(2)]
+    cfgs = [MaskCfg(grid=4), MaskCfg(grid=4)]
+    with pytest.raises(MscnError, match=r"got one tensor of shape \(2, 2, 3, 16, 16\) \(list\(t.unbind\(0\)\)"):
+        apply_masks(torch.stack(views), cfgs)
+    with pytest.raises(MscnError, match=r"cfgs\[0\]: expected a MaskCfg, got ViewCfg \(a ViewCfg: pass its .mask\)"):
+        apply_masks(views, [ViewCfg(), ViewCfg()])
+    with pytest.raises(MscnError, match=r"generator: expected a torch.Generator or None, got int"):
+        apply_masks(views, cfgs, 7)
+    leaf = [v.clone().requires_grad_() for v in views]
+    with pytest.raises(MscnError, match=r"cannot be masked in place; pass inplace=False"):
+        apply_masks(leaf, cfgs)
+    out = apply_masks(leaf, cfgs, inplace=False)
+    assert all(o.requires_grad for o in out)
