@@ -9,7 +9,7 @@ import torch
 from nvidia.dali import fn, pipeline_def
 from nvidia.dali.plugin.pytorch import LastBatchPolicy
 
-from mscn.config import ConfigError, DataCfg, MaskCfg, ViewCfg, checked
+from mscn.config import ConfigError, MaskCfg, ViewCfg, checked
 from mscn.cuda_kernels import apply_masks
 from mscn.errors import DataError, MscnError
 from mscn.pipelines import DaliLoader, build_eval_loader, build_train_loader, resolve_source, views_pipeline
