@@ -164,6 +164,8 @@ def apply_override(tree: dict, item: str) -> None:
     node: Any = tree
     for i, p in enumerate(parts[:-1]):
         nxt = parts[i + 1]
+        if not isinstance(node, (dict, list)):  # train.global_batch.x=3: a key below a value
+            raise ConfigError(f"override '{key}': '{'.'.join(parts[:i])}' is a value ({node!r}), not a section")
         if isinstance(node, list):
             idx = _index(p, node, key)
             node = node[idx]
@@ -172,6 +174,8 @@ def apply_override(tree: dict, item: str) -> None:
             node[p] = [] if nxt.isdigit() else {}
         node = node[p]
     last = parts[-1]
+    if not isinstance(node, (dict, list)):
+        raise ConfigError(f"override '{key}': '{'.'.join(parts[:-1])}' is a value ({node!r}), not a section")
     at = _index(last, node, key) if isinstance(node, list) else last
     old = node[at] if isinstance(node, list) else node.get(at)
     # a mapping merges into the section, as the YAML file merges into the defaults:

@@ -49,6 +49,8 @@ def test_a_mapping_override_merges_into_its_section():
     ("data.crop=random", "data.crop"),
     ("views.7.mask.ratio=0.1", "views.7.mask.ratio"),  # no such view
     ("train.global_batch", "train.global_batch"),  # not key=value
+    ("train.global_batch.x=3", "'train.global_batch' is a value (64), not a section"),  # a key below a value
+    ("views.0.mask.ratio.x.y=1", "'views.0.mask.ratio' is a value"),
 ])
 def test_override_rejections_name_key_and_the_command_line(override, key):
     with pytest.raises(ConfigError) as e:
