@@ -93,19 +93,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                   f"(default: synthesize {SYNTH_DIR.relative_to(REPO)})")
     p.add_argument("--config", default="simclr_r50_in1k", help="YAML recipe (default: simclr_r50_in1k)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--batch", type=int, help="images per batch and GPU (CPU 32, GPU 256)")
+    p.add_argument("--batch", type=int, help="images per batch and process (CPU 32, GPU 256; "
+                   "a train.global_batch= override sets it too)")
     p.add_argument("--threads", type=int, help="DALI CPU threads (default: config; CPU: all cores)")
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's); "
                    "the CPU path's high-pass and masks run in torch beside DALI's threads")
     p.add_argument("--hw-decoder-load", type=float, help="share of JPEGs for the hardware decoder (GPU)")
     p.add_argument("--views", type=int, default=4, help="views per image (default 4)")
-    p.add_argument("--size", type=int, default=224, help="view side in pixels (default 224)")
+    p.add_argument("--size", type=int, help="view side in pixels (default 224; a data.image_size= override sets it "
+                   "too)")
     p.add_argument("--warmup", type=int, help="untimed batches first (CPU 2, GPU 5)")
     p.add_argument("--iters", type=int, help="batches per timed window (CPU 3, GPU 20)")
     p.add_argument("--repeats", type=int, help="timed windows (CPU 3, GPU 5)")
-    p.add_argument("--stages", help=f"comma list of {','.join(STAGES)} (default: all, "
-                                    "none with --sweep/--train)")
-    p.add_argument("--feeds", help=f"--train: comma list of {','.join(FEEDS)} (default: all)")
+    p.add_argument("--stages", help=f"comma list of {','.join(STAGES)} (default: "
+                                    f"{','.join(s for s in STAGES if s not in VARIANTS)}; none with --sweep/--train)")
+    p.add_argument("--feeds", help=f"--train: comma list of {','.join(FEEDS)} (default: "
+                                   f"{','.join(f for f in FEEDS if f not in (*VARIANTS, *THREAD_FEEDS))})")
     p.add_argument("--no-priority-row", action="store_true",
                    help="--train on a GPU: skip the row with the trainer on a high-priority CUDA stream")
     p.add_argument("--device-sync-row", action="store_true",
@@ -115,8 +118,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline-workers", type=int, help="DataLoader workers of the torchvision baseline")
     p.add_argument("--sweep", nargs="+", metavar="KEY=V1,V2", help="e.g. threads=4,8 hw_decoder_load=0,0.65 batch=128")
     p.add_argument("--train", action="store_true", help="time training steps fed by the pipeline vs synthetic")
-    p.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"), help="model.arch for --train")
-    p.add_argument("--train-steps", type=int, help="timed training steps per feed (CPU 3, GPU 30)")
+    p.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"),
+                   help="model.arch for --train (CPU: resnet18; GPU: the recipe's)")
+    p.add_argument("--train-steps", type=int, help="timed training steps per feed (CPU 3, GPU 30; rounded up to "
+                   "whole windows of --repeats)")
     p.add_argument("--sync", choices=timing.SYNC_SCOPES, default="stream",
                    help="GPU: what a window waits for before its clock reads: the current torch stream "
                         "(default: the steps' own work) or the whole device (also DALI's prefetch of later "
@@ -125,7 +130,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="time each of --stages in a process of its own, ROUNDS times, alternating the "
                         "order: an A/B that a shared or drifting machine cannot bias by row order")
     p.add_argument("--json", help="write every figure and the environment here")
-    p.add_argument("--plot", help="bar chart of the stage breakdown and baseline ratio (PNG)")
+    p.add_argument("--plot", help="bar chart of the stage breakdown and baseline ratio (.png, .pdf or .svg)")
     p.add_argument("--profile", help="folder for torch.profiler traces of the full pipeline (with --train: of "
                    "the synthetic and the masks-fed training step), taken after every timed row, and a summary "
                    "of each in the log and JSON: GPU busy share, kernel time by owner and stream, the costliest "
@@ -154,8 +159,36 @@ def _writable(path: Path) -> bool:
     return folder.is_dir() and os.access(folder, os.W_OK)
 
 
-def fill_defaults(args: argparse.Namespace, device: torch.device) -> None:
+def _from_overrides(args: argparse.Namespace, world_size: int) -> None:
+    """``--size``/``--batch`` from a ``data.image_size=``/``train.global_batch=`` override when the
+    flag is left out (the flags are what the bench applies: an override alone was ignored
+    while the JSON listed it); both given and disagreeing is refused."""
+    if not (_overridden(args, "data.image_size") or _overridden(args, "train.global_batch")):
+        return
+    cfg = load_config(args.config, args.overrides)
+    for flag, key, value in (("size", "data.image_size", cfg.data.image_size),
+                             ("batch", "train.global_batch", cfg.train.global_batch)):
+        if not _overridden(args, key):
+            continue
+        if flag == "batch":
+            if value % world_size:
+                raise MscnError(f"{key}={value}: not divisible by the {world_size} processes")
+            value //= world_size
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+        elif getattr(args, flag) != value:
+            raise MscnError(f"--{flag} {getattr(args, flag)} and {key}={cfg.train.global_batch if flag == 'batch' else value}"
+                            f" disagree; give one of them")
+
+
+PLOT_FORMATS = (".png", ".pdf", ".svg")
+
+
+def fill_defaults(args: argparse.Namespace, device: torch.device, world_size: int = 1) -> None:
     """Per-device defaults for the flags left out; a ``key=value`` override beats a default."""
+    _from_overrides(args, world_size)
+    if args.size is None:
+        args.size = 224
     for key, value in DEFAULTS["cuda" if device.type == "cuda" else "cpu"].items():
         if getattr(args, key) is None and not (key == "arch" and _overridden(args, "model.arch")):
             setattr(args, key, value)
@@ -181,11 +214,12 @@ def fill_defaults(args: argparse.Namespace, device: torch.device) -> None:
     args.feeds = [f for f in FEEDS if f in feeds]
     if args.profile and Path(args.profile).exists() and not Path(args.profile).is_dir():
         raise MscnError(f"--profile {args.profile}: a file is there; --profile takes a folder for the traces")
-    if args.profile:  # before minutes of timing, not after
-        try:
-            Path(args.profile).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise MscnError(f"--profile {args.profile}: cannot create the folder ({e.strerror})") from None
+    if args.profile and not Path(args.profile).is_dir() and not _writable(Path(args.profile)):
+        # checked before minutes of timing; made when the first trace is written (a refused or
+        # stopped run leaves no empty folder)
+        raise MscnError(f"--profile {args.profile}: cannot create the folder there")
+    if args.plot and Path(args.plot).suffix.lower() not in PLOT_FORMATS:
+        raise MscnError(f"--plot {args.plot}: name a {', '.join(PLOT_FORMATS)} file")
     for flag in ("json", "plot"):  # the figures are written last: a bad path must fail first
         target = getattr(args, flag)
         if target and not _writable(Path(target)):
@@ -201,13 +235,20 @@ def fill_defaults(args: argparse.Namespace, device: torch.device) -> None:
         raise MscnError(f"--profile-rows {','.join(missing)}: not among the rows this run times "
                         f"({','.join(sorted(timed)) or 'none'})")
     if args.sweep:
-        benv.parse_sweep(args.sweep)  # fail on a typo now, not after the stages ran
+        grid = benv.parse_sweep(args.sweep)  # fail on a typo now, not after the stages ran
+        if device.type != "cuda" and any("hw_decoder_load" in g for g in grid):
+            raise MscnError("--sweep hw_decoder_load: the CPU path has no hardware decoder; every row would be the same")
     if args.baseline and "masks" not in stages:
         stages.append("masks")  # a baseline ratio is against the full pipeline
     args.stages = [s for s in STAGES if s in stages]
-    for key in ("batch", "iters", "repeats", "views", "size", "train_steps"):
-        if getattr(args, key) < 1:
+    for key in ("batch", "iters", "repeats", "views", "size", "train_steps", "threads"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
             raise MscnError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.warmup < 0 or args.baseline_workers < 0:
+        bad = "--warmup" if args.warmup < 0 else "--baseline-workers"
+        raise MscnError(f"{bad} must be >= 0, got {args.warmup if bad == '--warmup' else args.baseline_workers}")
+    if args.hw_decoder_load is not None and not 0.0 <= args.hw_decoder_load <= 1.0:
+        raise MscnError(f"--hw-decoder-load must be in [0, 1], got {args.hw_decoder_load}")
 
 
 def build_config(args: argparse.Namespace, data_root: str, world_size: int, overrides: list[str] = (),
@@ -348,6 +389,10 @@ def run_measure(name: str, make_step, args, info, device: torch.device, warmup=N
     del step, keep
     gc.collect()  # stop this stage's DALI threads before the next stage is timed
     out = benv.gather_measurement(m)
+    if info.is_main:  # a line per row as it ends: a long run is not silent until its table
+        r = out["images_per_s"]
+        print(f"bench: {name}: {r['median']:.1f} images/s (median of {r['n']} windows, {time.perf_counter() - t0:.0f} s "
+              "with the build and warm-up)", file=sys.stderr, flush=True)
     if profile and args.profile:  # profiled at the end of the run (run_profiles), into this row
         args.pending_profiles.append((name, make_step, step_ms, out))
     return out
@@ -369,6 +414,8 @@ def run_profiles(args, info, device: torch.device) -> None:
     buffers) cannot slow a row that an A/B compares. The summary (where the device's, or on
     the CPU the calling thread's, time goes) is read against the row's unprofiled step time
     and stored in the row as ``profile``."""
+    if args.pending_profiles:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
     for name, make_step, step_ms, row in args.pending_profiles:
         barrier()
         step = keep = None
@@ -397,8 +444,7 @@ def full_stage(args) -> str:
     return "masks" if "masks" in args.stages else args.stages[-1]
 
 
-def run_stages(args, cfg, info, device) -> dict:
-    out = {}
+def run_stages(args, cfg, info, device, out: dict) -> dict:
     for stage in args.stages:
         out[stage] = run_measure(stage, lambda stage=stage: stage_step(stage, cfg, info, device), args, info,
                                  device, profile=stage == full_stage(args) or stage in args.profile_rows)
@@ -430,17 +476,25 @@ def run_baselines(args, cfg, info, device, stages: dict) -> dict:
     return out
 
 
-def run_sweep(args, info, device, data_root: str) -> dict:
-    rows = []
-    stage = full_stage(args) if args.stages else "masks"
+def sweep_configs(args, info, device, data_root: str) -> list:
+    """(setting, its flags, its config) per sweep row, every config built and checked before
+    any row is timed (a value out of range fails now, not after the rows before it)."""
+    out = []
     for setting in benv.parse_sweep(args.sweep):
         overrides, batch = benv.sweep_overrides(setting, len(load_config(args.config, args.overrides).views))
-        sub = argparse.Namespace(**{**vars(args), "batch": batch or args.batch})
+        sub = argparse.Namespace(**{**vars(args), "batch": args.batch if batch is None else batch})
         if "threads" in setting:
             sub.threads = None  # the sweep value arrives as an override: don't let the flag win
         if "hw_decoder_load" in setting:
             sub.hw_decoder_load = None
-        cfg = build_config(sub, data_root, info.world_size, overrides, gpu=device.type == "cuda")
+        out.append((setting, sub, build_config(sub, data_root, info.world_size, overrides, gpu=device.type == "cuda")))
+    return out
+
+
+def run_sweep(args, info, device, grid: list) -> dict:
+    rows = []
+    stage = full_stage(args) if args.stages else "masks"
+    for setting, sub, cfg in grid:
         m = run_measure(stage, lambda: stage_step(stage, cfg, info, device), sub, info, device)
         rows.append({"setting": setting, "batch": sub.batch, **m})
     best = max(rows, key=lambda r: r["images_per_s"]["median"])
@@ -531,7 +585,8 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
         return make
 
     repeats = min(args.repeats, args.train_steps)
-    timing_kw = dict(warmup=max(1, args.warmup), iters=max(1, args.train_steps // repeats), repeats=repeats)
+    # whole windows of equal length, at least --train-steps steps in all
+    timing_kw = dict(warmup=max(1, args.warmup), iters=-(-args.train_steps // repeats), repeats=repeats)
     rows = {}
     try:
         syn = run_measure("train-synthetic", synthetic, args, info, device, profile=True, **timing_kw)
@@ -658,6 +713,31 @@ def run_isolated(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def run_all(args, cfg, info, device, result: dict, grid) -> None:
+    """Every timed part of the run, each stored into ``result`` as soon as it is done."""
+    run_stages(args, cfg, info, device, result["stages"])
+    if result["stages"]:
+        result["pipeline"] = result["stages"][full_stage(args)]
+        if "decode" in result["stages"] and len(args.stages) > 1:
+            result["share_of_decode"] = round(result["pipeline"]["images_per_s"]["median"]
+                                              / result["stages"]["decode"]["images_per_s"]["median"], 3)
+    if args.baseline:
+        result["baselines"] = run_baselines(args, cfg, info, device, result["stages"])
+    if args.sweep:
+        result["sweep"] = run_sweep(args, info, device, grid)
+    if args.train:
+        result["train"] = run_train(args, cfg, info, device)
+    run_profiles(args, info, device)  # last: the profiler must not slow a timed row
+    result["gpu_memory"] = timing.gpu_memory(device) if device.type == "cuda" else None
+
+
+def write_json(result: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     from mscn.train.distributed import cleanup
     from mscn.train.runtime import setup_runtime
@@ -665,6 +745,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     args.pending_profiles = []  # (name, make_step, step_ms, row) for run_profiles
+    if args.torch_threads is not None and args.torch_threads < 1:
+        raise MscnError(f"--torch-threads must be >= 1, got {args.torch_threads}")
     if args.isolate is not None:
         return run_isolated(args, argv)
     if args.torch_threads:
@@ -674,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if rt.note:  # a benchmark must not silently measure the CPU instead of the GPU
             raise MscnError(f"--device {args.device}: no CUDA device is visible; use --device cpu")
-        fill_defaults(args, device)
+        fill_defaults(args, device, info.world_size)
         data_root, dataset = resolve_data(args, info)
         cfg = build_config(args, data_root, info.world_size, gpu=device.type == "cuda")
         placed = where(cfg, info, device)  # "auto" settings resolved for this machine
@@ -695,25 +777,21 @@ def main(argv: list[str] | None = None) -> int:
                                "warmup": args.warmup, "iters": args.iters, "repeats": args.repeats,
                                "sync": args.sync if device.type == "cuda" else None,
                                "world_size": info.world_size, "stages": args.stages},
-                  "stages": run_stages(args, cfg, info, device)}
-        if result["stages"]:
-            result["pipeline"] = result["stages"][full_stage(args)]
-            if "decode" in result["stages"] and len(args.stages) > 1:
-                result["share_of_decode"] = round(result["pipeline"]["images_per_s"]["median"]
-                                                  / result["stages"]["decode"]["images_per_s"]["median"], 3)
-        if args.baseline:
-            result["baselines"] = run_baselines(args, cfg, info, device, result["stages"])
-        if args.sweep:
-            result["sweep"] = run_sweep(args, info, device, data_root)
-        if args.train:
-            result["train"] = run_train(args, cfg, info, device)
-        run_profiles(args, info, device)  # last: the profiler must not slow a timed row
-        result["gpu_memory"] = timing.gpu_memory(device) if device.type == "cuda" else None
+                  "stages": {}}
+        grid = sweep_configs(args, info, device, data_root) if args.sweep else None
+        try:
+            run_all(args, cfg, info, device, result, grid)
+        except BaseException as e:  # a late failure or a stop must not cost the rows already timed
+            if info.is_main and args.json and (result["stages"] or any(k in result for k in ("baselines", "sweep"))):
+                result["incomplete"] = f"{type(e).__name__}: {e}".strip(": ")
+                write_json(result, args.json)
+                print(f"bench_pipeline: the rows timed so far are in {args.json} (marked incomplete)",
+                      file=sys.stderr, flush=True)
+            raise
         if info.is_main:
             report.print_report(result)
             if args.json:
-                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.json).write_text(json.dumps(result, indent=1))
+                write_json(result, args.json)
             if args.plot:
                 report.plot(result, args.plot)
     finally:

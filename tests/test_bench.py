@@ -451,6 +451,10 @@ def test_output_paths_are_checked_before_the_timing(tmp_path):
                          (["--profile", str(tmp_path / "afile" / "prof")], "--profile")):
         with pytest.raises(MscnError, match=match):
             script.fill_defaults(script.parse_args(flags), torch.device("cpu"))
+    with pytest.raises(MscnError, match="--profile-steps"):  # refused: and no empty folder left behind
+        script.fill_defaults(script.parse_args(["--profile", str(tmp_path / "p"), "--profile-steps", "0"]),
+                             torch.device("cpu"))
+    assert not (tmp_path / "p").exists()
     ok = script.parse_args(["--json", str(tmp_path / "new" / "deeper" / "b.json")])
     script.fill_defaults(ok, torch.device("cpu"))  # missing parents are made when it is written
 
@@ -549,3 +553,100 @@ def test_baselines_name_a_bad_image_in_one_line(bad_image_data, baseline):
             step()
     msg = str(err.value)
     assert "cut.jpg: cannot be decoded" in msg and "\n" not in msg and "Traceback" not in msg
+
+
+def test_size_and_batch_overrides_are_applied_or_refused():
+    """data.image_size= / train.global_batch= overrides were listed in the JSON but the flags'
+    defaults (224 px, batch 32) were benched instead."""
+    import torch
+
+    script = _load_script()
+    args = script.parse_args(["data.image_size=32", "train.global_batch=8"])
+    script.fill_defaults(args, torch.device("cpu"))
+    assert (args.size, args.batch) == (32, 8)
+    args = script.parse_args(["train.global_batch=8"])
+    script.fill_defaults(args, torch.device("cpu"), world_size=2)
+    assert (args.size, args.batch) == (224, 4)  # per process
+    with pytest.raises(MscnError, match=r"--size 64 and data.image_size=32 disagree; give one of them"):
+        script.fill_defaults(script.parse_args(["data.image_size=32", "--size", "64"]), torch.device("cpu"))
+    with pytest.raises(MscnError, match=r"train.global_batch=9: not divisible by the 2 processes"):
+        script.fill_defaults(script.parse_args(["train.global_batch=9"]), torch.device("cpu"), world_size=2)
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--sweep", "batch=4,0"], r"batch must be >= 1, got 0"),  # the row was labelled batch=0 but ran batch 4
+    (["--sweep", "threads=,"], r"no values"),
+    (["--sweep", "hw_decoder_load=0,2"], r"hw_decoder_load must be in \[0, 1\], got 2.0"),
+    (["--sweep", "hw_decoder_load=0,0.9"], r"the CPU path has no hardware decoder"),
+    (["--plot", "chart"], r"--plot chart: name a .png, .pdf, .svg file"),
+    (["--plot", "chart.xyz"], r"name a .png"),
+    (["--baseline-workers", "-1"], r"--baseline-workers must be >= 0, got -1"),
+    (["--threads", "0"], r"--threads must be >= 1, got 0"),
+    (["--hw-decoder-load", "1.5"], r"--hw-decoder-load must be in \[0, 1\]"),
+])
+def test_flags_that_would_run_something_else_are_refused_before_timing(flags, match):
+    import torch
+
+    script = _load_script()
+    with pytest.raises(MscnError, match=match):
+        script.fill_defaults(script.parse_args(flags), torch.device("cpu"))
+
+
+def test_torch_threads_below_one_is_one_line():
+    proc = run_bench("--torch-threads", "-1", timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == \
+        "bench_pipeline: error: --torch-threads must be >= 1, got -1", proc.stderr
+
+
+def test_stage_labels_name_every_step_a_row_adds():
+    from benchkit.report import stage_labels
+
+    got = stage_labels(["decode", "bare", "masks", "masks-hold"])
+    assert got["bare"] == "+ crop, flip, normalize"
+    assert got["masks"] == "+ colour jitter, gray, blur, solarize, high-pass, masks (as torch tensors)"
+    assert stage_labels(["decode", "highpass", "masks"])["masks"] == "+ masks (as torch tensors)"
+    assert got["masks-hold"].startswith("full, ")
+
+
+def test_rows_are_reported_as_they_end_and_kept_when_the_run_stops(tiny_data, tmp_path):
+    """A line per row on stderr while the run goes; Ctrl-C after the first row keeps it in the
+    JSON, marked incomplete (before, everything timed was lost)."""
+    import signal
+
+    out = tmp_path / "b.json"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--data", tiny_data, *TINY, "--iters", "2",
+                             "--repeats", "2", "--stages", "decode,bare,views,highpass,masks", "--json", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        first = proc.stderr.readline()
+        assert first.startswith("bench: decode: ") and "images/s (median of 2 windows" in first, first
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    doc = json.loads(out.read_text())
+    assert doc["incomplete"].startswith("KeyboardInterrupt") and "decode" in doc["stages"]
+    assert "masks" not in doc["stages"] and "(marked incomplete)" in err
+
+
+def test_bench_masks_runs_and_refuses_bad_input_in_one_line(tmp_path):
+    script = REPO / "scripts" / "bench_masks.py"
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=240,
+                              cwd=tmp_path)
+
+    for args, msg in ((["--config", "nosuch"], "config file not found: nosuch"), (["--runs", "0"], "--runs must be >= 1"),
+                      (["--json", str(tmp_path / "no" / "m.json")], "cannot be written there")):
+        proc = run(*args)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and msg in proc.stderr, proc.stderr
+    proc = run("--preset", "demo", "--runs", "1", "--json", str(tmp_path / "m.json"))
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((tmp_path / "m.json").read_text())
+    assert doc[0]["runs"] == 1 and doc[0]["ms"]["apply_masks torch in place"] > 0
+    # drawing the tables moves none of the views' bytes: no bandwidth or speed-up claimed for it
+    assert "| tables, torch sampler (sample_tables) | " in proc.stdout
+    row = next(ln for ln in proc.stdout.splitlines() if ln.startswith("| tables, torch sampler"))
+    assert row.endswith("| - | - | - |"), row

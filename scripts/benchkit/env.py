@@ -44,6 +44,9 @@ SWEEP_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
 }
 
 
+SWEEP_MIN = {"threads": 1, "hw_decoder_load": 0.0, "prefetch": 1, "blur_window": 0, "batch": 1}
+
+
 def parse_sweep(items: list[str]) -> list[dict]:
     """Every combination of ``key=v1,v2,...`` items, as dicts {short name: value}, in grid order.
 
@@ -65,6 +68,13 @@ def parse_sweep(items: list[str]) -> list[dict]:
         except ValueError:
             what = "true or false" if tp is flag else f"a {tp.__name__}"
             raise ConfigError(f"--sweep {item!r}: every value of {key} must be {what}") from None
+        if not values:
+            raise ConfigError(f"--sweep {item!r}: no values (e.g. {key}=1,2)")
+        low = SWEEP_MIN.get(key)
+        bad = [v for v in values if low is not None and v < low or key == "hw_decoder_load" and v > 1]
+        if bad:  # a row labelled with a value that never ran (batch=0 ran the default batch)
+            rule = "in [0, 1]" if key == "hw_decoder_load" else f">= {low}"
+            raise ConfigError(f"--sweep {item!r}: {key} must be {rule}, got {bad[0]}")
         axes.append((key, values))
     return [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*(v for _, v in axes))]
 

@@ -24,6 +24,26 @@ LABELS = {"decode": "decode", "bare": "+ crop, flip, normalize", "colour": "+ co
           "masks-colour-loader": "full, colour, gray, blur and high-pass in the loader (data.colour_where=loader)",
           "masks-private": "full, DALI's outputs taken on the loader's own stream (data.handover=private)"}
 
+CHAIN = ("decode", "bare", "colour", "views", "highpass", "masks")  # each adds to the one before
+STEP = {"bare": "crop, flip, normalize", "colour": "colour jitter, gray", "views": "blur, solarize",
+        "highpass": "high-pass", "masks": "masks (as torch tensors)"}
+
+
+def stage_labels(stages) -> dict:
+    """Row labels of the timed stages: a stage of the chain names every step it adds to the
+    timed stage before it (``--stages decode,bare,masks``: the masks row adds colour, blur,
+    solarize and the high-pass too, so the drop to it is not the masks' cost alone)."""
+    out, last = {}, 0
+    for k in stages:
+        if k in CHAIN[1:]:
+            i = CHAIN.index(k)
+            out[k] = "+ " + ", ".join(STEP[c] for c in CHAIN[last + 1:i + 1])
+            last = i
+        else:
+            out[k] = LABELS.get(k, k)
+    return out
+
+
 # ----------------------------------------------------------------------------------
 # Output: a human table (gpu_check.sh greps the "|" rows and SUMMARY lines) and a chart
 # ----------------------------------------------------------------------------------
@@ -46,9 +66,13 @@ def table_rows(r: dict) -> list[str]:
     rule = "|---" * 8 + "|"
     decode = r["stages"].get("decode", {}).get("images_per_s", {}).get("median")
     rows = [head.format("run"), rule] if r["stages"] else []
-    rows += [_row(LABELS[k], m, decode) for k, m in r["stages"].items()]
+    labels = stage_labels(r["stages"])
+    rows += [_row(labels[k], m, decode) for k, m in r["stages"].items()]
     for name, m in r.get("baselines", {}).items():
         label = LABELS[name] + (f" x{m['workers']} workers" if "workers" in m else "")
+        if len(m["window_images"]) != r["settings"]["repeats"] or m["window_images"][0] != \
+                r["settings"]["batch"] * r["settings"]["iters"]:  # the torchvision baseline's own windows
+            label += f" (median of {len(m['window_images'])} windows x {m['window_images'][0] // r['settings']['batch']} batches)"
         rows.append(_row(label, m, decode, f"mscn/{name} = {m['mscn_over_baseline']:.2f}x"))
     if "sweep" in r:
         rows += ["", head.format(f"sweep ({r['sweep']['stage']})"), rule]
@@ -56,7 +80,8 @@ def table_rows(r: dict) -> list[str]:
                       "best" if row["setting"] == r["sweep"]["best"] else "") for row in r["sweep"]["rows"]]
     if "train" in r:
         t = r["train"]
-        rows += ["", f"| train {t['arch']} ({t['method']}, {t['precision']}), fed by | images/s | min-max | "
+        windows = f"; median of {t['steps'] // t['window_steps']} windows x {t['window_steps']} steps"
+        rows += ["", f"| train {t['arch']} ({t['method']}, {t['precision']}{windows}), fed by | images/s | min-max | "
                      "kept of synthetic | ms taken per step | host ms: batch + step | GPU GiB |", "|---" * 7 + "|",
                  _train_row("synthetic views on the device", t["synthetic"])]
         rows += [_train_row(LABELS[k], m) for k, m in t["feeds"].items()]
@@ -149,17 +174,23 @@ def plot(r: dict, path: str) -> None:
     matplotlib.use("Agg")  # no display on a cluster node
     import matplotlib.pyplot as plt
 
+    names = {**LABELS, **stage_labels(r["stages"])}
+
     def bars(ax, items, title, labels=None):
         med = [m["images_per_s"]["median"] for _, m in items]
         err = [[v - m["images_per_s"]["min"] for v, (_, m) in zip(med, items)],
                [m["images_per_s"]["max"] - v for v, (_, m) in zip(med, items)]]
         ax.bar(range(len(items)), med, yerr=err, capsize=4, color="tab:blue")
-        ax.set_xticks(range(len(items)), [LABELS.get(k, k) for k, _ in items], rotation=20, ha="right")
+        ax.set_xticks(range(len(items)), [names.get(k, k) for k, _ in items], rotation=20, ha="right")
         for i, text in enumerate(labels or [f"{v:.0f}" for v in med]):
             ax.annotate(text, (i, med[i]), ha="center", va="bottom")
         ax.set_ylabel("images/s")
         ax.set_title(title)
 
+    if not r["stages"]:  # a sweep or --train alone: nothing this chart draws
+        print(f"bench_pipeline: --plot {path}: no stage rows to draw (the chart shows --stages and baselines)",
+              flush=True)
+        return
     comparisons = list(r.get("baselines", {}).items())
     fig, axes = plt.subplots(1, 2 if comparisons else 1, figsize=(12 if comparisons else 6, 4.5), squeeze=False)
     s = r["settings"]
