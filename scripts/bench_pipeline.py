@@ -36,6 +36,7 @@ import dataclasses
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -666,6 +667,33 @@ def _child_argv(argv: list[str]) -> list[str]:
     return out
 
 
+class _Terminated(MscnError):
+    def __init__(self):
+        super().__init__("stopped by SIGTERM (the isolated runs so far are not kept)")
+        self.status = 128 + signal.SIGTERM
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+def _child(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """One isolated run; stopped with the parent (a SIGTERM from timeout, SLURM or kill reaches
+    only the parent, and the child would run on as an orphan)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_isolated(args: argparse.Namespace, argv: list[str]) -> int:
     """--isolate: run ``bench_pipeline.py --stages S`` per stage and round, print the medians."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -682,6 +710,7 @@ def run_isolated(args: argparse.Namespace, argv: list[str]) -> int:
     rates: dict[str, list[float]] = {s: [] for s in stages}
     runs: dict[str, list[dict]] = {s: [] for s in stages}
     order = isolation_order(stages, args.isolate)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     with tempfile.TemporaryDirectory() as tmp:
         for i, (r, stage) in enumerate(order, 1):
             out = Path(tmp) / f"{stage}_{r}.json"
@@ -689,7 +718,7 @@ def run_isolated(args: argparse.Namespace, argv: list[str]) -> int:
                    "--json", str(out)]
             print(f"[isolate] {i}/{len(order)} round {r + 1} {stage}", flush=True)
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=ISOLATE_TIMEOUT_S)
+                proc = _child(cmd, ISOLATE_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 raise MscnError(f"--isolate: the {stage} run (round {r + 1}) took over {ISOLATE_TIMEOUT_S} s; "
                                 f"run it alone to see where it hangs: {' '.join(cmd)}") from None

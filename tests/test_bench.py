@@ -650,3 +650,38 @@ def test_bench_masks_runs_and_refuses_bad_input_in_one_line(tmp_path):
     assert "| tables, torch sampler (sample_tables) | " in proc.stdout
     row = next(ln for ln in proc.stdout.splitlines() if ln.startswith("| tables, torch sampler"))
     assert row.endswith("| - | - | - |"), row
+
+
+def test_sigterm_to_an_isolate_run_stops_its_child_too(tiny_data, tmp_path):
+    """timeout, SLURM and kill send SIGTERM to the parent only: its running child must not
+    run on as an orphan."""
+    import signal
+
+    def children() -> list[int]:
+        found = []
+        for d in Path("/proc").iterdir():
+            try:
+                cmd = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if d.name.isdigit() and str(SCRIPT).encode() in cmd and b"31337" in cmd and b"--isolate" not in cmd:
+                found.append(int(d.name))
+        return found
+
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--data", tiny_data, *TINY, "--seed", "31337",
+                             "--iters", "2", "--repeats", "2", "--isolate", "1", "--stages", "masks,bare"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stdout.readline().startswith("[isolate] 1/2")
+        deadline = time.time() + 60
+        while not children() and time.time() < deadline:
+            time.sleep(0.2)
+        assert children(), "the isolated child never started"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and "stopped by SIGTERM" in err, err
+    time.sleep(0.5)
+    assert children() == []
