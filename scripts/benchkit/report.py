@@ -52,12 +52,13 @@ def _gib(mem: dict | None) -> str:
     return f"{mem['device_used_bytes'] / 2**30:.1f}" if mem else "n/a"
 
 
-def _row(label: str, m: dict, ref: float | None = None, note: str = "") -> str:
+def _row(label: str, m: dict, ref: float | None = None, note: str = "", views: bool = True) -> str:
     r = m["images_per_s"]
     rel = f"{r['median'] / ref:.2f}" if ref else ""
     node = f" (node {m['node_images_per_s']:.0f})" if "node_images_per_s" in m else ""
+    vps = f"{m['views_per_s']['median']:.1f}" if views else "-"  # decode alone makes no views
     return (f"| {label} | {r['median']:.1f}{node} | {r['min']:.1f}-{r['max']:.1f} | "
-            f"{m['views_per_s']['median']:.1f} | {rel} | {m['cpu_util']:.2f} | {_gib(m['gpu_memory'])} | {note} |")
+            f"{vps} | {rel} | {m['cpu_util']:.2f} | {_gib(m['gpu_memory'])} | {note} |")
 
 
 def table_rows(r: dict) -> list[str]:
@@ -67,7 +68,7 @@ def table_rows(r: dict) -> list[str]:
     decode = r["stages"].get("decode", {}).get("images_per_s", {}).get("median")
     rows = [head.format("run"), rule] if r["stages"] else []
     labels = stage_labels(r["stages"])
-    rows += [_row(labels[k], m, decode) for k, m in r["stages"].items()]
+    rows += [_row(labels[k], m, decode, views=k != "decode") for k, m in r["stages"].items()]
     for name, m in r.get("baselines", {}).items():
         label = LABELS[name] + (f" x{m['workers']} workers" if "workers" in m else "")
         if len(m["window_images"]) != r["settings"]["repeats"] or m["window_images"][0] != \
@@ -138,7 +139,7 @@ def print_report(r: dict) -> None:
     hw += f", windows end on a {s['sync']} sync" if s.get("sync") else ""  # GPU only; absent in older JSON
     print(f"\nmscn bench on {env['gpu_name'] or env['cpu_model']}: {env['usable_cores']} cores, DALI {env['dali']}, "
           f"torch {env['torch']} ({env['torch_threads']} threads), load {env['load_avg_1m']}\n"
-          f"data: {ds['path']} ({ds['num_images']} images, {ds['format']}, median JPEG {ds['jpeg_kb_median']} KB)\n"
+          f"data: {ds['path']} ({ds['num_images']} images, {ds['format']}, median JPEG {'n/a (shards)' if ds['jpeg_kb_median'] is None else str(ds['jpeg_kb_median']) + ' KB'})\n"
           f"{s['device']}: batch {s['batch']} per process x {s['world_size']}, {s['views']} views at {s['size']} px, "
           f"{s['threads']} DALI threads{hw}; median of {s['repeats']} windows x {s['iters']} batches\n")
     print("\n".join(table_rows(r) + summary_lines(r)), flush=True)
