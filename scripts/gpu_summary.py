@@ -123,6 +123,11 @@ def summarize(results: Path, stages_from: Path | None = None) -> dict:
     ceiling = host_ceiling(bench, _load(results / "host_ceiling.json"))
     if ceiling:
         s["host_ceiling"] = ceiling
+    # a bench that failed or was stopped keeps the rows it timed, marked (bench_pipeline.py)
+    stopped = {f.name: doc["incomplete"] for f in sorted(results.glob("*.json"))
+               if isinstance(doc := _load(f), dict) and isinstance(doc.get("incomplete"), str)}  # not this summary's own
+    if stopped:
+        s["incomplete"] = stopped
     return s
 
 
@@ -330,6 +335,8 @@ def main(argv=None) -> int:
               f"on tiny images ({c['ceiling_size']} px views, not {c['size']}): the rate the host allows")
     for feed, h in s.get("host_ms_per_step_resnet18", {}).items():
         print(f"HOST resnet18 fed by {feed}: " + ", ".join(f"{k} {v} ms" for k, v in h.items()) + " per step")
+    for name, why in s.get("incomplete", {}).items():
+        print(f"INCOMPLETE {name}: the run stopped ({why}); its figures are the rows timed before")
     print(f"summary written to {out}")
     return 0
 

@@ -108,6 +108,7 @@ def test_gpu_summary_reads_the_bench_files(results):
         assert (d["switch"] is not None) == (want == "better")
         assert any(ln.startswith(f"DECIDE pipeline images/s (one process): {v} ") for ln in proc.stdout.splitlines())
     assert len(s["commands"]) == 3
+    assert "incomplete" not in s and "INCOMPLETE" not in proc.stdout
     # the --profile summaries the run holds (here: the trainer's, from a CPU run)
     assert set(s["profiles"]) == {"resnet18 fed by synthetic", "resnet18 fed by masks"}
     assert s["profiles"]["resnet18 fed by masks"] == train["train"]["feeds"]["masks"]["profile"]
@@ -115,6 +116,22 @@ def test_gpu_summary_reads_the_bench_files(results):
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SUMMARY")]
     assert any(ln.startswith("SUMMARY kept_resnet50 = None") and "not measured" in ln for ln in lines)
     assert any(ln.startswith("SUMMARY share_of_decode =") and "target >= 0.85" in ln for ln in lines)
+
+
+def test_gpu_summary_names_a_bench_that_stopped(results, tmp_path):
+    """A bench that fails late keeps its timed rows, marked incomplete: the summary says so."""
+    import shutil
+
+    for f in results.glob("*.json"):
+        shutil.copy(f, tmp_path / f.name)
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    doc["incomplete"] = "MscnError: the dali-plain row failed"
+    (tmp_path / "bench.json").write_text(json.dumps(doc))
+    proc = run("gpu_summary.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = json.loads((tmp_path / "gpu_summary.json").read_text())
+    assert s["incomplete"] == {"bench.json": "MscnError: the dali-plain row failed"}
+    assert "INCOMPLETE bench.json: the run stopped (MscnError: the dali-plain row failed)" in proc.stdout
 
 
 PART3_STEPS = ["tests", "probe", "masks", "draws", "bench", "host-ceiling", "train18", "train50", "memory", "pipeline",
