@@ -56,6 +56,11 @@ def test_a_class_name_in_another_unicode_form_is_the_same_class(tmp_path):
     shutil.copytree(train / "caf\u00e9", val / "cafe\u0301")  # NFD
     src = resolve_source(str(val), classes=classes)
     assert set(src.labels) == {classes.index("caf\u00e9")} == {1}
+    # packed, the shards' classes keep the NFD name: still the training set's numbering
+    shutil.copytree(train / "c0", val / "c0")
+    pack(val, tmp_path / "wds", shard_size=8, progress=False, workers=1)
+    assert resolve_source(str(tmp_path / "wds"), classes=classes).num_samples == 4
+    shutil.rmtree(val / "c0")
     (val / "cafe\u0301").rename(val / "cafe")
     with pytest.raises(DataError, match="class 'cafe' is not among the 2 classes"):
         resolve_source(str(val), classes=classes)
@@ -231,6 +236,23 @@ def test_shards_indexed_as_they_are_pass_the_start_check(tmp_path):
     subprocess.run([str(Path(sys.executable).parent / "wds2idx"), str(tar_path), str(tmp_path / "d.idx")],
                    check=True, capture_output=True)
     assert (tmp_path / "d.idx").read_text() == tar_path.with_suffix(".idx").read_text()
+    # names in other letters at both ends (pax carries them; the header holds 'caf?'), and a
+    # hidden file last, which wds2idx leaves out: indexed by wds2idx itself, accepted
+    (tmp_path / "u").mkdir()
+    tar_path = tmp_path / "u" / "part-0.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for k, img in enumerate(sorted((root / "c0").glob("*.jpg"))):
+            tar.add(img, arcname=f"caf\u00e9{k}.jpg")
+            info = tarfile.TarInfo(f"caf\u00e9{k}.cls")
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"0"))
+        info = tarfile.TarInfo(".DS_Store")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"junk"))
+    subprocess.run([str(Path(sys.executable).parent / "wds2idx"), str(tar_path), str(tar_path.with_suffix(".idx"))],
+                   check=True, capture_output=True)
+    assert resolve_source(str(tmp_path / "u")).num_samples == 3
+    assert len(list(build_eval_loader(tiny_cfg(root), str(tmp_path / "u"), batch_size=3))) == 1
 
 
 def _dir_info(name: str) -> tarfile.TarInfo:

@@ -29,9 +29,9 @@ def dali_index_samples(tar_path: Path) -> list[list[str]]:
     last_key = None
     with tarfile.open(tar_path) as tar:
         for m in tar:
-            if not m.isfile():
-                continue
             base = m.name.rsplit("/", 1)[-1]
+            if not m.isfile() or base.startswith("."):  # as wds2idx: hidden files (.DS_Store) are no members
+                continue
             key, _, ext = base.partition(".")  # DALI: the extension starts at the first dot
             if key != last_key:
                 samples.append([])
@@ -74,8 +74,10 @@ def _members(line: str) -> list[tuple[int, int, str]]:
 
 def _header_fits(tar, offset: int, size: int, name: str) -> bool:
     """Whether the block before ``offset`` is the tar header of a regular file of ``size``
-    bytes named ``name`` (a name over 100 bytes is carried by an extra header before it,
-    so only its size is compared)."""
+    bytes named ``name``. Only an ASCII name of at most 99 bytes stands in that header as it
+    is: a longer one, or one with other letters ('café.jpg'), travels in an extra header
+    before it (pax, GNU), the header itself holding a cut or '?'-replaced form, so then only
+    the size is compared."""
     if offset < BLOCK:
         return False
     tar.seek(offset - BLOCK)
@@ -83,7 +85,8 @@ def _header_fits(tar, offset: int, size: int, name: str) -> bool:
         info = tarfile.TarInfo.frombuf(tar.read(BLOCK), "utf-8", "surrogateescape")
     except tarfile.TarError:
         return False
-    return info.isreg() and info.size == size and (info.name == name or len(name.encode()) > 99)
+    plain = name.isascii() and len(name) <= 99
+    return info.isreg() and info.size == size and (info.name == name or not plain)
 
 
 def _appended(tar, end: int) -> bool:
@@ -92,7 +95,8 @@ def _appended(tar, end: int) -> bool:
     tar.seek(-(-end // BLOCK) * BLOCK)
     try:
         with tarfile.open(fileobj=tar, mode="r:") as rest:  # starts at the file's position
-            return any(m.isreg() for m in rest)
+            # a hidden file (.DS_Store, ._x.jpg) is no sample: wds2idx leaves it out too
+            return any(m.isreg() and not m.name.rsplit("/", 1)[-1].startswith(".") for m in rest)
     except tarfile.TarError:  # zero blocks, or trailing bytes that are no tar: nothing DALI would read
         return False
 
@@ -133,12 +137,15 @@ def sample_members(idx: str | Path, line: int) -> tuple[str, list[str]]:
 def read_ends(idx: Path) -> tuple[str, str, str]:
     """The ``v1.2 <samples>`` line and the first and last sample lines of ``idx``, reading
     only its head and its last 64 KiB (ImageNet's 1,282 indexes are read at every start)."""
+    def text(raw: bytes) -> str:  # member names are UTF-8 (wds2idx, tarfile); never fail on bytes
+        return raw.decode("utf-8", "surrogateescape")
+
     with open(idx, "rb") as f:
-        head = f.readline().decode("ascii", "replace")
-        first = f.readline().decode("ascii", "replace")
+        head = text(f.readline())
+        first = text(f.readline())
         f.seek(0, 2)
         size = f.tell()
         f.seek(max(0, size - 65536))
-        lines = f.read().decode("ascii", "replace").split("\n")
+        lines = text(f.read()).split("\n")
     last = next((ln for ln in reversed(lines) if ln.strip()), "")
     return head, first, last
