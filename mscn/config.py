@@ -11,6 +11,7 @@ importable from here.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import re
 import types
@@ -18,6 +19,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from mscn.config_checks import validate, validate_mask, validate_view  # noqa: F401  (re-exported)
@@ -42,6 +44,8 @@ def _convert(value: Any, tp: Any, key: str, src: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{src}: {key}: expected a mapping, got {value!r}")
         return _build(tp, value, key, src)
+    if isinstance(value, np.ndarray) and origin in (list, tuple):  # mean=np.array([...]) in code
+        value = value.tolist()
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -61,15 +65,15 @@ def _convert(value: Any, tp: Any, key: str, src: str) -> Any:
         names = " or ".join("a number" if a in (int, float) else "a string" for a in typing.get_args(tp))
         raise ConfigError(f"{src}: {key}: expected {names}, got {value!r}")
     if tp is bool:
-        if isinstance(value, bool):
-            return value
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
         raise ConfigError(f"{src}: {key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    if tp is int:  # numbers.Integral: numpy's integers too, made plain ints
+        if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+            return int(value)
         raise ConfigError(f"{src}: {key}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
             return float(value)
         if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
             return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; it is a number

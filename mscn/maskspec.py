@@ -218,5 +218,6 @@ def check_generator(generator, views: Sequence[torch.Tensor], inplace: bool) -> 
     if generator is not None and not isinstance(generator, torch.Generator):
         raise MscnError(f"generator: expected a torch.Generator or None, got {type(generator).__name__} "
                         "(torch.Generator(device).manual_seed(seed) makes one from a seed)")
-    if inplace and torch.is_grad_enabled() and any(v.requires_grad and v.is_leaf for v in views):
+    if inplace and torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad and v.is_leaf
+                                                   for v in views):  # other kinds: check_views names them
         raise MscnError("views: a leaf tensor that requires grad cannot be masked in place; pass inplace=False")

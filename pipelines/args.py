@@ -8,7 +8,12 @@ with one line naming it. The ranges are the config schema's (mscn.config_checks)
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+import numbers
+
+import numpy as np
 
 import torch
 
@@ -20,7 +25,8 @@ VIEW_DTYPES = ("float32", "float16")
 
 
 def is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer, numpy's included (numbers.Integral), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
 
 def check_placement(rank, world_size, local_rank, device) -> None:
@@ -69,13 +75,13 @@ def check_common(*, image_size, mean, std, highpass, device, view_dtype, shard_i
     if not is_int(image_size) or image_size < 8:
         raise ValueError(f"image_size: expected an integer >= 8, got {image_size!r}")
     for name, v in (("mean", mean), ("std", std)):
-        if (not isinstance(v, (list, tuple)) or len(v) != 3
-                or not all(isinstance(c, (int, float)) and math.isfinite(c) for c in v)):
+        if (isinstance(v, (str, bytes)) or not hasattr(v, "__len__") or len(v) != 3
+                or not all(isinstance(c, numbers.Real) and math.isfinite(c) for c in v)):
             raise ValueError(f"{name}: expected 3 numbers (R, G, B on the 0-255 scale), got {v!r}")
     if min(std) <= 0:
         raise ValueError(f"std: must be > 0, got {tuple(std)}")
     if highpass is not None:
-        ok = (isinstance(highpass, (list, tuple)) and len(highpass) == 2 and isinstance(highpass[0], (int, float))
+        ok = (isinstance(highpass, (list, tuple)) and len(highpass) == 2 and isinstance(highpass[0], numbers.Real)
               and highpass[0] > 0 and is_int(highpass[1]) and highpass[1] >= 3 and highpass[1] % 2 == 1)
         if not ok:
             raise ValueError(f"highpass: expected (sigma > 0, odd window >= 3) or None, got {highpass!r} "
@@ -85,7 +91,7 @@ def check_common(*, image_size, mean, std, highpass, device, view_dtype, shard_i
                          "0 <= shard_id < num_shards")
 
 
-def check_views(views, image_size: int) -> list[ViewCfg]:
+def check_views(views) -> list[ViewCfg]:
     """``views`` as ViewCfgs of the schema's types and ranges (a dict of ViewCfg keys is taken
     too); a MaskCfg where a view belongs is named."""
     if not isinstance(views, (list, tuple)) or not views:
@@ -95,6 +101,42 @@ def check_views(views, image_size: int) -> list[ViewCfg]:
         if isinstance(v, MaskCfg):
             raise TypeError(f"views[{i}]: a MaskCfg; a view is ViewCfg(..., mask=MaskCfg(...))")
         v = typed(v, ViewCfg, "views", f"views[{i}]")
-        validate_view(v, "views", f"views[{i}]", image_size)
+        # image_size None: the masks are the loader's (or the caller's), not this pipeline's
+        validate_view(v, "views", f"views[{i}]", None)
         out.append(v)
     return out
+
+
+COMMON = ("image_size", "mean", "std", "highpass", "device", "view_dtype", "shard_id", "num_shards")
+
+
+def checked(graph):
+    """``graph`` (a ``@pipeline_def`` function) with its arguments checked and made plain
+    Python values (numpy's numbers and arrays included) before it is called. Outside the
+    graph on purpose: DALI's conditionals (autograph) wrap whatever the graph function
+    raises into a paragraph of its own."""
+    sig = inspect.signature(graph)
+
+    @functools.wraps(graph)
+    def build(source, *args, **kwargs):
+        check_source(source)
+        given = {k: kwargs.get(k, sig.parameters[k].default) for k in COMMON}
+        check_common(**given)
+        plain = {"image_size": int(given["image_size"]), "shard_id": int(given["shard_id"]),
+                 "num_shards": int(given["num_shards"]), "mean": tuple(float(c) for c in given["mean"]),
+                 "std": tuple(float(c) for c in given["std"])}
+        if given["highpass"] is not None:
+            plain["highpass"] = (float(given["highpass"][0]), int(given["highpass"][1]))
+        if "resize" in sig.parameters:
+            resize = kwargs.get("resize", sig.parameters["resize"].default)
+            if not is_int(resize) or resize < plain["image_size"]:
+                raise ValueError(f"resize: expected an integer >= image_size ({plain['image_size']}), got {resize!r}")
+            plain["resize"] = int(resize)
+        if "views" in sig.parameters:  # the views come second, by position or by name
+            if args:
+                args = (check_views(args[0]), *args[1:])
+            elif "views" in kwargs:
+                kwargs["views"] = check_views(kwargs["views"])
+        return graph(source, *args, **{**kwargs, **plain})
+
+    return build

@@ -127,6 +127,12 @@ def find_bad_sample(source: Source, replay, runs_done: int) -> tuple[str, str] |
     return None
 
 
+# operators that parse the encoded image besides the decoders: a corrupt file fails here first
+# when they run before the decoder (peek_image_shape on the CPU ahead of a GPU decode)
+READS_IMAGES = ("peek_image_shape", "image_decoder", "image_decoder_crop", "image_decoder_random_crop",
+                "image_decoder_slice")
+
+
 def _not_the_data(err: Exception, reason: str) -> MscnError | None:
     """A DALI failure that no file can cause: an operator other than a reader or a decoder
     refused its arguments (a mean of two values, an even window, an empty crop range), or a
@@ -137,7 +143,8 @@ def _not_the_data(err: Exception, reason: str) -> MscnError | None:
         return MscnError(f"DALI: a GPU pipeline on a machine without CUDA ({reason}); build it with "
                          "device_id=None, or pass device=None to the mscn.pipelines builders, for the CPU path")
     op = re.search(r"operator `nvidia\.dali\.fn\.([\w.]+)`", text)
-    if op is None or op.group(1).split(".")[0] in ("readers", "decoders", "experimental"):
+    if op is None or op.group(1) in READS_IMAGES or op.group(1).split(".")[0] in ("readers", "decoders",
+                                                                                  "experimental"):
         return None
     return MscnError(f"DALI's fn.{op.group(1)} refused the pipeline's arguments ({reason}): a setting of the pipeline "
                      "(its view or high-pass parameters), not the data")

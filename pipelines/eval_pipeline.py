@@ -15,22 +15,18 @@ from __future__ import annotations
 from nvidia.dali import fn, pipeline_def
 
 from mscn.config import IMAGENET_MEAN, IMAGENET_STD
-from mscn.pipelines.args import check_common, check_source, is_int
+from mscn.pipelines.args import checked
 from mscn.pipelines.ops import decode, normalize_highpass
 from mscn.pipelines.readers import Source, read
 
 
+@checked  # its arguments, before DALI traces the graph (pipelines/args.py)
 @pipeline_def
 def eval_pipeline(source: Source, *, image_size: int = 224, resize: int = 256, mean=IMAGENET_MEAN,
                   std=IMAGENET_STD, highpass: tuple[float, int] | None = (5.0, 31), device: str = "cpu",
                   hw_decoder_load: float = 0.65, shard_id: int = 0, num_shards: int = 1,
                   reader_seed: int = -1, view_dtype: str = "float32"):
     """One center view per image; pipeline arguments as for ``views_pipeline``."""
-    check_source(source)
-    check_common(image_size=image_size, mean=mean, std=std, highpass=highpass, device=device,
-                 view_dtype=view_dtype, shard_id=shard_id, num_shards=num_shards)
-    if not is_int(resize) or resize < image_size:
-        raise ValueError(f"resize: expected an integer >= image_size ({image_size}), got {resize!r}")
     encoded, label, index = read(source, shard_id=shard_id, num_shards=num_shards, shuffle=False,
                                  shuffle_buffer=1, stick_to_shard=True, seed=reader_seed)
     images = decode(encoded, device, hw_decoder_load)

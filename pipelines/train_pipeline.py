@@ -18,7 +18,7 @@ from __future__ import annotations
 from nvidia.dali import fn, pipeline_def, types
 
 from mscn.config import IMAGENET_MEAN, IMAGENET_STD, ViewCfg
-from mscn.pipelines.args import check_common, check_source, check_views
+from mscn.pipelines.args import checked
 from mscn.pipelines.ops import augment_view, blur_deferred, colour_deferred, decode, normalize_highpass
 from mscn.pipelines.readers import Source, read
 
@@ -65,6 +65,7 @@ def output_names(num_views: int, source: Source, debug_outputs: bool = False,
     return names
 
 
+@checked  # its arguments, before DALI traces the graph (pipelines/args.py)
 @pipeline_def(enable_conditionals=True)
 def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 224, mean=IMAGENET_MEAN,
                    std=IMAGENET_STD, highpass: tuple[float, int] | None = (5.0, 31), device: str = "cpu",
@@ -90,10 +91,6 @@ def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 22
     leave DALI as the crops themselves (uint8 HWC) with one draw of ten uniforms each, and
     the loader flips, colours, normalizes, blurs and high-passes them (``highpass`` None here too).
     """
-    check_source(source)
-    check_common(image_size=image_size, mean=mean, std=std, highpass=highpass, device=device,
-                 view_dtype=view_dtype, shard_id=shard_id, num_shards=num_shards)
-    views = check_views(views, image_size)
     deferred = deferred_views(views, blur_in_loader)
     coloured = coloured_views(views, blur_in_loader, colour_in_loader)
     blurred = loader_blurred(views, blur_in_loader, colour_in_loader)

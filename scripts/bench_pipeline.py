@@ -492,23 +492,25 @@ def sweep_configs(args, info, device, data_root: str) -> list:
     return out
 
 
-def run_sweep(args, info, device, grid: list) -> dict:
+def run_sweep(args, info, device, grid: list, result: dict) -> None:
+    """The sweep's rows into ``result["sweep"]`` as they are timed, then the best of them."""
     rows = []
     stage = full_stage(args) if args.stages else "masks"
+    result["sweep"] = {"stage": stage, "rows": rows}
     for setting, sub, cfg in grid:
         m = run_measure(stage, lambda: stage_step(stage, cfg, info, device), sub, info, device)
         rows.append({"setting": setting, "batch": sub.batch, **m})
     best = max(rows, key=lambda r: r["images_per_s"]["median"])
-    return {"stage": stage, "rows": rows, "best": best["setting"],
-            "best_images_per_s": best["images_per_s"]["median"]}
+    result["sweep"].update(best=best["setting"], best_images_per_s=best["images_per_s"]["median"])
 
 
-def run_train(args, cfg, info, device: torch.device) -> dict:
+def run_train(args, cfg, info, device: torch.device, partial: dict | None = None) -> dict:
     """Stage attribution of the trainer's speed: ``--train-steps`` real training steps (the
     config's method, loss and LARS: pretrain.py's step) fed by synthetic views already on
     the device, then by each stage's pipeline in ``--feeds`` (bare, + colour/blur,
     + high-pass, + masks); on a GPU also the full pipeline with the training step on a
-    high-priority CUDA stream, so that the trainer's kernels go first when DALI's wait."""
+    high-priority CUDA stream, so that the trainer's kernels go first when DALI's wait.
+    ``partial`` receives each row as it is timed (kept if the run stops before the end)."""
     from mscn.pipelines.feeder import Feeder
     from mscn.pipelines.loader import TORCH_DTYPES, endless
     from mscn.train.lars import build_optimizer
@@ -588,9 +590,11 @@ def run_train(args, cfg, info, device: torch.device) -> dict:
     repeats = min(args.repeats, args.train_steps)
     # whole windows of equal length, at least --train-steps steps in all
     timing_kw = dict(warmup=max(1, args.warmup), iters=-(-args.train_steps // repeats), repeats=repeats)
-    rows = {}
+    partial = {} if partial is None else partial
+    rows = partial.setdefault("feeds", {})
     try:
-        syn = run_measure("train-synthetic", synthetic, args, info, device, profile=True, **timing_kw)
+        syn = partial["synthetic"] = run_measure("train-synthetic", synthetic, args, info, device, profile=True,
+                                                 **timing_kw)
         # the default pipeline's row is profiled (or the last feed's when masks is not fed)
         profiled = "masks" if "masks" in args.feeds else args.feeds[-1]
         for stage in args.feeds:
@@ -668,13 +672,18 @@ def _child_argv(argv: list[str]) -> list[str]:
 
 
 class _Terminated(MscnError):
-    def __init__(self):
-        super().__init__("stopped by SIGTERM (the isolated runs so far are not kept)")
+    """SIGTERM (timeout, SLURM, kill): the run unwinds, keeping what it can, and exits 143."""
+
+    def __init__(self, what: str):
+        super().__init__(f"stopped by SIGTERM{what}")
         self.status = 128 + signal.SIGTERM
 
 
-def _raise_terminated(signum, frame):
-    raise _Terminated()
+def on_sigterm(what: str = "") -> None:
+    def stop(signum, frame):
+        raise _Terminated(what)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _child(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -710,7 +719,7 @@ def run_isolated(args: argparse.Namespace, argv: list[str]) -> int:
     rates: dict[str, list[float]] = {s: [] for s in stages}
     runs: dict[str, list[dict]] = {s: [] for s in stages}
     order = isolation_order(stages, args.isolate)
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    on_sigterm(" (the isolated runs so far are not kept)")
     with tempfile.TemporaryDirectory() as tmp:
         for i, (r, stage) in enumerate(order, 1):
             out = Path(tmp) / f"{stage}_{r}.json"
@@ -753,9 +762,10 @@ def run_all(args, cfg, info, device, result: dict, grid) -> None:
     if args.baseline:
         result["baselines"] = run_baselines(args, cfg, info, device, result["stages"])
     if args.sweep:
-        result["sweep"] = run_sweep(args, info, device, grid)
-    if args.train:
-        result["train"] = run_train(args, cfg, info, device)
+        run_sweep(args, info, device, grid, result)
+    if args.train:  # rows timed so far sit in "train_timed" until the table is whole
+        result["train"] = run_train(args, cfg, info, device, result.setdefault("train_timed", {}))
+        del result["train_timed"]
     run_profiles(args, info, device)  # last: the profiler must not slow a timed row
     result["gpu_memory"] = timing.gpu_memory(device) if device.type == "cuda" else None
 
@@ -780,6 +790,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_isolated(args, argv)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
+    on_sigterm()  # the rows timed so far go to --json, as after Ctrl-C
     rt = setup_runtime(args.device, what="--device")  # torchrun: one pipeline per rank
     info, device = rt.dist, rt.device
     try:
@@ -811,7 +822,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run_all(args, cfg, info, device, result, grid)
         except BaseException as e:  # a late failure or a stop must not cost the rows already timed
-            if info.is_main and args.json and (result["stages"] or any(k in result for k in ("baselines", "sweep"))):
+            timed = result["stages"] or result.get("sweep", {}).get("rows") or result.get("train_timed", {}).get(
+                "synthetic") or result.get("baselines")
+            if info.is_main and args.json and timed:
                 result["incomplete"] = f"{type(e).__name__}: {e}".strip(": ")
                 write_json(result, args.json)
                 print(f"bench_pipeline: the rows timed so far are in {args.json} (marked incomplete)",

@@ -608,27 +608,38 @@ def test_stage_labels_name_every_step_a_row_adds():
     assert got["masks-hold"].startswith("full, ")
 
 
-def test_rows_are_reported_as_they_end_and_kept_when_the_run_stops(tiny_data, tmp_path):
-    """A line per row on stderr while the run goes; Ctrl-C after the first row keeps it in the
-    JSON, marked incomplete (before, everything timed was lost)."""
+@pytest.mark.parametrize("sig, rows, rc, why", [
+    ("SIGINT", ["--stages", "decode,bare,views,highpass,masks"], 130, "KeyboardInterrupt"),
+    ("SIGTERM", ["--stages", "decode,bare,views,highpass,masks"], 143, "_Terminated: stopped by SIGTERM"),
+    ("SIGINT", ["--sweep", "threads=1,2,1,2"], 130, "KeyboardInterrupt"),
+    ("SIGTERM", ["--train", "--feeds", "bare,views,masks", "--train-steps", "2"], 143, "_Terminated"),
+])
+def test_rows_are_reported_as_they_end_and_kept_when_the_run_stops(tiny_data, tmp_path, sig, rows, rc, why):
+    """A line per row on stderr while the run goes; Ctrl-C or SIGTERM (timeout, SLURM) after
+    the first row keeps it in the JSON, marked incomplete (before, everything timed was lost)."""
     import signal
 
     out = tmp_path / "b.json"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--data", tiny_data, *TINY, "--iters", "2",
-                             "--repeats", "2", "--stages", "decode,bare,views,highpass,masks", "--json", str(out)],
+                             "--repeats", "2", *rows, "--json", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     try:
         first = proc.stderr.readline()
-        assert first.startswith("bench: decode: ") and "images/s (median of 2 windows" in first, first
-        proc.send_signal(signal.SIGINT)
+        assert first.startswith("bench: ") and "images/s (median of 2 windows" in first, first
+        proc.send_signal(getattr(signal, sig))
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
+    assert proc.returncode == rc, err
     doc = json.loads(out.read_text())
-    assert doc["incomplete"].startswith("KeyboardInterrupt") and "decode" in doc["stages"]
-    assert "masks" not in doc["stages"] and "(marked incomplete)" in err
+    assert doc["incomplete"].startswith(why) and "(marked incomplete)" in err
+    if "--sweep" in rows:
+        assert 1 <= len(doc["sweep"]["rows"]) < 4 and "best" not in doc["sweep"]
+    elif "--train" in rows:  # the synthetic row and the feeds timed so far, apart from a whole table
+        assert "train" not in doc and "synthetic" in doc["train_timed"] and "masks" not in doc["train_timed"]["feeds"]
+    else:
+        assert "decode" in doc["stages"] and "masks" not in doc["stages"]
 
 
 def test_bench_masks_runs_and_refuses_bad_input_in_one_line(tmp_path):

@@ -82,8 +82,28 @@ def test_eval_batch_size_zero_is_refused_not_replaced(folder):
 def test_views_pipeline_arguments_are_checked_before_dali(folder, kw, err, msg):
     args = dict(source=resolve_source(str(folder)), views=[ViewCfg(), ViewCfg()], image_size=32, highpass=None)
     args.update(kw)
-    with pytest.raises(err, match=msg):
+    with pytest.raises(err, match=msg) as e:
         views_pipeline(**args, batch_size=2, num_threads=1, device_id=None)
+    assert "\n" not in str(e.value)  # not DALI's autograph paragraph around it
+
+
+def test_numpy_numbers_and_arrays_are_taken_and_masks_are_not_the_pipelines(folder):
+    """Values from numpy (a computed batch, a mean array) are numbers like any other; a view's
+    mask grid is for the loader's masks, so a pipeline at 16 px takes the default 32 px grid."""
+    import numpy as np
+
+    source = resolve_source(str(folder))
+    pipe = views_pipeline(source, [ViewCfg(), ViewCfg(flip_prob=np.float32(0.5))], image_size=np.int64(16),
+                          mean=np.array([120.0, 115.0, 100.0]), std=[np.float32(58.0)] * 3,
+                          highpass=(np.float64(1.0), np.int64(5)), shard_id=np.int64(0), num_shards=np.int64(1),
+                          batch_size=2, num_threads=1, device_id=None, seed=1)
+    loader = DaliLoader(pipe, source, 2, policy=LastBatchPolicy.DROP)
+    assert next(iter(loader)).views[0].shape == (2, 3, 16, 16)
+    cfg = tiny_cfg(folder, "train.global_batch=4")
+    cfg.train.global_batch = np.int64(4)
+    cfg.views[0].mask.ratio = np.float32(0.25)
+    assert len(build_train_loader(cfg, rank=np.int64(0), world_size=np.int64(1))) == 2
+    assert len(build_eval_loader(tiny_cfg(folder), str(folder), batch_size=np.int64(4))) == 2
 
 
 def test_a_path_instead_of_a_source_is_named(folder):
@@ -139,8 +159,30 @@ def test_apply_masks_names_the_usual_mix_ups():
         apply_masks(views, [ViewCfg(), ViewCfg()])
     with pytest.raises(MscnError, match=r"generator: expected a torch.Generator or None, got int"):
         apply_masks(views, cfgs, 7)
+    with pytest.raises(MscnError, match=r"view 0: expected a floating \(B, C, H, W\) tensor, got ndarray"):
+        apply_masks([v.numpy() for v in views], cfgs)
     leaf = [v.clone().requires_grad_() for v in views]
     with pytest.raises(MscnError, match=r"cannot be masked in place; pass inplace=False"):
         apply_masks(leaf, cfgs)
     out = apply_masks(leaf, cfgs, inplace=False)
     assert all(o.requires_grad for o in out)
+
+
+def test_a_corrupt_file_met_before_the_decoder_is_still_the_datas(tmp_path):
+    """peek_image_shape reads the JPEG header (data.crop=window), ahead of a GPU decode: its
+    failure is the file's, not a setting."""
+    root = make_folder(tmp_path / "ds", classes=1, per_class=2)
+    (root / "c0" / "000.jpg").write_bytes(b"\xff\xd8 not a jpeg at all" * 20)
+    source = resolve_source(str(root))
+
+    @pipeline_def
+    def peek():
+        jpegs, _ = fn.readers.file(file_root=source.root, files=list(source.files), name="Reader")
+        return fn.peek_image_shape(jpegs)
+
+    pipe = peek(batch_size=2, num_threads=1, device_id=None)
+    pipe.build()
+    with pytest.raises(RuntimeError) as raw:
+        pipe.run()
+    assert "peek_image_shape" in str(raw.value)
+    assert type(explain(raw.value, source, None, 0)) is DataError
