@@ -48,7 +48,7 @@ import torch
 from benchkit import env as benv
 from benchkit import profiling, report, steps, timing
 from mscn.config import load_config, validate
-from mscn.errors import MscnError, run_cli
+from mscn.errors import ConfigError, MscnError, run_cli
 from mscn.pipelines.tuning import usable_cores
 from mscn.train.distributed import barrier
 
@@ -252,6 +252,11 @@ def fill_defaults(args: argparse.Namespace, device: torch.device, world_size: in
         raise MscnError(f"--hw-decoder-load must be in [0, 1], got {args.hw_decoder_load}")
 
 
+# the config keys build_config sets from the bench's flags
+FLAG_KEYS = {"train.global_batch": "--batch", "data.image_size": "--size",
+             "data.num_threads": "--threads", "data.hw_decoder_load": "--hw-decoder-load"}
+
+
 def build_config(args: argparse.Namespace, data_root: str, world_size: int, overrides: list[str] = (),
                  gpu: bool = False):
     """The recipe + user overrides + sweep overrides, then the bench flags (which win), with
@@ -276,7 +281,11 @@ def build_config(args: argparse.Namespace, data_root: str, world_size: int, over
     cfg.train = dataclasses.replace(cfg.train, global_batch=args.batch * world_size, seed=args.seed)
     if args.arch:
         cfg.model = dataclasses.replace(cfg.model, arch=args.arch)
-    validate(cfg, f"{args.config} + bench flags", world_size=world_size)
+    try:
+        validate(cfg, f"{args.config} + bench flags", world_size=world_size)
+    except ConfigError as e:  # a key the bench set from a flag: name the flag the user typed
+        flag = next((f for key, f in FLAG_KEYS.items() if f"{key} = " in str(e)), None)
+        raise ConfigError(f"{e} (set by {flag})" if flag else str(e)) from None
     return cfg
 
 

@@ -696,3 +696,13 @@ def test_sigterm_to_an_isolate_run_stops_its_child_too(tiny_data, tmp_path):
     assert proc.returncode == 143 and "stopped by SIGTERM" in err, err
     time.sleep(0.5)
     assert children() == []
+
+
+def test_a_value_set_from_a_flag_names_the_flag():
+    import torch
+
+    script = _load_script()
+    args = script.parse_args(["--batch", "1"])
+    script.fill_defaults(args, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"train.global_batch = 1: must be >= 2 .*\(set by --batch\)$"):
+        script.build_config(args, "/nowhere", 1)
