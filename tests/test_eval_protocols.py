@@ -182,6 +182,41 @@ def test_subset_labels_must_be_the_class_indices_of_their_folders(data, tmp_path
     spaced.write_text("my photo.jpg\n")
     with pytest.raises(DataError, match="none of its 1 names matches"):  # read as names, matched by stem
         read_subset(spaced, data["train"])
+    binary = tmp_path / "random.pt"
+    binary.write_bytes(b"\xff\xfe\x00junk")
+    with pytest.raises(DataError, match=r"random.pt: not a UTF-8 text file \(byte 0\)"):
+        read_subset(binary, data["train"])
+    with pytest.raises(DataError, match=r"--subset .*: a folder; it takes the subset file"):
+        read_subset(tmp_path, data["train"])
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_evaluation(data, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    assert mscn_main(["eval", "knn", *_common(data, tmp_path / "afile")]) == 2
+    assert "--out " in capsys.readouterr().err
+    assert mscn_main(["eval", "knn", *_common(data, tmp_path / "o", "--table", str(tmp_path / "adir"))]) == 2
+    err = capsys.readouterr().err
+    assert "--table " in err and "a folder" in err and not (tmp_path / "o").exists()  # nothing written
+
+
+def test_default_out_of_a_checkpoint_during_training_has_its_step(data, tmp_path, monkeypatch):
+    """Scored while it trains and once it is done: two folders, so two rows in the report."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "myrun"
+    (run / "checkpoints").mkdir(parents=True)
+    ck = torch.load(data["ckpt"], weights_only=True)
+    ck["step"] = 30
+    torch.save(ck, run / "checkpoints" / "ckpt_00000030.pt")
+    common = ["--train-root", data["train"], "--val-root", data["val"], "--batch", "16", "--device", "cpu"]
+    _run("knn", "--ckpt", str(run), *common)
+    ck["step"] = 60
+    torch.save(ck, run / "final.pt")
+    _run("knn", "--ckpt", str(run), *common)
+    assert json.loads(Path("runs/eval/myrun-step30-knn/result.json").read_text())["ckpt_step"] == 30
+    assert json.loads(Path("runs/eval/myrun-knn/result.json").read_text())["ckpt_step"] == 60
 
 
 def test_overrides_on_both_sides_of_an_option(capsys):

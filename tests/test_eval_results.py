@@ -90,6 +90,25 @@ def test_report_keeps_every_distinct_setting():
     assert "| SimCLR (ckpt_step=32) | 40.0 |" in md and "| SimCLR (ckpt_step=160) | 65.0 |" in md
 
 
+def test_report_keeps_other_weights_settings_and_recipes_apart():
+    """Results that are really different evaluations were merged as 'the same settings': one
+    --ckpt name for two runs' weights, an override that changes the numbers, random inits of
+    two recipes. Overrides that change only the speed do not make another row."""
+    a = _result("SimCLR", "knn", 43.75) | {"ckpt": "final.pt", "ckpt_file": "/x/run1/final.pt", "time": "2024-01-01"}
+    b = a | {"ckpt_file": "/x/run3/final.pt", "top1": 37.5, "time": "2024-01-02"}
+    md = markdown_table([a, b])
+    assert "| SimCLR (ckpt=run1/final.pt) | 43.8 |" in md and "| SimCLR (ckpt=run3/final.pt) | 37.5 |" in md
+    sigma = a | {"overrides": ["highpass.sigma=3"], "top1": 50.0, "time": "2024-01-03"}
+    md = markdown_table([a, sigma])
+    assert "43.8" in md and "50.0" in md
+    fast = a | {"overrides": ["data.num_threads=8"], "top1": 43.75, "time": "2024-01-04"}
+    assert markdown_table([a, fast]).count("| SimCLR") == 1  # the same evaluation, run faster
+    r50 = _result("random init", "knn", 20.0) | {"ckpt": "random", "arch": "resnet50", "time": "2024-01-05"}
+    r18 = r50 | {"arch": "resnet18", "config": "demo", "top1": 25.0, "time": "2024-01-06"}
+    md = markdown_table([r50, r18])
+    assert "20.0" in md and "25.0" in md
+
+
 def test_a_second_result_in_one_folder_keeps_the_first(tmp_path):
     """An evaluation into a folder that holds a result does not overwrite it: the old one is
     kept beside it (and no longer read by the report), every time."""

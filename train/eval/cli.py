@@ -33,6 +33,8 @@ def _default_out(args, protocol: str) -> Path:
         run_dir = run_dir.parent
     run = "random" if args.ckpt == "random" else run_dir.name
     tag = "scratch" if getattr(args, "from_scratch", False) else re.sub(r"[^\w.-]+", "_", run)
+    if getattr(args, "ckpt_file", None) and Path(args.ckpt_file).name != "final.pt" and args.ckpt_step is not None:
+        tag += f"-step{args.ckpt_step}"  # a checkpoint during training: its own folder, its own row
     return Path("runs/eval") / f"{tag}-{protocol}"
 
 
@@ -55,7 +57,7 @@ def _checkpoint(args) -> dict:
 def _prepare(args, protocol: str):
     from mscn.train.eval.common import seeded
     from mscn.train.eval.pretrained import load_pretrained
-    from mscn.train.eval.results import model_name
+    from mscn.train.eval.results import check_outputs, model_name
     from mscn.train.models import build_backbone
     from mscn.train.runtime import setup_runtime
 
@@ -77,6 +79,7 @@ def _prepare(args, protocol: str):
         if getattr(args, "from_scratch", False):  # same views/arch as the checkpoint, random weights
             name = args.name or "from scratch"
     out = Path(args.out) if args.out else _default_out(args, protocol)
+    check_outputs(out, args.table)
     rt = setup_runtime(args.device, cfg.train.precision)  # autocast as in pretraining
     if rt.note:
         print(f"[mscn] {rt.note}", flush=True)
@@ -93,7 +96,9 @@ def _finish(args, rt, protocol: str, name: str, arch: str, out: Path, res: dict)
     # ckpt as given (a run directory names the run in the tables); ckpt_file and ckpt_step:
     # the weights that were scored
     result = {"protocol": protocol, "name": name, "ckpt": args.ckpt, "ckpt_file": args.ckpt_file,
-              "ckpt_step": args.ckpt_step, "arch": arch,
+              "ckpt_step": args.ckpt_step, "arch": arch, "overrides": list(args.overrides or []),
+              # the recipe of a random init (a checkpoint carries its own config)
+              "config": args.config if args.ckpt == "random" else None,
               "dataset": args.dataset or _dataset_name(args.val_root), "label_fraction": 1.0,
               "train_root": args.train_root, "val_root": args.val_root, "seed": args.seed, **res}
     paths = write_result(result, out, args.table)

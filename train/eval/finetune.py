@@ -44,9 +44,16 @@ def read_subset(path: str | Path, train_root: str | Path) -> list[tuple[str, int
     of bare names (SimCLR's official split) is matched by file stem under the root.
     """
     path, root = Path(path), Path(train_root)
+    if path.is_dir():
+        raise DataError(f"--subset {path}: a folder; it takes the subset file (mscn data subset {root} --fraction 0.01)")
     if not path.is_file():
         raise DataError(f"--subset {path}: no such file (write one with: mscn data subset {root} --fraction 0.01)")
-    first = next((ln.strip().rsplit(maxsplit=1) for ln in path.read_text().splitlines() if ln.strip()), None)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"--subset {path}: not a UTF-8 text file (byte {e.start}); it takes a subset list "
+                        f"(mscn data subset {root} --fraction 0.01)") from None
+    first = next((ln.strip().rsplit(maxsplit=1) for ln in text.splitlines() if ln.strip()), None)
     if first is None:
         raise DataError(f"--subset {path}: empty file")
     labelled = len(first) == 2 and first[1].isdigit()

@@ -31,7 +31,13 @@ CSV_FIELDS = ("time", "name", "protocol", "dataset", "label_fraction", "arch", "
               "epochs", "seed", "ckpt", "out")
 # plus every entry of "settings"; ckpt_step: a run directory scored at two steps (a run still
 # training, then finished) gives two rows, not a silent replacement of one by the other
-KEY_FIELDS = ("ckpt", "ckpt_step", "epochs", "seed", "seeds", "train_root", "val_root")
+# "ckpt": the weights scored (ckpt_file, or the --ckpt given: random, or a result from before
+# ckpt_file), "arch" and "overrides": a random init of another recipe, or the same weights
+# evaluated under other settings, are other rows
+KEY_FIELDS = ("ckpt", "ckpt_step", "config", "arch", "overrides", "epochs", "seed", "seeds", "train_root", "val_root")
+# overrides that change how fast, not what: the same numbers (evaluations are deterministic)
+SPEED_KEYS = ("data.num_threads", "data.prefetch", "data.hw_decoder_load", "data.op_concurrency", "data.stream_policy",
+              "data.thread_affinity", "data.handover", "data.feed_thread", "train.compile")
 NOT_SETTINGS = {"world_size"}  # how a result was computed, not what: the same numbers on 1 or 8 ranks
 TITLES = {"linear": "Linear Evaluation", "finetune": "Finetuning", "knn": "kNN"}
 
@@ -50,6 +56,26 @@ def column_key(result: dict) -> tuple[str, str]:
     proto = result["protocol"]
     title = f"Transfer {result.get('dataset', '')}".strip() if proto == "transfer" else TITLES.get(proto, proto)
     return title, f"{100 * float(result.get('label_fraction', 1.0)):g}%"
+
+
+def check_outputs(out: Path, table: str | Path | None) -> None:
+    """Before the evaluation runs (minutes to hours): ``out`` can be a result folder and the
+    CSV ``table`` a file, else one line now rather than after the work."""
+    def creatable(path: Path, folder: bool) -> bool:
+        if path.exists():
+            return path.is_dir() == folder and os.access(path if folder else path.parent, os.W_OK)
+        parent = path.parent
+        while not parent.exists():
+            parent = parent.parent
+        return parent.is_dir() and os.access(parent, os.W_OK)
+
+    if not creatable(Path(out), folder=True):
+        what = "a file" if Path(out).is_file() else "not writable"
+        raise MscnError(f"--out {out}: {what}; --out takes a folder for result.json")
+    table = Path(table) if table else Path(out).parent / "results.csv"
+    if not creatable(table, folder=False):
+        what = "a folder" if table.is_dir() else "not writable"
+        raise MscnError(f"--table {table}: {what}; it takes the CSV file to append a line to")
 
 
 def write_result(result: dict, out_dir: str | Path, table: str | Path | None = None) -> dict[str, str]:
@@ -149,7 +175,14 @@ def load_results(paths: list[str]) -> list[dict]:
 
 def setting_of(result: dict) -> dict[str, str]:
     """What makes two results of one model and protocol different runs (see the module docstring)."""
-    s = {k: result[k] for k in KEY_FIELDS if result.get(k) is not None}
+    s = {k: result[k] for k in KEY_FIELDS if result.get(k) not in (None, [])}
+    if result.get("ckpt_file"):
+        s["ckpt"] = result["ckpt_file"]
+    what = [o for o in s.get("overrides", []) if o.split("=", 1)[0].strip() not in SPEED_KEYS]
+    if what:
+        s["overrides"] = what
+    else:
+        s.pop("overrides", None)
     s.update({k: v for k, v in (result.get("settings") or {}).items() if k not in NOT_SETTINGS})
     return {k: json.dumps(v, sort_keys=True) if not isinstance(v, str) else v for k, v in s.items()}
 
