@@ -94,6 +94,7 @@ def test_highpass_mismatch_and_wrong_arch_through_the_cli(data, tmp_path, capsys
         _run("knn", *_common(data, tmp_path / "k", "highpass.sigma=2.0"))
     with pytest.raises(ConfigError, match="high-pass"):
         _run("knn", *_common(data, tmp_path / "k", "--strict", "highpass.sigma=2.0"))
+    capsys.readouterr()  # the runs above (their progress bars): this call's lines only
     rc = mscn_main(["eval", "knn", *_common(data, tmp_path / "k", "--arch", "resnet50")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "holds a resnet18 backbone but resnet50" in err[0]
@@ -200,7 +201,7 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_evaluation(data, 
     assert "--table " in err and "a folder" in err and not (tmp_path / "o").exists()  # nothing written
 
 
-def test_default_out_of_a_checkpoint_during_training_has_its_step(data, tmp_path, monkeypatch):
+def test_default_out_of_a_checkpoint_during_training_has_its_step(data, tmp_path, monkeypatch, capsys):
     """Scored while it trains and once it is done: two folders, so two rows in the report."""
     import torch
 
@@ -212,6 +213,8 @@ def test_default_out_of_a_checkpoint_during_training_has_its_step(data, tmp_path
     torch.save(ck, run / "checkpoints" / "ckpt_00000030.pt")
     common = ["--train-root", data["train"], "--val-root", data["val"], "--batch", "16", "--device", "cpu"]
     _run("knn", "--ckpt", str(run), *common)
+    err = capsys.readouterr().err  # the feature passes are not silent (ImageNet: minutes)
+    assert "kNN features, train" in err and "kNN features, val" in err
     ck["step"] = 60
     torch.save(ck, run / "final.pt")
     _run("knn", "--ckpt", str(run), *common)

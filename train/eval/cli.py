@@ -151,7 +151,7 @@ def _knn(args) -> None:
     classes, _ = label_set(args.train_root)
     with seeded(cfg, args.seed) as cfg:  # kNN draws nothing, but the DALI seeds still follow --seed
         res = knn_eval(backbone, eval_loader(cfg, args.train_root, rt, batch),
-                       eval_loader(cfg, args.val_root, rt, batch, classes=classes), rt, k, t)
+                       eval_loader(cfg, args.val_root, rt, batch, classes=classes), rt, k, t, progress=True)
     res["settings"] = {"k": k, "temperature": t, "batch": batch}
     _finish(args, rt, "knn", name, arch, out, res)
 

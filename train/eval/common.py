@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from mscn.config import Config
 from mscn.data.source import resolve_source
@@ -90,10 +91,11 @@ def unique_by_index(index: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, loader, rt: Runtime,
-                     num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(backbone: nn.Module, loader, rt: Runtime, num_classes: int | None = None,
+                     desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features and labels of every sample of ``loader``, on every rank (labels
-    checked against ``num_classes``, :func:`check_labels`).
+    checked against ``num_classes``, :func:`check_labels`). ``desc``: a progress bar on
+    stderr under that name (rank 0; None, as inside pretraining, for none).
 
     The backbone runs in eval mode (BN uses its running statistics) and its mode is
     restored afterwards, so this is safe as an online monitor inside pretraining.
@@ -101,7 +103,11 @@ def extract_features(backbone: nn.Module, loader, rt: Runtime,
     was_training = backbone.training
     backbone.eval()
     feats, labels, index = [], [], []
-    for batch in loader:
+    batches = loader
+    if desc and rt.is_main:  # ImageNet's 1.28 M images take minutes even on a GPU: not in silence
+        batches = tqdm(loader, total=len(loader), desc=desc, unit="batch", mininterval=2.0, leave=False,
+                       dynamic_ncols=True)
+    for batch in batches:
         x, y, i = batch_to(batch, rt.device)
         check_labels(y, num_classes, loader)
         with rt.autocast():

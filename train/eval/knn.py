@@ -58,15 +58,17 @@ def knn_classify(train_feats, train_labels, val_feats, val_labels, k: int = DEFA
 
 
 def knn_eval(backbone: nn.Module, train_loader, val_loader, rt: Runtime, k: int = DEFAULT_K,
-             T: float = DEFAULT_T) -> dict:
+             T: float = DEFAULT_T, progress: bool = False) -> dict:
     """kNN top-1/top-5 of ``backbone`` (unwrapped from DDP, on ``rt.device``) on eval-view loaders.
 
     Under torch.distributed every rank passes its own shard; features are gathered so
     that every rank returns the same numbers. Safe to call inside a training loop.
+    ``progress``: a bar per feature pass on stderr (rank 0).
     """
     broadcast_module(backbone)  # no DDP syncs it here: rank 0's weights (and BN stats) on every rank
-    train_f, train_y = extract_features(backbone, train_loader, rt)
-    val_f, val_y = extract_features(backbone, val_loader, rt)
+    # progress: bars on stderr (mscn eval knn); not inside pretraining, under its own bar
+    train_f, train_y = extract_features(backbone, train_loader, rt, desc="kNN features, train" if progress else None)
+    val_f, val_y = extract_features(backbone, val_loader, rt, desc="kNN features, val" if progress else None)
     # a val label no training sample has can never be voted for: a numbering mismatch (a
     # shard's .cls, a file list's labels), which would score silently low
     unknown = sorted(set(val_y.unique().tolist()) - set(train_y.unique().tolist()))

@@ -117,9 +117,10 @@ def _linear_probe(backbone, cfg: Config, train_root, val_root, rt, epochs, lr, b
     losses: list[float] = []
 
     if precompute:
-        train_f, train_y = extract_features(backbone, eval_loader(cfg, train_root, rt, batch), rt, num_classes)
+        train_f, train_y = extract_features(backbone, eval_loader(cfg, train_root, rt, batch), rt, num_classes,
+                                            desc="features, train")
         val_f, val_y = extract_features(backbone, eval_loader(cfg, val_root, rt, batch, classes=classes), rt,
-                                        num_classes)
+                                        num_classes, desc="features, val")
         g = torch.Generator().manual_seed(cfg.train.seed)  # same permutation on every rank
         losses = _train_on_features(model, opt, train_f, train_y, rt, epochs, batch, peak, g)
         head.eval()
