@@ -377,7 +377,7 @@ def stage_step(stage: str, cfg, info, device: torch.device):
 
 
 def run_measure(name: str, make_step, args, info, device: torch.device, warmup=None, iters=None,
-                repeats=None, profile: bool = False, sync: str | None = None) -> dict:
+                repeats=None, profile: bool = False, sync: str | None = None, store=None) -> dict:
     """Build, time and free one configuration; per-rank figures are gathered on every rank.
 
     ``device_bytes_added``: device memory in use during the windows minus before the
@@ -399,6 +399,8 @@ def run_measure(name: str, make_step, args, info, device: torch.device, warmup=N
     del step, keep
     gc.collect()  # stop this stage's DALI threads before the next stage is timed
     out = benv.gather_measurement(m)
+    if store is not None:  # stored before its line is printed: a stop after the line finds the row kept
+        store(out)
     if info.is_main:  # a line per row as it ends: a long run is not silent until its table
         r = out["images_per_s"]
         print(f"bench: {name}: {r['median']:.1f} images/s (median of {r['n']} windows, {time.perf_counter() - t0:.0f} s "
@@ -456,8 +458,9 @@ def full_stage(args) -> str:
 
 def run_stages(args, cfg, info, device, out: dict) -> dict:
     for stage in args.stages:
-        out[stage] = run_measure(stage, lambda stage=stage: stage_step(stage, cfg, info, device), args, info,
-                                 device, profile=stage == full_stage(args) or stage in args.profile_rows)
+        run_measure(stage, lambda stage=stage: stage_step(stage, cfg, info, device), args, info, device,
+                    profile=stage == full_stage(args) or stage in args.profile_rows,
+                    store=lambda m, stage=stage: out.__setitem__(stage, m))
     return out
 
 
@@ -507,8 +510,8 @@ def run_sweep(args, info, device, grid: list, result: dict) -> None:
     stage = full_stage(args) if args.stages else "masks"
     result["sweep"] = {"stage": stage, "rows": rows}
     for setting, sub, cfg in grid:
-        m = run_measure(stage, lambda: stage_step(stage, cfg, info, device), sub, info, device)
-        rows.append({"setting": setting, "batch": sub.batch, **m})
+        run_measure(stage, lambda: stage_step(stage, cfg, info, device), sub, info, device,
+                    store=lambda m: rows.append({"setting": setting, "batch": sub.batch, **m}))
     best = max(rows, key=lambda r: r["images_per_s"]["median"])
     result["sweep"].update(best=best["setting"], best_images_per_s=best["images_per_s"]["median"])
 
@@ -602,13 +605,14 @@ def run_train(args, cfg, info, device: torch.device, partial: dict | None = None
     partial = {} if partial is None else partial
     rows = partial.setdefault("feeds", {})
     try:
-        syn = partial["synthetic"] = run_measure("train-synthetic", synthetic, args, info, device, profile=True,
-                                                 **timing_kw)
+        syn = run_measure("train-synthetic", synthetic, args, info, device, profile=True,
+                          store=lambda m: partial.__setitem__("synthetic", m), **timing_kw)
         # the default pipeline's row is profiled (or the last feed's when masks is not fed)
         profiled = "masks" if "masks" in args.feeds else args.feeds[-1]
         for stage in args.feeds:
-            rows[stage] = run_measure(f"train-{stage}", fed(stage), args, info, device,
-                                      profile=stage == profiled or stage in args.profile_rows, **timing_kw)
+            run_measure(f"train-{stage}", fed(stage), args, info, device,
+                        profile=stage == profiled or stage in args.profile_rows,
+                        store=lambda m, stage=stage: rows.__setitem__(stage, m), **timing_kw)
         if device.type == "cuda" and not args.no_priority_row and "masks" in args.feeds:
             rows["masks-priority"] = run_measure("train-masks-priority", fed("masks", priority=True,
                                                                              row="masks-priority"),

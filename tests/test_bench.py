@@ -621,9 +621,12 @@ def test_rows_are_reported_as_they_end_and_kept_when_the_run_stops(tiny_data, tm
 
     out = tmp_path / "b.json"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # SIGINT as a terminal delivers it: a test run in the background (CI, `&`) inherits it
+    # ignored, and Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--data", tiny_data, *TINY, "--iters", "2",
                              "--repeats", "2", *rows, "--json", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = proc.stderr.readline()
         assert first.startswith("bench: ") and "images/s (median of 2 windows" in first, first
