@@ -35,6 +35,11 @@ from mscn.errors import ConfigError
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+def is_integer(value: Any) -> bool:
+    """An integer, numpy's included (numbers.Integral), and not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def _convert(value: Any, tp: Any, key: str, src: str) -> Any:
     """Coerce ``value`` to type ``tp`` or raise a one-line ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
@@ -68,8 +73,8 @@ def _convert(value: Any, tp: Any, key: str, src: str) -> Any:
         if isinstance(value, (bool, np.bool_)):
             return bool(value)
         raise ConfigError(f"{src}: {key}: expected true/false, got {value!r}")
-    if tp is int:  # numbers.Integral: numpy's integers too, made plain ints
-        if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+    if tp is int:  # numpy's integers too, made plain ints
+        if is_integer(value):
             return int(value)
         raise ConfigError(f"{src}: {key}: expected an integer, got {value!r}")
     if tp is float:
@@ -140,7 +145,7 @@ def typed(value: Any, tp: type, src: str = "<config>", key: str = "") -> Any:
     if not isinstance(value, (tp, dict)):
         raise ConfigError(f"{src}: {key or 'config'}: expected a mscn.config.{tp.__name__} (or a dict of its keys), "
                           f"got {type(value).__name__}")
-    return _convert(to_dict(value), tp, key, src) if key else _build(tp, to_dict(value), "", src)
+    return _build(tp, to_dict(value), key, src)
 
 
 def checked(cfg: Config | dict, src: str = "<config>", world_size: int = 1) -> Config:

@@ -13,27 +13,21 @@ import inspect
 import math
 import numbers
 
-import numpy as np
 
 import torch
 
-from mscn.config import MaskCfg, ViewCfg, typed, validate_view
+from mscn.config import MaskCfg, ViewCfg, is_integer, typed, validate_view
 from mscn.data.source import Source
 
 DEVICES = ("cpu", "gpu")
 VIEW_DTYPES = ("float32", "float16")
 
 
-def is_int(v) -> bool:
-    """An integer, numpy's included (numbers.Integral), not a bool."""
-    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
-
-
 def check_placement(rank, world_size, local_rank, device) -> None:
     """One line for a rank, world size or device this process cannot be (DALI would assert,
     or crash on a negative shard id, from deep inside the pipeline)."""
     for name, v in (("rank", rank), ("world_size", world_size), ("local_rank", local_rank)):
-        if not is_int(v):
+        if not is_integer(v):
             hint = f" (int(os.environ[{name.upper()!r}]))" if isinstance(v, str) else ""
             raise ValueError(f"{name}: expected an integer, got {v!r}{hint}")
     if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
@@ -72,7 +66,7 @@ def check_common(*, image_size, mean, std, highpass, device, view_dtype, shard_i
     if view_dtype not in VIEW_DTYPES:
         raise ValueError(f"view_dtype: expected one of {', '.join(VIEW_DTYPES)} (DALI's output type of the views), "
                          f"got {view_dtype!r}")
-    if not is_int(image_size) or image_size < 8:
+    if not is_integer(image_size) or image_size < 8:
         raise ValueError(f"image_size: expected an integer >= 8, got {image_size!r}")
     for name, v in (("mean", mean), ("std", std)):
         if (isinstance(v, (str, bytes)) or not hasattr(v, "__len__") or len(v) != 3
@@ -82,11 +76,11 @@ def check_common(*, image_size, mean, std, highpass, device, view_dtype, shard_i
         raise ValueError(f"std: must be > 0, got {tuple(std)}")
     if highpass is not None:
         ok = (isinstance(highpass, (list, tuple)) and len(highpass) == 2 and isinstance(highpass[0], numbers.Real)
-              and highpass[0] > 0 and is_int(highpass[1]) and highpass[1] >= 3 and highpass[1] % 2 == 1)
+              and highpass[0] > 0 and is_integer(highpass[1]) and highpass[1] >= 3 and highpass[1] % 2 == 1)
         if not ok:
             raise ValueError(f"highpass: expected (sigma > 0, odd window >= 3) or None, got {highpass!r} "
                              "(mscn.highpass.highpass_params(cfg.highpass) gives the recipe's)")
-    if not (is_int(shard_id) and is_int(num_shards) and num_shards >= 1 and 0 <= shard_id < num_shards):
+    if not (is_integer(shard_id) and is_integer(num_shards) and num_shards >= 1 and 0 <= shard_id < num_shards):
         raise ValueError(f"shard_id {shard_id!r} of num_shards {num_shards!r}: need integers with "
                          "0 <= shard_id < num_shards")
 
@@ -110,7 +104,7 @@ def check_views(views) -> list[ViewCfg]:
 COMMON = ("image_size", "mean", "std", "highpass", "device", "view_dtype", "shard_id", "num_shards")
 
 
-def checked(graph):
+def checked_args(graph):
     """``graph`` (a ``@pipeline_def`` function) with its arguments checked and made plain
     Python values (numpy's numbers and arrays included) before it is called. Outside the
     graph on purpose: DALI's conditionals (autograph) wrap whatever the graph function
@@ -129,7 +123,7 @@ def checked(graph):
             plain["highpass"] = (float(given["highpass"][0]), int(given["highpass"][1]))
         if "resize" in sig.parameters:
             resize = kwargs.get("resize", sig.parameters["resize"].default)
-            if not is_int(resize) or resize < plain["image_size"]:
+            if not is_integer(resize) or resize < plain["image_size"]:
                 raise ValueError(f"resize: expected an integer >= image_size ({plain['image_size']}), got {resize!r}")
             plain["resize"] = int(resize)
         if "views" in sig.parameters:  # the views come second, by position or by name

@@ -15,12 +15,12 @@ from __future__ import annotations
 from nvidia.dali import fn, pipeline_def
 
 from mscn.config import IMAGENET_MEAN, IMAGENET_STD
-from mscn.pipelines.args import checked
+from mscn.pipelines.args import checked_args
 from mscn.pipelines.ops import decode, normalize_highpass
 from mscn.pipelines.readers import Source, read
 
 
-@checked  # its arguments, before DALI traces the graph (pipelines/args.py)
+@checked_args  # its arguments, before DALI traces the graph (pipelines/args.py)
 @pipeline_def
 def eval_pipeline(source: Source, *, image_size: int = 224, resize: int = 256, mean=IMAGENET_MEAN,
                   std=IMAGENET_STD, highpass: tuple[float, int] | None = (5.0, 31), device: str = "cpu",

@@ -55,7 +55,7 @@ from mscn.config_schema import HANDOVERS
 from mscn.errors import DataError
 from mscn.h2d import to_device
 from mscn.highpass import highpass_matmul
-from mscn.pipelines.args import check_placement, is_int
+from mscn.pipelines.args import check_placement
 from mscn.pipelines.readers import READER_NAME, Source
 from mscn.pipelines.train_pipeline import output_names
 
@@ -521,13 +521,13 @@ def build_eval_loader(cfg, root: str, rank: int = 0, world_size: int = 1, local_
     shuffled, DROP. batch_size is per rank (default ``eval.linear_batch / world_size``).
     classes: the label set (the train root's classes) that ``root``'s labels map into by name.
     """
-    from mscn.config import checked
+    from mscn.config import checked, is_integer
     from mscn.data.source import eval_root_setting
     from mscn.pipelines.eval_pipeline import eval_pipeline
     from mscn.pipelines.readers import resolve_source
 
     check_placement(rank, world_size, local_rank, device)
-    if batch_size is not None and (not is_int(batch_size) or batch_size < 1):
+    if batch_size is not None and (not is_integer(batch_size) or batch_size < 1):
         raise ValueError(f"batch_size: expected an integer >= 1 (images per rank) or None, got {batch_size!r}")
     cfg = checked(cfg)
     if file_list:

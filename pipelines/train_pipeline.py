@@ -18,7 +18,7 @@ from __future__ import annotations
 from nvidia.dali import fn, pipeline_def, types
 
 from mscn.config import IMAGENET_MEAN, IMAGENET_STD, ViewCfg
-from mscn.pipelines.args import checked
+from mscn.pipelines.args import checked_args
 from mscn.pipelines.ops import augment_view, blur_deferred, colour_deferred, decode, normalize_highpass
 from mscn.pipelines.readers import Source, read
 
@@ -65,7 +65,7 @@ def output_names(num_views: int, source: Source, debug_outputs: bool = False,
     return names
 
 
-@checked  # its arguments, before DALI traces the graph (pipelines/args.py)
+@checked_args  # its arguments, before DALI traces the graph (pipelines/args.py)
 @pipeline_def(enable_conditionals=True)
 def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 224, mean=IMAGENET_MEAN,
                    std=IMAGENET_STD, highpass: tuple[float, int] | None = (5.0, 31), device: str = "cpu",

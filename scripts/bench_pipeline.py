@@ -49,8 +49,10 @@ from benchkit import env as benv
 from benchkit import profiling, report, steps, timing
 from mscn.config import load_config, validate
 from mscn.errors import ConfigError, MscnError, run_cli
+from mscn.paths import creatable
 from mscn.pipelines.tuning import usable_cores
 from mscn.train.distributed import barrier
+from mscn.train.preempt import Stopped
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("decode", "bare", "colour", "views", "highpass", "masks", "masks-hp-late", "masks-hp-loader",
@@ -148,18 +150,6 @@ def _overridden(args: argparse.Namespace, key: str) -> bool:
     return any(o.split("=", 1)[0].strip() == key for o in args.overrides)
 
 
-def _writable(path: Path) -> bool:
-    """Whether ``path`` can be created: not a folder, and its nearest existing ancestor folder
-    is writable (the parents are made when the file is written)."""
-    path = path.resolve()
-    if path.is_dir():
-        return False
-    folder = path.parent
-    while not folder.exists():
-        folder = folder.parent
-    return folder.is_dir() and os.access(folder, os.W_OK)
-
-
 def _from_overrides(args: argparse.Namespace, world_size: int) -> None:
     """``--size``/``--batch`` from a ``data.image_size=``/``train.global_batch=`` override when the
     flag is left out (the flags are what the bench applies: an override alone was ignored
@@ -167,19 +157,17 @@ def _from_overrides(args: argparse.Namespace, world_size: int) -> None:
     if not (_overridden(args, "data.image_size") or _overridden(args, "train.global_batch")):
         return
     cfg = load_config(args.config, args.overrides)
-    for flag, key, value in (("size", "data.image_size", cfg.data.image_size),
+    for flag, key, given in (("size", "data.image_size", cfg.data.image_size),
                              ("batch", "train.global_batch", cfg.train.global_batch)):
         if not _overridden(args, key):
             continue
-        if flag == "batch":
-            if value % world_size:
-                raise MscnError(f"{key}={value}: not divisible by the {world_size} processes")
-            value //= world_size
+        if flag == "batch" and given % world_size:
+            raise MscnError(f"{key}={given}: not divisible by the {world_size} processes")
+        value = given // world_size if flag == "batch" else given  # --batch is per process
         if getattr(args, flag) is None:
             setattr(args, flag, value)
         elif getattr(args, flag) != value:
-            raise MscnError(f"--{flag} {getattr(args, flag)} and {key}={cfg.train.global_batch if flag == 'batch' else value}"
-                            f" disagree; give one of them")
+            raise MscnError(f"--{flag} {getattr(args, flag)} and {key}={given} disagree; give one of them")
 
 
 PLOT_FORMATS = (".png", ".pdf", ".svg")
@@ -215,7 +203,7 @@ def fill_defaults(args: argparse.Namespace, device: torch.device, world_size: in
     args.feeds = [f for f in FEEDS if f in feeds]
     if args.profile and Path(args.profile).exists() and not Path(args.profile).is_dir():
         raise MscnError(f"--profile {args.profile}: a file is there; --profile takes a folder for the traces")
-    if args.profile and not Path(args.profile).is_dir() and not _writable(Path(args.profile)):
+    if args.profile and not creatable(args.profile, folder=True):
         # checked before minutes of timing; made when the first trace is written (a refused or
         # stopped run leaves no empty folder)
         raise MscnError(f"--profile {args.profile}: cannot create the folder there")
@@ -223,7 +211,7 @@ def fill_defaults(args: argparse.Namespace, device: torch.device, world_size: in
         raise MscnError(f"--plot {args.plot}: name a {', '.join(PLOT_FORMATS)} file")
     for flag in ("json", "plot"):  # the figures are written last: a bad path must fail first
         target = getattr(args, flag)
-        if target and not _writable(Path(target)):
+        if target and not creatable(target):
             raise MscnError(f"--{flag} {target}: cannot be written there")
     if args.profile_steps < 1:
         raise MscnError(f"--profile-steps must be >= 1, got {args.profile_steps}")
@@ -456,12 +444,12 @@ def full_stage(args) -> str:
     return "masks" if "masks" in args.stages else args.stages[-1]
 
 
-def run_stages(args, cfg, info, device, out: dict) -> dict:
+def run_stages(args, cfg, info, device, out: dict) -> None:
+    """Each of ``args.stages`` timed into ``out`` as it ends."""
     for stage in args.stages:
         run_measure(stage, lambda stage=stage: stage_step(stage, cfg, info, device), args, info, device,
                     profile=stage == full_stage(args) or stage in args.profile_rows,
                     store=lambda m, stage=stage: out.__setitem__(stage, m))
-    return out
 
 
 def run_baselines(args, cfg, info, device, stages: dict) -> dict:
@@ -684,12 +672,12 @@ def _child_argv(argv: list[str]) -> list[str]:
     return out
 
 
-class _Terminated(MscnError):
-    """SIGTERM (timeout, SLURM, kill): the run unwinds, keeping what it can, and exits 143."""
+class _Terminated(Stopped):
+    """SIGTERM (timeout, SLURM, kill): the run unwinds, keeping what it can, and exits 143
+    (the trainer's Stopped: run_cli prints it and returns its status)."""
 
     def __init__(self, what: str):
-        super().__init__(f"stopped by SIGTERM{what}")
-        self.status = 128 + signal.SIGTERM
+        super().__init__(f"stopped by SIGTERM{what}", signal.SIGTERM)
 
 
 def on_sigterm(what: str = "") -> None:

@@ -49,8 +49,8 @@ from mscn.train.meter import NonFiniteGuard, StepMeter  # noqa: F401  (NonFinite
 from mscn.train.methods import SiameseMethod, build_method
 from mscn.train.monitor import check_val_root, monitor_off_reason, monitor_runs_after, online_knn
 from mscn.train.preempt import StopFlag, Stopped
-from mscn.train.rundir import (adopt_saved_choices, check_run_dir, claim_run_dir, default_out_dir, ensure_config,
-                               lock_run_dir, mark_stopped, unlock_run_dirs)
+from mscn.train.rundir import (FRESH, adopt_saved_choices, check_run_dir, claim_run_dir, default_out_dir,
+                               ensure_config, lock_run_dir, mark_stopped, unlock_run_dirs)
 from mscn.train.runlog import RunLog, last_logged, require_tensorboard
 from mscn.train.runtime import Runtime, amp_dtype, autocast, setup_runtime, wrap_ddp  # noqa: F401  (amp_dtype: API)
 from mscn.train.schedule import lr_at, peak_lr
@@ -155,7 +155,7 @@ def _claim(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, say
     rs.check_resume_path(cfg, resume)
     barrier()  # ... before rank 0 writes config.yaml
     if rt.is_main:
-        moved = claim_run_dir(cfg, fresh=resume in (None, "", "none", "never"))
+        moved = claim_run_dir(cfg, fresh=resume in FRESH)
         if moved:
             say(f"--resume none: the previous run's files in {cfg.train.out_dir} moved to {moved}")
     return cfg

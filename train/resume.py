@@ -28,7 +28,7 @@ from mscn.config import Config, to_dict
 from mscn.errors import MscnError
 from mscn.train import checkpoint as ckpt
 from mscn.train.distributed import DistInfo, broadcast_object
-from mscn.train.rundir import check_same_run, differing_keys, run_started
+from mscn.train.rundir import FRESH, check_same_run, differing_keys, run_started
 
 
 def rank_state(loader, meter) -> dict:
@@ -57,7 +57,7 @@ def checkpoint_state(cfg: Config, method, optimizer, scaler, step: int, steps_pe
 
 def find_resume_state(cfg: Config, resume: str | None, info: DistInfo) -> tuple[dict | None, str | None]:
     """Rank 0 picks the checkpoint (auto: the newest valid one) and every rank loads that file."""
-    if resume in (None, "", "none", "never"):
+    if resume in FRESH:
         return None, None
     path = None
     if info.is_main:
@@ -95,7 +95,7 @@ def check_resume_path(cfg: Config, resume: str | None) -> None:
     - a checkpoint of this folder older than the folder's newest step would train over
       that progress and rotate its newer checkpoints away: branch into a new folder
       instead."""
-    if resume in (None, "", "none", "never", "auto"):
+    if resume in FRESH or resume == "auto":  # no checkpoint named
         return
     out, path = Path(cfg.train.out_dir), Path(resume)
     if not path.is_file() or not run_started(out):
@@ -122,7 +122,7 @@ def check_resume_path(cfg: Config, resume: str | None) -> None:
 def is_branch(cfg: Config, resume: str | None) -> bool:
     """Whether ``--resume`` names a checkpoint of another folder than ``train.out_dir``: the
     run branches from it (check_resume_path allowed it: this folder has no progress)."""
-    if resume in (None, "", "none", "never", "auto"):
+    if resume in FRESH or resume == "auto":  # no checkpoint named
         return False
     return not _of_folder(Path(resume), Path(cfg.train.out_dir))
 

@@ -48,6 +48,7 @@ STOPPED = "STOPPED"  # present while the run is stopped on a signal, waiting to 
 LOCK_FILE = ".lock"  # held by the live run's rank 0 (lock_run_dir); never moved or deleted
 _LOCKS: dict[str, Any] = {}  # folder -> the open lock file of this process
 _UNLOCKABLE: set[str] = set()  # folders whose file system cannot lock: noted once per process
+FRESH = (None, "", "none", "never")  # --resume values that start over instead of continuing
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -105,7 +106,7 @@ def adopt_saved_choices(cfg: Config, resume: str | None, gpu: bool) -> tuple[Con
     choice changed in round 5: without this, every GPU run started before it, and every
     run moved between a GPU and the CPU, would be refused on resume as another run. An
     explicit value is left alone (a conflict is then refused, with the value to pass)."""
-    if cfg.data.blur_where != "auto" or resume in (None, "", "none", "never"):
+    if cfg.data.blur_where != "auto" or resume in FRESH:
         return cfg, None
     # the run resumed: this folder's, or (a checkpoint path into a folder without a run) the
     # one the checkpoint was written in: <run>/checkpoints/ckpt_*.pt or <run>/final.pt
@@ -232,7 +233,7 @@ def check_run_dir(cfg: Config, resume: str | None) -> None:
     step (:func:`run_started`) belongs to nobody: the new run takes it over."""
     out = Path(cfg.train.out_dir)
     saved = out / "config.yaml"
-    if resume in (None, "", "none", "never"):
+    if resume in FRESH:
         return
     # a run file of the wrong kind would first read as "no checkpoint" (and restart the run,
     # trimming its metrics) and only then fail: say so before anything is touched
@@ -244,12 +245,12 @@ def check_run_dir(cfg: Config, resume: str | None) -> None:
                             f"none to start over, or a new train.out_dir=DIR)")
     if not saved.is_file() or not run_started(out):
         return
+    text = saved.read_text()
     try:
-        tree = yaml.safe_load(saved.read_text())
+        tree = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise MscnError(f"{saved}: cut short or edited, not valid YAML ({yaml_error_text(e)}); {_RESTORE} "
                         f"{cfg.train.out_dir}") from None
-    text = saved.read_text()
     missing = cut_short(tree, text, cfg)
     if missing:  # not another run: this run's own record, damaged
         raise MscnError(f"{saved}: cut short or edited, it lacks {len(missing)} key(s) this run writes (from "

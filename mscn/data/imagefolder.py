@@ -115,6 +115,12 @@ def list_flat_folder(root: str | os.PathLike) -> list[tuple[str, int]]:
             if e.is_file() and not e.name.startswith(".") and is_image_name(e.name)]
 
 
+def nfc(name: str) -> str:
+    """A name in one Unicode normal form: a macOS copy writes NFD ('é' as 'e' + a combining
+    accent), other bytes for the same letters."""
+    return unicodedata.normalize("NFC", name)
+
+
 def class_labels(found: list[str], classes: list[str] | tuple[str, ...] | None, root) -> list[int]:
     """Label of each class folder in ``found``: its index in ``classes`` (the train set's
     label set), or in ``found`` itself when None. A class outside the label set is an error
@@ -122,15 +128,13 @@ def class_labels(found: list[str], classes: list[str] | tuple[str, ...] | None, 
     if classes is None:
         return list(range(len(found)))
     index = {c: i for i, c in enumerate(classes)}
-    # a name in another Unicode normal form (a macOS copy writes NFD, 'é' as 'e' + accent)
-    # is the same class: same letters, other bytes
+    # a name in another Unicode normal form is the same class (nfc)
     same = {}
     for i, c in enumerate(classes):
-        same.setdefault(unicodedata.normalize("NFC", c), []).append(i)
+        same.setdefault(nfc(c), []).append(i)
     for c in found:
-        nfc = same.get(unicodedata.normalize("NFC", c), [])
-        if c not in index and len(nfc) == 1:
-            index[c] = nfc[0]
+        if c not in index and len(same.get(nfc(c), [])) == 1:
+            index[c] = same[nfc(c)][0]
     missing = [c for c in found if c not in index]
     if missing:
         raise DataError(f"{root}: class {missing[0]!r}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''} "

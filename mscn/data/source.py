@@ -30,11 +30,10 @@ classes keeps the train set's labels; a class outside that set is a DataError.
 from __future__ import annotations
 
 import json
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from mscn.data.imagefolder import UNLABELLED, class_labels, is_flat_folder, list_flat_folder, list_image_folder
+from mscn.data.imagefolder import UNLABELLED, class_labels, is_flat_folder, list_flat_folder, list_image_folder, nfc
 from mscn.data.scan import read_file_list, report_path_for
 from mscn.data.shardindex import read_ends, start_fault
 from mscn.errors import DataError
@@ -171,10 +170,6 @@ def read_sources_json(folder: Path) -> dict:
         raise DataError(f"{path}: not a JSON file; repack the shards or delete it") from None
 
 
-def _nfc(names) -> list[str]:
-    return [unicodedata.normalize("NFC", n) for n in names]  # one name, whatever the copy's Unicode form
-
-
 def _wds_source(folder: Path, classes=None) -> Source:
     if not folder.is_dir():
         raise DataError(f"{folder}: data.format=wds needs a folder of .tar shards")
@@ -213,7 +208,7 @@ def _wds_source(folder: Path, classes=None) -> Source:
                         f"indexes hold {total}: shards of two packs, or some missing; repack into an empty folder")
     own = list(meta.get("classes", []))
     labelled = "cls" in exts  # shards without .cls are unlabelled: the loader gives label -1
-    if classes is not None and own and _nfc(own) != _nfc(classes[:len(own)]):
+    if classes is not None and own and list(map(nfc, own)) != list(map(nfc, classes[:len(own)])):
         # the reader yields the packed label itself: it can only be kept, not remapped
         class_labels(own, classes, folder)  # a class outside the label set is named first
         raise DataError(f"{folder}: its classes {own[:3]}... are numbered unlike the training set's; pack it "

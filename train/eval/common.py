@@ -60,6 +60,11 @@ def batch_to(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, t
     return images, labels, index
 
 
+def data_name(loader) -> str:
+    """The dataset a loader reads, for a message (its Source's root; any iterable works)."""
+    return getattr(getattr(loader, "source", None), "root", "the evaluation data")
+
+
 def check_labels(y: torch.Tensor, num_classes: int | None, loader) -> None:
     """One DataError naming the dataset when a batch holds a label that is not a class of
     the training set (``0 <= y < num_classes``; only ``y >= 0`` when unknown): a shard's
@@ -69,7 +74,7 @@ def check_labels(y: torch.Tensor, num_classes: int | None, loader) -> None:
     if not bool(bad.any()):
         return
     v = int(y[bad][0])
-    root = getattr(getattr(loader, "source", None), "root", "the evaluation data")
+    root = data_name(loader)
     what = (f"a sample labelled {v}, outside the {num_classes} classes of the training set" if v >= 0
             else f"a sample without a label ({v})")
     raise DataError(f"{root}: {what}; its labels (a shard's .cls, a file list's numbers) do not match its classes: "

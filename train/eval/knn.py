@@ -14,7 +14,7 @@ from torch import nn
 
 from mscn.errors import DataError, MscnError
 from mscn.train.distributed import broadcast_module
-from mscn.train.eval.common import extract_features, topk_correct
+from mscn.train.eval.common import data_name, extract_features, topk_correct
 from mscn.train.runtime import Runtime
 
 DEFAULT_K = 20
@@ -73,7 +73,6 @@ def knn_eval(backbone: nn.Module, train_loader, val_loader, rt: Runtime, k: int 
     # shard's .cls, a file list's labels), which would score silently low
     unknown = sorted(set(val_y.unique().tolist()) - set(train_y.unique().tolist()))
     if unknown:
-        root = getattr(getattr(val_loader, "source", None), "root", "the evaluation data")
-        raise DataError(f"{root}: label(s) {', '.join(map(str, unknown[:5]))} that no training sample has; its "
+        raise DataError(f"{data_name(val_loader)}: label(s) {', '.join(map(str, unknown[:5]))} that no training sample has; its "
                         "labels (a shard's .cls, a file list's numbers) do not match the training set's classes")
     return knn_classify(train_f, train_y, val_f, val_y, k, T)

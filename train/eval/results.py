@@ -26,14 +26,14 @@ from pathlib import Path
 
 from mscn.config import Config
 from mscn.errors import MscnError
+from mscn.paths import creatable
 
 CSV_FIELDS = ("time", "name", "protocol", "dataset", "label_fraction", "arch", "top1", "top5",
               "epochs", "seed", "ckpt", "out")
-# plus every entry of "settings"; ckpt_step: a run directory scored at two steps (a run still
-# training, then finished) gives two rows, not a silent replacement of one by the other
-# "ckpt": the weights scored (ckpt_file, or the --ckpt given: random, or a result from before
-# ckpt_file), "arch" and "overrides": a random init of another recipe, or the same weights
-# evaluated under other settings, are other rows
+# plus every entry of "settings". "ckpt": the weights scored (ckpt_file, else the --ckpt given:
+# random, or a result from before ckpt_file); "ckpt_step": a run directory scored at two steps
+# (still training, then finished) gives two rows; "config", "arch" and "overrides": a random init
+# of another recipe, or the same weights evaluated under other settings, are other rows
 KEY_FIELDS = ("ckpt", "ckpt_step", "config", "arch", "overrides", "epochs", "seed", "seeds", "train_root", "val_root")
 # overrides that change how fast, not what: the same numbers (evaluations are deterministic)
 SPEED_KEYS = ("data.num_threads", "data.prefetch", "data.hw_decoder_load", "data.op_concurrency", "data.stream_policy",
@@ -61,14 +61,6 @@ def column_key(result: dict) -> tuple[str, str]:
 def check_outputs(out: Path, table: str | Path | None) -> None:
     """Before the evaluation runs (minutes to hours): ``out`` can be a result folder and the
     CSV ``table`` a file, else one line now rather than after the work."""
-    def creatable(path: Path, folder: bool) -> bool:
-        if path.exists():
-            return path.is_dir() == folder and os.access(path if folder else path.parent, os.W_OK)
-        parent = path.parent
-        while not parent.exists():
-            parent = parent.parent
-        return parent.is_dir() and os.access(parent, os.W_OK)
-
     if not creatable(Path(out), folder=True):
         what = "a file" if Path(out).is_file() else "not writable"
         raise MscnError(f"--out {out}: {what}; --out takes a folder for result.json")
