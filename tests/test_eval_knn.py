@@ -53,3 +53,12 @@ def test_clustered_features_are_classified_perfectly_and_scale_free():
     assert res["top1"] == 100.0 and res["top5"] == 100.0 and res["n_train"] == 100 and res["n_val"] == 20
     shuffled = knn_classify(train, train_y[torch.randperm(100, generator=g)], val, val_y, k=20, T=0.07)
     assert shuffled["top1"] < 60.0  # labels carry the answer, not the features alone
+
+
+def test_k_above_the_training_set_records_the_neighbours_that_voted():
+    g = torch.Generator().manual_seed(2)
+    train, val = torch.randn(6, 8, generator=g), torch.randn(4, 8, generator=g)
+    train_y, val_y = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([0, 1, 2, 0])
+    res = knn_classify(train, train_y, val, val_y, k=20, T=0.07)
+    assert res["k"] == 6  # every training sample voted; k=20 would claim more than ran
+    assert knn_classify(train, train_y, val, val_y, k=6, T=0.07)["top1"] == res["top1"]

@@ -66,6 +66,14 @@ def test_precomputed_probe_and_knn_beat_chance(data, tmp_path):
     knn = json.loads((tmp_path / "knn" / "result.json").read_text())
     assert knn["settings"] == {"k": 20, "temperature": 0.07, "batch": 16}
     assert knn["n_train"] == 36 and knn["n_val"] == 18 and knn["top1"] > 80
+    assert knn["k"] == 20
+
+
+def test_knn_k_above_the_training_set_is_said(data, tmp_path, capsys):
+    _run("knn", *_common(data, tmp_path / "knn", "--k", "50"))
+    knn = json.loads((tmp_path / "knn" / "result.json").read_text())
+    assert knn["k"] == 36 and knn["settings"]["k"] == 50  # voted vs asked for
+    assert "--k 50 is more than the 36 training samples" in capsys.readouterr().err
 
 
 def test_transfer_uses_its_lr_and_dataset_name(data, tmp_path):
@@ -278,3 +286,11 @@ def test_labels_outside_the_training_classes_are_named_not_scored(data, tmp_path
         with pytest.raises(DataError, match=r"val: (label\(s\) 7 that no training sample has|a sample "
                                             r"labelled 7, outside the 3 classes)"):
             _run(protocol, *_common(data | {"val": str(val / "list.txt")}, tmp_path / protocol, *extra))
+
+
+def test_random_init_names_the_recipe_it_took(data, tmp_path, capsys):
+    small = ["--arch", "resnet18", "data.image_size=32", "data.val_resize=36"]
+    _run("knn", *_common(data | {"ckpt": "random"}, tmp_path / "k", *small))
+    assert "--ckpt random without --config: the default recipe (resnet18, 32 px views)" in capsys.readouterr().out
+    _run("knn", *_common(data | {"ckpt": "random"}, tmp_path / "k2", "--config", "demo", *small))
+    assert "without --config" not in capsys.readouterr().out

@@ -47,8 +47,8 @@ def test_transfer_columns_are_named_by_dataset_and_missing_cells_dashed():
     md = markdown_table([_result("BYOL", "transfer", 54.0, dataset="places205"),
                          _result("BYOL", "transfer", 47.6, dataset="inat18"),
                          _result("random init", "knn", 3.0)], metric="top5")
-    assert "| Method | Transfer places205 | Transfer inat18 | kNN |" in md
-    assert "| BYOL | 64.0 | 57.6 | – |" in md and "| random init | – | – | 13.0 |" in md
+    assert "| Method | kNN | Transfer places205 | Transfer inat18 |" in md  # protocols in the paper's order
+    assert "| BYOL | – | 64.0 | 57.6 |" in md and "| random init | 13.0 | – | – |" in md
 
 
 def test_bad_report_inputs(tmp_path):
@@ -134,3 +134,17 @@ def test_eval_flags_refuse_nan(flag, capsys):
     with pytest.raises(SystemExit) as e:
         mscn_main(["eval", "linear", "--ckpt", "random", flag, "nan"])
     assert e.value.code == 2 and "must be a finite number, got 'nan'" in capsys.readouterr().err
+
+
+def test_report_columns_follow_the_paper_and_one_run_is_one_seed():
+    knn = _result("SimCLR", "knn", 40.0) | {"time": "2024-01-01"}
+    tr = _result("SimCLR", "transfer", 30.0) | {"dataset": "cars", "time": "2024-01-02"}
+    ft10 = _result("SimCLR", "finetune", 50.0) | {"label_fraction": 0.1, "time": "2024-01-03"}
+    ft1 = _result("SimCLR", "finetune", 45.0) | {"label_fraction": 0.01, "time": "2024-01-04"}
+    lin = _result("SimCLR", "linear", 60.0) | {"time": "2024-01-05"}
+    head = markdown_table([knn, tr, ft10, ft1, lin]).splitlines()
+    assert head[0] == "| Method | Linear Evaluation | kNN | Finetuning | Finetuning | Transfer cars |"
+    assert head[2] == "| Label fraction | 100% | 100% | 1% | 10% | 100% |"
+    three = lin | {"seeds": 3, "top1_std": 0.5, "top1": 61.0, "time": "2024-01-06"}
+    md = markdown_table([lin, three])
+    assert "| SimCLR (seeds=1) | 60.0 |" in md and "| SimCLR (seeds=3) | 61.0 ± 0.5 |" in md

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import statistics
+import sys
 from pathlib import Path
 
 from mscn.data.imagefolder import SPLIT_NAMES
@@ -69,6 +70,12 @@ def _prepare(args, protocol: str):
                             "or directory")
     backbone, arch, cfg = load_pretrained(**_checkpoint(args), arch=args.arch, overrides=args.overrides,
                                           config=args.config, strict=args.strict)
+    if args.ckpt == "random" and not args.config and os.environ.get("RANK", "0") == "0":
+        # a baseline on other views or another network than the pretraining compared against scores
+        # something else: say which recipe this one is
+        print(f"[mscn] --ckpt random without --config: the default recipe ({cfg.model.arch}, "
+              f"{cfg.data.image_size} px views); give the pretraining's recipe (e.g. --config demo) to "
+              "compare like with like", flush=True)
     name = args.name or model_name(args.ckpt, cfg)
     if args.seed is None:
         args.seed = cfg.train.seed  # recorded in the result, and the default of every protocol
@@ -152,6 +159,10 @@ def _knn(args) -> None:
     with seeded(cfg, args.seed) as cfg:  # kNN draws nothing, but the DALI seeds still follow --seed
         res = knn_eval(backbone, eval_loader(cfg, args.train_root, rt, batch),
                        eval_loader(cfg, args.val_root, rt, batch, classes=classes), rt, k, t, progress=True)
+    if res["k"] < k and rt.is_main:
+        # the result's k is the neighbours that voted; settings keep the k asked for
+        print(f"knn: --k {k} is more than the {res['n_train']} training samples: all of them voted (k={res['k']})",
+              file=sys.stderr)
     res["settings"] = {"k": k, "temperature": t, "batch": batch}
     _finish(args, rt, "knn", name, arch, out, res)
 

@@ -49,12 +49,16 @@ def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feat
 
 def knn_classify(train_feats, train_labels, val_feats, val_labels, k: int = DEFAULT_K,
                  T: float = DEFAULT_T) -> dict:
-    """Top-1/top-5 (%) of the weighted kNN classifier on given features."""
+    """Top-1/top-5 (%) of the weighted kNN classifier on given features.
+
+    ``k`` in the result is the number of neighbours that voted: at most the training set's size.
+    """
     num_classes = int(max(train_labels.max().item(), val_labels.max().item())) + 1
     scores = knn_scores(train_feats, train_labels.long(), val_feats, num_classes, k, T)
     c1, c5 = topk_correct(scores, val_labels.long())
     return {"top1": 100.0 * c1.float().mean().item(), "top5": 100.0 * c5.float().mean().item(),
-            "n_train": int(train_feats.shape[0]), "n_val": int(val_feats.shape[0]), "k": k, "T": T}
+            "n_train": int(train_feats.shape[0]), "n_val": int(val_feats.shape[0]),
+            "k": min(k, int(train_feats.shape[0])), "T": T}
 
 
 def knn_eval(backbone: nn.Module, train_loader, val_loader, rt: Runtime, k: int = DEFAULT_K,

@@ -39,7 +39,7 @@ KEY_FIELDS = ("ckpt", "ckpt_step", "config", "arch", "overrides", "epochs", "see
 SPEED_KEYS = ("data.num_threads", "data.prefetch", "data.hw_decoder_load", "data.op_concurrency", "data.stream_policy",
               "data.thread_affinity", "data.handover", "data.feed_thread", "train.compile")
 NOT_SETTINGS = {"world_size"}  # how a result was computed, not what: the same numbers on 1 or 8 ranks
-TITLES = {"linear": "Linear Evaluation", "finetune": "Finetuning", "knn": "kNN"}
+TITLES = {"linear": "Linear Evaluation", "knn": "kNN", "finetune": "Finetuning"}  # also the columns' order
 
 
 def model_name(ckpt: str, cfg: Config) -> str:
@@ -168,6 +168,7 @@ def load_results(paths: list[str]) -> list[dict]:
 def setting_of(result: dict) -> dict[str, str]:
     """What makes two results of one model and protocol different runs (see the module docstring)."""
     s = {k: result[k] for k in KEY_FIELDS if result.get(k) not in (None, [])}
+    s.setdefault("seeds", 1)  # a single run is one seed: labelled seeds=1 beside a --seeds 3 row, not seeds=-
     if result.get("ckpt_file"):
         s["ckpt"] = result["ckpt_file"]
     what = [o for o in s.get("overrides", []) if o.split("=", 1)[0].strip() not in SPEED_KEYS]
@@ -197,6 +198,10 @@ def _cells(results: list[dict]):
             print(f"mscn: note: {r['name']} / {col[0]}: {r.get('_file', '')} replaces an older result "
                   "with the same settings", file=sys.stderr)
         group[key] = r
+    # the paper's order, whatever order the files were written in: linear, kNN, fine-tuning by
+    # label fraction, then transfer datasets (in the order they were first scored: a stable sort)
+    order = {title: i for i, title in enumerate(TITLES.values())}
+    columns.sort(key=lambda c: (order.get(c[0], len(order)), float(c[1].rstrip("%"))))
     rows: dict[str, dict] = {}
     for (name, col), group in groups.items():
         settings = [setting_of(r) for r in group.values()]
