@@ -144,3 +144,11 @@ def test_a_failed_export_leaves_the_earlier_pair_and_no_temporary_file(tmp_path,
     with pytest.raises(MscnError, match=r"r18.pkl: cannot write the export \(No space left on device\)"):
         export_backbone(torchvision.models.resnet18(), out, "r18", "resnet18", overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # Ctrl-C while the first file is written into a folder the export made: no empty folder left
+    monkeypatch.setattr(export.torch, "save", lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        export_backbone(backbone, tmp_path / "new" / "ex", "r18", "resnet18")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(KeyboardInterrupt):  # a folder that was there stays, with what it held
+        export_backbone(backbone, out, "r18", "resnet18", overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

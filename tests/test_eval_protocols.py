@@ -197,6 +197,10 @@ def test_subset_labels_must_be_the_class_indices_of_their_folders(data, tmp_path
         read_subset(binary, data["train"])
     with pytest.raises(DataError, match=r"--subset .*: a folder; it takes the subset file"):
         read_subset(tmp_path, data["train"])
+    # a list made for another root: its fix is a list for this root, not a rescan of it
+    with pytest.raises(DataError, match=r"missing file .*relative to --train-root .*write one for this root "
+                                        r"\(mscn data subset .*val --fraction"):
+        read_subset(data["subset"], data["val"])
 
 
 def test_outputs_that_cannot_be_written_are_refused_before_the_evaluation(data, tmp_path, capsys):

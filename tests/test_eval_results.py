@@ -41,6 +41,11 @@ def test_report_reproduces_the_papers_table_1_layout(tmp_path):
     assert lines[2] == "| Label fraction | 100% | 1% |"
     assert lines[3] == "| SimCLR | 69.5 | 48.3 |"
     assert lines[4] == "| SimCLR+MSCN | 71.5 (+2.0) | 54.0 (+5.7) |"
+    # --out a folder, or a file under a file: one line, not a traceback
+    for bad, msg in ((tmp_path, "a folder; it takes the .md file"), (tmp_path / "t.md" / "x.md", "not writable")):
+        args = parser.parse_args(["eval", "report", str(tmp_path), "--out", str(bad)])
+        with pytest.raises(MscnError, match=f"--out .*: {msg}"):
+            args.func(args)
 
 
 def test_transfer_columns_are_named_by_dataset_and_missing_cells_dashed():

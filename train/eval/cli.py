@@ -190,10 +190,18 @@ def _export(args) -> None:
 def _report(args) -> None:
     from mscn.train.eval.results import load_results, markdown_table
 
+    from mscn.paths import creatable
+
+    if args.out and not creatable(args.out, folder=False):
+        what = "a folder" if Path(args.out).is_dir() else "not writable"
+        raise MscnError(f"--out {args.out}: {what}; it takes the .md file to write the table to")
     table = markdown_table(load_results(args.runs), args.metric, args.baseline)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table)
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(table)
+        except OSError as e:
+            raise MscnError(f"--out {args.out}: cannot write the table ({e.strerror})") from None
     print(table, end="")
 
 

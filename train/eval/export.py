@@ -73,6 +73,7 @@ def export_backbone(backbone: nn.Module, out_dir: str | Path, name: str = "backb
     """
     pth, pkl = export_paths(out_dir, name, overwrite)
     out = Path(out_dir)
+    made = [p for p in (out, *out.parents) if not p.exists()]  # innermost first
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -80,11 +81,19 @@ def export_backbone(backbone: nn.Module, out_dir: str | Path, name: str = "backb
     sd = torchvision_state_dict(backbone)
     # both files written in full under temporary names first, then renamed: a run killed or
     # failing before the renames leaves the earlier pair as it was
-    first = _write_tmp(pth, lambda f: torch.save(sd, f))
     try:
-        second = _write_tmp(pkl, lambda f: pickle.dump(detectron2_state_dict(sd), f))
+        first = _write_tmp(pth, lambda f: torch.save(sd, f))
+        try:
+            second = _write_tmp(pkl, lambda f: pickle.dump(detectron2_state_dict(sd), f))
+        except BaseException:
+            first.unlink(missing_ok=True)  # no stray temporary file beside the earlier pair
+            raise
     except BaseException:
-        first.unlink(missing_ok=True)  # no stray temporary file beside the earlier pair
+        for folder in made:  # folders this export made hold nothing now: not left behind as if they did
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     os.replace(first, pth)
     os.replace(second, pkl)

@@ -60,7 +60,10 @@ def read_subset(path: str | Path, train_root: str | Path) -> list[tuple[str, int
     if len(first) == 2 and not labelled and not is_image_name(first[1]):  # nor a file name (may hold spaces)
         raise DataError(f"--subset {path}:1: expected 'relative/path label' with a class index as the label "
                         f"(mscn data subset), or one file name per line (an official split); got {' '.join(first)!r}")
-    samples = read_file_list(path, root) if labelled else make_subset(root, None, official=path)
+    # entries missing under the root: most likely a list made for another root, which a rescan does not fix
+    note = (f"its paths are relative to --train-root {root}: if {path.name} was made for another root, "
+            f"write one for this root (mscn data subset {root} --fraction 0.01)")
+    samples = read_file_list(path, root, root_note=note) if labelled else make_subset(root, None, official=path)
     classes = find_classes(root)
     bad = next((s for s in samples if not 0 <= s[1] < len(classes)), None)
     if bad:
