@@ -175,6 +175,13 @@ PLOT_FORMATS = (".png", ".pdf", ".svg")
 
 def fill_defaults(args: argparse.Namespace, device: torch.device, world_size: int = 1) -> None:
     """Per-device defaults for the flags left out; a ``key=value`` override beats a default."""
+    if not args.train:  # a flag that changes nothing in this run must not look as if it had
+        given = [flag for flag, on in (("--feeds", args.feeds), ("--arch", args.arch), ("--train-steps", args.train_steps),
+                                       ("--no-priority-row", args.no_priority_row),
+                                       ("--device-sync-row", args.device_sync_row)) if on not in (None, False)]
+        if given:
+            raise MscnError(f"{', '.join(given)}: only with --train (the training rows); add --train, or leave "
+                            f"{'it' if len(given) == 1 else 'them'} out")
     _from_overrides(args, world_size)
     if args.size is None:
         args.size = 224

@@ -583,6 +583,10 @@ def test_size_and_batch_overrides_are_applied_or_refused():
     (["--baseline-workers", "-1"], r"--baseline-workers must be >= 0, got -1"),
     (["--threads", "0"], r"--threads must be >= 1, got 0"),
     (["--hw-decoder-load", "1.5"], r"--hw-decoder-load must be in \[0, 1\]"),
+    # training-row flags without --train: the run would time no training and say nothing
+    (["--arch", "resnet50"], r"^--arch: only with --train"),
+    (["--feeds", "masks", "--train-steps", "8"], r"^--feeds, --train-steps: only with --train .* leave them out"),
+    (["--no-priority-row"], r"--no-priority-row: only with --train"),
 ])
 def test_flags_that_would_run_something_else_are_refused_before_timing(flags, match):
     import torch
