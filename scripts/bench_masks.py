@@ -1,6 +1,7 @@
 """Benchmark of the MSCN mask step (paper §5.2): Triton kernels vs torch reference vs a copy.
 
-GPU: median time per call over --runs windows (benchkit's ``measure``: synchronized
+GPU: median time per call over --runs windows, with their min-max (``ms_spread`` in the
+JSON: min, quartiles, max) (benchkit's ``measure``: synchronized
 before every clock read, so a call's launch overhead counts as it does in training),
 for 4 views x 256 x 3 x 224 x 224 fp32 by default: the tables (Triton table kernel and
 torch sampler), the fill kernel in place and out of place, the whole ``apply_masks``,
@@ -20,9 +21,10 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from benchkit.timing import device_sync, measure, per_step_ms
+from benchkit.timing import device_sync, measure
 from mscn.config import load_config
 from mscn.cuda_kernels import apply_masks, apply_tables, draw_tables, sample_tables
 from mscn.errors import MscnError, run_cli
@@ -35,15 +37,23 @@ PRESETS = {
 }
 
 
-def median_ms(fn, runs: int, warmup: int, device: torch.device) -> float:
-    """Median wall time of one fn() call in ms: ``runs`` windows of 10 calls each."""
+def window_ms(fn, runs: int, warmup: int, device: torch.device) -> list[float]:
+    """Wall time of one fn() call in ms, per window: ``runs`` windows of 10 calls each."""
     def step() -> int:
         fn()
         return 1
 
     m = measure("masks", step, views=1, warmup=warmup, iters=10, repeats=runs, sync=device_sync(device, "device"),
                 device=device if device.type == "cuda" else None)
-    return per_step_ms(m, 10)
+    return [t / 10 * 1e3 for t in m.window_s]
+
+
+def spread_ms(ms: list[float]) -> dict:
+    """min, quartiles and max of the windows' ms: how far one median can be trusted (a shared
+    or throttling GPU spreads them)."""
+    q1, q3 = np.percentile(ms, [25, 75])
+    return {"min": round(min(ms), 4), "q1": round(float(q1), 4), "q3": round(float(q3), 4),
+            "max": round(max(ms), 4), "n": len(ms)}
 
 
 def bench_preset(name: str, args, device: torch.device) -> dict:
@@ -60,41 +70,46 @@ def bench_preset(name: str, args, device: torch.device) -> dict:
     warmup = 3 if cuda else 1
     tables = sample_tables(views, cfgs, gen)
 
-    def t(fn, n=runs):
-        return median_ms(fn, n, warmup, device)
+    rows: dict[str, float] = {}  # each step's median ms
+    windows: dict[str, list[float]] = {}  # and its windows' ms, for the spread
 
-    rows = {}
-    rows["tables, torch sampler (sample_tables)"] = t(lambda: sample_tables(views, cfgs, gen))
+    def row(step: str, fn, n: int = runs) -> None:
+        windows[step] = window_ms(fn, n, warmup, device)
+        rows[step] = float(np.median(windows[step]))
+
+    row("tables, torch sampler (sample_tables)", lambda: sample_tables(views, cfgs, gen))
     if cuda:
-        rows["tables, Triton kernel (draw_tables)"] = t(lambda: draw_tables(views, cfgs, gen, backend="triton"))
-        rows["triton in place"] = t(lambda: apply_tables(views, tables, inplace=True, backend="triton"))
-        rows["triton out of place"] = t(lambda: apply_tables(views, tables, inplace=False, backend="triton"))
-        rows["apply_masks triton in place"] = t(lambda: apply_masks(views, cfgs, gen, backend="triton"))
+        row("tables, Triton kernel (draw_tables)", lambda: draw_tables(views, cfgs, gen, backend="triton"))
+        row("triton in place", lambda: apply_tables(views, tables, inplace=True, backend="triton"))
+        row("triton out of place", lambda: apply_tables(views, tables, inplace=False, backend="triton"))
+        row("apply_masks triton in place", lambda: apply_masks(views, cfgs, gen, backend="triton"))
         flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
         dst = torch.empty_like(flat)
-        rows["d2d copy of the same bytes"] = t(lambda: dst.copy_(flat))
+        row("d2d copy of the same bytes", lambda: dst.copy_(flat))
         del flat, dst
     ref_runs = max(3, runs // 5) if cuda else runs
-    rows["torch reference in place"] = t(lambda: apply_tables(views, tables, inplace=True, backend="torch"), ref_runs)
-    rows["torch reference out of place"] = t(
-        lambda: apply_tables(views, tables, inplace=False, backend="torch"), ref_runs)
-    rows["apply_masks torch in place"] = t(lambda: apply_masks(views, cfgs, gen, backend="torch"), ref_runs)
+    row("torch reference in place", lambda: apply_tables(views, tables, inplace=True, backend="torch"), ref_runs)
+    row("torch reference out of place", lambda: apply_tables(views, tables, inplace=False, backend="torch"), ref_runs)
+    row("apply_masks torch in place", lambda: apply_masks(views, cfgs, gen, backend="torch"), ref_runs)
 
     ref = rows["torch reference in place"]
     copy = rows.get("d2d copy of the same bytes")
     print(f"\n{name}: {n_views} views x {B} x {C} x {H} x {W} {args.dtype} on {device_name(device)}, "
           f"{nbytes / 1e9:.3f} GB per direction, median of {runs} runs (reference: {ref_runs})")
-    print("| step | ms | effective GB/s | speed-up vs torch reference in place | time / d2d copy time |")
-    print("|---|---:|---:|---:|---:|")
+    print("| step | ms | min-max ms | effective GB/s | speed-up vs torch reference in place | time / d2d copy time |")
+    print("|---|---:|---:|---:|---:|---:|")
+    spreads = {step: spread_ms(w) for step, w in windows.items()}
     for step, ms in rows.items():
+        lo_hi = f"{spreads[step]['min']:.3f}-{spreads[step]['max']:.3f}"
         if step.startswith("tables"):  # draws the decisions only: moves none of the views' bytes
-            print(f"| {step} | {ms:.3f} | - | - | - |")
+            print(f"| {step} | {ms:.3f} | {lo_hi} | - | - | - |")
             continue
         gbs = 2 * nbytes / ms / 1e6
         vs_copy = f"{ms / copy:.2f}x" if copy else "-"
-        print(f"| {step} | {ms:.3f} | {gbs:.0f} | {ref / ms:.1f}x | {vs_copy} |")
+        print(f"| {step} | {ms:.3f} | {lo_hi} | {gbs:.0f} | {ref / ms:.1f}x | {vs_copy} |")
     result = {"preset": name, "device": device_name(device), "shape": [n_views, B, C, H, W],
-              "dtype": args.dtype, "bytes_per_direction": nbytes, "runs": runs, "ms": rows}
+              "dtype": args.dtype, "bytes_per_direction": nbytes, "runs": runs, "ms": dict(rows),
+              "ms_spread": spreads}
     if cuda:
         k = rows["apply_masks triton in place"]
         print(f"SUMMARY masks {name} on {device_name(device)}: apply_masks {k:.3f} ms (tables "

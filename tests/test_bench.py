@@ -660,10 +660,16 @@ def test_bench_masks_runs_and_refuses_bad_input_in_one_line(tmp_path):
                       (["--json", str(tmp_path / "no" / "m.json")], "cannot be written there")):
         proc = run(*args)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and msg in proc.stderr, proc.stderr
-    proc = run("--preset", "demo", "--runs", "1", "--json", str(tmp_path / "m.json"))
+    proc = run("--preset", "demo", "--runs", "2", "--json", str(tmp_path / "m.json"))
     assert proc.returncode == 0, proc.stderr
     doc = json.loads((tmp_path / "m.json").read_text())
-    assert doc[0]["runs"] == 1 and doc[0]["ms"]["apply_masks torch in place"] > 0
+    assert doc[0]["runs"] == 2 and doc[0]["ms"]["apply_masks torch in place"] > 0
+    # every median comes with its windows' spread, in the table and the JSON
+    for step, ms in doc[0]["ms"].items():
+        sp = doc[0]["ms_spread"][step]
+        assert sp["n"] == 2 and sp["min"] <= round(ms, 4) <= sp["max"], (step, ms, sp)
+        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(f"| {step} |"))
+        assert f"| {sp['min']:.3f}-{sp['max']:.3f} |" in line, line
     # drawing the tables moves none of the views' bytes: no bandwidth or speed-up claimed for it
     assert "| tables, torch sampler (sample_tables) | " in proc.stdout
     row = next(ln for ln in proc.stdout.splitlines() if ln.startswith("| tables, torch sampler"))
