@@ -148,11 +148,12 @@ def typed(value: Any, tp: type, src: str = "<config>", key: str = "") -> Any:
     return _build(tp, to_dict(value), key, src)
 
 
-def checked(cfg: Config | dict, src: str = "<config>", world_size: int = 1) -> Config:
+def checked(cfg: Config | dict, src: str = "<config>", world_size: int = 1, siamese: bool = True) -> Config:
     """A config built in code (or a dict), with the schema's types and ranges checked as a
-    YAML recipe's are (:func:`typed`, :func:`validate`)."""
+    YAML recipe's are (:func:`typed`, :func:`validate`; ``siamese=False``: for a loader alone,
+    one view and a batch of 1 allowed)."""
     cfg = typed(cfg, Config, src)
-    validate(cfg, src, world_size=world_size)
+    validate(cfg, src, world_size=world_size, siamese=siamese)
     return cfg
 
 

@@ -47,10 +47,13 @@ def validate_mask(m: MaskCfg, src: str, key: str = "mask", max_grid: int | None 
            "must be a finite number >= 0")
 
 
-def validate(cfg: Config, src: str = "<config>", world_size: int = 1) -> None:
-    """Reject out-of-range values with one line naming the key (and the file)."""
+def validate(cfg: Config, src: str = "<config>", world_size: int = 1, siamese: bool = True) -> None:
+    """Reject out-of-range values with one line naming the key (and the file).
+
+    ``siamese=False``: the config feeds a loader only (another project's trainer), so the
+    siamese trainer's own needs (2 views, a batch of 2 for InfoNCE's negatives) do not apply."""
     _validate_data(cfg.data, src)
-    _validate_views(cfg.views, src, cfg.data.image_size)
+    _validate_views(cfg.views, src, cfg.data.image_size, 2 if siamese else 1)
     _validate_highpass(cfg.highpass, src)
     # the high-pass must see the blurred view: a blur moved to the loader takes it along
     _check(not (cfg.data.blur_where == "loader" and cfg.blur_in_loader(gpu=True) and cfg.highpass.enabled and cfg.highpass.where == "pipeline"), src,
@@ -62,7 +65,7 @@ def validate(cfg: Config, src: str = "<config>", world_size: int = 1) -> None:
            "high-pass must run there too: set highpass.where=auto or loader")
     _validate_model(cfg, src)
     _validate_optim(cfg, src)
-    _validate_train(cfg.train, src, world_size)
+    _validate_train(cfg.train, src, world_size, 2 if siamese else 1)
     _validate_eval(cfg.eval, src)
 
 
@@ -96,8 +99,10 @@ def _validate_data(d: DataCfg, src: str) -> None:
     _check(d.synthetic_val_per_class >= 0, src, "data.synthetic_val_per_class", d.synthetic_val_per_class, "must be >= 0")
 
 
-def _validate_views(views: list[ViewCfg], src: str, image_size: int) -> None:
-    _check(len(views) >= 2, src, "views", len(views), "a siamese network needs at least 2 views")
+def _validate_views(views: list[ViewCfg], src: str, image_size: int, least: int = 2) -> None:
+    if least > 1:
+        _check(len(views) >= least, src, "views", len(views), "a siamese network needs at least 2 views")
+    _check(len(views) >= 1, src, "views", len(views), "needs at least 1 view")
     for i, v in enumerate(views):
         validate_view(v, src, f"views[{i}]", image_size)
 
@@ -154,8 +159,11 @@ def _validate_optim(cfg: Config, src: str) -> None:
     _check(0.0 <= s.min_lr_ratio <= 1.0, src, "schedule.min_lr_ratio", s.min_lr_ratio, "must be in [0, 1]")
 
 
-def _validate_train(t: TrainCfg, src: str, world_size: int) -> None:
-    _check(t.global_batch >= 2, src, "train.global_batch", t.global_batch, "must be >= 2 (InfoNCE needs negatives)")
+def _validate_train(t: TrainCfg, src: str, world_size: int, least: int = 2) -> None:
+    if least > 1:
+        _check(t.global_batch >= least, src, "train.global_batch", t.global_batch,
+               "must be >= 2 (InfoNCE needs negatives)")
+    _check(t.global_batch >= 1, src, "train.global_batch", t.global_batch, "must be >= 1")
     _check(t.global_batch % world_size == 0, src, "train.global_batch", t.global_batch,
            f"must be divisible by the world size ({world_size})")
     _check(t.device in ("auto", "cuda", "cpu"), src, "train.device", t.device, "must be auto, cuda or cpu")

@@ -492,7 +492,9 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int 
     from mscn.pipelines.readers import resolve_source
 
     check_placement(rank, world_size, local_rank, device)
-    cfg = checked(cfg, "<config>", world_size=world_size)  # types, ranges, a global batch the ranks cannot split
+    # types, ranges, a global batch the ranks cannot split; not the siamese trainer's own needs (2 views,
+    # a batch of 2): another project's trainer may take one view or debug with one image
+    cfg = checked(cfg, "<config>", world_size=world_size, siamese=False)
     source = resolve_source(cfg.data.root, cfg.data.format)
     check_size(source, cfg.train.global_batch, "train.global_batch")
     seed = rank_seed(cfg.train.seed, rank)
@@ -529,7 +531,7 @@ def build_eval_loader(cfg, root: str, rank: int = 0, world_size: int = 1, local_
     check_placement(rank, world_size, local_rank, device)
     if batch_size is not None and (not is_integer(batch_size) or batch_size < 1):
         raise ValueError(f"batch_size: expected an integer >= 1 (images per rank) or None, got {batch_size!r}")
-    cfg = checked(cfg)
+    cfg = checked(cfg, siamese=False)
     if file_list:
         source = resolve_source(file_list, "filelist", file_root=root, classes=classes)
     else:

@@ -64,6 +64,23 @@ def test_a_config_built_in_code_gets_the_schemas_types(folder):
     assert len(build_train_loader(as_dict)) == 2
 
 
+def test_a_loader_takes_one_view_and_a_batch_of_one_the_trainer_refuses(folder):
+    """A loader for another project's trainer: one view, or one image per batch to debug, is a
+    pipeline like any other; only mscn's siamese trainer needs 2 views and InfoNCE's negatives."""
+    from mscn.config_checks import validate
+
+    cfg = tiny_cfg(folder, "train.global_batch=4")
+    one = dataclasses.replace(cfg, views=cfg.views[:1], train=dataclasses.replace(cfg.train, global_batch=1))
+    batch = next(iter(build_train_loader(one)))
+    assert len(batch.views) == 1 and batch.views[0].shape[0] == 1
+    with pytest.raises(ConfigError, match=r"views = 1: a siamese network needs at least 2 views"):
+        validate(one)
+    with pytest.raises(ConfigError, match=r"views = 0: needs at least 1 view"):
+        build_train_loader(dataclasses.replace(cfg, views=[]))
+    with pytest.raises(ConfigError, match=r"train.global_batch = 0: must be >= 1"):
+        build_train_loader(dataclasses.replace(one, train=dataclasses.replace(cfg.train, global_batch=0)))
+
+
 def test_eval_batch_size_zero_is_refused_not_replaced(folder):
     with pytest.raises(ValueError, match=r"batch_size: expected an integer >= 1 \(images per rank\) or None, got 0"):
         build_eval_loader(tiny_cfg(folder), str(folder), batch_size=0)
