@@ -99,7 +99,7 @@ def _underful(reason: str, source: Source) -> str | None:
     return (f"{tar}: sample '{key}' has no {' or '.join(lack or ['member the reader needs'])} (it has "
             f"{', '.join('.' + e for e in exts)}), unlike the dataset's first sample; every sample needs the same "
             f"members: repack the source with `mscn data pack`, or remove the sample and make the index again "
-            f"(DALI's `wds2idx`)")
+            f"(`mscn data index {os.path.dirname(tar) or '.'}`)")
 
 
 def find_bad_sample(source: Source, replay, runs_done: int) -> tuple[str, str] | None:

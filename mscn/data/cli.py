@@ -101,11 +101,17 @@ def _pack(args) -> None:
     pack_command(args)
 
 
+def _index(args) -> int:
+    from mscn.data.index import index_command
+
+    return index_command(args)
+
+
 def add_data_commands(subparsers) -> argparse.ArgumentParser:
     """Register ``data`` and its sub-commands on an ``add_subparsers()`` object."""
-    data = subparsers.add_parser("data", help="dataset tools: synth, photos, scan, subset, pack",
+    data = subparsers.add_parser("data", help="dataset tools: synth, photos, scan, subset, pack, index",
                                  description="Dataset tools: make, check, subset and pack image folders.")
-    sub = data.add_subparsers(dest="data_command", metavar="{synth,photos,scan,subset,pack}", required=True)
+    sub = data.add_subparsers(dest="data_command", metavar="{synth,photos,scan,subset,pack,index}", required=True)
 
     p = sub.add_parser("synth", help="write a synthetic ImageFolder with learnable classes",
                        description="Write OUT/train/<class>/<idx>.jpg (and OUT/val/...): each class is a shape x "
@@ -183,6 +189,16 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="refuse to pack if any file does not decode")
     p.add_argument("--workers", metavar="W", type=positive_int, default=None, help="decode-check processes (default: all cores)")
     p.set_defaults(func=_pack)
+
+    p = sub.add_parser("index", help="(re)write the DALI index (.idx) of every .tar shard in a folder",
+                       description="Write the DALI v1.2 index beside every .tar in FOLDER (or of one .tar): for "
+                       "webdataset shards mscn did not pack, or shards changed after indexing. Read with Python's "
+                       "tarfile, so member names over 100 bytes get the right offsets (DALI's wds2idx places them "
+                       "1,024 bytes early). An index that already fits is left as it is.")
+    p.add_argument("folder", metavar="FOLDER", help="folder of .tar shards, or one .tar file")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing: list the shards whose index is missing or does not fit (exit status 1)")
+    p.set_defaults(func=_index)
     return data
 
 

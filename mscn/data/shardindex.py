@@ -27,7 +27,7 @@ def dali_index_samples(tar_path: Path) -> list[list[str]]:
     """Per sample, its members' ``ext offset size name`` entries, in the tar's order."""
     samples: list[list[str]] = []
     last_key = None
-    with tarfile.open(tar_path) as tar:
+    with tarfile.open(tar_path, mode="r:") as tar:  # plain tar only: DALI reads no compressed shard
         for m in tar:
             base = m.name.rsplit("/", 1)[-1]
             if not m.isfile() or base.startswith("."):  # as wds2idx: hidden files (.DS_Store) are no members
@@ -40,11 +40,16 @@ def dali_index_samples(tar_path: Path) -> list[list[str]]:
     return samples
 
 
+def dali_index_text(samples: list[list[str]]) -> str:
+    """The v1.2 index file of :func:`dali_index_samples`' samples."""
+    return f"v1.2 {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples)
+
+
 def write_dali_index(tar_path: Path, idx_path: Path) -> int:
     """Write DALI's v1.2 index of ``tar_path``; returns the number of samples."""
     samples = dali_index_samples(tar_path)
     tmp = idx_path.with_name(idx_path.name + ".tmp")
-    tmp.write_text(f"v1.2 {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples))
+    tmp.write_text(dali_index_text(samples))
     tmp.replace(idx_path)
     return len(samples)
 
@@ -62,8 +67,8 @@ def index_matches(tar_path: str | Path, idx_path: str | Path) -> bool:
 def stale_message(tar: str | Path, idx: str | Path) -> str:
     """The one line for an index that no longer describes its shard."""
     return (f"{idx}: not the index of {tar} as it is now (the shard was rewritten or appended to after its index "
-            f"was made), so DALI would read the wrong bytes or leave samples out; make it again: `mscn data pack` "
-            f"into a new folder, or DALI's `wds2idx {tar} {idx}`")
+            f"was made, or DALI's wds2idx indexed member names over 100 bytes), so DALI would read the wrong bytes "
+            f"or leave samples out; make it again: `mscn data index {Path(tar).parent}`")
 
 
 def _members(line: str) -> list[tuple[int, int, str]]:
@@ -121,8 +126,7 @@ def start_fault(tar: Path, idx: Path, first: str, last: str) -> str | None:
             return stale_message(tar, idx)
         if _appended(f, end):
             return (f"{tar}: holds samples after the last one its index {idx.name} lists (appended after the index "
-                    f"was made?): DALI would leave them out; make the index again (DALI's `wds2idx {tar} {idx}`), "
-                    "or repack into a new folder with `mscn data pack`")
+                    f"was made?): DALI would leave them out; make the index again: `mscn data index {tar.parent}`")
     return None
 
 

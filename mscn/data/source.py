@@ -191,12 +191,11 @@ def _wds_source(folder: Path, classes=None) -> Source:
     for tar in tars:
         idx = tar.with_suffix(".idx")
         if not idx.is_file():
-            raise DataError(f"{idx}: missing DALI index of {tar.name}; rerun `mscn data pack` "
-                            f"or DALI's `wds2idx {tar} {idx}`")
+            raise DataError(f"{idx}: missing DALI index of {tar.name}; write it with `mscn data index {folder}`")
         line, first, last = read_ends(idx)
         head = line.split()
         if len(head) != 2 or head[0] != "v1.2" or not head[1].isdigit():
-            raise DataError(f"{idx}: not a DALI v1.2 webdataset index; regenerate it with `wds2idx`")
+            raise DataError(f"{idx}: not a DALI v1.2 webdataset index; write it again with `mscn data index {folder}`")
         total += int(head[1])
         exts.update(first.split()[0::4])  # v1.2 lines: ext offset size name, repeated per member
         fault = start_fault(tar, idx, first, last)

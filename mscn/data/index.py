@@ -1,0 +1,100 @@
+"""``mscn data index FOLDER``: (re)write the DALI index of every ``.tar`` shard in a folder.
+
+DALI's webdataset reader needs a ``.idx`` beside each shard (:mod:`mscn.data.shardindex`
+has the format and the start check that refuses an index which no longer fits its shard).
+DALI ships ``wds2idx`` to make them, but it places the data of members with names over
+100 bytes (GNU tar's long-name headers) 1,024 bytes early, so the reader would hand the
+decoder header bytes. This command indexes with Python's ``tarfile``, which reads every
+header format (ustar, GNU, pax), and is what mscn's messages advise for shards it did not
+pack itself: webdataset shards of another project, or shards appended to or rewritten.
+"""
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mscn.data.source import PACKING
+from mscn.data.shardindex import dali_index_samples, dali_index_text
+from mscn.errors import DataError
+
+
+def index_text(tar: Path) -> str:
+    """The v1.2 index of ``tar`` as DALI reads it; one DataError line for a shard it cannot be."""
+    try:
+        samples = dali_index_samples(tar)
+    except (tarfile.TarError, EOFError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{tar}: not a readable plain tar ({why}; DALI reads uncompressed .tar only); copy it "
+                        "again, or repack its source with `mscn data pack`") from None
+    if not samples:
+        raise DataError(f"{tar}: holds no sample (no regular file), so DALI would fail on it; remove it")
+    end = max(int(m.split()[1]) + int(m.split()[2]) for s in samples for m in s)
+    if end > tar.stat().st_size:  # tarfile lists a last member whose data was cut off
+        raise DataError(f"{tar}: cut short ({tar.stat().st_size} bytes; its members run to byte {end}); copy it "
+                        "again, or repack its source with `mscn data pack`")
+    return dali_index_text(samples)
+
+
+def index_folder(folder: str | Path, check: bool = False, progress: bool = True) -> dict[str, list[str]]:
+    """Index every ``*.tar`` of ``folder`` (or the one ``.tar`` given). Returns the shards by what
+    was found: ``ok`` (the index fits), ``written`` (made or remade), and with ``check`` (write
+    nothing) ``stale`` and ``missing``. Every shard is read before any index is written, so a
+    bad shard leaves every index as it was."""
+    folder = Path(folder)
+    if folder.is_file() and folder.suffix == ".tar":
+        tars = [folder]
+    elif folder.is_dir():
+        if (folder / PACKING).exists() or any(folder.glob("*.tar.tmp")):
+            raise DataError(f"{folder}: an `mscn data pack` that did not finish is writing here; rerun the pack "
+                            "rather than index its part-written shards")
+        tars = sorted(folder.glob("*.tar"))
+        if not tars:
+            raise DataError(f"{folder}: no .tar shards to index")
+    else:
+        raise DataError(f"{folder}: no such folder of .tar shards" if not folder.exists()
+                        else f"{folder}: neither a folder of .tar shards nor a .tar file")
+    texts = {}
+    for tar in tqdm(tars, desc=f"index {folder}", unit="shard", disable=not progress or len(tars) < 2):
+        texts[tar] = index_text(tar)
+    found: dict[str, list[str]] = {"ok": [], "written": [], "stale": [], "missing": []}
+    for tar, text in texts.items():
+        idx = tar.with_suffix(".idx")
+        try:
+            old = idx.read_text(encoding="utf-8", errors="surrogateescape") if idx.is_file() else None
+        except OSError:
+            old = None
+        if old is not None and old.split() == text.split():
+            found["ok"].append(str(tar))
+        elif check:
+            found["missing" if old is None else "stale"].append(str(tar))
+        else:
+            tmp = idx.with_name(idx.name + ".tmp")
+            try:
+                tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
+                tmp.replace(idx)  # a stop mid-write leaves the old index, not half of a new one
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                raise DataError(f"{idx}: cannot write the index ({e.strerror})") from None
+            found["written"].append(str(tar))
+    return found
+
+
+def index_command(args) -> int:
+    """CLI body of ``mscn data index FOLDER [--check]``; exit status 1 when ``--check`` finds a
+    shard whose index is missing or does not fit."""
+    found = index_folder(args.folder, check=args.check)
+    for what in ("stale", "missing"):
+        for tar in found[what]:
+            fix = "its index does not fit it" if what == "stale" else "it has no index"
+            print(f"index: {tar}: {fix}")
+    shards = sum(len(v) for v in found.values())
+    if args.check:
+        bad = len(found["stale"]) + len(found["missing"])
+        print(f"index: {shards - bad} of {shards} shard(s) have an index that fits"
+              + (f"; write the others with `mscn data index {args.folder}`" if bad else ""))
+        return 1 if bad else 0
+    print(f"index: wrote {len(found['written'])} of {shards} shard index(es) in {args.folder}; "
+          f"{len(found['ok'])} already fit")
+    return 0
