@@ -117,3 +117,25 @@ def test_bad_shards_are_one_line_and_leave_every_index_as_it_was(tmp_path, capsy
     (tmp_path / "w" / PACKING).unlink()
     assert mscn_main(["data", "index", str(tar_path)]) == 0
     assert tar_path.with_suffix(".idx").is_file() and not (tmp_path / "w" / "part-1.idx").exists()
+
+
+def test_a_sample_with_two_images_is_noted(tmp_path, capsys):
+    """DALI decodes one image of a sample with x.jpg and x.png and logs a raw C++ line about it:
+    the index command names such samples."""
+    root = make_folder(tmp_path / "ds", classes=1, per_class=2)
+    (tmp_path / "w").mkdir()
+    with tarfile.open(tmp_path / "w" / "a.tar", "w") as tar:
+        for k, img in enumerate(sorted(root.glob("c0/*.jpg"))):
+            tar.add(img, arcname=f"k{k}.jpg")
+            if k == 1:
+                tar.add(img, arcname=f"k{k}.PNG")  # mscn's reader matches extensions in any case
+    assert mscn_main(["data", "index", str(tmp_path / "w")]) == 0
+    out = capsys.readouterr().out
+    assert "a.tar: 1 sample(s) hold more than one image (k1); DALI decodes one of each" in out
+    (tmp_path / "w" / "b.tar").write_bytes((tmp_path / "w" / "a.tar").read_bytes())
+    (tmp_path / "w" / "a.tar").unlink()
+    (tmp_path / "w" / "a.idx").unlink()
+    with tarfile.open(tmp_path / "w" / "b.tar", "w") as tar:
+        tar.add(root / "c0" / "000.jpg", arcname="k0.jpg")
+    assert mscn_main(["data", "index", str(tmp_path / "w")]) == 0
+    assert "more than one image" not in capsys.readouterr().out

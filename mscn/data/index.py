@@ -16,6 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mscn.data.source import PACKING
+from mscn.data.imagefolder import IMG_EXTENSIONS
 from mscn.data.shardindex import dali_index_samples, dali_index_text
 from mscn.errors import DataError
 
@@ -37,10 +38,23 @@ def index_text(tar: Path) -> str:
     return dali_index_text(samples)
 
 
+def several_images(text: str) -> list[str]:
+    """The keys of the samples in an index that hold more than one image member (``x.jpg`` and
+    ``x.png``): DALI decodes one of them, printing "Multiple components matching output 0"."""
+    images = {e.lstrip(".") for e in (*IMG_EXTENSIONS, ".jpe")}
+    keys = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if sum(ext.lower() in images for ext in fields[0::4]) > 1:
+            keys.append(fields[3].rsplit("/", 1)[-1].partition(".")[0])
+    return keys
+
+
 def index_folder(folder: str | Path, check: bool = False, progress: bool = True) -> dict[str, list[str]]:
     """Index every ``*.tar`` of ``folder`` (or the one ``.tar`` given). Returns the shards by what
     was found: ``ok`` (the index fits), ``written`` (made or remade), and with ``check`` (write
-    nothing) ``stale`` and ``missing``. Every shard is read before any index is written, so a
+    nothing) ``stale`` and ``missing``; ``several_images``: {shard: keys of samples with more than
+    one image}. Every shard is read before any index is written, so a
     bad shard leaves every index as it was."""
     folder = Path(folder)
     if folder.is_file() and folder.suffix == ".tar":
@@ -58,8 +72,11 @@ def index_folder(folder: str | Path, check: bool = False, progress: bool = True)
     texts = {}
     for tar in tqdm(tars, desc=f"index {folder}", unit="shard", disable=not progress or len(tars) < 2):
         texts[tar] = index_text(tar)
-    found: dict[str, list[str]] = {"ok": [], "written": [], "stale": [], "missing": []}
+    found: dict = {"ok": [], "written": [], "stale": [], "missing": [], "several_images": {}}
     for tar, text in texts.items():
+        several = several_images(text)
+        if several:
+            found["several_images"][str(tar)] = several
         idx = tar.with_suffix(".idx")
         try:
             old = idx.read_text(encoding="utf-8", errors="surrogateescape") if idx.is_file() else None
@@ -85,11 +102,15 @@ def index_command(args) -> int:
     """CLI body of ``mscn data index FOLDER [--check]``; exit status 1 when ``--check`` finds a
     shard whose index is missing or does not fit."""
     found = index_folder(args.folder, check=args.check)
+    for tar, keys in found["several_images"].items():
+        print(f"index: note: {tar}: {len(keys)} sample(s) hold more than one image ({keys[0]}"
+              f"{', ...' if len(keys) > 1 else ''}); DALI decodes one of each and logs 'Multiple components "
+              "matching output 0': keep one image per sample to choose which")
     for what in ("stale", "missing"):
         for tar in found[what]:
             fix = "its index does not fit it" if what == "stale" else "it has no index"
             print(f"index: {tar}: {fix}")
-    shards = sum(len(v) for v in found.values())
+    shards = sum(len(found[k]) for k in ("ok", "written", "stale", "missing"))
     if args.check:
         bad = len(found["stale"]) + len(found["missing"])
         print(f"index: {shards - bad} of {shards} shard(s) have an index that fits"
