@@ -5,7 +5,7 @@ Why: the pipeline's colour stage is where it loses. On an H200 decode + crop + f
 normalize ran at 81 % of decode-only and adding the colour, grayscale and blur stages
 dropped it to 22-30 % (docs/perf/HISTORY.md, round 1); the pipeline alone is host-bound
 (its GPU was busy 9.5 of 22.1 ms per batch in round 4). Moved here, DALI only decodes
-and crops, and hands over the uint8 HWC crop and seven numbers per sample; one kernel per
+and crops, and hands over the uint8 HWC crop and ten uniforms per sample (:data:`DRAWS`); one kernel per
 view then flips, colours, grays, normalizes and transposes it to CHW in one pass.
 
 The same arithmetic as DALI's ``fn.color_twist`` (``ColorTwistBase::DetermineTransformation``

@@ -1,7 +1,7 @@
 """The high-pass filter of MSCN, shared by every stage: ``x - GaussianBlur(x, sigma)``.
 
-Paper §5.1: the filter runs after normalization, so that zero means "no information"
-and a zero-valued mask blends in; σ=5 (App. B). This module is the one specification
+Paper §5.1: zero then means "no information" and a zero-valued mask blends in; §5.3: the
+filter runs after normalization; σ=5 (§5.1, App. B). This module is the one specification
 of that filter:
 
 - :func:`gaussian_kernel`: the 1-D weights, ``exp(-t²/2σ²)`` for ``t`` in

@@ -12,7 +12,7 @@ the trainer never indexes ``data[0]["view0"]``. Per batch the adapter
    docs/PIPELINE.md says why);
 2. casts to the output dtype (bfloat16 only here: DALI has no bfloat16);
 3. maps sample index -> label for file readers (their one integer is the index);
-4. applies the masks (paper §5.2: masking comes after every other augmentation)
+4. applies the masks (paper §5.3: masking comes after every other augmentation)
    through a pluggable ``mask_fn`` (``build_train_loader`` passes :class:`MaskGenerator`,
    ``mscn.cuda_kernels.apply_masks`` with a seeded generator; None masks nothing).
 

@@ -10,7 +10,7 @@
 #           previous release for before/after figures when given, a thread sweep, and
 #           the headline summary (gpu_summary.json).
 #   part 3: one round of A/B and probes, most needed first, meant to run with
-#           MSCN_GPU_BUDGET_S=560 in one 600 s call (what does not fit is skipped): the GPU
+#           MSCN_GPU_BUDGET_S=555 in one 600 s call (what does not fit is skipped): the GPU
 #           tests the round's changes touch, the host-sync probes of the feed
 #           (probe_syncs.py), the mask benchmark, the pipeline (now blurring in the loader
 #           on a GPU) against the round-4 default (masks-blur-dali) with a GPU-time
@@ -31,7 +31,8 @@
 # tarball of all results so far go to $OUT (so a killed run still hands back its figures).
 # Before/after: set MSCN_OLD_SITE (site-packages of the previous release) and MSCN_OLD_SCRIPTS
 # (its scripts/ folder) to time it in the same run.
-# Budget: MSCN_GPU_BUDGET_S=560 bounds the whole run (a lent GPU's call is cut at 600 s).
+# Budget: MSCN_GPU_BUDGET_S=555 bounds the whole run (a lent GPU's call is cut at 600 s; 45 s are left
+# for unpacking and installing in the same call).
 # A step starts only if what is left (less MSCN_GPU_RESERVE_S, 30, kept for the summary,
 # which always runs) is at least MSCN_GPU_STEP_SHARE % (50) of its own limit and at least
 # MSCN_GPU_MIN_STEP_S (15); else it is skipped (a SKIPPED line in the digest) and the next,
@@ -54,6 +55,12 @@ for v in "$BUDGET" "$RESERVE" "$MIN_STEP" "$SHARE"; do
 done
 BUDGET=$((10#$BUDGET)) RESERVE=$((10#$RESERVE)) MIN_STEP=$((10#$MIN_STEP)) SHARE=$((10#$SHARE))  # 0540: decimal
 if [ "$MIN_STEP" -lt 1 ]; then echo "gpu_check.sh: MSCN_GPU_MIN_STEP_S must be >= 1 (timeout 0 means no limit)" >&2; exit 2; fi
+if [ -n "$STEPS" ]; then  # a name that is no step ran nothing and said nothing: a follow-up call wasted
+  KNOWN=$(grep -oE '(^|[^a-z_])run [a-z0-9-]+ [0-9]+' "$0" | awk '{print $2}' | sort -u | tr '\n' ' ')
+  for s in ${STEPS//,/ }; do
+    case " $KNOWN " in *" $s "*) ;; *) echo "gpu_check.sh: MSCN_GPU_STEPS: no step '$s' (steps: $KNOWN)" >&2; exit 2 ;; esac
+  done
+fi
 PART=${1:-all}
 OUT=${OUT:-/tmp/mscn_gpu_out}
 R=${MSCN_GPU_RESULTS:-/tmp/mscn_gpu_results}

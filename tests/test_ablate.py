@@ -1,4 +1,4 @@
-"""`mscn ablate` (issue 12; paper §5, Fig. 5, Table 5): arm expansion and validation, the
+"""`mscn ablate` (issue 12; paper §6.3, Fig. 5): arm expansion and validation, the
 significance rule, the JSON schema, and a toy end-to-end ablation that resumes."""
 import json
 

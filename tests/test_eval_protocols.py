@@ -298,3 +298,14 @@ def test_random_init_names_the_recipe_it_took(data, tmp_path, capsys):
     assert "--ckpt random without --config: the default recipe (resnet18, 32 px views)" in capsys.readouterr().out
     _run("knn", *_common(data | {"ckpt": "random"}, tmp_path / "k2", "--config", "demo", *small))
     assert "without --config" not in capsys.readouterr().out
+
+
+def test_no_precompute_overrides_a_recipe_that_precomputes(data, tmp_path):
+    """The demo recipe (which its checkpoints carry) precomputes: --no-precompute is the A.2
+    probe with random crops; with neither flag the recipe decides."""
+    demo = ["--config", "demo", "--arch", "resnet18", "data.image_size=32", "data.val_resize=36", "--epochs", "1"]
+    for flag, want in ((None, True), ("--no-precompute", False), ("--precompute", True)):
+        out = tmp_path / str(flag)
+        _run("linear", *_common(data | {"ckpt": "random"}, out, *demo, *([flag] if flag else [])))
+        s = json.loads((out / "result.json").read_text())["settings"]
+        assert s["precompute"] is want and (s["train_views"] == "center-crop (precomputed)") is want, flag

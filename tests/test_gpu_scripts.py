@@ -216,11 +216,14 @@ def test_gpu_check_marks_a_step_the_budget_stopped_as_cut(tmp_path):
 
 
 def test_gpu_check_refuses_a_bad_budget(tmp_path):
-    for env in ({"MSCN_GPU_BUDGET_S": "9m"}, {"MSCN_GPU_MIN_STEP_S": "0"}):
+    # a step name that is no step (a renamed one, copied from old docs) would run nothing, silently
+    for env in ({"MSCN_GPU_BUDGET_S": "9m"}, {"MSCN_GPU_MIN_STEP_S": "0"},
+                {"MSCN_GPU_STEPS": "train18-compile,tests-stats"}):
         proc = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "3"], capture_output=True, text=True,
                               env={**os.environ, **env, "OUT": str(tmp_path / "o"),
                                    "MSCN_GPU_RESULTS": str(tmp_path / "r")}, timeout=30, cwd=REPO)
         assert proc.returncode == 2 and "gpu_check.sh:" in proc.stderr and not (tmp_path / "r").exists()
+    assert "MSCN_GPU_STEPS: no step 'tests-stats' (steps: ab-isolated " in proc.stderr
 
 
 def test_gpu_summary_decides_on_torch_compile_by_the_fed_rate(results, tmp_path):

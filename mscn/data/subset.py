@@ -1,7 +1,7 @@
 """`mscn data subset`: class-balanced label subsets for semi-supervised evaluation.
 
-The paper fine-tunes on 1% and 10% of the ImageNet labels (§5.2, the semi-supervised
-protocol of SimCLR). ``make_subset`` draws ``round(fraction * n_c)`` images (at least
+The paper fine-tunes on 1% of the ImageNet labels (§6.1, Table 1; App. A.3); 10% is the
+other split of SimCLR's semi-supervised protocol, which the paper does not report. ``make_subset`` draws ``round(fraction * n_c)`` images (at least
 one) from every class ``c`` with an RNG seeded by ``(seed, class name)``, so a class's
 draw does not depend on which other classes exist. ``official=`` instead converts
 the published SimCLR subset files (``n01440764_10026.JPEG`` per line) to our

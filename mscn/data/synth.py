@@ -1,7 +1,7 @@
 """`mscn data synth`: an ImageNet-shaped synthetic ImageFolder with learnable classes.
 
 The demo and the tests need a dataset that exercises the real input pipeline
-(JPEG decode, random resized crops, high-pass filter and masks of paper §5.1) at
+(JPEG decode, random resized crops, the high-pass filter of paper §5.1 and the masks of §5.2) at
 ImageNet resolution and file size, and on which self-supervised pretraining
 visibly learns something. Each class is a (shape, texture, texture-orientation)
 family: the object is drawn at a random colour, position, scale and rotation over

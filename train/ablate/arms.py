@@ -1,4 +1,4 @@
-"""Named ablation grids (paper §5, §6.3 Fig. 5a-d, App. B Table 5, Table 1): a small registry of
+"""Named ablation grids (paper §5.1-5.2, §6.3 Fig. 5a-d, Table 1): a small registry of
 builders, each turning the resolved recipe into a list of :class:`Arm` (config overrides).
 
 Overrides are derived from the recipe itself (its views, its grid size), so that a grid

@@ -1,5 +1,5 @@
 """``mscn ablate``: one recipe under named grids of arms and seeds, every run evaluated the
-same way (paper §5, §6.3 Fig. 5, App. B Table 5; issue 12).
+same way (paper §5.1-5.2, §6.3 Fig. 5; issue 12).
 
     mscn ablate --config demo --arms highpass --seeds 3 --out runs/ablate [key=value ...]
     mscn ablate --out runs/ablate --report-only      # rewrite ablation.md/.png from ablation.json
@@ -28,7 +28,7 @@ DEFAULTS = ["train.knn_every_epochs=0"]
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="mscn ablate",
-        description="Run the paper's ablations (§5, Fig. 5, Table 5) on a recipe: each arm x seed is "
+        description="Run the paper's ablations (§5.1-5.2, §6.3 Fig. 5) on a recipe: each arm x seed is "
                     "pretrained and scored (linear probe on precomputed features + kNN, random init per seed). "
                     "Resumable: finished runs in --out are skipped.")
     p.add_argument("--config", default="demo", help="recipe (default: demo)")

@@ -1,4 +1,4 @@
-"""The ablation's outputs (paper §6.3 Fig. 5, App. B Table 5, done with seeds and error bars):
+"""The ablation's outputs (paper §6.3 Fig. 5, done with seeds and error bars):
 ``ablation.json`` (one record per arm, the pairs within each grid and every arm against
 random init), ``ablation.md`` (mean ± std and the difference to the baseline arm, then every
 pair of arms within a grid and every arm against random init, each with a significance

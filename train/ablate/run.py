@@ -6,7 +6,7 @@ Resumable: a run whose ``result.json`` matches its config (fingerprint) is skipp
 pretraining cut short resumes from its checkpoint (``--resume auto``), so an interrupted
 ablation costs only the run in flight. Two arms with the same resolved config (e.g. the
 ``method`` grid's ``simclr`` and the baseline of a SimCLR recipe) run once.
-Paper: §5, §6.3 (Fig. 5), App. B (Table 5).
+Paper: §5.1-5.2, §6.3 (Fig. 5).
 """
 from __future__ import annotations
 

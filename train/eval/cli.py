@@ -124,7 +124,7 @@ def _linear(args) -> None:
         raise MscnError(f"eval {protocol}: --seeds {args.seeds}: must be >= 1")
     runs = [linear_probe(backbone, cfg, args.train_root, args.val_root, rt, epochs=args.epochs, lr=args.lr,
                          batch=args.batch, weight_decay=args.weight_decay,
-                         precompute=True if args.precompute else None, seed=args.seed + i)
+                         precompute=args.precompute, seed=args.seed + i)
             for i in range(args.seeds)]
     _finish(args, rt, protocol, name, arch, out, runs[0] if len(runs) == 1 else over_seeds(runs))
 
@@ -272,8 +272,10 @@ def add_eval_commands(subparsers) -> None:
         p.add_argument("--weight-decay", type=_finite, default=None, help="default 1e-6")
         p.add_argument("--seeds", type=int, default=1, metavar="N",
                        help="run the probe N times, seeds seed..seed+N-1; report mean ± std (default 1)")
-        p.add_argument("--precompute", action="store_true",
-                       help="train on cached center-crop features (faster; not exactly A.2: no random crops)")
+        p.add_argument("--precompute", action=argparse.BooleanOptionalAction, default=None,
+                       help="train on cached center-crop features (faster; not exactly A.2: no random crops); "
+                            "--no-precompute: random crops as A.2 (default: the checkpoint's "
+                            "eval.precompute_features, on in the demo recipe)")
         p.set_defaults(func=_linear)
 
     p = sub.add_parser("knn", help="weighted kNN on frozen features (k=20, T=0.07)")

@@ -1,6 +1,6 @@
 """The standard evaluation of one encoder: linear probe (paper App. A.2) + kNN.
 
-``mscn demo`` and ``mscn ablate`` (paper §5/§6.3 ablations, Fig. 5, Table 5) score every
+``mscn demo`` and ``mscn ablate`` (paper §5.1-5.2 and §6.3 ablations, Fig. 5) score every
 encoder the same way, so that numbers from the two are comparable: the linear probe
 with ``cfg.eval``'s settings (``eval.precompute_features`` picks the cached-feature
 variant) and the weighted kNN (``eval.knn_k``, ``eval.knn_temperature``), both under
