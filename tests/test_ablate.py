@@ -88,11 +88,26 @@ def test_significance_rule():
     s = report.summary
     assert s([1.0])["std"] is None and s([1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(2 ** 0.5), "n": 2}
     assert report.significance(s([50.0]), s([40.0, 41.0])) == "n=1, no error bar"
-    # SE = sqrt(1/3 + 1/3) = 0.816: a difference of 1.5 is within 2 SE, 2.0 is not
+    # SE = sqrt(1/3 + 1/3) = 0.816, df = 4 (t crit 2.776): a difference of 2.0 (2.45 SE) is not
+    # significant, which the old 2 SE rule called significant; 3.0 (3.67 SE) is
     a = s([10.0, 11.0, 12.0])
-    assert report.significance(s([11.5, 12.5, 13.5]), a) == "not significant"
-    assert report.significance(s([12.0, 13.0, 14.0]), a) == "significant"
-    assert report.significance(s([9.0, 10.0, 11.0]), s([11.0, 12.0, 13.0])) == "significant"  # either sign
+    assert report.significance(s([12.0, 13.0, 14.0]), a) == "not significant"
+    assert report.significance(s([13.0, 14.0, 15.0]), a) == "significant"
+    assert report.significance(s([8.0, 9.0, 10.0]), s([11.0, 12.0, 13.0])) == "significant"  # either sign
+    assert report.significance(s([1.0, 1.0]), s([1.0, 1.0])) == "not significant"  # no spread, no difference
+    assert report.significance(s([1.0, 1.0]), s([2.0, 2.0])) == "significant"
+
+
+def test_welch_p_matches_scipy():
+    import random
+
+    stats = pytest.importorskip("scipy.stats")
+    rng = random.Random(0)
+    for _ in range(300):
+        xs = [rng.gauss(0, rng.uniform(0.1, 5)) for _ in range(rng.randint(2, 6))]
+        ys = [rng.gauss(rng.uniform(-5, 5), rng.uniform(0.1, 5)) for _ in range(rng.randint(2, 6))]
+        want = stats.ttest_ind(xs, ys, equal_var=False).pvalue
+        assert report.welch_p(report.summary(xs), report.summary(ys)) == pytest.approx(want, rel=1e-9, abs=1e-12)
 
 
 def _fake(lin, knn):
@@ -114,12 +129,12 @@ def test_json_schema_and_table():
     assert doc["random_init"] == [{"seed": 0, "linear_top1": 15.0, "knn_top1": 9.0},
                                   {"seed": 1, "linear_top1": 16.0, "knn_top1": 8.0}]
     md = report.markdown(doc)
-    assert "| `mscn` | highpass | 2 | 30.5 ± 0.7 | +9.5 (significant) |" in md
+    assert "| `mscn` | highpass | 2 | 30.5 ± 0.7 | +9.5 (significant) |" in md  # Welch: df 1.47, p = 0.032
     assert "| random init |" in md
     # one arm in its grid: no pairs; every arm against random init (15.5 ± 0.7 / 8.5 ± 0.7)
     assert doc["pairs"] == [] and "Within each grid" not in md
     v = {r["arm"]: r for r in doc["vs_random_init"]}
-    assert v["mscn"]["linear_top1"] == {"diff": 15.0, "significance": "significant"}
+    assert v["mscn"]["linear_top1"] == {"diff": 15.0, "significance": "significant", "p": 0.0022}
     assert v[BASELINE]["knn_top1"]["diff"] == pytest.approx(2.5)
     assert "| `mscn` | +15.0 (significant) | +17.5 (significant) |" in md
 

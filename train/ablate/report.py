@@ -4,10 +4,13 @@ random init), ``ablation.md`` (mean ± std and the difference to the baseline ar
 pair of arms within a grid and every arm against random init, each with a significance
 mark) and ``ablation.png`` (one panel per swept parameter).
 
-Significance rule: the difference of two arm means is "not significant" when it lies within
-2 standard errors of the difference, SE = sqrt(s1²/n1 + s2²/n2) (s: sample standard
-deviation, n: seeds). With fewer than 2 seeds on either side there is no error bar, and the
-table says so ("n=1, no error bar").
+Significance rule: Welch's two-sided t-test at the 5 % level. The difference of two arm
+means over SE = sqrt(s1²/n1 + s2²/n2) (s: sample standard deviation, n: seeds) is set against
+Student's t with the Welch-Satterthwaite degrees of freedom; "significant" when p < 0.05.
+With 2-3 seeds that asks for a difference of several SE (df = 2: 4.3 SE), not the 2 SE of a
+normal approximation, which called differences significant that three seeds cannot show.
+With fewer than 2 seeds on either side there is no error bar, and the table says so
+("n=1, no error bar").
 """
 from __future__ import annotations
 
@@ -28,13 +31,54 @@ def summary(values: list[float]) -> dict:
             "std": statistics.stdev(values) if n >= 2 else None, "n": n}
 
 
-def significance(a: dict, b: dict) -> str:
-    """Compare two :func:`summary` records: "significant", "not significant" (|diff| <= 2 SE),
-    or "n=1, no error bar" when either has fewer than 2 values."""
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b) (a continued fraction, modified
+    Lentz; Numerical Recipes §6.4): Student's t tail without scipy, which mscn does not need."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1.0) / (a + b + 2.0):  # the fraction converges fast on this side only
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    front = math.exp(a * math.log(x) + b * math.log1p(-x) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)) / a
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 300):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return front * f
+
+
+def welch_p(a: dict, b: dict) -> float | None:
+    """Two-sided p-value of Welch's t-test between two :func:`summary` records; None with
+    fewer than 2 values on either side."""
     if a["n"] < 2 or b["n"] < 2:
+        return None
+    va, vb = a["std"] ** 2 / a["n"], b["std"] ** 2 / b["n"]
+    diff = abs(a["mean"] - b["mean"])
+    if va + vb == 0.0:  # no spread at all: any difference is beyond chance, none is none
+        return 0.0 if diff > 0 else 1.0
+    df = (va + vb) ** 2 / (va ** 2 / (a["n"] - 1) + vb ** 2 / (b["n"] - 1))
+    t2 = diff ** 2 / (va + vb)
+    return _betainc(df / 2.0, 0.5, df / (df + t2))
+
+
+def significance(a: dict, b: dict) -> str:
+    """Compare two :func:`summary` records: "significant" (Welch's t-test, p < 0.05), "not
+    significant", or "n=1, no error bar" when either has fewer than 2 values."""
+    p = welch_p(a, b)
+    if p is None:
         return "n=1, no error bar"
-    se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
-    return "significant" if abs(a["mean"] - b["mean"]) > 2 * se else "not significant"
+    return "significant" if p < 0.05 else "not significant"
 
 
 def records(arms: list[Arm], results: dict, random: dict, seeds: list[int]) -> dict:
@@ -62,7 +106,9 @@ def _diff(a: dict, b: dict) -> dict:
     out = {}
     for m in METRICS:
         sa, sb = _stat(a, m), _stat(b, m)
-        out[m] = {"diff": sb["mean"] - sa["mean"], "significance": significance(sa, sb)}
+        p = welch_p(sa, sb)
+        out[m] = {"diff": sb["mean"] - sa["mean"], "significance": significance(sa, sb),
+                  "p": None if p is None else round(p, 4)}
     return out
 
 
@@ -117,8 +163,9 @@ def markdown(doc: dict) -> str:
     rk = [x["knn_top1"] for x in doc["random_init"]]
     lines.append(f"| random init | — | {len(rl)} | {_pm(summary(rl))} | — | {_pm(summary(rk))} | — |")
     notes = ["", f"Seeds {doc['seeds']}. Baseline: `{doc['baseline']}` (no masks, no high-pass, same views "
-             "and budget). A difference is \"not significant\" when it lies within 2 standard errors, "
-             "SE = sqrt(s1²/n1 + s2²/n2); with one seed there is no error bar."]
+             "and budget). A difference is \"significant\" when Welch's two-sided t-test gives p < 0.05 "
+             "(t = Δ / sqrt(s1²/n1 + s2²/n2), Welch-Satterthwaite degrees of freedom: with 3 seeds a "
+             "difference must exceed about 3-4 of those SE); with one seed there is no error bar."]
     cell = lambda d, m: f"{d[m]['diff']:+.1f} ({d[m]['significance']})"  # noqa: E731
     grid_pairs = doc["pairs"]  # records() adds them; --report-only adds them to an older file
     if grid_pairs:

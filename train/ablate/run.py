@@ -27,11 +27,23 @@ from mscn.train.rundir import LEGACY, NEUTRAL, check_run_dir, flatten, lock_run_
 RESULT = "result.json"
 
 
-def fingerprint(cfg: Config) -> str:
+# Neutral to resuming a run (rundir.NEUTRAL) but not to its result: the data it is scored on,
+# and where pretraining stops (a run stopped at step 1 is no finished run)
+RESULT_KEYS = frozenset({"data.val_root", "train.max_steps"})
+# What a random-init encoder's scores depend on: the evaluation's data, views and settings, the
+# network and the seed; not the pretraining recipe (its views, masks, method, optimizer, schedule)
+RANDOM_INIT_KEYS = ("data.", "highpass.", "eval.", "model.arch", "train.seed", "train.precision")
+
+
+def fingerprint(cfg: Config, random_init: bool = False) -> str:
     """Hash of everything that changes a run's result: the config less where and how verbosely
-    it runs (rundir.NEUTRAL); evaluation settings count (they change the numbers)."""
-    keys = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in NEUTRAL}
-    return hashlib.sha1(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    it runs (rundir.NEUTRAL, but for :data:`RESULT_KEYS`); evaluation settings count (they
+    change the numbers). ``random_init``: only :data:`RANDOM_INIT_KEYS`, marked ``-random``."""
+    keys = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in NEUTRAL or k in RESULT_KEYS}
+    if random_init:
+        keys = {k: v for k, v in keys.items() if k.startswith(RANDOM_INIT_KEYS) and k != "train.max_steps"}
+    digest = hashlib.sha1(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest + ("-random" if random_init else "")
 
 
 def with_run(cfg: Config, seed: int, out_dir: Path) -> Config:
@@ -110,7 +122,7 @@ class Runner:
             if blur and cfg.data.blur_where == "auto":
                 cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, blur_where=blur))
             cfg = cfg.resolved_for(gpu=gpu)
-            fp = fingerprint(cfg) + ("-random" if arm is None else "")
+            fp = fingerprint(cfg, random_init=arm is None)
             todo = fp not in fps and load_done(where / RESULT, fp) is None
             jobs.append({"name": name, "seed": seed, "random": arm is None, "cfg": cfg, "where": where,
                          "fp": fp, "todo": todo})
