@@ -274,7 +274,11 @@ def _copy(tree: Any) -> Any:
 def _blame(msg: str, overrides: list[str]) -> str:
     """``train.global_batch=abc: <msg>``: the override(s) whose key the message names,
     else all of them (a range check across keys)."""
-    named = [o for o in overrides if "=" in o and o.split("=", 1)[0].strip() in msg]
+    def names(o: str) -> bool:  # the key, or one of its parts quoted ("unknown key 'highpas'")
+        key = o.split("=", 1)[0].strip()
+        return key in msg or any(f"'{part}'" in msg for part in key.split("."))
+
+    named = [o for o in overrides if "=" in o and names(o)]
     return f"{' '.join(named or overrides)}: {msg}"
 
 

@@ -50,16 +50,23 @@ def test_unknown_arm_and_bad_override_are_one_line_errors(demo, tmp_path):
         expand("hipass", demo)
     f = tmp_path / "arms.yaml"
     f.write_text("bad: ['views.0.mask.ratoi=0.3']\n")
-    with pytest.raises(MscnError, match=r"arm 'bad': .*ratoi"):
+    with pytest.raises(MscnError, match=r"arm 'bad' \(--arms-file\): views.0.mask.ratoi=0.3: unknown key"):
         resolve(expand("", demo, str(f)), "demo", [])
     f.write_text("big: ['views.0.mask.ratio=1.5']\n")  # a value the schema's range check rejects
-    with pytest.raises(MscnError, match=r"arm 'big': .*ratio"):
+    with pytest.raises(MscnError, match=r"arm 'big' \(--arms-file\): .*ratio"):
         resolve(expand("", demo, str(f)), "demo", [])
+    f.write_text("typo: ['highpas.enabled=false']\n")  # named alone, not with every override of the command line
+    with pytest.raises(MscnError, match=r"^arm 'typo' \(--arms-file\): highpas.enabled=false: unknown key 'highpas'"):
+        resolve(expand("", demo, str(f)), "demo", ["train.knn_every_epochs=0", "schedule.epochs=1"])
     f.write_text("a/b: []\n")
     with pytest.raises(MscnError, match="names a folder"):
         expand("", demo, str(f))
     with pytest.raises(MscnError, match="no arms"):
         expand("", demo)
+    for key in ("train.seed=5", "train.out_dir=x"):  # set per run by the runner: dropped silently before
+        f.write_text(f"own: ['highpass.enabled=true', '{key}']\n")
+        with pytest.raises(MscnError, match=rf"arm 'own': {key.split('=')[0]} is set per run by mscn ablate"):
+            expand("", demo, str(f))
 
 
 def test_errors_come_before_anything_runs(tmp_path):
@@ -70,6 +77,12 @@ def test_errors_come_before_anything_runs(tmp_path):
         main(["--arms", "highpass", "--arms-file", str(f), "--out", str(out),
               f"data.synthetic_dir={tmp_path / 'synth'}"])
     assert not out.exists() and not (tmp_path / "synth").exists()
+    (tmp_path / "afile").write_text("")  # a file as --out: refused before random init runs, not after
+    with pytest.raises(MscnError, match=r"--out .*afile: a file; --out takes the ablation's folder"):
+        main(["--arms", "highpass", "--out", str(tmp_path / "afile"), f"data.synthetic_dir={tmp_path / 'synth'}"])
+    with pytest.raises(MscnError, match=r"--out .*not writable"):
+        main(["--arms", "highpass", "--out", str(tmp_path / "afile" / "sub"), f"data.synthetic_dir={tmp_path / 'synth'}"])
+    assert not (tmp_path / "synth").exists()
 
 
 def test_arms_file_forms(tmp_path):
@@ -176,12 +189,27 @@ def test_report_only_rewrites_the_report_of_an_older_json(tmp_path):
     for damage, match in ((lambda d: d["arms"][1].update(linear_top1=["40", 41.0]), r"arm 'a' linear_top1 must be"),
                           (lambda d: d.update(schema=99), "schema 99"),
                           (lambda d: d.update(baseline="gone"), "baseline arm 'gone'"),
-                          (lambda d: d["random_init"][0].pop("knn_top1"), "random_init entries")):
+                          (lambda d: d["random_init"][0].pop("knn_top1"), "random_init must be a list of entries"),
+                          (lambda d: d.update(random_init=[]), "random_init must be a list of entries"),
+                          (lambda d: d["arms"][1]["knn_top1"].pop(), "arm 'a' has not as many"),
+                          (lambda d: d.update(seeds="abc"), "seeds must be a list of integers")):
         bad = json.loads(json.dumps(doc))
         damage(bad)
         (tmp_path / "ablation.json").write_text(json.dumps(bad))
         with pytest.raises(MscnError, match=match):
             main(["--out", str(tmp_path), "--report-only"])
+    (tmp_path / "ablation.json").write_bytes(b"\xff\xfe")  # not text: one line, not a UnicodeDecodeError
+    with pytest.raises(MscnError, match=r"cannot read .*ablation.json: 'utf-8' codec"):
+        main(["--out", str(tmp_path), "--report-only"])
+    # what the report derives comes from the per-seed scores: missing, null or wrong counts and
+    # means (a hand edit) are recomputed, not a KeyError or TypeError
+    bad = json.loads(json.dumps(doc))
+    bad["arms"][1].update(n="2", linear_top1_mean=None, linear_top1_std=None)
+    del bad["arms"][2]["n"], bad["arms"][2]["knn_top1_mean"], bad["arms"][2]["grid"], bad["arms"][2]["param"]
+    (tmp_path / "ablation.json").write_text(json.dumps(bad))
+    assert main(["--out", str(tmp_path), "--report-only"]) == 0
+    fixed = {a["name"]: a for a in json.loads((tmp_path / "ablation.json").read_text())["arms"]}
+    assert fixed["a"]["n"] == 2 and fixed["a"]["linear_top1_mean"] == 11.5 and fixed["b"]["knn_top1_mean"] == 5.5
 
 
 TOY = ["data.synthetic_classes=2", "data.synthetic_per_class=8", "data.synthetic_val_per_class=4",
@@ -328,3 +356,33 @@ def test_an_ablation_keeps_the_blur_place_its_runs_started_with(tmp_path, capsys
     log = capsys.readouterr().out
     assert again["computed_runs"] == 0, log
     assert "data.blur_where=auto: this ablation's runs blur in the loader (its first runs did)" in log
+
+
+def test_the_fingerprint_counts_what_changes_a_result(demo):
+    """A finished run is reused only for the same result: the val data it was scored on and
+    where pretraining stopped count; a random init depends on no pretraining setting."""
+    from mscn.train.ablate.run import fingerprint
+
+    def fp(*overrides, random_init=False):
+        return fingerprint(load_config("demo", list(overrides)), random_init=random_init)
+
+    assert fp("data.val_root=/other/val") != fp() and fp("train.max_steps=1") != fp()
+    assert fp("data.num_threads=1") == fp() and fp("train.log_every=7") == fp()  # how it runs, not what
+    assert fp(random_init=True).endswith("-random") and fp(random_init=True) != fp()
+    assert fp("schedule.epochs=2", "optim.base_lr=1.0", "views.0.mask.ratio=0.3", random_init=True) == fp(random_init=True)
+    assert fp("eval.linear_epochs=2", random_init=True) != fp(random_init=True)
+    assert fp("data.val_root=/other/val", random_init=True) != fp(random_init=True)
+    assert fp("model.arch=resnet34", random_init=True) != fp(random_init=True)
+
+
+def test_a_damaged_run_result_is_run_again_not_a_traceback(tmp_path):
+    from mscn.train.ablate.run import load_done
+
+    path = tmp_path / "result.json"
+    for text in ("[]", '"x"', '{"fingerprint": "f"}', '{"fingerprint": "f", "linear_top1": "40", "knn_top1": 1}'):
+        path.write_text(text)
+        assert load_done(path, "f") is None, text
+    path.write_bytes(b"\xff\xfe")
+    assert load_done(path, "f") is None
+    path.write_text('{"fingerprint": "f", "linear_top1": 40.0, "knn_top1": 30.5}')
+    assert load_done(path, "f")["knn_top1"] == 30.5 and load_done(path, "g") is None

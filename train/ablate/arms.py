@@ -113,6 +113,10 @@ PAPER = tuple(GRIDS)  # "paper": every grid above
 
 
 ARM_KEYS = ("overrides", "param", "value")  # of an arm written as a mapping
+# keys the runner sets for every run, and how to choose them
+OWN_KEYS = {"train.seed": "--seeds N runs seeds train.seed .. +N-1; train.seed=S on the command line "
+                          "sets the first",
+            "train.out_dir": "each run's folder is --out/runs/<arm>/seed<k>"}
 
 
 def read_arms_file(path: str | Path) -> list[Arm]:
@@ -163,6 +167,11 @@ def expand(names: str, cfg: Config, arms_file: str | None = None) -> list[Arm]:
     for a in arms:
         if not _NAME.match(a.name):
             raise MscnError(f"arm name '{a.name}': use letters, digits and _ . = + - (it names a folder)")
+        for o in a.overrides:  # the runner sets both per run: an arm's own would be dropped without a word
+            key = o.split("=", 1)[0].strip()
+            if key in OWN_KEYS:
+                raise MscnError(f"arm '{a.name}': {key} is set per run by mscn ablate ({OWN_KEYS[key]}); "
+                                "an arm cannot set it")
         if a.name in seen and seen[a.name].overrides != a.overrides:
             raise MscnError(f"arm '{a.name}' is defined twice with different overrides")
         seen.setdefault(a.name, a)
@@ -176,5 +185,7 @@ def resolve(arms: list[Arm], config: str, overrides: list[str]) -> dict[str, Con
         try:
             out[a.name] = load_config(config, list(overrides) + list(a.overrides))
         except ConfigError as e:
-            raise MscnError(f"arm '{a.name}': {e}") from None
+            # the command line's overrides alone were checked before: the arm's make the error
+            where = "--arms-file" if a.grid == "file" else f"grid {a.grid}"
+            raise MscnError(f"arm '{a.name}' ({where}): {str(e).removeprefix('command line: ')}") from None
     return out

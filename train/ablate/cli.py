@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mscn.config import load_config
 from mscn.errors import MscnError
+from mscn.paths import creatable
 from mscn.train.ablate import report
 from mscn.train.ablate.arms import GRIDS, expand, resolve
 from mscn.train.ablate.run import Runner
@@ -75,23 +76,44 @@ def _check_scores(doc: dict, path: Path) -> None:
     def number(v) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
+    if not isinstance(doc["seeds"], list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in doc["seeds"]):
+        raise MscnError(f"--report-only: {path}: seeds must be a list of integers, got {doc['seeds']!r}")
     names = []
-    for i, a in enumerate(doc["arms"] if isinstance(doc["arms"], list) else [None]):
-        if not isinstance(a, dict) or "name" not in a:
-            raise MscnError(f"--report-only: {path}: arms[{i}] is not an arm record")
+    for i, a in enumerate(doc["arms"] if isinstance(doc["arms"], list) and doc["arms"] else [None]):
+        if not isinstance(a, dict) or not isinstance(a.get("name"), str):
+            raise MscnError(f"--report-only: {path}: arms[{i}] is not an arm record (with a name)")
         names.append(a["name"])
         for m in report.METRICS:
             vals = a.get(m)
             if not isinstance(vals, list) or not vals or not all(number(v) for v in vals):
                 raise MscnError(f"--report-only: {path}: arm {a['name']!r} {m} must be a list of numbers, got {vals!r}")
-            for k in (f"{m}_mean", f"{m}_std"):
-                if a.get(k) is not None and not number(a.get(k)):
-                    raise MscnError(f"--report-only: {path}: arm {a['name']!r} {k} must be a number, got {a.get(k)!r}")
+        if len({len(a[m]) for m in report.METRICS}) > 1:
+            raise MscnError(f"--report-only: {path}: arm {a['name']!r} has not as many {' as '.join(report.METRICS)} "
+                            "scores (one per seed each)")
+        if not isinstance(a.get("overrides", []), list):
+            raise MscnError(f"--report-only: {path}: arm {a['name']!r} overrides must be a list")
     if doc["baseline"] not in names:
         raise MscnError(f"--report-only: {path}: the baseline arm {doc['baseline']!r} is not among the arms")
-    for r in doc["random_init"] if isinstance(doc["random_init"], list) else [None]:
-        if not isinstance(r, dict) or not all(number(r.get(m)) for m in report.METRICS):
-            raise MscnError(f"--report-only: {path}: random_init entries need numeric {', '.join(report.METRICS)}")
+    rnd = doc["random_init"]
+    if not isinstance(rnd, list) or not rnd or not all(isinstance(r, dict) and all(number(r.get(m)) for m in
+                                                                                   report.METRICS) for r in rnd):
+        raise MscnError(f"--report-only: {path}: random_init must be a list of entries with numeric "
+                        f"{', '.join(report.METRICS)} (one per seed)")
+
+
+def _from_scores(doc: dict) -> None:
+    """Every figure the report derives, recomputed from the per-seed scores (the file's truth):
+    a hand-edited or older file with a mean, a std or an ``n`` missing, null or out of step
+    with its scores gets them from the scores; fields only the figure reads get defaults."""
+    for a in doc["arms"]:
+        for m in report.METRICS:
+            s = report.summary(a[m])
+            a[f"{m}_mean"], a[f"{m}_std"] = s["mean"], s["std"]
+        a["n"] = len(a[report.METRICS[0]])
+        a.setdefault("overrides", [])
+        for k in ("grid", "param", "value"):
+            a.setdefault(k, "")
+        a.setdefault("same_as", None)
 
 
 def _essence(doc: dict) -> dict:
@@ -143,13 +165,14 @@ def report_only(out: Path) -> int:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
         raise MscnError(f"--report-only: {path} does not exist; run the ablation first (without --report-only)") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise MscnError(f"--report-only: cannot read {path}: {e}") from None
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise MscnError(f"--report-only: cannot read {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(doc, dict) or not {"arms", "baseline", "random_init", "seeds"} <= set(doc):
         raise MscnError(f"--report-only: {path} is not an ablation.json (needs arms, baseline, random_init, seeds)")
     if doc.get("schema") != report.SCHEMA:
         raise MscnError(f"--report-only: {path} has schema {doc.get('schema')!r}; this mscn reads schema {report.SCHEMA}")
     _check_scores(doc, path)
+    _from_scores(doc)
     doc["pairs"], doc["vs_random_init"] = report.pairs(doc), report.vs_random(doc)  # an older file lacks them
     path.write_text(json.dumps(doc, indent=2))
     write_report(doc, out)
@@ -170,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     cfgs = resolve(arms, args.config, overrides)  # ... and a bad arm here, before anything runs
     seeds = [base.train.seed + k for k in range(args.seeds)]
     out = Path(args.out)
+    if out.exists() and not out.is_dir():  # found before the first run, not when its result is written
+        raise MscnError(f"--out {out}: a file; --out takes the ablation's folder")
+    if not creatable(out, folder=True):
+        raise MscnError(f"--out {out}: not writable; pass a folder you can write")
     print(f"[ablate] {len(arms)} arms x {len(seeds)} seeds {seeds} + random init -> {out}: "
           + ", ".join(a.name for a in arms), flush=True)
 
@@ -178,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     data_cfg = prepare_data(base)  # once: every arm and seed sees the same images
     check_batches(data_cfg.data.root, data_cfg.data.format, cfgs)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MscnError(f"--out {out}: cannot create the folder ({e.strerror})") from None
     runner = Runner(out, data_cfg.data.root, data_cfg.data.val_root, say=lambda s: print(s, flush=True))
     results, random = runner.run_all(runner.plan(arms, cfgs, data_cfg, seeds))
 

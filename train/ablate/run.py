@@ -58,9 +58,13 @@ def load_done(path: Path, fp: str) -> dict | None:
     """The stored result of a finished run, or None (absent, unreadable, or another config)."""
     try:
         res = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
         return None
-    return res if res.get("fingerprint") == fp else None
+    if not isinstance(res, dict) or res.get("fingerprint") != fp:
+        return None
+    # a damaged or hand-edited file without its scores is no finished run: it is run again
+    scores = [res.get(k) for k in ("linear_top1", "knn_top1")]
+    return res if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores) else None
 
 
 def _write(path: Path, res: dict) -> Path | None:
