@@ -181,8 +181,9 @@ def test_report_only_rewrites_the_report_of_an_older_json(tmp_path):
     assert json.loads((tmp_path / "ablation.json").read_text())["pairs"][0]["b"] == "b"
     with pytest.raises(MscnError, match="does not exist"):
         main(["--out", str(tmp_path / "none"), "--report-only"])
-    with pytest.raises(MscnError, match="takes no arms"):
-        main(["--out", str(tmp_path), "--report-only", "--arms", "ratio"])
+    for extra in (["--arms", "ratio"], ["--seeds", "2"], ["--config", "demo"]):  # ignored without a word before
+        with pytest.raises(MscnError, match="takes no --arms, --arms-file, --config, --seeds or overrides"):
+            main(["--out", str(tmp_path), "--report-only", *extra])
     (tmp_path / "ablation.json").write_text("[1, 2]")
     with pytest.raises(MscnError, match="is not an ablation.json"):
         main(["--out", str(tmp_path), "--report-only"])
@@ -386,3 +387,38 @@ def test_a_damaged_run_result_is_run_again_not_a_traceback(tmp_path):
     assert load_done(path, "f") is None
     path.write_text('{"fingerprint": "f", "linear_top1": 40.0, "knn_top1": 30.5}')
     assert load_done(path, "f")["knn_top1"] == 30.5 and load_done(path, "g") is None
+
+
+def test_a_stop_says_to_rerun_the_ablation(tmp_path):
+    """Ctrl-C, a SIGTERM during an evaluation (which ended the process without a word), and a
+    pretraining's own stop (whose line named train.out_dir) all say: rerun the same command."""
+    import os
+    import signal
+
+    from mscn.train.ablate.cli import stoppable
+    from mscn.train.ablate.run import Runner
+    from mscn.train.preempt import Stopped
+
+    runner = Runner(tmp_path, "t", "v", say=lambda s: None)
+    runner.current = "run 3/5 (masks seed 0, in x)"
+    before = signal.getsignal(signal.SIGTERM)
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    def terminated():
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered here, in the main thread
+        raise AssertionError("not reached")
+
+    def pretraining_stopped():
+        raise Stopped("stopped by SIGTERM after step 2 of 7; ... train.out_dir=x (--resume auto)", signal.SIGTERM)
+
+    for work, status, then in ((interrupted, 130, "it starts over"), (terminated, 143, "it starts over"),
+                               (pretraining_stopped, 143, "resumes from the checkpoint")):
+        with pytest.raises(Stopped) as e:
+            stoppable(runner, work)
+        assert e.value.status == status and "during run 3/5 (masks seed 0, in x)" in str(e.value)
+        assert "rerun the same mscn ablate command to continue" in str(e.value) and then in str(e.value)
+        assert "train.out_dir" not in str(e.value)
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the ablation's only while it runs
+    assert stoppable(runner, lambda: 7) == 7

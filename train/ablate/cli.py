@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from mscn.paths import creatable
 from mscn.train.ablate import report
 from mscn.train.ablate.arms import GRIDS, expand, resolve
 from mscn.train.ablate.run import Runner
+from mscn.train.preempt import Stopped
 
 # The online kNN monitor is off in ablation runs: every run gets the full kNN at its end.
 DEFAULTS = ["train.knn_every_epochs=0"]
@@ -32,12 +35,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         description="Run the paper's ablations (§5.1-5.2, §6.3 Fig. 5) on a recipe: each arm x seed is "
                     "pretrained and scored (linear probe on precomputed features + kNN, random init per seed). "
                     "Resumable: finished runs in --out are skipped.")
-    p.add_argument("--config", default="demo", help="recipe (default: demo)")
+    p.add_argument("--config", default=None, help="recipe (default: demo)")
     p.add_argument("--arms", default="", help=f"comma-separated grids: {', '.join(GRIDS)}, paper (= all); "
                                               "the baseline arm (no masks, no high-pass) always runs")
     p.add_argument("--arms-file", default=None,
                    help="YAML of custom arms: 'name: [key=value, ...]' or 'name: {overrides: [...], param: P, value: V}'")
-    p.add_argument("--seeds", type=int, default=3, help="runs per arm, seeds train.seed .. +N-1 (default 3)")
+    p.add_argument("--seeds", type=int, default=None, help="runs per arm, seeds train.seed .. +N-1 (default 3)")
     p.add_argument("--out", default="runs/ablate", help="output folder (default: runs/ablate)")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: rewrite ablation.md and ablation.png from --out's ablation.json")
@@ -179,12 +182,44 @@ def report_only(out: Path) -> int:
     return 0
 
 
+class _Terminated(BaseException):
+    """SIGTERM outside a pretraining (which stops on it by itself): during an evaluation."""
+
+
+def stoppable(runner: Runner, work):
+    """``work()``, where a stop (Ctrl-C, SIGTERM from a scheduler or ``timeout``) says what it
+    stopped and that rerunning the same command continues: a pretraining's own stop line names
+    its run folder and ``train.out_dir``, which is not how an ablation resumes, and a SIGTERM
+    during an evaluation ended the process without a word."""
+    def on_term(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
+    try:
+        return work()
+    except (Stopped, KeyboardInterrupt, _Terminated) as e:
+        if isinstance(e, Stopped):  # pretraining wrote a checkpoint, then stopped
+            signum, then = e.status - 128, "its pretraining resumes from the checkpoint it wrote"
+        else:
+            signum = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
+            then = "it starts over"
+        raise Stopped(f"stopped by {signal.Signals(signum).name} during {runner.current or 'the first run'}; the "
+                      f"finished runs are kept: rerun the same mscn ablate command to continue ({then}; finished "
+                      "runs are skipped)", signum) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.report_only:
-        if args.overrides or args.arms or args.arms_file:
-            raise MscnError("--report-only rewrites the report of --out's ablation.json: it takes no arms or overrides")
+        if args.overrides or args.arms or args.arms_file or args.config or args.seeds is not None:
+            raise MscnError("--report-only rewrites the report of --out's ablation.json: it takes no --arms, "
+                            "--arms-file, --config, --seeds or overrides (the JSON holds what was run)")
         return report_only(Path(args.out))
+    args.config = args.config or "demo"
+    args.seeds = 3 if args.seeds is None else args.seeds
     if args.seeds < 1:
         raise MscnError(f"--seeds must be >= 1, got {args.seeds}")
     overrides = DEFAULTS + list(args.overrides)
@@ -210,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         raise MscnError(f"--out {out}: cannot create the folder ({e.strerror})") from None
     runner = Runner(out, data_cfg.data.root, data_cfg.data.val_root, say=lambda s: print(s, flush=True))
-    results, random = runner.run_all(runner.plan(arms, cfgs, data_cfg, seeds))
+    results, random = stoppable(runner, lambda: runner.run_all(runner.plan(arms, cfgs, data_cfg, seeds)))
 
     doc = report.records(arms, results, random, seeds)
     doc.update(config=args.config, overrides=list(args.overrides), wall_s=round(time.time() - t0, 1),

@@ -97,8 +97,9 @@ class Runner:
         self.out, self.train_root, self.val_root, self.say = Path(out), train_root, val_root, say
         self._rt = None
         self.t0 = time.time()
-        self.ran = 0  # runs computed in this invocation (the ETA's sample)
-        self.ran_s = 0.0
+        self.ran = 0  # runs computed in this invocation
+        self.current = ""  # the run under way, for a stop's message
+        self.took: dict[str, list[float]] = {"random": [], "pretrain": []}  # seconds per computed run, by kind
 
     def runtime(self, cfg: Config):
         from mscn.train.runtime import setup_runtime
@@ -159,10 +160,12 @@ class Runner:
         by_fp: dict[str, dict] = {}
         results: dict[str, dict[int, dict]] = {}
         random: dict[int, dict] = {}
-        left = sum(j["todo"] for j in jobs)
+        left = {kind: sum(j["todo"] and j["random"] == (kind == "random") for j in jobs)
+                for kind in ("random", "pretrain")}
         for i, j in enumerate(jobs, 1):
             name, seed, where, fp = j["name"], j["seed"], j["where"], j["fp"]
             tag = f"[ablate] {i}/{len(jobs)} {name} seed {seed}"
+            self.current = f"run {i}/{len(jobs)} ({name} seed {seed}, in {where})"
             res = load_done(where / RESULT, fp)
             if res is None and fp in by_fp:  # same resolved config as an earlier arm: share its run
                 res = dict(by_fp[fp], fingerprint=fp, same_as=by_fp[fp]["arm"], arm=name)
@@ -176,16 +179,29 @@ class Runner:
                 res = self._random(j["cfg"], seed) if j["random"] else self._train_and_eval(j["cfg"], seed, tag)
                 res.update(arm=name, seed=seed, fingerprint=fp, wall_s=round(time.time() - t, 1))
                 self._kept(tag, _write(where / RESULT, res))
-                self.ran, self.ran_s, left = self.ran + 1, self.ran_s + (time.time() - t), left - 1
+                kind = "random" if j["random"] else "pretrain"
+                self.ran += 1
+                self.took[kind].append(time.time() - t)
+                left[kind] -= 1
                 self.say(f"{tag}: linear {res['linear_top1']:.1f} %, kNN {res['knn_top1']:.1f} % "
-                         f"({_clock(res['wall_s'])}; elapsed {_clock(time.time() - self.t0)}, "
-                         f"ETA {_clock(self.ran_s / self.ran * left)}, {left} runs left)")
+                         f"({_clock(res['wall_s'])}; elapsed {_clock(time.time() - self.t0)}, {self._eta(left)})")
             by_fp.setdefault(fp, res)
             if j["random"]:
                 random[seed] = res
             else:
                 results.setdefault(name, {})[seed] = res
         return results, random
+
+    def _eta(self, left: dict[str, int]) -> str:
+        """``ETA 4m10s, 2 runs left``: each kind of run at its own pace (a random-init probe takes
+        seconds, a pretraining minutes); no ETA before a run of each kind still to come has ended."""
+        n = sum(left.values())
+        runs = f"{n} run{'' if n == 1 else 's'} left"
+        unknown = [k for k in left if left[k] and not self.took[k]]
+        if unknown:
+            return f"ETA after the first {'pretraining' if 'pretrain' in unknown else 'random-init probe'}, {runs}"
+        eta = sum(left[k] * sum(self.took[k]) / len(self.took[k]) for k in left if left[k])
+        return f"ETA {_clock(eta)}, {runs}"
 
     def _kept(self, tag: str, kept: Path | None) -> None:
         if kept:
@@ -214,7 +230,9 @@ class Runner:
         if not ckpt or not Path(ckpt).is_file():
             raise MscnError(f"pretraining left no checkpoint in {cfg.train.out_dir}; delete that folder and rerun")
         backbone, _, ecfg = load_pretrained(ckpt)
-        res = linear_and_knn(backbone, ecfg, self.train_root, self.val_root, self.runtime(cfg), seed=seed)
+        # an epoch line per probe epoch (100 in the demo) would bury the one [ablate] line per run
+        res = linear_and_knn(backbone, ecfg, self.train_root, self.val_root, self.runtime(cfg), seed=seed,
+                             log_epochs=False)
         res["pretrain"] = {k: summary.get(k) for k in ("step", "loss", "images_per_s")}
         return res
 
@@ -222,4 +240,4 @@ class Runner:
         from mscn.train.eval.standard import linear_and_knn, random_backbone
 
         return linear_and_knn(random_backbone(cfg.model.arch, seed), cfg, self.train_root, self.val_root,
-                              self.runtime(cfg), seed=seed)
+                              self.runtime(cfg), seed=seed, log_epochs=False)

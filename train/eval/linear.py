@@ -71,29 +71,34 @@ def _step(head, opt, feats: torch.Tensor, labels: torch.Tensor, lr: float) -> to
     return loss.detach()  # no .item(): the epoch total is read once, at the epoch's end
 
 
-def _end_epoch(rt: Runtime, protocol: str, epoch: int, total: torch.Tensor, steps: int, lr: float) -> float:
+def _end_epoch(rt: Runtime, protocol: str, epoch: int, total: torch.Tensor, steps: int, lr: float,
+               log: bool = True) -> float:
     loss = mean_over_ranks(total, steps)  # the one host sync of the epoch; same value on every rank
     if not math.isfinite(loss):
         raise MscnError(f"{protocol}: non-finite loss in epoch {epoch} (lr {lr:g}); lower --lr")
-    log_json(rt, protocol=protocol, epoch=epoch, loss=loss, lr=lr)
+    if log:
+        log_json(rt, protocol=protocol, epoch=epoch, loss=loss, lr=lr)
     return loss
 
 
 def linear_probe(backbone: nn.Module, cfg: Config, train_root: str, val_root: str, rt: Runtime | None = None, *,
                  epochs: int | None = None, lr: float | None = None, batch: int | None = None,
-                 weight_decay: float | None = None, precompute: bool | None = None, seed: int | None = None) -> dict:
+                 weight_decay: float | None = None, precompute: bool | None = None, seed: int | None = None,
+                 log_epochs: bool = True) -> dict:
     """Train a linear classifier on ``backbone``'s frozen features; top-1/top-5 on ``val_root``.
 
     Unset arguments come from ``cfg.eval`` (linear_epochs, linear_lr, linear_batch,
     linear_weight_decay, precompute_features) and ``cfg.train.seed``. ``lr`` is the
-    base lr for batch 256. The result records the seed and the mean loss of every epoch.
+    base lr for batch 256. The result records the seed and the mean loss of every epoch;
+    ``log_epochs`` also prints a JSON line per epoch (off for the many probes of an ablation).
     """
     with seeded(cfg, seed) as cfg:
-        return _linear_probe(backbone, cfg, train_root, val_root, rt, epochs, lr, batch, weight_decay, precompute)
+        return _linear_probe(backbone, cfg, train_root, val_root, rt, epochs, lr, batch, weight_decay, precompute,
+                             log_epochs)
 
 
 def _linear_probe(backbone, cfg: Config, train_root, val_root, rt, epochs, lr, batch, weight_decay,
-                  precompute) -> dict:
+                  precompute, log_epochs: bool = True) -> dict:
     rt = rt or setup_runtime("auto", cfg.train.precision)
     e = cfg.eval
     epochs = e.linear_epochs if epochs is None else epochs
@@ -122,7 +127,7 @@ def _linear_probe(backbone, cfg: Config, train_root, val_root, rt, epochs, lr, b
         val_f, val_y = extract_features(backbone, eval_loader(cfg, val_root, rt, batch, classes=classes), rt,
                                         num_classes, desc="features, val")
         g = torch.Generator().manual_seed(cfg.train.seed)  # same permutation on every rank
-        losses = _train_on_features(model, opt, train_f, train_y, rt, epochs, batch, peak, g)
+        losses = _train_on_features(model, opt, train_f, train_y, rt, epochs, batch, peak, g, log_epochs)
         head.eval()
         with torch.no_grad():
             res = accuracy(head(val_f), val_y)
@@ -138,7 +143,8 @@ def _linear_probe(backbone, cfg: Config, train_root, val_root, rt, epochs, lr, b
                 with torch.no_grad(), rt.autocast():
                     f = backbone(x)
                 total += _step(model, opt, f.float(), y, lr_at(epoch * steps + i, epochs * steps, 0, peak))
-            losses.append(_end_epoch(rt, "linear probe", epoch + 1, total, steps, opt.param_groups[0]["lr"]))
+            losses.append(_end_epoch(rt, "linear probe", epoch + 1, total, steps, opt.param_groups[0]["lr"],
+                                     log_epochs))
         val_loader = eval_loader(cfg, val_root, rt, batch, classes=classes)
         res = evaluate_classifier(nn.Sequential(backbone, head), val_loader, rt, num_classes)
 
@@ -153,7 +159,7 @@ def _linear_probe(backbone, cfg: Config, train_root, val_root, rt, epochs, lr, b
 
 
 def _train_on_features(model, opt, feats, labels, rt: Runtime, epochs: int, batch: int, peak: float,
-                       g: torch.Generator) -> list[float]:
+                       g: torch.Generator, log: bool = True) -> list[float]:
     """SGD over cached features. Every rank holds them all and takes its part of each
     global batch of a shared permutation, so the global batch is ``batch`` as in the
     image loop; the last partial batch is dropped, as the training loader does."""
@@ -168,5 +174,5 @@ def _train_on_features(model, opt, feats, labels, rt: Runtime, epochs: int, batc
             idx = perm[i * batch:(i + 1) * batch].tensor_split(rt.dist.world_size)[rt.dist.rank]
             lr = lr_at(epoch * steps + i, epochs * steps, 0, peak)
             total += _step(model, opt, feats[idx], labels[idx], lr)
-        losses.append(_end_epoch(rt, "linear probe (precomputed)", epoch + 1, total, steps, lr))
+        losses.append(_end_epoch(rt, "linear probe (precomputed)", epoch + 1, total, steps, lr, log))
     return losses

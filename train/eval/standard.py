@@ -18,14 +18,14 @@ from mscn.train.runtime import Runtime
 
 
 def linear_and_knn(backbone: nn.Module, cfg: Config, train_root: str, val_root: str, rt: Runtime,
-                   seed: int | None = None) -> dict:
+                   seed: int | None = None, log_epochs: bool = True) -> dict:
     """``{"linear_top1", "linear_top5", "knn_top1", "seed", "wall_s"}`` of a frozen ``backbone``."""
     from mscn.train.eval.common import eval_loader, seeded
     from mscn.train.eval.knn import knn_eval
     from mscn.train.eval.linear import linear_probe
 
     t0 = time.time()
-    lin = linear_probe(backbone, cfg, train_root, val_root, rt, seed=seed)
+    lin = linear_probe(backbone, cfg, train_root, val_root, rt, seed=seed, log_epochs=log_epochs)
     with seeded(cfg, seed) as scfg:  # the kNN loaders' DALI seeds follow the same seed
         batch = scfg.eval.linear_batch
         knn = knn_eval(backbone, eval_loader(scfg, train_root, rt, batch), eval_loader(scfg, val_root, rt, batch),
