@@ -39,7 +39,11 @@ def _config_show(args: argparse.Namespace) -> None:
 
     from mscn.config import load_config, to_dict
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if overrides and not args.config and not _OVERRIDE.match(overrides[0]):
+        # `mscn config demo`: a recipe first, as the help's examples name one
+        args.config = overrides.pop(0)
+    cfg = load_config(args.config, overrides)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
 
 
@@ -79,9 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_commands(sub)
 
-    p = sub.add_parser("config", help="print a resolved config (defaults <- YAML <- overrides)")
+    p = sub.add_parser("config", help="print a resolved config (defaults <- YAML <- overrides)",
+                       description="Print a resolved config: `mscn config demo train.global_batch=32` "
+                       "(or --config demo).")
     p.add_argument("--config", default=None, help="YAML file or bundled recipe name (demo, simclr_r50_in1k, ...)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.global_batch=256")
+    p.add_argument("overrides", nargs="*", metavar="[RECIPE] key=value",
+                   help="a recipe (as --config) first, then key=value overrides, e.g. train.global_batch=256")
     p.set_defaults(func=_config_show)
     return parser
 

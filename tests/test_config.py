@@ -145,3 +145,16 @@ def test_a_key_written_twice_in_a_yaml_file_is_refused_with_its_lines(tmp_path):
     ok.write_text("data: {root: /x}\ntrain: {seed: 3}\nviews:\n  - {blur_prob: 0.5}\n  - {blur_prob: 0.5}\n")
     c = load_config(str(ok))
     assert c.data.root == "/x" and c.train.seed == 3 and len(c.views) == 2
+
+
+def test_mscn_config_takes_the_recipe_first_or_as_a_flag(capsys):
+    """`mscn config demo` read 'demo' as a malformed override ("expected key=value")."""
+    from mscn.cli import main as mscn_main
+
+    assert mscn_main(["config", "demo", "train.global_batch=32"]) == 0
+    first = capsys.readouterr().out
+    assert "global_batch: 32" in first and "arch: resnet18" in first  # the demo recipe, overridden
+    assert mscn_main(["config", "--config", "demo", "train.global_batch=32"]) == 0
+    assert capsys.readouterr().out == first
+    assert mscn_main(["config", "demo", "nokey"]) == 2  # only the first word can be the recipe
+    assert "nokey: expected key=value" in capsys.readouterr().err
