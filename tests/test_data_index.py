@@ -139,3 +139,18 @@ def test_a_sample_with_two_images_is_noted(tmp_path, capsys):
         tar.add(root / "c0" / "000.jpg", arcname="k0.jpg")
     assert mscn_main(["data", "index", str(tmp_path / "w")]) == 0
     assert "more than one image" not in capsys.readouterr().out
+
+
+def test_a_source_digest_is_what_is_read_not_where():
+    """What the ranks compare at the start of a multi-rank run (check_same_data)."""
+    import dataclasses
+
+    from mscn.data.source import Source
+
+    a = Source("folder", "/mnt/a/train", 2, files=("c0/x.jpg", "c1/y.jpg"), labels=(0, 1), classes=("c0", "c1"))
+    assert dataclasses.replace(a, root="/data/train").digest() == a.digest()  # another mount point
+    assert dataclasses.replace(a, labels=(1, 0)).digest() != a.digest()
+    assert dataclasses.replace(a, files=("c0/x.jpg", "c1/z.jpg")).digest() != a.digest()
+    w = Source("wds", "/a", 10, tars=("/a/s0.tar", "/a/s1.tar"), indexes=("/a/s0.idx", "/a/s1.idx"))
+    assert dataclasses.replace(w, root="/b", tars=("/b/s0.tar", "/b/s1.tar")).digest() == w.digest()
+    assert dataclasses.replace(w, num_samples=11).digest() != w.digest()

@@ -12,7 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mscn.config import load_config
-from mscn.train.distributed import DistInfo, cleanup, gather_with_grad, init_distributed
+from mscn.data.source import Source
+from mscn.errors import MscnError
+from mscn.train.distributed import DistInfo, check_same_data, cleanup, gather_with_grad, init_distributed
 from mscn.train.lars import build_optimizer
 from mscn.train.losses import info_nce
 from mscn.train.pretrain import build_model, train_step
@@ -69,6 +71,15 @@ def _worker(rank, init_file, out_dir):
         dist.all_reduce(nce)
         result["nce"] = (nce / WORLD, [m.grad / WORLD for m in mine])  # DDP's 1/world averaging
         result["gather"] = gather_with_grad(torch.full((2,), float(rank)))
+        # every rank must read the same dataset: the same files at another mount point agree,
+        # a copy with one image more on rank 1 does not (one line on every rank)
+        check_same_data(Source("folder", f"/node{rank}/data", 2, files=("a.jpg", "b.jpg"), labels=(0, 1)), info)
+        files = ("a.jpg", "b.jpg", "c.jpg")[:2 + rank]
+        try:
+            check_same_data(Source("folder", "data", len(files), files=files, labels=(0,) * len(files)), info)
+            result["other_data"] = ""
+        except MscnError as e:
+            result["other_data"] = str(e)
         torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         cleanup()
@@ -119,3 +130,9 @@ def test_gathered_info_nce_matches_single_process(ranks):
         for v in range(VIEWS):
             torch.testing.assert_close(ranks[r]["nce"][1][v], emb[v].grad[r * B:(r + 1) * B], rtol=1e-4, atol=1e-7)
     assert torch.equal(ranks[1]["gather"], torch.tensor([0.0, 0.0, 1.0, 1.0]))
+
+
+def test_ranks_reading_other_datasets_stop_at_the_start(ranks):
+    for r in range(WORLD):
+        assert ranks[r]["other_data"].startswith(
+            "the ranks do not read the same dataset (rank 0: 2 samples in data; rank 1: 3 samples in data)")

@@ -29,3 +29,33 @@ def test_single_process_needs_no_ddp_and_splits_the_batch():
         Runtime(DistInfo(0, 4, 0), torch.device("cpu")).per_rank(10)
     with pytest.raises(MscnError, match="--device gpu: must be auto, cuda or cpu"):
         setup_runtime("gpu")
+
+
+@pytest.mark.parametrize("env, msg", [
+    ({"WORLD_SIZE": "2", "RANK": "5", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29711"},
+     "RANK=5 with WORLD_SIZE=2: a rank must be in [0, WORLD_SIZE)"),  # waited forever without a word
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "WORLD_SIZE=2 but MASTER_ADDR and MASTER_PORT not set"),  # a traceback
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two': not an integer"),
+])
+def test_a_launch_the_group_could_never_form_is_one_line(monkeypatch, env, msg):
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(MscnError, match=msg.replace("[", r"\[").replace(")", r"\)").replace("(", r"\(")):
+        setup_runtime("cpu")
+
+
+def test_a_rank_waiting_for_the_others_says_so(tmp_path):
+    """Rank 0 of 2 whose peer never starts: after WAIT_NOTE_S it says where it waits, once."""
+    import subprocess
+    import sys
+
+    code = ("import mscn.train.distributed as d; d.WAIT_NOTE_S = 0.3; "
+            f"d.init_distributed('cpu', init_method='file://{tmp_path / 'init'}', rank=0, world_size=2)")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=8)
+        err = proc.stderr
+    except subprocess.TimeoutExpired as e:  # still waiting, as it should: read what it said
+        err = (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+    assert err.count("[mscn] rank 0: waiting for the other 1 rank(s) at file://") == 1, err

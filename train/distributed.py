@@ -14,6 +14,8 @@ gloo test exercises.
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -54,8 +56,36 @@ def pick_device(pref: str, local_rank: int, strict: bool = False,
     return torch.device("cpu"), None
 
 
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise MscnError(f"{name}={raw!r}: not an integer; launch with torchrun, which sets RANK, WORLD_SIZE "
+                        "and LOCAL_RANK") from None
+
+
 def env_local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    return _env_int("LOCAL_RANK", 0)
+
+
+WAIT_NOTE_S = 20.0  # how long a rank waits for the others before it says so
+
+
+def check_launch(rank: int, world_size: int, init_method: str) -> None:
+    """One line for a launch the process group could never form: it would wait without a word
+    (a RANK outside [0, WORLD_SIZE)) or fail with a traceback (no MASTER_ADDR)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise MscnError(f"RANK={rank} with WORLD_SIZE={world_size}: a rank must be in [0, WORLD_SIZE); launch with "
+                        "torchrun (--nproc_per_node, --nnodes), which numbers the ranks itself")
+    if init_method == "env://":
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+        if missing:
+            raise MscnError(f"WORLD_SIZE={world_size} but {' and '.join(missing)} not set: launch with torchrun "
+                            "(torchrun --standalone --nproc_per_node=N ...), or set MASTER_ADDR and MASTER_PORT to "
+                            "rank 0's host and a free port")
 
 
 def init_distributed(device_type: str, init_method: str = "env://", rank: int | None = None,
@@ -63,18 +93,37 @@ def init_distributed(device_type: str, init_method: str = "env://", rank: int | 
     """Join the process group described by torchrun's env vars (or by explicit arguments).
 
     A single process (no WORLD_SIZE, or WORLD_SIZE=1) gets a ``DistInfo`` without any
-    process group. For CUDA the device must be set before NCCL initialises.
+    process group. For CUDA the device must be set before NCCL initialises. A rank still
+    waiting for the others after :data:`WAIT_NOTE_S` says so (and where), once.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
-    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
+    rank = _env_int("RANK", 0) if rank is None else rank
     local_rank = env_local_rank()
-    if world_size <= 1:
+    if world_size <= 1 and rank == 0:
         return DistInfo(0, 1, 0)
+    check_launch(rank, world_size, init_method)
     if not dist.is_initialized():
         backend = pick_backend(device_type)
         if device_type == "cuda":
             torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+        where = (f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}" if init_method == "env://"
+                 else init_method)
+        note = threading.Timer(WAIT_NOTE_S, lambda: print(
+            f"[mscn] rank {rank}: waiting for the other {world_size - 1} rank(s) at {where} (WORLD_SIZE="
+            f"{world_size}); a rank that never starts keeps every other one waiting", file=sys.stderr, flush=True))
+        note.daemon = True
+        note.start()
+        try:
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+        except (RuntimeError, ValueError) as e:  # DistNetworkError is a RuntimeError
+            text = str(e)
+            if "EADDRINUSE" in text or "address already in use" in text.lower():
+                raise MscnError(f"MASTER_PORT {os.environ.get('MASTER_PORT')} is in use on "
+                                f"{os.environ.get('MASTER_ADDR')} (another run?): pick a free port "
+                                "(torchrun --master_port P, or --standalone)") from None
+            raise
+        finally:
+            note.cancel()
     return DistInfo(rank, world_size, local_rank)
 
 
@@ -97,6 +146,22 @@ def pick_backend(device_type: str) -> str:
         return "gloo"
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return "nccl" if local_world <= torch.cuda.device_count() else "gloo"
+
+
+def check_same_data(source, info: DistInfo) -> None:
+    """Every rank must read the same dataset (call on all ranks). A node with another copy
+    (fewer images, a relative data.root resolved in another folder) plans another number of
+    steps per epoch and so another learning-rate schedule, then fails far from the cause,
+    or trains to the end without a word; here it is one line on every rank, at the start."""
+    if not info.enabled or not dist.is_initialized():
+        return
+    mine = (source.digest(), f"{source.num_samples} samples in {source.root}")
+    seen: list = [None] * info.world_size
+    dist.all_gather_object(seen, mine)
+    if len({d for d, _ in seen}) > 1:
+        apart = [f"rank {r}: {what}" for r, (d, what) in enumerate(seen) if d != seen[0][0]][:3]
+        raise MscnError(f"the ranks do not read the same dataset (rank 0: {seen[0][1]}; {'; '.join(apart)}): every "
+                        "rank needs the same data.root contents, on a shared file system or as identical copies")
 
 
 def cleanup() -> None:

@@ -42,7 +42,7 @@ import torch
 from mscn.config import Config, load_config, validate
 from mscn.errors import ENVIRONMENT_ERRNOS, MscnError, run_cli
 from mscn.train import checkpoint as ckpt
-from mscn.train.distributed import DistInfo, barrier, broadcast_object, cleanup, convert_sync_batchnorm
+from mscn.train.distributed import DistInfo, barrier, broadcast_object, check_same_data, cleanup, convert_sync_batchnorm
 from mscn.train.lars import build_optimizer
 from mscn.train import resume as rs
 from mscn.train.meter import NonFiniteGuard, StepMeter  # noqa: F401  (NonFiniteGuard: importable here as before)
@@ -208,6 +208,7 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
     loader = build_train_loader(rs.loader_cfg(cfg, mine, start_step), rank=rt.dist.rank,
                                 world_size=rt.dist.world_size, local_rank=rt.dist.local_rank, device=rt.device,
                                 state=mine["loader"] if mine else None)
+    check_same_data(loader.source, rt.dist)  # before a step: another copy on one node plans another schedule
     run = _Run(cfg, rt, method, optimizer, scaler, steps_per_epoch=len(loader), start_step=start_step,
                monitor=not monitor_note, say=say, loader=loader, stop=stop)
     if mine is not None:

@@ -29,6 +29,7 @@ classes keeps the train set's labels; a class outside that set is a DataError.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,15 @@ class Source:
     def num_classes(self) -> int:
         """Size of the label set: the class names, else the largest label + 1."""
         return len(self.classes) or (max(self.labels) + 1 if self.labels else 0)
+
+    def digest(self) -> str:
+        """What the readers will read, not where it lies: the kind, the files (relative to the
+        root) and labels, or the shards' names and sizes in samples, and the classes. Two
+        nodes with the dataset mounted at other paths agree; two copies that differ do not."""
+        h = hashlib.sha1(f"{self.kind}\n{self.num_samples}\n{self.labelled}\n".encode())
+        for part in (self.files, self.labels, tuple(Path(t).name for t in self.tars), self.classes):
+            h.update("\0".join(map(str, part)).encode("utf-8", "surrogateescape") + b"\1")
+        return h.hexdigest()[:16]
 
 
 def detect_format(path: Path) -> str:
