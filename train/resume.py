@@ -168,7 +168,9 @@ def this_rank(state: dict, info: DistInfo, cfg: Config, gpu: bool) -> tuple[dict
     """
     ranks = state.get("ranks")
     if not ranks or len(ranks) != info.world_size:
-        return None, f"saved by {state.get('world_size', 'an older mscn')} ranks"
+        n = state.get("world_size")
+        return None, (f"saved by {n} rank{'' if n == 1 else 's'}, resumed on {info.world_size}" if n is not None
+                      else "saved by an older mscn")
     mine = ranks[info.rank]
     saved = (mine.get("loader") or {}).get("crop") or "window"
     if saved != cfg.data.crop:
