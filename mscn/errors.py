@@ -46,7 +46,9 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
     ``{prog}: error: {message}`` on stderr; an MscnError with a ``status`` attribute (a run
     stopped by a signal, after its checkpoint) prints ``{prog}: {message}`` and returns
     that status; an OSError of the machine (:data:`ENVIRONMENT_ERRNOS`: a path that cannot
-    be written, a full disk) is one line naming the path, status 2; 130 after Ctrl-C. Under ``MSCN_DEBUG`` the
+    be written, a full disk) is one line naming the path, status 2; a collective that lost the
+    other ranks of a multi-rank run (:func:`lost_peers`) is one line saying another rank
+    stopped first, status 1; 130 after Ctrl-C. Under ``MSCN_DEBUG`` the
     MscnError propagates with its traceback. Other exceptions are bugs and always keep
     their traceback. Use it as ``sys.exit(run_cli(lambda: body(argv), "mscn"))``.
     """
@@ -66,12 +68,36 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
             raise
         print(f"{prog}: error: {os_error_line(e)}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as e:
+        if not lost_peers(e) or os.environ.get("MSCN_DEBUG"):
+            raise
+        first = str(e).splitlines()[0]
+        first = first.split("] ", 1)[-1][:120]  # gloo's line starts with its source file
+        print(f"{prog}: error: rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')} lost the "
+              f"other ranks ({first}): another rank stopped first (an error, a kill, a lost node); its own "
+              "message, or torchrun's summary, says which and why", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         return 130
     finally:
         _quiet_teardown()
     return int(status or 0)
+
+
+# what a collective raises on the ranks that are left when another rank is gone (gloo's TCP
+# pair, NCCL's abort); a symptom of that other rank's failure, not a failure of its own
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+             "connection was closed by the remote")
+
+
+def lost_peers(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that lost its peers, in a multi-rank run."""
+    try:
+        multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        multi = False
+    return multi and any(p.lower() in str(e).lower() for p in PEER_LOST)
 
 
 @functools.cache  # registered once per process

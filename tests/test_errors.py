@@ -192,3 +192,34 @@ def test_a_stop_on_a_signal_is_said_by_rank_0_only_and_an_error_by_every_rank(ca
         assert capsys.readouterr().err == ("tool: stopped by SIGTERM after step 5 of 9\n" if said else "")
         assert run_cli(_raise(DataError("x.jpg: corrupt")), "tool") == 2
         assert capsys.readouterr().err == "tool: error: x.jpg: corrupt\n"
+
+
+def test_a_rank_that_lost_the_others_says_so_in_one_line(tmp_path):
+    """Real gloo, two processes: rank 1 dies after joining; rank 0's next collective fails in
+    gloo's TCP pair. That is a symptom of rank 1's end, said in one line (it was a 40-line
+    traceback ending in 'GLHF'), exit status 1."""
+    import os
+    import subprocess
+    import sys
+
+    init = f"file://{tmp_path / 'init'}"
+    code = (
+        "import os, sys, torch, torch.distributed as dist\n"
+        "from mscn.errors import run_cli\n"
+        "rank = int(os.environ['RANK'])\n"
+        f"dist.init_process_group('gloo', init_method='{init}', rank=rank, world_size=2)\n"
+        "if rank == 1:\n"
+        "    os._exit(0)\n"
+        "def body():\n"
+        "    for _ in range(50):\n"
+        "        dist.all_reduce(torch.ones(4))\n"
+        "sys.exit(run_cli(body, 'mscn pretrain'))\n")
+    env = {**os.environ, "WORLD_SIZE": "2", "MSCN_DEBUG": ""}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r)}, stderr=subprocess.PIPE,
+                              text=True) for r in (0, 1)]
+    err0 = procs[0].communicate(timeout=120)[1]
+    procs[1].communicate(timeout=30)
+    assert procs[0].returncode == 1, err0
+    assert "Traceback" not in err0 and err0.count("\n") == 1, err0
+    assert err0.startswith("mscn pretrain: error: rank 0 of 2 lost the other ranks (")
+    assert "another rank stopped first" in err0
