@@ -183,6 +183,48 @@ def test_torchrun_two_gloo_ranks(dataset, tmp_path):
     assert [r["step"] for r in read_metrics(run)] == [3]
 
 
+def test_workers_checkpoint_and_stop_when_torchrun_is_killed(dataset, tmp_path):
+    """kill -9 of the launcher (the OOM killer, a user) left its workers training on as orphans
+    that held the run folder. Now the kernel sends them SIGTERM (PR_SET_PDEATHSIG): the
+    trainer's preemption, a checkpoint at one agreed step, STOPPED, nothing left running."""
+    run = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "mscn.train.pretrain",
+           *overrides(dataset, run, "schedule.epochs=500", "train.ckpt_every_steps=100000")]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not ((run / "metrics.jsonl").is_file() and any(r.get("step", 0) >= 2 for r in read_metrics(run))):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start training"
+            time.sleep(0.5)
+        proc.kill()  # SIGKILL: torchrun's own cleanup never runs
+        proc.wait(timeout=30)
+        while not (run / "STOPPED").is_file():
+            assert time.monotonic() < deadline + 60, "the orphaned workers did not stop"
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if not (run / "STOPPED").is_file():  # the fix failed: no orphan may outlive the test
+            subprocess.run(["pkill", "-9", "-f", f"train.out_dir={run}"], check=False)
+    stopped = (run / "STOPPED").read_text()
+    assert stopped.startswith("stopped by SIGTERM after step "), stopped
+    step = int(stopped.split("after step ")[1].split()[0])
+    assert ckpt.find_latest_valid(run / "checkpoints")[1]["step"] == step
+    import fcntl
+
+    from mscn.train.rundir import LOCK_FILE
+
+    with open(run / LOCK_FILE, "a+") as f:  # the workers exit after writing STOPPED: the lock comes free
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline + 90, "a worker still holds the run folder"
+                time.sleep(0.5)
+
+
 def test_online_knn_monitor_logs_every_n_epochs(dataset, tmp_path, capsys):
     out = tmp_path / "knn"
     run_pretrain(load_config(None, overrides(dataset, out, "train.max_steps=16", "train.knn_every_epochs=1",

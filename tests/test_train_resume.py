@@ -541,3 +541,18 @@ def test_adopt_saved_choices_reads_the_resumed_runs_own_record(tmp_path):
     assert got.data.blur_where == "pipeline" and "would use loader" in note
     (run / "metrics.jsonl").unlink()  # a start that never reached a step holds nothing to continue
     assert adopt_saved_choices(cfg, "auto", gpu=True) == (cfg, None)
+
+
+def test_a_rank_that_cannot_see_rank_0s_checkpoint_says_why(tmp_path, monkeypatch):
+    """Rank 0 picked a checkpoint in its train.out_dir; another node without that folder (not on
+    a shared file system) was told to 'use --resume auto', which it had."""
+    from mscn.config import load_config
+    from mscn.errors import MscnError
+    from mscn.train import resume as rs
+    from mscn.train.distributed import DistInfo
+
+    monkeypatch.setattr(rs, "broadcast_object", lambda obj: str(tmp_path / "runs/x/checkpoints/ckpt_00000003.pt"))
+    cfg = load_config("demo", [f"train.out_dir={tmp_path / 'runs/x'}"])
+    with pytest.raises(MscnError, match=r"ckpt_00000003.pt \(rank 0 resumes from it, but rank 1 cannot see it: "
+                                        r"train.out_dir must be on a file system every node shares"):
+        rs.find_resume_state(cfg, "auto", DistInfo(rank=1, world_size=2))

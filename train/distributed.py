@@ -13,7 +13,9 @@ gloo test exercises.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -71,6 +73,24 @@ def env_local_rank() -> int:
     return _env_int("LOCAL_RANK", 0)
 
 
+def stop_with_launcher() -> None:
+    """Linux: ask the kernel for a SIGTERM when the process that started this one (torchrun's
+    agent) dies. A ``kill -9`` of torchrun left its workers training on as orphans, holding
+    the run folder; SIGTERM is the trainer's preemption signal, so they now checkpoint and
+    stop at the same step (train/preempt.py). Elsewhere, or if the call fails: nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        parent = os.getppid()
+        if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            return
+        if os.getppid() != parent:  # the launcher died before the call: as if the signal had come
+            os.kill(os.getpid(), signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 WAIT_NOTE_S = 20.0  # how long a rank waits for the others before it says so
 
 
@@ -99,6 +119,8 @@ def init_distributed(device_type: str, init_method: str = "env://", rank: int | 
     world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
     rank = _env_int("RANK", 0) if rank is None else rank
     local_rank = env_local_rank()
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun worker
+        stop_with_launcher()
     if world_size <= 1 and rank == 0:
         return DistInfo(0, 1, 0)
     check_launch(rank, world_size, init_method)

@@ -69,6 +69,10 @@ def find_resume_state(cfg: Config, resume: str | None, info: DistInfo) -> tuple[
     path = broadcast_object(path)  # every rank loads the file rank 0 chose
     if path is None:
         return None, None
+    if not info.is_main:  # rank 0 found it: missing here means this node sees another folder
+        return ckpt.load_checkpoint(path, not_found=f"rank 0 resumes from it, but rank {info.rank} cannot see it: "
+                                                    "train.out_dir must be on a file system every node shares, at "
+                                                    "the same path"), path
     return ckpt.load_checkpoint(path), path
 
 
