@@ -193,7 +193,9 @@ def test_report_only_rewrites_the_report_of_an_older_json(tmp_path):
                           (lambda d: d["random_init"][0].pop("knn_top1"), "random_init must be a list of entries"),
                           (lambda d: d.update(random_init=[]), "random_init must be a list of entries"),
                           (lambda d: d["arms"][1]["knn_top1"].pop(), "arm 'a' has not as many"),
-                          (lambda d: d.update(seeds="abc"), "seeds must be a list of integers")):
+                          (lambda d: d.update(seeds="abc"), "seeds must be a list of integers"),
+                          (lambda d: d["arms"][1].update(linear_top1=[float("nan"), 41.0]),  # JSON's NaN
+                           r"arm 'a' linear_top1 must be a list of numbers")):
         bad = json.loads(json.dumps(doc))
         damage(bad)
         (tmp_path / "ablation.json").write_text(json.dumps(bad))
@@ -413,7 +415,7 @@ def test_a_stop_says_to_rerun_the_ablation(tmp_path):
     def pretraining_stopped():
         raise Stopped("stopped by SIGTERM after step 2 of 7; ... train.out_dir=x (--resume auto)", signal.SIGTERM)
 
-    for work, status, then in ((interrupted, 130, "it starts over"), (terminated, 143, "it starts over"),
+    for work, status, then in ((interrupted, 130, "else starts over"), (terminated, 143, "else starts over"),
                                (pretraining_stopped, 143, "resumes from the checkpoint")):
         with pytest.raises(Stopped) as e:
             stoppable(runner, work)

@@ -70,7 +70,8 @@ def test_appended_and_missing_indexes_are_made_and_packed_ones_left(tmp_path, ca
         resolve_source(str(tmp_path / "p"))
     tar_path = tmp_path / "p" / "shard-000000.tar"
     with tarfile.open(tar_path, "a") as tar:  # a sample appended after packing
-        for name, data in (("000000009.jpg", (root / "c1" / "001.jpg").read_bytes()), ("000000009.cls", b"1")):
+        for name, data in (("000000009.jpg", (root / "c1" / "001.jpg").read_bytes()), ("000000009.cls", b"1"),
+                           ("000000009.idx", b"3")):  # a whole sample, as pack writes them
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -154,3 +155,33 @@ def test_a_source_digest_is_what_is_read_not_where():
     w = Source("wds", "/a", 10, tars=("/a/s0.tar", "/a/s1.tar"), indexes=("/a/s0.idx", "/a/s1.idx"))
     assert dataclasses.replace(w, root="/b", tars=("/b/s0.tar", "/b/s1.tar")).digest() == w.digest()
     assert dataclasses.replace(w, num_samples=11).digest() != w.digest()
+
+
+def test_names_with_spaces_and_incomplete_samples_are_refused(tmp_path, capsys):
+    """A name with a space would write an index DALI misreads; a sample whose .cls stands away
+    from its image would stop the reader mid-epoch ("Underful sample")."""
+    root = make_folder(tmp_path / "ds", classes=1, per_class=2)
+    jpgs = sorted(root.glob("c0/*.jpg"))
+    (tmp_path / "w").mkdir()
+
+    def shard(names):
+        with tarfile.open(tmp_path / "w" / "a.tar", "w") as tar:
+            for name in names:
+                if name.endswith(".cls"):
+                    info = tarfile.TarInfo(name)
+                    info.size = 1
+                    tar.addfile(info, io.BytesIO(b"0"))
+                else:
+                    tar.add(jpgs[0], arcname=name)
+
+    for names, msg in ((["my pic.jpg", "my pic.cls"], r"member 'my pic.jpg' has whitespace in its name"),
+                       (["k.v 2.jpg", "k.v 2.cls"], r"member 'k.v 2.jpg' has whitespace"),
+                       # members apart: [a.jpg] [b.jpg] [a.cls] [b.cls] are four samples to DALI
+                       (["a.jpg", "b.jpg", "a.cls", "b.cls"], r"sample 'a' \(a.cls\) lacks an image, unlike the"),
+                       (["a.jpg", "a.cls", "b.cls"], r"sample 'b' \(b.cls\) lacks an image"),
+                       (["a.jpg", "a.cls", "b.jpg"], r"sample 'b' \(b.jpg\) lacks .cls")):
+        shard(names)
+        assert mscn_main(["data", "index", str(tmp_path / "w")]) == 2, names
+        err = capsys.readouterr().err
+        assert re.search(msg, err) and "Traceback" not in err, (names, err)
+        assert not (tmp_path / "w" / "a.idx").exists()

@@ -73,7 +73,7 @@ def test_knn_k_above_the_training_set_is_said(data, tmp_path, capsys):
     _run("knn", *_common(data, tmp_path / "knn", "--k", "50"))
     knn = json.loads((tmp_path / "knn" / "result.json").read_text())
     assert knn["k"] == 36 and knn["settings"]["k"] == 50  # voted vs asked for
-    assert "--k 50 is more than the 36 training samples" in capsys.readouterr().err
+    assert "knn: --k 50 is more than the 36 training samples" in capsys.readouterr().err
 
 
 def test_transfer_uses_its_lr_and_dataset_name(data, tmp_path):

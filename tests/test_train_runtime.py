@@ -59,3 +59,11 @@ def test_a_rank_waiting_for_the_others_says_so(tmp_path):
     except subprocess.TimeoutExpired as e:  # still waiting, as it should: read what it said
         err = (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
     assert err.count("[mscn] rank 0: waiting for the other 1 rank(s) at file://") == 1, err
+
+
+def test_a_stray_rank_without_world_size_is_one_process(monkeypatch):
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RANK", "1")  # left over in a shell: ran as one process before, still does
+    rt = setup_runtime("cpu")
+    assert (rt.dist.rank, rt.dist.world_size) == (0, 1)

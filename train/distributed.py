@@ -121,7 +121,9 @@ def init_distributed(device_type: str, init_method: str = "env://", rank: int | 
     local_rank = env_local_rank()
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun worker
         stop_with_launcher()
-    if world_size <= 1 and rank == 0:
+    if world_size <= 1 and "WORLD_SIZE" not in os.environ:
+        return DistInfo(0, 1, 0)  # no WORLD_SIZE: one process, whatever a stray RANK says
+    if world_size == 1 and rank == 0:
         return DistInfo(0, 1, 0)
     check_launch(rank, world_size, init_method)
     if not dist.is_initialized():

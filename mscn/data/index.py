@@ -17,25 +17,51 @@ from tqdm import tqdm
 
 from mscn.data.source import PACKING
 from mscn.data.imagefolder import IMG_EXTENSIONS
-from mscn.data.shardindex import dali_index_samples, dali_index_text
+from mscn.data.shardindex import dali_index_members, dali_index_text
 from mscn.errors import DataError
 
 
 def index_text(tar: Path) -> str:
     """The v1.2 index of ``tar`` as DALI reads it; one DataError line for a shard it cannot be."""
     try:
-        samples = dali_index_samples(tar)
+        members = dali_index_members(tar)
     except (tarfile.TarError, EOFError) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{tar}: not a readable plain tar ({why}; DALI reads uncompressed .tar only); copy it "
                         "again, or repack its source with `mscn data pack`") from None
-    if not samples:
+    if not members:
         raise DataError(f"{tar}: holds no sample (no regular file), so DALI would fail on it; remove it")
-    end = max(int(m.split()[1]) + int(m.split()[2]) for s in samples for m in s)
+    spaced = next((name for sample in members for *_, name in sample if any(c.isspace() for c in name)), None)
+    if spaced is not None:  # the index separates its fields by whitespace: such a name cannot be written
+        raise DataError(f"{tar}: member {spaced!r} has whitespace in its name, which DALI's index cannot hold; "
+                        "rename it, or repack the source with `mscn data pack` (it names members by number)")
+    _check_members(tar, members)
+    end = max(offset + size for sample in members for _, offset, size, _ in sample)
     if end > tar.stat().st_size:  # tarfile lists a last member whose data was cut off
         raise DataError(f"{tar}: cut short ({tar.stat().st_size} bytes; its members run to byte {end}); copy it "
                         "again, or repack its source with `mscn data pack`")
-    return dali_index_text(samples)
+    return dali_index_text([[f"{ext} {offset} {size} {name}" for ext, offset, size, name in sample]
+                            for sample in members])
+
+
+def _check_members(tar: Path, samples: list[list[tuple[str, int, int, str]]]) -> None:
+    """Every sample holds an image and the first sample's other members (``.cls``): one
+    without them (a member appended away from its sample, a lost ``.cls``) would stop the
+    reader mid-epoch with DALI's "Underful sample"."""
+    images = {e.lstrip(".") for e in (*IMG_EXTENSIONS, ".jpe")}
+
+    def kinds(sample) -> set[str]:
+        return {"an image" if ext.lower() in images else f".{ext.lower()}" for ext, *_ in sample}
+
+    want = kinds(samples[0]) | {"an image"}
+    for sample in samples:
+        lack = want - kinds(sample)
+        if lack:
+            name = sample[0][3]
+            key = name.rsplit("/", 1)[-1].partition(".")[0]
+            raise DataError(f"{tar}: sample '{key}' ({name}) lacks {' and '.join(sorted(lack))}, unlike the shard's "
+                            "first sample; a sample's members must stand together in the tar, as webdataset writes "
+                            "them: repack the source with `mscn data pack`")
 
 
 def several_images(text: str) -> list[str]:

@@ -23,9 +23,9 @@ from pathlib import Path
 BLOCK = 512  # tar's header and padding unit
 
 
-def dali_index_samples(tar_path: Path) -> list[list[str]]:
-    """Per sample, its members' ``ext offset size name`` entries, in the tar's order."""
-    samples: list[list[str]] = []
+def dali_index_members(tar_path: Path) -> list[list[tuple[str, int, int, str]]]:
+    """Per sample, its members' ``(ext, data offset, size, name)``, in the tar's order."""
+    samples: list[list[tuple[str, int, int, str]]] = []
     last_key = None
     with tarfile.open(tar_path, mode="r:") as tar:  # plain tar only: DALI reads no compressed shard
         for m in tar:
@@ -36,8 +36,14 @@ def dali_index_samples(tar_path: Path) -> list[list[str]]:
             if key != last_key:
                 samples.append([])
                 last_key = key
-            samples[-1].append(f"{ext} {m.offset_data} {m.size} {m.name}")
+            samples[-1].append((ext, m.offset_data, m.size, m.name))
     return samples
+
+
+def dali_index_samples(tar_path: Path) -> list[list[str]]:
+    """Per sample, its members' ``ext offset size name`` entries, in the tar's order."""
+    return [[f"{ext} {offset} {size} {name}" for ext, offset, size, name in sample]
+            for sample in dali_index_members(tar_path)]
 
 
 def dali_index_text(samples: list[list[str]]) -> str:

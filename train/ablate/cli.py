@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import threading
 import time
@@ -76,8 +77,8 @@ def write_report(doc: dict, out: Path) -> str:
 def _check_scores(doc: dict, path: Path) -> None:
     """Every score the report reads is a number, every arm has one per seed, the baseline is
     there: a hand-edited or damaged file gets one line naming the entry."""
-    def number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    def number(v) -> bool:  # json.loads takes NaN and Infinity: no score
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
     if not isinstance(doc["seeds"], list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in doc["seeds"]):
         raise MscnError(f"--report-only: {path}: seeds must be a list of integers, got {doc['seeds']!r}")
@@ -194,21 +195,22 @@ def stoppable(runner: Runner, work):
     def on_term(signum, frame):
         raise _Terminated()
 
-    previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_term) if main else None
     try:
         return work()
     except (Stopped, KeyboardInterrupt, _Terminated) as e:
         if isinstance(e, Stopped):  # pretraining wrote a checkpoint, then stopped
             signum, then = e.status - 128, "its pretraining resumes from the checkpoint it wrote"
-        else:
+        else:  # an evaluation, or a second Ctrl-C inside a pretraining
             signum = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
-            then = "it starts over"
+            then = "it resumes from its last checkpoint if it wrote one, else starts over"
         raise Stopped(f"stopped by {signal.Signals(signum).name} during {runner.current or 'the first run'}; the "
                       f"finished runs are kept: rerun the same mscn ablate command to continue ({then}; finished "
                       "runs are skipped)", signum) from None
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if main:  # None: a handler set outside Python; the default is the nearest we can restore
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -161,7 +161,8 @@ def _knn(args) -> None:
                        eval_loader(cfg, args.val_root, rt, batch, classes=classes), rt, k, t, progress=True)
     if res["k"] < k and rt.is_main:
         # the result's k is the neighbours that voted; settings keep the k asked for
-        print(f"knn: --k {k} is more than the {res['n_train']} training samples: all of them voted (k={res['k']})",
+        given = f"--k {k}" if args.k is not None else f"k={k} (eval.knn_k)"
+        print(f"knn: {given} is more than the {res['n_train']} training samples: all of them voted (k={res['k']})",
               file=sys.stderr)
     res["settings"] = {"k": k, "temperature": t, "batch": batch}
     _finish(args, rt, "knn", name, arch, out, res)

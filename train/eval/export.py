@@ -78,10 +78,10 @@ def export_backbone(backbone: nn.Module, out_dir: str | Path, name: str = "backb
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MscnError(f"--out {out_dir}: cannot create the folder ({e.strerror})") from None
-    sd = torchvision_state_dict(backbone)
     # both files written in full under temporary names first, then renamed: a run killed or
     # failing before the renames leaves the earlier pair as it was
     try:
+        sd = torchvision_state_dict(backbone)
         first = _write_tmp(pth, lambda f: torch.save(sd, f))
         try:
             second = _write_tmp(pkl, lambda f: pickle.dump(detectron2_state_dict(sd), f))
