@@ -430,3 +430,79 @@ def test_names_a_list_cannot_hold_a_moved_dataset_and_a_folder_read_as_shards(me
         resolve_source(str(out))
     with pytest.raises(DataError, match=r"moved: an image folder, not .tar shards \(data.format=wds\)"):
         resolve_source(str(tmp_path / "moved"), "wds")
+
+
+def test_a_stopped_pack_goes_on_where_it_stopped(tmp_path, monkeypatch, capsys):
+    """A pack stopped part-way (hours into ImageNet) refused every rerun ("already holds .tar
+    shards") while the readers said to rerun it. The same command now keeps the whole shards
+    and the decode check, and the result is byte for byte an uninterrupted pack's."""
+    import filecmp
+
+    import mscn.data.pack as pk
+    from pipeline_fixtures import make_folder
+
+    root = make_folder(tmp_path / "ds", classes=2, per_class=10)
+    (root / "c0" / "bad.jpg").write_bytes(b"not a jpeg")
+    real_add, seen = pk._add, []
+
+    def stop_at_13th_image(tar, name, data):
+        if name.endswith(".jpg"):
+            seen.append(name)
+            if len(seen) == 13:
+                raise KeyboardInterrupt
+        real_add(tar, name, data)
+
+    monkeypatch.setattr(pk, "_add", stop_at_13th_image)
+    with pytest.raises(KeyboardInterrupt):
+        pk.pack(root, tmp_path / "out", shard_size=5, progress=False, workers=1)
+    monkeypatch.setattr(pk, "_add", real_add)
+    assert (tmp_path / "out" / ".packing").is_file() and (tmp_path / "out" / "shard-000002.tar.tmp").is_file()
+    with pytest.raises(DataError, match=r"an unfinished pack of another --shard-size .*rerun that command"):
+        pk.pack(root, tmp_path / "out", shard_size=4, progress=False, workers=1)
+
+    def no_second_check(*_a, **_k):
+        raise AssertionError("the decode check ran again")
+
+    monkeypatch.setattr(pk, "undecodable", no_second_check)
+    assert main(["data", "pack", str(root), str(tmp_path / "out"), "--shard-size", "5", "--workers", "1"]) == 0
+    assert "went on from an unfinished pack in" in capsys.readouterr().out
+    monkeypatch.undo()
+    pk.pack(root, tmp_path / "ref", shard_size=5, progress=False, workers=1)
+    names = sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "out").iterdir())  # no .packing, no .tmp left
+    assert all(filecmp.cmp(tmp_path / "out" / n, tmp_path / "ref" / n, shallow=False) for n in names)
+    # a marker of an mscn that kept no plan: its shards go, the pack starts over
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "shard-000000.tar").write_bytes(b"half")
+    (tmp_path / "old" / ".packing").write_text("mscn data pack ds old: started 2026-11-20\n")
+    pk.pack(root, tmp_path / "old", shard_size=5, progress=False, workers=1)
+    assert filecmp.cmp(tmp_path / "old" / "shard-000000.tar", tmp_path / "ref" / "shard-000000.tar", shallow=False)
+    # a file as OUT: refused before the decode check
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(pk, "undecodable", no_second_check)
+    with pytest.raises(DataError, match=r"afile: a file; pack takes a folder"):
+        pk.pack(root, tmp_path / "afile", shard_size=5, progress=False, workers=1)
+
+
+def test_a_full_disk_during_a_pack_is_one_line_and_the_rerun_goes_on(tmp_path, monkeypatch):
+    import errno
+
+    import mscn.data.pack as pk
+    from pipeline_fixtures import make_folder
+
+    root = make_folder(tmp_path / "ds", classes=1, per_class=10)
+    real_add, n = pk._add, []
+
+    def full_after_7(tar, name, data):
+        n.append(name)
+        if len(n) > 7 * 3:  # .jpg, .cls, .idx per sample
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_add(tar, name, data)
+
+    monkeypatch.setattr(pk, "_add", full_after_7)
+    with pytest.raises(DataError, match=r"shard-000001.tar: cannot write the shard \(No space left on device\); "
+                                        r"1 of 2 shards are written: free space, then rerun the same command"):
+        pk.pack(root, tmp_path / "out", shard_size=5, progress=False, workers=1)
+    assert not list((tmp_path / "out").glob("*.tmp"))
+    monkeypatch.setattr(pk, "_add", real_add)
+    assert pk.pack(root, tmp_path / "out", shard_size=5, progress=False, workers=1)["resumed_shards"] == 1

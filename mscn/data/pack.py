@@ -80,53 +80,126 @@ def pack(root, out, shard_size: int = 1000, shuffle_seed: int | None = 0, file_r
         raise DataError(f"{root}: already a folder of .tar shards; pack an ImageFolder root or a file list")
     out = Path(out)
     check_outside(out, Path(source.root))  # shards inside an ImageFolder would become a class
-    if out.exists() and any(out.glob("*.tar")):
+    if out.exists() and not out.is_dir():  # before the decode check, not after it
+        raise DataError(f"{out}: a file; pack takes a folder for the shards")
+    plan = {"root": str(Path(source.root).resolve()), "source": source.digest(), "shard_size": shard_size,
+            "shuffle_seed": shuffle_seed, "strict": strict}
+    resumed = _unfinished(out, plan)
+    if resumed is None and out.exists() and any(out.glob("*.tar")):
         raise DataError(f"{out}: already holds .tar shards; remove them or pack into another folder")
     t0 = time.time()
-    skipped = undecodable(source, workers, progress)
-    if skipped and strict:
-        rel, why = next(iter(skipped.items()))
-        raise DataError(f"{Path(source.root) / rel}: does not decode ({why}); {len(skipped)} such file(s) in "
-                        f"{root}; drop --strict to skip them, or fix them")
+    if resumed is None:
+        skipped = undecodable(source, workers, progress)
+        if skipped and strict:
+            rel, why = next(iter(skipped.items()))
+            raise DataError(f"{Path(source.root) / rel}: does not decode ({why}); {len(skipped)} such file(s) in "
+                            f"{root}; drop --strict to skip them, or fix them")
+    else:  # the decode check of the run that was stopped: the same files, so the same verdicts
+        skipped = resumed["skipped"]
     # canonical order of the packed set: the decodable files, in the source's order
     keep = [i for i, rel in enumerate(source.files) if rel not in skipped]
     files, labels = [source.files[i] for i in keep], [source.labels[i] for i in keep]
     if not files:
         raise DataError(f"{root}: none of its {source.num_samples} files decodes; nothing to pack")
-    out.mkdir(parents=True, exist_ok=True)
-    # present until sources.json is written: shards of a pack killed part-way are refused by
-    # the readers (mscn.data.source), not trained on as if they were the whole set
-    (out / PACKING).write_text(f"mscn data pack {root} {out}: started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # present until sources.json is written: shards of a pack killed part-way are refused by
+        # the readers (mscn.data.source), not trained on as if they were the whole set; it holds
+        # what a rerun needs to go on from the shards already written (_unfinished)
+        _write_atomic(out / PACKING, json.dumps({**plan, "skipped": skipped, "command": f"mscn data pack {root} {out}",
+                                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    except OSError as e:
+        raise DataError(f"{out}: cannot write the pack there ({e.strerror})") from None
     order = np.arange(len(files))
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(len(files))
-    num_shards = 0
-    bar = tqdm(total=len(files), desc=f"pack {root}", unit="img", disable=not progress)
-    for start in range(0, len(files), shard_size):
+    done = resumed["shards"] if resumed else 0
+    num_shards = done
+    bar = tqdm(total=len(files), initial=min(len(files), done * shard_size), desc=f"pack {root}", unit="img",
+               disable=not progress)
+    for start in range(done * shard_size, len(files), shard_size):
         tar_path = out / SHARD_PATTERN.format(num_shards)
         tmp = tar_path.with_name(tar_path.name + ".tmp")
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for pos in range(start, min(start + shard_size, len(files))):
-                index = int(order[pos])
-                rel = files[index]
-                ext = Path(rel).suffix.lstrip(".") or "jpg"
-                key = f"{pos:09d}"
-                _add(tar, f"{key}.{ext}", (Path(source.root) / rel).read_bytes())
-                if source.labelled:  # unlabelled data: no .cls, the readers give label -1
-                    _add(tar, f"{key}.cls", str(labels[index]).encode())
-                _add(tar, f"{key}.idx", str(index).encode())
-                bar.update()
-        tmp.replace(tar_path)  # a crash never leaves a half shard under the final name
-        write_dali_index(tar_path, tar_path.with_suffix(".idx"))
+        try:
+            with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+                for pos in range(start, min(start + shard_size, len(files))):
+                    index = int(order[pos])
+                    rel = files[index]
+                    ext = Path(rel).suffix.lstrip(".") or "jpg"
+                    key = f"{pos:09d}"
+                    _add(tar, f"{key}.{ext}", (Path(source.root) / rel).read_bytes())
+                    if source.labelled:  # unlabelled data: no .cls, the readers give label -1
+                        _add(tar, f"{key}.cls", str(labels[index]).encode())
+                    _add(tar, f"{key}.idx", str(index).encode())
+                    bar.update()
+            tmp.replace(tar_path)  # a crash never leaves a half shard under the final name
+            write_dali_index(tar_path, tar_path.with_suffix(".idx"))  # last: a shard with its index is whole
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if e.filename and Path(e.filename).is_relative_to(Path(source.root)):
+                raise
+            raise DataError(f"{tar_path}: cannot write the shard ({e.strerror}); {num_shards} of "
+                            f"{-(-len(files) // shard_size)} shards are written: free space, then rerun the same "
+                            "command to go on from there") from None
         num_shards += 1
     bar.close()
     meta = {"root": str(Path(source.root).resolve()), "classes": list(source.classes), "files": files,
             "skipped": skipped}
-    (out / SOURCES_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+    try:
+        _write_atomic(out / SOURCES_JSON, json.dumps(meta, indent=1) + "\n")
+    except OSError as e:
+        raise DataError(f"{out / SOURCES_JSON}: cannot write it ({e.strerror}); free space, then rerun the same "
+                        "command (the shards are kept)") from None
     (out / PACKING).unlink()
     return {"root": str(root), "source_root": source.root, "out": str(out), "num_samples": len(files),
-            "num_shards": num_shards,
+            "num_shards": num_shards, "resumed_shards": done,
             "skipped": skipped, "seconds": round(time.time() - t0, 2)}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _unfinished(out: Path, plan: dict) -> dict | None:
+    """The state of an earlier pack into ``out`` that was stopped (its ``.packing``), to go on
+    from: ``{"shards": whole shards written, "skipped": its decode check's verdicts}``; None
+    when there is none. A pack stopped mid-way took hours on ImageNet: a rerun of the same
+    command keeps its whole shards (those with their index) and the decode check. One of
+    another source or settings is refused; one from an mscn that kept no plan starts over."""
+    marker = out / PACKING
+    if not marker.is_file():
+        return None
+    try:
+        saved = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict) or not isinstance(saved.get("skipped"), dict):
+        # an older mscn's marker: nothing to go on from; its shards are removed, the pack starts over
+        for p in [*out.glob("shard-*.tar"), *out.glob("shard-*.tar.tmp"), *out.glob("shard-*.idx"), marker]:
+            p.unlink(missing_ok=True)
+        return None
+    differ = [k for k in plan if saved.get(k) != plan[k]]
+    if differ:
+        what = {"root": "another dataset", "source": "the dataset as it was then (files were added, removed or "
+                "renamed since)", "shard_size": "another --shard-size", "shuffle_seed": "another shuffle",
+                "strict": "another --strict"}
+        raise DataError(f"{out}: holds an unfinished pack of {what[differ[0]]} ({saved.get('command', 'mscn data pack')}, "
+                        f"started {saved.get('started', '?')}); rerun that command to finish it, or pack into "
+                        "another folder")
+    shards = 0
+    while (out / SHARD_PATTERN.format(shards)).with_suffix(".idx").is_file():
+        shards += 1
+    for p in out.glob("shard-*.tar*"):  # anything past the whole shards: half written, written again
+        number = int(p.name.split("-")[1].split(".")[0]) if p.name.split("-")[1].split(".")[0].isdigit() else -1
+        if number >= shards:
+            p.unlink(missing_ok=True)
+    return {"shards": shards, "skipped": saved["skipped"]}
 
 
 def source_file(tar_path: str | Path, member: str) -> str | None:
@@ -149,6 +222,9 @@ def source_file(tar_path: str | Path, member: str) -> str | None:
 def pack_command(args) -> None:
     """CLI body of ``mscn data pack ROOT OUT --shard-size N [--strict]``."""
     s = pack(args.root, args.out, args.shard_size, strict=args.strict, workers=args.workers)
+    if s["resumed_shards"]:
+        print(f"pack: went on from an unfinished pack in {s['out']}: kept its {s['resumed_shards']} whole shard(s) "
+              "and its decode check")
     for rel, why in s["skipped"].items():
         print(f"pack: skipped {Path(s['source_root']) / rel}: {why}")
     skipped = f", skipped {len(s['skipped'])} that do not decode (listed in sources.json)" if s["skipped"] else ""
