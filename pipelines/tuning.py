@@ -13,19 +13,13 @@ import os
 
 import torch
 
+from mscn.machine import usable_cores  # the one definition; the benchmarks import it from here too
+
 # GPUs with a hardware JPEG decoder (NVJPG engines), by CUDA compute capability:
 # A100/A30 (8.0), Jetson Orin (8.7), H100/H200/GH200 (9.0), B200/GB200 (10.0).
 HW_JPEG_CAPABILITIES = {(8, 0), (8, 7), (9, 0), (10, 0)}
 GPU_MAX_THREADS = 8  # beyond this, more DALI threads were slower on a 16-core H100/H200 box
 HYBRID_LOAD = 0.65  # DALI's own default: the share the hardware decoder gets when it has a partner
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (cgroup/affinity aware on Linux)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def processes_per_node() -> int:

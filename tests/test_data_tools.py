@@ -506,3 +506,48 @@ def test_a_full_disk_during_a_pack_is_one_line_and_the_rerun_goes_on(tmp_path, m
     assert not list((tmp_path / "out").glob("*.tmp"))
     monkeypatch.setattr(pk, "_add", real_add)
     assert pk.pack(root, tmp_path / "out", shard_size=5, progress=False, workers=1)["resumed_shards"] == 1
+
+
+def test_worker_pools_follow_the_cpu_affinity():
+    """The default --workers was os.cpu_count(): a 4-core slice (taskset, SLURM) of a 128-core
+    node started 128 processes. It is the cores this process may use."""
+    import os
+    import subprocess
+    import sys
+
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs Linux and 2 usable cores")
+    code = ("import os\nfrom mscn.data.imagefolder import parallel_imap\n"
+            "def pid(_):\n    return os.getpid()\n"
+            "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+            "print(set(parallel_imap(pid, list(range(8)), None, 'x', progress=False)) == {os.getpid()})\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr  # one usable core: one worker, this process
+
+
+def test_scan_outputs_are_checked_before_the_decode_and_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    import mscn.data.scan as sc
+    from pipeline_fixtures import make_folder
+
+    root = make_folder(tmp_path / "ds", classes=1, per_class=2)
+    (tmp_path / "folder").mkdir()
+
+    def no_decode(*_a, **_k):
+        raise AssertionError("decoded before the outputs were checked")
+
+    monkeypatch.setattr(sc, "parallel_imap", no_decode)
+    with pytest.raises(DataError, match=r"--out .*folder: a folder; it takes the file to write"):
+        scan(root, out=tmp_path / "folder", report=tmp_path / "r.json")
+    with pytest.raises(DataError, match=r"--min-size -5: must be >= 0"):
+        scan(root, out=tmp_path / "l.txt", report=tmp_path / "r.json", min_size=-5)
+    monkeypatch.undo()
+
+    def full(*_a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sc.os, "replace", full)
+    with pytest.raises(DataError, match=r"l.scan.json: cannot write it \(No space left on device\)"):
+        scan(root, out=tmp_path / "l.txt", report=tmp_path / "l.scan.json", workers=1, progress=False)
+    assert not list(tmp_path.glob("*.tmp"))  # no empty temporary left beside

@@ -127,7 +127,7 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
                    help="image width x height (default 500x375)")
     p.add_argument("--seed", metavar="S", type=int, default=0,
                    help="random seed; each image is seeded from (seed, split, class, index) (default 0)")
-    p.add_argument("--workers", metavar="W", type=positive_int, default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", metavar="W", type=positive_int, default=None, help="processes (default: every core this process may use)")
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("photos", help="write an ImageFolder of crops of real photos (one class per photo)",
@@ -162,7 +162,7 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--min-size", metavar="PX", type=int, default=0,
                    help="also exclude images whose short side is smaller, reported as 'tiny' "
                         "(default 0: keep every decodable image; short sides < 32 are reported as 'small')")
-    p.add_argument("--workers", metavar="W", type=positive_int, default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", metavar="W", type=positive_int, default=None, help="processes (default: every core this process may use)")
     p.set_defaults(func=_scan)
 
     p = sub.add_parser("subset", help="write a class-balanced label subset (1%%, 10%%)",
@@ -187,7 +187,7 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", help="output folder for the shards")
     p.add_argument("--shard-size", metavar="N", type=int, default=1000, help="images per shard (default 1000)")
     p.add_argument("--strict", action="store_true", help="refuse to pack if any file does not decode")
-    p.add_argument("--workers", metavar="W", type=positive_int, default=None, help="decode-check processes (default: all cores)")
+    p.add_argument("--workers", metavar="W", type=positive_int, default=None, help="decode-check processes (default: every core this process may use)")
     p.set_defaults(func=_pack)
 
     p = sub.add_parser("index", help="(re)write the DALI index (.idx) of every .tar shard in a folder",

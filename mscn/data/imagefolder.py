@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 from tqdm import tqdm
 
 from mscn.errors import DataError
+from mscn.machine import usable_cores
 
 # torchvision's IMG_EXTENSIONS; matched case-insensitively (ImageNet uses .JPEG).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -174,10 +175,11 @@ def list_image_folder(
 def parallel_imap(fn: Callable, tasks: list, workers: int | None, desc: str, progress: bool = True) -> Iterator:
     """``fn(task)`` for every task over a process pool, in completion order, with a bar.
 
-    ``workers`` defaults to every core; 1 runs in this process (no pickling, easy to
-    debug). Callers must not depend on the order: results arrive as they finish.
+    ``workers`` defaults to every core this process may use (its affinity); 1 runs in this
+    process (no pickling, easy to debug). Callers must not depend on the order: results
+    arrive as they finish.
     """
-    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
+    workers = max(1, min(workers or usable_cores(), len(tasks)))
     with tqdm(total=len(tasks), desc=desc, unit="file", disable=not progress) as bar:
         if workers == 1:
             for task in tasks:

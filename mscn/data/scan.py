@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from mscn.data.imagefolder import DALI_FORMATS, SPLIT_NAMES, is_image_name, list_image_folder, parallel_imap
 from mscn.errors import DataError
+from mscn.paths import creatable
 
 EXCLUDED = ("zero_byte", "non_image", "corrupt", "truncated", "no_dali_decoder", "tiny", "ignored", "bad_name")
 KEPT = ("small", "cmyk", "grayscale", "non_jpeg", "warning")
@@ -175,10 +176,14 @@ def check_not_foreign(out, report) -> None:
 
 def _write_atomic(path: Path, text: str, root: Path) -> None:
     check_outside(path, root)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # a crash leaves the old file, never half a list
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)  # a crash leaves the old file, never half a list
+    except OSError as e:  # a full disk: one line, and no empty .tmp left beside the old file
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{path}: cannot write it ({e.strerror}); free space or pick another place, then rerun") from None
 
 
 def write_file_list(path, samples: list[tuple[str, int]], root) -> Path:
@@ -202,6 +207,12 @@ def scan(root, out=None, report=None, min_size: int = 0, workers: int | None = N
     check_outside(out, root)  # before the long decode, not after
     check_outside(report, root)
     check_not_foreign(out, report)
+    for flag, path in (("--out", out), ("--report", report)):  # a folder, or no place to write: now, not after
+        if path and not creatable(path, folder=False):
+            what = "a folder" if Path(path).is_dir() else "not writable"
+            raise DataError(f"{flag} {path}: {what}; it takes the file to write")
+    if min_size < 0:
+        raise DataError(f"--min-size {min_size}: must be >= 0 pixels")
     tasks = [(str(root / rel), rel, label, min_size) for rel, label in samples]
     results = sorted(parallel_imap(_check_task, tasks, workers, f"scan {root}", progress), key=lambda r: r[0])
 
