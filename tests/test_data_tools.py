@@ -381,6 +381,10 @@ def test_links_loops_and_fifos_in_an_image_folder_are_listed_once_and_never_read
     assert samples == [("a/0.jpg", 0), ("b/0.jpg", 1), ("c/deep/1.jpg", 2)]
     report = scan(root, out=tmp_path / "list.txt", report=tmp_path / "r.json", progress=False, workers=1)
     assert report["num_kept"] == 3
+    # a class folder that is a link to a sibling class: its images were listed twice, under two labels
+    (root / "d").symlink_to("a")
+    with pytest.raises(DataError, match=r"ds/d: a link to the class folder 'a' of the same dataset"):
+        list_image_folder(root)
 
 
 def test_subset_replaces_an_earlier_list_but_no_other_file(imagenet_like, tmp_path):

@@ -144,6 +144,19 @@ def class_labels(found: list[str], classes: list[str] | tuple[str, ...] | None, 
     return [index[c] for c in found]
 
 
+def _no_alias_classes(root: Path, found: list[str]) -> None:
+    """One line for a class folder that is a link to another class's folder (or into it):
+    its images would be listed twice, under two labels."""
+    real = {c: os.path.realpath(root / c) for c in found}
+    for c in found:
+        for other in found:
+            if other != c and (real[c] == real[other] or real[c].startswith(real[other] + os.sep)) \
+                    and os.path.islink(root / c):
+                raise DataError(f"{root / c}: a link to the class folder {other!r} of the same dataset, so its images "
+                                f"would be listed twice, under two labels; remove the link (or make {c!r} a folder of "
+                                "its own)")
+
+
 def list_image_folder(
     root: str | os.PathLike, images_only: bool = True, classes: list[str] | tuple[str, ...] | None = None
 ) -> tuple[list[str], list[tuple[str, int]]]:
@@ -157,6 +170,7 @@ def list_image_folder(
     """
     root = Path(root)
     found = find_classes(root)
+    _no_alias_classes(root, found)
     labels = class_labels(found, classes, root)
     samples = [
         (rel, label)
