@@ -35,6 +35,15 @@ class ConfigError(MscnError):
     """An invalid configuration value, unknown key or wrong type."""
 
 
+class SignalStop(MscnError):
+    """A command stopped on a signal; ``status`` is 128 + the signal's number (143 for
+    SIGTERM), what a shell reports for it. run_cli prints ``{prog}: {message}``."""
+
+    def __init__(self, msg: str, signum: int):
+        super().__init__(msg)
+        self.status = 128 + signum
+
+
 class DataError(MscnError):
     """A missing, empty or unreadable dataset, or a bad image inside it."""
 

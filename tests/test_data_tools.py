@@ -555,3 +555,42 @@ def test_scan_outputs_are_checked_before_the_decode_and_a_full_disk_is_one_line(
     with pytest.raises(DataError, match=r"l.scan.json: cannot write it \(No space left on device\)"):
         scan(root, out=tmp_path / "l.txt", report=tmp_path / "l.scan.json", workers=1, progress=False)
     assert not list(tmp_path.glob("*.tmp"))  # no empty temporary left beside
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_stop_during_a_pool_is_one_line(tmp_path, sig):
+    """kill (SIGTERM) ended scan/pack at once and their workers printed BrokenPipeError
+    tracebacks; Ctrl-C sometimes printed the workers' KeyboardInterrupt tracebacks. The main
+    process now stops the pool and says it in one line."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time\nfrom mscn.data.imagefolder import parallel_imap\nfrom mscn.errors import run_cli\n"
+            "def slow(x):\n    time.sleep(0.2)\n    return x\n"
+            "def body():\n    print('started', flush=True)\n"
+            "    for _ in parallel_imap(slow, list(range(200)), 2, 'scan /data/x', progress=False):\n        pass\n"
+            "sys.exit(run_cli(body, 'mscn'))\n")
+    # SIGINT as a terminal sends it: to the whole process group, workers included
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        time.sleep(1.0)
+        if sig == "SIGTERM":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(0.5)  # the workers' last words, if any, are on the same stderr
+    assert "Traceback" not in err, err
+    if sig == "SIGTERM":
+        assert proc.returncode == 143 and err.strip() == ("mscn: stopped by SIGTERM during scan /data/x; what it had "
+                                                          "done is not written: rerun the same command"), err
+    else:
+        assert proc.returncode == 130 and err.strip() == "mscn: interrupted", err

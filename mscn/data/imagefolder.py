@@ -12,7 +12,10 @@ line naming the path.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 import unicodedata
 from multiprocessing import Pool
 from pathlib import Path
@@ -20,7 +23,7 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-from mscn.errors import DataError
+from mscn.errors import DataError, SignalStop
 from mscn.machine import usable_cores
 
 # torchvision's IMG_EXTENSIONS; matched case-insensitively (ImageNet uses .JPEG).
@@ -194,17 +197,46 @@ def parallel_imap(fn: Callable, tasks: list, workers: int | None, desc: str, pro
     arrive as they finish.
     """
     workers = max(1, min(workers or usable_cores(), len(tasks)))
-    with tqdm(total=len(tasks), desc=desc, unit="file", disable=not progress) as bar:
+    with tqdm(total=len(tasks), desc=desc, unit="file", disable=not progress) as bar, _stop_on_sigterm(desc):
         if workers == 1:
             for task in tasks:
                 yield fn(task)
                 bar.update()
             return
-        pool = Pool(workers)
+        pool = Pool(workers, initializer=_worker_init)
         try:
             for result in pool.imap_unordered(fn, tasks, chunksize=max(1, min(16, len(tasks) // (4 * workers)))):
                 yield result
                 bar.update()
-        finally:  # also on an exception in fn or an abandoned generator
+        finally:  # also on an exception in fn, a stop, or an abandoned generator
             pool.terminate()
             pool.join()
+
+
+def _worker_init() -> None:
+    """A pool worker leaves Ctrl-C to the main process, which stops the pool: each worker's
+    own KeyboardInterrupt traceback was printed under the command's one line. SIGTERM ends a
+    worker at once, as the pool's terminate() expects (a fork inherits the main process's
+    handler, which would raise inside the worker's loop)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(desc: str):
+    """SIGTERM (kill, timeout, a scheduler) during the work: the pool is stopped and the
+    command says so in one line (it died at once, its workers printing BrokenPipeError
+    tracebacks). Only in the main thread, where Python runs signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SignalStop(f"stopped by SIGTERM during {desc}; what it had done is not written: "
+                         "rerun the same command", signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
