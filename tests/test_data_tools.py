@@ -594,3 +594,34 @@ def test_a_stop_during_a_pool_is_one_line(tmp_path, sig):
                                                           "done is not written: rerun the same command"), err
     else:
         assert proc.returncode == 130 and err.strip() == "mscn: interrupted", err
+
+
+def test_a_second_pack_into_a_folder_being_packed_is_refused(tmp_path):
+    """Two packs into one folder both exited 0, the second's shards over the first's."""
+    import subprocess
+    import sys
+
+    from pipeline_fixtures import make_folder
+
+    root = make_folder(tmp_path / "ds", classes=1, per_class=2)
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\nfrom pathlib import Path\nfrom mscn.data.pack import _pack_lock\n"
+        f"with _pack_lock(Path({str(out)!r})):\n    print('held', flush=True)\n    time.sleep(30)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DataError, match=r"out: another mscn data pack is writing there now \(pid \d+\)"):
+            from mscn.data.pack import pack
+            pack(root, out, shard_size=5, progress=False, workers=1)
+    finally:
+        holder.kill()
+        holder.wait()
+    pack(root, out, shard_size=5, progress=False, workers=1)  # the lock went with its process
+    assert not (out / ".pack.lock").exists() and (out / "sources.json").is_file()
+    bad = tmp_path / "bad" / "c0"
+    bad.mkdir(parents=True)
+    (bad / "x.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match="none of its 1 files decodes"):  # refused after the lock was taken
+        pack(bad.parent, tmp_path / "new", shard_size=5, progress=False, workers=1)
+    assert not (tmp_path / "new").exists()  # no empty folder left behind

@@ -28,8 +28,11 @@ reader's unshuffled order). Keys are the position in the written order.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
+import os
 import tarfile
 import time
 from pathlib import Path
@@ -44,6 +47,7 @@ from mscn.data.source import PACKING, SOURCES_JSON, Source, resolve_source  # th
 from mscn.errors import DataError
 
 SHARD_PATTERN = "shard-{:06d}.tar"
+PACK_LOCK = ".pack.lock"  # held by the pack writing a folder (_pack_lock)
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -84,6 +88,44 @@ def pack(root, out, shard_size: int = 1000, shuffle_seed: int | None = 0, file_r
         raise DataError(f"{out}: a file; pack takes a folder for the shards")
     plan = {"root": str(Path(source.root).resolve()), "source": source.digest(), "shard_size": shard_size,
             "shuffle_seed": shuffle_seed, "strict": strict}
+    with _pack_lock(out):
+        return _pack(source, root, out, plan, progress, workers)
+
+
+@contextlib.contextmanager
+def _pack_lock(out: Path):
+    """Hold ``out/.pack.lock`` while packing: a second pack into the same folder, started
+    while the first runs, would take its .packing as a stopped pack to go on from, and both
+    would write the same shards. The kernel drops the lock when the process ends."""
+    made = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / PACK_LOCK, "a+")
+    except OSError as e:
+        raise DataError(f"{out}: cannot write the pack there ({e.strerror})") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise DataError(f"{out}: another mscn data pack is writing there now ({holder}); wait for it to end, or "
+                        "pack into another folder") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    try:
+        yield
+    finally:
+        (out / PACK_LOCK).unlink(missing_ok=True)
+        f.close()
+        if made and not any(out.iterdir()):  # refused before a shard: no empty folder left behind
+            out.rmdir()
+
+
+def _pack(source: Source, root, out: Path, plan: dict, progress: bool, workers: int | None) -> dict:
+    shard_size, shuffle_seed, strict = plan["shard_size"], plan["shuffle_seed"], plan["strict"]
     resumed = _unfinished(out, plan)
     if resumed is None and out.exists() and any(out.glob("*.tar")):
         raise DataError(f"{out}: already holds .tar shards; remove them or pack into another folder")
