@@ -197,6 +197,18 @@ def test_subset_labels_must_be_the_class_indices_of_their_folders(data, tmp_path
         read_subset(binary, data["train"])
     with pytest.raises(DataError, match=r"--subset .*: a folder; it takes the subset file"):
         read_subset(tmp_path, data["train"])
+    # shards or a scan list as the train root: the subset's files are read from their image folder
+    from mscn.data.pack import pack
+    from mscn.data.scan import scan
+
+    pack(data["train"], tmp_path / "packed", shard_size=8, progress=False, workers=1)
+    with pytest.raises(DataError, match=r"--train-root .*packed: a folder of .tar shards; fine-tuning on a label "
+                                        r"subset reads the images from their ImageFolder: pass that folder \(these "
+                                        r"shards were packed from .*train\)"):
+        read_subset(data["subset"], tmp_path / "packed")
+    scan(data["train"], out=tmp_path / "t.txt", report=tmp_path / "t.scan.json", progress=False, workers=1)
+    with pytest.raises(DataError, match=r"--train-root .*t.txt: a file list; .*\(this list was scanned from .*train\)"):
+        read_subset(data["subset"], tmp_path / "t.txt")
     # a list made for another root: its fix is a list for this root, not a rescan of it
     with pytest.raises(DataError, match=r"missing file .*relative to --train-root .*write one for this root "
                                         r"\(mscn data subset .*val --fraction"):

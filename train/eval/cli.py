@@ -244,8 +244,9 @@ def _add_model_args(p: argparse.ArgumentParser, ckpt_required: bool = True) -> N
 
 def _add_protocol_args(p: argparse.ArgumentParser, lr_help: str | None) -> None:
     _add_model_args(p)
-    p.add_argument("--train-root", help="ImageFolder with the training images (ROOT/<class>/<image>)")
-    p.add_argument("--val-root", help="ImageFolder with the evaluation images")
+    p.add_argument("--train-root", help="the training images: an ImageFolder (ROOT/<class>/<image>), a file list "
+                                        "from mscn data scan, or a folder of .tar shards (finetune: the ImageFolder)")
+    p.add_argument("--val-root", help="the evaluation images, in any of those forms")
     p.add_argument("--out", default=None, help="result folder (default runs/eval/<run>-<protocol>)")
     p.add_argument("--table", default=None, help="results CSV to append to (default <out>/../results.csv)")
     p.add_argument("--name", default=None, help="row label in tables (default from the checkpoint, e.g. SimCLR+MSCN)")

@@ -16,6 +16,7 @@ Every random choice (head init, crops, flips, data order) follows one ``seed``
 """
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
@@ -27,7 +28,8 @@ from torch import nn
 
 from mscn.config import Config
 from mscn.data.imagefolder import find_classes, is_image_name, list_image_folder
-from mscn.data.scan import read_file_list, write_file_list
+from mscn.data.scan import read_file_list, report_path_for, write_file_list
+from mscn.data.source import detect_format, read_sources_json
 from mscn.data.subset import make_subset
 from mscn.errors import DataError, MscnError
 from mscn.train.distributed import convert_sync_batchnorm, mean_over_ranks
@@ -44,6 +46,22 @@ def read_subset(path: str | Path, train_root: str | Path) -> list[tuple[str, int
     of bare names (SimCLR's official split) is matched by file stem under the root.
     """
     path, root = Path(path), Path(train_root)
+    if root.exists() and detect_format(root) != "folder":
+        # the subset names image files, and the fine-tuning loader reads them from their folder
+        where = ""
+        if root.is_dir():
+            packed = read_sources_json(root).get("root")
+            where = f" (these shards were packed from {packed})" if packed else ""
+        else:
+            try:
+                scanned = json.loads(report_path_for(root).read_text()).get("root")
+            except (OSError, ValueError, AttributeError):  # no report beside the list, or not ours
+                scanned = None
+            where = f" (this list was scanned from {scanned})" if scanned else ""
+        what = "a folder of .tar shards" if root.is_dir() else "a file list"
+        raise DataError(f"--train-root {root}: {what}; fine-tuning on a label subset reads the images from their "
+                        f"ImageFolder: pass that folder{where}, and a subset made from it (mscn data subset FOLDER "
+                        "--fraction 0.01)")
     if path.is_dir():
         raise DataError(f"--subset {path}: a folder; it takes the subset file (mscn data subset {root} --fraction 0.01)")
     if not path.is_file():
