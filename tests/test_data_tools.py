@@ -306,6 +306,12 @@ def test_cli_runs_commands_and_prints_one_line_errors(imagenet_like, messy_root,
     monkeypatch.chdir(tmp_path)  # default outputs land in the working directory
     assert main(["data", "scan", str(messy_root), "--workers", "1"]) == 0
     assert (tmp_path / "messy.filelist.txt").is_file() and (tmp_path / "messy.scan.json").is_file()
+    # the excluded files are named on the terminal too (they were only in the JSON report)
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "messy.scan.json").read_text())
+    for issue in (i for i in report["issues"] if i["excluded"]):
+        assert f"scan: excluded {messy_root / issue['path']}: {issue['reason']}" in out, issue
+    assert f"{messy_root / 'bee/cmyk.jpg'}" not in out  # kept files are not listed as excluded
     assert main(["data", "subset", str(imagenet_like), "--fraction", "0.2", "--seed", "4"]) == 0
     (written,) = tmp_path.glob("*_train.subset20pct.seed4.txt")  # split folders get their parent's name
     assert len(written.read_text().splitlines()) == 10 + 2 + 1

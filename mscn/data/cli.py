@@ -66,6 +66,9 @@ def _photos(args) -> None:
           f"{s['images_per_s']} images/s")
 
 
+SHOWN = 10  # excluded files named on the terminal after a scan
+
+
 def _scan(args) -> None:
     from mscn.data.scan import default_outputs, report_path_for, scan
 
@@ -77,6 +80,11 @@ def _scan(args) -> None:
     bad = {k: v for k, v in r["counts"].items() if v and k != "ok"}
     print(f"scan: {r['num_files']} files, {len(r['classes'])} classes: kept {r['num_kept']}, "
           f"excluded {r['num_excluded']}; issues {json.dumps(bad) if bad else 'none'}")
+    excluded = [i for i in r["issues"] if i["excluded"]]
+    for i in excluded[:SHOWN]:  # the files a user goes to fix first; all of them are in the report
+        print(f"scan: excluded {Path(args.root) / i['path']}: {i['reason']} ({i['detail']})")
+    if len(excluded) > SHOWN:
+        print(f"scan: ... and {len(excluded) - SHOWN} more excluded, each named in the report")
     print(f"scan: file list -> {out}")
     print(f"scan: report    -> {report}")
     beside = report_path_for(out)
