@@ -312,6 +312,12 @@ def test_cli_runs_commands_and_prints_one_line_errors(imagenet_like, messy_root,
     for issue in (i for i in report["issues"] if i["excluded"]):
         assert f"scan: excluded {messy_root / issue['path']}: {issue['reason']}" in out, issue
     assert f"{messy_root / 'bee/cmyk.jpg'}" not in out  # kept files are not listed as excluded
+    assert report["empty_classes"] == [] and "holds no usable image" not in out
+    (messy_root / "cat").mkdir()  # an empty class folder takes a label without a word (torchvision refuses it)
+    assert main(["data", "scan", str(messy_root), "--workers", "1"]) == 0
+    assert f"scan: note: class folder {messy_root / 'cat'} holds no usable image; it still takes a label" in \
+        capsys.readouterr().out
+    (messy_root / "cat").rmdir()
     assert main(["data", "subset", str(imagenet_like), "--fraction", "0.2", "--seed", "4"]) == 0
     (written,) = tmp_path.glob("*_train.subset20pct.seed4.txt")  # split folders get their parent's name
     assert len(written.read_text().splitlines()) == 10 + 2 + 1

@@ -80,6 +80,8 @@ def _scan(args) -> None:
     bad = {k: v for k, v in r["counts"].items() if v and k != "ok"}
     print(f"scan: {r['num_files']} files, {len(r['classes'])} classes: kept {r['num_kept']}, "
           f"excluded {r['num_excluded']}; issues {json.dumps(bad) if bad else 'none'}")
+    for c in r.get("empty_classes", [])[:SHOWN]:
+        print(f"scan: note: class folder {Path(args.root) / c} holds no usable image; it still takes a label")
     excluded = [i for i in r["issues"] if i["excluded"]]
     for i in excluded[:SHOWN]:  # the files a user goes to fix first; all of them are in the report
         print(f"scan: excluded {Path(args.root) / i['path']}: {i['reason']} ({i['detail']})")

@@ -226,8 +226,11 @@ def scan(root, out=None, report=None, min_size: int = 0, workers: int | None = N
             clean.append((rel, label))
         for reason, detail in found:
             issues.append({"path": rel, "reason": reason, "detail": detail, "excluded": excluded})
+    held = {classes[label] for _, label in clean}
     summary = {
         "root": str(Path(root).resolve()), "file_list": str(out) if out else None, "classes": classes,
+        # a class folder without a usable image still takes a label (torchvision refuses it): said
+        "empty_classes": [c for c in classes if c not in held],
         "num_files": len(results), "num_kept": len(clean), "num_excluded": len(results) - len(clean),
         "min_size": min_size, "counts": {k: counts.get(k, 0) for k in ("ok",) + EXCLUDED + KEPT},
         "formats": dict(formats), "issues": issues,
