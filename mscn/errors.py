@@ -68,8 +68,8 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
         status = getattr(e, "status", None)  # e.g. a run stopped on a signal after its checkpoint
         if os.environ.get("MSCN_DEBUG") and status is None:
             raise
-        if status is not None and os.environ.get("RANK", "0") != "0":
-            return status  # a stop is the same on every rank: rank 0 says it (an error, every rank)
+        if status is not None and getattr(e, "rank0_says", False) and os.environ.get("RANK", "0") != "0":
+            return status  # a trainer's stop is the same on every rank: rank 0 says it (an error, every rank)
         print(f"{prog}: {'error: ' if status is None else ''}{e}", file=sys.stderr, flush=True)
         return 2 if status is None else status
     except OSError as e:
@@ -80,8 +80,8 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
     except RuntimeError as e:
         if not lost_peers(e) or os.environ.get("MSCN_DEBUG"):
             raise
-        first = str(e).splitlines()[0]
-        first = first.split("] ", 1)[-1][:120]  # gloo's line starts with its source file
+        first = str(e).splitlines()[0].split("] ", 1)[-1]  # gloo's line starts with its source file
+        first = first.split(". ", 1)[0].rstrip(".")  # its first sentence: "Connection reset by peer [host]:port"
         print(f"{prog}: error: rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')} lost the "
               f"other ranks ({first}): another rank stopped first (an error, a kill, a lost node); its own "
               "message, or torchrun's summary, says which and why", file=sys.stderr, flush=True)
@@ -101,12 +101,15 @@ PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pi
 
 
 def lost_peers(e: BaseException) -> bool:
-    """Whether ``e`` is a collective that lost its peers, in a multi-rank run."""
+    """Whether ``e`` is a collective that lost its peers, in a multi-rank run: torch.distributed's
+    own error types, or gloo's transport (a file system's "Broken pipe" is no lost rank)."""
     try:
         multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
     except ValueError:
         multi = False
-    return multi and any(p.lower() in str(e).lower() for p in PEER_LOST)
+    text = str(e)
+    from_dist = type(e).__name__ in ("DistBackendError", "DistNetworkError") or "gloo/transport" in text
+    return multi and from_dist and any(p.lower() in text.lower() for p in PEER_LOST)
 
 
 @functools.cache  # registered once per process

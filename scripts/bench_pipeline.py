@@ -694,12 +694,39 @@ def on_sigterm(what: str = "") -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
-def _child(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+class _StopRequest:
+    """SIGTERM or Ctrl-C during --isolate, noted by the handler and acted on by :func:`_child`.
+    Raised from the handler, the stop could land inside ``Popen`` after its fork, before the
+    child was ours to stop: that child ran on as an orphan (a flaky test caught it)."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def __call__(self, signum, frame) -> None:
+        self.signum = signum
+
+    def check(self) -> None:
+        if self.signum == signal.SIGTERM:
+            raise _Terminated(" (the isolated runs so far are not kept)")
+        if self.signum:
+            raise KeyboardInterrupt
+
+
+def _child(cmd: list[str], timeout: float, stop: _StopRequest) -> subprocess.CompletedProcess:
     """One isolated run; stopped with the parent (a SIGTERM from timeout, SLURM or kill reaches
     only the parent, and the child would run on as an orphan)."""
+    stop.check()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
     try:
-        out, err = proc.communicate(timeout=timeout)
+        while True:  # short waits, so that a stop is seen within a fraction of a second
+            try:
+                out, err = proc.communicate(timeout=0.2)  # a retry loses no output (subprocess docs)
+                break
+            except subprocess.TimeoutExpired:
+                stop.check()
+                if time.monotonic() > deadline:
+                    raise
     except BaseException:
         proc.terminate()
         try:
@@ -727,7 +754,9 @@ def run_isolated(args: argparse.Namespace, argv: list[str]) -> int:
     rates: dict[str, list[float]] = {s: [] for s in stages}
     runs: dict[str, list[dict]] = {s: [] for s in stages}
     order = isolation_order(stages, args.isolate)
-    on_sigterm(" (the isolated runs so far are not kept)")
+    stop = _StopRequest()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
     with tempfile.TemporaryDirectory() as tmp:
         for i, (r, stage) in enumerate(order, 1):
             out = Path(tmp) / f"{stage}_{r}.json"
@@ -735,7 +764,7 @@ def run_isolated(args: argparse.Namespace, argv: list[str]) -> int:
                    "--json", str(out)]
             print(f"[isolate] {i}/{len(order)} round {r + 1} {stage}", flush=True)
             try:
-                proc = _child(cmd, ISOLATE_TIMEOUT_S)
+                proc = _child(cmd, ISOLATE_TIMEOUT_S, stop)
             except subprocess.TimeoutExpired:
                 raise MscnError(f"--isolate: the {stage} run (round {r + 1}) took over {ISOLATE_TIMEOUT_S} s; "
                                 f"run it alone to see where it hangs: {' '.join(cmd)}") from None

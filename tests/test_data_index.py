@@ -179,9 +179,16 @@ def test_names_with_spaces_and_incomplete_samples_are_refused(tmp_path, capsys):
                        # members apart: [a.jpg] [b.jpg] [a.cls] [b.cls] are four samples to DALI
                        (["a.jpg", "b.jpg", "a.cls", "b.cls"], r"sample 'a' \(a.cls\) lacks an image, unlike the"),
                        (["a.jpg", "a.cls", "b.cls"], r"sample 'b' \(b.cls\) lacks an image"),
-                       (["a.jpg", "a.cls", "b.jpg"], r"sample 'b' \(b.jpg\) lacks .cls")):
+                       (["a.jpg", "a.cls", "b.jpg"], r"sample 'b' \(b.jpg\) lacks .cls"),
+                       (["a.cls", "b.jpg", "b.cls"], r"sample 'a' \(a.cls\) lacks an image")):
         shard(names)
         assert mscn_main(["data", "index", str(tmp_path / "w")]) == 2, names
         err = capsys.readouterr().err
         assert re.search(msg, err) and "Traceback" not in err, (names, err)
         assert not (tmp_path / "w" / "a.idx").exists()
+    # members the reader does not ask for (a .json) are optional; a .cls missing from the first
+    # sample makes the shard unlabelled, as the reader decides from the first sample
+    for names in (["a.jpg", "a.cls", "a.json", "b.jpg", "b.cls"], ["a.jpg", "b.jpg", "b.cls"]):
+        shard(names)
+        assert mscn_main(["data", "index", str(tmp_path / "w")]) == 0, (names, capsys.readouterr().err)
+        (tmp_path / "w" / "a.idx").unlink()

@@ -2,7 +2,7 @@
 import pytest
 
 from mscn.cli import main as mscn_main
-from mscn.errors import ConfigError, DataError, run_cli
+from mscn.errors import ConfigError, DataError, SignalStop, run_cli
 from mscn.train.pretrain import main as pretrain_main
 
 
@@ -192,6 +192,9 @@ def test_a_stop_on_a_signal_is_said_by_rank_0_only_and_an_error_by_every_rank(ca
         assert capsys.readouterr().err == ("tool: stopped by SIGTERM after step 5 of 9\n" if said else "")
         assert run_cli(_raise(DataError("x.jpg: corrupt")), "tool") == 2
         assert capsys.readouterr().err == "tool: error: x.jpg: corrupt\n"
+        # a data tool's own stop, run with a worker's RANK in its environment, is said on every rank
+        assert run_cli(_raise(SignalStop("stopped by SIGTERM during scan x", 15)), "tool") == 143
+        assert capsys.readouterr().err == "tool: stopped by SIGTERM during scan x\n"
 
 
 def test_a_rank_that_lost_the_others_says_so_in_one_line(tmp_path):
@@ -222,4 +225,17 @@ def test_a_rank_that_lost_the_others_says_so_in_one_line(tmp_path):
     assert procs[0].returncode == 1, err0
     assert "Traceback" not in err0 and err0.count("\n") == 1, err0
     assert err0.startswith("mscn pretrain: error: rank 0 of 2 lost the other ranks (")
+    assert "by peer" in err0 and "typically caused" not in err0  # gloo's first sentence only
     assert "another rank stopped first" in err0
+
+
+def test_a_file_system_error_that_reads_like_a_lost_peer_is_not_one(monkeypatch):
+    """Only torch.distributed's errors (or gloo's transport) count as a lost rank; a network
+    file system's 'Broken pipe' in a multi-rank run is a bug or an error of its own."""
+    from mscn.errors import lost_peers
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not lost_peers(RuntimeError("read /nfs/x.jpg: Broken pipe"))
+    assert lost_peers(RuntimeError("[/gloo/transport/tcp/pair.cc:545] Connection reset by peer [127.0.0.1]:1"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not lost_peers(RuntimeError("[/gloo/transport/tcp/pair.cc:545] Connection reset by peer"))

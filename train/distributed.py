@@ -73,19 +73,24 @@ def env_local_rank() -> int:
     return _env_int("LOCAL_RANK", 0)
 
 
+_PARENT = os.getppid()  # at import, early in the worker: the launcher, before it could have died
+
+
 def stop_with_launcher() -> None:
     """Linux: ask the kernel for a SIGTERM when the process that started this one (torchrun's
     agent) dies. A ``kill -9`` of torchrun left its workers training on as orphans, holding
     the run folder; SIGTERM is the trainer's preemption signal, so they now checkpoint and
-    stop at the same step (train/preempt.py). Elsewhere, or if the call fails: nothing."""
+    stop at the same step (train/preempt.py). Called only under torchrun (TORCHELASTIC_RUN_ID),
+    which starts its workers from its main thread: the kernel ties the signal to the thread
+    that started the process, so a launcher starting workers from a thread that ends early
+    would stop them. Elsewhere, or if the call fails: nothing."""
     if not sys.platform.startswith("linux"):
         return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        parent = os.getppid()
         if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
             return
-        if os.getppid() != parent:  # the launcher died before the call: as if the signal had come
+        if os.getppid() != _PARENT:  # the launcher died before the call: as if the signal had come
             os.kill(os.getpid(), signal.SIGTERM)
     except (OSError, AttributeError):
         pass

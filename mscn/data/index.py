@@ -45,15 +45,17 @@ def index_text(tar: Path) -> str:
 
 
 def _check_members(tar: Path, samples: list[list[tuple[str, int, int, str]]]) -> None:
-    """Every sample holds an image and the first sample's other members (``.cls``): one
-    without them (a member appended away from its sample, a lost ``.cls``) would stop the
-    reader mid-epoch with DALI's "Underful sample"."""
+    """Every sample holds what mscn's reader will ask every sample for: an image, and the
+    ``.cls`` and ``.idx`` when the first sample has them (the reader decides from the first
+    sample, pipelines/readers.py). One without them (a member appended away from its sample,
+    a lost ``.cls``) would stop the reader mid-epoch with DALI's "Underful sample"; other
+    members (``.json``, ...) are optional."""
     images = {e.lstrip(".") for e in (*IMG_EXTENSIONS, ".jpe")}
 
     def kinds(sample) -> set[str]:
         return {"an image" if ext.lower() in images else f".{ext.lower()}" for ext, *_ in sample}
 
-    want = kinds(samples[0]) | {"an image"}
+    want = {"an image"} | (kinds(samples[0]) & {".cls", ".idx"})
     for sample in samples:
         lack = want - kinds(sample)
         if lack:

@@ -65,9 +65,11 @@ def _decode_task(path: str) -> tuple[str, str | None]:
 def undecodable(source: Source, workers: int | None = None, progress: bool = True) -> dict[str, str]:
     """``{relpath: why}`` of the files of ``source`` that PIL cannot decode, over all cores."""
     root = Path(source.root)
-    found = parallel_imap(_decode_task, [str(root / rel) for rel in source.files], workers,
-                          f"check {root}", progress)
-    return {Path(path).relative_to(root).as_posix(): why for path, why in found if why}
+    found = dict(parallel_imap(_decode_task, [str(root / rel) for rel in source.files], workers,
+                               f"check {root}", progress))
+    # in the source's order, not the order the workers finished in: sources.json is the same
+    # whatever the workers did, and a resumed pack's is an uninterrupted one's
+    return {rel: found[str(root / rel)] for rel in source.files if found.get(str(root / rel))}
 
 
 def pack(root, out, shard_size: int = 1000, shuffle_seed: int | None = 0, file_root: str | None = None,
@@ -118,10 +120,14 @@ def _pack_lock(out: Path):
     try:
         yield
     finally:
-        (out / PACK_LOCK).unlink(missing_ok=True)
-        f.close()
-        if made and not any(out.iterdir()):  # refused before a shard: no empty folder left behind
+        # the lock file stays (deleting it while locked lets two later packs lock two files),
+        # but a folder this pack made and left otherwise empty (refused before a shard) goes
+        if made and [p.name for p in out.iterdir()] == [PACK_LOCK]:
+            (out / PACK_LOCK).unlink()
+            f.close()
             out.rmdir()
+        else:
+            f.close()
 
 
 def _pack(source: Source, root, out: Path, plan: dict, progress: bool, workers: int | None) -> dict:
