@@ -637,3 +637,24 @@ def test_a_second_pack_into_a_folder_being_packed_is_refused(tmp_path):
     with pytest.raises(DataError, match="none of its 1 files decodes"):  # refused after the lock was taken
         pack(bad.parent, tmp_path / "new", shard_size=5, progress=False, workers=1)
     assert not (tmp_path / "new").exists()  # no empty folder left behind
+
+
+def test_a_subset_of_a_scan_list_draws_only_what_the_scan_kept(messy_root, tmp_path, monkeypatch):
+    """A subset of the scanned folder could draw a file the scan excluded (the fine-tuning
+    loader then stops on it); a subset of the scan's list cannot."""
+    from mscn.train.eval.finetune import read_subset
+
+    report = scan(messy_root, out=tmp_path / "m.filelist.txt", report=tmp_path / "m.scan.json",
+                  progress=False, workers=1)
+    excluded = {i["path"] for i in report["issues"] if i["excluded"]}
+    everything = make_subset(messy_root, 1.0)
+    assert excluded & {rel for rel, _ in everything}  # the folder's draw takes them
+    kept = make_subset(tmp_path / "m.filelist.txt", 1.0, out=tmp_path / "sub.txt")
+    assert not excluded & {rel for rel, _ in kept} and len(kept) == report["num_kept"]
+    assert read_subset(tmp_path / "sub.txt", messy_root) == kept  # relative to the images' folder
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "subset", str(tmp_path / "m.filelist.txt"), "--fraction", "0.5"]) == 0
+    assert (tmp_path / "m.subset50pct.seed0.txt").is_file()
+    (tmp_path / "m.scan.json").unlink()  # no report: no root, no classes
+    with pytest.raises(DataError, match=r"m.filelist.txt: a subset is drawn from an ImageFolder, or from a file list"):
+        make_subset(tmp_path / "m.filelist.txt", 0.5)

@@ -179,7 +179,8 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
                        description="Write a deterministic class-balanced subset of ROOT as a file list "
                        "(round(fraction * n) images per class, at least 1), or convert an official ImageNet "
                        "subset file (one n01440764_10026.JPEG per line) with --official.")
-    p.add_argument("root", metavar="ROOT", help="ImageFolder root: ROOT/<class>/<image>")
+    p.add_argument("root", metavar="ROOT", help="ImageFolder root (ROOT/<class>/<image>), or the file list of "
+                   "`mscn data scan ROOT`: then only the files the scan kept are drawn")
     p.add_argument("--fraction", metavar="F", type=float, default=None, help="share of each class to keep, in (0, 1]")
     p.add_argument("--seed", metavar="S", type=int, default=0, help="random seed of the draw (default 0)")
     p.add_argument("--official", metavar="FILE", default=None, help="official subset file to convert instead")

@@ -140,7 +140,7 @@ def resolve_source(path: str, fmt: str = "auto", file_root: str | None = None,
             raise DataError(f"{p}: data.format=filelist needs a .txt file list, got a directory")
         root, guessed = list_root(p, file_root)
         samples = read_file_list(p, root, guessed)
-        own = _report_classes(p)
+        own = report_classes(p)
         if classes is not None and own:  # the scan report names the list's classes: map them
             remap = class_labels(own, classes, p)
             samples = [(rel, lab if lab == UNLABELLED else remap[lab]) for rel, lab in samples]
@@ -151,7 +151,8 @@ def resolve_source(path: str, fmt: str = "auto", file_root: str | None = None,
     raise DataError(f"data.format={kind!r}: must be auto, folder, filelist or wds")
 
 
-def _report_classes(list_path: Path) -> list[str]:
+def report_classes(list_path: Path) -> list[str]:
+    """The class names of a scan's file list, from its report beside it ([] if none)."""
     report = report_path_for(list_path)
     try:
         classes = json.loads(report.read_text()).get("classes", []) if report.is_file() else []

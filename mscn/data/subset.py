@@ -17,13 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from mscn.data.imagefolder import list_image_folder
-from mscn.data.scan import default_outputs, is_label, write_file_list
+from mscn.data.scan import default_outputs, is_label, read_file_list, report_path_for, write_file_list
 from mscn.errors import DataError
 
 
 def default_subset_path(root, fraction: float | None, seed: int, official=None) -> Path:
     """``./<name>.subset<pct>pct.seed<seed>.txt`` (or ``.<official stem>.txt``) in the CWD."""
-    name = default_outputs(root)[0].name.removesuffix(".filelist.txt")
+    if Path(root).is_file():  # a scan's list: named after it (in1k_train.filelist.txt -> in1k_train)
+        name = Path(root).name.removesuffix(".txt").removesuffix(".filelist")
+    else:
+        name = default_outputs(root)[0].name.removesuffix(".filelist.txt")
     tag = Path(official).stem if official else f"subset{fraction * 100:g}pct.seed{seed}"
     return Path.cwd() / f"{name}.{tag}.txt"
 
@@ -97,7 +100,10 @@ def make_subset(root, fraction: float | None, seed: int = 0, out=None, official=
         raise DataError(f"subset: --fraction must be in (0, 1], got {fraction}")
     if out:
         check_replaceable(Path(out))
-    classes, samples = list_image_folder(root)
+    if root.is_file():  # a scan's file list: the draw takes only the files the scan kept
+        root, classes, samples = _scanned(root)
+    else:
+        classes, samples = list_image_folder(root)
     if official is not None:
         chosen = _official(samples, Path(official), root)
     else:
@@ -105,3 +111,20 @@ def make_subset(root, fraction: float | None, seed: int = 0, out=None, official=
     if out:
         write_file_list(out, chosen, root)
     return chosen
+
+
+def _scanned(list_path: Path) -> tuple[Path, list[str], list[tuple[str, int]]]:
+    """(image root, classes, samples) of a file list written by ``mscn data scan``: its
+    report beside it names the root and the classes the labels number."""
+    from mscn.data.source import list_root, report_classes
+
+    root, guessed = list_root(list_path, None)
+    classes = report_classes(list_path)
+    if guessed or not classes:
+        raise DataError(f"{list_path}: a subset is drawn from an ImageFolder, or from a file list written by "
+                        f"`mscn data scan` with its report beside it ({report_path_for(list_path).name}), which "
+                        "names the images' folder and the classes")
+    samples = read_file_list(list_path, root)
+    if any(not 0 <= label < len(classes) for _, label in samples):
+        raise DataError(f"{list_path}: labels outside the {len(classes)} classes of its scan report")
+    return root, classes, samples
