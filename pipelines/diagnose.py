@@ -19,7 +19,8 @@ from PIL import Image, UnidentifiedImageError
 
 from mscn.data.imagefolder import DALI_FORMATS
 from mscn.errors import DataError, MscnError
-from mscn.pipelines.readers import WDS_IMAGE_EXTS, Source, read
+from mscn.data.imagefolder import TAR_IMAGE_EXTS
+from mscn.pipelines.readers import Source, read
 
 MAX_REPLAY_BATCHES = 20_000  # beyond this the replay costs more than a scan would
 
@@ -92,7 +93,7 @@ def _underful(reason: str, source: Source) -> str | None:
         key, exts = sample_members(m.group(1), int(m.group(2)))
     except (OSError, ValueError, IndexError):
         return None
-    images = {e.lower() for e in WDS_IMAGE_EXTS.split(";")}
+    images = set(TAR_IMAGE_EXTS)
     lack = ([] if images & {e.lower() for e in exts} else ["image"]) + [
         f".{e}" for e in (["cls"] if source.labelled else []) + (["idx"] if source.has_index else []) if e not in exts]
     tar = os.path.splitext(m.group(1))[0] + ".tar"

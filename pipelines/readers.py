@@ -25,13 +25,13 @@ from __future__ import annotations
 
 from nvidia.dali import fn
 
-from mscn.data.imagefolder import IMG_EXTENSIONS
+from mscn.data.imagefolder import TAR_IMAGE_EXTS
 from mscn.data.source import Source, resolve_source  # noqa: F401  (re-exported: other projects import them here)
 from mscn.pipelines.ops import parse_ascii_int
 
 READER_NAME = "Reader"  # the iterators find the reader (epoch size, shards) by this name
 # image members of a tar sample; one output, whichever extension the sample has
-WDS_IMAGE_EXTS = ";".join(e.lstrip(".") for e in IMG_EXTENSIONS + (".jpe",))
+WDS_IMAGE_EXTS = ";".join(TAR_IMAGE_EXTS)
 
 
 def read(source: Source, *, shard_id: int, num_shards: int, shuffle: bool, shuffle_buffer: int,

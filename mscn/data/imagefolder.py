@@ -28,6 +28,9 @@ from mscn.machine import usable_cores
 
 # torchvision's IMG_EXTENSIONS; matched case-insensitively (ImageNet uses .JPEG).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# a tar sample's image member, by extension without the dot: the webdataset reader's one image
+# output (pipelines/readers.py) and what `mscn data index` checks samples for
+TAR_IMAGE_EXTS = tuple(e.lstrip(".") for e in IMG_EXTENSIONS + (".jpe",))
 SPLIT_NAMES = {"train", "val", "validation", "test"}
 # The image formats (PIL's names) DALI's decoder (nvImageCodec) reads. A file in another
 # format under an image extension (a GIF, AVIF or ICO named .jpg) opens in PIL but stops

@@ -15,14 +15,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from mscn.data.imagefolder import TAR_IMAGE_EXTS
+from mscn.data.shardindex import dali_index_members, dali_index_text, index_entries
 from mscn.data.source import PACKING
-from mscn.data.imagefolder import IMG_EXTENSIONS
-from mscn.data.shardindex import dali_index_members, dali_index_text
+
+Members = list[list[tuple[str, int, int, str]]]  # per sample: (ext, data offset, size, name)
 from mscn.errors import DataError
 
 
-def index_text(tar: Path) -> str:
-    """The v1.2 index of ``tar`` as DALI reads it; one DataError line for a shard it cannot be."""
+def checked_members(tar: Path) -> Members:
+    """The members of ``tar`` as DALI's index lists them; one DataError line for a shard that
+    cannot be indexed, or that the reader would stop on."""
     try:
         members = dali_index_members(tar)
     except (tarfile.TarError, EOFError) as e:
@@ -40,20 +43,17 @@ def index_text(tar: Path) -> str:
     if end > tar.stat().st_size:  # tarfile lists a last member whose data was cut off
         raise DataError(f"{tar}: cut short ({tar.stat().st_size} bytes; its members run to byte {end}); copy it "
                         "again, or repack its source with `mscn data pack`")
-    return dali_index_text([[f"{ext} {offset} {size} {name}" for ext, offset, size, name in sample]
-                            for sample in members])
+    return members
 
 
-def _check_members(tar: Path, samples: list[list[tuple[str, int, int, str]]]) -> None:
+def _check_members(tar: Path, samples: Members) -> None:
     """Every sample holds what mscn's reader will ask every sample for: an image, and the
     ``.cls`` and ``.idx`` when the first sample has them (the reader decides from the first
     sample, pipelines/readers.py). One without them (a member appended away from its sample,
     a lost ``.cls``) would stop the reader mid-epoch with DALI's "Underful sample"; other
     members (``.json``, ...) are optional."""
-    images = {e.lstrip(".") for e in (*IMG_EXTENSIONS, ".jpe")}
-
     def kinds(sample) -> set[str]:
-        return {"an image" if ext.lower() in images else f".{ext.lower()}" for ext, *_ in sample}
+        return {"an image" if ext.lower() in TAR_IMAGE_EXTS else f".{ext.lower()}" for ext, *_ in sample}
 
     want = {"an image"} | (kinds(samples[0]) & {".cls", ".idx"})
     for sample in samples:
@@ -66,16 +66,11 @@ def _check_members(tar: Path, samples: list[list[tuple[str, int, int, str]]]) ->
                             "them: repack the source with `mscn data pack`")
 
 
-def several_images(text: str) -> list[str]:
-    """The keys of the samples in an index that hold more than one image member (``x.jpg`` and
-    ``x.png``): DALI decodes one of them, printing "Multiple components matching output 0"."""
-    images = {e.lstrip(".") for e in (*IMG_EXTENSIONS, ".jpe")}
-    keys = []
-    for line in text.splitlines()[1:]:
-        fields = line.split()
-        if sum(ext.lower() in images for ext in fields[0::4]) > 1:
-            keys.append(fields[3].rsplit("/", 1)[-1].partition(".")[0])
-    return keys
+def several_images(samples: Members) -> list[str]:
+    """The keys of the samples that hold more than one image member (``x.jpg`` and ``x.png``):
+    DALI decodes one of them, printing "Multiple components matching output 0"."""
+    return [sample[0][3].rsplit("/", 1)[-1].partition(".")[0] for sample in samples
+            if sum(ext.lower() in TAR_IMAGE_EXTS for ext, *_ in sample) > 1]
 
 
 def index_folder(folder: str | Path, check: bool = False, progress: bool = True) -> dict[str, list[str]]:
@@ -97,12 +92,13 @@ def index_folder(folder: str | Path, check: bool = False, progress: bool = True)
     else:
         raise DataError(f"{folder}: no such folder of .tar shards" if not folder.exists()
                         else f"{folder}: neither a folder of .tar shards nor a .tar file")
-    texts = {}
+    shards = {}
     for tar in tqdm(tars, desc=f"index {folder}", unit="shard", disable=not progress or len(tars) < 2):
-        texts[tar] = index_text(tar)
+        shards[tar] = checked_members(tar)
     found: dict = {"ok": [], "written": [], "stale": [], "missing": [], "several_images": {}}
-    for tar, text in texts.items():
-        several = several_images(text)
+    for tar, members in shards.items():
+        text = dali_index_text(index_entries(members))
+        several = several_images(members)
         if several:
             found["several_images"][str(tar)] = several
         idx = tar.with_suffix(".idx")

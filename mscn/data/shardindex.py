@@ -40,10 +40,14 @@ def dali_index_members(tar_path: Path) -> list[list[tuple[str, int, int, str]]]:
     return samples
 
 
+def index_entries(members: list[list[tuple[str, int, int, str]]]) -> list[list[str]]:
+    """:func:`dali_index_members`' samples as the index writes them: ``ext offset size name``."""
+    return [[f"{ext} {offset} {size} {name}" for ext, offset, size, name in sample] for sample in members]
+
+
 def dali_index_samples(tar_path: Path) -> list[list[str]]:
     """Per sample, its members' ``ext offset size name`` entries, in the tar's order."""
-    return [[f"{ext} {offset} {size} {name}" for ext, offset, size, name in sample]
-            for sample in dali_index_members(tar_path)]
+    return index_entries(dali_index_members(tar_path))
 
 
 def dali_index_text(samples: list[list[str]]) -> str:
