@@ -44,6 +44,25 @@ class SignalStop(MscnError):
         self.status = 128 + signum
 
 
+@contextlib.contextmanager
+def sigterm_raises(make: Callable[[int], BaseException]) -> Iterator[None]:
+    """Within the block, SIGTERM (kill, ``timeout``, a scheduler) raises ``make(signum)`` in the
+    main thread, where Python runs signal handlers (elsewhere the block runs as it is); the
+    previous handler comes back after it (the default when it was set outside Python)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise make(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 class DataError(MscnError):
     """A missing, empty or unreadable dataset, or a bad image inside it."""
 

@@ -15,20 +15,16 @@ import signal
 import torch
 import torch.distributed as dist
 
-from mscn.errors import MscnError
+from mscn.errors import SignalStop
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class Stopped(MscnError):
+class Stopped(SignalStop):
     """The run stopped on a signal after writing a checkpoint; ``status`` is 128 + signal
     number (130 for SIGINT, 143 for SIGTERM), what a shell reports for that signal."""
 
     rank0_says = True  # every rank stops at the same step with the same line: run_cli prints rank 0's
-
-    def __init__(self, msg: str, signum: int):
-        super().__init__(msg)
-        self.status = 128 + signum
 
 
 class StopFlag:

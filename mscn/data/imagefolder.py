@@ -12,10 +12,8 @@ line naming the path.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import threading
 import unicodedata
 from multiprocessing import Pool
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-from mscn.errors import DataError, SignalStop
+from mscn.errors import DataError, SignalStop, sigterm_raises
 from mscn.machine import usable_cores
 
 # torchvision's IMG_EXTENSIONS; matched case-insensitively (ImageNet uses .JPEG).
@@ -225,21 +223,9 @@ def _worker_init() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-@contextlib.contextmanager
 def _stop_on_sigterm(desc: str):
     """SIGTERM (kill, timeout, a scheduler) during the work: the pool is stopped and the
     command says so in one line (it died at once, its workers printing BrokenPipeError
-    tracebacks). Only in the main thread, where Python runs signal handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise SignalStop(f"stopped by SIGTERM during {desc}; what it had done is not written: "
-                         "rerun the same command", signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    tracebacks)."""
+    return sigterm_raises(lambda signum: SignalStop(f"stopped by SIGTERM during {desc}; what it had done is not "
+                                                    "written: rerun the same command", signum))

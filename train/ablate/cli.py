@@ -14,12 +14,11 @@ import argparse
 import json
 import math
 import signal
-import threading
 import time
 from pathlib import Path
 
 from mscn.config import load_config
-from mscn.errors import MscnError
+from mscn.errors import MscnError, sigterm_raises
 from mscn.paths import creatable
 from mscn.train.ablate import report
 from mscn.train.ablate.arms import GRIDS, expand, resolve
@@ -186,19 +185,19 @@ def report_only(out: Path) -> int:
 class _Terminated(BaseException):
     """SIGTERM outside a pretraining (which stops on it by itself): during an evaluation."""
 
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__()
+        self.signum = signum
+
 
 def stoppable(runner: Runner, work):
     """``work()``, where a stop (Ctrl-C, SIGTERM from a scheduler or ``timeout``) says what it
     stopped and that rerunning the same command continues: a pretraining's own stop line names
     its run folder and ``train.out_dir``, which is not how an ablation resumes, and a SIGTERM
     during an evaluation ended the process without a word."""
-    def on_term(signum, frame):
-        raise _Terminated()
-
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, on_term) if main else None
     try:
-        return work()
+        with sigterm_raises(_Terminated):
+            return work()
     except (Stopped, KeyboardInterrupt, _Terminated) as e:
         if isinstance(e, Stopped):  # pretraining wrote a checkpoint, then stopped
             signum, then = e.status - 128, "its pretraining resumes from the checkpoint it wrote"
@@ -208,9 +207,6 @@ def stoppable(runner: Runner, work):
         raise Stopped(f"stopped by {signal.Signals(signum).name} during {runner.current or 'the first run'}; the "
                       f"finished runs are kept: rerun the same mscn ablate command to continue ({then}; finished "
                       "runs are skipped)", signum) from None
-    finally:
-        if main:  # None: a handler set outside Python; the default is the nearest we can restore
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def main(argv: list[str] | None = None) -> int:
