@@ -1,6 +1,6 @@
-"""Whether an output path can be written, checked before long work (a benchmark, an
-evaluation) rather than after it: a file where a folder belongs, a folder where a file
-belongs, or no write permission."""
+"""Output paths: whether one can be written, checked before long work (a benchmark, an
+evaluation) rather than after it (a file where a folder belongs, a folder where a file
+belongs, or no write permission), and writing a text file whole or not at all."""
 from __future__ import annotations
 
 import os
@@ -18,3 +18,17 @@ def creatable(path: str | os.PathLike, folder: bool = False) -> bool:
     while not parent.exists():
         parent = parent.parent
     return parent.is_dir() and os.access(parent, os.W_OK)
+
+
+def write_atomic(path: str | os.PathLike, text: str, errors: str = "strict") -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file beside it, renamed into place:
+    a run killed or a disk filling up mid-write leaves the old file, never half a new one, and
+    no temporary behind. An OSError still reaches the caller, which names what it was writing."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8", errors=errors)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -49,7 +49,7 @@ from benchkit import env as benv
 from benchkit import profiling, report, steps, timing
 from mscn.config import load_config, validate
 from mscn.errors import ConfigError, MscnError, run_cli
-from mscn.paths import creatable
+from mscn.paths import creatable, write_atomic
 from mscn.pipelines.tuning import usable_cores
 from mscn.train.distributed import barrier
 from mscn.train.preempt import Stopped
@@ -809,9 +809,7 @@ def run_all(args, cfg, info, device, result: dict, grid) -> None:
 
 def write_json(result: dict, path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(result, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:

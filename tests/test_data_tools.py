@@ -545,6 +545,7 @@ def test_scan_outputs_are_checked_before_the_decode_and_a_full_disk_is_one_line(
     import errno
 
     import mscn.data.scan as sc
+    import mscn.paths as paths
     from pipeline_fixtures import make_folder
 
     root = make_folder(tmp_path / "ds", classes=1, per_class=2)
@@ -563,7 +564,7 @@ def test_scan_outputs_are_checked_before_the_decode_and_a_full_disk_is_one_line(
     def full(*_a):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(sc.os, "replace", full)
+    monkeypatch.setattr(paths.os, "replace", full)  # the shared writer scan writes through
     with pytest.raises(DataError, match=r"l.scan.json: cannot write it \(No space left on device\)"):
         scan(root, out=tmp_path / "l.txt", report=tmp_path / "l.scan.json", workers=1, progress=False)
     assert not list(tmp_path.glob("*.tmp"))  # no empty temporary left beside

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from tqdm import tqdm
 
 from mscn.config import Config
 from mscn.errors import MscnError
+from mscn.paths import write_atomic
 
 
 class RunLog:
@@ -96,9 +96,7 @@ def trim_metrics(path: Path, start_step: int) -> None:
     kept = [ln for ln in lines if json.loads(ln)["step"] <= start_step]
     if len(kept) == len(lines):
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(ln + "\n" for ln in kept))
 
 
 def read_metrics(out_dir: str | Path) -> list[dict]:

@@ -21,6 +21,7 @@ from mscn.data.source import PACKING
 
 Members = list[list[tuple[str, int, int, str]]]  # per sample: (ext, data offset, size, name)
 from mscn.errors import DataError
+from mscn.paths import write_atomic
 
 
 def checked_members(tar: Path) -> Members:
@@ -111,12 +112,9 @@ def index_folder(folder: str | Path, check: bool = False, progress: bool = True)
         elif check:
             found["missing" if old is None else "stale"].append(str(tar))
         else:
-            tmp = idx.with_name(idx.name + ".tmp")
-            try:
-                tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
-                tmp.replace(idx)  # a stop mid-write leaves the old index, not half of a new one
+            try:  # a stop mid-write leaves the old index, not half of a new one
+                write_atomic(idx, text, errors="surrogateescape")
             except OSError as e:
-                tmp.unlink(missing_ok=True)
                 raise DataError(f"{idx}: cannot write the index ({e.strerror})") from None
             found["written"].append(str(tar))
     return found

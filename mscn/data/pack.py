@@ -45,6 +45,7 @@ from mscn.data.scan import EXCLUDED, check_image, check_outside
 from mscn.data.shardindex import write_dali_index
 from mscn.data.source import PACKING, SOURCES_JSON, Source, resolve_source  # the one definition of the canonical order
 from mscn.errors import DataError
+from mscn.paths import write_atomic
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 PACK_LOCK = ".pack.lock"  # held by the pack writing a folder (_pack_lock)
@@ -154,7 +155,7 @@ def _pack(source: Source, root, out: Path, plan: dict, progress: bool, workers: 
         # present until sources.json is written: shards of a pack killed part-way are refused by
         # the readers (mscn.data.source), not trained on as if they were the whole set; it holds
         # what a rerun needs to go on from the shards already written (_unfinished)
-        _write_atomic(out / PACKING, json.dumps({**plan, "skipped": skipped, "command": f"mscn data pack {root} {out}",
+        write_atomic(out / PACKING, json.dumps({**plan, "skipped": skipped, "command": f"mscn data pack {root} {out}",
                                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
     except OSError as e:
         raise DataError(f"{out}: cannot write the pack there ({e.strerror})") from None
@@ -194,7 +195,7 @@ def _pack(source: Source, root, out: Path, plan: dict, progress: bool, workers: 
     meta = {"root": str(Path(source.root).resolve()), "classes": list(source.classes), "files": files,
             "skipped": skipped}
     try:
-        _write_atomic(out / SOURCES_JSON, json.dumps(meta, indent=1) + "\n")
+        write_atomic(out / SOURCES_JSON, json.dumps(meta, indent=1) + "\n")
     except OSError as e:
         raise DataError(f"{out / SOURCES_JSON}: cannot write it ({e.strerror}); free space, then rerun the same "
                         "command (the shards are kept)") from None
@@ -202,16 +203,6 @@ def _pack(source: Source, root, out: Path, plan: dict, progress: bool, workers: 
     return {"root": str(root), "source_root": source.root, "out": str(out), "num_samples": len(files),
             "num_shards": num_shards, "resumed_shards": done,
             "skipped": skipped, "seconds": round(time.time() - t0, 2)}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _unfinished(out: Path, plan: dict) -> dict | None:
@@ -244,8 +235,8 @@ def _unfinished(out: Path, plan: dict) -> dict | None:
     while (out / SHARD_PATTERN.format(shards)).with_suffix(".idx").is_file():
         shards += 1
     for p in out.glob("shard-*.tar*"):  # anything past the whole shards: half written, written again
-        number = int(p.name.split("-")[1].split(".")[0]) if p.name.split("-")[1].split(".")[0].isdigit() else -1
-        if number >= shards:
+        number = p.name.split("-", 1)[1].split(".", 1)[0]
+        if number.isdigit() and int(number) >= shards:
             p.unlink(missing_ok=True)
     return {"shards": shards, "skipped": saved["skipped"]}
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -24,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from mscn.data.imagefolder import DALI_FORMATS, SPLIT_NAMES, is_image_name, list_image_folder, parallel_imap
 from mscn.errors import DataError
-from mscn.paths import creatable
+from mscn.paths import creatable, write_atomic
 
 EXCLUDED = ("zero_byte", "non_image", "corrupt", "truncated", "no_dali_decoder", "tiny", "ignored", "bad_name")
 KEPT = ("small", "cmyk", "grayscale", "non_jpeg", "warning")
@@ -176,13 +175,10 @@ def check_not_foreign(out, report) -> None:
 
 def _write_atomic(path: Path, text: str, root: Path) -> None:
     check_outside(path, root)
-    tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, path)  # a crash leaves the old file, never half a list
+        write_atomic(path, text)  # a crash leaves the old file, never half a list
     except OSError as e:  # a full disk: one line, and no empty .tmp left beside the old file
-        tmp.unlink(missing_ok=True)
         raise DataError(f"{path}: cannot write it ({e.strerror}); free space or pick another place, then rerun") from None
 
 

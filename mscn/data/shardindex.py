@@ -20,6 +20,8 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path
 
+from mscn.paths import write_atomic
+
 BLOCK = 512  # tar's header and padding unit
 
 
@@ -58,9 +60,7 @@ def dali_index_text(samples: list[list[str]]) -> str:
 def write_dali_index(tar_path: Path, idx_path: Path) -> int:
     """Write DALI's v1.2 index of ``tar_path``; returns the number of samples."""
     samples = dali_index_samples(tar_path)
-    tmp = idx_path.with_name(idx_path.name + ".tmp")
-    tmp.write_text(dali_index_text(samples))
-    tmp.replace(idx_path)
+    write_atomic(idx_path, dali_index_text(samples))
     return len(samples)
 
 

@@ -20,6 +20,7 @@ import yaml
 
 from mscn.config import Config, to_dict
 from mscn.errors import MscnError
+from mscn.paths import write_atomic
 from mscn.train.ablate.arms import Arm
 from mscn.train.eval.results import keep_previous
 from mscn.train.rundir import LEGACY, NEUTRAL, check_run_dir, flatten, lock_run_dir, run_started
@@ -79,9 +80,7 @@ def _write(path: Path, res: dict) -> Path | None:
         except OSError as e:
             raise MscnError(f"{path}: cannot keep the earlier config's result ({e}); move it away and rerun") from None
     res.setdefault("time", time.strftime("%Y-%m-%dT%H:%M:%S"))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=2, default=str))
-    tmp.replace(path)  # atomic: a run killed while writing leaves no half result behind
+    write_atomic(path, json.dumps(res, indent=2, default=str))  # a run killed while writing leaves no half result
     return kept
 
 
