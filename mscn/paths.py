@@ -20,6 +20,19 @@ def creatable(path: str | os.PathLike, folder: bool = False) -> bool:
     return parent.is_dir() and os.access(parent, os.W_OK)
 
 
+def not_creatable(path: str | os.PathLike, folder: bool = False) -> str | None:
+    """Why ``path`` cannot be written as a ``folder`` (else a file), for a one-line refusal:
+    "a file" where a folder belongs, "a folder" where a file belongs, or "not writable";
+    None when it can (:func:`creatable`)."""
+    if creatable(path, folder):
+        return None
+    if folder and Path(path).is_file():
+        return "a file"
+    if not folder and Path(path).is_dir():
+        return "a folder"
+    return "not writable"
+
+
 def write_atomic(path: str | os.PathLike, text: str, errors: str = "strict") -> None:
     """Write ``text`` (UTF-8) to ``path`` through a temporary file beside it, renamed into place:
     a run killed or a disk filling up mid-write leaves the old file, never half a new one, and

@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from mscn.data.imagefolder import DALI_FORMATS, SPLIT_NAMES, is_image_name, list_image_folder, parallel_imap
 from mscn.errors import DataError
-from mscn.paths import creatable, write_atomic
+from mscn.paths import not_creatable, write_atomic
 
 EXCLUDED = ("zero_byte", "non_image", "corrupt", "truncated", "no_dali_decoder", "tiny", "ignored", "bad_name")
 KEPT = ("small", "cmyk", "grayscale", "non_jpeg", "warning")
@@ -204,9 +204,9 @@ def scan(root, out=None, report=None, min_size: int = 0, workers: int | None = N
     check_outside(report, root)
     check_not_foreign(out, report)
     for flag, path in (("--out", out), ("--report", report)):  # a folder, or no place to write: now, not after
-        if path and not creatable(path, folder=False):
-            what = "a folder" if Path(path).is_dir() else "not writable"
-            raise DataError(f"{flag} {path}: {what}; it takes the file to write")
+        why = path and not_creatable(path)
+        if why:
+            raise DataError(f"{flag} {path}: {why}; it takes the file to write")
     if min_size < 0:
         raise DataError(f"--min-size {min_size}: must be >= 0 pixels")
     tasks = [(str(root / rel), rel, label, min_size) for rel, label in samples]

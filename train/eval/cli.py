@@ -191,11 +191,11 @@ def _export(args) -> None:
 def _report(args) -> None:
     from mscn.train.eval.results import load_results, markdown_table
 
-    from mscn.paths import creatable
+    from mscn.paths import not_creatable
 
-    if args.out and not creatable(args.out, folder=False):
-        what = "a folder" if Path(args.out).is_dir() else "not writable"
-        raise MscnError(f"--out {args.out}: {what}; it takes the .md file to write the table to")
+    why = args.out and not_creatable(args.out)
+    if why:
+        raise MscnError(f"--out {args.out}: {why}; it takes the .md file to write the table to")
     table = markdown_table(load_results(args.runs), args.metric, args.baseline)
     if args.out:
         try:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from mscn.config import Config
 from mscn.errors import MscnError
-from mscn.paths import creatable
+from mscn.paths import not_creatable
 
 CSV_FIELDS = ("time", "name", "protocol", "dataset", "label_fraction", "arch", "top1", "top5",
               "epochs", "seed", "ckpt", "out")
@@ -61,13 +61,13 @@ def column_key(result: dict) -> tuple[str, str]:
 def check_outputs(out: Path, table: str | Path | None) -> None:
     """Before the evaluation runs (minutes to hours): ``out`` can be a result folder and the
     CSV ``table`` a file, else one line now rather than after the work."""
-    if not creatable(Path(out), folder=True):
-        what = "a file" if Path(out).is_file() else "not writable"
-        raise MscnError(f"--out {out}: {what}; --out takes a folder for result.json")
+    why = not_creatable(out, folder=True)
+    if why:
+        raise MscnError(f"--out {out}: {why}; --out takes a folder for result.json")
     table = Path(table) if table else Path(out).parent / "results.csv"
-    if not creatable(table, folder=False):
-        what = "a folder" if table.is_dir() else "not writable"
-        raise MscnError(f"--table {table}: {what}; it takes the CSV file to append a line to")
+    why = not_creatable(table)
+    if why:
+        raise MscnError(f"--table {table}: {why}; it takes the CSV file to append a line to")
 
 
 def write_result(result: dict, out_dir: str | Path, table: str | Path | None = None) -> dict[str, str]:
