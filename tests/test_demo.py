@@ -33,6 +33,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert main(["--out", str(out), "--data", str(data), *TOY]) == 0
     log = capsys.readouterr().out
     assert "nothing to train" in log and "Pretraining: 6 steps, done before this run" in log and "nan" not in log
+    assert '"protocol": "linear probe' not in log  # the probes' epochs are a progress bar, not a line each
     again = json.loads((out / "demo_results.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     assert again["pretrain"]["loss"] == pytest.approx(res["pretrain"]["loss"], rel=1e-4)
     assert again["pretrain"]["images_per_s"] is None

@@ -63,7 +63,8 @@ def evaluate(ckpt: str, cfg: Config, train_root: str, val_root: str) -> list[dic
             backbone, ecfg = random_backbone(cfg.model.arch, cfg.train.seed), cfg  # same data/high-pass settings
         else:
             backbone, _, ecfg = load_pretrained(path)
-        r = linear_and_knn(backbone, ecfg, train_root, val_root, rt)
+        # the probe's 100 epochs as a progress bar, not 100 JSON lines each (`mscn eval linear` logs them)
+        r = linear_and_knn(backbone, ecfg, train_root, val_root, rt, log_epochs=False)
         rows.append({"encoder": name, "linear_top1": r["linear_top1"], "linear_top5": r["linear_top5"],
                      "knn_top1": r["knn_top1"], "wall_s": r["wall_s"]})
         print(f"[demo] {name}: linear top-1 {r['linear_top1']:.1f}%, kNN top-1 {r['knn_top1']:.1f}%", flush=True)

@@ -95,6 +95,14 @@ def unique_by_index(index: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.
     return (idx[keep], *(t[order][keep] for t in tensors))
 
 
+def epoch_bar(rt: Runtime, epochs: int, desc: str, log: bool):
+    """``range(epochs)``; when the epochs are not logged one JSON line each (``log``), a
+    progress bar on stderr (rank 0) instead, so that a quiet probe is not a silent one."""
+    if log or not rt.is_main:
+        return range(epochs)
+    return tqdm(range(epochs), desc=desc, unit="epoch", mininterval=2.0, leave=False, dynamic_ncols=True)
+
+
 @torch.no_grad()
 def extract_features(backbone: nn.Module, loader, rt: Runtime, num_classes: int | None = None,
                      desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

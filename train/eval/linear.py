@@ -37,8 +37,8 @@ from torch import nn
 from mscn.config import Config
 from mscn.errors import MscnError
 from mscn.train.distributed import broadcast_module, mean_over_ranks
-from mscn.train.eval.common import (MOMENTUM, accuracy, batch_to, check_labels, eval_loader, evaluate_classifier,
-                                    extract_features, feature_dim, label_set, log_json, make_head, seeded,
+from mscn.train.eval.common import (MOMENTUM, accuracy, batch_to, check_labels, epoch_bar, eval_loader,
+                                    evaluate_classifier, extract_features, feature_dim, label_set, log_json, make_head, seeded,
                                     train_view_loader)
 from mscn.train.runtime import Runtime, setup_runtime
 from mscn.train.schedule import lr_at, peak_lr
@@ -90,7 +90,8 @@ def linear_probe(backbone: nn.Module, cfg: Config, train_root: str, val_root: st
     Unset arguments come from ``cfg.eval`` (linear_epochs, linear_lr, linear_batch,
     linear_weight_decay, precompute_features) and ``cfg.train.seed``. ``lr`` is the
     base lr for batch 256. The result records the seed and the mean loss of every epoch;
-    ``log_epochs`` also prints a JSON line per epoch (off for the many probes of an ablation).
+    ``log_epochs`` also prints a JSON line per epoch; off (the demo's and an ablation's
+    probes), a progress bar over the epochs stands in for the lines.
     """
     with seeded(cfg, seed) as cfg:
         return _linear_probe(backbone, cfg, train_root, val_root, rt, epochs, lr, batch, weight_decay, precompute,
@@ -134,7 +135,7 @@ def _linear_probe(backbone, cfg: Config, train_root, val_root, rt, epochs, lr, b
     else:
         train_loader = train_view_loader(cfg, train_root, rt, batch)
         steps = len(train_loader)
-        for epoch in range(epochs):
+        for epoch in epoch_bar(rt, epochs, "linear probe", log_epochs):
             head.train()
             total = torch.zeros((), device=rt.device)
             for i, b in enumerate(train_loader):
@@ -166,7 +167,7 @@ def _train_on_features(model, opt, feats, labels, rt: Runtime, epochs: int, batc
     n = feats.shape[0]
     steps = max(1, n // batch)
     losses = []
-    for epoch in range(epochs):
+    for epoch in epoch_bar(rt, epochs, "linear probe", log):
         perm = torch.randperm(n, generator=g).to(feats.device)
         total = torch.zeros((), device=feats.device)
         for i in range(steps):
