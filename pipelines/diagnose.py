@@ -26,9 +26,11 @@ MAX_REPLAY_BATCHES = 20_000  # beyond this the replay costs more than a scan wou
 
 
 @pipeline_def
-def _reader_only(source: Source, shard_id, num_shards, shuffle, shuffle_buffer, stick_to_shard, reader_seed):
+def _reader_only(source: Source, shard_id, num_shards, shuffle, shuffle_buffer, stick_to_shard, reader_seed,
+                 even_shards):
     encoded, _, _ = read(source, shard_id=shard_id, num_shards=num_shards, shuffle=shuffle,
-                         shuffle_buffer=shuffle_buffer, stick_to_shard=stick_to_shard, seed=reader_seed)
+                         shuffle_buffer=shuffle_buffer, stick_to_shard=stick_to_shard, seed=reader_seed,
+                         even_shards=even_shards)
     return encoded, fn.get_property(encoded, key="source_info")
 
 
@@ -112,7 +114,7 @@ def find_bad_sample(source: Source, replay, runs_done: int) -> tuple[str, str] |
     if last > MAX_REPLAY_BATCHES:
         return None
     pipe = _reader_only(source, replay.shard_id, replay.num_shards, replay.shuffle, replay.shuffle_buffer,
-                        replay.stick_to_shard, replay.reader_seed, batch_size=replay.batch_size,
+                        replay.stick_to_shard, replay.reader_seed, replay.even_shards, batch_size=replay.batch_size,
                         num_threads=1, device_id=None, prefetch_queue_depth=1)
     pipe.build()
     for run in range(last + 1):

@@ -89,6 +89,7 @@ class Replay:
     reader_seed: int
     batch_size: int
     prefetch: int
+    even_shards: bool = True  # readers.read's: the file list the reader was given
 
 
 class DaliLoader:
@@ -228,7 +229,9 @@ class DaliLoader:
         return {"dali": torch.frombuffer(bytearray(dali), dtype=torch.uint8), "mask": mask, "runs": self._runs,
                 "crop": self.crop, "blur_where": "loader" if self.blur else "pipeline",
                 "colour_where": "loader" if self.colour else "pipeline",
-                "colour_handover": HANDOVER if self.colour else None}
+                "colour_handover": HANDOVER if self.colour else None,
+                # the reader's file list (readers.even_order): a state fits only a reader of the same list
+                "even_shards": self.replay.even_shards if self.replay is not None else True}
 
     def _convert(self, out: dict) -> MscnBatch:
         views = [out[f"view{i}"] for i in range(self.num_views)]
@@ -456,12 +459,16 @@ def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_
     d = cfg.data
     blur = {i: (blur_radius(views[i].blur_sigma[1], views[i].blur_window), views[i].blur_window)
             for i in loader_blurred(views, p.blur_in_adapter, p.colour_in_adapter)}
+    # a state saved before even shards existed continues with the reader's list as it was then
+    even = bool(state.get("even_shards", False)) if state else True
     replay = Replay(shard_id=shard.rank, num_shards=shard.world_size, shuffle=True, shuffle_buffer=d.shuffle_buffer,
-                    stick_to_shard=False, reader_seed=shard.seed, batch_size=shard.batch, prefetch=d.prefetch)
+                    stick_to_shard=False, reader_seed=shard.seed, batch_size=shard.batch, prefetch=d.prefetch,
+                    even_shards=even)
     pipe = views_pipeline(source, views, image_size=d.image_size, mean=d.mean, std=d.std, crop=d.crop,
                           highpass=p.highpass_in_pipeline, device=p.kind, hw_decoder_load=p.hw_decoder_load,
                           shard_id=shard.rank, num_shards=shard.world_size, reader_seed=shard.seed, shuffle=True,
-                          shuffle_buffer=d.shuffle_buffer, view_dtype=p.dali_dtype, batch_size=shard.batch,
+                          shuffle_buffer=d.shuffle_buffer, even_shards=even, view_dtype=p.dali_dtype,
+                          batch_size=shard.batch,
                           blur_in_loader=p.blur_in_adapter, colour_in_loader=p.colour_in_adapter,
                           num_threads=p.threads, device_id=p.device_id, seed=shard.seed,
                           prefetch_queue_depth=d.prefetch, enable_checkpointing=checkpointing or state is not None,

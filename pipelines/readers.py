@@ -10,9 +10,16 @@ Sharding (DALI "Sharding and Shuffling"): ``shard_id`` is the *global* rank,
 number of batches (the iterator drops the padding under PARTIAL and the last batch
 under DROP), so all ranks run the same number of steps and every sample is read at
 most once per epoch across ranks (exactly once under PARTIAL). Training leaves
-``stick_to_shard=False``: shard k reads the (k+epoch)-th slice, still a partition of
-the dataset in every epoch, and each rank sees all the data over the epochs.
-Evaluation sticks to its shard.
+``stick_to_shard=False``: shard k reads the (k+epoch)-th slice, and each rank sees all
+the data over the epochs. Evaluation sticks to its shard.
+
+Even shards (training, file sources): DALI's rotation keeps each epoch a partition of
+the dataset only when the shards are of one size (NVIDIA/DALI#1762). With 240 files on
+7 ranks, epoch 11 read 174 distinct files and 56 of them twice. So ``even_shards``
+(the default) lists ``-n mod num_shards`` files a second time, spread over the list
+(:func:`even_order`): at most ``num_shards - 1`` files read twice per epoch, against a
+drift that grows with every epoch. Tar shards are read as they are and keep DALI's
+behaviour; PIPELINE.md gives the figures.
 
 Shuffling: ``random_shuffle=True`` makes the file reader shuffle its whole list
 once, with a seed fixed inside DALI, so all ranks agree on the partition; then each
@@ -34,18 +41,43 @@ READER_NAME = "Reader"  # the iterators find the reader (epoch size, shards) by 
 WDS_IMAGE_EXTS = ";".join(TAR_IMAGE_EXTS)
 
 
+def even_order(n: int, num_shards: int) -> list[int]:
+    """The sample indices a file reader lists for equal shards: ``0..n-1``, then the
+    ``-n mod num_shards`` extra ones, evenly spaced over the list (not the first few,
+    which in an ImageFolder are all of the first class)."""
+    extra = -n % num_shards
+    return list(range(n)) + [j * n // extra for j in range(extra)]
+
+
+def drift_note(source: Source, num_shards: int, even_shards: bool = True) -> str | None:
+    """Why a training reader of ``source`` on ``num_shards`` ranks keeps DALI's drift, or None."""
+    n = source.num_samples
+    if num_shards < 2 or not n % num_shards or (even_shards and source.kind != "wds"):
+        return None
+    why = ("tar shards are read as they are" if source.kind == "wds"
+           else "this run continues a loader state saved before mscn evened the shards")
+    return (f"{n} samples do not split evenly over {num_shards} ranks and {why}, so the ranks' slices drift "
+            "apart a little more each epoch (some samples read twice, others not at all: docs/PIPELINE.md, "
+            "'Unequal slices drift')")
+
+
 def read(source: Source, *, shard_id: int, num_shards: int, shuffle: bool, shuffle_buffer: int,
-         stick_to_shard: bool, seed: int = -1, name: str = READER_NAME):
+         stick_to_shard: bool, seed: int = -1, name: str = READER_NAME, even_shards: bool = True):
     """Add the reader: returns ``(encoded, label, index)``; ``label`` is None for file
     kinds and unlabelled shards (the loader maps index -> label: DALI's file reader carries
     one integer per file and it carries the index), ``index`` is None for tars without ``.idx``.
     ``seed`` fixes the shuffle (-1: drawn from the pipeline's seed); diagnose.py
-    replays the reader with it."""
+    replays the reader with it. ``even_shards``: with ``stick_to_shard=False``, list
+    files twice where needed for shards of one size (module docstring; False: a run
+    resumed from a loader state saved before this existed)."""
     common = dict(shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle, initial_fill=shuffle_buffer,
                   pad_last_batch=True, stick_to_shard=stick_to_shard, seed=seed, name=name)
     if source.kind != "wds":
-        encoded, index = fn.readers.file(file_root=source.root, files=list(source.files),
-                                         labels=list(range(source.num_samples)), **common)
+        n = source.num_samples
+        order = even_order(n, num_shards) if even_shards and not stick_to_shard else list(range(n))
+        # the label DALI carries is the sample's index, so a file listed twice keeps its own
+        encoded, index = fn.readers.file(file_root=source.root, files=[source.files[i] for i in order],
+                                         labels=order, **common)
         return encoded, None, index
     # shards without .cls are unlabelled: no label output, the loader maps the index to -1
     exts = [WDS_IMAGE_EXTS] + (["cls"] if source.labelled else []) + (["idx"] if source.has_index else [])

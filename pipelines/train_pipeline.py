@@ -70,7 +70,7 @@ def output_names(num_views: int, source: Source, debug_outputs: bool = False,
 def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 224, mean=IMAGENET_MEAN,
                    std=IMAGENET_STD, highpass: tuple[float, int] | None = (5.0, 31), device: str = "cpu",
                    hw_decoder_load: float = 0.65, shard_id: int = 0, num_shards: int = 1,
-                   shuffle: bool = True, shuffle_buffer: int = 4096, reader_seed: int = -1,
+                   shuffle: bool = True, shuffle_buffer: int = 4096, reader_seed: int = -1, even_shards: bool = True,
                    view_dtype: str = "float32", debug_outputs: bool = False, crop: str | None = None,
                    blur_in_loader: bool = False, colour_in_loader: bool = False):
     """N augmented views of every image, each with its own :class:`ViewCfg`.
@@ -81,7 +81,8 @@ def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 22
     (needs a ``device_id``); "cpu" runs everything on DALI's CPU threads.
     ``highpass``: (σ, window), or None to leave it out (ablation, or when the caller
     applies it after the pipeline, as the CPU path of the loader does).
-    ``reader_seed`` fixes the reader's shuffle (diagnose.py replays it); ``view_dtype``
+    ``reader_seed`` fixes the reader's shuffle (diagnose.py replays it); ``even_shards``:
+    shards of one size (``readers.read``; False only to continue an older loader state); ``view_dtype``
     is float32 or float16 (the DALI output type of the views). ``crop``: "rrc" or
     "window" (``data.crop``, ops.resized_crop); None: "rrc", or "window" with ``debug_outputs``.
     ``blur_in_loader`` (``data.blur_where=loader``): the views of :func:`deferred_views` are
@@ -98,7 +99,8 @@ def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 22
         raise ValueError("blur_in_loader / colour_in_loader: the loader changes views after DALI, so the "
                          "high-pass must run there too (highpass=None here)")
     encoded, label, index = read(source, shard_id=shard_id, num_shards=num_shards, shuffle=shuffle,
-                                 shuffle_buffer=shuffle_buffer, stick_to_shard=False, seed=reader_seed)
+                                 shuffle_buffer=shuffle_buffer, stick_to_shard=False, seed=reader_seed,
+                                 even_shards=even_shards)
     # the "window" crop draws its windows from the image size on the CPU; peeking at the
     # header avoids waiting for the (possibly GPU) decoder (DALI prunes it for "rrc")
     shape = fn.peek_image_shape(encoded)

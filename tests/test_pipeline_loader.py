@@ -59,6 +59,52 @@ def test_train_shards_partition_each_epoch(folder, world):
         assert set(per_rank[0]) | set(per_rank[1]) == set(range(48))
 
 
+def test_train_shards_stay_a_partition_when_ranks_do_not_divide_the_dataset(tmp_path):
+    """26 images on 4 ranks x 1: DALI's rotation of unequal shards (6/7 images) drifted, an
+    epoch reading as few as 16 distinct images of its 24. With the reader's list made 28
+    long (two images listed twice), every epoch reads >= 24 - 2 distinct ones, and an image
+    listed twice keeps its own index (so its label)."""
+    from mscn.pipelines.readers import even_order
+
+    root = make_folder(tmp_path, classes=2, per_class=13)
+    cfg = tiny_cfg(root, "train.global_batch=4", "data.shuffle_buffer=4")
+    loaders = [build_train_loader(cfg, rank=r, world_size=4, apply_mask=False) for r in range(4)]
+    assert [len(ld) for ld in loaders] == [7] * 4
+    seen = set()
+    for _ in range(6):
+        ix = [i for ld in loaders for i in epoch_indices(ld)]
+        assert len(ix) == 28 and len(set(ix)) >= 26 - 2 and set(ix) <= set(range(26))
+        seen |= set(ix)
+    assert seen == set(range(26))
+    assert even_order(26, 4) == [*range(26), 0, 13] and even_order(24, 4) == list(range(24))
+    assert loaders[0].state_dict()["even_shards"] is True
+
+
+def test_a_loader_state_from_before_even_shards_continues_with_its_own_list(tmp_path):
+    """A state saved before the key existed was saved by a reader of the plain list: it is
+    continued with that list (a DALI checkpoint fits only the reader it came from)."""
+    root = make_folder(tmp_path, classes=1, per_class=10)
+    cfg = tiny_cfg(root, "train.global_batch=4")
+    first = build_train_loader(cfg, rank=1, world_size=4, apply_mask=False)
+    next(iter(first))
+    old = {k: v for k, v in first.state_dict().items() if k != "even_shards"}
+    assert build_train_loader(cfg, rank=1, world_size=4, apply_mask=False, state=old).replay.even_shards is False
+    assert build_train_loader(cfg, rank=1, world_size=4, apply_mask=False,
+                              state=first.state_dict()).replay.even_shards is True
+
+
+def test_drift_is_said_where_the_shards_stay_unequal():
+    from mscn.data.source import Source
+    from mscn.pipelines.readers import drift_note
+
+    shards = Source(kind="wds", root="/d", num_samples=10, tars=("/d/a.tar",), indexes=("/d/a.idx",))
+    files = Source(kind="folder", root="/d", num_samples=10, files=tuple(f"{i}.jpg" for i in range(10)))
+    assert "tar shards are read as they are" in drift_note(shards, 4)
+    assert drift_note(shards, 5) is None and drift_note(shards, 1) is None  # 10 = 2 x 5; one rank never drifts
+    assert drift_note(files, 4) is None  # evened
+    assert "saved before" in drift_note(files, 4, even_shards=False)
+
+
 def test_eval_shards_read_every_sample_once(tmp_path):
     """PARTIAL, 47 images (odd), 2 ranks x batch 5: padding never reaches the user."""
     root = make_folder(tmp_path, classes=1, per_class=47)

@@ -164,6 +164,7 @@ def _claim(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, say
 def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop: StopFlag) -> dict:
     from mscn.pipelines import build_train_loader, endless  # DALI is heavy: imported only to train
     from mscn.pipelines.feeder import Feeder
+    from mscn.pipelines.readers import drift_note
 
     validate(cfg, "<config>", world_size=rt.dist.world_size)
     cfg, adopted = adopt_saved_choices(cfg, resume, gpu=rt.device.type == "cuda")  # a resumed run keeps its choice
@@ -209,6 +210,9 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
                                 world_size=rt.dist.world_size, local_rank=rt.dist.local_rank, device=rt.device,
                                 state=mine["loader"] if mine else None)
     check_same_data(loader.source, rt.dist)  # before a step: another copy on one node plans another schedule
+    drift = drift_note(loader.source, rt.dist.world_size, loader.replay.even_shards)
+    if drift:
+        say(f"note: {drift}")
     run = _Run(cfg, rt, method, optimizer, scaler, steps_per_epoch=len(loader), start_step=start_step,
                monitor=not monitor_note, say=say, loader=loader, stop=stop)
     if mine is not None:
