@@ -169,7 +169,7 @@ def _validate_train(t: TrainCfg, src: str, world_size: int, least: int = 2) -> N
     _check(t.device in ("auto", "cuda", "cpu"), src, "train.device", t.device, "must be auto, cuda or cpu")
     _check(t.precision in ("auto", "bf16", "fp16", "fp32"), src, "train.precision", t.precision,
            "must be auto, bf16, fp16 or fp32")
-    for name in ("max_steps", "knn_every_epochs"):
+    for name in ("max_steps", "knn_every_epochs", "stall_warn_s"):
         _check(getattr(t, name) >= 0, src, f"train.{name}", getattr(t, name), "must be >= 0")
     for name in ("ckpt_every_steps", "keep_last", "log_every"):
         _check(getattr(t, name) >= 1, src, f"train.{name}", getattr(t, name), "must be >= 1")

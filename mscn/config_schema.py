@@ -230,6 +230,9 @@ class TrainCfg:
     log_every: int = 10
     tensorboard: bool = False
     knn_every_epochs: int = 0  # >0: online kNN monitor on data.val_root
+    # a rank whose batch, step, checkpoint or monitor lasts this long says so and writes its
+    # threads' stacks to out_dir/stalls/ (train/watchdog.py); 0: off
+    stall_warn_s: float = 600.0
 
 
 @dataclass

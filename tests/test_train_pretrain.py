@@ -340,3 +340,73 @@ def test_compiled_model_has_the_eager_gradients_and_its_checkpoint_resumes_eager
     assert first[str(out)] == pytest.approx(first[str(base)], rel=1e-4)
     summary = run_pretrain(load_config(None, overrides(dataset, out, "train.max_steps=10")), resume="auto")
     assert summary["step"] == 10
+
+
+def _worker_of_rank(launcher: int, rank: int) -> int | None:
+    """The pid of torchrun's worker with ``RANK=rank`` (its environment says which)."""
+    kids = subprocess.run(["pgrep", "-P", str(launcher)], capture_output=True, text=True).stdout.split()
+    for pid in map(int, kids):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return pid
+    return None
+
+
+def test_a_stalled_rank_is_said_by_its_peer_and_the_run_goes_on(dataset, tmp_path):
+    """SIGSTOP of rank 1 (as a hung file system would stall it): rank 0, waiting in the step's
+    all-reduce, says so after train.stall_warn_s with its stacks, instead of 30 silent minutes
+    until gloo's timeout; after SIGCONT it says it moves again and the run trains on."""
+    import queue
+    import threading
+
+    run = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "mscn.train.pretrain",
+           *overrides(dataset, run, "schedule.epochs=500", "train.ckpt_every_steps=100000", "train.stall_warn_s=3")]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()
+
+    def wait_line(pattern: str, seconds: float) -> str:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if pattern in line:
+                return line
+        pytest.fail(f"no line with {pattern!r} in {seconds} s")
+
+    stopped = None
+    try:
+        deadline = time.monotonic() + 240
+        while not ((run / "metrics.jsonl").is_file() and any(r.get("step", 0) >= 2 for r in read_metrics(run))):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start training"
+            time.sleep(0.5)
+        stopped = _worker_of_rank(proc.pid, 1)
+        assert stopped is not None
+        os.kill(stopped, signal.SIGSTOP)
+        line = wait_line("rank 0 of 2: step ", 60)
+        assert "another rank may be the stalled one" in line and str(run / "stalls" / "rank0.txt") in line
+        assert " in _loop" in (run / "stalls" / "rank0.txt").read_text()  # faulthandler's frames: the training loop
+        os.kill(stopped, signal.SIGCONT)
+        stopped = None
+        wait_line("rank 0 of 2: moving again: step ", 60)
+        before = max(r["step"] for r in read_metrics(run))
+        end = time.monotonic() + 60
+        while max(r["step"] for r in read_metrics(run)) <= before:  # it trains on
+            assert proc.poll() is None and time.monotonic() < end, "the run did not go on"
+            time.sleep(0.5)
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
+        proc.terminate()  # torchrun forwards SIGTERM: the trainer's preemption
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            subprocess.run(["pkill", "-9", "-f", f"train.out_dir={run}"], check=False)

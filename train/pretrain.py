@@ -34,7 +34,7 @@ import dataclasses
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -54,6 +54,7 @@ from mscn.train.rundir import (FRESH, adopt_saved_choices, check_run_dir, claim_
 from mscn.train.runlog import RunLog, last_logged, require_tensorboard
 from mscn.train.runtime import Runtime, amp_dtype, autocast, setup_runtime, wrap_ddp  # noqa: F401  (amp_dtype: API)
 from mscn.train.schedule import lr_at, peak_lr
+from mscn.train.watchdog import StallWatch
 
 
 def build_model(cfg: Config, device: torch.device, info: DistInfo) -> tuple[SiameseMethod, torch.nn.Module]:
@@ -235,7 +236,9 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
         batches = run.loader = feeder
     model.train()
     try:
-        _loop(run, model, batches, memory_format, peak)
+        with StallWatch(rt.dist.rank, rt.dist.world_size, cfg.train.stall_warn_s,
+                        Path(cfg.train.out_dir) / "stalls") as run.watch:
+            _loop(run, model, batches, memory_format, peak)
         elapsed = run.meter.elapsed()
     finally:
         if feeder is not None:
@@ -259,8 +262,10 @@ def _loop(run: "_Run", model: torch.nn.Module, batches, memory_format, peak: flo
     """The recipe: data -> forward/loss -> backward -> step -> schedule -> bookkeeping."""
     cfg, rt, method, optimizer = run.cfg, run.rt, run.method, run.optimizer
     for step in range(run.start_step, run.end_step):
+        run.watch.at("data", step + 1)  # steps counted from 1, as in the log lines
         views = [v.to(rt.device, non_blocking=True).contiguous(memory_format=memory_format)
                  for v in next(batches).views]
+        run.watch.at("step", step + 1)  # to the end of the bookkeeping (its collectives wait for every rank)
         if rt.dtype is None:
             views = [v.float() for v in views]
         lr = lr_at(step, run.total_steps, run.warmup_steps, peak, cfg.schedule.min_lr_ratio)
@@ -301,6 +306,7 @@ class _Run:
     last_path: Path | None = None
     final_path: Path | None = None
     saved_step: int = -1
+    watch: StallWatch = field(default_factory=lambda: StallWatch(0, 1, 0, None))  # off until _run's is set
 
     def __post_init__(self):
         spe, t = self.steps_per_epoch, self.cfg.train
@@ -323,6 +329,7 @@ class _Run:
     def maybe_checkpoint(self, done: int, now: bool = False) -> None:
         if not now and done % self.cfg.train.ckpt_every_steps and done % self.steps_per_epoch and done != self.end_step:
             return
+        self.watch.at("checkpoint", done)
         self.meter.guard.check(self.ckpt_dir, self.rt.dtype)  # never overwrite the last good checkpoint with a bad state
         ranks = rs.gather_rank_states(rs.rank_state(self.loader, self.meter), self.rt.dist)  # every rank
         if self.rt.is_main:
@@ -350,6 +357,7 @@ class _Run:
     def maybe_monitor(self, done: int, lr: float) -> None:
         if not (self.monitor and monitor_runs_after(self.cfg, done, self.steps_per_epoch)):
             return
+        self.watch.at("monitor", done)
         knn = online_knn(self.cfg, self.method.backbone, self.rt)  # all ranks; returns to train mode
         epoch = done // self.steps_per_epoch
         # no images_per_s: a monitor record is not a training window (the bar keeps its last figure)

@@ -29,7 +29,7 @@ from mscn.errors import MscnError
 # where it stops this time, where and how fast it runs, and the evaluation settings.
 NEUTRAL = frozenset({
     "train.out_dir", "train.log_every", "train.ckpt_every_steps", "train.keep_last", "train.max_steps",
-    "train.tensorboard", "train.knn_every_epochs", "train.device", "train.compile", "train.channels_last",
+    "train.tensorboard", "train.knn_every_epochs", "train.stall_warn_s", "train.device", "train.compile", "train.channels_last",
     "train.priority_stream", "data.num_threads", "data.hw_decoder_load", "data.prefetch", "data.val_root",
     "data.op_concurrency", "data.stream_policy", "data.feed_thread", "data.handover", "data.thread_affinity",
     "optim.foreach",
@@ -43,7 +43,8 @@ LEGACY = {"data.crop": "window", "data.blur_where": "pipeline", "data.colour_whe
 # that differs only there continues when given its saved value, which the refusal names.
 PINNABLE = ("data.blur_where", "data.crop")
 # a run's own files; result.json is the one an ablation writes beside its run (train/ablate)
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "final.pt", "tb", "result.json", "STOPPED")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "final.pt", "tb", "result.json", "STOPPED",
+             "stalls")
 STOPPED = "STOPPED"  # present while the run is stopped on a signal, waiting to be resumed (mark_stopped)
 LOCK_FILE = ".lock"  # held by the live run's rank 0 (lock_run_dir); never moved or deleted
 _LOCKS: dict[str, Any] = {}  # folder -> the open lock file of this process

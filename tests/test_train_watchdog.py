@@ -1,0 +1,88 @@
+"""The stall watch (train/watchdog.py): a phase that lasts is said once, with the stacks."""
+import re
+import threading
+import time
+
+import pytest
+
+from mscn.train.watchdog import StallWatch
+
+
+class Lines:
+    def __init__(self):
+        self.lines, self.lock = [], threading.Lock()
+
+    def __call__(self, text):
+        with self.lock:
+            self.lines.append(text)
+
+
+def wait_for(pred, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not pred() and time.monotonic() < end:
+        time.sleep(0.01)
+    return pred()
+
+
+def test_a_stalled_phase_is_said_once_with_the_stacks_then_its_end(tmp_path):
+    out = Lines()
+    with StallWatch(1, 2, 0.2, tmp_path / "stalls", printer=out) as watch:
+        watch.at("data", 5)
+        assert wait_for(lambda: out.lines)
+        time.sleep(0.5)  # still stalled: no second line for the same stall
+        assert len(out.lines) == 1
+        line = out.lines[0]
+        assert line.startswith("[mscn] rank 1 of 2: no batch from its loader for ") and "(step 5)" in line
+        stacks = tmp_path / "stalls" / "rank1.txt"
+        assert f"its threads' stacks: {stacks}" in line
+        text = stacks.read_text()
+        # the main thread's stack, where it stood: this test, in its sleep
+        assert "data of step 5" in text and "test_a_stalled_phase_is_said_once" in text
+        watch.at("step", 6)
+        assert wait_for(lambda: len(out.lines) == 2)
+        assert "rank 1 of 2: moving again: the wait for the batch of step 5 took " in out.lines[1]
+    n = len(out.lines)
+    time.sleep(0.3)
+    assert len(out.lines) == n  # the thread stopped with the block
+
+
+def test_a_step_that_waits_names_the_other_ranks_and_a_folder_that_cannot_be_written_still_says_it(tmp_path):
+    out = Lines()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with StallWatch(0, 4, 0.1, blocker / "stalls", printer=out) as watch:  # under a file: no stacks
+        watch.at("step", 9)
+        assert wait_for(lambda: out.lines)
+    assert "step 9 has run for" in out.lines[0] and "another rank may be the stalled one" in out.lines[0]
+    assert "stacks" not in out.lines[0]
+
+
+def test_off_and_a_busy_loop_say_nothing(tmp_path):
+    out = Lines()
+    with StallWatch(0, 1, 0, tmp_path, printer=out) as watch:  # 0: off
+        watch.at("data", 1)
+        time.sleep(0.2)
+    with StallWatch(0, 1, 0.5, tmp_path, printer=out) as watch:
+        for step in range(40):
+            watch.at("step", step)
+            time.sleep(0.01)
+    assert out.lines == [] and not (tmp_path / "rank0.txt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_pretraining_marks_its_phases(tiny_synth_train, tmp_path, capsys):
+    """The trainer's loop feeds the watch: with a threshold below any phase it reports one."""
+    from mscn.config import load_config
+    from mscn.train.pretrain import run_pretrain
+
+    out = tmp_path / "run"
+    cfg = load_config(None, [f"data.root={tiny_synth_train}", "data.image_size=32", "data.num_threads=1",
+                             "model.arch=resnet18", "model.proj_hidden=64", "model.proj_out=32",
+                             "train.global_batch=8", "train.device=cpu", "train.max_steps=3",
+                             f"train.out_dir={out}", "train.stall_warn_s=0.001"])
+    run_pretrain(cfg, resume="auto")
+    log = capsys.readouterr().out
+    assert re.search(r"\[mscn\] (no batch from its loader for 0 s \(step [123]\)|step [123] has run)", log)  # the loop's own marks, steps from 1
+    assert "rank 0 of 1" not in log and "another rank" not in log  # one process: no ranks to name
+    assert (out / "stalls" / "rank0.txt").is_file()

@@ -1,0 +1,118 @@
+"""Say so when a rank's training loop stops moving, and where it stands.
+
+A rank that stalls (a hung network file system under the reader, a dead GPU, a deadlock)
+stops its peers too: they wait in the step's gradient all-reduce until torch.distributed's
+timeout (30 min under gloo, 10 under NCCL), and on a cluster nothing shows for that long.
+So every rank runs a :class:`StallWatch`: the loop marks what it is doing (waiting for a
+batch, in a step, writing a checkpoint, in the kNN monitor) and the step it is at, and a
+daemon thread prints one line when one phase has lasted ``train.stall_warn_s`` seconds. It
+also writes the Python stacks of all the rank's threads to ``<out_dir>/stalls/rank<R>.txt``
+(``faulthandler``, which works while the main thread is stuck inside C code). When the loop
+moves again it says how long it stood. The rank that waits for its batch is usually the
+stalled one; the others report a step that waits for it.
+
+Not in the paper: an operations aid for the long multi-node runs of §4 (800 epochs).
+"""
+from __future__ import annotations
+
+import faulthandler
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+# phase -> (the stall's line, the phase's name in the line that says it ended)
+_SAYS = {
+    "data": ("no batch from its loader for {s} (step {step})", "the wait for the batch of step {step}"),
+    "step": ("step {step} has run for {s}", "step {step}"),
+    "checkpoint": ("the checkpoint after step {step} has taken {s}", "the checkpoint after step {step}"),
+    "monitor": ("the kNN monitor after step {step} has run for {s}", "the kNN monitor after step {step}"),
+}
+# a step ends in collectives (gradients, the loss check, the stop flag): a rank stuck there
+# usually waits for another one
+_WAITS_FOR_PEERS = "; a step waits for every rank's gradients, so another rank may be the stalled one"
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def _write(text: str) -> None:
+    tqdm.write(text)  # above the rank's progress bar, not glued to it
+    sys.stdout.flush()
+
+
+class StallWatch:
+    """A daemon thread that reports a phase of the loop lasting ``after_s`` seconds or more.
+
+    ``at(phase, step)`` marks the start of a phase (one of ``data``, ``step``,
+    ``checkpoint``, ``monitor``); it costs an attribute write and a clock read. ``after_s``
+    0 turns the watch off. ``stacks_dir``: where the stack files go (None: none written).
+    ``printer``: takes each line (default: stdout, above a progress bar). Use as a context
+    manager: the thread stops on exit.
+    """
+
+    def __init__(self, rank: int, world_size: int, after_s: float, stacks_dir: str | Path | None,
+                 printer=_write):
+        self.rank, self.world_size, self.after_s = rank, world_size, float(after_s)
+        self.stacks_dir = Path(stacks_dir) if stacks_dir else None
+        self._print = printer
+        self._mark = ("data", 0, time.monotonic())  # one tuple: the thread reads it whole
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def at(self, phase: str, step: int) -> None:
+        self._mark = (phase, step, time.monotonic())
+
+    def __enter__(self) -> "StallWatch":
+        if self.after_s > 0:
+            self._mark = ("data", self._mark[1], time.monotonic())
+            self._thread = threading.Thread(target=self._watch, name="mscn-stall-watch", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _say(self, text: str) -> None:
+        who = f"rank {self.rank} of {self.world_size}: " if self.world_size > 1 else ""
+        self._print(f"[mscn] {who}{text}")
+
+    def _watch(self) -> None:
+        poll = min(5.0, max(0.01, self.after_s / 4))
+        stalled = None  # the mark that was reported, until the loop moves past it
+        while not self._stop.wait(poll):
+            mark = self._mark
+            phase, step, since = mark
+            if stalled is not None and mark is not stalled:
+                name = _SAYS.get(stalled[0], ("", stalled[0]))[1].format(step=stalled[1])
+                self._say(f"moving again: {name} took {_seconds(mark[2] - stalled[2])}")
+                stalled = None
+            idle = time.monotonic() - since
+            if stalled is None and idle >= self.after_s:
+                stalled = mark
+                where = self._dump_stacks()
+                text = _SAYS.get(phase, (phase + " of step {step} has run for {s}",))[0].format(
+                    s=_seconds(idle), step=step)
+                if phase == "step" and self.world_size > 1:
+                    text += _WAITS_FOR_PEERS
+                self._say(text + (f"; its threads' stacks: {where}" if where else ""))
+
+    def _dump_stacks(self) -> str | None:
+        if self.stacks_dir is None:
+            return None
+        path = self.stacks_dir / f"rank{self.rank}.txt"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w") as f:
+                f.write(f"rank {self.rank} of {self.world_size}, {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                        f"{self._mark[0]} of step {self._mark[1]}\n")
+                f.flush()
+                faulthandler.dump_traceback(file=f, all_threads=True)
+        except OSError:  # a read-only or full folder: the line still goes out, without the file
+            return None
+        return str(path)
