@@ -65,3 +65,41 @@ def test_two_ranks_match_one_process(tmp_path):
     feats, labels = extract_features(backbone, eval_loader(cfg, str(tmp_path / "train"), rt, 16), rt)
     assert torch.equal(two["labels"], labels) and labels.tolist() == sorted(labels.tolist())
     torch.testing.assert_close(two["feats"], feats, rtol=1e-4, atol=1e-5)
+
+
+SCRIPT_APART = r'''
+import os, sys
+from mscn.config import load_config
+from mscn.errors import MscnError
+from mscn.train.distributed import cleanup
+from mscn.train.eval.common import eval_loader
+from mscn.train.runtime import setup_runtime
+
+base, out = sys.argv[1:3]
+rt = setup_runtime("cpu")
+cfg = load_config(None, ["data.image_size=32", "data.val_resize=36", "data.num_threads=1"])
+try:
+    eval_loader(cfg, f"{base}/val{rt.dist.rank}", rt, 4)  # each rank its own copy
+    said = "no error"
+except MscnError as e:
+    said = str(e)
+open(f"{out}/said{rt.dist.rank}.txt", "w").write(said)
+cleanup()
+'''
+
+
+def test_ranks_that_read_other_copies_of_the_eval_data_are_stopped(tmp_path):
+    """Node 1's copy of the val set holds an image more: every rank would score a slice of
+    another set. Each rank says so in one line before a feature is extracted."""
+    make_image_folder(tmp_path / "val0", per_class=3)
+    make_image_folder(tmp_path / "val1", per_class=3)
+    (tmp_path / "val1" / "c0" / "extra.jpg").write_bytes((tmp_path / "val1" / "c0" / "000.jpg").read_bytes())
+    (tmp_path / "run.py").write_text(SCRIPT_APART)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(tmp_path / "run.py"),
+           str(tmp_path), str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        said = (tmp_path / f"said{rank}.txt").read_text()
+        assert said.startswith("the ranks do not read the same dataset (rank 0: 9 samples in "), said
+        assert "rank 1: 10 samples in" in said

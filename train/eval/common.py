@@ -28,7 +28,7 @@ from tqdm import tqdm
 from mscn.config import Config
 from mscn.data.source import resolve_source
 from mscn.errors import DataError, MscnError
-from mscn.train.distributed import gather_cat
+from mscn.train.distributed import check_same_data, gather_cat
 from mscn.train.runtime import Runtime
 
 MOMENTUM = 0.9  # SGD momentum of the linear probe and fine-tuning (paper A.2, A.3)
@@ -236,6 +236,8 @@ def _loader(cfg: Config, root: str, rt: Runtime, global_batch: int, file_list: s
                                local_rank=rt.dist.local_rank, device=rt.device,
                                batch_size=rt.per_rank(global_batch), train_views=train_views,
                                file_list=file_list, classes=classes)
+    # every rank scores its slice: a node with another copy would score other images (all ranks, one line)
+    check_same_data(loader.source, rt.dist)
     if not loader.source.labelled:  # every label -1: each prediction would count as wrong, 0 % quietly
         raise DataError(f"{loader.source.root}: has no labels (flat folder, list or shards without labels); an "
                         "evaluation needs labelled images: ROOT/<class>/<image>, a 'relpath label' list or shards "
