@@ -26,7 +26,7 @@ from mscn.config_checks import validate, validate_mask, validate_view  # noqa: F
 from mscn.config_schema import (IMAGENET_MEAN, IMAGENET_STD, Config, DataCfg, EvalCfg, HighPassCfg,  # noqa: F401
                                 MaskCfg, MethodCfg, ModelCfg, OptimCfg, ScheduleCfg, TrainCfg, ViewCfg,
                                 default_views)
-from mscn.errors import ConfigError
+from mscn.errors import CommandLineError, ConfigError
 
 # ----------------------------------------------------------------------------------
 # Building a typed Config from plain dicts
@@ -250,7 +250,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             apply_override(tree, item)
         except ConfigError as e:
-            raise ConfigError(f"command line: {item}: {str(e).split(': ', 1)[-1]}") from None
+            raise CommandLineError(f"command line: {item}: {str(e).split(': ', 1)[-1]}") from None
     try:
         return from_dict(tree, src)
     except ConfigError as e:
@@ -260,7 +260,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             from_dict(file_tree, src)
         except ConfigError:
             raise e from None
-        raise ConfigError(f"command line: {_blame(str(e).removeprefix(f'{src}: '), overrides)}") from None
+        raise CommandLineError(f"command line: {_blame(str(e).removeprefix(f'{src}: '), overrides)}") from None
 
 
 def _copy(tree: Any) -> Any:

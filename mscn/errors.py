@@ -35,6 +35,14 @@ class ConfigError(MscnError):
     """An invalid configuration value, unknown key or wrong type."""
 
 
+class CommandLineError(ConfigError):
+    """A ConfigError of a ``key=value`` override. torchrun gives every rank the same command
+    line, so every rank finds the same error: rank 0 prints it (run_cli), not all eight (or
+    32) of them. An error in a YAML file is printed by every rank: a node may hold another copy."""
+
+    rank0_says = True
+
+
 class SignalStop(MscnError):
     """A command stopped on a signal; ``status`` is 128 + the signal's number (143 for
     SIGTERM), what a shell reports for it. run_cli prints ``{prog}: {message}``."""
@@ -73,7 +81,8 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
     0 (or ``main``'s own status) on success; 2 after printing an MscnError as one line
     ``{prog}: error: {message}`` on stderr; an MscnError with a ``status`` attribute (a run
     stopped by a signal, after its checkpoint) prints ``{prog}: {message}`` and returns
-    that status; an OSError of the machine (:data:`ENVIRONMENT_ERRNOS`: a path that cannot
+    that status (an error marked ``rank0_says``, the same on every rank, is printed by rank 0
+    only: a trainer's stop, a :class:`CommandLineError`); an OSError of the machine (:data:`ENVIRONMENT_ERRNOS`: a path that cannot
     be written, a full disk) is one line naming the path, status 2; a collective that lost the
     other ranks of a multi-rank run (:func:`lost_peers`) is one line saying another rank
     stopped first, status 1; 130 after Ctrl-C. Under ``MSCN_DEBUG`` the
@@ -87,8 +96,9 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
         status = getattr(e, "status", None)  # e.g. a run stopped on a signal after its checkpoint
         if os.environ.get("MSCN_DEBUG") and status is None:
             raise
-        if status is not None and getattr(e, "rank0_says", False) and os.environ.get("RANK", "0") != "0":
-            return status  # a trainer's stop is the same on every rank: rank 0 says it (an error, every rank)
+        if getattr(e, "rank0_says", False) and os.environ.get("RANK", "0") != "0":
+            # the same on every rank (a trainer's stop, a command-line typo): rank 0 says it
+            return 2 if status is None else status
         print(f"{prog}: {'error: ' if status is None else ''}{e}", file=sys.stderr, flush=True)
         return 2 if status is None else status
     except OSError as e:

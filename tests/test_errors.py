@@ -197,6 +197,29 @@ def test_a_stop_on_a_signal_is_said_by_rank_0_only_and_an_error_by_every_rank(ca
         assert capsys.readouterr().err == "tool: stopped by SIGTERM during scan x\n"
 
 
+def test_a_command_line_typo_is_said_by_rank_0_only_and_a_yaml_file_error_by_every_rank(capsys, monkeypatch,
+                                                                                         tmp_path):
+    """torchrun gives every rank the same command line: 8 ranks printed the same typo 8 times.
+    A YAML file may differ between nodes, so its errors stay on every rank."""
+    from mscn.config import load_config
+
+    monkeypatch.delenv("MSCN_DEBUG", raising=False)
+    bad_yaml = tmp_path / "r.yaml"
+    bad_yaml.write_text("train: {glbal_batch: 8}\n")
+    for rank, said in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert run_cli(lambda: load_config(None, ["train.glbal_batch=8"]), "tool") == 2
+        err = capsys.readouterr().err
+        if said:
+            assert err.startswith("tool: error: command line: train.glbal_batch=8: unknown key") and err.count("\n") == 1
+        else:
+            assert err == ""
+        assert run_cli(lambda: load_config(None, ["train.global_batch=many"]), "tool") == 2
+        assert ("expected an integer" in capsys.readouterr().err) is said
+        assert run_cli(lambda: load_config(str(bad_yaml)), "tool") == 2
+        assert "unknown key 'train.glbal_batch'" in capsys.readouterr().err  # every rank
+
+
 def test_a_rank_that_lost_the_others_says_so_in_one_line(tmp_path):
     """Real gloo, two processes: rank 1 dies after joining; rank 0's next collective fails in
     gloo's TCP pair. That is a symptom of rank 1's end, said in one line (it was a 40-line

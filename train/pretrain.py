@@ -368,7 +368,8 @@ class _Run:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry (``mscn pretrain``, ``python -m`` / ``torchrun -m mscn.train.pretrain``):
-    the exit status; an MscnError is one line and status 2 on every rank (:func:`run_cli`)."""
+    the exit status; an MscnError is one line and status 2 on every rank (:func:`run_cli`; rank 0's line
+    only for a command-line typo, the same on every rank)."""
     parser = argparse.ArgumentParser(prog="mscn pretrain", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML recipe (a path or a bundled name)")
     parser.add_argument("--out", default=None,
