@@ -77,6 +77,12 @@ class MscnBatch:
     index: torch.Tensor
 
 
+class LoaderStateMismatch(DataError):
+    """A loader state saved over other data than the source given now. DALI restores it all
+    the same (a checkpoint of a 20-file reader, restored over 10 files, gave batches such as
+    ``[7, 9, 9, 9]``), so the loader refuses it."""
+
+
 @dataclass(kw_only=True)
 class Replay:
     """What :mod:`mscn.pipelines.diagnose` needs to re-read the reader's order."""
@@ -128,6 +134,7 @@ class DaliLoader:
             bad = output_dtype if output_dtype not in TORCH_DTYPES else colour_dtype
             raise ValueError(f"output dtype {bad!r}: expected one of {', '.join(TORCH_DTYPES)}")
         self.source, self.num_views, self.crop = source, num_views, crop
+        self._data_digest: str | None = None
         self.dtype = TORCH_DTYPES[output_dtype]
         self.highpass, self.mask_fn, self.device, self.replay = highpass, mask_fn, device, replay
         self.blur = dict(blur or {})
@@ -231,7 +238,16 @@ class DaliLoader:
                 "colour_where": "loader" if self.colour else "pipeline",
                 "colour_handover": HANDOVER if self.colour else None,
                 # the reader's file list (readers.even_order): a state fits only a reader of the same list
-                "even_shards": self.replay.even_shards if self.replay is not None else True}
+                "even_shards": self.replay.even_shards if self.replay is not None else True,
+                # and of the same data (LoaderStateMismatch)
+                "data_digest": self.data_digest, "data_samples": self.source.num_samples}
+
+    @property
+    def data_digest(self) -> str:
+        """``source.digest()``, computed once (it hashes every file name: ~0.1 s at ImageNet's size)."""
+        if self._data_digest is None:
+            self._data_digest = self.source.digest()
+        return self._data_digest
 
     def _convert(self, out: dict) -> MscnBatch:
         views = [out[f"view{i}"] for i in range(self.num_views)]
@@ -459,6 +475,9 @@ def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_
     d = cfg.data
     blur = {i: (blur_radius(views[i].blur_sigma[1], views[i].blur_window), views[i].blur_window)
             for i in loader_blurred(views, p.blur_in_adapter, p.colour_in_adapter)}
+    if state and state.get("data_digest") not in (None, source.digest()):  # None: saved before the key
+        raise LoaderStateMismatch(f"{source.root}: holds {source.num_samples} samples, other data than the "
+                                  f"{state.get('data_samples', '?')} samples the loader state was saved over")
     # a state saved before even shards existed continues with the reader's list as it was then
     even = bool(state.get("even_shards", False)) if state else True
     replay = Replay(shard_id=shard.rank, num_shards=shard.world_size, shuffle=True, shuffle_buffer=d.shuffle_buffer,
@@ -485,7 +504,7 @@ def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_
 
 def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int = 0,
                        device: torch.device | str | None = None, apply_mask: bool = True,
-                       state: dict | None = None) -> DaliLoader:
+                       state: dict | None = None, source: Source | None = None) -> DaliLoader:
     """Pretraining loader: ``len(cfg.views)`` masked views per image, DROP policy.
 
     rank/world_size: global rank and world size (DALI shard id / number of shards);
@@ -493,7 +512,9 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int 
     device: a CUDA device selects the GPU pipeline; None or CPU the CPU pipeline.
     state: a :meth:`DaliLoader.state_dict` of this rank's loader to continue from.
     DALI checkpointing is on (no measurable cost, DALI's docs say), so the loader's
-    :meth:`~DaliLoader.state_dict` is always available.
+    :meth:`~DaliLoader.state_dict` is always available; one saved over other data than
+    ``cfg.data.root`` holds now is refused (:class:`LoaderStateMismatch`). source: the
+    resolved ``cfg.data.root``, when the caller has it already (resolving lists every file).
     """
     from mscn.config import checked
     from mscn.pipelines.readers import resolve_source
@@ -502,7 +523,7 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int 
     # types, ranges, a global batch the ranks cannot split; not the siamese trainer's own needs (2 views,
     # a batch of 2): another project's trainer may take one view or debug with one image
     cfg = checked(cfg, "<config>", world_size=world_size, siamese=False)
-    source = resolve_source(cfg.data.root, cfg.data.format)
+    source = source or resolve_source(cfg.data.root, cfg.data.format)
     check_size(source, cfg.train.global_batch, "train.global_batch")
     seed = rank_seed(cfg.train.seed, rank)
     mask_fn = mask_fn_from_cfgs([v.mask for v in cfg.views], seed) if apply_mask else None

@@ -556,3 +556,50 @@ def test_a_rank_that_cannot_see_rank_0s_checkpoint_says_why(tmp_path, monkeypatc
     with pytest.raises(MscnError, match=r"ckpt_00000003.pt \(rank 0 resumes from it, but rank 1 cannot see it: "
                                         r"train.out_dir must be on a file system every node shares"):
         rs.find_resume_state(cfg, "auto", DistInfo(rank=1, world_size=2))
+
+
+def test_a_resume_onto_changed_data_is_refused_and_a_branch_onto_it_starts_a_fresh_order(tiny_synth_train, tmp_path,
+                                                                                          capsys):
+    """Files added to data.root between a stop and its resume: DALI restored the old reader
+    state over the new list without a word (and with fewer files gave batches such as
+    [7, 9, 9, 9]), and the schedule took another number of steps per epoch. Now the resume
+    says so and changes nothing; a branch into a new folder continues on the new data."""
+    from mscn.errors import MscnError
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_synth_train, data)
+    run = tmp_path / "run"
+    run_pretrain(load_config(None, args(data, run, "train.max_steps=2")), resume="auto")
+    first_class = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    shutil.copy(next(first_class.iterdir()), first_class / "added.jpg")
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    with pytest.raises(MscnError, match=r"ckpt_00000002\.pt: its loader read other data \(64 samples then, 65 now in .*\), so "
+                                        r"it cannot continue exactly .* --resume \S+ckpt_00000002\.pt --out NEW_DIR"):
+        run_pretrain(load_config(None, args(data, run)), resume="auto")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    capsys.readouterr()
+    branch = tmp_path / "branch"
+    summary = run_pretrain(load_config(None, args(data, branch, "train.max_steps=3")),
+                           resume=str(run / "checkpoints" / "ckpt_00000002.pt"))
+    assert summary["step"] == 3
+    assert "branched onto other data: its loader read other data (64 samples then, 65 now" in capsys.readouterr().out
+
+
+def test_the_loader_refuses_a_state_saved_over_other_data(tmp_path):
+    """For other projects that keep the loader state themselves (build_train_loader(state=))."""
+    from pipeline_fixtures import make_folder, tiny_cfg
+
+    from mscn.pipelines import build_train_loader, endless
+    from mscn.pipelines.loader import LoaderStateMismatch
+
+    root = make_folder(tmp_path / "d", classes=2, per_class=10)
+    cfg = tiny_cfg(root, "train.global_batch=4")
+    loader = build_train_loader(cfg, apply_mask=False)
+    next(endless(loader))
+    state = loader.state_dict()
+    assert build_train_loader(cfg, apply_mask=False, state=state) is not None  # the same data: fine
+    (root / "c1" / "000.jpg").rename(root / "c0" / "moved.jpg")  # relabelled: same count, other data
+    with pytest.raises(LoaderStateMismatch, match=r"holds 20 samples, other data than the 20 samples"):
+        build_train_loader(cfg, apply_mask=False, state=state)
+    old = {k: v for k, v in state.items() if k not in ("data_digest", "data_samples")}
+    assert build_train_loader(cfg, apply_mask=False, state=old) is not None  # saved before the key: not checked

@@ -165,7 +165,7 @@ def _claim(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, say
 def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop: StopFlag) -> dict:
     from mscn.pipelines import build_train_loader, endless  # DALI is heavy: imported only to train
     from mscn.pipelines.feeder import Feeder
-    from mscn.pipelines.readers import drift_note
+    from mscn.pipelines.readers import drift_note, resolve_source
 
     validate(cfg, "<config>", world_size=rt.dist.world_size)
     cfg, adopted = adopt_saved_choices(cfg, resume, gpu=rt.device.type == "cuda")  # a resumed run keeps its choice
@@ -191,17 +191,26 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
     say(f"{cfg.method.name}/{cfg.model.arch} on {rt.dist.world_size} x {rt.device.type}, "
         f"{rt.per_rank(cfg.train.global_batch)} images x {len(cfg.views)} views per rank, "
         f"precision {rt.dtype or torch.float32}; param groups: {groups_desc}")
+    source = resolve_source(cfg.data.root, cfg.data.format)  # once: the loader takes it
+    check_same_data(source, rt.dist)  # before a step: another copy on one node plans another schedule
     state, resumed_from = rs.find_resume_state(cfg, resume, rt.dist)
     if state is None:
         start_step, mine = 0, None
         if resume == "auto":
             say(f"no valid checkpoint in {Path(cfg.train.out_dir) / 'checkpoints'}: starting from scratch")
     else:
-        changed = rs.load_state(state, resumed_from, cfg, method, optimizer, scaler,
-                                branch=rs.is_branch(cfg, resume))
+        branch = rs.is_branch(cfg, resume)
+        changed = rs.load_state(state, resumed_from, cfg, method, optimizer, scaler, branch=branch)
         start_step, (mine, why) = int(state["step"]), rs.this_rank(state, rt.dist, cfg, rt.device.type == "cuda")
         if changed:  # a branch under other settings: its loader state belongs to the old ones
             mine, why = None, f"branched with other settings: {', '.join(changed)}"
+        moved = rs.data_changed(mine, source) if mine else ""
+        if moved and not branch:  # every rank reads the same data (checked above): all stop here
+            raise MscnError(f"{resumed_from}: {moved}, so it cannot continue exactly (another number of steps "
+                            "per epoch, another schedule); restore the data it trained on, or continue from it "
+                            f"with a fresh data order in a new folder: --resume {resumed_from} --out NEW_DIR")
+        if moved:
+            mine, why = None, f"branched onto other data: {moved}"
         say(f"resumed from {resumed_from} at step {start_step}" + ("" if mine else
             f" ({why}: fresh data order, not exact)"))
     if rt.is_main:
@@ -209,8 +218,7 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
 
     loader = build_train_loader(rs.loader_cfg(cfg, mine, start_step), rank=rt.dist.rank,
                                 world_size=rt.dist.world_size, local_rank=rt.dist.local_rank, device=rt.device,
-                                state=mine["loader"] if mine else None)
-    check_same_data(loader.source, rt.dist)  # before a step: another copy on one node plans another schedule
+                                state=mine["loader"] if mine else None, source=source)
     drift = drift_note(loader.source, rt.dist.world_size, loader.replay.even_shards)
     if drift:
         say(f"note: {drift}")
