@@ -205,6 +205,35 @@ def test_scan_of_a_folder_without_one_usable_image_writes_the_report_it_names(tm
     assert not (tmp_path / "list.txt").exists()
 
 
+def test_scan_of_a_flat_folder_writes_an_unlabelled_list_the_readers_take(tmp_path, capsys):
+    """Most SSL data has no labels: a flat folder was refused ("an ImageFolder is expected"),
+    so its corrupt files could only be found hours into pretraining."""
+    from mscn.data.source import resolve_source
+
+    root = tmp_path / "unlabelled"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"img {i}.jpg")
+    (root / "cut.jpg").write_bytes((root / "img 0.jpg").read_bytes()[:200])
+    (root / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "u.filelist.txt"
+    assert main(["data", "scan", str(root), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "5 files, no classes (a flat folder: the list is unlabelled): kept 3, excluded 2" in printed
+    assert out.read_text() == "img 0.jpg\nimg 1.jpg\nimg 2.jpg\n"  # bare paths: no label to write
+    report = json.loads(out.with_name("u.scan.json").read_text())
+    assert report["classes"] == [] and report["empty_classes"] == []
+    assert {i["path"]: i["reason"] for i in report["issues"]} == {"cut.jpg": "truncated", "empty.jpg": "zero_byte"}
+    src = resolve_source(str(out))
+    assert src.kind == "filelist" and not src.labelled and src.files == ("img 0.jpg", "img 1.jpg", "img 2.jpg")
+    assert Path(src.root) == root.resolve()
+    # a subset keeps a share of each class: a flat folder, or its scan, has none
+    for given in (root, out):
+        with pytest.raises(DataError, match="without labels|have no labels"):
+            make_subset(given, 0.5)
+
+
 def test_read_file_list_errors_name_the_list_line_and_file(tmp_path, messy_root):
     with pytest.raises(DataError, match="nope.txt: file list not found"):
         read_file_list(tmp_path / "nope.txt", messy_root)
@@ -244,6 +273,9 @@ def test_missing_or_empty_roots_are_one_line_data_errors(tmp_path):
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "x.jpg").write_bytes(b"")
     with pytest.raises(DataError, match=r"flat: no class sub-folders but 1 file\(s\) directly in it, e.g. x.jpg"):
+        list_image_folder(tmp_path / "flat")
+    # the scan takes a flat folder (unlabelled data) and says what is wrong with its files
+    with pytest.raises(DataError, match=r"flat: none of its 1 files is a usable image"):
         scan(tmp_path / "flat", progress=False)
 
 

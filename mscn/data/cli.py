@@ -78,7 +78,8 @@ def _scan(args) -> None:
     r = scan(args.root, out=out, report=report,
              min_size=args.min_size, workers=args.workers)
     bad = {k: v for k, v in r["counts"].items() if v and k != "ok"}
-    print(f"scan: {r['num_files']} files, {len(r['classes'])} classes: kept {r['num_kept']}, "
+    what = f"{len(r['classes'])} classes" if r["classes"] else "no classes (a flat folder: the list is unlabelled)"
+    print(f"scan: {r['num_files']} files, {what}: kept {r['num_kept']}, "
           f"excluded {r['num_excluded']}; issues {json.dumps(bad) if bad else 'none'}")
     for c in r.get("empty_classes", [])[:SHOWN]:
         print(f"scan: note: class folder {Path(args.root) / c} holds no usable image; it still takes a label")
@@ -160,11 +161,12 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=_photos)
 
     p = sub.add_parser("scan", help="decode every image, report bad files, write a file list",
-                       description="Decode every file under the ImageFolder ROOT with PIL; report corrupt, truncated, "
+                       description="Decode every file under the ImageFolder ROOT (or in a flat folder of unlabelled "
+                       "images) with PIL; report corrupt, truncated, "
                        "zero-byte and non-image files (excluded from the list) and small (short side < 32 px), CMYK, "
                        "grayscale and non-JPEG files (kept: DALI decodes them to RGB, the crops upsample them). Writes a DALI file list 'relpath label' "
-                       "and a JSON report; never writes inside ROOT.")
-    p.add_argument("root", metavar="ROOT", help="ImageFolder root: ROOT/<class>/<image>")
+                       "(bare 'relpath' lines for a flat folder) and a JSON report; never writes inside ROOT.")
+    p.add_argument("root", metavar="ROOT", help="ImageFolder root (ROOT/<class>/<image>) or a flat folder of images")
     p.add_argument("--out", metavar="FILE", default=None, help="file list to write (default: ./<name>.filelist.txt)")
     p.add_argument("--report", metavar="FILE", default=None,
                    help="JSON report to write (default: beside the file list, <list name>.scan.json, "

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import warnings
 from collections import Counter
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from mscn.data.imagefolder import DALI_FORMATS, SPLIT_NAMES, is_image_name, list_image_folder, parallel_imap
+from mscn.data.imagefolder import (DALI_FORMATS, SPLIT_NAMES, UNLABELLED, is_flat_folder, is_image_name,
+                                   list_image_folder, parallel_imap)
 from mscn.errors import DataError
 from mscn.paths import not_creatable, write_atomic
 
@@ -184,14 +186,28 @@ def _write_atomic(path: Path, text: str, root: Path) -> None:
 
 def write_file_list(path, samples: list[tuple[str, int]], root) -> Path:
     """Write ``relpath label`` lines (DALI ``file_list`` format, paths relative to ``root``,
-    which the file must not be inside); returns ``path``. Atomic: a crash leaves the old file."""
-    _write_atomic(Path(path), "".join(f"{rel} {label}\n" for rel, label in samples), Path(root))
+    which the file must not be inside), or bare ``relpath`` lines when no sample has a label
+    (a flat folder: :func:`read_file_list` reads them as unlabelled); returns ``path``.
+    Atomic: a crash leaves the old file."""
+    if all(label == UNLABELLED for _, label in samples):
+        text = "".join(f"{rel}\n" for rel, _ in samples)
+    else:
+        text = "".join(f"{rel} {label}\n" for rel, label in samples)
+    _write_atomic(Path(path), text, Path(root))
     return Path(path)
+
+
+def _flat_files(root: Path) -> list[tuple[str, int]]:
+    """Every visible file directly in a flat folder, unlabelled; not only the image names,
+    so that the scan reports what is not an image."""
+    return [(e.name, UNLABELLED) for e in sorted(os.scandir(root), key=lambda e: e.name)
+            if e.is_file() and not e.name.startswith(".")]
 
 
 def scan(root, out=None, report=None, min_size: int = 0, workers: int | None = None,
          progress: bool = True) -> dict:
-    """Decode every file under the ImageFolder ``root``; return (and write) the report.
+    """Decode every file under the ImageFolder ``root`` (or directly in a flat folder of
+    unlabelled images: no classes, a list of bare paths); return (and write) the report.
 
     ``out``: where to write the clean file list (not written if None; the CLI
     defaults to :func:`default_outputs`). ``report``: where to write the JSON report.
@@ -199,7 +215,10 @@ def scan(root, out=None, report=None, min_size: int = 0, workers: int | None = N
     file with an issue (``excluded`` says whether it left the list).
     """
     root = Path(root)
-    classes, samples = list_image_folder(root, images_only=False)
+    if is_flat_folder(root):  # most SSL data has no labels: scanned all the same
+        classes, samples = [], _flat_files(root)
+    else:
+        classes, samples = list_image_folder(root, images_only=False)
     check_outside(out, root)  # before the long decode, not after
     check_outside(report, root)
     check_not_foreign(out, report)
@@ -222,7 +241,7 @@ def scan(root, out=None, report=None, min_size: int = 0, workers: int | None = N
             clean.append((rel, label))
         for reason, detail in found:
             issues.append({"path": rel, "reason": reason, "detail": detail, "excluded": excluded})
-    held = {classes[label] for _, label in clean}
+    held = {classes[label] for _, label in clean if label != UNLABELLED}
     summary = {
         "root": str(Path(root).resolve()), "file_list": str(out) if out else None, "classes": classes,
         # a class folder without a usable image still takes a label (torchvision refuses it): said

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mscn.data.imagefolder import list_image_folder
+from mscn.data.imagefolder import is_flat_folder, list_image_folder
 from mscn.data.scan import default_outputs, is_label, read_file_list, report_path_for, write_file_list
 from mscn.errors import DataError
 
@@ -102,6 +102,9 @@ def make_subset(root, fraction: float | None, seed: int = 0, out=None, official=
         check_replaceable(Path(out))
     if root.is_file():  # a scan's file list: the draw takes only the files the scan kept
         root, classes, samples = _scanned(root)
+    elif is_flat_folder(root):
+        raise DataError(f"{root}: a flat folder of images without labels; a subset keeps a share of each class, for "
+                        "fine-tuning on few labels: it needs an ImageFolder (ROOT/<class>/<image>)")
     else:
         classes, samples = list_image_folder(root)
     if official is not None:
@@ -120,6 +123,10 @@ def _scanned(list_path: Path) -> tuple[Path, list[str], list[tuple[str, int]]]:
 
     root, guessed = list_root(list_path, None)
     classes = report_classes(list_path)
+    if not guessed and not classes and is_flat_folder(root):
+        raise DataError(f"{list_path}: the scan of a flat folder ({root}), whose images have no labels; a subset "
+                        "keeps a share of each class, for fine-tuning on few labels: it needs an ImageFolder "
+                        "(ROOT/<class>/<image>) or the scan of one")
     if guessed or not classes:
         raise DataError(f"{list_path}: a subset is drawn from an ImageFolder, or from a file list written by "
                         f"`mscn data scan` with its report beside it ({report_path_for(list_path).name}), which "
