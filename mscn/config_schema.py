@@ -232,7 +232,7 @@ class TrainCfg:
     knn_every_epochs: int = 0  # >0: online kNN monitor on data.val_root
     # a rank whose batch, step, checkpoint or monitor lasts this long says so and writes its
     # threads' stacks to out_dir/stalls/ (train/watchdog.py); 0: off
-    stall_warn_s: float = 600.0
+    stall_warn_s: float = 300.0  # under NCCL's 10-min timeout, which aborts the waiting peers
 
 
 @dataclass

@@ -8,8 +8,9 @@ here and from ``mscn.pipelines``.
 Sharding (DALI "Sharding and Shuffling"): ``shard_id`` is the *global* rank,
 ``num_shards`` the world size; ``pad_last_batch=True`` pads every shard to the same
 number of batches (the iterator drops the padding under PARTIAL and the last batch
-under DROP), so all ranks run the same number of steps and every sample is read at
-most once per epoch across ranks (exactly once under PARTIAL). Training leaves
+under DROP), so all ranks run the same number of steps and every listed sample is
+read at most once per epoch across ranks (exactly once under PARTIAL; a training list
+may name a few files twice, below). Training leaves
 ``stick_to_shard=False``: shard k reads the (k+epoch)-th slice, and each rank sees all
 the data over the epochs. Evaluation sticks to its shard.
 

@@ -390,12 +390,16 @@ def test_a_stalled_rank_is_said_by_its_peer_and_the_run_goes_on(dataset, tmp_pat
         stopped = _worker_of_rank(proc.pid, 1)
         assert stopped is not None
         os.kill(stopped, signal.SIGSTOP)
-        line = wait_line("rank 0 of 2: step ", 60)
-        assert "another rank may be the stalled one" in line and str(run / "stalls" / "rank0.txt") in line
-        assert " in _loop" in (run / "stalls" / "rank0.txt").read_text()  # faulthandler's frames: the training loop
+        # the step's all-reduce, or the epoch's checkpoint if the stop lands there: both wait for rank 1
+        line = wait_line("another rank may be the stalled one", 60)
+        assert line.startswith("[mscn] rank 0 of 2: ") and str(run / "stalls" / "rank0.txt") in line
+        stacks, end = run / "stalls" / "rank0.txt", time.monotonic() + 30  # written just after the line
+        while not (stacks.is_file() and " in _loop" in stacks.read_text()) and time.monotonic() < end:
+            time.sleep(0.2)
+        assert " in _loop" in stacks.read_text()  # faulthandler's frames: the training loop
         os.kill(stopped, signal.SIGCONT)
         stopped = None
-        wait_line("rank 0 of 2: moving again: step ", 60)
+        wait_line("rank 0 of 2: moving again: ", 60)
         before = max(r["step"] for r in read_metrics(run))
         end = time.monotonic() + 60
         while max(r["step"] for r in read_metrics(run)) <= before:  # it trains on

@@ -35,6 +35,7 @@ def test_a_stalled_phase_is_said_once_with_the_stacks_then_its_end(tmp_path):
         assert line.startswith("[mscn] rank 1 of 2: no batch from its loader for ") and "(step 5)" in line
         stacks = tmp_path / "stalls" / "rank1.txt"
         assert f"its threads' stacks: {stacks}" in line
+        assert wait_for(lambda: "test_a_stalled_phase" in stacks.read_text())  # written after the line
         text = stacks.read_text()
         # the main thread's stack, where it stood: this test, in its sleep
         assert "data of step 5" in text and "test_a_stalled_phase_is_said_once" in text
@@ -46,15 +47,40 @@ def test_a_stalled_phase_is_said_once_with_the_stacks_then_its_end(tmp_path):
     assert len(out.lines) == n  # the thread stopped with the block
 
 
-def test_a_step_that_waits_names_the_other_ranks_and_a_folder_that_cannot_be_written_still_says_it(tmp_path):
+@pytest.mark.parametrize("phase, says", [("step", "step 9 has run for"),
+                                         ("checkpoint", "the checkpoint after step 9 has taken"),
+                                         ("monitor", "the kNN monitor after step 9 has run for")])
+def test_a_collective_phase_names_the_other_ranks_and_a_folder_that_cannot_be_written_is_said(tmp_path, phase,
+                                                                                              says):
     out = Lines()
     blocker = tmp_path / "file"
     blocker.write_text("")
     with StallWatch(0, 4, 0.1, blocker / "stalls", printer=out) as watch:  # under a file: no stacks
-        watch.at("step", 9)
-        assert wait_for(lambda: out.lines)
-    assert "step 9 has run for" in out.lines[0] and "another rank may be the stalled one" in out.lines[0]
-    assert "stacks" not in out.lines[0]
+        watch.at(phase, 9)
+        assert wait_for(lambda: len(out.lines) == 2)
+    assert says in out.lines[0] and "another rank may be the stalled one" in out.lines[0]
+    assert out.lines[1].startswith(f"[mscn] rank 0 of 4: its threads' stacks could not be written to {blocker}")
+
+
+def test_the_line_comes_out_when_the_stacks_file_cannot_be_opened(tmp_path):
+    """The run folder's file system may be what hangs: a FIFO nobody reads blocks the open,
+    as a hung NFS would. The line was written after the stacks, so none came out."""
+    import os
+
+    out = Lines()
+    (tmp_path / "stalls").mkdir()
+    fifo = tmp_path / "stalls" / "rank0.txt"
+    os.mkfifo(fifo)
+    try:
+        with StallWatch(0, 1, 0.1, tmp_path / "stalls", printer=out) as watch:
+            watch.at("data", 3)
+            assert wait_for(lambda: out.lines)
+            assert "no batch from its loader for 0 s (step 3)" in out.lines[0]
+            assert "another rank" not in out.lines[0]  # one process
+    finally:
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # let the stacks writer go
+        time.sleep(0.2)
+        os.close(fd)
 
 
 def test_off_and_a_busy_loop_say_nothing(tmp_path):

@@ -6,10 +6,12 @@ timeout (30 min under gloo, 10 under NCCL), and on a cluster nothing shows for t
 So every rank runs a :class:`StallWatch`: the loop marks what it is doing (waiting for a
 batch, in a step, writing a checkpoint, in the kNN monitor) and the step it is at, and a
 daemon thread prints one line when one phase has lasted ``train.stall_warn_s`` seconds. It
-also writes the Python stacks of all the rank's threads to ``<out_dir>/stalls/rank<R>.txt``
-(``faulthandler``, which works while the main thread is stuck inside C code). When the loop
-moves again it says how long it stood. The rank that waits for its batch is usually the
-stalled one; the others report a step that waits for it.
+then appends the Python stacks of all the rank's threads to ``<out_dir>/stalls/rank<R>.txt``
+(``faulthandler``, which works while the main thread is stuck inside C code; written from a
+thread of its own, after the line, since the run folder's file system may be what hangs).
+When the loop moves again it says how long it stood. A step, a checkpoint and the monitor
+end in collectives, so a rank stuck there usually waits for another rank: the one that
+waits for its batch, or the one that says nothing at all, is the stalled one.
 
 Not in the paper: an operations aid for the long multi-node runs of §4 (800 epochs).
 """
@@ -30,9 +32,11 @@ _SAYS = {
     "checkpoint": ("the checkpoint after step {step} has taken {s}", "the checkpoint after step {step}"),
     "monitor": ("the kNN monitor after step {step} has run for {s}", "the kNN monitor after step {step}"),
 }
-# a step ends in collectives (gradients, the loss check, the stop flag): a rank stuck there
-# usually waits for another one
-_WAITS_FOR_PEERS = "; a step waits for every rank's gradients, so another rank may be the stalled one"
+# phases that end in collectives (a step's gradients, loss check and stop flag; a checkpoint's
+# gather of the loader states; the monitor's gather of features): a rank stuck there usually
+# waits for another one
+_COLLECTIVE = ("step", "checkpoint", "monitor")
+_WAITS_FOR_PEERS = "; it waits for every rank, so another rank may be the stalled one"
 
 
 def _seconds(s: float) -> str:
@@ -95,24 +99,25 @@ class StallWatch:
             idle = time.monotonic() - since
             if stalled is None and idle >= self.after_s:
                 stalled = mark
-                where = self._dump_stacks()
                 text = _SAYS.get(phase, (phase + " of step {step} has run for {s}",))[0].format(
                     s=_seconds(idle), step=step)
-                if phase == "step" and self.world_size > 1:
+                if phase in _COLLECTIVE and self.world_size > 1:
                     text += _WAITS_FOR_PEERS
-                self._say(text + (f"; its threads' stacks: {where}" if where else ""))
+                path = self.stacks_dir / f"rank{self.rank}.txt" if self.stacks_dir else None
+                # the line first: the stacks go to the run folder, whose file system may be what hangs
+                self._say(text + (f"; its threads' stacks: {path}" if path else ""))
+                if path is not None:
+                    threading.Thread(target=self._dump_stacks, args=(path, mark), name="mscn-stall-stacks",
+                                     daemon=True).start()
 
-    def _dump_stacks(self) -> str | None:
-        if self.stacks_dir is None:
-            return None
-        path = self.stacks_dir / f"rank{self.rank}.txt"
+    def _dump_stacks(self, path: Path, mark: tuple) -> None:
+        """Append every thread's Python stack to ``path`` (one section per stall)."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "w") as f:
-                f.write(f"rank {self.rank} of {self.world_size}, {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                        f"{self._mark[0]} of step {self._mark[1]}\n")
+            with open(path, "a") as f:
+                f.write(f"\n=== rank {self.rank} of {self.world_size}, {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                        f"{mark[0]} of step {mark[1]}\n")
                 f.flush()
                 faulthandler.dump_traceback(file=f, all_threads=True)
-        except OSError:  # a read-only or full folder: the line still goes out, without the file
-            return None
-        return str(path)
+        except OSError as e:  # a read-only or full folder
+            self._say(f"its threads' stacks could not be written to {path} ({e.strerror or e})")
