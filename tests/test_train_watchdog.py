@@ -49,7 +49,7 @@ def test_a_stalled_phase_is_said_once_with_the_stacks_then_its_end(tmp_path):
 
 @pytest.mark.parametrize("phase, says", [("step", "step 9 has run for"),
                                          ("checkpoint", "the checkpoint after step 9 has taken"),
-                                         ("monitor", "the kNN monitor after step 9 has run for")])
+                                         ("monitor", "the kNN monitor after step 9 has not moved for")])
 def test_a_collective_phase_names_the_other_ranks_and_a_folder_that_cannot_be_written_is_said(tmp_path, phase,
                                                                                               says):
     out = Lines()
@@ -81,6 +81,24 @@ def test_the_line_comes_out_when_the_stacks_file_cannot_be_opened(tmp_path):
         fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # let the stacks writer go
         time.sleep(0.2)
         os.close(fd)
+
+
+def test_a_long_phase_that_beats_is_no_stall_until_it_stops_beating(tmp_path):
+    """The kNN monitor's feature pass over a large data.root outlasts any threshold; its
+    batches beat, so only a pass that stops moving is said."""
+    from mscn.train.watchdog import beat
+
+    out = Lines()
+    beat()  # outside a watched loop: nothing to do
+    with StallWatch(0, 2, 0.3, None, printer=out) as watch:
+        watch.at("monitor", 40)
+        for _ in range(60):  # 0.6 s in all, a batch every 10 ms
+            beat()
+            time.sleep(0.01)
+        assert out.lines == []
+        assert wait_for(lambda: out.lines)  # no beat any more
+    assert "the kNN monitor after step 40 has not moved for 0 s" in out.lines[0]
+    beat()  # after the block: no watch, nothing happens
 
 
 def test_off_and_a_busy_loop_say_nothing(tmp_path):

@@ -30,13 +30,25 @@ _SAYS = {
     "data": ("no batch from its loader for {s} (step {step})", "the wait for the batch of step {step}"),
     "step": ("step {step} has run for {s}", "step {step}"),
     "checkpoint": ("the checkpoint after step {step} has taken {s}", "the checkpoint after step {step}"),
-    "monitor": ("the kNN monitor after step {step} has run for {s}", "the kNN monitor after step {step}"),
+    "monitor": ("the kNN monitor after step {step} has not moved for {s}", "the kNN monitor after step {step}"),
 }
 # phases that end in collectives (a step's gradients, loss check and stop flag; a checkpoint's
 # gather of the loader states; the monitor's gather of features): a rank stuck there usually
 # waits for another one
 _COLLECTIVE = ("step", "checkpoint", "monitor")
 _WAITS_FOR_PEERS = "; it waits for every rank, so another rank may be the stalled one"
+
+
+_ACTIVE: list["StallWatch"] = []  # the watch of the loop running now (pretraining's), for beat()
+
+
+def beat() -> None:
+    """Progress inside a long phase (a batch of the kNN monitor's feature pass): the phase
+    goes on, its clock restarts. A no-op outside a watched loop (an evaluation of its own)."""
+    if _ACTIVE:
+        w = _ACTIVE[-1]
+        phase, step, _ = w._mark
+        w._mark = (phase, step, time.monotonic())
 
 
 def _seconds(s: float) -> str:
@@ -52,7 +64,8 @@ class StallWatch:
     """A daemon thread that reports a phase of the loop lasting ``after_s`` seconds or more.
 
     ``at(phase, step)`` marks the start of a phase (one of ``data``, ``step``,
-    ``checkpoint``, ``monitor``); it costs an attribute write and a clock read. ``after_s``
+    ``checkpoint``, ``monitor``); it costs an attribute write and a clock read; :func:`beat`
+restarts the clock of a long phase that moves (the monitor's batches). ``after_s``
     0 turns the watch off. ``stacks_dir``: where the stack files go (None: none written).
     ``printer``: takes each line (default: stdout, above a progress bar). Use as a context
     manager: the thread stops on exit.
@@ -75,9 +88,12 @@ class StallWatch:
             self._mark = ("data", self._mark[1], time.monotonic())
             self._thread = threading.Thread(target=self._watch, name="mscn-stall-watch", daemon=True)
             self._thread.start()
+            _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

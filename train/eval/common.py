@@ -30,6 +30,7 @@ from mscn.data.source import resolve_source
 from mscn.errors import DataError, MscnError
 from mscn.train.distributed import check_same_data, gather_cat
 from mscn.train.runtime import Runtime
+from mscn.train.watchdog import beat
 
 MOMENTUM = 0.9  # SGD momentum of the linear probe and fine-tuning (paper A.2, A.3)
 
@@ -121,6 +122,7 @@ def extract_features(backbone: nn.Module, loader, rt: Runtime, num_classes: int 
         batches = tqdm(loader, total=len(loader), desc=desc, unit="batch", mininterval=2.0, leave=False,
                        dynamic_ncols=True)
     for batch in batches:
+        beat()  # inside pretraining's kNN monitor: a feature pass over 1.28 M images moves, it is no stall
         x, y, i = batch_to(batch, rt.device)
         check_labels(y, num_classes, loader)
         with rt.autocast():
