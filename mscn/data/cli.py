@@ -194,7 +194,8 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
                        description="Pack ROOT into webdataset-style .tar shards in OUT. ROOT is an ImageFolder "
                        "(ROOT/<class>/<image>), a flat folder of unlabelled images, or a file list such as the "
                        ".filelist.txt written by `mscn data scan` (its paths are relative to the scanned root). "
-                       "Every image is decoded first; files that do not decode are skipped and listed "
+                       "Every image is decoded first (from a scan's list, only the files changed since that scan); "
+                       "files that do not decode are skipped and listed "
                        "(--strict: refuse). OUT/sources.json maps every sample back to its source file.")
     p.add_argument("root", metavar="ROOT", help="ImageFolder root, flat image folder, or file list (.txt)")
     p.add_argument("out", metavar="OUT", help="output folder for the shards")

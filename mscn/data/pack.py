@@ -11,7 +11,8 @@ Large clusters read a few big files faster than millions of small ones. Each sha
 
 Every file is decoded once with PIL first (as ``mscn data scan`` does): files that do
 not decode are skipped and listed (``strict=True`` refuses instead), so training
-never meets them. ``OUT/sources.json`` records the root, the classes and the source
+never meets them. From a scan's file list, the files that scan kept and nothing has
+touched since are not decoded again (:func:`checked_by_scan`). ``OUT/sources.json`` records the root, the classes and the source
 path of every canonical index (``files``), plus the skipped files: a decode error
 from a shard names the original file through it (pipelines/diagnose.py).
 
@@ -63,11 +64,50 @@ def _decode_task(path: str) -> tuple[str, str | None]:
     return path, bad
 
 
-def undecodable(source: Source, workers: int | None = None, progress: bool = True) -> dict[str, str]:
-    """``{relpath: why}`` of the files of ``source`` that PIL cannot decode, over all cores."""
+# seconds of slack on the file times: a file system that keeps whole (or even) seconds
+# could date a change made just after the scan started before it
+TIME_SLACK_S = 2.0
+
+
+def checked_by_scan(list_path, source: Source) -> set[str]:
+    """The files of ``source`` (read from the file list ``list_path``) that the scan which
+    wrote that list decoded and kept, untouched since it started (modification and change
+    time, with :data:`TIME_SLACK_S` of slack): a pack need not decode them again. Empty
+    without the scan's report beside the list, or from a scan before ``scanned_at`` existed.
+    A file the scan excluded stays out even when a hand-edited list names it again."""
+    from mscn.data.scan import report_path_for
+    from mscn.data.source import list_root
+
+    report = report_path_for(list_path)
+    try:
+        data = json.loads(report.read_text())
+        at = float(data["scanned_at"])
+        excluded = {i["path"] for i in data.get("issues", []) if i.get("excluded")}
+        same_root = Path(list_root(Path(list_path), None)[0]).resolve() == Path(source.root).resolve()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, DataError):
+        return set()
+    if not same_root:
+        return set()
+    trusted = set()
+    for rel in source.files:
+        if rel in excluded:
+            continue
+        try:
+            st = os.stat(Path(source.root) / rel)
+        except OSError:
+            continue
+        if max(st.st_mtime, st.st_ctime) < at - TIME_SLACK_S:
+            trusted.add(rel)
+    return trusted
+
+
+def undecodable(source: Source, workers: int | None = None, progress: bool = True,
+                trusted: set[str] = frozenset()) -> dict[str, str]:
+    """``{relpath: why}`` of the files of ``source`` that PIL cannot decode, over all cores;
+    the ``trusted`` ones (:func:`checked_by_scan`) are not decoded again."""
     root = Path(source.root)
-    found = dict(parallel_imap(_decode_task, [str(root / rel) for rel in source.files], workers,
-                               f"check {root}", progress))
+    found = dict(parallel_imap(_decode_task, [str(root / rel) for rel in source.files if rel not in trusted],
+                               workers, f"check {root}", progress))
     # in the source's order, not the order the workers finished in: sources.json is the same
     # whatever the workers did, and a resumed pack's is an uninterrupted one's
     return {rel: found[str(root / rel)] for rel in source.files if found.get(str(root / rel))}
@@ -138,7 +178,11 @@ def _pack(source: Source, root, out: Path, plan: dict, progress: bool, workers: 
         raise DataError(f"{out}: already holds .tar shards; remove them or pack into another folder")
     t0 = time.time()
     if resumed is None:
-        skipped = undecodable(source, workers, progress)
+        trusted = checked_by_scan(root, source) if source.kind == "filelist" else set()
+        if trusted and progress:
+            print(f"pack: {len(trusted)} of {source.num_samples} files were decoded by the scan that wrote {root} "
+                  "and have not changed since: not decoded again", flush=True)
+        skipped = undecodable(source, workers, progress, trusted)
         if skipped and strict:
             rel, why = next(iter(skipped.items()))
             raise DataError(f"{Path(source.root) / rel}: does not decode ({why}); {len(skipped)} such file(s) in "

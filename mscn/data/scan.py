@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -229,6 +230,7 @@ def scan(root, out=None, report=None, min_size: int = 0, workers: int | None = N
     if min_size < 0:
         raise DataError(f"--min-size {min_size}: must be >= 0 pixels")
     tasks = [(str(root / rel), rel, label, min_size) for rel, label in samples]
+    started = time.time()  # a file unchanged since then is as the scan decoded it (mscn data pack trusts it)
     results = sorted(parallel_imap(_check_task, tasks, workers, f"scan {root}", progress), key=lambda r: r[0])
 
     counts, formats, issues, clean = Counter(), Counter(), [], []
@@ -247,7 +249,7 @@ def scan(root, out=None, report=None, min_size: int = 0, workers: int | None = N
         # a class folder without a usable image still takes a label (torchvision refuses it): said
         "empty_classes": [c for c in classes if c not in held],
         "num_files": len(results), "num_kept": len(clean), "num_excluded": len(results) - len(clean),
-        "min_size": min_size, "counts": {k: counts.get(k, 0) for k in ("ok",) + EXCLUDED + KEPT},
+        "scanned_at": round(started, 3), "min_size": min_size, "counts": {k: counts.get(k, 0) for k in ("ok",) + EXCLUDED + KEPT},
         "formats": dict(formats), "issues": issues,
     }
     if report:  # also when nothing is usable: the report says why, file by file
