@@ -645,7 +645,9 @@ def test_rows_are_reported_as_they_end_and_kept_when_the_run_stops(tiny_data, tm
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # SIGINT as a terminal delivers it: a test run in the background (CI, `&`) inherits it
     # ignored, and Python then installs no KeyboardInterrupt handler
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--data", tiny_data, *TINY, "--iters", "2",
+    # 30 iterations a window: the rows after the first outlast a test process that a loaded
+    # machine deschedules for a second (with 2, the run had ended before the signal came)
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--data", tiny_data, *TINY, "--iters", "30",
                              "--repeats", "2", *rows, "--json", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
