@@ -11,6 +11,7 @@ importable from here.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import os
 import re
@@ -67,7 +68,7 @@ def _convert(value: Any, tp: Any, key: str, src: str) -> Any:
                 return _convert(value, arg, key, src)
             except ConfigError:
                 continue
-        names = " or ".join("a number" if a in (int, float) else "a string" for a in typing.get_args(tp))
+        names = " or ".join({int: "an integer", float: "a number"}.get(a, "a string") for a in typing.get_args(tp))
         raise ConfigError(f"{src}: {key}: expected {names}, got {value!r}")
     if tp is bool:
         if isinstance(value, (bool, np.bool_)):
@@ -78,11 +79,16 @@ def _convert(value: Any, tp: Any, key: str, src: str) -> Any:
             return int(value)
         raise ConfigError(f"{src}: {key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
-            return float(value)
-        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; it is a number
-        raise ConfigError(f"{src}: {key}: expected a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            number = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; it is a number
+        if number is None:
+            raise ConfigError(f"{src}: {key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # YAML's .inf / .nan: every setting is a finite number
+            raise ConfigError(f"{src}: {key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -274,9 +280,11 @@ def _copy(tree: Any) -> Any:
 def _blame(msg: str, overrides: list[str]) -> str:
     """``train.global_batch=abc: <msg>``: the override(s) whose key the message names,
     else all of them (a range check across keys)."""
+    dotted = re.sub(r"\[(\d+)\]", r".\1", msg)  # messages spell a view views[0].mask, overrides views.0.mask
+
     def names(o: str) -> bool:  # the key, or one of its parts quoted ("unknown key 'highpas'")
         key = o.split("=", 1)[0].strip()
-        return key in msg or any(f"'{part}'" in msg for part in key.split("."))
+        return key in dotted or any(f"'{part}'" in msg for part in key.split("."))
 
     named = [o for o in overrides if "=" in o and names(o)]
     return f"{' '.join(named or overrides)}: {msg}"

@@ -140,8 +140,10 @@ def _validate_model(cfg: Config, src: str) -> None:
     me = cfg.method
     _check(me.name in ("simclr", "byol"), src, "method.name", me.name, "must be simclr or byol")
     _check(me.temperature > 0, src, "method.temperature", me.temperature, "must be > 0")
-    _check(0.0 <= me.ema_base <= me.ema_final <= 1.0, src, "method.ema_base", me.ema_base,
-           "need 0 <= ema_base <= ema_final <= 1")
+    _check(0.0 <= me.ema_base <= 1.0, src, "method.ema_base", me.ema_base, "must be in [0, 1]")
+    _check(0.0 <= me.ema_final <= 1.0, src, "method.ema_final", me.ema_final, "must be in [0, 1]")
+    _check(me.ema_base <= me.ema_final, src, "method.ema_final", me.ema_final,
+           f"must be >= method.ema_base ({me.ema_base}): the EMA rises to it")
 
 
 def _validate_optim(cfg: Config, src: str) -> None:
@@ -162,7 +164,7 @@ def _validate_optim(cfg: Config, src: str) -> None:
 def _validate_train(t: TrainCfg, src: str, world_size: int, least: int = 2) -> None:
     if least > 1:
         _check(t.global_batch >= least, src, "train.global_batch", t.global_batch,
-               "must be >= 2 (InfoNCE needs negatives)")
+               "must be >= 2 (SimCLR's InfoNCE needs negatives, and batch norm a second image)")
     _check(t.global_batch >= 1, src, "train.global_batch", t.global_batch, "must be >= 1")
     _check(t.global_batch % world_size == 0, src, "train.global_batch", t.global_batch,
            f"must be divisible by the world size ({world_size})")

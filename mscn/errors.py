@@ -114,6 +114,7 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
         print(f"{prog}: error: rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')} lost the "
               f"other ranks ({first}): another rank stopped first (an error, a kill, a lost node); its own "
               "message, or torchrun's summary, says which and why", file=sys.stderr, flush=True)
+        _exit_at_teardown(1)
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
@@ -142,6 +143,20 @@ def lost_peers(e: BaseException) -> bool:
 
 
 @functools.cache  # registered once per process
+def _exit_at_teardown(status: int) -> None:
+    """End the process with ``status`` at the start of the interpreter's teardown: after a
+    rank lost its peers, the process group's C++ threads can abort in their destructors
+    ("terminate called without an active exception", status -6 after the one-line message,
+    seen under load), so the teardown is skipped; there is nothing left to save."""
+
+    def leave() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+    atexit.register(leave)
+
+
 def _quiet_teardown() -> None:
     """Once the command is over, a Ctrl-C during the interpreter's teardown (DALI unloads its
     library in an atexit hook, which takes a moment) would print "Exception ignored in atexit

@@ -158,3 +158,33 @@ def test_mscn_config_takes_the_recipe_first_or_as_a_flag(capsys):
     assert capsys.readouterr().out == first
     assert mscn_main(["config", "demo", "nokey"]) == 2  # only the first word can be the recipe
     assert "nokey: expected key=value" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, key", [
+    ("highpass.sigma=.inf", "highpass.sigma"),  # crashed in the blur's radius: OverflowError
+    ("views.0.blur_sigma=[0.1, .inf]", "views[0].blur_sigma[1]"),
+    ("method.temperature=.inf", "method.temperature"),  # a constant loss: the run learned nothing
+    ("views.0.mask.focal_aspect=[0.5, .inf]", "views[0].mask.focal_aspect[1]"),  # one-row focal strips
+    ("optim.weight_decay=.nan", "optim.weight_decay"),
+])
+def test_a_setting_that_is_not_a_finite_number_is_refused(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.seed=3", override])
+    assert str(e.value).startswith(f"command line: {override}: {key}: expected a finite number, got ")
+
+
+def test_a_refusal_blames_the_overrides_it_names_in_view_keys_too():
+    """Messages spell a view views[0].mask; the override views.0.mask. Every override was
+    blamed for a view's error, and a cross-key one left out the view's own override."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.seed=3", "views.0.mask.ratio=1.0"])
+    assert str(e.value).startswith("command line: views.0.mask.ratio=1.0: views[0].mask.ratio = 1.0: must be in")
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.seed=3", "data.image_size=16", "views.0.mask.grid=20"])
+    assert str(e.value).startswith("command line: data.image_size=16 views.0.mask.grid=20: views[0].mask.grid")
+    with pytest.raises(ConfigError, match=r"command line: method.ema_final=1.5: method.ema_final = 1.5: must be in"):
+        load_config(None, ["train.seed=3", "method.ema_final=1.5"])
+    with pytest.raises(ConfigError, match=r"method.ema_final = 0.9: must be >= method.ema_base \(0.996\)"):
+        load_config(None, ["method.ema_final=0.9"])
+    with pytest.raises(ConfigError, match=r"data.num_threads: expected an integer or a string, got 2.5"):
+        load_config(None, ["data.num_threads=2.5"])

@@ -35,7 +35,9 @@ class NonFiniteGuard:
         first_bad = int(self.first_bad.item())
         if first_bad >= 0:
             last = ckpt.list_checkpoints(ckpt_dir)
-            fix = "lower optim.base_lr" + (" or use train.precision=fp32" if dtype is not None else "")
+            # the usual cause; a tiny method.temperature or a huge optim.weight_decay overflow too
+            fix = ("lower optim.base_lr (or check method.temperature and optim.weight_decay)"
+                   + (" or use train.precision=fp32" if dtype is not None else ""))
             if last:  # a run folder holds one run: the lower lr continues from it in a new folder
                 fix += f", and branch from it: --resume {last[-1]} --out NEW_DIR with the new value"
             raise MscnError(f"non-finite loss at step {first_bad}; stopped. Last good checkpoint: "
