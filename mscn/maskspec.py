@@ -90,6 +90,41 @@ def _cell_counts(offset: torch.Tensor, height: int, width: int, grid: int) -> to
     return torch.stack([(off[:, 0] + height + grid - 1) // grid, (off[:, 1] + width + grid - 1) // grid], 1)
 
 
+def expected_fraction(cfg: MaskCfg, size: int) -> float:
+    """The expected share of a ``size`` x ``size`` view's cells that the mask covers, over the
+    grid offsets: ``round(ratio * n) / n`` for a grid of ``n`` cells (the draw's own rule).
+    Cells partition the view, so a random mask covers that share of its pixels on average.
+    Close to ``ratio`` when the grid is fine; a coarse grid rounds far from it (paper §5.2
+    uses 32 px on 224 px views: 7 or 8 cells a side)."""
+    g = cfg.grid
+    offsets = range(g) if cfg.random_offset else range(1)
+    sides = [-(-(o + size) // g) for o in offsets]  # cells per side, each offset alike
+    total = 0.0
+    for rows in sides:
+        for cols in sides:
+            n = rows * cols
+            total += math.floor(cfg.ratio * n + 0.5) / n
+    return total / len(sides) ** 2
+
+
+def coverage_notes(masks: Sequence[MaskCfg], size: int, key: str = "views") -> list[str]:
+    """A line for each masked view whose grid makes it mask far from its ``ratio`` (more than
+    a quarter off, or never): the masked share the paper's ablations vary (§5.2, Fig. 5)."""
+    notes = []
+    for i, m in enumerate(masks):
+        if m.ratio <= 0:
+            continue
+        got = expected_fraction(m, size)
+        where = f"{key}[{i}].mask: a {m.grid} px grid on {size} px views"
+        if got == 0:
+            notes.append(f"{where} has too few cells for ratio {m.ratio:g} to mask one: this view is never masked; "
+                         "lower mask.grid")
+        elif abs(got - m.ratio) > 0.25 * m.ratio:
+            notes.append(f"{where} masks {100 * got:.0f} % of it on average, not {100 * m.ratio:g} % (ratio "
+                         f"{m.ratio:g} of a few cells rounds far); lower mask.grid for a share close to the ratio")
+    return notes
+
+
 def check_mask_cfg(cfg: MaskCfg, key: str = "mask") -> None:
     """The ranges of ``mscn.config.validate`` for a MaskCfg built in code, not from a file."""
     validate_mask(cfg, "<code>", key)

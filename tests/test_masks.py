@@ -223,3 +223,23 @@ def test_bad_arguments_raise_one_line_errors():
         apply_masks([torch.zeros(2, 3, 16, 16, dtype=torch.uint8)], [MaskCfg()])
     with pytest.raises(MscnError, match="floating"):
         apply_masks([torch.zeros(3, 16, 16)], [MaskCfg()])
+
+
+def test_a_coarse_grid_is_said_to_mask_far_from_its_ratio():
+    """ratio 0.15 with a 32 px grid on 40 px views masked 21-25 % of the pixels; a grid as
+    large as the view masked nothing, in silence. Pretraining now says so at the start."""
+    from mscn.maskspec import coverage_notes, expected_fraction
+
+    assert expected_fraction(MaskCfg(grid=32, ratio=0.15), 224) == pytest.approx(0.15, abs=0.01)  # the paper's
+    coarse = MaskCfg(grid=32, ratio=0.15)
+    assert expected_fraction(coarse, 40) == pytest.approx(0.215, abs=0.005)
+    whole = MaskCfg(grid=40, ratio=0.15, random_offset=False)
+    notes = coverage_notes([MaskCfg(grid=8, ratio=0.15), coarse, whole, MaskCfg(ratio=0.0)], 40)
+    assert len(notes) == 2
+    assert notes[0].startswith("views[1].mask: a 32 px grid on 40 px views masks 21 % of it on average, not 15 %")
+    assert "views[2].mask" in notes[1] and "never masked" in notes[1]
+    assert coverage_notes([MaskCfg(grid=32, ratio=0.15)] * 4, 224) == []
+    # the mean share of the pixels that drawn tables mask is what expected_fraction says
+    table = sample_mask_table(4096, 1, 40, 40, coarse, torch.Generator().manual_seed(0))
+    share = (table.masked_pixels()[:, 0].float() / (40 * 40)).mean().item()
+    assert share == pytest.approx(expected_fraction(coarse, 40), abs=0.015)

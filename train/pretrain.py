@@ -54,6 +54,7 @@ from mscn.train.rundir import (FRESH, adopt_saved_choices, check_run_dir, claim_
 from mscn.train.runlog import RunLog, last_logged, require_tensorboard
 from mscn.train.runtime import Runtime, amp_dtype, autocast, setup_runtime, wrap_ddp  # noqa: F401  (amp_dtype: API)
 from mscn.train.schedule import lr_at, peak_lr
+from mscn.maskspec import coverage_notes
 from mscn.train.watchdog import StallWatch
 
 
@@ -177,7 +178,8 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
     say = (lambda msg: print(f"[mscn] {msg}", flush=True)) if rt.is_main else (lambda msg: None)
     cfg = _claim(cfg, resume, rt, recipe, say)
     monitor_note = monitor_off_reason(cfg)
-    for note in (rt.note, monitor_note, adopted, cfg.colour_where_note(gpu=rt.device.type == "cuda")):
+    for note in (rt.note, monitor_note, adopted, cfg.colour_where_note(gpu=rt.device.type == "cuda"),
+                 *coverage_notes([v.mask for v in cfg.views], cfg.data.image_size)):
         if note:
             say(note)
     torch.manual_seed(cfg.train.seed)
