@@ -119,6 +119,9 @@ def coverage_notes(masks: Sequence[MaskCfg], size: int, key: str = "views") -> l
         if got == 0:
             notes.append(f"{where} has too few cells for ratio {m.ratio:g} to mask one: this view is never masked; "
                          "lower mask.grid")
+        elif got >= 1.0:
+            notes.append(f"{where}: ratio {m.ratio:g} rounds to every cell, so this view is all mask (zeros or "
+                         "noise); lower mask.ratio or mask.grid")
         elif abs(got - m.ratio) > 0.25 * m.ratio:
             notes.append(f"{where} masks {100 * got:.0f} % of it on average, not {100 * m.ratio:g} % (ratio "
                          f"{m.ratio:g} of a few cells rounds far); lower mask.grid for a share close to the ratio")

@@ -239,6 +239,7 @@ def test_a_coarse_grid_is_said_to_mask_far_from_its_ratio():
     assert notes[0].startswith("views[1].mask: a 32 px grid on 40 px views masks 21 % of it on average, not 15 %")
     assert "views[2].mask" in notes[1] and "never masked" in notes[1]
     assert coverage_notes([MaskCfg(grid=32, ratio=0.15)] * 4, 224) == []
+    assert "all mask" in coverage_notes([MaskCfg(grid=8, ratio=0.99)], 32)[0]  # 0.99 of 16-25 cells: all
     # the mean share of the pixels that drawn tables mask is what expected_fraction says
     table = sample_mask_table(4096, 1, 40, 40, coarse, torch.Generator().manual_seed(0))
     share = (table.masked_pixels()[:, 0].float() / (40 * 40)).mean().item()
