@@ -142,7 +142,6 @@ def lost_peers(e: BaseException) -> bool:
     return multi and from_dist and any(p.lower() in text.lower() for p in PEER_LOST)
 
 
-@functools.cache  # registered once per process
 def _exit_at_teardown(status: int) -> None:
     """End the process with ``status`` at the start of the interpreter's teardown: after a
     rank lost its peers, the process group's C++ threads can abort in their destructors
@@ -157,6 +156,7 @@ def _exit_at_teardown(status: int) -> None:
     atexit.register(leave)
 
 
+@functools.cache  # registered once per process
 def _quiet_teardown() -> None:
     """Once the command is over, a Ctrl-C during the interpreter's teardown (DALI unloads its
     library in an atexit hook, which takes a moment) would print "Exception ignored in atexit

@@ -83,6 +83,17 @@ class LoaderStateMismatch(DataError):
     ``[7, 9, 9, 9]``), so the loader refuses it."""
 
 
+def other_data(state: dict, source: Source) -> str:
+    """Why a :meth:`DaliLoader.state_dict` cannot continue over ``source``: it was saved over
+    other data (files added, removed or relabelled; the mount point does not count), or ""
+    (also for a state saved before the key)."""
+    saved = state.get("data_digest")
+    if saved is None or saved == source.digest():
+        return ""
+    return (f"its loader read other data ({state.get('data_samples', '?')} samples then, "
+            f"{source.num_samples} now in {source.root})")
+
+
 @dataclass(kw_only=True)
 class Replay:
     """What :mod:`mscn.pipelines.diagnose` needs to re-read the reader's order."""
@@ -134,7 +145,6 @@ class DaliLoader:
             bad = output_dtype if output_dtype not in TORCH_DTYPES else colour_dtype
             raise ValueError(f"output dtype {bad!r}: expected one of {', '.join(TORCH_DTYPES)}")
         self.source, self.num_views, self.crop = source, num_views, crop
-        self._data_digest: str | None = None
         self.dtype = TORCH_DTYPES[output_dtype]
         self.highpass, self.mask_fn, self.device, self.replay = highpass, mask_fn, device, replay
         self.blur = dict(blur or {})
@@ -240,14 +250,7 @@ class DaliLoader:
                 # the reader's file list (readers.even_order): a state fits only a reader of the same list
                 "even_shards": self.replay.even_shards if self.replay is not None else True,
                 # and of the same data (LoaderStateMismatch)
-                "data_digest": self.data_digest, "data_samples": self.source.num_samples}
-
-    @property
-    def data_digest(self) -> str:
-        """``source.digest()``, computed once (it hashes every file name: ~0.1 s at ImageNet's size)."""
-        if self._data_digest is None:
-            self._data_digest = self.source.digest()
-        return self._data_digest
+                "data_digest": self.source.digest(), "data_samples": self.source.num_samples}
 
     def _convert(self, out: dict) -> MscnBatch:
         views = [out[f"view{i}"] for i in range(self.num_views)]
@@ -475,7 +478,7 @@ def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_
     d = cfg.data
     blur = {i: (blur_radius(views[i].blur_sigma[1], views[i].blur_window), views[i].blur_window)
             for i in loader_blurred(views, p.blur_in_adapter, p.colour_in_adapter)}
-    if state and state.get("data_digest") not in (None, source.digest()):  # None: saved before the key
+    if state and other_data(state, source):
         raise LoaderStateMismatch(f"{source.root}: holds {source.num_samples} samples, other data than the "
                                   f"{state.get('data_samples', '?')} samples the loader state was saved over")
     # a state saved before even shards existed continues with the reader's list as it was then

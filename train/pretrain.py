@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from mscn.config import Config, load_config, validate
+from mscn.maskspec import coverage_notes
 from mscn.errors import ENVIRONMENT_ERRNOS, MscnError, run_cli
 from mscn.train import checkpoint as ckpt
 from mscn.train.distributed import DistInfo, barrier, broadcast_object, check_same_data, cleanup, convert_sync_batchnorm
@@ -54,7 +55,6 @@ from mscn.train.rundir import (FRESH, adopt_saved_choices, check_run_dir, claim_
 from mscn.train.runlog import RunLog, last_logged, require_tensorboard
 from mscn.train.runtime import Runtime, amp_dtype, autocast, setup_runtime, wrap_ddp  # noqa: F401  (amp_dtype: API)
 from mscn.train.schedule import lr_at, peak_lr
-from mscn.maskspec import coverage_notes
 from mscn.train.watchdog import StallWatch
 
 

@@ -197,13 +197,10 @@ def this_rank(state: dict, info: DistInfo, cfg: Config, gpu: bool) -> tuple[dict
 
 def data_changed(mine: dict, source) -> str:
     """Why this rank's saved loader state cannot continue over ``source`` (a resolved
-    ``data.root``), or "": its loader read other data (files added, removed or relabelled
-    since; the mount point does not count). States saved before the key are not checked."""
-    saved = (mine.get("loader") or {}).get("data_digest")
-    if saved is None or saved == source.digest():
-        return ""
-    then = (mine.get("loader") or {}).get("data_samples", "?")
-    return f"its loader read other data ({then} samples then, {source.num_samples} now in {source.root})"
+    ``data.root``), or "" (``mscn.pipelines.loader.other_data``)."""
+    from mscn.pipelines.loader import other_data  # DALI is heavy: imported only to resume
+
+    return other_data(mine.get("loader") or {}, source)
 
 
 def restore_rng(state: dict, mine: dict | None, cfg: Config, info: DistInfo, start_step: int) -> None:

@@ -249,7 +249,8 @@ def scan(root, out=None, report=None, min_size: int = 0, workers: int | None = N
         # a class folder without a usable image still takes a label (torchvision refuses it): said
         "empty_classes": [c for c in classes if c not in held],
         "num_files": len(results), "num_kept": len(clean), "num_excluded": len(results) - len(clean),
-        "scanned_at": round(started, 3), "min_size": min_size, "counts": {k: counts.get(k, 0) for k in ("ok",) + EXCLUDED + KEPT},
+        "scanned_at": round(started, 3), "min_size": min_size,
+        "counts": {k: counts.get(k, 0) for k in ("ok",) + EXCLUDED + KEPT},
         "formats": dict(formats), "issues": issues,
     }
     if report:  # also when nothing is usable: the report says why, file by file

@@ -38,8 +38,8 @@ from mscn.config import Config
 from mscn.errors import MscnError
 from mscn.train.distributed import broadcast_module, mean_over_ranks
 from mscn.train.eval.common import (MOMENTUM, accuracy, batch_to, check_labels, epoch_bar, eval_loader,
-                                    evaluate_classifier, extract_features, feature_dim, label_set, log_json, make_head, seeded,
-                                    train_view_loader)
+                                    evaluate_classifier, extract_features, feature_dim, label_set, log_json,
+                                    make_head, seeded, train_view_loader)
 from mscn.train.runtime import Runtime, setup_runtime
 from mscn.train.schedule import lr_at, peak_lr
 
