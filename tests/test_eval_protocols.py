@@ -321,3 +321,15 @@ def test_no_precompute_overrides_a_recipe_that_precomputes(data, tmp_path):
         _run("linear", *_common(data | {"ckpt": "random"}, out, *demo, *([flag] if flag else [])))
         s = json.loads((out / "result.json").read_text())["settings"]
         assert s["precompute"] is want and (s["train_views"] == "center-crop (precomputed)") is want, flag
+
+
+def test_an_evaluation_runs_under_the_stall_watch(data, tmp_path, capsys):
+    """``mscn eval`` says when it stops moving (train.stall_warn_s, here set far below the
+    time to build a loader), with its stacks under --out, and still finishes."""
+    out = tmp_path / "knn"
+    _run("knn", *_common(data, out, "train.stall_warn_s=0.001"))
+    assert json.loads((out / "result.json").read_text())["n_val"] == 18
+    said = capsys.readouterr().out
+    assert f"[mscn] the evaluation has not moved for 0 s; its threads' stacks: {out / 'stalls' / 'rank0.txt'}" in said
+    assert "[mscn] moving again: the pause in the evaluation took" in said
+    assert "the evaluation" in (out / "stalls" / "rank0.txt").read_text()

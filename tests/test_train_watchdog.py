@@ -130,3 +130,25 @@ def test_pretraining_marks_its_phases(tiny_synth_train, tmp_path, capsys):
     assert re.search(r"\[mscn\] (no batch from its loader for 0 s \(step [123]\)|step [123] has run)", log)  # the loop's own marks, steps from 1
     assert "rank 0 of 1" not in log and "another rank" not in log  # one process: no ranks to name
     assert (out / "stalls" / "rank0.txt").is_file()
+
+
+def test_an_evaluation_beats_with_every_batch_it_moves(tmp_path):
+    """Evaluation loops take their batches through batch_to: a pass longer than the
+    threshold that keeps moving is no stall; one that stops is said as the evaluation's."""
+    import torch
+
+    from mscn.pipelines.loader import MscnBatch
+    from mscn.train.eval.common import batch_to
+
+    batch = MscnBatch(views=[torch.zeros(2, 3, 4, 4)], labels=torch.zeros(2), index=torch.arange(2))
+    out = Lines()
+    with StallWatch(0, 2, 0.3, tmp_path / "stalls", printer=out, phase="eval"):
+        for _ in range(60):  # 0.6 s in all, a batch every 10 ms
+            batch_to(batch, torch.device("cpu"))
+            time.sleep(0.01)
+        assert out.lines == []
+        assert wait_for(lambda: len(out.lines) == 1)
+        assert wait_for(lambda: "=== rank 0 of 2" in (tmp_path / "stalls" / "rank0.txt").read_text())
+    assert out.lines[0].startswith("[mscn] rank 0 of 2: the evaluation has not moved for 0 s; it waits for every "
+                                   "rank, so another rank may be the stalled one")
+    assert "the evaluation\n" in (tmp_path / "stalls" / "rank0.txt").read_text()

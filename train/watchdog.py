@@ -31,11 +31,13 @@ _SAYS = {
     "step": ("step {step} has run for {s}", "step {step}"),
     "checkpoint": ("the checkpoint after step {step} has taken {s}", "the checkpoint after step {step}"),
     "monitor": ("the kNN monitor after step {step} has not moved for {s}", "the kNN monitor after step {step}"),
+    "eval": ("the evaluation has not moved for {s}", "the pause in the evaluation"),
 }
 # phases that end in collectives (a step's gradients, loss check and stop flag; a checkpoint's
 # gather of the loader states; the monitor's gather of features): a rank stuck there usually
 # waits for another one
-_COLLECTIVE = ("step", "checkpoint", "monitor")
+# evaluation: DDP fine-tuning steps and the gathers of features and scores
+_COLLECTIVE = ("step", "checkpoint", "monitor", "eval")
 _WAITS_FOR_PEERS = "; it waits for every rank, so another rank may be the stalled one"
 
 
@@ -43,8 +45,8 @@ _ACTIVE: list["StallWatch"] = []  # the watch of the loop running now (pretraini
 
 
 def beat() -> None:
-    """Progress inside a long phase (a batch of the kNN monitor's feature pass): the phase
-    goes on, its clock restarts. A no-op outside a watched loop (an evaluation of its own)."""
+    """Progress inside a long phase (a batch of an evaluation or of the kNN monitor's feature
+    pass): the phase goes on, its clock restarts. A no-op outside a watched loop."""
     if _ACTIVE:
         w = _ACTIVE[-1]
         phase, step, _ = w._mark
@@ -64,19 +66,19 @@ class StallWatch:
     """A daemon thread that reports a phase of the loop lasting ``after_s`` seconds or more.
 
     ``at(phase, step)`` marks the start of a phase (one of ``data``, ``step``,
-    ``checkpoint``, ``monitor``); it costs an attribute write and a clock read; :func:`beat`
-restarts the clock of a long phase that moves (the monitor's batches). ``after_s``
+    ``checkpoint``, ``monitor``, ``eval``); it costs an attribute write and a clock read;
+    :func:`beat` restarts the clock of a long phase that moves (a batch). ``after_s``
     0 turns the watch off. ``stacks_dir``: where the stack files go (None: none written).
     ``printer``: takes each line (default: stdout, above a progress bar). Use as a context
     manager: the thread stops on exit.
     """
 
     def __init__(self, rank: int, world_size: int, after_s: float, stacks_dir: str | Path | None,
-                 printer=_write):
+                 printer=_write, phase: str = "data"):
         self.rank, self.world_size, self.after_s = rank, world_size, float(after_s)
         self.stacks_dir = Path(stacks_dir) if stacks_dir else None
         self._print = printer
-        self._mark = ("data", 0, time.monotonic())  # one tuple: the thread reads it whole
+        self._mark = (phase, 0, time.monotonic())  # one tuple: the thread reads it whole
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -85,7 +87,7 @@ restarts the clock of a long phase that moves (the monitor's batches). ``after_s
 
     def __enter__(self) -> "StallWatch":
         if self.after_s > 0:
-            self._mark = ("data", self._mark[1], time.monotonic())
+            self._mark = (self._mark[0], self._mark[1], time.monotonic())
             self._thread = threading.Thread(target=self._watch, name="mscn-stall-watch", daemon=True)
             self._thread.start()
             _ACTIVE.append(self)
@@ -131,8 +133,9 @@ restarts the clock of a long phase that moves (the monitor's batches). ``after_s
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as f:
+                what = "the evaluation" if mark[0] == "eval" else f"{mark[0]} of step {mark[1]}"
                 f.write(f"\n=== rank {self.rank} of {self.world_size}, {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                        f"{mark[0]} of step {mark[1]}\n")
+                        f"{what}\n")
                 f.flush()
                 faulthandler.dump_traceback(file=f, all_threads=True)
         except OSError as e:  # a read-only or full folder

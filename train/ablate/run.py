@@ -207,6 +207,7 @@ class Runner:
             self.say(f"{tag}: the result of its earlier config kept as {kept}")
 
     def _train_and_eval(self, cfg: Config, seed: int, tag: str) -> dict:
+        from mscn.train.eval.common import watched
         from mscn.train.eval.pretrained import load_pretrained
         from mscn.train.eval.standard import linear_and_knn
         from mscn.train.pretrain import run_pretrain
@@ -230,13 +231,17 @@ class Runner:
             raise MscnError(f"pretraining left no checkpoint in {cfg.train.out_dir}; delete that folder and rerun")
         backbone, _, ecfg = load_pretrained(ckpt)
         # an epoch line per probe epoch (100 in the demo) would bury the one [ablate] line per run
-        res = linear_and_knn(backbone, ecfg, self.train_root, self.val_root, self.runtime(cfg), seed=seed,
-                             log_epochs=False)
+        rt = self.runtime(cfg)
+        with watched(cfg, rt, Path(cfg.train.out_dir) / "stalls"):
+            res = linear_and_knn(backbone, ecfg, self.train_root, self.val_root, rt, seed=seed, log_epochs=False)
         res["pretrain"] = {k: summary.get(k) for k in ("step", "loss", "images_per_s")}
         return res
 
     def _random(self, cfg: Config, seed: int) -> dict:
+        from mscn.train.eval.common import watched
         from mscn.train.eval.standard import linear_and_knn, random_backbone
 
-        return linear_and_knn(random_backbone(cfg.model.arch, seed), cfg, self.train_root, self.val_root,
-                              self.runtime(cfg), seed=seed, log_epochs=False)
+        rt = self.runtime(cfg)
+        with watched(cfg, rt, Path(cfg.train.out_dir) / "stalls"):
+            return linear_and_knn(random_backbone(cfg.model.arch, seed), cfg, self.train_root, self.val_root, rt,
+                                  seed=seed, log_epochs=False)

@@ -116,16 +116,18 @@ def _finish(args, rt, protocol: str, name: str, arch: str, out: Path, res: dict)
 
 
 def _linear(args) -> None:
+    from mscn.train.eval.common import watched
     from mscn.train.eval.linear import linear_probe
 
     protocol = "transfer" if args.command_eval == "transfer" else "linear"
     backbone, arch, cfg, rt, name, out = _prepare(args, protocol)
     if args.seeds < 1:
         raise MscnError(f"eval {protocol}: --seeds {args.seeds}: must be >= 1")
-    runs = [linear_probe(backbone, cfg, args.train_root, args.val_root, rt, epochs=args.epochs, lr=args.lr,
-                         batch=args.batch, weight_decay=args.weight_decay,
-                         precompute=args.precompute, seed=args.seed + i)
-            for i in range(args.seeds)]
+    with watched(cfg, rt, out / "stalls"):
+        runs = [linear_probe(backbone, cfg, args.train_root, args.val_root, rt, epochs=args.epochs, lr=args.lr,
+                             batch=args.batch, weight_decay=args.weight_decay,
+                             precompute=args.precompute, seed=args.seed + i)
+                for i in range(args.seeds)]
     _finish(args, rt, protocol, name, arch, out, runs[0] if len(runs) == 1 else over_seeds(runs))
 
 
@@ -144,7 +146,7 @@ def over_seeds(runs: list[dict]) -> dict:
 
 
 def _knn(args) -> None:
-    from mscn.train.eval.common import eval_loader, label_set, seeded
+    from mscn.train.eval.common import eval_loader, label_set, seeded, watched
     from mscn.train.eval.knn import knn_eval
 
     backbone, arch, cfg, rt, name, out = _prepare(args, "knn")
@@ -156,7 +158,8 @@ def _knn(args) -> None:
         raise MscnError(f"knn: need --k >= 1, --temperature > 0 and --batch >= 1 (got {k}, {t}, {batch})")
     backbone = backbone.to(rt.device)
     classes, _ = label_set(args.train_root)
-    with seeded(cfg, args.seed) as cfg:  # kNN draws nothing, but the DALI seeds still follow --seed
+    # kNN draws nothing, but the DALI seeds still follow --seed
+    with watched(cfg, rt, out / "stalls"), seeded(cfg, args.seed) as cfg:
         res = knn_eval(backbone, eval_loader(cfg, args.train_root, rt, batch),
                        eval_loader(cfg, args.val_root, rt, batch, classes=classes), rt, k, t, progress=True)
     if res["k"] < k and rt.is_main:
@@ -169,11 +172,13 @@ def _knn(args) -> None:
 
 
 def _finetune(args) -> None:
+    from mscn.train.eval.common import watched
     from mscn.train.eval.finetune import finetune
 
     backbone, arch, cfg, rt, name, out = _prepare(args, "finetune")
-    res = finetune(backbone, cfg, args.train_root, args.val_root, args.subset, rt, epochs=args.epochs,
-                   backbone_lr=args.lr, head_lr=args.head_lr, batch=args.batch, seed=args.seed)
+    with watched(cfg, rt, out / "stalls"):
+        res = finetune(backbone, cfg, args.train_root, args.val_root, args.subset, rt, epochs=args.epochs,
+                       backbone_lr=args.lr, head_lr=args.head_lr, batch=args.batch, seed=args.seed)
     _finish(args, rt, "finetune", name, arch, out, res)
 
 

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import random
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from mscn.data.source import resolve_source
 from mscn.errors import DataError, MscnError
 from mscn.train.distributed import check_same_data, gather_cat
 from mscn.train.runtime import Runtime
-from mscn.train.watchdog import beat
+from mscn.train.watchdog import StallWatch, beat
 
 MOMENTUM = 0.9  # SGD momentum of the linear probe and fine-tuning (paper A.2, A.3)
 
@@ -53,8 +54,22 @@ def feature_dim(backbone: nn.Module, image_size: int, device: torch.device) -> i
     return int(d)
 
 
+def watched(cfg: Config, rt: Runtime, stacks_dir: str | Path) -> StallWatch:
+    """A context for an evaluation under a stall watch (``train.stall_warn_s`` of its recipe,
+    which a ``train.stall_warn_s=`` override sets): a rank whose loader or peer hangs says so,
+    with its threads' stacks in ``stacks_dir``, instead of waiting out the process group's
+    timeout in silence (:mod:`mscn.train.watchdog`). Every batch (:func:`batch_to`), step on
+    cached features and kNN chunk is progress."""
+    return StallWatch(rt.dist.rank, rt.dist.world_size, cfg.train.stall_warn_s, stacks_dir, phase="eval")
+
+
 def batch_to(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(images, labels, index) of one ``MscnBatch`` (one view) on ``device``."""
+    """(images, labels, index) of one ``MscnBatch`` (one view) on ``device``.
+
+    Every evaluation loop over images takes its batches here, so a batch is progress for the
+    stall watch (:func:`mscn.train.watchdog.beat`; pretraining's kNN monitor included): a
+    feature pass over 1.28 M images moves, it is no stall."""
+    beat()
     images = batch.views[0].to(device, non_blocking=True).float()
     labels = batch.labels.to(device, non_blocking=True).long().view(-1)
     index = batch.index.to(device, non_blocking=True).long().view(-1)
@@ -122,7 +137,6 @@ def extract_features(backbone: nn.Module, loader, rt: Runtime, num_classes: int 
         batches = tqdm(loader, total=len(loader), desc=desc, unit="batch", mininterval=2.0, leave=False,
                        dynamic_ncols=True)
     for batch in batches:
-        beat()  # inside pretraining's kNN monitor: a feature pass over 1.28 M images moves, it is no stall
         x, y, i = batch_to(batch, rt.device)
         check_labels(y, num_classes, loader)
         with rt.autocast():

@@ -16,6 +16,7 @@ from mscn.errors import DataError, MscnError
 from mscn.train.distributed import broadcast_module
 from mscn.train.eval.common import data_name, extract_features, topk_correct
 from mscn.train.runtime import Runtime
+from mscn.train.watchdog import beat
 
 DEFAULT_K = 20
 DEFAULT_T = 0.07
@@ -40,6 +41,7 @@ def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feat
     k = min(k, train.shape[0])
     out = torch.zeros(query.shape[0], num_classes, device=query.device)
     for s in range(0, query.shape[0], chunk):
+        beat()  # 50k queries against 1.28 M samples take a while: a chunk is progress, no stall
         sim = query[s:s + chunk] @ train.T
         top_sim, top_idx = sim.topk(k, dim=1)
         weights = ((top_sim - top_sim[:, :1]) / T).exp()  # topk is sorted: column 0 is the max

@@ -42,6 +42,7 @@ from mscn.train.eval.common import (MOMENTUM, accuracy, batch_to, check_labels, 
                                     make_head, seeded, train_view_loader)
 from mscn.train.runtime import Runtime, setup_runtime
 from mscn.train.schedule import lr_at, peak_lr
+from mscn.train.watchdog import beat
 
 
 class Scale(nn.Module):
@@ -174,6 +175,7 @@ def _train_on_features(model, opt, feats, labels, rt: Runtime, epochs: int, batc
             # tensor_split leaves no rank empty while the batch has >= world_size samples
             idx = perm[i * batch:(i + 1) * batch].tensor_split(rt.dist.world_size)[rt.dist.rank]
             lr = lr_at(epoch * steps + i, epochs * steps, 0, peak)
+            beat()  # a step on cached features is progress too (mscn.train.watchdog)
             total += _step(model, opt, feats[idx], labels[idx], lr)
         losses.append(_end_epoch(rt, "linear probe (precomputed)", epoch + 1, total, steps, lr, log))
     return losses
