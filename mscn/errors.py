@@ -12,12 +12,16 @@ import atexit
 import contextlib
 import errno
 import functools
+import hashlib
+import json
 import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 # Errors of the machine, not of the code: a path that cannot be written (permissions, a
 # read-only or full disk, a file where a folder should be). With the path named, they get
@@ -38,7 +42,8 @@ class ConfigError(MscnError):
 class CommandLineError(ConfigError):
     """A ConfigError of a ``key=value`` override. torchrun gives every rank the same command
     line, so every rank finds the same error: rank 0 prints it (run_cli), not all eight (or
-    32) of them. An error in a YAML file is printed by every rank: a node may hold another copy."""
+    32) of them. An error in a YAML file is printed once per node (:func:`say_error`): a node
+    may hold another copy."""
 
     rank0_says = True
 
@@ -82,7 +87,9 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
     ``{prog}: error: {message}`` on stderr; an MscnError with a ``status`` attribute (a run
     stopped by a signal, after its checkpoint) prints ``{prog}: {message}`` and returns
     that status (an error marked ``rank0_says``, the same on every rank, is printed by rank 0
-    only: a trainer's stop, a :class:`CommandLineError`); an OSError of the machine (:data:`ENVIRONMENT_ERRNOS`: a path that cannot
+    only: a trainer's stop, a :class:`CommandLineError`; under torchrun, the ranks of a node
+    print a message they share once, and each failing rank's line goes into torchrun's summary,
+    :func:`say_error`); an OSError of the machine (:data:`ENVIRONMENT_ERRNOS`: a path that cannot
     be written, a full disk) is one line naming the path, status 2; a collective that lost the
     other ranks of a multi-rank run (:func:`lost_peers`) is one line saying another rank
     stopped first, status 1; 130 after Ctrl-C. Under ``MSCN_DEBUG`` the
@@ -99,21 +106,24 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
         if getattr(e, "rank0_says", False) and os.environ.get("RANK", "0") != "0":
             # the same on every rank (a trainer's stop, a command-line typo): rank 0 says it
             return 2 if status is None else status
-        print(f"{prog}: {'error: ' if status is None else ''}{e}", file=sys.stderr, flush=True)
-        return 2 if status is None else status
+        if status is None:
+            say_error(f"{prog}: error: {e}")
+            return 2
+        print(f"{prog}: {e}", file=sys.stderr, flush=True)
+        return status
     except OSError as e:
         if e.errno not in ENVIRONMENT_ERRNOS or e.filename is None or os.environ.get("MSCN_DEBUG"):
             raise
-        print(f"{prog}: error: {os_error_line(e)}", file=sys.stderr, flush=True)
+        say_error(f"{prog}: error: {os_error_line(e)}")
         return 2
     except RuntimeError as e:
         if not lost_peers(e) or os.environ.get("MSCN_DEBUG"):
             raise
         first = str(e).splitlines()[0].split("] ", 1)[-1]  # gloo's line starts with its source file
         first = first.split(". ", 1)[0].rstrip(".")  # its first sentence: "Connection reset by peer [host]:port"
-        print(f"{prog}: error: rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')} lost the "
-              f"other ranks ({first}): another rank stopped first (an error, a kill, a lost node); its own "
-              "message, or torchrun's summary, says which and why", file=sys.stderr, flush=True)
+        say_error(f"{prog}: error: rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')} lost "
+                  f"the other ranks ({first}): another rank stopped first (an error, a kill, a lost node); its own "
+                  "message, or torchrun's summary, says which and why")
         _exit_at_teardown(1)
         return 1
     except KeyboardInterrupt:
@@ -122,6 +132,38 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
     finally:
         _quiet_teardown()
     return int(status or 0)
+
+
+def say_error(line: str) -> None:
+    """Print a failing process's one line on stderr. Under torchrun it also goes into the
+    rank's error file, so that torchrun's closing summary names it (otherwise its "Root
+    Cause" reads "To enable traceback see: <a link>"), and the ranks of one node print a line
+    they share only once: eight ranks that find the same missing ``data.root`` gave eight
+    copies. A line of its own (a rank's corrupt JPEG) is always printed. Nodes print theirs:
+    they may see other files. Best effort: a failure to record or compare prints the line."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        with contextlib.suppress(OSError):
+            # the plain form of torchrun's error file: {"message": str, "timestamp": int}
+            with open(error_file, "w") as f:
+                json.dump({"message": line, "timestamp": int(time.time())}, f)
+        if not _first_to_say(Path(error_file).parent.parent, line):
+            return
+    print(line, file=sys.stderr, flush=True)
+
+
+def _first_to_say(attempt_dir: Path, line: str) -> bool:
+    """Whether no rank of this node said ``line`` in this torchrun attempt: the first to
+    create its marker in the attempt's folder (torchrun's, one per node, run and restart)
+    says it. O_EXCL makes the claim atomic between the node's ranks."""
+    marker = attempt_dir / f"mscn-said-{hashlib.sha1(line.encode()).hexdigest()[:16]}"
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        return False
+    except OSError:
+        pass  # cannot tell: say it
+    return True
 
 
 # what a collective raises on the ranks that are left when another rank is gone (gloo's TCP

@@ -1,4 +1,6 @@
 """run_cli: the one top-level handler of every mscn entry point."""
+import re
+
 import pytest
 
 from mscn.cli import main as mscn_main
@@ -263,3 +265,53 @@ def test_a_file_system_error_that_reads_like_a_lost_peer_is_not_one(monkeypatch)
     assert lost_peers(RuntimeError("[/gloo/transport/tcp/pair.cc:545] Connection reset by peer [127.0.0.1]:1"))
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert not lost_peers(RuntimeError("[/gloo/transport/tcp/pair.cc:545] Connection reset by peer"))
+
+
+def test_under_torchrun_a_shared_error_is_said_once_per_node_and_goes_into_the_summary(capsys, monkeypatch,
+                                                                                        tmp_path):
+    """torchrun's layout: <attempt>/<local rank>/error.json. A line every rank of the node
+    finds is printed by the first; a rank's own line is printed; each rank's error file holds
+    its line (torchrun's summary prints it instead of a link to its docs)."""
+    import json
+
+    monkeypatch.delenv("MSCN_DEBUG", raising=False)
+    attempt = tmp_path / "run" / "attempt_0"
+    said = []
+    for rank in (0, 1):
+        (attempt / str(rank)).mkdir(parents=True)
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(attempt / str(rank) / "error.json"))
+        assert run_cli(_raise(DataError("/data/in1k: no such file or directory (data.root)")), "tool") == 2
+        said.append(capsys.readouterr().err)
+    assert said == ["tool: error: /data/in1k: no such file or directory (data.root)\n", ""]
+    for rank in (0, 1):
+        recorded = json.loads((attempt / str(rank) / "error.json").read_text())
+        assert recorded["message"] == "tool: error: /data/in1k: no such file or directory (data.root)"
+        assert isinstance(recorded["timestamp"], int)
+    assert run_cli(_raise(DataError(f"x{rank}.jpg: corrupt")), "tool") == 2  # rank 1's own file
+    assert capsys.readouterr().err == "tool: error: x1.jpg: corrupt\n"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "gone" / "0" / "error.json"))
+    assert run_cli(_raise(DataError("/data/in1k: no such file or directory (data.root)")), "tool") == 2
+    assert capsys.readouterr().err.startswith("tool: error: /data/in1k")  # cannot record: said all the same
+
+
+@pytest.mark.slow
+def test_torchrun_prints_a_shared_error_once_and_names_it_in_its_summary(tmp_path):
+    """Real torchrun, two ranks, one YAML file with a typo: one line, and torchrun's summary
+    quotes it (it said "To enable traceback see: https://pytorch.org/...")."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bad = tmp_path / "r.yaml"
+    bad.write_text("train: {glbal_batch: 8}\n")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "MSCN_DEBUG": ""}
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "mscn", "pretrain",
+                           "--config", str(bad)], env=env, capture_output=True, text=True, timeout=240)
+    said = proc.stdout + proc.stderr
+    assert proc.returncode != 0, said
+    line = f"mscn pretrain: error: {bad}: unknown key 'train.glbal_batch'"
+    assert sum(ln.startswith(line) for ln in said.splitlines()) == 1, said
+    assert re.search(r"traceback : mscn pretrain: error: .*unknown key 'train.glbal_batch'", said), said
