@@ -17,13 +17,12 @@ CPU: the reference's cost per batch (perf_counter, median) at the demo size and 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchkit.outfile import check_target, write_json
 from benchkit.timing import device_sync, measure
 from mscn.config import load_config
 from mscn.cuda_kernels import apply_masks, apply_tables, draw_tables, sample_tables
@@ -139,8 +138,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.runs is not None and args.runs < 1:
         raise MscnError(f"--runs must be >= 1, got {args.runs}")
-    if args.json and (Path(args.json).is_dir() or not Path(args.json).resolve().parent.is_dir()):
-        raise MscnError(f"--json {args.json}: cannot be written there (a folder, or its folder is missing)")
+    check_target("--json", args.json)  # before the timing
     if args.config:
         load_config(args.config)  # a typo fails before the timing, not after
     cuda = torch.cuda.is_available() and not args.cpu
@@ -148,8 +146,7 @@ def main(argv=None) -> int:
     presets = args.preset or (["h100"] if cuda else ["demo", "cpu224"])
     results = [bench_preset(p, args, device) for p in presets]
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(results, args.json)
     return 0
 
 

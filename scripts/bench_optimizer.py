@@ -14,14 +14,15 @@ the ``meta`` device, which runs no kernel at all, so what it times is host work 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 
 import torch
 
+from benchkit.outfile import check_target, write_json
 from mscn.config import load_config
+from mscn.errors import run_cli
 from mscn.train.lars import build_optimizer
 from mscn.train.methods import build_method
 
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
+    check_target("--json", args.json)  # before the timing, not after it
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("meta")
     where = torch.cuda.get_device_name() if device.type == "cuda" else "meta device (host work only, no kernels)"
     print(f"LARS step, multi-tensor vs per-parameter loop, on {where}")
@@ -76,10 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{arch:9s} {args.method}: {row['tensors']} tensors, multi-tensor {row['multi_tensor_ms']:.3f} ms, "
               f"loop {row['loop_ms']:.3f} ms per step ({row['speedup']}x)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": where, "torch": torch.__version__, "rows": rows}, f, indent=1)
+        write_json({"device": where, "torch": torch.__version__, "rows": rows}, args.json)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, "bench_optimizer"))

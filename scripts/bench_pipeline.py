@@ -47,9 +47,10 @@ import torch
 
 from benchkit import env as benv
 from benchkit import profiling, report, steps, timing
+from benchkit.outfile import check_target, write_json
 from mscn.config import load_config, validate
 from mscn.errors import ConfigError, MscnError, run_cli
-from mscn.paths import creatable, write_atomic
+from mscn.paths import creatable
 from mscn.pipelines.tuning import usable_cores
 from mscn.train.distributed import barrier
 from mscn.train.preempt import Stopped
@@ -217,9 +218,7 @@ def fill_defaults(args: argparse.Namespace, device: torch.device, world_size: in
     if args.plot and Path(args.plot).suffix.lower() not in PLOT_FORMATS:
         raise MscnError(f"--plot {args.plot}: name a {', '.join(PLOT_FORMATS)} file")
     for flag in ("json", "plot"):  # the figures are written last: a bad path must fail first
-        target = getattr(args, flag)
-        if target and not creatable(target):
-            raise MscnError(f"--{flag} {target}: cannot be written there")
+        check_target(f"--{flag}", getattr(args, flag))
     if args.profile_steps < 1:
         raise MscnError(f"--profile-steps must be >= 1, got {args.profile_steps}")
     args.profile_rows = [r.strip() for r in args.profile_rows.split(",") if r.strip()]
@@ -783,8 +782,7 @@ def run_isolated(args: argparse.Namespace, argv: list[str]) -> int:
               "order": [f"{r + 1}:{s}" for r, s in order]}
     report.print_isolated(result)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json(result, args.json)
     return 0
 
 
@@ -805,11 +803,6 @@ def run_all(args, cfg, info, device, result: dict, grid) -> None:
         del result["train_timed"]
     run_profiles(args, info, device)  # last: the profiler must not slow a timed row
     result["gpu_memory"] = timing.gpu_memory(device) if device.type == "cuda" else None
-
-
-def write_json(result: dict, path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(result, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:

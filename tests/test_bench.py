@@ -676,13 +676,15 @@ def test_bench_masks_runs_and_refuses_bad_input_in_one_line(tmp_path):
         return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=240,
                               cwd=tmp_path)
 
+    (tmp_path / "a_file").write_text("")
     for args, msg in ((["--config", "nosuch"], "config file not found: nosuch"), (["--runs", "0"], "--runs must be >= 1"),
-                      (["--json", str(tmp_path / "no" / "m.json")], "cannot be written there")):
+                      (["--json", str(tmp_path / "a_file" / "m.json")], "cannot be written there (not writable)"),
+                      (["--json", str(tmp_path)], "cannot be written there (a folder)")):
         proc = run(*args)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and msg in proc.stderr, proc.stderr
-    proc = run("--preset", "demo", "--runs", "2", "--json", str(tmp_path / "m.json"))
+    proc = run("--preset", "demo", "--runs", "2", "--json", str(tmp_path / "new" / "m.json"))  # its folder made
     assert proc.returncode == 0, proc.stderr
-    doc = json.loads((tmp_path / "m.json").read_text())
+    doc = json.loads((tmp_path / "new" / "m.json").read_text())
     assert doc[0]["runs"] == 2 and doc[0]["ms"]["apply_masks torch in place"] > 0
     # every median comes with its windows' spread, in the table and the JSON
     for step, ms in doc[0]["ms"].items():

@@ -79,6 +79,11 @@ def results(tmp_path_factory) -> Path:
                out / "optimizer.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resnet18  simclr: 66 tensors, multi-tensor" in proc.stdout and "meta device" in proc.stdout
+    # a --json that cannot be written fails in one line, before the timing (it was a traceback after it)
+    proc = run("bench_optimizer.py", "--arch", "resnet18", "--json", out / "optimizer.json" / "x.json")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "bench_optimizer: error: --json" in proc.stderr and "cannot be written there (not writable)" in proc.stderr
+    assert "LARS step" not in proc.stdout
     return out
 
 
