@@ -196,11 +196,18 @@ def test_a_different_run_in_the_same_directory_is_refused(dataset, uninterrupted
 
 
 def test_a_start_that_failed_before_its_first_step_does_not_hold_the_folder(dataset, tmp_path, capsys):
-    """A typo in data.root fails after the run folder got its config.yaml; the corrected
-    command in the same folder must start, not be refused as "another run"."""
+    """A typo in data.root stops the run before its folder is made. Data that fails at the
+    first batch (every JPEG broken) fails after the folder got its config.yaml; the
+    corrected command in the same folder must start, not be refused as "another run"."""
     out = tmp_path / "run"
     assert main(["--resume", "auto", *args(dataset, out, f"data.root={dataset}-typo")]) == 2
-    assert "no such file or directory" in capsys.readouterr().err and (out / "config.yaml").is_file()
+    assert "no such file or directory" in capsys.readouterr().err and not out.exists()
+    broken = tmp_path / "broken" / "c0"
+    broken.mkdir(parents=True)
+    for i in range(16):
+        (broken / f"{i}.jpg").write_bytes(b"\xff\xd8\xff not a JPEG")
+    assert main(["--resume", "auto", *args(dataset, out, f"data.root={broken.parent}")]) == 2
+    assert "cannot be decoded" in capsys.readouterr().err and (out / "config.yaml").is_file()
     summary = run_pretrain(load_config(None, args(dataset, out, "train.max_steps=1")), resume="auto")
     assert summary["step"] == 1 and f"root: {dataset}\n" in (out / "config.yaml").read_text()
 

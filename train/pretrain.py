@@ -175,6 +175,11 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
         require_tensorboard()  # every rank, before anything is written
     cfg = with_synthetic_data(cfg, rt.dist)
     check_val_root(cfg)  # every rank, before the run folder is claimed
+    # once (the loader takes it), before the run folder is claimed and the model built: a
+    # mistyped data.root leaves no folder behind. Every rank the same data: another copy on one
+    # node would plan another schedule
+    source = resolve_source(cfg.data.root, cfg.data.format)
+    check_same_data(source, rt.dist)
     say = (lambda msg: print(f"[mscn] {msg}", flush=True)) if rt.is_main else (lambda msg: None)
     cfg = _claim(cfg, resume, rt, recipe, say)
     monitor_note = monitor_off_reason(cfg)
@@ -193,8 +198,6 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
     say(f"{cfg.method.name}/{cfg.model.arch} on {rt.dist.world_size} x {rt.device.type}, "
         f"{rt.per_rank(cfg.train.global_batch)} images x {len(cfg.views)} views per rank, "
         f"precision {rt.dtype or torch.float32}; param groups: {groups_desc}")
-    source = resolve_source(cfg.data.root, cfg.data.format)  # once: the loader takes it
-    check_same_data(source, rt.dist)  # before a step: another copy on one node plans another schedule
     state, resumed_from = rs.find_resume_state(cfg, resume, rt.dist)
     if state is None:
         start_step, mine = 0, None
