@@ -202,6 +202,8 @@ def test_a_start_that_failed_before_its_first_step_does_not_hold_the_folder(data
     out = tmp_path / "run"
     assert main(["--resume", "auto", *args(dataset, out, f"data.root={dataset}-typo")]) == 2
     assert "no such file or directory" in capsys.readouterr().err and not out.exists()
+    assert main(["--resume", "auto", *args(dataset, out, "train.global_batch=4096")]) == 2  # more than the data
+    assert "fewer than one global batch of 4096" in capsys.readouterr().err and not out.exists()
     broken = tmp_path / "broken" / "c0"
     broken.mkdir(parents=True)
     for i in range(16):

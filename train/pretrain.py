@@ -166,6 +166,7 @@ def _claim(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, say
 def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop: StopFlag) -> dict:
     from mscn.pipelines import build_train_loader, endless  # DALI is heavy: imported only to train
     from mscn.pipelines.feeder import Feeder
+    from mscn.pipelines.loader import check_size
     from mscn.pipelines.readers import drift_note, resolve_source
 
     validate(cfg, "<config>", world_size=rt.dist.world_size)
@@ -179,6 +180,7 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
     # mistyped data.root leaves no folder behind. Every rank the same data: another copy on one
     # node would plan another schedule
     source = resolve_source(cfg.data.root, cfg.data.format)
+    check_size(source, cfg.train.global_batch, "train.global_batch")
     check_same_data(source, rt.dist)
     say = (lambda msg: print(f"[mscn] {msg}", flush=True)) if rt.is_main else (lambda msg: None)
     cfg = _claim(cfg, resume, rt, recipe, say)
