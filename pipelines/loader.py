@@ -555,6 +555,7 @@ def build_eval_loader(cfg, root: str, rank: int = 0, world_size: int = 1, local_
     classes: the label set (the train root's classes) that ``root``'s labels map into by name.
     """
     from mscn.config import checked, is_integer
+    from mscn.data.headers import check_headers
     from mscn.data.source import eval_root_setting
     from mscn.pipelines.eval_pipeline import eval_pipeline
     from mscn.pipelines.readers import resolve_source
@@ -568,6 +569,7 @@ def build_eval_loader(cfg, root: str, rank: int = 0, world_size: int = 1, local_
     else:
         fmt, what = eval_root_setting(cfg.data, root)
         source = resolve_source(root, fmt, classes=classes, what=what)
+    check_headers(source)  # DALI can segfault on a file no decoder takes (mscn.data.headers)
     batch = batch_size or max(1, cfg.eval.linear_batch // world_size)
     shard = Shard(rank, world_size, batch, rank_seed(cfg.train.seed, rank))
     p = plan(cfg, device, local_rank, views=[])  # no blur in the evaluation views

@@ -265,7 +265,10 @@ def test_a_val_root_the_monitor_cannot_score_stops_the_run_before_it_starts(data
     (tmp_path / "flat").mkdir()
     for img in sorted(first.iterdir())[:4]:
         shutil.copy(img, tmp_path / "flat" / img.name)
-    for val, why in ((tmp_path / "val", "'not_a_train_class' is not among"), (tmp_path / "flat", "has no labels")):
+    shutil.copytree(Path(dataset), tmp_path / "val_text")
+    (sorted((tmp_path / "val_text").iterdir())[0] / "notes.jpg").write_text("not an image")  # DALI could segfault
+    for val, why in ((tmp_path / "val", "'not_a_train_class' is not among"), (tmp_path / "flat", "has no labels"),
+                     (tmp_path / "val_text", "notes.jpg: no JPEG, PNG")):
         out = tmp_path / f"r_{val.name}"
         status = main(overrides(dataset, out, "train.knn_every_epochs=1", f"data.val_root={val}"))
         err = capsys.readouterr().err.strip().splitlines()

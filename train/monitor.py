@@ -38,6 +38,7 @@ def check_val_root(cfg: Config) -> None:
     """Before the run starts (and before its folder is claimed): a ``data.val_root`` the
     monitor will read must exist, or the run would train an epoch and only then stop on it."""
     if cfg.train.knn_every_epochs and cfg.data.val_root:
+        from mscn.data.headers import check_headers
         from mscn.data.source import eval_root_setting, resolve_source
         from mscn.errors import DataError
 
@@ -51,6 +52,7 @@ def check_val_root(cfg: Config) -> None:
         classes = (train.classes or None) if train is not None and train.labelled else None
         fmt, what = eval_root_setting(cfg.data, cfg.data.val_root)
         val = resolve_source(cfg.data.val_root, fmt, classes=classes, what=what)
+        check_headers(val)  # a file no decoder takes would stop (or crash) the monitor after an epoch
         if train is not None and train.labelled and not val.labelled:
             raise DataError(f"{cfg.data.val_root}: has no labels (flat folder, list or shards without labels); "
                             "the kNN monitor needs a labelled data.val_root (or train.knn_every_epochs=0)")
