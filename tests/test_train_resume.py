@@ -612,3 +612,33 @@ def test_the_loader_refuses_a_state_saved_over_other_data(tmp_path):
         build_train_loader(cfg, apply_mask=False, state=state)
     old = {k: v for k, v in state.items() if k not in ("data_digest", "data_samples")}
     assert build_train_loader(cfg, apply_mask=False, state=old) is not None  # saved before the key: not checked
+
+
+def test_a_file_that_fails_mid_run_keeps_the_steps_trained_and_the_run_continues_exactly(dataset, uninterrupted,
+                                                                                         tmp_path, capsys):
+    """A JPEG cut short, met in batch 3: the loader's error ends the run, and the 2 steps
+    trained go into a checkpoint first (they were lost up to the last periodic one). With the
+    file mended, the same command continues it exactly, as if nothing had happened."""
+    from mscn.pipelines.loader import build_train_loader
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    extra = "train.ckpt_every_steps=1000"  # no periodic checkpoint: the error's is the only one
+    loader = build_train_loader(load_config(None, args(data, tmp_path / "unused", extra)))
+    batches = iter(loader)
+    third = [next(batches) for _ in range(3)][-1]
+    bad = data / loader.source.files[int(third.index[0])]  # a file of batch 3, which steps 1-2 never read
+    del batches, loader
+    good = bad.read_bytes()
+    bad.write_bytes(good[: len(good) // 3])
+    out = tmp_path / "run"
+    assert main(args(data, out, extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    kept = ckpt.ckpt_path(out / "checkpoints", 2)
+    assert f"{bad}: cannot be decoded" in err and f"The 2 steps trained are kept in {kept}" in err, err
+    assert f"--resume {kept} --out NEW_DIR" in err
+    assert ckpt.find_latest_valid(out / "checkpoints")[1]["step"] == 2
+    bad.write_bytes(good)  # mended: same file list, so the same folder continues exactly
+    summary = run_pretrain(load_config(None, args(data, out, extra)), resume="auto")
+    assert summary["resumed_from"] == str(kept)
+    _assert_same_run(*uninterrupted, out, summary)

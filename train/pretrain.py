@@ -41,7 +41,7 @@ import torch
 
 from mscn.config import Config, load_config, validate
 from mscn.maskspec import coverage_notes
-from mscn.errors import ENVIRONMENT_ERRNOS, MscnError, run_cli
+from mscn.errors import ENVIRONMENT_ERRNOS, DataError, MscnError, run_cli
 from mscn.train import checkpoint as ckpt
 from mscn.train.distributed import DistInfo, barrier, broadcast_object, check_same_data, cleanup, convert_sync_batchnorm
 from mscn.train.lars import build_optimizer
@@ -278,8 +278,11 @@ def _loop(run: "_Run", model: torch.nn.Module, batches, memory_format, peak: flo
     cfg, rt, method, optimizer = run.cfg, run.rt, run.method, run.optimizer
     for step in range(run.start_step, run.end_step):
         run.watch.at("data", step + 1)  # steps counted from 1, as in the log lines
-        views = [v.to(rt.device, non_blocking=True).contiguous(memory_format=memory_format)
-                 for v in next(batches).views]
+        try:
+            batch = next(batches)
+        except DataError as e:  # a file that cannot be read, mid-run: keep the steps trained
+            raise run.kept_on_data_error(step, e) from None
+        views = [v.to(rt.device, non_blocking=True).contiguous(memory_format=memory_format) for v in batch.views]
         run.watch.at("step", step + 1)  # to the end of the bookkeeping (its collectives wait for every rank)
         if rt.dtype is None:
             views = [v.float() for v in views]
@@ -368,6 +371,23 @@ class _Run:
         raise Stopped(f"stopped by {StopFlag.name(signum)} after step {done} of {self.end_step}; checkpoint "
                       f"{ckpt.ckpt_path(self.ckpt_dir, done)}; resume with the same command and "
                       f"train.out_dir={self.cfg.train.out_dir} (--resume auto)", signum)
+
+    def kept_on_data_error(self, done: int, err: DataError) -> DataError:
+        """A one-process run whose loader fails on a file after ``done`` steps (a file cut
+        short or not an image, met mid-epoch) checkpoints them first: the loader's state is
+        that of the batches trained (the failed one was not consumed), so the run continues
+        exactly once the file is fixed. The error names the checkpoint and both ways on.
+        Under torchrun the other ranks wait in a collective for this one, so no checkpoint
+        can be taken: the error goes as it is (docs/TRAINING.md)."""
+        if self.rt.dist.world_size > 1 or done <= self.start_step:
+            return err
+        if self.saved_step != done:
+            self.maybe_checkpoint(done, now=True)
+        path = ckpt.ckpt_path(self.ckpt_dir, done)
+        return DataError(f"{err}. The {done} steps trained are kept in {path}: with that file replaced by a good "
+                         "one, rerun the same command and the run continues exactly; with the data changed (the "
+                         f"scan's list instead of the folder), continue from it in a new folder with --resume {path} "
+                         "--out NEW_DIR")
 
     def maybe_monitor(self, done: int, lr: float) -> None:
         if not (self.monitor and monitor_runs_after(self.cfg, done, self.steps_per_epoch)):
