@@ -312,6 +312,35 @@ def test_missing_or_empty_roots_are_one_line_data_errors(tmp_path):
         scan(tmp_path / "flat", progress=False)
 
 
+
+def test_a_folder_of_both_shapes_is_refused_and_a_macos_zip_folder_is_no_class(tmp_path):
+    """Images at the top beside sub-folders: as an ImageFolder the top's images were left
+    out without a word (a flat set with a thumbs/ folder trained on the thumbnails only).
+    __MACOSX/ (resource forks from a macOS zip) made a flat folder an ImageFolder with no
+    images, and an ImageFolder's first class, shifting every label."""
+    from mscn.data.source import resolve_source
+
+    mixed = tmp_path / "mixed"
+    (mixed / "thumbs").mkdir(parents=True)
+    for name in ("a.jpg", "b.jpg", "thumbs/t.jpg"):
+        (mixed / name).write_bytes(_jpeg())
+    for call in (lambda: resolve_source(str(mixed)), lambda: scan(mixed, progress=False)):
+        with pytest.raises(DataError, match=r"mixed: 2 image\(s\) directly in it \(e.g. a.jpg\) and 1 sub-folder"):
+            call()
+    flat = tmp_path / "flat_mac"
+    (flat / "__MACOSX").mkdir(parents=True)
+    (flat / "__MACOSX" / "._a.jpg").write_bytes(b"\x00\x05\x16\x07")
+    (flat / "a.jpg").write_bytes(_jpeg())
+    src = resolve_source(str(flat))
+    assert src.files == ("a.jpg",) and not src.labelled
+    folder = tmp_path / "folder_mac"
+    for name in ("__MACOSX/cat/._x.jpg", "cat/x.jpg", "dog/y.jpg"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(_jpeg())
+    src = resolve_source(str(folder))
+    assert src.classes == ("cat", "dog") and src.files == ("cat/x.jpg", "dog/y.jpg") and src.labels == (0, 1)
+
+
 # ----------------------------------------------------------------------------------
 # subset
 # ----------------------------------------------------------------------------------

@@ -40,6 +40,17 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
+# a macOS zip's resource forks (__MACOSX/._x.jpg, no images): no class, and no reason to
+# take a flat folder for an ImageFolder
+IGNORED_DIRS = frozenset({"__MACOSX"})
+
+
+def hidden(name: str) -> bool:
+    """Whether a folder entry is left out of every listing: hidden files and folders
+    (.DS_Store, ._x.jpg, .git) and :data:`IGNORED_DIRS`."""
+    return name.startswith(".") or name in IGNORED_DIRS
+
+
 def _has_subdir(path: Path) -> bool:
     return any(e.is_dir() for e in os.scandir(path))
 
@@ -51,9 +62,9 @@ def find_classes(root: str | os.PathLike) -> list[str]:
         raise DataError(f"{root}: no such directory; pass an ImageFolder root (ROOT/<class>/<image>)")
     if not root.is_dir():
         raise DataError(f"{root}: not a directory; pass an ImageFolder root (ROOT/<class>/<image>)")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not hidden(e.name))
     if not classes:
-        files = [e.name for e in os.scandir(root) if e.is_file() and not e.name.startswith(".")]
+        files = [e.name for e in os.scandir(root) if e.is_file() and not hidden(e.name)]
         if not files:
             raise DataError(f"{root}: empty folder, no class sub-folders; expected ROOT/<class>/<image>")
         # files but no class folders: say what they are, since the fix depends on it
@@ -62,6 +73,14 @@ def find_classes(root: str | os.PathLike) -> list[str]:
                 if tars else f"{len(files)} file(s) directly in it, e.g. {sorted(files)[0]}")
         raise DataError(f"{root}: no class sub-folders but {what}; an ImageFolder (ROOT/<class>/<image>) is "
                         "expected here")
+    loose = sorted(e.name for e in os.scandir(root) if e.is_file() and not hidden(e.name) and is_image_name(e.name))
+    if loose:
+        # both shapes at once: an ImageFolder would leave the top's images out without a word
+        # (torchvision's does), a flat folder the sub-folders'; neither guess is safe
+        raise DataError(f"{root}: {len(loose)} image(s) directly in it (e.g. {loose[0]}) and {len(classes)} "
+                        f"sub-folder(s) (e.g. {classes[0]}/): an ImageFolder keeps every image in a class folder, "
+                        "a flat folder of unlabelled images has none; move the images or the folders so that it is "
+                        "one or the other")
     if set(classes) <= SPLIT_NAMES and all(_has_subdir(root / c) for c in classes):
         # A root holding train/<class>/ and val/<class>/ is a dataset, not an
         # ImageFolder: taking the splits as two classes would mislabel every image.
@@ -92,7 +111,7 @@ def walk_class(root: Path, cls: str, images_only: bool = True) -> list[str]:
             continue
         seen.add(real)
         with os.scandir(folder) as it:
-            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+            entries = sorted((e for e in it if not hidden(e.name)), key=lambda e: e.name)
         subdirs = []
         for e in entries:
             if e.is_dir():  # follows symlinks, as os.walk(followlinks=True) did
@@ -109,7 +128,7 @@ UNLABELLED = -1  # the label of a sample without one (flat folders, lists and sh
 def is_flat_folder(root: str | os.PathLike) -> bool:
     """True for a folder of images without class sub-folders (an unlabelled set)."""
     root = Path(root)
-    return (root.is_dir() and not any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(root))
+    return (root.is_dir() and not any(e.is_dir() and not hidden(e.name) for e in os.scandir(root))
             and any(e.is_file() and is_image_name(e.name) for e in os.scandir(root)))
 
 
@@ -117,7 +136,7 @@ def list_flat_folder(root: str | os.PathLike) -> list[tuple[str, int]]:
     """``[(name, -1), ...]``, sorted: the images directly in ``root``, unlabelled."""
     root = Path(root)
     return [(e.name, UNLABELLED) for e in sorted(os.scandir(root), key=lambda e: e.name)
-            if e.is_file() and not e.name.startswith(".") and is_image_name(e.name)]
+            if e.is_file() and not hidden(e.name) and is_image_name(e.name)]
 
 
 def nfc(name: str) -> str:

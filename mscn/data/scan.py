@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from mscn.data.imagefolder import (DALI_FORMATS, SPLIT_NAMES, UNLABELLED, is_flat_folder, is_image_name,
+from mscn.data.imagefolder import (DALI_FORMATS, SPLIT_NAMES, UNLABELLED, hidden, is_flat_folder, is_image_name,
                                    list_image_folder, parallel_imap)
 from mscn.errors import DataError
 from mscn.paths import not_creatable, write_atomic
@@ -202,7 +202,7 @@ def _flat_files(root: Path) -> list[tuple[str, int]]:
     """Every visible file directly in a flat folder, unlabelled; not only the image names,
     so that the scan reports what is not an image."""
     return [(e.name, UNLABELLED) for e in sorted(os.scandir(root), key=lambda e: e.name)
-            if e.is_file() and not e.name.startswith(".")]
+            if e.is_file() and not hidden(e.name)]
 
 
 def scan(root, out=None, report=None, min_size: int = 0, workers: int | None = None,

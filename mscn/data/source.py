@@ -34,7 +34,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mscn.data.imagefolder import UNLABELLED, class_labels, is_flat_folder, list_flat_folder, list_image_folder, nfc
+from mscn.data.imagefolder import (UNLABELLED, class_labels, hidden, is_flat_folder, list_flat_folder,
+                                   list_image_folder, nfc)
 from mscn.data.scan import read_file_list, report_path_for
 from mscn.data.shardindex import read_ends, start_fault
 from mscn.errors import DataError
@@ -200,7 +201,7 @@ def _wds_source(folder: Path, classes=None) -> Source:
         raise DataError(f"{folder}: compressed shards ({gz[0]}{', ...' if len(gz) > 1 else ''}): DALI reads plain "
                         ".tar only; decompress them (gunzip) or repack with `mscn data pack`")
     if not tars:
-        if any(e.is_dir() and not e.name.startswith(".") for e in folder.iterdir()):  # class folders
+        if any(e.is_dir() and not hidden(e.name) for e in folder.iterdir()):  # class folders
             raise DataError(f"{folder}: an image folder, not .tar shards (data.format=wds); read it with "
                             f"data.format=auto, or pack it into another folder: `mscn data pack {folder} OUT`")
         raise DataError(f"{folder}: no .tar shards; write them with `mscn data pack ROOT {folder}`")
