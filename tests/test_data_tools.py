@@ -791,3 +791,25 @@ def test_a_pack_of_a_scan_list_decodes_only_what_changed_since_the_scan(tmp_path
     checked.clear()
     pack(listed, tmp_path / "shards2", progress=False, workers=1)
     assert len(checked) == 13
+
+
+def test_a_file_the_scan_cannot_read_is_excluded_not_fatal(tmp_path, monkeypatch):
+    """A file without read permission (or an I/O error) stopped the whole scan with
+    "cannot use ...: Permission denied"; it is one excluded line of the report now."""
+    import builtins
+
+    import mscn.data.scan as scan_module
+
+    for name in ("cat/a.jpg", "cat/b.jpg", "dog/c.jpg"):
+        (tmp_path / "ds" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "ds" / name).write_bytes(_jpeg())
+
+    def no_read(path, *a, **k):  # as root, chmod 000 reads all the same: refuse this one here
+        if str(path).endswith("b.jpg"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *a, **k)
+
+    monkeypatch.setattr(scan_module, "open", no_read, raising=False)
+    rep = scan(tmp_path / "ds", out=tmp_path / "l.txt", workers=1, progress=False)
+    assert rep["counts"]["unreadable"] == 1 and rep["counts"]["ok"] == 2
+    assert (tmp_path / "l.txt").read_text().split() == ["cat/a.jpg", "0", "dog/c.jpg", "1"]

@@ -310,6 +310,6 @@ def pack_command(args) -> None:
               "and its decode check")
     for rel, why in s["skipped"].items():
         print(f"pack: skipped {Path(s['source_root']) / rel}: {why}")
-    skipped = f", skipped {len(s['skipped'])} that do not decode (listed in sources.json)" if s["skipped"] else ""
+    skipped = f", skipped {len(s['skipped'])} that cannot be used (listed with why in sources.json)" if s["skipped"] else ""
     print(f"pack: {s['num_samples']} images -> {s['num_shards']} shards of <= {args.shard_size} "
           f"in {s['out']} ({s['seconds']} s){skipped}")

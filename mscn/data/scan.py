@@ -28,7 +28,8 @@ from mscn.data.imagefolder import (DALI_FORMATS, SPLIT_NAMES, UNLABELLED, hidden
 from mscn.errors import DataError
 from mscn.paths import not_creatable, write_atomic
 
-EXCLUDED = ("zero_byte", "non_image", "corrupt", "truncated", "no_dali_decoder", "tiny", "ignored", "bad_name")
+EXCLUDED = ("zero_byte", "non_image", "corrupt", "truncated", "no_dali_decoder", "tiny", "ignored", "bad_name",
+            "unreadable")
 KEPT = ("small", "cmyk", "grayscale", "non_jpeg", "warning")
 SMALL_SIDE = 32  # px: reported as "small" below this short side (kept unless min_size excludes it)
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # a header we recognise -> "corrupt", not "non_image"
@@ -87,8 +88,11 @@ def check_image(path: str, min_size: int) -> tuple[list[tuple[str, str]], str | 
         return [("ignored", "no image extension (ImageFolder and DALI skip it)")], None
     if "\n" in path or "\r" in path:  # one line per file: the list would split it in two
         return [("bad_name", "a line break in its name, which a file list cannot hold; rename it")], None
-    with open(path, "rb") as f:  # read once: PIL decodes these bytes, the JPEG end check walks them
-        data = f.read()
+    try:
+        with open(path, "rb") as f:  # read once: PIL decodes these bytes, the JPEG end check walks them
+            data = f.read()
+    except OSError as e:  # one file the scan may not read (permissions, an I/O error) is one line of the report
+        return [("unreadable", f"cannot be read: {e.strerror or e}")], None
     if not data:
         return [("zero_byte", "empty file")], None
     issues = []
