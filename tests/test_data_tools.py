@@ -813,3 +813,22 @@ def test_a_file_the_scan_cannot_read_is_excluded_not_fatal(tmp_path, monkeypatch
     rep = scan(tmp_path / "ds", out=tmp_path / "l.txt", workers=1, progress=False)
     assert rep["counts"]["unreadable"] == 1 and rep["counts"]["ok"] == 2
     assert (tmp_path / "l.txt").read_text().split() == ["cat/a.jpg", "0", "dog/c.jpg", "1"]
+
+
+def test_a_panorama_above_pils_bomb_limit_is_kept_not_called_corrupt(tmp_path):
+    """PIL refuses to open an image above 2 x MAX_IMAGE_PIXELS (179 MP): the scan excluded a
+    valid 180 MP panorama as "corrupt" (DALI decodes it). A JPEG whose header says
+    20000x10000 (200 MP) is kept now, with a note that only its header was read."""
+    from PIL import Image as PILImage
+
+    data = bytearray(_jpeg(size=(16, 8)))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = (10000).to_bytes(2, "big") + (20000).to_bytes(2, "big")  # height, width
+    (tmp_path / "ds" / "pano").mkdir(parents=True)
+    (tmp_path / "ds" / "pano" / "p.jpg").write_bytes(bytes(data))
+    with pytest.raises(PILImage.DecompressionBombError):
+        PILImage.open(tmp_path / "ds" / "pano" / "p.jpg")
+    rep = scan(tmp_path / "ds", out=tmp_path / "l.txt", workers=1, progress=False)
+    assert rep["counts"]["huge"] == 1 and rep["counts"]["corrupt"] == 0
+    assert (tmp_path / "l.txt").read_text().split() == ["pano/p.jpg", "0"]
+    assert PILImage.MAX_IMAGE_PIXELS == 89478485  # PIL's limit is back as it was

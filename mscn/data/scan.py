@@ -30,7 +30,7 @@ from mscn.paths import not_creatable, write_atomic
 
 EXCLUDED = ("zero_byte", "non_image", "corrupt", "truncated", "no_dali_decoder", "tiny", "ignored", "bad_name",
             "unreadable")
-KEPT = ("small", "cmyk", "grayscale", "non_jpeg", "warning")
+KEPT = ("small", "cmyk", "grayscale", "non_jpeg", "warning", "huge")
 SMALL_SIDE = 32  # px: reported as "small" below this short side (kept unless min_size excludes it)
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # a header we recognise -> "corrupt", not "non_image"
 _GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "F"}
@@ -82,6 +82,19 @@ def _jpeg_ends(data: bytes) -> bool:
     return False
 
 
+def _header_only(data: bytes) -> Image.Image | None:
+    """The image of ``data`` opened without PIL's decompression-bomb check (header only, no
+    pixels decoded); None when even that fails."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # the scan's own process (or worker): no other thread opens images here
+    try:
+        return Image.open(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 - any failure: the caller reports the bomb error as it was
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
 def check_image(path: str, min_size: int) -> tuple[list[tuple[str, str]], str | None]:
     """``([(reason, detail), ...], format)`` for one file; no issues -> ``[]``."""
     if not is_image_name(path):
@@ -105,7 +118,16 @@ def check_image(path: str, min_size: int) -> tuple[list[tuple[str, str]], str | 
             if any(data.startswith(m) for m in _MAGIC):
                 return [("corrupt", "image header is unreadable")], None
             return [("non_image", "PIL cannot identify it as an image")], None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        except Image.DecompressionBombError as e:
+            # a panorama, not damage: PIL refuses to decode more than 2 x MAX_IMAGE_PIXELS
+            # (179 MP), DALI decodes it. Kept on the evidence the scan can afford: its header
+            img = _header_only(data)
+            if img is None:
+                return [("corrupt", str(e))], None
+            w, h = img.size
+            issues.append(("huge", f"{w}x{h} ({w * h / 1e6:.0f} MP): above PIL's decompression-bomb limit, so the "
+                                   "scan read its header (and a JPEG's markers), not its pixels; DALI decodes it"))
+        except (OSError, SyntaxError, ValueError) as e:
             reason = "truncated" if "truncated" in str(e).lower() else "corrupt"
             return [(reason, str(e))], None
         fmt, mode, (w, h) = img.format, img.mode, img.size
