@@ -153,6 +153,23 @@ def _not_the_data(err: Exception, reason: str) -> MscnError | None:
                      "(its view or high-pass parameters), not the data")
 
 
+def _file_the_reader_names(reason: str) -> tuple[str, str] | None:
+    """(path, what is wrong) when DALI's file reader names the file it could not map or
+    open: an empty file ("File mapping failed") or one it may not read. None otherwise."""
+    m = re.search(r"(?:File mapping failed|Could not open file|Failed to open file):?\s*(.+?)\s*$", reason)
+    if not m or not os.path.isfile(m.group(1)):
+        return None
+    path = m.group(1)
+    try:
+        if os.path.getsize(path) == 0:
+            return path, "an empty file"
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        return path, f"cannot be read ({e.strerror or e})"
+    return None
+
+
 def explain(err: Exception, source: Source, replay, runs_done: int) -> MscnError:
     """A one-line error for a DALI runtime failure while reading ``source``: a DataError
     naming the file when the data is at fault."""
@@ -163,8 +180,14 @@ def explain(err: Exception, source: Source, replay, runs_done: int) -> MscnError
     if source.kind == "wds":  # scan reads ImageFolders, not tar shards
         fix = ("run `mscn data scan` on the ImageFolder these shards came from, then "
                "`mscn data pack <its .filelist.txt> OUT` again")
+    elif source.kind == "filelist":  # a list of its own (a fine-tuning subset): draw it from the scan's
+        fix = (f"run `mscn data scan {source.root}` and use the file list it writes (a labelled subset: "
+               "`mscn data subset` of that list)")
     else:
         fix = f"run `mscn data scan {source.root}` and train from the file list it writes"
+    named = _file_the_reader_names(reason)
+    if named:  # the reader could not open or map it: an empty or unreadable file, said as such
+        return DataError(f"{named[0]}: {named[1]} (DALI: {reason}); {fix}")
     underful = _underful(reason, source) if source.kind == "wds" else None
     if underful:
         return DataError(underful)

@@ -147,6 +147,21 @@ def test_an_image_format_dali_cannot_decode_is_named(tmp_path):
     assert f"{bad}: cannot be decoded (a GIF image, which DALI cannot decode" in str(e.value)
 
 
+def test_an_empty_file_in_training_is_named_as_empty(tmp_path):
+    """DALI's reader stops on it with "File mapping failed: <path>"; it was said as "DALI
+    failed while reading the dataset", the cause left to guess."""
+    root = make_folder(tmp_path, classes=2, per_class=6)
+    bad = root / "c1" / "empty.jpg"
+    bad.write_bytes(b"")
+    loader = build_train_loader(tiny_cfg(root, "train.global_batch=4"), apply_mask=False)
+    with pytest.raises(DataError) as e:
+        for _ in range(2):
+            for _ in loader:
+                pass
+    assert str(e.value).startswith(f"{bad}: an empty file (DALI: File mapping failed"), str(e.value)
+    assert f"run `mscn data scan {root}`" in str(e.value)
+
+
 def test_small_gray_cmyk_and_png_images_come_out_rgb(tmp_path):
     rng = np.random.default_rng(1)
     (tmp_path / "a").mkdir()
