@@ -129,9 +129,9 @@ def apply_masks(views: list[torch.Tensor], cfgs: list[MaskCfg], generator: torch
     cfgs: one MaskCfg per view (``[v.mask for v in cfg.views]``).
     generator: seeds the tables (and the reference's noise); None uses torch's global RNG.
     backend: auto (Triton on CUDA tensors, reference elsewhere) | triton | torch.
-    On an H200 this takes 0.58 ms for 4 x 256 x 3 x 224² float32 views (tables 0.29 ms,
-    fill 0.34 ms); drawing the decisions inside the fill instead measured 1.09 ms and was
-    removed (docs/perf/HISTORY.md, round 3).
+    On an H200 this took 0.402 ms for 4 x 256 x 3 x 224² float32 views (tables 0.164 ms,
+    fill 0.340 ms; docs/PERFORMANCE.md, round 4); drawing the decisions inside the fill
+    instead measured 1.09 ms and was removed (docs/perf/HISTORY.md, round 3).
     Returns the masked views, or ``(views, masks)`` with ``masks`` a list of bool
     (B, C, H, W) pixel masks when ``return_masks`` (built from the tables, so they
     cost a few bool tensors; meant for tests and figures, not the training loop).

@@ -114,6 +114,13 @@ def checked_args(graph):
     @functools.wraps(graph)
     def build(source, *args, **kwargs):
         check_source(source)
+        # DALI builds a pipeline without them and fails later, when its iterator runs (a raw
+        # "'<' not supported between NoneType and int" for num_threads)
+        for name in ("batch_size", "num_threads"):
+            value = kwargs.get(name)
+            if not is_integer(value) or value < 1:
+                raise ValueError(f"{name}: a pipeline argument, expected an integer >= 1, got {value!r} "
+                                 f"({graph.__name__}(source, ..., batch_size=.., num_threads=.., device_id=.., seed=..))")
         given = {k: kwargs.get(k, sig.parameters[k].default) for k in COMMON}
         check_common(**given)
         plain = {"image_size": int(given["image_size"]), "shard_id": int(given["shard_id"]),

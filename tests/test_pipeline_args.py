@@ -14,6 +14,7 @@ from mscn.cuda_kernels import apply_masks
 from mscn.errors import DataError, MscnError
 from mscn.pipelines import DaliLoader, build_eval_loader, build_train_loader, resolve_source, views_pipeline
 from mscn.pipelines.diagnose import explain
+from mscn.pipelines.eval_pipeline import eval_pipeline
 from pipeline_fixtures import make_folder, tiny_cfg
 
 
@@ -104,6 +105,17 @@ def test_views_pipeline_arguments_are_checked_before_dali(folder, kw, err, msg):
     assert "\n" not in str(e.value)  # not DALI's autograph paragraph around it
 
 
+def test_a_pipeline_without_its_batch_size_or_threads_is_refused_when_built(folder):
+    """DALI builds one all the same and fails when the loader runs it, with a TypeError of its
+    internals ("'<' not supported between instances of 'NoneType' and 'int')."""
+    source = resolve_source(str(folder))
+    for missing, given in (("num_threads", {"batch_size": 4}), ("batch_size", {"num_threads": 1})):
+        with pytest.raises(ValueError, match=f"{missing}: a pipeline argument, expected an integer >= 1, got None"):
+            views_pipeline(source, [ViewCfg(), ViewCfg()], highpass=None, device_id=None, **given)
+    with pytest.raises(ValueError, match="batch_size: a pipeline argument, expected an integer >= 1, got 0"):
+        eval_pipeline(source, batch_size=0, num_threads=1, device_id=None)
+
+
 def test_numpy_numbers_and_arrays_are_taken_and_masks_are_not_the_pipelines(folder):
     """Values from numpy (a computed batch, a mean array) are numbers like any other; a view's
     mask grid is for the loader's masks, so a pipeline at 16 px takes the default 32 px grid."""
@@ -176,6 +188,9 @@ def test_apply_masks_names_the_usual_mix_ups():
         apply_masks(views, [ViewCfg(), ViewCfg()])
     with pytest.raises(MscnError, match=r"generator: expected a torch.Generator or None, got int"):
         apply_masks(views, cfgs, 7)
+    # a wrong type in a MaskCfg built in code: the schema's line, not a TypeError from a comparison
+    with pytest.raises(ConfigError, match=r"views\[1\]\.mask\.ratio: expected a number, got '0.2'"):
+        apply_masks(views, [MaskCfg(grid=4), MaskCfg(grid=4, ratio="0.2")])
     with pytest.raises(MscnError, match=r"view 0: expected a floating \(B, C, H, W\) tensor, got ndarray"):
         apply_masks([v.numpy() for v in views], cfgs)
     leaf = [v.clone().requires_grad_() for v in views]

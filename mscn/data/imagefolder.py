@@ -51,8 +51,15 @@ def hidden(name: str) -> bool:
     return name.startswith(".") or name in IGNORED_DIRS
 
 
+def entries(path) -> list[os.DirEntry]:
+    """``os.scandir(path)`` as a list, its handle closed (a generator left open leaks a
+    ResourceWarning into the caller's ``pytest -W error``)."""
+    with os.scandir(path) as it:
+        return list(it)
+
+
 def _has_subdir(path: Path) -> bool:
-    return any(e.is_dir() for e in os.scandir(path))
+    return any(e.is_dir() for e in entries(path))
 
 
 def find_classes(root: str | os.PathLike) -> list[str]:
@@ -62,9 +69,9 @@ def find_classes(root: str | os.PathLike) -> list[str]:
         raise DataError(f"{root}: no such directory; pass an ImageFolder root (ROOT/<class>/<image>)")
     if not root.is_dir():
         raise DataError(f"{root}: not a directory; pass an ImageFolder root (ROOT/<class>/<image>)")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not hidden(e.name))
+    classes = sorted(e.name for e in entries(root) if e.is_dir() and not hidden(e.name))
     if not classes:
-        files = [e.name for e in os.scandir(root) if e.is_file() and not hidden(e.name)]
+        files = [e.name for e in entries(root) if e.is_file() and not hidden(e.name)]
         if not files:
             raise DataError(f"{root}: empty folder, no class sub-folders; expected ROOT/<class>/<image>")
         # files but no class folders: say what they are, since the fix depends on it
@@ -73,7 +80,7 @@ def find_classes(root: str | os.PathLike) -> list[str]:
                 if tars else f"{len(files)} file(s) directly in it, e.g. {sorted(files)[0]}")
         raise DataError(f"{root}: no class sub-folders but {what}; an ImageFolder (ROOT/<class>/<image>) is "
                         "expected here")
-    loose = sorted(e.name for e in os.scandir(root) if e.is_file() and not hidden(e.name) and is_image_name(e.name))
+    loose = sorted(e.name for e in entries(root) if e.is_file() and not hidden(e.name) and is_image_name(e.name))
     if loose:
         # both shapes at once: an ImageFolder would leave the top's images out without a word
         # (torchvision's does), a flat folder the sub-folders'; neither guess is safe
@@ -128,14 +135,14 @@ UNLABELLED = -1  # the label of a sample without one (flat folders, lists and sh
 def is_flat_folder(root: str | os.PathLike) -> bool:
     """True for a folder of images without class sub-folders (an unlabelled set)."""
     root = Path(root)
-    return (root.is_dir() and not any(e.is_dir() and not hidden(e.name) for e in os.scandir(root))
-            and any(e.is_file() and is_image_name(e.name) for e in os.scandir(root)))
+    return (root.is_dir() and not any(e.is_dir() and not hidden(e.name) for e in entries(root))
+            and any(e.is_file() and is_image_name(e.name) for e in entries(root)))
 
 
 def list_flat_folder(root: str | os.PathLike) -> list[tuple[str, int]]:
     """``[(name, -1), ...]``, sorted: the images directly in ``root``, unlabelled."""
     root = Path(root)
-    return [(e.name, UNLABELLED) for e in sorted(os.scandir(root), key=lambda e: e.name)
+    return [(e.name, UNLABELLED) for e in sorted(entries(root), key=lambda e: e.name)
             if e.is_file() and not hidden(e.name) and is_image_name(e.name)]
 
 
