@@ -42,6 +42,7 @@
 # the summary, over every result in $MSCN_GPU_RESULTS), e.g. the ones a budget SKIPPED, on
 # the same warm machine: the earlier results stay where they are.
 set -uo pipefail
+SELF=$(realpath "$0")  # before the cd: started from inside scripts/, "$0" is relative to there
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
 BUDGET=${MSCN_GPU_BUDGET_S:-0}
@@ -56,7 +57,7 @@ done
 BUDGET=$((10#$BUDGET)) RESERVE=$((10#$RESERVE)) MIN_STEP=$((10#$MIN_STEP)) SHARE=$((10#$SHARE))  # 0540: decimal
 if [ "$MIN_STEP" -lt 1 ]; then echo "gpu_check.sh: MSCN_GPU_MIN_STEP_S must be >= 1 (timeout 0 means no limit)" >&2; exit 2; fi
 if [ -n "$STEPS" ]; then  # a name that is no step ran nothing and said nothing: a follow-up call wasted
-  KNOWN=$(grep -oE '(^|[^a-z_])run [a-z0-9-]+ [0-9]+' "$0" | awk '{print $2}' | sort -u | tr '\n' ' ')
+  KNOWN=$(grep -oE '(^|[^a-z_])run [a-z0-9-]+ [0-9]+' "$SELF" | awk '{print $2}' | sort -u | tr '\n' ' ')
   for s in ${STEPS//,/ }; do
     case " $KNOWN " in *" $s "*) ;; *) echo "gpu_check.sh: MSCN_GPU_STEPS: no step '$s' (steps: $KNOWN)" >&2; exit 2 ;; esac
   done

@@ -229,6 +229,12 @@ def test_gpu_check_refuses_a_bad_budget(tmp_path):
                                    "MSCN_GPU_RESULTS": str(tmp_path / "r")}, timeout=30, cwd=REPO)
         assert proc.returncode == 2 and "gpu_check.sh:" in proc.stderr and not (tmp_path / "r").exists()
     assert "MSCN_GPU_STEPS: no step 'tests-stats' (steps: ab-isolated " in proc.stderr
+    # started from inside scripts/ the script still finds its own step list (it grepped "$0"
+    # after its cd, found nothing, and refused every step)
+    proc = subprocess.run(["bash", "gpu_check.sh", "3"], capture_output=True, text=True, timeout=30,
+                          cwd=SCRIPTS, env={**os.environ, "MSCN_GPU_STEPS": "nosuch", "OUT": str(tmp_path / "o"),
+                                            "MSCN_GPU_RESULTS": str(tmp_path / "r")})
+    assert proc.returncode == 2 and "MSCN_GPU_STEPS: no step 'nosuch' (steps: ab-isolated " in proc.stderr
 
 
 def test_gpu_summary_decides_on_torch_compile_by_the_fed_rate(results, tmp_path):
