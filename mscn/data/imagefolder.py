@@ -69,9 +69,10 @@ def find_classes(root: str | os.PathLike) -> list[str]:
         raise DataError(f"{root}: no such directory; pass an ImageFolder root (ROOT/<class>/<image>)")
     if not root.is_dir():
         raise DataError(f"{root}: not a directory; pass an ImageFolder root (ROOT/<class>/<image>)")
-    classes = sorted(e.name for e in entries(root) if e.is_dir() and not hidden(e.name))
+    listed = [e for e in entries(root) if not hidden(e.name)]  # once, for the checks below
+    classes = sorted(e.name for e in listed if e.is_dir())
     if not classes:
-        files = [e.name for e in entries(root) if e.is_file() and not hidden(e.name)]
+        files = [e.name for e in listed if e.is_file()]
         if not files:
             raise DataError(f"{root}: empty folder, no class sub-folders; expected ROOT/<class>/<image>")
         # files but no class folders: say what they are, since the fix depends on it
@@ -80,7 +81,7 @@ def find_classes(root: str | os.PathLike) -> list[str]:
                 if tars else f"{len(files)} file(s) directly in it, e.g. {sorted(files)[0]}")
         raise DataError(f"{root}: no class sub-folders but {what}; an ImageFolder (ROOT/<class>/<image>) is "
                         "expected here")
-    loose = sorted(e.name for e in entries(root) if e.is_file() and not hidden(e.name) and is_image_name(e.name))
+    loose = sorted(e.name for e in listed if e.is_file() and is_image_name(e.name))
     if loose:
         # both shapes at once: an ImageFolder would leave the top's images out without a word
         # (torchvision's does), a flat folder the sub-folders'; neither guess is safe
@@ -135,8 +136,11 @@ UNLABELLED = -1  # the label of a sample without one (flat folders, lists and sh
 def is_flat_folder(root: str | os.PathLike) -> bool:
     """True for a folder of images without class sub-folders (an unlabelled set)."""
     root = Path(root)
-    return (root.is_dir() and not any(e.is_dir() and not hidden(e.name) for e in entries(root))
-            and any(e.is_file() and is_image_name(e.name) for e in entries(root)))
+    if not root.is_dir():
+        return False
+    listed = entries(root)  # once: a flat folder may hold a million images
+    return (not any(e.is_dir() and not hidden(e.name) for e in listed)
+            and any(e.is_file() and is_image_name(e.name) for e in listed))
 
 
 def list_flat_folder(root: str | os.PathLike) -> list[tuple[str, int]]:

@@ -342,7 +342,7 @@ def read_file_list(path, root, root_note: str | None = None) -> list[tuple[str, 
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not a UTF-8 text file (byte {e.start}); a file list is 'relative/path label' "
                         "lines, as `mscn data scan` writes it") from None
-    samples, linenos, labelled = [], [], None
+    samples, missing, labelled = [], [], None
     present = _FilesUnder(root)
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -356,9 +356,9 @@ def read_file_list(path, root, root_note: str | None = None) -> list[tuple[str, 
             raise DataError(f"{path}:{lineno}: expected 'relative/path label' like line 1, got {line!r}")
         else:
             rel, label = parts[0], int(parts[1])
+        if not present(rel):
+            missing.append((lineno, rel))
         samples.append((rel, label))
-        linenos.append(lineno)
-    missing = [(lineno, rel) for lineno, (rel, _) in zip(linenos, samples) if not present(rel)]
     if missing:
         lineno, rel = missing[0]
         more = ""
