@@ -56,7 +56,8 @@ def _pick_backend(x: torch.Tensor, backend: str) -> str:
 
 def draw_tables(views: Sequence[torch.Tensor], cfgs: Sequence[MaskCfg],
                 generator: torch.Generator | None = None, *, backend: str = "auto") -> list[MaskTable]:
-    """One :class:`MaskTable` per view, drawn where the fill will run.
+    """Draw paper §5.2's masks for a batch: returns one :class:`MaskTable` per view, in
+    view order, on the device where the fill will run.
 
     Triton backend: one launch of the table kernel draws every view that shares a size,
     grid and offset rule (mask_tables_triton.py), each view keyed by one Philox key drawn
@@ -106,7 +107,9 @@ def _tables_from_keys(views: Sequence[torch.Tensor], cfgs: Sequence[MaskCfg], ke
 def apply_tables(views: Sequence[torch.Tensor], tables: Sequence[MaskTable],
                  generator: torch.Generator | None = None, *, inplace: bool = True,
                  backend: str = "auto") -> list[torch.Tensor]:
-    """Fill the masks of already-drawn tables (kernel and reference share the tables).
+    """Fill the masks of already-drawn tables (paper §5.2: zero, or noise where the table
+    says so): returns the masked views, in view order (the inputs themselves when
+    ``inplace``). Kernel and reference read the same tables.
 
     ``generator`` only feeds the reference's noise; the kernel's noise is keyed by the
     per-sample Philox seeds in the tables.

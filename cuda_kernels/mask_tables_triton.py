@@ -90,8 +90,12 @@ def plane_decisions(key, b, c, C, H, W, nW, nh_min, nw_min, k00, k01, k10, k11,
     focal = tl.rand(key, cbase + NCELL) < p_focal
     aspect = tl.exp(log_lo + tl.rand(key, cbase + NCELL + 1) * (log_hi - log_lo))
     kf = k.to(tl.float32)
-    fh = tl.minimum(tl.maximum(tl.floor(tl.sqrt(kf * aspect) + 0.5).to(tl.int32), 1), nh)
-    fw = tl.minimum(tl.maximum(tl.floor(kf / fh.to(tl.float32) + 0.5).to(tl.int32), 1), nw)
+    # correctly rounded sqrt and division, as torch's: compiled, ``/`` and ``tl.sqrt`` are
+    # approximate (div.full.f32, sqrt.approx.f32, up to 2 ulp), and ``floor(q + 0.5)`` sits
+    # on a tie whenever k / fh is exactly x.5 (k=125, fh=10 at grid 8 and 224 px): an
+    # approximate 12.4999995 would give a 12-cell side where the sampler's law says 13
+    fh = tl.minimum(tl.maximum(tl.floor(tl.sqrt_rn(kf * aspect) + 0.5).to(tl.int32), 1), nh)
+    fw = tl.minimum(tl.maximum(tl.floor(tl.div_rn(kf, fh.to(tl.float32)) + 0.5).to(tl.int32), 1), nw)
     fh = tl.where(k > 0, fh, 0)
     top = tl.floor(tl.rand(key, cbase + NCELL + 2) * (nh - fh + 1).to(tl.float32)).to(tl.int32)
     left = tl.floor(tl.rand(key, cbase + NCELL + 3) * (nw - fw + 1).to(tl.float32)).to(tl.int32)

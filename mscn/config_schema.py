@@ -98,6 +98,9 @@ HANDOVERS = ("trainer", "private")  # data.handover: the stream DALI's outputs a
 
 @dataclass
 class DataCfg:
+    """Where the images come from and how the loader runs (paper App. A.1 trains on
+    ImageNet-1k; ``synthetic`` is the embedded stand-in). ``num_threads`` and
+    ``hw_decoder_load`` default to "auto": measured choices per machine, docs/PERFORMANCE.md."""
     root: str = ""  # ImageFolder root, a file list from `mscn data scan`, or a folder of .tar shards
     format: str = "auto"  # auto | folder | filelist | wds
     val_root: str = ""  # evaluation data (same formats)
@@ -216,6 +219,8 @@ class ScheduleCfg:
 
 @dataclass
 class TrainCfg:
+    """How a pretraining run is driven (paper App. A.1: batch 4096, 800 epochs); the
+    recipe files set the paper's values, these defaults only what the recipe leaves out."""
     global_batch: int = 4096
     out_dir: str = ""  # run directory; "": runs/<recipe>-<YYYYmmdd-HHMMSS> (pass it again to resume)
     seed: int = 0
@@ -237,6 +242,8 @@ class TrainCfg:
 
 @dataclass
 class EvalCfg:
+    """The evaluation protocols of paper §6.1–6.2: linear probe (App. A.2), fine-tuning
+    on 1 % of labels (App. A.3), and the kNN monitor used between epochs."""
     # linear probe / transfer (paper A.2)
     linear_epochs: int = 100
     linear_lr: float = 1.0  # scaled by batch / 256
@@ -258,6 +265,12 @@ class EvalCfg:
 
 @dataclass
 class Config:
+    """One run's whole configuration: the data, the views and their masks (paper §5.1–5.3),
+    the model, method, optimizer and schedule (App. A.1), training and evaluation.
+
+    Built from a recipe with :func:`mscn.config.load_config`, which rejects unknown keys,
+    wrong types and out-of-range values in one line each."""
+
     data: DataCfg = field(default_factory=DataCfg)
     views: list[ViewCfg] = field(default_factory=default_views)
     highpass: HighPassCfg = field(default_factory=HighPassCfg)

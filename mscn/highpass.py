@@ -35,12 +35,14 @@ if TYPE_CHECKING:
 
 
 def highpass_window(sigma: float, window: int = 0) -> int:
-    """Odd Gaussian window: ``window`` if set, else 2*ceil(3*sigma)+1 (31 for sigma=5)."""
+    """Odd Gaussian window of the high-pass (paper §5.1): ``window`` if set, else
+    2*ceil(3*sigma)+1, i.e. 31 taps for the paper's sigma=5. Returns the window (int)."""
     return window if window else 2 * math.ceil(3.0 * sigma) + 1
 
 
 def highpass_params(h: HighPassCfg) -> tuple[float, int] | None:
-    """(sigma, window) of the configured high-pass, or None when it is switched off."""
+    """Returns (sigma, window) of the configured high-pass (paper §5.1), or None when it
+    is switched off (the "masks without high-pass" ablation, §5.1 and §6.3)."""
     return (h.sigma, highpass_window(h.sigma, h.window)) if h.enabled else None
 
 
@@ -78,7 +80,11 @@ def _blur_axis(x: torch.Tensor, k: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def highpass_torch(x: torch.Tensor, sigma: float, window: int) -> torch.Tensor:
-    """``x - blur(x)`` for NCHW float ``x``; separable Gaussian, reflect-101 borders."""
+    """The high-pass of paper §5.1 on a normalized NCHW float batch: returns ``x - blur(x)``
+    (same shape and dtype), with a separable Gaussian and reflect-101 borders as DALI's.
+
+    The reference that the DALI and matmul forms are tested against (error < 1e-3 against
+    :func:`highpass_reference_f64`)."""
     if x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"highpass_torch expects a float NCHW tensor, got {tuple(x.shape)} {x.dtype}")
     k = torch.as_tensor(gaussian_kernel(sigma, window), dtype=torch.float32, device=x.device)
@@ -117,7 +123,11 @@ def _blur_matrix_on(n: int, sigma: float, window: int, device: str, dtype: torch
 
 
 def highpass_matmul(x: torch.Tensor, sigma: float, window: int) -> torch.Tensor:
-    """Same result as :func:`highpass_torch` (to float32 rounding) via ``x - Bₕᵀ x B_w``."""
+    """The high-pass of paper §5.1 as two matmuls: returns ``x - Bₕᵀ x B_w`` (same shape and
+    dtype), equal to :func:`highpass_torch` to float32 rounding.
+
+    The loader runs it this way on the GPU (``highpass.where=loader``; round 4's figures
+    in docs/PERFORMANCE.md), with the blur matrices cached per size and device."""
     if x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"highpass_matmul expects a float NCHW tensor, got {tuple(x.shape)} {x.dtype}")
     h, w = x.shape[-2:]
@@ -127,7 +137,8 @@ def highpass_matmul(x: torch.Tensor, sigma: float, window: int) -> torch.Tensor:
 
 
 def highpass_reference_f64(img: np.ndarray, sigma: float, window: int, channel_axis: int = -1) -> np.ndarray:
-    """float64 ``img - gaussian_filter(img)`` (scipy, ``mode="mirror"`` = reflect-101).
+    """The float64 ground truth of the high-pass (paper §5.1): returns
+    ``img - gaussian_filter(img)`` (scipy, ``mode="mirror"`` = reflect-101) as float64.
 
     ``img`` is HWC (``channel_axis=-1``) or CHW (``channel_axis=0``); channels are
     filtered independently. scipy is a test dependency, imported here only.

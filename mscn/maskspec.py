@@ -107,6 +107,10 @@ def expected_fraction(cfg: MaskCfg, size: int) -> float:
     return total / len(sides) ** 2
 
 
+class MaskCoverageWarning(UserWarning):
+    """A loader's view is masked far from its ``ratio`` (one of :func:`coverage_notes`)."""
+
+
 def coverage_notes(masks: Sequence[MaskCfg], size: int, key: str = "views") -> list[str]:
     """A line for each masked view whose grid makes it mask far from its ``ratio`` (more than
     a quarter off, or never): the masked share the paper's ablations vary (§5.2, Fig. 5)."""
@@ -233,7 +237,9 @@ def sample_mask_table(batch: int, channels: int, height: int, width: int, cfg: M
 
 def sample_tables(views: Sequence[torch.Tensor], cfgs: Sequence[MaskCfg],
                   generator: torch.Generator | None = None) -> list[MaskTable]:
-    """One :class:`MaskTable` per view (each on its view's device), in view order."""
+    """The torch sampler of paper §5.2's masks: returns one :class:`MaskTable` per view
+    (each on its view's device), in view order, each drawn with its view's own MaskCfg
+    (asymmetric masking). The CPU path, and the law the table kernel is tested against."""
     check_views(views, cfgs)
     return [sample_mask_table(*v.shape, cfg, generator, v.device) for v, cfg in zip(views, cfgs)]
 

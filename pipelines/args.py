@@ -35,6 +35,10 @@ def check_placement(rank, world_size, local_rank, device) -> None:
                          "world_size >= 1, 0 <= rank < world_size and local_rank >= 0")
     if device is None:
         return
+    if isinstance(device, str) and device.split(":")[0].strip().lower() in ("gpu", "mixed"):
+        # DALI's own names for its backends; the builders take where the *batch* should live
+        raise ValueError(f"device: {device!r} is DALI's name; the loader builders take a torch device: "
+                         "'cuda' (or 'cuda:N') for the GPU pipeline, None or 'cpu' for the CPU one")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:

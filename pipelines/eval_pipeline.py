@@ -26,7 +26,11 @@ def eval_pipeline(source: Source, *, image_size: int = 224, resize: int = 256, m
                   std=IMAGENET_STD, highpass: tuple[float, int] | None = (5.0, 31), device: str = "cpu",
                   hw_decoder_load: float = 0.65, shard_id: int = 0, num_shards: int = 1,
                   reader_seed: int = -1, view_dtype: str = "float32"):
-    """One center view per image; pipeline arguments as for ``views_pipeline``."""
+    """The evaluation view of paper App. A.2: resize the shorter side to ``resize``,
+    center-crop ``image_size``, normalize and high-pass (§5.1).
+
+    Returns a DALI pipeline whose outputs are the view (CHW), then the label and the
+    sample index where ``source`` has them; pipeline arguments as for ``views_pipeline``."""
     encoded, label, index = read(source, shard_id=shard_id, num_shards=num_shards, shuffle=False,
                                  shuffle_buffer=1, stick_to_shard=True, seed=reader_seed)
     images = decode(encoded, device, hw_decoder_load)

@@ -42,6 +42,8 @@ have yielded next.
 from __future__ import annotations
 
 import contextlib
+import re
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -55,6 +57,7 @@ from mscn.config_schema import HANDOVERS
 from mscn.errors import DataError
 from mscn.h2d import to_device
 from mscn.highpass import highpass_matmul
+from mscn.maskspec import MaskCoverageWarning, coverage_notes
 from mscn.pipelines.args import check_placement
 from mscn.pipelines.readers import READER_NAME, Source
 from mscn.pipelines.train_pipeline import output_names
@@ -141,6 +144,7 @@ class DaliLoader:
             # safe only because share_outputs waits for the batch on the host, which the
             # default executor does; the other one copies on the current stream instead
             raise ValueError("data.handover=private needs DALI's default executor (exec_dynamic)")
+        policy = _last_batch_policy(policy)
         if output_dtype not in TORCH_DTYPES or colour_dtype not in TORCH_DTYPES:
             bad = output_dtype if output_dtype not in TORCH_DTYPES else colour_dtype
             raise ValueError(f"output dtype {bad!r}: expected one of {', '.join(TORCH_DTYPES)}")
@@ -165,10 +169,15 @@ class DaliLoader:
         except RuntimeError as e:
             raise self._data_error(e) from None
         if pipeline.num_outputs != len(self._names):  # else DALI's iterator fails on the first batch
-            raise ValueError(f"the pipeline has {pipeline.num_outputs} outputs, but num_views={num_views} (with the "
-                             f"source's label and index, blur and colour arguments) expects {len(self._names)}: "
-                             f"{', '.join(self._names)}; pass the num_views the pipeline was built with (debug "
-                             "outputs are for tests, not the loader)")
+            extras = [n for n in self._names if not re.fullmatch(r"view\d+", n)]
+            views = pipeline.num_outputs - len(extras)
+            guess = (f"; it looks built with {views} view(s), so pass num_views={views}"
+                     if 0 < views != num_views and not (self.blur or self.laws) else
+                     "; pass the num_views the pipeline was built with")
+            raise ValueError(f"the pipeline has {pipeline.num_outputs} outputs, but this loader expects "
+                             f"{len(self._names)}: {', '.join(self._names)} (num_views={num_views}, plus what the "
+                             f"source, blur and colour arguments add){guess} (debug outputs are for tests, not "
+                             "the loader)")
         if policy == LastBatchPolicy.DROP and len(self._iter) == 0:  # else the loop ends at once, without a word
             raise DataError(f"{source.root}: this shard holds fewer images than one batch of "
                             f"{pipeline.max_batch_size}, so a loader that drops the last partial batch has none; "
@@ -505,10 +514,27 @@ def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_
                       mean=d.mean, std=d.std, colour_dtype=p.dali_dtype, handover=d.handover)
 
 
+def _last_batch_policy(policy) -> LastBatchPolicy:
+    """DALI's LastBatchPolicy, or its name ("drop", "partial", "fill") as another project
+    might write it; anything else in one line (DALI's iterator fails on it with a bare
+    TypeError from deep inside)."""
+    if isinstance(policy, LastBatchPolicy):
+        return policy
+    if isinstance(policy, str) and policy.upper() in LastBatchPolicy.__members__:
+        return LastBatchPolicy[policy.upper()]
+    raise ValueError(f"policy: expected a nvidia.dali.plugin.pytorch.LastBatchPolicy or one of "
+                     f"{', '.join(m.lower() for m in LastBatchPolicy.__members__)}, got {policy!r}")
+
+
 def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int = 0,
                        device: torch.device | str | None = None, apply_mask: bool = True,
                        state: dict | None = None, source: Source | None = None) -> DaliLoader:
-    """Pretraining loader: ``len(cfg.views)`` masked views per image, DROP policy.
+    """The pretraining loader of paper §5.3: ``len(cfg.views)`` views per image, each
+    augmented (App. A.1), high-passed (§5.1) and masked (§5.2) with its own ViewCfg.
+
+    Returns a :class:`DaliLoader` that yields :class:`MscnBatch`es of
+    ``global_batch / world_size`` images (views: one (B, 3, H, W) tensor per view, on
+    ``device``); DROP policy, so every batch is full.
 
     rank/world_size: global rank and world size (DALI shard id / number of shards);
     local_rank: the GPU of this process when ``device`` is CUDA without an index.
@@ -529,6 +555,11 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int 
     source = source or resolve_source(cfg.data.root, cfg.data.format)
     check_size(source, cfg.train.global_batch, "train.global_batch")
     seed = rank_seed(cfg.train.seed, rank)
+    if apply_mask:
+        # a reused loader (another project's trainer) is told what `mscn pretrain` prints: a
+        # 32 px grid on 32 px views masks 23 % of a view on average, not 15 %
+        for note in coverage_notes([v.mask for v in cfg.views], cfg.data.image_size):
+            warnings.warn(note, MaskCoverageWarning, stacklevel=2)
     mask_fn = mask_fn_from_cfgs([v.mask for v in cfg.views], seed) if apply_mask else None
     shard = Shard(rank, world_size, cfg.train.global_batch // world_size, seed)
     return _views_loader(cfg, source, cfg.views, shard, plan(cfg, device, local_rank), mask_fn,
@@ -536,7 +567,8 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int 
 
 
 def linear_probe_view():
-    """Paper A.2 training view: random-resized-crop + flip (+ high-pass), nothing else."""
+    """Returns the ViewCfg of paper App. A.2's training view: random-resized-crop + flip
+    (+ high-pass), nothing else."""
     from mscn.config import MaskCfg, ViewCfg
 
     return ViewCfg(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0, mask=MaskCfg(ratio=0.0))
@@ -546,7 +578,9 @@ def build_eval_loader(cfg, root: str, rank: int = 0, world_size: int = 1, local_
                       device: torch.device | str | None = None, batch_size: int | None = None,
                       train_views: bool = False, file_list: str | None = None,
                       classes: tuple[str, ...] | None = None) -> DaliLoader:
-    """Evaluation loader over ``root`` (any format; ``file_list`` = a list relative to it).
+    """Evaluation loader over ``root`` (any format; ``file_list`` = a list relative to it),
+    for the protocols of paper §6.1–6.2 (App. A.2–A.3). Returns a :class:`DaliLoader`
+    that yields :class:`MscnBatch`es with one view (and the labels).
 
     train_views=False: resize shorter side + center crop + high-pass, PARTIAL (every
     sample exactly once across ranks). train_views=True: the linear-probe/fine-tune

@@ -120,7 +120,10 @@ class ReferenceLoader:
 def build_reference_loader(cfg, batch_size: int, workers: int = 2, rank: int = 0, world_size: int = 1,
                            apply_mask: bool = True, views: list[ViewCfg] | None = None,
                            drop_last: bool = True) -> ReferenceLoader:
-    """The reference counterpart of ``build_train_loader`` (``data.root``, ``cfg.views``)."""
+    """The reference counterpart of ``build_train_loader`` (paper §5.3's views from
+    ``data.root`` and ``cfg.views``, in torchvision + torch): returns a
+    :class:`ReferenceLoader` that yields the same kind of batches (the tests compare the
+    DALI loader's view statistics with it)."""
     views = cfg.views if views is None else views
     source = resolve_source(cfg.data.root, cfg.data.format)
     hp = highpass_params(cfg.highpass)

@@ -73,7 +73,11 @@ def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 22
                    shuffle: bool = True, shuffle_buffer: int = 4096, reader_seed: int = -1, even_shards: bool = True,
                    view_dtype: str = "float32", debug_outputs: bool = False, crop: str | None = None,
                    blur_in_loader: bool = False, colour_in_loader: bool = False):
-    """N augmented views of every image, each with its own :class:`ViewCfg`.
+    """N augmented views of every image, each with its own :class:`ViewCfg` (paper App. A.1's
+    augmentations, then §5.1's high-pass; the masks follow in the loader, §5.3).
+
+    Returns a DALI pipeline whose outputs are named by :func:`output_names`: one CHW view
+    per ViewCfg, then the label and index where the source has them.
 
     Call with the pipeline arguments too: ``views_pipeline(src, views, batch_size=..,
     num_threads=.., device_id=.. (None on the CPU path), seed=.., prefetch_queue_depth=..)``.

@@ -107,3 +107,23 @@ def test_aot_refuses_interpreted_kernels():
 def test_aot_bad_arch_is_one_clear_error():
     r = _run(["-m", "mscn.cuda_kernels.aot", "--arch", "hopper"])
     assert r.returncode == 2 and "--arch hopper" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_table_kernel_rounds_the_focal_side_as_the_sampler_does():
+    """The focal rectangle's sides are ``floor(sqrt(k * aspect) + 0.5)`` and
+    ``floor(k / fh + 0.5)``. Compiled, Triton's ``/`` and ``tl.sqrt`` are approximate
+    (div.full.f32, sqrt.approx.f32), so an exact tie such as k=125, fh=10 (grid 8 at 224 px)
+    could round down where the torch sampler rounds up. The interpreter divides exactly
+    either way, so only the compiled code can show which instructions the kernel uses."""
+    r = _run(["-c", textwrap.dedent('''
+        import torch
+        from mscn.config import MaskCfg
+        from mscn.cuda_kernels.aot import compile_launch
+        from mscn.cuda_kernels.mask_tables_triton import table_launch
+        launch, _ = table_launch(256, 3, 224, 224, [MaskCfg(grid=8, ratio=0.15)], torch.zeros(1, dtype=torch.int64))
+        ptx = compile_launch(launch, 90).asm["ptx"]
+        print(*(op for op in ("div.full.f32", "div.approx.f32", "sqrt.approx.f32", "div.rn.f32", "sqrt.rn.f32")
+                if op in ptx))
+    ''')])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["div.rn.f32", "sqrt.rn.f32"], r.stdout

@@ -29,6 +29,8 @@ def folder(tmp_path_factory):
     (dict(world_size=0), r"rank 0 of world_size 0 .*world_size >= 1"),
     (dict(rank="1", world_size=2), r"rank: expected an integer, got '1' \(int\(os.environ\['RANK'\]\)\)"),
     (dict(device="tpu"), r"device: 'tpu' is not a torch device"),
+    (dict(device="gpu"), r"device: 'gpu' is DALI's name; .* 'cuda' \(or 'cuda:N'\) for the GPU pipeline"),
+    (dict(device="mixed"), r"device: 'mixed' is DALI's name"),
 ])
 def test_a_rank_world_size_or_device_it_cannot_be_is_one_line(folder, kw, msg):
     cfg = tiny_cfg(folder, "train.global_batch=4")
@@ -149,8 +151,14 @@ def test_dali_loader_refuses_what_it_cannot_deliver(folder):
         return views_pipeline(source, views, image_size=32, highpass=None, batch_size=batch, num_threads=1,
                               device_id=None, seed=1)
 
-    with pytest.raises(ValueError, match=r"the pipeline has 3 outputs, but num_views=3 .* expects 4: view0, view1, view2, index;"):
+    with pytest.raises(ValueError, match=r"the pipeline has 3 outputs, but this loader expects 4: view0, view1, "
+                                         r"view2, index \(num_views=3, .*\); it looks built with 2 view\(s\), so "
+                                         r"pass num_views=2"):
         DaliLoader(pipe(2), source, 3, policy=LastBatchPolicy.DROP)
+    with pytest.raises(ValueError, match=r"policy: expected a nvidia.dali.plugin.pytorch.LastBatchPolicy or one "
+                                         r"of fill, drop, partial, got 'last'"):
+        DaliLoader(pipe(2), source, 2, policy="last")
+    assert len(DaliLoader(pipe(2), source, 2, policy="drop")) == 4  # the name is taken
     with pytest.raises(ValueError, match=r"output dtype 'float64': expected one of float32, float16, bfloat16"):
         DaliLoader(pipe(2), source, 2, policy=LastBatchPolicy.DROP, output_dtype="float64")
     # 8 images, batches of 64: dropping the partial batch leaves none (the loop would end at once)
@@ -218,3 +226,20 @@ def test_a_corrupt_file_met_before_the_decoder_is_still_the_datas(tmp_path):
         pipe.run()
     assert "peek_image_shape" in str(raw.value)
     assert type(explain(raw.value, source, None, 0)) is DataError
+
+
+def test_a_loader_whose_grid_masks_far_from_its_ratio_warns(folder):
+    """Another project's trainer builds the loader itself and never sees `mscn pretrain`'s
+    notes: the paper's 32 px grid on 32 px views has 1 to 4 cells, so 15 % rounds to
+    none or one of them."""
+    import warnings
+
+    from mscn.maskspec import MaskCoverageWarning
+
+    coarse = tiny_cfg(folder, "train.global_batch=4", "views.1.mask.grid=32")
+    with pytest.warns(MaskCoverageWarning, match=r"views\[1\].mask: a 32 px grid on 32 px views"):
+        build_train_loader(coarse)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MaskCoverageWarning)
+        build_train_loader(tiny_cfg(folder, "train.global_batch=4"))  # grid 8: close to the ratio
+        build_train_loader(coarse, apply_mask=False)  # no masks, nothing to say

@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import math
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from pathlib import Path
 import torch
 
 from mscn.config import Config, load_config, validate
-from mscn.maskspec import coverage_notes
+from mscn.maskspec import MaskCoverageWarning, coverage_notes
 from mscn.errors import ENVIRONMENT_ERRNOS, DataError, MscnError, run_cli
 from mscn.train import checkpoint as ckpt
 from mscn.train.distributed import DistInfo, barrier, broadcast_object, check_same_data, cleanup, convert_sync_batchnorm
@@ -223,9 +224,11 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
     if rt.is_main:
         ensure_config(cfg)  # a started run that lost its config.yaml gets it back once its checkpoint fits
 
-    loader = build_train_loader(rs.loader_cfg(cfg, mine, start_step), rank=rt.dist.rank,
-                                world_size=rt.dist.world_size, local_rank=rt.dist.local_rank, device=rt.device,
-                                state=mine["loader"] if mine else None, source=source)
+    with warnings.catch_warnings():  # the coverage notes were said above, once, by rank 0
+        warnings.simplefilter("ignore", MaskCoverageWarning)
+        loader = build_train_loader(rs.loader_cfg(cfg, mine, start_step), rank=rt.dist.rank,
+                                    world_size=rt.dist.world_size, local_rank=rt.dist.local_rank, device=rt.device,
+                                    state=mine["loader"] if mine else None, source=source)
     drift = drift_note(loader.source, rt.dist.world_size, loader.replay.even_shards)
     if drift:
         say(f"note: {drift}")
