@@ -108,7 +108,7 @@ part1() {
   # ImageNet-like synthetic JPEGs (500x375, ~90 KB): quick on 16 cores
   [ -d "$DATA/train" ] || run synth 120 $PY -P -m mscn data synth "$DATA" --classes 10 --per-class 300 --size 500x375 --seed 0
   # GPU tests, the kernels against their references (compiled), the table kernel's statistics
-  run tests 240 $PY -P -m pytest -q -s tests/test_pipeline_gpu.py tests/test_pipeline_executor.py tests/test_mask_kernel.py \
+  run tests 240 env PYTHONSAFEPATH=1 $PY -m pytest -q -s tests/test_pipeline_gpu.py tests/test_pipeline_executor.py tests/test_mask_kernel.py \
       tests/test_masks.py tests/test_pipeline_highpass.py tests/test_pipeline_blur.py tests/test_h2d.py tests/test_train_lars.py \
       tests/test_pipeline_colour.py tests/test_loader_hold.py tests/test_loader_handover.py
   run pipeline 120 $PY scripts/gpu_pipeline_check.py --data "$DATA/train" --json "$R/pipeline.json"
@@ -149,7 +149,7 @@ part3() {  # this round's A/B and probes, most needed first, within MSCN_GPU_BUD
   # the GPU tests the round-5 changes touch: the twins (the GPU default now blurs in the
   # loader), the loader's blur, the pinned host-to-device copies, the colour kernel (round 4
   # ran all 65 others)
-  run tests 120 $PY -P -m pytest -q -s tests/test_pipeline_gpu.py tests/test_pipeline_blur.py tests/test_h2d.py \
+  run tests 120 env PYTHONSAFEPATH=1 $PY -m pytest -q -s tests/test_pipeline_gpu.py tests/test_pipeline_blur.py tests/test_h2d.py \
       tests/test_loader_hold.py tests/test_pipeline_colour.py tests/test_loader_handover.py
   # where the feed makes the host wait for the trainer's stream (round 4: the GPU idled ~9 ms
   # of every fed ResNet-18 step, whatever the pipeline): one line per probe

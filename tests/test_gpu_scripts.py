@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -423,3 +424,22 @@ def test_gpu_summary_sets_each_pipeline_against_its_host_ceiling(results, tmp_pa
     tiny["settings"]["size"] = 32  # the same size as the bench's: no ceiling
     (res / "host_ceiling.json").write_text(json.dumps(tiny))
     assert "host_ceiling" not in json.loads(run_ok(res))
+
+
+def test_every_python_started_with_m_or_c_cannot_import_the_checkouts_folder():
+    """On the GPU box the package is installed beside the checkout, and these scripts run in
+    its root: a Python started there with ``-m`` or ``-c`` puts the root first on sys.path, so
+    the checkout's ``mscn/`` folder (without ``mscn.pipelines``, which lives in pipelines/)
+    shadows the installed package. ``-P`` guards that one process; a test that starts Python
+    itself (tests/test_pipeline_colour.py) needs ``PYTHONSAFEPATH=1`` in the environment."""
+    bad = []
+    for script in ("gpu_check.sh", "gpu_ablate.sh"):
+        for n, line in enumerate((SCRIPTS / script).read_text().splitlines(), 1):
+            for m in re.finditer(r"\$PY((?: -[A-Za-z]+)*?) -([mc])\b", line):
+                flags, kind = m.group(1).split(), m.group(2)
+                guarded = "-P" in flags or "PYTHONSAFEPATH=1" in line[:m.start()]
+                if kind == "m" and line[m.end():].lstrip().startswith("pytest"):
+                    guarded = "PYTHONSAFEPATH=1" in line[:m.start()]  # its tests' own subprocesses too
+                if not guarded:
+                    bad.append(f"{script}:{n}: {line.strip()[:90]}")
+    assert not bad, "\n".join(bad)

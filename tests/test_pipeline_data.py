@@ -211,3 +211,38 @@ def test_scan_out_list_is_usable_as_data_root_from_any_directory(tmp_path, monke
     monkeypatch.chdir(elsewhere)
     source = resolve_source("../lists/x.txt")
     assert source.num_samples == 6 and Path(source.root).resolve() == root.resolve()
+
+
+def test_a_hand_built_loader_names_a_file_no_decoder_takes(tmp_path):
+    """A DaliLoader built from views_pipeline by another project has no replay of its
+    reader: the file is found by its header instead. Damage inside a JPEG's data cannot be
+    found that way, and the message says the file is not named and which loader would."""
+    from nvidia.dali.plugin.pytorch import LastBatchPolicy
+
+    from mscn.config import ViewCfg
+    from mscn.pipelines import DaliLoader, resolve_source, views_pipeline
+
+    def run(root):
+        source = resolve_source(str(root))
+        views = [ViewCfg(), ViewCfg()]
+        pipe = views_pipeline(source, views, image_size=32, highpass=None, batch_size=4, num_threads=1,
+                              device_id=None, seed=1)
+        loader = DaliLoader(pipe, source, len(views), policy=LastBatchPolicy.DROP)
+        with pytest.raises(DataError) as e:
+            for _ in range(2):
+                for _ in loader:
+                    pass
+        return str(e.value)
+
+    root = make_folder(tmp_path / "text", classes=2, per_class=6)
+    bad = root / "c0" / "notes.jpg"
+    bad.write_text("not an image at all\n" * 20)
+    msg = run(root)
+    assert msg.startswith(f"{bad}: cannot be decoded (no JPEG, PNG, BMP, TIFF, JPEG 2000, WebP or PNM header"), msg
+
+    root = make_folder(tmp_path / "cut", classes=2, per_class=6)
+    cut = root / "c1" / "cut.jpg"
+    cut.write_bytes(b"\xff\xd8\xff\xe0" + b"not a jpeg" * 20)  # a JPEG's header, then garbage
+    msg = run(root)
+    assert msg.startswith(f"{root}: DALI failed while reading the dataset (") and \
+        "a DaliLoader built without a replay cannot name the file" in msg, msg
