@@ -60,11 +60,13 @@ def test_compile_catches_what_the_interpreter_forgives(tmp_path):
             tl.store(x_ptr, v)
     '''))
     interp = subprocess.run(
-        [sys.executable, "-c", "import torch, gap; x = torch.zeros(1); gap.gap_kernel[(1,)](x, 3); print(float(x))"],
+        [sys.executable, "-c", "import sys; sys.path.insert(0, '.')\n"  # gap.py is here, PYTHONSAFEPATH or not
+         "import torch, gap; x = torch.zeros(1); gap.gap_kernel[(1,)](x, 3); print(float(x))"],
         capture_output=True, text=True, cwd=tmp_path, env={**_no_interpreter_env(), "TRITON_INTERPRET": "1"},
         timeout=300)
     assert interp.returncode == 0 and interp.stdout.strip() == "1.0", interp.stderr
     r = _run(["-c", textwrap.dedent('''
+        import sys; sys.path.insert(0, ".")
         import torch, gap
         from mscn.cuda_kernels.aot import compile_launch
         from mscn.cuda_kernels.mask_triton import Launch
