@@ -219,7 +219,7 @@ class ScheduleCfg:
 
 @dataclass
 class TrainCfg:
-    """How a pretraining run is driven (paper App. A.1: batch 4096, 800 epochs); the
+    """How a pretraining run is driven (paper App. A.1: batch 4096, 800 epochs for SimCLR and 1000 for BYOL); the
     recipe files set the paper's values, these defaults only what the recipe leaves out."""
     global_batch: int = 4096
     out_dir: str = ""  # run directory; "": runs/<recipe>-<YYYYmmdd-HHMMSS> (pass it again to resume)
