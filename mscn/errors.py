@@ -112,7 +112,9 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
         print(f"{prog}: {e}", file=sys.stderr, flush=True)
         return status
     except OSError as e:
-        if e.errno not in ENVIRONMENT_ERRNOS or e.filename is None or os.environ.get("MSCN_DEBUG"):
+        # a full disk is the machine's whatever the call: a buffered write's flush names no file
+        unnamed_ok = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        if e.errno not in ENVIRONMENT_ERRNOS or (e.filename is None and not unnamed_ok) or os.environ.get("MSCN_DEBUG"):
             raise
         say_error(f"{prog}: error: {os_error_line(e)}")
         return 2
@@ -254,7 +256,7 @@ def one_line_warnings(prog: str) -> Iterator[None]:
 
 def os_error_line(e: OSError) -> str:
     """``cannot use PATH: Read-only file system`` (both paths of a rename or link)."""
-    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or "the disk"
     what = e.strerror or str(e)
     hint = {errno.ENOSPC: "; free some space (or point the output elsewhere) and run again: what was written "
                           "before is kept", errno.EDQUOT: "; the disk quota is exhausted"}.get(e.errno, "")

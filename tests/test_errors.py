@@ -113,6 +113,12 @@ def test_a_path_the_machine_refuses_is_one_line(capsys, monkeypatch, tmp_path):
         run_cli(_raise(FileNotFoundError(errno.ENOENT, "No such file or directory", "/pkg/internal.yaml")), "tool")
     with pytest.raises(PermissionError):  # no path to name: keep the traceback
         run_cli(_raise(PermissionError(errno.EACCES, "Permission denied")), "tool")
+    # a full disk met by a buffered write's flush (metrics.jsonl, the run folder's lock)
+    # names no file, and is the machine's all the same
+    assert run_cli(_raise(OSError(errno.ENOSPC, "No space left on device")), "tool") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tool: error: cannot use the disk: No space left on device; free some space") and \
+        err.count("\n") == 1
     monkeypatch.setenv("MSCN_DEBUG", "1")
     with pytest.raises(PermissionError):
         run_cli(_raise(PermissionError(errno.EACCES, "Permission denied", "/ro/out")), "tool")

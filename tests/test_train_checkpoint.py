@@ -155,3 +155,33 @@ def test_a_second_ctrl_c_inside_torch_save_is_an_interrupt_and_keeps_the_old_fil
         ckpt.atomic_save({"step": 2}, target)
     monkeypatch.undo()
     assert torch.load(target, weights_only=True) == {"step": 1} and os.listdir(tmp_path) == ["final.pt"]
+
+
+def test_an_unreadable_newer_checkpoint_cannot_rotate_the_run_away(tmp_path, capsys):
+    """A resume skips a damaged ckpt_9 and continues from ckpt_3. The rotation used to count
+    ckpt_9 as the newest, so with keep_last=1 it deleted ckpt_6 the moment it was written,
+    and ckpt_3 with it: the folder kept only the damaged file, and the next resume
+    started from scratch."""
+    state = {"model": {"w": torch.arange(100.0)}, "optimizer": {}, "config": {}, "arch": "resnet18",
+             "method": "simclr", "backbone": {}}
+    ckpt.save_checkpoint({**state, "step": 3}, tmp_path, keep_last=1)
+    good = ckpt.ckpt_path(tmp_path, 3).read_bytes()
+    ckpt.ckpt_path(tmp_path, 9).write_bytes(good[: len(good) // 2])
+    path, _ = ckpt.find_latest_valid(tmp_path, set_aside=True)
+    assert path.name == "ckpt_00000003.pt"
+    assert "set aside as ckpt_00000009.pt.unreadable" in capsys.readouterr().out
+    assert (tmp_path / "ckpt_00000009.pt.unreadable").read_bytes() == good[: len(good) // 2]  # kept, renamed
+    ckpt.save_checkpoint({**state, "step": 6}, tmp_path, keep_last=1)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt_00000006.pt"]
+    assert ckpt.find_latest_valid(tmp_path)[1]["step"] == 6
+
+    # the rotation alone, whatever is in the folder: a file named for a later step is
+    # neither counted nor deleted, and the checkpoint just written always stays
+    ckpt.ckpt_path(tmp_path, 20).write_bytes(b"junk")
+    for step in (7, 8):
+        ckpt.save_checkpoint({**state, "step": step}, tmp_path, keep_last=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt_00000007.pt", "ckpt_00000008.pt",
+                                                                 "ckpt_00000020.pt"]
+    # evaluation reads a run folder without changing it
+    assert ckpt.find_latest_valid(tmp_path)[0].name == "ckpt_00000008.pt"
+    assert (tmp_path / "ckpt_00000020.pt").is_file()

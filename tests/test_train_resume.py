@@ -3,6 +3,7 @@ runs never mix. Real DALI CPU pipeline, real masks (grid 8 on 32 px views), real
 subprocesses and signals; torch on one thread (tests/conftest.py says why).
 """
 import fcntl
+import json
 import os
 import random
 import shutil
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lock_holder import held_lock
@@ -356,6 +358,14 @@ def test_a_finished_run_rerun_reports_its_final_checkpoint_only_when_it_holds_th
     assert summary["final"] is None and summary["checkpoint"].endswith("ckpt_00000016.pt")
     assert "its weights are in" in capsys.readouterr().out
 
+    # killed after its last checkpoint, before final.pt: the rerun finishes it (a hard
+    # link to that checkpoint), where it used to say "nothing to train" and leave none
+    (out / "final.pt").unlink()
+    summary = run_pretrain(load_config(None, args(dataset, out)), resume="auto")
+    last = out / "checkpoints" / f"ckpt_{STEPS:08d}.pt"
+    assert summary["final"] == str(out / "final.pt") and ckpt.step_of(out / "final.pt") == STEPS
+    assert (out / "final.pt").stat().st_ino == last.stat().st_ino
+
 
 def test_a_refused_resume_changes_nothing_and_a_misplaced_run_file_is_named_first(dataset, uninterrupted, tmp_path,
                                                                                   capsys):
@@ -642,3 +652,68 @@ def test_a_file_that_fails_mid_run_keeps_the_steps_trained_and_the_run_continues
     summary = run_pretrain(load_config(None, args(data, out, extra)), resume="auto")
     assert summary["resumed_from"] == str(kept)
     _assert_same_run(*uninterrupted, out, summary)
+
+
+def test_a_metrics_line_cut_short_does_not_stop_the_resume(tmp_path, capsys):
+    """A full disk or a kill mid-write leaves a partial last line (or NUL bytes) in
+    metrics.jsonl; every resume after that crashed in json.loads until the file was mended
+    by hand. Damaged lines are dropped and said, the rest is trimmed as usual."""
+    from mscn.train.runlog import trim_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    good = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 7))
+    path.write_text(good + '{"step": 7, "loss": 0.9, "vi' + "\x00" * 50 + "\n" + "\x00" * 200)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert trim_metrics(path, 5) == 2
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
+    assert trim_metrics(path, 5) == 0  # mended: nothing more to drop
+    # a whole last record without its newline: kept, and ended, so the next one is not glued on
+    path.write_text(good[:-1])
+    assert trim_metrics(path, 6) == 0 and path.read_text() == good
+
+
+def test_an_empty_resume_is_refused_not_taken_for_none(tmp_path, capsys):
+    """`--resume "$CKPT"` with CKPT unset in a requeue script: it read as `none`, and each
+    requeue moved the run aside and started over."""
+    with pytest.raises(SystemExit) as e:
+        main(["--config", "demo", "--out", str(tmp_path / "run"), "--resume", ""])
+    assert e.value.code == 2
+    assert "--resume '': empty (an unset variable?); pass auto, a checkpoint path, or none" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_typo_in_the_runs_config_yaml_is_named_as_an_edit(dataset, uninterrupted, tmp_path, capsys):
+    """A hand-edited config.yaml with a misspelt key or a wrong type was refused as "another
+    run (differs in train.max_stpes)", with a new folder as the fix."""
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], out)
+    saved = out / "config.yaml"
+    good = saved.read_text()
+    saved.write_text(good.replace("  max_steps:", "  max_stpes:", 1))
+    assert main(["--resume", "auto", *args(dataset, out)]) == 2
+    err = capsys.readouterr().err
+    assert "max_stpes" in err and "(this run's own record, edited?); mend it, or delete it" in err, err
+    assert err.count("\n") == 1
+    saved.write_text(good.replace("  seed: 0", "  seed: zero", 1))
+    assert main(["--resume", "auto", *args(dataset, out)]) == 2
+    err = capsys.readouterr().err
+    assert "train.seed" in err and "edited?" in err, err
+    saved.unlink()  # deleted, as the message offers: the resume writes it again from the checkpoint
+    assert main(["--resume", "auto", *args(dataset, out)]) == 0
+    assert yaml.safe_load(saved.read_text())["train"]["max_steps"] == yaml.safe_load(good)["train"]["max_steps"]
+
+
+def test_a_stray_checkpoint_of_another_run_names_the_way_out(dataset, uninterrupted, tmp_path, capsys):
+    """Another run's checkpoint copied into checkpoints/ as the newest: the advice was to
+    pass its settings, which the folder's own config.yaml then refused. The way out is to
+    move that file, and the line now says so."""
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], out)
+    state = ckpt.load_checkpoint(out / "final.pt")
+    state["config"]["optim"]["base_lr"] = 0.5
+    stray = ckpt.ckpt_path(out / "checkpoints", STEPS + 5)
+    torch.save(state, stray)
+    assert main(["--resume", "auto", *args(dataset, out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{stray} belongs to another run (differs in optim.base_lr)" in err, err
+    assert f"if {stray.name} was copied in from another run, move it out of {out / 'checkpoints'}" in err, err

@@ -101,10 +101,16 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
 
 
 def save_checkpoint(state: dict, ckpt_dir: str | Path, keep_last: int) -> Path:
-    """Atomically write ``ckpt_{step:08d}.pt``, then delete all but the newest ``keep_last``."""
-    path = atomic_save(state, ckpt_path(ckpt_dir, int(state["step"])))
-    for old in list_checkpoints(ckpt_dir)[:-keep_last]:
-        old.unlink(missing_ok=True)
+    """Atomically write ``ckpt_{step:08d}.pt``, then delete all but the newest ``keep_last``
+    up to its step. A file named for a later step is never counted or deleted: it can only
+    be one that a resume could not read (set aside since, :func:`find_latest_valid`), and
+    counting it deleted the checkpoint just written and the good ones before it."""
+    step = int(state["step"])
+    path = atomic_save(state, ckpt_path(ckpt_dir, step))
+    upto = [p for p in list_checkpoints(ckpt_dir) if step_of(p) <= step]
+    for old in upto[:-keep_last]:
+        if old != path:
+            old.unlink(missing_ok=True)
     for stale in Path(ckpt_dir).glob(".ckpt_*.pt.tmp*"):  # left by a killed writer
         if not stale.name.endswith(f".tmp{os.getpid()}"):
             stale.unlink(missing_ok=True)
@@ -224,14 +230,29 @@ def load_pretrained_state(path: str | Path) -> dict:
     return pick_pretrained(path)[3]
 
 
-def find_latest_valid(ckpt_dir: str | Path, required: tuple[str, ...] = _REQUIRED) -> tuple[Path, dict] | None:
+UNREADABLE = ".unreadable"  # suffix of a checkpoint a resume set aside: kept, out of the rotation
+
+
+def find_latest_valid(ckpt_dir: str | Path, required: tuple[str, ...] = _REQUIRED,
+                      set_aside: bool = False) -> tuple[Path, dict] | None:
     """The newest checkpoint in ``ckpt_dir`` that loads (with the ``required`` keys), with its
-    state; None if there is none."""
+    state; None if there is none.
+
+    ``set_aside`` (the run's own resume): a newer file that does not load is renamed
+    ``ckpt_*.pt.unreadable``, kept for a look but no longer a checkpoint, so that neither
+    the rotation nor the next resume takes its step for the run's."""
     for path in reversed(list_checkpoints(ckpt_dir)):
         try:
             return path, load_checkpoint(path, required)
         except MscnError as e:
-            print(f"[mscn] skipping {e}", flush=True)
+            kept = ""
+            if set_aside:
+                try:
+                    os.replace(path, path.with_name(path.name + UNREADABLE))
+                    kept = f"; set aside as {path.name + UNREADABLE}"
+                except OSError as err:
+                    kept = f"; could not set it aside ({err.strerror or err})"
+            print(f"[mscn] skipping {e}{kept}", flush=True)
     return None
 
 

@@ -243,8 +243,12 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
         # final.pt only when it holds these weights: a run resumed past its first end has
         # an older final.pt, and a folder a finished checkpoint branched into has none
         run.final_path = run.final if run.final.is_file() and ckpt.step_of(run.final) == start_step else None
-        say(f"already at step {start_step} of {run.end_step}: nothing to train"
-            + (f"; its weights are in {run.last_path}" if run.final_path is None and run.last_path else ""))
+        own = run.last_path is not None and run.last_path.parent.resolve() == run.ckpt_dir.resolve()
+        if run.final_path is None and own and start_step == run.end_step and rt.is_main:
+            # killed between its last checkpoint and final.pt: the run ended, so finish it
+            run.final_path = ckpt.link_or_save(run.last_path, state, run.final)
+        run.log.notice(f"already at step {start_step} of {run.end_step}: nothing to train"  # above the bar
+                       + (f"; its weights are in {run.last_path}" if run.final_path is None and run.last_path else ""))
     memory_format = torch.channels_last if rt.device.type == "cuda" and cfg.train.channels_last else torch.contiguous_format
     batches, feeder = endless(loader), None
     if cfg.data.feed_thread and start_step < run.end_step:
@@ -419,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
                              "branches), or none (start over here; the old files move to superseded-<time>/)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.global_batch=256")
     args = parser.parse_intermixed_args(argv)  # overrides on both sides of an option
+    if not args.resume.strip():
+        # `--resume "$CKPT"` with CKPT unset: starting over would supersede the run on every requeue
+        parser.error("--resume '': empty (an unset variable?); pass auto, a checkpoint path, or none")
     return run_cli(lambda: _command(args), "mscn pretrain")
 
 

@@ -62,7 +62,7 @@ def find_resume_state(cfg: Config, resume: str | None, info: DistInfo) -> tuple[
     path = None
     if info.is_main:
         if resume == "auto":
-            found = ckpt.find_latest_valid(Path(cfg.train.out_dir) / "checkpoints")
+            found = ckpt.find_latest_valid(Path(cfg.train.out_dir) / "checkpoints", set_aside=True)
             path = str(found[0]) if found else None
         else:
             path = resume
@@ -147,7 +147,15 @@ def load_state(state: dict, path: str, cfg: Config, method, optimizer, scaler, b
     if branch:
         changed = differing_keys(state["config"], cfg)
     else:
-        check_same_run(state["config"], cfg, path, checkpoint=True)
+        try:
+            check_same_run(state["config"], cfg, path, checkpoint=True)
+        except MscnError as e:
+            ckpts = Path(cfg.train.out_dir) / "checkpoints"
+            if Path(path).parent.resolve() != ckpts.resolve() or not (ckpts.parent / "config.yaml").is_file():
+                raise
+            # the folder's config.yaml matched (check_run_dir): this file is the stray one
+            raise MscnError(f"{e}; or, if {Path(path).name} was copied in from another run, move it out of "
+                            f"{ckpts}: --resume auto then continues from this run's own newest") from None
         changed = []
     ckpt.check_compatible(state, cfg.model.arch, cfg.method.name, path)
     try:

@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from mscn.config import Config, save_config, to_dict, yaml_error_text
-from mscn.errors import MscnError
+from mscn.config import Config, checked, save_config, to_dict, yaml_error_text
+from mscn.errors import ConfigError, MscnError
 
 # Keys that never change the weights or the loss of a run: how often it logs and saves,
 # where it stops this time, where and how fast it runs, and the evaluation settings.
@@ -256,6 +256,13 @@ def check_run_dir(cfg: Config, resume: str | None) -> None:
     if missing:  # not another run: this run's own record, damaged
         raise MscnError(f"{saved}: cut short or edited, it lacks {len(missing)} key(s) this run writes (from "
                         f"{missing[0]} on); {_RESTORE} {cfg.train.out_dir}")
+    if differing_keys(tree, cfg):
+        try:  # a key or value the schema refuses is an edit by hand, not another run
+            checked(tree, str(saved))
+        except ConfigError as e:
+            raise MscnError(f"{e} (this run's own record, edited?); mend it, or delete it (a resume writes it "
+                            f"again from the checkpoint), or pass a new train.out_dir=DIR, or --resume none to "
+                            f"start over in {cfg.train.out_dir}") from None
     check_same_run(tree, cfg, cfg.train.out_dir)
 
 

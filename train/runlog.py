@@ -32,7 +32,10 @@ class RunLog:
         if not is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        trim_metrics(self.out_dir / "metrics.jsonl", start_step)
+        damaged = trim_metrics(self.out_dir / "metrics.jsonl", start_step)
+        if damaged:
+            tqdm.write(f"[mscn] metrics.jsonl: dropped {damaged} damaged line(s) (a write cut short: a full "
+                       "disk, a kill); the steps after the checkpoint log again")
         self._file = open(self.out_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered
         if cfg.train.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # require_tensorboard() checked it
@@ -87,24 +90,40 @@ def require_tensorboard() -> None:
                         "(or pip install tensorboard), or set train.tensorboard=false") from None
 
 
-def trim_metrics(path: Path, start_step: int) -> None:
+def _record(line: str) -> dict | None:
+    """A metrics.jsonl line as its record, or None for a damaged one: a write cut short by a
+    full disk or a kill leaves a partial line (or NUL bytes) at the end of the file."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    step = rec.get("step") if isinstance(rec, dict) else None
+    return rec if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def trim_metrics(path: Path, start_step: int) -> int:
     """Keep only the records up to ``start_step`` (atomically): the steps after it are
-    about to be trained again and will log again."""
+    about to be trained again and will log again. Damaged lines are dropped; returns how
+    many there were."""
     if not path.is_file():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln)["step"] <= start_step]
-    if len(kept) == len(lines):
-        return
-    write_atomic(path, "".join(ln + "\n" for ln in kept))
+        return 0
+    text = path.read_text(errors="replace")
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    records = [_record(ln) for ln in lines]
+    kept = [ln for ln, rec in zip(lines, records) if rec is not None and rec["step"] <= start_step]
+    # also when the last line lacks its newline: the next record would be glued onto it
+    if len(kept) < len(lines) or not text.endswith("\n"):
+        write_atomic(path, "".join(ln + "\n" for ln in kept))
+    return sum(rec is None for rec in records)
 
 
 def read_metrics(out_dir: str | Path) -> list[dict]:
-    """All records of ``metrics.jsonl`` (for tests, plots and the demo)."""
+    """All readable records of ``metrics.jsonl`` (for tests, plots and the demo); a damaged
+    line (a write cut short) is passed over."""
     path = Path(out_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [rec for line in path.read_text(errors="replace").splitlines() if (rec := _record(line)) is not None]
 
 
 def last_logged(out_dir: str | Path, key: str, upto: int) -> float | None:
