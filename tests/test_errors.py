@@ -150,10 +150,14 @@ def test_a_checkpoint_on_a_full_disk_is_one_error_and_keeps_the_old_ones(tmp_pat
     real_open = builtins.open
     monkeypatch.setattr(ckpt, "open", lambda path, mode="r", *a, **k: real_open("/dev/full", mode, *a, **k),
                         raising=False)
-    with pytest.raises(MscnError, match=r"cannot write .*ckpt_00000002.pt: No space left on device .*GiB free there.*"
+    with pytest.raises(MscnError, match=r"cannot write .*ckpt_00000002.pt: No space left on device \(\d+\.\d\d GiB "
+                                        r"free there, about 0.00 GiB needed\); the checkpoints written before are "
                                         r"untouched"):
         ckpt.save_checkpoint({"step": 2, "w": torch.randn(1 << 16)}, tmp_path, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [old.name]
+    # the first checkpoint of a run: there is nothing before it to be untouched
+    with pytest.raises(MscnError, match=r"no checkpoint of this run was written before: free some space"):
+        ckpt.save_checkpoint({"step": 1, "w": torch.randn(1 << 16)}, tmp_path / "fresh", keep_last=2)
 
 
 @pytest.mark.parametrize("command", ["pretrain", "demo", "ablate"])

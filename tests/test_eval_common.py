@@ -153,3 +153,22 @@ def test_run_directory_resumed_past_its_final_pt_means_its_newest_checkpoint(tmp
     assert "skipping" in capsys.readouterr().out
     backbone, _, _ = load_pretrained(str(run))
     assert torch.equal(backbone.conv1.weight, final["conv1.weight"])
+
+
+def test_a_damaged_final_pt_falls_back_to_the_checkpoint_of_the_same_weights(tmp_path):
+    """final.pt copied (not linked) and cut short, ckpt_10 intact at the same step: pretraining's
+    resume would skip the damaged file; evaluation used to stop on it."""
+    from mscn.train.checkpoint import ckpt_path, pick_pretrained
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    good = _trainer_file(ckpt_path(run / "checkpoints", 10), 10, seed=3)
+    (run / "final.pt").write_bytes(ckpt_path(run / "checkpoints", 10).read_bytes()[:5000])
+    path, step, note, state = pick_pretrained(run)
+    assert (path, step) == (ckpt_path(run / "checkpoints", 10), 10)
+    assert "final.pt: not a readable checkpoint" in note and "evaluating" in note
+    assert torch.equal(state["backbone"]["conv1.weight"], good["conv1.weight"])
+    # no checkpoint to fall back on: the damaged final.pt is the error, as before
+    ckpt_path(run / "checkpoints", 10).unlink()
+    with pytest.raises(MscnError, match=r"final.pt: not a readable checkpoint"):
+        pick_pretrained(run)

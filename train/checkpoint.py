@@ -62,9 +62,13 @@ def atomic_save(state: dict, path: str | Path) -> Path:
         cause = e if isinstance(e, OSError) else e.__context__ if isinstance(e.__context__, OSError) else None
         if cause is None or cause.errno not in _DISK_ERRNOS:
             raise
+        tmp.unlink(missing_ok=True)  # before measuring: the partial file's space is free again
         free = shutil.disk_usage(path.parent).free / 2**30
-        raise MscnError(f"cannot write {path}: {cause.strerror or cause} ({free:.2f} GiB free there); the "
-                        "checkpoints written before are untouched: free some space and resume") from None
+        size = _state_bytes(state) / 2**30
+        before = ("the checkpoints written before are untouched" if list_checkpoints(path.parent)
+                  else "no checkpoint of this run was written before")
+        raise MscnError(f"cannot write {path}: {cause.strerror or cause} ({free:.2f} GiB free there, about "
+                        f"{size:.2f} GiB needed); {before}: free some space and resume") from None
     finally:
         tmp.unlink(missing_ok=True)
     dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -73,6 +77,17 @@ def atomic_save(state: dict, path: str | Path) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def _state_bytes(state) -> int:
+    """The tensor bytes in a checkpoint's state: about the size of its file."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_bytes(v) for v in state)
+    return 0
 
 
 def link_or_save(existing: str | Path, state: dict, path: str | Path) -> Path:
@@ -206,7 +221,16 @@ def pick_pretrained(path: str | Path) -> tuple[Path, int | None, str | None, dic
     final_step = step_of(final) if final else None
     names = list_checkpoints(ckpt_dir)
     if final is not None and (final_step is None or not names or step_of(names[-1]) <= final_step):
-        return final, final_step, None, load_checkpoint(final, BACKBONE_KEYS)  # nothing named past final.pt
+        try:
+            return final, final_step, None, load_checkpoint(final, BACKBONE_KEYS)  # nothing named past final.pt
+        except MscnError as e:
+            # a damaged final.pt (a copy cut short; not the hard link to a checkpoint): the
+            # checkpoint it was linked from, or the newest that loads, holds the weights too
+            found = find_latest_valid(ckpt_dir, BACKBONE_KEYS) if names else None
+            if found is None:
+                raise
+            step = step_of(found[0])
+            return found[0], step, f"{e}: evaluating {found[0]} (step {step}) instead", found[1]
     found = find_latest_valid(ckpt_dir, BACKBONE_KEYS)  # loads the newest first: usually once
     step = step_of(found[0]) if found else None
     if found is None or (final is not None and step <= final_step):  # none past final.pt loads
