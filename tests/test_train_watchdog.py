@@ -18,10 +18,18 @@ class Lines:
 
 
 def wait_for(pred, timeout=10.0):
+    """``pred()`` once it holds, polling; a file it reads that the watch has not written yet
+    (it prints the line first, then writes the stacks) counts as not yet."""
+    def ask():
+        try:
+            return pred()
+        except FileNotFoundError:
+            return False
+
     end = time.monotonic() + timeout
-    while not pred() and time.monotonic() < end:
+    while not ask() and time.monotonic() < end:
         time.sleep(0.01)
-    return pred()
+    return ask()
 
 
 def test_a_stalled_phase_is_said_once_with_the_stacks_then_its_end(tmp_path):
