@@ -122,10 +122,9 @@ def save_checkpoint(state: dict, ckpt_dir: str | Path, keep_last: int) -> Path:
     counting it deleted the checkpoint just written and the good ones before it."""
     step = int(state["step"])
     path = atomic_save(state, ckpt_path(ckpt_dir, step))
-    upto = [p for p in list_checkpoints(ckpt_dir) if step_of(p) <= step]
+    upto = [p for p in list_checkpoints(ckpt_dir) if step_of(p) <= step]  # ``path`` last (keep_last >= 1)
     for old in upto[:-keep_last]:
-        if old != path:
-            old.unlink(missing_ok=True)
+        old.unlink(missing_ok=True)
     for stale in Path(ckpt_dir).glob(".ckpt_*.pt.tmp*"):  # left by a killed writer
         if not stale.name.endswith(f".tmp{os.getpid()}"):
             stale.unlink(missing_ok=True)

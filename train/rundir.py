@@ -256,14 +256,16 @@ def check_run_dir(cfg: Config, resume: str | None) -> None:
     if missing:  # not another run: this run's own record, damaged
         raise MscnError(f"{saved}: cut short or edited, it lacks {len(missing)} key(s) this run writes (from "
                         f"{missing[0]} on); {_RESTORE} {cfg.train.out_dir}")
-    if differing_keys(tree, cfg):
+    try:
+        check_same_run(tree, cfg, cfg.train.out_dir)
+    except MscnError:
         try:  # a key or value the schema refuses is an edit by hand, not another run
             checked(tree, str(saved))
         except ConfigError as e:
             raise MscnError(f"{e} (this run's own record, edited?); mend it, or delete it (a resume writes it "
                             f"again from the checkpoint), or pass a new train.out_dir=DIR, or --resume none to "
                             f"start over in {cfg.train.out_dir}") from None
-    check_same_run(tree, cfg, cfg.train.out_dir)
+        raise
 
 
 def cut_short(saved: Any, text: str, cfg: Config) -> list[str]:

@@ -112,7 +112,7 @@ def trim_metrics(path: Path, start_step: int) -> int:
     records = [_record(ln) for ln in lines]
     kept = [ln for ln, rec in zip(lines, records) if rec is not None and rec["step"] <= start_step]
     # also when the last line lacks its newline: the next record would be glued onto it
-    if len(kept) < len(lines) or not text.endswith("\n"):
+    if len(kept) < len(lines) or (text and not text.endswith("\n")):
         write_atomic(path, "".join(ln + "\n" for ln in kept))
     return sum(rec is None for rec in records)
 
