@@ -125,6 +125,55 @@ def test_weights_only_refuses_arbitrary_objects(tmp_path):
         ckpt.load_checkpoint(path)
 
 
+def test_torchs_warning_on_a_file_that_fails_is_not_printed_above_the_error(tmp_path, monkeypatch):
+    """A pickle of protocol 4 (not a torch file): torch warns "Detected pickle protocol 4 ...
+    please file an issue" and then fails. The one line says what the file is; the warning,
+    with its advice and a source line of torch's, is dropped. A file that loads keeps it."""
+    import pickle
+    import warnings
+
+    path = tmp_path / "model.pt"
+    path.write_bytes(pickle.dumps({"step": 1}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(MscnError, match="not a readable checkpoint"):
+            ckpt.load_checkpoint(path)
+        assert ckpt.step_of(path) is None and not ckpt.opens(path)
+    assert [str(w.message) for w in caught] == []
+    # a warning from a load that succeeds still reaches the user
+    real_load = torch.load
+
+    def warning_load(*a, **k):
+        warnings.warn("torch says something", UserWarning)
+        return real_load(*a, **k)
+
+    torch.save({"step": 1}, path)
+    monkeypatch.setattr(torch, "load", warning_load)
+    with pytest.warns(UserWarning, match="torch says something"):
+        assert ckpt.load_checkpoint(path, required=("step",)) == {"step": 1}
+
+
+def test_a_read_only_checkpoint_folder_is_not_told_to_free_space(tmp_path, monkeypatch):
+    """A write refused for another reason than space (read-only, no permission): the line
+    says to make the folder writable, not to free space."""
+    import builtins
+    import errno
+
+    old = ckpt.save_checkpoint({"step": 1, "w": torch.zeros(3)}, tmp_path, keep_last=2)
+
+    def read_only(path, mode="r", *a, **k):
+        if "w" in mode:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return builtins.open(path, mode, *a, **k)
+
+    monkeypatch.setattr(ckpt, "open", read_only, raising=False)
+    with pytest.raises(MscnError) as e:
+        ckpt.save_checkpoint({"step": 2, "w": torch.zeros(3)}, tmp_path, keep_last=2)
+    assert str(e.value) == (f"cannot write {tmp_path / 'ckpt_00000002.pt'}: Read-only file system; the checkpoints "
+                            f"written before are untouched: make {tmp_path} writable and resume")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [old.name]
+
+
 def test_rng_state_round_trip_through_weights_only_load(tmp_path):
     torch.manual_seed(3), np.random.seed(3), random.seed(3)
     np.random.normal()  # populate numpy's cached gaussian

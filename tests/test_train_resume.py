@@ -717,3 +717,49 @@ def test_a_stray_checkpoint_of_another_run_names_the_way_out(dataset, uninterrup
     err = capsys.readouterr().err
     assert f"{stray} belongs to another run (differs in optim.base_lr)" in err, err
     assert f"if {stray.name} was copied in from another run, move it out of {out / 'checkpoints'}" in err, err
+
+
+def test_a_checkpoint_named_by_hand_continues_past_a_newer_one_cut_short(dataset, uninterrupted, tmp_path, capsys):
+    """``--resume ckpt_5`` while the folder's newer ``ckpt_6`` is cut short: the folder's
+    progress is its newest checkpoint that opens (``--resume auto`` would continue from it
+    too), so the named one continues the run, exactly. Before, the name of the damaged file
+    made the folder "already at step 6" and the resume was refused. A file that is not a
+    checkpoint at all (an image passed by mistake) is called that, not another run's."""
+    ref, ref_summary = uninterrupted
+    out = tmp_path / "run"
+    run_pretrain(load_config(None, args(dataset, out, "train.max_steps=6")), resume="auto")
+    older, newest = ckpt.list_checkpoints(out / "checkpoints")
+    assert (ckpt.step_of(older), ckpt.step_of(newest)) == (5, 6)
+    newest.write_bytes(newest.read_bytes()[:4096])  # a copy cut short
+    capsys.readouterr()
+    image = next(Path(dataset).rglob("*.jpg"))
+    assert main(["--resume", str(image), *args(dataset, out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--resume {image}: not a readable checkpoint (not a torch checkpoint" in err[0], err
+    summary = run_pretrain(load_config(None, args(dataset, out)), resume=str(older))
+    assert summary["resumed_from"] == str(older)
+    _assert_same_run(ref, ref_summary, out, summary)
+
+
+def test_a_read_only_checkpoint_folder_is_found_before_the_first_step(dataset, tmp_path, monkeypatch, capsys):
+    """A ``checkpoints/`` the run cannot write into (a read-only bind mount; root ignores
+    file modes, so the refusal is made here) stops the run at its start, in one line,
+    not at its first checkpoint after ``train.ckpt_every_steps`` steps of training."""
+    import builtins
+    import errno
+
+    from mscn.train import rundir
+
+    def read_only(path, mode="r", *a, **k):
+        if "w" in mode and Path(path).parent.name == "checkpoints":
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return builtins.open(path, mode, *a, **k)
+
+    monkeypatch.setattr(rundir, "open", read_only, raising=False)
+    monkeypatch.delenv("MSCN_DEBUG", raising=False)
+    out = tmp_path / "run"
+    assert main(args(dataset, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"mscn pretrain: error: cannot write checkpoints into {out / 'checkpoints'}: Read-only file "
+                   f"system; make it writable, or pass a new train.out_dir=DIR (or --out DIR)"], err
+    assert not (out / "metrics.jsonl").exists() and not list((out / "checkpoints").iterdir())

@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -63,10 +64,13 @@ def atomic_save(state: dict, path: str | Path) -> Path:
         if cause is None or cause.errno not in _DISK_ERRNOS:
             raise
         tmp.unlink(missing_ok=True)  # before measuring: the partial file's space is free again
-        free = shutil.disk_usage(path.parent).free / 2**30
-        size = _state_bytes(state) / 2**30
         before = ("the checkpoints written before are untouched" if list_checkpoints(path.parent)
                   else "no checkpoint of this run was written before")
+        if cause.errno not in (errno.ENOSPC, errno.EDQUOT):  # read-only, no permission, I/O error
+            raise MscnError(f"cannot write {path}: {cause.strerror or cause}; {before}: make "
+                            f"{path.parent} writable and resume") from None
+        free = shutil.disk_usage(path.parent).free / 2**30
+        size = _state_bytes(state) / 2**30
         raise MscnError(f"cannot write {path}: {cause.strerror or cause} ({free:.2f} GiB free there, about "
                         f"{size:.2f} GiB needed); {before}: free some space and resume") from None
     finally:
@@ -131,7 +135,7 @@ def save_checkpoint(state: dict, ckpt_dir: str | Path, keep_last: int) -> Path:
     return path
 
 
-def _not_a_checkpoint(path: str | Path) -> str | None:
+def not_a_checkpoint(path: str | Path) -> str | None:
     """What a file that torch could not load is, from its first bytes, when that says more
     than torch's error (``KeyError: 101`` for a text file, a paragraph for a cut zip); None
     to keep torch's. torch.save writes a zip archive; torch's older format is a pickle."""
@@ -155,6 +159,29 @@ def _not_a_checkpoint(path: str | Path) -> str | None:
     return "not a torch checkpoint: it does not start as a zip archive or a pickle"
 
 
+def _torch_load(path: str | Path, **kwargs):
+    """``torch.load(weights_only=True)`` on CPU; torch's warnings are shown only when the file
+    loads. A file that fails gets one line from the caller, and torch's warning first (a
+    pickle of another protocol: "Detected pickle protocol 4 ... please file an issue") would
+    print its advice and a source line above it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return state
+
+
+def opens(path: str | Path) -> bool:
+    """Whether ``path`` opens as an mscn checkpoint with every key a resume reads, cheaply:
+    through a memory map, no tensor copied (the whole file is read when it is resumed)."""
+    try:
+        state = _torch_load(path, mmap=True)
+    except Exception:
+        return False
+    return isinstance(state, dict) and all(k in state for k in _REQUIRED)
+
+
 def load_checkpoint(path: str | Path, required: tuple[str, ...] = _REQUIRED,
                     not_found: str = "use --resume auto, a ckpt_*.pt path, or none") -> dict:
     """``torch.load(weights_only=True)`` on CPU; an unreadable or foreign file is an MscnError.
@@ -163,11 +190,11 @@ def load_checkpoint(path: str | Path, required: tuple[str, ...] = _REQUIRED,
     :data:`BACKBONE_KEYS`). ``not_found``: the fix to print when the file is missing.
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _torch_load(path)
     except FileNotFoundError:
         raise MscnError(f"checkpoint not found: {path} ({not_found})") from None
     except Exception as e:  # truncated zip, pickle of a forbidden type...
-        what = _not_a_checkpoint(path)
+        what = not_a_checkpoint(path)
         if what:
             raise MscnError(f"{path}: not a readable checkpoint ({what})") from None
         detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line, whole
@@ -193,7 +220,7 @@ def step_of(path: str | Path) -> int | None:
     if m:
         return int(m.group(1))
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = _torch_load(path, mmap=True)
     except Exception:  # unreadable: whoever loads it next says why, in one line
         return None
     step = state.get("step") if isinstance(state, dict) else None

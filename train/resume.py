@@ -77,10 +77,13 @@ def find_resume_state(cfg: Config, resume: str | None, info: DistInfo) -> tuple[
 
 
 def folder_step(out: Path) -> int | None:
-    """How far the run in ``out`` got: the newest step among its checkpoints' names and its
-    ``final.pt``; None when it has neither."""
+    """How far the run in ``out`` got: the newest step among its checkpoints that open and its
+    ``final.pt``; None when it has neither. A newer checkpoint that does not open (cut short)
+    is not the run's progress: ``--resume auto`` would set it aside and continue from the
+    newest that opens, and so may a checkpoint named by hand."""
     names = ckpt.list_checkpoints(out / "checkpoints")
-    steps = [ckpt.step_of(names[-1])] if names else []
+    newest = next((p for p in reversed(names) if ckpt.opens(p)), None)
+    steps = [ckpt.step_of(newest)] if newest else []
     if (out / "final.pt").is_file():
         steps.append(ckpt.step_of(out / "final.pt"))
     steps = [s for s in steps if s is not None]
@@ -104,6 +107,10 @@ def check_resume_path(cfg: Config, resume: str | None) -> None:
     out, path = Path(cfg.train.out_dir), Path(resume)
     if not path.is_file() or not run_started(out):
         return  # a missing file is reported when it is loaded; an empty folder takes any checkpoint
+    what = ckpt.not_a_checkpoint(path)
+    if what:  # e.g. an image passed by mistake: not "a checkpoint of another run folder"
+        raise MscnError(f"--resume {path}: not a readable checkpoint ({what}); pass a ckpt_*.pt or final.pt "
+                        f"written by mscn pretrain, or --resume auto")
     here = folder_step(out)
     if here is None:
         return

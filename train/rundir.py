@@ -308,9 +308,25 @@ def claim_run_dir(cfg: Config, fresh: bool) -> Path | None:
     (out / STOPPED).unlink(missing_ok=True)  # this run goes on (or starts): no longer waiting
     if not run_started(out):
         save_config(cfg, out / "config.yaml")  # written once: a resume never rewrites it
+    check_writable(out / "checkpoints")
     # a started run without its config.yaml gets it from ensure_config, once the checkpoint
     # it resumes from is known to fit: a refused resume must leave the folder as it was
     return moved
+
+
+def check_writable(folder: Path) -> None:
+    """Rank 0, at the start: the run can write its checkpoints into ``folder``. A read-only
+    ``checkpoints/`` (a bind mount, a copied folder) was otherwise found at the first
+    checkpoint, after ``train.ckpt_every_steps`` steps of training were lost with it."""
+    probe = folder / f".write-test.{os.getpid()}"
+    try:
+        folder.mkdir(exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"mscn")
+        probe.unlink()
+    except OSError as e:
+        raise MscnError(f"cannot write checkpoints into {folder}: {e.strerror or e}; make it writable, or pass a "
+                        f"new train.out_dir=DIR (or --out DIR)") from None
 
 
 def mark_stopped(out: str | Path, line: str) -> None:
