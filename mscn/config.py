@@ -151,7 +151,29 @@ def typed(value: Any, tp: type, src: str = "<config>", key: str = "") -> Any:
     if not isinstance(value, (tp, dict)):
         raise ConfigError(f"{src}: {key or 'config'}: expected a mscn.config.{tp.__name__} (or a dict of its keys), "
                           f"got {type(value).__name__}")
+    _no_stray_attributes(value, key, src)
     return _build(tp, to_dict(value), key, src)
+
+
+def _no_stray_attributes(value: Any, key: str, src: str) -> None:
+    """An attribute set in code that is no field of its schema dataclass (a typo:
+    ``cfg.data.image_sise = 32``) is the unknown key a YAML recipe would have: a dataclass
+    takes it without a word, and :func:`to_dict` would drop it, so the run would silently
+    use the default."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        names = {f.name for f in dataclasses.fields(value)}
+        for k in vars(value):
+            if k not in names:
+                where = f"{key}.{k}" if key else k
+                raise ConfigError(f"{src}: unknown key '{where}' (valid: {', '.join(sorted(names))})")
+        for f in dataclasses.fields(value):  # in schema order: the first typo is named
+            _no_stray_attributes(getattr(value, f.name), f"{key}.{f.name}" if key else f.name, src)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _no_stray_attributes(v, f"{key}.{i}", src)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _no_stray_attributes(v, f"{key}.{k}" if key else str(k), src)
 
 
 def checked(cfg: Config | dict, src: str = "<config>", world_size: int = 1, siamese: bool = True) -> Config:

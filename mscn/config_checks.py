@@ -34,6 +34,16 @@ def _check_range(src: str, key: str, lo_hi: tuple, lo_min: float, strict_low: bo
     _check(ok, src, key, lo_hi, f"must be an increasing pair with min {'>' if strict_low else '>='} {lo_min}")
 
 
+UNIT_SCALE = ("is on the 0-1 scale (with the mean): mscn normalizes pixels of 0-255, as DALI decodes them "
+              "(ImageNet's: mean [123.675, 116.28, 103.53], std [58.395, 57.12, 57.375]); multiply both by 255")
+
+
+def on_unit_scale(mean, std) -> bool:
+    """Whether ``mean``/``std`` are torchvision's 0-1 values (std 0.229...) where 0-255 ones
+    belong: the views would come out ~255x too large, with no error anywhere."""
+    return max(std) < 1.0 and max(abs(m) for m in mean) <= 1.0
+
+
 def validate_mask(m: MaskCfg, src: str, key: str = "mask", max_grid: int | None = None) -> None:
     """The ranges of one view's mask (paper §5.2); also used for MaskCfgs built in code."""
     _check(0.0 <= m.ratio < 1.0, src, f"{key}.ratio", m.ratio, "must be in [0, 1)")
@@ -93,6 +103,7 @@ def _validate_data(d: DataCfg, src: str) -> None:
     _check(d.output_dtype in ("float32", "float16", "bfloat16", "auto"), src, "data.output_dtype", d.output_dtype,
            "must be float32, float16, bfloat16 or auto")
     _check(all(s > 0 for s in d.std), src, "data.std", d.std, "must be > 0")
+    _check(not on_unit_scale(d.mean, d.std), src, "data.std", d.std, UNIT_SCALE)
     _check(d.synthetic_classes >= 2, src, "data.synthetic_classes", d.synthetic_classes, "must be >= 2")
     _check(d.synthetic_per_class >= 1, src, "data.synthetic_per_class", d.synthetic_per_class, "must be >= 1")
     _check(min(d.synthetic_size) >= 16, src, "data.synthetic_size", d.synthetic_size, "must be >= 16 pixels")
@@ -120,7 +131,8 @@ def validate_view(v: ViewCfg, src: str, k: str = "view", image_size: int | None 
     _check_range(src, f"{k}.blur_sigma", v.blur_sigma, 0.0, strict_low=True)
     _check(v.blur_window == 0 or (v.blur_window >= 3 and v.blur_window % 2 == 1), src,
            f"{k}.blur_window", v.blur_window, "must be 0 (auto) or an odd number >= 3")
-    validate_mask(v.mask, src, f"{k}.mask", max_grid=image_size)
+    # a mask of ratio 0 is never drawn: its grid may exceed small views (an evaluation's)
+    validate_mask(v.mask, src, f"{k}.mask", max_grid=image_size if v.mask.ratio > 0 else None)
 
 
 def _validate_highpass(h: HighPassCfg, src: str) -> None:

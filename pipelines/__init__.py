@@ -20,7 +20,8 @@ _EXPORTS = {
     "build_eval_loader": "loader", "linear_probe_view": "loader", "mask_fn_from_cfgs": "loader",
     "rank_seed": "loader", "endless": "loader", "views_pipeline": "train_pipeline", "output_names": "train_pipeline",
     "FLAG_NAMES": "train_pipeline", "eval_pipeline": "eval_pipeline", "resolve_source": "readers",
-    "Source": "readers", "READER_NAME": "readers", "build_reference_loader": "reference",
+    "Source": "readers", "READER_NAME": "readers", "ShardDriftWarning": "readers",
+    "build_reference_loader": "reference",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -17,6 +17,7 @@ import numbers
 import torch
 
 from mscn.config import MaskCfg, ViewCfg, is_integer, typed, validate_view
+from mscn.config_checks import UNIT_SCALE, on_unit_scale
 from mscn.data.source import Source
 
 DEVICES = ("cpu", "gpu")
@@ -78,15 +79,26 @@ def check_common(*, image_size, mean, std, highpass, device, view_dtype, shard_i
             raise ValueError(f"{name}: expected 3 numbers (R, G, B on the 0-255 scale), got {v!r}")
     if min(std) <= 0:
         raise ValueError(f"std: must be > 0, got {tuple(std)}")
-    if highpass is not None:
-        ok = (isinstance(highpass, (list, tuple)) and len(highpass) == 2 and isinstance(highpass[0], numbers.Real)
-              and highpass[0] > 0 and is_integer(highpass[1]) and highpass[1] >= 3 and highpass[1] % 2 == 1)
-        if not ok:
-            raise ValueError(f"highpass: expected (sigma > 0, odd window >= 3) or None, got {highpass!r} "
-                             "(mscn.highpass.highpass_params(cfg.highpass) gives the recipe's)")
+    if on_unit_scale(mean, std):
+        raise ValueError(f"std {tuple(std)} {UNIT_SCALE}")
+    check_highpass(highpass)
     if not (is_integer(shard_id) and is_integer(num_shards) and num_shards >= 1 and 0 <= shard_id < num_shards):
         raise ValueError(f"shard_id {shard_id!r} of num_shards {num_shards!r}: need integers with "
                          "0 <= shard_id < num_shards")
+
+
+def check_highpass(highpass) -> None:
+    """``highpass``: (σ > 0, odd window >= 3) or None, for the pipelines and for
+    ``DaliLoader`` (which high-passes on the CPU path): σ 0 divides by zero into NaN views,
+    a window of 1 gives views of zeros, an even one fails only at the first batch."""
+    if highpass is None:
+        return
+    ok = (isinstance(highpass, (list, tuple)) and len(highpass) == 2 and isinstance(highpass[0], numbers.Real)
+          and not isinstance(highpass[0], bool) and math.isfinite(highpass[0]) and highpass[0] > 0
+          and is_integer(highpass[1]) and highpass[1] >= 3 and highpass[1] % 2 == 1)
+    if not ok:
+        raise ValueError(f"highpass: expected (sigma > 0, odd window >= 3) or None, got {highpass!r} "
+                         "(mscn.highpass.highpass_params(cfg.highpass) gives the recipe's)")
 
 
 def check_views(views) -> list[ViewCfg]:
@@ -127,6 +139,12 @@ def checked_args(graph):
                                  f"({graph.__name__}(source, ..., batch_size=.., num_threads=.., device_id=.., seed=..))")
         given = {k: kwargs.get(k, sig.parameters[k].default) for k in COMMON}
         check_common(**given)
+        if given["device"] == "gpu" and kwargs.get("device_id") is None:
+            # DALI would build it and fail at the first batch, or say "CUDA is not available"
+            # and advise device_id=None, which this pipeline already has
+            raise ValueError(f"device='gpu' needs device_id (the GPU's index, e.g. the local rank); device_id=None "
+                             f"is DALI's CPU-only pipeline: pass device='cpu' with it "
+                             f"({graph.__name__}(source, ..., device=.., device_id=..))")
         plain = {"image_size": int(given["image_size"]), "shard_id": int(given["shard_id"]),
                  "num_shards": int(given["num_shards"]), "mean": tuple(float(c) for c in given["mean"]),
                  "std": tuple(float(c) for c in given["std"])}
@@ -137,6 +155,11 @@ def checked_args(graph):
             if not is_integer(resize) or resize < plain["image_size"]:
                 raise ValueError(f"resize: expected an integer >= image_size ({plain['image_size']}), got {resize!r}")
             plain["resize"] = int(resize)
+        if "reader_seed" in sig.parameters and kwargs.get("reader_seed", -1) == -1 and is_integer(kwargs.get("seed")) \
+                and kwargs["seed"] >= 0:
+            # DALI's reader takes -1 as a fixed seed of its own, not the pipeline's: every
+            # seed= would read the same order (the augmentations alone changed)
+            plain["reader_seed"] = int(kwargs["seed"])
         if "views" in sig.parameters:  # the views come second, by position or by name
             if args:
                 args = (check_views(args[0]), *args[1:])

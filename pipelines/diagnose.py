@@ -144,7 +144,8 @@ def _not_the_data(err: Exception, reason: str) -> MscnError | None:
     text = str(err)
     if "CUDA is not available" in text:
         return MscnError(f"DALI: a GPU pipeline on a machine without CUDA ({reason}); build it with "
-                         "device_id=None, or pass device=None to the mscn.pipelines builders, for the CPU path")
+                         "device='cpu' and device_id=None, or pass device=None to the mscn.pipelines loader "
+                         "builders, for the CPU path")
     op = re.search(r"operator `nvidia\.dali\.fn\.([\w.]+)`", text)
     if op is None or op.group(1) in READS_IMAGES or op.group(1).split(".")[0] in ("readers", "decoders",
                                                                                   "experimental"):

@@ -42,6 +42,7 @@ have yielded next.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import warnings
 from collections import deque
@@ -58,8 +59,8 @@ from mscn.errors import DataError
 from mscn.h2d import to_device
 from mscn.highpass import highpass_matmul
 from mscn.maskspec import MaskCoverageWarning, coverage_notes
-from mscn.pipelines.args import check_placement
-from mscn.pipelines.readers import READER_NAME, Source
+from mscn.pipelines.args import check_highpass, check_placement
+from mscn.pipelines.readers import READER_NAME, ShardDriftWarning, Source, drift_note
 from mscn.pipelines.train_pipeline import output_names
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -145,6 +146,9 @@ class DaliLoader:
             # default executor does; the other one copies on the current stream instead
             raise ValueError("data.handover=private needs DALI's default executor (exec_dynamic)")
         policy = _last_batch_policy(policy)
+        check_highpass(highpass)
+        if device is not None:  # a CUDA device on a machine without one: here, not torch's error at the first batch
+            check_placement(0, 1, 0, device)
         if output_dtype not in TORCH_DTYPES or colour_dtype not in TORCH_DTYPES:
             bad = output_dtype if output_dtype not in TORCH_DTYPES else colour_dtype
             raise ValueError(f"output dtype {bad!r}: expected one of {', '.join(TORCH_DTYPES)}")
@@ -303,7 +307,7 @@ class DaliLoader:
             # clone: DALI may reuse this (possibly pinned) buffer before a non-blocking copy lands
             labels = out["label"].view(-1).long().clone()
         views = _own(views, out)
-        if self.mask_fn is not None:
+        if self.mask_fn is not None and batch:  # a rank's empty last batch (PARTIAL) has nothing to mask
             views = self.mask_fn(views)
         dev = views[0].device
         # through pinned memory: from pageable memory a "non-blocking" copy may wait for the
@@ -545,13 +549,17 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int 
     ``cfg.data.root`` holds now is refused (:class:`LoaderStateMismatch`). source: the
     resolved ``cfg.data.root``, when the caller has it already (resolving lists every file).
     """
-    from mscn.config import checked
+    from mscn.config import Config, checked, typed
     from mscn.pipelines.readers import resolve_source
 
     check_placement(rank, world_size, local_rank, device)
     # types, ranges, a global batch the ranks cannot split; not the siamese trainer's own needs (2 views,
     # a batch of 2): another project's trainer may take one view or debug with one image
-    cfg = checked(cfg, "<config>", world_size=world_size, siamese=False)
+    cfg = typed(cfg, Config)
+    # apply_mask=False: the views' masks are never drawn, so their grids need not fit the views
+    checked(cfg if apply_mask else dataclasses.replace(cfg, views=[
+        dataclasses.replace(v, mask=dataclasses.replace(v.mask, ratio=0.0)) for v in cfg.views]),
+        "<config>", world_size=world_size, siamese=False)
     source = source or resolve_source(cfg.data.root, cfg.data.format)
     check_size(source, cfg.train.global_batch, "train.global_batch")
     seed = rank_seed(cfg.train.seed, rank)
@@ -562,8 +570,12 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int 
             warnings.warn(note, MaskCoverageWarning, stacklevel=2)
     mask_fn = mask_fn_from_cfgs([v.mask for v in cfg.views], seed) if apply_mask else None
     shard = Shard(rank, world_size, cfg.train.global_batch // world_size, seed)
-    return _views_loader(cfg, source, cfg.views, shard, plan(cfg, device, local_rank), mask_fn,
-                         state=state, checkpointing=True)
+    loader = _views_loader(cfg, source, cfg.views, shard, plan(cfg, device, local_rank), mask_fn,
+                           state=state, checkpointing=True)
+    drift = drift_note(source, world_size, loader.replay.even_shards) if rank == 0 else None
+    if drift:  # tar shards of a count the ranks do not divide: what `mscn pretrain` says at its start
+        warnings.warn(drift, ShardDriftWarning, stacklevel=2)
+    return loader
 
 
 def linear_probe_view():
@@ -588,7 +600,7 @@ def build_eval_loader(cfg, root: str, rank: int = 0, world_size: int = 1, local_
     shuffled, DROP. batch_size is per rank (default ``eval.linear_batch / world_size``).
     classes: the label set (the train root's classes) that ``root``'s labels map into by name.
     """
-    from mscn.config import checked, is_integer
+    from mscn.config import Config, checked, is_integer, typed
     from mscn.data.headers import check_headers
     from mscn.data.source import eval_root_setting
     from mscn.pipelines.eval_pipeline import eval_pipeline
@@ -597,9 +609,11 @@ def build_eval_loader(cfg, root: str, rank: int = 0, world_size: int = 1, local_
     check_placement(rank, world_size, local_rank, device)
     if batch_size is not None and (not is_integer(batch_size) or batch_size < 1):
         raise ValueError(f"batch_size: expected an integer >= 1 (images per rank) or None, got {batch_size!r}")
-    cfg = checked(cfg, siamese=False)
+    # checked with the one view it reads: the recipe's training views (their mask grids, say)
+    # do not apply to evaluation views, which may be smaller
+    cfg = checked(dataclasses.replace(typed(cfg, Config), views=[linear_probe_view()]), siamese=False)
     if file_list:
-        source = resolve_source(file_list, "filelist", file_root=root, classes=classes)
+        source = resolve_source(file_list, "filelist", file_root=root, classes=classes, what="file_list")
     else:
         fmt, what = eval_root_setting(cfg.data, root)
         source = resolve_source(root, fmt, classes=classes, what=what)

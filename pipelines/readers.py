@@ -50,6 +50,11 @@ def even_order(n: int, num_shards: int) -> list[int]:
     return list(range(n)) + [j * n // extra for j in range(extra)]
 
 
+class ShardDriftWarning(UserWarning):
+    """A training loader whose ranks' slices drift apart over the epochs (:func:`drift_note`),
+    warned by ``build_train_loader`` on rank 0 as ``mscn pretrain`` says it at its start."""
+
+
 def drift_note(source: Source, num_shards: int, even_shards: bool = True) -> str | None:
     """Why a training reader of ``source`` on ``num_shards`` ranks keeps DALI's drift, or None."""
     n = source.num_samples
@@ -58,8 +63,8 @@ def drift_note(source: Source, num_shards: int, even_shards: bool = True) -> str
     why = ("tar shards are read as they are" if source.kind == "wds"
            else "this run continues a loader state saved before mscn evened the shards")
     return (f"{n} samples do not split evenly over {num_shards} ranks and {why}, so the ranks' slices drift "
-            "apart a little more each epoch (some samples read twice, others not at all: docs/PIPELINE.md, "
-            "'Unequal slices drift')")
+            "apart over the epochs (in some epochs many samples are read twice and others not at all: "
+            "docs/PIPELINE.md, 'Unequal slices drift')")
 
 
 def read(source: Source, *, shard_id: int, num_shards: int, shuffle: bool, shuffle_buffer: int,
@@ -67,7 +72,8 @@ def read(source: Source, *, shard_id: int, num_shards: int, shuffle: bool, shuff
     """Add the reader: returns ``(encoded, label, index)``; ``label`` is None for file
     kinds and unlabelled shards (the loader maps index -> label: DALI's file reader carries
     one integer per file and it carries the index), ``index`` is None for tars without ``.idx``.
-    ``seed`` fixes the shuffle (-1: drawn from the pipeline's seed); diagnose.py
+    ``seed`` fixes the shuffle (-1: DALI's own fixed seed; ``views_pipeline`` and
+    ``eval_pipeline`` pass their pipeline's ``seed`` instead of -1); diagnose.py
     replays the reader with it. ``even_shards``: with ``stick_to_shard=False``, list
     files twice where needed for shards of one size (module docstring; False: a run
     resumed from a loader state saved before this existed)."""

@@ -20,12 +20,13 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
-from mscn.config import ViewCfg
-from mscn.highpass import highpass_params
+from mscn.config import ViewCfg, checked, is_integer
 from mscn.data.source import Source, resolve_source
 from mscn.errors import DataError, MscnError
-from mscn.highpass import highpass_matmul
-from mscn.pipelines.loader import MscnBatch, mask_fn_from_cfgs, rank_seed
+from mscn.highpass import highpass_matmul, highpass_params
+from mscn.pipelines.args import check_placement, check_views
+from mscn.pipelines.loader import TORCH_DTYPES, MscnBatch, check_size, mask_fn_from_cfgs, rank_seed
+from mscn.pipelines.tuning import view_dtype
 
 
 class PILGaussianBlur:
@@ -101,18 +102,27 @@ def worker_errors(batches):
 
 
 class ReferenceLoader:
-    """Iterable of :class:`MscnBatch` over a torch DataLoader (masks applied per batch)."""
+    """Iterable of :class:`MscnBatch` over a torch DataLoader (masks applied per batch).
 
-    def __init__(self, loader: DataLoader, num_views: int, mask_fn=None):
-        self.loader, self.num_views, self.mask_fn = loader, num_views, mask_fn
+    ``dtype``: the views' dtype (``data.output_dtype`` on the CPU path), cast before the
+    masks as in :class:`DaliLoader`. Each ``iter()`` is a new epoch: a
+    ``DistributedSampler`` is told which (``set_epoch``), else every epoch would repeat
+    the first one's order on every rank."""
+
+    def __init__(self, loader: DataLoader, num_views: int, mask_fn=None, dtype: torch.dtype = torch.float32):
+        self.loader, self.num_views, self.mask_fn, self.dtype = loader, num_views, mask_fn, dtype
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
+        if isinstance(self.loader.sampler, DistributedSampler):
+            self.loader.sampler.set_epoch(self.epoch)
+        self.epoch += 1
         for *views, labels, index in worker_errors(self.loader):
-            views = list(views)
-            if self.mask_fn is not None:
+            views = [v if v.dtype == self.dtype else v.to(self.dtype) for v in views]
+            if self.mask_fn is not None and len(index):
                 views = self.mask_fn(views)
             yield MscnBatch(views, labels.long(), index.long())
 
@@ -123,16 +133,30 @@ def build_reference_loader(cfg, batch_size: int, workers: int = 2, rank: int = 0
     """The reference counterpart of ``build_train_loader`` (paper §5.3's views from
     ``data.root`` and ``cfg.views``, in torchvision + torch): returns a
     :class:`ReferenceLoader` that yields the same kind of batches (the tests compare the
-    DALI loader's view statistics with it)."""
-    views = cfg.views if views is None else views
+    DALI loader's view statistics with it).
+
+    The config gets the checks ``build_train_loader``'s does. ``batch_size`` is per rank.
+    With ``world_size`` > 1 the ranks read disjoint slices of one shuffle (a
+    ``DistributedSampler`` seeded with ``train.seed`` on every rank: a seed per rank would
+    make the slices overlap and leave images out), reshuffled every epoch; the
+    augmentations and masks draw from a seed per rank."""
+    cfg = checked(cfg, siamese=False)
+    views = cfg.views if views is None else check_views(views)
+    for name, v in (("batch_size", batch_size), ("workers", workers)):
+        if not is_integer(v) or v < (1 if name == "batch_size" else 0):
+            raise ValueError(f"{name}: expected an integer >= {1 if name == 'batch_size' else 0}, got {v!r}")
+    check_placement(rank, world_size, 0, None)
     source = resolve_source(cfg.data.root, cfg.data.format)
+    if drop_last:  # else the loader would have no batch, without a word (DaliLoader says so too)
+        check_size(source, batch_size * world_size, f"batch_size {batch_size} x world_size {world_size}")
     hp = highpass_params(cfg.highpass)
     dataset = ReferenceViews(source, views, cfg.data.image_size, cfg.data.mean, cfg.data.std, hp)
     seed = rank_seed(cfg.train.seed, rank)
-    sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed) if world_size > 1 else None
+    sampler = (DistributedSampler(dataset, world_size, rank, shuffle=True, seed=cfg.train.seed, drop_last=drop_last)
+               if world_size > 1 else None)
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
                         num_workers=workers, drop_last=drop_last, generator=gen,
                         persistent_workers=workers > 0)
     mask_fn = mask_fn_from_cfgs([v.mask for v in views], seed) if apply_mask else None
-    return ReferenceLoader(loader, len(views), mask_fn)
+    return ReferenceLoader(loader, len(views), mask_fn, TORCH_DTYPES[view_dtype(cfg.data.output_dtype, False)])

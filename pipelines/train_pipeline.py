@@ -85,7 +85,7 @@ def views_pipeline(source: Source, views: list[ViewCfg], *, image_size: int = 22
     (needs a ``device_id``); "cpu" runs everything on DALI's CPU threads.
     ``highpass``: (σ, window), or None to leave it out (ablation, or when the caller
     applies it after the pipeline, as the CPU path of the loader does).
-    ``reader_seed`` fixes the reader's shuffle (diagnose.py replays it); ``even_shards``:
+    ``reader_seed`` fixes the reader's shuffle (-1: the pipeline's ``seed``; diagnose.py replays it); ``even_shards``:
     shards of one size (``readers.read``; False only to continue an older loader state); ``view_dtype``
     is float32 or float16 (the DALI output type of the views). ``crop``: "rrc" or
     "window" (``data.crop``, ops.resized_crop); None: "rrc", or "window" with ``debug_outputs``.

@@ -46,6 +46,24 @@ def test_val_subset_of_classes_keeps_the_train_labels(tmp_path):
 
 
 
+def test_a_list_without_class_names_may_not_label_past_the_training_classes(tmp_path):
+    """A hand-written list (no scan report beside it, so no class names) evaluated against a
+    training set of 4 classes: its labels are taken as those classes' numbers, and a label
+    of 7 was passed through to the probe. It is named; a label in range is taken as it is."""
+    train = make_folder(tmp_path / "train", classes=4, per_class=2)
+    classes = resolve_source(str(train)).classes
+    listed = tmp_path / "val.txt"
+    listed.write_text("c0/000.jpg 0\nc3/001.jpg 7\n")
+    with pytest.raises(DataError, match=r"val.txt: label 7 \(c3/001.jpg\) is outside the 4 classes of the "
+                                        r"training set \(0-3\)"):
+        build_eval_loader(tiny_cfg(train), str(train), file_list=str(listed), batch_size=2, classes=classes)
+    listed.write_text("c0/000.jpg 0\nc3/001.jpg 3\n")
+    loader = build_eval_loader(tiny_cfg(train), str(train), file_list=str(listed), batch_size=2, classes=classes)
+    assert sorted(y for b in loader for y in b.labels.tolist()) == [0, 3]
+    with pytest.raises(DataError, match=r"absent.txt: no such file or directory \(file_list\)"):
+        build_eval_loader(tiny_cfg(train), str(train), file_list=str(tmp_path / "absent.txt"), classes=classes)
+
+
 def test_a_class_name_in_another_unicode_form_is_the_same_class(tmp_path):
     """A copy made on macOS names 'café' in NFD ('e' + a combining accent): other bytes,
     the same name. It keeps its label; a different name is still refused."""

@@ -517,6 +517,18 @@ def test_file_lists_and_reports_that_are_not_what_they_seem_are_one_line(messy_r
     lst.write_text("ant/good0.jpg 0\nbee/gray.jpg \u00b2\n")  # a superscript two: isdigit, not a label
     with pytest.raises(DataError, match=r"l.txt:2: expected 'relative/path label' like line 1"):
         read_file_list(lst, messy_root)
+    # lists written by other tools: what is wrong is said, not only "missing file"
+    lst.write_text("ant/good0.jpg 0\nbee/gray.jpg -1\n")
+    with pytest.raises(DataError, match=r"l.txt:2: .* \(a label is a class number, an integer >= 0\), got "
+                                        r"'bee/gray.jpg -1'"):
+        read_file_list(lst, messy_root)
+    lst.write_text("ant/good0.jpg ant\nbee/gray.jpg bee\n")  # labels as names: read as bare paths with spaces
+    with pytest.raises(DataError, match=r"l.txt:1: missing file .*ant/good0.jpg ant and 1 more .*; it reads as the "
+                                        r"file ant/good0.jpg with the label 'ant', which is not a class number"):
+        read_file_list(lst, messy_root)
+    lst.write_text("# my training images\nant/good0.jpg 0\n")
+    with pytest.raises(DataError, match=r"l.txt:1: missing file .*; a file list has no comment lines: delete it"):
+        read_file_list(lst, messy_root)
     lst.write_text("ant/good0.jpg 0\n")
     for junk in ('{"root": null}', "[1, 2]"):
         (tmp_path / "l.scan.json").write_text(junk)

@@ -299,9 +299,34 @@ def test_labels_outside_the_training_classes_are_named_not_scored(data, tmp_path
              for p in sorted(val.rglob("*.jpg"))]
     (val / "list.txt").write_text("\n".join(lines) + "\n")
     for protocol, extra in (("knn", ()), ("linear", ("--epochs", "1", "--precompute")), ("linear", ("--epochs", "1"))):
-        with pytest.raises(DataError, match=r"val: (label\(s\) 7 that no training sample has|a sample "
-                                            r"labelled 7, outside the 3 classes)"):
+        # the list has no scan report (class names): its numbers are the training classes', and
+        # the loader names the first label past them before anything is read
+        with pytest.raises(DataError, match=r"val/list.txt: label 7 \(c2/000.jpg\) is outside the 3 classes of "
+                                            r"the training set \(0-2\)"):
             _run(protocol, *_common(data | {"val": str(val / "list.txt")}, tmp_path / protocol, *extra))
+    # a shard's .cls is read only with the sample: kNN and the probe name it there
+    import io
+    import tarfile
+
+    from mscn.data.pack import pack
+    from mscn.data.shardindex import write_dali_index
+
+    pack(val, tmp_path / "wds", shard_size=64, progress=False, workers=1, shuffle_seed=None)
+    (tmp_path / "wds" / "sources.json").unlink()  # shards packed elsewhere: no class names
+    for tar_path in (tmp_path / "wds").glob("*.tar"):
+        with tarfile.open(tar_path) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar if m.isfile()]
+        with tarfile.open(tar_path, "w") as tar:
+            for m, body in members:
+                if m.name.endswith(".cls") and body.strip() == b"2":
+                    body = b"7"
+                    m.size = len(body)
+                tar.addfile(m, io.BytesIO(body))
+        write_dali_index(tar_path, tar_path.with_suffix(".idx"))
+    for protocol, extra in (("knn", ()), ("linear", ("--epochs", "1", "--precompute")), ("linear", ("--epochs", "1"))):
+        with pytest.raises(DataError, match=r"wds: (label\(s\) 7 that no training sample has|a sample "
+                                            r"labelled 7, outside the 3 classes)"):
+            _run(protocol, *_common(data | {"val": str(tmp_path / "wds")}, tmp_path / f"w{protocol}{len(extra)}", *extra))
 
 
 def test_random_init_names_the_recipe_it_took(data, tmp_path, capsys):

@@ -93,6 +93,9 @@ def test_eval_batch_size_zero_is_refused_not_replaced(folder):
     (dict(device="cuda"), ValueError, r"device: expected one of cpu, gpu, got 'cuda' \('gpu' for a CUDA pipeline\)"),
     (dict(highpass=(5.0, 30)), ValueError, r"highpass: expected \(sigma > 0, odd window >= 3\) or None, got \(5.0, 30\)"),
     (dict(mean=(0.5, 0.5)), ValueError, r"mean: expected 3 numbers"),
+    # torchvision's 0-1 values: views ~255x too large, without an error anywhere
+    (dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)), ValueError,
+     r"std \(0.229, 0.224, 0.225\) is on the 0-1 scale .*multiply both by 255"),
     (dict(view_dtype="float64"), ValueError, r"view_dtype: expected one of float32, float16"),
     (dict(shard_id=-1), ValueError, r"shard_id -1 of num_shards 1"),
     (dict(views=[ViewCfg(scale=(1.0, 0.08)), ViewCfg()]), ConfigError, r"views\[0\].scale = \(1.0, 0.08\): must be an increasing"),
@@ -141,6 +144,18 @@ def test_a_path_instead_of_a_source_is_named(folder):
     with pytest.raises(TypeError, match=r"source: expected a mscn Source, got str \(mscn.pipelines.resolve_source"):
         views_pipeline(str(folder), [ViewCfg(), ViewCfg()], image_size=32, batch_size=2, num_threads=1,
                        device_id=None)
+    with pytest.raises(TypeError, match=r"resolve_source: expected a path \(str or os.PathLike\), got list"):
+        resolve_source([str(p) for p in Path(folder).rglob("*.jpg")])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")
+def test_a_hand_built_loader_for_a_cuda_device_without_cuda_says_so_when_built(folder):
+    """Before, it was built and failed at the first batch with torch's "Found no NVIDIA driver"."""
+    source = resolve_source(str(folder))
+    pipe = views_pipeline(source, [ViewCfg()], image_size=16, highpass=None, batch_size=2, num_threads=1,
+                          device_id=None, seed=1)
+    with pytest.raises(ValueError, match=r"device cuda: CUDA is not available on this machine"):
+        DaliLoader(pipe, source, 1, policy="drop", device=torch.device("cuda"))
 
 
 def test_dali_loader_refuses_what_it_cannot_deliver(folder):
@@ -161,6 +176,11 @@ def test_dali_loader_refuses_what_it_cannot_deliver(folder):
     assert len(DaliLoader(pipe(2), source, 2, policy="drop")) == 4  # the name is taken
     with pytest.raises(ValueError, match=r"output dtype 'float64': expected one of float32, float16, bfloat16"):
         DaliLoader(pipe(2), source, 2, policy=LastBatchPolicy.DROP, output_dtype="float64")
+    # the high-pass it applies (CPU path): sigma 0 gave NaN views, a window of 1 zeros, an
+    # even one a ValueError of the filter at the first batch
+    for bad in ((0.0, 31), (5.0, 1), (5.0, 30), (-1.0, 31), (float("nan"), 31)):
+        with pytest.raises(ValueError, match=r"highpass: expected \(sigma > 0, odd window >= 3\) or None"):
+            DaliLoader(pipe(2), source, 2, policy=LastBatchPolicy.DROP, highpass=bad)
     # 8 images, batches of 64: dropping the partial batch leaves none (the loop would end at once)
     with pytest.raises(DataError, match=r"fewer images than one batch of 64"):
         DaliLoader(pipe(64), source, 2, policy=LastBatchPolicy.DROP)
@@ -243,3 +263,86 @@ def test_a_loader_whose_grid_masks_far_from_its_ratio_warns(folder):
         warnings.simplefilter("error", MaskCoverageWarning)
         build_train_loader(tiny_cfg(folder, "train.global_batch=4"))  # grid 8: close to the ratio
         build_train_loader(coarse, apply_mask=False)  # no masks, nothing to say
+
+
+def test_a_gpu_pipeline_without_a_device_id_is_named_when_built(folder):
+    """device='gpu' with device_id=None (what DALI's own CUDA error advises) built a pipeline
+    that failed at its first batch with a DataError telling the user to scan the data."""
+    with pytest.raises(ValueError, match=r"device='gpu' needs device_id .*pass device='cpu' with it"):
+        views_pipeline(resolve_source(str(folder)), [ViewCfg(), ViewCfg()], image_size=32, device="gpu",
+                       batch_size=2, num_threads=1, device_id=None, seed=1)
+    with pytest.raises(ValueError, match=r"device='gpu' needs device_id"):
+        eval_pipeline(resolve_source(str(folder)), image_size=32, resize=36, device="gpu", batch_size=2,
+                      num_threads=1)
+
+
+def test_the_pipelines_seed_sets_the_readers_order(tmp_path):
+    """views_pipeline(seed=..) without a reader_seed: DALI's reader took -1 as a fixed seed
+    of its own, so every seed read the images in the same order (only the augmentations
+    changed). The pipeline's seed now seeds the reader; an explicit reader_seed still wins."""
+    folder = make_folder(tmp_path / "ds", classes=3, per_class=10)
+    source = resolve_source(str(folder))
+
+    def order(**kw):
+        pipe = views_pipeline(source, [ViewCfg()], image_size=16, highpass=None, batch_size=5, num_threads=1,
+                              device_id=None, shuffle_buffer=8, **kw)
+        loader = DaliLoader(pipe, source, 1, policy="drop")
+        return [[i for b in loader for i in b.index.tolist()] for _ in range(2)]
+
+    one, two = order(seed=1), order(seed=2)
+    assert one == order(seed=1) and one != two
+    assert order(seed=1, reader_seed=7) == order(seed=2, reader_seed=7)
+
+
+def test_a_rank_whose_last_batch_is_empty_gets_it_unmasked(tmp_path):
+    """PARTIAL over 12 images on 5 ranks, batch 2: three ranks end on an empty batch, which
+    the docs tell the user to skip; masking it raised "cannot mask an empty view" first."""
+    from mscn.pipelines import mask_fn_from_cfgs
+
+    folder = make_folder(tmp_path / "ds", classes=2, per_class=6)
+    source = resolve_source(str(folder))
+    sizes = []
+    for rank in range(5):
+        pipe = eval_pipeline(source, image_size=16, resize=20, highpass=None, shard_id=rank, num_shards=5,
+                             batch_size=2, num_threads=1, device_id=None, seed=1)
+        loader = DaliLoader(pipe, source, 1, policy=LastBatchPolicy.PARTIAL,
+                            mask_fn=mask_fn_from_cfgs([MaskCfg()], 0))
+        sizes.append([b.views[0].shape[0] for b in loader])
+    assert sizes == [[2, 0], [2, 0], [2, 1], [2, 0], [2, 1]]
+
+
+def test_a_config_on_the_0_1_scale_is_refused(folder):
+    cfg = tiny_cfg(folder, "train.global_batch=4")
+    unit = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mean=(0.485, 0.456, 0.406),
+                                                             std=(0.229, 0.224, 0.225)))
+    with pytest.raises(ConfigError, match=r"data.std = \(0.229, 0.224, 0.225\): is on the 0-1 scale"):
+        build_train_loader(unit)
+    # no normalization at all (mean 0, std 1) is not the 0-1 scale
+    plain = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))
+    assert len(build_train_loader(plain)) == 2
+
+
+def test_a_typo_in_a_config_built_in_code_is_an_unknown_key(folder):
+    """``cfg.data.image_sise = 32``: a dataclass takes any attribute, so the run used the
+    default image size without a word; the same typo as an override is refused."""
+    cfg = tiny_cfg(folder, "train.global_batch=4")
+    cfg.data.image_sise = 32
+    with pytest.raises(ConfigError, match=r"<config>: unknown key 'data.image_sise' \(valid: .*image_size"):
+        build_train_loader(cfg)
+    cfg = tiny_cfg(folder, "train.global_batch=4")
+    cfg.views[1].mask.ratoi = 0.3
+    with pytest.raises(ConfigError, match=r"unknown key 'views.1.mask.ratoi'"):
+        checked(cfg)
+
+
+def test_small_views_are_not_refused_for_a_mask_they_never_draw(folder):
+    """24 px views: the recipe's 32 px mask grid does not fit them, which matters only where
+    masks are drawn: not in an evaluation loader, not with apply_mask=False, not at ratio 0."""
+    cfg = tiny_cfg(folder, "train.global_batch=4", "data.image_size=24", "data.val_resize=28")
+    cfg = dataclasses.replace(cfg, views=[dataclasses.replace(v, mask=MaskCfg(grid=32)) for v in cfg.views])
+    with pytest.raises(ConfigError, match=r"views\[0\].mask.grid = 32: must be an integer in \[1, data.image_size=24\]"):
+        build_train_loader(cfg)
+    assert next(iter(build_train_loader(cfg, apply_mask=False))).views[0].shape == (4, 3, 24, 24)
+    assert next(iter(build_eval_loader(cfg, str(folder), batch_size=4))).views[0].shape == (4, 3, 24, 24)
+    unmasked = dataclasses.replace(cfg, views=[dataclasses.replace(v, mask=MaskCfg(ratio=0.0)) for v in cfg.views])
+    assert len(build_train_loader(unmasked)) == 2

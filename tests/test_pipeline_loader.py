@@ -125,6 +125,29 @@ def test_drift_is_said_where_the_shards_stay_unequal():
     assert "saved before" in drift_note(files, 4, even_shards=False)
 
 
+def test_a_library_loader_over_drifting_shards_warns_on_rank_0(tmp_path):
+    """``mscn pretrain`` says at its start that tar shards of a count the ranks do not divide
+    drift; a loader built by another project's code said nothing. Rank 0 warns now; a
+    folder of the same images (evened) does not."""
+    import warnings
+
+    from mscn.data.pack import pack
+    from mscn.pipelines import ShardDriftWarning
+
+    root = make_folder(tmp_path / "ds", classes=3, per_class=5)  # 15 images: 2 ranks do not divide them
+    pack(root, tmp_path / "wds", shard_size=8, progress=False, workers=1)
+    for data, rank, warned in ((tmp_path / "wds", 0, True), (tmp_path / "wds", 1, False), (root, 0, False)):
+        cfg = tiny_cfg(data, "train.global_batch=4")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            build_train_loader(cfg, rank=rank, world_size=2, apply_mask=False)
+        drift = [str(w.message) for w in caught if issubclass(w.category, ShardDriftWarning)]
+        assert bool(drift) == warned, (data, rank, drift)
+        if warned:
+            assert drift[0].startswith("15 samples do not split evenly over 2 ranks and tar shards are read as they "
+                                       "are"), drift
+
+
 def test_eval_shards_read_every_sample_once(tmp_path):
     """PARTIAL, 47 images (odd), 2 ranks x batch 5: padding never reaches the user."""
     root = make_folder(tmp_path, classes=1, per_class=47)

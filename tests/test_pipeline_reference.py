@@ -44,3 +44,38 @@ def test_reference_blurs_with_pil_and_masks_batches(cfg):
     batch = next(iter(build_reference_loader(cfg, 16, workers=0)))
     assert len(batch.views) == 4 and batch.views[0].shape == (16, 3, 64, 64)
     assert (batch.views[0] == 0).float().mean() > 0.02  # masked (15% of the cells)
+
+
+def test_reference_ranks_read_disjoint_slices_that_change_every_epoch(cfg):
+    """Two ranks of the reference loader read one shuffle in two slices: every image once
+    per epoch, in a new order each epoch (a seed per rank made the slices overlap and left
+    images out; without set_epoch every epoch repeated the first)."""
+    import dataclasses
+
+    small = dataclasses.replace(cfg, views=cfg.views[:1])
+    loaders = [build_reference_loader(small, 4, workers=0, rank=r, world_size=2, apply_mask=False) for r in (0, 1)]
+    epochs = []
+    for _ in range(2):
+        per_rank = [[i for b in loader for i in b.index.tolist()] for loader in loaders]
+        assert not set(per_rank[0]) & set(per_rank[1])
+        assert sorted(per_rank[0] + per_rank[1]) == list(range(64))
+        epochs.append(per_rank)
+    assert epochs[0] != epochs[1]
+
+
+def test_reference_loader_checks_its_config_and_keeps_the_output_dtype(cfg):
+    """The checks and the ``data.output_dtype`` of ``build_train_loader``: a typo'd key or an
+    out-of-range value is one line, a batch larger than the data is said (not an empty
+    loader), and bfloat16 views come out as bfloat16."""
+    import dataclasses
+
+    from mscn.errors import ConfigError, DataError
+
+    bad = dataclasses.replace(cfg, views=[dataclasses.replace(cfg.views[0], flip_prob=3.0)])
+    with pytest.raises(ConfigError, match=r"views\[0\].flip_prob = 3.0: must be a probability"):
+        build_reference_loader(bad, 4, workers=0)
+    with pytest.raises(DataError, match="64 images, fewer than one global batch of 80"):
+        build_reference_loader(cfg, 40, workers=0, rank=0, world_size=2)
+    bf16 = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, output_dtype="bfloat16"))
+    batch = next(iter(build_reference_loader(bf16, 4, workers=0)))
+    assert {v.dtype for v in batch.views} == {torch.bfloat16}

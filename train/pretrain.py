@@ -168,7 +168,7 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
     from mscn.pipelines import build_train_loader, endless  # DALI is heavy: imported only to train
     from mscn.pipelines.feeder import Feeder
     from mscn.pipelines.loader import check_size
-    from mscn.pipelines.readers import drift_note, resolve_source
+    from mscn.pipelines.readers import ShardDriftWarning, drift_note, resolve_source
 
     validate(cfg, "<config>", world_size=rt.dist.world_size)
     cfg, adopted = adopt_saved_choices(cfg, resume, gpu=rt.device.type == "cuda")  # a resumed run keeps its choice
@@ -224,8 +224,9 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
     if rt.is_main:
         ensure_config(cfg)  # a started run that lost its config.yaml gets it back once its checkpoint fits
 
-    with warnings.catch_warnings():  # the coverage notes were said above, once, by rank 0
+    with warnings.catch_warnings():  # the coverage notes were said above, once, by rank 0; the drift below
         warnings.simplefilter("ignore", MaskCoverageWarning)
+        warnings.simplefilter("ignore", ShardDriftWarning)
         loader = build_train_loader(rs.loader_cfg(cfg, mine, start_step), rank=rt.dist.rank,
                                     world_size=rt.dist.world_size, local_rank=rt.dist.local_rank, device=rt.device,
                                     state=mine["loader"] if mine else None, source=source)

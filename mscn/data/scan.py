@@ -353,7 +353,8 @@ def read_file_list(path, root, root_note: str | None = None) -> list[tuple[str, 
         if not labelled:
             rel, label = line.strip(), -1
         elif len(parts) != 2 or not is_label(parts[1]):
-            raise DataError(f"{path}:{lineno}: expected 'relative/path label' like line 1, got {line!r}")
+            raise DataError(f"{path}:{lineno}: expected 'relative/path label' like line 1 (a label is a class "
+                            f"number, an integer >= 0), got {line!r}")
         else:
             rel, label = parts[0], int(parts[1])
         if not present(rel):
@@ -366,6 +367,12 @@ def read_file_list(path, root, root_note: str | None = None) -> list[tuple[str, 
             rest = ", ".join(r for _, r in missing[1:4]) + (", ..." if len(missing) > 4 else "")
             more = f" and {len(missing) - 1} more of {len(samples)} entries ({rest})"
         fix = root_note or f"rescan with `mscn data scan {root}`"
+        head = rel.rsplit(maxsplit=1)
+        if rel.startswith("#"):  # the first line decided "unlabelled", and it is no file either
+            fix = "a file list has no comment lines: delete it"
+        elif len(head) == 2 and present(head[0]):  # 'path zero', 'path -1': a file, and no class number
+            fix = (f"it reads as the file {head[0]} with the label {head[1]!r}, which is not a class number (an "
+                   "integer >= 0)")
         raise DataError(f"{path}:{lineno}: missing file {root / rel}{more}; {fix}")
     if not samples:
         raise DataError(f"{path}: empty file list; write one with `mscn data scan {root}`")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,6 +131,9 @@ def resolve_source(path: str, fmt: str = "auto", file_root: str | None = None,
     ``classes``: the label set to map class names into (an evaluation root gets the
     train root's classes); None keeps this dataset's own. ``what``: the setting or flag the
     path came from, named in the error (``data.val_root``, ``--data``...)."""
+    if path and not isinstance(path, (str, os.PathLike)):  # Path() of a list raises TypeError from pathlib
+        raise TypeError(f"resolve_source: expected a path (str or os.PathLike), got {type(path).__name__}; images "
+                        "listed in Python go into a file list ('relative/path label' lines, or bare paths) or a folder")
     if not path:
         raise DataError("no dataset given: set data.root (an ImageFolder root, a file list "
                         "or a folder of .tar shards)")
@@ -152,6 +156,13 @@ def resolve_source(path: str, fmt: str = "auto", file_root: str | None = None,
             remap = class_labels(own, classes, p)
             samples = [(rel, lab if lab == UNLABELLED else remap[lab]) for rel, lab in samples]
             own = list(classes)
+        elif classes:  # no names: its labels are taken as the label set's numbers
+            top = max((lab for _, lab in samples if lab != UNLABELLED), default=-1)
+            if top >= len(classes):
+                rel = next(r for r, lab in samples if lab == top)
+                raise DataError(f"{p}: label {top} ({rel}) is outside the {len(classes)} classes of the training "
+                                f"set (0-{len(classes) - 1}); without its scan report beside it the list's labels "
+                                "cannot be mapped by class name: write the list with `mscn data scan`")
         return _file_source("filelist", root, samples, own)
     if kind == "wds":
         return _wds_source(p, classes)
