@@ -42,7 +42,7 @@ def highpass_window(sigma: float, window: int = 0) -> int:
 
 def highpass_params(h: HighPassCfg) -> tuple[float, int] | None:
     """Returns (sigma, window) of the configured high-pass (paper §5.1), or None when it
-    is switched off (the "masks without high-pass" ablation, §5.1 and §6.3)."""
+    is switched off (the "masks without high-pass" ablation, §5.1)."""
     return (h.sigma, highpass_window(h.sigma, h.window)) if h.enabled else None
 
 

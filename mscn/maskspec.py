@@ -113,7 +113,7 @@ class MaskCoverageWarning(UserWarning):
 
 def coverage_notes(masks: Sequence[MaskCfg], size: int, key: str = "views") -> list[str]:
     """A line for each masked view whose grid makes it mask far from its ``ratio`` (more than
-    a quarter off, or never): the masked share the paper's ablations vary (§5.2, Fig. 5)."""
+    a quarter off, or never): the masked share the paper's ablations vary (§6.3, Fig. 5)."""
     notes = []
     for i, m in enumerate(masks):
         if m.ratio <= 0:

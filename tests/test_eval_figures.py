@@ -35,3 +35,21 @@ def test_figures_need_an_image(tmp_path):
         _run(["eval", "figures", "--train-root", str(tmp_path / "empty"), "--out", str(tmp_path)])
     with pytest.raises(MscnError, match=r"nope.jpg: no such file or folder"):
         _run(["eval", "figures", "--image", str(tmp_path / "nope.jpg"), "--out", str(tmp_path)])
+
+
+def test_figures_without_matplotlib_say_what_to_install(tmp_path):
+    """matplotlib is an extra (mscn[plots]); without it `mscn eval figures` stopped with an
+    ImportError traceback. matplotlib is made unimportable in a child process."""
+    import os
+    import subprocess
+    import sys
+
+    body = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from mscn.cli import main\n"
+            f"raise SystemExit(main(['eval', 'figures', '--ckpt', 'random', '--image', {str(tmp_path / 'x.jpg')!r}, '--out', {str(tmp_path / 'f')!r}]))")
+    env = {k: v for k, v in os.environ.items() if k != "MSCN_DEBUG"}
+    proc = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "mscn: error: mscn eval figures draws with matplotlib, which is not installed: pip install 'mscn[plots]' "
+        "(or pip install matplotlib)"], proc.stderr

@@ -46,7 +46,7 @@ def test_a_stalled_phase_is_said_once_with_the_stacks_then_its_end(tmp_path):
         assert wait_for(lambda: "test_a_stalled_phase" in stacks.read_text())  # written after the line
         text = stacks.read_text()
         # the main thread's stack, where it stood: this test, in its sleep
-        assert "data of step 5" in text and "test_a_stalled_phase_is_said_once" in text
+        assert ": the wait for the batch of step 5\n" in text and "test_a_stalled_phase_is_said_once" in text
         watch.at("step", 6)
         assert wait_for(lambda: len(out.lines) == 2)
         assert "rank 1 of 2: moving again: the wait for the batch of step 5 took " in out.lines[1]

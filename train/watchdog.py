@@ -13,7 +13,8 @@ When the loop moves again it says how long it stood. A step, a checkpoint and th
 end in collectives, so a rank stuck there usually waits for another rank: the one that
 waits for its batch, or the one that says nothing at all, is the stalled one.
 
-Not in the paper: an operations aid for the long multi-node runs of §4 (800 epochs).
+Not in the paper: an operations aid for its long multi-node runs (§6 and App. A.1: 800 epochs for
+SimCLR, 1000 for BYOL, on 32 V100 GPUs for about 180 hours).
 """
 from __future__ import annotations
 
@@ -133,7 +134,8 @@ class StallWatch:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as f:
-                what = "the evaluation" if mark[0] == "eval" else f"{mark[0]} of step {mark[1]}"
+                # the phase as the stall line names it ("the wait for the batch of step 5")
+                what = _SAYS.get(mark[0], ("", f"{mark[0]} of step {{step}}"))[1].format(step=mark[1])
                 f.write(f"\n=== rank {self.rank} of {self.world_size}, {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                         f"{what}\n")
                 f.flush()

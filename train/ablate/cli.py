@@ -33,7 +33,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="mscn ablate",
         description="Run the paper's ablations (§5.1-5.2, §6.3 Fig. 5) on a recipe: each arm x seed is "
-                    "pretrained and scored (linear probe on precomputed features + kNN, random init per seed). "
+                    "pretrained and scored by the recipe's evaluation (linear probe + kNN, eval.*), random init per seed. "
                     "Resumable: finished runs in --out are skipped.")
     p.add_argument("--config", default=None, help="recipe (default: demo)")
     p.add_argument("--arms", default="", help=f"comma-separated grids: {', '.join(GRIDS)}, paper (= all); "

@@ -16,10 +16,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from mscn.errors import DataError, MscnError
 
-matplotlib.use("Agg")  # files only: no display needed (CI, servers)
-import matplotlib.pyplot as plt  # noqa: E402
+try:  # an extra (mscn[plots]): without it, one line, not an ImportError's traceback
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed (CI, servers)
+    import matplotlib.pyplot as plt
+except ImportError:
+    raise MscnError("mscn eval figures draws with matplotlib, which is not installed: pip install 'mscn[plots]' "
+                    "(or pip install matplotlib)") from None
+
 import torch  # noqa: E402
 import torchvision.transforms.functional as TF  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
@@ -28,7 +35,6 @@ from torch import nn  # noqa: E402
 from mscn.config import Config  # noqa: E402
 from mscn.data.imagefolder import is_image_name  # noqa: E402
 from mscn.cuda_kernels import apply_masks  # noqa: E402
-from mscn.errors import DataError, MscnError  # noqa: E402
 from mscn.highpass import highpass_torch, highpass_window  # noqa: E402
 
 def find_image(root: str | Path) -> Path:
