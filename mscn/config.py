@@ -91,14 +91,19 @@ def _convert(value: Any, tp: Any, key: str, src: str) -> Any:
         return number
     if tp is str:
         if isinstance(value, str):
-            return value
+            # '~/data' in a YAML recipe (or a quoted override): no shell expands it there, and
+            # train.out_dir would become a folder named '~' in the current one
+            return os.path.expanduser(value) if key in PATH_KEYS and value.startswith("~") else value
         if isinstance(value, os.PathLike):  # data.root=Path(...) in code
-            return os.fspath(value)
+            return os.path.expanduser(os.fspath(value))
         kind = "true/false" if isinstance(value, bool) else "a number"
         hint = (f" (YAML reads it as {kind}: quote it, e.g. \"{key}='{value}'\" on a command line)"
                 if isinstance(value, (int, float, bool)) else "")
         raise ConfigError(f"{src}: {key}: expected a string, got {value!r}{hint}")
     raise ConfigError(f"{src}: {key}: unsupported type {tp}")  # schema bug, not user error
+
+
+PATH_KEYS = frozenset({"data.root", "data.val_root", "data.synthetic_dir", "train.out_dir"})
 
 
 def _build(cls: type, data: dict, prefix: str, src: str) -> Any:

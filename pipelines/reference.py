@@ -16,7 +16,7 @@ import random
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
@@ -74,7 +74,7 @@ class ReferenceViews(Dataset):
         path = Path(self.source.root) / self.source.files[i]
         try:
             with Image.open(path) as f:
-                img = f.convert("RGB")
+                img = ImageOps.exif_transpose(f).convert("RGB")  # upright, as DALI's decoder turns it
         except (OSError, ValueError, SyntaxError) as e:  # PIL's ways of saying "not an image I can decode"
             raise DataError(f"{path}: cannot be decoded ({e}); run `mscn data scan {self.source.root}` and "
                             "use the file list it writes") from None

@@ -188,3 +188,17 @@ def test_a_refusal_blames_the_overrides_it_names_in_view_keys_too():
         load_config(None, ["method.ema_final=0.9"])
     with pytest.raises(ConfigError, match=r"data.num_threads: expected an integer or a string, got 2.5"):
         load_config(None, ["data.num_threads=2.5"])
+
+
+def test_a_home_relative_path_in_a_recipe_is_expanded(tmp_path, monkeypatch):
+    """'~/runs' in a YAML recipe (or a quoted override): no shell expands it, and
+    train.out_dir became a folder named '~' in the current one."""
+    import os
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data:\n  root: ~/data/train\n  val_root: ~/data/val\ntrain:\n  out_dir: ~/runs/a\n")
+    cfg = load_config(str(recipe), ["data.synthetic_dir='~/synth'"])
+    assert (cfg.data.root, cfg.data.val_root, cfg.train.out_dir, cfg.data.synthetic_dir) == (
+        os.path.join(tmp_path, "data/train"), os.path.join(tmp_path, "data/val"), os.path.join(tmp_path, "runs/a"),
+        os.path.join(tmp_path, "synth"))

@@ -78,3 +78,74 @@ def test_an_evaluation_loader_names_a_non_image_instead_of_crashing(tmp_path):
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
     assert f"DataError: {root / 'c0' / 'x.jpg'}: no JPEG, PNG" in proc.stderr
     assert f"run `mscn data scan {root} --out LIST.txt`" in proc.stderr
+
+
+def _cut_short(tmp_path, data: bytes):
+    from mscn.data.headers import HEAD_BYTES, cut_short
+
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        head = os.read(fd, HEAD_BYTES)
+        return cut_short(fd, header_kind(head), head, len(data))
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "BMP", "TIFF", "WEBP"])
+def test_a_file_with_only_its_signature_or_cut_short_is_named_and_a_whole_one_is_not(tmp_path, fmt):
+    """DALI 2.4 segfaults when two undecodable samples meet in one batch (a damaged file
+    repeated to pad a shard's last batch is enough), whatever their header says: a file cut
+    short, or a signature followed by zeros, is found by its first and last bytes."""
+    whole = _encoded(fmt)
+    for mode in ("RGB", "L", "P") if fmt != "JPEG" else ("RGB", "L"):
+        assert _cut_short(tmp_path, _encoded(fmt, mode)) is None, mode
+    signature = {"JPEG": 3, "PNG": 8, "BMP": 2, "TIFF": 4, "WEBP": 15}[fmt]
+    zeros = whole[:signature] + bytes(len(whole))
+    assert _cut_short(tmp_path, zeros) is not None
+    if fmt != "TIFF":  # a TIFF may keep its directory first: cut at its end, it still points inside
+        assert _cut_short(tmp_path, whole[:len(whole) * 2 // 3]) is not None
+
+
+def test_a_jpeg_with_data_after_its_end_marker_is_whole_and_one_cut_inside_its_header_is_not(tmp_path):
+    jpeg = _encoded("JPEG")
+    assert _cut_short(tmp_path, jpeg + b"\x00" * 64 + b"a camera's trailer") is None
+    png = _encoded("PNG")
+    assert _cut_short(tmp_path, png + b"trailing bytes") is None
+    for n in (4, 20, 100, jpeg.find(b"\xff\xda") + 4):
+        assert _cut_short(tmp_path, jpeg[:n]) == "a JPEG cut short: it ends before its image data does"
+
+
+def test_an_evaluation_loader_names_two_files_cut_short_instead_of_crashing(tmp_path):
+    """Two JPEGs cut short in a batch of 32: DALI 2.4 segfaulted in 3 runs of 3 (status
+    139, one line of its JPEG parser); the loader names the first before DALI reads it. A
+    file list gets the same check: a file changed after the scan that wrote it."""
+    from eval_testdata import make_image_folder
+
+    root = make_image_folder(tmp_path / "val", classes=2, per_class=12)
+    good = (root / "c0" / "000.jpg").read_bytes()
+    (root / "c0" / "zz_cut.jpg").write_bytes(good[:100])
+    (root / "c1" / "zz_cut.jpg").write_bytes(good[:300])
+    code = ("import sys\n"
+            "from mscn.config import load_config\n"
+            "from mscn.pipelines.loader import build_eval_loader\n"
+            f"cfg = load_config('demo', ['data.root={root}'])\n"
+            "for b in build_eval_loader(cfg, sys.argv[1], batch_size=32):\n"
+            "    pass\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=240,
+                          env=env)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert (f"DataError: {root / 'c0' / 'zz_cut.jpg'}: a JPEG cut short: it ends before its image data does, "
+            "which DALI cannot decode; run `mscn data scan") in proc.stderr, proc.stderr[-2000:]
+    # the same images as a list: the check reads the files it names
+    listed = tmp_path / "val.txt"
+    listed.write_text("".join(f"{p.relative_to(root)} {int(p.parent.name[1:])}\n"
+                              for p in sorted(root.rglob("*.jpg")) if p.name != "zz_cut.jpg"))
+    (root / "c1" / "005.jpg").write_text("<html>503 Service Unavailable</html>")
+    proc = subprocess.run([sys.executable, "-c", code.replace("sys.argv[1]", f"sys.argv[1], file_list='{listed}'"),
+                           str(root)], capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert f"DataError: {root / 'c1' / '005.jpg'}: no JPEG, PNG" in proc.stderr, proc.stderr[-2000:]
+    assert "replace the file, or rescan and use the new list" in proc.stderr

@@ -844,3 +844,114 @@ def test_a_panorama_above_pils_bomb_limit_is_kept_not_called_corrupt(tmp_path):
     assert rep["counts"]["huge"] == 1 and rep["counts"]["corrupt"] == 0
     assert (tmp_path / "l.txt").read_text().split() == ["pano/p.jpg", "0"]
     assert PILImage.MAX_IMAGE_PIXELS == 89478485  # PIL's limit is back as it was
+
+
+def test_links_that_loop_or_lead_into_another_class_are_not_read(tmp_path):
+    """A symlink loop raised "Too many levels of symbolic links" out of scan, pretrain and
+    eval; a file linked in from another class was listed under both labels."""
+    import os
+
+    from mscn.data.source import resolve_source
+
+    root = tmp_path / "ds"
+    for rel in ("c0/a.jpg", "c0/b.jpg", "c1/c.jpg"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(_jpeg(seed=len(rel)))
+    os.symlink("loop.jpg", root / "c1" / "loop.jpg")  # a link to itself
+    os.symlink("../c0/a.jpg", root / "c1" / "also_a.jpg")  # another class's image
+    os.symlink("y", root / "x")  # two links to each other at the root
+    os.symlink("x", root / "y")
+    outside = tmp_path / "elsewhere.jpg"
+    outside.write_bytes(_jpeg(seed=9))
+    os.symlink(outside, root / "c1" / "linked_in.jpg")  # from other storage: read
+    want = [("c0/a.jpg", 0), ("c0/b.jpg", 0), ("c1/c.jpg", 1), ("c1/linked_in.jpg", 1)]
+    assert list_image_folder(root)[1] == want
+    assert list(zip(resolve_source(str(root)).files, resolve_source(str(root)).labels)) == want
+    report = scan(root, out=tmp_path / "l.txt", report=tmp_path / "l.scan.json", workers=1, progress=False)
+    assert report["num_kept"] == 4
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "a.jpg").write_bytes(_jpeg(seed=1))
+    os.symlink("self.jpg", flat / "self.jpg")
+    assert resolve_source(str(flat)).files == ("a.jpg",)
+
+
+def test_a_name_that_is_not_utf8_is_named_and_left_out_by_the_scan(tmp_path):
+    """A Latin-1 name (b'caf\\xe9.jpg'): the scan stopped in a UnicodeEncodeError writing its
+    list, and training in DALI's "Unsupported argument type with name files"."""
+    import os
+
+    from mscn.data.source import resolve_source
+
+    root = tmp_path / "ds"
+    (root / "c0").mkdir(parents=True)
+    (root / "c0" / "ok.jpg").write_bytes(_jpeg(seed=1))
+    with open(os.fsencode(root / "c0") + b"/caf\xe9.jpg", "wb") as f:
+        f.write(_jpeg(seed=2))
+    with pytest.raises(DataError, match=r"ds/c0/caf\\xe9.jpg: a file name that is not valid UTF-8, which DALI's "
+                                        r"reader and file lists cannot take; rename it"):
+        resolve_source(str(root))
+    report = scan(root, out=tmp_path / "l.txt", report=tmp_path / "l.scan.json", workers=1, progress=False)
+    assert report["num_kept"] == 1 and report["counts"]["bad_name"] == 1
+    assert (tmp_path / "l.txt").read_text() == "c0/ok.jpg 0\n"
+
+
+def test_a_worker_that_dies_stops_the_pool_in_one_line():
+    """A pool worker killed (the out-of-memory killer): Pool replaced it and scan/pack waited
+    for its tasks forever."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal, sys, time\nfrom mscn.data.imagefolder import parallel_imap\n"
+            "from mscn.errors import run_cli\n"
+            "def work(x):\n    time.sleep(0.02)\n    return os.getpid()\n"
+            "def body():\n    for i, pid in enumerate(parallel_imap(work, list(range(400)), 2, 'scan /data/x', "
+            "progress=False)):\n        if i == 20:\n            os.kill(pid, signal.SIGKILL)\n    print('finished')\n"
+            "sys.exit(run_cli(body, 'mscn'))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr.strip().startswith("mscn: error: scan /data/x: a worker process died"), proc.stderr
+
+
+def test_scan_keeps_a_png_with_a_large_text_chunk(tmp_path):
+    """PIL refuses a zTXt chunk that inflates past 1 MiB ("Decompressed data too large"): the
+    scan called the PNG corrupt and left it out, though DALI decodes it."""
+    from PIL import PngImagePlugin
+
+    from mscn.data.scan import check_image
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "x" * 2**21, zip=True)
+    path = tmp_path / "prompt.png"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(path, pnginfo=info)
+    assert check_image(str(path), 0) == ([("non_jpeg", "PNG (DALI decodes it on the CPU)")], "PNG")
+    assert PngImagePlugin.MAX_TEXT_CHUNK == 2**20  # PIL's own limit, put back
+
+
+def test_a_scans_list_keeps_to_its_report_and_a_subset_does_not_replace_it(tmp_path):
+    """A label past the report's classes (a line edited by hand) scored as a class of its own
+    in kNN; `data subset --out` onto the scan's own list replaced the whole set's list with a
+    1 % one, the report beside it still counting the whole set. A flat folder's name that
+    starts with a space is read back as written."""
+    from mscn.data.source import resolve_source
+
+    root = tmp_path / "ds"
+    for rel in ("c0/a.jpg", "c0/b.jpg", "c1/c.jpg", "c1/d.jpg"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(_jpeg(seed=len(rel)))
+    listed = tmp_path / "l.txt"
+    scan(root, out=listed, report=tmp_path / "l.scan.json", workers=1, progress=False)
+    whole = listed.read_text()
+    with pytest.raises(DataError, match=r"--out .*l.txt: the file list `mscn data scan` wrote"):
+        make_subset(listed, 0.5, out=listed)
+    assert listed.read_text() == whole
+    listed.write_text(whole.replace("c0/a.jpg 0", "c0/a.jpg 7"))
+    with pytest.raises(DataError, match=r"l.txt: label 7 \(c0/a.jpg\) is outside the 2 classes its scan report "
+                                        r"names \(0-1\)"):
+        resolve_source(str(listed))
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / " space first.jpg").write_bytes(_jpeg(seed=1))
+    (flat / "b.jpg").write_bytes(_jpeg(seed=2))
+    scan(flat, out=tmp_path / "f.txt", report=tmp_path / "f.scan.json", workers=1, progress=False)
+    assert resolve_source(str(tmp_path / "f.txt")).files == (" space first.jpg", "b.jpg")

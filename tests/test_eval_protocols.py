@@ -329,6 +329,15 @@ def test_labels_outside_the_training_classes_are_named_not_scored(data, tmp_path
             _run(protocol, *_common(data | {"val": str(tmp_path / "wds")}, tmp_path / f"w{protocol}{len(extra)}", *extra))
 
 
+def test_the_same_data_for_train_and_val_is_said(data, tmp_path, capsys):
+    """kNN over its own training images scores ~100 %: allowed, and said."""
+    small = ["--arch", "resnet18", "data.image_size=32", "data.val_resize=36"]
+    _run("knn", *_common(data | {"ckpt": "random", "val": data["train"]}, tmp_path / "k", *small))
+    assert "note: --train-root and --val-root are the same data" in capsys.readouterr().out
+    _run("knn", *_common(data | {"ckpt": "random"}, tmp_path / "k2", *small))
+    assert "same data" not in capsys.readouterr().out
+
+
 def test_random_init_names_the_recipe_it_took(data, tmp_path, capsys):
     small = ["--arch", "resnet18", "data.image_size=32", "data.val_resize=36"]
     _run("knn", *_common(data | {"ckpt": "random"}, tmp_path / "k", *small))

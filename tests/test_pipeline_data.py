@@ -99,8 +99,11 @@ def test_corrupt_jpeg_is_named(tmp_path):
     bad = root / "c1" / "zz_corrupt.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0" + b"not a jpeg" * 20)
     cfg = tiny_cfg(root, "train.global_batch=4")
-    for loader in (build_train_loader(cfg, apply_mask=False), build_eval_loader(cfg, str(root), batch_size=4)):
+    # the training loader names it when DALI fails on it; the evaluation loader before DALI reads it
+    for build in (lambda: build_train_loader(cfg, apply_mask=False), lambda: build_eval_loader(cfg, str(root),
+                                                                                               batch_size=4)):
         with pytest.raises(DataError) as e:
+            loader = build()
             for _ in range(2):
                 for _ in loader:
                     pass
@@ -215,8 +218,9 @@ def test_scan_out_list_is_usable_as_data_root_from_any_directory(tmp_path, monke
 
 def test_a_hand_built_loader_names_a_file_no_decoder_takes(tmp_path):
     """A DaliLoader built from views_pipeline by another project has no replay of its
-    reader: the file is found by its header instead. Damage inside a JPEG's data cannot be
-    found that way, and the message says the file is not named and which loader would."""
+    reader: the file is found by its first and last bytes instead (mscn.data.headers). Damage
+    inside a JPEG's data cannot be found that way, and the message says the file is not named
+    and which loader would."""
     from nvidia.dali.plugin.pytorch import LastBatchPolicy
 
     from mscn.config import ViewCfg
@@ -242,7 +246,10 @@ def test_a_hand_built_loader_names_a_file_no_decoder_takes(tmp_path):
 
     root = make_folder(tmp_path / "cut", classes=2, per_class=6)
     cut = root / "c1" / "cut.jpg"
-    cut.write_bytes(b"\xff\xd8\xff\xe0" + b"not a jpeg" * 20)  # a JPEG's header, then garbage
+    cut.write_bytes(b"\xff\xd8\xff\xe0" + b"not a jpeg" * 20)  # a JPEG's header, then garbage: cut short
+    msg = run(root)
+    assert msg.startswith(f"{cut}: cannot be decoded (a JPEG cut short"), msg
+    cut.write_bytes(b"\xff\xd8\xff\xe0" + b"not a jpeg" * 20 + b"\xff\xd9")  # ... and its end marker
     msg = run(root)
     assert msg.startswith(f"{root}: DALI failed while reading the dataset (") and \
         "a DaliLoader built without a replay cannot name the file" in msg, msg

@@ -70,6 +70,7 @@ SHOWN = 10  # excluded files named on the terminal after a scan
 
 
 def _scan(args) -> None:
+    from mscn.data.imagefolder import printable
     from mscn.data.scan import default_outputs, report_path_for, scan
 
     out, _ = default_outputs(args.root)
@@ -85,7 +86,7 @@ def _scan(args) -> None:
         print(f"scan: note: class folder {Path(args.root) / c} holds no usable image; it still takes a label")
     excluded = [i for i in r["issues"] if i["excluded"]]
     for i in excluded[:SHOWN]:  # the files a user goes to fix first; all of them are in the report
-        print(f"scan: excluded {Path(args.root) / i['path']}: {i['reason']} ({i['detail']})")
+        print(f"scan: excluded {printable(str(Path(args.root) / i['path']))}: {i['reason']} ({i['detail']})")
     if len(excluded) > SHOWN:
         print(f"scan: ... and {len(excluded) - SHOWN} more excluded, each named in the report")
     print(f"scan: file list -> {out}")

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import signal
 import unicodedata
-from multiprocessing import Pool
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -58,8 +59,25 @@ def entries(path) -> list[os.DirEntry]:
         return list(it)
 
 
+def is_dir(e: os.DirEntry) -> bool:
+    """``e.is_dir()``, following links; False for a link that loops (ELOOP) or that cannot be
+    followed, which ``DirEntry.is_dir`` raises as an OSError."""
+    try:
+        return e.is_dir()
+    except OSError:
+        return False
+
+
+def is_file(e: os.DirEntry) -> bool:
+    """``e.is_file()``, following links; False for a link that loops or cannot be followed."""
+    try:
+        return e.is_file()
+    except OSError:
+        return False
+
+
 def _has_subdir(path: Path) -> bool:
-    return any(e.is_dir() for e in entries(path))
+    return any(is_dir(e) for e in entries(path))
 
 
 def find_classes(root: str | os.PathLike) -> list[str]:
@@ -70,9 +88,9 @@ def find_classes(root: str | os.PathLike) -> list[str]:
     if not root.is_dir():
         raise DataError(f"{root}: not a directory; pass an ImageFolder root (ROOT/<class>/<image>)")
     listed = [e for e in entries(root) if not hidden(e.name)]  # once, for the checks below
-    classes = sorted(e.name for e in listed if e.is_dir())
+    classes = sorted(e.name for e in listed if is_dir(e))
     if not classes:
-        files = [e.name for e in listed if e.is_file()]
+        files = [e.name for e in listed if is_file(e)]
         if not files:
             raise DataError(f"{root}: empty folder, no class sub-folders; expected ROOT/<class>/<image>")
         # files but no class folders: say what they are, since the fix depends on it
@@ -81,7 +99,7 @@ def find_classes(root: str | os.PathLike) -> list[str]:
                 if tars else f"{len(files)} file(s) directly in it, e.g. {sorted(files)[0]}")
         raise DataError(f"{root}: no class sub-folders but {what}; an ImageFolder (ROOT/<class>/<image>) is "
                         "expected here")
-    loose = sorted(e.name for e in listed if e.is_file() and is_image_name(e.name))
+    loose = sorted(e.name for e in listed if is_file(e) and is_image_name(e.name))
     if loose:
         # both shapes at once: an ImageFolder would leave the top's images out without a word
         # (torchvision's does), a flat folder the sub-folders'; neither guess is safe
@@ -122,12 +140,46 @@ def walk_class(root: Path, cls: str, images_only: bool = True) -> list[str]:
             entries = sorted((e for e in it if not hidden(e.name)), key=lambda e: e.name)
         subdirs = []
         for e in entries:
-            if e.is_dir():  # follows symlinks, as os.walk(followlinks=True) did
+            if is_dir(e):  # follows symlinks, as os.walk(followlinks=True) did
                 subdirs.append((folder / e.name, f"{rel_dir}/{e.name}"))
-            elif e.is_file() and not (images_only and not is_image_name(e.name)):
+            elif is_file(e) and not (images_only and not is_image_name(e.name)):
+                if e.is_symlink() and _into_another_class(os.path.realpath(e.path), top, own):
+                    continue  # another class's image (or the root's): it would be listed under two labels
                 found.append(f"{rel_dir}/{e.name}")
         stack += reversed(subdirs)  # depth first in name order, as os.walk: the first alias of a folder wins
     return sorted(found)
+
+
+def _into_another_class(real: str, top: str, own: str) -> bool:
+    """Whether the real path ``real`` of a linked file lies in the dataset ``top`` outside
+    the class folder ``own``."""
+    return real.startswith(top + os.sep) and not real.startswith(own + os.sep)
+
+
+def not_utf8(name: str) -> bool:
+    """Whether a file name (as Python decodes it from the file system) is not valid UTF-8:
+    a file list, the scan's report and DALI's reader (which takes the names as UTF-8
+    strings) cannot hold it. Such a name comes from a Latin-1 system, e.g. b'caf\\xe9.jpg'."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def check_names(root, samples: list[tuple[str, int]]) -> None:
+    """One DataError naming the first sample whose name is not valid UTF-8 (:func:`not_utf8`):
+    DALI's reader stopped with "Unsupported argument type with name files", naming none."""
+    bad = next((rel for rel, _ in samples if not_utf8(rel)), None)
+    if bad is not None:
+        raise DataError(f"{printable(str(Path(root) / bad))}: a file name that is not valid UTF-8, which DALI's "
+                        f"reader and file lists cannot take; rename it (`mscn data scan {root}` lists every such "
+                        "file as bad_name and leaves it out)")
+
+
+def printable(name: str) -> str:
+    """A file name as text any terminal takes: its bytes that are not UTF-8 as ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 UNLABELLED = -1  # the label of a sample without one (flat folders, lists and shards without labels)
@@ -139,15 +191,15 @@ def is_flat_folder(root: str | os.PathLike) -> bool:
     if not root.is_dir():
         return False
     listed = entries(root)  # once: a flat folder may hold a million images
-    return (not any(e.is_dir() and not hidden(e.name) for e in listed)
-            and any(e.is_file() and is_image_name(e.name) for e in listed))
+    return (not any(is_dir(e) and not hidden(e.name) for e in listed)
+            and any(is_file(e) and is_image_name(e.name) for e in listed))
 
 
 def list_flat_folder(root: str | os.PathLike) -> list[tuple[str, int]]:
     """``[(name, -1), ...]``, sorted: the images directly in ``root``, unlabelled."""
     root = Path(root)
     return [(e.name, UNLABELLED) for e in sorted(entries(root), key=lambda e: e.name)
-            if e.is_file() and not hidden(e.name) and is_image_name(e.name)]
+            if is_file(e) and not hidden(e.name) and is_image_name(e.name)]
 
 
 def nfc(name: str) -> str:
@@ -225,7 +277,9 @@ def parallel_imap(fn: Callable, tasks: list, workers: int | None, desc: str, pro
 
     ``workers`` defaults to every core this process may use (its affinity); 1 runs in this
     process (no pickling, easy to debug). Callers must not depend on the order: results
-    arrive as they finish.
+    arrive as they finish. A worker that dies (the kernel's out-of-memory killer, a crash in
+    a decoder) is one DataError: ``multiprocessing.Pool`` replaced it and waited for its
+    tasks forever (scan and pack hung at 1484/1500).
     """
     workers = max(1, min(workers or usable_cores(), len(tasks)))
     with tqdm(total=len(tasks), desc=desc, unit="file", disable=not progress) as bar, _stop_on_sigterm(desc):
@@ -234,14 +288,37 @@ def parallel_imap(fn: Callable, tasks: list, workers: int | None, desc: str, pro
                 yield fn(task)
                 bar.update()
             return
-        pool = Pool(workers, initializer=_worker_init)
+        size = max(1, min(16, len(tasks) // (4 * workers)))
+        pool = ProcessPoolExecutor(workers, initializer=_worker_init)
         try:
-            for result in pool.imap_unordered(fn, tasks, chunksize=max(1, min(16, len(tasks) // (4 * workers)))):
-                yield result
-                bar.update()
+            pending = [pool.submit(_run_chunk, fn, tasks[i:i + size]) for i in range(0, len(tasks), size)]
+            for done in as_completed(pending):
+                try:
+                    results = done.result()
+                except BrokenProcessPool:
+                    raise DataError(f"{desc}: a worker process died (killed, e.g. by the kernel when memory ran "
+                                    "out, or crashed); what it had done is not written: rerun the same command "
+                                    "(with fewer --workers if memory ran out)") from None
+                for result in results:
+                    yield result
+                    bar.update()
         finally:  # also on an exception in fn, a stop, or an abandoned generator
-            pool.terminate()
-            pool.join()
+            procs = _processes(pool)  # before shutdown, which forgets them
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in procs:  # the running tasks too: as Pool.terminate() did
+                proc.terminate()
+            for proc in procs:
+                proc.join()
+
+
+def _run_chunk(fn: Callable, chunk: list) -> list:
+    return [fn(task) for task in chunk]
+
+
+def _processes(pool: ProcessPoolExecutor) -> list:
+    """The pool's worker processes (``ProcessPoolExecutor`` keeps them in ``_processes``;
+    Python 3.14's ``terminate_workers`` is the public way, not in 3.10-3.13)."""
+    return list((getattr(pool, "_processes", None) or {}).values())
 
 
 def _worker_init() -> None:

@@ -13,6 +13,7 @@ it on purpose (``tiny``). The dataset itself is never written to.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -21,10 +22,11 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from mscn.data.imagefolder import (DALI_FORMATS, SPLIT_NAMES, UNLABELLED, hidden, is_flat_folder, is_image_name,
-                                   list_image_folder, parallel_imap)
+from mscn.data.headers import jpeg_ends
+from mscn.data.imagefolder import (DALI_FORMATS, SPLIT_NAMES, UNLABELLED, entries, hidden, is_file, is_flat_folder,
+                                   is_image_name, list_image_folder, not_utf8, parallel_imap)
 from mscn.errors import DataError
 from mscn.paths import not_creatable, write_atomic
 
@@ -41,45 +43,17 @@ def _is_gray_palette(img: Image.Image) -> bool:
     return all(pal[i] == pal[i + 1] == pal[i + 2] for i in range(0, len(pal) - 2, 3))
 
 
-def _jpeg_ends(data: bytes) -> bool:
-    """Whether the JPEG reaches its end-of-image marker (FFD9): walk the markers from the
-    start, skipping each segment by its length and each scan's entropy-coded data up to the
-    next marker (inside that data a 0xFF byte is followed only by 0x00 or a restart marker).
-    False when the file ends before that marker: a download cut short, or its end
-    overwritten with zeros, which PIL, libjpeg and nvJPEG decode as gray with at most a
-    warning. Whatever follows the first image's end (a camera's trailer, an MP4 of a motion
-    photo, an MPF second image) is not read. A header this walk cannot follow is left to the
-    decoder, which has already accepted the file."""
-    n = len(data)
-    if data[:2] != b"\xff\xd8":
-        return True
-    i = 2
-    while i + 1 < n:
-        if data[i] != 0xFF:
-            return True  # not a marker where one should be: the decoder's business
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            i += 1
-            continue
-        if marker == 0xD9:
-            return True
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
-            i += 2
-            continue
-        if i + 3 >= n:
-            return False
-        i += 2 + ((data[i + 2] << 8) | data[i + 3])
-        if marker == 0xDA:  # start of scan: skip its entropy-coded data
-            while True:
-                k = data.find(b"\xff", i)
-                if k < 0 or k + 1 >= n:
-                    return False  # the file ends inside the scan
-                if data[k + 1] == 0x00 or 0xD0 <= data[k + 1] <= 0xD7 or data[k + 1] == 0xFF:
-                    i = k + 1 if data[k + 1] == 0xFF else k + 2
-                    continue
-                i = k
-                break
-    return False
+@contextlib.contextmanager
+def _png_text_limits():
+    """PIL refuses a PNG whose text or ICC chunk inflates past 1 MiB (a generator's prompt
+    in zTXt, a large profile) as "Decompressed data too large": no damage, and DALI decodes
+    the pixels. The scan raises the limits to 64 MiB a chunk while it reads one file."""
+    saved = PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY
+    PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY = 64 * 2**20, 256 * 2**20
+    try:
+        yield
+    finally:
+        PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY = saved
 
 
 def _header_only(data: bytes) -> Image.Image | None:
@@ -101,6 +75,8 @@ def check_image(path: str, min_size: int) -> tuple[list[tuple[str, str]], str | 
         return [("ignored", "no image extension (ImageFolder and DALI skip it)")], None
     if "\n" in path or "\r" in path:  # one line per file: the list would split it in two
         return [("bad_name", "a line break in its name, which a file list cannot hold; rename it")], None
+    if not_utf8(path):  # a Latin-1 name: the list is UTF-8, and DALI takes names as UTF-8 strings
+        return [("bad_name", "a name that is not valid UTF-8, which a file list cannot hold; rename it")], None
     try:
         with open(path, "rb") as f:  # read once: PIL decodes these bytes, the JPEG end check walks them
             data = f.read()
@@ -109,7 +85,7 @@ def check_image(path: str, min_size: int) -> tuple[list[tuple[str, str]], str | 
     if not data:
         return [("zero_byte", "empty file")], None
     issues = []
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, _png_text_limits():
         warnings.simplefilter("always")
         try:
             img = Image.open(io.BytesIO(data))
@@ -134,7 +110,7 @@ def check_image(path: str, min_size: int) -> tuple[list[tuple[str, str]], str | 
         if fmt not in DALI_FORMATS:
             return [("no_dali_decoder", f"a {fmt} image: DALI cannot decode it (convert it to JPEG or PNG)")], fmt
         gray = mode in _GRAY_MODES or (mode in ("P", "PA") and _is_gray_palette(img))
-        if fmt == "JPEG" and not _jpeg_ends(data):
+        if fmt == "JPEG" and not jpeg_ends(data):
             return [("truncated", "no end-of-image marker after the image data: an incomplete file (a "
                                   "download cut short, or its end overwritten with zeros); decoders fill the "
                                   "missing part with gray without an error")], fmt
@@ -227,8 +203,8 @@ def write_file_list(path, samples: list[tuple[str, int]], root) -> Path:
 def _flat_files(root: Path) -> list[tuple[str, int]]:
     """Every visible file directly in a flat folder, unlabelled; not only the image names,
     so that the scan reports what is not an image."""
-    return [(e.name, UNLABELLED) for e in sorted(os.scandir(root), key=lambda e: e.name)
-            if e.is_file() and not hidden(e.name)]
+    return [(e.name, UNLABELLED) for e in sorted(entries(root), key=lambda e: e.name)
+            if is_file(e) and not hidden(e.name)]
 
 
 def scan(root, out=None, report=None, min_size: int = 0, workers: int | None = None,
@@ -312,7 +288,7 @@ class _FilesUnder:
         if names is None:
             try:
                 with os.scandir(os.path.join(self.root, folder)) as it:
-                    names = frozenset(e.name for e in it if e.is_file())
+                    names = frozenset(e.name for e in it if is_file(e))
             except OSError:  # no such folder, not a folder, not listable (a stat may still work)
                 names = frozenset()
             self.listed[folder] = names
@@ -351,12 +327,14 @@ def read_file_list(path, root, root_note: str | None = None) -> list[tuple[str, 
         if labelled is None:  # the first line decides: 'relpath label' lines, or bare relpaths (unlabelled)
             labelled = len(parts) == 2 and is_label(parts[1])
         if not labelled:
-            rel, label = line.strip(), -1
+            rel, label = line.rstrip(), -1  # a name may start with a space (the scan writes it so)
         elif len(parts) != 2 or not is_label(parts[1]):
             raise DataError(f"{path}:{lineno}: expected 'relative/path label' like line 1 (a label is a class "
                             f"number, an integer >= 0), got {line!r}")
         else:
             rel, label = parts[0], int(parts[1])
+        if rel != rel.lstrip() and not present(rel) and present(rel.lstrip()):
+            rel = rel.lstrip()  # an indented line of a list written by hand
         if not present(rel):
             missing.append((lineno, rel))
         samples.append((rel, label))

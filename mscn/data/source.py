@@ -35,8 +35,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mscn.data.imagefolder import (UNLABELLED, class_labels, hidden, is_flat_folder, list_flat_folder,
-                                   list_image_folder, nfc)
+from mscn.data.imagefolder import (UNLABELLED, check_names, class_labels, hidden, is_flat_folder,
+                                   list_flat_folder, list_image_folder, nfc)
 from mscn.data.scan import read_file_list, report_path_for
 from mscn.data.shardindex import read_ends, start_fault
 from mscn.errors import DataError
@@ -143,8 +143,10 @@ def resolve_source(path: str, fmt: str = "auto", file_root: str | None = None,
     kind = detect_format(p) if fmt == "auto" else fmt
     if kind == "folder":
         if is_flat_folder(p):  # images, no class folders: unlabelled
-            return _file_source("folder", p, list_flat_folder(p), ())
-        names, samples = list_image_folder(p, classes=classes)
+            samples, names = list_flat_folder(p), ()
+        else:
+            names, samples = list_image_folder(p, classes=classes)
+        check_names(p, samples)
         return _file_source("folder", p, samples, names)
     if kind == "filelist":
         if not p.is_file():
@@ -152,12 +154,16 @@ def resolve_source(path: str, fmt: str = "auto", file_root: str | None = None,
         root, guessed = list_root(p, file_root)
         samples = read_file_list(p, root, guessed)
         own = report_classes(p)
+        top = max((lab for _, lab in samples if lab != UNLABELLED), default=-1)
+        if own and top >= len(own):  # a line edited by hand: kNN would score it as a class of its own
+            rel = next(r for r, lab in samples if lab == top)
+            raise DataError(f"{p}: label {top} ({rel}) is outside the {len(own)} classes its scan report names "
+                            f"(0-{len(own) - 1}); mend the line, or rescan")
         if classes is not None and own:  # the scan report names the list's classes: map them
             remap = class_labels(own, classes, p)
             samples = [(rel, lab if lab == UNLABELLED else remap[lab]) for rel, lab in samples]
             own = list(classes)
         elif classes:  # no names: its labels are taken as the label set's numbers
-            top = max((lab for _, lab in samples if lab != UNLABELLED), default=-1)
             if top >= len(classes):
                 rel = next(r for r, lab in samples if lab == top)
                 raise DataError(f"{p}: label {top} ({rel}) is outside the {len(classes)} classes of the training "

@@ -79,6 +79,11 @@ def check_replaceable(out: Path) -> None:
         return
     if out.is_dir():
         raise DataError(f"--out {out}: a folder; pass a file name for the list")
+    if report_path_for(out).is_file():  # a scan's list: the subset would replace the whole set's list,
+        # and the report beside it would still count the whole set
+        raise DataError(f"--out {out}: the file list `mscn data scan` wrote (its report {report_path_for(out).name} "
+                        "is beside it); a subset goes to a file of its own, e.g. --out "
+                        f"{out.with_name(out.stem + '_subset' + out.suffix)}")
     try:
         lines = [ln for ln in out.read_text().splitlines() if ln.strip()]
     except (OSError, UnicodeDecodeError):

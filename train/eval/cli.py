@@ -68,6 +68,10 @@ def _prepare(args, protocol: str):
         if not Path(getattr(args, flag)).exists():  # named by its flag: the loader only knows config keys
             raise MscnError(f"eval {protocol}: --{flag.replace('_', '-')} {getattr(args, flag)}: no such file "
                             "or directory")
+    if Path(args.train_root).resolve() == Path(args.val_root).resolve() and os.environ.get("RANK", "0") == "0":
+        # allowed (a sanity check of a pipeline), but a score of ~100 % says nothing of the encoder
+        print(f"[mscn] note: --train-root and --val-root are the same data ({args.val_root}): the scores measure "
+              "how well the training images are recalled, not how the features generalize", flush=True)
     backbone, arch, cfg = load_pretrained(**_checkpoint(args), arch=args.arch, overrides=args.overrides,
                                           config=args.config, strict=args.strict)
     if args.ckpt == "random" and not args.config and os.environ.get("RANK", "0") == "0":

@@ -29,7 +29,7 @@ except ImportError:
 
 import torch  # noqa: E402
 import torchvision.transforms.functional as TF  # noqa: E402
-from PIL import Image, UnidentifiedImageError  # noqa: E402
+from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
 from torch import nn  # noqa: E402
 
 from mscn.config import Config  # noqa: E402
@@ -53,8 +53,10 @@ def find_image(root: str | Path) -> Path:
 def load_image(path: str | Path, cfg: Config) -> torch.Tensor:
     """(1, 3, S, S) normalised tensor: resize shorter side, center crop (eval views)."""
     try:
-        img = Image.open(path).convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
+        with Image.open(path) as f:
+            img = ImageOps.exif_transpose(f).convert("RGB")  # upright, as DALI's decoder turns it
+    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+        # ValueError: a text chunk above PIL's limit; a decompression bomb: a header claiming gigapixels
         raise DataError(f"{path}: cannot read the image ({e})") from None
     img = TF.center_crop(TF.resize(img, cfg.data.val_resize), cfg.data.image_size)
     x = TF.pil_to_tensor(img).float().unsqueeze(0)  # 0..255, as DALI's normalize sees it
