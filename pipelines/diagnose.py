@@ -185,7 +185,7 @@ def explain(err: Exception, source: Source, replay, runs_done: int) -> MscnError
         fix = (f"run `mscn data scan {source.root}` and use the file list it writes (a labelled subset: "
                "`mscn data subset` of that list)")
     else:
-        fix = f"run `mscn data scan {source.root}` and train from the file list it writes"
+        fix = f"run `mscn data scan {source.root}` and use the file list it writes instead of the folder"
     named = _file_the_reader_names(reason)
     if named:  # the reader could not open or map it: an empty or unreadable file, said as such
         return DataError(f"{named[0]}: {named[1]} (DALI: {reason}); {fix}")

@@ -346,3 +346,23 @@ def test_small_views_are_not_refused_for_a_mask_they_never_draw(folder):
     assert next(iter(build_eval_loader(cfg, str(folder), batch_size=4))).views[0].shape == (4, 3, 24, 24)
     unmasked = dataclasses.replace(cfg, views=[dataclasses.replace(v, mask=MaskCfg(ratio=0.0)) for v in cfg.views])
     assert len(build_train_loader(unmasked)) == 2
+
+
+def test_two_pipelines_of_one_reader_seed_read_the_same_images(tmp_path):
+    """Multi-crop (docs/PIPELINE.md): one pipeline per view size, the same reader_seed, other
+    seeds and view counts; endless() keeps the two aligned across epochs."""
+    from mscn.pipelines import endless
+
+    folder = make_folder(tmp_path / "ds", classes=3, per_class=8)
+    source = resolve_source(str(folder))
+
+    def loader(views, size, seed):
+        pipe = views_pipeline(source, views, image_size=size, highpass=None, batch_size=4, num_threads=1,
+                              device_id=None, seed=seed, reader_seed=1234, shuffle_buffer=16)
+        return DaliLoader(pipe, source, len(views), policy="drop")
+
+    glob, local = loader([ViewCfg()] * 2, 32, seed=1), loader([ViewCfg()] * 3, 16, seed=2)
+    pairs = [(g.index.tolist(), l.index.tolist(), l.views[0].shape)
+             for _, g, l in zip(range(3 * len(glob)), endless(glob), endless(local))]
+    assert all(a == b for a, b, _ in pairs) and pairs[0][2] == (4, 3, 16, 16)
+    assert len({tuple(a) for a, _, _ in pairs}) > len(glob)  # the epochs differ: a new order each
