@@ -115,6 +115,14 @@ def test_a_jpeg_with_data_after_its_end_marker_is_whole_and_one_cut_inside_its_h
     assert _cut_short(tmp_path, png + b"trailing bytes") is None
     for n in (4, 20, 100, jpeg.find(b"\xff\xda") + 4):
         assert _cut_short(tmp_path, jpeg[:n]) == "a JPEG cut short: it ends before its image data does"
+    # past the 64 KiB looked at from the end: a long trailer (a motion photo's video) and a cut
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)).save(buf, "JPEG",
+                                                                                                   quality=95)
+    big = buf.getvalue()
+    assert len(big) > 2 * 64 * 1024
+    assert _cut_short(tmp_path, big + os.urandom(200_000).replace(b"\xff", b"\x00")) is None
+    assert _cut_short(tmp_path, big[:len(big) * 2 // 3]) == "a JPEG cut short: it ends before its image data does"
 
 
 def test_an_evaluation_loader_names_two_files_cut_short_instead_of_crashing(tmp_path):

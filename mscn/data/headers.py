@@ -12,7 +12,7 @@ one no decoder would take:
 
 - its first bytes: a JPEG, PNG, BMP, TIFF, JPEG 2000, WebP or PNM signature, and for PNG,
   BMP, TIFF and WebP the field after it that a file of zeros past its signature lacks;
-- its last bytes: a JPEG that does not end with its end-of-image marker is walked whole
+- its last bytes: a JPEG with no end-of-image marker in its last 64 KiB is walked whole
   (:func:`jpeg_ends`: a camera's trailer after the marker is fine, a file cut short is
   not); a PNG without its IEND chunk, a BMP or WebP shorter than its header says, is cut
   short.
@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from mscn.errors import DataError
 
 HEAD_BYTES = 32
+TAIL_BYTES = 64 * 1024  # a JPEG's end marker is looked for this far from its end before a whole read
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _BMP_DIB_SIZES = (12, 16, 40, 52, 56, 64, 108, 124)
 
@@ -60,7 +61,8 @@ def jpeg_ends(data: bytes) -> bool:
     overwritten with zeros, which PIL, libjpeg and nvJPEG decode as gray with at most a
     warning. Whatever follows the first image's end (a camera's trailer, an MP4 of a motion
     photo, an MPF second image) is not read. A header this walk cannot follow is left to the
-    decoder, which has already accepted the file."""
+    decoder (the scan's PIL has already decoded it; DALI decodes junk between markers with
+    a warning)."""
     n = len(data)
     if data[:2] != b"\xff\xd8":
         return True
@@ -96,10 +98,15 @@ def jpeg_ends(data: bytes) -> bool:
 def cut_short(fd: int, kind: str, head: bytes, size: int) -> str | None:
     """Why an open file (``fd``, of ``size`` bytes) whose ``head`` has the signature of
     ``kind`` cannot be that image: only its signature (zeros or junk after it), or it ends
-    before its image does; None when neither shows. Reads at most its last bytes, and a whole
-    JPEG only when it does not end with its end-of-image marker."""
+    before its image does; None when neither shows. Reads its last bytes (64 KiB of a JPEG),
+    and a whole JPEG only when no end-of-image marker is among them (a file cut short, or a
+    trailer longer than that: a motion photo's video)."""
     if kind == "JPEG":
-        if size >= 4 and os.pread(fd, 2, size - 2) == b"\xff\xd9":
+        tail = os.pread(fd, min(size, TAIL_BYTES), max(0, size - TAIL_BYTES))
+        if tail.endswith(b"\xff\xd9") or (size > TAIL_BYTES and b"\xff\xd9" in tail):
+            # an end marker near the end: a trailer after it (a phone's metadata) is common, and
+            # coded image data never holds one (its 0xFF bytes are stuffed); only the start of
+            # a file holds another image's (its EXIF thumbnail)
             return None
         data = os.pread(fd, size, 0)
         if not jpeg_ends(data):
