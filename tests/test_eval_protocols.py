@@ -329,6 +329,23 @@ def test_labels_outside_the_training_classes_are_named_not_scored(data, tmp_path
             _run(protocol, *_common(data | {"val": str(tmp_path / "wds")}, tmp_path / f"w{protocol}{len(extra)}", *extra))
 
 
+def test_a_class_with_no_training_image_is_named(data, tmp_path):
+    """kNN: a val class whose training folder is empty can never be voted for; the line names
+    the class, not only a numbering mismatch."""
+    import shutil
+
+    from mscn.errors import DataError
+
+    train = tmp_path / "train"
+    shutil.copytree(data["train"], train)
+    for f in (train / "c2").iterdir():
+        f.unlink()
+    small = ["--arch", "resnet18", "data.image_size=32", "data.val_resize=36"]
+    with pytest.raises(DataError, match=r"label\(s\) 2 \('c2'\) that no training sample has: a class folder of "
+                                        r"the training set with no image in it"):
+        _run("knn", *_common(data | {"ckpt": "random", "train": str(train)}, tmp_path / "k", *small))
+
+
 def test_the_same_data_for_train_and_val_is_said(data, tmp_path, capsys):
     """kNN over its own training images scores ~100 %: allowed, and said."""
     small = ["--arch", "resnet18", "data.image_size=32", "data.val_resize=36"]

@@ -79,6 +79,9 @@ def knn_eval(backbone: nn.Module, train_loader, val_loader, rt: Runtime, k: int 
     # shard's .cls, a file list's labels), which would score silently low
     unknown = sorted(set(val_y.unique().tolist()) - set(train_y.unique().tolist()))
     if unknown:
-        raise DataError(f"{data_name(val_loader)}: label(s) {', '.join(map(str, unknown[:5]))} that no training sample has; its "
-                        "labels (a shard's .cls, a file list's numbers) do not match the training set's classes")
+        names = getattr(getattr(train_loader, "source", None), "classes", ()) or ()
+        shown = ", ".join(f"{u} ({names[u]!r})" if 0 <= u < len(names) else str(u) for u in unknown[:5])
+        raise DataError(f"{data_name(val_loader)}: label(s) {shown} that no training sample has: a class folder of "
+                        f"the training set with no image in it, or labels (a shard's .cls, a file list's numbers) "
+                        f"that do not match the training set's classes")
     return knn_classify(train_f, train_y, val_f, val_y, k, T)
