@@ -225,7 +225,10 @@ def test_workers_checkpoint_and_stop_when_torchrun_is_killed(dataset, tmp_path):
                 time.sleep(0.5)
 
 
-def test_online_knn_monitor_logs_every_n_epochs(dataset, tmp_path, capsys):
+def test_online_knn_monitor_logs_every_n_epochs(dataset, base_run, tmp_path, capsys):
+    """The monitor logs after epochs 1 and 2, and changes nothing the run computes: the
+    weights after step 16 are those of the same run without it, to the bit (which is why
+    ``train.knn_every_epochs`` may change on a resume, rundir.NEUTRAL)."""
     out = tmp_path / "knn"
     run_pretrain(load_config(None, overrides(dataset, out, "train.max_steps=16", "train.knn_every_epochs=1",
                                              f"data.val_root={dataset}", "eval.linear_batch=16")), resume=None)
@@ -237,6 +240,10 @@ def test_online_knn_monitor_logs_every_n_epochs(dataset, tmp_path, capsys):
     assert "img_s=nan" not in captured.err  # the bar keeps its last real figure
     # the kNN line is written above the bar (tqdm.write), on a line of its own
     assert [ln for ln in captured.out.splitlines() if "kNN top-1" in ln][0].startswith("[mscn] epoch 1: kNN top-1")
+    without = ckpt.load_checkpoint(base_run[0] / "checkpoints" / "ckpt_00000016.pt")["model"]
+    with_monitor = ckpt.load_checkpoint(out / "final.pt")["model"]
+    assert without.keys() == with_monitor.keys()
+    assert all(torch.equal(without[k], with_monitor[k]) for k in without)
 
 
 def test_knn_monitor_without_val_root_is_switched_off_with_a_notice(dataset, tmp_path, capsys):
