@@ -549,7 +549,7 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int 
     ``cfg.data.root`` holds now is refused (:class:`LoaderStateMismatch`). source: the
     resolved ``cfg.data.root``, when the caller has it already (resolving lists every file).
     """
-    from mscn.config import Config, checked, typed
+    from mscn.config import Config, typed, validate
     from mscn.pipelines.readers import resolve_source
 
     check_placement(rank, world_size, local_rank, device)
@@ -557,7 +557,7 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int 
     # a batch of 2): another project's trainer may take one view or debug with one image
     cfg = typed(cfg, Config)
     # apply_mask=False: the views' masks are never drawn, so their grids need not fit the views
-    checked(cfg if apply_mask else dataclasses.replace(cfg, views=[
+    validate(cfg if apply_mask else dataclasses.replace(cfg, views=[
         dataclasses.replace(v, mask=dataclasses.replace(v.mask, ratio=0.0)) for v in cfg.views]),
         "<config>", world_size=world_size, siamese=False)
     source = source or resolve_source(cfg.data.root, cfg.data.format)
@@ -600,7 +600,7 @@ def build_eval_loader(cfg, root: str, rank: int = 0, world_size: int = 1, local_
     shuffled, DROP. batch_size is per rank (default ``eval.linear_batch / world_size``).
     classes: the label set (the train root's classes) that ``root``'s labels map into by name.
     """
-    from mscn.config import Config, checked, is_integer, typed
+    from mscn.config import Config, is_integer, typed, validate
     from mscn.data.headers import check_headers
     from mscn.data.source import eval_root_setting
     from mscn.pipelines.eval_pipeline import eval_pipeline
@@ -611,7 +611,8 @@ def build_eval_loader(cfg, root: str, rank: int = 0, world_size: int = 1, local_
         raise ValueError(f"batch_size: expected an integer >= 1 (images per rank) or None, got {batch_size!r}")
     # checked with the one view it reads: the recipe's training views (their mask grids, say)
     # do not apply to evaluation views, which may be smaller
-    cfg = checked(dataclasses.replace(typed(cfg, Config), views=[linear_probe_view()]), siamese=False)
+    cfg = dataclasses.replace(typed(cfg, Config), views=[linear_probe_view()])
+    validate(cfg, siamese=False)
     if file_list:
         source = resolve_source(file_list, "filelist", file_root=root, classes=classes, what="file_list")
     else:

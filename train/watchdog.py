@@ -63,6 +63,12 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+def _phase_name(mark: tuple) -> str:
+    """A mark's phase as the lines name it: "the wait for the batch of step 5" (``_SAYS``)."""
+    phase, step = mark[0], mark[1]
+    return _SAYS.get(phase, ("", phase + " of step {step}"))[1].format(step=step)
+
+
 class StallWatch:
     """A daemon thread that reports a phase of the loop lasting ``after_s`` seconds or more.
 
@@ -112,8 +118,7 @@ class StallWatch:
             mark = self._mark
             phase, step, since = mark
             if stalled is not None and mark is not stalled:
-                name = _SAYS.get(stalled[0], ("", stalled[0]))[1].format(step=stalled[1])
-                self._say(f"moving again: {name} took {_seconds(mark[2] - stalled[2])}")
+                self._say(f"moving again: {_phase_name(stalled)} took {_seconds(mark[2] - stalled[2])}")
                 stalled = None
             idle = time.monotonic() - since
             if stalled is None and idle >= self.after_s:
@@ -134,10 +139,8 @@ class StallWatch:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as f:
-                # the phase as the stall line names it ("the wait for the batch of step 5")
-                what = _SAYS.get(mark[0], ("", f"{mark[0]} of step {{step}}"))[1].format(step=mark[1])
                 f.write(f"\n=== rank {self.rank} of {self.world_size}, {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                        f"{what}\n")
+                        f"{_phase_name(mark)}\n")
                 f.flush()
                 faulthandler.dump_traceback(file=f, all_threads=True)
         except OSError as e:  # a read-only or full folder

@@ -102,8 +102,10 @@ def cut_short(fd: int, kind: str, head: bytes, size: int) -> str | None:
     and a whole JPEG only when no end-of-image marker is among them (a file cut short, or a
     trailer longer than that: a motion photo's video)."""
     if kind == "JPEG":
+        if size >= 2 and os.pread(fd, 2, size - 2) == b"\xff\xd9":  # most JPEGs: 2 bytes read
+            return None
         tail = os.pread(fd, min(size, TAIL_BYTES), max(0, size - TAIL_BYTES))
-        if tail.endswith(b"\xff\xd9") or (size > TAIL_BYTES and b"\xff\xd9" in tail):
+        if size > TAIL_BYTES and b"\xff\xd9" in tail:
             # an end marker near the end: a trailer after it (a phone's metadata) is common, and
             # coded image data never holds one (its 0xFF bytes are stuffed); only the start of
             # a file holds another image's (its EXIF thumbnail)

@@ -154,25 +154,28 @@ def resolve_source(path: str, fmt: str = "auto", file_root: str | None = None,
         root, guessed = list_root(p, file_root)
         samples = read_file_list(p, root, guessed)
         own = report_classes(p)
-        top = max((lab for _, lab in samples if lab != UNLABELLED), default=-1)
-        if own and top >= len(own):  # a line edited by hand: kNN would score it as a class of its own
-            rel = next(r for r, lab in samples if lab == top)
-            raise DataError(f"{p}: label {top} ({rel}) is outside the {len(own)} classes its scan report names "
-                            f"(0-{len(own) - 1}); mend the line, or rescan")
+        if own:  # a line edited by hand: kNN would score it as a class of its own
+            _labels_within(p, samples, len(own), "classes its scan report names", "mend the line, or rescan")
         if classes is not None and own:  # the scan report names the list's classes: map them
             remap = class_labels(own, classes, p)
             samples = [(rel, lab if lab == UNLABELLED else remap[lab]) for rel, lab in samples]
             own = list(classes)
         elif classes:  # no names: its labels are taken as the label set's numbers
-            if top >= len(classes):
-                rel = next(r for r, lab in samples if lab == top)
-                raise DataError(f"{p}: label {top} ({rel}) is outside the {len(classes)} classes of the training "
-                                f"set (0-{len(classes) - 1}); without its scan report beside it the list's labels "
-                                "cannot be mapped by class name: write the list with `mscn data scan`")
+            _labels_within(p, samples, len(classes), "classes of the training set",
+                           "without its scan report beside it the list's labels cannot be mapped by class name: "
+                           "write the list with `mscn data scan`")
         return _file_source("filelist", root, samples, own)
     if kind == "wds":
         return _wds_source(p, classes)
     raise DataError(f"data.format={kind!r}: must be auto, folder, filelist or wds")
+
+
+def _labels_within(path: Path, samples: list[tuple[str, int]], n: int, what: str, fix: str) -> None:
+    """One DataError naming the highest label of a file list when it is not below ``n``."""
+    top = max((lab for _, lab in samples if lab != UNLABELLED), default=-1)
+    if top >= n:
+        rel = next(r for r, lab in samples if lab == top)
+        raise DataError(f"{path}: label {top} ({rel}) is outside the {n} {what} (0-{n - 1}); {fix}")
 
 
 def report_classes(list_path: Path) -> list[str]:
