@@ -17,6 +17,7 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def
 from PIL import Image, UnidentifiedImageError
 
+from mscn.data.headers import WDS_FIX
 from mscn.data.imagefolder import DALI_FORMATS
 from mscn.errors import DataError, MscnError
 from mscn.data.imagefolder import TAR_IMAGE_EXTS
@@ -57,30 +58,14 @@ def _undecodable(data: bytes) -> str | None:
     return None
 
 
-def _packed_origin(where: str) -> str:
-    """``tar:offset:member`` -> ``<original file> (tar:offset:member)`` through the sample's
-    ``.idx`` and ``sources.json`` (``mscn data pack``); unchanged when they are missing."""
-    from mscn.data.pack import source_file
-
-    tar, _, member = where.rsplit(":", 2)
-    original = source_file(tar, member)
-    return f"{original} (packed as {where})" if original else where
-
-
 def _stale_index(path: str) -> str | None:
     """When the shard of an undecodable sample (``... (packed as TAR:offset:member)`` or
     ``TAR:offset:member``) no longer matches its ``.idx`` (rewritten or appended to after
     indexing), the message to give instead of blaming the sample; else None."""
-    from mscn.data.shardindex import index_matches, stale_message
+    from mscn.data.shardindex import stale_note
 
     found = re.search(r"(\S+\.tar):\d+:[^)]*\)?$", path)
-    if not found:
-        return None
-    tar = found.group(1)
-    idx = os.path.splitext(tar)[0] + ".idx"
-    if not os.path.isfile(tar) or not os.path.isfile(idx) or index_matches(tar, idx):
-        return None
-    return stale_message(tar, idx)
+    return stale_note(found.group(1)) if found else None
 
 
 def _underful(reason: str, source: Source) -> str | None:
@@ -108,6 +93,8 @@ def _underful(reason: str, source: Source) -> str | None:
 def find_bad_sample(source: Source, replay, runs_done: int) -> tuple[str, str] | None:
     """(source_info, PIL's complaint) of the first undecodable sample among the batches
     that were in flight after ``runs_done`` batches, or None."""
+    from mscn.data.pack import packed_origin  # tar samples: named by the file they were packed from
+
     # DALI runs `prefetch` batches ahead, and DROP skips one padded batch per epoch
     per_epoch = max(1, -(-source.num_samples // replay.num_shards) // replay.batch_size)
     last = runs_done + replay.prefetch + 2 + runs_done // per_epoch
@@ -126,7 +113,7 @@ def find_bad_sample(source: Source, replay, runs_done: int) -> tuple[str, str] |
             if why:
                 where = np.array(info[i]).tobytes().decode(errors="replace")
                 # file readers report the path relative to file_root; tars "tar:offset:member"
-                return (_packed_origin(where) if source.kind == "wds" else os.path.join(source.root, where)), why
+                return (packed_origin(where) if source.kind == "wds" else os.path.join(source.root, where)), why
     return None
 
 
@@ -179,8 +166,7 @@ def explain(err: Exception, source: Source, replay, runs_done: int) -> MscnError
     if setting:
         return setting
     if source.kind == "wds":  # scan reads ImageFolders, not tar shards
-        fix = ("run `mscn data scan` on the ImageFolder these shards came from, then "
-               "`mscn data pack <its .filelist.txt> OUT` again")
+        fix = WDS_FIX
     elif source.kind == "filelist":  # a list of its own (a fine-tuning subset): draw it from the scan's
         fix = (f"run `mscn data scan {source.root}` and use the file list it writes (a labelled subset: "
                "`mscn data subset` of that list)")

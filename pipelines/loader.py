@@ -548,8 +548,12 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int 
     :meth:`~DaliLoader.state_dict` is always available; one saved over other data than
     ``cfg.data.root`` holds now is refused (:class:`LoaderStateMismatch`). source: the
     resolved ``cfg.data.root``, when the caller has it already (resolving lists every file).
+    With ``data.check_files`` (default) this rank first reads the first and last bytes of its
+    share of the images (files, or tar shards' members), and names the first that DALI cannot
+    decode (:func:`~mscn.data.headers.check_training_files`).
     """
     from mscn.config import Config, typed, validate
+    from mscn.data.headers import check_training_files
     from mscn.pipelines.readers import resolve_source
 
     check_placement(rank, world_size, local_rank, device)
@@ -562,6 +566,8 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int 
         "<config>", world_size=world_size, siamese=False)
     source = source or resolve_source(cfg.data.root, cfg.data.format)
     check_size(source, cfg.train.global_batch, "train.global_batch")
+    if cfg.data.check_files:  # this rank's share; two damaged files in one batch crash DALI (mscn.data.headers)
+        check_training_files(source, rank, world_size)
     seed = rank_seed(cfg.train.seed, rank)
     if apply_mask:
         # a reused loader (another project's trainer) is told what `mscn pretrain` prints: a

@@ -88,9 +88,9 @@ def read(source: Source, *, shard_id: int, num_shards: int, shuffle: bool, shuff
         return encoded, None, index
     # shards without .cls are unlabelled: no label output, the loader maps the index to -1
     exts = [WDS_IMAGE_EXTS] + (["cls"] if source.labelled else []) + (["idx"] if source.has_index else [])
-    members = list(fn.readers.webdataset(paths=list(source.tars), index_paths=list(source.indexes), ext=exts,
-                                         missing_component_behavior="error",
-                                         case_sensitive_extensions=False, **common))
+    members = fn.readers.webdataset(paths=list(source.tars), index_paths=list(source.indexes), ext=exts,
+                                    missing_component_behavior="error", case_sensitive_extensions=False, **common)
+    members = list(members) if isinstance(members, (list, tuple)) else [members]  # one ext: one DataNode
     label = parse_ascii_int(members[exts.index("cls")]) if source.labelled else None
     index = parse_ascii_int(members[exts.index("idx")]) if source.has_index else None
     return members[0], label, index

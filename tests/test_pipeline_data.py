@@ -98,8 +98,9 @@ def test_corrupt_jpeg_is_named(tmp_path):
     root = make_folder(tmp_path, classes=2, per_class=6)
     bad = root / "c1" / "zz_corrupt.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0" + b"not a jpeg" * 20)
-    cfg = tiny_cfg(root, "train.global_batch=4")
+    # without the check of the training files at the start (test_training_files_are_checked_...):
     # the training loader names it when DALI fails on it; the evaluation loader before DALI reads it
+    cfg = tiny_cfg(root, "train.global_batch=4", "data.check_files=false")
     for build in (lambda: build_train_loader(cfg, apply_mask=False), lambda: build_eval_loader(cfg, str(root),
                                                                                                batch_size=4)):
         with pytest.raises(DataError) as e:
@@ -125,7 +126,7 @@ def test_a_file_that_is_no_image_is_named_without_pil_internals(tmp_path):
     root = make_folder(tmp_path, classes=2, per_class=6)
     bad = root / "c0" / "notes.jpg"
     bad.write_text("not an image at all\n" * 20)
-    loader = build_train_loader(tiny_cfg(root, "train.global_batch=4"), apply_mask=False)
+    loader = build_train_loader(tiny_cfg(root, "train.global_batch=4", "data.check_files=false"), apply_mask=False)
     with pytest.raises(DataError) as e:
         for _ in range(2):
             for _ in loader:
@@ -142,7 +143,7 @@ def test_an_image_format_dali_cannot_decode_is_named(tmp_path):
     root = make_folder(tmp_path, classes=2, per_class=6)
     bad = root / "c1" / "anim.jpg"
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(bad, format="GIF")
-    loader = build_train_loader(tiny_cfg(root, "train.global_batch=4"), apply_mask=False)
+    loader = build_train_loader(tiny_cfg(root, "train.global_batch=4", "data.check_files=false"), apply_mask=False)
     with pytest.raises(DataError) as e:
         for _ in range(2):
             for _ in loader:
@@ -156,7 +157,7 @@ def test_an_empty_file_in_training_is_named_as_empty(tmp_path):
     root = make_folder(tmp_path, classes=2, per_class=6)
     bad = root / "c1" / "empty.jpg"
     bad.write_bytes(b"")
-    loader = build_train_loader(tiny_cfg(root, "train.global_batch=4"), apply_mask=False)
+    loader = build_train_loader(tiny_cfg(root, "train.global_batch=4", "data.check_files=false"), apply_mask=False)
     with pytest.raises(DataError) as e:
         for _ in range(2):
             for _ in loader:
@@ -198,6 +199,29 @@ def test_foreign_tars_without_index_members(folder, tmp_path):
     assert len(batches) == 1
     assert sorted(batches[0].labels.tolist()) == list(range(12345, 12350))
     assert batches[0].index.tolist() == [-1] * 5
+
+
+@pytest.mark.parametrize("label_ext", [None, "CLS"])
+def test_shards_of_images_alone_or_with_uppercase_labels_train(folder, tmp_path, label_ext):
+    """Shards whose samples hold an image only (no .cls, no .idx): DALI's reader returns one
+    output for one extension, not a list, and the loader failed with a TypeError. A .CLS
+    (upper case, read as .cls by the reader) made the shards count as unlabelled."""
+    (tmp_path / "w").mkdir()
+    tar_path = tmp_path / "w" / "part-0.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for k, img in enumerate(sorted((folder / "c1").glob("*.jpg"))[:6]):
+            members = [(f"s{k}.JPG", img.read_bytes())] + ([(f"s{k}.{label_ext}", str(7 + k % 2).encode())]
+                                                           if label_ext else [])
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    write_dali_index(tar_path, tar_path.with_suffix(".idx"))
+    source = resolve_source(str(tmp_path / "w"))
+    assert source.labelled == bool(label_ext)
+    batch = next(iter(build_train_loader(tiny_cfg(tmp_path / "w", "train.global_batch=6"), apply_mask=False)))
+    assert len(batch.views) == 4 and batch.views[0].shape == (6, 3, 32, 32)
+    assert sorted(batch.labels.tolist()) == ([7, 7, 7, 8, 8, 8] if label_ext else [-1] * 6)
 
 
 def test_scan_out_list_is_usable_as_data_root_from_any_directory(tmp_path, monkeypatch):

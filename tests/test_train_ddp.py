@@ -6,15 +6,20 @@ step on the concatenated batch. Loss, every parameter update, the BN running sta
 BYOL's EMA target must agree to fp32 precision. Without SyncBN they must *not* (the
 control that shows the comparison can fail).
 """
+import io
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 
 from mscn.config import load_config
+from mscn.data.headers import check_training_files
 from mscn.data.source import Source
-from mscn.errors import MscnError
-from mscn.train.distributed import DistInfo, check_same_data, cleanup, gather_with_grad, init_distributed
+from mscn.errors import DataError, MscnError
+from mscn.train.distributed import (DistInfo, check_same_data, cleanup, gather_objects, gather_with_grad,
+                                    init_distributed)
 from mscn.train.lars import build_optimizer
 from mscn.train.losses import info_nce
 from mscn.train.pretrain import build_model, train_step
@@ -80,6 +85,15 @@ def _worker(rank, init_file, out_dir):
             result["other_data"] = ""
         except MscnError as e:
             result["other_data"] = str(e)
+        # the ranks split the check of the training files (rank r: r, r + 2, ...) and all name
+        # the first damaged file of the whole list: 3.jpg is rank 1's, 4.jpg rank 0's
+        names = tuple(f"{i}.jpg" for i in range(6))
+        try:
+            check_training_files(Source("folder", f"{out_dir}/files", 6, files=names, labels=(0,) * 6), rank, WORLD,
+                                 gather=gather_objects)
+            result["damaged"] = ""
+        except DataError as e:
+            result["damaged"] = str(e)
         torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         cleanup()
@@ -89,6 +103,14 @@ def _worker(rank, init_file, out_dir):
 def ranks(tmp_path_factory):
     """One 2-process gloo run computing every case (spawning costs more than the steps)."""
     out = tmp_path_factory.mktemp("ddp")
+    (out / "files").mkdir()
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (90, 140, 200)).save(buf, "JPEG")
+    good = buf.getvalue()
+    for i in range(6):
+        (out / "files" / f"{i}.jpg").write_bytes(good)
+    (out / "files" / "3.jpg").write_bytes(good[:200])
+    (out / "files" / "4.jpg").write_bytes(b"")
     mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
@@ -136,3 +158,13 @@ def test_ranks_reading_other_datasets_stop_at_the_start(ranks):
     for r in range(WORLD):
         assert ranks[r]["other_data"].startswith(
             "the ranks do not read the same dataset (rank 0: 2 samples in data; rank 1: 3 samples in data)")
+
+
+def test_every_rank_names_the_first_damaged_training_file_of_the_whole_list(ranks):
+    """Each rank reads only its share of the files; all_gather_object hands every rank the
+    others' findings, so rank 0 names rank 1's 3.jpg (its own first is 4.jpg) and the ranks
+    stop with one and the same line."""
+    said = [ranks[r]["damaged"] for r in range(WORLD)]
+    assert said[0] == said[1], said
+    path, why = said[0].split(": ", 1)
+    assert path.endswith("/files/3.jpg") and why.startswith("a JPEG cut short"), said

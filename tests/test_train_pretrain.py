@@ -283,6 +283,27 @@ def test_a_val_root_the_monitor_cannot_score_stops_the_run_before_it_starts(data
         assert not out.exists()
 
 
+def test_damaged_training_files_stop_the_run_before_it_starts(dataset, tmp_path, capsys):
+    """A JPEG cut short in the training set (two in one batch can segfault DALI, which lost
+    every step since the last checkpoint with no message) is named at the start, before the
+    run folder is written; data.check_files=false leaves it to DALI, which names it when it
+    meets it (mid-run, after the steps of the epoch before it)."""
+    root = tmp_path / "train"
+    shutil.copytree(Path(dataset), root)
+    cut = sorted(sorted(p for p in root.iterdir() if p.is_dir())[-1].iterdir())[-1]
+    cut.write_bytes(cut.read_bytes()[:150])
+    out = tmp_path / "r"
+    status = main(overrides(root, out))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    assert err[0].startswith(f"mscn pretrain: error: {cut}: a JPEG cut short"), err
+    assert not out.exists()
+    status = main(overrides(root, out, "data.check_files=false"))  # the run starts; DALI meets the file in epoch 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and err[-1].startswith(f"mscn pretrain: error: {cut}: cannot be decoded"), err
+    assert (out / "config.yaml").is_file()
+
+
 def test_compiled_byol_has_the_eager_loss_and_gradients(dataset, tmp_path):
     """The BYOL recipe compiles too (train.compile=true in byol_r50_in1k.yaml): the online
     network, the predictor and the stop-gradient target under torch.compile give the eager

@@ -208,8 +208,8 @@ def test_a_start_that_failed_before_its_first_step_does_not_hold_the_folder(data
     assert "fewer than one global batch of 4096" in capsys.readouterr().err and not out.exists()
     broken = tmp_path / "broken" / "c0"
     broken.mkdir(parents=True)
-    for i in range(16):
-        (broken / f"{i}.jpg").write_bytes(b"\xff\xd8\xff not a JPEG")
+    for i in range(16):  # a JPEG's first and last bytes: the check at the start passes them to DALI
+        (broken / f"{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a JPEG \xff\xd9")
     assert main(["--resume", "auto", *args(dataset, out, f"data.root={broken.parent}")]) == 2
     assert "cannot be decoded" in capsys.readouterr().err and (out / "config.yaml").is_file()
     summary = run_pretrain(load_config(None, args(dataset, out, "train.max_steps=1")), resume="auto")

@@ -184,9 +184,7 @@ def check_same_data(source, info: DistInfo) -> None:
     or trains to the end without a word; here it is one line on every rank, at the start."""
     if not info.enabled or not dist.is_initialized():
         return
-    mine = (source.digest(), f"{source.num_samples} samples in {source.root}")
-    seen: list = [None] * info.world_size
-    dist.all_gather_object(seen, mine)
+    seen = gather_objects((source.digest(), f"{source.num_samples} samples in {source.root}"))
     if len({d for d, _ in seen}) > 1:
         apart = [f"rank {r}: {what}" for r, (d, what) in enumerate(seen) if d != seen[0][0]][:3]
         raise MscnError(f"the ranks do not read the same dataset (rank 0: {seen[0][1]}; {'; '.join(apart)}): every "
@@ -201,6 +199,16 @@ def cleanup() -> None:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def gather_objects(obj) -> list:
+    """Every rank's picklable ``obj``, in rank order (a small host-side collective; call on
+    all ranks); ``[obj]`` without a process group."""
+    if not dist.is_initialized():
+        return [obj]
+    seen: list = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, obj)
+    return seen
 
 
 def broadcast_object(obj, src: int = 0):

@@ -32,6 +32,7 @@ NEUTRAL = frozenset({
     "train.tensorboard", "train.knn_every_epochs", "train.stall_warn_s", "train.device", "train.compile", "train.channels_last",
     "train.priority_stream", "data.num_threads", "data.hw_decoder_load", "data.prefetch", "data.val_root",
     "data.op_concurrency", "data.stream_policy", "data.feed_thread", "data.handover", "data.thread_affinity",
+    "data.check_files",
     "optim.foreach",
 })
 NEUTRAL_SECTIONS = ("eval.",)

@@ -285,6 +285,14 @@ def _unfinished(out: Path, plan: dict) -> dict | None:
     return {"shards": shards, "skipped": saved["skipped"]}
 
 
+def packed_origin(where: str) -> str:
+    """``tar:offset:member`` -> ``<original file> (packed as tar:offset:member)`` through the
+    sample's ``.idx`` and ``sources.json``; unchanged when they are missing."""
+    tar, _, member = where.rsplit(":", 2)
+    original = source_file(tar, member)
+    return f"{original} (packed as {where})" if original else where
+
+
 def source_file(tar_path: str | Path, member: str) -> str | None:
     """The original file of the tar sample holding ``member`` (``000000009.jpg``), from its
     ``.idx`` member and ``sources.json``; None for shards packed without them."""

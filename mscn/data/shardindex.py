@@ -74,6 +74,16 @@ def index_matches(tar_path: str | Path, idx_path: str | Path) -> bool:
         return False
 
 
+def stale_note(tar: str | Path) -> str | None:
+    """:func:`stale_message` for ``tar`` when its ``.idx`` beside it no longer describes it
+    (a damaged-looking sample is then the index's fault, not the image's); None when it does,
+    or either file is gone."""
+    idx = Path(tar).with_suffix(".idx")
+    if not Path(tar).is_file() or not idx.is_file() or index_matches(tar, idx):
+        return None
+    return stale_message(tar, idx)
+
+
 def stale_message(tar: str | Path, idx: str | Path) -> str:
     """The one line for an index that no longer describes its shard."""
     return (f"{idx}: not the index of {tar} as it is now (the shard was rewritten or appended to after its index "

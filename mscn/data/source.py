@@ -235,7 +235,9 @@ def _wds_source(folder: Path, classes=None) -> Source:
         if len(head) != 2 or head[0] != "v1.2" or not head[1].isdigit():
             raise DataError(f"{idx}: not a DALI v1.2 webdataset index; write it again with `mscn data index {folder}`")
         total += int(head[1])
-        exts.update(first.split()[0::4])  # v1.2 lines: ext offset size name, repeated per member
+        # v1.2 lines: ext offset size name, repeated per member; the reader matches extensions
+        # in any case (case_sensitive_extensions=False): a .CLS is a label
+        exts.update(e.lower() for e in first.split()[0::4])
         fault = start_fault(tar, idx, first, last)
         if fault:
             raise DataError(fault)
