@@ -164,7 +164,7 @@ class DataCfg:
     # private (bench feed masks-private, docs/PERFORMANCE.md)
     handover: str = "trainer"
     # read the first and last bytes of every training image (a file, or a tar shard's member)
-    # before training (mscn.data.headers; the ranks split them): DALI 2.4's CPU decoder can
+    # before training (mscn.data.filecheck; the ranks split them): DALI 2.4's CPU decoder can
     # segfault, with no message, when two it cannot decode meet in one batch. Off for a set
     # known to be sound when the reads cost too much (docs/PIPELINE.md, "Bad input")
     check_files: bool = True

@@ -17,7 +17,7 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def
 from PIL import Image, UnidentifiedImageError
 
-from mscn.data.headers import WDS_FIX
+from mscn.data.filecheck import WDS_FIX
 from mscn.data.imagefolder import DALI_FORMATS
 from mscn.errors import DataError, MscnError
 from mscn.data.imagefolder import TAR_IMAGE_EXTS
@@ -186,7 +186,7 @@ def explain(err: Exception, source: Source, replay, runs_done: int) -> MscnError
             # a DaliLoader built by hand has no replay of its reader: the file whose header no
             # decoder takes (a text file named .jpg) can still be found, 16 bytes a file
             # (200k files: 0.7 s); damage inside a JPEG's data cannot
-            from mscn.data.headers import first_undecodable
+            from mscn.data.filecheck import first_undecodable
 
             found = first_undecodable(source.root, source.files)
     except Exception:  # noqa: BLE001 - the diagnosis must never hide the original error

@@ -550,10 +550,10 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int 
     resolved ``cfg.data.root``, when the caller has it already (resolving lists every file).
     With ``data.check_files`` (default) this rank first reads the first and last bytes of its
     share of the images (files, or tar shards' members), and names the first that DALI cannot
-    decode (:func:`~mscn.data.headers.check_training_files`).
+    decode (:func:`~mscn.data.filecheck.check_training_files`).
     """
     from mscn.config import Config, typed, validate
-    from mscn.data.headers import check_training_files
+    from mscn.data.filecheck import check_training_files
     from mscn.pipelines.readers import resolve_source
 
     check_placement(rank, world_size, local_rank, device)
@@ -566,7 +566,7 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int 
         "<config>", world_size=world_size, siamese=False)
     source = source or resolve_source(cfg.data.root, cfg.data.format)
     check_size(source, cfg.train.global_batch, "train.global_batch")
-    if cfg.data.check_files:  # this rank's share; two damaged files in one batch crash DALI (mscn.data.headers)
+    if cfg.data.check_files:  # this rank's share; two damaged files in one batch crash DALI (mscn.data.filecheck)
         check_training_files(source, rank, world_size)
     seed = rank_seed(cfg.train.seed, rank)
     if apply_mask:
@@ -607,7 +607,7 @@ def build_eval_loader(cfg, root: str, rank: int = 0, world_size: int = 1, local_
     classes: the label set (the train root's classes) that ``root``'s labels map into by name.
     """
     from mscn.config import Config, is_integer, typed, validate
-    from mscn.data.headers import check_headers
+    from mscn.data.filecheck import check_headers
     from mscn.data.source import eval_root_setting
     from mscn.pipelines.eval_pipeline import eval_pipeline
     from mscn.pipelines.readers import resolve_source
@@ -624,7 +624,7 @@ def build_eval_loader(cfg, root: str, rank: int = 0, world_size: int = 1, local_
     else:
         fmt, what = eval_root_setting(cfg.data, root)
         source = resolve_source(root, fmt, classes=classes, what=what)
-    check_headers(source)  # DALI can segfault on a file no decoder takes (mscn.data.headers)
+    check_headers(source)  # DALI can segfault on a file no decoder takes (mscn.data.filecheck)
     batch = batch_size or max(1, cfg.eval.linear_batch // world_size)
     shard = Shard(rank, world_size, batch, rank_seed(cfg.train.seed, rank))
     p = plan(cfg, device, local_rank, views=[])  # no blur in the evaluation views

@@ -1,4 +1,4 @@
-"""mscn/data/headers.py: a file no DALI decoder takes is named before DALI sees it.
+"""mscn/data/headers.py and filecheck.py: a file no DALI decoder takes is named before DALI sees it.
 
 DALI 2.4's CPU decoder segfaulted (status 139, no message) in an evaluation loader whose
 batch spanned a text file named .jpg; the loader's check turns that into one line.
@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mscn.data.headers import first_undecodable, header_kind
+from mscn.data.filecheck import first_undecodable
+from mscn.data.headers import header_kind
 
 FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "BMP": "BMP", "TIFF": "TIFF", "WEBP": "WebP", "PPM": "PNM",
            "JPEG2000": "JPEG 2000"}
@@ -200,7 +201,7 @@ def test_a_training_loader_names_two_files_cut_short_instead_of_crashing(tmp_pat
 def test_the_ranks_split_the_training_files_and_name_the_first_damaged_one_of_the_whole_list(tmp_path):
     """Rank r reads files r, r + W, ...; with a gather every rank names the first damaged file
     of the whole list, without one (a loader built on its own) a rank names its own."""
-    from mscn.data.headers import check_headers, check_training_files
+    from mscn.data.filecheck import check_headers, check_training_files
     from mscn.data.source import Source
     from mscn.errors import DataError
 
@@ -239,7 +240,7 @@ def test_a_copy_of_a_checked_set_is_checked_again(tmp_path):
     well as its files: a copy has the same names, hence the same digest, but other bytes."""
     import shutil
 
-    from mscn.data.headers import check_headers, check_training_files
+    from mscn.data.filecheck import check_headers, check_training_files
     from mscn.data.source import resolve_source
     from mscn.errors import DataError
 
@@ -265,7 +266,7 @@ def test_tar_shards_are_checked_member_by_member_and_named_by_their_original_fil
 
     import shutil
 
-    from mscn.data.headers import check_training_files
+    from mscn.data.filecheck import check_training_files
     from mscn.data.pack import pack
     from mscn.data.source import resolve_source
     from mscn.errors import DataError
@@ -346,21 +347,21 @@ def test_a_rank_whose_check_fails_still_takes_part_in_the_gather(tmp_path, monke
     "Connection closed by peer"; NCCL: until its timeout): with a gather, its failure is a
     finding like a damaged file, so every rank stops with the same line. Without one, the
     error is the caller's."""
-    import mscn.data.headers as headers
+    import mscn.data.filecheck as filecheck
     from mscn.data.source import Source
     from mscn.errors import DataError
 
     def broken(*_):
         raise OverflowError("Python int too large to convert to C long")
 
-    monkeypatch.setattr(headers, "_first_bad_in", broken)
+    monkeypatch.setattr(filecheck, "_first_bad_in", broken)
     source = Source("folder", str(tmp_path), 2, files=("a.jpg", "b.jpg"), labels=(0, 0))
     sent = []
     with pytest.raises(DataError, match=r"the check of rank 1's share failed \(OverflowError: Python int"):
-        headers.check_training_files(source, 1, 2, gather=lambda mine: sent.append(mine) or [None, mine])
+        filecheck.check_training_files(source, 1, 2, gather=lambda mine: sent.append(mine) or [None, mine])
     assert sent and sent[0][0] == -1
     with pytest.raises(OverflowError):
-        headers.check_training_files(source, 1, 2)
+        filecheck.check_training_files(source, 1, 2)
 
 
 def _segments(jpeg: bytes) -> list[tuple[int, int]]:

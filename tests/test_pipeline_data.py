@@ -242,7 +242,7 @@ def test_scan_out_list_is_usable_as_data_root_from_any_directory(tmp_path, monke
 
 def test_a_hand_built_loader_names_a_file_no_decoder_takes(tmp_path):
     """A DaliLoader built from views_pipeline by another project has no replay of its
-    reader: the file is found by its first and last bytes instead (mscn.data.headers). Damage
+    reader: the file is found by its first and last bytes instead (mscn.data.filecheck). Damage
     inside a JPEG's data cannot be found that way, and the message says the file is not named
     and which loader would."""
     from nvidia.dali.plugin.pytorch import LastBatchPolicy

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from mscn.config import load_config
-from mscn.data.headers import check_training_files
+from mscn.data.filecheck import check_training_files
 from mscn.data.source import Source
 from mscn.errors import DataError, MscnError
 from mscn.train.distributed import (DistInfo, check_same_data, cleanup, gather_objects, gather_with_grad,

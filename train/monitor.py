@@ -38,7 +38,7 @@ def check_val_root(cfg: Config) -> None:
     """Before the run starts (and before its folder is claimed): a ``data.val_root`` the
     monitor will read must exist, or the run would train an epoch and only then stop on it."""
     if cfg.train.knn_every_epochs and cfg.data.val_root:
-        from mscn.data.headers import check_headers
+        from mscn.data.filecheck import check_headers
         from mscn.data.source import eval_root_setting, resolve_source
         from mscn.errors import DataError
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from mscn.config import Config, load_config, validate
-from mscn.data.headers import check_training_files
+from mscn.data.filecheck import check_training_files
 from mscn.maskspec import MaskCoverageWarning, coverage_notes
 from mscn.errors import ENVIRONMENT_ERRNOS, DataError, MscnError, run_cli
 from mscn.train import checkpoint as ckpt
@@ -190,7 +190,7 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
     source = resolve_source(cfg.data.root, cfg.data.format)
     check_size(source, cfg.train.global_batch, "train.global_batch")
     check_same_data(source, rt.dist)
-    if cfg.data.check_files:  # two damaged files in one batch crash DALI with no message (mscn.data.headers)
+    if cfg.data.check_files:  # two damaged files in one batch crash DALI with no message (mscn.data.filecheck)
         check_training_files(source, rt.dist.rank, rt.dist.world_size, gather=gather_objects,
                              show=rt.is_main and source.num_samples >= CHECK_BAR_FILES * rt.dist.world_size)
     say = (lambda msg: print(f"[mscn] {msg}", flush=True)) if rt.is_main else (lambda msg: None)
