@@ -136,6 +136,12 @@ def test_a_jpeg_with_data_after_its_end_marker_is_whole_and_one_cut_inside_its_h
     assert _cut_short(tmp_path, big[:len(big) * 2 // 3]) == "a JPEG cut short: it ends before its image data does"
 
 
+def _python(code: str, *args: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter (a segfault there is a status, not this test's death)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=240, env=env)
+
+
 def test_an_evaluation_loader_names_two_files_cut_short_instead_of_crashing(tmp_path):
     """Two JPEGs cut short in a batch of 32: DALI 2.4 segfaulted in 3 runs of 3 (status
     139, one line of its JPEG parser); the loader names the first before DALI reads it. A
@@ -152,9 +158,7 @@ def test_an_evaluation_loader_names_two_files_cut_short_instead_of_crashing(tmp_
             f"cfg = load_config('demo', ['data.root={root}'])\n"
             "for b in build_eval_loader(cfg, sys.argv[1], batch_size=32):\n"
             "    pass\n")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    proc = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=240,
-                          env=env)
+    proc = _python(code, str(root))
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
     assert (f"DataError: {root / 'c0' / 'zz_cut.jpg'}: a JPEG cut short: it ends before its image data does, "
             "which DALI cannot decode; run `mscn data scan") in proc.stderr, proc.stderr[-2000:]
@@ -163,8 +167,7 @@ def test_an_evaluation_loader_names_two_files_cut_short_instead_of_crashing(tmp_
     listed.write_text("".join(f"{p.relative_to(root)} {int(p.parent.name[1:])}\n"
                               for p in sorted(root.rglob("*.jpg")) if p.name != "zz_cut.jpg"))
     (root / "c1" / "005.jpg").write_text("<html>503 Service Unavailable</html>")
-    proc = subprocess.run([sys.executable, "-c", code.replace("sys.argv[1]", f"sys.argv[1], file_list='{listed}'"),
-                           str(root)], capture_output=True, text=True, timeout=240, env=env)
+    proc = _python(code.replace("sys.argv[1]", f"sys.argv[1], file_list='{listed}'"), str(root))
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
     assert f"DataError: {root / 'c1' / '005.jpg'}: no JPEG, PNG" in proc.stderr, proc.stderr[-2000:]
     assert "replace the file, or rescan and use the new list" in proc.stderr
@@ -190,9 +193,7 @@ def test_a_training_loader_names_two_files_cut_short_instead_of_crashing(tmp_pat
             "                           *sys.argv[2:]])\n"
             "for b in build_train_loader(cfg, apply_mask=False):\n"
             "    pass\n")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    proc = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=240,
-                          env=env)
+    proc = _python(code, str(root))
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
     assert (f"DataError: {first}: a JPEG cut short: it ends before its image data does, which DALI cannot "
             f"decode; run `mscn data scan {root} --out LIST.txt`") in proc.stderr, proc.stderr[-2000:]
