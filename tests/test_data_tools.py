@@ -247,8 +247,9 @@ def test_a_file_list_is_checked_by_folder_listings_with_the_answers_of_a_stat(tm
         (root / "a" / name).write_bytes(b"")
     (root / "a" / "link.jpg").symlink_to(root / "a" / "x.jpg")
     (root / "a" / "broken.jpg").symlink_to(root / "a" / "nothing.jpg")
+    os.mkfifo(root / "a" / "fifo.jpg")
     entries = {"a/x.jpg": True, "a/./y.jpg": True, "a/../a/x.jpg": True, "a/link.jpg": True,
-               "a/broken.jpg": False, "a/dir.jpg": False, "a/z.jpg": False, "b/x.jpg": False,
+               "a/broken.jpg": False, "a/dir.jpg": False, "a/fifo.jpg": False, "a/z.jpg": False, "b/x.jpg": False,
                "a/x.jpg/": False, str(root / "a" / "y.jpg"): True}
     assert all(os.path.isfile(os.path.join(root, e)) is ok for e, ok in entries.items())  # the stat's answers
     lst = tmp_path / "l.txt"
@@ -256,8 +257,11 @@ def test_a_file_list_is_checked_by_folder_listings_with_the_answers_of_a_stat(tm
         lst.write_text(f"a/x.jpg 0\n{entry} 0\n")
         if ok:
             assert [r for r, _ in read_file_list(lst, root)] == ["a/x.jpg", entry]
-        else:
-            with pytest.raises(DataError, match=f"l.txt:2: missing file {re.escape(str(root / entry))}"):
+        else:  # what stands there, if anything
+            what = {"a/broken.jpg": "a dangling symlink, not an image file:", "a/dir.jpg": "a folder, not an image file:",
+                    "a/fifo.jpg": re.escape("not a regular file (a FIFO, a socket or a device):")}.get(entry,
+                                                                                                  "missing file")
+            with pytest.raises(DataError, match=f"l.txt:2: {what} {re.escape(str(root / entry))}"):
                 read_file_list(lst, root)
     listed = []
     real = os.scandir

@@ -297,6 +297,19 @@ class _FilesUnder:
         return name in names or os.path.isfile(os.path.join(self.root, rel))
 
 
+def _not_a_file(where: str) -> str:
+    """What a listed path that is no readable file is, for the message: ``missing file``, or
+    what stands there instead (a folder, a dangling symlink, a FIFO or device). ``where`` as
+    listed (a path object would drop a trailing slash)."""
+    if os.path.isdir(where):
+        return "a folder, not an image file:"
+    if os.path.islink(where) and not os.path.exists(where):
+        return "a dangling symlink, not an image file:"
+    if os.path.exists(where):
+        return "not a regular file (a FIFO, a socket or a device):"
+    return "missing file"
+
+
 def read_file_list(path, root, root_note: str | None = None) -> list[tuple[str, int]]:
     """Parse and validate a ``relpath label`` file list against ``root``; a list of bare
     ``relpath`` lines is unlabelled (label -1 for every file). ``root_note``: why ``root``
@@ -351,7 +364,7 @@ def read_file_list(path, root, root_note: str | None = None) -> list[tuple[str, 
         elif len(head) == 2 and present(head[0]):  # 'path zero', 'path -1': a file, and no class number
             fix = (f"it reads as the file {head[0]} with the label {head[1]!r}, which is not a class number (an "
                    "integer >= 0)")
-        raise DataError(f"{path}:{lineno}: missing file {root / rel}{more}; {fix}")
+        raise DataError(f"{path}:{lineno}: {_not_a_file(os.path.join(root, rel))} {root / rel}{more}; {fix}")
     if not samples:
         raise DataError(f"{path}: empty file list; write one with `mscn data scan {root}`")
     return samples
