@@ -248,8 +248,9 @@ def test_a_copy_of_a_checked_set_is_checked_again(tmp_path):
     (tmp_path / "a" / "c0").mkdir(parents=True)
     for i in range(4):
         (tmp_path / "a" / "c0" / f"{i}.jpg").write_bytes(_encoded("JPEG"))
-    check_training_files(resolve_source(str(tmp_path / "a")))
-    check_headers(resolve_source(str(tmp_path / "a")))
+    check_training_files(resolve_source(str(tmp_path / "a")))  # one rank: the whole set
+    (tmp_path / "a" / "c0" / "3.jpg").write_bytes(b"")
+    check_headers(resolve_source(str(tmp_path / "a")))  # read once: not again (the kNN monitor's loader)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     (tmp_path / "b" / "c0" / "2.jpg").write_bytes(b"")
     copy = resolve_source(str(tmp_path / "b"))

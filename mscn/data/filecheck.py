@@ -136,9 +136,9 @@ def check_training_files(source, rank: int = 0, world_size: int = 1, gather=None
             found = (-1, source.root, f"the check of rank {rank}'s share failed ({type(e).__name__}: {e})")
     found = [f for f in (gather(found) if gather else [found]) if f]
     _raise_first(source, min(found) if found else None)
-    # every rank read its share and none found a damaged file: the whole set is checked (the
-    # kNN monitor's evaluation loader over the training set reads nothing again)
-    _CHECKED.add(key[0] if gather else key)
+    # every rank read its share and none found a damaged file (or one rank read it all): the
+    # whole set is checked, and the kNN monitor's evaluation loader over it reads nothing again
+    _CHECKED.add(key[0] if gather or world_size == 1 else key)
 
 
 def _first_bad_in(source, rank: int, world_size: int, show: bool) -> tuple[int, str, str] | None:
