@@ -45,3 +45,15 @@ def make_folder(root: Path, classes: int = 3, per_class: int = 10, size=(64, 48)
 
 def tiny_cfg(root, *overrides: str):
     return load_config(None, [f"data.root={root}", *TINY, *overrides])
+
+
+def bad_huffman_jpeg(jpeg: bytes) -> bytes:
+    """``jpeg`` with its first Huffman table's bytes all 0xFF, the segment's length kept: its
+    header walks to its scan and it ends with its end marker (mscn.data.headers passes it),
+    but DALI cannot decode it ("Failed to decode sample", measured on the CPU path) and PIL
+    cannot either. The file for the paths that meet damage only in DALI."""
+    i = 2
+    while jpeg[i + 1] != 0xC4:
+        i += 2 + int.from_bytes(jpeg[i + 2:i + 4], "big")
+    n = int.from_bytes(jpeg[i + 2:i + 4], "big")
+    return jpeg[:i + 4] + b"\xff" * (n - 2) + jpeg[i + 2 + n:]

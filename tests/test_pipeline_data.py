@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pipeline_fixtures import make_folder, make_image, tiny_cfg
+from pipeline_fixtures import bad_huffman_jpeg, make_folder, make_image, tiny_cfg
 
 from mscn.data.pack import pack
 from mscn.data.shardindex import write_dali_index
@@ -273,7 +273,9 @@ def test_a_hand_built_loader_names_a_file_no_decoder_takes(tmp_path):
     cut.write_bytes(b"\xff\xd8\xff\xe0" + b"not a jpeg" * 20)  # a JPEG's header, then garbage: cut short
     msg = run(root)
     assert msg.startswith(f"{cut}: cannot be decoded (a JPEG cut short"), msg
-    cut.write_bytes(b"\xff\xd8\xff\xe0" + b"not a jpeg" * 20 + b"\xff\xd9")  # ... and its end marker
+    # a header that walks to its scan and an end marker, but a Huffman table of 0xFF bytes:
+    # only DALI finds it
+    cut.write_bytes(bad_huffman_jpeg((root / "c0" / "000.jpg").read_bytes()))
     msg = run(root)
     assert msg.startswith(f"{root}: DALI failed while reading the dataset (") and \
         "a DaliLoader built without a replay cannot name the file" in msg, msg

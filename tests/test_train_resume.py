@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from lock_holder import held_lock
+from pipeline_fixtures import bad_huffman_jpeg
 from mscn.config import load_config
 from mscn.train import checkpoint as ckpt
 from mscn.train.pretrain import main, run_pretrain
@@ -208,8 +209,9 @@ def test_a_start_that_failed_before_its_first_step_does_not_hold_the_folder(data
     assert "fewer than one global batch of 4096" in capsys.readouterr().err and not out.exists()
     broken = tmp_path / "broken" / "c0"
     broken.mkdir(parents=True)
-    for i in range(16):  # a JPEG's first and last bytes: the check at the start passes them to DALI
-        (broken / f"{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a JPEG \xff\xd9")
+    good = next(Path(dataset).rglob("*.jpg")).read_bytes()
+    for i in range(16):  # a sound header and end: the check at the start passes them to DALI, which fails
+        (broken / f"{i}.jpg").write_bytes(bad_huffman_jpeg(good))
     assert main(["--resume", "auto", *args(dataset, out, f"data.root={broken.parent}")]) == 2
     assert "cannot be decoded" in capsys.readouterr().err and (out / "config.yaml").is_file()
     summary = run_pretrain(load_config(None, args(dataset, out, "train.max_steps=1")), resume="auto")
