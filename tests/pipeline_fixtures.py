@@ -47,13 +47,20 @@ def tiny_cfg(root, *overrides: str):
     return load_config(None, [f"data.root={root}", *TINY, *overrides])
 
 
+def jpeg_segments(jpeg: bytes) -> list[tuple[int, int]]:
+    """``(position, marker)`` of each header segment of ``jpeg`` up to its start of scan."""
+    out, i = [], 2
+    while jpeg[i + 1] != 0xDA:
+        out.append((i, jpeg[i + 1]))
+        i += 2 + int.from_bytes(jpeg[i + 2:i + 4], "big")
+    return out + [(i, 0xDA)]
+
+
 def bad_huffman_jpeg(jpeg: bytes) -> bytes:
     """``jpeg`` with its first Huffman table's bytes all 0xFF, the segment's length kept: its
     header walks to its scan and it ends with its end marker (mscn.data.headers passes it),
     but DALI cannot decode it ("Failed to decode sample", measured on the CPU path) and PIL
     cannot either. The file for the paths that meet damage only in DALI."""
-    i = 2
-    while jpeg[i + 1] != 0xC4:
-        i += 2 + int.from_bytes(jpeg[i + 2:i + 4], "big")
+    i = next(pos for pos, marker in jpeg_segments(jpeg) if marker == 0xC4)
     n = int.from_bytes(jpeg[i + 2:i + 4], "big")
     return jpeg[:i + 4] + b"\xff" * (n - 2) + jpeg[i + 2 + n:]

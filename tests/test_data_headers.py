@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline_fixtures import jpeg_segments
+
 from mscn.data.filecheck import first_undecodable
 from mscn.data.headers import header_kind
 
@@ -366,22 +368,13 @@ def test_a_rank_whose_check_fails_still_takes_part_in_the_gather(tmp_path, monke
         filecheck.check_training_files(source, 1, 2)
 
 
-def _segments(jpeg: bytes) -> list[tuple[int, int]]:
-    """``(position, marker)`` of each header segment of ``jpeg`` up to its start of scan."""
-    out, i = [], 2
-    while jpeg[i + 1] != 0xDA:
-        out.append((i, jpeg[i + 1]))
-        i += 2 + int.from_bytes(jpeg[i + 2:i + 4], "big")
-    return out + [(i, 0xDA)]
-
-
 def test_a_jpeg_header_is_walked_to_its_scan_as_dalis_parser_reads_it(tmp_path):
     """DALI's JPEG parser walks the header before decoding and fails ("Invalid marker") where
     libjpeg only warns; two such files in a batch segfaulted DALI (a header overwritten with
     zeros, its first bytes and end marker intact: a probe's file, 2 runs of 2). The check
     walks the header too, so a file whose end looks right is still named."""
     good = _encoded("JPEG")
-    segs = dict((m, i) for i, m in _segments(good))
+    segs = dict((m, i) for i, m in jpeg_segments(good))
     scan, frame = segs[0xDA], segs[0xC0]
     cases = {
         "zeroed.jpg": good[:20] + bytes(scan - 20) + good[scan:],  # APP0 kept, the rest of the header zeros
@@ -410,7 +403,7 @@ def test_a_jpeg_header_is_walked_to_its_scan_as_dalis_parser_reads_it(tmp_path):
     Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(
         buf, "JPEG", progressive=True)
     (tmp_path / "progressive.jpg").write_bytes(buf.getvalue())
-    assert 0xC2 in dict((m, i) for i, m in _segments(buf.getvalue()))
+    assert 0xC2 in dict((m, i) for i, m in jpeg_segments(buf.getvalue()))
     assert first_undecodable(str(tmp_path), ["fill.jpg", "progressive.jpg"]) is None
 
 
@@ -427,7 +420,7 @@ def test_a_thumbnail_far_into_the_header_does_not_stand_for_the_image_end(tmp_pa
     ps = b"Photoshop 3.0\x00" + thumb.getvalue()
     app13 = b"\xff\xed" + (len(ps) + 2).to_bytes(2, "big") + ps
     whole = photo[:2] + xmp + app13 + photo[2:]
-    scan = dict((m, i) for i, m in _segments(whole))[0xDA]
+    scan = dict((m, i) for i, m in jpeg_segments(whole))[0xDA]
     (tmp_path / "cut.jpg").write_bytes(whole[:scan + 20_000])
     (tmp_path / "whole.jpg").write_bytes(whole)
     assert first_undecodable(str(tmp_path), ["whole.jpg"]) is None

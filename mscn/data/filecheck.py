@@ -38,15 +38,8 @@ def _first_bad(paths: list[tuple[int, str]]) -> tuple[int, str, str] | None:
     return None
 
 
-def _first_bad_at(root: str, files: list, threads: int | None, per_task: int,
-                  progress: Callable[[int], None] | None, places: range | None = None) -> tuple[int, str, str] | None:
-    """``(place, path, why)`` of the first file :func:`_first_bad` names, or None; ``place``:
-    its entry of ``places`` (default: its index in ``files``). ``progress(n)`` after each
-    task of ``n`` files found clean."""
-    places = places if places is not None else range(len(files))
-    tasks = [list(zip(places[i:i + per_task], (os.path.join(root, f) for f in files[i:i + per_task])))
-             for i in range(0, len(files), per_task)]
-    return _in_tasks(_first_bad, tasks, threads, progress)
+def _chunks(items: list, size: int = 1024) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def _in_tasks(check: Callable, tasks: list, threads: int | None, progress: Callable[[int], None] | None):
@@ -72,7 +65,7 @@ def first_undecodable(root: str, files, threads: int | None = None, per_task: in
     when all can. Reads 32 bytes and the last few of each file (a whole JPEG only when it
     does not end with its marker), ``per_task`` files per task of ``threads`` threads
     (default: the cores, at most 8; on a network file system the reads wait on the server)."""
-    bad = _first_bad_at(root, list(files), threads, per_task, None)
+    bad = _in_tasks(_first_bad, _chunks(list(enumerate(os.path.join(root, f) for f in files)), per_task), threads, None)
     return (bad[1], bad[2]) if bad else None
 
 
@@ -146,16 +139,13 @@ def _first_bad_in(source, rank: int, world_size: int, show: bool) -> tuple[int, 
     ``place`` its number in the whole set, ``where`` its path (``tar:offset:member`` in a
     shard)."""
     if source.kind == "wds":
-        mine = _image_members(source, rank, world_size)
-        with tqdm(total=len(mine), desc="checking the shards' images", unit="image", dynamic_ncols=True,
-                  disable=not show) as bar:
-            return _in_tasks(_first_bad_member, [mine[i:i + 1024] for i in range(0, len(mine), 1024)], None,
-                             bar.update)
-    mine = list(source.files[rank::world_size])
-    with tqdm(total=len(mine), desc="checking the image files", unit="file", dynamic_ncols=True,
-              disable=not show) as bar:
-        return _first_bad_at(source.root, mine, None, 1024, bar.update,
-                             places=range(rank, source.num_samples, world_size))
+        check, unit, mine = _first_bad_member, "image", _image_members(source, rank, world_size)
+    else:  # place: the file's index in the whole list
+        check, unit = _first_bad, "file"
+        mine = list(zip(range(rank, source.num_samples, world_size),
+                        (os.path.join(source.root, f) for f in source.files[rank::world_size])))
+    with tqdm(total=len(mine), desc=f"checking the {unit}s", unit=unit, dynamic_ncols=True, disable=not show) as bar:
+        return _in_tasks(check, _chunks(mine), None, bar.update)
 
 
 def _raise_first(source, found: tuple[int, str, str] | None) -> None:
