@@ -80,6 +80,13 @@ class DataError(MscnError):
     """A missing, empty or unreadable dataset, or a bad image inside it."""
 
 
+class RunDataError(DataError):
+    """A file one rank's loader could not read mid-run, under torchrun: every rank stops
+    with the same message (train.pretrain gathers it from that rank), so rank 0 says it."""
+
+    rank0_says = True
+
+
 def run_cli(main: Callable[[], int | None], prog: str) -> int:
     """Run ``main()`` and return the process exit status.
 

@@ -656,6 +656,58 @@ def test_a_file_that_fails_mid_run_keeps_the_steps_trained_and_the_run_continues
     _assert_same_run(*uninterrupted, out, summary)
 
 
+def _torchrun(*overrides) -> subprocess.CompletedProcess:
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2", "-m",
+           "mscn.train.pretrain", *overrides]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_a_file_that_fails_on_one_rank_under_torchrun_keeps_the_steps_of_every_rank(dataset, tmp_path):
+    """Under torchrun, a file in rank 1's batch 3 that only DALI finds damaged (it passes the
+    check at the start): the other ranks waited for rank 1 in the step's all-reduce, and the
+    steps since the last periodic checkpoint were lost. Now the ranks agree before the step,
+    all of them checkpoint step 2 (rank 0 with its batch 3 put back), rank 0 says the one
+    line, and the same command, with the file mended, continues exactly: step 2's checkpoint
+    and the final weights are those of a run that never failed."""
+    from mscn.pipelines.loader import build_train_loader
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    steps = "train.max_steps=4"
+    ref = tmp_path / "ref"
+    res = _torchrun(*args(data, ref, steps, "train.keep_last=8"))  # a checkpoint every step
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    loader = build_train_loader(load_config(None, args(data, tmp_path / "unused", steps)), rank=1, world_size=2)
+    batches = iter(loader)
+    third = [next(batches) for _ in range(3)][-1]
+    bad = data / loader.source.files[int(third.index[0])]  # rank 1's batch 3
+    del batches, loader
+    good = bad.read_bytes()
+    bad.write_bytes(bad_huffman_jpeg(good))
+    out, extra = tmp_path / "run", "train.ckpt_every_steps=1000"  # no periodic checkpoint before the failure
+    res = _torchrun(*args(data, out, steps, extra))
+    assert res.returncode != 0
+    kept = ckpt.ckpt_path(out / "checkpoints", 2)
+    said = [ln for ln in res.stderr.splitlines() if ln.startswith("mscn pretrain: ")]
+    assert len(said) == 1, res.stderr[-3000:]  # once, by rank 0, although rank 1 met the file
+    assert said[0].startswith(f"mscn pretrain: error: {bad}: ") and "(rank 1 of 2)" in said[0], said
+    assert f"The 2 steps trained are kept in {kept}" in said[0], said
+    assert ckpt.find_latest_valid(out / "checkpoints")[1]["step"] == 2
+    a, b = ckpt.load_checkpoint(ckpt.ckpt_path(ref / "checkpoints", 2)), ckpt.load_checkpoint(kept)
+    for r in range(2):  # each rank's loader as it was after step 2
+        assert torch.equal(a["ranks"][r]["loader"]["dali"], b["ranks"][r]["loader"]["dali"]), r
+        assert torch.equal(a["ranks"][r]["loader"]["mask"]["gen"], b["ranks"][r]["loader"]["mask"]["gen"]), r
+
+    bad.write_bytes(good)
+    res = _torchrun(*args(data, out, steps, extra))
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = ckpt.load_checkpoint(ref / "final.pt"), ckpt.load_checkpoint(out / "final.pt")
+    assert b["step"] == 4
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+
 def test_a_metrics_line_cut_short_does_not_stop_the_resume(tmp_path, capsys):
     """A full disk or a kill mid-write leaves a partial last line (or NUL bytes) in
     metrics.jsonl; every resume after that crashed in json.loads until the file was mended

@@ -2,9 +2,13 @@
 
 SLURM (``--signal=TERM@120``), Kubernetes and torchrun's agent all send SIGTERM before
 they kill a job; Ctrl-C sends SIGINT. The handler only records the signal. The loop asks
-:meth:`StopFlag.agreed` after every step; under torchrun the flag is all-reduced (MAX)
-so that every rank stops after the same step, even when the signal reached only some of
-them. That all-reduce runs on a gloo group over the CPU, so it adds no GPU sync.
+:meth:`StopFlag.agreed` once a step, after it has its batch and before it trains on it;
+under torchrun the flag is all-reduced (MAX) so that every rank stops after the same step,
+even when the signal reached only some of them. The same all-reduce carries whether a
+rank's loader failed on a file for this batch: then no rank enters the step (whose
+gradient all-reduce would wait for that rank forever), and all of them checkpoint the
+steps trained instead (train.pretrain). It runs on a gloo group over the CPU, so it adds
+no GPU sync.
 
 A second Ctrl-C interrupts at once (the first restores Python's default handler).
 """
@@ -52,14 +56,18 @@ class StopFlag:
         if signum == signal.SIGINT:  # a second Ctrl-C: KeyboardInterrupt now
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def agreed(self) -> int:
-        """The signal every rank stops on (0: none). A collective under torchrun: call it
-        on every rank after every step."""
+    def agreed(self, failed: bool = False) -> tuple[int, int | None]:
+        """``(signal, rank)``: the signal every rank stops on (0: none), and the lowest rank
+        whose loader ``failed`` on this step's batch (None: none). A collective under
+        torchrun: call it on every rank once a step."""
         if self._group is None:
-            return self.signum
-        flag = torch.tensor([self.signum], dtype=torch.int64)
+            return self.signum, 0 if failed else None
+        world = dist.get_world_size(self._group)
+        # one MAX for both: world - rank is largest for the lowest failed rank
+        flag = torch.tensor([self.signum, world - dist.get_rank(self._group) if failed else 0], dtype=torch.int64)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        return int(flag.item())
+        signum, first = (int(v) for v in flag)
+        return signum, world - first if first else None
 
     @staticmethod
     def name(signum: int) -> str:

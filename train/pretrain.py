@@ -43,7 +43,7 @@ import torch
 from mscn.config import Config, load_config, validate
 from mscn.data.filecheck import check_training_files
 from mscn.maskspec import MaskCoverageWarning, coverage_notes
-from mscn.errors import ENVIRONMENT_ERRNOS, DataError, MscnError, run_cli
+from mscn.errors import ENVIRONMENT_ERRNOS, DataError, MscnError, RunDataError, run_cli
 from mscn.train import checkpoint as ckpt
 from mscn.train.distributed import (DistInfo, barrier, broadcast_object, check_same_data, cleanup, convert_sync_batchnorm,
                                     gather_objects)
@@ -294,14 +294,21 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
 def _loop(run: "_Run", model: torch.nn.Module, batches, memory_format, peak: float) -> None:
     """The recipe: data -> forward/loss -> backward -> step -> schedule -> bookkeeping."""
     cfg, rt, method, optimizer = run.cfg, run.rt, run.method, run.optimizer
+    multi = rt.dist.world_size > 1
     for step in range(run.start_step, run.end_step):
         run.watch.at("data", step + 1)  # steps counted from 1, as in the log lines
+        # under torchrun, this rank's loader state before the batch (0.2 ms): if another rank's
+        # file fails, every rank checkpoints the steps trained with its own batch not yet taken
+        before = run.loader.state_dict() if multi and step > run.start_step else None
         try:
-            batch = next(batches)
+            batch, failed = next(batches), None
         except DataError as e:  # a file that cannot be read, mid-run: keep the steps trained
-            raise run.kept_on_data_error(step, e) from None
-        views = [v.to(rt.device, non_blocking=True).contiguous(memory_format=memory_format) for v in batch.views]
+            batch, failed = None, e
         run.watch.at("step", step + 1)  # to the end of the bookkeeping (its collectives wait for every rank)
+        signum, failed_rank = run.stop.agreed(failed is not None)  # every rank, every step
+        if failed_rank is not None:  # on any rank: no rank enters the step
+            raise run.kept_on_data_error(step, failed, failed_rank, before) from None
+        views = [v.to(rt.device, non_blocking=True).contiguous(memory_format=memory_format) for v in batch.views]
         if rt.dtype is None:
             views = [v.float() for v in views]
         lr = lr_at(step, run.total_steps, run.warmup_steps, peak, cfg.schedule.min_lr_ratio)
@@ -317,7 +324,7 @@ def _loop(run: "_Run", model: torch.nn.Module, batches, memory_format, peak: flo
         run.maybe_log(step + 1, lr)
         run.maybe_checkpoint(step + 1)
         run.maybe_monitor(step + 1, lr)
-        run.maybe_stop(step + 1)
+        run.maybe_stop(step + 1, signum)
 
 
 @dataclass
@@ -362,12 +369,14 @@ class _Run:
         self.log.log(done, {"epoch": (done - 1) // self.steps_per_epoch, "loss": loss, "lr": lr,
                             "images_per_s": img_s, "views_per_s": img_s * len(self.cfg.views)})
 
-    def maybe_checkpoint(self, done: int, now: bool = False) -> None:
+    def maybe_checkpoint(self, done: int, now: bool = False, loader_state: dict | None = None) -> None:
+        """loader_state: this rank's loader state after step ``done`` (default: the loader's own)."""
         if not now and done % self.cfg.train.ckpt_every_steps and done % self.steps_per_epoch and done != self.end_step:
             return
         self.watch.at("checkpoint", done)
         self.meter.guard.check(self.ckpt_dir, self.rt.dtype)  # never overwrite the last good checkpoint with a bad state
-        ranks = rs.gather_rank_states(rs.rank_state(self.loader, self.meter), self.rt.dist)  # every rank
+        mine = rs.rank_state(self.loader, self.meter, loader_state)
+        ranks = rs.gather_rank_states(mine, self.rt.dist)  # every rank
         if self.rt.is_main:
             state = rs.checkpoint_state(self.cfg, self.method, self.optimizer, self.scaler, done,
                                         self.steps_per_epoch, ranks)
@@ -376,9 +385,9 @@ class _Run:
                 self.final_path = ckpt.link_or_save(self.last_path, state, self.final)
         self.saved_step = done
 
-    def maybe_stop(self, done: int) -> None:
-        """After a SIGINT/SIGTERM (on any rank): checkpoint this step, then raise Stopped."""
-        signum = self.stop.agreed()  # every rank, every step: they all stop after the same one
+    def maybe_stop(self, done: int, signum: int) -> None:
+        """After a SIGINT/SIGTERM (on any rank; ``signum`` as the ranks agreed before this
+        step): checkpoint this step, then raise Stopped. Every rank stops after the same one."""
         if not signum or done == self.end_step:
             return
         if self.saved_step != done:
@@ -390,22 +399,30 @@ class _Run:
                       f"{ckpt.ckpt_path(self.ckpt_dir, done)}; resume with the same command and "
                       f"train.out_dir={self.cfg.train.out_dir} (--resume auto)", signum)
 
-    def kept_on_data_error(self, done: int, err: DataError) -> DataError:
-        """A one-process run whose loader fails on a file after ``done`` steps (a file cut
-        short or not an image, met mid-epoch) checkpoints them first: the loader's state is
-        that of the batches trained (the failed one was not consumed), so the run continues
-        exactly once the file is fixed. The error names the checkpoint and both ways on.
-        Under torchrun the other ranks wait in a collective for this one, so no checkpoint
-        can be taken: the error goes as it is (docs/TRAINING.md)."""
-        if self.rt.dist.world_size > 1 or done <= self.start_step:
-            return err
-        if self.saved_step != done:
-            self.maybe_checkpoint(done, now=True)
-        path = ckpt.ckpt_path(self.ckpt_dir, done)
-        return DataError(f"{err}. The {done} steps trained are kept in {path}: with that file replaced by a good "
-                         "one, rerun the same command and the run continues exactly; with the data changed (the "
-                         f"scan's list instead of the folder), continue from it in a new folder with --resume {path} "
-                         "--out NEW_DIR")
+    def kept_on_data_error(self, done: int, err: DataError | None, failed_rank: int,
+                           before: dict | None) -> DataError:
+        """The loader of rank ``failed_rank`` failed on a file (a file cut short or not an
+        image, met mid-epoch) after ``done`` steps: checkpoint them first, on every rank (a
+        collective under torchrun, as :meth:`StopFlag.agreed` told every rank). The failed
+        batch was not consumed, and each other rank's loader state is ``before`` it took its
+        batch, so the run continues exactly once the file is fixed. ``err``: this rank's
+        error (None on the ranks whose batch came). Returns the error to raise: the failed
+        rank's, naming the checkpoint and both ways on; under torchrun every rank raises it
+        and rank 0 says it (:class:`RunDataError`)."""
+        multi = self.rt.dist.world_size > 1
+        if multi:
+            said = gather_objects(str(err) if err is not None else None)[failed_rank]
+            said += f" (rank {failed_rank} of {self.rt.dist.world_size})"
+        if done > self.start_step:
+            if self.saved_step != done:
+                self.maybe_checkpoint(done, now=True, loader_state=before)
+            path = ckpt.ckpt_path(self.ckpt_dir, done)
+            kept = (f". The {done} steps trained are kept in {path}: with that file replaced by a good one, rerun "
+                    "the same command and the run continues exactly; with the data changed (the scan's list instead "
+                    f"of the folder), continue from it in a new folder with --resume {path} --out NEW_DIR")
+        else:  # nothing trained since this start: the checkpoint it started from still holds everything
+            kept = ""
+        return RunDataError(said + kept) if multi else DataError(f"{err}{kept}") if kept else err
 
     def maybe_monitor(self, done: int, lr: float) -> None:
         if not (self.monitor and monitor_runs_after(self.cfg, done, self.steps_per_epoch)):

@@ -31,9 +31,10 @@ from mscn.train.distributed import DistInfo, broadcast_object
 from mscn.train.rundir import FRESH, check_same_run, differing_keys, run_started
 
 
-def rank_state(loader, meter) -> dict:
-    """This rank's part of a checkpoint (call at the step the checkpoint is taken)."""
-    return {"rng": ckpt.rng_state(), "loader": loader.state_dict(), "meter": meter.state_dict()}
+def rank_state(loader, meter, loader_state: dict | None = None) -> dict:
+    """This rank's part of a checkpoint (call at the step the checkpoint is taken);
+    ``loader_state``: the loader's, taken before it handed out a batch the step never used."""
+    return {"rng": ckpt.rng_state(), "loader": loader_state or loader.state_dict(), "meter": meter.state_dict()}
 
 
 def gather_rank_states(mine: dict, info: DistInfo) -> list[dict]:
