@@ -22,6 +22,8 @@ the stream; one that takes about as long does. One line per probe (``SYNCPROBE``
                  labels and indices to the device
   release        dropping the batch and DALI's outputs (the buffers go back to DALI)
   loader-next    the loader's whole ``next()``, as the trainer calls it
+  loader-state   the loader's ``state_dict()`` (DALI's checkpoint), which the trainer takes
+                 before every batch under torchrun (a file failing on one rank mid-run)
 
 Two more probes time the GPU, not the host: how long the trainer's stream, empty, waits
 because of DALI's DLPack handover, right after the previous batch, while DALI queues the
@@ -183,6 +185,8 @@ def probes(loader, device: torch.device, queue: Queue, repeats: int) -> list[dic
         record("release", host, queued)
         settle()
         record("loader-next", *take(lambda: queue.run(lambda: next(it)))[:2])
+        settle()
+        record("loader-state", *queue.run(loader.state_dict)[:2])
         for handover in ("trainer", "private"):
             take(dali_next)  # DALI schedules the next batch now: its stream gets work
             if taken % per_epoch == 0 and per_epoch > 2:  # the timed take would start an epoch: its

@@ -54,11 +54,12 @@ def test_probe_syncs_dry_run_runs_every_probe(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     r = json.loads((tmp_path / "p.json").read_text())
     assert [p["probe"] for p in r["probes"]] == ["h2d-pageable", "h2d-pinned", "dali-next", "convert", "release",
-                                                 "loader-next", "handover-trainer", "handover-private"]
+                                                 "loader-next", "loader-state", "handover-trainer",
+                                                 "handover-private"]
     assert all(p["verdict"] == "cpu" and p["host_ms"] >= 0 for p in r["probes"])
     assert all(p["stream_wait_ms"] is None for p in r["probes"][-2:])  # a GPU figure: none here
     assert r["blur_where"] == "pipeline"  # auto, resolved for the CPU path
-    assert proc.stdout.count("SYNCPROBE ") == 8
+    assert proc.stdout.count("SYNCPROBE ") == 9
     one = run("probe_syncs.py", "--data", root, "--batch", "16", "--cpu-dry-run", "data.image_size=32")
     assert one.returncode == 2 and "at least 2 batches per epoch" in one.stderr and "Traceback" not in one.stderr
 
