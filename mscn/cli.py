@@ -103,11 +103,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
     # argparse has no intermixed parsing under sub-commands, and leaves the second group over
     args, extra = parser.parse_known_args(argv)
     stray = [a for a in extra if not (hasattr(args, "overrides") and _OVERRIDE.match(a))]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if stray:  # told by the sub-command's parser: its usage line names it and its options
+        _command_parser(parser, argv).error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = list(args.overrides or []) + extra
     return args
+
+
+def _command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The parser of the sub-command ``argv`` names (``mscn eval knn`` -> knn's), else ``parser``."""
+    for token in argv:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if subs and token in subs[0].choices:
+            parser = subs[0].choices[token]
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,7 +82,17 @@ def test_errors_come_before_anything_runs(tmp_path):
         main(["--arms", "highpass", "--out", str(tmp_path / "afile"), f"data.synthetic_dir={tmp_path / 'synth'}"])
     with pytest.raises(MscnError, match=r"--out .*not writable"):
         main(["--arms", "highpass", "--out", str(tmp_path / "afile" / "sub"), f"data.synthetic_dir={tmp_path / 'synth'}"])
-    assert not (tmp_path / "synth").exists()
+    # train.out_dir on the command line was dropped without a word (the runner sets it per run)
+    with pytest.raises(MscnError, match=r"train.out_dir=x: mscn ablate sets train.out_dir per run .*; pass --out"):
+        main(["--arms", "highpass", "--out", str(out), "train.out_dir=x", f"data.synthetic_dir={tmp_path / 'synth'}"])
+    # a pretraining run's folder as --out: random/, runs/ and the report went in beside its files
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("train: {}\n")
+    with pytest.raises(MscnError, match=r"--out .*run: a pretraining run's folder \(it holds config.yaml, checkpoints\)"):
+        main(["--arms", "highpass", "--out", str(run), f"data.synthetic_dir={tmp_path / 'synth'}"])
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"]
+    assert not (tmp_path / "synth").exists() and not out.exists()
 
 
 def test_arms_file_forms(tmp_path):
@@ -305,6 +315,9 @@ def test_a_rerun_with_other_settings_keeps_every_earlier_result(tmp_path, capsys
         assert json.loads(kept.read_text()) == first[r], r
         assert json.loads((r / "result.json").read_text())["fingerprint"] != first[r]["fingerprint"]
     assert log.count("the result of its earlier config kept as") == 3
+    # every run scored with the new setting, the pretrained ones too (they were scored with the
+    # settings saved in their checkpoint)
+    assert [json.loads((r / "result.json").read_text())["eval"]["linear_epochs"] for r in runs] == [2, 2, 2]
     (old_report,) = out.glob("ablation.*.json")
     assert old_report.read_text() == report and old_report.with_suffix(".md").is_file()
     assert "held the report of another ablation" in log
@@ -319,6 +332,14 @@ def test_a_rerun_with_other_settings_keeps_every_earlier_result(tmp_path, capsys
     (aside,) = runs[2].glob("superseded-*/result.json")
     assert json.loads(aside.read_text()) == second
     assert len(list(out.glob("ablation.*.json"))) == 2
+
+    # a lower train.max_steps (neutral to a resume): the arm's run went past it, so it starts
+    # over, and its result is that of a run of that length (it scored the step-2 weights)
+    capsys.readouterr()
+    assert main([*argv, "eval.linear_epochs=2", "optim.base_lr=1.0", "train.max_steps=1"]) == 0
+    assert "its run is at step 2, past this ablation's last step (1)" in capsys.readouterr().out
+    assert json.loads((runs[2] / "result.json").read_text())["pretrain"]["step"] == 1
+    assert len(list(runs[2].glob("superseded-*"))) == 2
 
 
 def test_a_batch_larger_than_the_dataset_stops_before_the_first_run(tmp_path):

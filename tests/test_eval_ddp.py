@@ -9,11 +9,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from eval_testdata import make_checkpoint, make_image_folder
 from mscn.data.subset import make_subset
 from mscn.train.eval.common import eval_loader, extract_features
+from mscn.train.eval.linear import linear_probe
 from mscn.train.eval.pretrained import load_pretrained
 from mscn.train.runtime import setup_runtime
 
@@ -65,6 +67,12 @@ def test_two_ranks_match_one_process(tmp_path):
     feats, labels = extract_features(backbone, eval_loader(cfg, str(tmp_path / "train"), rt, 16), rt)
     assert torch.equal(two["labels"], labels) and labels.tolist() == sorted(labels.tolist())
     torch.testing.assert_close(two["feats"], feats, rtol=1e-4, atol=1e-5)
+    # the probe on cached features trains on the same global batches: its head's BatchNorm must
+    # see them whole (it normalized each rank's half, and the losses depended on the world size)
+    one = linear_probe(backbone, cfg, str(tmp_path / "train"), str(tmp_path / "val"), rt, epochs=2, batch=16,
+                       precompute=True)
+    assert res["linear_pre"]["loss"] == pytest.approx(one["loss"], rel=1e-4), (res["linear_pre"]["loss"], one["loss"])
+    assert res["linear_pre"]["top1"] == one["top1"]
 
 
 SCRIPT_APART = r'''

@@ -259,7 +259,9 @@ def test_overrides_on_both_sides_of_an_option(capsys):
     for argv in (["eval", "knn", "--ckpt", "x", "--bogus"], ["eval", "report", "r.json", "--out", "t.md", "a=1"]):
         with pytest.raises(SystemExit):
             parse(argv)
-        assert "unrecognized arguments" in capsys.readouterr().err
+        # told by the sub-command: its usage and its name, not `mscn [-h] [--version] COMMAND`
+        err = capsys.readouterr().err
+        assert f"mscn eval {argv[1]}: error: unrecognized arguments: " in err and "COMMAND ..." not in err, err
 
 
 def test_a_missing_root_is_named_by_its_flag(data, tmp_path):
@@ -327,6 +329,55 @@ def test_labels_outside_the_training_classes_are_named_not_scored(data, tmp_path
         with pytest.raises(DataError, match=r"wds: (label\(s\) 7 that no training sample has|a sample "
                                             r"labelled 7, outside the 3 classes)"):
             _run(protocol, *_common(data | {"val": str(tmp_path / "wds")}, tmp_path / f"w{protocol}{len(extra)}", *extra))
+
+
+def test_a_probe_batch_larger_than_the_training_set_is_refused_with_or_without_precompute(data, tmp_path):
+    """36 training images, --batch 64: the image loop refused it, the precomputed probe trained
+    one batch of 36 per epoch at the lr of batch 64 and reported a result; both refuse now."""
+    from mscn.errors import DataError
+
+    for extra in (("--precompute",), ()):
+        args = [*_common(data, tmp_path / f"b{len(extra)}", "--epochs", "1", *extra)]
+        args[args.index("--batch") + 1] = "64"
+        with pytest.raises(DataError, match="36 images, fewer than one global batch of 64 for one training batch"):
+            _run("linear", *args)
+        assert not (tmp_path / f"b{len(extra)}" / "result.json").exists()
+
+
+@pytest.mark.parametrize("protocol", ["linear", "finetune"])
+def test_sigterm_during_an_evaluation_is_one_line(data, tmp_path, protocol):
+    """timeout or a scheduler's SIGTERM ended `mscn eval` with status 143 and not a word;
+    Ctrl-C printed one line. Now SIGTERM does too, and says nothing was written."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    extra = ["--subset", data["subset"]] if protocol == "finetune" else []
+    cmd = [sys.executable, "-m", "mscn", "eval", protocol, *_common(data, tmp_path / "o", "--epochs", "500"), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    try:
+        for line in proc.stdout:  # an epoch's JSON line: the evaluation is under way
+            if '"epoch": 1' in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines() == [f"mscn: stopped by SIGTERM during eval {protocol}; it writes its result when "
+                                        "it ends, so nothing was written: rerun it"], err[-2000:]
+    assert not (tmp_path / "o" / "result.json").exists()
+
+
+def test_a_bad_fine_tuning_lr_is_named_as_given(data, tmp_path):
+    """--head-lr -1 was reported as -0.0625, the value after scaling by batch/256."""
+    from mscn.errors import MscnError
+
+    with pytest.raises(MscnError, match=r"head lr > 0 \(got 1, 16, 0.002, -1.0\)"):
+        _run("finetune", *_common(data, tmp_path / "f", "--epochs", "1", "--subset", data["subset"], "--head-lr", "-1"))
 
 
 def test_a_class_with_no_training_image_is_named(data, tmp_path):

@@ -48,6 +48,23 @@ def test_report_reproduces_the_papers_table_1_layout(tmp_path):
             args.func(args)
 
 
+def test_a_table_that_is_not_a_results_table_is_refused_before_the_evaluation(tmp_path):
+    """--table aimed at another result's result.json, or at this one's own, appended a CSV line
+    to a JSON file (``mscn eval report`` then failed on it): refused before the work, with the
+    file as it was; a results table, an empty file or a new path are taken."""
+    from mscn.train.eval.results import check_outputs
+
+    paths = write_result(_result("SimCLR", "linear", 69.5), tmp_path / "a")
+    before = Path(paths["json"]).read_bytes()
+    for out, table in ((tmp_path / "b", paths["json"]), (tmp_path / "b", tmp_path / "b" / "result.json")):
+        with pytest.raises(MscnError, match="--table .*(something else than a results table|writes that file itself)"):
+            check_outputs(out, table)
+    assert Path(paths["json"]).read_bytes() == before
+    (tmp_path / "empty.csv").write_text("")
+    for table in (paths["csv"], tmp_path / "empty.csv", tmp_path / "new.csv", None):
+        check_outputs(tmp_path / "b", table)
+
+
 def test_transfer_columns_are_named_by_dataset_and_missing_cells_dashed():
     md = markdown_table([_result("BYOL", "transfer", 54.0, dataset="places205"),
                          _result("BYOL", "transfer", 47.6, dataset="inat18"),
@@ -103,6 +120,13 @@ def test_report_keeps_other_weights_settings_and_recipes_apart():
     b = a | {"ckpt_file": "/x/run3/final.pt", "top1": 37.5, "time": "2024-01-02"}
     md = markdown_table([a, b])
     assert "| SimCLR (ckpt=run1/final.pt) | 43.8 |" in md and "| SimCLR (ckpt=run3/final.pt) | 37.5 |" in md
+    # an ablation's layout, runs/<arm>/seed0/final.pt: the last two parts of both are alike, and
+    # one row hid the other without a word
+    c = a | {"ckpt_file": "/x/runs/masks/seed0/final.pt", "top1": 18.75, "time": "2024-01-02"}
+    d = a | {"ckpt_file": "/x/runs/highpass/seed0/final.pt", "top1": 31.25, "time": "2024-01-03"}
+    md = markdown_table([c, d])
+    assert "| SimCLR (ckpt=masks/seed0/final.pt) | 18.8 |" in md, md
+    assert "| SimCLR (ckpt=highpass/seed0/final.pt) | 31.2 |" in md, md
     sigma = a | {"overrides": ["highpass.sigma=3"], "top1": 50.0, "time": "2024-01-03"}
     md = markdown_table([a, sigma])
     assert "43.8" in md and "50.0" in md

@@ -21,7 +21,7 @@ from mscn.config import load_config
 from mscn.errors import MscnError, sigterm_raises
 from mscn.paths import creatable
 from mscn.train.ablate import report
-from mscn.train.ablate.arms import GRIDS, expand, resolve
+from mscn.train.ablate.arms import GRIDS, OWN_KEYS, expand, resolve
 from mscn.train.ablate.run import Runner
 from mscn.train.preempt import Stopped
 
@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     args.seeds = 3 if args.seeds is None else args.seeds
     if args.seeds < 1:
         raise MscnError(f"--seeds must be >= 1, got {args.seeds}")
+    for o in args.overrides:  # else dropped without a word: the runner sets it for every run
+        if o.split("=", 1)[0].strip() == "train.out_dir":
+            raise MscnError(f"{o}: mscn ablate sets train.out_dir per run ({OWN_KEYS['train.out_dir']}); pass --out")
     overrides = DEFAULTS + list(args.overrides)
     base = load_config(args.config, overrides)  # a bad override fails here, naming it
     arms = expand(args.arms, base, args.arms_file)
@@ -230,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         raise MscnError(f"--out {out}: a file; --out takes the ablation's folder")
     if not creatable(out, folder=True):
         raise MscnError(f"--out {out}: not writable; pass a folder you can write")
+    run_files = [f for f in ("config.yaml", "checkpoints", "final.pt") if (out / f).exists()]
+    if run_files:  # its runs, random/ and the report would go in beside another run's files
+        raise MscnError(f"--out {out}: a pretraining run's folder (it holds {', '.join(run_files)}); an ablation "
+                        "takes a folder of its own, e.g. --out runs/ablate")
     print(f"[ablate] {len(arms)} arms x {len(seeds)} seeds {seeds} + random init -> {out}: "
           + ", ".join(a.name for a in arms), flush=True)
 

@@ -226,14 +226,21 @@ class Runner:
             self.say(f"{tag}: {str(e).split(';')[0]}; its files go to superseded-<time>/ there, starting over")
             resume = "none"
         summary = run_pretrain(cfg, resume=resume)
+        end = min(summary["total_steps"], cfg.train.max_steps or summary["total_steps"])
+        if summary["step"] > end:  # the folder's run went further (train.max_steps was higher): not this arm's
+            self.say(f"{tag}: its run is at step {summary['step']}, past this ablation's last step ({end}); its "
+                     "files go to superseded-<time>/ there, starting over")
+            summary = run_pretrain(cfg, resume="none")
         ckpt = summary.get("final") or summary.get("checkpoint")
         if not ckpt or not Path(ckpt).is_file():
             raise MscnError(f"pretraining left no checkpoint in {cfg.train.out_dir}; delete that folder and rerun")
-        backbone, _, ecfg = load_pretrained(ckpt)
+        backbone = load_pretrained(ckpt)[0]
         # an epoch line per probe epoch (100 in the demo) would bury the one [ablate] line per run
         rt = self.runtime(cfg)
         with watched(cfg, rt, Path(cfg.train.out_dir) / "stalls"):
-            res = linear_and_knn(backbone, ecfg, self.train_root, self.val_root, rt, seed=seed, log_epochs=False)
+            # scored with this ablation's evaluation settings, not those saved with the weights: a
+            # rerun with other eval.* (neutral to the pretraining it resumes) must score with them
+            res = linear_and_knn(backbone, cfg, self.train_root, self.val_root, rt, seed=seed, log_epochs=False)
         res["pretrain"] = {k: summary.get(k) for k in ("step", "loss", "images_per_s")}
         return res
 

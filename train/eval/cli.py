@@ -11,6 +11,7 @@ protocols: docs/EVALUATION.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import re
@@ -19,7 +20,28 @@ import sys
 from pathlib import Path
 
 from mscn.data.imagefolder import SPLIT_NAMES
-from mscn.errors import MscnError
+from mscn.errors import MscnError, SignalStop, sigterm_raises
+
+
+class _Stopped(SignalStop):
+    """SIGTERM during an evaluation; under torchrun every rank gets it, and rank 0 says it."""
+
+    rank0_says = True
+
+
+def _stoppable(command):
+    """``command(args)``, where SIGTERM (a scheduler, ``timeout``, ``kill``) is one line and
+    status 143, as Ctrl-C is one line and 130: it ended the process without a word. An
+    evaluation writes its result when it ends, so a stop loses the time spent, nothing else."""
+
+    @functools.wraps(command)
+    def run(args):
+        what = f"eval {args.command_eval}"
+        with sigterm_raises(lambda signum: _Stopped(f"stopped by SIGTERM during {what}; it writes its result when it "
+                                                    "ends, so nothing was written: rerun it", signum)):
+            return command(args)
+
+    return run
 
 
 def _dataset_name(root: str) -> str:
@@ -287,13 +309,13 @@ def add_eval_commands(subparsers) -> None:
                        help="train on cached center-crop features (faster; not exactly A.2: no random crops); "
                             "--no-precompute: random crops as A.2 (default: the checkpoint's "
                             "eval.precompute_features, on in the demo recipe)")
-        p.set_defaults(func=_linear)
+        p.set_defaults(func=_stoppable(_linear))
 
     p = sub.add_parser("knn", help="weighted kNN on frozen features (k=20, T=0.07)")
     _add_protocol_args(p, None)
     p.add_argument("--k", type=int, default=None, help="neighbours (default 20)")
     p.add_argument("--temperature", type=_finite, default=None, help="vote temperature (default 0.07)")
-    p.set_defaults(func=_knn)
+    p.set_defaults(func=_stoppable(_knn))
 
     p = sub.add_parser("finetune", help="semi-supervised fine-tuning on a 1%%/10%% label subset (paper A.3)")
     _add_protocol_args(p, "backbone base lr for batch 256 (default 0.002)")
@@ -301,7 +323,7 @@ def add_eval_commands(subparsers) -> None:
                    "or an official split (SimCLR 1percent.txt)")
     p.add_argument("--head-lr", type=_finite, default=None, help="classifier base lr (default 0.5)")
     p.add_argument("--from-scratch", action="store_true", help="random-init backbone (the baseline), same config")
-    p.set_defaults(func=_finetune)
+    p.set_defaults(func=_stoppable(_finetune))
 
     p = sub.add_parser("export", help="backbone as torchvision .pth and detectron2 .pkl (paper A.4)")
     _add_model_args(p)

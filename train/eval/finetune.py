@@ -116,10 +116,12 @@ def _finetune(backbone, cfg: Config, train_root, val_root, subset, rt, epochs, b
     e = cfg.eval
     epochs = e.finetune_epochs if epochs is None else epochs
     batch = e.finetune_batch if batch is None else batch
-    lr_b = peak_lr(e.finetune_backbone_lr if backbone_lr is None else backbone_lr, batch)
-    lr_h = peak_lr(e.finetune_head_lr if head_lr is None else head_lr, batch)
-    if epochs < 1 or batch < 1 or lr_b < 0 or lr_h <= 0:
-        raise MscnError(f"fine-tuning: need epochs >= 1, batch >= 1, lr >= 0 (got {epochs}, {batch}, {lr_b}, {lr_h})")
+    base_b = e.finetune_backbone_lr if backbone_lr is None else backbone_lr
+    base_h = e.finetune_head_lr if head_lr is None else head_lr
+    if epochs < 1 or batch < 1 or base_b < 0 or base_h <= 0:  # the values as given, not scaled by the batch
+        raise MscnError(f"fine-tuning: need epochs >= 1, batch >= 1, backbone lr >= 0, head lr > 0 (got {epochs}, "
+                        f"{batch}, {base_b}, {base_h})")
+    lr_b, lr_h = peak_lr(base_b, batch), peak_lr(base_h, batch)
     samples = read_subset(subset, train_root)
     _, everything = list_image_folder(train_root)
     classes, num_classes = label_set(train_root)

@@ -36,7 +36,7 @@ from torch import nn
 
 from mscn.config import Config
 from mscn.errors import MscnError
-from mscn.train.distributed import broadcast_module, mean_over_ranks
+from mscn.train.distributed import broadcast_module, convert_sync_batchnorm, mean_over_ranks
 from mscn.train.eval.common import (MOMENTUM, accuracy, batch_to, check_labels, epoch_bar, eval_loader,
                                     evaluate_classifier, extract_features, feature_dim, label_set, log_json,
                                     make_head, seeded, train_view_loader)
@@ -117,6 +117,8 @@ def _linear_probe(backbone, cfg: Config, train_root, val_root, rt, epochs, lr, b
     backbone.requires_grad_(False)
     broadcast_module(backbone)  # frozen, outside DDP: every rank must extract with rank 0's weights
     head = probe_head(feature_dim(backbone, cfg.data.image_size, rt.device), num_classes).to(rt.device)
+    if rt.dist.enabled:  # the head's BatchNorm over the global batch, as one process has it
+        head = convert_sync_batchnorm(head, rt.device.type)
     # only the head has gradients to average; the frozen backbone stays outside DDP
     model = rt.wrap_ddp(head)
     opt = torch.optim.SGD(head.parameters(), lr=peak, momentum=MOMENTUM, weight_decay=wd)
@@ -124,8 +126,13 @@ def _linear_probe(backbone, cfg: Config, train_root, val_root, rt, epochs, lr, b
     losses: list[float] = []
 
     if precompute:
-        train_f, train_y = extract_features(backbone, eval_loader(cfg, train_root, rt, batch), rt, num_classes,
-                                            desc="features, train")
+        from mscn.pipelines.loader import check_size  # DALI: imported on first use (eval.common)
+
+        train_loader = eval_loader(cfg, train_root, rt, batch)
+        # as the image loop's loader refuses it: fewer images than one batch would train one
+        # smaller batch per epoch at the lr of the nominal one
+        check_size(train_loader.source, batch, "one training batch of the evaluation")
+        train_f, train_y = extract_features(backbone, train_loader, rt, num_classes, desc="features, train")
         val_f, val_y = extract_features(backbone, eval_loader(cfg, val_root, rt, batch, classes=classes), rt,
                                         num_classes, desc="features, val")
         g = torch.Generator().manual_seed(cfg.train.seed)  # same permutation on every rank

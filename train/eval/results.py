@@ -65,9 +65,27 @@ def check_outputs(out: Path, table: str | Path | None) -> None:
     if why:
         raise MscnError(f"--out {out}: {why}; --out takes a folder for result.json")
     table = Path(table) if table else Path(out).parent / "results.csv"
-    why = not_creatable(table)
+    why = not_creatable(table) or _not_a_table(table, Path(out))
     if why:
         raise MscnError(f"--table {table}: {why}; it takes the CSV file to append a line to")
+
+
+def _not_a_table(table: Path, out: Path) -> str:
+    """Why appending a CSV line to ``table`` would damage a file ("" if it would not): a
+    result's own files, or a file that is not a table of ours (its first line is our header)."""
+    if table.resolve().parent == out.resolve() and table.stem.startswith("result"):
+        return "this evaluation writes that file itself (result.json and result.md in --out)"
+    try:
+        with open(table, newline="") as f:
+            first = f.readline(4096)
+    except FileNotFoundError:
+        return ""
+    except (OSError, UnicodeDecodeError) as e:
+        return f"cannot be read as a CSV table ({e.strerror if isinstance(e, OSError) else 'not text'})"
+    if first and not first.startswith(",".join(CSV_FIELDS[:3]) + ","):
+        return ("it holds something else than a results table (its first line is not the header "
+                f"{','.join(CSV_FIELDS[:3])},...), and a line appended would damage it")
+    return ""
 
 
 def write_result(result: dict, out_dir: str | Path, table: str | Path | None = None) -> dict[str, str]:
@@ -180,8 +198,15 @@ def setting_of(result: dict) -> dict[str, str]:
     return {k: json.dumps(v, sort_keys=True) if not isinstance(v, str) else v for k, v in s.items()}
 
 
-def _short(value: str) -> str:
-    return "/".join(Path(value).parts[-2:]) if "/" in value else value  # paths: their last two parts
+def _short_forms(values) -> dict:
+    """Each value as a row label shows it: a path by its last two parts, or as many more as it
+    takes to tell the paths apart (``runs/<arm>/seed0/final.pt`` of two arms: two rows)."""
+    values = sorted({str(v) for v in values})
+    for parts in range(2, max((len(Path(v).parts) for v in values), default=2) + 1):
+        forms = {v: "/".join(Path(v).parts[-parts:]) if "/" in v else v for v in values}
+        if len(set(forms.values())) == len(values):
+            return forms
+    return {v: v for v in values}
 
 
 def _cells(results: list[dict]):
@@ -207,8 +232,10 @@ def _cells(results: list[dict]):
         settings = [setting_of(r) for r in group.values()]
         fields = sorted({k for s in settings for k in s})
         differ = [k for k in fields if len({s.get(k) for s in settings}) > 1]
+        forms = {k: _short_forms(s.get(k, "-") for s in settings) for k in differ}
         for r, s in zip(group.values(), settings):
-            label = name if not differ else name + " (" + ", ".join(f"{k}={_short(s.get(k, '-'))}" for k in differ) + ")"
+            label = name if not differ else name + " (" + ", ".join(f"{k}={forms[k][str(s.get(k, '-'))]}"
+                                                                    for k in differ) + ")"
             rows.setdefault(label, {})[col] = r
     return columns, rows
 

@@ -17,9 +17,15 @@ from mscn.config import Config
 from mscn.train.runtime import Runtime
 
 
+# the settings of cfg.eval that this evaluation reads: a result records them
+SETTINGS = ("linear_epochs", "linear_lr", "linear_batch", "linear_weight_decay", "precompute_features", "knn_k",
+            "knn_temperature")
+
+
 def linear_and_knn(backbone: nn.Module, cfg: Config, train_root: str, val_root: str, rt: Runtime,
                    seed: int | None = None, log_epochs: bool = True) -> dict:
-    """``{"linear_top1", "linear_top5", "knn_top1", "seed", "wall_s"}`` of a frozen ``backbone``."""
+    """``{"linear_top1", "linear_top5", "knn_top1", "seed", "wall_s", "eval"}`` of a frozen
+    ``backbone``; ``eval``: the :data:`SETTINGS` it ran with."""
     from mscn.train.eval.common import eval_loader, seeded
     from mscn.train.eval.knn import knn_eval
     from mscn.train.eval.linear import linear_probe
@@ -31,7 +37,8 @@ def linear_and_knn(backbone: nn.Module, cfg: Config, train_root: str, val_root: 
         knn = knn_eval(backbone, eval_loader(scfg, train_root, rt, batch), eval_loader(scfg, val_root, rt, batch),
                        rt, k=scfg.eval.knn_k, T=scfg.eval.knn_temperature)
     return {"linear_top1": lin["top1"], "linear_top5": lin["top5"], "knn_top1": knn["top1"],
-            "seed": lin["seed"], "wall_s": round(time.time() - t0, 1)}
+            "seed": lin["seed"], "wall_s": round(time.time() - t0, 1),
+            "eval": {k: getattr(cfg.eval, k) for k in SETTINGS}}
 
 
 def random_backbone(arch: str, seed: int) -> nn.Module:
