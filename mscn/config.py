@@ -164,8 +164,12 @@ def _no_stray_attributes(value: Any, key: str, src: str) -> None:
     """An attribute set in code that is no field of its schema dataclass (a typo:
     ``cfg.data.image_sise = 32``) is the unknown key a YAML recipe would have: a dataclass
     takes it without a word, and :func:`to_dict` would drop it, so the run would silently
-    use the default."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    use the default. A schema class where its instance belongs (``views=[ViewCfg]``) is named
+    too: :func:`to_dict` would read its class attributes (an AttributeError, or the defaults)."""
+    if isinstance(value, type) and dataclasses.is_dataclass(value):
+        raise ConfigError(f"{src}: {key or 'config'}: the class {value.__name__} where a {value.__name__} belongs; "
+                          f"write {value.__name__}()")
+    if dataclasses.is_dataclass(value):
         names = {f.name for f in dataclasses.fields(value)}
         for k in vars(value):
             if k not in names:

@@ -59,7 +59,7 @@ from mscn.errors import DataError
 from mscn.h2d import to_device
 from mscn.highpass import highpass_matmul
 from mscn.maskspec import MaskCoverageWarning, coverage_notes
-from mscn.pipelines.args import check_highpass, check_placement
+from mscn.pipelines.args import check_highpass, check_placement, check_source
 from mscn.pipelines.readers import READER_NAME, ShardDriftWarning, Source, drift_note
 from mscn.pipelines.train_pipeline import output_names
 
@@ -69,6 +69,8 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 # memory stays bounded
 MAX_PENDING = 4
 MaskFn = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+# what DALI says when a checkpoint does not fit the pipeline it is restored into
+_CHECKPOINT_MISFIT = re.compile(r"[^.\n]*(checkpoint might come from another pipeline|no checkpoint for operator)[^.\n]*")
 
 
 @dataclass
@@ -96,6 +98,45 @@ def other_data(state: dict, source: Source) -> str:
         return ""
     return (f"its loader read other data ({state.get('data_samples', '?')} samples then, "
             f"{source.num_samples} now in {source.root})")
+
+
+def graph_misfit(state: dict, crop: str, blur_where: str, colour_where: str, now: str = "this loader") -> str:
+    """Why a :meth:`DaliLoader.state_dict` cannot be restored into a pipeline graph that cuts
+    with ``crop`` and blurs and colours in ``blur_where`` / ``colour_where`` ("" if it can).
+    A DALI checkpoint names the graph's operators, so one of another graph does not load
+    (states from before each key: the window crop, DALI blurred and coloured)."""
+    saved = state.get("crop") or "window"
+    if saved != crop:
+        return f"its loader cut the views with data.crop={saved}, {now} with {crop}"
+    saved = state.get("blur_where") or "pipeline"
+    if saved != blur_where:
+        return f"its loader blurred the views with data.blur_where={saved}, {now} with {blur_where}"
+    saved = state.get("colour_where") or "pipeline"
+    if saved != colour_where:
+        return f"its loader coloured the views with data.colour_where={saved}, {now} with {colour_where}"
+    if colour_where == "loader" and state.get("colour_handover") != HANDOVER:
+        return "its loader took the colour's draws from DALI in another form (an earlier mscn)"
+    return ""
+
+
+def _state_misfit(state, shard: "Shard", num_views: int, graph: tuple[str, str, str]) -> str:
+    """Why ``state`` cannot continue as this rank's loader (""): not a loader state, another
+    rank or number of ranks (DALI's reader state restores its own shard: 1 rank's state on 2
+    read the whole set on each, 2 ranks' on 1 read half of it), other views, another graph.
+    States saved before a key are not checked for it."""
+    if not (isinstance(state, dict) and "dali" in state):
+        raise TypeError("state: expected a DaliLoader.state_dict() (a dict with 'dali'), got "
+                        f"{type(state).__name__}{' with keys ' + ', '.join(map(str, state)) if isinstance(state, dict) else ''}"
+                        "; a checkpoint of mscn pretrain holds one per rank, under ['ranks'][rank]['loader']")
+    saved = state.get("shard")
+    if saved is not None and tuple(saved) != (shard.rank, shard.world_size):
+        return (f"it was saved by rank {saved[0]} of {saved[1]}, this loader is rank {shard.rank} of "
+                f"{shard.world_size}: a reader's state holds its own rank's share of the data; restore each "
+                "rank's own state on as many ranks, or start without a state (a fresh data order)")
+    saved = state.get("views")
+    if saved is not None and saved != num_views:
+        return f"its loader made {saved} views, this loader {num_views}"
+    return graph_misfit(state, *graph)
 
 
 @dataclass(kw_only=True)
@@ -145,6 +186,7 @@ class DaliLoader:
             # safe only because share_outputs waits for the batch on the host, which the
             # default executor does; the other one copies on the current stream instead
             raise ValueError("data.handover=private needs DALI's default executor (exec_dynamic)")
+        check_source(source)  # a path where the Source belongs failed at the first batch
         policy = _last_batch_policy(policy)
         check_highpass(highpass)
         if device is not None:  # a CUDA device on a machine without one: here, not torch's error at the first batch
@@ -263,7 +305,11 @@ class DaliLoader:
                 # the reader's file list (readers.even_order): a state fits only a reader of the same list
                 "even_shards": self.replay.even_shards if self.replay is not None else True,
                 # and of the same data (LoaderStateMismatch)
-                "data_digest": self.source.digest(), "data_samples": self.source.num_samples}
+                "data_digest": self.source.digest(), "data_samples": self.source.num_samples,
+                # the rank of how many (a reader's state is its shard's) and the views: states
+                # that cannot continue here are refused (_state_misfit)
+                "shard": [self.replay.shard_id, self.replay.num_shards] if self.replay else None,
+                "views": self.num_views}
 
     def _convert(self, out: dict) -> MscnBatch:
         views = [out[f"view{i}"] for i in range(self.num_views)]
@@ -317,6 +363,11 @@ class DaliLoader:
     def _data_error(self, err: RuntimeError) -> DataError:
         from mscn.pipelines.diagnose import explain
 
+        said = _CHECKPOINT_MISFIT.search(str(err))
+        if said:  # a state of another graph (a hand-built pipeline, a setting no key records): not the data
+            return LoaderStateMismatch(f"{self.source.root}: the loader state was saved by another pipeline (other "
+                                       f"views, operators or settings; DALI: {said.group(0)}); build the pipeline "
+                                       "as it was when the state was saved, or start without a state")
         return explain(err, self.source, self.replay, self._runs)
 
 
@@ -491,6 +542,12 @@ def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_
     d = cfg.data
     blur = {i: (blur_radius(views[i].blur_sigma[1], views[i].blur_window), views[i].blur_window)
             for i in loader_blurred(views, p.blur_in_adapter, p.colour_in_adapter)}
+    coloured = coloured_views(views, p.blur_in_adapter, p.colour_in_adapter)
+    if state is not None:
+        why = _state_misfit(state, shard, len(views), (d.crop, "loader" if blur else "pipeline",
+                                                       "loader" if coloured else "pipeline"))
+        if why:
+            raise LoaderStateMismatch(f"{source.root}: the loader state cannot continue here: {why}")
     if state and other_data(state, source):
         raise LoaderStateMismatch(f"{source.root}: holds {source.num_samples} samples, other data than the "
                                   f"{state.get('data_samples', '?')} samples the loader state was saved over")
@@ -513,8 +570,7 @@ def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_
     return DaliLoader(pipe, source, len(views), policy=LastBatchPolicy.DROP, output_dtype=p.output_dtype,
                       highpass=p.highpass_in_adapter, mask_fn=mask_fn, replay=replay,
                       runs=int(state["runs"]) if state else 0, crop=d.crop, blur=blur,
-                      colour={i: ColourLaw.of(views[i], blur=i in blur)
-                              for i in coloured_views(views, p.blur_in_adapter, p.colour_in_adapter)},
+                      colour={i: ColourLaw.of(views[i], blur=i in blur) for i in coloured},
                       mean=d.mean, std=d.std, colour_dtype=p.dali_dtype, handover=d.handover)
 
 
@@ -615,6 +671,10 @@ def build_eval_loader(cfg, root: str, rank: int = 0, world_size: int = 1, local_
     check_placement(rank, world_size, local_rank, device)
     if batch_size is not None and (not is_integer(batch_size) or batch_size < 1):
         raise ValueError(f"batch_size: expected an integer >= 1 (images per rank) or None, got {batch_size!r}")
+    if classes is not None and (isinstance(classes, str) or not all(isinstance(c, str) for c in classes)):
+        # a string would be read as its characters, each a class name that is not among them
+        raise TypeError(f"classes: expected a tuple of class names (the training set's, in label order), got "
+                        f"{classes!r}")
     # checked with the one view it reads: the recipe's training views (their mask grids, say)
     # do not apply to evaluation views, which may be smaller
     cfg = dataclasses.replace(typed(cfg, Config), views=[linear_probe_view()])

@@ -174,6 +174,8 @@ def test_dali_loader_refuses_what_it_cannot_deliver(folder):
                                          r"of fill, drop, partial, got 'last'"):
         DaliLoader(pipe(2), source, 2, policy="last")
     assert len(DaliLoader(pipe(2), source, 2, policy="drop")) == 4  # the name is taken
+    with pytest.raises(TypeError, match=r"source: expected a mscn Source, got str"):  # an AttributeError inside
+        DaliLoader(pipe(2), str(source.root), 2, policy="drop")
     with pytest.raises(ValueError, match=r"output dtype 'float64': expected one of float32, float16, bfloat16"):
         DaliLoader(pipe(2), source, 2, policy=LastBatchPolicy.DROP, output_dtype="float64")
     # the high-pass it applies (CPU path): sigma 0 gave NaN views, a window of 1 zeros, an
@@ -333,6 +335,12 @@ def test_a_typo_in_a_config_built_in_code_is_an_unknown_key(folder):
     cfg.views[1].mask.ratoi = 0.3
     with pytest.raises(ConfigError, match=r"unknown key 'views.1.mask.ratoi'"):
         checked(cfg)
+    # the class where an instance belongs: an AttributeError from deep inside, or the defaults
+    cfg = tiny_cfg(folder, "train.global_batch=4")
+    with pytest.raises(ConfigError, match=r"<config>: views.1: the class ViewCfg where a ViewCfg belongs; write ViewCfg\(\)"):
+        build_train_loader(dataclasses.replace(cfg, views=[cfg.views[0], ViewCfg]))
+    with pytest.raises(ConfigError, match=r"views.0.mask: the class MaskCfg where a MaskCfg belongs"):
+        checked(dataclasses.replace(cfg, views=[ViewCfg(mask=MaskCfg), cfg.views[1]]))
 
 
 def test_small_views_are_not_refused_for_a_mask_they_never_draw(folder):

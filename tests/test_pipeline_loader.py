@@ -155,6 +155,9 @@ def test_eval_shards_read_every_sample_once(tmp_path):
     per_rank = [epoch_indices(build_eval_loader(cfg, str(root), rank=r, world_size=2, batch_size=5))
                 for r in range(2)]
     assert sorted(per_rank[0] + per_rank[1]) == list(range(47))
+    # classes as one string was read as its characters: "class 'c0' is not among the 2 classes"
+    with pytest.raises(TypeError, match="classes: expected a tuple of class names"):
+        build_eval_loader(cfg, str(root), classes="c0")
 
 
 def test_same_seed_same_batch_other_rank_other_augmentations(folder):
@@ -204,3 +207,45 @@ def test_highpass_in_dali_or_in_the_loader_gives_the_same_views(folder):
     for a, b in zip(views["pipeline"], views["loader"]):
         assert a.abs().mean() > 0.05  # high-passed views, not zeros
         assert (a - b).abs().max() < 1e-4
+
+
+def test_a_loader_state_that_cannot_continue_here_is_refused_in_one_line(folder):
+    """A reusing project's loader restored from another shard layout read the whole dataset on
+    every rank (1 rank -> 2) or half of it (2 -> 1) without a word; one state loaded on every
+    rank drew the same masks on all of them; a state of another pipeline graph was blamed on
+    the data ("run mscn data scan"); a dict that is no loader state was a KeyError. Each is
+    one line naming its cause now, and a state of the same layout still continues exactly."""
+    import dataclasses
+
+    from mscn.pipelines.loader import LoaderStateMismatch
+
+    cfg = tiny_cfg(folder, "train.global_batch=8")
+    one = build_train_loader(cfg)
+    batches = iter(one)
+    next(batches)
+    state = one.state_dict()
+    following = next(batches)
+    for rank, world in ((0, 2), (1, 2)):
+        with pytest.raises(LoaderStateMismatch, match=rf"saved by rank 0 of 1, this loader is rank {rank} of 2"):
+            build_train_loader(cfg, rank=rank, world_size=world, state=state)
+    rank0 = build_train_loader(cfg, rank=0, world_size=2)
+    next(iter(rank0))
+    with pytest.raises(LoaderStateMismatch, match="saved by rank 0 of 2, this loader is rank 1 of 2"):
+        build_train_loader(cfg, rank=1, world_size=2, state=rank0.state_dict())
+    with pytest.raises(LoaderStateMismatch, match="data.crop=rrc, this loader with window"):
+        build_train_loader(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, crop="window")), state=state)
+    with pytest.raises(LoaderStateMismatch, match="4 views, this loader 2"):
+        build_train_loader(dataclasses.replace(cfg, views=cfg.views[:2]), state=state)
+    # a graph no key tells apart (here: a state from before the views key): DALI's own refusal,
+    # said as the state's, not as the data's ("run mscn data scan")
+    old = {k: v for k, v in state.items() if k != "views"}
+    with pytest.raises(LoaderStateMismatch, match="saved by another pipeline .*DALI: .*checkpoint") as e:
+        next(iter(build_train_loader(dataclasses.replace(cfg, views=cfg.views[:2]), state=old)))
+    assert "mscn data scan" not in str(e.value)
+    for bad in ({"foo": 1}, {"ranks": [{"loader": state}]}, "state"):
+        with pytest.raises(TypeError, match=r"state: expected a DaliLoader.state_dict\(\)"):
+            build_train_loader(cfg, state=bad)
+    again = build_train_loader(cfg, state=state)
+    after = next(iter(again))
+    assert torch.equal(after.index, following.index)
+    assert all(torch.equal(a, b) for a, b in zip(after.views, following.views))

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mscn.colour import HANDOVER
 from mscn.config import Config, to_dict
 from mscn.errors import MscnError
 from mscn.train import checkpoint as ckpt
@@ -192,22 +191,12 @@ def this_rank(state: dict, info: DistInfo, cfg: Config, gpu: bool) -> tuple[dict
         return None, (f"saved by {n} rank{'' if n == 1 else 's'}, resumed on {info.world_size}" if n is not None
                       else "saved by an older mscn")
     mine = ranks[info.rank]
-    saved = (mine.get("loader") or {}).get("crop") or "window"
-    if saved != cfg.data.crop:
-        return None, f"its loader cut the views with data.crop={saved}, this run with {cfg.data.crop}"
-    # where the graph blurs: a blur_where=loader run with no movable view (BYOL's solarized
-    # ones stay in DALI unless their colour moves) has DALI's graph; before the key, DALI blurred
-    saved = (mine.get("loader") or {}).get("blur_where") or "pipeline"
-    now = "loader" if cfg.blur_in_loader(gpu) else "pipeline"
-    if saved != now:
-        return None, f"its loader blurred the views with data.blur_where={saved}, this run with {now}"
-    # where the graph colours the views (before the key, DALI did)
-    saved = (mine.get("loader") or {}).get("colour_where") or "pipeline"
-    now = "loader" if cfg.colour_in_loader(gpu) else "pipeline"
-    if saved != now:
-        return None, f"its loader coloured the views with data.colour_where={saved}, this run with {now}"
-    if now == "loader" and (mine.get("loader") or {}).get("colour_handover") != HANDOVER:
-        return None, "its loader took the colour's draws from DALI in another form (an earlier mscn)"
+    from mscn.pipelines.loader import graph_misfit  # DALI is heavy: imported only to resume
+
+    why = graph_misfit(mine.get("loader") or {}, cfg.data.crop, "loader" if cfg.blur_in_loader(gpu) else "pipeline",
+                       "loader" if cfg.colour_in_loader(gpu) else "pipeline", now="this run")
+    if why:
+        return None, why
     return mine, ""
 
 
