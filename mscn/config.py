@@ -167,8 +167,8 @@ def _no_stray_attributes(value: Any, key: str, src: str) -> None:
     use the default. A schema class where its instance belongs (``views=[ViewCfg]``) is named
     too: :func:`to_dict` would read its class attributes (an AttributeError, or the defaults)."""
     if isinstance(value, type) and dataclasses.is_dataclass(value):
-        raise ConfigError(f"{src}: {key or 'config'}: the class {value.__name__} where a {value.__name__} belongs; "
-                          f"write {value.__name__}()")
+        raise ConfigError(f"{src}: {key or 'config'}: the class {value.__name__} itself where an instance belongs; "
+                          f"write {value.__name__}() (or an instance of the class this key takes)")
     if dataclasses.is_dataclass(value):
         names = {f.name for f in dataclasses.fields(value)}
         for k in vars(value):

@@ -67,7 +67,9 @@ def sigterm_raises(make: Callable[[int], BaseException]) -> Iterator[None]:
         return
 
     def handler(signum, frame):
-        raise make(signum)
+        stop = make(signum)
+        stop.from_signal = True  # raised at whatever line ran: run_cli ends the process without its teardown
+        raise stop
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
@@ -108,6 +110,11 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
             status = main()
     except MscnError as e:
         status = getattr(e, "status", None)  # e.g. a run stopped on a signal after its checkpoint
+        if status is not None and getattr(e, "from_signal", False):
+            # raised by a signal handler inside whatever ran (a DALI iterator mid-batch): the
+            # interpreter's teardown then hung in a DALI destructor (seen under load, 1 stop in
+            # 3), so it is skipped; a stop on a signal has nothing left to save
+            _exit_at_teardown(status)
         if os.environ.get("MSCN_DEBUG") and status is None:
             raise
         if getattr(e, "rank0_says", False) and os.environ.get("RANK", "0") != "0":

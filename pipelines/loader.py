@@ -204,6 +204,10 @@ class DaliLoader:
         self._names = output_names(num_views, source, deferred=tuple(sorted(self.blur)), coloured=self.colour)
         self._labels = None if source.label_in_stream else torch.tensor(source.labels, dtype=torch.int64)
         self._runs = runs  # batches taken from the pipeline so far, for diagnose.py (kept across a resume)
+        # a DALI failure raises UnexplainedDataError, whose file is looked for only when asked:
+        # under torchrun the trainer first has every rank checkpoint, since the search may take
+        # longer than the other ranks may wait in a collective (train.pretrain)
+        self.explain_later = False
         # (DALI's outputs, the event after the adapter's reads of them) per batch, oldest first
         self._held: deque = deque()
         self._hold = 0  # hold(): the last batches' outputs kept whatever their event says
@@ -368,7 +372,24 @@ class DaliLoader:
             return LoaderStateMismatch(f"{self.source.root}: the loader state was saved by another pipeline (other "
                                        f"views, operators or settings; DALI: {said.group(0)}); build the pipeline "
                                        "as it was when the state was saved, or start without a state")
+        if self.explain_later:  # the search re-reads the reader's order: minutes on a large set
+            runs = self._runs
+            return UnexplainedDataError(err, self.source, lambda: explain(err, self.source, self.replay, runs))
         return explain(err, self.source, self.replay, self._runs)
+
+
+class UnexplainedDataError(DataError):
+    """A DALI failure whose file is not looked for yet (:attr:`DaliLoader.explain_later`):
+    :meth:`explained` runs the search and returns the one-line error it finds."""
+
+    def __init__(self, err: Exception, source: Source, search: Callable[[], Exception]):
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        super().__init__(f"{source.root}: DALI failed while reading the dataset ({first}); the file is not looked "
+                         "for yet")
+        self._search = search
+
+    def explained(self) -> Exception:
+        return self._search()
 
 
 def _fence(view: torch.Tensor):
@@ -543,7 +564,7 @@ def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_
     blur = {i: (blur_radius(views[i].blur_sigma[1], views[i].blur_window), views[i].blur_window)
             for i in loader_blurred(views, p.blur_in_adapter, p.colour_in_adapter)}
     coloured = coloured_views(views, p.blur_in_adapter, p.colour_in_adapter)
-    if state is not None:
+    if state:  # {} is no state, as None
         why = _state_misfit(state, shard, len(views), (d.crop, "loader" if blur else "pipeline",
                                                        "loader" if coloured else "pipeline"))
         if why:

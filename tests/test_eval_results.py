@@ -61,7 +61,7 @@ def test_a_table_that_is_not_a_results_table_is_refused_before_the_evaluation(tm
             check_outputs(out, table)
     assert Path(paths["json"]).read_bytes() == before
     (tmp_path / "empty.csv").write_text("")
-    for table in (paths["csv"], tmp_path / "empty.csv", tmp_path / "new.csv", None):
+    for table in (paths["csv"], tmp_path / "empty.csv", tmp_path / "new.csv", None, tmp_path / "b" / "results.csv"):
         check_outputs(tmp_path / "b", table)
 
 

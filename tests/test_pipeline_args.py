@@ -337,9 +337,9 @@ def test_a_typo_in_a_config_built_in_code_is_an_unknown_key(folder):
         checked(cfg)
     # the class where an instance belongs: an AttributeError from deep inside, or the defaults
     cfg = tiny_cfg(folder, "train.global_batch=4")
-    with pytest.raises(ConfigError, match=r"<config>: views.1: the class ViewCfg where a ViewCfg belongs; write ViewCfg\(\)"):
+    with pytest.raises(ConfigError, match=r"<config>: views.1: the class ViewCfg itself where an instance belongs; write ViewCfg\(\)"):
         build_train_loader(dataclasses.replace(cfg, views=[cfg.views[0], ViewCfg]))
-    with pytest.raises(ConfigError, match=r"views.0.mask: the class MaskCfg where a MaskCfg belongs"):
+    with pytest.raises(ConfigError, match=r"views.0.mask: the class MaskCfg itself where an instance belongs"):
         checked(dataclasses.replace(cfg, views=[ViewCfg(mask=MaskCfg), cfg.views[1]]))
 
 

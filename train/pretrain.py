@@ -261,6 +261,8 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
         run.log.notice(f"already at step {start_step} of {run.end_step}: nothing to train"  # above the bar
                        + (f"; its weights are in {run.last_path}" if run.final_path is None and run.last_path else ""))
     memory_format = torch.channels_last if rt.device.type == "cuda" and cfg.train.channels_last else torch.contiguous_format
+    # under torchrun a file failing on one rank is looked for only once every rank has checkpointed
+    loader.explain_later = rt.dist.world_size > 1
     batches, feeder = endless(loader), None
     if cfg.data.feed_thread and start_step < run.end_step:
         # a thread takes the batches (mscn.pipelines.feeder); checkpoints take the loader
@@ -307,7 +309,10 @@ def _loop(run: "_Run", model: torch.nn.Module, batches, memory_format, peak: flo
         run.watch.at("step", step + 1)  # to the end of the bookkeeping (its collectives wait for every rank)
         signum, failed_rank = run.stop.agreed(failed is not None)  # every rank, every step
         if failed_rank is not None:  # on any rank: no rank enters the step
-            raise run.kept_on_data_error(step, failed, failed_rank, before) from None
+            try:
+                raise run.kept_on_data_error(step, failed, failed_rank, before) from None
+            finally:  # the error's traceback holds this frame: no cycle through it may keep the
+                failed = None  # loader alive (DALI's mapping of the failed file, read again by a rerun)
         views = [v.to(rt.device, non_blocking=True).contiguous(memory_format=memory_format) for v in batch.views]
         if rt.dtype is None:
             views = [v.float() for v in views]
@@ -409,10 +414,9 @@ class _Run:
         error (None on the ranks whose batch came). Returns the error to raise: the failed
         rank's, naming the checkpoint and both ways on; under torchrun every rank raises it
         and rank 0 says it (:class:`RunDataError`)."""
+        from mscn.pipelines.loader import UnexplainedDataError
+
         multi = self.rt.dist.world_size > 1
-        if multi:
-            said = gather_objects(str(err) if err is not None else None)[failed_rank]
-            said += f" (rank {failed_rank} of {self.rt.dist.world_size})"
         if done > self.start_step:
             if self.saved_step != done:
                 self.maybe_checkpoint(done, now=True, loader_state=before)
@@ -422,7 +426,17 @@ class _Run:
                     f"of the folder), continue from it in a new folder with --resume {path} --out NEW_DIR")
         else:  # nothing trained since this start: the checkpoint it started from still holds everything
             kept = ""
-        return RunDataError(said + kept) if multi else DataError(f"{err}{kept}") if kept else err
+        if isinstance(err, UnexplainedDataError):  # after the checkpoint: the search may take minutes
+            self.watch.at("data", done + 1)  # a stall line says: no batch (the others: in the gather below)
+            try:
+                err = err.explained()
+            except Exception as e:  # the others wait for this rank's line: it must come
+                err = DataError(f"{err} (the search for the file failed: {type(e).__name__}: {e})")
+        if not multi:
+            return DataError(f"{err}{kept}") if kept else err
+        # the others wait here for the failed rank's search, on the flag's CPU group
+        said = self.stop.gather(str(err) if err is not None else None)[failed_rank]
+        return RunDataError(f"{said} (rank {failed_rank} of {self.rt.dist.world_size}){kept}")
 
     def maybe_monitor(self, done: int, lr: float) -> None:
         if not (self.monitor and monitor_runs_after(self.cfg, done, self.steps_per_epoch)):

@@ -204,9 +204,11 @@ def stoppable(runner: Runner, work):
         else:  # an evaluation, or a second Ctrl-C inside a pretraining
             signum = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
             then = "it resumes from its last checkpoint if it wrote one, else starts over"
-        raise Stopped(f"stopped by {signal.Signals(signum).name} during {runner.current or 'the first run'}; the "
-                      f"finished runs are kept: rerun the same mscn ablate command to continue ({then}; finished "
-                      "runs are skipped)", signum) from None
+        stop = Stopped(f"stopped by {signal.Signals(signum).name} during {runner.current or 'the first run'}; the "
+                       f"finished runs are kept: rerun the same mscn ablate command to continue ({then}; finished "
+                       "runs are skipped)", signum)
+        stop.from_signal = getattr(e, "from_signal", False)  # a SIGTERM mid-evaluation: mscn.errors.run_cli
+        raise stop from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if not creatable(out, folder=True):
         raise MscnError(f"--out {out}: not writable; pass a folder you can write")
     run_files = [f for f in ("config.yaml", "checkpoints", "final.pt") if (out / f).exists()]
-    if run_files:  # its runs, random/ and the report would go in beside another run's files
+    if {"checkpoints", "final.pt"} & set(run_files):  # its runs, random/ and the report would go in beside them
         raise MscnError(f"--out {out}: a pretraining run's folder (it holds {', '.join(run_files)}); an ablation "
                         "takes a folder of its own, e.g. --out runs/ablate")
     print(f"[ablate] {len(arms)} arms x {len(seeds)} seeds {seeds} + random init -> {out}: "

@@ -73,7 +73,8 @@ def check_outputs(out: Path, table: str | Path | None) -> None:
 def _not_a_table(table: Path, out: Path) -> str:
     """Why appending a CSV line to ``table`` would damage a file ("" if it would not): a
     result's own files, or a file that is not a table of ours (its first line is our header)."""
-    if table.resolve().parent == out.resolve() and table.stem.startswith("result"):
+    # result.json, result.md and the kept result.<time>.json / .md (results.csv there is a table)
+    if table.resolve().parent == out.resolve() and table.name.startswith("result.") and table.suffix in (".json", ".md"):
         return "this evaluation writes that file itself (result.json and result.md in --out)"
     try:
         with open(table, newline="") as f:
