@@ -569,9 +569,9 @@ def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_
                                                        "loader" if coloured else "pipeline"))
         if why:
             raise LoaderStateMismatch(f"{source.root}: the loader state cannot continue here: {why}")
-    if state and other_data(state, source):
-        raise LoaderStateMismatch(f"{source.root}: holds {source.num_samples} samples, other data than the "
-                                  f"{state.get('data_samples', '?')} samples the loader state was saved over")
+        if other_data(state, source):
+            raise LoaderStateMismatch(f"{source.root}: holds {source.num_samples} samples, other data than the "
+                                      f"{state.get('data_samples', '?')} samples the loader state was saved over")
     # a state saved before even shards existed continues with the reader's list as it was then
     even = bool(state.get("even_shards", False)) if state else True
     replay = Replay(shard_id=shard.rank, num_shards=shard.world_size, shuffle=True, shuffle_buffer=d.shuffle_buffer,

@@ -201,13 +201,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-def gather_objects(obj) -> list:
+def gather_objects(obj, group=None) -> list:
     """Every rank's picklable ``obj``, in rank order (a small host-side collective; call on
-    all ranks); ``[obj]`` without a process group."""
+    all ranks of ``group``, default all); ``[obj]`` without a process group."""
     if not dist.is_initialized():
         return [obj]
-    seen: list = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, obj)
+    seen: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(seen, obj, group=group)
     return seen
 
 

@@ -69,14 +69,10 @@ class StopFlag:
         signum, first = (int(v) for v in flag)
         return signum, world - first if first else None
 
-    def gather(self, obj) -> list:
-        """Every rank's picklable ``obj``, in rank order, over the flag's CPU group (a
-        collective under torchrun; ``[obj]`` in one process)."""
-        if self._group is None:
-            return [obj]
-        seen: list = [None] * dist.get_world_size(self._group)
-        dist.all_gather_object(seen, obj, group=self._group)
-        return seen
+    @property
+    def group(self):
+        """The flag's CPU (gloo) process group; None in one process."""
+        return self._group
 
     @staticmethod
     def name(signum: int) -> str:

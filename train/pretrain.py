@@ -435,7 +435,7 @@ class _Run:
         if not multi:
             return DataError(f"{err}{kept}") if kept else err
         # the others wait here for the failed rank's search, on the flag's CPU group
-        said = self.stop.gather(str(err) if err is not None else None)[failed_rank]
+        said = gather_objects(str(err) if err is not None else None, group=self.stop.group)[failed_rank]
         return RunDataError(f"{said} (rank {failed_rank} of {self.rt.dist.world_size}){kept}")
 
     def maybe_monitor(self, done: int, lr: float) -> None:
