@@ -166,7 +166,8 @@ class DataCfg:
     # read the first and last bytes of every training image (a file, or a tar shard's member)
     # before training (mscn.data.filecheck; the ranks split them): DALI 2.4's CPU decoder can
     # segfault, with no message, when two it cannot decode meet in one batch. Off for a set
-    # known to be sound when the reads cost too much (docs/PIPELINE.md, "Bad input")
+    # known to be sound when the reads cost too much (docs/PIPELINE.md, "Bad input"). A
+    # restart with the files unchanged takes their stat instead (mscn.data.checkstamp)
     check_files: bool = True
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD

@@ -5,12 +5,23 @@ must be set before any module that defines a ``@triton.jit`` kernel is imported,
 so it is set here, at collection time, unless a GPU is present.
 """
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# the data check's stamps (mscn.data.checkstamp) of this session's datasets, not the user's
+# ~/.cache; the processes the tests start inherit it
+_STAMPS = tempfile.mkdtemp(prefix="mscn-stamps-")
+os.environ["MSCN_CACHE_DIR"] = _STAMPS
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_STAMPS, ignore_errors=True)
 
 
 def pytest_configure(config):

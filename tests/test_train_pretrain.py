@@ -304,6 +304,24 @@ def test_damaged_training_files_stop_the_run_before_it_starts(dataset, tmp_path,
     assert (out / "config.yaml").is_file()
 
 
+def test_a_restart_does_not_read_the_checked_files_again(dataset, tmp_path, capsys, monkeypatch):
+    """A preempted run restarts many times: the second start finds the files unchanged since
+    the first start's check (mscn.data.checkstamp) and says so instead of reading them."""
+    from mscn.data import checkstamp, filecheck
+
+    root = tmp_path / "train"
+    shutil.copytree(Path(dataset), root)
+    time.sleep(checkstamp.RACY_S + 0.1)  # files written within a tick of the check are not stamped
+    out = tmp_path / "r"
+    assert main(overrides(root, out, "train.max_steps=1")) == 0
+    assert "data check" not in capsys.readouterr().out
+    monkeypatch.setattr(filecheck, "_CHECKED", set())  # as a new process
+    assert main(overrides(root, out, "train.max_steps=2")) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "data check" in line]
+    assert len(said) == 1 and said[0].startswith("[mscn] data check: the files are unchanged since their check of ") \
+        and said[0].endswith("UTC, not read again (MSCN_CACHE_DIR=off reads them)"), said
+
+
 def test_compiled_byol_has_the_eager_loss_and_gradients(dataset, tmp_path):
     """The BYOL recipe compiles too (train.compile=true in byol_r50_in1k.yaml): the online
     network, the predictor and the stop-gradient target under torch.compile give the eager

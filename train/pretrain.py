@@ -190,10 +190,14 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
     source = resolve_source(cfg.data.root, cfg.data.format)
     check_size(source, cfg.train.global_batch, "train.global_batch")
     check_same_data(source, rt.dist)
-    if cfg.data.check_files:  # two damaged files in one batch crash DALI with no message (mscn.data.filecheck)
-        check_training_files(source, rt.dist.rank, rt.dist.world_size, gather=gather_objects,
-                             show=rt.is_main and source.num_samples >= CHECK_BAR_FILES * rt.dist.world_size)
     say = (lambda msg: print(f"[mscn] {msg}", flush=True)) if rt.is_main else (lambda msg: None)
+    if cfg.data.check_files:  # two damaged files in one batch crash DALI with no message (mscn.data.filecheck)
+        before = check_training_files(source, rt.dist.rank, rt.dist.world_size, gather=gather_objects,
+                                      show=rt.is_main and source.num_samples >= CHECK_BAR_FILES * rt.dist.world_size)
+        if before:
+            say(f"data check: the files{' of rank 0' if rt.dist.world_size > 1 else ''} are unchanged since their "
+                f"check of {before}, not read again "
+                "(MSCN_CACHE_DIR=off reads them)")
     cfg = _claim(cfg, resume, rt, recipe, say)
     monitor_note = monitor_off_reason(cfg)
     for note in (rt.note, monitor_note, adopted, cfg.colour_where_note(gpu=rt.device.type == "cuda"),

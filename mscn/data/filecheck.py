@@ -6,7 +6,9 @@ DALI 2.4's CPU decoder raises on one sample it cannot decode, but segfaults (sta
 message) when two meet in one batch, so the evaluation loaders check their whole set
 (:func:`check_headers`) and the training loader and ``mscn pretrain`` the ranks' shares of
 the training set (:func:`check_training_files`, ``data.check_files``), and they name the
-first damaged image in one line. Not in the paper: a guard of the input pipeline.
+first damaged image in one line. A share that passed is stamped (:mod:`mscn.data.checkstamp`):
+the next process reads its files again only when one changed. Not in the paper: a guard of
+the input pipeline.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from mscn.data import checkstamp
 from mscn.data.headers import undecodable
 from mscn.data.imagefolder import TAR_IMAGE_EXTS
 from mscn.errors import DataError
@@ -101,11 +104,14 @@ def check_headers(source) -> None:
     source and process."""
     if _key(source) in _CHECKED:
         return
-    _raise_first(source, _first_bad_in(source, 0, 1, show=False))
+    stamp = _Stamp(source, 0, 1)
+    if not stamp.still_good():
+        _raise_first(source, _first_bad_in(source, 0, 1, show=False))
+        stamp.write()
     _CHECKED.add(_key(source))
 
 
-def check_training_files(source, rank: int = 0, world_size: int = 1, gather=None, show: bool = False) -> None:
+def check_training_files(source, rank: int = 0, world_size: int = 1, gather=None, show: bool = False) -> str | None:
     """:func:`check_headers` for a training set, its files (or its shards' samples) split
     between the ranks: rank ``r`` reads every ``world_size``-th from the ``r``-th (1.28 M
     files on 8 ranks: 160 k each), since every rank's reader goes through the whole set over
@@ -116,22 +122,53 @@ def check_training_files(source, rank: int = 0, world_size: int = 1, gather=None
     damaged file of the whole list; without it (a loader built by another project's trainer,
     which may build it on some ranks only) a rank raises for its own share, and the other
     ranks' shares are checked by their own loaders. ``show``: a progress bar (rank 0 of a
-    set large enough to take a while). Once per source, rank and process.
+    set large enough to take a while). Once per source, rank and process; a share whose
+    files are unchanged since a check that passed (its stamp) is not read again.
+
+    Returns the time of that earlier check when this rank's share was not read for it,
+    else None.
     """
     key = (_key(source), rank, world_size)
-    found = None
+    found, stamp, before = None, None, None
     if key[0] not in _CHECKED and key not in _CHECKED:  # read before: with a gather, still take part
         try:
-            found = _first_bad_in(source, rank, world_size, show)
+            stamp = _Stamp(source, rank, world_size)
+            before = stamp.still_good()
+            if not before:
+                found = _first_bad_in(source, rank, world_size, show)
         except Exception as e:  # noqa: BLE001 - a rank that raised alone would leave the others in the gather
             if gather is None:
                 raise
             found = (-1, source.root, f"the check of rank {rank}'s share failed ({type(e).__name__}: {e})")
     found = [f for f in (gather(found) if gather else [found]) if f]
     _raise_first(source, min(found) if found else None)
+    if stamp is not None and not before:
+        stamp.write()
     # every rank read its share and none found a damaged file (or one rank read it all): the
     # whole set is checked, and the kNN monitor's evaluation loader over it reads nothing again
     _CHECKED.add(key[0] if gather or world_size == 1 else key)
+    return before
+
+
+class _Stamp:
+    """The stamp (:mod:`mscn.data.checkstamp`) of one rank's share of ``source``: the stat
+    of its files (of every shard and index, for shards), taken before they are read."""
+
+    def __init__(self, source, rank: int, world_size: int):
+        self.key = (source.kind, *_key(source), rank, world_size)
+        self.fp = None
+        if checkstamp.stamp_dir() is not None:
+            paths = ([p for pair in zip(source.tars, source.indexes) for p in pair] if source.kind == "wds" else
+                     [os.path.join(source.root, f) for f in source.files[rank::world_size]])
+            self.fp = checkstamp.fingerprint(paths)
+        self.files = (len(source.files[rank::world_size]) if source.kind != "wds" else
+                      len(range(rank, source.num_samples, world_size)))
+
+    def still_good(self) -> str | None:
+        return checkstamp.stamped(self.key, self.fp)
+
+    def write(self) -> None:
+        checkstamp.stamp(self.key, self.fp, self.files)
 
 
 def _first_bad_in(source, rank: int, world_size: int, show: bool) -> tuple[int, str, str] | None:
