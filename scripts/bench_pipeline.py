@@ -37,6 +37,7 @@ import gc
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,7 +54,7 @@ from mscn.config import load_config, validate
 from mscn.errors import ConfigError, MscnError, run_cli
 from mscn.maskspec import MaskCoverageWarning
 from mscn.paths import creatable
-from mscn.pipelines.tuning import usable_cores
+from mscn.pipelines.tuning import processes_per_node, usable_cores
 from mscn.train.distributed import barrier
 from mscn.train.preempt import Stopped
 
@@ -101,7 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--batch", type=int, help="images per batch and process (CPU 32, GPU 256; "
                    "a train.global_batch= override sets it too)")
-    p.add_argument("--threads", type=int, help="DALI CPU threads (default: config; CPU: all cores)")
+    p.add_argument("--threads", type=int, help="DALI CPU threads (default: config; CPU: the cores this process may "
+                   "use, shared by the processes of a node under torchrun)")
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's); "
                    "the CPU path's high-pass and masks run in torch beside DALI's threads")
     p.add_argument("--hw-decoder-load", type=float, help="share of JPEGs for the hardware decoder (GPU)")
@@ -128,7 +130,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="model.arch for --train (CPU: resnet18; GPU: the recipe's)")
     p.add_argument("--train-steps", type=int, help="timed training steps per feed (CPU 3, GPU 30; rounded up to "
                    "whole windows of --repeats)")
-    p.add_argument("--sync", choices=timing.SYNC_SCOPES, default="stream",
+    p.add_argument("--sync", choices=timing.SYNC_SCOPES,
                    help="GPU: what a window waits for before its clock reads: the current torch stream "
                         "(default: the steps' own work) or the whole device (also DALI's prefetch of later "
                         "batches: the figures of GPU rounds 1-3)")
@@ -192,7 +194,9 @@ def fill_defaults(args: argparse.Namespace, device: torch.device, world_size: in
         if getattr(args, key) is None and not (key == "arch" and _overridden(args, "model.arch")):
             setattr(args, key, value)
     if args.threads is None and device.type == "cpu" and not _overridden(args, "data.num_threads"):
-        args.threads = usable_cores()  # DALI does all the work on the CPU path
+        # DALI does all the work on the CPU path; torchrun's processes share the cores, as
+        # the trainer's data.num_threads=auto shares them (pipelines/tuning.py)
+        args.threads = max(1, usable_cores() // processes_per_node())
     names = [s for item in args.baseline for s in item.split(",") if s]
     bad = sorted(set(names) - {"torchvision", "dali-plain"})
     if bad:
@@ -246,6 +250,13 @@ def fill_defaults(args: argparse.Namespace, device: torch.device, world_size: in
         raise MscnError(f"{bad} must be >= 0, got {args.warmup if bad == '--warmup' else args.baseline_workers}")
     if args.hw_decoder_load is not None and not 0.0 <= args.hw_decoder_load <= 1.0:
         raise MscnError(f"--hw-decoder-load must be in [0, 1], got {args.hw_decoder_load}")
+    if device.type != "cuda":  # as the sweep: a flag that changes nothing here must not look as if it had
+        given = [f for f, on in (("--hw-decoder-load", args.hw_decoder_load is not None),
+                                 ("--sync", args.sync is not None)) if on]
+        if given:
+            raise MscnError(f"{', '.join(given)}: GPU only (the CPU path has no hardware decoder and no device "
+                            f"to wait for); leave {'it' if len(given) == 1 else 'them'} out, or use --device cuda")
+    args.sync = args.sync or "stream"
 
 
 # the config keys build_config sets from the bench's flags
@@ -502,6 +513,19 @@ def sweep_configs(args, info, device, data_root: str) -> list:
     return out
 
 
+def check_batches(args, grid: list | None, dataset: dict, world_size: int) -> None:
+    """Every row's batch against the dataset, before the first row is timed: a set smaller
+    than a batch was refused by the loader only when a row with masks was built, after the
+    rows before it, and a decode-only row timed repeated images without a word."""
+    rows = [("--batch", args.batch), *((f"the sweep's {', '.join(f'{k}={v}' for k, v in setting.items())}", sub.batch)
+                                       for setting, sub, _ in grid or [])]
+    what, batch = max(rows, key=lambda r: r[1])
+    if batch * world_size > dataset["num_images"]:
+        per = f" x {world_size} processes" if world_size > 1 else ""
+        raise MscnError(f"{dataset['path']}: {dataset['num_images']} images, fewer than one batch of {batch}{per} "
+                        f"({what}); lower it, or add images")
+
+
 def run_sweep(args, info, device, grid: list, result: dict) -> None:
     """The sweep's rows into ``result["sweep"]`` as they are timed, then the best of them."""
     rows = []
@@ -648,9 +672,9 @@ def host_ms(clock: dict, last: int) -> dict:
     a part that takes long while the GPU idles is where the feed waits."""
     out = {}
     for part, times in clock.items():
-        times = sorted(times[-last:])
+        times = times[-last:]
         if times:
-            out[part] = round(1e3 * times[len(times) // 2], 3)
+            out[part] = round(1e3 * statistics.median(times), 3)  # of an even count: the mean of the middle two
     return out
 
 
@@ -780,6 +804,7 @@ def run_isolated(args: argparse.Namespace, argv: list[str]) -> int:
             runs[stage].append({"round": r, "position": i, "images_per_s": m["images_per_s"],
                                 "load_avg_1m": doc["env"].get("load_avg_1m")})
             env, settings = doc["env"], doc["settings"]
+    env = {**env, "command": benv.command_line()}  # the user's command, not the last child's
     result = {"schema": 2, "env": env, "settings": {**settings, "stages": stages, "isolate": args.isolate},
               "isolated": {s: {"medians": rates[s], "mean": round(sum(rates[s]) / len(rates[s]), 2),
                                "runs": runs[s]} for s in stages},
@@ -851,13 +876,15 @@ def main(argv: list[str] | None = None) -> int:
                                "world_size": info.world_size, "stages": args.stages},
                   "stages": {}}
         grid = sweep_configs(args, info, device, data_root) if args.sweep else None
+        check_batches(args, grid, dataset, info.world_size)
         try:
             run_all(args, cfg, info, device, result, grid)
         except BaseException as e:  # a late failure or a stop must not cost the rows already timed
             timed = result["stages"] or result.get("sweep", {}).get("rows") or result.get("train_timed", {}).get(
                 "synthetic") or result.get("baselines")
             if info.is_main and args.json and timed:
-                result["incomplete"] = f"{type(e).__name__}: {e}".strip(": ")
+                # a stop says what stopped it; an error is named by its kind
+                result["incomplete"] = str(e) if isinstance(e, Stopped) else f"{type(e).__name__}: {e}".strip(": ")
                 write_json(result, args.json)
                 print(f"bench_pipeline: the rows timed so far are in {args.json} (marked incomplete)",
                       file=sys.stderr, flush=True)

@@ -445,6 +445,8 @@ def test_isolate_runs_every_stage_in_its_own_process(tiny_data, tmp_path):
         assert iso["mean"] == pytest.approx(sum(iso["medians"]) / 2, abs=0.01)
         assert [run["position"] for run in iso["runs"]] == ([1, 4] if st == "masks" else [2, 3])
     assert "SUMMARY isolated masks: mean" in proc.stdout
+    # the command recorded is the one typed, not the last child's (with its temporary --json)
+    assert "--isolate 2 --stages masks,masks-blur-loader --json" in r["env"]["command"], r["env"]["command"]
     bad = run_bench("--data", tiny_data, *TINY, "--isolate", "1", "--stages", "masks", "--train", timeout=120)
     assert bad.returncode != 0 and "--isolate" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -503,6 +505,8 @@ def test_host_ms_reads_the_timed_steps_only_and_release_stops_a_feeder():
     clock = {"batch": [9.0, 9.0, 0.001, 0.002, 0.003], "step": [5.0, 0.010, 0.020, 0.030, 0.040]}
     assert bench.host_ms(clock, last=3) == {"batch": 2.0, "step": 30.0}
     assert bench.host_ms({"batch": [], "step": [0.004]}, last=3) == {"step": 4.0}
+    # an even count: the mean of the middle two, as the images/s medians (was the upper one)
+    assert bench.host_ms({"step": [3.6, 0.4, 0.5, 0.6]}, last=4) == {"step": 550.0}
 
     def endless():
         n = 0
@@ -601,6 +605,9 @@ def test_size_and_batch_overrides_are_applied_or_refused():
     (["--baseline-workers", "-1"], r"--baseline-workers must be >= 0, got -1"),
     (["--threads", "0"], r"--threads must be >= 1, got 0"),
     (["--hw-decoder-load", "1.5"], r"--hw-decoder-load must be in \[0, 1\]"),
+    # GPU-only flags on the CPU: accepted, they changed nothing (the sweep of hw_decoder_load was refused)
+    (["--hw-decoder-load", "0.5"], r"^--hw-decoder-load: GPU only .* leave it out, or use --device cuda$"),
+    (["--sync", "device", "--hw-decoder-load", "1"], r"^--hw-decoder-load, --sync: GPU only .* leave them out"),
     # training-row flags without --train: the run would time no training and say nothing
     (["--arch", "resnet50"], r"^--arch: only with --train"),
     (["--feeds", "masks", "--train-steps", "8"], r"^--feeds, --train-steps: only with --train .* leave them out"),
@@ -612,6 +619,33 @@ def test_flags_that_would_run_something_else_are_refused_before_timing(flags, ma
     script = _load_script()
     with pytest.raises(MscnError, match=match):
         script.fill_defaults(script.parse_args(flags), torch.device("cpu"))
+
+
+def test_a_batch_larger_than_the_set_is_refused_before_any_row_is_timed(tiny_data, tmp_path):
+    """16 images: a decode row timed repeated images without a word, and a masks row after it
+    failed only once the rows before it were timed (minutes on real data)."""
+    for flags, what in ((["--batch", "32", "--stages", "decode,masks"], "--batch"),
+                        (["--batch", "4", "--sweep", "batch=4,64"], "the sweep's batch=64")):
+        proc = run_bench("--data", tiny_data, "--size", "32", "--warmup", "1", "--torch-threads", "1", *flags,
+                         "--json", tmp_path / "b.json", timeout=120)
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(err) == 1, proc.stderr[-2000:]
+        assert err[0] == (f"bench_pipeline: error: {tiny_data}: 16 images, fewer than one batch of "
+                          f"{32 if what == '--batch' else 64} ({what}); lower it, or add images"), err
+        assert not (tmp_path / "b.json").exists()
+
+
+def test_cpu_threads_are_shared_by_the_processes_of_a_node(monkeypatch):
+    """Under torchrun every rank took all the cores; the trainer's auto gives each its share."""
+    import torch
+
+    from mscn.pipelines.tuning import usable_cores
+
+    script = _load_script()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    args = script.parse_args([])
+    script.fill_defaults(args, torch.device("cpu"), world_size=2)
+    assert args.threads == max(1, usable_cores() // 2)
 
 
 def test_torch_threads_below_one_is_one_line():
@@ -632,9 +666,9 @@ def test_stage_labels_name_every_step_a_row_adds():
 
 @pytest.mark.parametrize("sig, rows, rc, why", [
     ("SIGINT", ["--stages", "decode,bare,views,highpass,masks"], 130, "KeyboardInterrupt"),
-    ("SIGTERM", ["--stages", "decode,bare,views,highpass,masks"], 143, "_Terminated: stopped by SIGTERM"),
+    ("SIGTERM", ["--stages", "decode,bare,views,highpass,masks"], 143, "stopped by SIGTERM"),
     ("SIGINT", ["--sweep", "threads=1,2,1,2"], 130, "KeyboardInterrupt"),
-    ("SIGTERM", ["--train", "--feeds", "bare,views,masks", "--train-steps", "2"], 143, "_Terminated"),
+    ("SIGTERM", ["--train", "--feeds", "bare,views,masks", "--train-steps", "2"], 143, "stopped by SIGTERM"),
 ])
 def test_rows_are_reported_as_they_end_and_kept_when_the_run_stops(tiny_data, tmp_path, sig, rows, rc, why):
     """A line per row on stderr while the run goes; Ctrl-C or SIGTERM (timeout, SLURM) after

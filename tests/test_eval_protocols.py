@@ -6,6 +6,7 @@ classes: kNN and a (precomputed) linear probe must be far above chance (33 %).
 """
 import argparse
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,59 @@ def test_finetune_and_from_scratch_then_report(data, tmp_path):
     _run("report", str(tmp_path), "--out", str(tmp_path / "table.md"))
     table = (tmp_path / "table.md").read_text()
     assert "| Label fraction | 50% |" in table and "| from scratch |" in table and "| SimCLR+MSCN |" in table
+
+
+def test_results_record_what_was_scored_and_report_keeps_a_retrained_checkpoint_apart(data, tmp_path, monkeypatch,
+                                                                                         capsys):
+    """A result records the weights, data and subset it scored, not only their paths: a run
+    retrained into the same folder, or a subset rewritten in place, gives another row (they
+    replaced the older result with the note "same settings"). Relative paths typed in another
+    folder are recorded absolute, so the same evaluation is the same result."""
+    import shutil
+
+    ck = tmp_path / "run" / "final.pt"
+    ck.parent.mkdir()
+    shutil.copy(data["ckpt"], ck)
+    sub = tmp_path / "sub.txt"
+    shutil.copy(data["subset"], sub)
+    base = ["--train-root", data["train"], "--val-root", data["val"], "--batch", "16", "--device", "cpu"]
+    _run("knn", "--ckpt", str(ck), "--out", str(tmp_path / "ev" / "a"), *base)
+    first = json.loads((tmp_path / "ev" / "a" / "result.json").read_text())
+    assert len(first["weights"]) == 16 and first["train_root"] == data["train"] and first["val_root"] == data["val"]
+    assert first["train_data"] != first["val_data"] and first["out"] == str(tmp_path / "ev" / "a")
+    # the same evaluation typed with relative paths from another folder: the same settings
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "deep" / "er")
+    rel = [os.path.relpath(p) for p in (ck, data["train"], data["val"])]
+    _run("knn", "--ckpt", rel[0], "--out", "../../ev/b", "--train-root", rel[1], "--val-root", rel[2],
+         "--batch", "16", "--device", "cpu")
+    second = json.loads((tmp_path / "ev" / "b" / "result.json").read_text())
+    assert {k: second[k] for k in ("weights", "train_root", "val_root", "train_data", "val_data", "top1")} == \
+        {k: first[k] for k in ("weights", "train_root", "val_root", "train_data", "val_data", "top1")}
+    assert second["out"] == str(tmp_path / "ev" / "b")
+    # retrained into the same folder: other weights at the same path and step
+    make_checkpoint(ck, seed=1)
+    _run("knn", "--ckpt", str(ck), "--out", str(tmp_path / "ev" / "c"), *base)
+    third = json.loads((tmp_path / "ev" / "c" / "result.json").read_text())
+    assert third["weights"] != first["weights"] and third["ckpt_file"] == first["ckpt_file"]
+    capsys.readouterr()
+    _run("report", str(tmp_path / "ev"), "--out", str(tmp_path / "table.md"))
+    rows = [line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| SimCLR+MSCN")]
+    assert sorted(rows) == sorted([f"| SimCLR+MSCN (weights={first['weights'][:8]}) | {first['top1']:.1f} |",
+                                   f"| SimCLR+MSCN (weights={third['weights'][:8]}) | {third['top1']:.1f} |"]), rows
+    assert capsys.readouterr().err.count("replaces an older result with the same settings") == 1  # b replaces a
+    # a subset rewritten in place between two fine-tunings: two rows, and the losses kept
+    monkeypatch.chdir(tmp_path)
+    for out, seed in (("f1", 0), ("f2", 1)):
+        make_subset(data["train"], 0.5, seed=seed, out=sub)
+        _run("finetune", "--ckpt", str(ck), "--out", str(tmp_path / "ft" / out), "--epochs", "1", "--subset",
+             "sub.txt", *base)
+    f1, f2 = (json.loads((tmp_path / "ft" / o / "result.json").read_text()) for o in ("f1", "f2"))
+    assert f1["settings"]["subset"] == f2["settings"]["subset"] == str(sub)
+    assert f1["settings"]["subset_data"] != f2["settings"]["subset_data"] and len(f1["loss"]) == 1
+    _run("report", str(tmp_path / "ft"), "--out", str(tmp_path / "ft.md"))
+    assert sum(line.startswith("| SimCLR+MSCN (subset_data=") for line in
+               (tmp_path / "ft.md").read_text().splitlines()) == 2
 
 
 def test_highpass_mismatch_and_wrong_arch_through_the_cli(data, tmp_path, capsys):

@@ -120,6 +120,11 @@ def test_report_keeps_other_weights_settings_and_recipes_apart():
     b = a | {"ckpt_file": "/x/run3/final.pt", "top1": 37.5, "time": "2024-01-02"}
     md = markdown_table([a, b])
     assert "| SimCLR (ckpt=run1/final.pt) | 43.8 |" in md and "| SimCLR (ckpt=run3/final.pt) | 37.5 |" in md
+    # the digests of what was scored name a row only where nothing else tells the rows apart
+    md = markdown_table([a | {"weights": "1" * 16, "val_data": "a" * 16}, b | {"weights": "2" * 16, "val_data": "b" * 16}])
+    assert "| SimCLR (ckpt=run1/final.pt) | 43.8 |" in md and "| SimCLR (ckpt=run3/final.pt) | 37.5 |" in md, md
+    md = markdown_table([a | {"weights": "1" * 16}, b | {"ckpt_file": a["ckpt_file"], "weights": "2" * 16}])
+    assert "| SimCLR (weights=11111111) | 43.8 |" in md and "| SimCLR (weights=22222222) | 37.5 |" in md, md
     # an ablation's layout, runs/<arm>/seed0/final.pt: the last two parts of both are alike, and
     # one row hid the other without a word
     c = a | {"ckpt_file": "/x/runs/masks/seed0/final.pt", "top1": 18.75, "time": "2024-01-02"}

@@ -116,9 +116,14 @@ def _version(module: str) -> str | None:
         return None
 
 
+def command_line() -> str:
+    """This process's command line, as a shell would take it back."""
+    return " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), *sys.argv])
+
+
 def environment(device: torch.device) -> dict:
     """CPU/GPU, library versions, load and the exact command line of this run."""
-    env = {"command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), *sys.argv]),
+    env = {"command": command_line(),
            "python": platform.python_version(), "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
            "usable_cores": usable_cores(), "torch_threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2),
            "torch": torch.__version__, "torchvision": _version("torchvision"),

@@ -80,6 +80,7 @@ def _checkpoint(args) -> dict:
 def _prepare(args, protocol: str):
     from mscn.train.eval.common import seeded
     from mscn.train.eval.pretrained import load_pretrained
+    from mscn.train.eval.provenance import data_digest, weights_digest
     from mscn.train.eval.results import check_outputs, model_name
     from mscn.train.models import build_backbone
     from mscn.train.runtime import setup_runtime
@@ -111,6 +112,9 @@ def _prepare(args, protocol: str):
             backbone, _ = build_backbone(arch)
         if getattr(args, "from_scratch", False):  # same views/arch as the checkpoint, random weights
             name = args.name or "from scratch"
+    # what is scored, before anything trains (fine-tuning changes the backbone in place)
+    args.weights = weights_digest(backbone)
+    args.data = {"train_data": data_digest(args.train_root), "val_data": data_digest(args.val_root)}
     out = Path(args.out) if args.out else _default_out(args, protocol)
     check_outputs(out, args.table)
     rt = setup_runtime(args.device, cfg.train.precision)  # autocast as in pretraining
@@ -127,13 +131,17 @@ def _finish(args, rt, protocol: str, name: str, arch: str, out: Path, res: dict)
     if not rt.is_main:
         return
     # ckpt as given (a run directory names the run in the tables); ckpt_file and ckpt_step:
-    # the weights that were scored
+    # the file that was scored, weights: what it held; the roots as absolute paths (a result
+    # read from another folder still says where its data was), train_data and val_data: what
+    # they held
     result = {"protocol": protocol, "name": name, "ckpt": args.ckpt, "ckpt_file": args.ckpt_file,
-              "ckpt_step": args.ckpt_step, "arch": arch, "overrides": list(args.overrides or []),
+              "ckpt_step": args.ckpt_step, "weights": args.weights, "arch": arch,
+              "overrides": list(args.overrides or []),
               # the recipe of a random init (a checkpoint carries its own config)
               "config": args.config if args.ckpt == "random" else None,
               "dataset": args.dataset or _dataset_name(args.val_root), "label_fraction": 1.0,
-              "train_root": args.train_root, "val_root": args.val_root, "seed": args.seed, **res}
+              "train_root": os.path.abspath(args.train_root), "val_root": os.path.abspath(args.val_root),
+              **args.data, "seed": args.seed, **res}
     paths = write_result(result, out, args.table)
     if "previous" in paths:
         print(f"{out} already held a result: kept as {paths['previous']}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ from mscn.errors import DataError, MscnError
 from mscn.train.distributed import convert_sync_batchnorm, mean_over_ranks
 from mscn.train.eval.common import (MOMENTUM, batch_to, check_labels, eval_loader, evaluate_classifier, feature_dim,
                                     label_set, log_json, make_head, seeded, train_view_loader)
+from mscn.train.eval.provenance import file_digest
 from mscn.train.runtime import Runtime, setup_runtime
 from mscn.train.schedule import peak_lr
 
@@ -122,7 +124,7 @@ def _finetune(backbone, cfg: Config, train_root, val_root, subset, rt, epochs, b
         raise MscnError(f"fine-tuning: need epochs >= 1, batch >= 1, backbone lr >= 0, head lr > 0 (got {epochs}, "
                         f"{batch}, {base_b}, {base_h})")
     lr_b, lr_h = peak_lr(base_b, batch), peak_lr(base_h, batch)
-    samples = read_subset(subset, train_root)
+    samples, subset_data = read_subset(subset, train_root), file_digest(subset)  # what was read
     _, everything = list_image_folder(train_root)
     classes, num_classes = label_set(train_root)
 
@@ -143,6 +145,7 @@ def _finetune(backbone, cfg: Config, train_root, val_root, subset, rt, epochs, b
         loader = train_view_loader(cfg, train_root, rt, batch,
                                    file_list=str(write_file_list(Path(tmp) / "subset.txt", samples, train_root)))
     t0 = time.time()
+    losses: list[float] = []
     for epoch in range(epochs):
         ddp.train()
         total, steps = torch.zeros((), device=rt.device), 0
@@ -160,14 +163,17 @@ def _finetune(backbone, cfg: Config, train_root, val_root, subset, rt, epochs, b
         mean_loss = mean_over_ranks(total, steps)  # one host sync per epoch; same on every rank
         if not math.isfinite(mean_loss):
             raise MscnError(f"fine-tuning: non-finite loss in epoch {epoch + 1}; lower --lr / --head-lr")
+        losses.append(mean_loss)
         log_json(rt, protocol="finetune", epoch=epoch + 1, loss=mean_loss,
                  lr_backbone=opt.param_groups[0]["lr"], lr_head=opt.param_groups[1]["lr"])
         sched.step()  # per epoch: the drops happen "after the 12th and 16th epoch"
     res = evaluate_classifier(model, eval_loader(cfg, val_root, rt, batch, classes=classes), rt, num_classes)
     return {"top1": res["top1"], "top5": res["top5"], "n_val": res["n"], "num_classes": num_classes,
             "label_fraction": len(samples) / len(everything), "n_labelled": len(samples), "epochs": epochs,
-            "seed": cfg.train.seed,
+            "seed": cfg.train.seed, "loss": [round(v, 5) for v in losses],
             "wall_s": round(time.time() - t0, 1),
             "settings": {"backbone_lr": lr_b, "head_lr": lr_h, "batch": batch, "weight_decay": 0.0,
                          "momentum": MOMENTUM, "milestones": milestones, "gamma": e.finetune_gamma,
-                         "subset": str(subset), "world_size": rt.dist.world_size}}
+                         # the file, and what it held: a subset rewritten in place is another setting
+                         "subset": os.path.abspath(subset), "subset_data": subset_data,
+                         "world_size": rt.dist.world_size}}

@@ -34,7 +34,11 @@ CSV_FIELDS = ("time", "name", "protocol", "dataset", "label_fraction", "arch", "
 # random, or a result from before ckpt_file); "ckpt_step": a run directory scored at two steps
 # (still training, then finished) gives two rows; "config", "arch" and "overrides": a random init
 # of another recipe, or the same weights evaluated under other settings, are other rows
-KEY_FIELDS = ("ckpt", "ckpt_step", "config", "arch", "overrides", "epochs", "seed", "seeds", "train_root", "val_root")
+KEY_FIELDS = ("ckpt", "ckpt_step", "weights", "config", "arch", "overrides", "epochs", "seed", "seeds", "train_root",
+              "val_root", "train_data", "val_data")
+# digests of what was scored (mscn.train.eval.provenance): keys, but shown in a row's label only
+# when the other settings do not tell its rows apart (a run retrained into the same folder)
+DIGESTS = ("weights", "train_data", "val_data", "subset_data")
 # overrides that change how fast, not what: the same numbers (evaluations are deterministic)
 SPEED_KEYS = ("data.num_threads", "data.prefetch", "data.hw_decoder_load", "data.op_concurrency", "data.stream_policy",
               "data.thread_affinity", "data.handover", "data.feed_thread", "train.compile")
@@ -98,7 +102,7 @@ def write_result(result: dict, out_dir: str | Path, table: str | Path | None = N
         kept = keep_previous(out)
     except OSError:  # the old result stays where it is; the new one goes beside it
         kept, name = None, f"result.new-{time.strftime('%Y%m%dT%H%M%S')}"
-    result = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **result, "out": str(out)}
+    result = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **result, "out": os.path.abspath(out)}
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{name}.md").write_text(markdown_table([result]))
     table = Path(table) if table else out.parent / "results.csv"
@@ -233,7 +237,12 @@ def _cells(results: list[dict]):
         settings = [setting_of(r) for r in group.values()]
         fields = sorted({k for s in settings for k in s})
         differ = [k for k in fields if len({s.get(k) for s in settings}) > 1]
-        forms = {k: _short_forms(s.get(k, "-") for s in settings) for k in differ}
+        for k in [k for k in differ if k in DIGESTS]:  # a digest where nothing else tells the rows apart
+            rest = [d for d in differ if d != k]
+            if len({tuple(s.get(d) for d in rest) for s in settings}) == len(settings):
+                differ.remove(k)
+        forms = {k: ({str(s.get(k, "-")): str(s.get(k, "-"))[:8] for s in settings} if k in DIGESTS else
+                     _short_forms(s.get(k, "-") for s in settings)) for k in differ}
         for r, s in zip(group.values(), settings):
             label = name if not differ else name + " (" + ", ".join(f"{k}={forms[k][str(s.get(k, '-'))]}"
                                                                     for k in differ) + ")"
