@@ -648,6 +648,21 @@ def test_cpu_threads_are_shared_by_the_processes_of_a_node(monkeypatch):
     assert args.threads == max(1, usable_cores() // 2)
 
 
+def test_a_fed_row_faster_than_the_synthetic_one_is_called_noise():
+    """A fed step cannot beat the same step on ready-made tensors: 'kept 187 %' (a loaded
+    2-core box, windows of a few steps) was printed as a figure."""
+    from benchkit.report import summary_lines
+
+    def result(kept):
+        feeds = {"bare": {"kept": kept[0]}, "masks": {"kept": kept[1]}}
+        return {"settings": {}, "train": {"arch": "resnet18", "synthetic": {"images_per_s": {"median": 10.0}},
+                                          "feeds": feeds}}
+
+    lines = summary_lines(result((1.87, 1.01)))
+    assert lines[-1].startswith("SUMMARY WARNING kept above 105% (bare): a fed row ran faster"), lines
+    assert not any("WARNING" in ln for ln in summary_lines(result((0.98, 1.04))))
+
+
 def test_torch_threads_below_one_is_one_line():
     proc = run_bench("--torch-threads", "-1", timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == \

@@ -211,6 +211,7 @@ def test_a_run_directory_is_scored_at_its_newest_step_and_the_result_says_which(
     _run("knn", *_common(data | {"ckpt": str(run)}, tmp_path / "k"))
     r = json.loads((tmp_path / "k" / "result.json").read_text())
     assert (r["ckpt_file"], r["ckpt_step"]) == (str((run / "final.pt").resolve()), 45)
+    assert f"[mscn] {run}: evaluating {run / 'final.pt'} (step 45)" in capsys.readouterr().out  # which file, always
 
 
 def test_knn_on_a_val_subset_of_the_classes(data, tmp_path):

@@ -126,7 +126,16 @@ def summary_lines(r: dict) -> list[str]:
         feeds = ", ".join(f"{k} {100 * m['kept']:.1f}%" for k, m in t["feeds"].items())
         out.append(f"train {t['arch']}: synthetic {t['synthetic']['images_per_s']['median']:.1f} images/s; "
                    f"kept when fed by {feeds}")
+        over = [k for k, m in t["feeds"].items() if m["kept"] > KEPT_NOISE]
+        if over:  # a fed step cannot beat the same step on ready-made tensors: the windows measured noise
+            out.append(f"WARNING kept above {100 * KEPT_NOISE:.0f}% ({', '.join(over)}): a fed row ran faster "
+                       "than the synthetic one, so these figures are noise (windows too short, or other jobs "
+                       "on the cores). Raise --train-steps and --repeats, and on the CPU give --torch-threads 1")
     return [f"SUMMARY {line}" for line in out]
+
+
+# above this share kept, a fed row beat the synthetic one: the difference is noise
+KEPT_NOISE = 1.05
 
 
 def print_report(r: dict) -> None:

@@ -72,6 +72,8 @@ def _checkpoint(args) -> dict:
         return {"path": args.ckpt}
     path, args.ckpt_step, note, state = pick_pretrained(args.ckpt)
     args.ckpt_file = str(path.resolve())
+    if note is None and Path(args.ckpt).is_dir():  # a run directory: say which of its files it means
+        note = f"{args.ckpt}: evaluating {path} (step {args.ckpt_step})"
     if note and os.environ.get("RANK", "0") == "0":  # under torchrun: said once
         print(f"[mscn] {note}", flush=True)
     return {"path": str(path), "state": state}
