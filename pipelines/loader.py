@@ -96,8 +96,12 @@ def other_data(state: dict, source: Source) -> str:
     saved = state.get("data_digest")
     if saved is None or saved == source.digest():
         return ""
-    return (f"its loader read other data ({state.get('data_samples', '?')} samples then, "
-            f"{source.num_samples} now in {source.root})")
+    then = state.get("data_samples")
+    if then == source.num_samples:  # files renamed, moved to another class or relabelled
+        return (f"its loader read other data (as many samples, {then}, but other file names, labels or classes "
+                f"in {source.root})")
+    return (f"its loader read other data ({then if then is not None else '?'} samples then, {source.num_samples} "
+            f"now in {source.root}: another number of steps per epoch, another schedule)")
 
 
 def graph_misfit(state: dict, crop: str, blur_where: str, colour_where: str, now: str = "this loader") -> str:

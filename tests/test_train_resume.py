@@ -594,8 +594,9 @@ def test_a_resume_onto_changed_data_is_refused_and_a_branch_onto_it_starts_a_fre
     first_class = sorted(p for p in data.iterdir() if p.is_dir())[0]
     shutil.copy(next(first_class.iterdir()), first_class / "added.jpg")
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
-    with pytest.raises(MscnError, match=r"ckpt_00000002\.pt: its loader read other data \(64 samples then, 65 now in .*\), so "
-                                        r"it cannot continue exactly .* --resume \S+ckpt_00000002\.pt --out NEW_DIR"):
+    with pytest.raises(MscnError, match=r"ckpt_00000002\.pt: its loader read other data \(64 samples then, 65 now in .*: "
+                                        r"another number of steps per epoch, another schedule\), so "
+                                        r"it cannot continue exactly; .* --resume \S+ckpt_00000002\.pt --out NEW_DIR"):
         run_pretrain(load_config(None, args(data, run)), resume="auto")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
     capsys.readouterr()
@@ -604,6 +605,12 @@ def test_a_resume_onto_changed_data_is_refused_and_a_branch_onto_it_starts_a_fre
                            resume=str(run / "checkpoints" / "ckpt_00000002.pt"))
     assert summary["step"] == 3
     assert "branched onto other data: its loader read other data (64 samples then, 65 now" in capsys.readouterr().out
+    # a file moved to another class: as many samples, so no word of another schedule
+    second_class = sorted(p for p in data.iterdir() if p.is_dir())[1]
+    (first_class / "added.jpg").rename(second_class / "added.jpg")
+    with pytest.raises(MscnError, match=r"ckpt_00000003\.pt: its loader read other data \(as many samples, 65, but "
+                                        r"other file names, labels or classes in \S+\), so it cannot continue exactly;"):
+        run_pretrain(load_config(None, args(data, branch)), resume="auto")
 
 
 def test_the_loader_refuses_a_state_saved_over_other_data(tmp_path):

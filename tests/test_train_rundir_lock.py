@@ -114,3 +114,54 @@ def test_output_places_that_cannot_be_folders_are_named_by_their_key(tmp_path):
     with pytest.raises(MscnError, match=r"data.synthetic_dir=.*file/synth: cannot write the synthetic dataset there "
                                         r"\(Not a directory: .*\); set data.synthetic_dir to a writable folder"):
         with_synthetic_data(cfg)
+
+
+def test_a_failed_start_removes_stopped_and_a_busy_folder_keeps_it(holder, tmp_path, capsys, tiny_synth_train):
+    """STOPPED asks a requeue script for another start (docs/TRAINING.md). A start that fails
+    before its claim (an edited config, data not mounted on the new node, a config typo)
+    left it there, and the job was requeued forever; a live run's folder keeps its own."""
+    from mscn.train.pretrain import main
+
+    out = tmp_path / "stopped"
+    out.mkdir()
+    for bad in ([f"data.root={tmp_path / 'not_mounted'}"], ["optim.base_lrr=1"]):
+        (out / rundir.STOPPED).write_text("stopped by SIGTERM after step 8\n")
+        assert main([f"train.out_dir={out}", "train.device=cpu", *bad]) == 2
+        captured = capsys.readouterr()
+        assert not (out / rundir.STOPPED).exists(), bad
+        assert "[mscn] STOPPED removed: this start failed, so a requeue script will not start it again" in \
+            captured.out and len(captured.err.strip().splitlines()) == 1, captured
+    busy, _ = holder
+    (busy / rundir.STOPPED).write_text("stopped by SIGTERM after step 8\n")
+    rc = main(["--out", str(busy), "train.device=cpu", f"data.root={tiny_synth_train}", "train.global_batch=8"])
+    assert rc == 2 and "is in use by a live run" in capsys.readouterr().err
+    assert (busy / rundir.STOPPED).is_file()
+
+
+def test_a_killed_writers_files_are_removed_at_the_claim_and_are_no_started_run(tmp_path):
+    """A kill -9 during a checkpoint left checkpoints/.ckpt_*.tmp<pid>, removed only by the
+    next successful save: on a tight disk every resume then failed for space. A full disk at
+    the first start left .write-test.<pid>, which made the folder count as a started run."""
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    stale = [out / "checkpoints" / ".ckpt_00000008.pt.tmp11124", out / "checkpoints" / ".write-test.77",
+             out / ".final.pt.tmp99"]
+    for f in stale:
+        f.write_bytes(b"partial")
+    assert not rundir.run_started(out)
+    cfg = load_config(None, [f"train.out_dir={out}"])
+    rundir.claim_run_dir(cfg, fresh=False)
+    assert not any(f.exists() for f in stale) and (out / "config.yaml").is_file()
+
+
+def test_a_full_disk_at_the_start_says_so_and_leaves_no_probe(tmp_path, monkeypatch):
+    folder = tmp_path / "checkpoints"
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir.os, "fsync", full)
+    with pytest.raises(MscnError, match=r"cannot write checkpoints into .*: No space left on device; free some space "
+                                        r"there, or pass a new train.out_dir"):
+        rundir.check_writable(folder)
+    assert list(folder.iterdir()) == []

@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -182,17 +183,53 @@ def opens(path: str | Path) -> bool:
     return isinstance(state, dict) and all(k in state for k in _REQUIRED)
 
 
+class UnreadableCheckpoint(MscnError):
+    """The file could not be read (an I/O error, a permission, a stale network handle): it
+    may be sound, so a resume passes over it without setting it aside."""
+
+
+def damaged_member(path: str | Path) -> str | None:
+    """The first member of a checkpoint's zip archive whose bytes fail the CRC-32 that
+    torch.save wrote beside them; None when all pass or the file is no zip (torch.load then
+    says what it is). torch.load does not verify them: a checkpoint with bytes flipped inside
+    a tensor (a disk or a copy that went wrong) loaded, and a run resumed from garbage
+    weights. One more read of the file: 7 ms for 16 MB from the page cache."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError):
+        return None
+    except OSError as e:
+        if e.errno is None:  # zipfile's own errors of a malformed archive: torch.load names it
+            return None
+        raise
+
+
 def load_checkpoint(path: str | Path, required: tuple[str, ...] = _REQUIRED,
                     not_found: str = "use --resume auto, a ckpt_*.pt path, or none") -> dict:
-    """``torch.load(weights_only=True)`` on CPU; an unreadable or foreign file is an MscnError.
+    """``torch.load(weights_only=True)`` on CPU, after checking the archive's checksums; an
+    unreadable, damaged or foreign file is an MscnError.
 
     ``required``: the keys the caller reads (resume: all of them; evaluation:
     :data:`BACKBONE_KEYS`). ``not_found``: the fix to print when the file is missing.
     """
     try:
+        bad = damaged_member(path)
+    except FileNotFoundError:
+        raise MscnError(f"checkpoint not found: {path} ({not_found})") from None
+    except OSError as e:
+        raise UnreadableCheckpoint(f"{path}: cannot be read ({e.strerror or e})") from None
+    if bad:
+        raise MscnError(f"{path}: not a readable checkpoint (damaged: {bad} fails its checksum; the file changed "
+                        "after it was written)")
+    try:
         state = _torch_load(path)
     except FileNotFoundError:
         raise MscnError(f"checkpoint not found: {path} ({not_found})") from None
+    except OSError as e:
+        if e.errno is None:
+            raise MscnError(f"{path}: not a readable checkpoint ({e})") from None
+        raise UnreadableCheckpoint(f"{path}: cannot be read ({e.strerror or e})") from None
     except Exception as e:  # truncated zip, pickle of a forbidden type...
         what = not_a_checkpoint(path)
         if what:
@@ -283,6 +320,7 @@ def load_pretrained_state(path: str | Path) -> dict:
 UNREADABLE = ".unreadable"  # suffix of a checkpoint a resume set aside: kept, out of the rotation
 
 
+
 def find_latest_valid(ckpt_dir: str | Path, required: tuple[str, ...] = _REQUIRED,
                       set_aside: bool = False) -> tuple[Path, dict] | None:
     """The newest checkpoint in ``ckpt_dir`` that loads (with the ``required`` keys), with its
@@ -296,7 +334,9 @@ def find_latest_valid(ckpt_dir: str | Path, required: tuple[str, ...] = _REQUIRE
             return path, load_checkpoint(path, required)
         except MscnError as e:
             kept = ""
-            if set_aside:
+            if isinstance(e, UnreadableCheckpoint):  # maybe a passing error: the file stays a checkpoint
+                kept = "; left in place (it may read again later)"
+            elif set_aside:
                 try:
                     os.replace(path, path.with_name(path.name + UNREADABLE))
                     kept = f"; set aside as {path.name + UNREADABLE}"

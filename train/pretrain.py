@@ -43,7 +43,7 @@ import torch
 from mscn.config import Config, load_config, validate
 from mscn.data.filecheck import check_training_files
 from mscn.maskspec import MaskCoverageWarning, coverage_notes
-from mscn.errors import ENVIRONMENT_ERRNOS, DataError, MscnError, RunDataError, run_cli
+from mscn.errors import ENVIRONMENT_ERRNOS, DataError, MscnError, RunDataError, SignalStop, run_cli
 from mscn.train import checkpoint as ckpt
 from mscn.train.distributed import (DistInfo, barrier, broadcast_object, check_same_data, cleanup, convert_sync_batchnorm,
                                     gather_objects)
@@ -53,8 +53,9 @@ from mscn.train.meter import NonFiniteGuard, StepMeter  # noqa: F401  (NonFinite
 from mscn.train.methods import SiameseMethod, build_method
 from mscn.train.monitor import check_val_root, monitor_off_reason, monitor_runs_after, online_knn
 from mscn.train.preempt import StopFlag, Stopped
-from mscn.train.rundir import (FRESH, adopt_saved_choices, check_run_dir, claim_run_dir, default_out_dir,
-                               ensure_config, lock_run_dir, mark_stopped, unlock_run_dirs)
+from mscn.train.rundir import (FRESH, STOPPED, RunDirBusy, adopt_saved_choices, check_run_dir, claim_run_dir,
+                               default_out_dir, ensure_config, lock_run_dir, mark_stopped, unlock_run_dirs,
+                               unmark_stopped)
 from mscn.train.runlog import RunLog, last_logged, require_tensorboard
 from mscn.train.runtime import Runtime, amp_dtype, autocast, setup_runtime, wrap_ddp  # noqa: F401  (amp_dtype: API)
 from mscn.train.schedule import lr_at, peak_lr
@@ -160,7 +161,7 @@ def _claim(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, say
             busy = str(e)
     busy = broadcast_object(busy)
     if busy:
-        raise MscnError(busy)
+        raise RunDirBusy(busy)
     check_run_dir(cfg, resume)  # read-only on every rank: all raise the same error
     rs.check_resume_path(cfg, resume)
     barrier()  # ... before rank 0 writes config.yaml
@@ -228,9 +229,9 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
             mine, why = None, f"branched with other settings: {', '.join(changed)}"
         moved = rs.data_changed(mine, source) if mine else ""
         if moved and not branch:  # every rank reads the same data (checked above): all stop here
-            raise MscnError(f"{resumed_from}: {moved}, so it cannot continue exactly (another number of steps "
-                            "per epoch, another schedule); restore the data it trained on, or continue from it "
-                            f"with a fresh data order in a new folder: --resume {resumed_from} --out NEW_DIR")
+            raise MscnError(f"{resumed_from}: {moved}, so it cannot continue exactly; restore the data it trained "
+                            "on, or continue from it with a fresh data order in a new folder: --resume "
+                            f"{resumed_from} --out NEW_DIR")
         if moved:
             mine, why = None, f"branched onto other data: {moved}"
         say(f"resumed from {resumed_from} at step {start_step}" + ("" if mine else
@@ -478,7 +479,15 @@ def main(argv: list[str] | None = None) -> int:
 def _command(args: argparse.Namespace) -> None:
     overrides = list(args.overrides) + ([f"train.out_dir={args.out}"] if args.out else [])
     recipe = Path(args.config).stem if args.config else None
-    summary = run_pretrain(load_config(args.config, overrides), resume=args.resume, recipe=recipe)
+    try:
+        summary = run_pretrain(load_config(args.config, overrides), resume=args.resume, recipe=recipe)
+    except MscnError as e:
+        # a start that fails for a person to fix is not requeued by the STOPPED of the run
+        # it was to continue (docs/TRAINING.md); a stop, or another live run's folder, keeps it
+        if not isinstance(e, (SignalStop, RunDirBusy)) and unmark_stopped(_out_dir_of(args.config, overrides)):
+            print(f"[mscn] {STOPPED} removed: this start failed, so a requeue script will not start it again",
+                  flush=True)
+        raise
     if summary["final"] and not summary["trained_steps"]:  # no loss or speed to report
         print(f"[mscn] done: step {summary['step']}/{summary['total_steps']}, nothing left to train; "
               f"final checkpoint {summary['final']}", flush=True)
@@ -487,6 +496,18 @@ def _command(args: argparse.Namespace) -> None:
         print(f"[mscn] done: step {summary['step']}/{summary['total_steps']}, loss {round(summary['loss'], 4)}, "
               + (f"{img_s:.1f} images/s" if img_s is not None else "no images/s (one step is not timed)")
               + f"; final checkpoint {summary['final']}", flush=True)
+
+
+def _out_dir_of(config: str | None, overrides: list[str]) -> str | None:
+    """The run folder a command line names, even when its config does not load (a typo):
+    the last ``train.out_dir=`` override, else the recipe's."""
+    given = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "train.out_dir"]
+    if given:
+        return given[-1] or None
+    try:
+        return load_config(config, []).train.out_dir or None
+    except MscnError:
+        return None
 
 
 if __name__ == "__main__":

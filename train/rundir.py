@@ -12,6 +12,7 @@ Anything else stops with one line naming the differing keys and the two ways for
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import os
 import shutil
@@ -154,8 +155,9 @@ def run_started(out: str | Path) -> bool:
     out = Path(out)
     metrics = out / "metrics.jsonl"
     ckpts = out / "checkpoints"
+    # hidden files (a killed writer's .ckpt_*.tmp*, a start's .write-test.*) are no checkpoint
     return ((metrics.is_file() and metrics.stat().st_size > 0) or (out / "final.pt").exists()
-            or (ckpts.is_dir() and any(ckpts.iterdir())))
+            or (ckpts.is_dir() and any(not p.name.startswith(".") for p in ckpts.iterdir())))
 
 
 def lock_run_dir(out: str | Path) -> str | None:
@@ -186,8 +188,8 @@ def lock_run_dir(out: str | Path) -> str | None:
         f.seek(0)
         holder = ([ln for ln in f.read().splitlines() if ln.strip()] or ["another process"])[-1].strip()
         f.close()
-        raise MscnError(f"{out} is in use by a live run ({holder}): wait for it, stop it (it resumes from its "
-                        "checkpoint), or pass another train.out_dir=DIR (or --out DIR)") from None
+        raise RunDirBusy(f"{out} is in use by a live run ({holder}): wait for it, stop it (it resumes from its "
+                         "checkpoint), or pass another train.out_dir=DIR (or --out DIR)") from None
     except OSError as e:  # ENOSYS, EOPNOTSUPP, ENOLCK: e.g. Lustre mounted without -o flock
         f.close()
         _UNLOCKABLE.add(key)
@@ -307,6 +309,7 @@ def claim_run_dir(cfg: Config, fresh: bool) -> Path | None:
             if (out / name).exists():
                 shutil.move(str(out / name), str(moved / name))
     (out / STOPPED).unlink(missing_ok=True)  # this run goes on (or starts): no longer waiting
+    remove_stale_files(out)
     if not run_started(out):
         save_config(cfg, out / "config.yaml")  # written once: a resume never rewrites it
     check_writable(out / "checkpoints")
@@ -324,10 +327,52 @@ def check_writable(folder: Path) -> None:
         folder.mkdir(exist_ok=True)
         with open(probe, "wb") as f:
             f.write(b"mscn")
-        probe.unlink()
+            f.flush()
+            os.fsync(f.fileno())  # a full disk or quota shows at the flush, not at the open
     except OSError as e:
-        raise MscnError(f"cannot write checkpoints into {folder}: {e.strerror or e}; make it writable, or pass a "
+        fix = ("free some space there" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable")
+        raise MscnError(f"cannot write checkpoints into {folder}: {e.strerror or e}; {fix}, or pass a "
                         f"new train.out_dir=DIR (or --out DIR)") from None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)  # left behind, it made the folder look like a started run
+        except OSError:
+            pass
+
+
+def remove_stale_files(out: Path) -> list[str]:
+    """Rank 0, holding the folder's lock: the temporary files of writers that were killed
+    (``checkpoints/.ckpt_*.pt.tmp<pid>``, ``.final.pt.tmp<pid>``, ``.write-test.<pid>``).
+    No live process of this run writes them now. A kill -9 during a checkpoint left a
+    partial file that only the next successful save removed: on a tight disk that save
+    never came, and every resume failed for space. Returns the names removed."""
+    gone = []
+    for pattern in ("checkpoints/.ckpt_*.pt.tmp*", ".final.pt.tmp*", "checkpoints/.write-test.*"):
+        for stale in out.glob(pattern):
+            try:
+                stale.unlink()
+                gone.append(str(stale.relative_to(out)))
+            except OSError:
+                pass
+    return gone
+
+
+def unmark_stopped(out: str | Path | None) -> bool:
+    """Rank 0, when a start into ``out`` fails with an error a person must fix (a config
+    edited between requeues, data not mounted on the new node): remove ``STOPPED``, so that
+    a requeue script does not start the job again, forever. :func:`claim_run_dir` removes it
+    on a start that gets that far; these errors come before. True when it was there."""
+    if not out or os.environ.get("RANK", "0") != "0":
+        return False
+    try:
+        (Path(out) / STOPPED).unlink()
+    except OSError:  # absent, or not ours to remove
+        return False
+    return True
+
+
+class RunDirBusy(MscnError):
+    """Another live run holds the folder: its ``STOPPED`` is its own, not this start's."""
 
 
 def mark_stopped(out: str | Path, line: str) -> None:
