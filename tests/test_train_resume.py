@@ -146,6 +146,26 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(dataset, unin
     assert not (out / "STOPPED").exists()  # resumed, and finished
 
 
+def test_sighup_of_a_dropped_session_is_a_stop_too(dataset, tmp_path):
+    """A run started in an ssh session that drops gets SIGHUP: it ended at once (status 129,
+    the steps since the last checkpoint lost). Now it stops as on SIGTERM."""
+    out = tmp_path / "run"
+    proc = _start(dataset, out, "train.ckpt_every_steps=1000")
+    try:
+        _wait_for(proc, lambda: len(read_metrics(out)) >= 3, "step 3")
+        proc.send_signal(signal.SIGHUP)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGHUP, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("mscn pretrain: stopped by SIGHUP after step "), line
+    step = int(line.split("after step ")[1].split()[0])
+    assert ckpt.find_latest_valid(out / "checkpoints")[1]["step"] == step >= 3
+    assert (out / "STOPPED").read_text().startswith(f"stopped by SIGHUP after step {step}")
+
+
 def test_a_run_fed_by_a_thread_stops_on_sigterm_and_resumes_exactly(dataset, uninterrupted, tmp_path):
     """data.feed_thread=true: a thread takes the batches, two ahead. SIGTERM mid-run still
     checkpoints the state after the last batch the trainer *used* (not the ones the thread

@@ -1,7 +1,8 @@
-"""Preemption: SIGINT / SIGTERM finish the current step, write a checkpoint, and stop.
+"""Preemption: SIGINT / SIGTERM / SIGHUP finish the current step, write a checkpoint, and stop.
 
 SLURM (``--signal=TERM@120``), Kubernetes and torchrun's agent all send SIGTERM before
-they kill a job; Ctrl-C sends SIGINT. The handler only records the signal. The loop asks
+they kill a job; Ctrl-C sends SIGINT; a dropped ssh session sends SIGHUP to a run started
+in it (which ended at once, its steps since the last checkpoint lost). The handler only records the signal. The loop asks
 :meth:`StopFlag.agreed` once a step, after it has its batch and before it trains on it;
 under torchrun the flag is all-reduced (MAX) so that every rank stops after the same step,
 even when the signal reached only some of them. The same all-reduce carries whether a
@@ -21,12 +22,12 @@ import torch.distributed as dist
 
 from mscn.errors import SignalStop
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Stopped(SignalStop):
     """The run stopped on a signal after writing a checkpoint; ``status`` is 128 + signal
-    number (130 for SIGINT, 143 for SIGTERM), what a shell reports for that signal."""
+    number (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP), what a shell reports for that signal."""
 
     rank0_says = True  # every rank stops at the same step with the same line: run_cli prints rank 0's
 

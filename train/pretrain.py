@@ -20,7 +20,7 @@ scaler and step, and per rank the DALI pipeline checkpoint, the mask generator a
 RNG states, so a run killed at any step and resumed ends with the same loss and weights
 as an uninterrupted one. ``metrics.jsonl`` keeps each step once.
 
-Preemption (train/preempt.py): SIGINT/SIGTERM finish the current step, write a
+Preemption (train/preempt.py): SIGINT/SIGTERM/SIGHUP finish the current step, write a
 checkpoint, and exit with status 128 + signal (130, 143), naming where it resumes.
 
 Host syncs: the loss is read back (``.item()``) only at logging and checkpoint steps;
