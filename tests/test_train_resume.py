@@ -633,6 +633,34 @@ def test_a_resume_onto_changed_data_is_refused_and_a_branch_onto_it_starts_a_fre
         run_pretrain(load_config(None, args(data, branch)), resume="auto")
 
 
+def test_the_same_data_at_another_path_continues_exactly_and_other_data_there_is_refused(dataset, uninterrupted,
+                                                                                          tmp_path, capsys):
+    """A job that stages the data to its node's disk resumes with another data.root: it was
+    refused as "another run", and a branch from it took a fresh data order. The data is
+    checked by what it holds (the loader state's digest), not where it is mounted."""
+    from mscn.errors import MscnError
+    from mscn.data.source import resolve_source
+    from mscn.train import resume as rs
+
+    out = tmp_path / "run"
+    run_pretrain(load_config(None, args(dataset, out, "train.max_steps=5")), resume="auto")
+    other = tmp_path / "other" / "train"  # one file fewer
+    shutil.copytree(dataset, other)
+    next(sorted(p for p in other.iterdir() if p.is_dir())[0].iterdir()).unlink()
+    with pytest.raises(MscnError, match=r"ckpt_00000005\.pt: its loader read other data \(64 samples then, 63 now"):
+        run_pretrain(load_config(None, args(other, out)), resume="auto")
+    # resumed on another number of ranks, the loaders start afresh: any rank's state still says what it read
+    state = ckpt.load_checkpoint(out / "checkpoints" / "ckpt_00000005.pt")
+    assert rs.data_changed(state, None, resolve_source(str(other))).startswith("its loader read other data (64")
+    staged = tmp_path / "staged" / "train"
+    shutil.copytree(dataset, staged)
+    assert rs.data_changed(state, None, resolve_source(str(staged))) == ""
+    capsys.readouterr()
+    summary = run_pretrain(load_config(None, args(staged, out)), resume="auto")
+    assert "fresh data order" not in capsys.readouterr().out
+    _assert_same_run(*uninterrupted, out, summary)
+
+
 def test_the_loader_refuses_a_state_saved_over_other_data(tmp_path):
     """For other projects that keep the loader state themselves (build_train_loader(state=))."""
     from pipeline_fixtures import make_folder, tiny_cfg

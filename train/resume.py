@@ -200,12 +200,16 @@ def this_rank(state: dict, info: DistInfo, cfg: Config, gpu: bool) -> tuple[dict
     return mine, ""
 
 
-def data_changed(mine: dict, source) -> str:
-    """Why this rank's saved loader state cannot continue over ``source`` (a resolved
-    ``data.root``), or "" (``mscn.pipelines.loader.other_data``)."""
+def data_changed(state: dict, mine: dict | None, source) -> str:
+    """Why the run saved in ``state`` cannot continue over ``source`` (a resolved
+    ``data.root``, wherever it is mounted), or "" (``mscn.pipelines.loader.other_data``):
+    this rank's loader state says what it read, else any rank's (resumed on another
+    number of ranks, the loaders start afresh, but on the same data)."""
     from mscn.pipelines.loader import other_data  # DALI is heavy: imported only to resume
 
-    return other_data(mine.get("loader") or {}, source)
+    saved = (mine or {}).get("loader") or next(
+        (r["loader"] for r in state.get("ranks") or [] if isinstance(r, dict) and r.get("loader")), None)
+    return other_data(saved or {}, source)
 
 
 def restore_rng(state: dict, mine: dict | None, cfg: Config, info: DistInfo, start_step: int) -> None:

@@ -28,8 +28,10 @@ from mscn.errors import ConfigError, MscnError
 
 # Keys that never change the weights or the loss of a run: how often it logs and saves,
 # where it stops this time, where and how fast it runs, and the evaluation settings.
+# data.root: where the data is mounted (a job that stages it to local disk); what it holds is
+# checked on resume against the loader state's digest (train/resume.data_changed)
 NEUTRAL = frozenset({
-    "train.out_dir", "train.log_every", "train.ckpt_every_steps", "train.keep_last", "train.max_steps",
+    "data.root", "train.out_dir", "train.log_every", "train.ckpt_every_steps", "train.keep_last", "train.max_steps",
     "train.tensorboard", "train.knn_every_epochs", "train.stall_warn_s", "train.device", "train.compile", "train.channels_last",
     "train.priority_stream", "data.num_threads", "data.hw_decoder_load", "data.prefetch", "data.val_root",
     "data.op_concurrency", "data.stream_policy", "data.feed_thread", "data.handover", "data.thread_affinity",
