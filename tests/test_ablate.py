@@ -391,6 +391,7 @@ def test_the_fingerprint_counts_what_changes_a_result(demo):
         return fingerprint(load_config("demo", list(overrides)), random_init=random_init)
 
     assert fp("data.val_root=/other/val") != fp() and fp("train.max_steps=1") != fp()
+    assert fp("data.root=/other/train") != fp()  # neutral to a resume, which checks what it holds
     assert fp("data.num_threads=1") == fp() and fp("train.log_every=7") == fp()  # how it runs, not what
     assert fp(random_init=True).endswith("-random") and fp(random_init=True) != fp()
     assert fp("schedule.epochs=2", "optim.base_lr=1.0", "views.0.mask.ratio=0.3", random_init=True) == fp(random_init=True)

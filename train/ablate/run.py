@@ -28,9 +28,10 @@ from mscn.train.rundir import LEGACY, NEUTRAL, check_run_dir, flatten, lock_run_
 RESULT = "result.json"
 
 
-# Neutral to resuming a run (rundir.NEUTRAL) but not to its result: the data it is scored on,
-# and where pretraining stops (a run stopped at step 1 is no finished run)
-RESULT_KEYS = frozenset({"data.val_root", "train.max_steps"})
+# Neutral to resuming a run (rundir.NEUTRAL) but not to its result: the data it trains on
+# (a resume checks what data.root holds; an ablation's stored result knows only its path) and
+# is scored on, and where pretraining stops (a run stopped at step 1 is no finished run)
+RESULT_KEYS = frozenset({"data.root", "data.val_root", "train.max_steps"})
 # What a random-init encoder's scores depend on: the evaluation's data, views and settings, the
 # network and the seed; not the pretraining recipe (its views, masks, method, optimizer, schedule)
 RANDOM_INIT_KEYS = ("data.", "highpass.", "eval.", "model.arch", "train.seed", "train.precision")
