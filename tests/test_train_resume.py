@@ -105,19 +105,19 @@ def test_sigkill_at_a_random_step_then_resume_is_exact(dataset, uninterrupted, t
     _assert_same_run(*uninterrupted, out, summary)
 
 
-def _sigterm_after_step_3(proc, out, while_live=None) -> str:
+def _signal_after_step_3(proc, out, while_live=None, sig=signal.SIGTERM) -> str:
     """Wait for step 3 of the run ``proc`` writes to ``out``, call ``while_live()``, send
-    SIGTERM; the run must exit with 128 + SIGTERM. Its stderr."""
+    ``sig``; the run must exit with 128 + ``sig``. Its stderr."""
     try:
         _wait_for(proc, lambda: len(read_metrics(out)) >= 3, "step 3")
         if while_live is not None:
             while_live()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert proc.returncode == 128 + sig, err[-2000:]
     return err
 
 
@@ -130,7 +130,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(dataset, unin
         with open(out / ".lock") as f, pytest.raises(BlockingIOError):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
-    err = _sigterm_after_step_3(proc, out, holds_the_folder)
+    err = _signal_after_step_3(proc, out, holds_the_folder)
     line = err.strip().splitlines()[-1]
     assert line.startswith("mscn pretrain: stopped by SIGTERM after step "), line
     step = int(line.split("after step ")[1].split()[0])
@@ -150,15 +150,7 @@ def test_sighup_of_a_dropped_session_is_a_stop_too(dataset, tmp_path):
     """A run started in an ssh session that drops gets SIGHUP: it ended at once (status 129,
     the steps since the last checkpoint lost). Now it stops as on SIGTERM."""
     out = tmp_path / "run"
-    proc = _start(dataset, out, "train.ckpt_every_steps=1000")
-    try:
-        _wait_for(proc, lambda: len(read_metrics(out)) >= 3, "step 3")
-        proc.send_signal(signal.SIGHUP)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + signal.SIGHUP, err[-2000:]
+    err = _signal_after_step_3(_start(dataset, out, "train.ckpt_every_steps=1000"), out, sig=signal.SIGHUP)
     line = err.strip().splitlines()[-1]
     assert line.startswith("mscn pretrain: stopped by SIGHUP after step "), line
     step = int(line.split("after step ")[1].split()[0])
@@ -173,7 +165,7 @@ def test_a_run_fed_by_a_thread_stops_on_sigterm_and_resumes_exactly(dataset, uni
     the uninterrupted run without one, step for step."""
     out = tmp_path / "run"
     proc = _start(dataset, out, "train.ckpt_every_steps=1000", "data.feed_thread=true")
-    _sigterm_after_step_3(proc, out)
+    _signal_after_step_3(proc, out)
     step = ckpt.find_latest_valid(out / "checkpoints")[1]["step"]
     assert 3 <= step < STEPS and [r["step"] for r in read_metrics(out)][-1] == step
     summary = run_pretrain(load_config(None, args(dataset, out, "train.ckpt_every_steps=1000", "data.feed_thread=true")),
