@@ -653,6 +653,26 @@ def test_the_same_data_at_another_path_continues_exactly_and_other_data_there_is
     _assert_same_run(*uninterrupted, out, summary)
 
 
+def test_a_run_whose_checkpoints_all_fail_to_load_is_not_restarted_over(dataset, tmp_path, capsys):
+    """Every checkpoint of a run damaged (set aside as .unreadable): --resume auto started
+    from step 0 in the run's folder, training over its progress and its metrics, with only
+    "no valid checkpoint: starting from scratch". Now it stops; --resume none starts over."""
+    from mscn.errors import MscnError
+
+    out = tmp_path / "run"
+    run_pretrain(load_config(None, args(dataset, out, "train.max_steps=2")), resume="auto")
+    for f in (out / "checkpoints").glob("ckpt_*.pt"):
+        data = f.read_bytes()
+        f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MscnError, match=r"checkpoints: none of this run's checkpoints loads \(ckpt_00000001.pt.unreadable, "
+                                        r"ckpt_00000002.pt.unreadable\), and starting from step 0 here would train "
+                                        r"over its progress: .* --resume none"):
+        run_pretrain(load_config(None, args(dataset, out, "train.max_steps=3")), resume="auto")
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]  # the log is as it was
+    summary = run_pretrain(load_config(None, args(dataset, out, "train.max_steps=1")), resume="none")
+    assert summary["step"] == 1 and any(p.name.startswith("superseded-") for p in out.iterdir())
+
+
 def test_the_loader_refuses_a_state_saved_over_other_data(tmp_path):
     """For other projects that keep the loader state themselves (build_train_loader(state=))."""
     from pipeline_fixtures import make_folder, tiny_cfg

@@ -59,14 +59,18 @@ def find_resume_state(cfg: Config, resume: str | None, info: DistInfo) -> tuple[
     """Rank 0 picks the checkpoint (auto: the newest valid one) and every rank loads that file."""
     if resume in FRESH:
         return None, None
-    path = None
+    path, refused = None, None
     if info.is_main:
         if resume == "auto":
-            found = ckpt.find_latest_valid(Path(cfg.train.out_dir) / "checkpoints", set_aside=True)
+            ckpt_dir = Path(cfg.train.out_dir) / "checkpoints"
+            found = ckpt.find_latest_valid(ckpt_dir, set_aside=True)
             path = str(found[0]) if found else None
+            refused = None if found else _none_loads(ckpt_dir)
         else:
             path = resume
-    path = broadcast_object(path)  # every rank loads the file rank 0 chose
+    path, refused = broadcast_object((path, refused))  # every rank loads the file rank 0 chose
+    if refused:
+        raise MscnError(refused)
     if path is None:
         return None, None
     if not info.is_main:  # rank 0 found it: missing here means this node sees another folder
@@ -74,6 +78,19 @@ def find_resume_state(cfg: Config, resume: str | None, info: DistInfo) -> tuple[
                                                     "train.out_dir must be on a file system every node shares, at "
                                                     "the same path"), path
     return ckpt.load_checkpoint(path), path
+
+
+def _none_loads(ckpt_dir: Path) -> str | None:
+    """Why ``--resume auto`` must not start from step 0 in a folder whose checkpoints all
+    failed to load (damaged, set aside as ``*.unreadable``; or unreadable now): it trained
+    over the run's progress and its metrics without a word. None when it had none."""
+    kept = sorted(p.name for p in ckpt_dir.glob("ckpt_*.pt*")) if ckpt_dir.is_dir() else []
+    if not kept:
+        return None
+    return (f"{ckpt_dir}: none of this run's checkpoints loads ({', '.join(kept[-3:])}"
+            f"{f' and {len(kept) - 3} more' if len(kept) > 3 else ''}), and starting from step 0 here would train "
+            f"over its progress: restore one (a {ckpt.UNREADABLE} file renamed back once mended, or the file system "
+            "back), or start over with --resume none (the old files move to superseded-<time>/)")
 
 
 def folder_step(out: Path) -> int | None:
