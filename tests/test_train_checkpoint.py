@@ -137,6 +137,16 @@ def test_a_checkpoint_with_bytes_flipped_inside_is_passed_over_and_a_read_error_
     assert ckpt.ckpt_path(tmp_path, 30).is_file()
     monkeypatch.undo()
     assert ckpt.find_latest_valid(tmp_path, set_aside=True)[0].name == "ckpt_00000030.pt"  # it reads again
+    # saved without checksums (torch's compute_crc32=False writes zeros): loads, not set aside
+    from torch.utils.serialization import config as serialization
+
+    before = serialization.save.compute_crc32
+    serialization.save.compute_crc32 = False
+    try:
+        ckpt.save_checkpoint({**state, "step": 40}, tmp_path, keep_last=3)
+    finally:
+        serialization.save.compute_crc32 = before
+    assert ckpt.find_latest_valid(tmp_path, set_aside=True)[0].name == "ckpt_00000040.pt"
 
 
 def test_failed_write_leaves_previous_file_and_no_temporary(tmp_path):

@@ -148,14 +148,53 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(dataset, unin
 
 def test_sighup_of_a_dropped_session_is_a_stop_too(dataset, tmp_path):
     """A run started in an ssh session that drops gets SIGHUP: it ended at once (status 129,
-    the steps since the last checkpoint lost). Now it stops as on SIGTERM."""
+    the steps since the last checkpoint lost). Now it stops as on SIGTERM, and the terminal
+    it wrote to is gone (a write raises EIO), so the stop line must not end it with a
+    traceback instead."""
+    import pty
+
     out = tmp_path / "run"
-    err = _signal_after_step_3(_start(dataset, out, "train.ckpt_every_steps=1000"), out, sig=signal.SIGHUP)
-    line = err.strip().splitlines()[-1]
-    assert line.startswith("mscn pretrain: stopped by SIGHUP after step "), line
-    step = int(line.split("after step ")[1].split()[0])
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "mscn.train.pretrain", *args(dataset, out, "train.ckpt_every_steps=1000")],
+                            env=_env(), stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+
+    def drain():  # the terminal's reader, until the session drops
+        try:
+            while os.read(master, 65536):
+                pass
+        except OSError:
+            pass
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        _wait_for(proc, lambda: len(read_metrics(out)) >= 3, "step 3")
+        os.close(master)  # the ssh session drops: the terminal hangs up
+        proc.send_signal(signal.SIGHUP)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGHUP
+    stopped = (out / "STOPPED").read_text()
+    assert stopped.startswith("stopped by SIGHUP after step "), stopped
+    step = int(stopped.split("after step ")[1].split()[0])
     assert ckpt.find_latest_valid(out / "checkpoints")[1]["step"] == step >= 3
-    assert (out / "STOPPED").read_text().startswith(f"stopped by SIGHUP after step {step}")
+
+
+def test_a_run_under_nohup_is_not_stopped_by_sighup():
+    """nohup sets SIGHUP to be ignored: the run must keep it so (it stopped at the next step)."""
+    from mscn.train.preempt import StopFlag
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with StopFlag() as flag:
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.05)
+            assert flag.signum == 0 and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def test_a_run_fed_by_a_thread_stops_on_sigterm_and_resumes_exactly(dataset, uninterrupted, tmp_path):

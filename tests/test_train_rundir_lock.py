@@ -131,6 +131,21 @@ def test_a_failed_start_removes_stopped_and_a_busy_folder_keeps_it(holder, tmp_p
         assert not (out / rundir.STOPPED).exists(), bad
         assert "[mscn] STOPPED removed: this start failed, so a requeue script will not start it again" in \
             captured.out and len(captured.err.strip().splitlines()) == 1, captured
+    # on several nodes the rank that fails may not be rank 0 (which waits for it); a bug fails too
+    (out / rundir.STOPPED).write_text("stopped by SIGTERM after step 8\n")
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("RANK", "1")
+        assert main([f"train.out_dir={out}", "optim.base_lrr=1"]) == 2
+    assert not (out / rundir.STOPPED).exists()
+    (out / rundir.STOPPED).write_text("stopped by SIGTERM after step 8\n")
+    with pytest.MonkeyPatch.context() as m:
+        def bug(*a, **kw):
+            raise ZeroDivisionError("a bug at the start")
+        m.setattr("mscn.train.pretrain.run_pretrain", bug)
+        with pytest.raises(ZeroDivisionError):
+            main([f"train.out_dir={out}", "train.device=cpu"])
+    assert not (out / rundir.STOPPED).exists()
+    capsys.readouterr()
     busy, _ = holder
     (busy / rundir.STOPPED).write_text("stopped by SIGTERM after step 8\n")
     rc = main(["--out", str(busy), "train.device=cpu", f"data.root={tiny_synth_train}", "train.global_batch=8"])
@@ -150,7 +165,13 @@ def test_a_killed_writers_files_are_removed_at_the_claim_and_are_no_started_run(
         f.write_bytes(b"partial")
     assert not rundir.run_started(out)
     cfg = load_config(None, [f"train.out_dir={out}"])
-    rundir.claim_run_dir(cfg, fresh=False)
+    rundir.claim_run_dir(cfg, fresh=False)  # not locked (a file system without flock): a live run's, maybe
+    assert all(f.exists() for f in stale)
+    try:
+        rundir.lock_run_dir(out)
+        rundir.claim_run_dir(cfg, fresh=False)
+    finally:
+        rundir.unlock_run_dirs()
     assert not any(f.exists() for f in stale) and (out / "config.yaml").is_file()
 
 

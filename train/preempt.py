@@ -15,6 +15,7 @@ A second Ctrl-C interrupts at once (the first restores Python's default handler)
 """
 from __future__ import annotations
 
+import os
 import signal
 
 import torch
@@ -32,6 +33,21 @@ class Stopped(SignalStop):
     rank0_says = True  # every rank stops at the same step with the same line: run_cli prints rank 0's
 
 
+def _detach_from_terminal() -> None:
+    """Point stdout and stderr that are terminals at /dev/null."""
+    devnull = None
+    try:
+        for fd in (1, 2):
+            if os.isatty(fd):
+                devnull = devnull if devnull is not None else os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, fd)
+    except OSError:
+        pass
+    finally:
+        if devnull is not None:
+            os.close(devnull)
+
+
 class StopFlag:
     """Context manager: installs the handlers on entry, restores the previous ones on exit."""
 
@@ -42,6 +58,8 @@ class StopFlag:
 
     def __enter__(self) -> StopFlag:
         for sig in SIGNALS:
+            if signal.getsignal(sig) is signal.SIG_IGN:  # nohup: the user asked that it not stop the run
+                continue
             self._previous[sig] = signal.signal(sig, self._handle)
         if dist.is_initialized():
             # a CPU group for the flag: an NCCL all-reduce would be a host sync every step
@@ -56,6 +74,10 @@ class StopFlag:
         self.signum = signum
         if signum == signal.SIGINT:  # a second Ctrl-C: KeyboardInterrupt now
             signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signum == signal.SIGHUP:
+            # the terminal is gone: a write to it raises EIO, and the stop line would end the
+            # process with a traceback after its checkpoint. STOPPED holds that line
+            _detach_from_terminal()
 
     def agreed(self, failed: bool = False) -> tuple[int, int | None]:
         """``(signal, rank)``: the signal every rank stops on (0: none), and the lowest rank

@@ -21,7 +21,7 @@ RNG states, so a run killed at any step and resumed ends with the same loss and 
 as an uninterrupted one. ``metrics.jsonl`` keeps each step once.
 
 Preemption (train/preempt.py): SIGINT/SIGTERM/SIGHUP finish the current step, write a
-checkpoint, and exit with status 128 + signal (130, 143), naming where it resumes.
+checkpoint, and exit with status 128 + signal (130, 143, 129), naming where it resumes.
 
 Host syncs: the loss is read back (``.item()``) only at logging and checkpoint steps;
 in between a non-finite loss is remembered on the device (``torch.where``) and
@@ -132,7 +132,7 @@ def run_pretrain(cfg: Config, resume: str | None = "auto", recipe: str | None = 
     """Pretrain as configured; returns a summary (steps, loss, images/s, checkpoint paths).
 
     ``recipe`` names the default run directory when ``train.out_dir`` is empty.
-    Raises :class:`~mscn.train.preempt.Stopped` after a checkpoint on SIGINT/SIGTERM.
+    Raises :class:`~mscn.train.preempt.Stopped` after a checkpoint on SIGINT/SIGTERM/SIGHUP.
     """
     rt = setup_runtime(cfg.train.device, cfg.train.precision, what="train.device")
     try:
@@ -396,7 +396,7 @@ class _Run:
         self.saved_step = done
 
     def maybe_stop(self, done: int, signum: int) -> None:
-        """After a SIGINT/SIGTERM (on any rank; ``signum`` as the ranks agreed before this
+        """After a SIGINT/SIGTERM/SIGHUP (on any rank; ``signum`` as the ranks agreed before this
         step): checkpoint this step, then raise Stopped. Every rank stops after the same one."""
         if not signum or done == self.end_step:
             return
@@ -481,9 +481,9 @@ def _command(args: argparse.Namespace) -> None:
     recipe = Path(args.config).stem if args.config else None
     try:
         summary = run_pretrain(load_config(args.config, overrides), resume=args.resume, recipe=recipe)
-    except MscnError as e:
-        # a start that fails for a person to fix is not requeued by the STOPPED of the run
-        # it was to continue (docs/TRAINING.md); a stop, or another live run's folder, keeps it
+    except Exception as e:
+        # a start that fails would fail again: it is not requeued by the STOPPED of the run it
+        # was to continue (docs/TRAINING.md); a stop, or another live run's folder, keeps it
         if not isinstance(e, (SignalStop, RunDirBusy)) and unmark_stopped(_out_dir_of(args.config, overrides)):
             print(f"[mscn] {STOPPED} removed: this start failed, so a requeue script will not start it again",
                   flush=True)

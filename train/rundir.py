@@ -311,7 +311,8 @@ def claim_run_dir(cfg: Config, fresh: bool) -> Path | None:
             if (out / name).exists():
                 shutil.move(str(out / name), str(moved / name))
     (out / STOPPED).unlink(missing_ok=True)  # this run goes on (or starts): no longer waiting
-    remove_stale_files(out)
+    if str(out.resolve()) in _LOCKS:  # unlocked (a file system without flock): another live run may be writing them
+        remove_stale_files(out)
     if not run_started(out):
         save_config(cfg, out / "config.yaml")  # written once: a resume never rewrites it
     check_writable(out / "checkpoints")
@@ -360,11 +361,11 @@ def remove_stale_files(out: Path) -> list[str]:
 
 
 def unmark_stopped(out: str | Path | None) -> bool:
-    """Rank 0, when a start into ``out`` fails with an error a person must fix (a config
-    edited between requeues, data not mounted on the new node): remove ``STOPPED``, so that
+    """Any rank, when a start into ``out`` fails (a config edited between requeues, data not
+    mounted on the new node, a bug): remove ``STOPPED``, so that
     a requeue script does not start the job again, forever. :func:`claim_run_dir` removes it
     on a start that gets that far; these errors come before. True when it was there."""
-    if not out or os.environ.get("RANK", "0") != "0":
+    if not out:  # any rank: on several nodes the rank that failed may not be rank 0, which waits
         return False
     try:
         (Path(out) / STOPPED).unlink()
