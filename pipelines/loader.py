@@ -56,6 +56,7 @@ from mscn.blur import blur_per_sample, blur_radius
 from mscn.colour import HANDOVER, ColourLaw, solarize_flags, solarize_normalize
 from mscn.config_schema import HANDOVERS
 from mscn.errors import DataError
+from mscn.data.source import layout_digest
 from mscn.h2d import to_device
 from mscn.highpass import highpass_matmul
 from mscn.maskspec import MaskCoverageWarning, coverage_notes
@@ -94,8 +95,14 @@ def other_data(state: dict, source: Source) -> str:
     other data (files added, removed or relabelled; the mount point does not count), or ""
     (also for a state saved before the key)."""
     saved = state.get("data_digest")
-    if saved is None or saved == source.digest():
+    if saved is None:
         return ""
+    if saved == source.digest():
+        layout = state.get("data_layout")  # absent in states saved before it
+        if layout is None or layout == layout_digest(source):
+            return ""
+        return (f"its loader read other data (the same shards and samples, but in another order or at other "
+                f"offsets in {source.root}: a pack with another shuffle)")
     then = state.get("data_samples")
     if then == source.num_samples:  # files renamed, moved to another class or relabelled
         return (f"its loader read other data (as many samples, {then}, but other file names, labels or classes "
@@ -314,6 +321,7 @@ class DaliLoader:
                 "even_shards": self.replay.even_shards if self.replay is not None else True,
                 # and of the same data (LoaderStateMismatch)
                 "data_digest": self.source.digest(), "data_samples": self.source.num_samples,
+                "data_layout": layout_digest(self.source),
                 # the rank of how many (a reader's state is its shard's) and the views: states
                 # that cannot continue here are refused (_state_misfit)
                 "shard": [self.replay.shard_id, self.replay.num_shards] if self.replay else None,
@@ -573,9 +581,11 @@ def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_
                                                        "loader" if coloured else "pipeline"))
         if why:
             raise LoaderStateMismatch(f"{source.root}: the loader state cannot continue here: {why}")
-        if other_data(state, source):
+        moved = other_data(state, source)
+        if moved:
             raise LoaderStateMismatch(f"{source.root}: holds {source.num_samples} samples, other data than the "
-                                      f"{state.get('data_samples', '?')} samples the loader state was saved over")
+                                      f"{state.get('data_samples', '?')} samples the loader state was saved over "
+                                      f"({moved.removeprefix('its loader read other data (').rstrip(')')})")
     # a state saved before even shards existed continues with the reader's list as it was then
     even = bool(state.get("even_shards", False)) if state else True
     replay = Replay(shard_id=shard.rank, num_shards=shard.world_size, shuffle=True, shuffle_buffer=d.shuffle_buffer,

@@ -682,10 +682,17 @@ def test_the_same_data_at_another_path_continues_exactly_and_other_data_there_is
         run_pretrain(load_config(None, args(other, out)), resume="auto")
     # resumed on another number of ranks, the loaders start afresh: any rank's state still says what it read
     state = ckpt.load_checkpoint(out / "checkpoints" / "ckpt_00000005.pt")
-    assert rs.data_changed(state, None, resolve_source(str(other))).startswith("its loader read other data (64")
+    assert rs.data_changed(state, None, resolve_source(str(other)), str(other)).startswith("its loader read other "
+                                                                                        "data (64")
     staged = tmp_path / "staged" / "train"
     shutil.copytree(dataset, staged)
-    assert rs.data_changed(state, None, resolve_source(str(staged))) == ""
+    assert rs.data_changed(state, None, resolve_source(str(staged)), str(staged)) == ""
+    # a checkpoint from before the loader recorded its data: only the path can tell
+    old = {**state, "ranks": [{**r, "loader": {k: v for k, v in r["loader"].items() if not k.startswith("data_")}}
+                              for r in state["ranks"]]}
+    assert rs.data_changed(old, None, resolve_source(str(staged)), str(staged)).startswith(
+        "its checkpoint predates the record of the data it read, and data.root changed")
+    assert rs.data_changed(old, None, resolve_source(str(dataset)), str(dataset)) == ""
     capsys.readouterr()
     summary = run_pretrain(load_config(None, args(staged, out)), resume="auto")
     assert "fresh data order" not in capsys.readouterr().out
@@ -728,8 +735,31 @@ def test_the_loader_refuses_a_state_saved_over_other_data(tmp_path):
     (root / "c1" / "000.jpg").rename(root / "c0" / "moved.jpg")  # relabelled: same count, other data
     with pytest.raises(LoaderStateMismatch, match=r"holds 20 samples, other data than the 20 samples"):
         build_train_loader(cfg, apply_mask=False, state=state)
-    old = {k: v for k, v in state.items() if k not in ("data_digest", "data_samples")}
+    old = {k: v for k, v in state.items() if k not in ("data_digest", "data_samples", "data_layout")}
     assert build_train_loader(cfg, apply_mask=False, state=old) is not None  # saved before the key: not checked
+
+
+def test_a_loader_state_of_shards_does_not_continue_over_a_pack_in_another_order(tmp_path):
+    """Two packs of one folder with other shuffles have the same shard names, sizes and
+    labels (the same digest): a reader's saved position replayed over the other order."""
+    from pipeline_fixtures import make_folder, tiny_cfg
+
+    from mscn.data.pack import pack
+    from mscn.pipelines import build_train_loader, endless
+    from mscn.pipelines.loader import LoaderStateMismatch
+
+    root = make_folder(tmp_path / "d", classes=2, per_class=10)
+    for name, seed in (("a", 0), ("b", 1)):
+        pack(root, tmp_path / name, shard_size=8, progress=False, workers=1, shuffle_seed=seed)
+    loader = build_train_loader(tiny_cfg(tmp_path / "a", "train.global_batch=4"), apply_mask=False)
+    next(endless(loader))
+    state = loader.state_dict()
+    cfg_b = tiny_cfg(tmp_path / "b", "train.global_batch=4")
+    with pytest.raises(LoaderStateMismatch, match=r"the same shards and samples, but in another order"):
+        build_train_loader(cfg_b, apply_mask=False, state=state)
+    shutil.copytree(tmp_path / "a", tmp_path / "a_staged")  # the same pack elsewhere: fine
+    assert build_train_loader(tiny_cfg(tmp_path / "a_staged", "train.global_batch=4"), apply_mask=False,
+                              state=state) is not None
 
 
 def test_a_file_that_fails_mid_run_keeps_the_steps_trained_and_the_run_continues_exactly(dataset, uninterrupted,

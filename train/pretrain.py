@@ -227,7 +227,7 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
         start_step, (mine, why) = int(state["step"]), rs.this_rank(state, rt.dist, cfg, rt.device.type == "cuda")
         if changed:  # a branch under other settings: its loader state belongs to the old ones
             mine, why = None, f"branched with other settings: {', '.join(changed)}"
-        moved = rs.data_changed(state, mine, source)
+        moved = rs.data_changed(state, mine, source, cfg.data.root)
         if moved and not branch:  # every rank reads the same data (checked above): all stop here
             raise MscnError(f"{resumed_from}: {moved}, so it cannot continue exactly; restore the data it trained "
                             "on, or continue from it with a fresh data order in a new folder: --resume "

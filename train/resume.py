@@ -18,6 +18,7 @@ order differs from an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import torch
@@ -217,16 +218,24 @@ def this_rank(state: dict, info: DistInfo, cfg: Config, gpu: bool) -> tuple[dict
     return mine, ""
 
 
-def data_changed(state: dict, mine: dict | None, source) -> str:
-    """Why the run saved in ``state`` cannot continue over ``source`` (a resolved
-    ``data.root``, wherever it is mounted), or "" (``mscn.pipelines.loader.other_data``):
+def data_changed(state: dict, mine: dict | None, source, root: str) -> str:
+    """Why the run saved in ``state`` cannot continue over ``source`` (``root``, the
+    ``data.root`` given, resolved), or "" (``mscn.pipelines.loader.other_data``):
     this rank's loader state says what it read, else any rank's (resumed on another
     number of ranks, the loaders start afresh, but on the same data)."""
     from mscn.pipelines.loader import other_data  # DALI is heavy: imported only to resume
 
     saved = (mine or {}).get("loader") or next(
         (r["loader"] for r in state.get("ranks") or [] if isinstance(r, dict) and r.get("loader")), None)
-    return other_data(saved or {}, source)
+    if not (saved or {}).get("data_digest"):
+        # saved before the loader recorded its data: only the path can tell (data.root is neutral
+        # to the run's identity since, for a staged copy: that needs the record)
+        then = ((state.get("config") or {}).get("data") or {}).get("root")
+        if then and os.path.realpath(then) != os.path.realpath(root):
+            return (f"its checkpoint predates the record of the data it read, and data.root changed ({then} then, "
+                    f"{root} now)")
+        return ""
+    return other_data(saved, source)
 
 
 def restore_rng(state: dict, mine: dict | None, cfg: Config, info: DistInfo, start_step: int) -> None:
