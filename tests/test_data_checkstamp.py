@@ -94,10 +94,11 @@ def test_a_stamp_covers_its_rank_and_number_of_ranks_only(tmp_path, counted):
 
 def test_no_stamp_for_files_changed_within_a_tick_or_with_stamps_off(tmp_path, counted, monkeypatch):
     reads, new_process = counted
-    root = make_image_folder(tmp_path / "fresh", classes=2, per_class=3)  # just written: racy
-    filecheck.check_training_files(resolve_source(str(root)))
-    new_process()
-    filecheck.check_training_files(resolve_source(str(root)))
+    root = _aged_folder(tmp_path / "fresh", classes=2, per_class=3)
+    for _ in range(2):
+        new_process()
+        (root / "c1" / "001.jpg").touch()  # just changed: racy (touched here, not timed: a slow machine)
+        filecheck.check_training_files(resolve_source(str(root)))
     assert len(reads) == 2 and not (tmp_path / "stamps").exists(), reads
 
     time.sleep(checkstamp.RACY_S + 0.1)

@@ -623,7 +623,7 @@ def test_a_rank_that_cannot_see_rank_0s_checkpoint_says_why(tmp_path, monkeypatc
     from mscn.train import resume as rs
     from mscn.train.distributed import DistInfo
 
-    monkeypatch.setattr(rs, "broadcast_object", lambda obj: str(tmp_path / "runs/x/checkpoints/ckpt_00000003.pt"))
+    monkeypatch.setattr(rs, "broadcast_object", lambda obj: (str(tmp_path / "runs/x/checkpoints/ckpt_00000003.pt"), None))
     cfg = load_config("demo", [f"train.out_dir={tmp_path / 'runs/x'}"])
     with pytest.raises(MscnError, match=r"ckpt_00000003.pt \(rank 0 resumes from it, but rank 1 cannot see it: "
                                         r"train.out_dir must be on a file system every node shares"):

@@ -183,6 +183,11 @@ def opens(path: str | Path) -> bool:
     return isinstance(state, dict) and all(k in state for k in _REQUIRED)
 
 
+# errors of reading a file, not of what it holds (zipfile raises EINVAL on a cut archive)
+READ_ERRNOS = frozenset({errno.EIO, errno.EACCES, errno.EPERM, errno.ESTALE, errno.ETIMEDOUT, errno.ENOTCONN,
+                         errno.EHOSTDOWN, errno.EAGAIN})
+
+
 class UnreadableCheckpoint(MscnError):
     """The file could not be read (an I/O error, a permission, a stale network handle): it
     may be sound, so a resume passes over it without setting it aside."""
@@ -202,7 +207,7 @@ def damaged_member(path: str | Path) -> str | None:
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError):
         return None
     except OSError as e:
-        if e.errno is None:  # zipfile's own errors of a malformed archive: torch.load names it
+        if e.errno not in READ_ERRNOS:  # a malformed archive (EINVAL, or zipfile's own): torch.load names it
             return None
         raise
 
@@ -228,11 +233,9 @@ def load_checkpoint(path: str | Path, required: tuple[str, ...] = _REQUIRED,
         state = _torch_load(path)
     except FileNotFoundError:
         raise MscnError(f"checkpoint not found: {path} ({not_found})") from None
-    except OSError as e:
-        if e.errno is None:
-            raise MscnError(f"{path}: not a readable checkpoint ({e})") from None
-        raise UnreadableCheckpoint(f"{path}: cannot be read ({e.strerror or e})") from None
     except Exception as e:  # truncated zip, pickle of a forbidden type...
+        if isinstance(e, OSError) and e.errno in READ_ERRNOS:  # the reading failed, maybe for now
+            raise UnreadableCheckpoint(f"{path}: cannot be read ({e.strerror or e})") from None
         what = not_a_checkpoint(path)
         if what:
             raise MscnError(f"{path}: not a readable checkpoint ({what})") from None
