@@ -55,8 +55,8 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from mscn.blur import blur_per_sample, blur_radius
 from mscn.colour import HANDOVER, ColourLaw, solarize_flags, solarize_normalize
 from mscn.config_schema import HANDOVERS
-from mscn.errors import DataError
 from mscn.data.source import layout_digest
+from mscn.errors import DataError
 from mscn.h2d import to_device
 from mscn.highpass import highpass_matmul
 from mscn.maskspec import MaskCoverageWarning, coverage_notes
@@ -94,6 +94,12 @@ def other_data(state: dict, source: Source) -> str:
     """Why a :meth:`DaliLoader.state_dict` cannot continue over ``source``: it was saved over
     other data (files added, removed or relabelled; the mount point does not count), or ""
     (also for a state saved before the key)."""
+    how = _how_data_differs(state, source)
+    return f"its loader read other data ({how})" if how else ""
+
+
+def _how_data_differs(state: dict, source: Source) -> str:
+    """What :func:`other_data` says in its brackets, or ""."""
     saved = state.get("data_digest")
     if saved is None:
         return ""
@@ -101,14 +107,13 @@ def other_data(state: dict, source: Source) -> str:
         layout = state.get("data_layout")  # absent in states saved before it
         if layout is None or layout == layout_digest(source):
             return ""
-        return (f"its loader read other data (the same shards and samples, but in another order or at other "
-                f"offsets in {source.root}: a pack with another shuffle)")
+        return f"the same shards and samples, but in another order or at other offsets in {source.root}: a pack " \
+               "with another shuffle"
     then = state.get("data_samples")
     if then == source.num_samples:  # files renamed, moved to another class or relabelled
-        return (f"its loader read other data (as many samples, {then}, but other file names, labels or classes "
-                f"in {source.root})")
-    return (f"its loader read other data ({then if then is not None else '?'} samples then, {source.num_samples} "
-            f"now in {source.root}: another number of steps per epoch, another schedule)")
+        return f"as many samples, {then}, but other file names, labels or classes in {source.root}"
+    return (f"{then if then is not None else '?'} samples then, {source.num_samples} now in {source.root}: another "
+            "number of steps per epoch, another schedule")
 
 
 def graph_misfit(state: dict, crop: str, blur_where: str, colour_where: str, now: str = "this loader") -> str:
@@ -581,11 +586,11 @@ def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_
                                                        "loader" if coloured else "pipeline"))
         if why:
             raise LoaderStateMismatch(f"{source.root}: the loader state cannot continue here: {why}")
-        moved = other_data(state, source)
-        if moved:
+        how = _how_data_differs(state, source)
+        if how:
             raise LoaderStateMismatch(f"{source.root}: holds {source.num_samples} samples, other data than the "
                                       f"{state.get('data_samples', '?')} samples the loader state was saved over "
-                                      f"({moved.removeprefix('its loader read other data (').rstrip(')')})")
+                                      f"({how})")
     # a state saved before even shards existed continues with the reader's list as it was then
     even = bool(state.get("even_shards", False)) if state else True
     replay = Replay(shard_id=shard.rank, num_shards=shard.world_size, shuffle=True, shuffle_buffer=d.shuffle_buffer,

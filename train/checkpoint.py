@@ -221,9 +221,7 @@ def load_checkpoint(path: str | Path, required: tuple[str, ...] = _REQUIRED,
     :data:`BACKBONE_KEYS`). ``not_found``: the fix to print when the file is missing.
     """
     try:
-        bad = damaged_member(path)
-    except FileNotFoundError:
-        raise MscnError(f"checkpoint not found: {path} ({not_found})") from None
+        bad = damaged_member(path)  # a missing file: None, and torch.load below names it
     except OSError as e:
         raise UnreadableCheckpoint(f"{path}: cannot be read ({e.strerror or e})") from None
     if bad:
@@ -323,7 +321,6 @@ def load_pretrained_state(path: str | Path) -> dict:
 
 
 UNREADABLE = ".unreadable"  # suffix of a checkpoint a resume set aside: kept, out of the rotation
-
 
 
 def find_latest_valid(ckpt_dir: str | Path, required: tuple[str, ...] = _REQUIRED,

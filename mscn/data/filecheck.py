@@ -102,13 +102,7 @@ def check_headers(source) -> None:
     DALI cannot decode by its first and last bytes, or cannot be read (a scan decoded every
     file it kept, but a file may have changed since, or the list been edited). Once per
     source and process."""
-    if _key(source) in _CHECKED:
-        return
-    stamp = _Stamp(source, 0, 1)
-    if not stamp.still_good():
-        _raise_first(source, _first_bad_in(source, 0, 1, show=False))
-        stamp.write()
-    _CHECKED.add(_key(source))
+    check_training_files(source)  # one rank: the whole set, and the same stamp
 
 
 def check_training_files(source, rank: int = 0, world_size: int = 1, gather=None, show: bool = False) -> str | None:
@@ -161,8 +155,7 @@ class _Stamp:
             paths = ([p for pair in zip(source.tars, source.indexes) for p in pair] if source.kind == "wds" else
                      [os.path.join(source.root, f) for f in source.files[rank::world_size]])
             self.fp = checkstamp.fingerprint(paths)
-        self.files = (len(source.files[rank::world_size]) if source.kind != "wds" else
-                      len(range(rank, source.num_samples, world_size)))
+        self.files = len(range(rank, source.num_samples, world_size))
 
     def still_good(self) -> str | None:
         return checkstamp.stamped(self.key, self.fp)
