@@ -1,6 +1,7 @@
 """`mscn ablate` (issue 12; paper §6.3, Fig. 5): arm expansion and validation, the
 significance rule, the JSON schema, and a toy end-to-end ablation that resumes."""
 import json
+import shutil
 
 import pytest
 from lock_holder import held_lock
@@ -234,13 +235,17 @@ TOY = ["data.synthetic_classes=2", "data.synthetic_per_class=8", "data.synthetic
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
-def test_toy_ablation_end_to_end_and_resume(tmp_path, capsys):
+def test_toy_ablation_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
+    import mscn.train.ablate.run as run_mod
+
     out, f = tmp_path / "abl", tmp_path / "arms.yaml"
     # "same" resolves to the baseline's config (another spelling): it must share the baseline's run
     f.write_text("mscn: ['highpass.enabled=true']\n"
                  "same: ['highpass.enabled=false', " + ", ".join(f"'views.{i}.mask.ratio=0.0'" for i in range(4)) + "]\n")
     argv = ["--arms-file", str(f), "--seeds", "1", "--out", str(out), f"data.synthetic_dir={tmp_path / 'synth'}", *TOY]
-    assert main(argv) == 0
+    with monkeypatch.context() as m:  # as an mscn before the data digests wrote its results: paths count
+        m.setattr(run_mod, "data_digests", lambda train_root, val_root: None)
+        assert main(argv) == 0
     doc = json.loads((out / "ablation.json").read_text())
     assert [a["name"] for a in doc["arms"]] == [BASELINE, "mscn", "same"]
     assert doc["computed_runs"] == 3  # random init + 2 pretrainings; "same" reused the baseline's
@@ -253,9 +258,21 @@ def test_toy_ablation_end_to_end_and_resume(tmp_path, capsys):
     log = capsys.readouterr().out
     assert "ETA" in log and "1/4 random seed 0" in log
 
-    # a re-run computes nothing; losing one result recomputes that run only (pretraining is kept)
+    # a re-run computes nothing (the results of the paths' fingerprints are adopted); nor does
+    # one whose data were staged to another path (a SLURM $TMPDIR), since results count the data
+    # by what they hold; other data are run again
     assert main(argv) == 0
     assert json.loads((out / "ablation.json").read_text())["computed_runs"] == 0
+    staged = tmp_path / "staged"
+    shutil.copytree(tmp_path / "synth", staged)
+    moved = [*argv, f"data.root={staged / 'train'}", f"data.val_root={staged / 'val'}"]
+    assert main(moved) == 0
+    assert json.loads((out / "ablation.json").read_text())["computed_runs"] == 0
+    assert run_mod.data_digests(str(staged / "train"), str(staged / "val")) == run_mod.data_digests(
+        str(tmp_path / "synth" / "train"), str(tmp_path / "synth" / "val"))
+    assert run_mod.data_digests(str(staged / "train"), str(staged / "train"))["data.val_root"] != \
+        run_mod.data_digests(str(staged / "train"), str(staged / "val"))["data.val_root"]
+    # losing one result recomputes that run only (pretraining is kept)
     (out / "runs" / "mscn" / "seed0" / "result.json").unlink()
     capsys.readouterr()
     assert main(argv) == 0
@@ -392,6 +409,14 @@ def test_the_fingerprint_counts_what_changes_a_result(demo):
 
     assert fp("data.val_root=/other/val") != fp() and fp("train.max_steps=1") != fp()
     assert fp("data.root=/other/train") != fp()  # neutral to a resume, which checks what it holds
+    # given what the data hold, their paths do not count, and other data do
+    held = {"data.root": "a" * 16, "data.val_root": "b" * 16}
+    assert fingerprint(load_config("demo", ["data.root=/other/train"]), data=held) == \
+        fingerprint(load_config("demo", []), data=held) != fingerprint(load_config("demo", []), data=None)
+    assert fingerprint(load_config("demo", []), data=held) != \
+        fingerprint(load_config("demo", []), data=dict(held, **{"data.val_root": "c" * 16}))
+    assert fingerprint(load_config("demo", []), data=held, random_init=True) != \
+        fingerprint(load_config("demo", []), data=dict(held, **{"data.root": "c" * 16}), random_init=True)
     assert fp("data.num_threads=1") == fp() and fp("train.log_every=7") == fp()  # how it runs, not what
     assert fp(random_init=True).endswith("-random") and fp(random_init=True) != fp()
     assert fp("schedule.epochs=2", "optim.base_lr=1.0", "views.0.mask.ratio=0.3", random_init=True) == fp(random_init=True)

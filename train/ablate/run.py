@@ -28,24 +28,40 @@ from mscn.train.rundir import LEGACY, NEUTRAL, check_run_dir, flatten, lock_run_
 RESULT = "result.json"
 
 
-# Neutral to resuming a run (rundir.NEUTRAL) but not to its result: the data it trains on
-# (a resume checks what data.root holds; an ablation's stored result knows only its path) and
-# is scored on, and where pretraining stops (a run stopped at step 1 is no finished run)
+# Neutral to resuming a run (rundir.NEUTRAL) but not to its result: the data it trains on and
+# is scored on, and where pretraining stops (a run stopped at step 1 is no finished run). The
+# data count by what they hold (DATA_KEYS), not by their paths
 RESULT_KEYS = frozenset({"data.root", "data.val_root", "train.max_steps"})
+DATA_KEYS = ("data.root", "data.val_root")
 # What a random-init encoder's scores depend on: the evaluation's data, views and settings, the
 # network and the seed; not the pretraining recipe (its views, masks, method, optimizer, schedule)
 RANDOM_INIT_KEYS = ("data.", "highpass.", "eval.", "model.arch", "train.seed", "train.precision")
 
 
-def fingerprint(cfg: Config, random_init: bool = False) -> str:
+def fingerprint(cfg: Config, random_init: bool = False, data: dict[str, str] | None = None) -> str:
     """Hash of everything that changes a run's result: the config less where and how verbosely
     it runs (rundir.NEUTRAL, but for :data:`RESULT_KEYS`); evaluation settings count (they
-    change the numbers). ``random_init``: only :data:`RANDOM_INIT_KEYS`, marked ``-random``."""
+    change the numbers). ``random_init``: only :data:`RANDOM_INIT_KEYS`, marked ``-random``.
+
+    ``data``: what ``data.root`` and ``data.val_root`` hold (:func:`data_digests`), in place of
+    their paths, so that a job that stages its data to another local path each time (a SLURM
+    job's ``$TMPDIR``) finds its finished runs; without it, the paths count (the fingerprints
+    of results written before the data digests (2026-11-29), still accepted by :meth:`Runner.plan`)."""
     keys = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in NEUTRAL or k in RESULT_KEYS}
+    if data is not None:
+        keys.update({k: f"data:{data[k]}" for k in DATA_KEYS})
     if random_init:
         keys = {k: v for k, v in keys.items() if k.startswith(RANDOM_INIT_KEYS) and k != "train.max_steps"}
     digest = hashlib.sha1(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return digest + ("-random" if random_init else "")
+
+
+def data_digests(train_root: str, val_root: str) -> dict[str, str]:
+    """:meth:`Source.digest` of the train and val data, by config key: what the files are
+    (names relative to the root, labels, classes), not where they lie."""
+    from mscn.train.eval.provenance import data_digest
+
+    return {"data.root": data_digest(train_root), "data.val_root": data_digest(val_root)}
 
 
 def with_run(cfg: Config, seed: int, out_dir: Path) -> Config:
@@ -56,13 +72,14 @@ def with_data(cfg: Config, root: str, val_root: str) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root, val_root=val_root))
 
 
-def load_done(path: Path, fp: str) -> dict | None:
-    """The stored result of a finished run, or None (absent, unreadable, or another config)."""
+def load_done(path: Path, *fps: str) -> dict | None:
+    """The stored result of a finished run with one of the fingerprints ``fps``, or None
+    (absent, unreadable, or another config)."""
     try:
         res = json.loads(path.read_text())
     except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
         return None
-    if not isinstance(res, dict) or res.get("fingerprint") != fp:
+    if not isinstance(res, dict) or res.get("fingerprint") not in fps:
         return None
     # a damaged or hand-edited file without its scores is no finished run: it is run again
     scores = [res.get(k) for k in ("linear_top1", "knn_top1")]
@@ -115,6 +132,7 @@ class Runner:
         Seed-major, so that an ablation cut short (a time limit, a lost machine) has every
         arm at the same number of seeds, and its table compares like with like."""
         jobs, fps = [], set()
+        data = data_digests(self.train_root, self.val_root)
         gpu = self.runtime(base).device.type == "cuda"
         blur = self._blur_choice(base, gpu)
         order = [(name, s, arm) for s in seeds for name, arm in [("random", None)] + [(a.name, a) for a in arms]]
@@ -127,10 +145,12 @@ class Runner:
             if blur and cfg.data.blur_where == "auto":
                 cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, blur_where=blur))
             cfg = cfg.resolved_for(gpu=gpu)
-            fp = fingerprint(cfg, random_init=arm is None)
-            todo = fp not in fps and load_done(where / RESULT, fp) is None
+            fp = fingerprint(cfg, random_init=arm is None, data=data)
+            # a result written before the data digests, at these same paths, is finished too
+            done = (fp, fingerprint(cfg, random_init=arm is None))
+            todo = fp not in fps and load_done(where / RESULT, *done) is None
             jobs.append({"name": name, "seed": seed, "random": arm is None, "cfg": cfg, "where": where,
-                         "fp": fp, "todo": todo})
+                         "fp": fp, "done": done, "todo": todo})
             fps.add(fp)
         return jobs
 
@@ -166,7 +186,12 @@ class Runner:
             name, seed, where, fp = j["name"], j["seed"], j["where"], j["fp"]
             tag = f"[ablate] {i}/{len(jobs)} {name} seed {seed}"
             self.current = f"run {i}/{len(jobs)} ({name} seed {seed}, in {where})"
-            res = load_done(where / RESULT, fp)
+            res = load_done(where / RESULT, *j["done"])
+            if res is not None and res["fingerprint"] != fp:
+                # written before the data digests, at these paths: adopted under the digest's
+                # fingerprint, so that it is found again once the data move (same scores)
+                res["fingerprint"] = fp
+                write_atomic(where / RESULT, json.dumps(res, indent=2, default=str))
             if res is None and fp in by_fp:  # same resolved config as an earlier arm: share its run
                 res = dict(by_fp[fp], fingerprint=fp, same_as=by_fp[fp]["arm"], arm=name)
                 self._kept(tag, _write(where / RESULT, res))
