@@ -909,18 +909,28 @@ def test_a_stray_checkpoint_of_another_run_names_the_way_out(dataset, uninterrup
     assert f"if {stray.name} was copied in from another run, move it out of {out / 'checkpoints'}" in err, err
 
 
-def test_a_checkpoint_named_by_hand_continues_past_a_newer_one_cut_short(dataset, uninterrupted, tmp_path, capsys):
-    """``--resume ckpt_5`` while the folder's newer ``ckpt_6`` is cut short: the folder's
-    progress is its newest checkpoint that opens (``--resume auto`` would continue from it
-    too), so the named one continues the run, exactly. Before, the name of the damaged file
-    made the folder "already at step 6" and the resume was refused. A file that is not a
-    checkpoint at all (an image passed by mistake) is called that, not another run's."""
+@pytest.mark.parametrize("damage", ["cut short", "bytes flipped"])
+def test_a_checkpoint_named_by_hand_continues_past_a_newer_damaged_one(dataset, uninterrupted, tmp_path, capsys,
+                                                                       damage):
+    """``--resume ckpt_5`` while the folder's newer ``ckpt_6`` is cut short, or has bytes
+    flipped inside a tensor (it opens, but fails its checksums): the folder's progress is its
+    newest checkpoint that a resume would take (``--resume auto`` would continue from it too),
+    so the named one continues the run, exactly. Before, the name of the damaged file made the
+    folder "already at step 6" and the resume was refused. A file that is not a checkpoint at
+    all (an image passed by mistake) is called that, not another run's."""
     ref, ref_summary = uninterrupted
     out = tmp_path / "run"
     run_pretrain(load_config(None, args(dataset, out, "train.max_steps=6")), resume="auto")
     older, newest = ckpt.list_checkpoints(out / "checkpoints")
     assert (ckpt.step_of(older), ckpt.step_of(newest)) == (5, 6)
-    newest.write_bytes(newest.read_bytes()[:4096])  # a copy cut short
+    data = bytearray(newest.read_bytes())
+    if damage == "cut short":  # a copy cut short
+        data = data[:4096]
+    else:  # a disk or a copy that went wrong: the archive's structure is whole
+        mid = len(data) // 2
+        data[mid:mid + 4096] = bytes(b ^ 1 for b in data[mid:mid + 4096])
+    newest.write_bytes(data)
+    assert not ckpt.opens(newest)
     capsys.readouterr()
     image = next(Path(dataset).rglob("*.jpg"))
     assert main(["--resume", str(image), *args(dataset, out)]) == 2

@@ -174,13 +174,16 @@ def _torch_load(path: str | Path, **kwargs):
 
 
 def opens(path: str | Path) -> bool:
-    """Whether ``path`` opens as an mscn checkpoint with every key a resume reads, cheaply:
-    through a memory map, no tensor copied (the whole file is read when it is resumed)."""
+    """Whether ``path`` opens as an mscn checkpoint with every key a resume reads and passes
+    its checksums (:func:`damaged_member`): what a resume would take. Opened through a memory
+    map, no tensor copied; the checksums read the file once."""
     try:
         state = _torch_load(path, mmap=True)
+        if not (isinstance(state, dict) and all(k in state for k in _REQUIRED)):
+            return False
+        return damaged_member(path) is None
     except Exception:
         return False
-    return isinstance(state, dict) and all(k in state for k in _REQUIRED)
 
 
 # errors of reading a file, not of what it holds (zipfile raises EINVAL on a cut archive)

@@ -96,14 +96,16 @@ def _none_loads(ckpt_dir: Path) -> str | None:
 
 def folder_step(out: Path) -> int | None:
     """How far the run in ``out`` got: the newest step among its checkpoints that open and its
-    ``final.pt``; None when it has neither. A newer checkpoint that does not open (cut short)
-    is not the run's progress: ``--resume auto`` would set it aside and continue from the
-    newest that opens, and so may a checkpoint named by hand."""
+    ``final.pt``; None when it has neither. A newer checkpoint that does not open or fails its
+    checksums (cut short, bytes flipped) is not the run's progress: ``--resume auto`` would set
+    it aside and continue from the newest that opens, and so may a checkpoint named by hand.
+    Nor is a damaged ``final.pt`` (the last checkpoint's hard link: the same bytes)."""
     names = ckpt.list_checkpoints(out / "checkpoints")
     newest = next((p for p in reversed(names) if ckpt.opens(p)), None)
     steps = [ckpt.step_of(newest)] if newest else []
-    if (out / "final.pt").is_file():
-        steps.append(ckpt.step_of(out / "final.pt"))
+    final = out / "final.pt"
+    if final.is_file() and ckpt.opens(final):
+        steps.append(ckpt.step_of(final))
     steps = [s for s in steps if s is not None]
     return max(steps) if steps else None
 
