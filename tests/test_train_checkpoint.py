@@ -38,6 +38,16 @@ def trained(method="byol", seed=0, steps=2):
     return cfg, net, opt, scaler
 
 
+def test_the_space_a_checkpoint_needs_is_its_file_size(tmp_path):
+    """What a full disk's message says a checkpoint needs: its tensors, each storage once, as
+    torch.save writes them (the backbone entry shares the model's tensors; counted twice, a
+    ResNet-18 SimCLR checkpoint's need read 1.5 times its file)."""
+    cfg, net, opt, scaler = trained("simclr")
+    state = _checkpoint_state(cfg, net, opt, scaler, 7, 5)
+    size = ckpt.save_checkpoint(state, tmp_path, keep_last=3).stat().st_size
+    assert 0.97 * size < ckpt._state_bytes(state) <= size
+
+
 def test_round_trip_restores_model_target_optimizer_and_metadata(tmp_path):
     cfg, net, opt, scaler = trained("byol")
     path = ckpt.save_checkpoint(_checkpoint_state(cfg, net, opt, scaler, 7, 5), tmp_path, keep_last=3)
