@@ -206,10 +206,11 @@ def plot(r: dict, path: str) -> None:
     s = r["settings"]
     bars(axes[0][0], list(r["stages"].items()), f"stages ({s['device']}, batch {s['batch']}, {s['views']} views)")
     if comparisons:
-        items = [("mscn", r["pipeline"])] + comparisons
         texts = [f"{r['pipeline']['images_per_s']['median']:.0f}"]
-        texts += [f"mscn = {m['mscn_over_baseline']:.2f}x" for _, m in comparisons]
-        bars(axes[0][1], items, "full pipeline vs baselines (ratio to mscn)", texts)
+        # the baseline bars carry mscn's speed over theirs (0.80x: mscn makes 80 % of that baseline)
+        texts += [f"mscn {m['mscn_over_baseline']:.2f}x this" for _, m in comparisons]
+        bars(axes[0][1], [("mscn", r["pipeline"])] + comparisons,
+             "full pipeline vs baselines (labels: mscn images/s ÷ the bar's)", texts)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
