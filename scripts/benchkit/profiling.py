@@ -14,6 +14,7 @@ thread instead (DALI's CPU threads do not appear there; their time is the wait i
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections import defaultdict
@@ -211,6 +212,11 @@ def profile_steps(step: Callable[[], int], steps: int, sync: Callable[[], None],
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if not cuda:
+        # torch's CUDA build asks for GPUs anyway and prints "ERROR: ... gpuGetDeviceCount
+        # failed with code 35" on a machine without one; on a GPU, Kineto's errors (CUPTI not
+        # allowed, say) are kept: they explain an empty device column
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     sync()
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
