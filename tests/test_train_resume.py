@@ -456,7 +456,12 @@ def test_a_cut_short_config_yaml_is_called_damaged_not_another_run(dataset, unin
         assert main(["--resume", "auto", *args(dataset, out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"{out / 'config.yaml'}: cut short or edited" in err[0], err
-        assert "belongs to another run" not in err[0]
+        assert "belongs to another run" not in err[0] and "or delete it (a resume writes it again" in err[0]
+    # as the message says: deleted, it is written again from the checkpoint
+    (out / "config.yaml").unlink()
+    assert main(["--resume", "auto", *args(dataset, out)]) == 0
+    again = (out / "config.yaml").read_text()
+    assert again.replace(str(out), "OUT") == text.replace(str(uninterrupted[0]), "OUT")
     # an intact file of an older mscn lacks a key in its middle: another run, named by the key
     (out / "config.yaml").write_text("".join(ln for ln in text.splitlines(True) if not ln.startswith("  where:")))
     assert main(["--resume", "auto", *args(dataset, out)]) == 2

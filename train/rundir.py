@@ -229,8 +229,8 @@ def unlock_run_dirs() -> None:
     _UNLOCKABLE.clear()
 
 
-_RESTORE = ("restore it from a copy, or pass a new train.out_dir=DIR (or --out "
-            "DIR), or --resume none to start over in")
+_RESTORE = ("restore it from a copy, or delete it (a resume writes it again from the checkpoint), or pass a "
+            "new train.out_dir=DIR (or --out DIR), or --resume none to start over in")
 
 
 def check_run_dir(cfg: Config, resume: str | None) -> None:
