@@ -135,7 +135,7 @@ def graph_misfit(state: dict, crop: str, blur_where: str, colour_where: str, now
     return ""
 
 
-def _state_misfit(state, shard: "Shard", num_views: int, graph: tuple[str, str, str]) -> str:
+def _state_misfit(state, rank: int, world_size: int, num_views: int, graph: tuple[str, str, str]) -> str:
     """Why ``state`` cannot continue as this rank's loader (""): not a loader state, another
     rank or number of ranks (DALI's reader state restores its own shard: 1 rank's state on 2
     read the whole set on each, 2 ranks' on 1 read half of it), other views, another graph.
@@ -145,9 +145,9 @@ def _state_misfit(state, shard: "Shard", num_views: int, graph: tuple[str, str, 
                         f"{type(state).__name__}{' with keys ' + ', '.join(map(str, state)) if isinstance(state, dict) else ''}"
                         "; a checkpoint of mscn pretrain holds one per rank, under ['ranks'][rank]['loader']")
     saved = state.get("shard")
-    if saved is not None and tuple(saved) != (shard.rank, shard.world_size):
-        return (f"it was saved by rank {saved[0]} of {saved[1]}, this loader is rank {shard.rank} of "
-                f"{shard.world_size}: a reader's state holds its own rank's share of the data; restore each "
+    if saved is not None and tuple(saved) != (rank, world_size):
+        return (f"it was saved by rank {saved[0]} of {saved[1]}, this loader is rank {rank} of "
+                f"{world_size}: a reader's state holds its own rank's share of the data; restore each "
                 "rank's own state on as many ranks, or start without a state (a fresh data order)")
     saved = state.get("views")
     if saved is not None and saved != num_views:
@@ -186,7 +186,11 @@ class DaliLoader:
     DALI emits for the others), or for a view that solarizes, left on the uint8 scale in
     float32 and solarized and normalized after its blur; their blur's σ (for ``blur``)
     comes from the same draw. handover: ``data.handover``, the stream DALI's outputs are
-    imported on (module docstring).
+    imported on (module docstring). state: the :meth:`state_dict` a pipeline built with
+    ``enable_checkpointing=True, checkpoint=bytes(state["dali"].numpy())`` continues from: it
+    is checked to fit (this reader's rank of how many, the views, the graph, the data:
+    :class:`LoaderStateMismatch`), and the mask generator's draws and the batch count
+    continue from it. A pipeline built from a checkpoint needs it.
     """
 
     def __init__(self, pipeline, source: Source, num_views: int, *, policy: LastBatchPolicy,
@@ -195,7 +199,7 @@ class DaliLoader:
                  replay: Replay | None = None, runs: int = 0, crop: str | None = None,
                  blur: dict[int, tuple[int, int]] | None = None, colour: dict[int, ColourLaw] | None = None,
                  mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), colour_dtype: str = "float32",
-                 handover: str = "trainer"):
+                 handover: str = "trainer", state: dict | None = None):
         if handover not in HANDOVERS:
             raise ValueError(f"handover must be one of {', '.join(HANDOVERS)}, got {handover!r}")
         if handover == "private" and pipeline.device_id is not None and not getattr(pipeline, "exec_dynamic", False):
@@ -248,6 +252,47 @@ class DaliLoader:
             raise DataError(f"{source.root}: this shard holds fewer images than one batch of "
                             f"{pipeline.max_batch_size}, so a loader that drops the last partial batch has none; "
                             "lower the batch size or add images")
+        self._ended = -1  # self._runs when DALI last ended an epoch (StopIteration)
+        self._carry = None  # DALI's outputs that reset() took, for the next loop to hand out first
+        self._restore(state, pipeline)
+
+    def _restore(self, state: dict | None, pipeline) -> None:
+        """Continue from ``state`` (see the class docstring); a pipeline restored from a DALI
+        checkpoint without it would go on unchecked: another rank's state (the probe of a
+        hand-built loader: one rank's state on rank 1 of 2 read the whole set there, and its
+        ranks ran different numbers of steps) or another loader's mask draws."""
+        built_from = getattr(pipeline, "_checkpoint", None)  # DALI keeps what it was given
+        if not state:  # {} is no state, as None
+            if built_from is not None:
+                raise ValueError("the pipeline was built from a checkpoint: pass the DaliLoader.state_dict() it "
+                                 "came from as DaliLoader(..., state=state) too, which checks that it fits this "
+                                 "rank, views and data and continues its mask draws")
+            return
+        if built_from is None:
+            raise ValueError("state: the pipeline was built without it; build it with enable_checkpointing=True, "
+                             "checkpoint=bytes(state['dali'].numpy())")
+        rank, world_size = self._shard()
+        check_state(state, self.source, rank, world_size, self.num_views,  # first: a TypeError for a non-state
+                    (self.crop or state.get("crop") or "window", "loader" if self.blur else "pipeline",
+                     "loader" if self.colour else "pipeline"))
+        if bytes(built_from) != bytes(state["dali"].numpy()):
+            raise ValueError("state: the pipeline was built from another checkpoint than state['dali']")
+        self._runs = int(state.get("runs", self._runs))
+        if state.get("mask") is not None and isinstance(self.mask_fn, MaskGenerator):
+            self.mask_fn.load_state_dict(state["mask"])
+
+    def _shard(self) -> tuple[int, int]:
+        """This reader's shard and number of shards (DALI's reader metadata for a pipeline
+        built by hand)."""
+        if self.replay is not None:
+            return self.replay.shard_id, self.replay.num_shards
+        meta = self._pipeline.reader_meta(READER_NAME)
+        return int(meta["shard_id"]), int(meta["number_of_shards"])
+
+    @property
+    def batch_size(self) -> int:
+        """Images per batch (the pipeline's); the last batch of an evaluation may hold fewer."""
+        return self._pipeline.max_batch_size
 
     def __len__(self) -> int:
         return len(self._iter)
@@ -262,16 +307,51 @@ class DaliLoader:
             raise ValueError(f"hold: batches must be >= 0, got {batches}")
         self._hold = batches
 
+    def _end_pending(self) -> bool:
+        """Whether every batch of an epoch was handed out but DALI has not ended it yet: a loop
+        that took exactly ``len(self)`` batches and stopped (``islice``, a cap on steps)."""
+        n = len(self)
+        return n > 0 and self._runs > 0 and self._runs % n == 0 and self._ended != self._runs
+
+    def reset(self) -> None:
+        """For code written for DALI's iterators, which it rearms as theirs: after an epoch's
+        last batch the next loop starts the next epoch (with or without this call); in the
+        middle of an epoch, as DALI's own, it changes nothing (the next loop continues the
+        epoch), with a warning."""
+        if self._end_pending():
+            self._carry = self._next()  # None: the end was met; else DALI had rearmed already
+        elif self._runs % max(len(self), 1) and self._ended != self._runs:
+            warnings.warn("DaliLoader.reset() in the middle of an epoch changes nothing (as DALI's iterators): "
+                          "the next loop continues this epoch", stacklevel=2)
+
+    def _next(self):
+        """DALI's outputs of the next batch, or None at an epoch's end (auto_reset rearms it)."""
+        if self._carry is not None:
+            data, self._carry = self._carry, None
+            return data
+        try:
+            with self._handover_stream():
+                return next(self._iter)
+        except StopIteration:
+            self._retire(None, None)
+            self._ended = self._runs
+            return None
+        except RuntimeError as e:
+            raise self._data_error(e) from None
+
     def __iter__(self) -> Iterator[MscnBatch]:
+        # an epoch whose batches a loop before this one took them all: its end is met here
+        # first, or this loop would yield nothing (DALI's iterator ends an epoch only when
+        # asked for one batch more)
+        pending = self._end_pending()
         while True:
-            try:
-                with self._handover_stream():
-                    data = next(self._iter)
-            except StopIteration:  # end of epoch; auto_reset rearms the iterator
-                self._retire(None, None)
+            data = self._next()
+            if data is None:
+                if pending:
+                    pending = False
+                    continue
                 return
-            except RuntimeError as e:
-                raise self._data_error(e) from None
+            pending = False
             self._runs += 1
             batch = self._convert(data[0])
             self._retire(data, _fence(batch.views[0]))
@@ -329,7 +409,7 @@ class DaliLoader:
                 "data_layout": layout_digest(self.source),
                 # the rank of how many (a reader's state is its shard's) and the views: states
                 # that cannot continue here are refused (_state_misfit)
-                "shard": [self.replay.shard_id, self.replay.num_shards] if self.replay else None,
+                "shard": list(self._shard()),
                 "views": self.num_views}
 
     def _convert(self, out: dict) -> MscnBatch:
@@ -563,6 +643,20 @@ def plan(cfg, device: torch.device | str | None, local_rank: int = 0, views: lis
                 colour_in_loader, executor(cfg.data.op_concurrency, cfg.data.stream_policy, cfg.data.thread_affinity))
 
 
+def check_state(state: dict, source: Source, rank: int, world_size: int, num_views: int,
+                graph: tuple[str, str, str]) -> None:
+    """:class:`LoaderStateMismatch` when ``state`` cannot continue as this rank's loader over
+    ``source`` (:func:`_state_misfit`, :func:`_how_data_differs`)."""
+    why = _state_misfit(state, rank, world_size, num_views, graph)
+    if why:
+        raise LoaderStateMismatch(f"{source.root}: the loader state cannot continue here: {why}")
+    how = _how_data_differs(state, source)
+    if how:
+        raise LoaderStateMismatch(f"{source.root}: holds {source.num_samples} samples, other data than the "
+                                  f"{state.get('data_samples', '?')} samples the loader state was saved over "
+                                  f"({how})")
+
+
 @dataclass(frozen=True)
 class Shard:
     """This rank's part of the data: DALI shard (global rank) of ``world_size``, its batch and seed."""
@@ -582,15 +676,8 @@ def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_
             for i in loader_blurred(views, p.blur_in_adapter, p.colour_in_adapter)}
     coloured = coloured_views(views, p.blur_in_adapter, p.colour_in_adapter)
     if state:  # {} is no state, as None
-        why = _state_misfit(state, shard, len(views), (d.crop, "loader" if blur else "pipeline",
-                                                       "loader" if coloured else "pipeline"))
-        if why:
-            raise LoaderStateMismatch(f"{source.root}: the loader state cannot continue here: {why}")
-        how = _how_data_differs(state, source)
-        if how:
-            raise LoaderStateMismatch(f"{source.root}: holds {source.num_samples} samples, other data than the "
-                                      f"{state.get('data_samples', '?')} samples the loader state was saved over "
-                                      f"({how})")
+        check_state(state, source, shard.rank, shard.world_size, len(views),
+                    (d.crop, "loader" if blur else "pipeline", "loader" if coloured else "pipeline"))
     # a state saved before even shards existed continues with the reader's list as it was then
     even = bool(state.get("even_shards", False)) if state else True
     replay = Replay(shard_id=shard.rank, num_shards=shard.world_size, shuffle=True, shuffle_buffer=d.shuffle_buffer,
@@ -605,13 +692,10 @@ def _views_loader(cfg, source: Source, views: list, shard: Shard, p: Plan, mask_
                           num_threads=p.threads, device_id=p.device_id, seed=shard.seed,
                           prefetch_queue_depth=d.prefetch, enable_checkpointing=checkpointing or state is not None,
                           checkpoint=bytes(state["dali"].numpy()) if state else None, **p.executor)
-    if state and state.get("mask") is not None and isinstance(mask_fn, MaskGenerator):
-        mask_fn.load_state_dict(state["mask"])
     return DaliLoader(pipe, source, len(views), policy=LastBatchPolicy.DROP, output_dtype=p.output_dtype,
-                      highpass=p.highpass_in_adapter, mask_fn=mask_fn, replay=replay,
-                      runs=int(state["runs"]) if state else 0, crop=d.crop, blur=blur,
+                      highpass=p.highpass_in_adapter, mask_fn=mask_fn, replay=replay, crop=d.crop, blur=blur,
                       colour={i: ColourLaw.of(views[i], blur=i in blur) for i in coloured},
-                      mean=d.mean, std=d.std, colour_dtype=p.dali_dtype, handover=d.handover)
+                      mean=d.mean, std=d.std, colour_dtype=p.dali_dtype, handover=d.handover, state=state or None)
 
 
 def _last_batch_policy(policy) -> LastBatchPolicy:

@@ -249,3 +249,72 @@ def test_a_loader_state_that_cannot_continue_here_is_refused_in_one_line(folder)
     after = next(iter(again))
     assert torch.equal(after.index, following.index)
     assert all(torch.equal(a, b) for a, b in zip(after.views, following.views))
+
+
+def test_a_loop_that_takes_exactly_an_epoch_leaves_the_next_epoch_whole(folder):
+    """Code that caps its steps at ``len(loader)`` (``islice``, a ``break`` at the last batch)
+    got every other epoch empty: DALI ends an epoch only when asked for one batch more, and the
+    next loop met that end at once (the reuse probe: 5, 0, 5, 0 batches). It now yields the
+    same stream as whole loops do; ``reset()``, for code written for DALI's iterators, changes
+    nothing at an epoch's end and warns in the middle of one (as DALI's own)."""
+    import itertools
+    import warnings
+
+    cfg = tiny_cfg(folder, "train.global_batch=8")
+    whole, capped = build_train_loader(cfg), build_train_loader(cfg)
+    n = len(whole)
+    want = [epoch_indices(whole) for _ in range(3)]
+    got = [[i for b in itertools.islice(capped, n) for i in b.index.tolist()] for _ in range(2)]
+    capped.reset()  # at an epoch's end: the next loop starts the next epoch, as without it
+    got.append(epoch_indices(capped))
+    assert got == want and all(sorted(e) == list(range(48)) for e in got)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        capped.reset()  # after a whole loop: nothing pending, nothing said
+    next(iter(capped))
+    with pytest.warns(UserWarning, match=r"reset\(\) in the middle of an epoch changes nothing"):
+        capped.reset()
+    assert len(epoch_indices(capped)) == 48 - 8  # the epoch continued
+    assert capped.batch_size == 8
+
+
+def test_a_hand_built_loader_checks_the_state_its_pipeline_continues_from(folder):
+    """The documented hand-built restore (``views_pipeline(..., checkpoint=...)``) went
+    unchecked: one rank's state on rank 1 of 2 read the whole set there, and the ranks ran
+    different numbers of steps. ``DaliLoader(..., state=state)`` checks it against the
+    reader's shard (DALI's reader metadata), the views and the data, continues the masks'
+    draws, and is needed for a pipeline built from a checkpoint."""
+    from mscn.config import ViewCfg
+    from mscn.pipelines import DaliLoader
+    from mscn.pipelines.loader import LoaderStateMismatch, mask_fn_from_cfgs
+
+    source = resolve_source(str(folder))
+    views = [ViewCfg(), ViewCfg()]
+
+    def loader(state=None, checkpoint=None, **shard):
+        pipe = views_pipeline(source, views, image_size=32, highpass=None, device="cpu", batch_size=8,
+                              num_threads=1, device_id=None, seed=3, reader_seed=5, enable_checkpointing=True,
+                              checkpoint=checkpoint, **shard)
+        return DaliLoader(pipe, source, 2, policy="drop", mask_fn=mask_fn_from_cfgs([v.mask for v in views], 7),
+                          state=state)
+
+    first = loader()
+    batches = iter(first)
+    next(batches)
+    state = first.state_dict()
+    assert state["shard"] == [0, 1]  # from the reader, though no Replay was given
+    following = next(batches)
+    dali = bytes(state["dali"].numpy())
+    with pytest.raises(LoaderStateMismatch, match="saved by rank 0 of 1, this loader is rank 1 of 2"):
+        loader(state, dali, shard_id=1, num_shards=2)
+    with pytest.raises(ValueError, match=r"built from a checkpoint: pass the DaliLoader.state_dict\(\) it came from"):
+        loader(None, dali)
+    with pytest.raises(ValueError, match="the pipeline was built without it; build it with enable_checkpointing"):
+        loader(state, None)
+    with pytest.raises(ValueError, match="built from another checkpoint"):
+        loader(state, bytes(loader().state_dict()["dali"].numpy()))
+    again = loader(state, dali)
+    after = next(iter(again))
+    assert torch.equal(after.index, following.index)
+    assert all(torch.equal(a, b) for a, b in zip(after.views, following.views))  # masks included
+    assert again.state_dict()["runs"] == 2
