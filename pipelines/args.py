@@ -160,6 +160,14 @@ def checked_args(graph):
             # DALI's reader takes -1 as a fixed seed of its own, not the pipeline's: every
             # seed= would read the same order (the augmentations alone changed)
             plain["reader_seed"] = int(kwargs["seed"])
+        if "shuffle_buffer" in sig.parameters:  # DALI's reader takes 0 or -1 and segfaults at the first batch
+            value = kwargs.get("shuffle_buffer", sig.parameters["shuffle_buffer"].default)
+            if not is_integer(value) or value < 1:
+                raise ValueError(f"shuffle_buffer: expected an integer >= 1 (the reader's initial_fill), got {value!r}")
+        if "crop" in sig.parameters:  # else a paragraph of DALI's autograph from inside the graph
+            value = kwargs.get("crop", sig.parameters["crop"].default)
+            if value not in (None, "rrc", "window"):
+                raise ValueError(f"crop: expected 'rrc', 'window' or None (data.crop), got {value!r}")
         if "views" in sig.parameters:  # the views come second, by position or by name
             if args:
                 args = (check_views(args[0]), *args[1:])

@@ -254,6 +254,7 @@ class DaliLoader:
                             "lower the batch size or add images")
         self._ended = -1  # self._runs when DALI last ended an epoch (StopIteration)
         self._carry = None  # DALI's outputs that reset() took, for the next loop to hand out first
+        self._views_checked = False
         self._restore(state, pipeline)
 
     def _restore(self, state: dict | None, pipeline) -> None:
@@ -414,6 +415,9 @@ class DaliLoader:
 
     def _convert(self, out: dict) -> MscnBatch:
         views = [out[f"view{i}"] for i in range(self.num_views)]
+        if not self._views_checked:  # DALI's outputs have no static shape: the first batch is where a mix-up shows
+            self._check_views(views)
+            self._views_checked = True
         if self.device is not None:
             dev = torch.device(self.device)
             # non_blocking only towards a GPU: a non-blocking GPU -> CPU copy would let the
@@ -460,6 +464,17 @@ class DaliLoader:
         # through pinned memory: from pageable memory a "non-blocking" copy may wait for the
         # trainer's stream, a host sync per batch (mscn.h2d)
         return MscnBatch(views, to_device(labels, dev), to_device(index, dev))
+
+    def _check_views(self, views: list[torch.Tensor]) -> None:
+        """Each ``view{i}`` a batch of images: a pipeline built with ``debug_outputs=True``
+        and the ``num_views`` its output count suggests handed its flags and areas out as
+        views, without an error anywhere (a reuse probe)."""
+        for i, v in enumerate(views):
+            image = v.dim() == 4 and (v.shape[-1] == 3 if i in self.colour else v.shape[1] == 3)
+            if not image:
+                raise ValueError(f"output {i} of the pipeline, taken as view{i}, is no batch of images (shape "
+                                 f"{tuple(v.shape)}): pass the num_views the pipeline was built with; a pipeline "
+                                 "built with debug_outputs=True is for tests, not the loader")
 
     def _data_error(self, err: RuntimeError) -> DataError:
         from mscn.pipelines.diagnose import explain
@@ -526,7 +541,7 @@ class MaskGenerator:
     """
 
     def __init__(self, mask_cfgs: list, seed: int):
-        self.mask_cfgs, self.seed = mask_cfgs, seed
+        self.mask_cfgs, self.seed = _checked_masks(mask_cfgs), seed
         self.gen: torch.Generator | None = None
         self._pending: torch.Tensor | None = None
 
@@ -548,6 +563,28 @@ class MaskGenerator:
 
     def load_state_dict(self, state: dict) -> None:
         self.seed, self.gen, self._pending = int(state["seed"]), None, state["gen"]
+
+
+def _checked_masks(cfgs) -> list:
+    """``cfgs`` as a list of checked MaskCfgs (a dict of MaskCfg keys is taken, as the config
+    builders take one): a bad one is named where the generator is made, not at the first
+    batch, inside the loader's loop."""
+    from mscn.config import MaskCfg, typed
+    from mscn.errors import MscnError
+    from mscn.maskspec import check_mask_cfg
+
+    if not isinstance(cfgs, (list, tuple)) or not cfgs:
+        raise MscnError(f"mask_cfgs: expected a list of MaskCfg, one per view, got {cfgs!r}")
+    out = []
+    for i, cfg in enumerate(cfgs):
+        if isinstance(cfg, dict):
+            cfg = typed(cfg, MaskCfg, "<code>", f"views[{i}].mask")  # an unknown key is named
+        if not isinstance(cfg, MaskCfg):  # a ViewCfg has a `ratio` too (its crop's aspect ratio)
+            hint = " (a ViewCfg: pass its .mask)" if hasattr(cfg, "mask") else ""
+            raise MscnError(f"mask_cfgs[{i}]: expected a MaskCfg, got {type(cfg).__name__}{hint}")
+        check_mask_cfg(cfg, key=f"views[{i}].mask")
+        out.append(cfg)
+    return out
 
 
 def mask_fn_from_cfgs(mask_cfgs: list, seed: int) -> MaskGenerator:

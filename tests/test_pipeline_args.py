@@ -101,6 +101,10 @@ def test_eval_batch_size_zero_is_refused_not_replaced(folder):
     (dict(views=[ViewCfg(scale=(1.0, 0.08)), ViewCfg()]), ConfigError, r"views\[0\].scale = \(1.0, 0.08\): must be an increasing"),
     (dict(views=[ViewCfg(flip_prob=2.0), ViewCfg()]), ConfigError, r"views\[0\].flip_prob = 2.0: must be a probability"),
     (dict(views=[MaskCfg(), ViewCfg()]), TypeError, r"views\[0\]: a MaskCfg; a view is ViewCfg\(..., mask=MaskCfg"),
+    # DALI's reader segfaulted at the first batch on an initial_fill of 0 or -1
+    (dict(shuffle_buffer=0), ValueError, r"shuffle_buffer: expected an integer >= 1 \(the reader's initial_fill\), got 0"),
+    (dict(shuffle_buffer=-1), ValueError, r"shuffle_buffer: expected an integer >= 1"),
+    (dict(crop="foo"), ValueError, r"crop: expected 'rrc', 'window' or None \(data.crop\), got 'foo'"),
 ])
 def test_views_pipeline_arguments_are_checked_before_dali(folder, kw, err, msg):
     args = dict(source=resolve_source(str(folder)), views=[ViewCfg(), ViewCfg()], image_size=32, highpass=None)
@@ -146,6 +150,12 @@ def test_a_path_instead_of_a_source_is_named(folder):
                        device_id=None)
     with pytest.raises(TypeError, match=r"resolve_source: expected a path \(str or os.PathLike\), got list"):
         resolve_source([str(p) for p in Path(folder).rglob("*.jpg")])
+    # an empty root names the setting it came from (it said data.root, which was set)
+    cfg = tiny_cfg(folder)
+    with pytest.raises(DataError, match=r"no dataset given: set data.val_root \("):
+        build_eval_loader(cfg, "")
+    with pytest.raises(DataError, match=r"no dataset given: set data.root \("):
+        build_train_loader(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root="")))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")
@@ -174,6 +184,13 @@ def test_dali_loader_refuses_what_it_cannot_deliver(folder):
                                          r"of fill, drop, partial, got 'last'"):
         DaliLoader(pipe(2), source, 2, policy="last")
     assert len(DaliLoader(pipe(2), source, 2, policy="drop")) == 4  # the name is taken
+    # a debug pipeline's 1 view + flags + area with the num_views its outputs suggest: its
+    # flags and areas were handed out as views
+    debug = views_pipeline(source, [ViewCfg()], image_size=32, highpass=None, batch_size=2, num_threads=1,
+                           device_id=None, seed=1, debug_outputs=True)
+    with pytest.raises(ValueError, match=r"output 1 of the pipeline, taken as view1, is no batch of images \(shape "
+                                         r"\(2, 5\)\): pass the num_views .*debug_outputs=True is for tests"):
+        next(iter(DaliLoader(debug, source, 3, policy="drop")))
     with pytest.raises(TypeError, match=r"source: expected a mscn Source, got str"):  # an AttributeError inside
         DaliLoader(pipe(2), str(source.root), 2, policy="drop")
     with pytest.raises(ValueError, match=r"output dtype 'float64': expected one of float32, float16, bfloat16"):
@@ -228,6 +245,24 @@ def test_apply_masks_names_the_usual_mix_ups():
         apply_masks(leaf, cfgs)
     out = apply_masks(leaf, cfgs, inplace=False)
     assert all(o.requires_grad for o in out)
+
+
+def test_a_mask_generator_checks_its_configs_when_made():
+    """``mask_fn_from_cfgs`` checked nothing until the loader's first batch, and took no dict
+    (the config builders take one for the same fields)."""
+    from mscn.pipelines.loader import mask_fn_from_cfgs
+
+    with pytest.raises(ConfigError, match=r"views\[0\]\.mask\.ratio = 1.5"):
+        mask_fn_from_cfgs([MaskCfg(ratio=1.5)], 0)
+    with pytest.raises(MscnError, match=r"mask_cfgs\[1\]: expected a MaskCfg, got ViewCfg \(a ViewCfg: pass its .mask\)"):
+        mask_fn_from_cfgs([MaskCfg(), ViewCfg()], 0)
+    with pytest.raises(ConfigError, match=r"ratoi"):
+        mask_fn_from_cfgs([{"ratoi": 0.1}], 0)
+    with pytest.raises(MscnError, match=r"mask_cfgs: expected a list of MaskCfg, one per view, got MaskCfg"):
+        mask_fn_from_cfgs(MaskCfg(), 0)
+    gen = mask_fn_from_cfgs([{"ratio": 0.3, "grid": 4}], 0)
+    assert gen.mask_cfgs == [MaskCfg(ratio=0.3, grid=4)]
+    assert gen([torch.randn(2, 3, 16, 16)])[0].shape == (2, 3, 16, 16)
 
 
 def test_a_corrupt_file_met_before_the_decoder_is_still_the_datas(tmp_path):

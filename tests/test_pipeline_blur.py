@@ -82,6 +82,7 @@ def test_the_adapter_blurs_each_view_with_its_own_sigmas():
     loader.num_views, loader.device, loader.mask_fn, loader._labels = 3, None, None, None
     loader.dtype, loader.highpass, loader.blur = torch.float32, (1.0, 7), {0: (6, 0), 2: (6, 0)}
     loader.colour = ()  # no view coloured here (data.colour_where=pipeline)
+    loader._views_checked = False
     views = [torch.randn(4, 3, 16, 16) for _ in range(3)]
     sig = {0: torch.tensor([0.5, 0.0, 1.0, 2.0]), 2: torch.tensor([2.0, 1.5, 0.0, 0.3])}
     out = {"view0": views[0].clone(), "view0_sigma": sig[0], "view1": views[1].clone(),

@@ -154,7 +154,7 @@ def resolve_source(path: str, fmt: str = "auto", file_root: str | None = None,
         raise TypeError(f"resolve_source: expected a path (str or os.PathLike), got {type(path).__name__}; images "
                         "listed in Python go into a file list ('relative/path label' lines, or bare paths) or a folder")
     if not path:
-        raise DataError("no dataset given: set data.root (an ImageFolder root, a file list "
+        raise DataError(f"no dataset given: set {what} (an ImageFolder root, a file list "
                         "or a folder of .tar shards)")
     p = Path(path)
     if not p.exists():
