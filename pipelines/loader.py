@@ -84,6 +84,11 @@ class MscnBatch:
     index: torch.Tensor
 
 
+class ColourWhereWarning(UserWarning):
+    """``data.colour_where=loader`` moves no view's colour on this path
+    (``Config.colour_where_note``): said by the loader a reusing project builds."""
+
+
 class LoaderStateMismatch(DataError):
     """A loader state saved over other data than the source given now. DALI restores it all
     the same (a checkpoint of a 20-file reader, restored over 10 files, gave batches such as
@@ -793,8 +798,11 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, local_rank: int 
             warnings.warn(note, MaskCoverageWarning, stacklevel=2)
     mask_fn = mask_fn_from_cfgs([v.mask for v in cfg.views], seed) if apply_mask else None
     shard = Shard(rank, world_size, cfg.train.global_batch // world_size, seed)
-    loader = _views_loader(cfg, source, cfg.views, shard, plan(cfg, device, local_rank), mask_fn,
-                           state=state, checkpointing=True)
+    p = plan(cfg, device, local_rank)
+    note = cfg.colour_where_note(gpu=p.kind == "gpu") if rank == 0 else None
+    if note:  # what `mscn pretrain` says at its start: the setting does not look applied
+        warnings.warn(note, ColourWhereWarning, stacklevel=2)
+    loader = _views_loader(cfg, source, cfg.views, shard, p, mask_fn, state=state, checkpointing=True)
     drift = drift_note(source, world_size, loader.replay.even_shards) if rank == 0 else None
     if drift:  # tar shards of a count the ranks do not divide: what `mscn pretrain` says at its start
         warnings.warn(drift, ShardDriftWarning, stacklevel=2)

@@ -4,6 +4,7 @@ kernel (interpreted on the CPU) against the reference, the DALI graph's hand-ove
 config rules and the loader end to end."""
 import dataclasses
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -347,6 +348,14 @@ def test_colour_where_rules(folder):
                                                           for k in ("jitter_prob", "grayscale_prob")))
     assert "no view has a colour jitter or grayscale" in grey.colour_where_note(gpu=True)
     assert tiny_cfg(folder).colour_where_note(gpu=False) is None  # pipeline: nothing to say
+    # a reusing project's loader says it too (it said nothing, its batches those of the default)
+    from mscn.pipelines.loader import ColourWhereWarning
+
+    with pytest.warns(ColourWhereWarning, match="data.colour_where=loader moves no view's colour on the CPU path"):
+        build_train_loader(tiny_cfg(folder, "data.colour_where=loader", "train.global_batch=8"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ColourWhereWarning)
+        build_train_loader(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch=8)))
     v = cfg.views[0]
     assert v.colour_movable(True) and not v.colour_movable(False)
     assert dataclasses.replace(v, blur_prob=0.0).colour_movable(False)

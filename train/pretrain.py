@@ -175,7 +175,7 @@ def _claim(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, say
 def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop: StopFlag) -> dict:
     from mscn.pipelines import build_train_loader, endless  # DALI is heavy: imported only to train
     from mscn.pipelines.feeder import Feeder
-    from mscn.pipelines.loader import check_size
+    from mscn.pipelines.loader import ColourWhereWarning, check_size
     from mscn.pipelines.readers import ShardDriftWarning, drift_note, resolve_source
 
     validate(cfg, recipe or "config", world_size=rt.dist.world_size)  # the world size is known here
@@ -242,6 +242,7 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
     with warnings.catch_warnings():  # the coverage notes were said above, once, by rank 0; the drift below
         warnings.simplefilter("ignore", MaskCoverageWarning)
         warnings.simplefilter("ignore", ShardDriftWarning)
+        warnings.simplefilter("ignore", ColourWhereWarning)
         loader = build_train_loader(rs.loader_cfg(cfg, mine, start_step), rank=rt.dist.rank,
                                     world_size=rt.dist.world_size, local_rank=rt.dist.local_rank, device=rt.device,
                                     state=mine["loader"] if mine else None, source=source)
