@@ -246,6 +246,41 @@ def test_online_knn_monitor_logs_every_n_epochs(dataset, base_run, tmp_path, cap
     assert all(torch.equal(without[k], with_monitor[k]) for k in without)
 
 
+def test_a_run_killed_before_its_monitor_measures_that_epoch_when_it_resumes(dataset, tmp_path, monkeypatch,
+                                                                              capsys):
+    """Killed between an epoch's checkpoint and its kNN monitor, a run lost that epoch's kNN
+    line for good (the fault-injection probe). The resumed run measures it first, with the
+    same figures as a run never killed, and still continues exactly."""
+    import mscn.train.pretrain as pretrain
+
+    settings = ("train.max_steps=16", "train.knn_every_epochs=1", f"data.val_root={dataset}", "eval.linear_batch=16")
+    ref = tmp_path / "ref"
+    run_pretrain(load_config(None, overrides(dataset, ref, *settings)), resume=None)
+    out, real = tmp_path / "killed", pretrain.online_knn
+
+    def killed(*a, **k):
+        raise SystemExit(137)  # as the process dies: after the checkpoint of step 8, before its monitor
+
+    with monkeypatch.context() as m:
+        m.setattr(pretrain, "online_knn", killed)
+        with pytest.raises(SystemExit):
+            run_pretrain(load_config(None, overrides(dataset, out, *settings)), resume=None)
+    assert ckpt.step_of(ckpt.list_checkpoints(out / "checkpoints")[-1]) == 8
+    assert not [r for r in read_metrics(out) if "knn_top1" in r]
+    assert pretrain.online_knn is real
+    capsys.readouterr()
+    run_pretrain(load_config(None, overrides(dataset, out, *settings)), resume="auto")
+    assert "epoch 1: no kNN line in metrics.jsonl for step 8" in capsys.readouterr().out
+
+    def knn(run):
+        return [(r["step"], r["epoch"], r["knn_top1"], r["knn_top5"], r["lr"], r["loss"])
+                for r in read_metrics(run) if "knn_top1" in r]
+
+    assert [k[0] for k in knn(out)] == [8, 16] and knn(out) == knn(ref)
+    a, b = (ckpt.load_checkpoint(r / "final.pt")["model"] for r in (ref, out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_knn_monitor_without_val_root_is_switched_off_with_a_notice(dataset, tmp_path, capsys):
     out = tmp_path / "r"
     run_pretrain(load_config(None, overrides(dataset, out, "train.knn_every_epochs=1", "train.max_steps=8")),

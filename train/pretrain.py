@@ -56,7 +56,7 @@ from mscn.train.preempt import StopFlag, Stopped
 from mscn.train.rundir import (FRESH, STOPPED, RunDirBusy, adopt_saved_choices, check_run_dir, claim_run_dir,
                                default_out_dir, ensure_config, lock_run_dir, mark_stopped, unlock_run_dirs,
                                unmark_stopped)
-from mscn.train.runlog import RunLog, last_logged, require_tensorboard
+from mscn.train.runlog import RunLog, last_logged, read_metrics, require_tensorboard
 from mscn.train.runtime import Runtime, amp_dtype, autocast, setup_runtime, wrap_ddp  # noqa: F401  (amp_dtype: API)
 from mscn.train.schedule import lr_at, peak_lr
 from mscn.train.watchdog import StallWatch
@@ -303,6 +303,7 @@ def _loop(run: "_Run", model: torch.nn.Module, batches, memory_format, peak: flo
     """The recipe: data -> forward/loss -> backward -> step -> schedule -> bookkeeping."""
     cfg, rt, method, optimizer = run.cfg, run.rt, run.method, run.optimizer
     multi = rt.dist.world_size > 1
+    run.catch_up_monitor(peak)
     for step in range(run.start_step, run.end_step):
         run.watch.at("data", step + 1)  # steps counted from 1, as in the log lines
         # under torchrun, this rank's loader state before the batch (0.2 ms): if another rank's
@@ -444,16 +445,37 @@ class _Run:
         said = gather_objects(str(err) if err is not None else None, group=self.stop.group)[failed_rank]
         return RunDataError(f"{said} (rank {failed_rank} of {self.rt.dist.world_size}){kept}")
 
-    def maybe_monitor(self, done: int, lr: float) -> None:
+    def maybe_monitor(self, done: int, lr: float, loss: float | None = None) -> None:
         if not (self.monitor and monitor_runs_after(self.cfg, done, self.steps_per_epoch)):
             return
         self.watch.at("monitor", done)
         knn = online_knn(self.cfg, self.method.backbone, self.rt)  # all ranks; returns to train mode
         epoch = done // self.steps_per_epoch
         # no images_per_s: a monitor record is not a training window (the bar keeps its last figure)
-        self.log.log(done, {"epoch": epoch, "loss": self.meter.last_loss, "lr": lr,
+        self.log.log(done, {"epoch": epoch, "loss": self.meter.last_loss if loss is None else loss, "lr": lr,
                             "knn_top1": knn["top1"], "knn_top5": knn["top5"]})
         self.log.notice(f"epoch {epoch}: kNN top-1 {knn['top1']:.1f}%")  # above the bar, not glued to it
+
+
+    def catch_up_monitor(self, peak: float) -> None:
+        """The kNN monitor of the step the run starts from, when metrics.jsonl lacks its line:
+        a run killed between an epoch's checkpoint and that epoch's monitor (kill -9, a lost
+        node) lost the epoch's kNN point for good (the fault-injection probe). Measured now,
+        on the same weights; whatever the monitor draws comes after the checkpoint's RNG
+        state, as in the run that was killed, so the run still continues exactly. Every rank
+        (the monitor is a collective), on rank 0's reading of the file."""
+        done = self.start_step
+        if not done or not (self.monitor and monitor_runs_after(self.cfg, done, self.steps_per_epoch)):
+            return
+        logged = None
+        if self.rt.is_main:
+            logged = any(r.get("step") == done and "knn_top1" in r for r in read_metrics(self.cfg.train.out_dir))
+        if broadcast_object(logged):
+            return
+        self.log.notice(f"epoch {done // self.steps_per_epoch}: no kNN line in metrics.jsonl for step {done} (the "
+                        "run stopped before its monitor): measuring it now")
+        lr = lr_at(done - 1, self.total_steps, self.warmup_steps, peak, self.cfg.schedule.min_lr_ratio)
+        self.maybe_monitor(done, lr, loss=last_logged(self.cfg.train.out_dir, "loss", upto=done))
 
 
 def main(argv: list[str] | None = None) -> int:
