@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import faulthandler
 import functools
 import hashlib
 import json
@@ -105,6 +106,11 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
     MscnError propagates with its traceback. Other exceptions are bugs and always keep
     their traceback. Use it as ``sys.exit(run_cli(lambda: body(argv), "mscn"))``.
     """
+    if not faulthandler.is_enabled():
+        # a process killed by SIGSEGV or SIGBUS said nothing (status 135, no line): a data file
+        # cut short or rewritten under a live run (DALI reads files through memory maps), or
+        # DALI 2.4 meeting two damaged files in one batch. The stacks name the loader
+        faulthandler.enable(all_threads=True)
     try:
         with one_line_warnings(prog):
             status = main()

@@ -105,6 +105,31 @@ def test_sigkill_at_a_random_step_then_resume_is_exact(dataset, uninterrupted, t
     _assert_same_run(*uninterrupted, out, summary)
 
 
+def test_a_run_killed_by_a_bus_error_says_where_it_was(dataset, tmp_path):
+    """A data file cut short under a live run (DALI reads files through memory maps) killed
+    the process with SIGBUS and not a line (status 135). It now prints Python's fault report:
+    every thread's stack, the loader's among them (here the signal is sent, as the kernel
+    would: a real cut depends on when DALI maps the file)."""
+    out = tmp_path / "run"
+    proc = _start(dataset, out, "train.ckpt_every_steps=1000")
+    try:
+        _wait_for(proc, lambda: '"step": 2' in _text(out / "metrics.jsonl"), "step 2")
+        proc.send_signal(signal.SIGBUS)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGBUS, proc.returncode
+    assert "Fatal Python error: Bus error" in err and "train/pretrain.py" in err, err[-3000:]
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
 def _signal_after_step_3(proc, out, while_live=None, sig=signal.SIGTERM) -> str:
     """Wait for step 3 of the run ``proc`` writes to ``out``, call ``while_live()``, send
     ``sig``; the run must exit with 128 + ``sig``. Its stderr."""
