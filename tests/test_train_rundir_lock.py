@@ -116,41 +116,51 @@ def test_output_places_that_cannot_be_folders_are_named_by_their_key(tmp_path):
         with_synthetic_data(cfg)
 
 
-def test_a_failed_start_removes_stopped_and_a_busy_folder_keeps_it(holder, tmp_path, capsys, tiny_synth_train):
+def test_failed_starts_are_requeued_a_few_times_and_a_busy_folder_keeps_stopped(holder, tmp_path, capsys,
+                                                                                 tiny_synth_train, monkeypatch):
     """STOPPED asks a requeue script for another start (docs/TRAINING.md). A start that fails
-    before its claim (an edited config, data not mounted on the new node, a config typo)
-    left it there, and the job was requeued forever; a live run's folder keeps its own."""
+    before its claim (an edited config, data not mounted on the new node, a config typo, a
+    bug) left it there, and the job was requeued forever; removed at the first failure, a
+    node that failed for a moment (no GPU visible, a port in use) ended the job. Each failed
+    start is now counted in STOPPED, once for all the ranks of a start, and the third in a
+    row removes it; a live run's folder keeps its own."""
     from mscn.train.pretrain import main
 
     out = tmp_path / "stopped"
     out.mkdir()
-    for bad in ([f"data.root={tmp_path / 'not_mounted'}"], ["optim.base_lrr=1"]):
-        (out / rundir.STOPPED).write_text("stopped by SIGTERM after step 8\n")
-        assert main([f"train.out_dir={out}", "train.device=cpu", *bad]) == 2
-        captured = capsys.readouterr()
-        assert not (out / rundir.STOPPED).exists(), bad
-        assert "[mscn] STOPPED removed: this start failed, so a requeue script will not start it again" in \
-            captured.out and len(captured.err.strip().splitlines()) == 1, captured
-    # on several nodes the rank that fails may not be rank 0 (which waits for it); a bug fails too
-    (out / rundir.STOPPED).write_text("stopped by SIGTERM after step 8\n")
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("RANK", "1")
-        assert main([f"train.out_dir={out}", "optim.base_lrr=1"]) == 2
-    assert not (out / rundir.STOPPED).exists()
-    (out / rundir.STOPPED).write_text("stopped by SIGTERM after step 8\n")
-    with pytest.MonkeyPatch.context() as m:
-        def bug(*a, **kw):
-            raise ZeroDivisionError("a bug at the start")
-        m.setattr("mscn.train.pretrain.run_pretrain", bug)
-        with pytest.raises(ZeroDivisionError):
-            main([f"train.out_dir={out}", "train.device=cpu"])
-    assert not (out / rundir.STOPPED).exists()
+    stop_line = "stopped by SIGTERM after step 8"
+    (out / rundir.STOPPED).write_text(stop_line + "\n")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    for restart, bad in enumerate(([f"data.root={tmp_path / 'not_mounted'}"], ["optim.base_lrr=1"],
+                                   ["train.device=cpu"])):  # the third: a bug, below
+        monkeypatch.setenv("SLURM_RESTART_COUNT", str(restart))
+        for rank in ("0", "1"):  # the ranks of one start count once (the one that fails may not be rank 0)
+            monkeypatch.setenv("RANK", rank)
+            if restart < 2:
+                assert main([f"train.out_dir={out}", "train.device=cpu", *bad]) == 2
+            else:
+                with pytest.MonkeyPatch.context() as m:
+                    def bug(*a, **kw):
+                        raise ZeroDivisionError("a bug at the start")
+                    m.setattr("mscn.train.pretrain.run_pretrain", bug)
+                    with pytest.raises(ZeroDivisionError):
+                        main([f"train.out_dir={out}", *bad])
+            said = capsys.readouterr().out
+            if restart < 2:
+                lines = (out / rundir.STOPPED).read_text().splitlines()
+                assert lines[0] == stop_line and len(lines) == 2 + restart, lines
+                assert lines[-1].startswith(f"failed start slurm-4242.{restart} ")
+                assert f"[mscn] STOPPED kept: this start failed ({restart + 1} of 3 in a row" in said, said
+            elif rank == "0":
+                assert not (out / rundir.STOPPED).exists()
+                assert "[mscn] STOPPED removed: 3 starts of this run failed in a row" in said, said
+    monkeypatch.setenv("RANK", "0")
     capsys.readouterr()
     busy, _ = holder
-    (busy / rundir.STOPPED).write_text("stopped by SIGTERM after step 8\n")
+    (busy / rundir.STOPPED).write_text(stop_line + "\n")
     rc = main(["--out", str(busy), "train.device=cpu", f"data.root={tiny_synth_train}", "train.global_batch=8"])
     assert rc == 2 and "is in use by a live run" in capsys.readouterr().err
-    assert (busy / rundir.STOPPED).is_file()
+    assert (busy / rundir.STOPPED).read_text() == stop_line + "\n"
 
 
 def test_a_killed_writers_files_are_removed_at_the_claim_and_are_no_started_run(tmp_path):

@@ -53,9 +53,9 @@ from mscn.train.meter import NonFiniteGuard, StepMeter  # noqa: F401  (NonFinite
 from mscn.train.methods import SiameseMethod, build_method
 from mscn.train.monitor import check_val_root, monitor_off_reason, monitor_runs_after, online_knn
 from mscn.train.preempt import StopFlag, Stopped
-from mscn.train.rundir import (FRESH, STOPPED, RunDirBusy, adopt_saved_choices, check_run_dir, claim_run_dir,
-                               default_out_dir, ensure_config, lock_run_dir, mark_stopped, unlock_run_dirs,
-                               unmark_stopped)
+from mscn.train.rundir import (FAILED_STARTS, FRESH, STOPPED, RunDirBusy, adopt_saved_choices, check_run_dir,
+                               claim_run_dir, count_failed_start, default_out_dir, ensure_config, lock_run_dir,
+                               mark_stopped, unlock_run_dirs)
 from mscn.train.runlog import RunLog, last_logged, read_metrics, require_tensorboard
 from mscn.train.runtime import Runtime, amp_dtype, autocast, setup_runtime, wrap_ddp  # noqa: F401  (amp_dtype: API)
 from mscn.train.schedule import lr_at, peak_lr
@@ -505,11 +505,17 @@ def _command(args: argparse.Namespace) -> None:
     try:
         summary = run_pretrain(load_config(args.config, overrides), resume=args.resume, recipe=recipe)
     except Exception as e:
-        # a start that fails would fail again: it is not requeued by the STOPPED of the run it
-        # was to continue (docs/TRAINING.md); a stop, or another live run's folder, keeps it
-        if not isinstance(e, (SignalStop, RunDirBusy)) and unmark_stopped(_out_dir_of(args.config, overrides)):
-            print(f"[mscn] {STOPPED} removed: this start failed, so a requeue script will not start it again",
-                  flush=True)
+        # a start that fails may fail again: the STOPPED of the run it was to continue requeues
+        # it only FAILED_STARTS times in a row (docs/TRAINING.md); a stop, or another live
+        # run's folder, leaves it as it is
+        counted = None if isinstance(e, (SignalStop, RunDirBusy)) else count_failed_start(
+            _out_dir_of(args.config, overrides))
+        if counted and counted[1]:
+            print(f"[mscn] {STOPPED} removed: {counted[0]} starts of this run failed in a row, so a requeue script "
+                  "will not start it again", flush=True)
+        elif counted:
+            print(f"[mscn] {STOPPED} kept: this start failed ({counted[0]} of {FAILED_STARTS} in a row before it is "
+                  "removed), so a requeue script starts it again", flush=True)
         raise
     if summary["final"] and not summary["trained_steps"]:  # no loss or speed to report
         print(f"[mscn] done: step {summary['step']}/{summary['total_steps']}, nothing left to train; "

@@ -360,18 +360,55 @@ def remove_stale_files(out: Path) -> list[str]:
     return gone
 
 
-def unmark_stopped(out: str | Path | None) -> bool:
-    """Any rank, when a start into ``out`` fails (a config edited between requeues, data not
-    mounted on the new node, a bug): remove ``STOPPED``, so that
-    a requeue script does not start the job again, forever. :func:`claim_run_dir` removes it
-    on a start that gets that far; these errors come before. True when it was there."""
+# a requeued job whose start fails (a node without its GPU, a port in use, data not mounted
+# there; or a config edited between requeues, which fails every time) is started again until
+# this many starts of the run failed in a row; then STOPPED goes, and the requeues end
+FAILED_STARTS = 3
+
+
+def start_attempt() -> str:
+    """What names one start of a job, alike on all its ranks: SLURM's job and requeue count,
+    else torchrun's run id and restart count with the node and its agent, else the process."""
+    env = os.environ
+    if env.get("SLURM_JOB_ID"):
+        return f"slurm-{env['SLURM_JOB_ID']}.{env.get('SLURM_RESTART_COUNT', '0')}"
+    if env.get("TORCHELASTIC_RUN_ID"):
+        return (f"torchrun-{env['TORCHELASTIC_RUN_ID']}.{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+                f"@{socket.gethostname()}:{os.getppid()}")
+    return f"pid-{os.getpid()}@{socket.gethostname()}"
+
+
+def count_failed_start(out: str | Path | None) -> tuple[int, bool] | None:
+    """Any rank, when a start into ``out`` fails before its claim: count the start in
+    ``STOPPED`` (a line ``failed start <attempt> <time>``; the ranks of one start count once,
+    :func:`start_attempt`). At :data:`FAILED_STARTS` failed starts ``STOPPED`` is removed, so
+    that a requeue script stops starting a job that fails every time (:func:`claim_run_dir`
+    removes it on a start that gets that far, so the count is of starts in a row).
+
+    ``(failed starts, removed)``, or None when there was no ``STOPPED`` (nothing to requeue)."""
     if not out:  # any rank: on several nodes the rank that failed may not be rank 0, which waits
-        return False
+        return None
+    path = Path(out) / STOPPED
     try:
-        (Path(out) / STOPPED).unlink()
-    except OSError:  # absent, or not ours to remove
-        return False
-    return True
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):  # absent, or not ours to read
+        return None
+    attempt = start_attempt()
+    failed = {ln.split()[2] for ln in lines if ln.startswith("failed start ") and len(ln.split()) > 2}
+    new = attempt not in failed
+    failed.add(attempt)
+    try:
+        if len(failed) >= FAILED_STARTS:
+            path.unlink(missing_ok=True)
+            return len(failed), True
+        if new:
+            lines.append(f"failed start {attempt} {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            tmp = path.parent / f".{STOPPED}.tmp{os.getpid()}"
+            tmp.write_text("".join(ln + "\n" for ln in lines))
+            tmp.replace(path)
+    except OSError:  # not ours to write: the requeue goes on as it would have
+        return None
+    return len(failed), False
 
 
 class RunDirBusy(MscnError):
