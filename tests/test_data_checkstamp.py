@@ -153,3 +153,18 @@ def test_tar_shards_changed_in_place_are_read_again(tmp_path, counted):
     new_process()
     with pytest.raises(DataError, match="no JPEG, PNG"):
         filecheck.check_training_files(resolve_source(str(tmp_path / "wds")), 1, 2)
+
+
+def test_stamps_unused_for_months_are_removed_and_used_ones_are_kept(tmp_path, monkeypatch):
+    """Stamps were never cleaned up: one per data set, rank and number of ranks, for good. A
+    stamp unused for STALE_DAYS goes when another is written; reading one keeps it."""
+    monkeypatch.setenv("MSCN_CACHE_DIR", str(tmp_path / "stamps"))
+    old = time.time() - (checkstamp.STALE_DAYS + 1) * 86400
+    checkstamp.stamp(("gone",), "fp-gone", 1)
+    checkstamp.stamp(("used",), "fp-used", 1)
+    for key in ("gone", "used"):
+        os.utime(checkstamp._file((key,)), (old, old))
+    assert checkstamp.stamped(("used",), "fp-used")  # a hit: in use
+    checkstamp.stamp(("new",), "fp-new", 1)
+    assert not checkstamp._file(("gone",)).exists()
+    assert checkstamp.stamped(("used",), "fp-used") and checkstamp.stamped(("new",), "fp-new")

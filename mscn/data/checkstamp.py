@@ -17,7 +17,8 @@ some servers), and a same-size change within one tick would keep its times.
 Stamps live in ``$MSCN_CACHE_DIR`` (default ``$XDG_CACHE_HOME/mscn/filecheck``, else
 ``~/.cache/mscn/filecheck``), one small JSON file per dataset, rank and number of ranks;
 ``MSCN_CACHE_DIR=off`` turns them off. A stamp that cannot be written (a read-only home)
-is skipped without a word: the check itself ran. Not in the paper: a guard of the input
+is skipped without a word: the check itself ran. A stamp not used for :data:`STALE_DAYS`
+days is removed when another is written. Not in the paper: a guard of the input
 pipeline.
 """
 from __future__ import annotations
@@ -34,6 +35,9 @@ import mscn
 # bump when mscn.data.headers refuses more: a stamp of an older check does not cover the new rules
 RULES = 1
 RACY_S = 2.0
+# a stamp not used for this long (a data set deleted, another number of ranks, an older
+# mscn's) is removed when another is written: the folder does not grow without end
+STALE_DAYS = 90
 
 
 def stamp_dir() -> Path | None:
@@ -103,7 +107,25 @@ def stamped(key: tuple, fp: str | None) -> str | None:
         return None
     if not isinstance(stamp, dict) or stamp.get("fingerprint") != fp or stamp.get("key") != list(key):
         return None
+    try:
+        os.utime(path)  # in use: not stale (_prune)
+    except OSError:
+        pass
     return str(stamp.get("checked_at", "?"))
+
+
+def _prune(where: Path) -> None:
+    """Remove the stamps in ``where`` not used for :data:`STALE_DAYS` days."""
+    cutoff = time.time() - STALE_DAYS * 86400
+    try:
+        old = [f for f in where.glob("*.json") if f.stat().st_mtime < cutoff]
+    except OSError:
+        return
+    for f in old:
+        try:
+            f.unlink()
+        except OSError:
+            pass
 
 
 def stamp(key: tuple, fp: str | None, files: int) -> None:
@@ -119,6 +141,7 @@ def stamp(key: tuple, fp: str | None, files: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(body))
         os.replace(tmp, path)
+        _prune(path.parent)
     except OSError:
         try:
             tmp.unlink()
