@@ -160,7 +160,8 @@ def checked_args(graph):
             # DALI's reader takes -1 as a fixed seed of its own, not the pipeline's: every
             # seed= would read the same order (the augmentations alone changed)
             plain["reader_seed"] = int(kwargs["seed"])
-        if "shuffle_buffer" in sig.parameters:  # DALI's reader takes 0 or -1 and segfaults at the first batch
+        shuffled = kwargs.get("shuffle", sig.parameters["shuffle"].default) if "shuffle" in sig.parameters else False
+        if "shuffle_buffer" in sig.parameters and shuffled:  # DALI's shuffling reader segfaults on 0 or -1
             value = kwargs.get("shuffle_buffer", sig.parameters["shuffle_buffer"].default)
             if not is_integer(value) or value < 1:
                 raise ValueError(f"shuffle_buffer: expected an integer >= 1 (the reader's initial_fill), got {value!r}")

@@ -257,8 +257,6 @@ class DaliLoader:
             raise DataError(f"{source.root}: this shard holds fewer images than one batch of "
                             f"{pipeline.max_batch_size}, so a loader that drops the last partial batch has none; "
                             "lower the batch size or add images")
-        self._ended = -1  # self._runs when DALI last ended an epoch (StopIteration)
-        self._carry = None  # DALI's outputs that reset() took, for the next loop to hand out first
         self._views_checked = False
         self._restore(state, pipeline)
 
@@ -314,33 +312,41 @@ class DaliLoader:
         self._hold = batches
 
     def _end_pending(self) -> bool:
-        """Whether every batch of an epoch was handed out but DALI has not ended it yet: a loop
-        that took exactly ``len(self)`` batches and stopped (``islice``, a cap on steps)."""
-        n = len(self)
-        return n > 0 and self._runs > 0 and self._runs % n == 0 and self._ended != self._runs
+        """Whether every batch of the epoch was handed out but DALI has not ended it yet: a
+        loop that took exactly ``len(self)`` batches and stopped (``islice``, a cap on steps).
+        Read from DALI's iterator itself (its count against the epoch's size, and under DROP
+        whether only a partial batch is left to drop), so a restored state and FILL's epochs
+        of varying length read right; an iterator without that state (another DALI) is
+        taken as not pending, the old behaviour."""
+        it = self._iter
+        try:
+            if it._size > 0 and it._counter >= it._size:
+                return True
+            if it._last_batch_policy == LastBatchPolicy.DROP:
+                return bool(it._advance_and_check_drop_last(dry_run=True, end_iteration=False))
+        except AttributeError:
+            pass
+        return False
 
     def reset(self) -> None:
-        """For code written for DALI's iterators, which it rearms as theirs: after an epoch's
-        last batch the next loop starts the next epoch (with or without this call); in the
-        middle of an epoch, as DALI's own, it changes nothing (the next loop continues the
-        epoch), with a warning."""
+        """For code written for DALI's iterators: DALI's own ``reset()`` (this loader rearms
+        itself, as ``auto_reset`` does, so a loop after an epoch's last batch starts the next
+        epoch with or without it); in the middle of an epoch it changes nothing (the next loop
+        continues the epoch), with a warning, as DALI's."""
         if self._end_pending():
-            self._carry = self._next()  # None: the end was met; else DALI had rearmed already
-        elif self._runs % max(len(self), 1) and self._ended != self._runs:
+            self._iter.reset()  # DALI drops a partial batch left under DROP, and rearms
+            self._retire(None, None)
+        elif getattr(self._iter, "_counter", 0) > 0:
             warnings.warn("DaliLoader.reset() in the middle of an epoch changes nothing (as DALI's iterators): "
                           "the next loop continues this epoch", stacklevel=2)
 
     def _next(self):
         """DALI's outputs of the next batch, or None at an epoch's end (auto_reset rearms it)."""
-        if self._carry is not None:
-            data, self._carry = self._carry, None
-            return data
         try:
             with self._handover_stream():
                 return next(self._iter)
         except StopIteration:
             self._retire(None, None)
-            self._ended = self._runs
             return None
         except RuntimeError as e:
             raise self._data_error(e) from None

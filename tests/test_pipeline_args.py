@@ -114,6 +114,14 @@ def test_views_pipeline_arguments_are_checked_before_dali(folder, kw, err, msg):
     assert "\n" not in str(e.value)  # not DALI's autograph paragraph around it
 
 
+def test_an_unshuffled_pipeline_takes_any_shuffle_buffer(folder):
+    """DALI reads in order with no buffer: only a shuffling reader needs one (a review)."""
+    source = resolve_source(str(folder))
+    pipe = views_pipeline(source, [ViewCfg()], image_size=32, highpass=None, shuffle=False, shuffle_buffer=0,
+                          batch_size=2, num_threads=1, device_id=None, seed=1)
+    assert next(iter(DaliLoader(pipe, source, 1, policy="drop"))).index.tolist() == [0, 1]
+
+
 def test_a_pipeline_without_its_batch_size_or_threads_is_refused_when_built(folder):
     """DALI builds one all the same and fails when the loader runs it, with a TypeError of its
     internals ("'<' not supported between instances of 'NoneType' and 'int')."""
