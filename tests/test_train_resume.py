@@ -971,6 +971,27 @@ def test_a_checkpoint_named_by_hand_continues_past_a_newer_damaged_one(dataset, 
     _assert_same_run(ref, ref_summary, out, summary)
 
 
+def test_a_branch_into_a_folder_whose_checkpoints_all_fail_to_load_is_refused(dataset, uninterrupted, tmp_path,
+                                                                              capsys):
+    """``--resume <another folder's checkpoint>`` into a folder whose own checkpoints all fail
+    their checksums: that folder still holds a run (``--resume auto`` refuses to start over
+    it), so the branch is refused, naming them, not trained over it (a review)."""
+    out = tmp_path / "run"
+    run_pretrain(load_config(None, args(dataset, out, "train.max_steps=6")), resume="auto")
+    for path in ckpt.list_checkpoints(out / "checkpoints"):
+        data = bytearray(path.read_bytes())
+        mid = len(data) // 2
+        data[mid:mid + 4096] = bytes(b ^ 1 for b in data[mid:mid + 4096])
+        path.write_bytes(data)
+    before = _files(out)
+    other = ckpt.list_checkpoints(uninterrupted[0] / "checkpoints")[0]
+    capsys.readouterr()
+    assert main(["--resume", str(other), *args(dataset, out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "none of this run's checkpoints loads" in err[0], err
+    assert _files(out) == before
+
+
 def test_a_read_only_checkpoint_folder_is_found_before_the_first_step(dataset, tmp_path, monkeypatch, capsys):
     """A ``checkpoints/`` the run cannot write into (a read-only bind mount; root ignores
     file modes, so the refusal is made here) stops the run at its start, in one line,
