@@ -243,9 +243,7 @@ def test_toy_ablation_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     f.write_text("mscn: ['highpass.enabled=true']\n"
                  "same: ['highpass.enabled=false', " + ", ".join(f"'views.{i}.mask.ratio=0.0'" for i in range(4)) + "]\n")
     argv = ["--arms-file", str(f), "--seeds", "1", "--out", str(out), f"data.synthetic_dir={tmp_path / 'synth'}", *TOY]
-    with monkeypatch.context() as m:  # as an mscn before the data digests wrote its results: paths count
-        m.setattr(run_mod, "data_digests", lambda train_root, val_root: None)
-        assert main(argv) == 0
+    assert main(argv) == 0
     doc = json.loads((out / "ablation.json").read_text())
     assert [a["name"] for a in doc["arms"]] == [BASELINE, "mscn", "same"]
     assert doc["computed_runs"] == 3  # random init + 2 pretrainings; "same" reused the baseline's
@@ -258,9 +256,8 @@ def test_toy_ablation_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     log = capsys.readouterr().out
     assert "ETA" in log and "1/4 random seed 0" in log
 
-    # a re-run computes nothing (the results of the paths' fingerprints are adopted); nor does
-    # one whose data were staged to another path (a SLURM $TMPDIR), since results count the data
-    # by what they hold; other data are run again
+    # a re-run computes nothing; nor does one whose data were staged to another path (a SLURM
+    # $TMPDIR), since results count the data by what they hold, not where
     assert main(argv) == 0
     assert json.loads((out / "ablation.json").read_text())["computed_runs"] == 0
     staged = tmp_path / "staged"
@@ -268,10 +265,25 @@ def test_toy_ablation_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     moved = [*argv, f"data.root={staged / 'train'}", f"data.val_root={staged / 'val'}"]
     assert main(moved) == 0
     assert json.loads((out / "ablation.json").read_text())["computed_runs"] == 0
-    assert run_mod.data_digests(str(staged / "train"), str(staged / "val")) == run_mod.data_digests(
-        str(tmp_path / "synth" / "train"), str(tmp_path / "synth" / "val"))
-    assert run_mod.data_digests(str(staged / "train"), str(staged / "train"))["data.val_root"] != \
-        run_mod.data_digests(str(staged / "train"), str(staged / "val"))["data.val_root"]
+    synth = (str(tmp_path / "synth" / "train"), str(tmp_path / "synth" / "val"))
+    assert run_mod.data_digests(str(staged / "train"), str(staged / "val")) == run_mod.data_digests(*synth)
+    # other images under the same names (one re-encoded smaller, as a resized copy): other data
+    image = sorted((staged / "val").rglob("*.jpg"))[0]
+    from PIL import Image
+    Image.open(image).resize((24, 20)).save(image)
+    assert run_mod.data_digests(str(staged / "train"), str(staged / "val"))["data.val_root"] != \
+        run_mod.data_digests(*synth)["data.val_root"]
+    # results written before the data digests (fingerprints of the paths) count at their own
+    # paths, and are not stamped with today's digest
+    with monkeypatch.context() as m:
+        m.setattr(run_mod, "data_digests", lambda *a: None)
+        assert main(argv) == 0
+    legacy = {r: json.loads(r.read_text())["fingerprint"] for r in out.rglob("seed0/result.json")}
+    assert main(argv) == 0
+    assert json.loads((out / "ablation.json").read_text())["computed_runs"] == 0
+    assert {r: json.loads(r.read_text())["fingerprint"] for r in out.rglob("seed0/result.json")} == legacy
+    for old in out.rglob("result.*.json"):  # the digest-keyed results the legacy run kept aside
+        old.unlink()
     # losing one result recomputes that run only (pretraining is kept)
     (out / "runs" / "mscn" / "seed0" / "result.json").unlink()
     capsys.readouterr()

@@ -56,12 +56,13 @@ def fingerprint(cfg: Config, random_init: bool = False, data: dict[str, str] | N
     return digest + ("-random" if random_init else "")
 
 
-def data_digests(train_root: str, val_root: str) -> dict[str, str]:
-    """:meth:`Source.digest` of the train and val data, by config key: what the files are
-    (names relative to the root, labels, classes), not where they lie."""
+def data_digests(train_root: str, val_root: str, fmt: str = "auto") -> dict[str, str]:
+    """What the train and val data hold, by config key (``data.format`` reads the train
+    root, as the loaders do): the files' names relative to the root, labels, classes and
+    sizes (:func:`mscn.data.source.sized_digest`), not where they lie."""
     from mscn.train.eval.provenance import data_digest
 
-    return {"data.root": data_digest(train_root), "data.val_root": data_digest(val_root)}
+    return {"data.root": data_digest(train_root, fmt), "data.val_root": data_digest(val_root)}
 
 
 def with_run(cfg: Config, seed: int, out_dir: Path) -> Config:
@@ -132,7 +133,7 @@ class Runner:
         Seed-major, so that an ablation cut short (a time limit, a lost machine) has every
         arm at the same number of seeds, and its table compares like with like."""
         jobs, fps = [], set()
-        data = data_digests(self.train_root, self.val_root)
+        data = data_digests(self.train_root, self.val_root, base.data.format)
         gpu = self.runtime(base).device.type == "cuda"
         blur = self._blur_choice(base, gpu)
         order = [(name, s, arm) for s in seeds for name, arm in [("random", None)] + [(a.name, a) for a in arms]]
@@ -186,12 +187,9 @@ class Runner:
             name, seed, where, fp = j["name"], j["seed"], j["where"], j["fp"]
             tag = f"[ablate] {i}/{len(jobs)} {name} seed {seed}"
             self.current = f"run {i}/{len(jobs)} ({name} seed {seed}, in {where})"
+            # a result written before the data digests counts at its own paths, as it did; it is
+            # not stamped with today's digest, which its data may not have had
             res = load_done(where / RESULT, *j["done"])
-            if res is not None and res["fingerprint"] != fp:
-                # written before the data digests, at these paths: adopted under the digest's
-                # fingerprint, so that it is found again once the data move (same scores)
-                res["fingerprint"] = fp
-                write_atomic(where / RESULT, json.dumps(res, indent=2, default=str))
             if res is None and fp in by_fp:  # same resolved config as an earlier arm: share its run
                 res = dict(by_fp[fp], fingerprint=fp, same_as=by_fp[fp]["arm"], arm=name)
                 self._kept(tag, _write(where / RESULT, res))

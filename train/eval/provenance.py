@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mscn.data.source import resolve_source
+from mscn.data.source import resolve_source, sized_digest
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -27,10 +27,12 @@ def weights_digest(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def data_digest(root: str) -> str:
-    """The dataset at ``root`` as the loaders read it: its files (relative to the root) and
-    labels, or its shards and their sizes, and its classes (:meth:`Source.digest`)."""
-    return resolve_source(root).digest()
+def data_digest(root: str, fmt: str = "auto") -> str:
+    """The dataset at ``root`` as the loaders read it: its files (relative to the root), their
+    labels and sizes, or its shards and their sizes, and its classes
+    (:func:`mscn.data.source.sized_digest`: copies that share their names but not their
+    images, one resized, differ)."""
+    return sized_digest(resolve_source(root, fmt))
 
 
 def file_digest(path: str | Path) -> str:
