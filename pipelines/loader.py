@@ -46,7 +46,7 @@ import dataclasses
 import re
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -588,8 +588,8 @@ def _checked_masks(cfgs) -> list:
         raise MscnError(f"mask_cfgs: expected a list of MaskCfg, one per view, got {cfgs!r}")
     out = []
     for i, cfg in enumerate(cfgs):
-        if isinstance(cfg, dict):
-            cfg = typed(cfg, MaskCfg, "<code>", f"views[{i}].mask")  # an unknown key is named
+        if isinstance(cfg, Mapping):  # a dict, an OmegaConf DictConfig
+            cfg = typed(dict(cfg), MaskCfg, "<code>", f"views[{i}].mask")  # an unknown key is named
         if not isinstance(cfg, MaskCfg):  # a ViewCfg has a `ratio` too (its crop's aspect ratio)
             hint = " (a ViewCfg: pass its .mask)" if hasattr(cfg, "mask") else ""
             raise MscnError(f"mask_cfgs[{i}]: expected a MaskCfg, got {type(cfg).__name__}{hint}")

@@ -268,8 +268,11 @@ def test_a_mask_generator_checks_its_configs_when_made():
         mask_fn_from_cfgs([{"ratoi": 0.1}], 0)
     with pytest.raises(MscnError, match=r"mask_cfgs: expected a list of MaskCfg, one per view, got MaskCfg"):
         mask_fn_from_cfgs(MaskCfg(), 0)
+    from types import MappingProxyType
+
     gen = mask_fn_from_cfgs([{"ratio": 0.3, "grid": 4}], 0)
     assert gen.mask_cfgs == [MaskCfg(ratio=0.3, grid=4)]
+    assert mask_fn_from_cfgs([MappingProxyType({"grid": 4})], 0).mask_cfgs == [MaskCfg(grid=4)]  # any mapping
     assert gen([torch.randn(2, 3, 16, 16)])[0].shape == (2, 3, 16, 16)
 
 
