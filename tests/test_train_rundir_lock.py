@@ -170,7 +170,7 @@ def test_a_killed_writers_files_are_removed_at_the_claim_and_are_no_started_run(
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
     stale = [out / "checkpoints" / ".ckpt_00000008.pt.tmp11124", out / "checkpoints" / ".write-test.77",
-             out / ".final.pt.tmp99"]
+             out / ".final.pt.tmp99", out / ".STOPPED.tmp4242"]
     for f in stale:
         f.write_bytes(b"partial")
     assert not rundir.run_started(out)

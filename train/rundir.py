@@ -345,12 +345,13 @@ def check_writable(folder: Path) -> None:
 
 def remove_stale_files(out: Path) -> list[str]:
     """Rank 0, holding the folder's lock: the temporary files of writers that were killed
-    (``checkpoints/.ckpt_*.pt.tmp<pid>``, ``.final.pt.tmp<pid>``, ``.write-test.<pid>``).
+    (``checkpoints/.ckpt_*.pt.tmp<pid>``, ``.final.pt.tmp<pid>``, ``.write-test.<pid>``,
+    ``.STOPPED.tmp*``).
     No live process of this run writes them now. A kill -9 during a checkpoint left a
     partial file that only the next successful save removed: on a tight disk that save
     never came, and every resume failed for space. Returns the names removed."""
     gone = []
-    for pattern in ("checkpoints/.ckpt_*.pt.tmp*", ".final.pt.tmp*", "checkpoints/.write-test.*"):
+    for pattern in ("checkpoints/.ckpt_*.pt.tmp*", ".final.pt.tmp*", "checkpoints/.write-test.*", f".{STOPPED}.tmp*"):
         for stale in out.glob(pattern):
             try:
                 stale.unlink()
