@@ -145,7 +145,7 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
         first = first.split(". ", 1)[0].rstrip(".")  # its first sentence: "Connection reset by peer [host]:port"
         say_error(f"{prog}: error: rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')} lost "
                   f"the other ranks ({first}): another rank stopped first (an error, a kill, a lost node); its own "
-                  "message, or torchrun's summary, says which and why")
+                  "message, or torchrun's summary, says which and why", symptom=True)
         _exit_at_teardown(1)
         return 1
     except KeyboardInterrupt:
@@ -156,7 +156,16 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
     return int(status or 0)
 
 
-def say_error(line: str) -> None:
+def say_once(line: str) -> None:
+    """Print ``line`` on stdout once per node under torchrun (every rank of a failed start
+    has it to say), else once."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file and not _first_to_say(Path(error_file).parent.parent, line):
+        return
+    print(line, flush=True)
+
+
+def say_error(line: str, symptom: bool = False) -> None:
     """Print a failing process's one line on stderr. Under torchrun it also goes into the
     rank's error file, so that torchrun's closing summary names it (otherwise its "Root
     Cause" reads "To enable traceback see: <a link>"), and the ranks of one node print a line
@@ -166,12 +175,20 @@ def say_error(line: str) -> None:
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         with contextlib.suppress(OSError):
-            # the plain form of torchrun's error file: {"message": str, "timestamp": int}
+            # the plain form of torchrun's error file: {"message": str, "timestamp": int}. torchrun's
+            # "Root Cause" is the failure with the earliest timestamp (seconds; a tie goes to the
+            # lowest rank), and a rank that died of a signal gets the time torchrun noticed it: a
+            # symptom (a rank that lost the others) is dated a minute late, or rank 0's "lost the
+            # other ranks" was named the root cause of rank 1's bus error (a probe)
+            stamp = int(time.time()) + (SYMPTOM_DELAY_S if symptom else 0)
             with open(error_file, "w") as f:
-                json.dump({"message": line, "timestamp": int(time.time())}, f)
+                json.dump({"message": line, "timestamp": stamp}, f)
         if not _first_to_say(Path(error_file).parent.parent, line):
             return
     print(line, file=sys.stderr, flush=True)
+
+
+SYMPTOM_DELAY_S = 60
 
 
 def _first_to_say(attempt_dir: Path, line: str) -> bool:

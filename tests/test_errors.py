@@ -253,12 +253,23 @@ def test_a_rank_that_lost_the_others_says_so_in_one_line(tmp_path):
         "    for _ in range(50):\n"
         "        dist.all_reduce(torch.ones(4))\n"
         "sys.exit(run_cli(body, 'mscn pretrain'))\n")
+    import json
+    import time
+
     env = {**os.environ, "WORLD_SIZE": "2", "MSCN_DEBUG": ""}
-    procs = [subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r)}, stderr=subprocess.PIPE,
-                              text=True) for r in (0, 1)]
+    error_file = tmp_path / "attempt_0" / "0" / "error.json"  # torchrun's layout
+    error_file.parent.mkdir(parents=True)
+    t0 = time.time()
+    procs = [subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r), "TORCHELASTIC_ERROR_FILE":
+                                                                 str(error_file) if r == 0 else ""},
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     err0 = procs[0].communicate(timeout=120)[1]
     procs[1].communicate(timeout=30)
     assert procs[0].returncode == 1, err0
+    # torchrun's "Root Cause" is the earliest failure: a symptom is dated a minute late, so that
+    # the rank that died first (dated when torchrun noticed it) is named, not this one
+    recorded = json.loads(error_file.read_text())
+    assert "lost the other ranks" in recorded["message"] and recorded["timestamp"] >= t0 + 59, recorded
     assert "Traceback" not in err0 and err0.count("\n") == 1, err0
     assert err0.startswith("mscn pretrain: error: rank 0 of 2 lost the other ranks (")
     assert "by peer" in err0 and "typically caused" not in err0  # gloo's first sentence only

@@ -279,6 +279,14 @@ def test_a_run_killed_before_its_monitor_measures_that_epoch_when_it_resumes(dat
     assert [k[0] for k in knn(out)] == [8, 16] and knn(out) == knn(ref)
     a, b = (ckpt.load_checkpoint(r / "final.pt")["model"] for r in (ref, out))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # a branch from an epoch's checkpoint: its source folder holds that line (it was measured
+    # again, with a null loss, at the branch's start: a probe)
+    branch = tmp_path / "branch"
+    capsys.readouterr()
+    run_pretrain(load_config(None, overrides(dataset, branch, *settings)), resume=str(ref / "checkpoints" /
+                                                                                         "ckpt_00000008.pt"))
+    assert "no kNN line" not in capsys.readouterr().out
+    assert [k[0] for k in knn(branch)] == [16]
 
 
 def test_knn_monitor_without_val_root_is_switched_off_with_a_notice(dataset, tmp_path, capsys):

@@ -3,6 +3,7 @@ another process refuses a second run on every rank in one line, a file system th
 cannot lock lets the run go on with a note, and ``mscn demo --fresh`` never deletes a
 live run's folder."""
 import errno
+import time
 import fcntl
 
 import pytest
@@ -155,6 +156,22 @@ def test_failed_starts_are_requeued_a_few_times_and_a_busy_folder_keeps_stopped(
                 assert not (out / rundir.STOPPED).exists()
                 assert "[mscn] STOPPED removed: 3 starts of this run failed in a row" in said, said
     monkeypatch.setenv("RANK", "0")
+    # torchrun without SLURM: its run id and restart count name a start, on every node (the
+    # ranks of one start on 3 nodes counted 3 starts, and removed STOPPED at once: a probe); the
+    # same --rdzv_id relaunched later is another start
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "mscn_job")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    (out / rundir.STOPPED).write_text(stop_line + "\n")
+    for node in ("node0", "node1", "node2"):
+        monkeypatch.setattr(rundir.socket, "gethostname", lambda: node)
+        assert main([f"train.out_dir={out}", "optim.base_lrr=1"]) == 2
+    lines = (out / rundir.STOPPED).read_text().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("failed start torchrun-mscn_job.0 "), lines
+    hour_ago = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - 3600))
+    (out / rundir.STOPPED).write_text(f"{stop_line}\nfailed start torchrun-mscn_job.0 {hour_ago}\n")
+    assert main([f"train.out_dir={out}", "optim.base_lrr=1"]) == 2
+    assert len((out / rundir.STOPPED).read_text().splitlines()) == 3
     capsys.readouterr()
     busy, _ = holder
     (busy / rundir.STOPPED).write_text(stop_line + "\n")

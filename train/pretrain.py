@@ -43,7 +43,7 @@ import torch
 from mscn.config import Config, load_config, validate
 from mscn.data.filecheck import check_training_files
 from mscn.maskspec import MaskCoverageWarning, coverage_notes
-from mscn.errors import ENVIRONMENT_ERRNOS, DataError, MscnError, RunDataError, SignalStop, run_cli
+from mscn.errors import ENVIRONMENT_ERRNOS, DataError, MscnError, RunDataError, SignalStop, run_cli, say_once
 from mscn.train import checkpoint as ckpt
 from mscn.train.distributed import (DistInfo, barrier, broadcast_object, check_same_data, cleanup, convert_sync_batchnorm,
                                     gather_objects)
@@ -250,7 +250,8 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
     if drift:
         say(f"note: {drift}")
     run = _Run(cfg, rt, method, optimizer, scaler, steps_per_epoch=len(loader), start_step=start_step,
-               monitor=not monitor_note, say=say, loader=loader, stop=stop)
+               monitor=not monitor_note, say=say, loader=loader, stop=stop,
+               resumed_here=state is not None and not rs.is_branch(cfg, resume))
     if mine is not None:
         run.meter.load_state_dict(mine["meter"])
     if state is not None:
@@ -259,7 +260,9 @@ def _run(cfg: Config, resume: str | None, rt: Runtime, recipe: str | None, stop:
         run.last_path = Path(resumed_from) if resumed_from else None
         # final.pt only when it holds these weights: a run resumed past its first end has
         # an older final.pt, and a folder a finished checkpoint branched into has none
-        run.final_path = run.final if run.final.is_file() and ckpt.step_of(run.final) == start_step else None
+        # (rank 0's, as at a run's end: the other ranks do not report it)
+        run.final_path = (run.final if rt.is_main and run.final.is_file() and ckpt.step_of(run.final) == start_step
+                          else None)
         own = run.last_path is not None and run.last_path.parent.resolve() == run.ckpt_dir.resolve()
         if run.final_path is None and own and start_step == run.end_step and rt.is_main:
             # killed between its last checkpoint and final.pt: the run ended, so finish it
@@ -358,6 +361,7 @@ class _Run:
     say: Callable[[str], None]
     loader: object  # the DaliLoader (or its Feeder, data.feed_thread): its state goes into every checkpoint
     stop: StopFlag
+    resumed_here: bool = False  # continues a checkpoint of its own folder (not a start, not a branch)
     last_path: Path | None = None
     final_path: Path | None = None
     saved_step: int = -1
@@ -465,8 +469,8 @@ class _Run:
         state, as in the run that was killed, so the run still continues exactly. Every rank
         (the monitor is a collective), on rank 0's reading of the file."""
         done = self.start_step
-        if not done or not (self.monitor and monitor_runs_after(self.cfg, done, self.steps_per_epoch)):
-            return
+        if not (self.resumed_here and self.monitor and monitor_runs_after(self.cfg, done, self.steps_per_epoch)):
+            return  # a branch's source folder holds that line (the reuse probe: measured again, loss null)
         logged = None
         if self.rt.is_main:
             logged = any(r.get("step") == done and "knn_top1" in r for r in read_metrics(self.cfg.train.out_dir))
@@ -510,12 +514,12 @@ def _command(args: argparse.Namespace) -> None:
         # run's folder, leaves it as it is
         counted = None if isinstance(e, (SignalStop, RunDirBusy)) else count_failed_start(
             _out_dir_of(args.config, overrides))
-        if counted and counted[1]:
-            print(f"[mscn] {STOPPED} removed: {counted[0]} starts of this run failed in a row, so a requeue script "
-                  "will not start it again", flush=True)
+        if counted and counted[1]:  # once per node, as the error line (every rank counts)
+            say_once(f"[mscn] {STOPPED} removed: {counted[0]} starts of this run failed in a row, so a requeue "
+                     "script will not start it again")
         elif counted:
-            print(f"[mscn] {STOPPED} kept: this start failed ({counted[0]} of {FAILED_STARTS} in a row before it is "
-                  "removed), so a requeue script starts it again", flush=True)
+            say_once(f"[mscn] {STOPPED} kept: this start failed ({counted[0]} of {FAILED_STARTS} in a row before it "
+                     "is removed), so a requeue script starts it again")
         raise
     if summary["final"] and not summary["trained_steps"]:  # no loss or speed to report
         print(f"[mscn] done: step {summary['step']}/{summary['total_steps']}, nothing left to train; "

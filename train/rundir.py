@@ -367,16 +367,35 @@ def remove_stale_files(out: Path) -> list[str]:
 FAILED_STARTS = 3
 
 
+# the ranks of one start fail within this of each other; two starts of one name further apart
+# (a torchrun relaunched with the same --rdzv_id) are two starts
+SAME_START_S = 600
+
+
 def start_attempt() -> str:
-    """What names one start of a job, alike on all its ranks: SLURM's job and requeue count,
-    else torchrun's run id and restart count with the node and its agent, else the process."""
+    """What names one start of a job, alike on all its ranks and nodes: SLURM's job and requeue
+    count, else torchrun's run id (``--rdzv_id``; a new one per ``--standalone`` launch) and
+    restart count, else the process."""
     env = os.environ
     if env.get("SLURM_JOB_ID"):
         return f"slurm-{env['SLURM_JOB_ID']}.{env.get('SLURM_RESTART_COUNT', '0')}"
     if env.get("TORCHELASTIC_RUN_ID"):
-        return (f"torchrun-{env['TORCHELASTIC_RUN_ID']}.{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-                f"@{socket.gethostname()}:{os.getppid()}")
+        return f"torchrun-{env['TORCHELASTIC_RUN_ID']}.{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     return f"pid-{os.getpid()}@{socket.gethostname()}"
+
+
+def _failed_starts(lines: list[str]) -> list[tuple[str, float]]:
+    """The ``failed start <attempt> <date> <time>`` lines of a STOPPED file: (attempt, time)."""
+    out = []
+    for ln in lines:
+        parts = ln.split()
+        if ln.startswith("failed start ") and len(parts) >= 5:
+            try:
+                when = time.mktime(time.strptime(f"{parts[3]} {parts[4]}", "%Y-%m-%d %H:%M:%S"))
+            except ValueError:
+                when = 0.0
+            out.append((parts[2], when))
+    return out
 
 
 def count_failed_start(out: str | Path | None) -> tuple[int, bool] | None:
@@ -394,14 +413,14 @@ def count_failed_start(out: str | Path | None) -> tuple[int, bool] | None:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError):  # absent, or not ours to read
         return None
-    attempt = start_attempt()
-    failed = {ln.split()[2] for ln in lines if ln.startswith("failed start ") and len(ln.split()) > 2}
-    new = attempt not in failed
-    failed.add(attempt)
+    attempt, now = start_attempt(), time.time()
+    failed = _failed_starts(lines)
+    new = not any(a == attempt and abs(now - when) < SAME_START_S for a, when in failed)
+    count = len(failed) + new
     try:
-        if len(failed) >= FAILED_STARTS:
+        if count >= FAILED_STARTS:
             path.unlink(missing_ok=True)
-            return len(failed), True
+            return count, True
         if new:
             lines.append(f"failed start {attempt} {time.strftime('%Y-%m-%d %H:%M:%S')}")
             tmp = path.parent / f".{STOPPED}.tmp{os.getpid()}"
@@ -409,7 +428,7 @@ def count_failed_start(out: str | Path | None) -> tuple[int, bool] | None:
             tmp.replace(path)
     except OSError:  # not ours to write: the requeue goes on as it would have
         return None
-    return len(failed), False
+    return count, False
 
 
 class RunDirBusy(MscnError):
