@@ -14,6 +14,7 @@ import errno
 import faulthandler
 import functools
 import hashlib
+import io
 import json
 import os
 import signal
@@ -106,11 +107,7 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
     MscnError propagates with its traceback. Other exceptions are bugs and always keep
     their traceback. Use it as ``sys.exit(run_cli(lambda: body(argv), "mscn"))``.
     """
-    if not faulthandler.is_enabled():
-        # a process killed by SIGSEGV or SIGBUS said nothing (status 135, no line): a data file
-        # cut short or rewritten under a live run (DALI reads files through memory maps), or
-        # DALI 2.4 meeting two damaged files in one batch. The stacks name the loader
-        faulthandler.enable(all_threads=True)
+    _enable_fault_report()
     try:
         with one_line_warnings(prog):
             status = main()
@@ -154,6 +151,24 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
     finally:
         _quiet_teardown()
     return int(status or 0)
+
+
+def _enable_fault_report() -> None:
+    """Python's fault report on stderr: a process killed by SIGSEGV or SIGBUS said nothing
+    (status 135, no line): a data file cut short or rewritten under a live run (DALI reads
+    files through memory maps), or DALI 2.4 meeting two damaged files in one batch. The stacks
+    name the loader. A ``sys.stderr`` without a file descriptor (redirected to a StringIO, a
+    notebook) falls back to the process's own stderr, else goes without."""
+    if faulthandler.is_enabled():
+        return
+    for stream in (sys.stderr, sys.__stderr__):
+        if stream is None:
+            continue
+        try:
+            faulthandler.enable(file=stream, all_threads=True)
+            return
+        except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+            continue
 
 
 def say_once(line: str) -> None:

@@ -258,6 +258,7 @@ class DaliLoader:
                             f"{pipeline.max_batch_size}, so a loader that drops the last partial batch has none; "
                             "lower the batch size or add images")
         self._views_checked = False
+        self._since_end = 0  # batches handed out since DALI last ended an epoch (reset()'s warning)
         self._restore(state, pipeline)
 
     def _restore(self, state: dict | None, pipeline) -> None:
@@ -336,7 +337,8 @@ class DaliLoader:
         if self._end_pending():
             self._iter.reset()  # DALI drops a partial batch left under DROP, and rearms
             self._retire(None, None)
-        elif getattr(self._iter, "_counter", 0) > 0:
+            self._since_end = 0
+        elif self._since_end:
             warnings.warn("DaliLoader.reset() in the middle of an epoch changes nothing (as DALI's iterators): "
                           "the next loop continues this epoch", stacklevel=2)
 
@@ -347,6 +349,7 @@ class DaliLoader:
                 return next(self._iter)
         except StopIteration:
             self._retire(None, None)
+            self._since_end = 0
             return None
         except RuntimeError as e:
             raise self._data_error(e) from None
@@ -365,6 +368,7 @@ class DaliLoader:
                 return
             pending = False
             self._runs += 1
+            self._since_end += 1
             batch = self._convert(data[0])
             self._retire(data, _fence(batch.views[0]))
             del data

@@ -336,3 +336,24 @@ def test_torchrun_prints_a_shared_error_once_and_names_it_in_its_summary(tmp_pat
     line = f"mscn pretrain: error: {bad}: unknown key 'train.glbal_batch'"
     assert sum(ln.startswith(line) for ln in said.splitlines()) == 1, said
     assert re.search(r"traceback : mscn pretrain: error: .*unknown key 'train.glbal_batch'", said), said
+
+
+def test_the_fault_report_goes_where_stderr_can_take_it(monkeypatch):
+    """run_cli turns on Python's fault report (a SIGBUS said nothing); a stderr without a file
+    descriptor (redirected to a StringIO, a notebook) made run_cli fail before its command
+    ran (a review): the report then goes to the process's own stderr."""
+    import contextlib
+    import faulthandler
+    import io
+    import sys
+
+    was = faulthandler.is_enabled()
+    faulthandler.disable()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            assert run_cli(lambda: 0, "tool") == 0
+        assert faulthandler.is_enabled()
+    finally:
+        faulthandler.disable()
+        if was:  # pytest's own
+            faulthandler.enable(file=sys.__stderr__)

@@ -168,10 +168,21 @@ def test_failed_starts_are_requeued_a_few_times_and_a_busy_folder_keeps_stopped(
         assert main([f"train.out_dir={out}", "optim.base_lrr=1"]) == 2
     lines = (out / rundir.STOPPED).read_text().splitlines()
     assert len(lines) == 2 and lines[1].startswith("failed start torchrun-mscn_job.0 "), lines
-    hour_ago = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - 3600))
-    (out / rundir.STOPPED).write_text(f"{stop_line}\nfailed start torchrun-mscn_job.0 {hour_ago}\n")
+    assert abs(int(lines[1].split("@")[-1]) - time.time()) < 60  # seconds since the epoch
+    (out / rundir.STOPPED).write_text(f"{stop_line}\nfailed start torchrun-mscn_job.0 (an hour ago) "
+                                      f"@{int(time.time()) - 3600}\n")
     assert main([f"train.out_dir={out}", "optim.base_lrr=1"]) == 2
     assert len((out / rundir.STOPPED).read_text().splitlines()) == 3
+    # the seconds are compared, not the local time: a rank in another time zone (or in a DST
+    # hour) read one start as several, and removed STOPPED after one failure (a review)
+    (out / rundir.STOPPED).write_text(stop_line + "\n")
+    for zone in ("UTC", "Europe/Berlin", "Asia/Tokyo"):
+        monkeypatch.setenv("TZ", zone)
+        time.tzset()
+        assert main([f"train.out_dir={out}", "optim.base_lrr=1"]) == 2
+    monkeypatch.delenv("TZ")
+    time.tzset()
+    assert len((out / rundir.STOPPED).read_text().splitlines()) == 2
     capsys.readouterr()
     busy, _ = holder
     (busy / rundir.STOPPED).write_text(stop_line + "\n")

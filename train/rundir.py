@@ -368,7 +368,7 @@ FAILED_STARTS = 3
 
 
 # the ranks of one start fail within this of each other; two starts of one name further apart
-# (a torchrun relaunched with the same --rdzv_id) are two starts
+# (a torchrun relaunched with the same --rdzv_id, or without one: torchrun's "none") are two
 SAME_START_S = 600
 
 
@@ -385,17 +385,22 @@ def start_attempt() -> str:
 
 
 def _failed_starts(lines: list[str]) -> list[tuple[str, float]]:
-    """The ``failed start <attempt> <date> <time>`` lines of a STOPPED file: (attempt, time)."""
-    out = []
+    """The starts the ``failed start <attempt> <date> <time> @<epoch s>`` lines of a STOPPED
+    file name, as (attempt, seconds since the epoch): the seconds, not the local time, are
+    compared (ranks in other time zones, a DST hour told one start from another: a review),
+    and lines of one attempt within :data:`SAME_START_S` of each other are one start."""
+    starts: list[tuple[str, float]] = []
     for ln in lines:
         parts = ln.split()
-        if ln.startswith("failed start ") and len(parts) >= 5:
-            try:
-                when = time.mktime(time.strptime(f"{parts[3]} {parts[4]}", "%Y-%m-%d %H:%M:%S"))
-            except ValueError:
-                when = 0.0
-            out.append((parts[2], when))
-    return out
+        if not (ln.startswith("failed start ") and len(parts) >= 3):
+            continue
+        try:
+            when = float(parts[-1][1:]) if parts[-1].startswith("@") else 0.0
+        except ValueError:
+            when = 0.0
+        if not any(a == parts[2] and abs(t - when) < SAME_START_S for a, t in starts):
+            starts.append((parts[2], when))
+    return starts
 
 
 def count_failed_start(out: str | Path | None) -> tuple[int, bool] | None:
@@ -422,7 +427,7 @@ def count_failed_start(out: str | Path | None) -> tuple[int, bool] | None:
             path.unlink(missing_ok=True)
             return count, True
         if new:
-            lines.append(f"failed start {attempt} {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            lines.append(f"failed start {attempt} {time.strftime('%Y-%m-%d %H:%M:%S %Z')} @{int(now)}")
             tmp = path.parent / f".{STOPPED}.tmp{os.getpid()}"
             tmp.write_text("".join(ln + "\n" for ln in lines))
             tmp.replace(path)

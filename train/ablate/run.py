@@ -208,7 +208,8 @@ class Runner:
                 left[kind] -= 1
                 self.say(f"{tag}: linear {res['linear_top1']:.1f} %, kNN {res['knn_top1']:.1f} % "
                          f"({_clock(res['wall_s'])}; elapsed {_clock(time.time() - self.t0)}, {self._eta(left)})")
-            by_fp.setdefault(fp, res)
+            if res.get("fingerprint") == fp:  # a result from before the data digests is shared with no other arm
+                by_fp.setdefault(fp, res)
             if j["random"]:
                 random[seed] = res
             else:
