@@ -181,6 +181,10 @@ def test_torchrun_two_gloo_ranks(dataset, tmp_path):
     state = ckpt.load_checkpoint(run / "final.pt")
     assert state["step"] == 3 and state["config"]["train"]["global_batch"] == 8
     assert [r["step"] for r in read_metrics(run)] == [3]
+    # started again, finished: said once too (every rank said it: a probe)
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("[mscn] done: step 3/64, nothing left to train") == 1, res.stdout
 
 
 def test_workers_checkpoint_and_stop_when_torchrun_is_killed(dataset, tmp_path):
