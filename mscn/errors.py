@@ -171,13 +171,13 @@ def _enable_fault_report() -> None:
             continue
 
 
-def say_once(line: str) -> None:
-    """Print ``line`` on stdout once per node under torchrun (every rank of a failed start
-    has it to say), else once."""
+def say_once(line: str, file=None) -> None:
+    """Print ``line`` (on stdout, or ``file``) once per node under torchrun, where every rank
+    may have it to say (:func:`_first_to_say`), else once."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file and not _first_to_say(Path(error_file).parent.parent, line):
         return
-    print(line, flush=True)
+    print(line, file=file or sys.stdout, flush=True)
 
 
 def say_error(line: str, symptom: bool = False) -> None:
@@ -198,9 +198,7 @@ def say_error(line: str, symptom: bool = False) -> None:
             stamp = int(time.time()) + (SYMPTOM_DELAY_S if symptom else 0)
             with open(error_file, "w") as f:
                 json.dump({"message": line, "timestamp": stamp}, f)
-        if not _first_to_say(Path(error_file).parent.parent, line):
-            return
-    print(line, file=sys.stderr, flush=True)
+    say_once(line, file=sys.stderr)
 
 
 SYMPTOM_DELAY_S = 60

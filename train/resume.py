@@ -135,9 +135,11 @@ def check_resume_path(cfg: Config, resume: str | None) -> None:
     if here is None:
         # a folder whose checkpoints all fail to load still holds a run (a review: a branch
         # trained over it, its metrics cut); one killed before its first checkpoint holds none
-        lost = None if _of_folder(path, out) else _none_loads(out / "checkpoints")
-        if lost is None and (out / "final.pt").exists() and not _of_folder(path, out):
-            lost = f"{out / 'final.pt'}: does not load, and a branch from {path} would train over this run"
+        lost = None
+        if not _of_folder(path, out):
+            lost = _none_loads(out / "checkpoints") or (
+                f"{out / 'final.pt'}: does not load, and a branch from {path} would train over this run"
+                if (out / "final.pt").exists() else None)
         if lost:
             raise MscnError(f"--resume {path}: {lost}; or pass a new train.out_dir=DIR (or --out DIR) to branch "
                             "there")

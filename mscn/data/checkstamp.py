@@ -27,14 +27,17 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import mscn
 
 # bump when mscn.data.headers refuses more: a stamp of an older check does not cover the new rules
 RULES = 1
 RACY_S = 2.0
+T = TypeVar("T")
 # a stamp not used for this long (a data set deleted, another number of ranks, an older
 # mscn's) is removed when another is written: the folder does not grow without end
 STALE_DAYS = 90
@@ -66,17 +69,23 @@ def _stat_chunk(paths: list[str]) -> tuple[bytes, int] | None:
     return h.digest(), newest
 
 
-def fingerprint(paths: list[str], threads: int | None = None) -> str | None:
-    """A digest of the ``stat`` of every one of ``paths``, in order, on ``threads`` threads
-    (on a network file system each stat waits on the server); None when one cannot be
-    stat'ed or one changed within :data:`RACY_S` s of now (see the module's docstring)."""
+def map_chunks(fn: Callable[[Sequence[str]], T], paths: Sequence[str], threads: int | None = None) -> list[T]:
+    """``fn`` of each run of 4,096 of ``paths``, in order, on ``threads`` threads (default:
+    the cores, at most 8): on a network file system each ``stat`` waits on the server, so
+    several are kept in flight. An exception of ``fn`` reaches the caller."""
     chunks = [paths[i:i + 4096] for i in range(0, len(paths), 4096)]
     threads = min(threads or min(8, os.cpu_count() or 1), max(1, len(chunks)))
-    if threads > 1:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            parts = list(pool.map(_stat_chunk, chunks))
-    else:
-        parts = [_stat_chunk(c) for c in chunks]
+    if threads <= 1:
+        return [fn(c) for c in chunks]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(fn, chunks))
+
+
+def fingerprint(paths: list[str], threads: int | None = None) -> str | None:
+    """A digest of the ``stat`` of every one of ``paths``, in order, on ``threads`` threads
+    (:func:`map_chunks`); None when one cannot be stat'ed or one changed within
+    :data:`RACY_S` s of now (see the module's docstring)."""
+    parts = map_chunks(_stat_chunk, paths, threads)
     if any(p is None for p in parts):
         return None
     if parts and max(n for _, n in parts) > time.time_ns() - int(RACY_S * 1e9):

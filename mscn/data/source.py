@@ -32,10 +32,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from mscn.data.checkstamp import map_chunks
 from mscn.data.imagefolder import (UNLABELLED, check_names, class_labels, hidden, is_flat_folder,
                                    list_flat_folder, list_image_folder, nfc)
 from mscn.data.scan import read_file_list, report_path_for
@@ -96,15 +96,12 @@ def sized_digest(source: Source) -> str:
     DataError naming it."""
     h = hashlib.sha1(source.digest().encode())
     paths = source.tars if source.kind == "wds" else [os.path.join(source.root, f) for f in source.files]
-    chunks = [paths[i:i + 4096] for i in range(0, len(paths), 4096)]
-    # on a network file system each stat waits on the server: several in flight
-    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(chunks)))) as pool:
-        for sizes in pool.map(_sizes, chunks):
-            h.update(sizes)
+    for sizes in map_chunks(_sizes, paths):
+        h.update(sizes)
     return h.hexdigest()[:16]
 
 
-def _sizes(paths: list[str]) -> bytes:
+def _sizes(paths: list[str] | tuple[str, ...]) -> bytes:
     out = []
     for path in paths:
         try:
